@@ -1,0 +1,49 @@
+# Stemma: `make demo` runs the worked example end to end, `make test` runs the tests.
+# Both start from nothing but Python: they create .venv and install pinned dependencies.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt
+CONFIG ?= configs/credit.yaml
+
+.PHONY: install dev demo data test test-all bench lint format typecheck clean
+
+install: $(VENV)/.installed
+dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip setuptools wheel
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -e '.[dev]'
+	touch $@
+
+data: install
+	$(BIN)/stemma data generate
+
+demo: install data
+	$(BIN)/stemma validate $(CONFIG)
+	$(BIN)/stemma run train $(CONFIG)
+
+test: dev
+	$(BIN)/python -m pytest
+
+bench: dev
+	$(BIN)/python -m pytest tests/benchmarks -m benchmark -s
+
+lint: dev
+	$(BIN)/ruff check components flows tests
+	$(BIN)/ruff format --check components flows tests
+
+format: dev
+	$(BIN)/ruff format components flows tests
+	$(BIN)/ruff check --fix components flows tests
+
+typecheck: dev
+	$(BIN)/mypy components
+
+clean:
+	rm -rf .stemma .pytest_cache .ruff_cache .mypy_cache htmlcov .coverage

@@ -1,0 +1,77 @@
+"""The logged model's code: MLflow runs this file to build the model ("models from code").
+
+``tracking.log_pyfunc_model`` passes this file's path as ``python_model``; MLflow copies it
+into the model folder and executes it, standalone, whenever the model is logged or loaded.
+So it imports Stemma by absolute name (the ``stemma`` package must be installed where the
+model is served), defines no helpers anyone else imports, and ends with
+``mlflow.models.set_model``.
+
+Nothing is unpickled: the model is rebuilt from three artifact files that
+``log_pyfunc_model`` writes,
+
+* ``preprocess``: the fitted preprocessor as JSON (``Preprocessor.save_json``);
+* ``network``: JSON with the network config, ``n_inputs``, ``n_outputs``, the task and,
+  for a binary task, the decision ``threshold``;
+* ``weights``: the trained weights as safetensors.
+"""
+
+# No `from __future__ import annotations`: MLflow reads predict()'s type hints at runtime.
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from stemma.components.features import Preprocessor
+from stemma.components.models import build_network
+from stemma.components.training import load_weights, predict_raw
+
+#: Threshold on the probability when the network JSON names none.
+DEFAULT_THRESHOLD = 0.5
+#: Network JSON layouts this file can read.
+SUPPORTED_NETWORK_FORMATS = (1,)
+
+
+class StemmaModel(mlflow.pyfunc.PythonModel):
+    """Raw feature columns in; ``score`` (and for a binary task ``prediction``) out."""
+
+    def load_context(self, context: Any) -> None:
+        """Rebuild the preprocessor and the network from the model's artifact files."""
+        document = json.loads(Path(context.artifacts["network"]).read_text(encoding="utf-8"))
+        layout = document.get("format")
+        if layout not in SUPPORTED_NETWORK_FORMATS:
+            raise ValueError(
+                f"network.json has format {layout!r}; this Stemma reads {SUPPORTED_NETWORK_FORMATS}"
+            )
+        self._preprocessor = Preprocessor.load_json(Path(context.artifacts["preprocess"]))
+        self._task = str(document["task"])
+        self._threshold = float(document.get("threshold", DEFAULT_THRESHOLD))
+        network = build_network(
+            document["config"], int(document["n_inputs"]), int(document["n_outputs"])
+        )
+        load_weights(network, Path(context.artifacts["weights"]))
+        self._network = network.eval()
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        """Score raw rows; columns that are not features are ignored.
+
+        Returns:
+            A frame on the input's index with ``score`` (the probability of class 1, or the
+            predicted value) and, for a binary task, ``prediction`` (1 when the score is at
+            least the threshold).
+        """
+        # predict_raw runs under torch.inference_mode, in chunks, on the CPU.
+        raw = predict_raw(self._network, self._preprocessor.transform(model_input))
+        scores = np.asarray(self._preprocessor.decode_output(raw), dtype=np.float64)
+        scores = scores.reshape(len(model_input))
+        output = pd.DataFrame({"score": scores}, index=model_input.index)
+        if self._task == "binary":
+            output["prediction"] = (scores >= self._threshold).astype(np.int64)
+        return output
+
+
+mlflow.models.set_model(StemmaModel())

@@ -1,0 +1,596 @@
+"""The pipeline spec: one YAML file per pipeline, validated as a whole before anything runs.
+
+Every section is a pydantic model with ``extra="forbid"``, typed and bounded fields and a
+description (shown in ``stemma schema``, editors and the Prefect UI). :func:`load_spec`
+collects *every* problem (schema errors, paths, duplicate columns, unknown expectations,
+model classes that do not import) into one :class:`~.errors.SpecError` whose lines read
+``credit.yaml:14 train.epochs: must be greater than 0``.
+
+This module imports no heavy library (torch, mlflow, great_expectations, prefect), so that
+``stemma validate`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import SpecError
+
+#: Metrics a gate can use, per task, and whether a higher value is better.
+METRIC_DIRECTIONS: dict[str, dict[str, bool]] = {
+    "binary": {
+        "roc_auc": True,
+        "pr_auc": True,
+        "accuracy": True,
+        "f1": True,
+        "precision": True,
+        "recall": True,
+        "log_loss": False,
+        "brier": False,
+    },
+    "regression": {"rmse": False, "mae": False, "r2": True},
+}
+
+#: Architectures Stemma ships, by registered name.
+BUILTIN_ARCHITECTURES = ("mlp",)
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Name = Annotated[
+    str,
+    Field(min_length=1, max_length=128, pattern=_NAME.pattern),
+]
+
+
+class PipelineSpec(_Section):
+    """Names the pipeline and where it is tracked."""
+
+    name: Name = Field(description="Pipeline name; used in run names and lineage records.")
+    experiment: Name | None = Field(
+        default=None, description="MLflow experiment that holds the runs (default: the name)."
+    )
+    model_name: Name | None = Field(
+        default=None,
+        description="Registered model name in the MLflow model registry (default: the name).",
+    )
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or self.name
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.model_name or self.name
+
+
+class FeaturesSpec(_Section):
+    """The input columns of the model, by kind."""
+
+    numeric: list[str] = Field(
+        default_factory=list, description="Numeric feature columns; standardised on the training split."
+    )
+    categorical: list[str] = Field(
+        default_factory=list,
+        description="Categorical feature columns; one-hot encoded with the training split's vocabulary.",
+    )
+
+    @property
+    def all(self) -> list[str]:
+        return [*self.numeric, *self.categorical]
+
+
+class SplitSpec(_Section):
+    """How the table is split into training, validation and test rows."""
+
+    method: Literal["random", "time"] = Field(
+        default="random",
+        description="`random`: a seeded shuffle; `time`: the latest rows by `time_column` are the test set.",
+    )
+    test_fraction: float = Field(
+        default=0.2, gt=0.0, lt=1.0, description="Fraction of rows held out for the test split."
+    )
+    validation_fraction: float = Field(
+        default=0.1,
+        gt=0.0,
+        lt=1.0,
+        description="Fraction of the remaining rows used for early stopping.",
+    )
+    seed: int = Field(default=7, ge=0, le=2**32 - 1, description="Seed of the random split.")
+    time_column: str | None = Field(
+        default=None, description="Column that orders rows in time; required when method is `time`."
+    )
+
+
+class DataSpec(_Section):
+    """The training table and its columns."""
+
+    path: str = Field(
+        description="Data file (Parquet or CSV), relative to the project root; tracked by DVC."
+    )
+    format: Literal["auto", "parquet", "csv"] = Field(
+        default="auto", description="File format; `auto` picks it from the file extension."
+    )
+    task: Literal["binary", "regression"] = Field(
+        default="binary", description="Prediction task: binary classification or regression."
+    )
+    target: str = Field(min_length=1, description="Label column.")
+    id: str | None = Field(default=None, description="Entity id column; never used as a feature.")
+    features: FeaturesSpec = Field(description="Feature columns by kind.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="Train/validation/test split.")
+
+
+Expectation = dict[str, dict[str, Any]]
+
+
+class ModelSpec(_Section):
+    """The network: a built-in architecture or any `nn.Module` by import path."""
+
+    architecture: str = Field(
+        default="mlp",
+        description=(
+            "`mlp`, or `package.module:Class` for your own `torch.nn.Module`; it is built as "
+            "`Class(n_inputs=..., n_outputs=..., **params)`."
+        ),
+    )
+    hidden: list[Annotated[int, Field(gt=0, le=65536)]] = Field(
+        default_factory=lambda: [64, 32],
+        max_length=16,
+        description="Hidden layer widths of the `mlp` architecture.",
+    )
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="Dropout after each hidden layer.")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for a custom architecture's constructor."
+    )
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, value: str) -> str:
+        if value not in BUILTIN_ARCHITECTURES and not _IMPORT_PATH.match(value):
+            raise ValueError(
+                f"must be one of {', '.join(BUILTIN_ARCHITECTURES)} or an import path "
+                f"`package.module:Class`, got {value!r}"
+            )
+        return value
+
+
+class EarlyStoppingSpec(_Section):
+    """Stop when the validation loss stops improving, and keep the best epoch's weights."""
+
+    patience: int = Field(
+        default=3, ge=1, le=1000, description="Epochs without improvement before training stops."
+    )
+    min_delta: float = Field(
+        default=0.0, ge=0.0, description="Smallest decrease of the validation loss that counts."
+    )
+
+
+class TrainSpec(_Section):
+    """The training loop."""
+
+    epochs: int = Field(default=20, gt=0, le=10_000, description="Maximum number of epochs.")
+    batch_size: int = Field(default=512, gt=0, le=1_048_576, description="Rows per optimisation step.")
+    learning_rate: float = Field(default=1e-3, gt=0.0, le=10.0, description="Optimiser learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0, description="L2 weight decay.")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field(default="adam", description="Optimiser.")
+    seed: int = Field(default=7, ge=0, le=2**32 - 1, description="Seed of weights, shuffling and dropout.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="`auto` trains on CUDA when available, else on the CPU."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="`auto`: bf16 autocast on CUDA, fp32 on the CPU."
+    )
+    early_stopping: EarlyStoppingSpec | None = Field(
+        default_factory=EarlyStoppingSpec,
+        description="Early stopping on the validation loss; `null` trains every epoch.",
+    )
+
+
+class GateSpec(_Section):
+    """The bar a new model must clear before it gets an alias."""
+
+    metric: str = Field(default="roc_auc", description="Primary test-split metric the gate compares.")
+    minimum: float | None = Field(
+        default=None, description="Lowest acceptable value (for metrics where higher is better)."
+    )
+    maximum: float | None = Field(
+        default=None, description="Highest acceptable value (for losses and errors)."
+    )
+    margin_over_champion: float = Field(
+        default=0.0,
+        ge=-1.0,
+        le=1.0,
+        description="How much better than the current champion, on the same test rows, the model must be.",
+    )
+
+
+class Spec(_Section):
+    """A Stemma pipeline: the data, its checks, the model, its training and its gate."""
+
+    pipeline: PipelineSpec = Field(description="Names of the pipeline, experiment and model.")
+    data: DataSpec = Field(description="The training table.")
+    checks: list[Expectation] = Field(
+        default_factory=list,
+        description=(
+            "Great Expectations expectations, each a one-key mapping "
+            "`expect_...: {kwargs}`; all must pass before training."
+        ),
+    )
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The network.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="How the network is trained.")
+    gate: GateSpec = Field(default_factory=GateSpec, description="The registration gate.")
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A validated spec with where it came from."""
+
+    spec: Spec
+    path: Path
+    root: Path
+    raw: dict[str, Any]
+    overrides: tuple[str, ...] = ()
+
+    def resolve(self, relative: str | Path) -> Path:
+        """A path of the spec, resolved against the project root."""
+        path = Path(relative)
+        return path if path.is_absolute() else self.root / path
+
+
+# ---------------------------------------------------------------------------------------
+# Locating YAML paths
+
+
+class _Locator:
+    """Maps a YAML path (``("train", "epochs")``) to its line in the file."""
+
+    def __init__(self, text: str) -> None:
+        try:
+            self._root = yaml.compose(text)
+        except yaml.YAMLError:
+            self._root = None
+
+    def line(self, loc: Sequence[str | int]) -> int | None:
+        node = self._root
+        best: int | None = node.start_mark.line + 1 if node is not None else None
+        for key in loc:
+            if isinstance(node, yaml.MappingNode):
+                for key_node, value_node in node.value:
+                    if key_node.value == str(key):
+                        best = key_node.start_mark.line + 1
+                        node = value_node
+                        break
+                else:
+                    return best
+            elif isinstance(node, yaml.SequenceNode) and isinstance(key, int):
+                if key >= len(node.value):
+                    return best
+                node = node.value[key]
+                best = node.start_mark.line + 1
+            else:
+                return best
+        return best
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem with a spec: where it is and what is wrong."""
+
+    loc: tuple[str | int, ...]
+    message: str
+    line: int | None = None
+    source: str | None = None
+
+    def render(self, file_name: str) -> str:
+        where = f"{file_name}:{self.line}" if self.line else file_name
+        dotted = _dotted(self.loc) or "(top level)"
+        origin = f" (from {self.source})" if self.source else ""
+        return f"{where} {dotted}: {self.message}{origin}"
+
+
+def _dotted(loc: Iterable[str | int]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _pydantic_message(error: Mapping[str, Any]) -> str:
+    kind = error["type"]
+    message = str(error["msg"])
+    if kind == "extra_forbidden":
+        return "unknown key (not part of the spec; check the spelling)"
+    if kind == "missing":
+        return "required but missing"
+    # pydantic prefixes validator messages with "Value error, "
+    message = message.removeprefix("Value error, ")
+    message = message[0].lower() + message[1:] if message else message
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error":
+        message = f"{message}, got {error.get('input')!r}"
+    return message
+
+
+# ---------------------------------------------------------------------------------------
+# Overrides
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[Problem], dict[tuple[str, ...], str]]:
+    """Apply ``key.path=value`` overrides to a raw spec mapping, without mutating it.
+
+    Values are parsed as YAML (``3`` is an int, ``[1, 2]`` a list, ``null`` None).
+
+    Returns:
+        The new mapping, problems with malformed overrides, and for each overridden
+        path the override text (so errors can name it).
+    """
+    result: dict[str, Any] = _deep_copy(raw)
+    problems: list[Problem] = []
+    origins: dict[tuple[str, ...], str] = {}
+    for item in overrides:
+        key, sep, value_text = item.partition("=")
+        path = tuple(part for part in key.strip().split(".") if part)
+        if not sep or not path:
+            problems.append(Problem((), f"override {item!r} must look like `section.key=value`"))
+            continue
+        try:
+            value = yaml.safe_load(value_text) if value_text.strip() else None
+        except yaml.YAMLError as error:
+            problems.append(Problem(path, f"override value {value_text!r} is not valid YAML: {error}"))
+            continue
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+        origins[path] = f"--set {item}"
+    return result, problems, origins
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _deep_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(item) for item in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def find_project_root(config_path: Path) -> Path:
+    """The project root: the nearest folder above the config holding `data.dvc`, `.dvc` or `.git`.
+
+    Falls back to the current directory, so a spec outside any project resolves its
+    paths the way a user typing them in a shell would expect.
+    """
+    for folder in [config_path.resolve().parent, *config_path.resolve().parents]:
+        if (folder / "data.dvc").exists() or (folder / ".dvc").is_dir() or (folder / ".git").exists():
+            return folder
+    return Path.cwd()
+
+
+def load_spec(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    check_paths: bool = True,
+    check_imports: bool = True,
+    check_expectations: bool = True,
+) -> LoadedSpec:
+    """Read, override and validate a spec; report every problem at once.
+
+    Args:
+        path: the YAML file.
+        overrides: ``section.key=value`` strings applied on top of the file.
+        check_paths: also check that data paths exist.
+        check_imports: also import a model given as ``module:Class``.
+        check_expectations: also check expectation types and kwargs against the catalogue.
+
+    Raises:
+        SpecError: with one line per problem, each naming file, line and YAML path.
+    """
+    config_path = Path(path)
+    file_name = config_path.name
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{config_path}: no such spec file") from None
+    except OSError as error:
+        raise SpecError(f"{config_path}: cannot read the spec: {error.strerror}") from None
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{file_name}:{mark.line + 1}" if mark is not None else file_name
+        problem = getattr(error, "problem", None) or str(error)
+        raise SpecError(f"{config_path}: not valid YAML", [f"{where} {problem}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(
+            f"{config_path}: the spec must be a mapping of sections",
+            [f"{file_name}:1 (top level): got {type(raw).__name__}"],
+        )
+
+    merged, problems, origins = apply_overrides(raw, overrides)
+    locator = _Locator(text)
+
+    def located(loc: tuple[str | int, ...], message: str) -> Problem:
+        origin = next((origins[key] for key in origins if tuple(loc[: len(key)]) == key), None)
+        return Problem(loc, message, None if origin else locator.line(loc), origin)
+
+    spec: Spec | None = None
+    try:
+        spec = Spec.model_validate(merged)
+    except ValidationError as error:
+        for item in error.errors():
+            problems.append(located(tuple(item["loc"]), _pydantic_message(item)))
+
+    root = find_project_root(config_path)
+    if spec is not None:
+        for loc, message in semantic_problems(
+            spec,
+            root,
+            check_paths=check_paths,
+            check_imports=check_imports,
+            check_expectations=check_expectations,
+        ):
+            problems.append(located(loc, message))
+
+    if problems:
+        problems.sort(key=lambda p: (p.line or 0, _dotted(p.loc)))
+        noun = "problem" if len(problems) == 1 else "problems"
+        raise SpecError(
+            f"{config_path}: {len(problems)} {noun} in the spec",
+            [p.render(file_name) for p in problems],
+        )
+    assert spec is not None
+    return LoadedSpec(spec=spec, path=config_path, root=root, raw=merged, overrides=tuple(overrides))
+
+
+def semantic_problems(
+    spec: Spec,
+    root: Path,
+    *,
+    check_paths: bool = True,
+    check_imports: bool = True,
+    check_expectations: bool = True,
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """Problems a schema cannot express: consistency between sections, files, imports."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    data = spec.data
+    features = data.features
+
+    if not features.all:
+        problems.append((("data", "features"), "declare at least one numeric or categorical feature"))
+    seen: dict[str, tuple[str | int, ...]] = {}
+    for kind in ("numeric", "categorical"):
+        for index, column in enumerate(getattr(features, kind)):
+            loc: tuple[str | int, ...] = ("data", "features", kind, index)
+            if column in seen:
+                first = _dotted(seen[column])
+                problems.append((loc, f"column {column!r} is declared more than once (first at {first})"))
+            else:
+                seen[column] = loc
+    for role in ("target", "id"):
+        column = getattr(data, role)
+        if column is not None and column in seen:
+            problems.append((("data", role), f"column {column!r} is also declared as a feature"))
+    if data.id is not None and data.id == data.target:
+        problems.append((("data", "id"), "the id column cannot be the target"))
+
+    split = data.split
+    if split.method == "time" and not split.time_column:
+        problems.append((("data", "split", "time_column"), "required when split.method is `time`"))
+    if split.time_column and split.time_column in seen:
+        problems.append((("data", "split", "time_column"), "the time column cannot be a feature"))
+    if split.test_fraction + split.validation_fraction * (1 - split.test_fraction) >= 0.95:
+        problems.append((("data", "split"), "test and validation fractions leave almost nothing to train on"))
+
+    metrics = METRIC_DIRECTIONS[data.task]
+    gate = spec.gate
+    if gate.metric not in metrics:
+        problems.append(
+            (("gate", "metric"), f"{gate.metric!r} is not a {data.task} metric; choose one of {', '.join(metrics)}")
+        )
+    else:
+        higher_is_better = metrics[gate.metric]
+        if higher_is_better and gate.maximum is not None:
+            problems.append((("gate", "maximum"), f"{gate.metric} is better when higher: set `minimum` instead"))
+        if not higher_is_better and gate.minimum is not None:
+            problems.append((("gate", "minimum"), f"{gate.metric} is better when lower: set `maximum` instead"))
+
+    if check_paths:
+        data_path = Path(data.path) if Path(data.path).is_absolute() else root / data.path
+        if not data_path.exists():
+            problems.append(
+                (
+                    ("data", "path"),
+                    f"{data_path} does not exist (generate or fetch it first: `stemma data generate` "
+                    "for the worked example, `dvc pull` for a DVC remote)",
+                )
+            )
+        elif data.format == "auto" and data_path.is_file() and data_path.suffix.lower() not in (".parquet", ".csv"):
+            problems.append((("data", "format"), f"cannot tell the format of {data_path.name}; set parquet or csv"))
+
+    for index, check in enumerate(spec.checks):
+        if len(check) != 1:
+            problems.append(
+                (("checks", index), "each check is a one-key mapping `expect_...: {kwargs}`")
+            )
+    if check_expectations and spec.checks:
+        from .checks import expectation_problems
+
+        wellformed = [(i, c) for i, c in enumerate(spec.checks) if len(c) == 1]
+        for index, message in expectation_problems([c for _, c in wellformed]):
+            original_index, check = wellformed[index]
+            (name,) = check
+            problems.append((("checks", original_index, name), message))
+
+    if check_imports and _IMPORT_PATH.match(spec.model.architecture):
+        message = import_problem(spec.model.architecture)
+        if message:
+            problems.append((("model", "architecture"), message))
+    return problems
+
+
+def import_problem(import_path: str) -> str | None:
+    """Why ``module:Class`` cannot be used as a model class, or None when it can."""
+    module_name, _, class_name = import_path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # any import-time failure is the user's to see
+        return f"cannot import module {module_name!r}: {type(error).__name__}: {error}"
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        return f"module {module_name!r} has no attribute {class_name!r}"
+    if not isinstance(cls, type):
+        return f"{import_path} is not a class"
+    try:
+        import torch  # only reached for custom architectures, which import torch themselves
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+    if not issubclass(cls, torch.nn.Module):
+        return f"{import_path} is not a torch.nn.Module"
+    return None
+
+
+def flatten(spec: Spec) -> dict[str, str]:
+    """The spec as flat ``section.key -> value`` strings (for MLflow params)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            out[prefix] = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+    walk("", spec.model_dump(mode="json"))
+    return out
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the spec, every field described."""
+    schema = Spec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Stemma pipeline spec"
+    return schema

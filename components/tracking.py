@@ -1,0 +1,504 @@
+"""MLflow tracking: where runs go, the data version as a run input, params, metrics, the model.
+
+On a laptop the tracking store is a SQLite file and a local artifact folder under the
+project's ``.stemma/``; ``MLFLOW_TRACKING_URI`` (and ``MLFLOW_REGISTRY_URI``) in the
+environment point the same code at a server instead.
+
+The training data is logged as a run input whose source is a :class:`DVCDatasetSource`:
+the MLflow UI then shows ``source_type=dvc``, the DVC md5 as the dataset digest, and the
+DVC pointer, path and git revision in the source, so a run names the exact data version it
+read.
+
+The model is logged as "models from code" (:mod:`.serving` is the model file): three plain
+artifact files (preprocessing JSON, network JSON, safetensors weights) and no pickle, so it
+loads with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``.
+
+mlflow is imported inside the functions that need it, except for the dataset source class,
+which must subclass MLflow's; importing this module therefore imports mlflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from mlflow.data.dataset_source import DatasetSource
+
+from .errors import DataError, StemmaError
+
+if TYPE_CHECKING:
+    from mlflow.models.model import ModelInfo
+    from torch import nn
+
+    from .features import Preprocessor
+
+#: Folder under the project root that holds Stemma's local state.
+STATE_DIR = ".stemma"
+#: SQLite file of the local tracking and registry store, inside :data:`STATE_DIR`.
+LOCAL_DB_NAME = "mlflow.db"
+#: Local artifact folder, inside :data:`STATE_DIR`; each experiment gets a subfolder.
+LOCAL_ARTIFACTS_DIR = "mlartifacts"
+
+# MLflow's limits (mlflow.utils.validation, 3.17): a batch holds at most 100 params or tags
+# and 1000 metrics; a param value at most 6000 characters; a dataset digest at most 36.
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_DATASET_DIGEST_LENGTH = 36
+#: Appended to a param value cut to :data:`MAX_PARAM_VALUE_LENGTH`, so a reader sees the cut.
+TRUNCATION_MARK = "...[truncated]"
+
+#: Rows of the input example stored with the model (shown in the UI, used to check serving).
+INPUT_EXAMPLE_ROWS = 5
+#: Decision threshold on the probability of a binary model, stored in its network JSON.
+DEFAULT_THRESHOLD = 0.5
+#: Artifact names the model file (:mod:`.serving`) reads, and the files they are written to.
+MODEL_ARTIFACT_FILES = {
+    "preprocess": "preprocess.json",
+    "network": "network.json",
+    "weights": "weights.safetensors",
+}
+#: Layout version of the network JSON, so the model file can refuse one it does not know.
+NETWORK_FORMAT = 1
+#: What the logged model needs at inference time, pinned to what is installed here
+#: (torch's local suffix such as ``+cpu`` dropped: ``torch==2.13.0`` resolves to the CPU
+#: wheel on a CPU machine; anything looser pulls the newest CUDA build).
+MODEL_REQUIREMENTS = ("torch", "mlflow", "numpy", "pandas", "safetensors")
+
+_EXPERIMENT_FOLDER = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+# ---------------------------------------------------------------------------------------
+# Where runs go
+
+
+def local_tracking_uri(root: Path) -> str:
+    """The tracking URI of the project's embedded store: ``sqlite:///<root>/.stemma/mlflow.db``."""
+    return f"sqlite:///{(Path(root) / STATE_DIR / LOCAL_DB_NAME).resolve()}"
+
+
+def local_artifact_root(root: Path) -> Path:
+    """The project's local artifact folder, ``<root>/.stemma/mlartifacts``."""
+    return (Path(root) / STATE_DIR / LOCAL_ARTIFACTS_DIR).resolve()
+
+
+#: Local URIs this process configured. mlflow.set_tracking_uri (and set_registry_uri)
+#: also write MLFLOW_TRACKING_URI (MLFLOW_REGISTRY_URI) into os.environ, so without this
+#: memo a second project in the same process would inherit the first one's local store.
+_LOCAL_URIS_SET: set[str] = set()
+
+
+def _user_uri(variable: str) -> str | None:
+    value = os.environ.get(variable, "").strip()
+    return value if value and value not in _LOCAL_URIS_SET else None
+
+
+def configure_tracking(root: Path) -> str:
+    """Point MLflow tracking and registry at the environment's server or the local store.
+
+    ``MLFLOW_TRACKING_URI`` wins when set (``MLFLOW_REGISTRY_URI`` too, else the registry
+    follows tracking); otherwise runs go to ``<root>/.stemma/mlflow.db``, whose folder is
+    created.
+
+    Args:
+        root: the project root.
+
+    Returns:
+        The tracking URI in use.
+    """
+    import mlflow
+
+    uri = _user_uri("MLFLOW_TRACKING_URI")
+    if uri is None:
+        uri = local_tracking_uri(root)
+        (Path(root) / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        _LOCAL_URIS_SET.add(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(_user_uri("MLFLOW_REGISTRY_URI") or uri)
+    return uri
+
+
+def ensure_experiment(name: str, root: Path) -> str:
+    """The id of the experiment ``name``, created if it does not exist.
+
+    With the local store, a new experiment keeps its artifacts under
+    ``<root>/.stemma/mlartifacts/<name>``; against a server, the server decides.
+
+    Raises:
+        StemmaError: the experiment exists but is deleted (restore it or pick another name),
+            or MLflow refused the request.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            location = None
+            if mlflow.get_tracking_uri() == local_tracking_uri(root):
+                folder = _EXPERIMENT_FOLDER.sub("_", name).strip("._") or "experiment"
+                location = (local_artifact_root(root) / folder).as_uri()
+            return client.create_experiment(name, artifact_location=location)
+    except MlflowException as error:
+        raise StemmaError(
+            f"MLflow at {mlflow.get_tracking_uri()}: cannot get or create experiment {name!r}",
+            [error.message],
+        ) from error
+    if experiment.lifecycle_stage == "deleted":
+        raise StemmaError(
+            f"MLflow experiment {name!r} (id {experiment.experiment_id}) is deleted",
+            [
+                f"restore it: mlflow experiments restore --experiment-id {experiment.experiment_id}",
+                "or set pipeline.experiment to another name",
+            ],
+        )
+    return experiment.experiment_id
+
+
+def git_revision(root: Path) -> tuple[str | None, bool]:
+    """The git commit checked out at ``root`` and whether tracked files differ from it.
+
+    Untracked files do not make the tree dirty: outputs such as ``.stemma/`` or ``data/``
+    are often untracked by git on purpose.
+
+    Returns:
+        ``(sha, dirty)``; ``(None, False)`` outside a git repository, in one without
+        commits, or when git is not installed.
+    """
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(root), *args],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=30,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    sha = git("rev-parse", "--verify", "--quiet", "HEAD")
+    if not sha:
+        return None, False
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return sha, bool(status)
+
+
+# ---------------------------------------------------------------------------------------
+# The data version as a run input
+
+
+@dataclass(frozen=True)
+class DVCDatasetSource(DatasetSource):
+    """A data file versioned by DVC, as MLflow records a run input's source.
+
+    Attributes:
+        path: the data file, relative to the project root (``data/credit/train.parquet``).
+        dvc_file: the DVC pointer that versions it (``data.dvc``).
+        md5: the data version: the md5 the pointer records (``<hex>.dir`` for a folder).
+        file_md5: the md5 of the file itself (differs from ``md5`` when a folder is tracked).
+        git_rev: the git commit of the pointer, or None outside git.
+        repo: the project root, or the git remote URL the data can be fetched from.
+    """
+
+    path: str
+    dvc_file: str
+    md5: str
+    file_md5: str | None = None
+    git_rev: str | None = None
+    repo: str | None = None
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "dvc"
+
+    def load(self) -> str:
+        """The local path of the data file, when it is present in a local ``repo``.
+
+        Raises:
+            DataError: the file is not here; the message says how to fetch this version.
+        """
+        if self.repo and "://" not in self.repo:
+            local = Path(self.repo) / self.path
+            if local.exists():
+                return str(local)
+        where = self.repo or "<repository URL>"
+        rev = f" --rev {self.git_rev}" if self.git_rev else ""
+        raise DataError(
+            f"{self.path} (DVC version {self.md5}) is not available locally",
+            [f"fetch it with: dvc get {where} {self.path}{rev}"],
+        )
+
+    @staticmethod
+    def _can_resolve(raw_source: Any) -> bool:
+        # Built explicitly from a DVC pointer, never guessed from a string.
+        return False
+
+    @classmethod
+    def _resolve(cls, raw_source: Any) -> DVCDatasetSource:
+        raise NotImplementedError("a DVCDatasetSource is built from a DVC pointer, not resolved")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, source_dict: dict[Any, Any]) -> DVCDatasetSource:
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in source_dict.items() if key in known})
+
+
+def _register_dataset_source() -> None:
+    # Registered so that mlflow.data.get_source(run.inputs.dataset_inputs[i]) gives a
+    # DVCDatasetSource back; the UI shows the source JSON either way.
+    from mlflow.data.dataset_source_registry import (
+        get_registered_sources,
+        register_dataset_source,
+    )
+
+    if DVCDatasetSource not in get_registered_sources():
+        register_dataset_source(DVCDatasetSource)
+
+
+_register_dataset_source()
+
+
+def dataset_digest(md5: str) -> str:
+    """The digest MLflow stores for a DVC version: the md5, cut to MLflow's 36 characters.
+
+    A DVC folder md5 (``<32 hex>.dir``) is exactly 36 characters and is kept whole, so the
+    digest reads as it does in the ``.dvc`` file; the source always holds the full value.
+    """
+    return md5[:MAX_DATASET_DIGEST_LENGTH]
+
+
+def log_dataset(
+    frame: pd.DataFrame,
+    *,
+    name: str,
+    source: DVCDatasetSource,
+    context: str,
+    digest: str,
+    target: str | None = None,
+) -> None:
+    """Log a table as an input of the active run, identified by its DVC version.
+
+    The input's digest is the DVC md5 (see :func:`dataset_digest`), its source the DVC
+    path, pointer and git revision, its schema the frame's columns and types and its
+    profile the row and cell counts.
+
+    Args:
+        frame: the rows the run used (not modified).
+        name: dataset name shown in the UI (``credit-train``).
+        source: where the rows come from.
+        context: what the run did with them (``training``, ``test``).
+        digest: the data version, normally ``source.md5``.
+        target: the label column, if the frame has one.
+    """
+    import mlflow
+
+    _require_active_run("log_dataset")
+    dataset = mlflow.data.from_pandas(
+        frame, source=source, name=name, digest=dataset_digest(digest), targets=target
+    )
+    with _quiet_integer_hint():  # the schema is inferred when the input is logged
+        mlflow.log_input(dataset, context=context)
+
+
+# ---------------------------------------------------------------------------------------
+# Params and metrics
+
+
+@contextmanager
+def _quiet_integer_hint() -> Iterator[None]:
+    """Silence MLflow's hint that integer columns cannot hold missing values.
+
+    It fires for every integer column of every schema MLflow infers; Stemma's schemas come
+    from the real data, so the types are the data's types, and the enforcement error a
+    NaN later causes repeats the hint where it matters.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        yield
+
+
+def _require_active_run(caller: str) -> str:
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError(f"{caller} must be called inside an active MLflow run")
+    return run.info.run_id
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def truncate_param(value: str) -> str:
+    """A param value cut to MLflow's limit, with :data:`TRUNCATION_MARK` where it was cut."""
+    if len(value) <= MAX_PARAM_VALUE_LENGTH:
+        return value
+    return value[: MAX_PARAM_VALUE_LENGTH - len(TRUNCATION_MARK)] + TRUNCATION_MARK
+
+
+def log_params_flat(params: Mapping[str, str]) -> None:
+    """Log flat ``key -> value`` params on the active run, in batches MLflow accepts.
+
+    Values longer than MLflow's limit are cut (see :func:`truncate_param`).
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    run_id = _require_active_run("log_params_flat")
+    client = MlflowClient()
+    entries = [Param(key, truncate_param(str(value))) for key, value in params.items()]
+    for batch in _chunks(entries, MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=list(batch))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    )
+
+
+def log_metrics_batch(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log metrics on the active run with one timestamp, in as few requests as MLflow allows.
+
+    Args:
+        metrics: name -> value; non-finite values are logged as they are (MLflow keeps NaN).
+        step: the step of every value (0 when None).
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    run_id = _require_active_run("log_metrics_batch")
+    timestamp = int(time.time() * 1000)
+    entries = [
+        Metric(key, float(value), timestamp, step or 0) for key, value in metrics.items()
+    ]
+    client = MlflowClient()
+    for batch in _chunks(entries, MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=list(batch))
+
+
+def log_epoch(row: Mapping[str, Any], step: int) -> None:
+    """Log one epoch's numbers (losses, metrics, learning rate...) at ``step``, in one request.
+
+    Values that are not numbers (strings, None, booleans) are skipped.
+    """
+    log_metrics_batch({key: value for key, value in row.items() if _is_number(value)}, step=step)
+
+
+# ---------------------------------------------------------------------------------------
+# The model
+
+
+def model_requirements() -> list[str]:
+    """The logged model's pip requirements, pinned to the versions installed here."""
+    pins = []
+    for package in MODEL_REQUIREMENTS:
+        version = metadata.version(package).split("+", 1)[0]
+        pins.append(f"{package}=={version}")
+    return pins
+
+
+def serving_code_path() -> Path:
+    """The model file MLflow logs as "models from code"."""
+    return Path(__file__).with_name("serving.py")
+
+
+def log_pyfunc_model(
+    *,
+    preprocessor: Preprocessor,
+    network: nn.Module,
+    network_config: dict[str, Any],
+    input_example: pd.DataFrame,
+    task: str,
+    workdir: Path,
+    name: str = "model",
+) -> tuple[ModelInfo, str]:
+    """Log the preprocessor and network as a pickle-free pyfunc model of the active run.
+
+    Writes ``preprocess.json``, ``network.json`` and ``weights.safetensors`` into
+    ``workdir`` and logs them with :mod:`.serving` as the model code. The signature takes
+    the feature columns with the example's types and returns ``score`` (probability or
+    value) and, for a binary task, ``prediction``.
+
+    Args:
+        preprocessor: fitted on the training split.
+        network: the trained network (its weights are saved; it is not modified).
+        network_config: what ``models.build_network`` needs to rebuild it.
+        input_example: rows with at least the feature columns; a few are stored.
+        task: ``binary`` or ``regression``.
+        workdir: an empty or scratch folder for the artifact files.
+        name: the model's name within the run.
+
+    Returns:
+        The logged model's info and the sha256 of its weights file.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from .training import predict_raw, save_weights
+
+    _require_active_run("log_pyfunc_model")
+    features = [*preprocessor.numeric, *preprocessor.categorical]
+    missing = [column for column in features if column not in input_example.columns]
+    if missing:
+        raise DataError(f"input example lacks feature columns: {', '.join(missing)}")
+    example = input_example.loc[:, features].head(INPUT_EXAMPLE_ROWS).reset_index(drop=True)
+
+    raw = np.asarray(predict_raw(network, preprocessor.transform(example)))
+    n_outputs = int(raw.shape[1]) if raw.ndim == 2 else 1
+    scores = np.asarray(preprocessor.decode_output(raw), dtype=np.float64).reshape(len(example))
+    outputs = pd.DataFrame({"score": scores})
+    if task == "binary":
+        outputs["prediction"] = (scores >= DEFAULT_THRESHOLD).astype(np.int64)
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = {key: workdir / file_name for key, file_name in MODEL_ARTIFACT_FILES.items()}
+    preprocessor.save_json(paths["preprocess"])
+    network_document: dict[str, Any] = {
+        "format": NETWORK_FORMAT,
+        "task": task,
+        "config": network_config,
+        "n_inputs": int(preprocessor.n_inputs),
+        "n_outputs": n_outputs,
+    }
+    if task == "binary":
+        network_document["threshold"] = DEFAULT_THRESHOLD
+    paths["network"].write_text(json.dumps(network_document, indent=2, sort_keys=True))
+    weights_sha256 = save_weights(network, paths["weights"])
+
+    with _quiet_integer_hint():
+        signature = infer_signature(example, outputs)
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(serving_code_path()),
+        artifacts={key: str(path) for key, path in paths.items()},
+        signature=signature,
+        input_example=example,
+        pip_requirements=model_requirements(),
+        tags={"stemma.weights_sha256": weights_sha256, "stemma.task": task},
+    )
+    return info, weights_sha256
+

@@ -1,0 +1,1 @@
+"""Stemma\x27s Prefect flows and command-line interface."""

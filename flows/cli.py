@@ -1,0 +1,272 @@
+"""The `stemma` command line.
+
+Start-up stays light: argparse, yaml and pydantic only. torch, mlflow, great_expectations
+and prefect are imported inside the commands that need them, so `stemma --help` and
+`stemma validate` answer in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from stemma.components.errors import StemmaError
+
+#: Exit code when the user interrupts a command (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
+#: Exit code for an error Stemma did not anticipate (a bug or an environment problem).
+EXIT_UNEXPECTED = 1
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stemma")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every `stemma` command."""
+    parser = argparse.ArgumentParser(
+        prog="stemma",
+        description=(
+            "Declarative MLOps pipelines for PyTorch models: versioned data, checks, tracked "
+            "training, a registry gate, and lineage from data to prediction."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show full tracebacks and library logs on errors"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    validate = commands.add_parser(
+        "validate",
+        help="check a pipeline spec and report every problem at once",
+        description="Check a spec (schema, paths, columns, expectations, model imports).",
+    )
+    _add_spec_arguments(validate)
+    validate.add_argument(
+        "--deep",
+        action="store_true",
+        help="also build every expectation with Great Expectations itself (slower: imports GX)",
+    )
+
+    commands.add_parser(
+        "schema",
+        help="print the JSON Schema of the pipeline spec",
+        description="Print the JSON Schema of the spec, for editors and the Prefect UI form.",
+    )
+
+    run = commands.add_parser("run", help="run a flow", description="Run a Stemma flow.")
+    flows = run.add_subparsers(dest="flow", metavar="FLOW")
+    flows.required = True
+    train = flows.add_parser(
+        "train",
+        help="validate the data, train, evaluate, register and gate a model",
+        description=(
+            "Run the training flow as a Prefect flow (ephemeral Prefect unless PREFECT_API_URL "
+            "is set), tracked in MLflow (a SQLite store under .stemma/ unless "
+            "MLFLOW_TRACKING_URI is set)."
+        ),
+    )
+    _add_spec_arguments(train)
+
+    data = commands.add_parser("data", help="work with the project's data")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION")
+    data_commands.required = True
+    generate = data_commands.add_parser(
+        "generate",
+        help="generate the worked example's data under data/ and record it with DVC",
+        description=(
+            "Write the credit example (training table, daily batches and their labels) with "
+            "Stemma's seeded generator, then check it against data.dvc (or record it)."
+        ),
+    )
+    generate.add_argument(
+        "--root", type=Path, default=Path("."), help="project root (default: current folder)"
+    )
+    generate.add_argument(
+        "--no-dvc", action="store_true", help="only write the files; do not run `dvc add`"
+    )
+    return parser
+
+
+def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="pipeline spec, e.g. configs/credit.yaml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec value, e.g. --set train.epochs=3 (repeatable; values are YAML)",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `stemma` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {
+        "validate": _cmd_validate,
+        "schema": _cmd_schema,
+        "run": _cmd_run,
+        "data": _cmd_data,
+    }
+    try:
+        return handlers[args.command](args)
+    except StemmaError as error:
+        if args.debug:
+            raise
+        print(f"error: {error.render()}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(
+            "interrupted: training resumes from its last checkpoint when run again",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except Exception as error:  # anything unforeseen: one line, traceback only with --debug
+        if args.debug:
+            raise
+        print(
+            f"error: unexpected {type(error).__name__}: {error}\n"
+            "  run again with --debug for the traceback",
+            file=sys.stderr,
+        )
+        return EXIT_UNEXPECTED
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from stemma.components.spec import load_spec
+
+    started = time.perf_counter()
+    loaded = load_spec(args.config, args.overrides)
+    if args.deep and loaded.spec.checks:
+        from stemma.components.checks import deep_expectation_problems
+        from stemma.components.errors import SpecError
+
+        problems = deep_expectation_problems(loaded.spec.checks)
+        if problems:
+            raise SpecError(
+                f"{args.config}: {len(problems)} expectation problem(s)",
+                [f"checks[{index}]: {message}" for index, message in problems],
+            )
+    spec = loaded.spec
+    elapsed = time.perf_counter() - started
+    print(
+        f"{args.config}: valid ({spec.pipeline.name}: {len(spec.data.features.all)} features, "
+        f"{len(spec.checks)} checks, model {spec.model.architecture}; {elapsed * 1000:.0f} ms)"
+    )
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from stemma.components.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from stemma.components.spec import load_spec
+
+    # Validate before starting Prefect, so a broken spec fails in a fraction of a second.
+    loaded = load_spec(args.config, args.overrides)
+    prepare_environment(loaded.root, debug=args.debug)
+    if args.flow == "train":
+        from stemma.flows.train import train_flow
+
+        _quiet_known_errors(args.debug)
+        summary = train_flow(config=str(args.config), overrides=list(args.overrides))
+        print(format_train_summary(summary))
+        return 0
+    raise AssertionError(f"unknown flow {args.flow}")  # argparse restricts the choices
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from stemma.flows.data import generate_example_data
+
+    report = generate_example_data(args.root.resolve(), record_with_dvc=not args.no_dvc)
+    print(report)
+    return 0
+
+
+def prepare_environment(root: Path, *, debug: bool = False) -> None:
+    """Defaults for an embedded run, each overridable from the environment.
+
+    Prefect runs ephemerally with its home under the project (``.stemma/prefect``) unless
+    ``PREFECT_API_URL`` points at a server. A fresh ephemeral database takes ~17 s to
+    migrate, close to Prefect's 20 s start-up limit, so the limit is raised.
+    """
+    state = root / ".stemma"
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not debug:
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+        import warnings
+
+        warnings.filterwarnings("ignore")
+
+
+def _quiet_known_errors(debug: bool) -> None:
+    """Keep tracebacks of Stemma's own errors out of Prefect's console logs.
+
+    Prefect logs every failed task and flow with its traceback. For errors Stemma raised
+    on purpose (a broken config, a failed check) the CLI prints a one-screen message
+    instead; ``--debug`` keeps the tracebacks.
+    """
+    if debug:
+        return
+    import logging
+
+    class _DropStemmaTracebacks(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and isinstance(record.exc_info[1], StemmaError):
+                record.exc_info = None
+                record.exc_text = None
+            return True
+
+    loggers = [logging.getLogger(), *[
+        logger
+        for name, logger in logging.root.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger) and name.startswith("prefect")
+    ]]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(f, _DropStemmaTracebacks) for f in handler.filters):
+                handler.addFilter(_DropStemmaTracebacks())
+
+
+def format_train_summary(summary: dict) -> str:
+    """The one-screen summary printed at the end of `stemma run train`."""
+    gate = summary["gate"]
+    lines = [
+        f"trained {summary['model_name']} version {summary['model_version']} "
+        f"(run {summary['run_id']}, data {summary['data_md5']})",
+        f"  {gate['metric']} on the test split: {gate['value']:.4f}",
+        f"  gate: {'PASSED' if gate['passed'] else 'FAILED'}"
+        + (f", alias '{gate['alias']}'" if gate.get("alias") else ", no alias"),
+    ]
+    lines += [f"    - {reason}" for reason in gate["reasons"]]
+    lines.append(f"  MLflow: {summary['tracking_uri']}  (experiment '{summary['experiment']}')")
+    if summary.get("ui_hint"):
+        lines.append(f"  {summary['ui_hint']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,365 @@
+"""The training flow: data version → checks → split → train → evaluate → register → gate.
+
+The flow wires components into Prefect tasks, names the run, and records lineage. Each
+step that can fail on bad input raises a :class:`~stemma.components.errors.StemmaError`;
+the MLflow run is then marked FAILED with the reason in its tags, and nothing is
+registered. An interrupted run leaves its per-epoch checkpoint and MLflow run id under
+``.stemma/checkpoints/``; running the same spec on the same data again resumes both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+
+from stemma.components import checks, data, evaluation, features, lineage, registry, tracking
+from stemma.components import models as networks
+from stemma.components import serving, training
+from stemma.components.errors import DataCheckError, DataError, SpecError, StemmaError
+from stemma.components.spec import LoadedSpec, flatten, load_spec
+
+#: Rows of the test split logged with the model as its input example.
+INPUT_EXAMPLE_ROWS = 5
+
+
+def _run_name() -> str:
+    config = Path(str(flow_run.parameters.get("config", "spec"))).stem
+    return f"train-{config}-{flow_run.scheduled_start_time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@task(name="load spec")
+def load_spec_step(config: str, overrides: list[str]) -> LoadedSpec:
+    """The full spec check, including building each expectation with GX itself."""
+    loaded = load_spec(config, overrides)
+    problems = checks.deep_expectation_problems(loaded.spec.checks)
+    if problems:
+        raise SpecError(
+            f"{config}: {len(problems)} expectation problem(s)",
+            [f"checks[{index}]: {message}" for index, message in problems],
+        )
+    return loaded
+
+
+@task(name="resolve data version")
+def resolve_data_step(loaded: LoadedSpec) -> data.DataVersion:
+    return data.resolve_data_version(loaded.root, loaded.resolve(loaded.spec.data.path))
+
+
+@task(name="load table")
+def load_table_step(loaded: LoadedSpec, version: data.DataVersion) -> pd.DataFrame:
+    return data.load_table(version.file_path, loaded.spec.data)
+
+
+@task(name="check data")
+def check_data_step(loaded: LoadedSpec, frame: pd.DataFrame, workdir: Path) -> checks.ValidationReport:
+    """Run the spec's expectations; log the result and Data Docs; stop on failure."""
+    spec = loaded.spec
+    report = checks.validate_table(frame, spec.checks, suite_name=f"{spec.pipeline.name}-train")
+    mlflow.log_dict(report.result_json, "checks/validation_result.json")
+    try:
+        index = checks.build_data_docs(report, workdir / "data_docs")
+        mlflow.log_artifacts(str(index.parent), "checks/data_docs")
+    except Exception as error:  # docs are a view of the result, which is logged already
+        get_run_logger().warning("could not build Data Docs: %s", error)
+    evaluated = len(report.outcomes)
+    failed = len(report.failures)
+    mlflow.log_metrics({"checks_evaluated": evaluated, "checks_failed": failed})
+    mlflow.set_tags({"stemma.checks.digest": report.digest, "stemma.checks.success": str(report.success).lower()})
+    if not report.success:
+        raise DataCheckError(
+            f"{version_label(loaded)}: {failed} of {evaluated} expectations failed; nothing was trained",
+            [*report.render_failure(), "full result and Data Docs: MLflow run artifacts under checks/"],
+        )
+    return report
+
+
+def version_label(loaded: LoadedSpec) -> str:
+    return loaded.spec.data.path
+
+
+@task(name="split and preprocess")
+def prepare_step(loaded: LoadedSpec, frame: pd.DataFrame) -> dict[str, Any]:
+    spec = loaded.spec
+    train_frame, valid_frame, test_frame = data.split_table(frame, spec.data.split)
+    if spec.data.task == "binary":
+        for name, part in (("training", train_frame), ("validation", valid_frame), ("test", test_frame)):
+            classes = part[spec.data.target].nunique()
+            if classes < 2:
+                raise DataError(
+                    f"{spec.data.path}: the {name} split holds only one class of {spec.data.target!r}",
+                    ["add rows of the other class or change data.split (fractions, seed)"],
+                )
+    preprocessor = features.fit_preprocessor(
+        train_frame, spec.data.features, task=spec.data.task, target=spec.data.target
+    )
+    arrays = {
+        "x_train": preprocessor.transform(train_frame),
+        "y_train": preprocessor.encode_target(train_frame, spec.data.target),
+        "x_valid": preprocessor.transform(valid_frame),
+        "y_valid": preprocessor.encode_target(valid_frame, spec.data.target),
+        "x_test": preprocessor.transform(test_frame),
+    }
+    return {"preprocessor": preprocessor, "test_frame": test_frame, "rows": {
+        "train": len(train_frame), "validation": len(valid_frame), "test": len(test_frame)}, **arrays}
+
+
+@task(name="train network")
+def train_step(loaded: LoadedSpec, prepared: dict[str, Any], checkpoint_dir: Path) -> training.TrainResult:
+    spec = loaded.spec
+    config = networks.network_config(spec.model)
+    network = networks.build_network(config, prepared["preprocessor"].n_inputs, 1)
+
+    def log_epoch(row: dict) -> None:
+        tracking.log_epoch(row, step=int(row["epoch"]))
+
+    return training.train_network(
+        network,
+        prepared["x_train"],
+        prepared["y_train"],
+        prepared["x_valid"],
+        prepared["y_valid"],
+        train=spec.train,
+        task=spec.data.task,
+        checkpoint_dir=checkpoint_dir,
+        on_epoch=log_epoch,
+    )
+
+
+@task(name="evaluate")
+def evaluate_step(loaded: LoadedSpec, prepared: dict[str, Any], result: training.TrainResult, workdir: Path) -> dict[str, float]:
+    spec = loaded.spec
+    preprocessor = prepared["preprocessor"]
+    scores = preprocessor.decode_output(training.predict_raw(result.network, prepared["x_test"]))
+    y_true = prepared["test_frame"][spec.data.target].to_numpy(dtype=np.float64)
+    metrics = evaluation.evaluate_scores(spec.data.task, y_true, scores)
+    mlflow.log_metrics({f"test_{name}": value for name, value in metrics.items()})
+    plots = workdir / "plots"
+    evaluation.plot_evaluation(spec.data.task, y_true, scores, plots)
+    evaluation.plot_history(result.history, plots / "training_history.png")
+    mlflow.log_artifacts(str(plots), "plots")
+    return metrics
+
+
+@task(name="log model")
+def log_model_step(loaded: LoadedSpec, prepared: dict[str, Any], result: training.TrainResult, workdir: Path) -> tuple[Any, str]:
+    spec = loaded.spec
+    example = prepared["test_frame"][spec.data.features.all].head(INPUT_EXAMPLE_ROWS)
+    return serving.log_pyfunc_model(
+        preprocessor=prepared["preprocessor"],
+        network=result.network,
+        network_config=networks.network_config(spec.model),
+        input_example=example,
+        task=spec.data.task,
+        workdir=workdir / "model",
+    )
+
+
+@task(name="register and gate")
+def gate_step(
+    loaded: LoadedSpec,
+    prepared: dict[str, Any],
+    metrics: dict[str, float],
+    model_uri: str,
+    run_id: str,
+    lineage_facts: lineage.TrainingLineage,
+) -> tuple[Any, registry.GateDecision]:
+    spec = loaded.spec
+    client = mlflow.MlflowClient()
+    model_name = spec.pipeline.registered_model_name
+    champion = registry.find_champion(client, model_name)
+    champion_value = None
+    champion_error = None
+    if champion is not None:
+        y_true = prepared["test_frame"][spec.data.target].to_numpy(dtype=np.float64)
+        champion_value, champion_error = registry.champion_value_on(
+            f"models:/{model_name}/{champion.version}",
+            prepared["test_frame"],
+            y_true,
+            task=spec.data.task,
+            metric=spec.gate.metric,
+        )
+    decision = registry.decide_gate(
+        spec.gate,
+        spec.data.task,
+        metrics[spec.gate.metric],
+        champion.version if champion is not None else None,
+        champion_value,
+        champion_error=champion_error,
+    )
+    version = registry.register_and_gate(
+        client=client,
+        model_name=model_name,
+        model_uri=model_uri,
+        run_id=run_id,
+        decision=decision,
+        tags=lineage.model_version_tags(lineage_facts),
+        description=f"Trained by Stemma pipeline '{spec.pipeline.name}' on data {lineage_facts.data_md5}.",
+    )
+    mlflow.set_tags({f"{key}": value for key, value in decision.tags().items()})
+    mlflow.log_metric("gate_passed", 1.0 if decision.passed else 0.0)
+    return version, decision
+
+
+def checkpoint_folder(loaded: LoadedSpec, data_md5: str) -> Path:
+    """Where an interrupted run of this exact spec on this exact data keeps its state."""
+    fingerprint = hashlib.sha256(
+        json.dumps({"spec": loaded.spec.model_dump(mode="json"), "data": data_md5}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+    return loaded.root / ".stemma" / "checkpoints" / f"{loaded.spec.pipeline.name}-{fingerprint}"
+
+
+def _resumable_run_id(folder: Path) -> str | None:
+    marker = folder / "mlflow_run.json"
+    if not marker.exists():
+        return None
+    run_id = json.loads(marker.read_text()).get("run_id")
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except Exception:  # the store was reset or the run deleted: start afresh
+        return None
+    return run_id if run.info.lifecycle_stage == "active" else None
+
+
+@flow(name="train", flow_run_name=_run_name, validate_parameters=True)
+def train_flow(config: str = "configs/credit.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train, evaluate, register and gate the model a Stemma spec describes.
+
+    Args:
+        config: path of the pipeline spec (YAML), relative to the working directory.
+        overrides: `section.key=value` overrides, e.g. `train.epochs=3`.
+
+    Returns:
+        A summary: run id, model version, gate decision and the numbers behind it.
+    """
+    logger = get_run_logger()
+    loaded = load_spec_step(config, list(overrides or []))
+    spec = loaded.spec
+    tracking_uri = tracking.configure_tracking(loaded.root)
+    experiment_id = tracking.ensure_experiment(spec.pipeline.experiment_name, loaded.root)
+
+    version = resolve_data_step(loaded)
+    folder = checkpoint_folder(loaded, version.md5)
+    resumed_run = _resumable_run_id(folder)
+    if resumed_run:
+        logger.info("resuming MLflow run %s from %s", resumed_run, folder)
+    git_rev, git_dirty = tracking.git_revision(loaded.root)
+    config_sha256 = hashlib.sha256(loaded.path.read_bytes()).hexdigest()
+
+    run = mlflow.start_run(
+        run_id=resumed_run,
+        experiment_id=None if resumed_run else experiment_id,
+        run_name=None if resumed_run else flow_run.get_name(),
+    )
+    run_id = run.info.run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mlflow_run.json").write_text(json.dumps({"run_id": run_id}))
+    try:
+        with tempfile.TemporaryDirectory(prefix="stemma-train-") as tmp:
+            workdir = Path(tmp)
+            mlflow.set_tags(
+                {
+                    "stemma.pipeline": spec.pipeline.name,
+                    "stemma.flow": "train",
+                    "stemma.prefect.flow_run_id": str(flow_run.get_id() or ""),
+                    "stemma.config.path": str(loaded.path),
+                    "stemma.config.sha256": config_sha256,
+                    "stemma.overrides": json.dumps(list(loaded.overrides)),
+                    "stemma.status": "running",
+                }
+            )
+            tracking.log_params_flat(flatten(spec))
+            mlflow.log_text(
+                yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "spec/resolved.yaml"
+            )
+            frame = load_table_step(loaded, version)
+            report = check_data_step(loaded, frame, workdir)
+            tracking.log_dataset(
+                frame,
+                name=f"{spec.pipeline.name}-train",
+                source=tracking.DVCDatasetSource(
+                    path=version.relpath,
+                    dvc_file=str(version.dvc_file.relative_to(loaded.root)),
+                    md5=version.md5,
+                    file_md5=version.file_md5,
+                    git_rev=git_rev,
+                    repo=str(loaded.root),
+                ),
+                context="training",
+                digest=version.md5,
+            )
+            prepared = prepare_step(loaded, frame)
+            mlflow.log_params({f"rows.{key}": value for key, value in prepared["rows"].items()})
+            result = train_step(loaded, prepared, folder)
+            mlflow.log_params(
+                {"resolved.device": result.device, "resolved.precision": result.precision}
+            )
+            mlflow.log_metrics(
+                {"best_epoch": result.best_epoch, "epochs_run": len(result.history)}
+            )
+            metrics = evaluate_step(loaded, prepared, result, workdir)
+            model_info, weights_sha256 = log_model_step(loaded, prepared, result, workdir)
+            facts = lineage.TrainingLineage(
+                pipeline=spec.pipeline.name,
+                data_pointer=str(version.dvc_file.relative_to(loaded.root)),
+                data_md5=version.md5,
+                data_path=str(version.out_path.relative_to(loaded.root)),
+                file_path=version.relpath,
+                file_md5=version.file_md5,
+                git_rev=git_rev,
+                git_dirty=git_dirty,
+                validation_digest=report.digest,
+                validation_success=report.success,
+                run_id=run_id,
+                experiment_id=run.info.experiment_id,
+                flow_run_id=str(flow_run.get_id() or "") or None,
+                config_path=str(loaded.path),
+                config_sha256=config_sha256,
+                model_name=spec.pipeline.registered_model_name,
+                weights_sha256=weights_sha256,
+            )
+            model_version, decision = gate_step(
+                loaded, prepared, metrics, model_info.model_uri, run_id, facts
+            )
+            facts = lineage.TrainingLineage(**{**asdict(facts), "model_version": str(model_version.version)})
+            mlflow.set_tags({**lineage.run_tags(facts), "stemma.weights.sha256": weights_sha256})
+            mlflow.log_dict(lineage.build_training_record(facts), lineage.RECORD_ARTIFACT)
+            mlflow.set_tag("stemma.status", "completed")
+    except BaseException as error:
+        interrupted = isinstance(error, KeyboardInterrupt)
+        mlflow.set_tags(
+            {
+                "stemma.status": "interrupted" if interrupted else "failed",
+                "stemma.error": (error.headline if isinstance(error, StemmaError) else repr(error))[:4000],
+            }
+        )
+        mlflow.end_run(status="KILLED" if interrupted else "FAILED")
+        if not interrupted:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    mlflow.end_run(status="FINISHED")
+    shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "run_id": run_id,
+        "experiment": spec.pipeline.experiment_name,
+        "tracking_uri": tracking_uri,
+        "model_name": spec.pipeline.registered_model_name,
+        "model_version": str(model_version.version),
+        "data_md5": version.md5,
+        "weights_sha256": weights_sha256,
+        "metrics": metrics,
+        "resumed": resumed_run is not None,
+        "gate": {**asdict(decision), "reasons": list(decision.reasons)},
+        "ui_hint": "browse it with `mlflow ui --backend-store-uri " + tracking_uri + "`",
+    }

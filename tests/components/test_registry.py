@@ -1,0 +1,283 @@
+"""The registration gate: decisions (pure) and the registry writes (real MLflow on SQLite)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from stemma.components.errors import RegistryError, SpecError
+from stemma.components.evaluation import evaluate_scores
+from stemma.components.features import fit_preprocessor
+from stemma.components.models import build_network, network_config
+from stemma.components.registry import (
+    GateDecision,
+    champion_value_on,
+    decide_gate,
+    find_champion,
+    register_and_gate,
+)
+from stemma.components.spec import FeaturesSpec, GateSpec, ModelSpec
+from stemma.components.tracking import configure_tracking, ensure_experiment, log_pyfunc_model
+from stemma.components.training import predict_raw
+
+URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+FEATURES = FeaturesSpec(numeric=["salary", "age"], categorical=["car"])
+AUC_GATE = GateSpec(metric="roc_auc", minimum=0.8, margin_over_champion=0.0)
+RMSE_GATE = GateSpec(metric="rmse", maximum=2.0, margin_over_champion=0.05)
+LINEAGE_TAGS = {"stemma.data.md5": "0f343b0931126a20f133d67c2b018a3b", "stemma.git_rev": "abc123"}
+
+# ---------------------------------------------------------------------------------------
+# decide_gate
+
+DECISIONS = [
+    # (id, gate, task, value, champion version, champion value, passed, alias, reason)
+    ("first-model-becomes-champion", AUC_GATE, "binary", 0.912, None, None, True, "champion",
+     "roc_auc 0.9120 >= minimum 0.8000"),
+    ("better-than-champion-is-challenger", AUC_GATE, "binary", 0.920, "3", 0.915, True,
+     "challenger", "roc_auc 0.9200 is above champion v3's 0.9150 + margin 0.0000"),
+    ("worse-than-champion-fails", AUC_GATE, "binary", 0.901, "3", 0.915, False, None,
+     "roc_auc 0.9010 is not above champion v3's 0.9150 + margin 0.0000"),
+    ("equal-to-champion-fails", AUC_GATE, "binary", 0.915, "3", 0.915, False, None,
+     "roc_auc 0.9150 is not above champion v3's 0.9150 + margin 0.0000"),
+    ("below-minimum-fails", AUC_GATE, "binary", 0.75, None, None, False, None,
+     "roc_auc 0.7500 is below minimum 0.8000"),
+    ("below-minimum-fails-even-when-better", AUC_GATE, "binary", 0.79, "2", 0.70, False, None,
+     "roc_auc 0.7900 is below minimum 0.8000"),
+    ("nan-value-fails-closed", AUC_GATE, "binary", math.nan, None, None, False, None,
+     "cannot decide: roc_auc of the model is nan"),
+    ("unevaluable-champion-fails-closed", AUC_GATE, "binary", 0.95, "3", None, False, None,
+     "cannot decide: champion v3 could not be evaluated on the same test rows"),
+    ("nan-champion-fails-closed", AUC_GATE, "binary", 0.95, "3", math.nan, False, None,
+     "cannot decide: champion v3 could not be evaluated"),
+    ("negative-margin-tolerates-slightly-worse",
+     GateSpec(metric="roc_auc", margin_over_champion=-0.01), "binary", 0.91, "3", 0.915, True,
+     "challenger", "roc_auc 0.9100 is above champion v3's 0.9150 + margin -0.0100"),
+    ("lower-is-better-beats-champion-by-margin", RMSE_GATE, "regression", 1.50, "2", 1.60, True,
+     "challenger", "rmse 1.5000 is below champion v2's 1.6000 - margin 0.0500"),
+    ("lower-is-better-within-margin-fails", RMSE_GATE, "regression", 1.58, "2", 1.60, False, None,
+     "rmse 1.5800 is not below champion v2's 1.6000 - margin 0.0500"),
+    ("above-maximum-fails", RMSE_GATE, "regression", 2.5, None, None, False, None,
+     "rmse 2.5000 is above maximum 2.0000"),
+]
+
+
+@pytest.mark.parametrize(
+    "gate,task,value,champion_version,champion_value,passed,alias,reason",
+    [case[1:] for case in DECISIONS],
+    ids=[case[0] for case in DECISIONS],
+)
+def test_decide_gate(gate, task, value, champion_version, champion_value, passed, alias, reason):
+    decision = decide_gate(gate, task, value, champion_version, champion_value)
+
+    assert decision.passed is passed
+    assert decision.alias == alias
+    assert any(line.startswith(reason) for line in decision.reasons), decision.reasons
+    assert decision.tags()["stemma.gate.decision"] == ("passed" if passed else "failed")
+
+
+def test_decide_gate_shows_why_the_champion_could_not_be_evaluated():
+    decision = decide_gate(
+        AUC_GATE, "binary", 0.95, "3", None, champion_error="Model is missing inputs ['zipcode']"
+    )
+
+    assert not decision.passed
+    assert "could not be evaluated on the same test rows: Model is missing inputs ['zipcode']" in (
+        "; ".join(decision.reasons)
+    )
+
+
+def test_decide_gate_rejects_a_metric_of_another_task():
+    with pytest.raises(SpecError, match="'rmse' is not a binary metric"):
+        decide_gate(GateSpec(metric="rmse"), "binary", 0.5, None, None)
+
+
+def test_gate_tags_record_every_number():
+    decision = decide_gate(AUC_GATE, "binary", 0.92, "3", 0.915)
+
+    tags = decision.tags()
+
+    assert tags == {
+        "stemma.gate.decision": "passed",
+        "stemma.gate.alias": "challenger",
+        "stemma.gate.metric": "roc_auc",
+        "stemma.gate.value": "0.92",
+        "stemma.gate.minimum": "0.8",
+        "stemma.gate.champion_version": "3",
+        "stemma.gate.champion_value": "0.915",
+        "stemma.gate.margin": "0.0",
+        "stemma.gate.reasons": "; ".join(decision.reasons),
+    }
+    assert decision.threshold == 0.8
+
+
+# ---------------------------------------------------------------------------------------
+# The registry
+
+
+def synthetic_frame(rows: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    salary = rng.uniform(20_000, 150_000, rows)
+    return pd.DataFrame(
+        {
+            "salary": salary,
+            "age": rng.integers(18, 80, rows),
+            "car": rng.choice(["sedan", "van", "coupe"], rows),
+            "approved": ((salary + rng.normal(0, 20_000, rows)) > 80_000).astype(np.int64),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory):
+    """A local store with one logged binary model (logging costs ~1 s; done once)."""
+    root = tmp_path_factory.mktemp("registry")
+    saved = {name: os.environ.pop(name, None) for name in URI_VARIABLES}
+    configure_tracking(root)
+    frame = synthetic_frame(80, seed=1)
+    preprocessor = fit_preprocessor(frame, FEATURES, task="binary", target="approved")
+    config = network_config(ModelSpec(hidden=[8], dropout=0.0))
+    network = build_network(config, preprocessor.n_inputs, seed=5)
+    with mlflow.start_run(experiment_id=ensure_experiment("registry", root)) as run:
+        info, _ = log_pyfunc_model(
+            preprocessor=preprocessor, network=network, network_config=config,
+            input_example=frame, task="binary", workdir=root / "work",
+        )
+    yield {
+        "model_uri": info.model_uri,
+        "run_id": run.info.run_id,
+        "preprocessor": preprocessor,
+        "network": network,
+    }
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    for name, value in saved.items():
+        os.environ.pop(name, None)
+        if value is not None:
+            os.environ[name] = value
+
+
+@pytest.fixture
+def model_name(request: pytest.FixtureRequest) -> str:
+    """A registered model name of its own for each test in the shared store."""
+    return f"credit-{request.node.name}".replace("[", "-").replace("]", "")[:100]
+
+
+def register(store, model_name: str, decision: GateDecision):
+    return register_and_gate(
+        client=MlflowClient(),
+        model_name=model_name,
+        model_uri=store["model_uri"],
+        run_id=store["run_id"],
+        decision=decision,
+        tags=LINEAGE_TAGS,
+        description="Loan approval classifier.",
+    )
+
+
+def test_first_passing_model_becomes_champion_with_tags_and_description(store, model_name):
+    decision = decide_gate(AUC_GATE, "binary", 0.91, None, None)
+
+    version = register(store, model_name, decision)
+
+    client = MlflowClient()
+    assert version.aliases == ["champion"]
+    assert find_champion(client, model_name).version == version.version
+    assert version.tags["stemma.gate.decision"] == "passed"
+    assert version.tags["stemma.data.md5"] == LINEAGE_TAGS["stemma.data.md5"]
+    assert version.run_id == store["run_id"]
+    assert version.description.startswith("Gate passed on roc_auc = 0.9100: alias `champion`.")
+    assert "- roc_auc 0.9100 >= minimum 0.8000" in version.description
+    assert client.get_registered_model(model_name).description == "Loan approval classifier."
+
+
+def test_failed_model_is_registered_without_an_alias(store, model_name):
+    decision = decide_gate(AUC_GATE, "binary", 0.70, None, None)
+
+    version = register(store, model_name, decision)
+
+    assert version.aliases == []
+    assert version.tags["stemma.gate.decision"] == "failed"
+    assert "roc_auc 0.7000 is below minimum 0.8000" in version.tags["stemma.gate.reasons"]
+    assert find_champion(MlflowClient(), model_name) is None
+
+
+def test_passing_model_beside_a_champion_becomes_challenger(store, model_name):
+    first = register(store, model_name, decide_gate(AUC_GATE, "binary", 0.90, None, None))
+
+    second = register(store, model_name, decide_gate(AUC_GATE, "binary", 0.93, "1", 0.90))
+
+    assert second.aliases == ["challenger"]
+    assert find_champion(MlflowClient(), model_name).version == first.version
+    assert second.tags["stemma.gate.champion_version"] == "1"
+
+
+def test_stale_decision_registers_nothing(store, model_name):
+    register(store, model_name, decide_gate(AUC_GATE, "binary", 0.90, None, None))
+    stale = decide_gate(AUC_GATE, "binary", 0.95, None, None)  # decided before v1 existed
+
+    with pytest.raises(RegistryError, match="champion changed while the gate was deciding"):
+        register(store, model_name, stale)
+    versions = MlflowClient().search_model_versions(f"name = '{model_name}'")
+    assert [v.version for v in versions] == ["1"]
+
+
+def test_registry_refusal_becomes_a_registry_error(store, model_name):
+    decision = decide_gate(AUC_GATE, "binary", 0.91, None, None)
+
+    with pytest.raises(RegistryError, match=f"cannot register models:/m-missing as '{model_name}'") as caught:
+        register_and_gate(
+            client=MlflowClient(), model_name=model_name, model_uri="models:/m-missing",
+            run_id=store["run_id"], decision=decision, tags={}, description="",
+        )
+    assert "not found" in str(caught.value)
+
+
+def test_find_champion_without_model_or_alias(store, model_name):
+    client = MlflowClient()
+    assert find_champion(client, model_name) is None
+    client.create_registered_model(model_name)
+    assert find_champion(client, model_name) is None
+
+
+def test_champion_value_on_scores_the_same_rows(store, model_name):
+    version = register(store, model_name, decide_gate(AUC_GATE, "binary", 0.9, None, None))
+    rows = synthetic_frame(60, seed=9)
+    y_true = rows["approved"].to_numpy()
+    scores = store["preprocessor"].decode_output(
+        predict_raw(store["network"], store["preprocessor"].transform(rows))
+    )
+
+    value, error = champion_value_on(
+        f"models:/{model_name}@champion", rows, y_true, task="binary", metric="roc_auc"
+    )
+
+    assert error is None
+    assert value == pytest.approx(evaluate_scores("binary", y_true, scores)["roc_auc"], abs=1e-12)
+    assert version.aliases == ["champion"]
+
+
+@pytest.mark.parametrize(
+    "uri_suffix,drop,expected",
+    [("@champion", ["car"], "missing inputs ['car']"), ("/99", [], "MlflowException")],
+    ids=["rows-lack-a-feature", "no-such-version"],
+)
+def test_champion_value_on_reports_why_it_failed(store, model_name, uri_suffix, drop, expected):
+    register(store, model_name, decide_gate(AUC_GATE, "binary", 0.9, None, None))
+    rows = synthetic_frame(30, seed=9)
+
+    value, error = champion_value_on(
+        f"models:/{model_name}{uri_suffix}", rows.drop(columns=drop), rows["approved"].to_numpy(),
+        task="binary", metric="roc_auc",
+    )
+
+    assert value is None
+    assert expected in error

@@ -1,0 +1,111 @@
+"""The command line: exit codes, one-screen errors, and a light start-up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from stemma.flows.cli import main
+
+HEAVY = ("torch", "mlflow", "great_expectations", "prefect")
+
+
+def run_cli(stemma_exe, *args, cwd=None, env=None):
+    return subprocess.run(
+        [*stemma_exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_help_lists_the_commands(stemma_exe):
+    result = run_cli(stemma_exe, "--help")
+    assert result.returncode == 0
+    for command in ("validate", "schema", "run", "data"):
+        assert command in result.stdout
+
+
+def test_validate_worked_example_imports_nothing_heavy(repo_root, tmp_path):
+    """`stemma validate` on the worked example loads none of the heavy libraries."""
+    config = tmp_path / "credit.yaml"
+    config.write_text((repo_root / "configs" / "credit.yaml").read_text())
+    (tmp_path / "data" / "credit").mkdir(parents=True)
+    (tmp_path / "data" / "credit" / "train.parquet").write_bytes(b"")
+    (tmp_path / "data.dvc").write_text("outs: []\n")
+    probe = textwrap.dedent(
+        f"""
+        import sys
+        from stemma.flows.cli import main
+        code = main(["validate", {str(config)!r}])
+        heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
+        print("HEAVY=" + ",".join(heavy))
+        sys.exit(code)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY=\n" in result.stdout
+    assert "valid (credit: 9 features, 8 checks, model mlp" in result.stdout
+
+
+def test_help_imports_nothing_heavy():
+    probe = (
+        "import sys\nfrom stemma.flows.cli import build_parser\nbuild_parser().format_help()\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]"
+
+
+def write_broken_spec(tmp_path, repo_root):
+    text = (repo_root / "configs" / "credit.yaml").read_text()
+    text = text.replace("  epochs: 20", "  epochs: 0").replace("  batch_size: 512", "  batch_sise: 512")
+    config = tmp_path / "credit.yaml"
+    config.write_text(text)
+    (tmp_path / "data.dvc").write_text("outs: []\n")
+    return config
+
+
+def test_validate_reports_every_problem_and_exits_2(stemma_exe, tmp_path, repo_root):
+    config = write_broken_spec(tmp_path, repo_root)
+    result = run_cli(stemma_exe, "validate", str(config))
+    assert result.returncode == 2
+    err = result.stderr
+    assert "Traceback" not in err
+    assert "3 problems in the spec" in err
+    assert "credit.yaml:38 train.epochs: input should be greater than 0" in err
+    assert "credit.yaml:39 train.batch_sise: unknown key" in err
+    assert "data.path:" in err and "does not exist" in err
+
+
+def test_debug_shows_the_traceback(stemma_exe, tmp_path, repo_root):
+    config = write_broken_spec(tmp_path, repo_root)
+    result = run_cli(stemma_exe, "--debug", "validate", str(config))
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "SpecError" in result.stderr
+
+
+def test_overrides_on_the_command_line(tmp_path, repo_root, capsys):
+    config = write_broken_spec(tmp_path, repo_root)
+    code = main(["validate", str(config), "--set", "train.epochs=2", "--set", "train.batch_sise=null"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "train.epochs" not in err  # fixed by the override
+    assert "train.batch_sise: unknown key (not part of the spec; check the spelling) (from --set train.batch_sise=null)" in err
+
+
+def test_schema_is_json_with_descriptions(stemma_exe):
+    result = run_cli(stemma_exe, "schema")
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    assert schema["title"] == "Stemma pipeline spec"
+    assert "description" in schema["$defs"]["TrainSpec"]["properties"]["epochs"]
+
+
+@pytest.mark.parametrize("argv", [["validate"], ["run"], ["nonsense"]], ids=["no-config", "no-flow", "unknown"])
+def test_usage_errors_exit_2(stemma_exe, argv):
+    result = run_cli(stemma_exe, *argv)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr

@@ -1,0 +1,255 @@
+"""The training flow end to end, on a real Prefect API, MLflow store, DVC repo and GX suite."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from stemma.components.data import dir_md5, file_md5
+from stemma.components.errors import DataCheckError, DataError, DataVersionError, SpecError
+
+pytestmark = pytest.mark.usefixtures("prefect_api", "mlflow_uri")
+
+FAST = ["train.epochs=3", "train.early_stopping=null", "train.batch_size=256"]
+
+
+def run_train(project: Path, name: str, *extra: str) -> dict:
+    from stemma.flows.train import train_flow
+
+    overrides = [*FAST, f"pipeline.name={name}", *extra]
+    return train_flow(config=str(project / "configs" / "credit.yaml"), overrides=overrides)
+
+
+def versions_of(name: str) -> list:
+    client = mlflow.MlflowClient()
+    return client.search_model_versions(f"name='{name}'")
+
+
+def aliases_of(name: str) -> dict[str, str]:
+    try:
+        model = mlflow.MlflowClient().get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        return {}
+    return dict(model.aliases)
+
+
+def test_train_tracks_registers_and_links_everything(project, tmp_path):
+    summary = run_train(project, "e2e")
+    client = mlflow.MlflowClient()
+
+    # the first model that passes becomes the champion
+    assert summary["gate"]["passed"] is True
+    assert summary["gate"]["alias"] == "champion"
+    assert aliases_of("e2e") == {"champion": summary["model_version"]}
+    assert summary["metrics"]["roc_auc"] > 0.8
+
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "3"
+    assert run.data.params["data.features.categorical"] == "[elevel, car, zipcode]"
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert run.data.metrics["test_roc_auc"] == pytest.approx(summary["metrics"]["roc_auc"])
+
+    # the dataset input carries the DVC md5 and names the DVC path and git revision
+    recorded = yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+    assert recorded == dir_md5(project / "data")[0]
+    (dataset_input,) = run.inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    assert dataset.source_type == "dvc"
+    source = json.loads(dataset.source)
+    assert source["md5"] == recorded
+    assert source["path"] == "data/credit/train.parquet"
+    assert source["git_rev"] == run.data.tags["stemma.git.rev"]
+    assert recorded.startswith(dataset.digest.removesuffix(".dir")) or dataset.digest in recorded
+
+    # artifacts: plots, checks, data docs, lineage, model without pickles
+    artifacts = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "a")))
+    for relative in (
+        "plots/roc.png",
+        "plots/precision_recall.png",
+        "plots/confusion_matrix.png",
+        "plots/training_history.png",
+        "checks/validation_result.json",
+        "checks/data_docs/index.html",
+        "lineage/record.json",
+        "spec/resolved.yaml",
+    ):
+        assert (artifacts / relative).is_file(), relative
+
+    # lineage: data md5 -> validation -> run -> model version (weights hash), consistent everywhere
+    record = json.loads((artifacts / "lineage/record.json").read_text())
+    nodes = {node["kind"]: node for node in record["nodes"]}
+    assert nodes["data_version"]["digest"] == f"md5:{recorded}"
+    assert nodes["data_file"]["digest"] == f"md5:{file_md5(project / 'data/credit/train.parquet')}"
+    validation = json.loads((artifacts / "checks/validation_result.json").read_text())
+    assert validation["success"] is True
+    checks_digest = run.data.tags["stemma.checks.digest"]
+    assert nodes["validation"]["digest"] == f"sha256:{checks_digest}"
+    model_version = client.get_model_version("e2e", summary["model_version"])
+    assert model_version.tags["stemma.run_id"] == run.info.run_id
+    assert model_version.tags["stemma.data.md5"] == recorded
+    assert model_version.tags["stemma.checks.digest"] == checks_digest
+    assert model_version.tags["stemma.gate.decision"] == "passed"
+    weights = model_version.tags["stemma.weights.sha256"]
+    assert nodes["model_version"]["digest"] == f"sha256:{weights}"
+    assert nodes["model_version"]["id"] == f"models:/e2e/{summary['model_version']}"
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/e2e/{summary['model_version']}", dst_path=str(tmp_path / "m")))
+    weight_files = list(model_dir.rglob("*.safetensors"))
+    assert len(weight_files) == 1
+    assert hashlib.sha256(weight_files[0].read_bytes()).hexdigest() == weights
+    assert not [p for p in model_dir.rglob("*") if p.suffix in (".pkl", ".pickle")]
+    assert {edge["relation"] for edge in record["edges"]} >= {"contains", "checked_by", "input_of", "gated", "produced"}
+
+    # the logged model predicts on raw rows in a fresh process, with pickle loading disabled
+    batch = project / "data" / "credit" / "batches" / "day_01.parquet"
+    probe = textwrap.dedent(
+        f"""
+        import mlflow, pandas as pd
+        mlflow.set_tracking_uri({os.environ['MLFLOW_TRACKING_URI']!r})
+        model = mlflow.pyfunc.load_model("models:/e2e@champion")
+        out = model.predict(pd.read_parquet({str(batch)!r}))
+        print(len(out), sorted(out.columns), float(out["score"].min()), float(out["score"].max()))
+        """
+    )
+    env = {**os.environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows, columns, low, high = result.stdout.split(maxsplit=1)[0], None, None, None
+    assert rows == "500"
+    assert "['prediction', 'score']" in result.stdout
+    scores = [float(x) for x in result.stdout.strip().rsplit(maxsplit=2)[-2:]]
+    assert 0.0 <= scores[0] <= scores[1] <= 1.0
+
+
+def test_second_model_is_challenger_and_a_worse_one_gets_no_alias(project):
+    first = run_train(project, "gated")
+    second = run_train(project, "gated")
+    assert second["gate"]["alias"] == "challenger"
+    assert second["gate"]["champion_version"] == first["model_version"]
+    # same seed, same data: the champion re-scored on the same rows gives the same number
+    assert second["gate"]["champion_value"] == pytest.approx(first["metrics"]["roc_auc"])
+
+    third = run_train(project, "gated", "gate.margin_over_champion=0.5")
+    assert third["gate"]["passed"] is False
+    assert third["gate"]["alias"] is None
+    assert aliases_of("gated") == {"champion": first["model_version"], "challenger": second["model_version"]}
+    version = mlflow.MlflowClient().get_model_version("gated", third["model_version"])
+    assert version.tags["stemma.gate.decision"] == "failed"
+    assert "margin" in version.tags["stemma.gate.reasons"]
+    assert not version.aliases
+
+
+def test_first_model_below_minimum_is_registered_without_alias(project):
+    summary = run_train(project, "too-low", "gate.minimum=0.999")
+    assert summary["gate"]["passed"] is False
+    assert aliases_of("too-low") == {}
+    (version,) = versions_of("too-low")
+    assert "minimum 0.999" in version.tags["stemma.gate.reasons"]
+
+
+def test_training_is_deterministic(project):
+    first = run_train(project, "det-a")
+    second = run_train(project, "det-b")
+    assert first["weights_sha256"] == second["weights_sha256"]
+    assert first["metrics"] == second["metrics"]
+
+
+def _nan_salary(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    frame.loc[frame.index[:3], "salary"] = np.nan
+    return frame
+
+
+def _inf_loan(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    frame.loc[frame.index[5], "loan"] = np.inf
+    return frame
+
+
+def _old_applicants(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    frame.loc[frame.index[:42], "age"] = 150
+    return frame
+
+
+BAD_DATA = [
+    (lambda f: f.drop(columns=["loan"]), DataError, "loan"),
+    (lambda f: f.assign(salary=f["salary"].astype(str)), DataError, "salary"),
+    (lambda f: f.iloc[:0], DataError, "empty"),
+    (lambda f: f.assign(approved=1), DataError, "one class"),
+    (_nan_salary, DataError, "salary"),
+    (_inf_loan, DataError, "loan"),
+    (_old_applicants, DataCheckError, "expect_column_values_to_be_between"),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "expected"),
+    BAD_DATA,
+    ids=["missing-column", "wrong-type", "empty", "one-class", "nan", "inf", "failing-expectation"],
+)
+def test_bad_data_stops_before_training_and_registers_nothing(project, rewrite_data, change, error, expected):
+    rewrite_data(change)
+    name = f"bad-{error.__name__}-{expected}".replace(" ", "-").lower()[:60]
+    with pytest.raises(error) as caught:
+        run_train(project, name)
+    assert expected in caught.value.render()
+    assert versions_of(name) == []
+    runs = mlflow.search_runs(experiment_names=["credit"], filter_string=f"tags.`stemma.pipeline` = '{name}'", output_format="list")
+    assert runs and all(r.info.status == "FAILED" for r in runs)
+    assert "stemma.error" in runs[0].data.tags
+
+
+def test_failing_expectation_reports_rows_and_logs_the_result(project, rewrite_data, tmp_path):
+    rewrite_data(_old_applicants)
+    with pytest.raises(DataCheckError) as caught:
+        run_train(project, "gx-fail")
+    text = caught.value.render()
+    assert "42 of" in text and "150" in text  # rows and an example value
+    assert len(text.splitlines()) < 30  # one screen
+    (run,) = mlflow.search_runs(experiment_names=["credit"], filter_string="tags.`stemma.pipeline` = 'gx-fail'", output_format="list")
+    artifacts = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path)))
+    assert json.loads((artifacts / "checks/validation_result.json").read_text())["success"] is False
+    assert (artifacts / "checks/data_docs/index.html").is_file()
+    assert run.data.tags["stemma.checks.success"] == "false"
+    assert not (artifacts / "model").exists()
+
+
+def test_data_that_differs_from_its_dvc_md5_is_refused(project):
+    path = project / "data" / "credit" / "train.parquet"
+    frame = pd.read_parquet(path)
+    frame.loc[frame.index[0], "salary"] += 1.0
+    frame.to_parquet(path)  # changed without `dvc add`
+    with pytest.raises(DataVersionError) as caught:
+        run_train(project, "tampered")
+    text = caught.value.render()
+    assert "data.dvc" in text and "train.parquet" in text and "dvc checkout" in text
+    assert versions_of("tampered") == []
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.architecture=no_such_pkg.nets:Net", "cannot import module 'no_such_pkg.nets'"),
+        ("train.epochs=0", "train.epochs: input should be greater than 0"),
+        ("train.optimiser=adam", "train.optimiser: unknown key"),
+    ],
+    ids=["model-class-import", "out-of-range", "typo"],
+)
+def test_bad_spec_fails_the_flow_before_anything_runs(project, override, expected):
+    with pytest.raises(SpecError) as caught:
+        run_train(project, "bad-spec", override)
+    assert expected in caught.value.render()
+    assert versions_of("bad-spec") == []

@@ -1,0 +1,99 @@
+"""`stemma run train` as a user runs it: exit codes, one-screen errors, and resuming a killed run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from tests.flows.conftest import build_project
+
+pytestmark = pytest.mark.usefixtures("mlflow_uri")
+
+#: Rows and batch size that make one epoch last long enough to kill the run mid-training.
+INTERRUPT_TRAIN_ROWS = 20_000
+INTERRUPT_OVERRIDES = ["train.epochs=6", "train.early_stopping=null", "train.batch_size=16"]
+#: How long to wait for the checkpoint of epoch 2 before giving up.
+CHECKPOINT_WAIT_S = 240
+
+
+def cli_env(prefect_api: str) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": prefect_api}
+
+
+def stemma_train(stemma_exe, project: Path, *overrides: str, env, debug=False):
+    args = [*stemma_exe, *(["--debug"] if debug else []), "run", "train", "configs/credit.yaml"]
+    for override in overrides:
+        args += ["--set", override]
+    return subprocess.Popen(args, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_failed_check_exits_3_with_one_screen_and_no_traceback(stemma_exe, project, rewrite_data, prefect_api):
+    def old_applicants(frame):
+        frame = frame.copy()
+        frame.loc[frame.index[:7], "age"] = 140
+        return frame
+
+    rewrite_data(old_applicants)
+    process = stemma_train(stemma_exe, project, "pipeline.name=cli-fail", env=cli_env(prefect_api))
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 3, err[-3000:]
+    assert "Traceback" not in err
+    assert "error: data/credit/train.parquet: 1 of 8 expectations failed; nothing was trained" in err
+    assert "7 of" in err and "140" in err
+    assert mlflow.MlflowClient().search_model_versions("name='cli-fail'") == []
+
+
+def _checkpoint_epoch(project: Path) -> int:
+    for path in (project / ".stemma" / "checkpoints").glob("*/checkpoint.pt"):
+        try:
+            return int(torch.load(path, weights_only=True)["epoch"])
+        except Exception:  # being replaced right now; read it on the next poll
+            return 0
+    return 0
+
+
+def test_killed_run_resumes_to_identical_weights(stemma_exe, tmp_path, repo_root, prefect_api):
+    from stemma.flows.train import train_flow
+
+    project = build_project(tmp_path / "project", repo_root, train_rows=INTERRUPT_TRAIN_ROWS)
+    overrides = [*INTERRUPT_OVERRIDES, "pipeline.name=resume"]
+    env = cli_env(prefect_api)
+
+    process = stemma_train(stemma_exe, project, *overrides, env=env)
+    deadline = time.monotonic() + CHECKPOINT_WAIT_S
+    while _checkpoint_epoch(project) < 2:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint of epoch 2 appeared"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    killed_at = _checkpoint_epoch(project)
+    assert 2 <= killed_at < 6
+
+    (interrupted,) = mlflow.search_runs(experiment_names=["credit"], filter_string="tags.`stemma.pipeline` = 'resume'", output_format="list")
+    assert interrupted.info.status == "RUNNING"  # killed: nobody could mark it
+
+    process = stemma_train(stemma_exe, project, *overrides, env=env)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    assert "gate: PASSED, alias 'champion'" in out
+
+    (resumed,) = mlflow.search_runs(experiment_names=["credit"], filter_string="tags.`stemma.pipeline` = 'resume'", output_format="list")
+    assert resumed.info.run_id == interrupted.info.run_id  # the same MLflow run, resumed
+    assert resumed.info.status == "FINISHED"
+    history = mlflow.MlflowClient().get_metric_history(resumed.info.run_id, "train_loss")
+    assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5, 6]
+    assert not list((project / ".stemma" / "checkpoints").glob("*/checkpoint.pt"))
+
+    reference = train_flow(
+        config=str(project / "configs" / "credit.yaml"),
+        overrides=[*INTERRUPT_OVERRIDES, "pipeline.name=resume-reference"],
+    )
+    assert resumed.data.tags["stemma.weights.sha256"] == reference["weights_sha256"]
