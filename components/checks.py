@@ -296,8 +296,8 @@ def _class_kwargs(expectation_class: Any) -> dict[str, dict[str, Any]]:
             types.add("null")
         entry: dict[str, Any] = {"required": bool(field.required), "types": sorted(types)}
         string_choices = [choices for json_type, choices in alternatives if json_type == "string"]
-        if string_choices and all(choices is not None for choices in string_choices):
-            entry["choices"] = sorted({choice for choices in string_choices for choice in choices})
+        if string_choices and None not in string_choices:  # every string must be a choice
+            entry["choices"] = sorted({c for choices in string_choices for c in choices or ()})
         kwargs[field_name] = entry
     return kwargs
 
@@ -318,7 +318,9 @@ def _alternatives(
     if "enum" in schema or "const" in schema:
         values = schema.get("enum", [schema.get("const")])
         strings = tuple(v for v in values if isinstance(v, str))
-        alternatives = [(_json_type_of(v), None) for v in values if not isinstance(v, str)]
+        alternatives: list[tuple[str, tuple[str, ...] | None]] = [
+            (_json_type_of(v), None) for v in values if not isinstance(v, str)
+        ]
         if strings:
             alternatives.append(("string", strings))
         return alternatives
@@ -398,6 +400,8 @@ def _build_expectation(check: Any, meta: Mapping[str, Any] | None = None) -> tup
         return None, _pydantic_messages(error, name)
     except (GreatExpectationsError, TypeError, ValueError) as error:
         return None, [str(error)]
+    except Exception as error:  # whatever GX raises, it is this entry's problem to report
+        return None, [f"{type(error).__name__}: {error}"]
 
 
 def _field_names(name: str) -> dict[str, None]:
@@ -553,7 +557,8 @@ def validate_table(
     gx = _import_gx()
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    expectations, problems = [], []
+    expectations: list[Any] = []
+    problems: list[str] = []
     for index, check in enumerate(checks):
         expectation, messages = _build_expectation(check, meta={INDEX_META_KEY: index})
         expectations.append(expectation)
@@ -587,12 +592,15 @@ def _report_from_result(
     result_json: dict[str, Any], checks: Sequence[Mapping[str, Any]]
 ) -> ValidationReport:
     by_index: dict[int, dict[str, Any]] = {}
+    unmatched: list[dict[str, Any]] = []
     for item in result_json.get("results", []):
         index = (item.get("expectation_config", {}).get("meta") or {}).get(INDEX_META_KEY)
         if isinstance(index, int):
             by_index[index] = item
+        else:
+            unmatched.append(item)
     outcomes = [_outcome(index, check, by_index.get(index)) for index, check in enumerate(checks)]
-    ordered = {**result_json, "results": [by_index[i] for i in sorted(by_index)]}
+    ordered = {**result_json, "results": [*(by_index[i] for i in sorted(by_index)), *unmatched]}
     return ValidationReport(
         # Fail closed: a check GX returned no result for counts as failed.
         success=bool(result_json.get("success")) and all(o.success for o in outcomes),

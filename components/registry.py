@@ -31,6 +31,8 @@ CHALLENGER_ALIAS = "challenger"
 TAG_PREFIX = "stemma.gate."
 #: Decimals shown for metric values in reasons and descriptions.
 SHOWN_DECIMALS = 4
+#: Longest error text quoted in a reason (reasons also go into a version tag).
+MAX_REASON_CHARS = 300
 
 
 def _shown(value: float) -> str:
@@ -263,24 +265,41 @@ def champion_value_on(
 
     try:
         model = mlflow.pyfunc.load_model(model_uri, suppress_warnings=True)
-        output = model.predict(frame)
     except Exception as error:  # any failure of an old model means "cannot compare"
-        return None, f"{type(error).__name__}: {_first_line(error)}"
+        return None, f"cannot load {model_uri}: {_brief(error)}"
+    schema = model.metadata.get_input_schema()
+    if schema is not None and schema.has_input_names():
+        missing = [name for name in schema.input_names() if name not in frame.columns]
+        if missing:
+            return (
+                None,
+                f"{model_uri} needs columns the test rows lack: {', '.join(map(str, missing))}",
+            )
+    try:
+        output = model.predict(frame)
+    except Exception as error:
+        return None, f"{model_uri} failed to score the test rows: {_brief(error)}"
     if not isinstance(output, pd.DataFrame) or "score" not in output.columns:
         return None, f"{model_uri} did not return a `score` column"
     scores = output["score"].to_numpy(dtype=np.float64)
     try:
         value = evaluate_scores(task, np.asarray(y_true), scores)[metric]
     except Exception as error:  # e.g. a metric the evaluator does not know
-        return None, f"cannot compute {metric}: {type(error).__name__}: {_first_line(error)}"
+        return None, f"cannot compute {metric} of {model_uri}: {_brief(error)}"
     if _is_missing(value):
         return None, f"{metric} of {model_uri} is {value}"
     return float(value), None
 
 
-def _first_line(error: Exception) -> str:
+def _brief(error: Exception) -> str:
+    """One line about an error, short enough for a tag and a reason."""
     text = getattr(error, "message", None) or str(error)
-    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    # MLflow's schema errors embed the whole input frame before "Error: <the cause>".
+    _, marker, cause = text.rpartition("Error: ")
+    text = " ".join((cause if marker else text).split())
+    if len(text) > MAX_REASON_CHARS:
+        text = text[: MAX_REASON_CHARS - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _model_id(model_uri: str) -> str | None:
@@ -332,14 +351,18 @@ def register_and_gate(
         raise RegistryError(
             f"{model_name}: the {CHAMPION_ALIAS} changed while the gate was deciding "
             f"(decided against {decision.champion_version or 'none'}, now {current_version or 'none'})",
-            ["nothing was registered; run the training flow again to gate against the new champion"],
+            [
+                "nothing was registered; run the training flow again to gate against the new champion"
+            ],
         )
 
     try:
         client.create_registered_model(model_name, description=description)
     except MlflowException as error:
         if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-            raise _registry_error(f"cannot create registered model {model_name!r}", error) from error
+            raise _registry_error(
+                f"cannot create registered model {model_name!r}", error
+            ) from error
 
     try:
         version = client.create_model_version(

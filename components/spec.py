@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from .errors import SpecError
 
@@ -81,7 +81,8 @@ class FeaturesSpec(_Section):
     """The input columns of the model, by kind."""
 
     numeric: list[str] = Field(
-        default_factory=list, description="Numeric feature columns; standardised on the training split."
+        default_factory=list,
+        description="Numeric feature columns; standardised on the training split.",
     )
     categorical: list[str] = Field(
         default_factory=list,
@@ -151,9 +152,12 @@ class ModelSpec(_Section):
         max_length=16,
         description="Hidden layer widths of the `mlp` architecture.",
     )
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="Dropout after each hidden layer.")
+    dropout: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="Dropout after each hidden layer."
+    )
     params: dict[str, Any] = Field(
-        default_factory=dict, description="Keyword arguments for a custom architecture's constructor."
+        default_factory=dict,
+        description="Keyword arguments for a custom architecture's constructor.",
     )
 
     @field_validator("architecture")
@@ -182,11 +186,17 @@ class TrainSpec(_Section):
     """The training loop."""
 
     epochs: int = Field(default=20, gt=0, le=10_000, description="Maximum number of epochs.")
-    batch_size: int = Field(default=512, gt=0, le=1_048_576, description="Rows per optimisation step.")
-    learning_rate: float = Field(default=1e-3, gt=0.0, le=10.0, description="Optimiser learning rate.")
+    batch_size: int = Field(
+        default=512, gt=0, le=1_048_576, description="Rows per optimisation step."
+    )
+    learning_rate: float = Field(
+        default=1e-3, gt=0.0, le=10.0, description="Optimiser learning rate."
+    )
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0, description="L2 weight decay.")
     optimizer: Literal["adam", "adamw", "sgd"] = Field(default="adam", description="Optimiser.")
-    seed: int = Field(default=7, ge=0, le=2**32 - 1, description="Seed of weights, shuffling and dropout.")
+    seed: int = Field(
+        default=7, ge=0, le=2**32 - 1, description="Seed of weights, shuffling and dropout."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="`auto` trains on CUDA when available, else on the CPU."
     )
@@ -202,7 +212,9 @@ class TrainSpec(_Section):
 class GateSpec(_Section):
     """The bar a new model must clear before it gets an alias."""
 
-    metric: str = Field(default="roc_auc", description="Primary test-split metric the gate compares.")
+    metric: str = Field(
+        default="roc_auc", description="Primary test-split metric the gate compares."
+    )
     minimum: float | None = Field(
         default=None, description="Lowest acceptable value (for metrics where higher is better)."
     )
@@ -327,7 +339,9 @@ def _pydantic_message(error: Mapping[str, Any]) -> str:
 # Overrides
 
 
-def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[Problem], dict[tuple[str, ...], str]]:
+def apply_overrides(
+    raw: Mapping[str, Any], overrides: Sequence[str]
+) -> tuple[dict[str, Any], list[Problem], dict[tuple[str, ...], str]]:
     """Apply ``key.path=value`` overrides to a raw spec mapping, without mutating it.
 
     Values are parsed as YAML (``3`` is an int, ``[1, 2]`` a list, ``null`` None).
@@ -348,7 +362,9 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> tuple[d
         try:
             value = yaml.safe_load(value_text) if value_text.strip() else None
         except yaml.YAMLError as error:
-            problems.append(Problem(path, f"override value {value_text!r} is not valid YAML: {error}"))
+            problems.append(
+                Problem(path, f"override value {value_text!r} is not valid YAML: {error}")
+            )
             continue
         node = result
         for part in path[:-1]:
@@ -381,7 +397,11 @@ def find_project_root(config_path: Path) -> Path:
     paths the way a user typing them in a shell would expect.
     """
     for folder in [config_path.resolve().parent, *config_path.resolve().parents]:
-        if (folder / "data.dvc").exists() or (folder / ".dvc").is_dir() or (folder / ".git").exists():
+        if (
+            (folder / "data.dvc").exists()
+            or (folder / ".dvc").is_dir()
+            or (folder / ".git").exists()
+        ):
             return folder
     return Path.cwd()
 
@@ -445,15 +465,17 @@ def load_spec(
             problems.append(located(tuple(item["loc"]), _pydantic_message(item)))
 
     root = find_project_root(config_path)
-    if spec is not None:
-        for loc, message in semantic_problems(
-            spec,
-            root,
-            check_paths=check_paths,
-            check_imports=check_imports,
-            check_expectations=check_expectations,
-        ):
-            problems.append(located(loc, message))
+    # Cross-section checks run on every section that is valid on its own, so a typo in
+    # `train` does not hide a missing data file: every problem is reported at once.
+    sections = _model_sections(spec) if spec is not None else _valid_sections(merged)
+    for loc, message in _semantic_problems(
+        sections,
+        root,
+        check_paths=check_paths,
+        check_imports=check_imports,
+        check_expectations=check_expectations,
+    ):
+        problems.append(located(loc, message))
 
     if problems:
         problems.sort(key=lambda p: (p.line or 0, _dotted(p.loc)))
@@ -463,7 +485,28 @@ def load_spec(
             [p.render(file_name) for p in problems],
         )
     assert spec is not None
-    return LoadedSpec(spec=spec, path=config_path, root=root, raw=merged, overrides=tuple(overrides))
+    return LoadedSpec(
+        spec=spec, path=config_path, root=root, raw=merged, overrides=tuple(overrides)
+    )
+
+
+def _model_sections(spec: Spec) -> dict[str, Any]:
+    return {name: getattr(spec, name) for name in Spec.model_fields}
+
+
+def _valid_sections(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Each top-level section that validates on its own (defaults for absent ones)."""
+
+    sections: dict[str, Any] = {}
+    for name, field in Spec.model_fields.items():
+        try:
+            if name in raw:
+                sections[name] = TypeAdapter(field.annotation).validate_python(raw[name])
+            elif not field.is_required():
+                sections[name] = field.get_default(call_default_factory=True)
+        except ValidationError:
+            continue
+    return sections
 
 
 def semantic_problems(
@@ -475,19 +518,58 @@ def semantic_problems(
     check_expectations: bool = True,
 ) -> list[tuple[tuple[str | int, ...], str]]:
     """Problems a schema cannot express: consistency between sections, files, imports."""
-    problems: list[tuple[tuple[str | int, ...], str]] = []
-    data = spec.data
-    features = data.features
+    return _semantic_problems(
+        _model_sections(spec),
+        root,
+        check_paths=check_paths,
+        check_imports=check_imports,
+        check_expectations=check_expectations,
+    )
 
+
+def _semantic_problems(
+    sections: Mapping[str, Any],
+    root: Path,
+    *,
+    check_paths: bool,
+    check_imports: bool,
+    check_expectations: bool,
+) -> list[tuple[tuple[str | int, ...], str]]:
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    data: DataSpec | None = sections.get("data")
+    if data is not None:
+        problems += _data_problems(data, root, check_paths=check_paths)
+        gate: GateSpec | None = sections.get("gate")
+        if gate is not None:
+            problems += _gate_problems(gate, data.task)
+    checks: list[Expectation] = sections.get("checks") or []
+    problems += _check_problems(checks, check_expectations=check_expectations)
+    model: ModelSpec | None = sections.get("model")
+    if model is not None and check_imports and _IMPORT_PATH.match(model.architecture):
+        message = import_problem(model.architecture)
+        if message:
+            problems.append((("model", "architecture"), message))
+    return problems
+
+
+def _data_problems(
+    data: DataSpec, root: Path, *, check_paths: bool
+) -> list[tuple[tuple[str | int, ...], str]]:
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    features = data.features
     if not features.all:
-        problems.append((("data", "features"), "declare at least one numeric or categorical feature"))
+        problems.append(
+            (("data", "features"), "declare at least one numeric or categorical feature")
+        )
     seen: dict[str, tuple[str | int, ...]] = {}
     for kind in ("numeric", "categorical"):
         for index, column in enumerate(getattr(features, kind)):
             loc: tuple[str | int, ...] = ("data", "features", kind, index)
             if column in seen:
                 first = _dotted(seen[column])
-                problems.append((loc, f"column {column!r} is declared more than once (first at {first})"))
+                problems.append(
+                    (loc, f"column {column!r} is declared more than once (first at {first})")
+                )
             else:
                 seen[column] = loc
     for role in ("target", "id"):
@@ -503,20 +585,9 @@ def semantic_problems(
     if split.time_column and split.time_column in seen:
         problems.append((("data", "split", "time_column"), "the time column cannot be a feature"))
     if split.test_fraction + split.validation_fraction * (1 - split.test_fraction) >= 0.95:
-        problems.append((("data", "split"), "test and validation fractions leave almost nothing to train on"))
-
-    metrics = METRIC_DIRECTIONS[data.task]
-    gate = spec.gate
-    if gate.metric not in metrics:
         problems.append(
-            (("gate", "metric"), f"{gate.metric!r} is not a {data.task} metric; choose one of {', '.join(metrics)}")
+            (("data", "split"), "test and validation fractions leave almost nothing to train on")
         )
-    else:
-        higher_is_better = metrics[gate.metric]
-        if higher_is_better and gate.maximum is not None:
-            problems.append((("gate", "maximum"), f"{gate.metric} is better when higher: set `minimum` instead"))
-        if not higher_is_better and gate.minimum is not None:
-            problems.append((("gate", "minimum"), f"{gate.metric} is better when lower: set `maximum` instead"))
 
     if check_paths:
         data_path = Path(data.path) if Path(data.path).is_absolute() else root / data.path
@@ -528,27 +599,63 @@ def semantic_problems(
                     "for the worked example, `dvc pull` for a DVC remote)",
                 )
             )
-        elif data.format == "auto" and data_path.is_file() and data_path.suffix.lower() not in (".parquet", ".csv"):
-            problems.append((("data", "format"), f"cannot tell the format of {data_path.name}; set parquet or csv"))
+        elif (
+            data.format == "auto"
+            and data_path.is_file()
+            and data_path.suffix.lower() not in (".parquet", ".csv")
+        ):
+            problems.append(
+                (
+                    ("data", "format"),
+                    f"cannot tell the format of {data_path.name}; set parquet or csv",
+                )
+            )
 
-    for index, check in enumerate(spec.checks):
+    return problems
+
+
+def _gate_problems(gate: GateSpec, task: str) -> list[tuple[tuple[str | int, ...], str]]:
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    metrics = METRIC_DIRECTIONS[task]
+    if gate.metric not in metrics:
+        problems.append(
+            (
+                ("gate", "metric"),
+                f"{gate.metric!r} is not a {task} metric; choose one of {', '.join(metrics)}",
+            )
+        )
+    else:
+        higher_is_better = metrics[gate.metric]
+        if higher_is_better and gate.maximum is not None:
+            problems.append(
+                (("gate", "maximum"), f"{gate.metric} is better when higher: set `minimum` instead")
+            )
+        if not higher_is_better and gate.minimum is not None:
+            problems.append(
+                (("gate", "minimum"), f"{gate.metric} is better when lower: set `maximum` instead")
+            )
+
+    return problems
+
+
+def _check_problems(
+    checks: list[Expectation], *, check_expectations: bool
+) -> list[tuple[tuple[str | int, ...], str]]:
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    for index, check in enumerate(checks):
         if len(check) != 1:
             problems.append(
                 (("checks", index), "each check is a one-key mapping `expect_...: {kwargs}`")
             )
-    if check_expectations and spec.checks:
+    if check_expectations and checks:
         from .checks import expectation_problems
 
-        wellformed = [(i, c) for i, c in enumerate(spec.checks) if len(c) == 1]
+        wellformed = [(i, c) for i, c in enumerate(checks) if len(c) == 1]
         for index, message in expectation_problems([c for _, c in wellformed]):
             original_index, check = wellformed[index]
             (name,) = check
             problems.append((("checks", original_index, name), message))
 
-    if check_imports and _IMPORT_PATH.match(spec.model.architecture):
-        message = import_problem(spec.model.architecture)
-        if message:
-            problems.append((("model", "architecture"), message))
     return problems
 
 
@@ -582,7 +689,12 @@ def flatten(spec: Spec) -> dict[str, str]:
             for key, item in value.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), item)
         else:
-            out[prefix] = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+            out[prefix] = (
+                yaml.safe_dump(value, default_flow_style=True, width=10_000)
+                .strip()
+                .removesuffix("...")
+                .strip()
+            )
 
     walk("", spec.model_dump(mode="json"))
     return out

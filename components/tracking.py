@@ -391,9 +391,7 @@ def log_metrics_batch(metrics: Mapping[str, float], step: int | None = None) -> 
 
     run_id = _require_active_run("log_metrics_batch")
     timestamp = int(time.time() * 1000)
-    entries = [
-        Metric(key, float(value), timestamp, step or 0) for key, value in metrics.items()
-    ]
+    entries = [Metric(key, float(value), timestamp, step or 0) for key, value in metrics.items()]
     client = MlflowClient()
     for batch in _chunks(entries, MAX_METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=list(batch))
@@ -501,4 +499,3 @@ def log_pyfunc_model(
         tags={"stemma.weights_sha256": weights_sha256, "stemma.task": task},
     )
     return info, weights_sha256
-

@@ -240,11 +240,14 @@ def _quiet_known_errors(debug: bool) -> None:
                 record.exc_text = None
             return True
 
-    loggers = [logging.getLogger(), *[
-        logger
-        for name, logger in logging.root.manager.loggerDict.items()
-        if isinstance(logger, logging.Logger) and name.startswith("prefect")
-    ]]
+    loggers = [
+        logging.getLogger(),
+        *[
+            logger
+            for name, logger in logging.root.manager.loggerDict.items()
+            if isinstance(logger, logging.Logger) and name.startswith("prefect")
+        ],
+    ]
     for logger in loggers:
         for handler in logger.handlers:
             if not any(isinstance(f, _DropStemmaTracebacks) for f in handler.filters):

@@ -23,10 +23,18 @@ import pandas as pd
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
-
-from stemma.components import checks, data, evaluation, features, lineage, registry, tracking
+from stemma.components import (
+    checks,
+    data,
+    evaluation,
+    features,
+    lineage,
+    registry,
+    serving,
+    tracking,
+    training,
+)
 from stemma.components import models as networks
-from stemma.components import serving, training
 from stemma.components.errors import DataCheckError, DataError, SpecError, StemmaError
 from stemma.components.spec import LoadedSpec, flatten, load_spec
 
@@ -63,7 +71,9 @@ def load_table_step(loaded: LoadedSpec, version: data.DataVersion) -> pd.DataFra
 
 
 @task(name="check data")
-def check_data_step(loaded: LoadedSpec, frame: pd.DataFrame, workdir: Path) -> checks.ValidationReport:
+def check_data_step(
+    loaded: LoadedSpec, frame: pd.DataFrame, workdir: Path
+) -> checks.ValidationReport:
     """Run the spec's expectations; log the result and Data Docs; stop on failure."""
     spec = loaded.spec
     report = checks.validate_table(frame, spec.checks, suite_name=f"{spec.pipeline.name}-train")
@@ -76,11 +86,19 @@ def check_data_step(loaded: LoadedSpec, frame: pd.DataFrame, workdir: Path) -> c
     evaluated = len(report.outcomes)
     failed = len(report.failures)
     mlflow.log_metrics({"checks_evaluated": evaluated, "checks_failed": failed})
-    mlflow.set_tags({"stemma.checks.digest": report.digest, "stemma.checks.success": str(report.success).lower()})
+    mlflow.set_tags(
+        {
+            "stemma.checks.digest": report.digest,
+            "stemma.checks.success": str(report.success).lower(),
+        }
+    )
     if not report.success:
         raise DataCheckError(
             f"{version_label(loaded)}: {failed} of {evaluated} expectations failed; nothing was trained",
-            [*report.render_failure(), "full result and Data Docs: MLflow run artifacts under checks/"],
+            [
+                *report.render_failure(),
+                "full result and Data Docs: MLflow run artifacts under checks/",
+            ],
         )
     return report
 
@@ -94,7 +112,11 @@ def prepare_step(loaded: LoadedSpec, frame: pd.DataFrame) -> dict[str, Any]:
     spec = loaded.spec
     train_frame, valid_frame, test_frame = data.split_table(frame, spec.data.split)
     if spec.data.task == "binary":
-        for name, part in (("training", train_frame), ("validation", valid_frame), ("test", test_frame)):
+        for name, part in (
+            ("training", train_frame),
+            ("validation", valid_frame),
+            ("test", test_frame),
+        ):
             classes = part[spec.data.target].nunique()
             if classes < 2:
                 raise DataError(
@@ -111,12 +133,22 @@ def prepare_step(loaded: LoadedSpec, frame: pd.DataFrame) -> dict[str, Any]:
         "y_valid": preprocessor.encode_target(valid_frame, spec.data.target),
         "x_test": preprocessor.transform(test_frame),
     }
-    return {"preprocessor": preprocessor, "test_frame": test_frame, "rows": {
-        "train": len(train_frame), "validation": len(valid_frame), "test": len(test_frame)}, **arrays}
+    return {
+        "preprocessor": preprocessor,
+        "test_frame": test_frame,
+        "rows": {
+            "train": len(train_frame),
+            "validation": len(valid_frame),
+            "test": len(test_frame),
+        },
+        **arrays,
+    }
 
 
 @task(name="train network")
-def train_step(loaded: LoadedSpec, prepared: dict[str, Any], checkpoint_dir: Path) -> training.TrainResult:
+def train_step(
+    loaded: LoadedSpec, prepared: dict[str, Any], checkpoint_dir: Path
+) -> training.TrainResult:
     spec = loaded.spec
     config = networks.network_config(spec.model)
     network = networks.build_network(config, prepared["preprocessor"].n_inputs, 1)
@@ -138,7 +170,9 @@ def train_step(loaded: LoadedSpec, prepared: dict[str, Any], checkpoint_dir: Pat
 
 
 @task(name="evaluate")
-def evaluate_step(loaded: LoadedSpec, prepared: dict[str, Any], result: training.TrainResult, workdir: Path) -> dict[str, float]:
+def evaluate_step(
+    loaded: LoadedSpec, prepared: dict[str, Any], result: training.TrainResult, workdir: Path
+) -> dict[str, float]:
     spec = loaded.spec
     preprocessor = prepared["preprocessor"]
     scores = preprocessor.decode_output(training.predict_raw(result.network, prepared["x_test"]))
@@ -153,7 +187,9 @@ def evaluate_step(loaded: LoadedSpec, prepared: dict[str, Any], result: training
 
 
 @task(name="log model")
-def log_model_step(loaded: LoadedSpec, prepared: dict[str, Any], result: training.TrainResult, workdir: Path) -> tuple[Any, str]:
+def log_model_step(
+    loaded: LoadedSpec, prepared: dict[str, Any], result: training.TrainResult, workdir: Path
+) -> tuple[Any, str]:
     spec = loaded.spec
     example = prepared["test_frame"][spec.data.features.all].head(INPUT_EXAMPLE_ROWS)
     return serving.log_pyfunc_model(
@@ -215,7 +251,9 @@ def gate_step(
 def checkpoint_folder(loaded: LoadedSpec, data_md5: str) -> Path:
     """Where an interrupted run of this exact spec on this exact data keeps its state."""
     fingerprint = hashlib.sha256(
-        json.dumps({"spec": loaded.spec.model_dump(mode="json"), "data": data_md5}, sort_keys=True).encode()
+        json.dumps(
+            {"spec": loaded.spec.model_dump(mode="json"), "data": data_md5}, sort_keys=True
+        ).encode()
     ).hexdigest()[:16]
     return loaded.root / ".stemma" / "checkpoints" / f"{loaded.spec.pipeline.name}-{fingerprint}"
 
@@ -233,7 +271,9 @@ def _resumable_run_id(folder: Path) -> str | None:
 
 
 @flow(name="train", flow_run_name=_run_name, validate_parameters=True)
-def train_flow(config: str = "configs/credit.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+def train_flow(
+    config: str = "configs/credit.yaml", overrides: list[str] | None = None
+) -> dict[str, Any]:
     """Train, evaluate, register and gate the model a Stemma spec describes.
 
     Args:
@@ -305,9 +345,7 @@ def train_flow(config: str = "configs/credit.yaml", overrides: list[str] | None 
             mlflow.log_params(
                 {"resolved.device": result.device, "resolved.precision": result.precision}
             )
-            mlflow.log_metrics(
-                {"best_epoch": result.best_epoch, "epochs_run": len(result.history)}
-            )
+            mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
             metrics = evaluate_step(loaded, prepared, result, workdir)
             model_info, weights_sha256 = log_model_step(loaded, prepared, result, workdir)
             facts = lineage.TrainingLineage(
@@ -332,7 +370,9 @@ def train_flow(config: str = "configs/credit.yaml", overrides: list[str] | None 
             model_version, decision = gate_step(
                 loaded, prepared, metrics, model_info.model_uri, run_id, facts
             )
-            facts = lineage.TrainingLineage(**{**asdict(facts), "model_version": str(model_version.version)})
+            facts = lineage.TrainingLineage(
+                **{**asdict(facts), "model_version": str(model_version.version)}
+            )
             mlflow.set_tags({**lineage.run_tags(facts), "stemma.weights.sha256": weights_sha256})
             mlflow.log_dict(lineage.build_training_record(facts), lineage.RECORD_ARTIFACT)
             mlflow.set_tag("stemma.status", "completed")
@@ -341,7 +381,9 @@ def train_flow(config: str = "configs/credit.yaml", overrides: list[str] | None 
         mlflow.set_tags(
             {
                 "stemma.status": "interrupted" if interrupted else "failed",
-                "stemma.error": (error.headline if isinstance(error, StemmaError) else repr(error))[:4000],
+                "stemma.error": (error.headline if isinstance(error, StemmaError) else repr(error))[
+                    :4000
+                ],
             }
         )
         mlflow.end_run(status="KILLED" if interrupted else "FAILED")

@@ -18,11 +18,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from stemma.components.models import build_network
 from stemma.components.spec import TrainSpec
 from stemma.components.training import train_network, weights_sha256
+from torch import nn
 
 ROWS = 200_000
 VALIDATION_ROWS = 20_000

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-
 from stemma.components.errors import RegistryError, SpecError
 from stemma.components.evaluation import evaluate_scores
 from stemma.components.features import fit_preprocessor
@@ -38,33 +36,149 @@ LINEAGE_TAGS = {"stemma.data.md5": "0f343b0931126a20f133d67c2b018a3b", "stemma.g
 
 DECISIONS = [
     # (id, gate, task, value, champion version, champion value, passed, alias, reason)
-    ("first-model-becomes-champion", AUC_GATE, "binary", 0.912, None, None, True, "champion",
-     "roc_auc 0.9120 >= minimum 0.8000"),
-    ("better-than-champion-is-challenger", AUC_GATE, "binary", 0.920, "3", 0.915, True,
-     "challenger", "roc_auc 0.9200 is above champion v3's 0.9150 + margin 0.0000"),
-    ("worse-than-champion-fails", AUC_GATE, "binary", 0.901, "3", 0.915, False, None,
-     "roc_auc 0.9010 is not above champion v3's 0.9150 + margin 0.0000"),
-    ("equal-to-champion-fails", AUC_GATE, "binary", 0.915, "3", 0.915, False, None,
-     "roc_auc 0.9150 is not above champion v3's 0.9150 + margin 0.0000"),
-    ("below-minimum-fails", AUC_GATE, "binary", 0.75, None, None, False, None,
-     "roc_auc 0.7500 is below minimum 0.8000"),
-    ("below-minimum-fails-even-when-better", AUC_GATE, "binary", 0.79, "2", 0.70, False, None,
-     "roc_auc 0.7900 is below minimum 0.8000"),
-    ("nan-value-fails-closed", AUC_GATE, "binary", math.nan, None, None, False, None,
-     "cannot decide: roc_auc of the model is nan"),
-    ("unevaluable-champion-fails-closed", AUC_GATE, "binary", 0.95, "3", None, False, None,
-     "cannot decide: champion v3 could not be evaluated on the same test rows"),
-    ("nan-champion-fails-closed", AUC_GATE, "binary", 0.95, "3", math.nan, False, None,
-     "cannot decide: champion v3 could not be evaluated"),
-    ("negative-margin-tolerates-slightly-worse",
-     GateSpec(metric="roc_auc", margin_over_champion=-0.01), "binary", 0.91, "3", 0.915, True,
-     "challenger", "roc_auc 0.9100 is above champion v3's 0.9150 + margin -0.0100"),
-    ("lower-is-better-beats-champion-by-margin", RMSE_GATE, "regression", 1.50, "2", 1.60, True,
-     "challenger", "rmse 1.5000 is below champion v2's 1.6000 - margin 0.0500"),
-    ("lower-is-better-within-margin-fails", RMSE_GATE, "regression", 1.58, "2", 1.60, False, None,
-     "rmse 1.5800 is not below champion v2's 1.6000 - margin 0.0500"),
-    ("above-maximum-fails", RMSE_GATE, "regression", 2.5, None, None, False, None,
-     "rmse 2.5000 is above maximum 2.0000"),
+    (
+        "first-model-becomes-champion",
+        AUC_GATE,
+        "binary",
+        0.912,
+        None,
+        None,
+        True,
+        "champion",
+        "roc_auc 0.9120 >= minimum 0.8000",
+    ),
+    (
+        "better-than-champion-is-challenger",
+        AUC_GATE,
+        "binary",
+        0.920,
+        "3",
+        0.915,
+        True,
+        "challenger",
+        "roc_auc 0.9200 is above champion v3's 0.9150 + margin 0.0000",
+    ),
+    (
+        "worse-than-champion-fails",
+        AUC_GATE,
+        "binary",
+        0.901,
+        "3",
+        0.915,
+        False,
+        None,
+        "roc_auc 0.9010 is not above champion v3's 0.9150 + margin 0.0000",
+    ),
+    (
+        "equal-to-champion-fails",
+        AUC_GATE,
+        "binary",
+        0.915,
+        "3",
+        0.915,
+        False,
+        None,
+        "roc_auc 0.9150 is not above champion v3's 0.9150 + margin 0.0000",
+    ),
+    (
+        "below-minimum-fails",
+        AUC_GATE,
+        "binary",
+        0.75,
+        None,
+        None,
+        False,
+        None,
+        "roc_auc 0.7500 is below minimum 0.8000",
+    ),
+    (
+        "below-minimum-fails-even-when-better",
+        AUC_GATE,
+        "binary",
+        0.79,
+        "2",
+        0.70,
+        False,
+        None,
+        "roc_auc 0.7900 is below minimum 0.8000",
+    ),
+    (
+        "nan-value-fails-closed",
+        AUC_GATE,
+        "binary",
+        math.nan,
+        None,
+        None,
+        False,
+        None,
+        "cannot decide: roc_auc of the model is nan",
+    ),
+    (
+        "unevaluable-champion-fails-closed",
+        AUC_GATE,
+        "binary",
+        0.95,
+        "3",
+        None,
+        False,
+        None,
+        "cannot decide: champion v3 could not be evaluated on the same test rows",
+    ),
+    (
+        "nan-champion-fails-closed",
+        AUC_GATE,
+        "binary",
+        0.95,
+        "3",
+        math.nan,
+        False,
+        None,
+        "cannot decide: champion v3 could not be evaluated",
+    ),
+    (
+        "negative-margin-tolerates-slightly-worse",
+        GateSpec(metric="roc_auc", margin_over_champion=-0.01),
+        "binary",
+        0.91,
+        "3",
+        0.915,
+        True,
+        "challenger",
+        "roc_auc 0.9100 is above champion v3's 0.9150 + margin -0.0100",
+    ),
+    (
+        "lower-is-better-beats-champion-by-margin",
+        RMSE_GATE,
+        "regression",
+        1.50,
+        "2",
+        1.60,
+        True,
+        "challenger",
+        "rmse 1.5000 is below champion v2's 1.6000 - margin 0.0500",
+    ),
+    (
+        "lower-is-better-within-margin-fails",
+        RMSE_GATE,
+        "regression",
+        1.58,
+        "2",
+        1.60,
+        False,
+        None,
+        "rmse 1.5800 is not below champion v2's 1.6000 - margin 0.0500",
+    ),
+    (
+        "above-maximum-fails",
+        RMSE_GATE,
+        "regression",
+        2.5,
+        None,
+        None,
+        False,
+        None,
+        "rmse 2.5000 is above maximum 2.0000",
+    ),
 ]
 
 
@@ -146,8 +260,12 @@ def store(tmp_path_factory: pytest.TempPathFactory):
     network = build_network(config, preprocessor.n_inputs, seed=5)
     with mlflow.start_run(experiment_id=ensure_experiment("registry", root)) as run:
         info, _ = log_pyfunc_model(
-            preprocessor=preprocessor, network=network, network_config=config,
-            input_example=frame, task="binary", workdir=root / "work",
+            preprocessor=preprocessor,
+            network=network,
+            network_config=config,
+            input_example=frame,
+            task="binary",
+            workdir=root / "work",
         )
     yield {
         "model_uri": info.model_uri,
@@ -227,16 +345,23 @@ def test_stale_decision_registers_nothing(store, model_name):
     with pytest.raises(RegistryError, match="champion changed while the gate was deciding"):
         register(store, model_name, stale)
     versions = MlflowClient().search_model_versions(f"name = '{model_name}'")
-    assert [v.version for v in versions] == ["1"]
+    assert [str(v.version) for v in versions] == ["1"]
 
 
 def test_registry_refusal_becomes_a_registry_error(store, model_name):
     decision = decide_gate(AUC_GATE, "binary", 0.91, None, None)
 
-    with pytest.raises(RegistryError, match=f"cannot register models:/m-missing as '{model_name}'") as caught:
+    with pytest.raises(
+        RegistryError, match=f"cannot register models:/m-missing as '{model_name}'"
+    ) as caught:
         register_and_gate(
-            client=MlflowClient(), model_name=model_name, model_uri="models:/m-missing",
-            run_id=store["run_id"], decision=decision, tags={}, description="",
+            client=MlflowClient(),
+            model_name=model_name,
+            model_uri="models:/m-missing",
+            run_id=store["run_id"],
+            decision=decision,
+            tags={},
+            description="",
         )
     assert "not found" in str(caught.value)
 
@@ -265,19 +390,40 @@ def test_champion_value_on_scores_the_same_rows(store, model_name):
     assert version.aliases == ["champion"]
 
 
+FAILURES = [
+    (
+        "rows-lack-a-feature",
+        "@champion",
+        lambda rows: rows.drop(columns=["car"]),
+        "needs columns the test rows lack: car",
+    ),
+    (
+        "rows-of-the-wrong-type",
+        "@champion",
+        lambda rows: rows.assign(car=1.5),
+        "failed to score the test rows: MlflowException: Incompatible input types for column car",
+    ),
+    ("no-such-version", "/99", lambda rows: rows, "cannot load models:/"),
+]
+
+
 @pytest.mark.parametrize(
-    "uri_suffix,drop,expected",
-    [("@champion", ["car"], "missing inputs ['car']"), ("/99", [], "MlflowException")],
-    ids=["rows-lack-a-feature", "no-such-version"],
+    "uri_suffix,change,expected",
+    [case[1:] for case in FAILURES],
+    ids=[case[0] for case in FAILURES],
 )
-def test_champion_value_on_reports_why_it_failed(store, model_name, uri_suffix, drop, expected):
+def test_champion_value_on_reports_why_it_failed(store, model_name, uri_suffix, change, expected):
     register(store, model_name, decide_gate(AUC_GATE, "binary", 0.9, None, None))
     rows = synthetic_frame(30, seed=9)
 
     value, error = champion_value_on(
-        f"models:/{model_name}{uri_suffix}", rows.drop(columns=drop), rows["approved"].to_numpy(),
-        task="binary", metric="roc_auc",
+        f"models:/{model_name}{uri_suffix}",
+        change(rows),
+        rows["approved"].to_numpy(),
+        task="binary",
+        metric="roc_auc",
     )
 
     assert value is None
     assert expected in error
+    assert "\n" not in error and len(error) < 500

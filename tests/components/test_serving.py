@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-
 from stemma.components.errors import DataError
 from stemma.components.features import fit_preprocessor
 from stemma.components.models import build_network, network_config
@@ -138,7 +137,11 @@ def test_model_loads_without_pickle_in_a_fresh_process(binary_model, tracking, t
 
     done = subprocess.run(
         [sys.executable, "-c", script, info.model_uri],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
     assert done.returncode == 0, done.stderr[-3000:]
@@ -165,7 +168,11 @@ def test_model_folder_holds_plain_files_and_no_pickle(binary_model, tmp_path):
     requirements = (folder / "requirements.txt").read_text().split()
     assert "torch==2.13.0" in requirements
     assert {r.split("==")[0] for r in requirements} == {
-        "torch", "mlflow", "numpy", "pandas", "safetensors"
+        "torch",
+        "mlflow",
+        "numpy",
+        "pandas",
+        "safetensors",
     }
 
 
@@ -195,8 +202,15 @@ def test_log_pyfunc_model_requires_the_features_in_the_example(tracking, tmp_pat
     config = network_config(ModelSpec(hidden=[4]))
     network = build_network(config, preprocessor.n_inputs, seed=0)
 
-    with mlflow.start_run(experiment_id=experiment_id), pytest.raises(DataError, match="lacks feature columns: age"):
+    with (
+        mlflow.start_run(experiment_id=experiment_id),
+        pytest.raises(DataError, match="lacks feature columns: age"),
+    ):
         log_pyfunc_model(
-            preprocessor=preprocessor, network=network, network_config=config,
-            input_example=frame.drop(columns=["age"]), task="binary", workdir=tmp_path,
+            preprocessor=preprocessor,
+            network=network,
+            network_config=config,
+            input_example=frame.drop(columns=["age"]),
+            task="binary",
+            workdir=tmp_path,
         )

@@ -7,7 +7,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from stemma.components.errors import SpecError
 from stemma.components.spec import Spec, apply_overrides, flatten, json_schema, load_spec
 
@@ -73,15 +72,49 @@ def test_worked_example_spec_is_valid(repo_root):
     [
         ("  epochs: 3", "  epochs: 0", "p.yaml:16 train.epochs: input should be greater than 0"),
         ("  epochs: 3", "  epoch: 3", "p.yaml:16 train.epoch: unknown key"),
-        ("  epochs: 3", "  epochs: many", "p.yaml:16 train.epochs: input should be a valid integer"),
-        ("  hidden: [8]", "  hidden: [8, -1]", "p.yaml:14 model.hidden[1]: input should be greater than 0"),
-        ("  name: credit", "  name: ''", "p.yaml:2 pipeline.name: string should have at least 1 character"),
+        (
+            "  epochs: 3",
+            "  epochs: many",
+            "p.yaml:16 train.epochs: input should be a valid integer",
+        ),
+        (
+            "  hidden: [8]",
+            "  hidden: [8, -1]",
+            "p.yaml:14 model.hidden[1]: input should be greater than 0",
+        ),
+        (
+            "  name: credit",
+            "  name: ''",
+            "p.yaml:2 pipeline.name: string should have at least 1 character",
+        ),
         ("  target: approved\n", "", "p.yaml:3 data.target: required but missing"),
-        ("  architecture: mlp", "  architecture: transformer", "p.yaml:13 model.architecture: must be one of mlp"),
-        ("  metric: roc_auc", "  metric: rmse", "p.yaml:19 gate.metric: 'rmse' is not a binary metric"),
-        ("  minimum: 0.5", "  maximum: 0.5", "p.yaml:20 gate.maximum: roc_auc is better when higher"),
+        (
+            "  architecture: mlp",
+            "  architecture: transformer",
+            "p.yaml:13 model.architecture: must be one of mlp",
+        ),
+        (
+            "  metric: roc_auc",
+            "  metric: rmse",
+            "p.yaml:19 gate.metric: 'rmse' is not a binary metric",
+        ),
+        (
+            "  minimum: 0.5",
+            "  maximum: 0.5",
+            "p.yaml:20 gate.maximum: roc_auc is better when higher",
+        ),
     ],
-    ids=["out-of-range", "typo-key", "wrong-type", "list-item", "empty-name", "missing", "architecture", "metric-task", "metric-direction"],
+    ids=[
+        "out-of-range",
+        "typo-key",
+        "wrong-type",
+        "list-item",
+        "empty-name",
+        "missing",
+        "architecture",
+        "metric-task",
+        "metric-direction",
+    ],
 )
 def test_problem_is_reported_with_line_and_path(tmp_path, old, new, expected):
     assert old in VALID
@@ -112,9 +145,21 @@ def test_every_problem_is_reported_at_once(tmp_path):
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
-        ("id: application_id", "id: salary", "data.id: column 'salary' is also declared as a feature"),
-        ("target: approved", "target: age", "data.target: column 'age' is also declared as a feature"),
-        ("numeric: [salary, age]\n    categorical: [car]", "numeric: []\n    categorical: []", "declare at least one"),
+        (
+            "id: application_id",
+            "id: salary",
+            "data.id: column 'salary' is also declared as a feature",
+        ),
+        (
+            "target: approved",
+            "target: age",
+            "data.target: column 'age' is also declared as a feature",
+        ),
+        (
+            "numeric: [salary, age]\n    categorical: [car]",
+            "numeric: []\n    categorical: []",
+            "declare at least one",
+        ),
     ],
     ids=["id-is-feature", "target-is-feature", "no-features"],
 )
@@ -126,13 +171,19 @@ def test_column_roles_are_consistent(tmp_path, old, new, expected):
 
 
 def test_time_split_needs_a_time_column(tmp_path):
-    text = VALID.replace("  id: application_id\n", "  id: application_id\n  split: {method: time}\n")
+    text = VALID.replace(
+        "  id: application_id\n", "  id: application_id\n  split: {method: time}\n"
+    )
     problems = problems_of(make_project(tmp_path, text))
-    assert any("data.split.time_column: required when split.method is `time`" in p for p in problems)
+    assert any(
+        "data.split.time_column: required when split.method is `time`" in p for p in problems
+    )
 
 
 def test_unknown_expectation_is_an_error_not_dropped(tmp_path):
-    text = VALID.replace("expect_column_values_to_not_be_null", "expect_column_values_to_not_be_nul")
+    text = VALID.replace(
+        "expect_column_values_to_not_be_null", "expect_column_values_to_not_be_nul"
+    )
     problems = problems_of(make_project(tmp_path, text))
     assert len(problems) == 1
     assert problems[0].startswith("p.yaml:11 checks[0].expect_column_values_to_not_be_nul:")
@@ -142,7 +193,9 @@ def test_unknown_expectation_is_an_error_not_dropped(tmp_path):
 def test_expectation_with_bad_kwargs_is_an_error(tmp_path):
     text = VALID.replace("{column: salary}", "{colum: salary}")
     problems = problems_of(make_project(tmp_path, text))
-    assert any("checks[0].expect_column_values_to_not_be_null" in p and "colum" in p for p in problems), problems
+    assert any(
+        "checks[0].expect_column_values_to_not_be_null" in p and "colum" in p for p in problems
+    ), problems
 
 
 def test_check_must_be_a_single_key_mapping(tmp_path):
@@ -157,7 +210,10 @@ def test_check_must_be_a_single_key_mapping(tmp_path):
 @pytest.mark.parametrize(
     ("architecture", "expected"),
     [
-        ("no_such_module_xyz:Net", "cannot import module 'no_such_module_xyz': ModuleNotFoundError"),
+        (
+            "no_such_module_xyz:Net",
+            "cannot import module 'no_such_module_xyz': ModuleNotFoundError",
+        ),
         ("json:Missing", "module 'json' has no attribute 'Missing'"),
         ("json:JSONDecoder", "json:JSONDecoder is not a torch.nn.Module"),
     ],
@@ -203,7 +259,9 @@ def test_overrides_apply_and_are_named_in_errors(tmp_path):
     assert loaded.spec.train.epochs == 7
     assert loaded.spec.model.hidden == [4, 2]
     problems = problems_of(config, ("train.epochs=0",))
-    assert problems == ["p.yaml train.epochs: input should be greater than 0 (from --set train.epochs=0)"]
+    assert problems == [
+        "p.yaml train.epochs: input should be greater than 0 (from --set train.epochs=0)"
+    ]
     assert "must look like" in problems_of(config, ("train.epochs",))[0]
 
 

@@ -12,7 +12,6 @@ import mlflow
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-
 from stemma.components.errors import DataError, StemmaError
 from stemma.components.tracking import (
     MAX_PARAM_VALUE_LENGTH,
@@ -115,7 +114,11 @@ def test_log_dataset_records_the_dvc_version(tracking, tmp_path, frame, md5):
     )
     with mlflow.start_run(experiment_id=ensure_experiment("credit", tmp_path)) as run:
         log_dataset(
-            frame, name="credit-train", source=source, context="training", digest=md5,
+            frame,
+            name="credit-train",
+            source=source,
+            context="training",
+            digest=md5,
             target="approved",
         )
 
@@ -174,8 +177,13 @@ def test_log_params_flat_chunks_and_truncates(tracking, tmp_path):
 
 def test_log_epoch_builds_a_metric_history(tracking, tmp_path):
     rows = [
-        {"epoch": epoch, "train_loss": 1.0 / (epoch + 1), "phase": "train", "best": epoch == 2,
-         "note": None}
+        {
+            "epoch": epoch,
+            "train_loss": 1.0 / (epoch + 1),
+            "phase": "train",
+            "best": epoch == 2,
+            "note": None,
+        }
         for epoch in range(3)
     ]
     with mlflow.start_run(experiment_id=ensure_experiment("credit", tmp_path)) as run:
@@ -212,7 +220,10 @@ def test_git_revision_reports_head_and_dirty_tree(tmp_path: Path):
     def git(*args: str) -> str:
         done = subprocess.run(
             ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
-            cwd=tmp_path, capture_output=True, text=True, check=True,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return done.stdout.strip()
 

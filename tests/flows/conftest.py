@@ -64,7 +64,6 @@ def dvc_add(root: Path) -> None:
 def build_project(root: Path, repo_root: Path, *, train_rows: int) -> Path:
     """A Stemma project: git repo, DVC repo, the worked example's spec and generated data."""
     from dvc.repo import Repo
-
     from stemma.components.example import generate_credit_data
 
     root.mkdir(parents=True, exist_ok=True)
@@ -81,7 +80,9 @@ def build_project(root: Path, repo_root: Path, *, train_rows: int) -> Path:
 
 @pytest.fixture(scope="session")
 def template_project(tmp_path_factory, repo_root) -> Path:
-    return build_project(tmp_path_factory.mktemp("template") / "project", repo_root, train_rows=SMALL_TRAIN_ROWS)
+    return build_project(
+        tmp_path_factory.mktemp("template") / "project", repo_root, train_rows=SMALL_TRAIN_ROWS
+    )
 
 
 @pytest.fixture

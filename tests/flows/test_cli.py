@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-
 from stemma.flows.cli import main
 
 HEAVY = ("torch", "mlflow", "great_expectations", "prefect")
@@ -44,7 +43,9 @@ def test_validate_worked_example_imports_nothing_heavy(repo_root, tmp_path):
         sys.exit(code)
         """
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert "HEAVY=\n" in result.stdout
     assert "valid (credit: 9 features, 8 checks, model mlp" in result.stdout
@@ -55,13 +56,17 @@ def test_help_imports_nothing_heavy():
         "import sys\nfrom stemma.flows.cli import build_parser\nbuild_parser().format_help()\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
     assert result.stdout.strip() == "[]"
 
 
 def write_broken_spec(tmp_path, repo_root):
     text = (repo_root / "configs" / "credit.yaml").read_text()
-    text = text.replace("  epochs: 20", "  epochs: 0").replace("  batch_size: 512", "  batch_sise: 512")
+    text = text.replace("  epochs: 20", "  epochs: 0").replace(
+        "  batch_size: 512", "  batch_sise: 512"
+    )
     config = tmp_path / "credit.yaml"
     config.write_text(text)
     (tmp_path / "data.dvc").write_text("outs: []\n")
@@ -89,11 +94,16 @@ def test_debug_shows_the_traceback(stemma_exe, tmp_path, repo_root):
 
 def test_overrides_on_the_command_line(tmp_path, repo_root, capsys):
     config = write_broken_spec(tmp_path, repo_root)
-    code = main(["validate", str(config), "--set", "train.epochs=2", "--set", "train.batch_sise=null"])
+    code = main(
+        ["validate", str(config), "--set", "train.epochs=2", "--set", "train.batch_sise=null"]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "train.epochs" not in err  # fixed by the override
-    assert "train.batch_sise: unknown key (not part of the spec; check the spelling) (from --set train.batch_sise=null)" in err
+    assert (
+        "train.batch_sise: unknown key (not part of the spec; check the spelling) (from --set train.batch_sise=null)"
+        in err
+    )
 
 
 def test_schema_is_json_with_descriptions(stemma_exe):
@@ -104,7 +114,9 @@ def test_schema_is_json_with_descriptions(stemma_exe):
     assert "description" in schema["$defs"]["TrainSpec"]["properties"]["epochs"]
 
 
-@pytest.mark.parametrize("argv", [["validate"], ["run"], ["nonsense"]], ids=["no-config", "no-flow", "unknown"])
+@pytest.mark.parametrize(
+    "argv", [["validate"], ["run"], ["nonsense"]], ids=["no-config", "no-flow", "unknown"]
+)
 def test_usage_errors_exit_2(stemma_exe, argv):
     result = run_cli(stemma_exe, *argv)
     assert result.returncode == 2

@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from stemma.components.data import dir_md5, file_md5
 from stemma.components.errors import DataCheckError, DataError, DataVersionError, SpecError
 
@@ -75,7 +74,9 @@ def test_train_tracks_registers_and_links_everything(project, tmp_path):
     assert recorded.startswith(dataset.digest.removesuffix(".dir")) or dataset.digest in recorded
 
     # artifacts: plots, checks, data docs, lineage, model without pickles
-    artifacts = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "a")))
+    artifacts = Path(
+        mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "a"))
+    )
     for relative in (
         "plots/roc.png",
         "plots/precision_recall.png",
@@ -105,29 +106,45 @@ def test_train_tracks_registers_and_links_everything(project, tmp_path):
     weights = model_version.tags["stemma.weights.sha256"]
     assert nodes["model_version"]["digest"] == f"sha256:{weights}"
     assert nodes["model_version"]["id"] == f"models:/e2e/{summary['model_version']}"
-    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/e2e/{summary['model_version']}", dst_path=str(tmp_path / "m")))
+    model_dir = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/e2e/{summary['model_version']}", dst_path=str(tmp_path / "m")
+        )
+    )
     weight_files = list(model_dir.rglob("*.safetensors"))
     assert len(weight_files) == 1
     assert hashlib.sha256(weight_files[0].read_bytes()).hexdigest() == weights
     assert not [p for p in model_dir.rglob("*") if p.suffix in (".pkl", ".pickle")]
-    assert {edge["relation"] for edge in record["edges"]} >= {"contains", "checked_by", "input_of", "gated", "produced"}
+    assert {edge["relation"] for edge in record["edges"]} >= {
+        "contains",
+        "checked_by",
+        "input_of",
+        "gated",
+        "produced",
+    }
 
     # the logged model predicts on raw rows in a fresh process, with pickle loading disabled
     batch = project / "data" / "credit" / "batches" / "day_01.parquet"
     probe = textwrap.dedent(
         f"""
         import mlflow, pandas as pd
-        mlflow.set_tracking_uri({os.environ['MLFLOW_TRACKING_URI']!r})
+        mlflow.set_tracking_uri({os.environ["MLFLOW_TRACKING_URI"]!r})
         model = mlflow.pyfunc.load_model("models:/e2e@champion")
         out = model.predict(pd.read_parquet({str(batch)!r}))
         print(len(out), sorted(out.columns), float(out["score"].min()), float(out["score"].max()))
         """
     )
     env = {**os.environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
-    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows, columns, low, high = result.stdout.split(maxsplit=1)[0], None, None, None
-    assert rows == "500"
+    assert result.stdout.split(maxsplit=1)[0] == "500"
     assert "['prediction', 'score']" in result.stdout
     scores = [float(x) for x in result.stdout.strip().rsplit(maxsplit=2)[-2:]]
     assert 0.0 <= scores[0] <= scores[1] <= 1.0
@@ -144,7 +161,10 @@ def test_second_model_is_challenger_and_a_worse_one_gets_no_alias(project):
     third = run_train(project, "gated", "gate.margin_over_champion=0.5")
     assert third["gate"]["passed"] is False
     assert third["gate"]["alias"] is None
-    assert aliases_of("gated") == {"champion": first["model_version"], "challenger": second["model_version"]}
+    assert aliases_of("gated") == {
+        "champion": first["model_version"],
+        "challenger": second["model_version"],
+    }
     version = mlflow.MlflowClient().get_model_version("gated", third["model_version"])
     assert version.tags["stemma.gate.decision"] == "failed"
     assert "margin" in version.tags["stemma.gate.reasons"]
@@ -200,14 +220,20 @@ BAD_DATA = [
     BAD_DATA,
     ids=["missing-column", "wrong-type", "empty", "one-class", "nan", "inf", "failing-expectation"],
 )
-def test_bad_data_stops_before_training_and_registers_nothing(project, rewrite_data, change, error, expected):
+def test_bad_data_stops_before_training_and_registers_nothing(
+    project, rewrite_data, change, error, expected
+):
     rewrite_data(change)
     name = f"bad-{error.__name__}-{expected}".replace(" ", "-").lower()[:60]
     with pytest.raises(error) as caught:
         run_train(project, name)
     assert expected in caught.value.render()
     assert versions_of(name) == []
-    runs = mlflow.search_runs(experiment_names=["credit"], filter_string=f"tags.`stemma.pipeline` = '{name}'", output_format="list")
+    runs = mlflow.search_runs(
+        experiment_names=["credit"],
+        filter_string=f"tags.`stemma.pipeline` = '{name}'",
+        output_format="list",
+    )
     assert runs and all(r.info.status == "FAILED" for r in runs)
     assert "stemma.error" in runs[0].data.tags
 
@@ -219,8 +245,14 @@ def test_failing_expectation_reports_rows_and_logs_the_result(project, rewrite_d
     text = caught.value.render()
     assert "42 of" in text and "150" in text  # rows and an example value
     assert len(text.splitlines()) < 30  # one screen
-    (run,) = mlflow.search_runs(experiment_names=["credit"], filter_string="tags.`stemma.pipeline` = 'gx-fail'", output_format="list")
-    artifacts = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path)))
+    (run,) = mlflow.search_runs(
+        experiment_names=["credit"],
+        filter_string="tags.`stemma.pipeline` = 'gx-fail'",
+        output_format="list",
+    )
+    artifacts = Path(
+        mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path))
+    )
     assert json.loads((artifacts / "checks/validation_result.json").read_text())["success"] is False
     assert (artifacts / "checks/data_docs/index.html").is_file()
     assert run.data.tags["stemma.checks.success"] == "false"

@@ -31,10 +31,14 @@ def stemma_train(stemma_exe, project: Path, *overrides: str, env, debug=False):
     args = [*stemma_exe, *(["--debug"] if debug else []), "run", "train", "configs/credit.yaml"]
     for override in overrides:
         args += ["--set", override]
-    return subprocess.Popen(args, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        args, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
-def test_failed_check_exits_3_with_one_screen_and_no_traceback(stemma_exe, project, rewrite_data, prefect_api):
+def test_failed_check_exits_3_with_one_screen_and_no_traceback(
+    stemma_exe, project, rewrite_data, prefect_api
+):
     def old_applicants(frame):
         frame = frame.copy()
         frame.loc[frame.index[:7], "age"] = 140
@@ -42,10 +46,12 @@ def test_failed_check_exits_3_with_one_screen_and_no_traceback(stemma_exe, proje
 
     rewrite_data(old_applicants)
     process = stemma_train(stemma_exe, project, "pipeline.name=cli-fail", env=cli_env(prefect_api))
-    out, err = process.communicate(timeout=300)
+    _, err = process.communicate(timeout=300)
     assert process.returncode == 3, err[-3000:]
     assert "Traceback" not in err
-    assert "error: data/credit/train.parquet: 1 of 8 expectations failed; nothing was trained" in err
+    assert (
+        "error: data/credit/train.parquet: 1 of 8 expectations failed; nothing was trained" in err
+    )
     assert "7 of" in err and "140" in err
     assert mlflow.MlflowClient().search_model_versions("name='cli-fail'") == []
 
@@ -77,7 +83,11 @@ def test_killed_run_resumes_to_identical_weights(stemma_exe, tmp_path, repo_root
     killed_at = _checkpoint_epoch(project)
     assert 2 <= killed_at < 6
 
-    (interrupted,) = mlflow.search_runs(experiment_names=["credit"], filter_string="tags.`stemma.pipeline` = 'resume'", output_format="list")
+    (interrupted,) = mlflow.search_runs(
+        experiment_names=["credit"],
+        filter_string="tags.`stemma.pipeline` = 'resume'",
+        output_format="list",
+    )
     assert interrupted.info.status == "RUNNING"  # killed: nobody could mark it
 
     process = stemma_train(stemma_exe, project, *overrides, env=env)
@@ -85,7 +95,11 @@ def test_killed_run_resumes_to_identical_weights(stemma_exe, tmp_path, repo_root
     assert process.returncode == 0, err[-3000:]
     assert "gate: PASSED, alias 'champion'" in out
 
-    (resumed,) = mlflow.search_runs(experiment_names=["credit"], filter_string="tags.`stemma.pipeline` = 'resume'", output_format="list")
+    (resumed,) = mlflow.search_runs(
+        experiment_names=["credit"],
+        filter_string="tags.`stemma.pipeline` = 'resume'",
+        output_format="list",
+    )
     assert resumed.info.run_id == interrupted.info.run_id  # the same MLflow run, resumed
     assert resumed.info.status == "FINISHED"
     history = mlflow.MlflowClient().get_metric_history(resumed.info.run_id, "train_loss")
