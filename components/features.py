@@ -430,12 +430,16 @@ def _check_consistent(pre: Preprocessor) -> None:
             raise ValueError(f"malformed preprocessor: vocabulary of {column!r} repeats a value")
     if pre.task == "regression":
         if not (_is_finite_number(pre.target_mean) and _is_finite_number(pre.target_std)):
-            raise ValueError("malformed preprocessor: regression needs finite target_mean and target_std")
+            raise ValueError(
+                "malformed preprocessor: regression needs finite target_mean and target_std"
+            )
         assert pre.target_std is not None
         if pre.target_std <= 0:
             raise ValueError("malformed preprocessor: target_std must be positive")
     elif pre.target_mean is not None or pre.target_std is not None:
-        raise ValueError("malformed preprocessor: target_mean and target_std are for regression only")
+        raise ValueError(
+            "malformed preprocessor: target_mean and target_std are for regression only"
+        )
 
 
 def _is_finite_number(value: object) -> bool:

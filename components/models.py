@@ -45,7 +45,9 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         if n_inputs < 1 or n_outputs < 1:
-            raise ValueError(f"n_inputs and n_outputs must be positive, got {n_inputs}, {n_outputs}")
+            raise ValueError(
+                f"n_inputs and n_outputs must be positive, got {n_inputs}, {n_outputs}"
+            )
         if any(width < 1 for width in hidden):
             raise ValueError(f"hidden widths must be positive, got {list(hidden)}")
         if not 0.0 <= dropout < 1.0:
@@ -108,7 +110,9 @@ def build_network(
         return _build(config, architecture, n_inputs, n_outputs)
 
 
-def _build(config: Mapping[str, Any], architecture: str, n_inputs: int, n_outputs: int) -> nn.Module:
+def _build(
+    config: Mapping[str, Any], architecture: str, n_inputs: int, n_outputs: int
+) -> nn.Module:
     if architecture == MLP_ARCHITECTURE:
         return MLP(
             n_inputs,
@@ -152,9 +156,13 @@ def _import_class(import_path: str) -> type:
         ) from error
     cls = getattr(module, class_name, None)
     if cls is None:
-        raise TrainingError(f"model.architecture {import_path}: module {module_name!r} has no {class_name!r}")
+        raise TrainingError(
+            f"model.architecture {import_path}: module {module_name!r} has no {class_name!r}"
+        )
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TrainingError(f"model.architecture {import_path}: {class_name} is not a torch.nn.Module class")
+        raise TrainingError(
+            f"model.architecture {import_path}: {class_name} is not a torch.nn.Module class"
+        )
     return cls
 
 

@@ -112,9 +112,9 @@ def decide_gate(
     """Decide whether a model passes the gate; every check is reported, passed or not.
 
     The candidate must lie within the spec's ``minimum``/``maximum`` and, when a champion
-    exists, be strictly better than the champion's value on the same rows by more than
-    ``margin_over_champion`` (``value > champion + margin`` when higher is better,
-    ``value < champion - margin`` when lower is); a negative margin tolerates a slightly
+    exists, be at least as good as the champion's value on the same rows plus
+    ``margin_over_champion`` (``value >= champion + margin`` when higher is better,
+    ``value <= champion - margin`` when lower is); a negative margin tolerates a slightly
     worse model. It fails closed: a non-finite value, or a champion whose value is
     missing, fails with a "cannot decide" reason.
 
@@ -166,12 +166,14 @@ def decide_gate(
             )
         elif not _is_missing(value):
             assert champion_value is not None
+            # Ties pass: with margin 0 a retrained model that matches the champion may
+            # become the challenger; a positive margin demands a real improvement.
             if higher_is_better:
-                ok = value > champion_value + margin
-                word, sign = "above", "+"
+                ok = value >= champion_value + margin
+                word, sign = "at least", "+"
             else:
-                ok = value < champion_value - margin
-                word, sign = "below", "-"
+                ok = value <= champion_value - margin
+                word, sign = "at most", "-"
             passed &= ok
             reasons.append(
                 f"{metric} {_shown(value)} is {'' if ok else 'not '}{word} champion "

@@ -23,18 +23,18 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 from stemma.components.features import Preprocessor
 from stemma.components.models import build_network
+from stemma.components.tracking import DEFAULT_THRESHOLD
 from stemma.components.training import load_weights, predict_raw
 
-#: Threshold on the probability when the network JSON names none.
-DEFAULT_THRESHOLD = 0.5
 #: Network JSON layouts this file can read.
 SUPPORTED_NETWORK_FORMATS = (1,)
 
 
-class StemmaModel(mlflow.pyfunc.PythonModel):
+class StemmaModel(PythonModel):
     """Raw feature columns in; ``score`` (and for a binary task ``prediction``) out."""
 
     def load_context(self, context: Any) -> None:
@@ -47,6 +47,7 @@ class StemmaModel(mlflow.pyfunc.PythonModel):
             )
         self._preprocessor = Preprocessor.load_json(Path(context.artifacts["preprocess"]))
         self._task = str(document["task"])
+        # log_pyfunc_model stores the threshold of a binary model; the default covers the rest.
         self._threshold = float(document.get("threshold", DEFAULT_THRESHOLD))
         network = build_network(
             document["config"], int(document["n_inputs"]), int(document["n_outputs"])

@@ -272,7 +272,7 @@ def _register_dataset_source() -> None:
     )
 
     if DVCDatasetSource not in get_registered_sources():
-        register_dataset_source(DVCDatasetSource)
+        register_dataset_source(DVCDatasetSource)  # type: ignore[arg-type]  # takes the class
 
 
 _register_dataset_source()
@@ -311,9 +311,10 @@ def log_dataset(
         target: the label column, if the frame has one.
     """
     import mlflow
+    from mlflow.data.pandas_dataset import from_pandas
 
     _require_active_run("log_dataset")
-    dataset = mlflow.data.from_pandas(
+    dataset = from_pandas(
         frame, source=source, name=name, digest=dataset_digest(digest), targets=target
     )
     with _quiet_integer_hint():  # the schema is inferred when the input is logged

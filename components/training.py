@@ -173,6 +173,7 @@ def train_network(
     network = copy.deepcopy(network).to(device)
     network.train()
     optimizer = _make_optimizer(network, train)
+    _check_output_shape(network, x_train, y_train)
     loss_fn, loss_sum_fn = _loss_functions(task)
     fingerprint = _fingerprint(network, train, task, x_train, x_val)
 
@@ -186,14 +187,16 @@ def train_network(
     x_train_t, y_train_t = _to_device(x_train, device), _to_device(y_train, device)
     x_val_t, y_val_t = _to_device(x_val, device), _to_device(y_val, device)
     autocast = _autocast_factory(device, amp_dtype)
-    patience = train.early_stopping.patience if train.early_stopping else None
-    min_delta = train.early_stopping.min_delta if train.early_stopping else 0.0
     show = sys.stderr.isatty() if progress is None else progress
 
     from tqdm import tqdm
 
     bar = tqdm(
-        total=train.epochs, initial=min(state.epoch, train.epochs), unit="epoch", desc="train", disable=not show
+        total=train.epochs,
+        initial=min(state.epoch, train.epochs),
+        unit="epoch",
+        desc="train",
+        disable=not show,
     )
     try:
         with _deterministic(device), _forked_rng(device):
@@ -205,7 +208,14 @@ def train_network(
                 generator = torch.Generator().manual_seed(shuffle_seed)
                 started = time.perf_counter()
                 train_sum = _train_epoch(
-                    network, optimizer, loss_fn, x_train_t, y_train_t, train.batch_size, generator, autocast
+                    network,
+                    optimizer,
+                    loss_fn,
+                    x_train_t,
+                    y_train_t,
+                    train.batch_size,
+                    generator,
+                    autocast,
                 )
                 val_sum = _loss_total(network, loss_sum_fn, x_val_t, y_val_t, autocast)
                 # The only host-device synchronisation of the epoch.
@@ -229,16 +239,7 @@ def train_network(
                     "seconds": seconds,
                     "samples_per_second": len(x_train) / seconds,
                 }
-                state.history.append(row)
-                state.epoch = epoch
-                if patience is None:
-                    state.best_epoch, state.best_loss = epoch, val_loss
-                elif val_loss < state.best_loss - min_delta:
-                    state.best_epoch, state.best_loss, state.bad_epochs = epoch, val_loss, 0
-                    state.best_state = _cpu_copy(network.state_dict())
-                else:
-                    state.bad_epochs += 1
-                    state.stopped_early = state.bad_epochs >= patience and epoch < train.epochs
+                _record_epoch(state, row, network, train)
                 if checkpoint_path is not None:
                     _save_checkpoint(checkpoint_path, network, optimizer, state, fingerprint)
                 bar.update(1)
@@ -276,7 +277,10 @@ def predict_raw(network: nn.Module, x: np.ndarray, batch_size: int = EVAL_BATCH_
     network.eval()
     try:
         with torch.inference_mode():
-            chunks = [network(inputs[start : start + batch_size]) for start in range(0, len(inputs), batch_size)]
+            chunks = [
+                network(inputs[start : start + batch_size])
+                for start in range(0, len(inputs), batch_size)
+            ]
             if not chunks:
                 chunks = [network(inputs[:0])]
             return torch.cat(chunks).float().numpy()
@@ -319,7 +323,9 @@ def load_weights(network: nn.Module, path: Path) -> nn.Module:
     try:
         network.load_state_dict(state)
     except RuntimeError as error:
-        raise TrainingError(f"{path}: the weights do not fit this network", str(error).splitlines()) from None
+        raise TrainingError(
+            f"{path}: the weights do not fit this network", str(error).splitlines()
+        ) from None
     return network
 
 
@@ -330,6 +336,42 @@ def weights_sha256(network: nn.Module) -> str:
 
 # ---------------------------------------------------------------------------------------
 # The loop
+
+
+def _record_epoch(
+    state: _Progress, row: dict[str, Any], network: nn.Module, train: TrainSpec
+) -> None:
+    """Append the epoch's row and apply early stopping: remember the best weights, count
+    epochs without improvement, and stop after ``patience`` of them."""
+    epoch, val_loss = row["epoch"], row["val_loss"]
+    state.history.append(row)
+    state.epoch = epoch
+    stopping = train.early_stopping
+    if stopping is None:
+        state.best_epoch, state.best_loss = epoch, val_loss
+    elif val_loss < state.best_loss - stopping.min_delta:
+        state.best_epoch, state.best_loss, state.bad_epochs = epoch, val_loss, 0
+        state.best_state = _cpu_copy(network.state_dict())
+    else:
+        state.bad_epochs += 1
+        state.stopped_early = state.bad_epochs >= stopping.patience and epoch < train.epochs
+
+
+def _check_output_shape(network: nn.Module, x: np.ndarray, y: np.ndarray) -> None:
+    """Fail before training, not in the first batch, when outputs and targets disagree."""
+    was_training = network.training
+    network.eval()  # no dropout, so the probe draws nothing from the RNG
+    try:
+        with torch.no_grad():
+            output = network(torch.from_numpy(x[:2]).to(next(network.parameters()).device))
+    finally:
+        network.train(was_training)
+    if tuple(output.shape[1:]) != y.shape[1:]:
+        raise TrainingError(
+            f"the network outputs shape {tuple(output.shape)} for 2 rows, but the targets have "
+            f"{y.shape[1]} column(s)",
+            ["binary and regression tasks need a network with n_outputs=1"],
+        )
 
 
 def _train_epoch(
@@ -372,7 +414,10 @@ def _loss_total(
     try:
         with torch.inference_mode(), autocast():
             parts = [
-                loss_sum_fn(network(x[start : start + EVAL_BATCH_ROWS]).float(), y[start : start + EVAL_BATCH_ROWS])
+                loss_sum_fn(
+                    network(x[start : start + EVAL_BATCH_ROWS]).float(),
+                    y[start : start + EVAL_BATCH_ROWS],
+                )
                 for start in range(0, len(x), EVAL_BATCH_ROWS)
             ]
             return torch.stack(parts).sum()
@@ -393,10 +438,15 @@ def _make_optimizer(network: nn.Module, train: TrainSpec) -> torch.optim.Optimiz
     if train.optimizer == "adam":
         return torch.optim.Adam(parameters, lr=train.learning_rate, weight_decay=train.weight_decay)
     if train.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=train.learning_rate, weight_decay=train.weight_decay)
+        return torch.optim.AdamW(
+            parameters, lr=train.learning_rate, weight_decay=train.weight_decay
+        )
     if train.optimizer == "sgd":
         return torch.optim.SGD(
-            parameters, lr=train.learning_rate, momentum=SGD_MOMENTUM, weight_decay=train.weight_decay
+            parameters,
+            lr=train.learning_rate,
+            momentum=SGD_MOMENTUM,
+            weight_decay=train.weight_decay,
         )
     raise TrainingError(f"train.optimizer must be adam, adamw or sgd, got {train.optimizer!r}")
 
@@ -432,7 +482,11 @@ def _deterministic(device: torch.device) -> Iterator[None]:
 @contextlib.contextmanager
 def _forked_rng(device: torch.device) -> Iterator[None]:
     """Re-seeding per epoch must not leave the caller's global RNG changed."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
     with torch.random.fork_rng(devices=devices):
         yield
 
@@ -472,7 +526,10 @@ def _safetensors_bytes(network: nn.Module) -> bytes:
     from safetensors.torch import save
 
     # Fresh contiguous CPU copies: safetensors refuses views and tensors sharing memory.
-    tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in network.state_dict().items()}
+    tensors = {
+        name: tensor.detach().to("cpu", copy=True).contiguous()
+        for name, tensor in network.state_dict().items()
+    }
     return save(tensors)
 
 
@@ -539,7 +596,9 @@ def _load_checkpoint(
     except Exception as error:  # a foreign or damaged file can fail in many ways
         raise TrainingError(f"{path}: cannot read the checkpoint: {error}", [start_over]) from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise TrainingError(f"{path}: not a Stemma checkpoint of format {CHECKPOINT_FORMAT}", [start_over])
+        raise TrainingError(
+            f"{path}: not a Stemma checkpoint of format {CHECKPOINT_FORMAT}", [start_over]
+        )
     saved = payload["fingerprint"]
     if saved["shapes"] != fingerprint["shapes"]:
         differences = _differences(saved["shapes"], fingerprint["shapes"])
@@ -557,7 +616,9 @@ def _load_checkpoint(
         network.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
     except (RuntimeError, ValueError, KeyError) as error:
-        raise TrainingError(f"{path}: the checkpoint does not fit this network: {error}", [start_over]) from error
+        raise TrainingError(
+            f"{path}: the checkpoint does not fit this network: {error}", [start_over]
+        ) from error
     return _Progress(
         epoch=int(payload["epoch"]),
         best_loss=float(payload["best_loss"]),
@@ -573,5 +634,7 @@ def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     lines = []
     for key in sorted(set(saved) | set(current)):
         if saved.get(key) != current.get(key):
-            lines.append(f"{key}: checkpoint {saved.get(key, 'absent')}, now {current.get(key, 'absent')}")
+            lines.append(
+                f"{key}: checkpoint {saved.get(key, 'absent')}, now {current.get(key, 'absent')}"
+            )
     return lines

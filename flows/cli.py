@@ -211,6 +211,8 @@ def prepare_environment(root: Path, *, debug: bool = False) -> None:
     state = root / ".stemma"
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+        # Prefect's SQLite database cannot be created in a folder that does not exist.
+        Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")

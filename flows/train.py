@@ -94,17 +94,13 @@ def check_data_step(
     )
     if not report.success:
         raise DataCheckError(
-            f"{version_label(loaded)}: {failed} of {evaluated} expectations failed; nothing was trained",
+            f"{spec.data.path}: {failed} of {evaluated} expectations failed; nothing was trained",
             [
                 *report.render_failure(),
                 "full result and Data Docs: MLflow run artifacts under checks/",
             ],
         )
     return report
-
-
-def version_label(loaded: LoadedSpec) -> str:
-    return loaded.spec.data.path
 
 
 @task(name="split and preprocess")
@@ -192,7 +188,7 @@ def log_model_step(
 ) -> tuple[Any, str]:
     spec = loaded.spec
     example = prepared["test_frame"][spec.data.features.all].head(INPUT_EXAMPLE_ROWS)
-    return serving.log_pyfunc_model(
+    return tracking.log_pyfunc_model(
         preprocessor=prepared["preprocessor"],
         network=result.network,
         network_config=networks.network_config(spec.model),

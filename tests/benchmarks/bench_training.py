@@ -18,10 +18,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from stemma.components.models import build_network
 from stemma.components.spec import TrainSpec
 from stemma.components.training import train_network, weights_sha256
-from torch import nn
 
 ROWS = 200_000
 VALIDATION_ROWS = 20_000
@@ -29,7 +30,7 @@ INPUTS = 40
 BATCH_SIZE = 512
 EPOCHS = 3
 SEED = 7
-ROUNDS = 5
+ROUNDS = 7
 #: What the loop is meant to reach, and what the test asserts (room for a noisy machine).
 TARGET_RATIO = 0.95
 ASSERTED_RATIO = 0.8
@@ -43,7 +44,9 @@ def _data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x[:ROWS], y[:ROWS], x[ROWS:], y[ROWS:]
 
 
-def _hand_written(network: nn.Module, x: np.ndarray, y: np.ndarray, learning_rate: float) -> nn.Module:
+def _hand_written(
+    network: nn.Module, x: np.ndarray, y: np.ndarray, learning_rate: float
+) -> nn.Module:
     """The minimal loop: same seeds per epoch as `train_network`, nothing else."""
     model = copy.deepcopy(network)
     model.train()
@@ -78,10 +81,14 @@ def test_train_network_keeps_up_with_a_hand_written_loop() -> None:
         precision="fp32",
         early_stopping=None,
     )
-    network = build_network({"architecture": "mlp", "hidden": [64, 32], "dropout": 0.1}, INPUTS, seed=SEED)
+    network = build_network(
+        {"architecture": "mlp", "hidden": [64, 32], "dropout": 0.1}, INPUTS, seed=SEED
+    )
 
     def run_stemma() -> nn.Module:
-        return train_network(network, x_train, y_train, x_val, y_val, train=spec, task="binary", progress=False).network
+        return train_network(
+            network, x_train, y_train, x_val, y_val, train=spec, task="binary", progress=False
+        ).network
 
     def run_hand_written() -> nn.Module:
         return _hand_written(network, x_train, y_train, spec.learning_rate)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+
 from stemma.components.errors import RegistryError, SpecError
 from stemma.components.evaluation import evaluate_scores
 from stemma.components.features import fit_preprocessor
@@ -34,166 +35,53 @@ LINEAGE_TAGS = {"stemma.data.md5": "0f343b0931126a20f133d67c2b018a3b", "stemma.g
 # ---------------------------------------------------------------------------------------
 # decide_gate
 
+TOLERANT_GATE = GateSpec(metric="roc_auc", margin_over_champion=-0.01)
+
+# fmt: off
 DECISIONS = [
-    # (id, gate, task, value, champion version, champion value, passed, alias, reason)
-    (
-        "first-model-becomes-champion",
-        AUC_GATE,
-        "binary",
-        0.912,
-        None,
-        None,
-        True,
-        "champion",
-        "roc_auc 0.9120 >= minimum 0.8000",
-    ),
-    (
-        "better-than-champion-is-challenger",
-        AUC_GATE,
-        "binary",
-        0.920,
-        "3",
-        0.915,
-        True,
-        "challenger",
-        "roc_auc 0.9200 is above champion v3's 0.9150 + margin 0.0000",
-    ),
-    (
-        "worse-than-champion-fails",
-        AUC_GATE,
-        "binary",
-        0.901,
-        "3",
-        0.915,
-        False,
-        None,
-        "roc_auc 0.9010 is not above champion v3's 0.9150 + margin 0.0000",
-    ),
-    (
-        "equal-to-champion-fails",
-        AUC_GATE,
-        "binary",
-        0.915,
-        "3",
-        0.915,
-        False,
-        None,
-        "roc_auc 0.9150 is not above champion v3's 0.9150 + margin 0.0000",
-    ),
-    (
-        "below-minimum-fails",
-        AUC_GATE,
-        "binary",
-        0.75,
-        None,
-        None,
-        False,
-        None,
-        "roc_auc 0.7500 is below minimum 0.8000",
-    ),
-    (
-        "below-minimum-fails-even-when-better",
-        AUC_GATE,
-        "binary",
-        0.79,
-        "2",
-        0.70,
-        False,
-        None,
-        "roc_auc 0.7900 is below minimum 0.8000",
-    ),
-    (
-        "nan-value-fails-closed",
-        AUC_GATE,
-        "binary",
-        math.nan,
-        None,
-        None,
-        False,
-        None,
-        "cannot decide: roc_auc of the model is nan",
-    ),
-    (
-        "unevaluable-champion-fails-closed",
-        AUC_GATE,
-        "binary",
-        0.95,
-        "3",
-        None,
-        False,
-        None,
-        "cannot decide: champion v3 could not be evaluated on the same test rows",
-    ),
-    (
-        "nan-champion-fails-closed",
-        AUC_GATE,
-        "binary",
-        0.95,
-        "3",
-        math.nan,
-        False,
-        None,
-        "cannot decide: champion v3 could not be evaluated",
-    ),
-    (
-        "negative-margin-tolerates-slightly-worse",
-        GateSpec(metric="roc_auc", margin_over_champion=-0.01),
-        "binary",
-        0.91,
-        "3",
-        0.915,
-        True,
-        "challenger",
-        "roc_auc 0.9100 is above champion v3's 0.9150 + margin -0.0100",
-    ),
-    (
-        "lower-is-better-beats-champion-by-margin",
-        RMSE_GATE,
-        "regression",
-        1.50,
-        "2",
-        1.60,
-        True,
-        "challenger",
-        "rmse 1.5000 is below champion v2's 1.6000 - margin 0.0500",
-    ),
-    (
-        "lower-is-better-within-margin-fails",
-        RMSE_GATE,
-        "regression",
-        1.58,
-        "2",
-        1.60,
-        False,
-        None,
-        "rmse 1.5800 is not below champion v2's 1.6000 - margin 0.0500",
-    ),
-    (
-        "above-maximum-fails",
-        RMSE_GATE,
-        "regression",
-        2.5,
-        None,
-        None,
-        False,
-        None,
-        "rmse 2.5000 is above maximum 2.0000",
-    ),
+    # id, gate, task, value, champion version, champion value, alias (None: failed), a reason
+    ("first-model-becomes-champion", AUC_GATE, "binary", 0.912, None, None, "champion",
+     "roc_auc 0.9120 >= minimum 0.8000"),
+    ("better-than-champion-is-challenger", AUC_GATE, "binary", 0.920, "3", 0.915, "challenger",
+     "roc_auc 0.9200 is at least champion v3's 0.9150 + margin 0.0000"),
+    ("worse-than-champion-fails", AUC_GATE, "binary", 0.901, "3", 0.915, None,
+     "roc_auc 0.9010 is not at least champion v3's 0.9150 + margin 0.0000"),
+    ("equal-to-champion-passes-with-zero-margin", AUC_GATE, "binary", 0.915, "3", 0.915, "challenger",
+     "roc_auc 0.9150 is at least champion v3's 0.9150 + margin 0.0000"),
+    ("below-minimum-fails", AUC_GATE, "binary", 0.75, None, None, None,
+     "roc_auc 0.7500 is below minimum 0.8000"),
+    ("below-minimum-fails-even-when-better", AUC_GATE, "binary", 0.79, "2", 0.70, None,
+     "roc_auc 0.7900 is below minimum 0.8000"),
+    ("nan-value-fails-closed", AUC_GATE, "binary", math.nan, None, None, None,
+     "cannot decide: roc_auc of the model is nan"),
+    ("unevaluable-champion-fails-closed", AUC_GATE, "binary", 0.95, "3", None, None,
+     "cannot decide: champion v3 could not be evaluated on the same test rows"),
+    ("nan-champion-fails-closed", AUC_GATE, "binary", 0.95, "3", math.nan, None,
+     "cannot decide: champion v3 could not be evaluated"),
+    ("negative-margin-tolerates-slightly-worse", TOLERANT_GATE, "binary", 0.91, "3", 0.915,
+     "challenger", "roc_auc 0.9100 is at least champion v3's 0.9150 + margin -0.0100"),
+    ("lower-is-better-beats-champion-by-margin", RMSE_GATE, "regression", 1.50, "2", 1.60,
+     "challenger", "rmse 1.5000 is at most champion v2's 1.6000 - margin 0.0500"),
+    ("lower-is-better-within-margin-fails", RMSE_GATE, "regression", 1.58, "2", 1.60, None,
+     "rmse 1.5800 is not at most champion v2's 1.6000 - margin 0.0500"),
+    ("above-maximum-fails", RMSE_GATE, "regression", 2.5, None, None, None,
+     "rmse 2.5000 is above maximum 2.0000"),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(
-    "gate,task,value,champion_version,champion_value,passed,alias,reason",
+    "gate,task,value,champion_version,champion_value,alias,reason",
     [case[1:] for case in DECISIONS],
     ids=[case[0] for case in DECISIONS],
 )
-def test_decide_gate(gate, task, value, champion_version, champion_value, passed, alias, reason):
+def test_decide_gate(gate, task, value, champion_version, champion_value, alias, reason):
     decision = decide_gate(gate, task, value, champion_version, champion_value)
 
-    assert decision.passed is passed
+    assert decision.passed is (alias is not None)
     assert decision.alias == alias
     assert any(line.startswith(reason) for line in decision.reasons), decision.reasons
-    assert decision.tags()["stemma.gate.decision"] == ("passed" if passed else "failed")
+    assert decision.tags()["stemma.gate.decision"] == ("passed" if alias else "failed")
 
 
 def test_decide_gate_shows_why_the_champion_could_not_be_evaluated():

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+
 from stemma.components.errors import DataError
 from stemma.components.features import fit_preprocessor
 from stemma.components.models import build_network, network_config
@@ -66,7 +67,7 @@ def tracking(tmp_path_factory: pytest.TempPathFactory):
 
 
 def log_model(tracking, task: str, tmp: Path):
-    root, _, experiment_id = tracking
+    _, _, experiment_id = tracking
     frame = synthetic_frame(ROWS, seed=1)
     target = "approved" if task == "binary" else "price"
     preprocessor = fit_preprocessor(frame, FEATURES, task=task, target=target)
