@@ -349,7 +349,8 @@ def register_and_gate(
 
     current = find_champion(client, model_name)
     current_version = str(current.version) if current is not None else None
-    if current_version != decision.champion_version:
+    decided_against = None if decision.champion_version is None else str(decision.champion_version)
+    if current_version != decided_against:
         raise RegistryError(
             f"{model_name}: the {CHAMPION_ALIAS} changed while the gate was deciding "
             f"(decided against {decision.champion_version or 'none'}, now {current_version or 'none'})",

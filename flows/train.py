@@ -147,7 +147,9 @@ def train_step(
 ) -> training.TrainResult:
     spec = loaded.spec
     config = networks.network_config(spec.model)
-    network = networks.build_network(config, prepared["preprocessor"].n_inputs, 1)
+    network = networks.build_network(
+        config, prepared["preprocessor"].n_inputs, 1, seed=spec.train.seed
+    )
 
     def log_epoch(row: dict) -> None:
         tracking.log_epoch(row, step=int(row["epoch"]))
@@ -226,7 +228,7 @@ def gate_step(
         spec.gate,
         spec.data.task,
         metrics[spec.gate.metric],
-        champion.version if champion is not None else None,
+        str(champion.version) if champion is not None else None,
         champion_value,
         champion_error=champion_error,
     )

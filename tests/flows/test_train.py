@@ -26,7 +26,7 @@ FAST = ["train.epochs=3", "train.early_stopping=null", "train.batch_size=256"]
 def run_train(project: Path, name: str, *extra: str) -> dict:
     from stemma.flows.train import train_flow
 
-    overrides = [*FAST, f"pipeline.name={name}", *extra]
+    overrides = [*FAST, f"pipeline.name={name}", f"pipeline.model_name={name}", *extra]
     return train_flow(config=str(project / "configs" / "credit.yaml"), overrides=overrides)
 
 
@@ -40,7 +40,7 @@ def aliases_of(name: str) -> dict[str, str]:
         model = mlflow.MlflowClient().get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         return {}
-    return dict(model.aliases)
+    return {alias: str(version) for alias, version in model.aliases.items()}
 
 
 def test_train_tracks_registers_and_links_everything(project, tmp_path):
@@ -207,7 +207,7 @@ def _old_applicants(frame: pd.DataFrame) -> pd.DataFrame:
 BAD_DATA = [
     (lambda f: f.drop(columns=["loan"]), DataError, "loan"),
     (lambda f: f.assign(salary=f["salary"].astype(str)), DataError, "salary"),
-    (lambda f: f.iloc[:0], DataError, "empty"),
+    (lambda f: f.iloc[:0], DataError, "no rows"),
     (lambda f: f.assign(approved=1), DataError, "one class"),
     (_nan_salary, DataError, "salary"),
     (_inf_loan, DataError, "loan"),
