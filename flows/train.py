@@ -97,7 +97,7 @@ def check_data_step(
             f"{spec.data.path}: {failed} of {evaluated} expectations failed; nothing was trained",
             [
                 *report.render_failure(),
-                "full result and Data Docs: MLflow run artifacts under checks/",
+                f"full result and Data Docs: artifacts under checks/ of MLflow run {mlflow.active_run().info.run_id}",
             ],
         )
     return report
