@@ -16,8 +16,10 @@ these records; this module only builds them.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 #: Version of the record layout, so readers can tell old records from new ones.
@@ -67,6 +69,8 @@ class TrainingLineage:
     model_name: str | None = None
     model_version: str | None = None
     weights_sha256: str | None = None
+    #: sha256 of every other file the run logged, by artifact path.
+    artifacts: dict[str, str] = field(default_factory=dict)
 
 
 def data_node_id(pointer: str, md5: str) -> str:
@@ -103,7 +107,11 @@ def build_training_record(
             "data_version",
             data,
             f"md5:{lineage.data_md5}",
-            {"pointer": lineage.data_pointer, "path": lineage.data_path, "git_rev": lineage.git_rev},
+            {
+                "pointer": lineage.data_pointer,
+                "path": lineage.data_path,
+                "git_rev": lineage.git_rev,
+            },
         ),
         Node("data_file", data_file, f"md5:{lineage.file_md5}", {"path": lineage.file_path}),
         Node(
@@ -143,7 +151,19 @@ def build_training_record(
         "created": (created or datetime.now(UTC)).isoformat(),
         "nodes": [asdict(node) for node in nodes],
         "edges": [asdict(edge) for edge in edges],
+        "artifacts": {
+            path: f"sha256:{digest}" for path, digest in sorted(lineage.artifacts.items())
+        },
     }
+
+
+def artifact_digests(folder: Path, prefix: str) -> dict[str, str]:
+    """sha256 of every file under ``folder``, keyed by its artifact path ``prefix/relative``."""
+    digests = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        digests[f"{prefix}/{relative}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
 
 
 def run_tags(lineage: TrainingLineage) -> dict[str, str]:

@@ -496,11 +496,10 @@ def _model_sections(spec: Spec) -> dict[str, Any]:
 
 def _valid_sections(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Each top-level section that validates on its own (defaults for absent ones)."""
-
     sections: dict[str, Any] = {}
     for name, field in Spec.model_fields.items():
         try:
-            if name in raw:
+            if name in raw and field.annotation is not None:
                 sections[name] = TypeAdapter(field.annotation).validate_python(raw[name])
             elif not field.is_required():
                 sections[name] = field.get_default(call_default_factory=True)

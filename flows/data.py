@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import yaml
+
 from stemma.components.errors import DataVersionError
 
 #: The DVC pointer that versions the project's data folder.

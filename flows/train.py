@@ -23,6 +23,7 @@ import pandas as pd
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
+
 from stemma.components import (
     checks,
     data,
@@ -30,7 +31,6 @@ from stemma.components import (
     features,
     lineage,
     registry,
-    serving,
     tracking,
     training,
 )
@@ -346,6 +346,11 @@ def train_flow(
             mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
             metrics = evaluate_step(loaded, prepared, result, workdir)
             model_info, weights_sha256 = log_model_step(loaded, prepared, result, workdir)
+            logged = {
+                **lineage.artifact_digests(workdir / "plots", "plots"),
+                **lineage.artifact_digests(workdir / "data_docs", "checks/data_docs"),
+                **lineage.artifact_digests(workdir / "model", "model"),
+            }
             facts = lineage.TrainingLineage(
                 pipeline=spec.pipeline.name,
                 data_pointer=str(version.dvc_file.relative_to(loaded.root)),
@@ -364,6 +369,7 @@ def train_flow(
                 config_sha256=config_sha256,
                 model_name=spec.pipeline.registered_model_name,
                 weights_sha256=weights_sha256,
+                artifacts=logged,
             )
             model_version, decision = gate_step(
                 loaded, prepared, metrics, model_info.model_uri, run_id, facts

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+
 from stemma.components.checks import (
     CATALOG_PATH,
     build_data_docs,

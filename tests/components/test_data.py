@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+
 from stemma.components.data import (
     DataVersion,
     dir_md5,

@@ -14,6 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
 from stemma.components.data import file_md5, resolve_data_version
 from stemma.components.errors import DataError
 from stemma.components.example import FIRST_PRODUCTION_DAY, generate_credit_data

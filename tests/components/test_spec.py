@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from stemma.components.errors import SpecError
 from stemma.components.spec import Spec, apply_overrides, flatten, json_schema, load_spec
 

@@ -64,6 +64,7 @@ def dvc_add(root: Path) -> None:
 def build_project(root: Path, repo_root: Path, *, train_rows: int) -> Path:
     """A Stemma project: git repo, DVC repo, the worked example's spec and generated data."""
     from dvc.repo import Repo
+
     from stemma.components.example import generate_credit_data
 
     root.mkdir(parents=True, exist_ok=True)

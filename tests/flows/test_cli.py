@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+
 from stemma.flows.cli import main
 
 HEAVY = ("torch", "mlflow", "great_expectations", "prefect")

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+
 from stemma.components.data import dir_md5, file_md5
 from stemma.components.errors import DataCheckError, DataError, DataVersionError, SpecError
 
@@ -115,6 +116,9 @@ def test_train_tracks_registers_and_links_everything(project, tmp_path):
     assert len(weight_files) == 1
     assert hashlib.sha256(weight_files[0].read_bytes()).hexdigest() == weights
     assert not [p for p in model_dir.rglob("*") if p.suffix in (".pkl", ".pickle")]
+    roc_digest = hashlib.sha256((artifacts / "plots/roc.png").read_bytes()).hexdigest()
+    assert record["artifacts"]["plots/roc.png"] == f"sha256:{roc_digest}"
+    assert "checks/data_docs/index.html" in record["artifacts"]
     assert {edge["relation"] for edge in record["edges"]} >= {
         "contains",
         "checked_by",

@@ -45,7 +45,13 @@ def test_failed_check_exits_3_with_one_screen_and_no_traceback(
         return frame
 
     rewrite_data(old_applicants)
-    process = stemma_train(stemma_exe, project, "pipeline.name=cli-fail", "pipeline.model_name=cli-fail", env=cli_env(prefect_api))
+    process = stemma_train(
+        stemma_exe,
+        project,
+        "pipeline.name=cli-fail",
+        "pipeline.model_name=cli-fail",
+        env=cli_env(prefect_api),
+    )
     _, err = process.communicate(timeout=300)
     assert process.returncode == 3, err[-3000:]
     assert "Traceback" not in err
@@ -108,6 +114,10 @@ def test_killed_run_resumes_to_identical_weights(stemma_exe, tmp_path, repo_root
 
     reference = train_flow(
         config=str(project / "configs" / "credit.yaml"),
-        overrides=[*INTERRUPT_OVERRIDES, "pipeline.name=resume-reference", "pipeline.model_name=resume-reference"],
+        overrides=[
+            *INTERRUPT_OVERRIDES,
+            "pipeline.name=resume-reference",
+            "pipeline.model_name=resume-reference",
+        ],
     )
     assert resumed.data.tags["stemma.weights.sha256"] == reference["weights_sha256"]
