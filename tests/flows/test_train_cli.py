@@ -121,3 +121,28 @@ def test_killed_run_resumes_to_identical_weights(stemma_exe, tmp_path, repo_root
         ],
     )
     assert resumed.data.tags["stemma.weights.sha256"] == reference["weights_sha256"]
+
+
+def test_ctrl_c_exits_130_and_keeps_the_checkpoint(stemma_exe, tmp_path, repo_root, prefect_api):
+    project = build_project(tmp_path / "project", repo_root, train_rows=INTERRUPT_TRAIN_ROWS)
+    overrides = [*INTERRUPT_OVERRIDES, "pipeline.name=ctrl-c", "pipeline.model_name=ctrl-c"]
+    process = stemma_train(stemma_exe, project, *overrides, env=cli_env(prefect_api))
+    deadline = time.monotonic() + CHECKPOINT_WAIT_S
+    while _checkpoint_epoch(project) < 1:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-3000:]
+    assert "interrupted: training resumes from its last checkpoint when run again" in err
+    assert "Traceback" not in err
+    assert _checkpoint_epoch(project) >= 1
+    (run,) = mlflow.search_runs(
+        experiment_names=["credit"],
+        filter_string="tags.`stemma.pipeline` = 'ctrl-c'",
+        output_format="list",
+    )
+    assert run.info.status == "KILLED"
+    assert run.data.tags["stemma.status"] == "interrupted"
+    assert mlflow.MlflowClient().search_model_versions("name='ctrl-c'") == []
