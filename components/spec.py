@@ -12,6 +12,7 @@ This module imports no heavy library (torch, mlflow, great_expectations, prefect
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -320,16 +321,40 @@ def _dotted(loc: Iterable[str | int]) -> str:
     return out
 
 
+def _keys_at(loc: Sequence[str | int]) -> list[str]:
+    """The keys the spec allows in the section at ``loc`` (empty when it is not a section)."""
+    model: Any = Spec
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        # Optional sections (`X | None`) are models too: take the model out of the union.
+        candidates = [field.annotation, *getattr(field.annotation, "__args__", ())]
+        model = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
 def _pydantic_message(error: Mapping[str, Any]) -> str:
     kind = error["type"]
     message = str(error["msg"])
     if kind == "extra_forbidden":
-        return "unknown key (not part of the spec; check the spelling)"
+        loc = tuple(error["loc"])
+        close = difflib.get_close_matches(str(loc[-1]), _keys_at(loc[:-1]), n=1)
+        hint = f"did you mean `{close[0]}`?" if close else "check the spelling"
+        return f"unknown key (not part of the spec; {hint})"
     if kind == "missing":
         return "required but missing"
     # pydantic prefixes validator messages with "Value error, "
     message = message.removeprefix("Value error, ")
     message = message[0].lower() + message[1:] if message else message
+    # "Input should be greater than 0" reads better in a spec as "must be greater than 0".
+    message = re.sub(r"^input should (be|have)\b", r"must \1", message)
     if kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error":
         message = f"{message}, got {error.get('input')!r}"
     return message
@@ -454,7 +479,16 @@ def load_spec(
     locator = _Locator(text)
 
     def located(loc: tuple[str | int, ...], message: str) -> Problem:
-        origin = next((origins[key] for key in origins if tuple(loc[: len(key)]) == key), None)
+        # An override explains a problem at its own path, below it (a bad value inside
+        # a section it set) or above it (a key it added to a section that forbids it).
+        origin = next(
+            (
+                text
+                for key, text in origins.items()
+                if tuple(loc[: len(key)]) == key or key[: len(loc)] == tuple(loc)
+            ),
+            None,
+        )
         return Problem(loc, message, None if origin else locator.line(loc), origin)
 
     spec: Spec | None = None

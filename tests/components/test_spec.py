@@ -71,17 +71,17 @@ def test_worked_example_spec_is_valid(repo_root):
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
-        ("  epochs: 3", "  epochs: 0", "p.yaml:16 train.epochs: input should be greater than 0"),
+        ("  epochs: 3", "  epochs: 0", "p.yaml:16 train.epochs: must be greater than 0"),
         ("  epochs: 3", "  epoch: 3", "p.yaml:16 train.epoch: unknown key"),
         (
             "  epochs: 3",
             "  epochs: many",
-            "p.yaml:16 train.epochs: input should be a valid integer",
+            "p.yaml:16 train.epochs: must be a valid integer",
         ),
         (
             "  hidden: [8]",
             "  hidden: [8, -1]",
-            "p.yaml:14 model.hidden[1]: input should be greater than 0",
+            "p.yaml:14 model.hidden[1]: must be greater than 0",
         ),
         (
             "  name: credit",
@@ -134,7 +134,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     problems = problems_of(make_project(tmp_path, text))
     joined = "\n".join(problems)
     assert len(problems) == 4, joined
-    assert "train.epochs: input should be greater than 0" in joined
+    assert "train.epochs: must be greater than 0" in joined
     assert "train.batch_sise: unknown key" in joined
     assert "data.features.categorical[1]: column 'age' is declared more than once" in joined
     assert "data.path:" in joined and "missing.csv does not exist" in joined
@@ -260,10 +260,24 @@ def test_overrides_apply_and_are_named_in_errors(tmp_path):
     assert loaded.spec.train.epochs == 7
     assert loaded.spec.model.hidden == [4, 2]
     problems = problems_of(config, ("train.epochs=0",))
-    assert problems == [
-        "p.yaml train.epochs: input should be greater than 0 (from --set train.epochs=0)"
-    ]
+    assert problems == ["p.yaml train.epochs: must be greater than 0 (from --set train.epochs=0)"]
     assert "must look like" in problems_of(config, ("train.epochs",))[0]
+    assert problems_of(config, ("trian.epochs=2",)) == [
+        "p.yaml trian: unknown key (not part of the spec; did you mean `train`?) (from --set trian.epochs=2)"
+    ]
+
+
+def test_unknown_keys_suggest_the_closest_known_key(tmp_path):
+    text = VALID.replace("  epochs: 3", "  epocs: 3").replace("  name: credit", "  nmae: credit")
+    problems = problems_of(make_project(tmp_path, text))
+    assert (
+        "p.yaml:16 train.epocs: unknown key (not part of the spec; did you mean `epochs`?)"
+        in problems
+    )
+    assert (
+        "p.yaml:2 pipeline.nmae: unknown key (not part of the spec; did you mean `name`?)"
+        in problems
+    )
 
 
 def test_overrides_do_not_mutate_the_input():

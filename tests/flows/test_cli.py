@@ -81,7 +81,7 @@ def test_validate_reports_every_problem_and_exits_2(stemma_exe, tmp_path, repo_r
     err = result.stderr
     assert "Traceback" not in err
     assert "3 problems in the spec" in err
-    assert "credit.yaml:38 train.epochs: input should be greater than 0" in err
+    assert "credit.yaml:38 train.epochs: must be greater than 0" in err
     assert "credit.yaml:39 train.batch_sise: unknown key" in err
     assert "data.path:" in err and "does not exist" in err
 
@@ -102,7 +102,7 @@ def test_overrides_on_the_command_line(tmp_path, repo_root, capsys):
     assert code == 2
     assert "train.epochs" not in err  # fixed by the override
     assert (
-        "train.batch_sise: unknown key (not part of the spec; check the spelling) (from --set train.batch_sise=null)"
+        "train.batch_sise: unknown key (not part of the spec; did you mean `batch_size`?) (from --set train.batch_sise=null)"
         in err
     )
 

@@ -279,7 +279,7 @@ def test_data_that_differs_from_its_dvc_md5_is_refused(project):
     ("override", "expected"),
     [
         ("model.architecture=no_such_pkg.nets:Net", "cannot import module 'no_such_pkg.nets'"),
-        ("train.epochs=0", "train.epochs: input should be greater than 0"),
+        ("train.epochs=0", "train.epochs: must be greater than 0"),
         ("train.optimiser=adam", "train.optimiser: unknown key"),
     ],
     ids=["model-class-import", "out-of-range", "typo"],
