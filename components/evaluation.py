@@ -164,6 +164,37 @@ def plot_history(
     return _save(figure, out)
 
 
+def plot_score_histogram(
+    edges: Sequence[float], counts: Sequence[int], out_path: Path, *, title: str
+) -> Path:
+    """Plot a batch's score distribution from its histogram (bin edges and counts).
+
+    Args:
+        edges: the ``n + 1`` bin edges.
+        counts: the ``n`` bin counts.
+        out_path: the PNG to write.
+        title: the figure's title (the model and the batch).
+
+    Returns:
+        ``out_path``.
+    """
+    if len(edges) != len(counts) + 1:
+        raise ValueError(f"{len(edges)} edges do not bound {len(counts)} bins")
+    edge_values = np.asarray(edges, dtype=np.float64)
+    figure, axes = _figure()
+    axes.bar(
+        edge_values[:-1],
+        np.asarray(counts, dtype=np.int64),
+        width=np.diff(edge_values),
+        align="edge",
+        edgecolor="white",
+    )
+    axes.set(xlabel="score", ylabel="rows", title=title)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return _save(figure, out)
+
+
 # ---------------------------------------------------------------------------------------
 # Checks
 

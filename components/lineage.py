@@ -200,3 +200,94 @@ def model_version_tags(lineage: TrainingLineage) -> dict[str, str]:
     if lineage.git_rev:
         tags["stemma.git.rev"] = lineage.git_rev
     return tags
+
+
+@dataclass(frozen=True)
+class ScoringLineage:
+    """The digests one batch-scoring run read and wrote."""
+
+    pipeline: str
+    input_path: str
+    input_digest: str
+    input_files: dict[str, str]
+    data_pointer: str | None
+    data_md5: str | None
+    model_name: str
+    model_version: str
+    weights_sha256: str
+    run_id: str
+    experiment_id: str
+    flow_run_id: str | None
+    output_path: str
+    manifest_sha256: str
+    parts: dict[str, str]
+    rows_scored: int
+    rows_rejected: int
+
+
+def input_node_id(path: str, digest: str) -> str:
+    """Id of a scored input (a file or folder of batches) by its content digest."""
+    return f"input:{path}@{digest}"
+
+
+def predictions_node_id(path: str, manifest_sha256: str) -> str:
+    """Id of a prediction output: its folder and the sha256 of its `_SUCCESS` manifest."""
+    return f"predictions:{path}@{manifest_sha256}"
+
+
+def build_scoring_record(
+    lineage: ScoringLineage, *, created: datetime | None = None
+) -> dict[str, Any]:
+    """The lineage record of a scoring run: input and model in, predictions out."""
+    batch = input_node_id(lineage.input_path, lineage.input_digest)
+    model = model_node_id(lineage.model_name, lineage.model_version)
+    run = run_node_id(lineage.run_id)
+    predictions = predictions_node_id(lineage.output_path, lineage.manifest_sha256)
+    nodes = [
+        Node(
+            "input",
+            batch,
+            f"md5:{lineage.input_digest}",
+            {"path": lineage.input_path, "files": dict(lineage.input_files)},
+        ),
+        Node("model_version", model, f"sha256:{lineage.weights_sha256}", {}),
+        Node(
+            "run",
+            run,
+            None,
+            {"experiment_id": lineage.experiment_id, "flow_run_id": lineage.flow_run_id},
+        ),
+        Node(
+            "predictions",
+            predictions,
+            f"sha256:{lineage.manifest_sha256}",
+            {
+                "path": lineage.output_path,
+                "parts": dict(lineage.parts),
+                "rows_scored": lineage.rows_scored,
+                "rows_rejected": lineage.rows_rejected,
+            },
+        ),
+    ]
+    edges = [
+        Edge(batch, run, "input_of"),
+        Edge(model, run, "scored_with"),
+        Edge(run, predictions, "produced"),
+    ]
+    if lineage.data_pointer and lineage.data_md5:
+        data = data_node_id(lineage.data_pointer, lineage.data_md5)
+        nodes.insert(
+            0,
+            Node(
+                "data_version", data, f"md5:{lineage.data_md5}", {"pointer": lineage.data_pointer}
+            ),
+        )
+        edges.insert(0, Edge(data, batch, "contains"))
+    return {
+        "schema": RECORD_SCHEMA,
+        "pipeline": lineage.pipeline,
+        "flow": "score",
+        "created": (created or datetime.now(UTC)).isoformat(),
+        "nodes": [asdict(node) for node in nodes],
+        "edges": [asdict(edge) for edge in edges],
+    }

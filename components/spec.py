@@ -230,8 +230,78 @@ class GateSpec(_Section):
     )
 
 
+_CRON = re.compile(r"^(@(yearly|annually|monthly|weekly|daily|hourly)|(\S+\s+){4}\S+)$")
+_MODEL_REFERENCE = re.compile(r"^models:/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_-]+|/[0-9]+)$")
+
+
+class ScoreSpec(_Section):
+    """Batch scoring with a registered model (nightly by default)."""
+
+    input: str = Field(
+        default="data/batches",
+        description="Parquet or CSV file, or a folder of them, relative to the project root.",
+    )
+    output: str = Field(
+        default="outputs/scores",
+        description="Folder of the Parquet parts, the rejects and the `_SUCCESS` manifest.",
+    )
+    model: str | None = Field(
+        default=None,
+        description=(
+            "Model to score with, `models:/<name>@<alias>` or `models:/<name>/<version>` "
+            "(default: the pipeline's model @champion)."
+        ),
+    )
+    chunk_rows: int = Field(
+        default=200_000,
+        gt=0,
+        le=10_000_000,
+        description="Rows read, scored and written at a time; bounds memory, one part per chunk.",
+    )
+    invalid_rows: Literal["reject", "error"] = Field(
+        default="reject",
+        description=(
+            "Rows with a missing or non-finite value the model needs: `reject` writes them to "
+            "the rejects with a reason; `error` stops the run."
+        ),
+    )
+    unknown_categories: Literal["reject", "error", "score"] = Field(
+        default="reject",
+        description=(
+            "A categorical value the model never saw: `reject` or `error` as above, `score` "
+            "encodes it as unknown (all-zero one-hot) and scores the row."
+        ),
+    )
+    extra_columns: Literal["ignore", "error"] = Field(
+        default="ignore",
+        description="Input columns the model does not use: listed and ignored, or an error.",
+    )
+    threads: int | None = Field(
+        default=None, gt=0, le=256, description="CPU threads for the model (default: all cores)."
+    )
+    schedule: str = Field(
+        default="0 2 * * *", description="Cron schedule of the nightly scoring deployment."
+    )
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if not _CRON.match(value.strip()):
+            raise ValueError(f"must be a cron expression with five fields, got {value!r}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _reference(cls, value: str | None) -> str | None:
+        if value is not None and not _MODEL_REFERENCE.match(value):
+            raise ValueError(
+                f"must look like `models:/<name>@<alias>` or `models:/<name>/<version>`, got {value!r}"
+            )
+        return value
+
+
 class Spec(_Section):
-    """A Stemma pipeline: the data, its checks, the model, its training and its gate."""
+    """A Stemma pipeline: the data, its checks, the model, its training, gate and scoring."""
 
     pipeline: PipelineSpec = Field(description="Names of the pipeline, experiment and model.")
     data: DataSpec = Field(description="The training table.")
@@ -245,6 +315,9 @@ class Spec(_Section):
     model: ModelSpec = Field(default_factory=ModelSpec, description="The network.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="How the network is trained.")
     gate: GateSpec = Field(default_factory=GateSpec, description="The registration gate.")
+    score: ScoreSpec = Field(
+        default_factory=ScoreSpec, description="Nightly batch scoring with the champion."
+    )
 
 
 @dataclass(frozen=True)

@@ -321,6 +321,44 @@ def log_dataset(
         mlflow.log_input(dataset, context=context)
 
 
+def log_dataset_reference(
+    *,
+    name: str,
+    source: DatasetSource | str,
+    context: str,
+    digest: str,
+    columns: Mapping[str, str] | None = None,
+) -> None:
+    """Log a dataset too large to load as an input of the active run: source, digest, schema.
+
+    Batch scoring streams its input and never holds it in memory, so the run input is
+    built from what is known without the rows: where they are, their digest, and the
+    column types.
+
+    Args:
+        name: dataset name shown in the UI (``credit-batch``).
+        source: a :class:`DVCDatasetSource` for DVC-tracked input, or a local path.
+        context: what the run did with the rows (``scoring``).
+        digest: the input's content digest.
+        columns: column name to MLflow type (``double``, ``long``, ``string``...).
+    """
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, Schema
+
+    _require_active_run("log_dataset_reference")
+    if isinstance(source, str):
+        with warnings.catch_warnings():  # MLflow warns that a local path has two readers
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(source)
+    schema = (
+        Schema([ColSpec(kind, column) for column, kind in columns.items()]) if columns else None
+    )
+    dataset = MetaDataset(source=source, name=name, digest=dataset_digest(digest), schema=schema)
+    mlflow.log_input(dataset, context=context)
+
+
 # ---------------------------------------------------------------------------------------
 # Params and metrics
 

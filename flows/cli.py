@@ -79,6 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_spec_arguments(train)
+    score = flows.add_parser(
+        "score",
+        help="score a batch with a registered model (the champion by default)",
+        description=(
+            "Stream a Parquet/CSV file or folder through a registered model in chunks; write "
+            "Parquet parts atomically and a _SUCCESS manifest last. A killed run resumes "
+            "from its finished parts when started again."
+        ),
+    )
+    _add_spec_arguments(score)
+    score.add_argument("--input", help="file or folder to score (default: score.input)")
+    score.add_argument("--output", help="output folder (default: score.output)")
+    score.add_argument(
+        "--model",
+        help="models:/<name>@<alias> or models:/<name>/<version> (default: score.model or @champion)",
+    )
 
     data = commands.add_parser("data", help="work with the project's data")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION")
@@ -190,6 +206,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         summary = train_flow(config=str(args.config), overrides=list(args.overrides))
         print(format_train_summary(summary))
         return 0
+    if args.flow == "score":
+        from stemma.flows.score import score_flow
+
+        _quiet_known_errors(args.debug)
+        summary = score_flow(
+            config=str(args.config),
+            overrides=list(args.overrides),
+            input=args.input,
+            output=args.output,
+            model=args.model,
+        )
+        print(format_score_summary(summary))
+        return 0
     raise AssertionError(f"unknown flow {args.flow}")  # argparse restricts the choices
 
 
@@ -270,6 +299,17 @@ def format_train_summary(summary: dict) -> str:
     lines.append(f"  MLflow: {summary['tracking_uri']}  (experiment '{summary['experiment']}')")
     if summary.get("ui_hint"):
         lines.append(f"  {summary['ui_hint']}")
+    return "\n".join(lines)
+
+
+def format_score_summary(summary: dict) -> str:
+    """The one-line summary (and where to look) printed at the end of `stemma run score`."""
+    lines = [summary["summary"]]
+    if summary["rows"]["rejected"]:
+        lines.append(f"  rejected rows and their reasons: {summary['output']}/rejects/")
+    if summary["extra_columns"]:
+        lines.append(f"  ignored input columns: {', '.join(summary['extra_columns'])}")
+    lines.append(f"  manifest: {summary['manifest']}  (MLflow run {summary['run_id']})")
     return "\n".join(lines)
 
 

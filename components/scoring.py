@@ -1,0 +1,1723 @@
+"""Batch scoring: a registered model over Parquet or CSV files, in bounded memory, resumably.
+
+The engine behind ``stemma run score``. :func:`load_scoring_model` rebuilds a registered
+model from its three plain artifact files (no pickle, no ``mlflow.pyfunc``) and refuses
+weights whose hash differs from the one recorded at registration;
+:func:`check_input_schema` compares every input file's schema with the model's signature
+before a row is read; :func:`score_files` streams the rows through the model a chunk at a
+time and writes one Parquet part per chunk.
+
+The output folder::
+
+    part-00000-00000.parquet           chunk 0 of input file 0: id, prediction, score
+    part-00000-00001.parquet           (the model and the input digest in its metadata)
+    rejects/part-00000-00001.parquet   rows of that chunk that could not be scored, and why
+    _PROGRESS.json                     the fingerprint of the scoring that writes here
+    _SUCCESS                           the manifest, written last
+
+Chunk ``k`` of file ``f`` holds rows ``k * chunk_rows`` to ``(k + 1) * chunk_rows - 1`` of
+that file, and its bytes depend only on the fingerprint (model, input, settings). Every file
+appears atomically (temporary name, fsync, rename), and a scored part is written after its
+rejects part, so its presence marks the chunk done: a run killed at any point resumes from
+the parts that exist and ends with the same bytes as a run that was never interrupted.
+
+Reading (pyarrow releases the GIL) and writing (compression, fsync) run in background
+threads, overlapping the model, which runs in the calling thread under
+``torch.inference_mode``. Preprocessing works on Arrow and numpy arrays directly; pandas is
+not involved. Memory is bounded by a few chunks, whatever the size of the input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .data import HASH_CHUNK_BYTES, file_md5
+from .errors import DataError, RegistryError
+from .features import Preprocessor
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+    from torch import nn
+
+_LOG = logging.getLogger(__name__)
+
+#: Input formats, by file suffix.
+INPUT_FORMATS = {".parquet": "parquet", ".csv": "csv"}
+#: Name of the part (scored or rejected rows) of chunk ``chunk`` of input file ``file``.
+PART_NAME = "part-{file:05d}-{chunk:05d}.parquet"
+#: Folder of the rejects parts, inside the output folder.
+REJECTS_DIR = "rejects"
+#: The fingerprint of the scoring that writes into the folder, written before any part.
+PROGRESS_FILE = "_PROGRESS.json"
+#: The manifest, written last: its presence means the folder is complete.
+SUCCESS_FILE = "_SUCCESS"
+#: Prefix of files being written; they are renamed into place once complete.
+TEMP_PREFIX = ".tmp-"
+#: Layout version of the parts and the manifest; part of the fingerprint.
+OUTPUT_FORMAT = 1
+#: Equal-width bins of the score histogram (over [0, 1] for a binary model).
+HISTOGRAM_BINS = 20
+#: Model version tag holding the sha256 of the weights file (set at registration).
+WEIGHTS_TAG = "stemma.weights.sha256"
+#: Logged-model tag with the same hash (``tracking.log_pyfunc_model`` sets it).
+LOGGED_MODEL_WEIGHTS_TAG = "stemma.weights_sha256"
+#: Prefix of the Parquet key-value metadata Stemma writes on every part.
+METADATA_PREFIX = "stemma."
+#: Policies for rows with missing or non-finite values, and for unknown categories.
+INVALID_ROW_POLICIES = ("reject", "error")
+UNKNOWN_CATEGORY_POLICIES = ("reject", "error", "score")
+EXTRA_COLUMN_POLICIES = ("ignore", "error")
+#: How many rows, files or columns an error message names before it summarises.
+MAX_NAMED = 5
+#: Chunks read ahead of the model, and parts waiting to be written: bounds memory.
+PREFETCH_CHUNKS = 2
+PENDING_WRITES = 2
+#: Widest span of integer category values matched through a lookup table (8 bytes a value).
+LOOKUP_TABLE_MAX_SPAN = 1 << 16
+#: Rows per forward pass: a batch's activations stay in the CPU cache. On a 2-core EPYC
+#: the credit MLP ran 2-3x faster per row in batches of 8,192 than of 65,536.
+FORWARD_BATCH_ROWS = 8_192
+#: Bytes per CSV block (the streaming reader infers types from the first one).
+CSV_BLOCK_BYTES = 4 << 20
+#: Output columns of a scored part, besides the id column.
+PREDICTION_COLUMN = "prediction"
+SCORE_COLUMN = "score"
+#: Columns of a rejects part, besides the id column and the raw feature columns.
+ROW_COLUMN = "row"
+REASON_COLUMN = "reason"
+
+_PART = re.compile(r"^part-(\d{5})-(\d{5})\.parquet$")
+_REFERENCE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+
+
+# ---------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass(frozen=True, eq=False)
+class ScoringModel:
+    """A registered model, rebuilt for scoring.
+
+    Attributes:
+        reference: what was asked for (``models:/credit@champion``).
+        model_uri: the version it resolved to (``models:/credit/3``).
+        name: the registered model name.
+        version: the version number, as text.
+        alias: the alias in the reference, or None when a version was named.
+        run_id: the training run of the version.
+        weights_sha256: the sha256 of the weights file that was loaded.
+        task: ``binary`` or ``regression``.
+        threshold: decision threshold on the probability (binary).
+        preprocessor: the fitted feature encoding.
+        network: the network, in eval mode.
+        signature_columns: the model's input signature, ``(name, MLflow type)`` pairs.
+    """
+
+    reference: str
+    model_uri: str
+    name: str
+    version: str
+    alias: str | None
+    run_id: str | None
+    weights_sha256: str
+    task: str
+    threshold: float
+    preprocessor: Preprocessor
+    network: nn.Module
+    signature_columns: list[tuple[str, str]]
+
+    @property
+    def feature_columns(self) -> list[str]:
+        """The columns the preprocessor reads, numeric then categorical."""
+        return [*self.preprocessor.numeric, *self.preprocessor.categorical]
+
+    @property
+    def label(self) -> str:
+        """``credit v3``."""
+        return f"{self.name} v{self.version}"
+
+
+def load_scoring_model(reference: str, *, client: MlflowClient | None = None) -> ScoringModel:
+    """Resolve a model reference in the registry and rebuild the model without pickle.
+
+    The version's artifacts are downloaded to a temporary folder; the preprocessor and the
+    network are rebuilt from ``preprocess.json``, ``network.json`` and
+    ``weights.safetensors``, and the signature is read from ``MLmodel``.
+
+    Args:
+        reference: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``.
+        client: the MLflow client to use (default: one on the configured registry).
+
+    Returns:
+        The model, ready to score.
+
+    Raises:
+        RegistryError: the reference is malformed; the model, alias or version does not
+            exist (the message lists the aliases and versions that do); the artifacts are
+            unreadable; or the weights file's sha256 differs from the one recorded when
+            the version was registered.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from .models import build_network
+    from .tracking import DEFAULT_THRESHOLD, MODEL_ARTIFACT_FILES, NETWORK_FORMAT
+    from .training import load_weights
+
+    match = _REFERENCE.match(reference.strip())
+    if match is None:
+        raise RegistryError(
+            f"{reference!r} is not a model reference",
+            [
+                "write models:/<name>@<alias> or models:/<name>/<version>, e.g. models:/credit@champion"
+            ],
+        )
+    name, alias, number = match["name"], match["alias"], match["version"]
+    client = client or MlflowClient()
+    version = _resolve_version(client, name, alias, number)
+    model_uri = f"models:/{name}/{version.version}"
+    label = f"{name} v{version.version}"
+
+    with tempfile.TemporaryDirectory(prefix="stemma-model-") as scratch:
+        try:
+            download_uri = client.get_model_version_download_uri(name, str(version.version))
+            folder = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=download_uri, dst_path=scratch, tracking_uri=client.tracking_uri
+                )
+            )
+        except (MlflowException, OSError) as error:
+            raise RegistryError(
+                f"cannot download the artifacts of {label} ({model_uri})", [_first_line(error)]
+            ) from error
+        mlmodel = _read_mlmodel(folder, label)
+        paths = _artifact_paths(folder, mlmodel, MODEL_ARTIFACT_FILES, label)
+        signature = _signature_columns(mlmodel, label)
+
+        digest = hashlib.sha256(paths["weights"].read_bytes()).hexdigest()
+        expected = _recorded_weights_sha256(client, version)
+        if expected is not None and expected != digest:
+            raise RegistryError(
+                f"{label}: the weights file does not match the sha256 recorded when it was registered",
+                [
+                    f"recorded {expected}",
+                    f"found    {digest}",
+                    "the artifact store changed after registration: restore the file or "
+                    "register the model again",
+                ],
+            )
+        try:
+            preprocessor = Preprocessor.load_json(paths["preprocess"])
+            document = json.loads(paths["network"].read_text(encoding="utf-8"))
+        except ValueError as error:
+            raise RegistryError(f"{label}: unreadable model files", [str(error)]) from error
+        if not isinstance(document, dict) or document.get("format") != NETWORK_FORMAT:
+            layout = document.get("format") if isinstance(document, dict) else None
+            raise RegistryError(
+                f"{label}: network.json has format {layout!r}; this Stemma reads {NETWORK_FORMAT}"
+            )
+        if int(document["n_inputs"]) != preprocessor.n_inputs:
+            raise RegistryError(
+                f"{label}: the network takes {document['n_inputs']} inputs but the "
+                f"preprocessor produces {preprocessor.n_inputs}"
+            )
+        signature_names = {column for column, _ in signature}
+        unsigned = [
+            c
+            for c in (*preprocessor.numeric, *preprocessor.categorical)
+            if c not in signature_names
+        ]
+        if unsigned:
+            raise RegistryError(
+                f"{label}: the signature lacks feature columns the model reads: {', '.join(unsigned)}"
+            )
+        try:
+            network = build_network(
+                document["config"], int(document["n_inputs"]), int(document["n_outputs"])
+            )
+            load_weights(network, paths["weights"])
+        except Exception as error:  # TrainingError or a custom architecture's own error
+            raise RegistryError(
+                f"{label}: cannot rebuild the network", [_first_line(error)]
+            ) from error
+
+    return ScoringModel(
+        reference=reference,
+        model_uri=model_uri,
+        name=name,
+        version=str(version.version),
+        alias=alias,
+        run_id=version.run_id,
+        weights_sha256=digest,
+        task=str(document["task"]),
+        threshold=float(document.get("threshold", DEFAULT_THRESHOLD)),
+        preprocessor=preprocessor,
+        network=network.eval(),
+        signature_columns=signature,
+    )
+
+
+def _resolve_version(
+    client: MlflowClient, name: str, alias: str | None, number: str | None
+) -> ModelVersion:
+    """The version an alias or number names; RegistryError listing what exists otherwise."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, str(number))
+    except MlflowException as error:
+        failure = error
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException as error:
+        if getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(
+                f"no registered model named {name!r}",
+                ["train and register one first (stemma run train CONFIG), or fix the name"],
+            ) from None
+        raise RegistryError(
+            f"cannot read registered model {name!r}", [_first_line(error)]
+        ) from error
+    aliases = {key: str(value) for key, value in (registered.aliases or {}).items()}
+    listing = ", ".join(f"{key} -> v{value}" for key, value in sorted(aliases.items())) or "none"
+    if alias is not None and alias not in aliases:
+        raise RegistryError(
+            f"model {name!r} has no alias {alias!r}",
+            [f"its aliases: {listing}", f"or name a version: models:/{name}/<version>"],
+        )
+    if alias is None:
+        try:
+            found = client.search_model_versions(f"name = '{name}'")
+            versions = ", ".join(str(v) for v in sorted(int(item.version) for item in found))
+        except MlflowException:
+            versions = "unknown"
+        raise RegistryError(
+            f"model {name!r} has no version {number}",
+            [f"its versions: {versions or 'none'}", f"its aliases: {listing}"],
+        )
+    raise RegistryError(
+        f"cannot read model {name!r} alias {alias!r}", [_first_line(failure)]
+    ) from failure
+
+
+def _read_mlmodel(folder: Path, label: str) -> dict[str, Any]:
+    import yaml
+
+    path = folder / "MLmodel"
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise RegistryError(
+            f"{label}: cannot read its MLmodel file", [_first_line(error)]
+        ) from error
+    if not isinstance(document, dict):
+        raise RegistryError(f"{label}: its MLmodel file is not a mapping")
+    return document
+
+
+def _artifact_paths(
+    folder: Path, mlmodel: dict[str, Any], files: dict[str, str], label: str
+) -> dict[str, Path]:
+    """Where the preprocess, network and weights files are in the downloaded folder."""
+    recorded = (mlmodel.get("flavors") or {}).get("python_function", {}).get("artifacts") or {}
+    paths: dict[str, Path] = {}
+    for key, file_name in files.items():
+        relative = (recorded.get(key) or {}).get("path")
+        candidate = folder / relative if relative else None
+        if candidate is None or not candidate.is_file():
+            # Older layouts: look for the file by name anywhere in the model folder.
+            candidate = next(iter(sorted(folder.rglob(file_name))), None)
+        if candidate is None:
+            raise RegistryError(
+                f"{label}: the model has no {file_name} artifact",
+                ["it was not logged by Stemma's log_pyfunc_model; register a Stemma model"],
+            )
+        paths[key] = candidate
+    return paths
+
+
+def _signature_columns(mlmodel: dict[str, Any], label: str) -> list[tuple[str, str]]:
+    inputs = (mlmodel.get("signature") or {}).get("inputs")
+    try:
+        columns = json.loads(inputs) if isinstance(inputs, str) else None
+    except json.JSONDecodeError:
+        columns = None
+    if not columns or not all(isinstance(c, dict) and "name" in c and "type" in c for c in columns):
+        raise RegistryError(
+            f"{label}: the model has no column-based input signature",
+            ["Stemma checks inputs against it before scoring; log the model with a signature"],
+        )
+    return [(str(column["name"]), str(column["type"])) for column in columns]
+
+
+def _recorded_weights_sha256(client: MlflowClient, version: ModelVersion) -> str | None:
+    """The weights hash recorded on the version, else on its logged model, else None."""
+    tags = dict(getattr(version, "tags", None) or {})
+    if tags.get(WEIGHTS_TAG):
+        return tags[WEIGHTS_TAG]
+    model_id = getattr(version, "model_id", None)
+    if model_id:
+        try:
+            return client.get_logged_model(model_id).tags.get(LOGGED_MODEL_WEIGHTS_TAG)
+        except Exception:  # an older server without logged models: nothing recorded
+            return None
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# The input
+
+
+def input_files(path: Path) -> list[Path]:
+    """The files to score: ``path`` itself, or the Parquet or CSV files at a folder's top level.
+
+    Files whose names start with ``_`` or ``.`` are skipped (markers, temporary files), and
+    so are subfolders; the files come sorted by name, which fixes their part numbers.
+
+    Raises:
+        DataError: the path does not exist, is a file of another format, holds no Parquet
+            or CSV file, or mixes both formats.
+    """
+    path = Path(path)
+    if path.is_file():
+        if path.suffix.lower() not in INPUT_FORMATS:
+            raise DataError(
+                f"{path}: cannot score a {path.suffix or 'suffix-less'} file",
+                [f"score.input must be a {' or '.join(INPUT_FORMATS)} file, or a folder of them"],
+            )
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"{path}: no such file or folder", ["check score.input or --input"])
+    files = sorted(
+        (
+            item
+            for item in path.iterdir()
+            if item.is_file()
+            and not item.name.startswith(("_", "."))
+            and item.suffix.lower() in INPUT_FORMATS
+        ),
+        key=lambda item: item.name,
+    )
+    if not files:
+        raise DataError(
+            f"{path}: the folder holds no {' or '.join(INPUT_FORMATS)} files",
+            ["files starting with _ or . and subfolders are not read"],
+        )
+    kinds = sorted({_format(item) for item in files})
+    if len(kinds) > 1:
+        examples = {
+            kind: next(item.name for item in files if _format(item) == kind) for kind in kinds
+        }
+        raise DataError(
+            f"{path}: the folder mixes {' and '.join(kinds)} files",
+            [f"e.g. {name} ({kind})" for kind, name in examples.items()]
+            + ["keep one format per input folder"],
+        )
+    return files
+
+
+def _format(path: Path) -> str:
+    return INPUT_FORMATS[path.suffix.lower()]
+
+
+def _read_schema(path: Path) -> pa.Schema:
+    """The file's Arrow schema: the Parquet footer, or the types of a CSV's first block."""
+    try:
+        if _format(path) == "parquet":
+            return pq.read_schema(path)
+        with pacsv.open_csv(
+            path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES)
+        ) as reader:
+            return reader.schema
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(
+            f"{path}: not a readable {_format(path)} file", [_first_line(error)]
+        ) from error
+
+
+def _plain_type(arrow_type: pa.DataType) -> pa.DataType:
+    return arrow_type.value_type if pa.types.is_dictionary(arrow_type) else arrow_type
+
+
+def _is_number(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
+
+
+def _is_text(arrow_type: pa.DataType) -> bool:
+    return (
+        pa.types.is_string(arrow_type)
+        or pa.types.is_large_string(arrow_type)
+        or (getattr(pa.types, "is_string_view", lambda _: False)(arrow_type))
+    )
+
+
+#: Arrow types each MLflow signature type accepts; types not listed must match by name.
+_ACCEPTS: dict[str, Callable[[pa.DataType], bool]] = {
+    "double": _is_number,
+    "float": _is_number,
+    "long": pa.types.is_integer,
+    "integer": pa.types.is_integer,
+    "string": _is_text,
+    "boolean": pa.types.is_boolean,
+    "datetime": lambda t: pa.types.is_timestamp(t) or pa.types.is_date(t),
+    "binary": lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
+}
+
+
+def _accepts(mlflow_type: str, arrow_type: pa.DataType) -> bool:
+    arrow_type = _plain_type(arrow_type)
+    if pa.types.is_null(arrow_type):
+        # A column with no value at all: its rows meet the invalid-row policy, by name.
+        return True
+    check = _ACCEPTS.get(mlflow_type)
+    return check(arrow_type) if check else str(arrow_type) == mlflow_type
+
+
+def check_input_schema(
+    files: Sequence[Path],
+    model: ScoringModel,
+    *,
+    id_column: str | None,
+    extra_columns: str,
+) -> list[str]:
+    """Compare every file's schema with the model's signature before any row is scored.
+
+    Only schemas are read (Parquet footers, a CSV's first block). A signature type
+    ``double`` accepts any integer or floating column, ``long`` integers only, ``string``
+    text, ``boolean`` booleans only; a column with no values at all (null type) passes,
+    and its rows then meet the invalid-row policy.
+
+    Args:
+        files: from :func:`input_files`.
+        model: the model to score with.
+        id_column: the column that identifies rows (copied to the output), or None.
+        extra_columns: ``ignore`` (return them) or ``error``.
+
+    Returns:
+        The columns that are neither in the signature nor the id column, in the order first
+        seen (the caller reports them as ignored).
+
+    Raises:
+        DataError: one error listing every missing column, wrong type and missing id
+            column (and every extra column with ``extra_columns="error"``), by file.
+        ValueError: an unknown ``extra_columns`` policy.
+    """
+    _check_policy("extra_columns", extra_columns, EXTRA_COLUMN_POLICIES)
+    expected = dict(model.signature_columns)
+    problems: list[str] = []
+    extras: list[str] = []
+    extra_problems: list[str] = []
+    for path in files:
+        schema = _read_schema(path)
+        present = {field.name: field.type for field in schema}
+        missing = [
+            f"{name} ({kind})" for name, kind in model.signature_columns if name not in present
+        ]
+        if missing:
+            problems.append(
+                f"{path.name}: missing {_plural(len(missing), 'column')}: {', '.join(missing)}"
+            )
+        for name, kind in model.signature_columns:
+            if name in present and not _accepts(kind, present[name]):
+                problems.append(
+                    f"{path.name}: column {name} is {present[name]}, the model needs {kind}"
+                )
+        if id_column is not None and id_column not in present:
+            problems.append(f"{path.name}: missing the id column {id_column}")
+        unused = [name for name in present if name not in expected and name != id_column]
+        if unused:
+            extra_problems.append(
+                f"{path.name}: extra {_plural(len(unused), 'column')}: {', '.join(unused)}"
+            )
+        extras.extend(name for name in unused if name not in extras)
+    if extra_columns == "error":
+        problems.extend(extra_problems)
+    if problems:
+        hints = [f"the model ({model.label}) takes: {_signature_text(model)}"]
+        if extra_columns == "error" and extra_problems:
+            hints.append("set score.extra_columns: ignore to score files with extra columns")
+        raise DataError(
+            f"the input does not match the signature of {model.label}: "
+            f"{_plural(len(problems), 'problem')} in {_plural(len(files), 'file')}",
+            [*problems, *hints],
+        )
+    return extras
+
+
+def _signature_text(model: ScoringModel) -> str:
+    return ", ".join(f"{name} ({kind})" for name, kind in model.signature_columns)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _check_policy(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def input_digest(files: Sequence[Path]) -> tuple[str, list[str]]:
+    """The content digest of the input and the md5 of each file.
+
+    One file: its md5, as DVC records a file. Several: the ``<md5>.dir`` digest DVC would
+    record for a folder holding exactly those files. Files are hashed in parallel threads
+    (hashlib releases the GIL).
+    """
+    workers = max(1, min(len(files), os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        md5s = list(pool.map(file_md5, files))
+    if len(files) == 1:
+        return md5s[0], md5s
+    entries = [{"md5": md5, "relpath": path.name} for path, md5 in zip(files, md5s, strict=True)]
+    entries.sort(key=lambda entry: entry["relpath"])
+    listing = json.dumps(entries, sort_keys=True).encode("utf-8")
+    return hashlib.md5(listing, usedforsecurity=False).hexdigest() + ".dir", md5s
+
+
+# ---------------------------------------------------------------------------------------
+# Encoding a chunk: the numbers of Preprocessor.transform, from Arrow, with row validity
+
+
+#: Kinds of problem a row can have, and the policy that decides its fate.
+_MISSING, _INFINITE, _UNKNOWN = "missing", "infinite", "unknown"
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Rows of a chunk where one column cannot be used as the model needs it."""
+
+    column: str
+    kind: str  # _MISSING, _INFINITE or _UNKNOWN
+    mask: np.ndarray  # bool, one per row of the chunk
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    matrix: np.ndarray  # (rows, n_inputs) float32, every row of the chunk
+    problems: list[_Problem]
+
+
+class _ChunkEncoder:
+    """Encodes Arrow chunks exactly as :meth:`Preprocessor.transform` encodes frames.
+
+    Numeric columns are standardised in float64 and stored as float32, categorical ones
+    one-hot encoded with the training vocabulary; a value the vocabulary lacks encodes as
+    an all-zero block. Unlike ``transform``, it does not raise on bad values: it reports
+    missing, infinite and unknown values per column as row masks, and the caller applies
+    the spec's policies.
+
+    The matrix buffer is reused from one chunk to the next (the caller is done with it
+    before it asks for the next chunk), which spares the page faults of a fresh array.
+    """
+
+    def __init__(self, preprocessor: Preprocessor) -> None:
+        self._numeric = preprocessor.numeric
+        self._means = preprocessor.means
+        self._stds = preprocessor.stds
+        self._width = preprocessor.n_inputs
+        self._buffer = np.zeros((0, self._width), dtype=np.float32)
+        self._categorical: list[tuple[str, int]] = []
+        # Integer vocabularies: a lookup table over the values' span (one gather per row)
+        # and, for float columns or a span too wide for a table, the sorted values for a
+        # binary search. Text vocabularies: Arrow's hash lookup.
+        self._tables: dict[str, tuple[int, np.ndarray]] = {}
+        self._sorted: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._texts: dict[str, pa.Array] = {}
+        offset = len(preprocessor.numeric)
+        for column, vocabulary in zip(
+            preprocessor.categorical, preprocessor.vocabularies, strict=True
+        ):
+            self._categorical.append((column, offset))
+            offset += len(vocabulary)
+            self._texts[column] = pa.array([str(value) for value in vocabulary], pa.string())
+            if not isinstance(vocabulary[0], int):
+                continue
+            values = np.asarray(vocabulary, dtype=np.int64)
+            order = np.argsort(values, kind="stable")
+            self._sorted[column] = (values[order], order)
+            low, high = int(values.min()), int(values.max())
+            if high - low < LOOKUP_TABLE_MAX_SPAN:
+                table = np.full(high - low + 1, -1, dtype=np.int64)
+                table[values - low] = np.arange(len(values))
+                self._tables[column] = (low, table)
+
+    def encode(self, table: pa.Table) -> _Encoded:
+        rows = table.num_rows
+        if self._buffer.shape[0] != rows:
+            self._buffer = np.zeros((rows, self._width), dtype=np.float32)
+        else:
+            self._buffer.fill(0.0)
+        matrix = self._buffer
+        problems: list[_Problem] = []
+        for index, column in enumerate(self._numeric):
+            values = _float_values(table.column(column))
+            if values.dtype.kind == "f":
+                finite = np.isfinite(values)
+                if not finite.all():
+                    nan = np.isnan(values)
+                    if nan.any():
+                        problems.append(_Problem(column, _MISSING, nan))
+                    if (~finite & ~nan).any():
+                        problems.append(_Problem(column, _INFINITE, ~finite & ~nan))
+            matrix[:, index] = (values - self._means[index]) / self._stds[index]
+        flat = matrix.reshape(-1)
+        row_starts = np.arange(rows, dtype=np.int64) * self._width
+        for column, offset in self._categorical:
+            codes, missing = self._codes(column, table.column(column))
+            known = codes >= 0
+            if known.all():
+                flat[row_starts + offset + codes] = 1.0
+                continue
+            flat[row_starts[known] + offset + codes[known]] = 1.0
+            unknown = ~known
+            if missing is not None and missing.any():
+                problems.append(_Problem(column, _MISSING, missing))
+                unknown &= ~missing
+            if unknown.any():
+                problems.append(_Problem(column, _UNKNOWN, unknown))
+        return _Encoded(matrix, problems)
+
+    def _codes(self, column: str, values: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray | None]:
+        """One-hot position of each value (-1: unknown or missing), and the missing mask."""
+        arrow_type = _plain_type(values.type)
+        if pa.types.is_null(arrow_type):
+            return np.full(len(values), -1, dtype=np.int64), np.ones(len(values), dtype=bool)
+        if pa.types.is_dictionary(values.type):
+            values = values.cast(arrow_type)
+        missing = _null_mask(values)
+        if column in self._sorted and (_is_number(arrow_type) or pa.types.is_boolean(arrow_type)):
+            if pa.types.is_boolean(arrow_type):
+                values = values.cast(pa.int64())
+            numbers = values.to_numpy(zero_copy_only=False)
+            if numbers.dtype.kind == "f":
+                nan = np.isnan(numbers)
+                missing = nan if missing is None else missing | nan
+            elif column in self._tables:
+                return self._looked_up(column, numbers), missing
+            sorted_values, order = self._sorted[column]
+            position = np.searchsorted(sorted_values, numbers)
+            np.minimum(position, len(sorted_values) - 1, out=position)
+            # Comparing as numbers makes 2.0 match 2 and 2.5 match nothing, as pandas does.
+            found = sorted_values[position] == numbers
+            return np.where(found, order[position], -1), missing
+        if not _is_text(arrow_type):
+            values = pc.cast(values, pa.string())
+        found = pc.index_in(values, value_set=self._texts[column])
+        codes = pc.fill_null(found, -1).to_numpy().astype(np.int64, copy=False)
+        return codes, missing
+
+    def _looked_up(self, column: str, numbers: np.ndarray) -> np.ndarray:
+        low, table = self._tables[column]
+        shifted = numbers - low
+        if numbers.size and shifted.min() >= 0 and shifted.max() < len(table):
+            return table[shifted]
+        inside = (shifted >= 0) & (shifted < len(table))
+        return np.where(inside, table[np.where(inside, shifted, 0)], -1)
+
+
+def _float_values(values: pa.ChunkedArray) -> np.ndarray:
+    """A numeric column as numpy: integers as they are, floats with NaN where missing."""
+    arrow_type = _plain_type(values.type)
+    if pa.types.is_null(arrow_type):
+        return np.full(len(values), np.nan)
+    if pa.types.is_dictionary(values.type) or pa.types.is_boolean(arrow_type):
+        values = values.cast(pa.float64() if pa.types.is_boolean(arrow_type) else arrow_type)
+    if values.null_count and not pa.types.is_floating(arrow_type):
+        values = values.cast(pa.float64())
+    # Nulls in a float column become NaN, which the caller reports as missing.
+    return values.to_numpy(zero_copy_only=False)
+
+
+def _null_mask(values: pa.ChunkedArray) -> np.ndarray | None:
+    if not values.null_count:
+        return None
+    return values.is_null().to_numpy(zero_copy_only=False)
+
+
+def _reasons(table: pa.Table, problems: Sequence[_Problem], rows: np.ndarray) -> list[str]:
+    """One reason per row in ``rows``: its problems, ``salary is missing; car=99 is not a known category``."""
+    texts: list[list[str]] = [[] for _ in rows]
+    for problem in problems:
+        hit = problem.mask[rows]
+        if not hit.any():
+            continue
+        where = np.flatnonzero(hit)
+        if problem.kind == _UNKNOWN:
+            taken = table.column(problem.column).take(pa.array(rows[where]))
+            shown = pc.cast(taken, pa.string()).to_pylist()
+            for position, value in zip(where, shown, strict=True):
+                texts[position].append(f"{problem.column}={value} is not a known category")
+        else:
+            text = f"{problem.column} is {problem.kind}"
+            for position in where:
+                texts[position].append(text)
+    return ["; ".join(parts) for parts in texts]
+
+
+# ---------------------------------------------------------------------------------------
+# Streaming the input
+
+
+def _read_columns(model: ScoringModel, id_column: str | None) -> list[str]:
+    columns = [id_column] if id_column is not None else []
+    return columns + [name for name in model.feature_columns if name != id_column]
+
+
+#: Arrow types CSV columns are read as, per signature type, so that every block of a file
+#: gets the same type (the reader would otherwise fix the types from the first block).
+_CSV_TYPES = {
+    "double": pa.float64(),
+    "float": pa.float64(),
+    "long": pa.int64(),
+    "integer": pa.int64(),
+    "string": pa.string(),
+    "boolean": pa.bool_(),
+}
+
+
+def _file_chunks(
+    path: Path, columns: list[str], chunk_rows: int, csv_types: dict[str, pa.DataType]
+) -> Iterator[pa.Table]:
+    """The file's rows as tables of exactly ``chunk_rows`` rows (the last one shorter)."""
+    try:
+        if _format(path) == "parquet":
+            parquet = pq.ParquetFile(path)
+            try:
+                # Decoding on the calling thread: the reader already runs beside the model,
+                # and pyarrow's pool cost twice the CPU for the same batches (measured).
+                batches = parquet.iter_batches(
+                    batch_size=chunk_rows, columns=columns, use_threads=False
+                )
+                yield from _rechunk(batches, chunk_rows)
+            finally:
+                parquet.close()
+        else:
+            reader = pacsv.open_csv(
+                path,
+                read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                convert_options=pacsv.ConvertOptions(
+                    include_columns=columns, column_types=csv_types
+                ),
+            )
+            with reader:
+                yield from _rechunk(reader, chunk_rows)
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{path}: cannot read it", [_first_line(error)]) from error
+
+
+def _rechunk(batches: Iterable[pa.RecordBatch], chunk_rows: int) -> Iterator[pa.Table]:
+    """Regroup record batches of any size into tables of ``chunk_rows`` rows, without copying."""
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        pending.append(batch)
+        count += batch.num_rows
+        while count >= chunk_rows:
+            table = pa.Table.from_batches(pending)
+            yield table.slice(0, chunk_rows)
+            rest = table.slice(chunk_rows)
+            pending, count = rest.to_batches(), rest.num_rows
+    if count:
+        yield pa.Table.from_batches(pending)
+
+
+class _Prefetch:
+    """Runs an iterator in a background thread, ``depth`` items ahead of the consumer.
+
+    pyarrow releases the GIL while it reads and decodes, so reading the next chunk
+    overlaps with the model working on this one. Errors are raised in the consumer.
+    """
+
+    _END = object()
+
+    def __init__(self, iterator: Iterator[Any], depth: int) -> None:
+        self._iterator = iterator
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stemma-score-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self._iterator:
+                if not self._put(("item", item)):
+                    return
+            self._put(("end", None))
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            self._put(("error", error))
+        finally:
+            close = getattr(self._iterator, "close", None)
+            if close is not None:
+                close()
+
+    def _put(self, message: tuple[str, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(message, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            kind, value = self._queue.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+
+    def close(self) -> None:
+        """Stop the thread and drop what it read ahead."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        self._thread.join()
+
+
+# ---------------------------------------------------------------------------------------
+# Writing the output
+
+
+def _fsync_folder(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _write_atomically(path: Path, data: Any) -> None:
+    """Write bytes so that ``path`` never names a partial file: temp file, fsync, rename."""
+    temporary = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.write(handle, view)
+            view = view[written:]
+        os.fsync(handle)
+    except BaseException:
+        os.close(handle)
+        temporary.unlink(missing_ok=True)
+        raise
+    os.close(handle)
+    os.replace(temporary, path)
+    # The rename itself is durable only once the folder's entry is on disk.
+    _fsync_folder(path.parent)
+
+
+def _json_bytes(document: dict[str, Any]) -> bytes:
+    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _parquet_bytes(table: pa.Table) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    # Only the 0/1 prediction column gains from dictionary encoding; ids and scores are
+    # near-unique, and trying a dictionary first would cost time for nothing.
+    dictionary = [name for name in (PREDICTION_COLUMN, REASON_COLUMN) if name in table.column_names]
+    pq.write_table(table, sink, use_dictionary=dictionary)
+    return sink.getvalue()
+
+
+def _write_part(path: Path, table: pa.Table) -> dict[str, Any]:
+    payload = _parquet_bytes(table)
+    entry = {
+        "name": path.name,
+        "rows": table.num_rows,
+        "sha256": hashlib.sha256(memoryview(payload)).hexdigest(),
+    }
+    _write_atomically(path, payload)
+    return entry
+
+
+def _write_chunk(
+    output_dir: Path, name: str, scored: pa.Table, rejects: pa.Table | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Write a chunk's rejects part (or remove a stale one), then its scored part."""
+    rejects_path = output_dir / REJECTS_DIR / name
+    reject_entry = None
+    if rejects is not None:
+        rejects_path.parent.mkdir(exist_ok=True)
+        reject_entry = _write_part(rejects_path, rejects)
+    else:
+        rejects_path.unlink(missing_ok=True)
+    return _write_part(output_dir / name, scored), reject_entry
+
+
+def _existing_part(path: Path) -> dict[str, Any]:
+    return {
+        "name": path.name,
+        "rows": pq.ParquetFile(path).metadata.num_rows,
+        "sha256": _sha256_file(path),
+    }
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(HASH_CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _part_fingerprint(path: Path) -> str | None:
+    """The fingerprint a part was written under, or None when it is unreadable."""
+    try:
+        recorded = pq.ParquetFile(path).schema_arrow.metadata or {}
+    except (pa.ArrowException, OSError):
+        return None
+    value = recorded.get(f"{METADATA_PREFIX}fingerprint".encode())
+    return value.decode() if value is not None else None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
+# ---------------------------------------------------------------------------------------
+# The output folder: fresh, complete, resumable or stale
+
+
+def _is_ours(entry: Path, *, top: bool) -> bool:
+    name = entry.name
+    if name.startswith(TEMP_PREFIX):
+        return True
+    if _PART.match(name) and entry.is_file():
+        return True
+    return top and (
+        (name == REJECTS_DIR and entry.is_dir())
+        or (name in (PROGRESS_FILE, SUCCESS_FILE) and entry.is_file())
+    )
+
+
+def _foreign_entries(output_dir: Path) -> list[str]:
+    foreign = [entry.name for entry in output_dir.iterdir() if not _is_ours(entry, top=True)]
+    rejects = output_dir / REJECTS_DIR
+    if rejects.is_dir():
+        foreign += [
+            f"{REJECTS_DIR}/{entry.name}"
+            for entry in rejects.iterdir()
+            if not _is_ours(entry, top=False)
+        ]
+    return sorted(foreign)
+
+
+def _remove_temporaries(output_dir: Path) -> None:
+    for folder in (output_dir, output_dir / REJECTS_DIR):
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                if entry.name.startswith(TEMP_PREFIX):
+                    entry.unlink()
+
+
+def _invalidate(output_dir: Path, recorded: str | None) -> None:
+    """Remove an earlier scoring's output; the manifest first, so it never outlives a part."""
+    parts = sorted(entry.name for entry in output_dir.iterdir() if _PART.match(entry.name))
+    _LOG.warning(
+        "%s holds the output of another scoring (fingerprint %s): removing %s, its rejects and manifest",
+        output_dir,
+        (recorded or "unknown")[:12],
+        _plural(len(parts), "part"),
+    )
+    (output_dir / SUCCESS_FILE).unlink(missing_ok=True)
+    for name in parts:
+        (output_dir / name).unlink()
+    shutil.rmtree(output_dir / REJECTS_DIR, ignore_errors=True)
+    _remove_temporaries(output_dir)
+    (output_dir / PROGRESS_FILE).unlink(missing_ok=True)
+
+
+def _prepare_output(output_dir: Path, fingerprint: str) -> tuple[str, bool, dict[str, Any] | None]:
+    """Decide what to do with the output folder: ``fresh``, ``resume`` or ``complete``.
+
+    Returns:
+        The state, whether an earlier scoring's output was removed, and the manifest when
+        the folder already holds this scoring, complete.
+
+    Raises:
+        DataError: the folder holds files Stemma did not write (nothing is removed then).
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DataError(f"{output_dir}: the output exists and is not a folder")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    foreign = _foreign_entries(output_dir)
+    if foreign:
+        shown = ", ".join(foreign[:MAX_NAMED]) + (
+            f" and {len(foreign) - MAX_NAMED} more" if len(foreign) > MAX_NAMED else ""
+        )
+        raise DataError(
+            f"{output_dir}: refusing to score into a folder that holds files Stemma did not write",
+            [shown, "choose an empty or new folder for score.output (or --output), or move them"],
+        )
+    manifest = _read_json(output_dir / SUCCESS_FILE)
+    progress = _read_json(output_dir / PROGRESS_FILE)
+    recorded = (manifest or progress or {}).get("fingerprint")
+    if manifest is not None and recorded == fingerprint:
+        listed = [output_dir / part["name"] for part in manifest.get("parts", [])]
+        listed += [output_dir / REJECTS_DIR / part["name"] for part in manifest.get("rejects", [])]
+        if all(path.is_file() for path in listed):
+            return "complete", False, manifest
+        # A manifest whose parts are gone cannot be trusted; the parts left are resumed.
+        (output_dir / SUCCESS_FILE).unlink()
+    if recorded == fingerprint:
+        _remove_temporaries(output_dir)
+        return "resume", False, None
+    if any(output_dir.iterdir()):
+        _invalidate(output_dir, recorded)
+        return "fresh", True, None
+    return "fresh", False, None
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass(frozen=True)
+class ScoringResult:
+    """What a call to :func:`score_files` did, and what the output folder holds.
+
+    Attributes:
+        output_dir: the output folder.
+        manifest_path: its ``_SUCCESS`` manifest.
+        manifest: the manifest's content.
+        rows_input: rows in the input.
+        rows_scored: rows in the scored parts.
+        rows_rejected: rows in the rejects parts.
+        parts_written: parts scored and written by this call.
+        parts_skipped: parts an interrupted run had already written (resumed).
+        already_complete: the folder already held this scoring; nothing was done.
+        invalidated: the folder held another scoring's output (another model, input or
+            settings), which was removed.
+        extra_columns: input columns the model does not use (ignored).
+        seconds: wall time of the call.
+        rows_per_second: rows of the chunks scored by this call per second of wall time.
+        chunk_latency_ms: ``p50``, ``p95`` and ``p99`` of the preprocessing plus model time
+            per chunk scored by this call (empty when none was).
+        score_histogram: ``edges`` and ``counts`` of the scores (also in the manifest).
+        output_digest: sha256 of the manifest's bytes, a digest of the whole output.
+    """
+
+    output_dir: Path
+    manifest_path: Path
+    manifest: dict[str, Any]
+    rows_input: int
+    rows_scored: int
+    rows_rejected: int
+    parts_written: int
+    parts_skipped: int
+    already_complete: bool
+    invalidated: bool
+    extra_columns: list[str]
+    seconds: float
+    rows_per_second: float
+    chunk_latency_ms: dict[str, float]
+    score_histogram: dict[str, list[Any]]
+    output_digest: str
+
+    def summary(self) -> str:
+        """One line for the end of a run."""
+        model = self.manifest["model"]
+        label = f"{model['name']} v{model['version']}"
+        parts = _plural(len(self.manifest["parts"]), "part")
+        if self.already_complete:
+            return (
+                f"{self.output_dir} already holds the scores of {label} for this input "
+                f"({self.rows_scored:,} rows scored, {self.rows_rejected:,} rejected, {parts}): "
+                "nothing to do"
+            )
+        resumed = f", {self.parts_skipped} resumed" if self.parts_skipped else ""
+        return (
+            f"scored {self.rows_scored:,} rows ({self.rows_rejected:,} rejected) with {label} "
+            f"in {self.seconds:.1f} s ({_rate(self.rows_per_second)} rows/s) -> "
+            f"{self.output_dir} ({parts}{resumed})"
+        )
+
+
+def _rate(value: float) -> str:
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    if value >= 1e3:
+        return f"{value / 1e3:.0f}k"
+    return f"{value:.0f}"
+
+
+@dataclass
+class _Tally:
+    """What the scoring loop has produced so far."""
+
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rejects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rows_per_file: list[int] = field(default_factory=list)
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(HISTOGRAM_BINS, dtype=np.int64))
+    latencies: list[float] = field(default_factory=list)
+    rows_this_call: int = 0
+    written: int = 0
+    skipped: int = 0
+
+
+def score_files(
+    model: ScoringModel,
+    files: Sequence[Path],
+    output_dir: Path,
+    *,
+    id_column: str | None,
+    chunk_rows: int,
+    invalid_rows: str = "reject",
+    unknown_categories: str = "reject",
+    threads: int | None = None,
+    progress: bool | None = None,
+) -> ScoringResult:
+    """Score files chunk by chunk into Parquet parts, resuming an interrupted run.
+
+    The schemas are checked first (:func:`check_input_schema`, extra columns ignored).
+    Then each file is read ``chunk_rows`` rows at a time; chunk ``k`` of file ``f`` becomes
+    ``part-<f>-<k>.parquet`` with the id column, ``prediction`` (binary) and ``score``, in
+    input order, and its rows that cannot be scored go to ``rejects/part-<f>-<k>.parquet``
+    with a ``reason`` (or stop the run, per the policies). The manifest ``_SUCCESS`` is
+    written last.
+
+    The output folder is keyed by a fingerprint of the model version, its weights, the
+    input's digest and the settings: a folder complete for the same fingerprint is left as
+    it is; an interrupted one is resumed from its parts; one holding another fingerprint's
+    output is emptied first.
+
+    Args:
+        model: from :func:`load_scoring_model`.
+        files: from :func:`input_files`.
+        output_dir: the output folder (created when missing).
+        id_column: the column copied to the output to identify rows, or None.
+        chunk_rows: rows per chunk (and per part): bounds memory.
+        invalid_rows: ``reject`` or ``error`` for rows with a missing or non-finite value
+            (and a missing category).
+        unknown_categories: ``reject``, ``error``, or ``score`` (encoded as unseen).
+        threads: CPU threads for the model (default: all cores); restored afterwards.
+        progress: show a progress bar; None shows one when stderr is a terminal.
+
+    Returns:
+        What was done and what the folder holds.
+
+    Raises:
+        DataError: a schema problem, an unreadable file, a row that cannot be scored under
+            an ``error`` policy (naming file, rows and reasons), or an output folder that
+            holds files Stemma did not write or lies around the input.
+        ValueError: an unknown policy or a chunk size below 1.
+    """
+    import torch
+
+    started = time.perf_counter()
+    _check_policy("invalid_rows", invalid_rows, INVALID_ROW_POLICIES)
+    _check_policy("unknown_categories", unknown_categories, UNKNOWN_CATEGORY_POLICIES)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    if id_column in (PREDICTION_COLUMN, SCORE_COLUMN):
+        raise DataError(f"the id column cannot be called {id_column!r}: the output uses that name")
+    files = [Path(path) for path in files]
+    if not files:
+        raise DataError("nothing to score: no input files")
+    output_dir = Path(output_dir)
+    _refuse_output_around_input(files, output_dir)
+    extras = check_input_schema(files, model, id_column=id_column, extra_columns="ignore")
+    digest, md5s = input_digest(files)
+    policies = {"invalid_rows": invalid_rows, "unknown_categories": unknown_categories}
+    fingerprint = _fingerprint(model, digest, chunk_rows, id_column, policies)
+
+    state, invalidated, manifest = _prepare_output(output_dir, fingerprint)
+    if state == "complete":
+        assert manifest is not None
+        return _result(
+            output_dir, manifest, _Tally(), started, extras, invalidated, already_complete=True
+        )
+    progress_path = output_dir / PROGRESS_FILE
+    progress_document = {
+        "fingerprint": fingerprint,
+        "model_uri": model.model_uri,
+        "input_digest": digest,
+        "format": OUTPUT_FORMAT,
+    }
+    if _read_json(progress_path) != progress_document:
+        _write_atomically(progress_path, _json_bytes(progress_document))
+    done = _finished_parts(output_dir, fingerprint) if state == "resume" else set()
+
+    tally = _Tally(rows_per_file=[0] * len(files))
+    previous_threads = torch.get_num_threads()
+    # Each model thread runs the network on its own batches, single-threaded (see _forward).
+    torch.set_num_threads(1)
+    try:
+        _score_chunks(
+            model,
+            files,
+            output_dir,
+            tally,
+            done=done,
+            id_column=id_column,
+            chunk_rows=chunk_rows,
+            policies=policies,
+            metadata={
+                "model_uri": model.model_uri,
+                "model_version": model.version,
+                "weights_sha256": model.weights_sha256,
+                "input_digest": digest,
+                "fingerprint": fingerprint,
+            },
+            show=sys.stderr.isatty() if progress is None else progress,
+            workers=threads or os.cpu_count() or 1,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+    _remove_strays(output_dir, tally)
+
+    rows_scored = sum(entry["rows"] for entry in tally.parts.values())
+    rows_rejected = sum(entry["rows"] for entry in tally.rejects.values())
+    rows_input = sum(tally.rows_per_file)
+    if rows_scored + rows_rejected != rows_input:  # an invariant, checked before it is published
+        raise RuntimeError(
+            f"scoring lost track of rows: {rows_input} read, {rows_scored} scored, {rows_rejected} rejected"
+        )
+    if model.task == "binary":
+        histogram = {
+            "edges": np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1).tolist(),
+            "counts": tally.counts.tolist(),
+        }
+    else:
+        histogram = _value_histogram([output_dir / name for name in sorted(tally.parts)])
+    manifest = {
+        "format": OUTPUT_FORMAT,
+        "fingerprint": fingerprint,
+        "model": {
+            "reference": model.reference,
+            "uri": model.model_uri,
+            "name": model.name,
+            "version": model.version,
+            "alias": model.alias,
+            "run_id": model.run_id,
+            "weights_sha256": model.weights_sha256,
+            "task": model.task,
+            "threshold": model.threshold,
+        },
+        "input": {
+            "digest": digest,
+            "files": [
+                {"path": str(path), "name": path.name, "md5": md5, "rows": rows}
+                for path, md5, rows in zip(files, md5s, tally.rows_per_file, strict=True)
+            ],
+        },
+        "id_column": id_column,
+        "chunk_rows": chunk_rows,
+        "policies": policies,
+        "columns": _output_columns(model, id_column),
+        "parts": [tally.parts[name] for name in sorted(tally.parts)],
+        "rejects": [tally.rejects[name] for name in sorted(tally.rejects)],
+        "rows": {"input": rows_input, "scored": rows_scored, "rejected": rows_rejected},
+        "score_histogram": histogram,
+        "stemma_version": _stemma_version(),
+    }
+    _write_atomically(output_dir / SUCCESS_FILE, _json_bytes(manifest))
+    return _result(
+        output_dir, manifest, tally, started, extras, invalidated, already_complete=False
+    )
+
+
+def _score_chunks(
+    model: ScoringModel,
+    files: list[Path],
+    output_dir: Path,
+    tally: _Tally,
+    *,
+    done: set[str],
+    id_column: str | None,
+    chunk_rows: int,
+    policies: dict[str, str],
+    metadata: dict[str, str],
+    show: bool,
+    workers: int,
+) -> None:
+    """The loop: read ahead in one thread, encode here, predict in ``workers``, write in one."""
+    from tqdm import tqdm
+
+    encoder = _ChunkEncoder(model.preprocessor)
+    columns = _read_columns(model, id_column)
+    signature = dict(model.signature_columns)
+    csv_types = {
+        name: _CSV_TYPES[signature[name]]
+        for name in model.feature_columns
+        if signature.get(name) in _CSV_TYPES
+    }
+
+    def chunks() -> Iterator[tuple[int, int, pa.Table]]:
+        for file_index, path in enumerate(files):
+            for chunk_index, table in enumerate(_file_chunks(path, columns, chunk_rows, csv_types)):
+                yield file_index, chunk_index, table
+
+    total = None
+    if all(_format(path) == "parquet" for path in files):
+        total = sum(pq.read_metadata(path).num_rows for path in files)
+    bar = tqdm(
+        total=total, unit="rows", unit_scale=True, desc=f"score {model.label}", disable=not show
+    )
+    reader = _Prefetch(chunks(), PREFETCH_CHUNKS)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemma-score-writer")
+    forward_pool = (
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stemma-score-model")
+        if workers > 1
+        else None
+    )
+    pending: deque[Future[tuple[dict[str, Any], dict[str, Any] | None]]] = deque()
+
+    def collect(future: Future[tuple[dict[str, Any], dict[str, Any] | None]]) -> None:
+        part, rejected = future.result()
+        tally.parts[part["name"]] = part
+        if rejected is not None:
+            tally.rejects[rejected["name"]] = rejected
+
+    try:
+        for file_index, chunk_index, table in reader:
+            name = PART_NAME.format(file=file_index, chunk=chunk_index)
+            path = files[file_index]
+            tally.rows_per_file[file_index] += table.num_rows
+            if name in done:
+                _resume_part(output_dir, name, tally, binary=model.task == "binary")
+                bar.update(table.num_rows)
+                continue
+            began = time.perf_counter()
+            encoded = encoder.encode(table)
+            reject_mask, relevant = _apply_policies(
+                encoded.problems, policies, table, path, chunk_index * chunk_rows
+            )
+            matrix = encoded.matrix
+            keep = None
+            if reject_mask is not None:
+                keep = ~reject_mask
+                matrix = matrix[keep]
+            raw = _forward(model.network, matrix, forward_pool)
+            scores = np.asarray(model.preprocessor.decode_output(raw), dtype=np.float64)
+            scores = scores.reshape(len(matrix))
+            tally.latencies.append(time.perf_counter() - began)
+            if model.task == "binary":
+                tally.counts += np.histogram(scores, bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
+            file_metadata = {**metadata, "input_file": path.name}
+            scored = _scored_table(model, table, id_column, keep, scores, file_metadata)
+            rejects = None
+            if reject_mask is not None:
+                rejects = _rejects_table(
+                    model,
+                    table,
+                    id_column,
+                    reject_mask,
+                    relevant,
+                    chunk_index * chunk_rows,
+                    file_metadata,
+                )
+            pending.append(writer.submit(_write_chunk, output_dir, name, scored, rejects))
+            while len(pending) > PENDING_WRITES:
+                collect(pending.popleft())
+            tally.written += 1
+            tally.rows_this_call += table.num_rows
+            bar.update(table.num_rows)
+        while pending:
+            collect(pending.popleft())
+    finally:
+        reader.close()
+        # Writes already submitted finish (each is atomic); nothing half-written remains.
+        writer.shutdown(wait=True)
+        if forward_pool is not None:
+            forward_pool.shutdown(wait=True)
+        bar.close()
+
+
+def _forward(network: nn.Module, matrix: np.ndarray, pool: ThreadPoolExecutor | None) -> np.ndarray:
+    """Raw network outputs for ``matrix``, in batches of :data:`FORWARD_BATCH_ROWS` rows.
+
+    With a pool, its threads take batches in turn, each running the network with one
+    torch thread: for networks this small, splitting the rows across cores used them
+    better than splitting each matrix product (measured on the credit MLP: about 1.4x
+    the rows per CPU second). Batches are computed the same way whichever thread takes
+    them, so the outputs do not depend on the thread count.
+    """
+    import torch
+
+    def run(start: int) -> np.ndarray:
+        # inference_mode is per thread: each batch enters it where it runs.
+        with torch.inference_mode():
+            batch = torch.from_numpy(matrix[start : start + FORWARD_BATCH_ROWS])
+            return network(batch).float().numpy()
+
+    starts = range(0, max(len(matrix), 1), FORWARD_BATCH_ROWS)
+    outputs = list(pool.map(run, starts)) if pool is not None else [run(start) for start in starts]
+    return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+
+def _apply_policies(
+    problems: list[_Problem],
+    policies: dict[str, str],
+    table: pa.Table,
+    path: Path,
+    first_row: int,
+) -> tuple[np.ndarray | None, list[_Problem]]:
+    """The rows to reject (None: none) and the problems that count under the policies.
+
+    Raises:
+        DataError: a row has a problem whose policy is ``error``; names the rows and why.
+    """
+    policy_of = {
+        _MISSING: policies["invalid_rows"],
+        _INFINITE: policies["invalid_rows"],
+        _UNKNOWN: policies["unknown_categories"],
+    }
+    relevant = [problem for problem in problems if policy_of[problem.kind] != "score"]
+    errors = [problem for problem in relevant if policy_of[problem.kind] == "error"]
+    if errors:
+        error_mask = np.logical_or.reduce([problem.mask for problem in errors])
+        rows = np.flatnonzero(error_mask)
+        shown = rows[:MAX_NAMED]
+        details = [
+            f"row {first_row + row}: {reason}"
+            for row, reason in zip(shown, _reasons(table, relevant, shown), strict=True)
+        ]
+        if len(rows) > MAX_NAMED:
+            details.append(f"and {len(rows) - MAX_NAMED} more rows in this chunk")
+        kinds = {problem.kind for problem in errors}
+        if kinds & {_MISSING, _INFINITE}:
+            details.append("set score.invalid_rows: reject to write such rows to the rejects")
+        if _UNKNOWN in kinds:
+            details.append(
+                "set score.unknown_categories: reject (to the rejects) or score "
+                "(scored as an unseen category)"
+            )
+        raise DataError(
+            f"{path}: {_plural(len(rows), 'row')} cannot be scored (rows counted from 0 "
+            f"from row {first_row} on)",
+            details,
+        )
+    if not relevant:
+        return None, relevant
+    return np.logical_or.reduce([problem.mask for problem in relevant]), relevant
+
+
+def _output_columns(model: ScoringModel, id_column: str | None) -> list[str]:
+    columns = [id_column] if id_column is not None else []
+    if model.task == "binary":
+        columns.append(PREDICTION_COLUMN)
+    return [*columns, SCORE_COLUMN]
+
+
+def _with_metadata(columns: dict[str, Any], metadata: dict[str, str]) -> pa.Table:
+    table = pa.table(columns)
+    return table.replace_schema_metadata(
+        {f"{METADATA_PREFIX}{key}": value for key, value in metadata.items()}
+    )
+
+
+def _scored_table(
+    model: ScoringModel,
+    table: pa.Table,
+    id_column: str | None,
+    keep: np.ndarray | None,
+    scores: np.ndarray,
+    metadata: dict[str, str],
+) -> pa.Table:
+    columns: dict[str, Any] = {}
+    if id_column is not None:
+        ids = table.column(id_column)
+        if keep is not None:
+            ids = ids.filter(pa.array(keep))
+        # One contiguous array, so the part's bytes do not depend on how reads were batched.
+        columns[id_column] = ids.combine_chunks()
+    if model.task == "binary":
+        columns[PREDICTION_COLUMN] = pa.array((scores >= model.threshold).astype(np.int64))
+    columns[SCORE_COLUMN] = pa.array(scores)
+    return _with_metadata(columns, metadata)
+
+
+def _rejects_table(
+    model: ScoringModel,
+    table: pa.Table,
+    id_column: str | None,
+    reject_mask: np.ndarray,
+    problems: list[_Problem],
+    first_row: int,
+    metadata: dict[str, str],
+) -> pa.Table:
+    rows = np.flatnonzero(reject_mask)
+    taken = table.take(pa.array(rows))
+    columns: dict[str, Any] = {}
+    if id_column is not None:
+        columns[id_column] = taken.column(id_column).combine_chunks()
+    columns[ROW_COLUMN] = pa.array(rows.astype(np.int64) + first_row)
+    columns[REASON_COLUMN] = pa.array(_reasons(table, problems, rows), pa.string())
+    for name in model.feature_columns:
+        if name != id_column:
+            columns[name] = taken.column(name).combine_chunks()
+    return _with_metadata(columns, metadata)
+
+
+def _finished_parts(output_dir: Path, fingerprint: str) -> set[str]:
+    """Parts an interrupted run of the same fingerprint completed."""
+    return {
+        entry.name
+        for entry in output_dir.iterdir()
+        if _PART.match(entry.name) and _part_fingerprint(entry) == fingerprint
+    }
+
+
+def _resume_part(output_dir: Path, name: str, tally: _Tally, *, binary: bool) -> None:
+    """Count a finished part (and its rejects) as if this call had written it."""
+    path = output_dir / name
+    tally.parts[name] = _existing_part(path)
+    rejected = output_dir / REJECTS_DIR / name
+    if rejected.is_file():
+        tally.rejects[name] = _existing_part(rejected)
+    if binary:
+        tally.counts += np.histogram(_part_scores(path), bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
+    tally.skipped += 1
+
+
+def _part_scores(path: Path) -> np.ndarray:
+    return pq.read_table(path, columns=[SCORE_COLUMN]).column(0).to_numpy()
+
+
+def _value_histogram(paths: Sequence[Path]) -> dict[str, list[Any]]:
+    """Histogram of regression scores over the range they span, one part in memory at a time."""
+    low, high = np.inf, -np.inf
+    for path in paths:
+        scores = _part_scores(path)
+        finite = scores[np.isfinite(scores)]
+        if finite.size:
+            low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    if low > high:
+        return {"edges": [], "counts": []}
+    counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+    for path in paths:
+        counts += np.histogram(_part_scores(path), bins=HISTOGRAM_BINS, range=(low, high))[0]
+    edges = np.histogram_bin_edges(np.empty(0), bins=HISTOGRAM_BINS, range=(low, high))
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
+
+
+def _remove_strays(output_dir: Path, tally: _Tally) -> None:
+    """Remove parts this scoring did not produce (left by a copy or a crash mid-cleanup)."""
+    for folder, keep in ((output_dir, tally.parts), (output_dir / REJECTS_DIR, tally.rejects)):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if _PART.match(entry.name) and entry.name not in keep:
+                _LOG.warning("removing %s: not part of this scoring", entry)
+                entry.unlink()
+
+
+def _refuse_output_around_input(files: Sequence[Path], output_dir: Path) -> None:
+    target = output_dir.resolve()
+    inside = [path for path in files if path.resolve().is_relative_to(target)]
+    if inside:
+        raise DataError(
+            f"{output_dir}: the output folder holds input files ({inside[0].name})",
+            ["write the scores to a folder of their own (score.output or --output)"],
+        )
+
+
+def _fingerprint(
+    model: ScoringModel,
+    digest: str,
+    chunk_rows: int,
+    id_column: str | None,
+    policies: dict[str, str],
+) -> str:
+    """Everything the output's bytes depend on, hashed."""
+    document = {
+        "format": OUTPUT_FORMAT,
+        "model_uri": model.model_uri,
+        "weights_sha256": model.weights_sha256,
+        "input_digest": digest,
+        "chunk_rows": chunk_rows,
+        "id_column": id_column,
+        **policies,
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _stemma_version() -> str:
+    try:
+        return metadata.version("stemma")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _result(
+    output_dir: Path,
+    manifest: dict[str, Any],
+    tally: _Tally,
+    started: float,
+    extras: list[str],
+    invalidated: bool,
+    *,
+    already_complete: bool,
+) -> ScoringResult:
+    manifest_path = output_dir / SUCCESS_FILE
+    seconds = time.perf_counter() - started
+    latency: dict[str, float] = {}
+    if tally.latencies:
+        values = np.asarray(tally.latencies) * 1000.0
+        latency = {f"p{q}": float(np.percentile(values, q)) for q in (50, 95, 99)}
+    rows = manifest["rows"]
+    return ScoringResult(
+        output_dir=output_dir,
+        manifest_path=manifest_path,
+        manifest=manifest,
+        rows_input=int(rows["input"]),
+        rows_scored=int(rows["scored"]),
+        rows_rejected=int(rows["rejected"]),
+        parts_written=tally.written,
+        parts_skipped=len(manifest["parts"]) if already_complete else tally.skipped,
+        already_complete=already_complete,
+        invalidated=invalidated,
+        extra_columns=list(extras),
+        seconds=seconds,
+        rows_per_second=tally.rows_this_call / seconds if seconds > 0 else 0.0,
+        chunk_latency_ms=latency,
+        score_histogram=manifest["score_histogram"],
+        output_digest=_sha256_file(manifest_path),
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = getattr(error, "message", None) or str(error) or type(error).__name__
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
