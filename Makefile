@@ -27,6 +27,7 @@ data: install
 demo: install data
 	$(BIN)/stemma validate $(CONFIG)
 	$(BIN)/stemma run train $(CONFIG)
+	$(BIN)/stemma run score $(CONFIG)
 
 test: dev
 	$(BIN)/python -m pytest
