@@ -101,6 +101,10 @@ LOOKUP_TABLE_MAX_SPAN = 1 << 16
 #: Rows per forward pass: a batch's activations stay in the CPU cache. On a 2-core EPYC
 #: the credit MLP ran 2-3x faster per row in batches of 8,192 than of 65,536.
 FORWARD_BATCH_ROWS = 8_192
+#: Size of the block whose release raises glibc's mmap threshold (its cap is 32 MiB).
+MALLOC_WARMUP_BYTES = (32 << 20) - (64 << 10)
+#: Rows of the random batch a prepacked network must score like the original.
+PROBE_ROWS = 64
 #: Bytes per CSV block (the streaming reader infers types from the first one).
 CSV_BLOCK_BYTES = 4 << 20
 #: Output columns of a scored part, besides the id column.
@@ -620,9 +624,25 @@ class _Problem:
 
 
 @dataclass(frozen=True)
-class _Encoded:
-    matrix: np.ndarray  # (rows, n_inputs) float32, every row of the chunk
+class _Columns:
+    """A chunk's feature columns as numpy arrays, ready to be encoded batch by batch."""
+
+    rows: int
+    numeric: list[np.ndarray]  # raw values (integers, or floats with NaN where missing)
+    codes: list[np.ndarray]  # one-hot position per categorical column, -1: unknown or missing
+    all_known: list[bool]  # per categorical column: no -1 among its codes
     problems: list[_Problem]
+
+    def take(self, keep: np.ndarray) -> _Columns:
+        """Only the rows where ``keep`` is true (problems are not carried over)."""
+        codes = [values[keep] for values in self.codes]
+        return _Columns(
+            rows=int(keep.sum()),
+            numeric=[values[keep] for values in self.numeric],
+            codes=codes,
+            all_known=[bool((values >= 0).all()) for values in codes],
+            problems=[],
+        )
 
 
 class _ChunkEncoder:
@@ -634,8 +654,9 @@ class _ChunkEncoder:
     missing, infinite and unknown values per column as row masks, and the caller applies
     the spec's policies.
 
-    The matrix buffer is reused from one chunk to the next (the caller is done with it
-    before it asks for the next chunk), which spares the page faults of a fresh array.
+    It works in two steps: :meth:`columns` checks and looks up a whole chunk (a few
+    passes over each column), and :meth:`matrix` builds the network's input for a batch of
+    rows, small enough to stay in the CPU cache until the network reads it.
     """
 
     def __init__(self, preprocessor: Preprocessor) -> None:
@@ -643,7 +664,6 @@ class _ChunkEncoder:
         self._means = preprocessor.means
         self._stds = preprocessor.stds
         self._width = preprocessor.n_inputs
-        self._buffer = np.zeros((0, self._width), dtype=np.float32)
         self._categorical: list[tuple[str, int]] = []
         # Integer vocabularies: a lookup table over the values' span (one gather per row)
         # and, for float columns or a span too wide for a table, the sorted values for a
@@ -669,15 +689,11 @@ class _ChunkEncoder:
                 table[values - low] = np.arange(len(values))
                 self._tables[column] = (low, table)
 
-    def encode(self, table: pa.Table) -> _Encoded:
-        rows = table.num_rows
-        if self._buffer.shape[0] != rows:
-            self._buffer = np.zeros((rows, self._width), dtype=np.float32)
-        else:
-            self._buffer.fill(0.0)
-        matrix = self._buffer
+    def columns(self, table: pa.Table) -> _Columns:
+        """The chunk's features as arrays, and every missing, infinite or unknown value."""
         problems: list[_Problem] = []
-        for index, column in enumerate(self._numeric):
+        numeric = []
+        for column in self._numeric:
             values = _float_values(table.column(column))
             if values.dtype.kind == "f":
                 finite = np.isfinite(values)
@@ -687,23 +703,45 @@ class _ChunkEncoder:
                         problems.append(_Problem(column, _MISSING, nan))
                     if (~finite & ~nan).any():
                         problems.append(_Problem(column, _INFINITE, ~finite & ~nan))
-            matrix[:, index] = (values - self._means[index]) / self._stds[index]
-        flat = matrix.reshape(-1)
-        row_starts = np.arange(rows, dtype=np.int64) * self._width
-        for column, offset in self._categorical:
+            numeric.append(values)
+        all_codes, all_known = [], []
+        for column, _ in self._categorical:
             codes, missing = self._codes(column, table.column(column))
             known = codes >= 0
-            if known.all():
-                flat[row_starts + offset + codes] = 1.0
+            all_codes.append(codes)
+            all_known.append(bool(known.all()))
+            if all_known[-1]:
                 continue
-            flat[row_starts[known] + offset + codes[known]] = 1.0
             unknown = ~known
             if missing is not None and missing.any():
                 problems.append(_Problem(column, _MISSING, missing))
                 unknown &= ~missing
             if unknown.any():
                 problems.append(_Problem(column, _UNKNOWN, unknown))
-        return _Encoded(matrix, problems)
+        return _Columns(table.num_rows, numeric, all_codes, all_known, problems)
+
+    def matrix(self, columns: _Columns, start: int, stop: int) -> np.ndarray:
+        """The float32 input matrix of rows ``start`` to ``stop - 1``."""
+        rows = stop - start
+        matrix = np.zeros((rows, self._width), dtype=np.float32)
+        scratch = np.empty(rows, dtype=np.float64)
+        for index, values in enumerate(columns.numeric):
+            # float64 arithmetic, then float32, exactly as Preprocessor.transform does.
+            np.subtract(values[start:stop], self._means[index], out=scratch)
+            np.divide(scratch, self._stds[index], out=scratch)
+            matrix[:, index] = scratch
+        flat = matrix.reshape(-1)
+        row_starts = np.arange(0, rows * self._width, self._width, dtype=np.int64)
+        for (_, offset), codes, all_known in zip(
+            self._categorical, columns.codes, columns.all_known, strict=True
+        ):
+            batch = codes[start:stop]
+            if all_known:
+                flat[row_starts + (batch + offset)] = 1.0
+            else:
+                known = batch >= 0
+                flat[row_starts[known] + (batch[known] + offset)] = 1.0
+        return matrix
 
     def _codes(self, column: str, values: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray | None]:
         """One-hot position of each value (-1: unknown or missing), and the missing mask."""
@@ -1066,19 +1104,17 @@ def _invalidate(output_dir: Path, recorded: str | None) -> None:
     (output_dir / PROGRESS_FILE).unlink(missing_ok=True)
 
 
-def _prepare_output(output_dir: Path, fingerprint: str) -> tuple[str, bool, dict[str, Any] | None]:
-    """Decide what to do with the output folder: ``fresh``, ``resume`` or ``complete``.
-
-    Returns:
-        The state, whether an earlier scoring's output was removed, and the manifest when
-        the folder already holds this scoring, complete.
+def _holds_output(output_dir: Path) -> bool:
+    """Whether the output folder holds anything (only ever what Stemma writes there).
 
     Raises:
-        DataError: the folder holds files Stemma did not write (nothing is removed then).
+        DataError: the output is a file, or the folder holds files Stemma did not write
+            (nothing is removed then).
     """
-    if output_dir.exists() and not output_dir.is_dir():
+    if not output_dir.exists():
+        return False
+    if not output_dir.is_dir():
         raise DataError(f"{output_dir}: the output exists and is not a folder")
-    output_dir.mkdir(parents=True, exist_ok=True)
     foreign = _foreign_entries(output_dir)
     if foreign:
         shown = ", ".join(foreign[:MAX_NAMED]) + (
@@ -1088,6 +1124,17 @@ def _prepare_output(output_dir: Path, fingerprint: str) -> tuple[str, bool, dict
             f"{output_dir}: refusing to score into a folder that holds files Stemma did not write",
             [shown, "choose an empty or new folder for score.output (or --output), or move them"],
         )
+    return any(output_dir.iterdir())
+
+
+def _prepare_output(output_dir: Path, fingerprint: str) -> tuple[str, bool, dict[str, Any] | None]:
+    """Decide what to do with an output folder that holds Stemma's files.
+
+    Returns:
+        ``complete`` (this scoring is there, whole), ``resume`` (this scoring was
+        interrupted) or ``fresh`` (another scoring's output was removed); whether output
+        was removed; and the manifest when complete.
+    """
     manifest = _read_json(output_dir / SUCCESS_FILE)
     progress = _read_json(output_dir / PROGRESS_FILE)
     recorded = (manifest or progress or {}).get("fingerprint")
@@ -1101,10 +1148,8 @@ def _prepare_output(output_dir: Path, fingerprint: str) -> tuple[str, bool, dict
     if recorded == fingerprint:
         _remove_temporaries(output_dir)
         return "resume", False, None
-    if any(output_dir.iterdir()):
-        _invalidate(output_dir, recorded)
-        return "fresh", True, None
-    return "fresh", False, None
+    _invalidate(output_dir, recorded)
+    return "fresh", True, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -1218,7 +1263,8 @@ def score_files(
     The output folder is keyed by a fingerprint of the model version, its weights, the
     input's digest and the settings: a folder complete for the same fingerprint is left as
     it is; an interrupted one is resumed from its parts; one holding another fingerprint's
-    output is emptied first.
+    output is emptied first. Into an empty folder, scoring starts while the input is still
+    being hashed, and nothing is written before the fingerprint is known.
 
     Args:
         model: from :func:`load_scoring_model`.
@@ -1229,7 +1275,9 @@ def score_files(
         invalid_rows: ``reject`` or ``error`` for rows with a missing or non-finite value
             (and a missing category).
         unknown_categories: ``reject``, ``error``, or ``score`` (encoded as unseen).
-        threads: CPU threads for the model (default: all cores); restored afterwards.
+        threads: threads running the model (default: one per core); each runs the network
+            on its own batches with one torch thread (see :func:`_forward`). torch's
+            thread setting is restored afterwards.
         progress: show a progress bar; None shows one when stderr is a terminal.
 
     Returns:
@@ -1239,7 +1287,7 @@ def score_files(
         DataError: a schema problem, an unreadable file, a row that cannot be scored under
             an ``error`` policy (naming file, rows and reasons), or an output folder that
             holds files Stemma did not write or lies around the input.
-        ValueError: an unknown policy or a chunk size below 1.
+        ValueError: an unknown policy, or a chunk size or thread count below 1.
     """
     import torch
 
@@ -1258,27 +1306,26 @@ def score_files(
     output_dir = Path(output_dir)
     _refuse_output_around_input(files, output_dir)
     extras = check_input_schema(files, model, id_column=id_column, extra_columns="ignore")
-    digest, md5s = input_digest(files)
     policies = {"invalid_rows": invalid_rows, "unknown_categories": unknown_categories}
-    fingerprint = _fingerprint(model, digest, chunk_rows, id_column, policies)
 
-    state, invalidated, manifest = _prepare_output(output_dir, fingerprint)
-    if state == "complete":
-        assert manifest is not None
-        return _result(
-            output_dir, manifest, _Tally(), started, extras, invalidated, already_complete=True
-        )
-    progress_path = output_dir / PROGRESS_FILE
-    progress_document = {
-        "fingerprint": fingerprint,
-        "model_uri": model.model_uri,
-        "input_digest": digest,
-        "format": OUTPUT_FORMAT,
-    }
-    if _read_json(progress_path) != progress_document:
-        _write_atomically(progress_path, _json_bytes(progress_document))
-    done = _finished_parts(output_dir, fingerprint) if state == "resume" else set()
+    # Hashing the input reads all of it once; it runs beside the scoring when it can.
+    hashing = _in_background(_identify, model, files, chunk_rows, id_column, policies)
+    invalidated = False
+    done: set[str] = set()
+    if _holds_output(output_dir):
+        identity = hashing.result()
+        state, invalidated, manifest = _prepare_output(output_dir, identity.fingerprint)
+        if state == "complete":
+            assert manifest is not None
+            return _result(
+                output_dir, manifest, _Tally(), started, extras, invalidated, already_complete=True
+            )
+        if state == "resume":
+            done = _finished_parts(output_dir, identity.fingerprint)
+    else:
+        output_dir.mkdir(parents=True, exist_ok=True)
 
+    _raise_malloc_mmap_threshold()
     tally = _Tally(rows_per_file=[0] * len(files))
     previous_threads = torch.get_num_threads()
     # Each model thread runs the network on its own batches, single-threaded (see _forward).
@@ -1289,22 +1336,17 @@ def score_files(
             files,
             output_dir,
             tally,
+            hashing,
             done=done,
             id_column=id_column,
             chunk_rows=chunk_rows,
             policies=policies,
-            metadata={
-                "model_uri": model.model_uri,
-                "model_version": model.version,
-                "weights_sha256": model.weights_sha256,
-                "input_digest": digest,
-                "fingerprint": fingerprint,
-            },
             show=sys.stderr.isatty() if progress is None else progress,
             workers=threads or os.cpu_count() or 1,
         )
     finally:
         torch.set_num_threads(previous_threads)
+    identity = hashing.result()
     _remove_strays(output_dir, tally)
 
     rows_scored = sum(entry["rows"] for entry in tally.parts.values())
@@ -1312,7 +1354,8 @@ def score_files(
     rows_input = sum(tally.rows_per_file)
     if rows_scored + rows_rejected != rows_input:  # an invariant, checked before it is published
         raise RuntimeError(
-            f"scoring lost track of rows: {rows_input} read, {rows_scored} scored, {rows_rejected} rejected"
+            f"scoring lost track of rows: {rows_input} read, {rows_scored} scored, "
+            f"{rows_rejected} rejected"
         )
     if model.task == "binary":
         histogram = {
@@ -1323,7 +1366,7 @@ def score_files(
         histogram = _value_histogram([output_dir / name for name in sorted(tally.parts)])
     manifest = {
         "format": OUTPUT_FORMAT,
-        "fingerprint": fingerprint,
+        "fingerprint": identity.fingerprint,
         "model": {
             "reference": model.reference,
             "uri": model.model_uri,
@@ -1336,10 +1379,10 @@ def score_files(
             "threshold": model.threshold,
         },
         "input": {
-            "digest": digest,
+            "digest": identity.digest,
             "files": [
                 {"path": str(path), "name": path.name, "md5": md5, "rows": rows}
-                for path, md5, rows in zip(files, md5s, tally.rows_per_file, strict=True)
+                for path, md5, rows in zip(files, identity.md5s, tally.rows_per_file, strict=True)
             ],
         },
         "id_column": id_column,
@@ -1358,24 +1401,99 @@ def score_files(
     )
 
 
+def _raise_malloc_mmap_threshold() -> None:
+    """Let glibc serve the model's per-batch buffers from its heap instead of fresh maps.
+
+    glibc's malloc maps every block above its mmap threshold (128 KiB at start) afresh
+    and unmaps it when freed, so every 1-2 MiB activation of a forward pass faults its
+    pages in again; the threshold rises only when a larger mapped block is freed. Freeing
+    one untouched block just under glibc's 32 MiB cap raises it at once, as the end of
+    the first scoring in a process otherwise would. Measured on 10M rows in a fresh
+    process: 1.6M fewer page faults and 3.8 s less system time. The block's pages are
+    never touched, so it costs nothing; other allocators are unaffected.
+    """
+    np.empty(MALLOC_WARMUP_BYTES, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class _Identity:
+    """What the output's bytes depend on, known once the input is hashed."""
+
+    digest: str
+    md5s: list[str]
+    fingerprint: str
+    metadata: dict[str, str]  # key-value metadata of every part, without the input file
+
+
+def _identify(
+    model: ScoringModel,
+    files: list[Path],
+    chunk_rows: int,
+    id_column: str | None,
+    policies: dict[str, str],
+) -> _Identity:
+    try:
+        digest, md5s = input_digest(files)
+    except OSError as error:
+        raise DataError("cannot read the input to hash it", [_first_line(error)]) from error
+    fingerprint = _fingerprint(model, digest, chunk_rows, id_column, policies)
+    metadata = {
+        "model_uri": model.model_uri,
+        "model_version": model.version,
+        "weights_sha256": model.weights_sha256,
+        "input_digest": digest,
+        "fingerprint": fingerprint,
+    }
+    return _Identity(digest, md5s, fingerprint, metadata)
+
+
+def _in_background(function: Callable[..., Any], *args: Any) -> Future[Any]:
+    """Run ``function(*args)`` in a daemon thread (which never delays the interpreter's exit)."""
+    future: Future[Any] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as error:  # delivered to whoever waits on the future
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="stemma-score-hash", daemon=True).start()
+    return future
+
+
+@dataclass(frozen=True)
+class _ChunkScores:
+    """A scored chunk on its way to the writer."""
+
+    name: str
+    input_file: str
+    table: pa.Table
+    first_row: int
+    raw: np.ndarray  # network outputs of the kept rows
+    reject_mask: np.ndarray | None
+    problems: list[_Problem]
+
+
 def _score_chunks(
     model: ScoringModel,
     files: list[Path],
     output_dir: Path,
     tally: _Tally,
+    hashing: Future[_Identity],
     *,
     done: set[str],
     id_column: str | None,
     chunk_rows: int,
     policies: dict[str, str],
-    metadata: dict[str, str],
     show: bool,
     workers: int,
 ) -> None:
-    """The loop: read ahead in one thread, encode here, predict in ``workers``, write in one."""
+    """The loop: read ahead in one thread, encode here, run the model in ``workers``
+    threads, and decode, check and write in one more."""
     from tqdm import tqdm
 
     encoder = _ChunkEncoder(model.preprocessor)
+    network, packed = _packed_network(model.network, model.preprocessor.n_inputs)
     columns = _read_columns(model, id_column)
     signature = dict(model.signature_columns)
     csv_types = {
@@ -1402,53 +1520,44 @@ def _score_chunks(
         if workers > 1
         else None
     )
-    pending: deque[Future[tuple[dict[str, Any], dict[str, Any] | None]]] = deque()
+    # The writer runs tasks in order: the fingerprint is on disk before the first part.
+    pending: deque[Future[Any]] = deque([writer.submit(_write_progress, output_dir, hashing)])
 
-    def collect(future: Future[tuple[dict[str, Any], dict[str, Any] | None]]) -> None:
-        part, rejected = future.result()
+    def collect(future: Future[Any]) -> None:
+        written = future.result()
+        if written is None:  # the progress file
+            return
+        part, rejected, counts = written
         tally.parts[part["name"]] = part
         if rejected is not None:
             tally.rejects[rejected["name"]] = rejected
+        if counts is not None:
+            tally.counts += counts
 
     try:
         for file_index, chunk_index, table in reader:
             name = PART_NAME.format(file=file_index, chunk=chunk_index)
-            path = files[file_index]
             tally.rows_per_file[file_index] += table.num_rows
             if name in done:
                 _resume_part(output_dir, name, tally, binary=model.task == "binary")
                 bar.update(table.num_rows)
                 continue
             began = time.perf_counter()
-            encoded = encoder.encode(table)
+            features = encoder.columns(table)
+            first_row = chunk_index * chunk_rows
             reject_mask, relevant = _apply_policies(
-                encoded.problems, policies, table, path, chunk_index * chunk_rows
+                features.problems, policies, table, files[file_index], first_row
             )
-            matrix = encoded.matrix
-            keep = None
             if reject_mask is not None:
-                keep = ~reject_mask
-                matrix = matrix[keep]
-            raw = _forward(model.network, matrix, forward_pool)
-            scores = np.asarray(model.preprocessor.decode_output(raw), dtype=np.float64)
-            scores = scores.reshape(len(matrix))
+                features = features.take(~reject_mask)
+            raw = _forward(network, packed, encoder, features, forward_pool)
             tally.latencies.append(time.perf_counter() - began)
-            if model.task == "binary":
-                tally.counts += np.histogram(scores, bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
-            file_metadata = {**metadata, "input_file": path.name}
-            scored = _scored_table(model, table, id_column, keep, scores, file_metadata)
-            rejects = None
-            if reject_mask is not None:
-                rejects = _rejects_table(
-                    model,
-                    table,
-                    id_column,
-                    reject_mask,
-                    relevant,
-                    chunk_index * chunk_rows,
-                    file_metadata,
-                )
-            pending.append(writer.submit(_write_chunk, output_dir, name, scored, rejects))
+            chunk = _ChunkScores(
+                name, files[file_index].name, table, first_row, raw, reject_mask, relevant
+            )
+            pending.append(
+                writer.submit(_finish_chunk, output_dir, model, id_column, chunk, hashing)
+            )
             while len(pending) > PENDING_WRITES:
                 collect(pending.popleft())
             tally.written += 1
@@ -1465,24 +1574,118 @@ def _score_chunks(
         bar.close()
 
 
-def _forward(network: nn.Module, matrix: np.ndarray, pool: ThreadPoolExecutor | None) -> np.ndarray:
-    """Raw network outputs for ``matrix``, in batches of :data:`FORWARD_BATCH_ROWS` rows.
+def _write_progress(output_dir: Path, hashing: Future[_Identity]) -> None:
+    """Record the fingerprint before any part (unless it is already recorded)."""
+    identity = hashing.result()
+    path = output_dir / PROGRESS_FILE
+    document = {
+        "fingerprint": identity.fingerprint,
+        "input_digest": identity.digest,
+        "model_uri": identity.metadata["model_uri"],
+        "format": OUTPUT_FORMAT,
+    }
+    if _read_json(path) != document:
+        _write_atomically(path, _json_bytes(document))
 
-    With a pool, its threads take batches in turn, each running the network with one
-    torch thread: for networks this small, splitting the rows across cores used them
-    better than splitting each matrix product (measured on the credit MLP: about 1.4x
-    the rows per CPU second). Batches are computed the same way whichever thread takes
-    them, so the outputs do not depend on the thread count.
+
+def _finish_chunk(
+    output_dir: Path,
+    model: ScoringModel,
+    id_column: str | None,
+    chunk: _ChunkScores,
+    hashing: Future[_Identity],
+) -> tuple[dict[str, Any], dict[str, Any] | None, np.ndarray | None]:
+    """Decode, tabulate and write a chunk (in the writer thread).
+
+    Returns:
+        The scored part's manifest entry, the rejects part's (or None), and the chunk's
+        score histogram counts (binary; None for regression).
+    """
+    metadata = {**hashing.result().metadata, "input_file": chunk.input_file}
+    scores = np.asarray(model.preprocessor.decode_output(chunk.raw), dtype=np.float64)
+    scores = scores.reshape(-1)
+    counts = None
+    if model.task == "binary":
+        counts = np.histogram(scores, bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
+    keep = None if chunk.reject_mask is None else ~chunk.reject_mask
+    scored = _scored_table(model, chunk.table, id_column, keep, scores, metadata)
+    rejects = None
+    if chunk.reject_mask is not None:
+        rejects = _rejects_table(
+            model,
+            chunk.table,
+            id_column,
+            chunk.reject_mask,
+            chunk.problems,
+            chunk.first_row,
+            metadata,
+        )
+    part, rejected = _write_chunk(output_dir, chunk.name, scored, rejects)
+    return part, rejected, counts
+
+
+def _packed_network(network: nn.Module, width: int) -> tuple[nn.Module, bool]:
+    """The network with its linear layers prepacked for oneDNN, when that computes the same.
+
+    Prepacked weights spare the matrix library the repacking it does on every call, which
+    dominates for layers this small: the credit MLP ran 1.7x faster per row, with
+    bit-identical outputs on this CPU. The conversion is tried on a copy (``to_mkldnn``
+    rewires the module it is given) and kept only when it gives the network's outputs on
+    a probe batch; otherwise, or where oneDNN is missing, the network runs as it is.
+
+    Returns:
+        The module to run and whether it takes oneDNN tensors.
+    """
+    import copy
+
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return network, False
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(PROBE_ROWS, width, generator=generator)
+    try:
+        from torch.utils import mkldnn
+
+        packed = mkldnn.to_mkldnn(copy.deepcopy(network)).eval()
+        with torch.inference_mode():
+            expected = network(probe)
+            got = packed(probe.to_mkldnn())
+            got = got.to_dense() if got.is_mkldnn else got
+        if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-6):
+            return packed, True
+    except Exception as error:  # an architecture oneDNN cannot run: use it unpacked
+        _LOG.debug("running %s without oneDNN packing: %s", type(network).__name__, error)
+    return network, False
+
+
+def _forward(
+    network: nn.Module,
+    packed: bool,
+    encoder: _ChunkEncoder,
+    features: _Columns,
+    pool: ThreadPoolExecutor | None,
+) -> np.ndarray:
+    """Raw network outputs for a chunk, in batches of :data:`FORWARD_BATCH_ROWS` rows.
+
+    Each batch is encoded right before the network reads it, so its matrix is still in
+    the CPU cache. With a pool, its threads take batches in turn, each encoding and
+    running the network with one torch thread: for networks this small, splitting the
+    rows across cores used them better than splitting each matrix product (less CPU for
+    the same rows, measured on the credit MLP). A batch is computed the same way
+    whichever thread takes it, so the outputs do not depend on the thread count.
     """
     import torch
 
     def run(start: int) -> np.ndarray:
+        stop = min(start + FORWARD_BATCH_ROWS, features.rows)
+        batch = torch.from_numpy(encoder.matrix(features, start, stop))
         # inference_mode is per thread: each batch enters it where it runs.
         with torch.inference_mode():
-            batch = torch.from_numpy(matrix[start : start + FORWARD_BATCH_ROWS])
-            return network(batch).float().numpy()
+            output = network(batch.to_mkldnn() if packed else batch)
+            return (output.to_dense() if packed else output).float().numpy()
 
-    starts = range(0, max(len(matrix), 1), FORWARD_BATCH_ROWS)
+    starts = range(0, max(features.rows, 1), FORWARD_BATCH_ROWS)
     outputs = list(pool.map(run, starts)) if pool is not None else [run(start) for start in starts]
     return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 

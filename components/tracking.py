@@ -359,6 +359,33 @@ def log_dataset_reference(
     mlflow.log_input(dataset, context=context)
 
 
+#: Longest error text kept in a run's `stemma.error` tag.
+MAX_ERROR_TAG_CHARS = 4000
+
+
+def end_run_after(error: BaseException) -> bool:
+    """End the active run after ``error``: KILLED when interrupted, FAILED otherwise.
+
+    The run keeps the reason in its tags (``stemma.status``, ``stemma.error``), so the
+    MLflow UI says why a run stopped without a traceback.
+
+    Returns:
+        Whether the error was an interruption (Ctrl-C), which callers may resume from.
+    """
+    import mlflow
+
+    interrupted = isinstance(error, KeyboardInterrupt)
+    headline = error.headline if isinstance(error, StemmaError) else repr(error)
+    mlflow.set_tags(
+        {
+            "stemma.status": "interrupted" if interrupted else "failed",
+            "stemma.error": headline[:MAX_ERROR_TAG_CHARS],
+        }
+    )
+    mlflow.end_run(status="KILLED" if interrupted else "FAILED")
+    return interrupted
+
+
 # ---------------------------------------------------------------------------------------
 # Params and metrics
 

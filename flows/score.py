@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 
 from stemma.components import evaluation, lineage, scoring, tracking
 from stemma.components.data import resolve_data_version
-from stemma.components.errors import DataVersionError, StemmaError
+from stemma.components.errors import DataVersionError
 from stemma.components.spec import LoadedSpec, load_spec
 
 #: The alias scored when neither the command line nor the spec names a model.
@@ -220,16 +220,7 @@ def score_flow(
             }
         )
     except BaseException as error:
-        interrupted = isinstance(error, KeyboardInterrupt)
-        mlflow.set_tags(
-            {
-                "stemma.status": "interrupted" if interrupted else "failed",
-                "stemma.error": (error.headline if isinstance(error, StemmaError) else repr(error))[
-                    :4000
-                ],
-            }
-        )
-        mlflow.end_run(status="KILLED" if interrupted else "FAILED")
+        tracking.end_run_after(error)
         raise
     mlflow.end_run(status="FINISHED")
     return {

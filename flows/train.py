@@ -35,7 +35,7 @@ from stemma.components import (
     training,
 )
 from stemma.components import models as networks
-from stemma.components.errors import DataCheckError, DataError, SpecError, StemmaError
+from stemma.components.errors import DataCheckError, DataError, SpecError
 from stemma.components.spec import LoadedSpec, flatten, load_spec
 
 #: Rows of the test split logged with the model as its input example.
@@ -381,16 +381,7 @@ def train_flow(
             mlflow.log_dict(lineage.build_training_record(facts), lineage.RECORD_ARTIFACT)
             mlflow.set_tag("stemma.status", "completed")
     except BaseException as error:
-        interrupted = isinstance(error, KeyboardInterrupt)
-        mlflow.set_tags(
-            {
-                "stemma.status": "interrupted" if interrupted else "failed",
-                "stemma.error": (error.headline if isinstance(error, StemmaError) else repr(error))[
-                    :4000
-                ],
-            }
-        )
-        mlflow.end_run(status="KILLED" if interrupted else "FAILED")
+        interrupted = tracking.end_run_after(error)
         if not interrupted:
             shutil.rmtree(folder, ignore_errors=True)
         raise
