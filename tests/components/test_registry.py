@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import mlflow
 import numpy as np
@@ -25,8 +24,8 @@ from stemma.components.registry import (
 from stemma.components.spec import FeaturesSpec, GateSpec, ModelSpec
 from stemma.components.tracking import configure_tracking, ensure_experiment, log_pyfunc_model
 from stemma.components.training import predict_raw
+from tests.support import isolated_mlflow
 
-URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 FEATURES = FeaturesSpec(numeric=["salary", "age"], categorical=["car"])
 AUC_GATE = GateSpec(metric="roc_auc", minimum=0.8, margin_over_champion=0.0)
 RMSE_GATE = GateSpec(metric="rmse", maximum=2.0, margin_over_champion=0.05)
@@ -140,35 +139,27 @@ def synthetic_frame(rows: int, seed: int) -> pd.DataFrame:
 def store(tmp_path_factory: pytest.TempPathFactory):
     """A local store with one logged binary model (logging costs ~1 s; done once)."""
     root = tmp_path_factory.mktemp("registry")
-    saved = {name: os.environ.pop(name, None) for name in URI_VARIABLES}
-    configure_tracking(root)
-    frame = synthetic_frame(80, seed=1)
-    preprocessor = fit_preprocessor(frame, FEATURES, task="binary", target="approved")
-    config = network_config(ModelSpec(hidden=[8], dropout=0.0))
-    network = build_network(config, preprocessor.n_inputs, seed=5)
-    with mlflow.start_run(experiment_id=ensure_experiment("registry", root)) as run:
-        info, _ = log_pyfunc_model(
-            preprocessor=preprocessor,
-            network=network,
-            network_config=config,
-            input_example=frame,
-            task="binary",
-            workdir=root / "work",
-        )
-    yield {
-        "model_uri": info.model_uri,
-        "run_id": run.info.run_id,
-        "preprocessor": preprocessor,
-        "network": network,
-    }
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
-    for name, value in saved.items():
-        os.environ.pop(name, None)
-        if value is not None:
-            os.environ[name] = value
+    with isolated_mlflow():
+        configure_tracking(root)
+        frame = synthetic_frame(80, seed=1)
+        preprocessor = fit_preprocessor(frame, FEATURES, task="binary", target="approved")
+        config = network_config(ModelSpec(hidden=[8], dropout=0.0))
+        network = build_network(config, preprocessor.n_inputs, seed=5)
+        with mlflow.start_run(experiment_id=ensure_experiment("registry", root)) as run:
+            info, _ = log_pyfunc_model(
+                preprocessor=preprocessor,
+                network=network,
+                network_config=config,
+                input_example=frame,
+                task="binary",
+                workdir=root / "work",
+            )
+        yield {
+            "model_uri": info.model_uri,
+            "run_id": run.info.run_id,
+            "preprocessor": preprocessor,
+            "network": network,
+        }
 
 
 @pytest.fixture

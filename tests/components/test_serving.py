@@ -26,8 +26,8 @@ from stemma.components.tracking import (
     log_pyfunc_model,
 )
 from stemma.components.training import predict_raw
+from tests.support import isolated_mlflow
 
-URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 FEATURES = FeaturesSpec(numeric=["salary", "age"], categorical=["elevel", "car"])
 ROWS = 64
 
@@ -53,17 +53,9 @@ def synthetic_frame(rows: int, seed: int) -> pd.DataFrame:
 def tracking(tmp_path_factory: pytest.TempPathFactory):
     """One local store for the module (logging a model costs ~1 s); URIs restored after."""
     root = tmp_path_factory.mktemp("serving")
-    saved = {name: os.environ.pop(name, None) for name in URI_VARIABLES}
-    uri = configure_tracking(root)
-    yield root, uri, ensure_experiment("serving", root)
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
-    for name, value in saved.items():
-        os.environ.pop(name, None)
-        if value is not None:
-            os.environ[name] = value
+    with isolated_mlflow():
+        uri = configure_tracking(root)
+        yield root, uri, ensure_experiment("serving", root)
 
 
 def log_model(tracking, task: str, tmp: Path):

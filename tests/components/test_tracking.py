@@ -28,8 +28,8 @@ from stemma.components.tracking import (
     log_metrics_batch,
     log_params_flat,
 )
+from tests.support import isolated_mlflow
 
-URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 FILE_MD5 = "0f343b0931126a20f133d67c2b018a3b"
 DIR_MD5 = "9c1a2a7a6e4b8f0f2c3d4e5f60718293.dir"
 
@@ -46,19 +46,11 @@ def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def tracking(tmp_path: Path, empty_store: Path):
     """Local tracking under tmp_path; the process's MLflow URIs and env are restored after."""
-    saved = {name: os.environ.pop(name, None) for name in URI_VARIABLES}
-    (tmp_path / ".stemma").mkdir()
-    shutil.copyfile(empty_store, tmp_path / ".stemma" / "mlflow.db")
-    uri = configure_tracking(tmp_path)
-    yield uri
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
-    for name, value in saved.items():
-        os.environ.pop(name, None)
-        if value is not None:
-            os.environ[name] = value
+    with isolated_mlflow():
+        (tmp_path / ".stemma").mkdir()
+        shutil.copyfile(empty_store, tmp_path / ".stemma" / "mlflow.db")
+        uri = configure_tracking(tmp_path)
+        yield uri
 
 
 @pytest.fixture
