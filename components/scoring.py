@@ -21,10 +21,12 @@ appears atomically (temporary name, fsync, rename), and a scored part is written
 rejects part, so its presence marks the chunk done: a run killed at any point resumes from
 the parts that exist and ends with the same bytes as a run that was never interrupted.
 
-Reading (pyarrow releases the GIL) and writing (compression, fsync) run in background
-threads, overlapping the model, which runs in the calling thread under
-``torch.inference_mode``. Preprocessing works on Arrow and numpy arrays directly; pandas is
-not involved. Memory is bounded by a few chunks, whatever the size of the input.
+The work overlaps in threads (pyarrow, numpy, hashlib and torch release the GIL): one
+hashes the input, one reads chunks ahead, the calling thread checks and looks up each
+chunk, ``threads`` threads encode and run the network batch by batch under
+``torch.inference_mode``, and one decodes, tabulates and writes the parts. Preprocessing
+works on Arrow and numpy arrays directly; pandas is not involved. Memory is bounded by a
+few chunks, whatever the size of the input.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -93,6 +96,8 @@ UNKNOWN_CATEGORY_POLICIES = ("reject", "error", "score")
 EXTRA_COLUMN_POLICIES = ("ignore", "error")
 #: How many rows, files or columns an error message names before it summarises.
 MAX_NAMED = 5
+#: How many schema problems an error lists (one screen).
+MAX_PROBLEMS_SHOWN = 20
 #: Chunks read ahead of the model, and parts waiting to be written: bounds memory.
 PREFETCH_CHUNKS = 2
 PENDING_WRITES = 2
@@ -105,6 +110,8 @@ FORWARD_BATCH_ROWS = 8_192
 MALLOC_WARMUP_BYTES = (32 << 20) - (64 << 10)
 #: Rows of the random batch a prepacked network must score like the original.
 PROBE_ROWS = 64
+#: Read buffer of the Parquet reader.
+READ_BUFFER_BYTES = 1 << 20
 #: Bytes per CSV block (the streaming reader infers types from the first one).
 CSV_BLOCK_BYTES = 4 << 20
 #: Output columns of a scored part, besides the id column.
@@ -189,9 +196,7 @@ def load_scoring_model(reference: str, *, client: MlflowClient | None = None) ->
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from .models import build_network
-    from .tracking import DEFAULT_THRESHOLD, MODEL_ARTIFACT_FILES, NETWORK_FORMAT
-    from .training import load_weights
+    from .tracking import DEFAULT_THRESHOLD, MODEL_ARTIFACT_FILES
 
     match = _REFERENCE.match(reference.strip())
     if match is None:
@@ -222,53 +227,8 @@ def load_scoring_model(reference: str, *, client: MlflowClient | None = None) ->
         mlmodel = _read_mlmodel(folder, label)
         paths = _artifact_paths(folder, mlmodel, MODEL_ARTIFACT_FILES, label)
         signature = _signature_columns(mlmodel, label)
-
-        digest = hashlib.sha256(paths["weights"].read_bytes()).hexdigest()
-        expected = _recorded_weights_sha256(client, version)
-        if expected is not None and expected != digest:
-            raise RegistryError(
-                f"{label}: the weights file does not match the sha256 recorded when it was registered",
-                [
-                    f"recorded {expected}",
-                    f"found    {digest}",
-                    "the artifact store changed after registration: restore the file or "
-                    "register the model again",
-                ],
-            )
-        try:
-            preprocessor = Preprocessor.load_json(paths["preprocess"])
-            document = json.loads(paths["network"].read_text(encoding="utf-8"))
-        except ValueError as error:
-            raise RegistryError(f"{label}: unreadable model files", [str(error)]) from error
-        if not isinstance(document, dict) or document.get("format") != NETWORK_FORMAT:
-            layout = document.get("format") if isinstance(document, dict) else None
-            raise RegistryError(
-                f"{label}: network.json has format {layout!r}; this Stemma reads {NETWORK_FORMAT}"
-            )
-        if int(document["n_inputs"]) != preprocessor.n_inputs:
-            raise RegistryError(
-                f"{label}: the network takes {document['n_inputs']} inputs but the "
-                f"preprocessor produces {preprocessor.n_inputs}"
-            )
-        signature_names = {column for column, _ in signature}
-        unsigned = [
-            c
-            for c in (*preprocessor.numeric, *preprocessor.categorical)
-            if c not in signature_names
-        ]
-        if unsigned:
-            raise RegistryError(
-                f"{label}: the signature lacks feature columns the model reads: {', '.join(unsigned)}"
-            )
-        try:
-            network = build_network(
-                document["config"], int(document["n_inputs"]), int(document["n_outputs"])
-            )
-            load_weights(network, paths["weights"])
-        except Exception as error:  # TrainingError or a custom architecture's own error
-            raise RegistryError(
-                f"{label}: cannot rebuild the network", [_first_line(error)]
-            ) from error
+        digest = _verified_weights_sha256(client, version, paths["weights"], label)
+        preprocessor, document, network = _rebuild(paths, signature, label)
 
     return ScoringModel(
         reference=reference,
@@ -284,6 +244,66 @@ def load_scoring_model(reference: str, *, client: MlflowClient | None = None) ->
         network=network.eval(),
         signature_columns=signature,
     )
+
+
+def _verified_weights_sha256(
+    client: MlflowClient, version: ModelVersion, weights: Path, label: str
+) -> str:
+    """The weights file's sha256, checked against the one recorded at registration."""
+    digest = _sha256_file(weights)
+    expected = _recorded_weights_sha256(client, version)
+    if expected is not None and expected != digest:
+        raise RegistryError(
+            f"{label}: the weights file does not match the sha256 recorded when it was registered",
+            [
+                f"recorded {expected}",
+                f"found    {digest}",
+                "the artifact store changed after registration: restore the file or "
+                "register the model again",
+            ],
+        )
+    return digest
+
+
+def _rebuild(
+    paths: dict[str, Path], signature: list[tuple[str, str]], label: str
+) -> tuple[Preprocessor, dict[str, Any], nn.Module]:
+    """The preprocessor, the network JSON and the network with its weights loaded."""
+    from .models import build_network
+    from .tracking import NETWORK_FORMAT
+    from .training import load_weights
+
+    try:
+        preprocessor = Preprocessor.load_json(paths["preprocess"])
+        document = json.loads(paths["network"].read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise RegistryError(f"{label}: unreadable model files", [str(error)]) from error
+    if not isinstance(document, dict) or document.get("format") != NETWORK_FORMAT:
+        layout = document.get("format") if isinstance(document, dict) else None
+        raise RegistryError(
+            f"{label}: network.json has format {layout!r}; this Stemma reads {NETWORK_FORMAT}"
+        )
+    signed = {column for column, _ in signature}
+    unsigned = [
+        column
+        for column in (*preprocessor.numeric, *preprocessor.categorical)
+        if column not in signed
+    ]
+    if unsigned:
+        raise RegistryError(
+            f"{label}: the signature lacks feature columns the model reads: {', '.join(unsigned)}"
+        )
+    try:
+        n_inputs, n_outputs = int(document["n_inputs"]), int(document["n_outputs"])
+        if n_inputs != preprocessor.n_inputs:
+            raise ValueError(
+                f"the network takes {n_inputs} inputs, the preprocessor makes {preprocessor.n_inputs}"
+            )
+        network = build_network(document["config"], n_inputs, n_outputs)
+        load_weights(network, paths["weights"])
+    except Exception as error:  # malformed JSON fields, TrainingError, a custom class's error
+        raise RegistryError(f"{label}: cannot rebuild the network", [_first_line(error)]) from error
+    return preprocessor, document, network
 
 
 def _resolve_version(
@@ -535,9 +555,9 @@ def check_input_schema(
     """
     _check_policy("extra_columns", extra_columns, EXTRA_COLUMN_POLICIES)
     expected = dict(model.signature_columns)
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []  # (file name, problem)
+    extra_problems: list[tuple[str, str]] = []
     extras: list[str] = []
-    extra_problems: list[str] = []
     for path in files:
         schema = _read_schema(path)
         present = {field.name: field.type for field in schema}
@@ -546,31 +566,35 @@ def check_input_schema(
         ]
         if missing:
             problems.append(
-                f"{path.name}: missing {_plural(len(missing), 'column')}: {', '.join(missing)}"
+                (path.name, f"missing {_plural(len(missing), 'column')}: {', '.join(missing)}")
             )
         for name, kind in model.signature_columns:
             if name in present and not _accepts(kind, present[name]):
                 problems.append(
-                    f"{path.name}: column {name} is {present[name]}, the model needs {kind}"
+                    (path.name, f"column {name} is {present[name]}, the model needs {kind}")
                 )
         if id_column is not None and id_column not in present:
-            problems.append(f"{path.name}: missing the id column {id_column}")
+            problems.append((path.name, f"missing the id column {id_column}"))
         unused = [name for name in present if name not in expected and name != id_column]
         if unused:
             extra_problems.append(
-                f"{path.name}: extra {_plural(len(unused), 'column')}: {', '.join(unused)}"
+                (path.name, f"extra {_plural(len(unused), 'column')}: {', '.join(unused)}")
             )
         extras.extend(name for name in unused if name not in extras)
     if extra_columns == "error":
         problems.extend(extra_problems)
     if problems:
-        hints = [f"the model ({model.label}) takes: {_signature_text(model)}"]
+        lines = [f"{name}: {problem}" for name, problem in problems[:MAX_PROBLEMS_SHOWN]]
+        if len(problems) > MAX_PROBLEMS_SHOWN:
+            lines.append(f"and {len(problems) - MAX_PROBLEMS_SHOWN} more")
+        lines.append(f"the model ({model.label}) takes: {_signature_text(model)}")
         if extra_columns == "error" and extra_problems:
-            hints.append("set score.extra_columns: ignore to score files with extra columns")
+            lines.append("set score.extra_columns: ignore to score files with extra columns")
+        files_at_fault = {name for name, _ in problems}
         raise DataError(
             f"the input does not match the signature of {model.label}: "
-            f"{_plural(len(problems), 'problem')} in {_plural(len(files), 'file')}",
-            [*problems, *hints],
+            f"{_plural(len(problems), 'problem')} in {_plural(len(files_at_fault), 'file')}",
+            lines,
         )
     return extras
 
@@ -847,7 +871,9 @@ def _file_chunks(
     """The file's rows as tables of exactly ``chunk_rows`` rows (the last one shorter)."""
     try:
         if _format(path) == "parquet":
-            parquet = pq.ParquetFile(path)
+            # Without pre-buffering: pyarrow keeps pre-buffered ranges until the file is
+            # closed, so memory would grow with the file (measured), not the chunk.
+            parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
             try:
                 # Decoding on the calling thread: the reader already runs beside the model,
                 # and pyarrow's pool cost twice the CPU for the same batches (measured).
@@ -861,8 +887,9 @@ def _file_chunks(
             reader = pacsv.open_csv(
                 path,
                 read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                # An empty field is a missing value, for text columns too.
                 convert_options=pacsv.ConvertOptions(
-                    include_columns=columns, column_types=csv_types
+                    include_columns=columns, column_types=csv_types, strings_can_be_null=True
                 ),
             )
             with reader:
@@ -895,8 +922,6 @@ class _Prefetch:
     pyarrow releases the GIL while it reads and decodes, so reading the next chunk
     overlaps with the model working on this one. Errors are raised in the consumer.
     """
-
-    _END = object()
 
     def __init__(self, iterator: Iterator[Any], depth: int) -> None:
         self._iterator = iterator
@@ -959,8 +984,17 @@ def _fsync_folder(folder: Path) -> None:
         os.close(handle)
 
 
-def _write_atomically(path: Path, data: Any) -> None:
-    """Write bytes so that ``path`` never names a partial file: temp file, fsync, rename."""
+def _write_atomically(path: Path, data: Any, *, sync_folder: bool = True) -> None:
+    """Write bytes so that ``path`` never names a partial file: temp file, fsync, rename.
+
+    Args:
+        path: the file to write.
+        data: bytes or any buffer.
+        sync_folder: fsync the folder too, so that the rename itself survives a power
+            loss. Parts skip it: the folders are synced once before the manifest is
+            written, which is all the ordering a crash needs (a part whose rename was
+            lost is scored again on resume).
+    """
     temporary = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
     handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -975,8 +1009,8 @@ def _write_atomically(path: Path, data: Any) -> None:
         raise
     os.close(handle)
     os.replace(temporary, path)
-    # The rename itself is durable only once the folder's entry is on disk.
-    _fsync_folder(path.parent)
+    if sync_folder:
+        _fsync_folder(path.parent)
 
 
 def _json_bytes(document: dict[str, Any]) -> bytes:
@@ -999,7 +1033,7 @@ def _write_part(path: Path, table: pa.Table) -> dict[str, Any]:
         "rows": table.num_rows,
         "sha256": hashlib.sha256(memoryview(payload)).hexdigest(),
     }
-    _write_atomically(path, payload)
+    _write_atomically(path, payload, sync_folder=False)
     return entry
 
 
@@ -1308,11 +1342,12 @@ def score_files(
     extras = check_input_schema(files, model, id_column=id_column, extra_columns="ignore")
     policies = {"invalid_rows": invalid_rows, "unknown_categories": unknown_categories}
 
+    holds_output = _holds_output(output_dir)  # refuses a folder with foreign files
     # Hashing the input reads all of it once; it runs beside the scoring when it can.
     hashing = _in_background(_identify, model, files, chunk_rows, id_column, policies)
     invalidated = False
     done: set[str] = set()
-    if _holds_output(output_dir):
+    if holds_output:
         identity = hashing.result()
         state, invalidated, manifest = _prepare_output(output_dir, identity.fingerprint)
         if state == "complete":
@@ -1395,6 +1430,10 @@ def score_files(
         "score_histogram": histogram,
         "stemma_version": _stemma_version(),
     }
+    # The parts' renames are made durable before the manifest that lists them.
+    for folder in (output_dir / REJECTS_DIR, output_dir):
+        if folder.is_dir():
+            _fsync_folder(folder)
     _write_atomically(output_dir / SUCCESS_FILE, _json_bytes(manifest))
     return _result(
         output_dir, manifest, tally, started, extras, invalidated, already_complete=False
@@ -1467,11 +1506,10 @@ class _ChunkScores:
 
     name: str
     input_file: str
-    table: pa.Table
-    first_row: int
-    raw: np.ndarray  # network outputs of the kept rows
-    reject_mask: np.ndarray | None
-    problems: list[_Problem]
+    ids: pa.ChunkedArray | None  # the id column of every row (not the whole chunk)
+    keep: np.ndarray | None  # rows scored, when some were rejected
+    scores: np.ndarray  # float64 scores of the kept rows
+    rejects: dict[str, Any] | None  # columns of the rejects part
 
 
 def _score_chunks(
@@ -1488,8 +1526,8 @@ def _score_chunks(
     show: bool,
     workers: int,
 ) -> None:
-    """The loop: read ahead in one thread, encode here, run the model in ``workers``
-    threads, and decode, check and write in one more."""
+    """The loop: read ahead in one thread; check and look up each chunk here; encode and
+    run the network in ``workers`` threads; tabulate and write in one more."""
     from tqdm import tqdm
 
     encoder = _ChunkEncoder(model.preprocessor)
@@ -1550,10 +1588,17 @@ def _score_chunks(
             )
             if reject_mask is not None:
                 features = features.take(~reject_mask)
-            raw = _forward(network, packed, encoder, features, forward_pool)
+            scores = _forward(network, packed, encoder, features, model.preprocessor, forward_pool)
             tally.latencies.append(time.perf_counter() - began)
             chunk = _ChunkScores(
-                name, files[file_index].name, table, first_row, raw, reject_mask, relevant
+                name=name,
+                input_file=files[file_index].name,
+                ids=table.column(id_column) if id_column is not None else None,
+                keep=None if reject_mask is None else ~reject_mask,
+                scores=scores,
+                rejects=None
+                if reject_mask is None
+                else _rejects_columns(model, table, id_column, reject_mask, relevant, first_row),
             )
             pending.append(
                 writer.submit(_finish_chunk, output_dir, model, id_column, chunk, hashing)
@@ -1602,26 +1647,25 @@ def _finish_chunk(
         score histogram counts (binary; None for regression).
     """
     metadata = {**hashing.result().metadata, "input_file": chunk.input_file}
-    scores = np.asarray(model.preprocessor.decode_output(chunk.raw), dtype=np.float64)
-    scores = scores.reshape(-1)
     counts = None
     if model.task == "binary":
-        counts = np.histogram(scores, bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
-    keep = None if chunk.reject_mask is None else ~chunk.reject_mask
-    scored = _scored_table(model, chunk.table, id_column, keep, scores, metadata)
-    rejects = None
-    if chunk.reject_mask is not None:
-        rejects = _rejects_table(
-            model,
-            chunk.table,
-            id_column,
-            chunk.reject_mask,
-            chunk.problems,
-            chunk.first_row,
-            metadata,
-        )
+        counts = np.histogram(chunk.scores, bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
+    columns: dict[str, Any] = {}
+    if id_column is not None and chunk.ids is not None:
+        ids = chunk.ids if chunk.keep is None else chunk.ids.filter(pa.array(chunk.keep))
+        # One contiguous array, so the part's bytes do not depend on how reads were batched.
+        columns[id_column] = ids.combine_chunks()
+    if model.task == "binary":
+        columns[PREDICTION_COLUMN] = pa.array((chunk.scores >= model.threshold).astype(np.int64))
+    columns[SCORE_COLUMN] = pa.array(chunk.scores)
+    scored = _with_metadata(columns, metadata)
+    rejects = None if chunk.rejects is None else _with_metadata(chunk.rejects, metadata)
     part, rejected = _write_chunk(output_dir, chunk.name, scored, rejects)
     return part, rejected, counts
+
+
+#: Prepacked networks by the network they were made from (see :func:`_packed_network`).
+_PACKED: weakref.WeakKeyDictionary[Any, tuple[Any, bool]] = weakref.WeakKeyDictionary()
 
 
 def _packed_network(network: nn.Module, width: int) -> tuple[nn.Module, bool]:
@@ -1631,11 +1675,19 @@ def _packed_network(network: nn.Module, width: int) -> tuple[nn.Module, bool]:
     dominates for layers this small: the credit MLP ran 1.7x faster per row, with
     bit-identical outputs on this CPU. The conversion is tried on a copy (``to_mkldnn``
     rewires the module it is given) and kept only when it gives the network's outputs on
-    a probe batch; otherwise, or where oneDNN is missing, the network runs as it is.
+    a probe batch; otherwise, or where oneDNN is missing, the network runs as it is. The
+    result is kept per network object, which must not change afterwards (the network of
+    a :class:`ScoringModel` never does).
 
     Returns:
         The module to run and whether it takes oneDNN tensors.
     """
+    if network not in _PACKED:
+        _PACKED[network] = _pack(network, width)
+    return _PACKED[network]
+
+
+def _pack(network: nn.Module, width: int) -> tuple[nn.Module, bool]:
     import copy
 
     import torch
@@ -1664,16 +1716,18 @@ def _forward(
     packed: bool,
     encoder: _ChunkEncoder,
     features: _Columns,
+    preprocessor: Preprocessor,
     pool: ThreadPoolExecutor | None,
 ) -> np.ndarray:
-    """Raw network outputs for a chunk, in batches of :data:`FORWARD_BATCH_ROWS` rows.
+    """Scores of a chunk's rows (float64), in batches of :data:`FORWARD_BATCH_ROWS` rows.
 
     Each batch is encoded right before the network reads it, so its matrix is still in
-    the CPU cache. With a pool, its threads take batches in turn, each encoding and
-    running the network with one torch thread: for networks this small, splitting the
-    rows across cores used them better than splitting each matrix product (less CPU for
-    the same rows, measured on the credit MLP). A batch is computed the same way
-    whichever thread takes it, so the outputs do not depend on the thread count.
+    the CPU cache, and its outputs are decoded (:meth:`Preprocessor.decode_output`)
+    right after. With a pool, its threads take batches in turn, each running the network
+    with one torch thread: for networks this small, splitting the rows across cores used
+    them better than splitting each matrix product (less CPU for the same rows, measured
+    on the credit MLP). A batch is computed the same way whichever thread takes it, so
+    the scores do not depend on the thread count.
     """
     import torch
 
@@ -1683,7 +1737,8 @@ def _forward(
         # inference_mode is per thread: each batch enters it where it runs.
         with torch.inference_mode():
             output = network(batch.to_mkldnn() if packed else batch)
-            return (output.to_dense() if packed else output).float().numpy()
+            raw = (output.to_dense() if packed else output).float().numpy()
+        return np.asarray(preprocessor.decode_output(raw), dtype=np.float64).reshape(stop - start)
 
     starts = range(0, max(features.rows, 1), FORWARD_BATCH_ROWS)
     outputs = list(pool.map(run, starts)) if pool is not None else [run(start) for start in starts]
@@ -1751,36 +1806,15 @@ def _with_metadata(columns: dict[str, Any], metadata: dict[str, str]) -> pa.Tabl
     )
 
 
-def _scored_table(
-    model: ScoringModel,
-    table: pa.Table,
-    id_column: str | None,
-    keep: np.ndarray | None,
-    scores: np.ndarray,
-    metadata: dict[str, str],
-) -> pa.Table:
-    columns: dict[str, Any] = {}
-    if id_column is not None:
-        ids = table.column(id_column)
-        if keep is not None:
-            ids = ids.filter(pa.array(keep))
-        # One contiguous array, so the part's bytes do not depend on how reads were batched.
-        columns[id_column] = ids.combine_chunks()
-    if model.task == "binary":
-        columns[PREDICTION_COLUMN] = pa.array((scores >= model.threshold).astype(np.int64))
-    columns[SCORE_COLUMN] = pa.array(scores)
-    return _with_metadata(columns, metadata)
-
-
-def _rejects_table(
+def _rejects_columns(
     model: ScoringModel,
     table: pa.Table,
     id_column: str | None,
     reject_mask: np.ndarray,
     problems: list[_Problem],
     first_row: int,
-    metadata: dict[str, str],
-) -> pa.Table:
+) -> dict[str, Any]:
+    """The rejected rows: id, row number in the file, reason and the raw feature values."""
     rows = np.flatnonzero(reject_mask)
     taken = table.take(pa.array(rows))
     columns: dict[str, Any] = {}
@@ -1791,7 +1825,7 @@ def _rejects_table(
     for name in model.feature_columns:
         if name != id_column:
             columns[name] = taken.column(name).combine_chunks()
-    return _with_metadata(columns, metadata)
+    return columns
 
 
 def _finished_parts(output_dir: Path, fingerprint: str) -> set[str]:
