@@ -355,7 +355,10 @@ def log_dataset_reference(
     schema = (
         Schema([ColSpec(kind, column) for column, kind in columns.items()]) if columns else None
     )
-    dataset = MetaDataset(source=source, name=name, digest=dataset_digest(digest), schema=schema)
+    # MetaDataset leaves `profile` abstract in its typing but implements it at runtime.
+    dataset = MetaDataset(  # type: ignore[abstract]
+        source=source, name=name, digest=dataset_digest(digest), schema=schema
+    )
     mlflow.log_input(dataset, context=context)
 
 
