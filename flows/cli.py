@@ -248,28 +248,30 @@ def prepare_environment(root: Path, *, debug: bool = False) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not debug:
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
+        import logging
         import warnings
 
         warnings.filterwarnings("ignore")
+        # GX announces each temporary docs folder at INFO; the flow reports what matters.
+        logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 
 def _quiet_known_errors(debug: bool) -> None:
-    """Keep tracebacks of Stemma's own errors out of Prefect's console logs.
+    """Keep Stemma's own errors out of Prefect's console logs; the CLI prints them once.
 
-    Prefect logs every failed task and flow with its traceback. For errors Stemma raised
-    on purpose (a broken config, a failed check) the CLI prints a one-screen message
-    instead; ``--debug`` keeps the tracebacks.
+    Prefect logs every failed task and flow with the exception and its traceback. For
+    errors Stemma raised on purpose (a broken config, a failed check) the CLI prints a
+    one-screen message instead, so the console copies are dropped. Only terminal handlers
+    are filtered: the Prefect server (and its UI) still receives every record. ``--debug``
+    keeps everything.
     """
     if debug:
         return
     import logging
 
-    class _DropStemmaTracebacks(logging.Filter):
+    class _DropStemmaErrors(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            if record.exc_info and isinstance(record.exc_info[1], StemmaError):
-                record.exc_info = None
-                record.exc_text = None
-            return True
+            return not (record.exc_info and isinstance(record.exc_info[1], StemmaError))
 
     loggers = [
         logging.getLogger(),
@@ -281,8 +283,11 @@ def _quiet_known_errors(debug: bool) -> None:
     ]
     for logger in loggers:
         for handler in logger.handlers:
-            if not any(isinstance(f, _DropStemmaTracebacks) for f in handler.filters):
-                handler.addFilter(_DropStemmaTracebacks())
+            terminal = isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler, logging.FileHandler
+            )
+            if terminal and not any(isinstance(f, _DropStemmaErrors) for f in handler.filters):
+                handler.addFilter(_DropStemmaErrors())
 
 
 def format_train_summary(summary: dict) -> str:

@@ -1,0 +1,543 @@
+"""Promotion and rollback: move the ``champion`` alias with compare-and-set.
+
+MLflow's ``set_registered_model_alias`` overwrites unconditionally, so two promoters that
+both read the same champion would both "win" one after the other. A real compare-and-set
+needs one write that can fail atomically; the registry has none, but the tracking store
+does: an experiment name is unique. Each move of the champion is a numbered *generation*
+(registered-model tag :data:`GENERATION_TAG`); a promoter claims generation ``g + 1`` by
+creating the experiment ``stemma.claims/<model>/<g + 1>``. Exactly one creator succeeds;
+every other one learns it lost before it has written anything. The winner then sets
+``previous-champion``, then ``champion`` (so a champion always exists: the alias is moved,
+never deleted), reads it back, and only then advances the generation tag. A reader checks
+the generation *before* the champion, so anyone who sees the new generation also sees the
+new champion, and anyone who saw the old one fails its claim.
+
+The read-back stays as the last rule: a writer outside this protocol (a manual alias in the
+UI) can still move the alias, and then the promoter undoes what is still its own and fails.
+
+Every decision (done, lost, refused) is recorded as a ``stemma.promotion.last`` tag on the
+versions involved and, when an experiment is given, as a small MLflow run named
+``promote <model> v<to>`` with the record as tags and a lineage document
+(``lineage/record.json``: the model versions and a ``promoted_over`` edge).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final
+
+from .errors import RegistryError
+from .lineage import RECORD_ARTIFACT, RECORD_SCHEMA, Edge, Node, model_node_id, run_node_id
+from .registry import CHALLENGER_ALIAS, CHAMPION_ALIAS, TAG_PREFIX
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+PREVIOUS_CHAMPION_ALIAS = "previous-champion"
+#: Registered-model tag holding the number of champion moves made through this module.
+GENERATION_TAG = "stemma.promotion.generation"
+#: Version tag holding the JSON of the latest decision that involved the version.
+LAST_PROMOTION_TAG = "stemma.promotion.last"
+#: The gate's verdict tag on a version and the value that allows promotion.
+GATE_DECISION_TAG = TAG_PREFIX + "decision"
+GATE_PASSED = "passed"
+#: Prefix of the experiments whose unique names serve as generation claims.
+CLAIM_PREFIX = "stemma.claims"
+#: A claim older than this whose generation never became current was left by a promoter
+#: that crashed mid-way; the next promoter skips it rather than blocking forever.
+STALE_CLAIM_SECONDS = 300
+#: How many stale claims in a row a promoter skips before giving up.
+MAX_SKIPPED_CLAIMS = 5
+
+OUTCOME_DONE = "done"
+OUTCOME_LOST = "lost_race"
+OUTCOME_REFUSED = "refused"
+
+
+class Unset:
+    """Marker: the caller gave no expectation; the champion read now is expected."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = Unset()
+
+
+@dataclass(frozen=True)
+class PromotionRecord:
+    """One promotion or rollback decision, as recorded in MLflow.
+
+    Attributes:
+        model: the registered model name.
+        action: ``promote`` or ``rollback``.
+        from_version: the champion before (None: there was none).
+        to_version: the version asked to become champion (None: rollback had no target).
+        who: the operating-system user who asked.
+        when: UTC time of the decision, ISO 8601.
+        reason: why, in the user's words.
+        evidence: anything that backs the decision (shadow metrics, canary results...).
+        flow_run_id: the Prefect flow run that made it, if any.
+        outcome: ``done``, ``lost_race`` (another writer moved the champion first) or
+            ``refused`` (the version may not be champion, or nothing to roll back to).
+        detail: one line on why, for anything but ``done``.
+        generation: the champion generation this decision created (``done``) or aimed at.
+        record_run_id: the MLflow run that records the decision, if one was logged.
+    """
+
+    model: str
+    action: str
+    from_version: str | None
+    to_version: str | None
+    who: str
+    when: str
+    reason: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    flow_run_id: str | None = None
+    outcome: str = OUTCOME_DONE
+    detail: str = ""
+    generation: int | None = None
+    record_run_id: str | None = None
+
+    def to_json(self) -> str:
+        """The record as compact JSON (what the ``stemma.promotion.last`` tag holds)."""
+        return json.dumps(asdict(self), sort_keys=True, default=str)
+
+
+class PromotionError(RegistryError):
+    """A promotion or rollback was refused or lost; ``record`` says what was recorded."""
+
+    def __init__(
+        self, headline: str, details: list[str] | tuple[str, ...] = (), record=None
+    ) -> None:
+        super().__init__(headline, details)
+        self.record: PromotionRecord | None = record
+
+    def __reduce__(self):  # the record travels with the error across processes
+        return (self.__class__, (self.headline, self.details, self.record))
+
+
+# ---------------------------------------------------------------------------------------
+# Registry reads
+
+
+def _registry_error(action: str, error: Exception) -> RegistryError:
+    message = getattr(error, "message", None) or str(error)
+    return RegistryError(f"MLflow model registry: {action}", [message])
+
+
+def _aliases(client: MlflowClient, model_name: str) -> dict[str, str]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        registered = client.get_registered_model(model_name)
+    except MlflowException as error:
+        raise _registry_error(f"cannot read registered model {model_name!r}", error) from error
+    return {alias: str(version) for alias, version in (registered.aliases or {}).items()}
+
+
+def _generation(client: MlflowClient, model_name: str) -> int:
+    registered = client.get_registered_model(model_name)
+    return int((registered.tags or {}).get(GENERATION_TAG, "0"))
+
+
+def _check_gate(client: MlflowClient, model_name: str, version: str) -> str | None:
+    """Why ``version`` may not be champion, or None when its gate passed."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.get_model_version(model_name, version)
+    except MlflowException as error:
+        return f"{model_name} v{version} cannot be read: {getattr(error, 'message', error)}"
+    decision = (found.tags or {}).get(GATE_DECISION_TAG)
+    if decision is None:
+        return (
+            f"{model_name} v{version} has no gate decision (tag {GATE_DECISION_TAG}); "
+            "only versions registered by the training flow's gate can be champion"
+        )
+    if decision != GATE_PASSED:
+        reasons = (found.tags or {}).get(TAG_PREFIX + "reasons", "")
+        return f"{model_name} v{version} failed its gate ({decision}): {reasons}".rstrip(": ")
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# The claim: an experiment whose name is unique
+
+
+def _claim_name(model_name: str, generation: int) -> str:
+    return f"{CLAIM_PREFIX}/{model_name}/{generation}"
+
+
+def _claim(
+    client: MlflowClient, model_name: str, generation: int, tags: dict[str, str]
+) -> tuple[int, str] | str:
+    """Claim the first free generation from ``generation`` on.
+
+    Returns:
+        ``(generation, experiment_id)`` when claimed, else the winning claim's owner line.
+    """
+    from mlflow.exceptions import MlflowException
+
+    now_ms = datetime.now(UTC).timestamp() * 1000
+    for attempt in range(generation, generation + MAX_SKIPPED_CLAIMS + 1):
+        name = _claim_name(model_name, attempt)
+        try:
+            return attempt, client.create_experiment(name, tags=tags)
+        except MlflowException as error:
+            if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise _registry_error(f"cannot claim generation {attempt}", error) from error
+        held = client.get_experiment_by_name(name)
+        owner = (held.tags or {}) if held is not None else {}
+        winner = (
+            f"v{owner.get('to_version', '?')} ({owner.get('action', '?')} by "
+            f"{owner.get('who', '?')} at {owner.get('when', '?')})"
+        )
+        stale = (
+            held is not None
+            and (now_ms - (held.creation_time or now_ms)) / 1000 > STALE_CLAIM_SECONDS
+            and _generation(client, model_name) < attempt
+        )
+        if not stale:
+            return winner
+    return f"{MAX_SKIPPED_CLAIMS} abandoned claims in a row (last: {winner})"
+
+
+def _release(client: MlflowClient, experiment_id: str) -> None:
+    # A deleted experiment keeps its name, so the generation stays claimed; deleting only
+    # hides the claim from the MLflow UI's experiment list.
+    from mlflow.exceptions import MlflowException
+
+    with contextlib.suppress(MlflowException):  # cosmetic: a visible claim harms nothing
+        client.delete_experiment(experiment_id)
+
+
+# ---------------------------------------------------------------------------------------
+# Recording
+
+
+def build_promotion_lineage(record: PromotionRecord) -> dict[str, Any]:
+    """The decision as a lineage document: the versions and a ``promoted_over`` edge."""
+    nodes: list[Node] = []
+    edges: list[Edge] = []
+    attributes = {
+        "action": record.action,
+        "outcome": record.outcome,
+        "who": record.who,
+        "reason": record.reason,
+        "flow_run_id": record.flow_run_id,
+    }
+    run = run_node_id(record.record_run_id) if record.record_run_id else None
+    if run:
+        nodes.append(Node("run", run, None, attributes))
+    new = model_node_id(record.model, record.to_version) if record.to_version else None
+    old = model_node_id(record.model, record.from_version) if record.from_version else None
+    for node_id in (new, old):
+        if node_id:
+            nodes.append(Node("model_version", node_id, None, {}))
+    if record.outcome == OUTCOME_DONE and new and old:
+        edges.append(Edge(new, old, "promoted_over"))
+    if run and new:
+        edges.append(Edge(run, new, "promoted" if record.outcome == OUTCOME_DONE else "refused"))
+    return {
+        "schema": RECORD_SCHEMA,
+        "pipeline": record.model,
+        "flow": record.action,
+        "created": record.when,
+        "decision": asdict(record),
+        "nodes": [asdict(node) for node in nodes],
+        "edges": [asdict(edge) for edge in edges],
+    }
+
+
+def _record(
+    client: MlflowClient, record: PromotionRecord, experiment_id: str | None
+) -> PromotionRecord:
+    """Tag the versions involved and, given an experiment, log a run; best effort per step."""
+    from mlflow.exceptions import MlflowException
+
+    if experiment_id is not None:
+        target = f"v{record.to_version}" if record.to_version else "(none)"
+        run = client.create_run(
+            experiment_id,
+            run_name=f"{record.action} {record.model} {target}",
+            tags={
+                "stemma.flow": "promote",
+                **{
+                    f"stemma.promotion.{key}": str(value)
+                    for key, value in asdict(record).items()
+                    if value not in (None, "", {}) and key != "evidence"
+                },
+                "stemma.promotion.evidence": json.dumps(record.evidence, sort_keys=True),
+            },
+        )
+        record = _replace(record, record_run_id=run.info.run_id)
+        client.log_dict(run.info.run_id, build_promotion_lineage(record), RECORD_ARTIFACT)
+        status = "FINISHED" if record.outcome == OUTCOME_DONE else "FAILED"
+        client.set_terminated(run.info.run_id, status=status)
+    for version in {record.from_version, record.to_version} - {None}:
+        # A version that vanished cannot carry the tag; the run still records the decision.
+        with contextlib.suppress(MlflowException):
+            client.set_model_version_tag(
+                record.model, version, LAST_PROMOTION_TAG, record.to_json()
+            )
+    return record
+
+
+def _replace(record: PromotionRecord, **changes: Any) -> PromotionRecord:
+    from dataclasses import replace
+
+    return replace(record, **changes)
+
+
+def _fail(
+    client: MlflowClient,
+    record: PromotionRecord,
+    experiment_id: str | None,
+    headline: str,
+    details: list[str],
+) -> PromotionError:
+    record = _record(client, _replace(record, detail=headline), experiment_id)
+    return PromotionError(headline, details, record)
+
+
+# ---------------------------------------------------------------------------------------
+# Promote and roll back
+
+
+def promote(
+    client: MlflowClient,
+    model_name: str,
+    version: str,
+    *,
+    expected_champion: str | Unset | None = UNSET,
+    reason: str,
+    evidence: dict[str, Any] | None = None,
+    flow_run_id: str | None = None,
+    experiment_id: str | None = None,
+) -> PromotionRecord:
+    """Make ``version`` the champion if the champion is still ``expected_champion``.
+
+    The old champion keeps the ``previous-champion`` alias, and ``challenger`` is removed
+    when it pointed at ``version``.
+
+    Args:
+        client: an MLflow client on the registry (and tracking store).
+        model_name: the registered model.
+        version: the version to promote; its gate tag must say ``passed``.
+        expected_champion: the champion the caller decided against (None: none); by
+            default the champion read now.
+        reason: why, recorded with the decision.
+        evidence: what backs the decision (recorded as JSON).
+        flow_run_id: the Prefect flow run making the decision.
+        experiment_id: where to log the decision's run; None logs tags only.
+
+    Returns:
+        The ``done`` record.
+
+    Raises:
+        PromotionError: refused (gate not passed, already champion) or lost (the champion
+            moved, or another promoter claimed the move first); ``error.record`` says what
+            was recorded. Nothing is moved in either case.
+        RegistryError: the registry could not be read or written.
+    """
+    version = str(version)
+    generation = _generation_or_raise(client, model_name)
+    current = _aliases(client, model_name).get(CHAMPION_ALIAS)
+    expected = current if isinstance(expected_champion, Unset) else expected_champion
+    record = PromotionRecord(
+        model=model_name,
+        action="promote",
+        from_version=current,
+        to_version=version,
+        who=getpass.getuser(),
+        when=datetime.now(UTC).isoformat(),
+        reason=reason,
+        evidence=dict(evidence or {}),
+        flow_run_id=flow_run_id,
+        generation=generation + 1,
+    )
+    why_not = _check_gate(client, model_name, version)
+    if why_not is not None:
+        raise _fail(
+            client,
+            _replace(record, outcome=OUTCOME_REFUSED),
+            experiment_id,
+            f"{model_name} v{version} cannot be promoted: its gate did not pass",
+            [why_not, "nothing was moved"],
+        )
+    if current == version:
+        raise _fail(
+            client,
+            _replace(record, outcome=OUTCOME_REFUSED),
+            experiment_id,
+            f"{model_name} v{version} is already the {CHAMPION_ALIAS}",
+            ["nothing was moved"],
+        )
+    if expected is not None:
+        expected = str(expected)
+    if current != expected:
+        raise _fail(
+            client,
+            _replace(record, outcome=OUTCOME_LOST),
+            experiment_id,
+            f"{model_name}: the {CHAMPION_ALIAS} is v{current or ' (none)'}, "
+            f"expected v{expected or ' (none)'}; someone else moved it",
+            ["nothing was moved; decide again against the current champion"],
+        )
+    return _move(
+        client,
+        record,
+        experiment_id,
+        new_champion=version,
+        new_previous=current,
+    )
+
+
+def rollback(
+    client: MlflowClient,
+    model_name: str,
+    *,
+    reason: str,
+    evidence: dict[str, Any] | None = None,
+    flow_run_id: str | None = None,
+    experiment_id: str | None = None,
+) -> PromotionRecord:
+    """Give the ``champion`` alias back to ``previous-champion``, in one step.
+
+    ``previous-champion`` then points at the demoted version, so a second rollback undoes
+    the first. The compare-and-set is the same as :func:`promote`'s.
+
+    Raises:
+        PromotionError: no previous champion, it no longer passes its gate, or another
+            writer moved the champion first.
+        RegistryError: the registry could not be read or written.
+    """
+    generation = _generation_or_raise(client, model_name)
+    aliases = _aliases(client, model_name)
+    current = aliases.get(CHAMPION_ALIAS)
+    previous = aliases.get(PREVIOUS_CHAMPION_ALIAS)
+    record = PromotionRecord(
+        model=model_name,
+        action="rollback",
+        from_version=current,
+        to_version=previous,
+        who=getpass.getuser(),
+        when=datetime.now(UTC).isoformat(),
+        reason=reason,
+        evidence=dict(evidence or {}),
+        flow_run_id=flow_run_id,
+        generation=generation + 1,
+    )
+    if previous is None:
+        raise _fail(
+            client,
+            _replace(record, outcome=OUTCOME_REFUSED),
+            experiment_id,
+            f"{model_name}: nothing to roll back to (no {PREVIOUS_CHAMPION_ALIAS} alias)",
+            [
+                f"the {CHAMPION_ALIAS} is v{current}" if current else "there is no champion",
+                "promote a version explicitly: stemma promote models:/<name>/<version>",
+            ],
+        )
+    why_not = _check_gate(client, model_name, previous)
+    if why_not is not None:
+        raise _fail(
+            client,
+            _replace(record, outcome=OUTCOME_REFUSED),
+            experiment_id,
+            f"{model_name}: cannot roll back to v{previous}",
+            [why_not, "nothing was moved"],
+        )
+    return _move(client, record, experiment_id, new_champion=previous, new_previous=current)
+
+
+def _generation_or_raise(client: MlflowClient, model_name: str) -> int:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _generation(client, model_name)
+    except MlflowException as error:
+        raise _registry_error(f"cannot read registered model {model_name!r}", error) from error
+    except ValueError as error:
+        raise RegistryError(
+            f"{model_name}: tag {GENERATION_TAG} is not a number",
+            [str(error), "set it to the number of promotions made so far, or delete it"],
+        ) from error
+
+
+def _move(
+    client: MlflowClient,
+    record: PromotionRecord,
+    experiment_id: str | None,
+    *,
+    new_champion: str,
+    new_previous: str | None,
+) -> PromotionRecord:
+    """Claim the next generation, move the aliases, read back, advance the generation."""
+    from mlflow.exceptions import MlflowException
+
+    name = record.model
+    token = uuid.uuid4().hex
+    claim_tags = {
+        "action": record.action,
+        "to_version": new_champion,
+        "from_version": str(new_previous),
+        "who": record.who,
+        "when": record.when,
+        "token": token,
+    }
+    assert record.generation is not None
+    claimed = _claim(client, name, record.generation, claim_tags)
+    if isinstance(claimed, str):
+        raise _fail(
+            client,
+            _replace(record, outcome=OUTCOME_LOST),
+            experiment_id,
+            f"{name}: lost the race to {claimed}",
+            ["nothing was moved; decide again against the new champion"],
+        )
+    generation, claim_id = claimed
+    record = _replace(record, generation=generation)
+    try:
+        before = _aliases(client, name).get(PREVIOUS_CHAMPION_ALIAS)
+        if new_previous is not None:
+            client.set_registered_model_alias(name, PREVIOUS_CHAMPION_ALIAS, new_previous)
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, new_champion)
+        aliases = _aliases(client, name)
+        if aliases.get(CHAMPION_ALIAS) != new_champion:
+            # A writer outside the protocol moved the alias: keep its champion and undo
+            # only the previous-champion alias, and only if it is still the one we set.
+            if new_previous is not None and aliases.get(PREVIOUS_CHAMPION_ALIAS) == new_previous:
+                if before is None:
+                    client.delete_registered_model_alias(name, PREVIOUS_CHAMPION_ALIAS)
+                else:
+                    client.set_registered_model_alias(name, PREVIOUS_CHAMPION_ALIAS, before)
+            raise _fail(
+                client,
+                _replace(record, outcome=OUTCOME_LOST),
+                experiment_id,
+                f"{name}: lost the race to v{aliases.get(CHAMPION_ALIAS)} (the "
+                f"{CHAMPION_ALIAS} alias was set outside stemma promote)",
+                ["the other writer's champion was kept"],
+            )
+        if aliases.get(CHALLENGER_ALIAS) == new_champion:
+            client.delete_registered_model_alias(name, CHALLENGER_ALIAS)
+    except MlflowException as error:
+        raise _registry_error(
+            f"{record.action} of {name} v{new_champion} failed mid-way", error
+        ) from error
+    finally:
+        # The claim is spent whatever happened: advancing the generation lets the next
+        # promoter claim the one after instead of waiting for the claim to go stale. It is
+        # written after the aliases, so a reader that sees it also sees the new champion.
+        try:
+            client.set_registered_model_tag(name, GENERATION_TAG, str(generation))
+        finally:
+            _release(client, claim_id)
+    return _record(client, record, experiment_id)
