@@ -96,6 +96,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="models:/<name>@<alias> or models:/<name>/<version> (default: score.model or @champion)",
     )
 
+    up = commands.add_parser(
+        "up",
+        help="start a Prefect server and an MLflow server on 127.0.0.1",
+        description=(
+            "Start the Prefect server (UI and API) and the MLflow server on loopback, with "
+            "their data under .stemma/, wait until both are healthy and print their URLs. "
+            "Starting twice is harmless."
+        ),
+    )
+    _add_root_argument(up)
+    up.add_argument("--prefect-port", type=int, default=4200, help="default: 4200")
+    up.add_argument("--mlflow-port", type=int, default=5000, help="default: 5000")
+    up.add_argument(
+        "--prefect-database-url",
+        help="PostgreSQL URL for Prefect (default: SQLite under .stemma/prefect-server)",
+    )
+    up.add_argument(
+        "--mlflow-database-url",
+        help="PostgreSQL URL for MLflow (default: SQLite .stemma/mlflow.db)",
+    )
+    up.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for health (default: 120)"
+    )
+    down = commands.add_parser("down", help="stop the servers `stemma up` started")
+    _add_root_argument(down)
+    status = commands.add_parser("status", help="say which servers run where")
+    _add_root_argument(status)
+
     data = commands.add_parser("data", help="work with the project's data")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION")
     data_commands.required = True
@@ -114,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-dvc", action="store_true", help="only write the files; do not run `dvc add`"
     )
     return parser
+
+
+def _add_root_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--root", type=Path, default=Path("."), help="project root (default: current folder)"
+    )
 
 
 def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "schema": _cmd_schema,
         "run": _cmd_run,
         "data": _cmd_data,
+        "up": _cmd_up,
+        "down": _cmd_down,
+        "status": _cmd_status,
     }
     try:
         return handlers[args.command](args)
@@ -227,6 +264,36 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
     report = generate_example_data(args.root.resolve(), record_with_dvc=not args.no_dvc)
     print(report)
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from stemma.flows.services import run_up
+
+    print(
+        run_up(
+            args.root.resolve(),
+            prefect_port=args.prefect_port,
+            mlflow_port=args.mlflow_port,
+            prefect_database_url=args.prefect_database_url,
+            mlflow_database_url=args.mlflow_database_url,
+            timeout_s=args.timeout,
+        )
+    )
+    return 0
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    from stemma.flows.services import run_down
+
+    print(run_down(args.root.resolve()))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from stemma.flows.services import run_status
+
+    print(run_status(args.root.resolve()))
     return 0
 
 

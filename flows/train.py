@@ -398,5 +398,9 @@ def train_flow(
         "metrics": metrics,
         "resumed": resumed_run is not None,
         "gate": {**asdict(decision), "reasons": list(decision.reasons)},
-        "ui_hint": "browse it with `mlflow ui --backend-store-uri " + tracking_uri + "`",
+        "ui_hint": (
+            f"open {tracking_uri} in a browser"
+            if tracking_uri.startswith(("http://", "https://"))
+            else f"browse it with `mlflow ui --backend-store-uri {tracking_uri}` or `stemma up`"
+        ),
     }

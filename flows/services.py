@@ -1,0 +1,83 @@
+"""`stemma up`, `stemma down`, `stemma status`: the project's local Prefect and MLflow servers.
+
+Plain functions that call :mod:`stemma.components.services` and return the text the CLI
+prints; no flow runs here (the servers must exist before flows can use them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stemma.components.services import (
+    DEFAULT_MLFLOW_PORT,
+    DEFAULT_PREFECT_PORT,
+    DEFAULT_START_TIMEOUT_S,
+    MLFLOW,
+    PREFECT,
+    Service,
+    environment_for,
+    service_status,
+    start_services,
+    stop_services,
+)
+
+_TITLES = {PREFECT: "Prefect UI", MLFLOW: "MLflow UI"}
+
+
+def run_up(
+    root: Path,
+    *,
+    prefect_port: int = DEFAULT_PREFECT_PORT,
+    mlflow_port: int = DEFAULT_MLFLOW_PORT,
+    prefect_database_url: str | None = None,
+    mlflow_database_url: str | None = None,
+    timeout_s: float = DEFAULT_START_TIMEOUT_S,
+) -> str:
+    """Start both servers (or find them running) and report where they are.
+
+    Returns:
+        The report: one line per server (URL, pid, data), then the ``export`` lines that
+        point flows run from another shell at these servers.
+
+    Raises:
+        StemmaError: see :func:`stemma.components.services.start_services`.
+    """
+    services = start_services(
+        root,
+        prefect_port=prefect_port,
+        mlflow_port=mlflow_port,
+        prefect_database_url=prefect_database_url,
+        mlflow_database_url=mlflow_database_url,
+        timeout_s=timeout_s,
+    )
+    lines = [_describe(service) for service in services]
+    lines += ["", "To use them from this shell:"]
+    lines += [f"  export {name}={value}" for name, value in environment_for(services).items()]
+    lines += ["Stop them with `stemma down`."]
+    return "\n".join(lines)
+
+
+def run_down(root: Path) -> str:
+    """Stop both servers; the report says what was stopped, or that nothing ran."""
+    stopped = stop_services(root)
+    if not stopped:
+        return "no Stemma servers are running for this project"
+    return "\n".join(f"stopped {line}" for line in stopped)
+
+
+def run_status(root: Path) -> str:
+    """One line per server: running where (URL, pid, health, data) or not running."""
+    return "\n".join(_describe(service) for service in service_status(root))
+
+
+def _describe(service: Service) -> str:
+    title = _TITLES[service.name]
+    if service.pid is None:
+        return f"{title}: not running (log {service.log_path})"
+    state = "healthy" if service.healthy else "NOT answering its health check"
+    if service.already_running:
+        state = f"already running, {state}"
+    return (
+        f"{title}: {service.url} ({state}, pid {service.pid}); "
+        f"data: {service.data}; log: {service.log_path}"
+    )
