@@ -122,3 +122,25 @@ def test_usage_errors_exit_2(stemma_exe, argv):
     result = run_cli(stemma_exe, *argv)
     assert result.returncode == 2
     assert "usage:" in result.stderr
+
+
+def test_status_and_down_with_nothing_running(stemma_exe, tmp_path):
+    status = run_cli(stemma_exe, "status", "--root", str(tmp_path))
+    assert status.returncode == 0, status.stderr
+    assert "Prefect UI: not running" in status.stdout and "MLflow UI: not running" in status.stdout
+    down = run_cli(stemma_exe, "down", "--root", str(tmp_path))
+    assert down.returncode == 0, down.stderr
+    assert "no stemma servers are running" in down.stdout.lower()
+
+
+def test_up_refuses_a_port_in_use_with_the_flag_to_change(stemma_exe, tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli(stemma_exe, "up", "--root", str(tmp_path), "--mlflow-port", str(port))
+    assert result.returncode != 0
+    assert f"127.0.0.1:{port} is in use" in result.stderr and "--mlflow-port" in result.stderr
+    assert "Traceback" not in result.stderr
