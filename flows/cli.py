@@ -96,6 +96,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="models:/<name>@<alias> or models:/<name>/<version> (default: score.model or @champion)",
     )
 
+    promote = commands.add_parser(
+        "promote",
+        help="make a model version the champion (compare-and-set)",
+        description=(
+            "Move the `champion` alias to REF if the champion is still the expected one and "
+            "REF passed its gate; the old champion keeps `previous-champion`. Racing "
+            "promotions leave exactly one winner; the decision is recorded in MLflow."
+        ),
+    )
+    promote.add_argument("reference", help="models:/<name>/<version> or models:/<name>@<alias>")
+    _add_root_argument(promote)
+    promote.add_argument("--reason", default="promoted by hand", help="why (recorded)")
+    promote.add_argument(
+        "--expect-champion",
+        help="the version you expect to replace (`none` for no champion; default: the current one)",
+    )
+    rollback = commands.add_parser(
+        "rollback",
+        help="return the champion alias to the previous champion",
+        description="One-step rollback: `champion` moves back to `previous-champion`.",
+    )
+    rollback.add_argument("model", help="registered model name, e.g. credit")
+    _add_root_argument(rollback)
+    rollback.add_argument("--reason", default="rolled back by hand", help="why (recorded)")
+
     up = commands.add_parser(
         "up",
         help="start a Prefect server and an MLflow server on 127.0.0.1",
@@ -171,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "schema": _cmd_schema,
         "run": _cmd_run,
         "data": _cmd_data,
+        "promote": _cmd_promote,
+        "rollback": _cmd_rollback,
         "up": _cmd_up,
         "down": _cmd_down,
         "status": _cmd_status,
@@ -264,6 +291,23 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
     report = generate_example_data(args.root.resolve(), record_with_dvc=not args.no_dvc)
     print(report)
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from stemma.flows.promote import format_record, run_promote
+
+    record = run_promote(
+        args.reference, args.root.resolve(), reason=args.reason, expected=args.expect_champion
+    )
+    print(format_record(record))
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from stemma.flows.promote import format_record, run_rollback
+
+    print(format_record(run_rollback(args.model, args.root.resolve(), reason=args.reason)))
     return 0
 
 

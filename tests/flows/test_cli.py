@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -143,4 +144,12 @@ def test_up_refuses_a_port_in_use_with_the_flag_to_change(stemma_exe, tmp_path):
         result = run_cli(stemma_exe, "up", "--root", str(tmp_path), "--mlflow-port", str(port))
     assert result.returncode != 0
     assert f"127.0.0.1:{port} is in use" in result.stderr and "--mlflow-port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_promote_unknown_model_exits_5_without_traceback(stemma_exe, tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    result = run_cli(stemma_exe, "promote", "models:/nobody/1", "--root", str(tmp_path), env=env)
+    assert result.returncode == 5, result.stderr
+    assert "nobody" in result.stderr
     assert "Traceback" not in result.stderr
