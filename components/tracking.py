@@ -84,6 +84,10 @@ _EXPERIMENT_FOLDER = re.compile(r"[^A-Za-z0-9_.-]+")
 # Where runs go
 
 
+#: Tracking URIs served by an MLflow server, which chooses artifact locations itself.
+_SERVER_SCHEMES = ("http://", "https://", "databricks")
+
+
 def local_tracking_uri(root: Path) -> str:
     """The tracking URI of the project's embedded store: ``sqlite:///<root>/.stemma/mlflow.db``."""
     return f"sqlite:///{(Path(root) / STATE_DIR / LOCAL_DB_NAME).resolve()}"
@@ -133,8 +137,9 @@ def configure_tracking(root: Path) -> str:
 def ensure_experiment(name: str, root: Path) -> str:
     """The id of the experiment ``name``, created if it does not exist.
 
-    With the local store, a new experiment keeps its artifacts under
-    ``<root>/.stemma/mlartifacts/<name>``; against a server, the server decides.
+    Without a tracking server (the local store, or any database URI), a new experiment
+    keeps its artifacts under ``<root>/.stemma/mlartifacts/<name>``; against a server,
+    the server decides.
 
     Raises:
         StemmaError: the experiment exists but is deleted (restore it or pick another name),
@@ -149,7 +154,10 @@ def ensure_experiment(name: str, root: Path) -> str:
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             location = None
-            if mlflow.get_tracking_uri() == local_tracking_uri(root):
+            # Without a tracking server nothing decides where artifacts go, and MLflow's
+            # fallback is ./mlruns of whatever folder the command ran in: keep them with
+            # the project instead. A server (http, databricks) keeps its own default.
+            if not mlflow.get_tracking_uri().startswith(_SERVER_SCHEMES):
                 folder = _EXPERIMENT_FOLDER.sub("_", name).strip("._") or "experiment"
                 location = (local_artifact_root(root) / folder).as_uri()
             return client.create_experiment(name, artifact_location=location)
