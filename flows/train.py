@@ -154,7 +154,7 @@ def train_step(
     def log_epoch(row: dict) -> None:
         tracking.log_epoch(row, step=int(row["epoch"]))
 
-    return training.train_network(
+    result = training.train_network(
         network,
         prepared["x_train"],
         prepared["y_train"],
@@ -165,6 +165,15 @@ def train_step(
         checkpoint_dir=checkpoint_dir,
         on_epoch=log_epoch,
     )
+    if result.resumed_from_epoch is not None:
+        # A run killed after an epoch's checkpoint but before its metrics reached MLflow
+        # resumes past that epoch: log what the run is missing from the restored history.
+        run_id = mlflow.active_run().info.run_id
+        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "train_loss")}
+        for row in result.history:
+            if int(row["epoch"]) not in logged:
+                log_epoch(row)
+    return result
 
 
 @task(name="evaluate")
