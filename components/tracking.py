@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
     from torch import nn
 
+    from .data import DataVersion
     from .features import Preprocessor
 
 #: Folder under the project root that holds Stemma's local state.
@@ -231,6 +232,20 @@ class DVCDatasetSource(DatasetSource):
     file_md5: str | None = None
     git_rev: str | None = None
     repo: str | None = None
+
+    @classmethod
+    def from_version(
+        cls, version: DataVersion, root: Path, git_rev: str | None
+    ) -> DVCDatasetSource:
+        """The source of a file that :func:`.data.resolve_data_version` verified."""
+        return cls(
+            path=version.relpath,
+            dvc_file=str(version.dvc_file.relative_to(root)),
+            md5=version.md5,
+            file_md5=version.file_md5,
+            git_rev=git_rev,
+            repo=str(root),
+        )
 
     @staticmethod
     def _get_source_type() -> str:

@@ -85,15 +85,7 @@ def _input_source(loaded: LoadedSpec, path: Path, git_rev: str | None) -> Any:
         version = resolve_data_version(loaded.root, path)
     except DataVersionError:
         return str(path), None
-    source = tracking.DVCDatasetSource(
-        path=version.relpath,
-        dvc_file=str(version.dvc_file.relative_to(loaded.root)),
-        md5=version.md5,
-        file_md5=version.file_md5,
-        git_rev=git_rev,
-        repo=str(loaded.root),
-    )
-    return source, version
+    return tracking.DVCDatasetSource.from_version(version, loaded.root, git_rev), version
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -335,14 +335,7 @@ def train_flow(
             tracking.log_dataset(
                 frame,
                 name=f"{spec.pipeline.name}-train",
-                source=tracking.DVCDatasetSource(
-                    path=version.relpath,
-                    dvc_file=str(version.dvc_file.relative_to(loaded.root)),
-                    md5=version.md5,
-                    file_md5=version.file_md5,
-                    git_rev=git_rev,
-                    repo=str(loaded.root),
-                ),
+                source=tracking.DVCDatasetSource.from_version(version, loaded.root, git_rev),
                 context="training",
                 digest=version.md5,
             )
