@@ -289,3 +289,25 @@ def test_bad_spec_fails_the_flow_before_anything_runs(project, override, expecte
         run_train(project, "bad-spec", override)
     assert expected in caught.value.render()
     assert versions_of("bad-spec") == []
+
+
+def test_resume_logs_the_epoch_metrics_a_kill_cut_off(project, monkeypatch):
+    """Killed after epoch 2's checkpoint but before its metrics reached MLflow."""
+    from stemma.components import tracking
+
+    real_log_epoch = tracking.log_epoch
+
+    def interrupted_at_epoch_2(row, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        real_log_epoch(row, step)
+
+    monkeypatch.setattr(tracking, "log_epoch", interrupted_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(project, "gap")
+    monkeypatch.setattr(tracking, "log_epoch", real_log_epoch)
+
+    summary = run_train(project, "gap")
+    assert summary["resumed"] is True
+    history = mlflow.MlflowClient().get_metric_history(summary["run_id"], "train_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]
