@@ -41,8 +41,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from stemma.components.features import Preprocessor, fit_preprocessor
-from stemma.components.models import build_network, network_config
+from stemma.components.features import Preprocessor
 from stemma.components.scoring import (
     WEIGHTS_TAG,
     ScoringModel,
@@ -50,9 +49,9 @@ from stemma.components.scoring import (
     load_scoring_model,
     score_files,
 )
-from stemma.components.spec import FeaturesSpec, ModelSpec
-from stemma.components.tracking import configure_tracking, ensure_experiment, log_pyfunc_model
-from tests.support import isolated_mlflow
+from stemma.components.spec import FeaturesSpec
+from stemma.components.tracking import configure_tracking, ensure_experiment
+from tests.support import isolated_mlflow, log_trained_model
 
 MODEL_NAME = "credit-bench"
 ID = "application_id"
@@ -117,24 +116,22 @@ def register_model(root: Path) -> str:
     experiment_id = ensure_experiment("bench-scoring", root)
     frame = pd.DataFrame(credit_columns(np.random.default_rng(0), 0, 50_000))
     frame["approved"] = (frame["salary"] > 80_000).astype(np.int64)
-    preprocessor = fit_preprocessor(frame, FEATURES, task="binary", target="approved")
-    config = network_config(ModelSpec(hidden=[64, 32], dropout=0.1))
-    network = build_network(config, preprocessor.n_inputs, seed=7)
-    with mlflow.start_run(experiment_id=experiment_id) as run:
-        info, sha256 = log_pyfunc_model(
-            preprocessor=preprocessor,
-            network=network,
-            network_config=config,
-            input_example=frame,
-            task="binary",
-            workdir=root / "model",
-        )
+    _, _, info, sha256, run_id = log_trained_model(
+        frame,
+        FEATURES,
+        task="binary",
+        target="approved",
+        experiment_id=experiment_id,
+        workdir=root / "model",
+        hidden=(64, 32),
+        dropout=0.1,
+    )
     client = MlflowClient()
     client.create_registered_model(MODEL_NAME)
     version = client.create_model_version(
         MODEL_NAME,
         source=info.model_uri,
-        run_id=run.info.run_id,
+        run_id=run_id,
         model_id=info.model_id,
         tags={WEIGHTS_TAG: sha256},
     )

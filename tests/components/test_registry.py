@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,8 +11,6 @@ from mlflow import MlflowClient
 
 from stemma.components.errors import RegistryError, SpecError
 from stemma.components.evaluation import evaluate_scores
-from stemma.components.features import fit_preprocessor
-from stemma.components.models import build_network, network_config
 from stemma.components.registry import (
     GateDecision,
     champion_value_on,
@@ -21,10 +18,10 @@ from stemma.components.registry import (
     find_champion,
     register_and_gate,
 )
-from stemma.components.spec import FeaturesSpec, GateSpec, ModelSpec
-from stemma.components.tracking import configure_tracking, ensure_experiment, log_pyfunc_model
+from stemma.components.spec import FeaturesSpec, GateSpec
+from stemma.components.tracking import configure_tracking, ensure_experiment
 from stemma.components.training import predict_raw
-from tests.support import isolated_mlflow
+from tests.support import isolated_mlflow, log_trained_model
 
 FEATURES = FeaturesSpec(numeric=["salary", "age"], categorical=["car"])
 AUC_GATE = GateSpec(metric="roc_auc", minimum=0.8, margin_over_champion=0.0)
@@ -142,21 +139,18 @@ def store(tmp_path_factory: pytest.TempPathFactory):
     with isolated_mlflow():
         configure_tracking(root)
         frame = synthetic_frame(80, seed=1)
-        preprocessor = fit_preprocessor(frame, FEATURES, task="binary", target="approved")
-        config = network_config(ModelSpec(hidden=[8], dropout=0.0))
-        network = build_network(config, preprocessor.n_inputs, seed=5)
-        with mlflow.start_run(experiment_id=ensure_experiment("registry", root)) as run:
-            info, _ = log_pyfunc_model(
-                preprocessor=preprocessor,
-                network=network,
-                network_config=config,
-                input_example=frame,
-                task="binary",
-                workdir=root / "work",
-            )
+        preprocessor, network, info, _, run_id = log_trained_model(
+            frame,
+            FEATURES,
+            task="binary",
+            target="approved",
+            experiment_id=ensure_experiment("registry", root),
+            workdir=root / "work",
+            seed=5,
+        )
         yield {
             "model_uri": info.model_uri,
-            "run_id": run.info.run_id,
+            "run_id": run_id,
             "preprocessor": preprocessor,
             "network": network,
         }

@@ -22,8 +22,6 @@ import torch
 from mlflow import MlflowClient
 
 from stemma.components.errors import DataError, RegistryError
-from stemma.components.features import fit_preprocessor
-from stemma.components.models import build_network, network_config
 from stemma.components.scoring import (
     PROGRESS_FILE,
     SUCCESS_FILE,
@@ -33,9 +31,9 @@ from stemma.components.scoring import (
     load_scoring_model,
     score_files,
 )
-from stemma.components.spec import FeaturesSpec, ModelSpec
-from stemma.components.tracking import configure_tracking, ensure_experiment, log_pyfunc_model
-from tests.support import isolated_mlflow
+from stemma.components.spec import FeaturesSpec
+from stemma.components.tracking import configure_tracking, ensure_experiment
+from tests.support import isolated_mlflow, log_trained_model
 
 FEATURES = FeaturesSpec(numeric=["salary", "age"], categorical=["elevel", "car"])
 FEATURE_COLUMNS = ["salary", "age", "elevel", "car"]
@@ -94,24 +92,21 @@ def register(
     """Log a small model from code and register it as a new version of ``name``."""
     frame = synthetic_frame(256, seed=1)
     target = "approved" if task == "binary" else "price"
-    preprocessor = fit_preprocessor(frame, FEATURES, task=task, target=target)
-    config = network_config(ModelSpec(hidden=[8], dropout=0.0))
-    network = build_network(config, preprocessor.n_inputs, seed=seed)
-    with mlflow.start_run(experiment_id=experiment_id) as run:
-        info, sha256 = log_pyfunc_model(
-            preprocessor=preprocessor,
-            network=network,
-            network_config=config,
-            input_example=frame,
-            task=task,
-            workdir=workdir,
-        )
+    _, _, info, sha256, run_id = log_trained_model(
+        frame,
+        FEATURES,
+        task=task,
+        target=target,
+        experiment_id=experiment_id,
+        workdir=workdir,
+        seed=seed,
+    )
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name)
     version = client.create_model_version(
         name,
         source=info.model_uri,
-        run_id=run.info.run_id,
+        run_id=run_id,
         model_id=info.model_id,
         tags={WEIGHTS_TAG: sha256},
     )

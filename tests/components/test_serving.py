@@ -26,7 +26,7 @@ from stemma.components.tracking import (
     log_pyfunc_model,
 )
 from stemma.components.training import predict_raw
-from tests.support import isolated_mlflow
+from tests.support import isolated_mlflow, log_trained_model
 
 FEATURES = FeaturesSpec(numeric=["salary", "age"], categorical=["elevel", "car"])
 ROWS = 64
@@ -62,19 +62,15 @@ def log_model(tracking, task: str, tmp: Path):
     _, _, experiment_id = tracking
     frame = synthetic_frame(ROWS, seed=1)
     target = "approved" if task == "binary" else "price"
-    preprocessor = fit_preprocessor(frame, FEATURES, task=task, target=target)
-    config = network_config(ModelSpec(hidden=[8], dropout=0.0))
-    network = build_network(config, preprocessor.n_inputs, seed=3)
-    with mlflow.start_run(experiment_id=experiment_id) as run:
-        info, sha256 = log_pyfunc_model(
-            preprocessor=preprocessor,
-            network=network,
-            network_config=config,
-            input_example=frame,
-            task=task,
-            workdir=tmp / f"model-{task}",
-        )
-    return preprocessor, network, info, sha256, run.info.run_id
+    return log_trained_model(
+        frame,
+        FEATURES,
+        task=task,
+        target=target,
+        experiment_id=experiment_id,
+        workdir=tmp / f"model-{task}",
+        seed=3,
+    )
 
 
 @pytest.fixture(scope="module")
