@@ -57,6 +57,8 @@ MAX_SKIPPED_CLAIMS = 5
 OUTCOME_DONE = "done"
 OUTCOME_LOST = "lost_race"
 OUTCOME_REFUSED = "refused"
+#: The action of :func:`retire_challenger` (the champion does not move).
+ACTION_RETIRE = "retire"
 
 
 class Unset:
@@ -240,10 +242,12 @@ def build_promotion_lineage(record: PromotionRecord) -> dict[str, Any]:
     for node_id in (new, old):
         if node_id:
             nodes.append(Node("model_version", node_id, None, {}))
-    if record.outcome == OUTCOME_DONE and new and old:
+    retired = record.action == ACTION_RETIRE
+    if record.outcome == OUTCOME_DONE and new and old and not retired:
         edges.append(Edge(new, old, "promoted_over"))
     if run and new:
-        edges.append(Edge(run, new, "promoted" if record.outcome == OUTCOME_DONE else "refused"))
+        done = "retired" if retired else "promoted"
+        edges.append(Edge(run, new, done if record.outcome == OUTCOME_DONE else "refused"))
     return {
         "schema": RECORD_SCHEMA,
         "pipeline": record.model,
@@ -455,6 +459,56 @@ def rollback(
             [why_not, "nothing was moved"],
         )
     return _move(client, record, experiment_id, new_champion=previous, new_previous=current)
+
+
+def retire_challenger(
+    client: MlflowClient,
+    model_name: str,
+    version: str,
+    *,
+    reason: str,
+    evidence: dict[str, Any] | None = None,
+    flow_run_id: str | None = None,
+    experiment_id: str | None = None,
+) -> PromotionRecord | None:
+    """Take the ``challenger`` alias from ``version``, which was judged not fit to serve.
+
+    The champion does not move. The alias is removed only while it still points at
+    ``version`` (a newer challenger registered meanwhile keeps it), and the decision is
+    recorded like a promotion (action ``retire``).
+
+    Returns:
+        The ``done`` record, or None when the alias no longer pointed at ``version``
+        (nothing to do, nothing recorded).
+
+    Raises:
+        RegistryError: the registry could not be read or written.
+    """
+    from mlflow.exceptions import MlflowException
+
+    version = str(version)
+    aliases = _aliases(client, model_name)
+    if aliases.get(CHALLENGER_ALIAS) != version:
+        return None
+    record = PromotionRecord(
+        model=model_name,
+        action=ACTION_RETIRE,
+        from_version=aliases.get(CHAMPION_ALIAS),
+        to_version=version,
+        who=getpass.getuser(),
+        when=datetime.now(UTC).isoformat(),
+        reason=reason,
+        evidence=dict(evidence or {}),
+        flow_run_id=flow_run_id,
+        generation=_generation_or_raise(client, model_name),
+    )
+    try:
+        # The registry cannot delete conditionally: a challenger registered between the
+        # read above and this delete would lose its alias. The window is one request wide.
+        client.delete_registered_model_alias(model_name, CHALLENGER_ALIAS)
+    except MlflowException as error:
+        raise _registry_error(f"cannot retire {model_name} v{version}", error) from error
+    return _record(client, record, experiment_id)
 
 
 def _generation_or_raise(client: MlflowClient, model_name: str) -> int:

@@ -17,6 +17,7 @@ import importlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -300,6 +301,156 @@ class ScoreSpec(_Section):
         return value
 
 
+class ShadowSpec(_Section):
+    """Shadow evaluation: the challenger scores the champion's rows; only the champion serves."""
+
+    min_labelled_rows: int = Field(
+        default=2000,
+        ge=1,
+        le=1_000_000_000,
+        description="Fewer labelled rows than this: the decision is `wait` (not enough evidence).",
+    )
+    margin: float = Field(
+        default=0.0,
+        ge=-1.0,
+        le=1.0,
+        description=(
+            "`promote` needs the lower bound of the metric improvement (challenger over "
+            "champion, in the metric's better direction) above this."
+        ),
+    )
+    max_error_rate: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Share of rows the challenger fails on (not scored, NaN/inf, or constant output) "
+            "above which it is rejected whatever the labels say."
+        ),
+    )
+    segments: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Feature columns to compare per value as well as overall, e.g. `[elevel]`.",
+    )
+    auto_promote: bool = Field(
+        default=False,
+        description=(
+            "On `promote`, move the champion alias to the challenger (compare-and-set against "
+            "the champion that was shadowed); otherwise only record the decision."
+        ),
+    )
+
+
+class CanaryGuardsSpec(_Section):
+    """What each canary step checks before the challenger gets more traffic."""
+
+    max_error_rate: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Share of the challenger's rows it fails on (not scored, NaN/inf, constant output) "
+            "above which the canary rolls back."
+        ),
+    )
+    max_score_psi: float = Field(
+        default=0.25,
+        gt=0.0,
+        le=100.0,
+        description="Population stability index of the challenger's scores against the control's above which the canary rolls back.",
+    )
+    max_metric_drop: float = Field(
+        default=0.02,
+        ge=0.0,
+        le=1_000_000.0,
+        description=(
+            "Roll back when the challenger is worse than the champion on the same labelled rows "
+            "by more than this with confidence (upper bound of the improvement below -this)."
+        ),
+    )
+    max_latency_ratio: float | None = Field(
+        default=None,
+        gt=1.0,
+        le=1000.0,
+        description="Roll back when the challenger's time per row exceeds the champion's by this factor (null: not checked).",
+    )
+    min_rows: int = Field(
+        default=100,
+        ge=1,
+        le=1_000_000_000,
+        description="Fewer rows in the challenger's arm than this: hold the step (not enough evidence).",
+    )
+    min_labelled_rows: int = Field(
+        default=200,
+        ge=1,
+        le=1_000_000_000,
+        description="Labelled rows of the challenger's arm needed before the metric guard counts.",
+    )
+    require_labels: bool = Field(
+        default=True,
+        description="The step that would promote the challenger holds until its metric guard could be evaluated.",
+    )
+
+
+class CanarySpec(_Section):
+    """Canary release: a growing share of entities is served by the challenger, batch by batch."""
+
+    steps: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.05, 0.25, 0.5, 1.0],
+        min_length=1,
+        max_length=20,
+        description=(
+            "Share of entities the challenger serves at each step, one step per batch; "
+            "increasing and ending at 1.0, where the challenger is promoted if its guards hold."
+        ),
+    )
+    bake_batches: int = Field(
+        default=1,
+        ge=0,
+        le=100,
+        description="Batches still watched after the promotion; a breach then rolls the champion back.",
+    )
+    max_holds: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Batches a step may hold for lack of evidence before the canary is ended.",
+    )
+    guards: CanaryGuardsSpec = Field(
+        default_factory=CanaryGuardsSpec, description="The checks of every step."
+    )
+
+
+class EvaluateSpec(_Section):
+    """Evaluation of a challenger on production batches: shadow, then canary."""
+
+    labels: str | None = Field(
+        default=None,
+        description=(
+            "Labels of production batches (a Parquet/CSV file or folder with the id and target "
+            "columns), relative to the project root; rows are joined by `data.id`."
+        ),
+    )
+    confidence: float = Field(
+        default=0.95,
+        ge=0.5,
+        lt=1.0,
+        description="Level of the paired-bootstrap interval of the metric difference.",
+    )
+    bootstrap_resamples: int = Field(
+        default=1000,
+        ge=100,
+        le=100_000,
+        description="Bootstrap resamples behind each interval.",
+    )
+    seed: int = Field(
+        default=0, ge=0, le=2**32 - 1, description="Seed of the bootstrap resampling."
+    )
+    shadow: ShadowSpec = Field(default_factory=ShadowSpec, description="Shadow evaluation.")
+    canary: CanarySpec = Field(default_factory=CanarySpec, description="Canary release.")
+
+
 class Spec(_Section):
     """A Stemma pipeline: the data, its checks, the model, its training, gate and scoring."""
 
@@ -319,6 +470,10 @@ class Spec(_Section):
         default_factory=ScoreSpec, description="Nightly batch scoring with the champion."
     )
 
+    evaluate: EvaluateSpec | None = Field(
+        default=None,
+        description="Shadow and canary evaluation of a challenger (defaults apply when absent).",
+    )
 
 @dataclass(frozen=True)
 class LoadedSpec:
@@ -648,6 +803,9 @@ def _semantic_problems(
         gate: GateSpec | None = sections.get("gate")
         if gate is not None:
             problems += _gate_problems(gate, data.task)
+        evaluate: EvaluateSpec | None = sections.get("evaluate")
+        if evaluate is not None:
+            problems += _evaluate_problems(evaluate, data)
     checks: list[Expectation] = sections.get("checks") or []
     problems += _check_problems(checks, check_expectations=check_expectations)
     model: ModelSpec | None = sections.get("model")
@@ -717,6 +875,70 @@ def _data_problems(
                 )
             )
 
+    return problems
+
+
+def _evaluate_problems(
+    evaluate: EvaluateSpec, data: DataSpec
+) -> list[tuple[tuple[str | int, ...], str]]:
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    if data.id is None:
+        problems.append(
+            (
+                ("data", "id"),
+                "required by `evaluate`: shadow and canary evaluation join rows by the id column",
+            )
+        )
+    features = data.features.all
+    seen: set[str] = set()
+    for index, column in enumerate(evaluate.shadow.segments):
+        loc: tuple[str | int, ...] = ("evaluate", "shadow", "segments", index)
+        if column not in features:
+            problems.append(
+                (
+                    loc,
+                    f"{column!r} is not a feature column; segment by one of {', '.join(features)}",
+                )
+            )
+        elif column in seen:
+            problems.append((loc, f"{column!r} is listed more than once"))
+        seen.add(column)
+    steps = evaluate.canary.steps
+    if any(later <= earlier for earlier, later in pairwise(steps)):
+        problems.append(
+            (("evaluate", "canary", "steps"), f"must increase step by step, got {steps}")
+        )
+    if steps and steps[-1] != 1.0:
+        problems.append(
+            (
+                ("evaluate", "canary", "steps"),
+                f"must end at 1.0 (the step at which the challenger is promoted), got {steps[-1]}",
+            )
+        )
+    return problems
+
+
+def _train_problems(train: TrainSpec) -> list[tuple[tuple[str | int, ...], str]]:
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    distributed = train.distributed
+    if distributed is None:
+        return problems
+    loc: tuple[str | int, ...] = ("train", "distributed")
+    if distributed.backend == "nccl" and train.device == "cpu":
+        problems.append(
+            (
+                (*loc, "backend"),
+                "nccl needs CUDA, but train.device is cpu: use gloo (or auto) on the CPU",
+            )
+        )
+    if distributed.nproc_per_node > train.batch_size:
+        problems.append(
+            (
+                (*loc, "nproc_per_node"),
+                f"{distributed.nproc_per_node} processes cannot share a batch of "
+                f"{train.batch_size} rows (train.batch_size): each needs at least one row",
+            )
+        )
     return problems
 
 
