@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt
 CONFIG ?= configs/credit.yaml
 
-.PHONY: install dev demo data test test-all bench lint format typecheck clean
+.PHONY: install dev demo data test test-all bench lint format typecheck clean native-deps
 
 install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
@@ -29,7 +29,12 @@ demo: install data
 	$(BIN)/stemma run train $(CONFIG)
 	$(BIN)/stemma run score $(CONFIG)
 
-test: dev
+# PostgreSQL for tests/infra/test_native_stack.py (installed from Debian's packages when
+# missing and run as root; otherwise that test says why it skips).
+native-deps:
+	bash infra/native/install.sh
+
+test: dev native-deps
 	$(BIN)/python -m pytest
 
 bench: dev

@@ -107,6 +107,7 @@ def start_services(
     mlflow_port: int = DEFAULT_MLFLOW_PORT,
     prefect_database_url: str | None = None,
     mlflow_database_url: str | None = None,
+    mlflow_artifacts_destination: str | None = None,
     timeout_s: float = DEFAULT_START_TIMEOUT_S,
 ) -> list[Service]:
     """Start the Prefect and MLflow servers of the project, and wait until both are healthy.
@@ -123,6 +124,9 @@ def start_services(
         mlflow_database_url: a PostgreSQL URL for MLflow's store; None uses
             ``.stemma/mlflow.db``. Must not be the same database as Prefect's (both keep
             their schema version in a table named ``alembic_version``).
+        mlflow_artifacts_destination: where the MLflow server stores artifacts, e.g.
+            ``s3://bucket/path`` (S3 settings such as ``MLFLOW_S3_ENDPOINT_URL`` and
+            ``AWS_*`` come from the environment); None uses ``.stemma/mlartifacts``.
         timeout_s: how long to wait for both servers to answer their health checks.
 
     Returns:
@@ -139,7 +143,9 @@ def start_services(
     _check_ports(prefect_port, mlflow_port)
     launches = {
         PREFECT: _prefect_launch(root, prefect_port, prefect_database_url),
-        MLFLOW: _mlflow_launch(root, mlflow_port, mlflow_database_url),
+        MLFLOW: _mlflow_launch(
+            root, mlflow_port, mlflow_database_url, mlflow_artifacts_destination
+        ),
     }
     _services_dir(root).mkdir(parents=True, exist_ok=True)
 
@@ -266,6 +272,9 @@ def _prefect_launch(root: Path, port: int, database_url: str | None) -> _Launch:
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_ENABLED": "true",
+        # The UI calls the API at this address; Prefect's default is port 4200 whatever
+        # port the server listens on.
+        "PREFECT_UI_API_URL": f"http://{HOST}:{port}/api",
     }
     data = str(home)
     if database_url:
@@ -275,10 +284,16 @@ def _prefect_launch(root: Path, port: int, database_url: str | None) -> _Launch:
     return _Launch(PREFECT, port, command, _child_environment(extra), data)
 
 
-def _mlflow_launch(root: Path, port: int, database_url: str | None) -> _Launch:
+def _mlflow_launch(
+    root: Path, port: int, database_url: str | None, artifacts_destination: str | None = None
+) -> _Launch:
     state = root / STATE_DIR
-    artifacts = state / MLFLOW_ARTIFACTS_DIR
-    artifacts.mkdir(parents=True, exist_ok=True)
+    artifacts: Path | str
+    if artifacts_destination:
+        artifacts = artifacts_destination
+    else:
+        artifacts = state / MLFLOW_ARTIFACTS_DIR
+        artifacts.mkdir(parents=True, exist_ok=True)
     store = (
         _with_driver(database_url, None) if database_url else f"sqlite:///{state / MLFLOW_DB_NAME}"
     )
