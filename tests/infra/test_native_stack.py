@@ -74,10 +74,12 @@ class Postgres:
     def query(self, database: str, sql: str, *args) -> list[tuple]:
         import psycopg2
 
-        with contextlib.closing(psycopg2.connect(self.url(database))) as connection:
-            with connection.cursor() as cursor:
-                cursor.execute(sql, args)
-                return cursor.fetchall()
+        with (
+            contextlib.closing(psycopg2.connect(self.url(database))) as connection,
+            connection.cursor() as cursor,
+        ):
+            cursor.execute(sql, args)
+            return cursor.fetchall()
 
 
 def free_port() -> int:
