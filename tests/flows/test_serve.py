@@ -1,0 +1,384 @@
+"""`stemma serve` against real servers on loopback: deployments, runs, events and the UIs.
+
+A module-scoped stack starts the project's Prefect and MLflow servers (`stemma up`'s
+code) and `stemma serve` in a child process, then drives them only through their HTTP
+APIs, as the Prefect UI's Run button and the MLflow UI do. The browser test opens both
+UIs in Debian's headless Chromium and saves screenshots under ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stemma.components.deployments import (
+    BATCH_SCORED_EVENT,
+    DRIFT_DETECTED_EVENT,
+    deployment_plans,
+    describe_plans,
+)
+from stemma.components.services import environment_for, start_services, stop_services
+from stemma.components.spec import load_spec
+
+from .conftest import build_project
+
+START_TIMEOUT_S = 120
+RUN_TIMEOUT_S = 420
+ARTIFACTS = Path(os.environ.get("STEMMA_TEST_ARTIFACTS", "test-artifacts"))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _request(method: str, url: str, body: dict | None = None) -> dict | list:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        payload = response.read()
+    return json.loads(payload) if payload else {}
+
+
+@dataclass
+class Stack:
+    project: Path
+    prefect_api: str
+    mlflow_url: str
+    serve: subprocess.Popen
+    serve_log: Path
+    environment: dict[str, str]
+
+    def deployments(self) -> dict[str, dict]:
+        """Deployments by `<flow>/<name>`."""
+        flows = {
+            flow["id"]: flow["name"]
+            for flow in _request("POST", f"{self.prefect_api}/flows/filter", {})  # type: ignore[union-attr]
+        }
+        return {
+            f"{flows[item['flow_id']]}/{item['name']}": item
+            for item in _request("POST", f"{self.prefect_api}/deployments/filter", {})  # type: ignore[union-attr]
+        }
+
+    def wait_for_run(self, flow_run_id: str, timeout_s: float = RUN_TIMEOUT_S) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            run = _request("GET", f"{self.prefect_api}/flow_runs/{flow_run_id}")
+            state = run["state"]["type"]  # type: ignore[index]
+            if state in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
+                return run  # type: ignore[return-value]
+            time.sleep(2)
+        raise AssertionError(
+            f"flow run {flow_run_id} did not finish in {timeout_s} s:\n{self.log()}"
+        )
+
+    def runs_of(self, deployment_id: str) -> list[dict]:
+        """Runs of a deployment due by now (not the schedule's runs of the coming days)."""
+        soon = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 300))
+        return _request(  # type: ignore[return-value]
+            "POST",
+            f"{self.prefect_api}/flow_runs/filter",
+            {
+                "flow_runs": {
+                    "deployment_id": {"any_": [deployment_id]},
+                    "expected_start_time": {"before_": soon},
+                }
+            },
+        )
+
+    def mlflow(self, method: str, path: str, body: dict | None = None) -> dict:
+        return _request(method, f"{self.mlflow_url}/api/2.0/mlflow/{path}", body)  # type: ignore[return-value]
+
+    def log(self) -> str:
+        return self.serve_log.read_text() if self.serve_log.exists() else ""
+
+
+def _start_serve(
+    project: Path, environment: dict[str, str], log: Path, stemma_exe
+) -> subprocess.Popen:
+    handle = log.open("a")
+    return subprocess.Popen(
+        [*stemma_exe, "serve", "configs/credit.yaml", "--set", "train.epochs=2"],
+        cwd=project,
+        env={**os.environ, **environment},
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _wait_for_deployments(stack: Stack, expected: set[str]) -> dict[str, dict]:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    found: dict[str, dict] = {}
+    while time.monotonic() < deadline:
+        if stack.serve.poll() is not None:
+            raise AssertionError(f"`stemma serve` exited {stack.serve.returncode}:\n{stack.log()}")
+        found = stack.deployments()
+        if expected <= set(found):
+            return found
+        time.sleep(1)
+    raise AssertionError(f"deployments {expected - set(found)} never appeared:\n{stack.log()}")
+
+
+def _stop_serve(stack: Stack) -> None:
+    if stack.serve.poll() is None:
+        os.killpg(stack.serve.pid, signal.SIGINT)
+        try:
+            stack.serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(stack.serve.pid, signal.SIGKILL)
+            stack.serve.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, repo_root, stemma_exe) -> Iterator[Stack]:
+    project = build_project(
+        tmp_path_factory.mktemp("served") / "project", repo_root, train_rows=3_000
+    )
+    spec_path = project / "configs" / "credit.yaml"
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["retrain"] = {"schedule": "0 3 * * *", "on_drift": True, "labels": "data/credit/labels"}
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    ports = {"prefect_port": _free_port(), "mlflow_port": _free_port()}
+    services = start_services(project, timeout_s=START_TIMEOUT_S, **ports)
+    environment = environment_for(services)
+    environment["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    log = project / ".stemma" / "serve.log"
+    serve = _start_serve(project, environment, log, stemma_exe)
+    built = Stack(
+        project=project,
+        prefect_api=environment["PREFECT_API_URL"],
+        mlflow_url=environment["MLFLOW_TRACKING_URI"],
+        serve=serve,
+        serve_log=log,
+        environment=environment,
+    )
+    built.ports = ports  # type: ignore[attr-defined]
+    try:
+        yield built
+    finally:
+        _stop_serve(built)
+        stop_services(project)
+
+
+def _expected_names(project: Path) -> set[str]:
+    loaded = load_spec(project / "configs" / "credit.yaml")
+    return {plan.full_name for plan in deployment_plans(loaded, "configs/credit.yaml")}
+
+
+def test_serve_creates_every_deployment_unpaused_with_schedules_triggers_and_forms(stack):
+    expected = _expected_names(stack.project)
+    assert {"train/credit", "score/credit"} <= expected
+    deployments = _wait_for_deployments(stack, expected)
+
+    for name in expected:
+        deployment = deployments[name]
+        assert deployment["paused"] is False, name
+        properties = deployment["parameter_openapi_schema"]["properties"]
+        # The flows' typed signatures become the form in the Prefect UI.
+        assert properties["config"]["type"] == "string", name
+        assert deployment["parameters"]["config"] == "configs/credit.yaml"
+        assert deployment["parameters"]["overrides"] == ["train.epochs=2"]
+    score = deployments["score/credit"]
+    assert [s["schedule"]["cron"] for s in score["schedules"]] == ["0 2 * * *"]
+    assert all(s["active"] for s in score["schedules"])
+    assert deployments["train/credit"]["schedules"] == []
+
+    automations = _request("POST", f"{stack.prefect_api}/automations/filter", {})
+    expected_events = set()
+    if "monitor/credit" in expected:
+        expected_events.add(BATCH_SCORED_EVENT)
+    if "retrain/credit" in expected:
+        expected_events.add(DRIFT_DETECTED_EVENT)
+        retrain = deployments["retrain/credit"]
+        assert retrain["concurrency_limit"] == 1 or retrain.get("global_concurrency_limit")
+    seen = {event for automation in automations for event in automation["trigger"]["expect"]}  # type: ignore[index]
+    assert expected_events <= seen
+
+
+def _train_through_the_api(stack: Stack) -> dict:
+    """Start the training deployment as the UI's "Quick run" does (once per stack)."""
+    if getattr(stack, "training_run", None) is None:
+        deployments = _wait_for_deployments(stack, {"train/credit"})
+        train = deployments["train/credit"]
+        # What the UI sends: a scheduled state and the deployment's default parameters.
+        created = _request(
+            "POST",
+            f"{stack.prefect_api}/deployments/{train['id']}/create_flow_run",
+            {"state": {"type": "SCHEDULED", "message": "Run from the Prefect UI with defaults"}},
+        )
+        stack.training_run = stack.wait_for_run(created["id"])  # type: ignore[attr-defined,index]
+    return stack.training_run  # type: ignore[attr-defined]
+
+
+def test_a_run_started_like_the_ui_run_button_trains_and_lands_in_mlflow(stack):
+    run = _train_through_the_api(stack)
+    assert run["state"]["type"] == "COMPLETED", stack.log()
+
+    experiment = stack.mlflow("GET", "experiments/get-by-name?experiment_name=credit")
+    found = stack.mlflow(
+        "POST",
+        "runs/search",
+        {
+            "experiment_ids": [experiment["experiment"]["experiment_id"]],
+            "filter": f"tags.`stemma.prefect.flow_run_id` = '{run['id']}'",
+        },
+    )
+    assert len(found["runs"]) == 1
+    mlflow_run = found["runs"][0]
+    assert mlflow_run["info"]["status"] == "FINISHED"
+    dvc_md5 = yaml.safe_load((stack.project / "data.dvc").read_text())["outs"][0]["md5"]
+    inputs = mlflow_run["inputs"]["dataset_inputs"]
+    assert any(item["dataset"]["digest"] == dvc_md5 for item in inputs)
+    assert any(item["dataset"]["source_type"] == "dvc" for item in inputs)
+
+    versions = stack.mlflow(
+        "GET", "registered-models/search?filter=" + urllib.request.quote("name='credit'")
+    )
+    model = versions["registered_models"][0]
+    aliases = {alias["alias"]: alias["version"] for alias in model.get("aliases", [])}
+    run_versions = stack.mlflow(
+        "GET",
+        "model-versions/search?filter="
+        + urllib.request.quote(f"run_id='{mlflow_run['info']['run_id']}'"),
+    )["model_versions"]
+    assert len(run_versions) == 1
+    assert aliases.get("champion") == run_versions[0]["version"]
+
+
+def test_deployments_stay_unpaused_after_serve_and_the_server_restart(stack, stemma_exe):
+    expected = _expected_names(stack.project)
+    _wait_for_deployments(stack, expected)
+    _stop_serve(stack)
+    assert stack.serve.returncode is not None
+    after_stop = stack.deployments()
+    assert all(after_stop[name]["paused"] is False for name in expected)
+
+    stop_services(stack.project)
+    start_services(stack.project, timeout_s=START_TIMEOUT_S, **stack.ports)  # type: ignore[attr-defined]
+    after_restart = stack.deployments()
+    assert all(after_restart[name]["paused"] is False for name in expected)
+    assert all(s["active"] for s in after_restart["score/credit"]["schedules"])
+    # Serve again, as a restarted `stemma serve` would: the deployments are taken back.
+    stack.serve = _start_serve(stack.project, stack.environment, stack.serve_log, stemma_exe)
+    _wait_for_deployments(stack, expected)
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None or shutil.which("chromedriver") is None,
+    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)",
+)
+def test_browser_finds_and_starts_a_deployment_and_sees_the_model_aliases(stack):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as ChromeService
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    prefect_ui = stack.prefect_api.removesuffix("/api")
+    # The UI must call this server's API, not Prefect's default port.
+    assert _request("GET", f"{prefect_ui}/ui-settings")["api_url"] == stack.prefect_api  # type: ignore[index]
+    assert _train_through_the_api(stack)["state"]["type"] == "COMPLETED", stack.log()
+    deployments = _wait_for_deployments(stack, {"train/credit", "score/credit"})
+    score = deployments["score/credit"]
+    runs_before = len(stack.runs_of(score["id"]))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+        "--disable-gpu",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(
+        service=ChromeService(executable_path=shutil.which("chromedriver")), options=options
+    )
+    wait = WebDriverWait(driver, 60)
+    try:
+        driver.get(f"{prefect_ui}/deployments")
+        wait.until(
+            expected_conditions.presence_of_element_located(
+                (By.XPATH, "//*[contains(normalize-space(.), 'score')]")
+            )
+        )
+        wait.until(lambda d: "credit" in d.find_element(By.TAG_NAME, "body").text)
+        driver.save_screenshot(str(ARTIFACTS / "prefect-deployments.png"))
+        body = driver.find_element(By.TAG_NAME, "body").text
+        assert "credit" in body and "train" in body and "score" in body
+
+        driver.get(f"{prefect_ui}/deployments/deployment/{score['id']}")
+        run_button = wait.until(
+            expected_conditions.element_to_be_clickable(
+                (By.XPATH, "//button[normalize-space(.)='Run']")
+            )
+        )
+        run_button.click()
+        quick = wait.until(
+            expected_conditions.element_to_be_clickable(
+                (By.XPATH, "//*[normalize-space(.)='Quick run']")
+            )
+        )
+        quick.click()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(stack.runs_of(score["id"])) == runs_before:
+            time.sleep(0.5)
+        driver.save_screenshot(str(ARTIFACTS / "prefect-quick-run.png"))
+        assert len(stack.runs_of(score["id"])) == runs_before + 1
+
+        driver.get(f"{stack.mlflow_url}/#/models/credit")
+        wait.until(lambda d: "champion" in d.find_element(By.TAG_NAME, "body").text)
+        driver.save_screenshot(str(ARTIFACTS / "mlflow-model-aliases.png"))
+        body = driver.find_element(By.TAG_NAME, "body").text
+        assert "champion" in body and "Version 1" in body
+    finally:
+        driver.quit()
+
+
+def test_dry_run_lists_the_plan_and_creates_nothing(stack, stemma_exe):
+    result = subprocess.run(
+        [*stemma_exe, "serve", "configs/credit.yaml", "--dry-run"],
+        cwd=stack.project,
+        env={**os.environ, **stack.environment},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = load_spec(stack.project / "configs" / "credit.yaml")
+    assert describe_plans(deployment_plans(loaded, "configs/credit.yaml")) in result.stdout
+    assert "not created" in result.stdout
+
+
+def test_serve_without_a_prefect_server_is_a_clear_error(project, stemma_exe):
+    environment = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    result = subprocess.run(
+        [*stemma_exe, "serve", "configs/credit.yaml"],
+        cwd=project,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 6
+    assert "no Prefect server" in result.stderr and "stemma up" in result.stderr
+    assert "Traceback" not in result.stderr
