@@ -513,7 +513,7 @@ def test_drift_event_starts_the_retraining_deployment(stack, deployed):
 # DVC remote on the same S3
 
 
-def test_dvc_push_then_pull_into_a_clean_clone_restores_the_data(stack, tmp_path):
+def test_dvc_push_then_pull_into_a_clean_clone_restores_the_data(s3, tmp_path):
     import importlib.util
 
     if importlib.util.find_spec("dvc_s3") is None:
@@ -523,8 +523,8 @@ def test_dvc_push_then_pull_into_a_clean_clone_restores_the_data(stack, tmp_path
         )
     from stemma.components.data import resolve_data_version
 
-    project = stack.project
-    environment = {**client_environment(stack), **S3_ENVIRONMENT}
+    project = build_project(tmp_path / "project", REPO_ROOT, train_rows=TRAIN_ROWS)
+    environment = {**os.environ, **S3_ENVIRONMENT}
     dvc = [str(VENV_BIN / "dvc")]
 
     def run(*command: str, cwd: Path = project) -> None:
@@ -534,10 +534,16 @@ def test_dvc_push_then_pull_into_a_clean_clone_restores_the_data(stack, tmp_path
         assert done.returncode == 0, f"{' '.join(command)}:\n{done.stdout}\n{done.stderr}"
 
     run(*dvc, "remote", "add", "--default", "s3remote", f"s3://{DVC_BUCKET}/credit")
-    run(*dvc, "remote", "modify", "s3remote", "endpointurl", stack.s3)
+    run(*dvc, "remote", "modify", "s3remote", "endpointurl", s3)
     git(project, "add", ".dvc/config")
     git(project, "commit", "-q", "-m", "DVC remote on S3")
     run(*dvc, "push")
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3, **_boto_credentials())
+    pushed = client.list_objects_v2(Bucket=DVC_BUCKET, Prefix="credit/")
+    # Every file of the data folder, plus the folder's listing.
+    assert pushed["KeyCount"] == len([p for p in (project / "data").rglob("*") if p.is_file()]) + 1
 
     clone = tmp_path / "clone"
     run("git", "clone", "--quiet", str(project), str(clone))
