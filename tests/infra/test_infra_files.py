@@ -285,6 +285,7 @@ def test_entrypoint_is_a_prefect_flow_that_accepts_the_parameters(deployment):
 
 
 def test_nightly_schedules_and_drift_trigger():
+    from stemma.components.deployments import DRIFT_DETECTED_EVENT, pipeline_resource_id
     from stemma.components.spec import load_spec
 
     loaded = load_spec(str(REPO_ROOT / "configs" / "credit.yaml"), [])
@@ -298,9 +299,10 @@ def test_nightly_schedules_and_drift_trigger():
     assert crons["credit"] == [loaded.spec.score.schedule] == ["0 2 * * *"]
     assert crons["retrain-credit"] == ["0 3 * * *"]
     (trigger,) = by_function["retrain-credit"]["triggers"]
-    assert trigger["expect"] == ["stemma.drift.detected"]
+    # The event and resource the drift monitor emits, as `stemma serve` names them.
+    assert trigger["expect"] == [DRIFT_DETECTED_EVENT] == ["stemma.drift.detected"]
     assert trigger["match"] == {
-        "prefect.resource.id": f"stemma.pipeline.{loaded.spec.pipeline.name}"
+        "prefect.resource.id": pipeline_resource_id(loaded.spec.pipeline.name)
     }
     # Only the retraining deployment reacts to drift.
     assert [d["name"] for d in deployments() if d.get("triggers")] == ["retrain-credit"]
@@ -545,3 +547,17 @@ def test_deploy_script_commands_parse():
     for line in DEPLOY_SCRIPT.read_text().splitlines():
         if "work-pool create" in line or " deploy " in line:
             shlex.split(line.rstrip("\\"))
+
+
+def test_agrees_with_stemma_serve_on_the_flows_both_deploy():
+    from stemma.components.deployments import deployment_plans
+    from stemma.components.spec import load_spec
+
+    loaded = load_spec(str(REPO_ROOT / "configs" / "credit.yaml"), [])
+    plans = {plan.entrypoint: plan for plan in deployment_plans(loaded, "configs/credit.yaml")}
+    for deployment in deployments():
+        plan = plans[deployment["entrypoint"]]
+        assert deployment["parameters"] == plan.parameters
+        if deployment["name"] == plan.name:
+            crons = [schedule["cron"] for schedule in deployment.get("schedules", [])]
+            assert crons == ([plan.cron] if plan.cron else [])
