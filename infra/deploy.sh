@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create Stemma's work pools and deployments on the Prefect server in PREFECT_API_URL.
 #
-#   stemma          process pool: the compose stack's worker runs flows in its container
+#   stemma             process pool: the compose stack's worker runs flows in its container
 #   stemma-kubernetes  kubernetes pool: each flow run is a Kubernetes Job with one GPU
 #                      (base job template infra/k8s/gpu-job-template.json)
 #

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import json
 import re
 import shlex
@@ -261,9 +262,12 @@ def test_prefect_yaml_matches_prefect_deploy_models():
 
 def test_pull_steps_are_prefect_steps():
     for step in prefect_yaml()["pull"]:
-        (path,) = step
+        ((path, arguments),) = step.items()
         module, function = path.rsplit(".", 1)
-        assert callable(getattr(importlib.import_module(module), function)), path
+        callable_step = getattr(importlib.import_module(module), function)
+        # `id` names the step's output for later steps; the rest are the step's arguments.
+        options = {key: value for key, value in arguments.items() if key != "id"}
+        inspect.signature(callable_step).bind(**options)
 
 
 def deployments() -> list[dict]:
