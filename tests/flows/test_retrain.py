@@ -1,0 +1,179 @@
+"""The continuous-training flow on a real project: DVC, git, MLflow and Prefect."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+
+import pandas as pd
+import pytest
+import yaml
+
+from stemma.components.errors import DataError
+from stemma.components.lineage import RECORD_ARTIFACT
+from stemma.flows.retrain import (
+    ALREADY_RUNNING,
+    NO_NEW_DATA,
+    RetrainError,
+    pipeline_lock,
+    retrain_flow,
+)
+from stemma.flows.train import train_flow
+
+from .conftest import git
+
+FAST = ["train.epochs=2", "retrain.min_new_rows=100"]
+
+
+def _pointer_md5(project) -> str:
+    return yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+
+
+def _with_retrain_section(project) -> None:
+    path = project / "configs" / "credit.yaml"
+    spec = yaml.safe_load(path.read_text())
+    spec["retrain"] = {"labels": "data/credit/labels", "min_new_rows": 1000}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    git(project, "commit", "-qam", "retrain section")
+
+
+@pytest.fixture
+def retrain_project(project, prefect_api, mlflow_uri, monkeypatch):
+    _with_retrain_section(project)
+    monkeypatch.chdir(project)
+    train_flow(config="configs/credit.yaml", overrides=["train.epochs=2"])
+    return project
+
+
+def test_retrain_adds_labelled_rows_as_a_new_committed_data_version(retrain_project):
+    project = retrain_project
+    before_md5 = _pointer_md5(project)
+    before_rows = len(pd.read_parquet(project / "data/credit/train.parquet"))
+    commits_before = git(project, "rev-list", "--count", "HEAD")
+
+    result = retrain_flow(config="configs/credit.yaml", overrides=FAST)
+
+    # Day 1 is ingested, day 2 (the newest labelled batch) is held out for the shadow.
+    assert result["new_rows"] == 500
+    after = pd.read_parquet(project / "data/credit/train.parquet")
+    assert len(after) == before_rows + 500
+    assert after["application_id"].is_unique
+    day1 = pd.read_parquet(project / "data/credit/batches/day_01.parquet")
+    assert set(day1["application_id"]) <= set(after["application_id"])
+    day2 = pd.read_parquet(project / "data/credit/batches/day_02.parquet")
+    assert not set(day2["application_id"]) & set(after["application_id"])
+
+    assert _pointer_md5(project) == result["data_md5"] != before_md5
+    assert int(git(project, "rev-list", "--count", "HEAD")) == int(commits_before) + 1
+    assert "data.dvc" in git(project, "show", "--name-only", "--format=", "HEAD")
+    # The previous version stays restorable: its listing is in DVC's cache.
+    old = before_md5.removesuffix(".dir")
+    assert (project / ".dvc/cache/files/md5" / old[:2] / f"{old[2:]}.dir").exists()
+
+    assert result["outcome"] in {"promoted", "not_promoted"}
+    assert result["shadow"]["decision"] in {"promote", "reject", "wait"}
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(result["run_id"])
+    assert run.data.tags["stemma.retrain.outcome"] == result["outcome"]
+    assert run.data.tags["stemma.data.md5"] == result["data_md5"]
+    version = client.get_model_version("credit", result["model_version"])
+    assert version.tags["stemma.retrain.run_id"] == result["run_id"]
+    record = mlflow.artifacts.load_dict(f"runs:/{result['run_id']}/{RECORD_ARTIFACT}")
+    kinds = {node["kind"] for node in record["nodes"]}
+    assert {"data_version", "model_version", "run"} <= kinds
+
+    # Nothing twice: the same labels again add nothing and leave the data alone.
+    again = retrain_flow(config="configs/credit.yaml", overrides=FAST)
+    assert again["outcome"] == NO_NEW_DATA
+    assert "fewer than retrain.min_new_rows" in again["summary"]
+    assert _pointer_md5(project) == result["data_md5"]
+
+
+def test_drift_report_is_recorded_as_the_cause(retrain_project):
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("credit")
+    report = client.create_run(
+        experiment.experiment_id,
+        tags={
+            "stemma.flow": "monitor",
+            "stemma.input.path": "data/credit/batches/day_02.parquet",
+            "stemma.input.digest": "0123abcd",
+        },
+    )
+    result = retrain_flow(config="configs/credit.yaml", overrides=FAST, cause=report.info.run_id)
+    assert result["cause"]["kind"] == "drift_report"
+    version = client.get_model_version("credit", result["model_version"])
+    assert version.tags["stemma.cause.run_id"] == report.info.run_id
+    assert version.tags["stemma.cause.batch"] == "data/credit/batches/day_02.parquet"
+    record = mlflow.artifacts.load_dict(f"runs:/{result['run_id']}/{RECORD_ARTIFACT}")
+    reports = [node for node in record["nodes"] if node["kind"] == "drift_report"]
+    assert len(reports) == 1
+    assert any(
+        edge["source"] == reports[0]["id"] and edge["relation"] == "caused"
+        for edge in record["edges"]
+    )
+
+
+def test_a_second_retrain_while_one_runs_does_nothing(retrain_project):
+    md5 = _pointer_md5(retrain_project)
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with pipeline_lock(retrain_project, "credit") as acquired:
+            assert acquired
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    try:
+        result = retrain_flow(config="configs/credit.yaml", overrides=FAST)
+    finally:
+        release.set()
+        holder.join()
+    assert result["outcome"] == ALREADY_RUNNING
+    assert _pointer_md5(retrain_project) == md5
+
+
+def test_broken_labels_and_unknown_cause_fail_clearly_and_change_nothing(retrain_project):
+    md5 = _pointer_md5(retrain_project)
+    broken = retrain_project / "incoming" / "labels"
+    broken.mkdir(parents=True)
+    source = retrain_project / "data/credit/labels/day_01.parquet"
+    pd.read_parquet(source).rename(columns={"application_id": "id"}).to_parquet(
+        broken / "day_01.parquet"
+    )
+    with pytest.raises(DataError, match="lacks column"):
+        retrain_flow(config="configs/credit.yaml", overrides=FAST, labels=str(broken))
+    assert _pointer_md5(retrain_project) == md5
+    with pytest.raises(RetrainError, match="not an MLflow run"):
+        retrain_flow(config="configs/credit.yaml", overrides=FAST, cause="no-such-run")
+
+
+def test_retrain_command_reports_no_new_data(retrain_project, stemma_exe):
+    import os
+
+    result = subprocess.run(
+        [
+            *stemma_exe,
+            "run",
+            "retrain",
+            "configs/credit.yaml",
+            "--set",
+            "retrain.min_new_rows=100000",
+        ],
+        cwd=retrain_project,
+        env={**os.environ},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no retraining" in result.stdout and "fewer than retrain.min_new_rows" in result.stdout
