@@ -315,16 +315,30 @@ def build_shadow_rows(
     if labels is not None and not labels.empty:
         label_map = labels.set_index(id_column)[LABEL]
         rows[LABEL] = rows[id_column].map(label_map).astype(np.float64)
-        if labels_required and rows[LABEL].notna().sum() == 0:
-            raise DataError(
-                f"{labels_source}: none of the {len(labels):,} labelled ids is in the batch",
-                [
-                    f"batch {id_column}: {_id_range(batch[id_column])}",
-                    f"label {id_column}: {_id_range(labels[id_column])}",
-                    "pass the labels of this batch (same ids, same type)",
-                ],
-            )
+        if labels_required:
+            require_label_overlap(batch[id_column], labels, id_column, labels_source)
     return rows
+
+
+def require_label_overlap(
+    ids: pd.Series, labels: pd.DataFrame, id_column: str, source: str
+) -> None:
+    """Labels named explicitly must label at least one row of the batch.
+
+    Raises:
+        DataError: none of the labelled ids is among ``ids`` (another batch's labels, or
+            ids of another type), with both id ranges.
+    """
+    if labels.empty or ids.isin(labels[id_column]).any():
+        return
+    raise DataError(
+        f"{source}: none of the {len(labels):,} labelled ids is in the batch",
+        [
+            f"batch {id_column}: {_id_range(ids)}",
+            f"label {id_column}: {_id_range(labels[id_column])}",
+            "pass the labels of this batch (same ids, same type)",
+        ],
+    )
 
 
 def _id_range(ids: pd.Series) -> str:

@@ -96,6 +96,73 @@ def build_parser() -> argparse.ArgumentParser:
         help="models:/<name>@<alias> or models:/<name>/<version> (default: score.model or @champion)",
     )
 
+    shadow = flows.add_parser(
+        "shadow",
+        help="score a batch with the challenger beside the champion and decide",
+        description=(
+            "The champion scores the batch (the served output, where `stemma run score` "
+            "writes); the challenger scores the same rows into <output>-shadow. One MLflow "
+            "run compares them (agreement, score distances, latency, and with labels the "
+            "primary metric with a paired-bootstrap interval, overall and per segment) and "
+            "decides promote, reject or wait; evaluate.shadow.auto_promote promotes."
+        ),
+    )
+    _add_spec_arguments(shadow)
+    shadow.add_argument(
+        "--challenger",
+        help="models:/<name>@<alias> or models:/<name>/<version> (default: @challenger)",
+    )
+    shadow.add_argument("--batch", help="file or folder of rows (default: score.input)")
+    shadow.add_argument(
+        "--labels", help="labels of those rows, joined by data.id (default: evaluate.labels)"
+    )
+    shadow.add_argument(
+        "--output",
+        help="the champion's served scores (default: score.output, or score.output-<batch>)",
+    )
+    retrain = flows.add_parser(
+        "retrain",
+        help="retrain on newly labelled production rows; promote only on the shadow's word",
+        description=(
+            "Gather production rows whose labels arrived since the current data version "
+            "(the newest labelled batch is held out for the shadow comparison), record them "
+            "as a new DVC data version, then train, gate, shadow against the champion and "
+            "promote when the shadow decides so. Exits early with too few new rows; a "
+            "second run while one runs does nothing."
+        ),
+    )
+    _add_spec_arguments(retrain)
+    retrain.add_argument("--cause", help="MLflow run id of the drift report behind this run")
+    retrain.add_argument("--batches", help="production batches (default: retrain.batches)")
+    retrain.add_argument("--labels", help="their labels (default: retrain.labels)")
+    canary_parser = flows.add_parser(
+        "canary",
+        help="serve a growing share of entities with the challenger, one step per batch",
+        description=(
+            "Continue (or start) the canary of the challenger: each batch not processed yet "
+            "is one step of evaluate.canary.steps; entities are routed by a stable hash of "
+            "their id; guards decide to advance, hold or roll back; at 100% with green "
+            "guards the challenger is promoted, and a breach rolls back automatically."
+        ),
+    )
+    _add_spec_arguments(canary_parser)
+    canary_parser.add_argument(
+        "--challenger",
+        help="the version to canary when none is under way (default: @challenger)",
+    )
+    canary_parser.add_argument(
+        "--batches",
+        nargs="+",
+        metavar="PATH",
+        help="files or folders, in order (default: score.input)",
+    )
+    canary_parser.add_argument(
+        "--labels", help="labels of the batches, joined by data.id (default: evaluate.labels)"
+    )
+    canary_parser.add_argument(
+        "--output", help="folder of the canary's predictions (default: score.output-canary)"
+    )
+
     promote = commands.add_parser(
         "promote",
         help="make a model version the champion (compare-and-set)",
@@ -283,6 +350,47 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
         print(format_score_summary(summary))
         return 0
+    if args.flow == "shadow":
+        from stemma.flows.shadow import shadow_flow
+
+        _quiet_known_errors(args.debug)
+        summary = shadow_flow(
+            config=str(args.config),
+            overrides=list(args.overrides),
+            challenger=args.challenger,
+            batch=args.batch,
+            labels=args.labels,
+            output=args.output,
+        )
+        print(format_shadow_summary(summary))
+        return 0
+    if args.flow == "retrain":
+        from stemma.flows.retrain import retrain_flow
+
+        _quiet_known_errors(args.debug)
+        summary = retrain_flow(
+            config=str(args.config),
+            overrides=list(args.overrides),
+            cause=args.cause,
+            batches=args.batches,
+            labels=args.labels,
+        )
+        print(format_retrain_summary(summary))
+        return 0
+    if args.flow == "canary":
+        from stemma.flows.canary import canary_flow
+
+        _quiet_known_errors(args.debug)
+        summary = canary_flow(
+            config=str(args.config),
+            overrides=list(args.overrides),
+            challenger=args.challenger,
+            batches=args.batches,
+            labels=args.labels,
+            output=args.output,
+        )
+        print(format_canary_summary(summary))
+        return 0
     raise AssertionError(f"unknown flow {args.flow}")  # argparse restricts the choices
 
 
@@ -415,6 +523,50 @@ def format_train_summary(summary: dict) -> str:
     lines.append(f"  MLflow: {summary['tracking_uri']}  (experiment '{summary['experiment']}')")
     if summary.get("ui_hint"):
         lines.append(f"  {summary['ui_hint']}")
+    return "\n".join(lines)
+
+
+def format_shadow_summary(summary: dict) -> str:
+    """The summary printed at the end of `stemma run shadow`: decision, reasons, numbers."""
+    name = summary["model_name"]
+    lines = [
+        f"shadow: {name} v{summary['challenger_version']} vs champion "
+        f"v{summary['champion_version']}: {summary['decision'].upper()}"
+    ]
+    lines += [f"  - {reason}" for reason in summary["reasons"]]
+    distances = summary["distances"]
+    lines.append(
+        f"  {summary['compared_rows']:,} rows compared, {summary['labelled_rows']:,} labelled; "
+        f"decisions agree on {summary['agreement']:.1%}; score PSI {distances['psi']:.4f}, "
+        f"KS {distances['ks']:.4f}; challenger error rate {summary['challenger_error_rate']:.2%}"
+    )
+    if summary.get("promotion"):
+        record = summary["promotion"]
+        lines.append(
+            f"  promotion: {record['outcome']} (champion v{record['from_version']} -> "
+            f"v{record['to_version']}, MLflow run {record.get('record_run_id')})"
+        )
+    lines.append(f"  served: {summary['served_output']}  shadow: {summary['shadow_output']}")
+    lines.append(f"  labels: {summary['labels']}")
+    lines.append(f"  MLflow run {summary['run_id']} (plots and report under shadow/)")
+    return "\n".join(lines)
+
+
+def format_canary_summary(summary: dict) -> str:
+    """The summary printed at the end of `stemma run canary`: each step, then the state."""
+    lines = [f"canary: {summary['describe']}" + (" (started)" if summary["started"] else "")]
+    for step in summary["steps"]:
+        moved = "" if step["action"] == "none" else f"; {step['action']} {step['outcome']}"
+        lines.append(
+            f"  {Path(step['batch']).name}: {step['fraction']:.0%} ({step['arm_rows']:,} of "
+            f"{step['rows']:,} rows to the challenger) -> {step['decision']}{moved}"
+        )
+        lines += [f"      {reason}" for reason in step["reasons"]]
+    if summary["skipped"]:
+        lines.append(f"  already processed: {', '.join(summary['skipped'])}")
+    if summary["left"]:
+        lines.append(f"  not processed (the canary has ended): {len(summary['left'])} batch(es)")
+    lines.append(f"  predictions: {summary['output']}  labels: {summary['labels']}")
     return "\n".join(lines)
 
 

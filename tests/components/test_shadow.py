@@ -9,6 +9,7 @@ mostly to the age, and the broken ones answer NaN or one constant score.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from stemma.components.shadow import (
     PROMOTE,
     REJECT,
     WAIT,
+    ShadowLineage,
     build_shadow_record,
     build_shadow_rows,
     default_served_output,
@@ -37,7 +39,6 @@ from stemma.components.shadow import (
     score_pair,
     shadow_evaluate,
     shadow_output_dir,
-    ShadowLineage,
 )
 from stemma.components.spec import EvaluateSpec, FeaturesSpec
 from stemma.components.tracking import configure_tracking, ensure_experiment
@@ -86,13 +87,17 @@ def register_linear_model(
     workdir: Path,
     *,
     name: str,
-    weights: tuple[float, float],
+    weights: Sequence[float],
     frame: pd.DataFrame,
+    bias: float = 0.0,
     features: FeaturesSpec = FEATURES,
     gate: str = "passed",
     alias: str | None = None,
 ) -> str:
-    """Log a linear model with the given weights on the first two numeric features; register it.
+    """Log a linear model with the given weights on its first inputs; register it.
+
+    ``weights`` are the weights of the first encoded inputs (numeric features first, then
+    one-hot columns); the others are 0.
 
     Returns:
         The new version.
@@ -110,9 +115,8 @@ def register_linear_model(
     with torch.no_grad():
         layer = network.layers[0]
         layer.weight.zero_()
-        layer.bias.zero_()
-        layer.weight[0, 0] = weights[0]
-        layer.weight[0, 1] = weights[1]
+        layer.weight[0, : len(weights)] = torch.tensor(list(weights), dtype=layer.weight.dtype)
+        layer.bias.fill_(bias)
     with mlflow.start_run(experiment_id=experiment_id) as run:
         info, sha256 = log_pyfunc_model(
             preprocessor=preprocessor,
@@ -264,13 +268,18 @@ def test_a_worse_challenger_is_never_promoted(store, models, tmp_path, labelled)
         assert report.comparison.improvement_high <= 0
     with pytest.raises(ValueError, match="not 'promote'"):
         promote_challenger(
-            store["client"], report, model_name=MODEL, run_id="r", flow_run_id=None, experiment_id=None
+            store["client"],
+            report,
+            model_name=MODEL,
+            run_id="r",
+            flow_run_id=None,
+            experiment_id=None,
         )
 
 
 @pytest.mark.parametrize("kind", ["nan", "constant"])
 def test_a_broken_challenger_is_rejected_without_labels(store, models, tmp_path, kind):
-    _, rows, report = run_shadow(store, models, kind, tmp_path)
+    _, _, report = run_shadow(store, models, kind, tmp_path)
     assert report.decision == REJECT
     assert report.challenger_failures.error_rate == 1.0
     expected = "NaN/inf" if kind == "nan" else "constant"
@@ -286,7 +295,7 @@ def test_identical_models_give_an_interval_at_zero_and_are_not_promoted(store, m
 
 
 def test_only_the_champion_serves_and_the_challenger_scores_beside_it(store, models, tmp_path):
-    pair, rows, report = run_shadow(store, models, "better", tmp_path)
+    pair, _, report = run_shadow(store, models, "better", tmp_path)
     served = tmp_path / "scores"
     assert pair.served.output_dir == served and pair.shadow.output_dir == shadow_output_dir(served)
     assert shadow_output_dir(served).name == "scores-shadow"
@@ -327,9 +336,7 @@ def test_segments_are_compared_per_value(store, models, tmp_path):
     assert metrics["segment.elevel.0.metric_difference"] == values["0"].comparison.difference
 
 
-def test_plots_and_lineage_link_the_decision_to_both_models_and_the_batch(
-    store, models, tmp_path
-):
+def test_plots_and_lineage_link_the_decision_to_both_models_and_the_batch(store, models, tmp_path):
     pair, rows, report = run_shadow(store, models, "better", tmp_path, labels=all_labels(store))
     plots = plot_shadow(rows, report, tmp_path / "plots")
     assert [plot.name for plot in plots] == ["score_scatter.png", "metric_difference.png"]
@@ -381,7 +388,9 @@ def test_promotion_is_compare_and_set_against_the_shadowed_champion(store, model
             promote_challenger(
                 client, report, model_name=MODEL, run_id="r", flow_run_id=None, experiment_id=None
             )
-        assert str(client.get_registered_model(MODEL).aliases["champion"]) == store["versions"]["twin"]
+        assert (
+            str(client.get_registered_model(MODEL).aliases["champion"]) == store["versions"]["twin"]
+        )
         client.set_registered_model_alias(MODEL, "champion", champion)
         record = promote_challenger(
             client,
