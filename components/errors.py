@@ -65,3 +65,9 @@ class RegistryError(StemmaError):
     """The model registry refused an operation or is in an unexpected state."""
 
     exit_code = 5
+
+
+class LineageError(StemmaError):
+    """A lineage reference cannot be resolved, or its records cannot be read or exported."""
+
+    exit_code = 6

@@ -17,6 +17,7 @@ these records; this module only builds them.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -291,3 +292,141 @@ def build_scoring_record(
         "nodes": [asdict(node) for node in nodes],
         "edges": [asdict(edge) for edge in edges],
     }
+
+
+# ---------------------------------------------------------------------------------------
+# Search index and asset keys
+#
+# A record is found by MLflow searches, not by downloading every run's artifact: next to
+# `lineage/record.json` each run carries tags that index the record's nodes by role.
+# A node the run produced (reachable from the run's own node along the record's edges)
+# gets `stemma.lineage.made.<key>`; every other node (what the run read, and the facts
+# around it) gets `stemma.lineage.used.<key>`. The value is the node as compact JSON
+# (kind, id, digest, attributes), so a search answers without reading the artifact;
+# `stemma.lineage.edges` holds the edges. `stemma lineage` walks these tags.
+
+#: Tag holding the record layout version; its presence says the run's record is indexed.
+INDEX_SCHEMA_TAG = "stemma.lineage.schema"
+#: Prefix of the tags naming the nodes a run produced, and the nodes it read.
+MADE_TAG_PREFIX = "stemma.lineage.made."
+USED_TAG_PREFIX = "stemma.lineage.used."
+#: Prefix of the tags naming the kinds of node a run produced, and read: one search then
+#: tells whether any run at all reads (or makes) nodes of a kind.
+MADE_KIND_TAG_PREFIX = "stemma.lineage.made-kind."
+USED_KIND_TAG_PREFIX = "stemma.lineage.used-kind."
+#: Tag holding the record's edges as JSON ``[[source, target, relation], ...]``.
+EDGES_TAG = "stemma.lineage.edges"
+#: Value of :data:`EDGES_TAG` when the edges are too long for a tag: read the artifact.
+EDGES_IN_ARTIFACT = "@artifact"
+#: Longest tag value written; MLflow 3.17 accepts 8000 characters.
+MAX_INDEX_TAG_CHARS = 7000
+#: Hex characters of the node-id hash in an index tag's key.
+NODE_KEY_CHARS = 24
+#: Prefix that turns a node id into a Prefect asset key (which must be a URI).
+ASSET_KEY_PREFIX = "stemma://"
+#: Characters Prefect refuses in asset keys, and its longest key.
+_ASSET_KEY_RESTRICTED = "\n\r\t\0 #?&%\"'<>[]{}|\\^`"
+MAX_ASSET_KEY_CHARS = 512
+
+
+def node_key(node_id: str) -> str:
+    """The short, stable hash of a node id used in index tag keys."""
+    return hashlib.sha256(node_id.encode("utf-8")).hexdigest()[:NODE_KEY_CHARS]
+
+
+def made_tag(node_id: str) -> str:
+    """The run tag that says a run produced ``node_id``."""
+    return MADE_TAG_PREFIX + node_key(node_id)
+
+
+def used_tag(node_id: str) -> str:
+    """The run tag that says a run read (or stated a fact about) ``node_id``."""
+    return USED_TAG_PREFIX + node_key(node_id)
+
+
+def kind_tag(prefix: str, kind: str) -> str:
+    """The tag (under ``prefix``) that says a run made or used a node of ``kind``."""
+    return prefix + "".join(c if c.isalnum() or c in "_-" else "_" for c in kind)
+
+
+def record_roles(record: dict[str, Any], run_id: str | None) -> tuple[set[str], set[str]]:
+    """The ids of the nodes a record's run produced, and of the nodes it used.
+
+    Produced: reachable from the run's own node (``mlflow-run:<run_id>``) along the
+    edges. Used: everything else but the run node. A record without the run's node
+    counts the targets of its edges as produced and the rest as used.
+    """
+    ids = [str(node["id"]) for node in record.get("nodes", [])]
+    edges = [(str(edge["source"]), str(edge["target"])) for edge in record.get("edges", [])]
+    run = run_node_id(run_id) if run_id else None
+    if run in ids:
+        made: set[str] = set()
+        frontier = [run]
+        while frontier:
+            current = frontier.pop()
+            for source, target in edges:
+                if source == current and target not in made and target != run:
+                    made.add(target)
+                    frontier.append(target)
+    else:
+        made = {target for _, target in edges}
+    used = {node for node in ids if node not in made and node != run}
+    return made, used
+
+
+def _node_tag_value(node: dict[str, Any]) -> str:
+    """A node as compact JSON, dropping its largest attributes until it fits a tag."""
+    attributes = dict(node.get("attributes") or {})
+    omitted: list[str] = []
+    while True:
+        value = {"kind": node.get("kind"), "id": node.get("id"), "digest": node.get("digest")}
+        if attributes:
+            value["attributes"] = attributes
+        if omitted:
+            value["omitted"] = sorted(omitted)
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+        if len(text) <= MAX_INDEX_TAG_CHARS or not attributes:
+            return text[:MAX_INDEX_TAG_CHARS]
+        largest = max(attributes, key=lambda name: len(json.dumps(attributes[name], default=str)))
+        omitted.append(largest)
+        del attributes[largest]
+
+
+def index_tags(record: dict[str, Any], run_id: str | None) -> dict[str, str]:
+    """The run tags that make a lineage record searchable (see the section comment).
+
+    Every flow that logs ``lineage/record.json`` sets these tags on the same run, so
+    ``stemma lineage`` finds the record with MLflow searches.
+    """
+    made, used = record_roles(record, run_id)
+    tags = {INDEX_SCHEMA_TAG: str(record.get("schema", RECORD_SCHEMA))}
+    for node in record.get("nodes", []):
+        node_id = str(node["id"])
+        kind = str(node.get("kind") or "unknown")
+        if node_id in made:
+            tags[made_tag(node_id)] = _node_tag_value(node)
+            tags[kind_tag(MADE_KIND_TAG_PREFIX, kind)] = "true"
+        elif node_id in used:
+            tags[used_tag(node_id)] = _node_tag_value(node)
+            tags[kind_tag(USED_KIND_TAG_PREFIX, kind)] = "true"
+    edges = [
+        [str(edge["source"]), str(edge["target"]), str(edge["relation"])]
+        for edge in record.get("edges", [])
+    ]
+    text = json.dumps(edges, separators=(",", ":"))
+    tags[EDGES_TAG] = text if len(text) <= MAX_INDEX_TAG_CHARS else EDGES_IN_ARTIFACT
+    return tags
+
+
+def asset_key(node_id: str) -> str:
+    """The Prefect asset key of a lineage node: ``stemma://`` + its id.
+
+    Characters Prefect refuses in keys become ``_``; an overlong key keeps its start and
+    ends with the id's hash, so keys stay unique.
+    """
+    cleaned = "".join("_" if char in _ASSET_KEY_RESTRICTED else char for char in node_id)
+    key = ASSET_KEY_PREFIX + cleaned
+    if len(key) > MAX_ASSET_KEY_CHARS:
+        suffix = "~" + node_key(node_id)
+        key = key[: MAX_ASSET_KEY_CHARS - len(suffix)] + suffix
+    return key

@@ -21,6 +21,7 @@ from stemma.components import evaluation, lineage, scoring, tracking
 from stemma.components.data import resolve_data_version
 from stemma.components.errors import DataVersionError
 from stemma.components.spec import LoadedSpec, load_spec
+from stemma.flows.lineage import record_lineage
 
 #: The alias scored when neither the command line nor the spec names a model.
 DEFAULT_ALIAS = "champion"
@@ -200,7 +201,7 @@ def score_flow(
             rows_scored=result.rows_scored,
             rows_rejected=result.rows_rejected,
         )
-        mlflow.log_dict(lineage.build_scoring_record(facts), lineage.RECORD_ARTIFACT)
+        record_lineage(lineage.build_scoring_record(facts))
         mlflow.set_tags(
             {
                 "stemma.input.path": facts.input_path,

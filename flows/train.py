@@ -37,6 +37,7 @@ from stemma.components import (
 from stemma.components import models as networks
 from stemma.components.errors import DataCheckError, DataError, SpecError
 from stemma.components.spec import LoadedSpec, flatten, load_spec
+from stemma.flows.lineage import record_lineage
 
 #: Rows of the test split logged with the model as its input example.
 INPUT_EXAMPLE_ROWS = 5
@@ -380,7 +381,7 @@ def train_flow(
                 **{**asdict(facts), "model_version": str(model_version.version)}
             )
             mlflow.set_tags({**lineage.run_tags(facts), "stemma.weights.sha256": weights_sha256})
-            mlflow.log_dict(lineage.build_training_record(facts), lineage.RECORD_ARTIFACT)
+            record_lineage(lineage.build_training_record(facts))
             mlflow.set_tag("stemma.status", "completed")
     except BaseException as error:
         interrupted = tracking.end_run_after(error)

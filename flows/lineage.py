@@ -1,0 +1,196 @@
+"""Lineage in the flows and on the command line.
+
+:func:`record_lineage` is what a flow calls once it knows what its run read and wrote: it
+logs ``lineage/record.json``, sets the index tags ``stemma lineage`` searches, and
+materializes the record's outputs as Prefect assets that depend on its inputs, with the
+asset keys derived from the same node ids (``stemma://models:/credit/7``), so the
+Prefect UI shows the graph the command prints.
+
+:func:`run_lineage` answers ``stemma lineage REF``: it needs neither Prefect nor a
+running flow, only the MLflow store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from stemma.components import lineage
+from stemma.components.errors import LineageError
+
+#: MLflow accepts at most this many tags in one request.
+TAGS_PER_REQUEST = 100
+#: Key of the asset the materializing task is declared with; replaced on every call.
+PLACEHOLDER_ASSET = "stemma://lineage"
+#: Set to `false` to record lineage without Prefect assets (a reproduction trains into a
+#: store of its own, whose version numbers must not name the real store's assets).
+ASSETS_VARIABLE = "STEMMA_RECORD_ASSETS"
+#: Output formats of `stemma lineage`.
+FORMATS = ("tree", "json", "mermaid")
+
+
+# ---------------------------------------------------------------------------------------
+# Recording (inside a flow run)
+
+
+def record_lineage(record: dict[str, Any]) -> None:
+    """Log a flow run's lineage record, its index tags and its Prefect assets.
+
+    Call it inside the active MLflow run of the flow, with the record built by
+    :mod:`stemma.components.lineage` (or any record of the same layout).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import RunTag
+
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("record_lineage must be called inside an active MLflow run")
+    run_id = run.info.run_id
+    mlflow.log_dict(record, lineage.RECORD_ARTIFACT)
+    tags = [RunTag(key, value) for key, value in lineage.index_tags(record, run_id).items()]
+    client = MlflowClient()
+    for start in range(0, len(tags), TAGS_PER_REQUEST):
+        client.log_batch(run_id, tags=tags[start : start + TAGS_PER_REQUEST])
+    materialize_assets(record, run_id)
+
+
+@cache
+def _materializing_task() -> Any:
+    from prefect.assets import add_asset_metadata, materialize
+
+    @materialize(PLACEHOLDER_ASSET, name="record lineage assets", by="stemma")
+    def record_assets(metadata: dict[str, dict[str, Any]]) -> list[str]:
+        for key, values in metadata.items():
+            add_asset_metadata(key, values)
+        return sorted(metadata)
+
+    return record_assets
+
+
+def materialize_assets(record: dict[str, Any], run_id: str) -> list[str]:
+    """Materialize the nodes a record's run made as Prefect assets; return their keys.
+
+    The nodes it used become the assets' upstream dependencies. Outside a Prefect flow
+    run there is nothing to attach the events to, and nothing is done.
+    """
+    from prefect.assets import Asset, AssetProperties
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return []
+    if os.environ.get(ASSETS_VARIABLE, "true").strip().lower() in ("0", "false", "no"):
+        return []
+    made, used = lineage.record_roles(record, run_id)
+    if not made:
+        return []
+    nodes = {str(node["id"]): node for node in record.get("nodes", [])}
+    assets = [
+        Asset(
+            key=lineage.asset_key(node_id),
+            properties=AssetProperties(
+                name=node_id, description=f"Stemma {nodes[node_id].get('kind', 'node')}"
+            ),
+        )
+        for node_id in sorted(made)
+    ]
+    metadata = {
+        lineage.asset_key(node_id): {
+            "kind": nodes[node_id].get("kind"),
+            "node_id": node_id,
+            "digest": nodes[node_id].get("digest"),
+            "mlflow_run_id": run_id,
+            "flow": record.get("flow"),
+        }
+        for node_id in sorted(made)
+    }
+    task = _materializing_task().with_options(
+        assets=assets, asset_deps=[lineage.asset_key(node_id) for node_id in sorted(used)]
+    )
+    return task(metadata)
+
+
+# ---------------------------------------------------------------------------------------
+# `stemma lineage`
+
+
+def open_store(root: Path) -> Any:
+    """An MLflow client on the project's store (``MLFLOW_TRACKING_URI`` or ``.stemma/``).
+
+    Raises:
+        LineageError: there is no store to read.
+    """
+    from mlflow import MlflowClient
+
+    from stemma.components import tracking
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        database = root / tracking.STATE_DIR / tracking.LOCAL_DB_NAME
+        if not database.is_file():
+            raise LineageError(
+                f"no MLflow store at {database}",
+                [
+                    "run a flow first (stemma run train CONFIG), run from the project root "
+                    "(--root), or point MLFLOW_TRACKING_URI at the store",
+                ],
+            )
+    uri = tracking.configure_tracking(root)
+    return MlflowClient(tracking_uri=uri)
+
+
+def run_lineage(
+    reference: str,
+    root: Path,
+    *,
+    downstream: bool = False,
+    output: str = "tree",
+    openlineage: str | None = None,
+    all_runs: bool = False,
+) -> str:
+    """The text `stemma lineage` prints; sends OpenLineage events when asked.
+
+    Raises:
+        LineageError: the reference names nothing recorded, or the export failed.
+    """
+    from stemma.components import lineage_graph
+
+    if output not in FORMATS:
+        raise ValueError(f"output must be one of {FORMATS}")
+    client = open_store(root)
+    graph = lineage_graph.walk(
+        reference,
+        lineage_graph.RecordIndex(client),
+        root=root,
+        direction=lineage_graph.DOWNSTREAM if downstream else lineage_graph.UPSTREAM,
+        max_runs=None if all_runs else lineage_graph.DEFAULT_MAX_RUNS,
+    )
+    if output == "json":
+        text = json.dumps(graph.to_dict(), indent=2, sort_keys=False)
+    elif output == "mermaid":
+        text = lineage_graph.render_mermaid(graph)
+    else:
+        text = lineage_graph.render_tree(graph)
+        text += f"\n\n({len(graph.nodes)} nodes, {graph.searches} MLflow calls, "
+        text += f"{graph.seconds * 1000:.0f} ms)"
+    if openlineage:
+        from stemma.components import lineage_export
+
+        events = lineage_export.build_events(
+            graph,
+            tracking_uri=client.tracking_uri,
+            assertions=lineage_export.fetch_assertions(client, graph),
+        )
+        if not events:
+            raise LineageError(
+                f"{reference}: the graph holds no run, so there is no OpenLineage run event to send"
+            )
+        where = lineage_export.emit_events(events, openlineage)
+        note = f"sent {len(events)} OpenLineage events ({len(events) // 2} runs) to {where}"
+        # Machine-readable output stays clean on stdout; the note goes to stderr.
+        import sys
+
+        print(note, file=sys.stderr)
+    return text
