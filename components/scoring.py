@@ -278,10 +278,13 @@ def _rebuild(
         document = json.loads(paths["network"].read_text(encoding="utf-8"))
     except ValueError as error:
         raise RegistryError(f"{label}: unreadable model files", [str(error)]) from error
-    if not isinstance(document, dict) or document.get("format") != NETWORK_FORMAT:
+    from .quantization import QUANTIZED_NETWORK_FORMAT, load_variant_network
+
+    formats = (NETWORK_FORMAT, QUANTIZED_NETWORK_FORMAT)
+    if not isinstance(document, dict) or document.get("format") not in formats:
         layout = document.get("format") if isinstance(document, dict) else None
         raise RegistryError(
-            f"{label}: network.json has format {layout!r}; this Stemma reads {NETWORK_FORMAT}"
+            f"{label}: network.json has format {layout!r}; this Stemma reads {formats}"
         )
     signed = {column for column, _ in signature}
     unsigned = [
@@ -299,8 +302,12 @@ def _rebuild(
             raise ValueError(
                 f"the network takes {n_inputs} inputs, the preprocessor makes {preprocessor.n_inputs}"
             )
-        network = build_network(document["config"], n_inputs, n_outputs)
-        load_weights(network, paths["weights"])
+        network: nn.Module
+        if document["format"] == QUANTIZED_NETWORK_FORMAT:  # a quantized variant
+            network = load_variant_network(document, paths["weights"])
+        else:
+            network = build_network(document["config"], n_inputs, n_outputs)
+            load_weights(network, paths["weights"])
     except Exception as error:  # malformed JSON fields, TrainingError, a custom class's error
         raise RegistryError(f"{label}: cannot rebuild the network", [_first_line(error)]) from error
     return preprocessor, document, network
@@ -1668,6 +1675,23 @@ def _finish_chunk(
 _PACKED: weakref.WeakKeyDictionary[Any, tuple[Any, bool]] = weakref.WeakKeyDictionary()
 
 
+def network_runner(network: nn.Module, width: int) -> Callable[[Any], Any]:
+    """One forward pass as the scoring engine runs it: fp32 prepacked for oneDNN when that
+    computes the same, a quantized variant compiled when it was measured compiled.
+
+    The quantize flow times the fp32 model this way, so a variant must beat what scoring
+    would otherwise run. Takes and returns dense float32 tensors.
+    """
+    module, packed = _packed_network(network, width)
+    if not packed:
+        return module
+
+    def run(batch: Any) -> Any:
+        return module(batch.to_mkldnn()).to_dense()
+
+    return run
+
+
 def _packed_network(network: nn.Module, width: int) -> tuple[nn.Module, bool]:
     """The network with its linear layers prepacked for oneDNN, when that computes the same.
 
@@ -1692,6 +1716,10 @@ def _pack(network: nn.Module, width: int) -> tuple[nn.Module, bool]:
 
     import torch
 
+    from .quantization import QuantizedNetwork, serving_module
+
+    if isinstance(network, QuantizedNetwork):  # runs as it was measured: compiled or eager
+        return serving_module(network, width), False
     if not torch.backends.mkldnn.is_available():
         return network, False
     generator = torch.Generator().manual_seed(0)

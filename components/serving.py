@@ -13,6 +13,11 @@ Nothing is unpickled: the model is rebuilt from three artifact files that
 * ``network``: JSON with the network config, ``n_inputs``, ``n_outputs``, the task and,
   for a binary task, the decision ``threshold``;
 * ``weights``: the trained weights as safetensors.
+
+A quantized variant (``stemma run quantize``) is the same three files with a network JSON
+of format 2, which names the method, and the variant's weights (torchao int8 tensors or
+bf16/fp16 in safetensors); :func:`stemma.components.quantization.load_variant_network`
+rebuilds it, still without unpickling anything. It runs eager here.
 """
 
 # No `from __future__ import annotations`: MLflow reads predict()'s type hints at runtime.
@@ -30,8 +35,9 @@ from stemma.components.models import build_network
 from stemma.components.tracking import DEFAULT_THRESHOLD
 from stemma.components.training import load_weights, predict_raw
 
-#: Network JSON layouts this file can read.
-SUPPORTED_NETWORK_FORMATS = (1,)
+#: Network JSON layouts this file can read: 1, an fp32 network; 2, a quantized variant.
+SUPPORTED_NETWORK_FORMATS = (1, 2)
+QUANTIZED_FORMAT = 2
 
 
 class StemmaModel(PythonModel):
@@ -49,10 +55,15 @@ class StemmaModel(PythonModel):
         self._task = str(document["task"])
         # log_pyfunc_model stores the threshold of a binary model; the default covers the rest.
         self._threshold = float(document.get("threshold", DEFAULT_THRESHOLD))
-        network = build_network(
-            document["config"], int(document["n_inputs"]), int(document["n_outputs"])
-        )
-        load_weights(network, Path(context.artifacts["weights"]))
+        if layout == QUANTIZED_FORMAT:
+            from stemma.components.quantization import load_variant_network
+
+            network = load_variant_network(document, Path(context.artifacts["weights"]))
+        else:
+            network = build_network(
+                document["config"], int(document["n_inputs"]), int(document["n_outputs"])
+            )
+            load_weights(network, Path(context.artifacts["weights"]))
         self._network = network.eval()
 
     def predict(

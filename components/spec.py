@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from .errors import SpecError
 
@@ -451,6 +459,101 @@ class EvaluateSpec(_Section):
     canary: CanarySpec = Field(default_factory=CanarySpec, description="Canary release.")
 
 
+#: Quantization methods, in the order `stemma run quantize` reports them.
+QUANTIZE_METHODS = ("int8_dynamic", "int8_weight_only", "bf16", "fp16", "float8_dynamic")
+
+
+def _known_quantize_method(value: str) -> str:
+    if value not in QUANTIZE_METHODS:
+        close = difflib.get_close_matches(value, QUANTIZE_METHODS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(
+            f"unknown method {value!r}; {hint}choose from {', '.join(QUANTIZE_METHODS)}"
+        )
+    return value
+
+
+QuantizeMethod = Annotated[str, AfterValidator(_known_quantize_method)]
+
+
+class QuantizeSpec(_Section):
+    """Post-training quantization: variants of a registered fp32 model, measured and gated."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Quantize at the end of `stemma run train`, when the new model passed its gate.",
+    )
+    methods: list[QuantizeMethod] = Field(
+        default_factory=lambda: ["int8_dynamic", "int8_weight_only", "bf16"],
+        min_length=1,
+        max_length=len(QUANTIZE_METHODS),
+        description=(
+            "Variants to build: `int8_dynamic` and `int8_weight_only` (torchao), `bf16`, "
+            "`fp16`; `float8_dynamic` is GPU-only and skipped on a CPU."
+        ),
+    )
+    max_metric_drop: float = Field(
+        default=0.005,
+        ge=0.0,
+        le=1.0,
+        description="Largest loss of the gate metric on the held-out rows a variant may show.",
+    )
+    min_speedup: float = Field(
+        default=1.2,
+        gt=0.0,
+        le=1000.0,
+        description="Smallest speed-up over the fastest fp32 runtime a variant must show.",
+    )
+    batch_rows: int | None = Field(
+        default=None,
+        gt=0,
+        le=10_000_000,
+        description=(
+            "Rows per timed forward pass (default: the scoring engine's forward batch, "
+            "8,192 rows, or score.chunk_rows when smaller)."
+        ),
+    )
+    repeats: int = Field(
+        default=20, ge=3, le=10_000, description="Timed runs per model; the median counts."
+    )
+    warmup: int = Field(
+        default=3, ge=1, le=1000, description="Untimed runs per model before timing."
+    )
+    threads: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="torch threads while timing (the scoring engine runs each batch on one).",
+    )
+    compile: bool = Field(
+        default=True,
+        description="Also time every model compiled with torch.compile; the faster runtime counts.",
+    )
+    model: str | None = Field(
+        default=None,
+        description=(
+            "fp32 model to quantize, `models:/<name>@<alias>` or `models:/<name>/<version>` "
+            "(default: the newest version that passed its gate)."
+        ),
+    )
+    serve: bool = Field(
+        default=False,
+        description=(
+            "Batch scoring serves the model's quantized variant `v<version>-quantized` when "
+            "one passed its gate, else the fp32 model (and says why)."
+        ),
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _reference(cls, value: str | None) -> str | None:
+        if value is not None and not _MODEL_REFERENCE.match(value):
+            raise ValueError(
+                f"must look like `models:/<name>@<alias>` or `models:/<name>/<version>`, got {value!r}"
+            )
+        return value
+
+
 class Spec(_Section):
     """A Stemma pipeline: the data, its checks, the model, its training, gate and scoring."""
 
@@ -474,6 +577,11 @@ class Spec(_Section):
         default=None,
         description="Shadow and canary evaluation of a challenger (defaults apply when absent).",
     )
+    quantize: QuantizeSpec | None = Field(
+        default=None,
+        description="Post-training quantization of registered models (defaults apply when absent).",
+    )
+
 
 @dataclass(frozen=True)
 class LoadedSpec:
@@ -806,6 +914,9 @@ def _semantic_problems(
         evaluate: EvaluateSpec | None = sections.get("evaluate")
         if evaluate is not None:
             problems += _evaluate_problems(evaluate, data)
+    quantize: QuantizeSpec | None = sections.get("quantize")
+    if quantize is not None:
+        problems += _quantize_problems(quantize)
     checks: list[Expectation] = sections.get("checks") or []
     problems += _check_problems(checks, check_expectations=check_expectations)
     model: ModelSpec | None = sections.get("model")
@@ -915,6 +1026,16 @@ def _evaluate_problems(
                 f"must end at 1.0 (the step at which the challenger is promoted), got {steps[-1]}",
             )
         )
+    return problems
+
+
+def _quantize_problems(quantize: QuantizeSpec) -> list[tuple[tuple[str | int, ...], str]]:
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    seen: set[str] = set()
+    for index, method in enumerate(quantize.methods):
+        if method in seen:
+            problems.append((("quantize", "methods", index), f"method {method!r} is listed twice"))
+        seen.add(method)
     return problems
 
 

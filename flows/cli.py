@@ -163,6 +163,90 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", help="folder of the canary's predictions (default: score.output-canary)"
     )
 
+    quantize = flows.add_parser(
+        "quantize",
+        help="build quantized variants of a registered model and register those that pay",
+        description=(
+            "Build the variants the spec's quantize section lists (int8 with torchao, bf16, "
+            "fp16), measure each against its fp32 parent on the held-out rows it was gated "
+            "on (metric, agreement, latency eager and compiled, size), and register those "
+            "that clear quantize.max_metric_drop and quantize.min_speedup as versions with "
+            "the alias v<parent>-<method>; the fastest also gets v<parent>-quantized."
+        ),
+    )
+    _add_spec_arguments(quantize)
+    quantize.add_argument(
+        "--model",
+        help="models:/<name>@<alias> or models:/<name>/<version> (default: quantize.model, "
+        "else the newest version that passed its gate)",
+    )
+    shadow = flows.add_parser(
+        "shadow",
+        help="score a batch with the challenger beside the champion and decide",
+        description=(
+            "The champion scores the batch (the served output, where `stemma run score` "
+            "writes); the challenger scores the same rows into <output>-shadow. One MLflow "
+            "run compares them (agreement, score distances, latency, and with labels the "
+            "primary metric with a paired-bootstrap interval, overall and per segment) and "
+            "decides promote, reject or wait; evaluate.shadow.auto_promote promotes."
+        ),
+    )
+    _add_spec_arguments(shadow)
+    shadow.add_argument(
+        "--challenger",
+        help="models:/<name>@<alias> or models:/<name>/<version> (default: @challenger)",
+    )
+    shadow.add_argument("--batch", help="file or folder of rows (default: score.input)")
+    shadow.add_argument(
+        "--labels", help="labels of those rows, joined by data.id (default: evaluate.labels)"
+    )
+    shadow.add_argument(
+        "--output",
+        help="the champion's served scores (default: score.output, or score.output-<batch>)",
+    )
+    retrain = flows.add_parser(
+        "retrain",
+        help="retrain on newly labelled production rows; promote only on the shadow's word",
+        description=(
+            "Gather production rows whose labels arrived since the current data version "
+            "(the newest labelled batch is held out for the shadow comparison), record them "
+            "as a new DVC data version, then train, gate, shadow against the champion and "
+            "promote when the shadow decides so. Exits early with too few new rows; a "
+            "second run while one runs does nothing."
+        ),
+    )
+    _add_spec_arguments(retrain)
+    retrain.add_argument("--cause", help="MLflow run id of the drift report behind this run")
+    retrain.add_argument("--batches", help="production batches (default: retrain.batches)")
+    retrain.add_argument("--labels", help="their labels (default: retrain.labels)")
+    canary_parser = flows.add_parser(
+        "canary",
+        help="serve a growing share of entities with the challenger, one step per batch",
+        description=(
+            "Continue (or start) the canary of the challenger: each batch not processed yet "
+            "is one step of evaluate.canary.steps; entities are routed by a stable hash of "
+            "their id; guards decide to advance, hold or roll back; at 100% with green "
+            "guards the challenger is promoted, and a breach rolls back automatically."
+        ),
+    )
+    _add_spec_arguments(canary_parser)
+    canary_parser.add_argument(
+        "--challenger",
+        help="the version to canary when none is under way (default: @challenger)",
+    )
+    canary_parser.add_argument(
+        "--batches",
+        nargs="+",
+        metavar="PATH",
+        help="files or folders, in order (default: score.input)",
+    )
+    canary_parser.add_argument(
+        "--labels", help="labels of the batches, joined by data.id (default: evaluate.labels)"
+    )
+    canary_parser.add_argument(
+        "--output", help="folder of the canary's predictions (default: score.output-canary)"
+    )
+
     promote = commands.add_parser(
         "promote",
         help="make a model version the champion (compare-and-set)",
@@ -391,6 +475,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
         print(format_canary_summary(summary))
         return 0
+    if args.flow == "quantize":
+        from stemma.flows.quantize import quantize_flow
+
+        _quiet_known_errors(args.debug)
+        summary = quantize_flow(
+            config=str(args.config), overrides=list(args.overrides), model=args.model
+        )
+        print(format_quantize_summary(summary))
+        return 0
     raise AssertionError(f"unknown flow {args.flow}")  # argparse restricts the choices
 
 
@@ -520,6 +613,17 @@ def format_train_summary(summary: dict) -> str:
         + (f", alias '{gate['alias']}'" if gate.get("alias") else ", no alias"),
     ]
     lines += [f"    - {reason}" for reason in gate["reasons"]]
+    quantized = summary.get("quantize")
+    if quantized and "error" in quantized:
+        lines.append(f"  quantize: FAILED: {quantized['error'].splitlines()[0]}")
+    elif quantized:
+        lines.append(
+            "  quantize: "
+            + ", ".join(
+                f"{v['method']} {v['status']}" + (f" (v{v['version']})" if v["version"] else "")
+                for v in quantized["variants"]
+            )
+        )
     lines.append(f"  MLflow: {summary['tracking_uri']}  (experiment '{summary['experiment']}')")
     if summary.get("ui_hint"):
         lines.append(f"  {summary['ui_hint']}")
@@ -570,9 +674,67 @@ def format_canary_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def format_quantize_summary(summary: dict) -> str:
+    """The comparison table printed at the end of `stemma run quantize`."""
+
+    def number(value: float | None, spec: str, suffix: str = "") -> str:
+        return "-" if value is None else f"{value:{spec}}{suffix}"
+
+    metric = summary["metric"]
+    lines = [
+        f"quantized {summary['model_name']} v{summary['parent_version']}: {metric} "
+        f"{summary['parent_value']:.4f} on {summary['rows']} held-out rows; latency per "
+        f"forward pass of {summary['batch_rows']} rows, {summary['threads']} thread(s), "
+        f"median of {summary['repeats']}",
+        "  fp32: "
+        + ", ".join(f"{runtime} {ms:.3f} ms" for runtime, ms in summary["parent_ms"].items())
+        + f"  (baseline: {summary['baseline_runtime']})",
+        f"  gate: {metric} drop <= {summary['max_metric_drop']:g} and speed-up >= "
+        f"{summary['min_speedup']:g}x",
+        "",
+        f"  {'method':<17}{'status':<10}{metric:>9}{'drop':>9}{'agree':>8}{'|dscore|':>10}"
+        f"{'runtime':>10}{'ms':>9}{'speed-up':>10}{'size':>10}  version",
+    ]
+    for variant in summary["variants"]:
+        agreement = variant["agreement"]
+        size = variant["size_bytes"]
+        lines.append(
+            f"  {variant['method']:<17}{variant['status'].upper():<10}"
+            f"{number(variant['value'], '.4f'):>9}{number(variant['metric_drop'], '.4f'):>9}"
+            f"{number(None if agreement is None else agreement * 100, '.2f', '%'):>8}"
+            f"{number(variant['mean_abs_diff'], '.2e'):>10}{variant['runtime'] or '-':>10}"
+            f"{number(variant['latency_ms'], '.3f'):>9}{number(variant['speedup'], '.2f', 'x'):>10}"
+            f"{number(None if size is None else size / 1024, '.1f', ' KiB'):>10}"
+            f"  {('v' + variant['version']) if variant['version'] else '-'}"
+        )
+        if variant["status"] != "passed":
+            lines += [f"      {reason}" for reason in variant["reasons"]]
+    lines += [f"  note: {note}" for note in summary["notes"]]
+    lines.append("")
+    if summary["served_version"]:
+        lines.append(
+            f"  models:/{summary['model_name']}@{summary['served_alias']} -> "
+            f"v{summary['served_version']} (fastest passing variant"
+            + (", served by `stemma run score`: quantize.serve is on)" if summary["serve"] else ")")
+        )
+    else:
+        lines.append("  no variant passed: batch scoring keeps the fp32 model")
+    if summary["removed_abandoned"]:
+        lines.append(
+            "  removed half-registered versions left by a killed run: "
+            + ", ".join(f"v{v}" for v in summary["removed_abandoned"])
+        )
+    lines.append(
+        f"  MLflow run {summary['run_id']} (quantize/comparison.csv, quantize/tradeoff.png)"
+    )
+    return "\n".join(lines)
+
+
 def format_score_summary(summary: dict) -> str:
     """The one-line summary (and where to look) printed at the end of `stemma run score`."""
     lines = [summary["summary"]]
+    if summary.get("serving"):
+        lines.append(f"  {summary['serving']}")
     if summary["rows"]["rejected"]:
         lines.append(f"  rejected rows and their reasons: {summary['output']}/rejects/")
     if summary["extra_columns"]:

@@ -17,7 +17,7 @@ import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from stemma.components import evaluation, lineage, scoring, tracking
+from stemma.components import evaluation, lineage, quantization, scoring, tracking
 from stemma.components.data import resolve_data_version
 from stemma.components.errors import DataVersionError
 from stemma.components.spec import LoadedSpec, load_spec
@@ -125,7 +125,13 @@ def score_flow(
     input_path = loaded.resolve(input or spec.score.input)
     output_path = loaded.resolve(output or spec.score.output)
 
-    scoring_model = load_model_step(model_reference(loaded, model))
+    # With quantize.serve, the fp32 model's variant that passed its gate, if there is one.
+    reference, serving = quantization.served_reference(
+        spec.quantize, model_reference(loaded, model), explicit=model is not None
+    )
+    if serving:
+        logger.info(serving)
+    scoring_model = load_model_step(reference)
     files = scoring.input_files(input_path)
     extras = check_schema_step(files, scoring_model, loaded)
     if extras:
@@ -233,5 +239,6 @@ def score_flow(
         "already_complete": result.already_complete,
         "resumed_parts": result.parts_skipped,
         "extra_columns": list(extras),
+        "serving": serving,
         "summary": result.summary(),
     }

@@ -35,7 +35,7 @@ from stemma.components import (
     training,
 )
 from stemma.components import models as networks
-from stemma.components.errors import DataCheckError, DataError, SpecError
+from stemma.components.errors import DataCheckError, DataError, SpecError, StemmaError
 from stemma.components.spec import LoadedSpec, flatten, load_spec
 from stemma.flows.lineage import record_lineage
 
@@ -390,7 +390,23 @@ def train_flow(
         raise
     mlflow.end_run(status="FINISHED")
     shutil.rmtree(folder, ignore_errors=True)
+    # The spec's optional quantize step, for a model that passed its gate: a subflow with
+    # its own MLflow run. The model stays registered whatever the step finds.
+    quantized: dict[str, Any] | None = None
+    if spec.quantize is not None and spec.quantize.enabled and decision.passed:
+        from stemma.flows.quantize import quantize_flow
+
+        try:
+            quantized = quantize_flow(
+                config=config,
+                overrides=list(overrides or []),
+                model=f"models:/{spec.pipeline.registered_model_name}/{model_version.version}",
+            )
+        except StemmaError as error:
+            logger.warning("quantize step failed: %s", error.headline)
+            quantized = {"error": error.render()}
     return {
+        "quantize": quantized,
         "run_id": run_id,
         "experiment": spec.pipeline.experiment_name,
         "tracking_uri": tracking_uri,
