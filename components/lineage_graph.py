@@ -162,6 +162,7 @@ class LineageGraph:
     nodes: dict[str, GraphNode] = field(default_factory=dict)
     edges: list[GraphEdge] = field(default_factory=list)
     truncated: dict[str, bool] = field(default_factory=dict)
+    maker_rank: dict[str, tuple[bool, str]] = field(default_factory=dict, repr=False)
     searches: int = 0
     seconds: float = 0.0
 
@@ -888,7 +889,8 @@ def _merge_node(graph: LineageGraph, record: RunRecord, node_id: str) -> None:
         graph.nodes[node_id] = node
     if source is None:
         return
-    node.kind = str(source.get("kind") or node.kind)
+    if node.kind in ("run", _kind_of(node_id)):  # a specific kind wins over the generic one
+        node.kind = str(source.get("kind") or node.kind)
     node.digest = node.digest or source.get("digest")
     node.created = node.created or source.get("created")
     node.flow_run_id = node.flow_run_id or source.get("flow_run_id")
@@ -900,14 +902,24 @@ def _merge_node(graph: LineageGraph, record: RunRecord, node_id: str) -> None:
 
 
 def _set_maker(graph: LineageGraph, record: RunRecord, node_id: str) -> None:
-    """Record that ``record``'s run made ``node_id`` (the earliest maker wins)."""
+    """Record that ``record``'s run made ``node_id``.
+
+    A run with an edge straight to the node beats one that made it through other runs
+    (a retraining run that triggered the training run); among equals the earliest wins.
+    """
     node = graph.nodes.get(node_id)
     if node is None:
         _merge_node(graph, record, node_id)
         node = graph.nodes[node_id]
     run = record.node
+    rank = (
+        not any(e.source == record.run_node and e.target == node_id for e in record.edges),
+        run.get("created") or "",
+    )
     maker = graph.nodes.get(node.made_by) if node.made_by else None
-    if maker is None or (run.get("created") or "") < (maker.created or "~"):
+    current = graph.maker_rank.get(node_id)
+    if maker is None or current is None or rank < current:
+        graph.maker_rank[node_id] = rank
         node.made_by = record.run_node
         node.created = run.get("attributes", {}).get("ended") or run.get("created")
         node.flow_run_id = run.get("flow_run_id")

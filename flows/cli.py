@@ -272,6 +272,73 @@ def build_parser() -> argparse.ArgumentParser:
     _add_root_argument(rollback)
     rollback.add_argument("--reason", default="rolled back by hand", help="why (recorded)")
 
+    lineage = commands.add_parser(
+        "lineage",
+        help="show where a model, run, data version or prediction came from (or what it fed)",
+        description=(
+            "Walk the lineage records from REF: upstream (where it came from) or, with "
+            "--downstream, what it fed. Each node shows its kind, id, digest, created time "
+            "and the flow run that made it. Answers from MLflow searches on the records' tags."
+        ),
+    )
+    lineage.add_argument(
+        "reference",
+        metavar="REF",
+        help="models:/<name>@<alias>, models:/<name>/<version>, an MLflow run id, a data md5, "
+        "data.dvc@<git rev>, a scoring output (folder, _SUCCESS or part file), or a node id",
+    )
+    _add_root_argument(lineage)
+    lineage.add_argument(
+        "--downstream", action="store_true", help="what REF fed, instead of where it came from"
+    )
+    shape = lineage.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="print the graph as JSON, for tools")
+    shape.add_argument(
+        "--mermaid", action="store_true", help="print the graph as a Mermaid flowchart, for docs"
+    )
+    lineage.add_argument(
+        "--openlineage",
+        metavar="FILE|URL",
+        help="also send the graph as OpenLineage run events: JSON lines to FILE, or POSTed to "
+        "an http(s) URL (/api/v1/lineage when it has no path)",
+    )
+    lineage.add_argument(
+        "--all",
+        dest="all_runs",
+        action="store_true",
+        help="follow every run from a node (default: the newest 20)",
+    )
+
+    reproduce = commands.add_parser(
+        "reproduce",
+        help="rebuild a registered model from its lineage and compare it with the original",
+        description=(
+            "Restore the model's data version through DVC (refusing if the bytes differ), take "
+            "the resolved spec and seeds its training run logged, warn when the code differs "
+            "from the recorded git revision, retrain with the training flow in an isolated "
+            "store (nothing is registered, no alias moves), and compare weights and metrics. "
+            "Exit 0 when identical, 7 with the differences otherwise."
+        ),
+    )
+    reproduce.add_argument(
+        "reference",
+        metavar="REF",
+        help="models:/<name>/<version>, models:/<name>@<alias>, or a training run id",
+    )
+    _add_root_argument(reproduce)
+    reproduce.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the recorded spec before retraining, to see whether the change alters "
+        "the model (repeatable)",
+    )
+    reproduce.add_argument(
+        "--keep", type=Path, metavar="DIR", help="keep the rebuilt project and its store in DIR"
+    )
+
     up = commands.add_parser(
         "up",
         help="start a Prefect server and an MLflow server on 127.0.0.1",
@@ -349,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data": _cmd_data,
         "promote": _cmd_promote,
         "rollback": _cmd_rollback,
+        "lineage": _cmd_lineage,
+        "reproduce": _cmd_reproduce,
         "up": _cmd_up,
         "down": _cmd_down,
         "status": _cmd_status,
@@ -510,6 +579,35 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
     print(format_record(run_rollback(args.model, args.root.resolve(), reason=args.reason)))
     return 0
+
+
+def _cmd_lineage(args: argparse.Namespace) -> int:
+    from stemma.flows.lineage import run_lineage
+
+    output = "json" if args.json else "mermaid" if args.mermaid else "tree"
+    text = run_lineage(
+        args.reference,
+        args.root.resolve(),
+        downstream=args.downstream,
+        output=output,
+        openlineage=args.openlineage,
+        all_runs=args.all_runs,
+    )
+    print(text)
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    root = args.root.resolve()
+    prepare_environment(root, debug=args.debug)
+    from stemma.flows.reproduce import EXIT_NOT_REPRODUCED, run_reproduce
+
+    _quiet_known_errors(args.debug)
+    report = run_reproduce(args.reference, root, overrides=args.overrides, keep=args.keep)
+    print(report.render())
+    if report.code_warnings:
+        print("warning: the code differs from the revision that trained the model", file=sys.stderr)
+    return 0 if report.reproduced else EXIT_NOT_REPRODUCED
 
 
 def _cmd_up(args: argparse.Namespace) -> int:

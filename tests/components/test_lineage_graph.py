@@ -521,3 +521,34 @@ def test_asset_keys_are_valid_prefect_keys():
         assert Asset(key=key).key == key
     assert lineage.asset_key("models:/credit/7") == "stemma://models:/credit/7"
     assert lineage.asset_key("input:" + "x" * 600) != lineage.asset_key("input:" + "x" * 601)
+
+
+def test_the_run_that_made_a_version_directly_is_its_maker(store):
+    # A retraining run that started earlier and triggered the training run also lists the
+    # version among what it made; the training run, with the direct edge, stays its maker.
+    retrain = store.client.create_run(store.experiment, run_name="retrain", start_time=1000)
+    retrain_node = lineage.run_node_id(retrain.info.run_id)
+    train = lineage.run_node_id(store.runs["train-3"])
+    record = {
+        "schema": lineage.RECORD_SCHEMA,
+        "flow": "retrain",
+        "nodes": [
+            {"kind": "run", "id": retrain_node, "digest": None},
+            {"kind": "training_run", "id": train, "digest": None},
+            {"kind": "model_version", "id": "models:/credit/3", "digest": None},
+        ],
+        "edges": [
+            {"source": retrain_node, "target": train, "relation": "triggered"},
+            {"source": train, "target": "models:/credit/3", "relation": "produced"},
+        ],
+    }
+    _index(store.client, retrain.info.run_id, record, {"stemma.flow": "retrain"})
+    try:
+        graph = _walk(store, "models:/credit/3")
+        assert graph.nodes["models:/credit/3"].made_by == train
+        assert (retrain_node, train, "triggered") in _edges(graph)
+        assert graph.nodes[retrain_node].attributes["flow"] == "retrain"
+        # the run's own record calls it a run; a record naming it more specifically wins
+        assert graph.nodes[train].kind == "training_run"
+    finally:
+        store.client.delete_run(retrain.info.run_id)

@@ -1,0 +1,211 @@
+"""`stemma reproduce REF`: rebuild a registered model from its lineage and compare.
+
+The version's lineage names its data version, resolved spec (with the seeds), code
+revision and training run. The data bytes are restored through DVC into a scratch
+project beside the resolved spec, and the training flow itself retrains there, tracked
+in an MLflow store of its own: nothing is registered in the project's store and no alias
+moves. The rebuilt weights are compared with the registered ones tensor by tensor and
+the metrics value by value; on CPU both must be identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stemma.components import reproduce
+from stemma.components.errors import LineageError
+from stemma.flows.lineage import ASSETS_VARIABLE, open_store
+
+#: Exit code when the rebuilt model differs from the registered one.
+EXIT_NOT_REPRODUCED = 7
+#: Name of the spec file in the scratch project (the flow run is named after it).
+SPEC_NAME = "reproduce.yaml"
+_STORE_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", ASSETS_VARIABLE)
+
+
+@dataclass
+class ReproductionReport:
+    """What was rebuilt from what, what differs in the code, and the verdict."""
+
+    plan: reproduce.ReproductionPlan
+    restored: reproduce.RestoredData
+    code_warnings: list[str]
+    verdict: reproduce.Verdict
+    overrides: list[str] = field(default_factory=list)
+    workspace: Path | None = None
+    rebuilt_run_id: str | None = None
+
+    @property
+    def reproduced(self) -> bool:
+        return self.verdict.reproduced
+
+    def render(self) -> str:
+        plan = self.plan
+        seeds = ", ".join(f"{key}={value}" for key, value in plan.seeds.items())
+        lines = [
+            f"reproducing {plan.model_uri} (training run {plan.run_id})",
+            f"  data   {plan.data_pointer} md5 {plan.data_md5}, restored from "
+            f"{self.restored.source}, bytes verified",
+            *(f"         {note}" for note in self.restored.notes),
+            f"  spec   {reproduce.SPEC_ARTIFACT} of the run; seeds {seeds}",
+            f"  code   git {plan.git_rev or 'unknown'}"
+            + (" (trained with uncommitted changes)" if plan.git_dirty else ""),
+        ]
+        if self.overrides:
+            lines.append(f"  changed on purpose: {' '.join('--set ' + o for o in self.overrides)}")
+        if self.code_warnings:
+            lines += [
+                "",
+                "WARNING: the code here is not the code that trained the model; "
+                "a difference may come from it:",
+                *(f"  ! {warning}" for warning in self.code_warnings),
+            ]
+        where = f"kept in {self.workspace}" if self.workspace else "removed afterwards"
+        lines += [
+            "",
+            f"retrained by the training flow in an isolated store ({where}, run "
+            f"{self.rebuilt_run_id}); nothing was registered in the project's store",
+            "",
+            *self.verdict.render(),
+        ]
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def isolated_store(uri: str) -> Iterator[None]:
+    """Point MLflow (and Stemma's tracking defaults) at ``uri`` for the block only."""
+    import mlflow
+
+    saved = {name: os.environ.get(name) for name in _STORE_VARIABLES}
+    tracking_uri, registry_uri = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["MLFLOW_REGISTRY_URI"] = uri
+    os.environ[ASSETS_VARIABLE] = "false"
+    try:
+        yield
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(registry_uri)
+        for name, value in saved.items():  # set_tracking_uri writes the variable too
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _model_weights(client: Any, name: str, version: str, folder: Path) -> Path:
+    """Download a version's model files; return its weights file."""
+    import mlflow
+
+    uri = client.get_model_version_download_uri(name, version)
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(folder), tracking_uri=client.tracking_uri
+        )
+    )
+    found = sorted(local.rglob(reproduce.WEIGHTS_FILE))
+    if not found:
+        raise LineageError(f"models:/{name}/{version}: no {reproduce.WEIGHTS_FILE} among its files")
+    return found[0]
+
+
+def run_reproduce(
+    reference: str,
+    root: Path,
+    *,
+    overrides: Sequence[str] = (),
+    keep: Path | None = None,
+) -> ReproductionReport:
+    """Rebuild the model ``reference`` names and compare it with the registered one.
+
+    Args:
+        reference: ``models:/<name>/<version>``, ``models:/<name>@<alias>`` or a training
+            run id.
+        root: the project root (its DVC cache, git history and MLflow store).
+        overrides: ``section.key=value`` changes to the recorded spec, for asking whether
+            a change alters the model; the report says they were applied.
+        keep: a folder (new or empty) to keep the scratch project and store in.
+
+    Raises:
+        LineageError: the version lacks the lineage a rebuild needs.
+        DataVersionError: the recorded data bytes cannot be restored.
+    """
+    import hashlib
+
+    from mlflow import MlflowClient
+
+    client = open_store(root)
+    plan = reproduce.plan_reproduction(client, reference)
+    warnings = reproduce.code_revision_warnings(root, plan.git_rev, plan.git_dirty)
+    with contextlib.ExitStack() as stack:
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            if any(keep.iterdir()):
+                raise LineageError(f"{keep}: not empty; --keep needs a new or empty folder")
+            workspace = keep.resolve()
+        else:
+            workspace = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stemma-")))
+        recorded = _model_weights(client, plan.model_name, plan.version, workspace / "recorded")
+        digest = hashlib.sha256(recorded.read_bytes()).hexdigest()
+        if digest != plan.weights_sha256:
+            raise LineageError(
+                f"{plan.model_uri}: its weights file changed in the artifact store",
+                [
+                    f"registered with sha256 {plan.weights_sha256}",
+                    f"the file now hashes to {digest}",
+                ],
+            )
+        project = workspace / "project"
+        restored = reproduce.restore_data_version(
+            root,
+            pointer=plan.data_pointer,
+            md5=plan.data_md5,
+            out=plan.data_out,
+            git_rev=plan.git_rev,
+            destination=project,
+        )
+        (project / plan.data_pointer).parent.mkdir(parents=True, exist_ok=True)
+        (project / plan.data_pointer).write_text(restored.pointer_text)
+        config = project / "configs" / SPEC_NAME
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(plan.spec_yaml)
+        # Bit-identity holds on the device that trained: pin it when that was the CPU.
+        pinned = ["train.device=cpu"] if plan.device == "cpu" else []
+        store = f"sqlite:///{workspace / 'mlflow.db'}"
+        with isolated_store(store):
+            from stemma.flows.train import train_flow
+
+            summary = train_flow(config=str(config), overrides=[*pinned, *overrides])
+            rebuilt_client = MlflowClient(tracking_uri=store, registry_uri=store)
+            run = rebuilt_client.get_run(summary["run_id"])
+            rebuilt = _model_weights(
+                rebuilt_client,
+                summary["model_name"],
+                summary["model_version"],
+                workspace / "rebuilt",
+            )
+            verdict = reproduce.judge(
+                plan,
+                recorded_weights=recorded,
+                rebuilt_weights=rebuilt,
+                rebuilt_sha256=summary["weights_sha256"],
+                rebuilt_metrics=dict(run.data.metrics),
+                rebuilt_checks_digest=run.data.tags.get(reproduce.CHECKS_TAG),
+            )
+    return ReproductionReport(
+        plan=plan,
+        restored=restored,
+        code_warnings=warnings,
+        verdict=verdict,
+        overrides=list(overrides),
+        workspace=keep.resolve() if keep is not None else None,
+        rebuilt_run_id=summary["run_id"],
+    )
