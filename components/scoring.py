@@ -32,6 +32,7 @@ few chunks, whatever the size of the input.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -873,36 +874,66 @@ _CSV_TYPES = {
 
 
 def _file_chunks(
-    path: Path, columns: list[str], chunk_rows: int, csv_types: dict[str, pa.DataType]
+    path: Path,
+    columns: list[str],
+    chunk_rows: int,
+    csv_types: dict[str, pa.DataType],
+    first_chunk: int = 0,
 ) -> Iterator[pa.Table]:
-    """The file's rows as tables of exactly ``chunk_rows`` rows (the last one shorter)."""
+    """The file's rows as tables of exactly ``chunk_rows`` rows (the last one shorter),
+    from chunk ``first_chunk`` on (a Parquet file skips the row groups before it unread)."""
+    skip = first_chunk * chunk_rows
     try:
         if _format(path) == "parquet":
             # Without pre-buffering: pyarrow keeps pre-buffered ranges until the file is
             # closed, so memory would grow with the file (measured), not the chunk.
             parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
             try:
+                groups = None
+                if skip:
+                    sizes = [
+                        parquet.metadata.row_group(index).num_rows
+                        for index in range(parquet.metadata.num_row_groups)
+                    ]
+                    first_group = 0
+                    while first_group < len(sizes) and skip >= sizes[first_group]:
+                        skip -= sizes[first_group]
+                        first_group += 1
+                    groups = list(range(first_group, len(sizes)))
                 # Decoding on the calling thread: the reader already runs beside the model,
                 # and pyarrow's pool cost twice the CPU for the same batches (measured).
                 batches = parquet.iter_batches(
-                    batch_size=chunk_rows, columns=columns, use_threads=False
+                    batch_size=chunk_rows, row_groups=groups, columns=columns, use_threads=False
                 )
-                yield from _rechunk(batches, chunk_rows)
+                yield from _rechunk(_skip_rows(batches, skip) if skip else batches, chunk_rows)
             finally:
                 parquet.close()
         else:
-            reader = pacsv.open_csv(
-                path,
-                read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-                # An empty field is a missing value, for text columns too.
-                convert_options=pacsv.ConvertOptions(
-                    include_columns=columns, column_types=csv_types, strings_can_be_null=True
-                ),
-            )
-            with reader:
-                yield from _rechunk(reader, chunk_rows)
+            with _open_csv(path, columns, csv_types) as reader:
+                yield from _rechunk(_skip_rows(reader, skip) if skip else reader, chunk_rows)
     except (pa.ArrowException, OSError) as error:
         raise DataError(f"{path}: cannot read it", [_first_line(error)]) from error
+
+
+def _open_csv(path: Path, columns: list[str], csv_types: dict[str, pa.DataType]) -> Any:
+    return pacsv.open_csv(
+        path,
+        read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+        # An empty field is a missing value, for text columns too.
+        convert_options=pacsv.ConvertOptions(
+            include_columns=columns, column_types=csv_types, strings_can_be_null=True
+        ),
+    )
+
+
+def _skip_rows(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """The batches without their first ``rows`` rows."""
+    for batch in batches:
+        if rows >= batch.num_rows:
+            rows -= batch.num_rows
+            continue
+        yield batch.slice(rows) if rows else batch
+        rows = 0
 
 
 def _rechunk(batches: Iterable[pa.RecordBatch], chunk_rows: int) -> Iterator[pa.Table]:
@@ -1333,12 +1364,87 @@ def score_files(
     import torch
 
     started = time.perf_counter()
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    opened = _open_output(
+        model,
+        files,
+        output_dir,
+        id_column=id_column,
+        chunk_rows=chunk_rows,
+        invalid_rows=invalid_rows,
+        unknown_categories=unknown_categories,
+    )
+    if opened.manifest is not None:
+        return _result(
+            opened.output_dir,
+            opened.manifest,
+            _Tally(),
+            started,
+            opened.extras,
+            opened.invalidated,
+            already_complete=True,
+        )
+
+    _raise_malloc_mmap_threshold()
+    tally = _Tally(rows_per_file=[0] * len(opened.files))
+    previous_threads = torch.get_num_threads()
+    # Each model thread runs the network on its own batches, single-threaded (see _forward).
+    torch.set_num_threads(1)
+    try:
+        _score_chunks(
+            model,
+            opened.files,
+            opened.output_dir,
+            tally,
+            opened.hashing,
+            done=opened.done,
+            id_column=id_column,
+            chunk_rows=chunk_rows,
+            policies=opened.policies,
+            show=sys.stderr.isatty() if progress is None else progress,
+            workers=threads or os.cpu_count() or 1,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+    return _publish(
+        model, opened, tally, id_column=id_column, chunk_rows=chunk_rows, started=started
+    )
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """An output folder made ready for a scoring: checked, and emptied or resumed."""
+
+    files: list[Path]
+    output_dir: Path
+    extras: list[str]
+    policies: dict[str, str]
+    hashing: Future[_Identity]
+    invalidated: bool
+    done: set[str]  # parts an interrupted run of the same scoring finished
+    manifest: dict[str, Any] | None  # the manifest, when the folder is already complete
+
+
+def _open_output(
+    model: ScoringModel,
+    files: Sequence[Path],
+    output_dir: Path,
+    *,
+    id_column: str | None,
+    chunk_rows: int,
+    invalid_rows: str,
+    unknown_categories: str,
+) -> _Opened:
+    """Check the arguments and the input's schemas, then decide what the folder needs.
+
+    Hashing the input starts in the background; it is waited for only when the folder
+    already holds output (to tell whether it belongs to this scoring).
+    """
     _check_policy("invalid_rows", invalid_rows, INVALID_ROW_POLICIES)
     _check_policy("unknown_categories", unknown_categories, UNKNOWN_CATEGORY_POLICIES)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
     if id_column in (PREDICTION_COLUMN, SCORE_COLUMN):
         raise DataError(f"the id column cannot be called {id_column!r}: the output uses that name")
     files = [Path(path) for path in files]
@@ -1354,41 +1460,29 @@ def score_files(
     hashing = _in_background(_identify, model, files, chunk_rows, id_column, policies)
     invalidated = False
     done: set[str] = set()
+    manifest = None
     if holds_output:
         identity = hashing.result()
         state, invalidated, manifest = _prepare_output(output_dir, identity.fingerprint)
-        if state == "complete":
-            assert manifest is not None
-            return _result(
-                output_dir, manifest, _Tally(), started, extras, invalidated, already_complete=True
-            )
         if state == "resume":
             done = _finished_parts(output_dir, identity.fingerprint)
     else:
         output_dir.mkdir(parents=True, exist_ok=True)
+    return _Opened(files, output_dir, extras, policies, hashing, invalidated, done, manifest)
 
-    _raise_malloc_mmap_threshold()
-    tally = _Tally(rows_per_file=[0] * len(files))
-    previous_threads = torch.get_num_threads()
-    # Each model thread runs the network on its own batches, single-threaded (see _forward).
-    torch.set_num_threads(1)
-    try:
-        _score_chunks(
-            model,
-            files,
-            output_dir,
-            tally,
-            hashing,
-            done=done,
-            id_column=id_column,
-            chunk_rows=chunk_rows,
-            policies=policies,
-            show=sys.stderr.isatty() if progress is None else progress,
-            workers=threads or os.cpu_count() or 1,
-        )
-    finally:
-        torch.set_num_threads(previous_threads)
-    identity = hashing.result()
+
+def _publish(
+    model: ScoringModel,
+    opened: _Opened,
+    tally: _Tally,
+    *,
+    id_column: str | None,
+    chunk_rows: int,
+    started: float,
+) -> ScoringResult:
+    """Check the tally, then write the manifest that lists every part: the output is done."""
+    files, output_dir, policies = opened.files, opened.output_dir, opened.policies
+    identity = opened.hashing.result()
     _remove_strays(output_dir, tally)
 
     rows_scored = sum(entry["rows"] for entry in tally.parts.values())
@@ -1443,8 +1537,294 @@ def score_files(
             _fsync_folder(folder)
     _write_atomically(output_dir / SUCCESS_FILE, _json_bytes(manifest))
     return _result(
-        output_dir, manifest, tally, started, extras, invalidated, already_complete=False
+        output_dir,
+        manifest,
+        tally,
+        started,
+        opened.extras,
+        opened.invalidated,
+        already_complete=False,
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Fanning out: the same scoring, split into ranges of chunks that separate processes score
+
+
+@dataclass(frozen=True)
+class ChunkRange:
+    """Chunks ``first_chunk`` to ``stop_chunk - 1`` of input file ``file_index``.
+
+    ``stop_chunk`` None runs to the end of the file. A part's name and bytes depend only
+    on its file and chunk numbers, so any split of the chunks into ranges writes the same
+    output as :func:`score_files`.
+    """
+
+    file_index: int
+    first_chunk: int = 0
+    stop_chunk: int | None = None
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """A scoring whose output folder is ready for its ranges to be scored anywhere.
+
+    Made by :func:`plan_scoring`; small and picklable, so it travels to other processes.
+
+    Attributes:
+        files: the input files, in part-number order.
+        output_dir: the output folder; ``_PROGRESS.json`` is already written there.
+        id_column: the column copied to the output, or None.
+        chunk_rows: rows per chunk.
+        policies: ``invalid_rows`` and ``unknown_categories``.
+        extras: input columns the model does not use.
+        identity: the input's digests and the fingerprint every part carries.
+        invalidated: another scoring's output was removed from the folder.
+        done: parts an interrupted run of this scoring finished (they are not rescored).
+        manifest: the manifest, when the folder already holds this scoring whole.
+        started: ``time.perf_counter()`` when planning began (in the planning process).
+    """
+
+    files: tuple[Path, ...]
+    output_dir: Path
+    id_column: str | None
+    chunk_rows: int
+    policies: dict[str, str]
+    extras: tuple[str, ...]
+    identity: _Identity
+    invalidated: bool
+    done: frozenset[str]
+    manifest: dict[str, Any] | None
+    started: float
+
+    @property
+    def complete(self) -> bool:
+        """Whether the folder already holds this scoring: nothing to do."""
+        return self.manifest is not None
+
+
+@dataclass(frozen=True)
+class RangeResult:
+    """What scoring one :class:`ChunkRange` wrote (or found finished), for the manifest."""
+
+    chunk_range: ChunkRange
+    parts: dict[str, dict[str, Any]]
+    rejects: dict[str, dict[str, Any]]
+    rows: int  # input rows of the range's chunks
+    counts: np.ndarray  # score histogram counts (binary)
+    latencies: list[float]
+    rows_scored_now: int  # rows of the chunks scored by this call (not resumed)
+    written: int
+    skipped: int
+
+
+def plan_scoring(
+    model: ScoringModel,
+    files: Sequence[Path],
+    output_dir: Path,
+    *,
+    id_column: str | None,
+    chunk_rows: int,
+    invalid_rows: str = "reject",
+    unknown_categories: str = "reject",
+) -> ScoringPlan:
+    """Everything :func:`score_files` does before its first chunk, for a fanned-out run.
+
+    Checks the arguments and every file's schema, hashes the input, then leaves the output
+    folder as :func:`score_files` would: complete (nothing to do), resumed (its finished
+    parts are listed in ``done``), or emptied of another scoring's output, with the
+    fingerprint in ``_PROGRESS.json`` before any part is written.
+
+    Raises:
+        DataError: as :func:`score_files`.
+        ValueError: an unknown policy, or a chunk size below 1.
+    """
+    started = time.perf_counter()
+    opened = _open_output(
+        model,
+        files,
+        output_dir,
+        id_column=id_column,
+        chunk_rows=chunk_rows,
+        invalid_rows=invalid_rows,
+        unknown_categories=unknown_categories,
+    )
+    if opened.manifest is None:
+        _write_progress(opened.output_dir, opened.hashing)
+    return ScoringPlan(
+        files=tuple(opened.files),
+        output_dir=opened.output_dir,
+        id_column=id_column,
+        chunk_rows=chunk_rows,
+        policies=opened.policies,
+        extras=tuple(opened.extras),
+        identity=opened.hashing.result(),
+        invalidated=opened.invalidated,
+        done=frozenset(opened.done),
+        manifest=opened.manifest,
+        started=started,
+    )
+
+
+def plan_ranges(plan: ScoringPlan, chunks_per_range: int) -> list[ChunkRange]:
+    """Split the plan's chunks into ranges of at most ``chunks_per_range`` chunks.
+
+    A Parquet file is split by its row count (its footer says how many chunks it has, and
+    a range starts reading at the row group of its first chunk); a CSV file is one range,
+    since reaching a chunk means reading every row before it.
+    """
+    if chunks_per_range < 1:
+        raise ValueError(f"chunks_per_range must be at least 1, got {chunks_per_range}")
+    ranges = []
+    for index, path in enumerate(plan.files):
+        if _format(path) != "parquet":
+            ranges.append(ChunkRange(index))
+            continue
+        chunks = -(-pq.read_metadata(path).num_rows // plan.chunk_rows)
+        for first in range(0, max(chunks, 1), chunks_per_range):
+            stop = first + chunks_per_range
+            ranges.append(ChunkRange(index, first, stop if stop < chunks else None))
+    return ranges
+
+
+def score_range(
+    model: ScoringModel, plan: ScoringPlan, chunk_range: ChunkRange, *, threads: int = 1
+) -> RangeResult:
+    """Score one range of a plan's chunks into the plan's folder, each part atomically.
+
+    Parts of the range that an interrupted run finished (``plan.done``) are counted, not
+    rescored. Ranges of one plan may run at the same time in different processes: they
+    write different parts.
+
+    Args:
+        model: the plan's model (its fingerprint must match the plan's).
+        plan: from :func:`plan_scoring`, not complete.
+        chunk_range: which chunks.
+        threads: threads running the network, each with one torch thread.
+
+    Raises:
+        DataError: an unreadable file or a row that cannot be scored under an ``error`` policy.
+        ValueError: the plan is complete, belongs to another model, or the range is outside it.
+    """
+    import torch
+
+    if plan.complete:
+        raise ValueError(f"{plan.output_dir} already holds this scoring: nothing to score")
+    expected = _fingerprint(
+        model, plan.identity.digest, plan.chunk_rows, plan.id_column, plan.policies
+    )
+    if expected != plan.identity.fingerprint:
+        raise ValueError(
+            f"the plan for {plan.output_dir} was made for another model than {model.label}"
+        )
+    if not 0 <= chunk_range.file_index < len(plan.files) or chunk_range.first_chunk < 0:
+        raise ValueError(f"{chunk_range} is outside the plan's {len(plan.files)} files")
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    hashing: Future[_Identity] = Future()
+    hashing.set_result(plan.identity)
+    _raise_malloc_mmap_threshold()
+    tally = _Tally(rows_per_file=[0] * len(plan.files))
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _score_chunks(
+            model,
+            list(plan.files),
+            plan.output_dir,
+            tally,
+            hashing,
+            done=set(plan.done),
+            id_column=plan.id_column,
+            chunk_rows=plan.chunk_rows,
+            policies=plan.policies,
+            show=False,
+            workers=threads,
+            ranges=[chunk_range],
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+    return RangeResult(
+        chunk_range=chunk_range,
+        parts=tally.parts,
+        rejects=tally.rejects,
+        rows=tally.rows_per_file[chunk_range.file_index],
+        counts=tally.counts,
+        latencies=tally.latencies,
+        rows_scored_now=tally.rows_this_call,
+        written=tally.written,
+        skipped=tally.skipped,
+    )
+
+
+def finish_scoring(
+    model: ScoringModel, plan: ScoringPlan, results: Sequence[RangeResult]
+) -> ScoringResult:
+    """Write the manifest of a fanned-out scoring once every range is scored.
+
+    The manifest is the one :func:`score_files` writes for the same scoring, byte for byte.
+
+    Raises:
+        ValueError: the results do not cover every chunk of every file exactly once.
+    """
+    if plan.manifest is not None:
+        return _result(
+            plan.output_dir,
+            plan.manifest,
+            _Tally(),
+            plan.started,
+            list(plan.extras),
+            plan.invalidated,
+            already_complete=True,
+        )
+    _check_coverage(plan, [result.chunk_range for result in results])
+    hashing: Future[_Identity] = Future()
+    hashing.set_result(plan.identity)
+    opened = _Opened(
+        files=list(plan.files),
+        output_dir=plan.output_dir,
+        extras=list(plan.extras),
+        policies=plan.policies,
+        hashing=hashing,
+        invalidated=plan.invalidated,
+        done=set(plan.done),
+        manifest=None,
+    )
+    tally = _Tally(rows_per_file=[0] * len(plan.files))
+    for result in results:
+        tally.parts.update(result.parts)
+        tally.rejects.update(result.rejects)
+        tally.rows_per_file[result.chunk_range.file_index] += result.rows
+        tally.counts += result.counts
+        tally.latencies.extend(result.latencies)
+        tally.rows_this_call += result.rows_scored_now
+        tally.written += result.written
+        tally.skipped += result.skipped
+    return _publish(
+        model,
+        opened,
+        tally,
+        id_column=plan.id_column,
+        chunk_rows=plan.chunk_rows,
+        started=plan.started,
+    )
+
+
+def _check_coverage(plan: ScoringPlan, ranges: Sequence[ChunkRange]) -> None:
+    """Each file's ranges must run from chunk 0 to its end without gap or overlap."""
+    for index, path in enumerate(plan.files):
+        mine = sorted(
+            (item for item in ranges if item.file_index == index), key=lambda r: r.first_chunk
+        )
+        position: int | None = 0
+        for item in mine:
+            if position is None or item.first_chunk != position:
+                break
+            position = item.stop_chunk
+        else:
+            if mine and position is None:
+                continue
+        raise ValueError(f"the scored ranges do not cover {path.name} exactly once: {mine}")
 
 
 def _raise_malloc_mmap_threshold() -> None:
@@ -1532,9 +1912,11 @@ def _score_chunks(
     policies: dict[str, str],
     show: bool,
     workers: int,
+    ranges: Sequence[ChunkRange] | None = None,
 ) -> None:
     """The loop: read ahead in one thread; check and look up each chunk here; encode and
-    run the network in ``workers`` threads; tabulate and write in one more."""
+    run the network in ``workers`` threads; tabulate and write in one more. ``ranges``
+    limits it to those chunks (default: every chunk of every file)."""
     from tqdm import tqdm
 
     encoder = _ChunkEncoder(model.preprocessor)
@@ -1548,12 +1930,16 @@ def _score_chunks(
     }
 
     def chunks() -> Iterator[tuple[int, int, pa.Table]]:
-        for file_index, path in enumerate(files):
-            for chunk_index, table in enumerate(_file_chunks(path, columns, chunk_rows, csv_types)):
-                yield file_index, chunk_index, table
+        for part in ranges if ranges is not None else map(ChunkRange, range(len(files))):
+            first = part.first_chunk
+            tables = _file_chunks(files[part.file_index], columns, chunk_rows, csv_types, first)
+            if part.stop_chunk is not None:
+                tables = itertools.islice(tables, max(part.stop_chunk - first, 0))
+            for chunk_index, table in enumerate(tables, start=first):
+                yield part.file_index, chunk_index, table
 
     total = None
-    if all(_format(path) == "parquet" for path in files):
+    if ranges is None and all(_format(path) == "parquet" for path in files):
         total = sum(pq.read_metadata(path).num_rows for path in files)
     bar = tqdm(
         total=total, unit="rows", unit_scale=True, desc=f"score {model.label}", disable=not show

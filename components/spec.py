@@ -192,6 +192,25 @@ class EarlyStoppingSpec(_Section):
     )
 
 
+class DistributedSpec(_Section):
+    """Distributed data-parallel training: torchrun starts one training process per device."""
+
+    nproc_per_node: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description=(
+            "Training processes on this machine (torchrun's `--nproc_per_node`): on CUDA one "
+            "per GPU; on the CPU they share the cores. Each takes 1/N of every batch, so "
+            "`batch_size` stays the batch of one optimisation step."
+        ),
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        default="auto",
+        description="Collective backend; `auto`: nccl when training on CUDA, gloo on the CPU.",
+    )
+
+
 class TrainSpec(_Section):
     """The training loop."""
 
@@ -217,6 +236,11 @@ class TrainSpec(_Section):
         default_factory=EarlyStoppingSpec,
         description="Early stopping on the validation loss; `null` trains every epoch.",
     )
+    distributed: DistributedSpec | None = Field(
+        default=None,
+        description="Distributed data-parallel training with torchrun; `null`: one process.",
+    )
+
 
 
 class GateSpec(_Section):
@@ -241,6 +265,53 @@ class GateSpec(_Section):
 
 _CRON = re.compile(r"^(@(yearly|annually|monthly|weekly|daily|hourly)|(\S+\s+){4}\S+)$")
 _MODEL_REFERENCE = re.compile(r"^models:/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_-]+|/[0-9]+)$")
+
+
+_SCHEDULER_ADDRESS = re.compile(r"^(tcp|tls|ucx)://[^\s/]+$")
+
+
+class DaskSpec(_Section):
+    """The Dask cluster batch scoring fans out to when `score.runner` is `dask`."""
+
+    address: str | None = Field(
+        default=None,
+        description=(
+            "Scheduler of a running Dask cluster, e.g. `tcp://10.0.0.5:8786` (its workers must "
+            "reach the input, the output folder and the MLflow registry); `null` starts a "
+            "local cluster on 127.0.0.1 for the run and closes it afterwards."
+        ),
+    )
+    workers: int = Field(
+        default=2, ge=1, le=256, description="Worker processes of the local cluster."
+    )
+    threads_per_worker: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Threads per worker of the local cluster. Each thread scores one range of chunks "
+            "at a time with one torch thread, so `workers` x `threads_per_worker` bounds the "
+            "cores the model uses."
+        ),
+    )
+    chunks_per_task: int = Field(
+        default=8,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "Chunks per Prefect task: a Parquet file is split into tasks of this many chunks, "
+            "a CSV file is one task."
+        ),
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _scheduler_address(cls, value: str | None) -> str | None:
+        if value is not None and not _SCHEDULER_ADDRESS.match(value):
+            raise ValueError(
+                f"must be a Dask scheduler address like `tcp://host:8786`, got {value!r}"
+            )
+        return value
 
 
 class ScoreSpec(_Section):
@@ -287,6 +358,16 @@ class ScoreSpec(_Section):
     )
     threads: int | None = Field(
         default=None, gt=0, le=256, description="CPU threads for the model (default: all cores)."
+    )
+    runner: Literal["local", "dask"] = Field(
+        default="local",
+        description=(
+            "`local`: one process scores every chunk; `dask`: one Prefect task per range of "
+            "chunks on a Dask cluster (`score.dask`). Both write the same bytes."
+        ),
+    )
+    dask: DaskSpec = Field(
+        default_factory=DaskSpec, description="The Dask cluster of `runner: dask`."
     )
     schedule: str = Field(
         default="0 2 * * *", description="Cron schedule of the nightly scoring deployment."
@@ -919,6 +1000,9 @@ def _semantic_problems(
         problems += _quantize_problems(quantize)
     checks: list[Expectation] = sections.get("checks") or []
     problems += _check_problems(checks, check_expectations=check_expectations)
+    train: TrainSpec | None = sections.get("train")
+    if train is not None:
+        problems += _train_problems(train)
     model: ModelSpec | None = sections.get("model")
     if model is not None and check_imports and _IMPORT_PATH.match(model.architecture):
         message = import_problem(model.architecture)
@@ -1036,6 +1120,30 @@ def _quantize_problems(quantize: QuantizeSpec) -> list[tuple[tuple[str | int, ..
         if method in seen:
             problems.append((("quantize", "methods", index), f"method {method!r} is listed twice"))
         seen.add(method)
+    return problems
+
+
+def _train_problems(train: TrainSpec) -> list[tuple[tuple[str | int, ...], str]]:
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    distributed = train.distributed
+    if distributed is None:
+        return problems
+    loc: tuple[str | int, ...] = ("train", "distributed")
+    if distributed.backend == "nccl" and train.device == "cpu":
+        problems.append(
+            (
+                (*loc, "backend"),
+                "nccl needs CUDA, but train.device is cpu: use gloo (or auto) on the CPU",
+            )
+        )
+    if distributed.nproc_per_node > train.batch_size:
+        problems.append(
+            (
+                (*loc, "nproc_per_node"),
+                f"{distributed.nproc_per_node} processes cannot share a batch of "
+                f"{train.batch_size} rows (train.batch_size): each needs at least one row",
+            )
+        )
     return problems
 
 

@@ -95,6 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         help="models:/<name>@<alias> or models:/<name>/<version> (default: score.model or @champion)",
     )
+    score.add_argument(
+        "--runner",
+        choices=("local", "dask"),
+        help="local: one process; dask: one task per range of chunks on a Dask cluster "
+        "(default: score.runner)",
+    )
+    score.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes of the local Dask cluster (default: score.dask.workers)",
+    )
+    score.add_argument(
+        "--address",
+        metavar="URL",
+        help="scheduler of a running Dask cluster, tcp://host:port (default: score.dask.address)",
+    )
 
     shadow = flows.add_parser(
         "shadow",
@@ -480,6 +497,16 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from stemma.components.spec import load_spec
 
+    if args.flow == "score":
+        # The scale-out flags are spec values: they are validated and recorded like --set.
+        flags = {
+            "runner": "score.runner",
+            "workers": "score.dask.workers",
+            "address": "score.dask.address",
+        }
+        for name, key in flags.items():
+            if getattr(args, name) is not None:
+                args.overrides = [*args.overrides, f"{key}={getattr(args, name)}"]
     # Validate before starting Prefect, so a broken spec fails in a fraction of a second.
     loaded = load_spec(args.config, args.overrides)
     prepare_environment(loaded.root, debug=args.debug)

@@ -17,7 +17,7 @@ import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from stemma.components import evaluation, lineage, quantization, scoring, tracking
+from stemma.components import evaluation, fanout, lineage, quantization, scoring, tracking
 from stemma.components.data import resolve_data_version
 from stemma.components.errors import DataVersionError
 from stemma.components.spec import LoadedSpec, load_spec
@@ -69,6 +69,70 @@ def score_step(
         unknown_categories=score.unknown_categories,
         threads=score.threads,
     )
+
+
+@task(name="plan scoring")
+def plan_step(
+    model: scoring.ScoringModel, files: list[Path], output: Path, loaded: LoadedSpec
+) -> scoring.ScoringPlan:
+    score = loaded.spec.score
+    return scoring.plan_scoring(
+        model,
+        files,
+        output,
+        id_column=loaded.spec.data.id,
+        chunk_rows=score.chunk_rows,
+        invalid_rows=score.invalid_rows,
+        unknown_categories=score.unknown_categories,
+    )
+
+
+@task(
+    name="score chunk range",
+    task_run_name="score file {chunk_range.file_index} from chunk {chunk_range.first_chunk}",
+)
+def score_range_step(
+    job: fanout.ScoringJob, chunk_range: scoring.ChunkRange
+) -> scoring.RangeResult:
+    return fanout.score_job_range(job, chunk_range)
+
+
+@flow(name="score fan-out", validate_parameters=False)
+def fan_out_flow(
+    job: fanout.ScoringJob, ranges: list[scoring.ChunkRange]
+) -> list[scoring.RangeResult]:
+    """Score each range of chunks as a task of its own, on the flow's task runner (Dask)."""
+    futures = [score_range_step.submit(job, chunk_range) for chunk_range in ranges]
+    return [future.result() for future in futures]
+
+
+@task(name="write manifest")
+def finish_step(
+    model: scoring.ScoringModel, plan: scoring.ScoringPlan, results: list[scoring.RangeResult]
+) -> scoring.ScoringResult:
+    return scoring.finish_scoring(model, plan, results)
+
+
+def score_on_dask(
+    model: scoring.ScoringModel, files: list[Path], output: Path, loaded: LoadedSpec
+) -> scoring.ScoringResult:
+    """Plan here, score the ranges on a Dask cluster, write the manifest here."""
+    from prefect_dask import DaskTaskRunner
+
+    settings = loaded.spec.score.dask
+    plan = plan_step(model, files, output, loaded)
+    if plan.complete:
+        return scoring.finish_scoring(model, plan, [])
+    job = fanout.make_job(
+        model,
+        plan,
+        tracking_uri=mlflow.get_tracking_uri(),
+        registry_uri=mlflow.get_registry_uri(),
+    )
+    ranges = scoring.plan_ranges(plan, settings.chunks_per_task)
+    runner = DaskTaskRunner(**fanout.task_runner_options(settings))
+    results = fan_out_flow.with_options(task_runner=runner)(job, ranges)
+    return finish_step(model, plan, results)
 
 
 def model_reference(loaded: LoadedSpec, override: str | None) -> str:
@@ -149,10 +213,14 @@ def score_flow(
                 "stemma.model.version": scoring_model.version,
                 "stemma.model.reference": scoring_model.reference,
                 "stemma.weights.sha256": scoring_model.weights_sha256,
+                "stemma.score.runner": spec.score.runner,
                 "stemma.status": "running",
             }
         )
-        result = score_step(scoring_model, files, output_path, loaded)
+        if spec.score.runner == "dask":
+            result = score_on_dask(scoring_model, files, output_path, loaded)
+        else:
+            result = score_step(scoring_model, files, output_path, loaded)
         manifest = result.manifest
         source, version = _input_source(loaded, input_path, git_rev)
         tracking.log_dataset_reference(
