@@ -24,15 +24,19 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 data: install
 	$(BIN)/stemma data generate
 
+# The worked example's whole story: the spec is checked, then `stemma demo` trains the
+# first champion and plays simulated days of scoring, drift monitoring, retraining,
+# shadow evaluation and promotion in a fresh project under .stemma/demo.
 demo: install data
 	$(BIN)/stemma validate $(CONFIG)
-	$(BIN)/stemma run train $(CONFIG)
-	$(BIN)/stemma run score $(CONFIG)
+	$(BIN)/stemma demo
 
-# PostgreSQL for tests/infra/test_native_stack.py (installed from Debian's packages when
-# missing and run as root; otherwise that test says why it skips).
+# PostgreSQL for tests/infra/test_native_stack.py and Chromium for the UI test in
+# tests/flows/test_serve.py (installed from Debian's packages when missing and run as
+# root; otherwise those tests say why they skip).
 native-deps:
 	bash infra/native/install.sh
+	bash infra/native/install-browser.sh
 
 test: dev native-deps
 	$(BIN)/python -m pytest

@@ -94,7 +94,9 @@ def build_demo_project(
         spec[section] = {**(spec.get(section) or {}), **values}
     (root / "configs").mkdir()
     (root / "configs" / "credit.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    (root / ".gitignore").write_text(".future/\nproduction/\noutputs/\n.stemma/\n")
+    ignore = root / ".gitignore"  # `dvc add` wrote `/data` into it: keep that line
+    existing = ignore.read_text() if ignore.exists() else ""
+    ignore.write_text(existing + ".future/\nproduction/\noutputs/\n.stemma/\n")
     _git(root, "add", "-A")
     _git(root, "commit", "-q", "-m", "Credit pipeline with its first data version")
     return root

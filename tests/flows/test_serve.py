@@ -262,6 +262,60 @@ def test_a_run_started_like_the_ui_run_button_trains_and_lands_in_mlflow(stack):
     assert aliases.get("champion") == run_versions[0]["version"]
 
 
+def test_a_drift_event_starts_the_retraining_deployment_with_its_cause(stack):
+    import uuid
+    from datetime import UTC, datetime
+
+    assert _train_through_the_api(stack)["state"]["type"] == "COMPLETED", stack.log()
+    retrain = _wait_for_deployments(stack, {"retrain/credit"})["retrain/credit"]
+    experiment = stack.mlflow("GET", "experiments/get-by-name?experiment_name=credit")
+    # A drift report as the monitor leaves one: an MLflow run of the `monitor` flow.
+    report = stack.mlflow(
+        "POST",
+        "runs/create",
+        {
+            "experiment_id": experiment["experiment"]["experiment_id"],
+            "tags": [
+                {"key": "stemma.flow", "value": "monitor"},
+                {"key": "stemma.input.path", "value": "data/credit/batches/day_02.parquet"},
+            ],
+        },
+    )["run"]["info"]["run_id"]
+    before = {run["id"] for run in stack.runs_of(retrain["id"])}
+    event = {
+        "id": str(uuid.uuid4()),
+        "occurred": datetime.now(UTC).isoformat(),
+        "event": DRIFT_DETECTED_EVENT,
+        "resource": {"prefect.resource.id": "stemma.pipeline.credit"},
+        "related": [],
+        "payload": {"report_run_id": report, "drifted_features": ["age"]},
+    }
+    _request("POST", f"{stack.prefect_api}/events", [event])  # type: ignore[arg-type]
+
+    deadline = time.monotonic() + 120
+    started: list[dict] = []
+    while time.monotonic() < deadline and not started:
+        started = [r for r in stack.runs_of(retrain["id"]) if r["id"] not in before]
+        time.sleep(1)
+    assert len(started) == 1, "the drift event started no retraining run"
+    assert started[0]["parameters"]["cause"] == report
+    finished = stack.wait_for_run(started[0]["id"])
+    assert finished["state"]["type"] == "COMPLETED", stack.log()
+    runs = stack.mlflow(
+        "POST",
+        "runs/search",
+        {
+            "experiment_ids": [experiment["experiment"]["experiment_id"]],
+            "filter": f"tags.`stemma.cause.run_id` = '{report}' and tags.`stemma.flow` = 'retrain'",
+        },
+    )["runs"]
+    assert len(runs) == 1
+    tags = {tag["key"]: tag["value"] for tag in runs[0]["data"]["tags"]}
+    # The project's two days hold too few new labelled rows: the run says so and stops.
+    assert tags["stemma.retrain.outcome"] == "no_new_data"
+    assert tags["stemma.cause.kind"] == "drift_report"
+
+
 def test_deployments_stay_unpaused_after_serve_and_the_server_restart(stack, stemma_exe):
     expected = _expected_names(stack.project)
     _wait_for_deployments(stack, expected)

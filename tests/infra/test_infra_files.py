@@ -288,28 +288,36 @@ def test_entrypoint_is_a_prefect_flow_that_accepts_the_parameters(deployment):
         flow.validate_parameters(trigger.get("parameters", {}))
 
 
-def test_nightly_schedules_and_drift_trigger():
-    from stemma.components.deployments import DRIFT_DETECTED_EVENT, pipeline_resource_id
+def test_nightly_schedules_and_event_triggers():
+    from stemma.components.deployments import (
+        BATCH_SCORED_EVENT,
+        DRIFT_DETECTED_EVENT,
+        pipeline_resource_id,
+    )
     from stemma.components.spec import load_spec
 
     loaded = load_spec(str(REPO_ROOT / "configs" / "credit.yaml"), [])
-    by_function = {}
-    for deployment in deployments():
-        by_function.setdefault(deployment["name"], deployment)
+    by_flow = {
+        deployment["entrypoint"].rsplit(":", 1)[1]: deployment for deployment in deployments()
+    }
     crons = {
-        deployment["name"]: [schedule["cron"] for schedule in deployment.get("schedules", [])]
-        for deployment in deployments()
+        name: [schedule["cron"] for schedule in deployment.get("schedules", [])]
+        for name, deployment in by_flow.items()
     }
-    assert crons["credit"] == [loaded.spec.score.schedule] == ["0 2 * * *"]
-    assert crons["retrain-credit"] == ["0 3 * * *"]
-    (trigger,) = by_function["retrain-credit"]["triggers"]
-    # The event and resource the drift monitor emits, as `stemma serve` names them.
-    assert trigger["expect"] == [DRIFT_DETECTED_EVENT] == ["stemma.drift.detected"]
-    assert trigger["match"] == {
-        "prefect.resource.id": pipeline_resource_id(loaded.spec.pipeline.name)
-    }
-    # Only the retraining deployment reacts to drift.
-    assert [d["name"] for d in deployments() if d.get("triggers")] == ["retrain-credit"]
+    assert crons["score_flow"] == [loaded.spec.score.schedule] == ["0 2 * * *"]
+    assert crons["retrain_flow"] == [loaded.spec.retrain.schedule] == ["0 3 * * *"]
+    resource = {"prefect.resource.id": pipeline_resource_id(loaded.spec.pipeline.name)}
+    # The events and resource the flows emit, as `stemma serve` names them.
+    (drift,) = by_flow["retrain_flow"]["triggers"]
+    assert drift["expect"] == [DRIFT_DETECTED_EVENT] == ["stemma.drift.detected"]
+    assert drift["match"] == resource
+    assert drift["parameters"]["cause"] == "{{ event.payload.report_run_id }}"
+    (scored,) = by_flow["monitor_flow"]["triggers"]
+    assert scored["expect"] == [BATCH_SCORED_EVENT]
+    assert scored["match"] == resource
+    # Only retraining and monitoring react to events.
+    triggered = sorted(d["entrypoint"] for d in deployments() if d.get("triggers"))
+    assert triggered == ["stemma.flows.monitor:monitor_flow", "stemma.flows.retrain:retrain_flow"]
 
 
 def test_deployment_config_paths_exist():

@@ -1,0 +1,49 @@
+"""`stemma demo` on a small scale: drift appears on day 6 and triggers a retraining."""
+
+from __future__ import annotations
+
+import subprocess
+
+import mlflow
+import pytest
+import yaml
+
+from stemma.flows.demo import format_demo, run_demo
+
+
+@pytest.fixture
+def demo(tmp_path, repo_root, prefect_api, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return run_demo(
+        repo_root, days=6, train_rows=3_000, batch_rows=1_000, location=tmp_path / "demo"
+    )
+
+
+def test_demo_plays_the_days_and_retrains_when_drift_appears(demo):
+    days = {row.day: row for row in demo["days"]}
+    assert sorted(days) == list(range(7))
+    assert days[0].champion == "1"
+    assert all(days[d].rows_scored == 1_000 for d in range(1, 7))
+    # The generator shifts the population from day 6: the monitor sees it, a retraining
+    # runs because of it; the quiet days before trigger nothing.
+    assert all(days[d].drift == "no" for d in range(1, 6)), [days[d].drift for d in range(1, 6)]
+    assert days[6].drift.startswith("yes")
+    assert days[6].decision.startswith("retrained v2")
+
+    root = demo["root"]
+    mlflow.set_tracking_uri(f"sqlite:///{root}/.stemma/mlflow.db")
+    client = mlflow.MlflowClient()
+    version = client.get_model_version("credit", "2")
+    report = client.get_run(version.tags["stemma.cause.run_id"])
+    assert report.data.tags["stemma.flow"] == "monitor"
+    assert "day_06" in version.tags["stemma.cause.batch"]
+    # The retraining recorded a new data version and committed its pointer.
+    log = subprocess.run(
+        ["git", "log", "--format=%s", "--", "data.dvc"], cwd=root, capture_output=True, text=True
+    ).stdout.splitlines()
+    assert len(log) == 2 and log[0].startswith("Record data version")
+    md5 = yaml.safe_load(open(f"{root}/data.dvc"))["outs"][0]["md5"]
+    assert version.tags["stemma.data.md5"] == md5
+
+    table = format_demo(demo)
+    assert "champion" in table and "stemma lineage models:/credit@champion" in table
