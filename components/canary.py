@@ -652,35 +652,6 @@ def evaluate_step(
                 f"guards.min_rows {guards.min_rows:,}",
             )
         )
-    control_arm = ~arm & a_ok
-    if control_arm.sum() >= guards.min_rows:
-        reference, against = a[control_arm], "the control arm"
-    else:
-        reference, against = a[both], "the champion's scores of the same rows"
-    distances = score_distances(reference, b[both], task=task)
-    psi = distances["psi"]
-    if both.sum() < guards.min_rows or not np.isfinite(psi):
-        # A PSI over a handful of rows is mostly empty bins: not evidence either way.
-        results.append(
-            GuardResult(
-                "score_drift",
-                GUARD_PENDING,
-                None,
-                guards.max_score_psi,
-                f"{int(both.sum()):,} rows scored by the challenger, fewer than "
-                f"guards.min_rows {guards.min_rows:,}",
-            )
-        )
-    else:
-        results.append(
-            GuardResult(
-                "score_drift",
-                GUARD_BREACH if psi > guards.max_score_psi else GUARD_OK,
-                psi,
-                guards.max_score_psi,
-                f"PSI of the challenger's scores against {against}: {psi:.4f}",
-            )
-        )
     labelled = both & rows[LABEL].notna().to_numpy()
     comparison = None
     if labelled.sum() >= guards.min_labelled_rows:
@@ -696,7 +667,15 @@ def evaluate_step(
             resamples=settings.bootstrap_resamples,
             seed=settings.seed,
         )
-    results.append(_metric_guard(comparison, int(labelled.sum()), guards, promoting))
+    metric_guard = _metric_guard(comparison, int(labelled.sum()), guards, promoting)
+    control_arm = ~arm & a_ok
+    if control_arm.sum() >= guards.min_rows:
+        reference, against = a[control_arm], "the control arm"
+    else:
+        reference, against = a[both], "the champion's scores of the same rows"
+    distances = score_distances(reference, b[both], task=task)
+    results.append(_drift_guard(distances["psi"], int(both.sum()), against, guards, metric_guard))
+    results.append(metric_guard)
     latency = _latency(scores)
     results.append(_latency_guard(latency, guards.max_latency_ratio))
 
@@ -722,6 +701,47 @@ def evaluate_step(
         distances=distances,
         comparison=comparison,
         latency_ms_per_1k_rows=latency,
+    )
+
+
+def _drift_guard(
+    psi: float, rows: int, against: str, guards: Any, metric_guard: GuardResult
+) -> GuardResult:
+    """The challenger's score distribution against the control's.
+
+    A shift of the scores is a proxy for risk while no label says how good the challenger
+    is: once the metric guard passes on labelled rows, a shift it explains (a better model
+    scores differently) does not roll back.
+    """
+    if rows < guards.min_rows or not np.isfinite(psi):
+        # A PSI over a handful of rows is mostly empty bins: not evidence either way.
+        return GuardResult(
+            "score_drift",
+            GUARD_PENDING,
+            None,
+            guards.max_score_psi,
+            f"{rows:,} rows scored by the challenger, fewer than guards.min_rows "
+            f"{guards.min_rows:,}",
+        )
+    detail = f"PSI of the challenger's scores against {against}: {psi:.4f}"
+    if psi <= guards.max_score_psi:
+        return GuardResult("score_drift", GUARD_OK, psi, guards.max_score_psi, detail)
+    if metric_guard.status == GUARD_OK:
+        return GuardResult(
+            "score_drift",
+            GUARD_OK,
+            psi,
+            guards.max_score_psi,
+            f"{detail}, above max_score_psi {guards.max_score_psi:g} but the labels show the "
+            "challenger is not worse (metric guard)",
+        )
+    return GuardResult(
+        "score_drift",
+        GUARD_BREACH,
+        psi,
+        guards.max_score_psi,
+        f"{detail}, above max_score_psi {guards.max_score_psi:g} with no labels to vouch for "
+        "the challenger",
     )
 
 
@@ -1010,6 +1030,7 @@ def step_key(state: CanaryState, digest: str) -> str:
         "challenger": state.challenger,
         "control": state.control,
         "salt": state.salt,
+        "started": state.started,
         "phase": state.phase,
         "step": state.step,
         "holds": state.holds,

@@ -598,11 +598,12 @@ def plot_metric_differences(
     if rows:
         direction = 1.0 if rows[0][1].higher_is_better else -1.0
         axes.axvline(direction * margin, color="C3", linestyle="--", label=f"margin {margin:g}")
-        axes.legend(loc="lower right")
+        axes.legend(loc="best")
         metric = rows[0][1].metric
         confidence = rows[0][1].confidence
         axes.set_xlabel(f"{metric}: challenger - champion ({confidence:.0%} interval)")
     axes.set_yticks(positions, labels)
+    axes.margins(y=0.15)
     axes.set_title(title)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

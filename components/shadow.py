@@ -609,7 +609,8 @@ def _segment_comparisons(
     values = rows.loc[labelled, column]
     counts = values.value_counts()
     out = []
-    for value, count in counts.head(MAX_SEGMENT_VALUES).items():
+    # The most frequent values, shown in their own order (elevel=0, 1, 2, ...).
+    for value, count in sorted(counts.head(MAX_SEGMENT_VALUES).items(), key=_value_order):
         mask = labelled & (rows[column] == value).to_numpy()
         if count < MIN_SEGMENT_ROWS:
             out.append(
@@ -632,6 +633,11 @@ def _segment_comparisons(
             )
         )
     return out
+
+
+def _value_order(item: tuple[Any, int]) -> tuple[int, Any]:
+    value = item[0]
+    return (0, value) if isinstance(value, int | float | np.number) else (1, str(value))
 
 
 def _decide(

@@ -635,6 +635,199 @@ class QuantizeSpec(_Section):
         return value
 
 
+NumericStatistic = Literal["psi", "ks"]
+CategoricalStatistic = Literal["psi", "chi2", "jensen_shannon"]
+
+
+class MonitorStatisticsSpec(_Section):
+    """Which statistics compare a batch with the reference, per kind of column."""
+
+    numeric: list[NumericStatistic] = Field(
+        default_factory=lambda: list[NumericStatistic](["psi", "ks"]),
+        min_length=1,
+        max_length=2,
+        description=(
+            "`psi`: population stability index on the reference's quantile bins; `ks`: "
+            "two-sample Kolmogorov-Smirnov test against the reference's stored sample."
+        ),
+    )
+    categorical: list[CategoricalStatistic] = Field(
+        default_factory=lambda: list[CategoricalStatistic](["psi", "chi2"]),
+        min_length=1,
+        max_length=3,
+        description=(
+            "`psi` on the category frequencies, `chi2`: chi-square test of homogeneity, "
+            "`jensen_shannon`: Jensen-Shannon distance (base 2, 0 to 1)."
+        ),
+    )
+
+
+class MonitorThresholdsSpec(_Section):
+    """When a statistic counts as drift: a column drifts when any of its statistics does."""
+
+    psi: float = Field(
+        default=0.2,
+        gt=0.0,
+        le=10.0,
+        description="Drift when the PSI is at least this (0.1: moderate shift, 0.2: significant).",
+    )
+    ks_pvalue: float = Field(
+        default=0.01,
+        gt=0.0,
+        lt=1.0,
+        description="Drift when the Kolmogorov-Smirnov p-value is below this.",
+    )
+    chi2_pvalue: float = Field(
+        default=0.01,
+        gt=0.0,
+        lt=1.0,
+        description="Drift when the chi-square p-value is below this.",
+    )
+    jensen_shannon: float = Field(
+        default=0.1,
+        gt=0.0,
+        le=1.0,
+        description="Drift when the Jensen-Shannon distance is at least this.",
+    )
+    max_metric_drop: float = Field(
+        default=0.05,
+        gt=0.0,
+        le=1_000_000.0,
+        description=(
+            "Performance decay when the labelled batch's metric is worse than the reference "
+            "(test split) by at least this, in the metric's units."
+        ),
+    )
+
+
+class MonitorSpec(_Section):
+    """Drift monitoring of production batches against the model's reference profile."""
+
+    input: str | None = Field(
+        default=None,
+        description=(
+            "Batch to monitor, a Parquet or CSV file or a folder of them (one batch), relative "
+            "to the project root (default: the spec's `score.input`)."
+        ),
+    )
+    labels: str | None = Field(
+        default=None,
+        description=(
+            "Labels of the batch (file or folder with the id and target columns), joined by "
+            "the id column; enables label drift and performance decay."
+        ),
+    )
+    model: str | None = Field(
+        default=None,
+        description=(
+            "Model whose reference profile and scores are compared, `models:/<name>@<alias>` "
+            "or `models:/<name>/<version>` (default: the pipeline's model @champion)."
+        ),
+    )
+    features: list[str] | None = Field(
+        default=None,
+        description="Feature columns to monitor (default: every feature of `data.features`).",
+    )
+    statistics: MonitorStatisticsSpec = Field(
+        default_factory=MonitorStatisticsSpec, description="Statistics per kind of column."
+    )
+    thresholds: MonitorThresholdsSpec = Field(
+        default_factory=MonitorThresholdsSpec, description="When a statistic counts as drift."
+    )
+    min_drifted_features: int = Field(
+        default=1,
+        ge=1,
+        le=10_000,
+        description="The batch has feature drift when at least this many features drift.",
+    )
+    pvalue_correction: Literal["bonferroni", "none"] = Field(
+        default="bonferroni",
+        description=(
+            "`bonferroni`: each test's p-value is compared with its threshold divided by the "
+            "number of tests in the batch, so a batch like the reference raises a false alarm "
+            "at most at the threshold's rate; `none`: at that rate per test."
+        ),
+    )
+    prediction_drift: bool = Field(
+        default=True,
+        description="Also compare the model's scores on the batch with its reference scores.",
+    )
+    label_drift: bool = Field(
+        default=True,
+        description="With labels: compare the label distribution with the training labels.",
+    )
+    performance_decay: bool = Field(
+        default=True,
+        description="With labels: compare the model's metric on the batch with its test metric.",
+    )
+    metric: str | None = Field(
+        default=None,
+        description="Metric of the performance check (default: `gate.metric`).",
+    )
+    min_labelled_rows: int = Field(
+        default=100,
+        gt=0,
+        le=1_000_000_000,
+        description="Fewer labelled rows than this: performance is reported as not assessed.",
+    )
+    bins: int = Field(
+        default=10,
+        ge=2,
+        le=1000,
+        description=(
+            "Quantile bins per numeric feature in the reference profile (fixed when the model "
+            "is trained; PSI uses the profile's bins)."
+        ),
+    )
+    sample_size: int = Field(
+        default=10_000,
+        ge=100,
+        le=1_000_000,
+        description=(
+            "Values per numeric column kept, sorted, in the reference profile; the KS test is "
+            "exact against this sample (fixed when the model is trained)."
+        ),
+    )
+    chunk_rows: int = Field(
+        default=1_000_000,
+        gt=0,
+        le=100_000_000,
+        description="Rows of the batch read and compared at a time; bounds memory.",
+    )
+    schedule: str | None = Field(
+        default=None,
+        description=(
+            "Cron schedule of the monitoring deployment (default: none; it runs after each "
+            "scored batch)."
+        ),
+    )
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None and not _CRON.match(value.strip()):
+            raise ValueError(f"must be a cron expression with five fields, got {value!r}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _reference(cls, value: str | None) -> str | None:
+        if value is not None and not _MODEL_REFERENCE.match(value):
+            raise ValueError(
+                f"must look like `models:/<name>@<alias>` or `models:/<name>/<version>`, got {value!r}"
+            )
+        return value
+
+    @field_validator("statistics")
+    @classmethod
+    def _distinct(cls, value: MonitorStatisticsSpec) -> MonitorStatisticsSpec:
+        for kind in ("numeric", "categorical"):
+            names = getattr(value, kind)
+            if len(set(names)) != len(names):
+                raise ValueError(f"{kind} lists a statistic more than once: {names}")
+        return value
+
+
 class Spec(_Section):
     """A Stemma pipeline: the data, its checks, the model, its training, gate and scoring."""
 
@@ -661,6 +854,10 @@ class Spec(_Section):
     quantize: QuantizeSpec | None = Field(
         default=None,
         description="Post-training quantization of registered models (defaults apply when absent).",
+    )
+    monitor: MonitorSpec | None = Field(
+        default=None,
+        description="Drift monitoring of production batches (defaults apply when absent).",
     )
 
 
@@ -998,6 +1195,9 @@ def _semantic_problems(
     quantize: QuantizeSpec | None = sections.get("quantize")
     if quantize is not None:
         problems += _quantize_problems(quantize)
+        monitor: MonitorSpec | None = sections.get("monitor")
+        if monitor is not None:
+            problems += _monitor_problems(monitor, data)
     checks: list[Expectation] = sections.get("checks") or []
     problems += _check_problems(checks, check_expectations=check_expectations)
     train: TrainSpec | None = sections.get("train")
@@ -1192,6 +1392,40 @@ def _gate_problems(gate: GateSpec, task: str) -> list[tuple[tuple[str | int, ...
                 (("gate", "minimum"), f"{gate.metric} is better when lower: set `maximum` instead")
             )
 
+    return problems
+
+
+def _monitor_problems(
+    monitor: MonitorSpec, data: DataSpec
+) -> list[tuple[tuple[str | int, ...], str]]:
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    declared = data.features.all
+    for index, column in enumerate(monitor.features or []):
+        if column not in declared:
+            problems.append(
+                (
+                    ("monitor", "features", index),
+                    f"{column!r} is not a feature of data.features ({', '.join(declared)})",
+                )
+            )
+    monitored = len(monitor.features) if monitor.features is not None else len(declared)
+    if monitor.features is not None and not monitor.features:
+        problems.append((("monitor", "features"), "list at least one feature, or leave it out"))
+    elif monitor.min_drifted_features > monitored:
+        problems.append(
+            (
+                ("monitor", "min_drifted_features"),
+                f"must be at most the {monitored} monitored features",
+            )
+        )
+    metrics = METRIC_DIRECTIONS[data.task]
+    if monitor.metric is not None and monitor.metric not in metrics:
+        problems.append(
+            (
+                ("monitor", "metric"),
+                f"{monitor.metric!r} is not a {data.task} metric; choose one of {', '.join(metrics)}",
+            )
+        )
     return problems
 
 

@@ -107,8 +107,8 @@ def resolve_state_step(
         if waiting is None and state is not None:
             return state, False  # the last canary ended and no new challenger waits
         named = _version_of(client, f"models:/{model_name}@challenger")
-    if state is not None and state.challenger == named:
-        return state, False  # that canary ended; nothing more to do for this challenger
+    if state is not None and state.challenger == named and not challenger:
+        return state, False  # that canary ended; naming the challenger again restarts it
     control = canary.model_aliases(client, model_name).get(canary.CHAMPION_ALIAS)
     if control is None:
         raise RegistryError(

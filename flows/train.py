@@ -35,8 +35,9 @@ from stemma.components import (
     training,
 )
 from stemma.components import models as networks
+from stemma.components import profile as reference_profile
 from stemma.components.errors import DataCheckError, DataError, SpecError, StemmaError
-from stemma.components.spec import LoadedSpec, flatten, load_spec
+from stemma.components.spec import LoadedSpec, MonitorSpec, flatten, load_spec
 from stemma.flows.lineage import record_lineage
 
 #: Rows of the test split logged with the model as its input example.
@@ -210,6 +211,40 @@ def log_model_step(
     )
 
 
+@task(name="profile reference")
+def profile_step(
+    loaded: LoadedSpec,
+    frame: pd.DataFrame,
+    prepared: dict[str, Any],
+    result: training.TrainResult,
+    metrics: dict[str, float],
+    source: dict[str, Any],
+    workdir: Path,
+) -> tuple[Path, str]:
+    """The reference profile drift monitoring compares batches with, logged with the run.
+
+    Features and labels are profiled on the whole training table; the scores on the test
+    split, which the model never trained on.
+    """
+    spec = loaded.spec
+    settings = spec.monitor or MonitorSpec()
+    preprocessor = prepared["preprocessor"]
+    scores = preprocessor.decode_output(training.predict_raw(result.network, prepared["x_test"]))
+    built = reference_profile.build_reference_profile(
+        frame,
+        spec.data,
+        scores=scores,
+        performance=metrics,
+        bins=settings.bins,
+        sample_size=settings.sample_size,
+        source={**source, "rows": prepared["rows"], "scores": "test split"},
+    )
+    path = workdir / reference_profile.PROFILE_RUN_DIR / reference_profile.PROFILE_FILE
+    sha256 = reference_profile.write_profile(built, path)
+    mlflow.log_artifact(str(path), reference_profile.PROFILE_RUN_DIR)
+    return path, sha256
+
+
 @task(name="register and gate")
 def gate_step(
     loaded: LoadedSpec,
@@ -349,10 +384,23 @@ def train_flow(
             mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
             metrics = evaluate_step(loaded, prepared, result, workdir)
             model_info, weights_sha256 = log_model_step(loaded, prepared, result, workdir)
+            profile_path, profile_sha256 = profile_step(
+                loaded,
+                frame,
+                prepared,
+                result,
+                metrics,
+                {"data_md5": version.md5, "file": version.relpath},
+                workdir,
+            )
+            reference_profile.save_with_model(
+                mlflow.MlflowClient(), model_info.model_id, profile_path, profile_sha256
+            )
             logged = {
                 **lineage.artifact_digests(workdir / "plots", "plots"),
                 **lineage.artifact_digests(workdir / "data_docs", "checks/data_docs"),
                 **lineage.artifact_digests(workdir / "model", "model"),
+                **lineage.artifact_digests(profile_path.parent, reference_profile.PROFILE_RUN_DIR),
             }
             facts = lineage.TrainingLineage(
                 pipeline=spec.pipeline.name,
@@ -376,6 +424,9 @@ def train_flow(
             )
             model_version, decision = gate_step(
                 loaded, prepared, metrics, model_info.model_uri, run_id, facts
+            )
+            reference_profile.tag_model_version(
+                mlflow.MlflowClient(), model_version.name, model_version.version, profile_sha256
             )
             facts = lineage.TrainingLineage(
                 **{**asdict(facts), "model_version": str(model_version.version)}

@@ -312,6 +312,27 @@ def test_drift_against_the_control_arm_breaches(store, tmp_path):
     assert "control arm" in drift.detail
 
 
+def test_a_score_shift_counts_only_while_no_label_vouches_for_the_challenger(store, tmp_path):
+    strict = guards(max_score_psi=0.01)
+    _, unlabelled = step(store, "better", tmp_path, fraction=0.5, settings=strict)
+    drift = next(g for g in unlabelled.guards if g.name == "score_drift")
+    assert drift.status == canary.GUARD_BREACH and unlabelled.decision == canary.ROLLBACK
+    assert "no labels to vouch" in drift.detail
+    _, labelled = step(
+        store, "better", tmp_path, fraction=0.5, settings=strict, labels=store["labels"]
+    )
+    drift = next(g for g in labelled.guards if g.name == "score_drift")
+    assert drift.status == canary.GUARD_OK and drift.value > 0.01
+    assert labelled.decision == canary.ADVANCE and "not worse" in drift.detail
+    # a worse challenger gets no such pass
+    _, worse = step(store, "worse", tmp_path, fraction=0.5, settings=strict, labels=store["labels"])
+    assert worse.decision == canary.ROLLBACK
+    assert {g.name for g in worse.guards if g.status == canary.GUARD_BREACH} == {
+        "score_drift",
+        "metric",
+    }
+
+
 def test_a_batch_with_repeated_ids_is_refused(store, tmp_path):
     batch = pd.read_parquet(store["batch_path"])
     path = tmp_path / "dup.parquet"
@@ -407,7 +428,10 @@ def test_a_step_decision_on_disk_is_reused_by_a_resumed_run(store, tmp_path):
     assert canary.read_step_record(tmp_path, key) is None
     canary.write_step_record(tmp_path, {"key": key, "decision": "hold", "reasons": ["r"]})
     assert canary.read_step_record(tmp_path, key)["decision"] == "hold"
-    # the same batch at another position of the canary is another decision
+    # the same batch at another position of the canary, or in another canary, is another
+    # decision
+    restarted = replace(current, started="2030-01-01T00:00:00+00:00")
+    assert canary.read_step_record(tmp_path, canary.step_key(restarted, "digest-1")) is None
     assert (
         canary.read_step_record(tmp_path, canary.step_key(replace(current, step=1), "digest-1"))
         is None

@@ -1,0 +1,349 @@
+"""The drift-monitoring flow end to end: a briefly trained model, the example's daily batches,
+a real MLflow store and a real Prefect API that the drift event must reach."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from stemma.components.drift import DRIFT_EVENT
+from stemma.components.errors import DataError, SpecError
+from stemma.components.example import generate_credit_data
+from stemma.components.profile import (
+    PROFILE_FILE,
+    PROFILE_SHA256_TAG,
+    MissingProfileError,
+    read_profile,
+)
+from stemma.components.spec import load_spec
+from tests.flows.conftest import SMALL_TRAIN_ROWS
+
+pytestmark = pytest.mark.usefixtures("prefect_api", "mlflow_uri")
+
+PIPELINE = "monitoring"
+NAMES = [f"pipeline.name={PIPELINE}", f"pipeline.model_name={PIPELINE}"]
+TRAIN = ["train.epochs=2", "train.early_stopping=null", "train.batch_size=256"]
+#: Rows per generated day: enough for the tests to have power, few enough to stay fast.
+BATCH_ROWS = 1_000
+#: The example's shifts: the population from day 6, the approval rule from day 10.
+DAYS = 10
+#: How long the Prefect API may take to show an emitted event.
+EVENT_WAIT_S = 60
+
+
+@pytest.fixture(scope="module")
+def monitored_project(template_project, tmp_path_factory) -> Path:
+    """A project whose model `monitoring` has a champion, and ten days of batches and labels.
+
+    The days come from the worked example's generator with the template's seed and
+    training size, so day 1 is drawn like the training table and day 6 on is shifted.
+    """
+    from stemma.flows.train import train_flow
+
+    root = tmp_path_factory.mktemp("monitoring") / "project"
+    shutil.copytree(template_project, root, symlinks=True)
+    train_flow(config=str(root / "configs" / "credit.yaml"), overrides=[*TRAIN, *NAMES])
+    generate_credit_data(
+        root / "production", train_rows=SMALL_TRAIN_ROWS, days=DAYS, batch_rows=BATCH_ROWS
+    )
+    return root
+
+
+def day(project: Path, number: int, kind: str = "batches") -> str:
+    return str(project / "production" / "credit" / kind / f"day_{number:02d}.parquet")
+
+
+def run_monitor(project: Path, *overrides: str, names=NAMES, **parameters) -> dict:
+    from stemma.flows.monitor import monitor_flow
+
+    return monitor_flow(
+        config=str(project / "configs" / "credit.yaml"),
+        overrides=[*names, *overrides],
+        **parameters,
+    )
+
+
+def drift_events(pipeline: str, expected: int) -> list:
+    """The drift events about the pipeline, once at least ``expected`` have arrived."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    deadline = time.monotonic() + EVENT_WAIT_S
+    while True:
+        with get_client(sync_client=True) as client:
+            page = client.read_events(
+                filter=EventFilter(
+                    event=EventNameFilter(name=[DRIFT_EVENT]),
+                    resource=EventResourceFilter(id=[f"stemma.pipeline.{pipeline}"]),
+                ),
+                limit=50,
+            )
+        if len(page.events) >= expected or time.monotonic() > deadline:
+            return page.events
+        time.sleep(0.5)
+
+
+def download(run_id: str, tmp_path: Path) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(tmp_path / run_id)))
+
+
+def test_training_saves_the_reference_profile_with_the_model(monitored_project, tmp_path):
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias(PIPELINE, "champion")
+    recorded = version.tags[PROFILE_SHA256_TAG]
+
+    # in the version's own artifacts, and as an artifact of the training run, same bytes
+    model_folder = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=client.get_model_version_download_uri(PIPELINE, version.version),
+            dst_path=str(tmp_path / "model"),
+        )
+    )
+    run_copy = download(version.run_id, tmp_path) / "profile" / PROFILE_FILE
+    for path in (model_folder / PROFILE_FILE, run_copy):
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == recorded
+    profile = read_profile(run_copy, recorded)
+
+    train = pd.read_parquet(monitored_project / "data" / "credit" / "train.parquet")
+    assert set(profile.features) == {
+        "salary",
+        "commission",
+        "age",
+        "hvalue",
+        "hyears",
+        "loan",
+        "elevel",
+        "car",
+        "zipcode",
+    }
+    age = profile.features["age"]
+    assert age.rows == len(train) and sum(age.counts) == len(train)
+    # a training table smaller than the sample size is kept whole: KS is exact against it
+    assert age.sample.tolist() == sorted(train["age"].astype(float))
+    assert profile.label_rate == pytest.approx(train["approved"].mean())
+    run = client.get_run(version.run_id)
+    assert profile.performance["roc_auc"] == pytest.approx(run.data.metrics["test_roc_auc"])
+    assert profile.scores is not None and profile.scores.rows == int(run.data.params["rows.test"])
+    record = json.loads(
+        (download(version.run_id, tmp_path / "again") / "lineage" / "record.json").read_text()
+    )
+    assert record["artifacts"][f"profile/{PROFILE_FILE}"] == f"sha256:{recorded}"
+
+
+def test_day_one_is_quiet_and_day_six_drifts_with_an_event_on_the_prefect_api(
+    monitored_project, tmp_path
+):
+    quiet = run_monitor(monitored_project, batch=day(monitored_project, 1))
+    assert quiet["drift_detected"] is False, quiet["reasons"]
+    assert quiet["drifted_features"] == [] and quiet["event_id"] is None
+    assert quiet["rows"] == BATCH_ROWS
+
+    shifted = run_monitor(monitored_project, batch=day(monitored_project, 6))
+    assert shifted["drift_detected"] is True
+    # the generator shifts age, salary and loan from day 6; nothing else changes
+    assert {"age", "salary", "loan"} <= set(shifted["drifted_features"])
+    assert not {"car", "zipcode", "elevel", "hyears"} & set(shifted["drifted_features"])
+    assert "features" in shifted["kinds"]
+    assert shifted["columns"]["age"]["ks_pvalue"] < 1e-6
+    assert shifted["columns"]["age"]["psi"] > 0.2
+
+    # exactly one event about the pipeline reached Prefect: day 6's, not day 1's
+    (event,) = drift_events(PIPELINE, expected=1)
+    assert str(event.id) == shifted["event_id"]
+    assert event.resource.id == f"stemma.pipeline.{PIPELINE}"
+    payload = event.payload
+    assert payload["report_run_id"] == shifted["run_id"]
+    assert payload["batch_digest"] == shifted["batch_digest"]
+    assert payload["batch"].endswith("day_06.parquet")
+    assert payload["drifted_features"] == shifted["drifted_features"]
+    assert payload["statistics"]["age"]["psi"] == pytest.approx(shifted["columns"]["age"]["psi"])
+    assert payload["model"] == f"models:/{PIPELINE}/{shifted['model_version']}"
+    related = {resource.id: resource for resource in event.related}
+    model_resource = related[f"stemma.model-version.{PIPELINE}.{shifted['model_version']}"]
+    assert model_resource.role == "model-version"
+
+    # the report: an MLflow run of the pipeline's experiment, tagged, with its statistics
+    client = mlflow.MlflowClient()
+    run = client.get_run(shifted["run_id"])
+    assert run.info.run_name == "monitor day_06"
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == shifted["experiment"] == "credit"
+    assert run.data.tags["stemma.drift.detected"] == "true"
+    assert run.data.tags["stemma.drift.features"] == ",".join(shifted["drifted_features"])
+    assert run.data.tags["stemma.drift.event_id"] == shifted["event_id"]
+    assert run.data.metrics["feature.age.psi"] == pytest.approx(shifted["columns"]["age"]["psi"])
+    assert run.data.metrics["features_drifted"] == len(shifted["drifted_features"])
+    assert client.get_run(quiet["run_id"]).data.tags["stemma.drift.detected"] == "false"
+
+    artifacts = download(shifted["run_id"], tmp_path)
+    table = pd.read_csv(artifacts / "drift" / "statistics.csv").set_index("column")
+    assert table.loc["age", "drifted"] and not table.loc["car", "drifted"]
+    assert (artifacts / "drift" / "statistics.json").is_file()
+    assert (artifacts / "drift" / "summary.png").stat().st_size > 10_000
+    report = json.loads((artifacts / "drift" / "report.json").read_text())
+    assert report["detected"] is True
+
+    # the lineage record: the drift report is a node linked to the batch and the model version
+    record = json.loads((artifacts / "lineage" / "record.json").read_text())
+    nodes = {node["id"]: node for node in record["nodes"]}
+    (report_node,) = [node for node in record["nodes"] if node["kind"] == "drift_report"]
+    report_sha = hashlib.sha256((artifacts / "drift" / "report.json").read_bytes()).hexdigest()
+    assert report_node["digest"] == f"sha256:{report_sha}"
+    monitored = {edge["source"] for edge in record["edges"] if edge["target"] == report_node["id"]}
+    batch_node = next(nodes[source] for source in monitored if nodes[source]["kind"] == "input")
+    assert batch_node["digest"] == f"md5:{shifted['batch_digest']}"
+    assert f"models:/{PIPELINE}/{shifted['model_version']}" in monitored
+
+
+def test_labels_show_performance_decay_only_after_the_concept_shift(monitored_project):
+    before = run_monitor(
+        monitored_project,
+        batch=day(monitored_project, 2),
+        labels=day(monitored_project, 2, "labels"),
+    )
+    assert before["labelled_rows"] == BATCH_ROWS
+    assert before["drift_detected"] is False, before["reasons"]
+    assert before["performance"]["current"] > 0.8
+
+    after = run_monitor(
+        monitored_project,
+        batch=day(monitored_project, 10),
+        labels=day(monitored_project, 10, "labels"),
+    )
+    performance = after["performance"]
+    assert performance["decayed"] is True
+    assert performance["drop"] >= 0.05
+    assert performance["current"] < 0.7 < performance["reference"]
+    assert "performance" in after["kinds"] and "label" in after["columns"]
+
+
+def test_thresholds_decide_drift(monitored_project):
+    lenient = [
+        "monitor.thresholds.psi=10",
+        "monitor.thresholds.ks_pvalue=1e-300",
+        "monitor.thresholds.chi2_pvalue=1e-300",
+    ]
+    summary = run_monitor(monitored_project, *lenient, batch=day(monitored_project, 6))
+    assert summary["drift_detected"] is False
+    assert summary["event_id"] is None
+    # the statistics are the same; only the verdict changed
+    assert summary["columns"]["age"]["psi"] > 0.2
+
+
+def test_a_model_registered_before_profiles_existed_is_named_clearly(monitored_project, tmp_path):
+    from stemma.components.tracking import configure_tracking, ensure_experiment
+    from tests.support import log_trained_model
+
+    configure_tracking(monitored_project)
+    train = pd.read_parquet(monitored_project / "data" / "credit" / "train.parquet")
+    spec = load_spec(monitored_project / "configs" / "credit.yaml").spec
+    _, _, info, _, run_id = log_trained_model(
+        train,
+        spec.data.features,
+        task="binary",
+        target="approved",
+        experiment_id=ensure_experiment("legacy", monitored_project),
+        workdir=tmp_path / "model",
+    )
+    client = mlflow.MlflowClient()
+    client.create_registered_model("legacy")
+    client.create_model_version("legacy", info.model_uri, run_id=run_id, model_id=info.model_id)
+
+    with pytest.raises(MissingProfileError) as caught:
+        run_monitor(monitored_project, model="models:/legacy/1", batch=day(monitored_project, 1))
+    assert "legacy v1 has no reference profile" in caught.value.headline
+    assert "train the model again" in caught.value.render()
+
+
+def test_a_batch_missing_a_feature_column_is_a_clear_error(monitored_project, tmp_path):
+    broken = tmp_path / "day_broken.parquet"
+    pd.read_parquet(day(monitored_project, 1)).drop(columns=["age"]).to_parquet(broken)
+    with pytest.raises(DataError) as caught:
+        run_monitor(monitored_project, batch=str(broken))
+    text = caught.value.render()
+    assert "day_broken.parquet: missing 1 column: age (long)" in text
+
+
+def test_labels_without_the_id_column_are_a_clear_error(monitored_project, tmp_path):
+    labels = tmp_path / "labels_day_01.parquet"
+    pd.read_parquet(day(monitored_project, 1, "labels")).rename(
+        columns={"application_id": "id"}
+    ).to_parquet(labels)
+    with pytest.raises(DataError) as caught:
+        run_monitor(monitored_project, batch=day(monitored_project, 1), labels=str(labels))
+    text = caught.value.render()
+    assert "labels_day_01.parquet: no id column 'application_id'" in text
+    assert "(its columns: approved, id)" in text
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("monitor.thresholds.psi=-0.1", "monitor.thresholds.psi: must be greater than 0"),
+        ("monitor.thresholds.ks_pvalue=1.5", "monitor.thresholds.ks_pvalue: must be less than 1"),
+        ("monitor.bins=1", "monitor.bins: must be greater than or equal to 2"),
+        ("monitor.statistics.numeric=[psi, wasserstein]", "monitor.statistics.numeric[1]"),
+        ("monitor.features=[salary, income]", "'income' is not a feature of data.features"),
+        ("monitor.metric=rmse", "'rmse' is not a binary metric"),
+    ],
+    ids=["psi-negative", "pvalue-above-1", "one-bin", "unknown-statistic", "feature", "metric"],
+)
+def test_monitor_spec_problems_are_spec_errors(monitored_project, override, message):
+    with pytest.raises(SpecError) as caught:
+        run_monitor(monitored_project, override, batch=day(monitored_project, 1))
+    assert message in caught.value.render()
+
+
+def test_cli_prints_the_verdict_and_exits_0_on_drift(
+    monitored_project, stemma_exe, prefect_api, mlflow_uri
+):
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_uri}
+    args = [
+        *stemma_exe,
+        "run",
+        "monitor",
+        "configs/credit.yaml",
+        "--batch",
+        day(monitored_project, 7),
+    ]
+    for override in NAMES:
+        args += ["--set", override]
+    done = subprocess.run(
+        args, cwd=monitored_project, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("DRIFT: ") and "day_07.parquet" in first
+    assert "feature age: psi" in done.stdout
+    assert "event stemma.drift.detected emitted" in done.stdout
+
+
+def test_cli_refuses_thresholds_out_of_range_before_starting_anything(
+    monitored_project, stemma_exe
+):
+    done = subprocess.run(
+        [
+            *stemma_exe,
+            "run",
+            "monitor",
+            "configs/credit.yaml",
+            "--set",
+            "monitor.thresholds.chi2_pvalue=0",
+        ],
+        cwd=monitored_project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "monitor.thresholds.chi2_pvalue: must be greater than 0" in done.stderr
+    assert "Traceback" not in done.stderr
