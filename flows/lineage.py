@@ -55,7 +55,14 @@ def record_lineage(record: dict[str, Any]) -> None:
     client = MlflowClient()
     for start in range(0, len(tags), TAGS_PER_REQUEST):
         client.log_batch(run_id, tags=tags[start : start + TAGS_PER_REQUEST])
-    materialize_assets(record, run_id)
+    try:
+        materialize_assets(record, run_id)
+    except Exception as error:  # the record and its index are logged: keep the run
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "lineage recorded, but the Prefect assets were not: %s", error
+        )
 
 
 @cache

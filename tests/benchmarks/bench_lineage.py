@@ -206,6 +206,23 @@ def naive_upstream(client, model: str, version: str) -> int:
     return found
 
 
+#: A fresh process: MLflow's store start-up (imports), then the first and a second query.
+COLD_PROCESS = """
+import sys, time
+from pathlib import Path
+started = time.perf_counter()
+from mlflow import MlflowClient
+from stemma.components.lineage_graph import RecordIndex, walk
+client = MlflowClient(tracking_uri=sys.argv[1], registry_uri=sys.argv[1])
+client.search_experiments()
+ready = time.perf_counter()
+walk(sys.argv[2], RecordIndex(client), root=Path(sys.argv[3]))
+first = time.perf_counter()
+walk(sys.argv[2], RecordIndex(client), root=Path(sys.argv[3]))
+print(ready - started, first - ready, time.perf_counter() - first)
+"""
+
+
 def _median(function) -> tuple[float, object]:
     times, result = [], None
     for _ in range(REPEATS):
@@ -261,6 +278,20 @@ def test_lineage_answers_within_a_second_in_a_large_store(tmp_path):
             f"  {label}: {seconds * 1000:.0f} ms, {len(graph.nodes)} nodes, "
             f"{graph.searches} MLflow calls ({naive_s / seconds:.1f}x faster than the baseline)"
         )
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", COLD_PROCESS, uri, f"models:/{MODEL}@champion", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    start_up, first, second = (float(value) for value in done.stdout.split())
+    lines.append(
+        f"  in a fresh process: MLflow imports and store start-up {start_up * 1000:.0f} ms, "
+        f"first query {first * 1000:.0f} ms, second {second * 1000:.0f} ms"
+    )
     print("\n".join(lines))
     assert naive_nodes > 1
     assert worst < BAR_S
