@@ -77,6 +77,7 @@ from .shadow import (
     decision_node_id,
     evaluation_node_id,
     labels_node_id,
+    measure_latency,
     read_batch_columns,
     read_scores,
 )
@@ -533,7 +534,8 @@ class StepEvaluation:
         failures: the challenger's failures on its arm.
         distances: the challenger's scores against the reference (``psi``, ``ks``, ...).
         comparison: the metric against the champion on the same labelled rows, if any.
-        latency_ms_per_1k_rows: per model, when measured.
+        latency: per model, request latency percentiles (ms), see
+            :func:`~.shadow.measure_latency`.
     """
 
     decision: str
@@ -545,7 +547,7 @@ class StepEvaluation:
     failures: FailureCounts
     distances: dict[str, float]
     comparison: MetricComparison | None
-    latency_ms_per_1k_rows: dict[str, float]
+    latency: dict[str, dict[str, float]]
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for MLflow."""
@@ -555,7 +557,11 @@ class StepEvaluation:
             "fallback_rows": self.fallback_rows,
             "challenger_error_rate": self.failures.error_rate,
             **{f"score_{name}": value for name, value in self.distances.items()},
-            **{f"{model}_ms_per_1k_rows": v for model, v in self.latency_ms_per_1k_rows.items()},
+            **{
+                f"{model}_{key}": value
+                for model, numbers in self.latency.items()
+                for key, value in numbers.items()
+            },
         }
         if self.comparison is not None:
             values.update(
@@ -581,7 +587,7 @@ class StepEvaluation:
             "failures": self.failures.to_dict(),
             "distances": dict(self.distances),
             "comparison": None if self.comparison is None else self.comparison.to_dict(),
-            "latency_ms_per_1k_rows": dict(self.latency_ms_per_1k_rows),
+            "latency": {model: dict(numbers) for model, numbers in self.latency.items()},
         }
 
 
@@ -676,7 +682,7 @@ def evaluate_step(
     distances = score_distances(reference, b[both], task=task)
     results.append(_drift_guard(distances["psi"], int(both.sum()), against, guards, metric_guard))
     results.append(metric_guard)
-    latency = _latency(scores)
+    latency = measure_latency({"champion": control, "challenger": challenger}, [scores.batch])
     results.append(_latency_guard(latency, guards.max_latency_ratio))
 
     breaches = [guard for guard in results if guard.status == GUARD_BREACH]
@@ -700,7 +706,7 @@ def evaluate_step(
         failures=failures,
         distances=distances,
         comparison=comparison,
-        latency_ms_per_1k_rows=latency,
+        latency=latency,
     )
 
 
@@ -772,33 +778,23 @@ def _metric_guard(
     )
 
 
-def _latency(scores: StepScores) -> dict[str, float]:
-    """Milliseconds per 1,000 rows of each model, from the chunks this call scored."""
-    out = {}
-    for name, result in (("champion", scores.control), ("challenger", scores.challenger)):
-        if result is None or not result.chunk_latency_ms or result.rows_input == 0:
-            continue
-        chunks = max(1, result.parts_written)
-        per_chunk_rows = result.rows_input / chunks
-        out[name] = result.chunk_latency_ms["p50"] / per_chunk_rows * 1000.0
-    return out
-
-
-def _latency_guard(latency: dict[str, float], limit: float | None) -> GuardResult:
+def _latency_guard(latency: dict[str, dict[str, float]], limit: float | None) -> GuardResult:
     if limit is None:
         return GuardResult("latency", GUARD_OFF, None, None, "not checked")
     if "champion" not in latency or "challenger" not in latency:
         return GuardResult(
-            "latency", GUARD_PENDING, None, limit, "not measured (the scoring was resumed)"
+            "latency", GUARD_PENDING, None, limit, "not measured (no complete row to time)"
         )
-    ratio = latency["challenger"] / max(latency["champion"], 1e-9)
+    champion = latency["champion"]["latency_ms_p50"]
+    challenger = latency["challenger"]["latency_ms_p50"]
+    ratio = challenger / max(champion, 1e-9)
     return GuardResult(
         "latency",
         GUARD_BREACH if ratio > limit else GUARD_OK,
         ratio,
         limit,
-        f"{latency['challenger']:.3f} ms per 1k rows vs the champion's "
-        f"{latency['champion']:.3f} ({ratio:.2f}x, limit {limit:g}x)",
+        f"median request {challenger:.3f} ms vs the champion's {champion:.3f} ms "
+        f"({ratio:.2f}x, limit {limit:g}x)",
     )
 
 

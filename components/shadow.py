@@ -88,6 +88,9 @@ SHADOW_DECISION_TAG = "stemma.shadow.decision"
 SHADOW_RUN_TAG = "stemma.shadow.run_id"
 #: How many ids an error message shows.
 MAX_IDS_SHOWN = 3
+#: Rows of one timed request, and requests timed per model (interleaved between models).
+LATENCY_BATCH_ROWS = 256
+LATENCY_REPEATS = 60
 
 _METRIC_KEY = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -348,6 +351,46 @@ def _id_range(ids: pd.Series) -> str:
         return f"{ids.min()} to {ids.max()} ({ids.dtype})"
     except TypeError:
         return f"{ids.iloc[0]} ... ({ids.dtype})"
+
+
+def measure_latency(
+    models: dict[str, ScoringModel],
+    files: Sequence[Path],
+    *,
+    rows: int = LATENCY_BATCH_ROWS,
+    repeats: int = LATENCY_REPEATS,
+) -> dict[str, dict[str, float]]:
+    """Per-request latency of each model on the batch's first rows, in milliseconds.
+
+    A request is ``rows`` rows, encoded and run through the network and decoded, as an
+    online caller would send them. The models take turns request by request, so a busy
+    machine slows both alike; the first round warms up and is not counted.
+
+    Returns:
+        Per model ``latency_ms_p50``, ``latency_ms_p95`` and ``latency_ms_p99``; empty when
+        the first rows hold no complete row.
+    """
+    import time
+
+    import torch
+
+    columns = sorted({column for model in models.values() for column in model.feature_columns})
+    sample = read_batch_columns(list(files)[:1], columns).head(rows).dropna()
+    if sample.empty:
+        return {}
+    timings: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for round_ in range(repeats + 1):
+            for name, model in models.items():
+                began = time.perf_counter()
+                encoded = torch.from_numpy(model.preprocessor.transform(sample))
+                model.preprocessor.decode_output(model.network(encoded).float().numpy())
+                if round_:
+                    timings[name].append((time.perf_counter() - began) * 1000.0)
+    return {
+        name: {f"latency_ms_p{q}": float(np.percentile(values, q)) for q in (50, 95, 99)}
+        for name, values in timings.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------

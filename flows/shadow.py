@@ -140,14 +140,12 @@ def compare_step(
         labels_required=labels_required,
         labels_source=labels_source,
     )
-    latency = {
-        name: {
-            **{f"chunk_latency_ms_{key}": value for key, value in result.chunk_latency_ms.items()},
-            "rows_per_second": result.rows_per_second,
-        }
-        for name, result in (("champion", pair.served), ("challenger", pair.shadow))
-        if not result.already_complete
-    }
+    # Per-request latency of each model, and the batch scoring's own throughput when this
+    # run scored (a folder already complete was not timed).
+    latency = shadow.measure_latency({"champion": champion, "challenger": challenger}, pair.files)
+    for name, result in (("champion", pair.served), ("challenger", pair.shadow)):
+        if not result.already_complete:
+            latency.setdefault(name, {})["rows_per_second"] = result.rows_per_second
     report = shadow.shadow_evaluate(
         rows,
         task=spec.data.task,

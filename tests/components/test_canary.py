@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from stemma.components import canary
@@ -21,7 +23,13 @@ from stemma.components.scoring import load_scoring_model
 from stemma.components.shadow import load_labels
 from stemma.components.spec import EvaluateSpec
 from stemma.components.tracking import configure_tracking, ensure_experiment
-from tests.components.test_shadow import ID, TARGET, credit_frame, register_linear_model
+from tests.components.test_shadow import (
+    FEATURES,
+    ID,
+    TARGET,
+    credit_frame,
+    register_linear_model,
+)
 from tests.support import isolated_mlflow
 
 MODEL = "canaried"
@@ -331,6 +339,70 @@ def test_a_score_shift_counts_only_while_no_label_vouches_for_the_challenger(sto
         "score_drift",
         "metric",
     }
+
+
+class SlowNetwork(torch.nn.Module):
+    """A linear network that waits before answering: a challenger too slow to serve."""
+
+    def __init__(self, n_inputs: int, n_outputs: int = 1, delay_ms: float = 0.0) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(n_inputs, n_outputs)
+        self.delay_s = delay_ms / 1000.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay_s)
+        return self.linear(x)
+
+
+def register_slow_model(store, tmp_path) -> str:
+    import mlflow
+
+    from stemma.components.features import fit_preprocessor
+    from stemma.components.models import build_network, network_config
+    from stemma.components.scoring import WEIGHTS_TAG
+    from stemma.components.spec import ModelSpec
+    from stemma.components.tracking import log_pyfunc_model
+
+    frame = credit_frame(200, seed=1)
+    preprocessor = fit_preprocessor(frame, FEATURES, task="binary", target=TARGET)
+    spec = ModelSpec(architecture=f"{__name__}:SlowNetwork", params={"delay_ms": 5})
+    config = network_config(spec)
+    network = build_network(config, preprocessor.n_inputs, seed=0)
+    with torch.no_grad():  # the champion's weights: as good, only slower
+        network.linear.weight.zero_()
+        network.linear.bias.zero_()
+        network.linear.weight[0, :2] = torch.tensor(WEIGHTS["champion"])
+    with mlflow.start_run(experiment_id=store["experiment_id"]) as run:
+        info, sha256 = log_pyfunc_model(
+            preprocessor=preprocessor,
+            network=network,
+            network_config=config,
+            input_example=frame[FEATURES.all].head(5),
+            task="binary",
+            workdir=tmp_path / "slow",
+        )
+    version = store["client"].create_model_version(
+        MODEL,
+        source=info.model_uri,
+        run_id=run.info.run_id,
+        model_id=info.model_id,
+        tags={WEIGHTS_TAG: sha256, "stemma.gate.decision": "passed"},
+    )
+    return str(version.version)
+
+
+def test_a_challenger_too_slow_to_serve_breaches_the_latency_guard(store, tmp_path):
+    version = register_slow_model(store, tmp_path)
+    store["models"]["slow"] = load_scoring_model(f"models:/{MODEL}/{version}")
+    _, unchecked = step(store, "slow", tmp_path)
+    latency = next(g for g in unchecked.guards if g.name == "latency")
+    assert latency.status == canary.GUARD_OFF and unchecked.decision == canary.ADVANCE
+    timings = unchecked.latency
+    assert timings["challenger"]["latency_ms_p50"] >= 5.0 > timings["champion"]["latency_ms_p50"]
+    _, checked = step(store, "slow", tmp_path, settings=guards(max_latency_ratio=3.0))
+    latency = next(g for g in checked.guards if g.name == "latency")
+    assert latency.status == canary.GUARD_BREACH and latency.value > 3.0
+    assert checked.decision == canary.ROLLBACK and checked.reasons[0].startswith("latency:")
 
 
 def test_a_batch_with_repeated_ids_is_refused(store, tmp_path):

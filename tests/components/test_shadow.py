@@ -605,3 +605,29 @@ def test_failures_count_every_way_a_model_can_fail(scores, rows, expected):
         failures.constant,
         failures.error_rate,
     ) == expected
+
+
+def test_spec_problems_of_the_evaluate_section_are_reported_together(repo_root, tmp_path):
+    from stemma.components.errors import SpecError
+    from stemma.components.spec import load_spec
+
+    config = tmp_path / "credit.yaml"
+    config.write_text((repo_root / "configs" / "credit.yaml").read_text())
+    overrides = [
+        "data.id=null",
+        "evaluate.shadow.segments=[elevel, nope, elevel]",
+        "evaluate.canary.steps=[0.5, 0.25]",
+    ]
+    with pytest.raises(SpecError) as error:
+        load_spec(config, overrides, check_paths=False, check_expectations=False)
+    text = error.value.render()
+    assert "data.id: required by `evaluate`" in text
+    assert "evaluate.shadow.segments[1]: 'nope' is not a feature column" in text
+    assert "evaluate.shadow.segments[2]: 'elevel' is listed more than once" in text
+    assert "evaluate.canary.steps: must increase step by step" in text
+    assert "evaluate.canary.steps: must end at 1.0" in text
+    assert "5 problems" in error.value.headline
+    with pytest.raises(SpecError, match=r"evaluate\.confidence: must be less than 1"):
+        load_spec(config, ["evaluate.confidence=1.5"], check_paths=False, check_expectations=False)
+    # the worked example's section is valid, and absent it defaults apply
+    assert load_spec(repo_root / "configs" / "credit.yaml", check_expectations=False).spec.evaluate

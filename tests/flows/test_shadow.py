@@ -182,7 +182,9 @@ def test_a_better_challenger_is_promoted_and_everything_is_recorded(project, wei
     assert run.data.metrics["agreement"] == pytest.approx(summary["agreement"])
     assert run.data.metrics["roc_auc_difference_low"] > 0
     assert "segment.elevel.0.metric_difference" in run.data.metrics
-    assert run.data.metrics["champion_chunk_latency_ms_p50"] > 0
+    for model in ("champion", "challenger"):
+        p50, p99 = (run.data.metrics[f"{model}_latency_ms_p{q}"] for q in (50, 99))
+        assert 0 < p50 <= p99
     listed = {a.path for a in client.list_artifacts(run.info.run_id, "shadow")}
     assert {"shadow/score_scatter.png", "shadow/metric_difference.png", "shadow/report.json"} <= (
         listed
