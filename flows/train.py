@@ -156,17 +156,34 @@ def train_step(
     def log_epoch(row: dict) -> None:
         tracking.log_epoch(row, step=int(row["epoch"]))
 
-    result = training.train_network(
-        network,
-        prepared["x_train"],
-        prepared["y_train"],
-        prepared["x_valid"],
-        prepared["y_valid"],
-        train=spec.train,
-        task=spec.data.task,
-        checkpoint_dir=checkpoint_dir,
-        on_epoch=log_epoch,
-    )
+    if spec.train.distributed is not None:
+        from stemma.components.distributed import train_distributed
+
+        # torchrun runs only the loop; MLflow stays here, fed the epochs rank 0 reports.
+        result = train_distributed(
+            network,
+            prepared["x_train"],
+            prepared["y_train"],
+            prepared["x_valid"],
+            prepared["y_valid"],
+            train=spec.train,
+            task=spec.data.task,
+            network_config=config,
+            checkpoint_dir=checkpoint_dir,
+            on_epoch=log_epoch,
+        )
+    else:
+        result = training.train_network(
+            network,
+            prepared["x_train"],
+            prepared["y_train"],
+            prepared["x_valid"],
+            prepared["y_valid"],
+            train=spec.train,
+            task=spec.data.task,
+            checkpoint_dir=checkpoint_dir,
+            on_epoch=log_epoch,
+        )
     if result.resumed_from_epoch is not None:
         # A run killed after an epoch's checkpoint but before its metrics reached MLflow
         # resumes past that epoch: log what the run is missing from the restored history.
