@@ -789,7 +789,7 @@ class MonitorSpec(_Section):
         ),
     )
     chunk_rows: int = Field(
-        default=1_000_000,
+        default=250_000,
         gt=0,
         le=100_000_000,
         description="Rows of the batch read and compared at a time; bounds memory.",
@@ -1189,15 +1189,15 @@ def _semantic_problems(
         gate: GateSpec | None = sections.get("gate")
         if gate is not None:
             problems += _gate_problems(gate, data.task)
+        monitor: MonitorSpec | None = sections.get("monitor")
+        if monitor is not None:
+            problems += _monitor_problems(monitor, data)
         evaluate: EvaluateSpec | None = sections.get("evaluate")
         if evaluate is not None:
             problems += _evaluate_problems(evaluate, data)
     quantize: QuantizeSpec | None = sections.get("quantize")
     if quantize is not None:
         problems += _quantize_problems(quantize)
-        monitor: MonitorSpec | None = sections.get("monitor")
-        if monitor is not None:
-            problems += _monitor_problems(monitor, data)
     checks: list[Expectation] = sections.get("checks") or []
     problems += _check_problems(checks, check_expectations=check_expectations)
     train: TrainSpec | None = sections.get("train")

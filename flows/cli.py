@@ -112,6 +112,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="scheduler of a running Dask cluster, tcp://host:port (default: score.dask.address)",
     )
+    monitor = flows.add_parser(
+        "monitor",
+        help="compare a batch with the model's reference profile and report drift",
+        description=(
+            "Compare a production batch (and its labels, when given) with the reference "
+            "profile saved with the model at training time; log the drift report to MLflow "
+            "and emit the Prefect event stemma.drift.detected when it is over the thresholds."
+        ),
+    )
+    _add_spec_arguments(monitor)
+    monitor.add_argument(
+        "--batch", help="file or folder, one batch (default: monitor.input or score.input)"
+    )
+    monitor.add_argument(
+        "--labels", help="labels of the batch, joined by data.id (default: monitor.labels)"
+    )
+    monitor.add_argument(
+        "--model",
+        help="models:/<name>@<alias> or models:/<name>/<version> (default: monitor.model or @champion)",
+    )
 
     shadow = flows.add_parser(
         "shadow",
@@ -580,6 +600,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
         print(format_quantize_summary(summary))
         return 0
+    if args.flow == "monitor":
+        from stemma.flows.monitor import monitor_flow
+
+        _quiet_known_errors(args.debug)
+        summary = monitor_flow(
+            config=str(args.config),
+            overrides=list(args.overrides),
+            batch=args.batch,
+            labels=args.labels,
+            model=args.model,
+        )
+        print(format_monitor_summary(summary))
+        return 0
     raise AssertionError(f"unknown flow {args.flow}")  # argparse restricts the choices
 
 
@@ -851,6 +884,25 @@ def format_quantize_summary(summary: dict) -> str:
         )
     lines.append(
         f"  MLflow run {summary['run_id']} (quantize/comparison.csv, quantize/tradeoff.png)"
+    )
+    return "\n".join(lines)
+
+
+def format_monitor_summary(summary: dict) -> str:
+    """The summary printed at the end of `stemma run monitor`: the verdict, then the findings."""
+    verdict = "DRIFT" if summary["drift_detected"] else "no drift"
+    lines = [
+        f"{verdict}: {summary['batch']} vs {summary['model_uri']} "
+        f"(v{summary['model_version']}): {summary['summary']}"
+    ]
+    lines += [f"  - {reason}" for reason in summary["reasons"]]
+    if summary.get("labels") and not summary["labelled_rows"]:
+        lines.append(f"  no label in {summary['labels']} matched a row of the batch")
+    if summary.get("event_id"):
+        lines.append(f"  event stemma.drift.detected emitted (id {summary['event_id']})")
+    lines.append(
+        f"  report: MLflow run {summary['run_id']} (experiment '{summary['experiment']}'), "
+        "drift/summary.png"
     )
     return "\n".join(lines)
 

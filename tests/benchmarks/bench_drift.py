@@ -13,8 +13,14 @@ are written to Parquet a million rows at a time. Then, in the same run:
   identical (``==``), and the ratio of the summed times is printed per size and per
   feature;
 * the whole drift computation as the monitor runs it (``monitor_batch``: the Parquet file
-  streamed a million rows at a time, PSI and KS for every feature) in a fresh process per
-  size: wall time and peak RSS (VmHWM), against the size the batch would take in memory.
+  streamed in chunks of ``monitor.chunk_rows`` rows, PSI and KS for every feature) in a
+  fresh process per size, scipy imported before the clock starts: wall time and peak RSS
+  (VmHWM), against the size the batch would take in memory.
+
+Stemma sorts parts of a large column in one thread per CPU (the counts it keeps are
+additive over parts); scipy runs on one. Both compute the same p-value with scipy's
+``kstwo``, whose cost (tens of ms for a moderately drifted feature at these sizes) bounds
+the speed-up at 1M rows.
 
 Target: KS at least 5x faster than scipy over all features. The assertions leave room for
 a noisy shared machine: the ratio must be at least ASSERTED_KS_SPEEDUP, and peak RSS may
@@ -43,11 +49,12 @@ from stemma.components.profile import (
     profile_numeric,
     write_profile,
 )
+from stemma.components.spec import MonitorSpec
 
 FEATURES = [f"x{index:02d}" for index in range(20)]
 SIZES = {"1M": 1_000_000, "10M": 10_000_000}
 REFERENCE_ROWS = 200_000
-#: Rows generated and written at a time (one Parquet row group), and read at a time.
+#: Rows generated and written at a time (one Parquet row group).
 CHUNK_ROWS = 1_000_000
 #: Rounds of the alternating KS timings per size (the best of each is kept).
 ROUNDS = {"1M": 3, "10M": 1}
@@ -110,6 +117,7 @@ def best_time(function, *arguments, rounds: int) -> tuple[float, object]:
 RSS_SCRIPT = """
 import json, sys, time
 from pathlib import Path
+import scipy.special, scipy.stats  # imported once per process (~1 s, ~100 MiB): not timed
 from stemma.components.drift import monitor_batch
 from stemma.components.profile import read_profile
 from stemma.components.spec import MonitorSpec
@@ -120,7 +128,7 @@ def peak_kib():
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 
 profile = read_profile(Path(sys.argv[1]))
-settings = MonitorSpec(chunk_rows=int(sys.argv[3]), prediction_drift=False)
+settings = MonitorSpec(prediction_drift=False)
 before = peak_kib()
 started = time.perf_counter()
 report = monitor_batch([Path(sys.argv[2])], profile, settings)
@@ -132,7 +140,7 @@ print(json.dumps({"before_kib": before, "peak_kib": peak_kib(), "seconds": secon
 
 def monitor_in_fresh_process(profile_path: Path, batch: Path) -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", RSS_SCRIPT, str(profile_path), str(batch), str(CHUNK_ROWS)],
+        [sys.executable, "-c", RSS_SCRIPT, str(profile_path), str(batch)],
         capture_output=True,
         text=True,
         timeout=900,
@@ -181,7 +189,10 @@ def test_drift_is_faster_than_scipy_with_identical_statistics_in_bounded_memory(
         )
         print(f"      per feature: {', '.join(per_feature)}")
 
-    print(f"whole drift computation (PSI + KS, {len(FEATURES)} features, chunks of {CHUNK_ROWS:,})")
+    print(
+        f"whole drift computation (PSI + KS, {len(FEATURES)} features, streamed in chunks of "
+        f"{MonitorSpec().chunk_rows:,} rows, {os.cpu_count()} CPUs)"
+    )
     memory = {}
     for label, path in batches.items():
         measured = monitor_in_fresh_process(profile_path, path)
