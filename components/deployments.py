@@ -174,10 +174,16 @@ def deployment_plans(
                 tags=tags,
             )
         )
-    for flow_name, function, description in (
-        ("quantize", "quantize_flow", "Build, measure and gate quantized variants of a model."),
-        ("shadow", "shadow_flow", "Score a batch with challenger and champion and compare."),
-        ("canary", "canary_flow", "Route a growing share of a batch to the challenger."),
+    # By hand; a canary moves aliases step by step, so one canary run at a time.
+    for flow_name, function, description, limit in (
+        (
+            "quantize",
+            "quantize_flow",
+            "Build, measure and gate quantized variants of a model.",
+            None,
+        ),
+        ("shadow", "shadow_flow", "Score a batch with challenger and champion and compare.", None),
+        ("canary", "canary_flow", "Route a growing share of a batch to the challenger.", 1),
     ):
         plans.append(
             DeploymentPlan(
@@ -186,6 +192,7 @@ def deployment_plans(
                 name=pipeline,
                 description=description,
                 parameters=dict(base),
+                concurrency_limit=limit,
                 tags=tags,
             )
         )

@@ -189,7 +189,9 @@ def record_new_version(root: Path, version: DataVersion) -> str:
 
     with Repo(str(root)) as repo:
         repo.add(str(version.out_path))
-    return dir_md5(version.out_path) if version.out_path.is_dir() else file_md5(version.out_path)
+    if version.out_path.is_dir():
+        return dir_md5(version.out_path)[0]
+    return file_md5(version.out_path)
 
 
 def commit_pointer(root: Path, pointer: Path, message: str) -> str | None:

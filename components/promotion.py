@@ -32,7 +32,15 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from .errors import RegistryError
-from .lineage import RECORD_ARTIFACT, RECORD_SCHEMA, Edge, Node, model_node_id, run_node_id
+from .lineage import (
+    RECORD_ARTIFACT,
+    RECORD_SCHEMA,
+    Edge,
+    Node,
+    index_tags,
+    model_node_id,
+    run_node_id,
+)
 from .registry import CHALLENGER_ALIAS, CHAMPION_ALIAS, TAG_PREFIX
 
 if TYPE_CHECKING:
@@ -263,6 +271,7 @@ def _record(
     client: MlflowClient, record: PromotionRecord, experiment_id: str | None
 ) -> PromotionRecord:
     """Tag the versions involved and, given an experiment, log a run; best effort per step."""
+    from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
 
     if experiment_id is not None:
@@ -281,7 +290,12 @@ def _record(
             },
         )
         record = _replace(record, record_run_id=run.info.run_id)
-        client.log_dict(run.info.run_id, build_promotion_lineage(record), RECORD_ARTIFACT)
+        lineage_record = build_promotion_lineage(record)
+        client.log_dict(run.info.run_id, lineage_record, RECORD_ARTIFACT)
+        # The index tags make the decision findable by `stemma lineage` searches.
+        tags = [RunTag(k, v) for k, v in index_tags(lineage_record, run.info.run_id).items()]
+        for start in range(0, len(tags), 100):
+            client.log_batch(run.info.run_id, tags=tags[start : start + 100])
         status = "FINISHED" if record.outcome == OUTCOME_DONE else "FAILED"
         client.set_terminated(run.info.run_id, status=status)
     for version in {record.from_version, record.to_version} - {None}:

@@ -25,6 +25,7 @@ from prefect.runtime import flow_run
 from stemma.components import canary, comparison, scoring, shadow, tracking
 from stemma.components.errors import RegistryError
 from stemma.components.spec import EvaluateSpec, LoadedSpec, load_spec
+from stemma.flows.lineage import record_lineage
 from stemma.flows.shadow import evaluate_settings, labels_location, read_labels
 
 
@@ -335,7 +336,7 @@ def run_step(
             when=canary.utc_now(),
             action_run_id=applied.record.record_run_id if applied.record is not None else None,
         )
-        mlflow.log_dict(canary.build_step_record(facts), "lineage/record.json")
+        record_lineage(canary.build_step_record(facts))
         following = canary.record_step(
             state,
             transition,

@@ -25,6 +25,7 @@ from stemma.components import scoring, shadow, tracking
 from stemma.components.errors import SpecError
 from stemma.components.promotion import OUTCOME_DONE, PromotionError
 from stemma.components.spec import EvaluateSpec, LoadedSpec, load_spec
+from stemma.flows.lineage import record_lineage
 
 
 def _run_name() -> str:
@@ -309,7 +310,7 @@ def shadow_flow(
             promotion_run_id=record.record_run_id if record is not None else None,
             promotion_outcome=record.outcome if record is not None else None,
         )
-        mlflow.log_dict(shadow.build_shadow_record(facts, report), "lineage/record.json")
+        record_lineage(shadow.build_shadow_record(facts, report))
         mlflow.set_tags(
             {
                 "stemma.shadow.decision": report.decision,
