@@ -841,9 +841,9 @@ def format_quantize_summary(summary: dict) -> str:
     metric = summary["metric"]
     lines = [
         f"quantized {summary['model_name']} v{summary['parent_version']}: {metric} "
-        f"{summary['parent_value']:.4f} on {summary['rows']} held-out rows; latency per "
-        f"forward pass of {summary['batch_rows']} rows, {summary['threads']} thread(s), "
-        f"median of {summary['repeats']}",
+        f"{summary['parent_value']:.4f} on {summary['rows']} held-out rows; "
+        f"{summary.get('clock', 'wall')}-time ms per forward pass of {summary['batch_rows']} "
+        f"rows, {summary['threads']} thread(s), median of {summary['repeats']}",
         "  fp32: "
         + ", ".join(f"{runtime} {ms:.3f} ms" for runtime, ms in summary["parent_ms"].items())
         + f"  (baseline: {summary['baseline_runtime']})",

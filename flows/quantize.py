@@ -88,7 +88,7 @@ def measure_step(
         settings=settings,
         batch_rows=batch_rows,
         workdir=workdir,
-        prepacked=scoring.network_runner(model.network, model.preprocessor.n_inputs),
+        prepack=scoring.network_runner,
     )
 
 
@@ -336,6 +336,7 @@ def quantize_flow(
         "batch_rows": batch_rows,
         "threads": settings.threads,
         "repeats": settings.repeats,
+        "clock": comparison.clock,
         "parent_value": comparison.parent_value,
         "parent_ms": dict(comparison.parent_ms),
         "baseline_runtime": comparison.baseline_runtime,

@@ -68,7 +68,10 @@ def credit(tmp_path_factory):
 
 def _report(title: str, comparison: q.Comparison) -> None:
     fp32 = comparison.parent_ms
-    print(f"\n{title}: fp32 " + ", ".join(f"{k} {v:.3f} ms" for k, v in fp32.items()))
+    print(
+        f"\n{title} ({comparison.clock}-time ms): fp32 "
+        + ", ".join(f"{k} {v:.3f} ms" for k, v in fp32.items())
+    )
     print(
         f"  {'variant':<18}{'eager ms':>10}{'compiled ms':>13}"
         f"{'vs eager':>10}{'vs compiled':>13}{'vs oneDNN':>11}{'drop':>9}  gate"
@@ -101,7 +104,7 @@ def _compare(network, data, batch_rows: int, tmp: Path) -> q.Comparison:
         settings=QuantizeSpec(methods=METHODS, repeats=ROUNDS, warmup=3),
         batch_rows=batch_rows,
         workdir=tmp,
-        prepacked=network_runner(network, data["preprocessor"].n_inputs),
+        prepack=network_runner,
     )
     return comparison
 

@@ -95,7 +95,7 @@ def compare(data, network, tmp: Path, **settings):
         settings=QuantizeSpec(**options),
         batch_rows=batch_rows,
         workdir=tmp,
-        prepacked=network_runner(network, data["preprocessor"].n_inputs),
+        prepack=network_runner,
     )
 
 
@@ -166,6 +166,19 @@ def test_float_methods_cast_the_weights_and_take_float32(data, method, dtype):
     with torch.inference_mode():
         output = variant(torch.from_numpy(data["x"][:8]))
     assert output.dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["int8_weight_only", "bf16"])
+def test_a_variant_stays_in_eval_mode_so_its_dropout_never_runs(data, method):
+    config = network_config(ModelSpec(hidden=[16], dropout=0.5))
+    network = build_network(config, data["preprocessor"].n_inputs, seed=1).eval()
+    variant = q.build_variant(network, method)
+    scored = predict_raw(variant, data["x"])  # restores the mode the module had
+    assert not variant.training and not any(m.training for m in variant.modules())
+    x = torch.from_numpy(data["x"])
+    with torch.inference_mode():
+        assert np.array_equal(variant(x).numpy(), scored)
+        assert torch.equal(variant(x), variant(x))
 
 
 class MatrixNet(nn.Module):
@@ -248,6 +261,8 @@ def test_int8_pays_on_a_wide_network_once_compiled(wide):
     assert result.runtime == q.COMPILED and result.compiled_ms < result.eager_ms
     assert result.speedup >= 1.2
     assert result.speedup == pytest.approx(comparison.baseline_ms / result.latency_ms)
+    # one thread: timed by CPU time, which other processes on the machine cannot inflate
+    assert comparison.clock == "cpu" and comparison.threads == 1
     # the baseline is the fastest fp32 runtime, of three measured in the same process
     assert set(comparison.parent_ms) == {q.EAGER, q.COMPILED, q.PREPACKED}
     assert comparison.baseline_ms == min(comparison.parent_ms.values())
@@ -259,6 +274,13 @@ def test_int8_pays_on_a_wide_network_once_compiled(wide):
     assert result.size_bytes < 0.4 * comparison.parent_size_bytes
     skipped = variant_of(comparison, "float8_dynamic")
     assert skipped.status == q.SKIPPED and "CUDA" in skipped.reasons[0]
+
+
+def test_latency_is_cpu_time_on_one_thread_and_wall_time_on_more():
+    import time
+
+    assert q.latency_clock(1) == ("cpu", time.process_time)
+    assert q.latency_clock(2) == ("wall", time.perf_counter)
 
 
 def test_int8_does_not_pay_on_a_tiny_network(tiny):
