@@ -102,7 +102,12 @@ def fan_out_flow(
     job: fanout.ScoringJob, ranges: list[scoring.ChunkRange]
 ) -> list[scoring.RangeResult]:
     """Score each range of chunks as a task of its own, on the flow's task runner (Dask)."""
+    from prefect.futures import wait
+
     futures = [score_range_step.submit(job, chunk_range) for chunk_range in ranges]
+    # Every range runs to its end even when one fails: its parts are kept for the next
+    # run, and no task is left writing into the folder once the flow has stopped.
+    wait(futures)
     return [future.result() for future in futures]
 
 

@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from stemma.components import fanout
-from stemma.components.errors import DataError, RegistryError
+from stemma.components.errors import DataError, RegistryError, SpecError
 from stemma.components.scoring import (
     PROGRESS_FILE,
     SUCCESS_FILE,
@@ -28,7 +28,7 @@ from stemma.components.scoring import (
     score_files,
     score_range,
 )
-from stemma.components.spec import DaskSpec
+from stemma.components.spec import DaskSpec, load_spec
 from stemma.components.tracking import configure_tracking, ensure_experiment
 from tests.components.test_scoring import (
     ID,
@@ -260,3 +260,25 @@ def test_ranges_of_an_empty_parquet_file_still_count_it(champion, tmp_path):
     assert folder_bytes(tmp_path / "fanned") == folder_bytes(tmp_path / "single")
     assert [item["rows"] for item in result.manifest["input"]["files"]] == [0, 20]
     assert np.sum(result.manifest["score_histogram"]["counts"]) == 20
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("score.dask.address=localhost:8786", "must be a Dask scheduler address like"),
+        ("score.runner=ray", "score.runner: must be 'local' or 'dask'"),
+        ("score.dask.workers=0", "score.dask.workers: must be greater than or equal to 1"),
+        ("score.dask.chunks_per_task=0", "score.dask.chunks_per_task: must be greater than"),
+    ],
+    ids=["address", "runner", "workers", "chunks-per-task"],
+)
+def test_the_spec_checks_the_dask_settings(repo_root, override, message):
+    with pytest.raises(SpecError) as caught:
+        load_spec(repo_root / "configs" / "credit.yaml", [override], check_paths=False)
+    assert message in caught.value.render()
+
+
+def test_the_spec_defaults_to_the_local_runner_and_a_two_worker_cluster(repo_root):
+    score = load_spec(repo_root / "configs" / "credit.yaml", check_paths=False).spec.score
+    assert score.runner == "local"
+    assert score.dask == DaskSpec(address=None, workers=2, threads_per_worker=1)

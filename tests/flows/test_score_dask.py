@@ -185,6 +185,9 @@ def test_a_row_error_on_a_worker_stops_the_run_with_the_same_message(project, da
     text = caught.value.render()
     assert "batch_1.parquet" in text and "salary is missing" in text
     assert not (project / "dask" / SUCCESS_FILE).exists()
+    # The other files' ranges ran to their end: their parts wait for the next run.
+    written = sorted(path.name[:10] for path in (project / "dask").glob("part-*.parquet"))
+    assert written == ["part-00000"] * 8 + ["part-00002"] * 8
 
 
 def test_cli_scale_out_flags_are_validated_as_spec_values(stemma_exe, project):
