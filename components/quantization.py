@@ -1414,7 +1414,7 @@ def plot_tradeoff(comparison: Comparison, out_path: Path, *, title: str) -> Path
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter
 
     figure = Figure(figsize=(7.0, 5.0), dpi=110)
     FigureCanvasAgg(figure)
@@ -1478,14 +1478,17 @@ def plot_tradeoff(comparison: Comparison, out_path: Path, *, title: str) -> Path
         label=f"min speed-up {comparison.min_speedup:g}x over fp32 ({limit:.3g} ms)",
     )
     axes.set_yscale("log")
-    axes.yaxis.set_major_formatter(ScalarFormatter())
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    axes.yaxis.set_major_formatter(plain)
+    axes.yaxis.set_minor_formatter(plain)
     axes.set_xlim(left=left)
     axes.set(
         xlabel=f"{comparison.metric} drop vs fp32 (right is worse)",
         ylabel=f"{comparison.clock} ms per forward pass of {comparison.batch_rows} rows (log)",
         title=title,
     )
-    axes.legend(loc="upper right", fontsize="small")
+    # Below the axes, where it never hides a point.
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize="small")
     figure.tight_layout()
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

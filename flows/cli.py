@@ -846,7 +846,8 @@ def format_quantize_summary(summary: dict) -> str:
         f"rows, {summary['threads']} thread(s), median of {summary['repeats']}",
         "  fp32: "
         + ", ".join(f"{runtime} {ms:.3f} ms" for runtime, ms in summary["parent_ms"].items())
-        + f"  (baseline: {summary['baseline_runtime']})",
+        + f"  (baseline: {summary['baseline_runtime']}); "
+        + f"{summary.get('parent_size_bytes', 0) / 1024:.1f} KiB on disk",
         f"  gate: {metric} drop <= {summary['max_metric_drop']:g} and speed-up >= "
         f"{summary['min_speedup']:g}x",
         "",

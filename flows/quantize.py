@@ -339,6 +339,7 @@ def quantize_flow(
         "clock": comparison.clock,
         "parent_value": comparison.parent_value,
         "parent_ms": dict(comparison.parent_ms),
+        "parent_size_bytes": comparison.parent_size_bytes,
         "baseline_runtime": comparison.baseline_runtime,
         "baseline_ms": comparison.baseline_ms,
         "max_metric_drop": comparison.max_metric_drop,

@@ -627,3 +627,36 @@ def test_a_logged_variant_loads_through_the_registry_and_pyfunc_without_pickle(s
         predict_raw(variant, fp32.preprocessor.transform(example))
     )
     assert np.allclose(predicted["score"].to_numpy(), np.asarray(expected).reshape(-1))
+
+
+def test_the_default_parent_is_the_newest_fp32_version_that_passed_its_gate(store):
+    client, name = store["client"], store["name"]
+    info = store["info"]
+
+    def add(tags):
+        return client.create_model_version(
+            name, source=info.model_uri, run_id=store["run_id"], model_id=info.model_id, tags=tags
+        ).version
+
+    gated = add({"stemma.gate.decision": "passed"})
+    add({"stemma.gate.decision": "failed"})
+    add({"stemma.gate.decision": "passed", q.METHOD_TAG: "bf16"})  # a variant
+    assert q.default_parent_reference(client, name) == f"models:/{name}/{gated}"
+    with pytest.raises(RegistryError, match="no registered model named 'nothing-here'"):
+        q.default_parent_reference(client, "nothing-here")
+
+
+def test_held_out_rows_must_score_what_the_gate_recorded():
+    from types import SimpleNamespace
+
+    from stemma.components.errors import DataError
+
+    parent = SimpleNamespace(
+        name="credit",
+        version="3",
+        tags={"stemma.gate.metric": "roc_auc", "stemma.gate.value": "0.9123"},
+    )
+    q.check_parent_value(parent, "roc_auc", 0.9123)
+    with pytest.raises(DataError, match="rows differ from those it was gated on"):
+        q.check_parent_value(parent, "roc_auc", 0.9124)
+    q.check_parent_value(parent, "pr_auc", 0.5)  # another metric: nothing to compare
