@@ -294,6 +294,77 @@ def build_scoring_record(
     }
 
 
+def build_retrain_record(
+    *,
+    pipeline: str,
+    run_id: str,
+    cause: dict[str, str],
+    previous_data_md5: str,
+    data_md5: str,
+    data_pointer: str,
+    train_run_id: str,
+    model_name: str,
+    model_version: str,
+    shadow_run_id: str | None,
+    decision: str,
+    created: datetime | None = None,
+) -> dict[str, Any]:
+    """The lineage record of a retraining run: why it ran and what it made.
+
+    A drift report that caused the run is a ``drift_report`` node (the monitor's MLflow
+    run) linked from the batch it judged, so walking upstream from the new model version
+    reads "retrained because of drift report X on batch Y".
+    """
+    run = run_node_id(run_id)
+    before = data_node_id(data_pointer, previous_data_md5)
+    after = data_node_id(data_pointer, data_md5)
+    train = run_node_id(train_run_id)
+    model = model_node_id(model_name, model_version)
+    nodes = [
+        Node("run", run, None, {"flow": "retrain", "decision": decision}),
+        Node("data_version", before, f"md5:{previous_data_md5}", {"pointer": data_pointer}),
+        Node("data_version", after, f"md5:{data_md5}", {"pointer": data_pointer}),
+        Node("run", train, None, {"flow": "train"}),
+        Node("model_version", model, None, {}),
+    ]
+    edges = [
+        Edge(before, run, "input_of"),
+        Edge(run, after, "produced"),
+        Edge(run, train, "triggered"),
+        Edge(after, train, "input_of"),
+        Edge(train, model, "produced"),
+    ]
+    if cause.get("run_id"):
+        report = run_node_id(cause["run_id"])
+        nodes.append(
+            Node(
+                "drift_report" if cause.get("kind") == "drift_report" else "run",
+                report,
+                None,
+                {k: v for k, v in cause.items() if k not in {"run_id"} and v},
+            )
+        )
+        edges.append(Edge(report, run, "caused"))
+        if cause.get("batch") and cause.get("batch_digest"):
+            batch = input_node_id(cause["batch"], cause["batch_digest"])
+            nodes.append(
+                Node("input", batch, f"md5:{cause['batch_digest']}", {"path": cause["batch"]})
+            )
+            edges.append(Edge(batch, report, "monitored_in"))
+    if shadow_run_id:
+        shadow = run_node_id(shadow_run_id)
+        nodes.append(Node("run", shadow, None, {"flow": "shadow"}))
+        edges.append(Edge(model, shadow, "evaluated_in"))
+    return {
+        "schema": RECORD_SCHEMA,
+        "pipeline": pipeline,
+        "flow": "retrain",
+        "created": (created or datetime.now(UTC)).isoformat(),
+        "nodes": [asdict(node) for node in nodes],
+        "edges": [asdict(edge) for edge in edges],
+    }
+
+
 # ---------------------------------------------------------------------------------------
 # Search index and asset keys
 #

@@ -242,7 +242,6 @@ class TrainSpec(_Section):
     )
 
 
-
 class GateSpec(_Section):
     """The bar a new model must clear before it gets an alias."""
 
@@ -387,6 +386,240 @@ class ScoreSpec(_Section):
             raise ValueError(
                 f"must look like `models:/<name>@<alias>` or `models:/<name>/<version>`, got {value!r}"
             )
+        return value
+
+
+class RetrainSpec(_Section):
+    """Continuous training: when to retrain and on which production data."""
+
+    schedule: str | None = Field(
+        default="0 3 * * *",
+        description="Cron schedule of the retraining deployment (null: only on drift or by hand).",
+    )
+    on_drift: bool = Field(
+        default=True,
+        description="Retrain when the drift monitor emits `stemma.drift.detected` for this pipeline.",
+    )
+    batches: str | None = Field(
+        default=None,
+        description="Folder of scored production batches (default: the spec's `score.input`).",
+    )
+    labels: str = Field(
+        default="data/labels",
+        description="Folder of label files for production batches, joined to them by the id column.",
+    )
+    min_new_rows: int = Field(
+        default=1000,
+        gt=0,
+        le=1_000_000_000,
+        description="Fewer newly labelled rows than this: the run exits early and says so.",
+    )
+    promote: Literal["shadow", "never"] = Field(
+        default="shadow",
+        description=(
+            "`shadow`: promote the new model only when its shadow evaluation decides `promote`; "
+            "`never`: stop after registration and shadow, for a person to decide."
+        ),
+    )
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None and not _CRON.match(value.strip()):
+            raise ValueError(f"must be a cron expression with five fields, got {value!r}")
+        return value
+
+
+NumericStatistic = Literal["psi", "ks"]
+CategoricalStatistic = Literal["psi", "chi2", "jensen_shannon"]
+
+
+class MonitorStatisticsSpec(_Section):
+    """Which statistics compare a batch with the reference, per kind of column."""
+
+    numeric: list[NumericStatistic] = Field(
+        default_factory=lambda: list[NumericStatistic](["psi", "ks"]),
+        min_length=1,
+        max_length=2,
+        description=(
+            "`psi`: population stability index on the reference's quantile bins; `ks`: "
+            "two-sample Kolmogorov-Smirnov test against the reference's stored sample."
+        ),
+    )
+    categorical: list[CategoricalStatistic] = Field(
+        default_factory=lambda: list[CategoricalStatistic](["psi", "chi2"]),
+        min_length=1,
+        max_length=3,
+        description=(
+            "`psi` on the category frequencies, `chi2`: chi-square test of homogeneity, "
+            "`jensen_shannon`: Jensen-Shannon distance (base 2, 0 to 1)."
+        ),
+    )
+
+
+class MonitorThresholdsSpec(_Section):
+    """When a statistic counts as drift: a column drifts when any of its statistics does."""
+
+    psi: float = Field(
+        default=0.2,
+        gt=0.0,
+        le=10.0,
+        description="Drift when the PSI is at least this (0.1: moderate shift, 0.2: significant).",
+    )
+    ks_pvalue: float = Field(
+        default=0.01,
+        gt=0.0,
+        lt=1.0,
+        description="Drift when the Kolmogorov-Smirnov p-value is below this.",
+    )
+    chi2_pvalue: float = Field(
+        default=0.01,
+        gt=0.0,
+        lt=1.0,
+        description="Drift when the chi-square p-value is below this.",
+    )
+    jensen_shannon: float = Field(
+        default=0.1,
+        gt=0.0,
+        le=1.0,
+        description="Drift when the Jensen-Shannon distance is at least this.",
+    )
+    max_metric_drop: float = Field(
+        default=0.05,
+        gt=0.0,
+        le=1_000_000.0,
+        description=(
+            "Performance decay when the labelled batch's metric is worse than the reference "
+            "(test split) by at least this, in the metric's units."
+        ),
+    )
+
+
+class MonitorSpec(_Section):
+    """Drift monitoring of production batches against the model's reference profile."""
+
+    input: str | None = Field(
+        default=None,
+        description=(
+            "Batch to monitor, a Parquet or CSV file or a folder of them (one batch), relative "
+            "to the project root (default: the spec's `score.input`)."
+        ),
+    )
+    labels: str | None = Field(
+        default=None,
+        description=(
+            "Labels of the batch (file or folder with the id and target columns), joined by "
+            "the id column; enables label drift and performance decay."
+        ),
+    )
+    model: str | None = Field(
+        default=None,
+        description=(
+            "Model whose reference profile and scores are compared, `models:/<name>@<alias>` "
+            "or `models:/<name>/<version>` (default: the pipeline's model @champion)."
+        ),
+    )
+    features: list[str] | None = Field(
+        default=None,
+        description="Feature columns to monitor (default: every feature of `data.features`).",
+    )
+    statistics: MonitorStatisticsSpec = Field(
+        default_factory=MonitorStatisticsSpec, description="Statistics per kind of column."
+    )
+    thresholds: MonitorThresholdsSpec = Field(
+        default_factory=MonitorThresholdsSpec, description="When a statistic counts as drift."
+    )
+    min_drifted_features: int = Field(
+        default=1,
+        ge=1,
+        le=10_000,
+        description="The batch has feature drift when at least this many features drift.",
+    )
+    pvalue_correction: Literal["bonferroni", "none"] = Field(
+        default="bonferroni",
+        description=(
+            "`bonferroni`: each test's p-value is compared with its threshold divided by the "
+            "number of tests in the batch, so a batch like the reference raises a false alarm "
+            "at most at the threshold's rate; `none`: at that rate per test."
+        ),
+    )
+    prediction_drift: bool = Field(
+        default=True,
+        description="Also compare the model's scores on the batch with its reference scores.",
+    )
+    label_drift: bool = Field(
+        default=True,
+        description="With labels: compare the label distribution with the training labels.",
+    )
+    performance_decay: bool = Field(
+        default=True,
+        description="With labels: compare the model's metric on the batch with its test metric.",
+    )
+    metric: str | None = Field(
+        default=None,
+        description="Metric of the performance check (default: `gate.metric`).",
+    )
+    min_labelled_rows: int = Field(
+        default=100,
+        gt=0,
+        le=1_000_000_000,
+        description="Fewer labelled rows than this: performance is reported as not assessed.",
+    )
+    bins: int = Field(
+        default=10,
+        ge=2,
+        le=1000,
+        description=(
+            "Quantile bins per numeric feature in the reference profile (fixed when the model "
+            "is trained; PSI uses the profile's bins)."
+        ),
+    )
+    sample_size: int = Field(
+        default=10_000,
+        ge=100,
+        le=1_000_000,
+        description=(
+            "Values per numeric column kept, sorted, in the reference profile; the KS test is "
+            "exact against this sample (fixed when the model is trained)."
+        ),
+    )
+    chunk_rows: int = Field(
+        default=250_000,
+        gt=0,
+        le=100_000_000,
+        description="Rows of the batch read and compared at a time; bounds memory.",
+    )
+    schedule: str | None = Field(
+        default=None,
+        description=(
+            "Cron schedule of the monitoring deployment (default: none; it runs after each "
+            "scored batch)."
+        ),
+    )
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None and not _CRON.match(value.strip()):
+            raise ValueError(f"must be a cron expression with five fields, got {value!r}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _reference(cls, value: str | None) -> str | None:
+        if value is not None and not _MODEL_REFERENCE.match(value):
+            raise ValueError(
+                f"must look like `models:/<name>@<alias>` or `models:/<name>/<version>`, got {value!r}"
+            )
+        return value
+
+    @field_validator("statistics")
+    @classmethod
+    def _distinct(cls, value: MonitorStatisticsSpec) -> MonitorStatisticsSpec:
+        for kind in ("numeric", "categorical"):
+            names = getattr(value, kind)
+            if len(set(names)) != len(names):
+                raise ValueError(f"{kind} lists a statistic more than once: {names}")
         return value
 
 
@@ -635,199 +868,6 @@ class QuantizeSpec(_Section):
         return value
 
 
-NumericStatistic = Literal["psi", "ks"]
-CategoricalStatistic = Literal["psi", "chi2", "jensen_shannon"]
-
-
-class MonitorStatisticsSpec(_Section):
-    """Which statistics compare a batch with the reference, per kind of column."""
-
-    numeric: list[NumericStatistic] = Field(
-        default_factory=lambda: list[NumericStatistic](["psi", "ks"]),
-        min_length=1,
-        max_length=2,
-        description=(
-            "`psi`: population stability index on the reference's quantile bins; `ks`: "
-            "two-sample Kolmogorov-Smirnov test against the reference's stored sample."
-        ),
-    )
-    categorical: list[CategoricalStatistic] = Field(
-        default_factory=lambda: list[CategoricalStatistic](["psi", "chi2"]),
-        min_length=1,
-        max_length=3,
-        description=(
-            "`psi` on the category frequencies, `chi2`: chi-square test of homogeneity, "
-            "`jensen_shannon`: Jensen-Shannon distance (base 2, 0 to 1)."
-        ),
-    )
-
-
-class MonitorThresholdsSpec(_Section):
-    """When a statistic counts as drift: a column drifts when any of its statistics does."""
-
-    psi: float = Field(
-        default=0.2,
-        gt=0.0,
-        le=10.0,
-        description="Drift when the PSI is at least this (0.1: moderate shift, 0.2: significant).",
-    )
-    ks_pvalue: float = Field(
-        default=0.01,
-        gt=0.0,
-        lt=1.0,
-        description="Drift when the Kolmogorov-Smirnov p-value is below this.",
-    )
-    chi2_pvalue: float = Field(
-        default=0.01,
-        gt=0.0,
-        lt=1.0,
-        description="Drift when the chi-square p-value is below this.",
-    )
-    jensen_shannon: float = Field(
-        default=0.1,
-        gt=0.0,
-        le=1.0,
-        description="Drift when the Jensen-Shannon distance is at least this.",
-    )
-    max_metric_drop: float = Field(
-        default=0.05,
-        gt=0.0,
-        le=1_000_000.0,
-        description=(
-            "Performance decay when the labelled batch's metric is worse than the reference "
-            "(test split) by at least this, in the metric's units."
-        ),
-    )
-
-
-class MonitorSpec(_Section):
-    """Drift monitoring of production batches against the model's reference profile."""
-
-    input: str | None = Field(
-        default=None,
-        description=(
-            "Batch to monitor, a Parquet or CSV file or a folder of them (one batch), relative "
-            "to the project root (default: the spec's `score.input`)."
-        ),
-    )
-    labels: str | None = Field(
-        default=None,
-        description=(
-            "Labels of the batch (file or folder with the id and target columns), joined by "
-            "the id column; enables label drift and performance decay."
-        ),
-    )
-    model: str | None = Field(
-        default=None,
-        description=(
-            "Model whose reference profile and scores are compared, `models:/<name>@<alias>` "
-            "or `models:/<name>/<version>` (default: the pipeline's model @champion)."
-        ),
-    )
-    features: list[str] | None = Field(
-        default=None,
-        description="Feature columns to monitor (default: every feature of `data.features`).",
-    )
-    statistics: MonitorStatisticsSpec = Field(
-        default_factory=MonitorStatisticsSpec, description="Statistics per kind of column."
-    )
-    thresholds: MonitorThresholdsSpec = Field(
-        default_factory=MonitorThresholdsSpec, description="When a statistic counts as drift."
-    )
-    min_drifted_features: int = Field(
-        default=1,
-        ge=1,
-        le=10_000,
-        description="The batch has feature drift when at least this many features drift.",
-    )
-    pvalue_correction: Literal["bonferroni", "none"] = Field(
-        default="bonferroni",
-        description=(
-            "`bonferroni`: each test's p-value is compared with its threshold divided by the "
-            "number of tests in the batch, so a batch like the reference raises a false alarm "
-            "at most at the threshold's rate; `none`: at that rate per test."
-        ),
-    )
-    prediction_drift: bool = Field(
-        default=True,
-        description="Also compare the model's scores on the batch with its reference scores.",
-    )
-    label_drift: bool = Field(
-        default=True,
-        description="With labels: compare the label distribution with the training labels.",
-    )
-    performance_decay: bool = Field(
-        default=True,
-        description="With labels: compare the model's metric on the batch with its test metric.",
-    )
-    metric: str | None = Field(
-        default=None,
-        description="Metric of the performance check (default: `gate.metric`).",
-    )
-    min_labelled_rows: int = Field(
-        default=100,
-        gt=0,
-        le=1_000_000_000,
-        description="Fewer labelled rows than this: performance is reported as not assessed.",
-    )
-    bins: int = Field(
-        default=10,
-        ge=2,
-        le=1000,
-        description=(
-            "Quantile bins per numeric feature in the reference profile (fixed when the model "
-            "is trained; PSI uses the profile's bins)."
-        ),
-    )
-    sample_size: int = Field(
-        default=10_000,
-        ge=100,
-        le=1_000_000,
-        description=(
-            "Values per numeric column kept, sorted, in the reference profile; the KS test is "
-            "exact against this sample (fixed when the model is trained)."
-        ),
-    )
-    chunk_rows: int = Field(
-        default=250_000,
-        gt=0,
-        le=100_000_000,
-        description="Rows of the batch read and compared at a time; bounds memory.",
-    )
-    schedule: str | None = Field(
-        default=None,
-        description=(
-            "Cron schedule of the monitoring deployment (default: none; it runs after each "
-            "scored batch)."
-        ),
-    )
-
-    @field_validator("schedule")
-    @classmethod
-    def _cron(cls, value: str | None) -> str | None:
-        if value is not None and not _CRON.match(value.strip()):
-            raise ValueError(f"must be a cron expression with five fields, got {value!r}")
-        return value
-
-    @field_validator("model")
-    @classmethod
-    def _reference(cls, value: str | None) -> str | None:
-        if value is not None and not _MODEL_REFERENCE.match(value):
-            raise ValueError(
-                f"must look like `models:/<name>@<alias>` or `models:/<name>/<version>`, got {value!r}"
-            )
-        return value
-
-    @field_validator("statistics")
-    @classmethod
-    def _distinct(cls, value: MonitorStatisticsSpec) -> MonitorStatisticsSpec:
-        for kind in ("numeric", "categorical"):
-            names = getattr(value, kind)
-            if len(set(names)) != len(names):
-                raise ValueError(f"{kind} lists a statistic more than once: {names}")
-        return value
-
-
 class Spec(_Section):
     """A Stemma pipeline: the data, its checks, the model, its training, gate and scoring."""
 
@@ -846,7 +886,14 @@ class Spec(_Section):
     score: ScoreSpec = Field(
         default_factory=ScoreSpec, description="Nightly batch scoring with the champion."
     )
-
+    retrain: RetrainSpec | None = Field(
+        default=None,
+        description="Continuous training on new labelled production data (scheduled and on drift).",
+    )
+    monitor: MonitorSpec | None = Field(
+        default=None,
+        description="Drift monitoring of production batches (defaults apply when absent).",
+    )
     evaluate: EvaluateSpec | None = Field(
         default=None,
         description="Shadow and canary evaluation of a challenger (defaults apply when absent).",
@@ -854,10 +901,6 @@ class Spec(_Section):
     quantize: QuantizeSpec | None = Field(
         default=None,
         description="Post-training quantization of registered models (defaults apply when absent).",
-    )
-    monitor: MonitorSpec | None = Field(
-        default=None,
-        description="Drift monitoring of production batches (defaults apply when absent).",
     )
 
 
@@ -1320,30 +1363,6 @@ def _quantize_problems(quantize: QuantizeSpec) -> list[tuple[tuple[str | int, ..
         if method in seen:
             problems.append((("quantize", "methods", index), f"method {method!r} is listed twice"))
         seen.add(method)
-    return problems
-
-
-def _train_problems(train: TrainSpec) -> list[tuple[tuple[str | int, ...], str]]:
-    problems: list[tuple[tuple[str | int, ...], str]] = []
-    distributed = train.distributed
-    if distributed is None:
-        return problems
-    loc: tuple[str | int, ...] = ("train", "distributed")
-    if distributed.backend == "nccl" and train.device == "cpu":
-        problems.append(
-            (
-                (*loc, "backend"),
-                "nccl needs CUDA, but train.device is cpu: use gloo (or auto) on the CPU",
-            )
-        )
-    if distributed.nproc_per_node > train.batch_size:
-        problems.append(
-            (
-                (*loc, "nproc_per_node"),
-                f"{distributed.nproc_per_node} processes cannot share a batch of "
-                f"{train.batch_size} rows (train.batch_size): each needs at least one row",
-            )
-        )
     return problems
 
 

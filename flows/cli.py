@@ -133,73 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="models:/<name>@<alias> or models:/<name>/<version> (default: monitor.model or @champion)",
     )
 
-    shadow = flows.add_parser(
-        "shadow",
-        help="score a batch with the challenger beside the champion and decide",
-        description=(
-            "The champion scores the batch (the served output, where `stemma run score` "
-            "writes); the challenger scores the same rows into <output>-shadow. One MLflow "
-            "run compares them (agreement, score distances, latency, and with labels the "
-            "primary metric with a paired-bootstrap interval, overall and per segment) and "
-            "decides promote, reject or wait; evaluate.shadow.auto_promote promotes."
-        ),
-    )
-    _add_spec_arguments(shadow)
-    shadow.add_argument(
-        "--challenger",
-        help="models:/<name>@<alias> or models:/<name>/<version> (default: @challenger)",
-    )
-    shadow.add_argument("--batch", help="file or folder of rows (default: score.input)")
-    shadow.add_argument(
-        "--labels", help="labels of those rows, joined by data.id (default: evaluate.labels)"
-    )
-    shadow.add_argument(
-        "--output",
-        help="the champion's served scores (default: score.output, or score.output-<batch>)",
-    )
-    retrain = flows.add_parser(
-        "retrain",
-        help="retrain on newly labelled production rows; promote only on the shadow's word",
-        description=(
-            "Gather production rows whose labels arrived since the current data version "
-            "(the newest labelled batch is held out for the shadow comparison), record them "
-            "as a new DVC data version, then train, gate, shadow against the champion and "
-            "promote when the shadow decides so. Exits early with too few new rows; a "
-            "second run while one runs does nothing."
-        ),
-    )
-    _add_spec_arguments(retrain)
-    retrain.add_argument("--cause", help="MLflow run id of the drift report behind this run")
-    retrain.add_argument("--batches", help="production batches (default: retrain.batches)")
-    retrain.add_argument("--labels", help="their labels (default: retrain.labels)")
-    canary_parser = flows.add_parser(
-        "canary",
-        help="serve a growing share of entities with the challenger, one step per batch",
-        description=(
-            "Continue (or start) the canary of the challenger: each batch not processed yet "
-            "is one step of evaluate.canary.steps; entities are routed by a stable hash of "
-            "their id; guards decide to advance, hold or roll back; at 100% with green "
-            "guards the challenger is promoted, and a breach rolls back automatically."
-        ),
-    )
-    _add_spec_arguments(canary_parser)
-    canary_parser.add_argument(
-        "--challenger",
-        help="the version to canary when none is under way (default: @challenger)",
-    )
-    canary_parser.add_argument(
-        "--batches",
-        nargs="+",
-        metavar="PATH",
-        help="files or folders, in order (default: score.input)",
-    )
-    canary_parser.add_argument(
-        "--labels", help="labels of the batches, joined by data.id (default: evaluate.labels)"
-    )
-    canary_parser.add_argument(
-        "--output", help="folder of the canary's predictions (default: score.output-canary)"
-    )
-
     quantize = flows.add_parser(
         "quantize",
         help="build quantized variants of a registered model and register those that pay",
@@ -376,6 +309,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep", type=Path, metavar="DIR", help="keep the rebuilt project and its store in DIR"
     )
 
+    serve = commands.add_parser(
+        "serve",
+        help="create the Prefect deployments of a spec and serve them",
+        description=(
+            "Create one Prefect deployment per flow of the spec (training by hand, nightly "
+            "scoring, monitoring after scoring, retraining on schedule and on drift events, "
+            "...) on the Prefect server of `stemma up` or PREFECT_API_URL, and run them "
+            "until interrupted. Deployments stay unpaused when serving stops."
+        ),
+    )
+    _add_spec_arguments(serve)
+    serve.add_argument(
+        "--dry-run", action="store_true", help="print the deployments; create nothing"
+    )
+
     up = commands.add_parser(
         "up",
         help="start a Prefect server and an MLflow server on 127.0.0.1",
@@ -403,6 +351,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_root_argument(down)
     status = commands.add_parser("status", help="say which servers run where")
     _add_root_argument(status)
+
+    demo = commands.add_parser(
+        "demo",
+        help="play the worked example's whole life over simulated days",
+        description=(
+            "Build a fresh demo project under .stemma/demo, train the first champion, then "
+            "day by day score, monitor, receive labels, retrain on drift, shadow the new "
+            "model and promote it when the evidence says so; print a table per day."
+        ),
+    )
+    _add_root_argument(demo)
+    demo.add_argument("--days", type=int, default=12, help="simulated days (default: 12)")
+    demo.add_argument(
+        "--train-rows", type=int, default=20_000, help="first training table (default: 20000)"
+    )
+    demo.add_argument(
+        "--batch-rows", type=int, default=4_000, help="applications per day (default: 4000)"
+    )
 
     data = commands.add_parser("data", help="work with the project's data")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION")
@@ -451,10 +417,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "schema": _cmd_schema,
         "run": _cmd_run,
         "data": _cmd_data,
+        "demo": _cmd_demo,
         "promote": _cmd_promote,
         "rollback": _cmd_rollback,
         "lineage": _cmd_lineage,
         "reproduce": _cmd_reproduce,
+        "serve": _cmd_serve,
         "up": _cmd_up,
         "down": _cmd_down,
         "status": _cmd_status,
@@ -467,10 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error.render()}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print(
-            "interrupted: training resumes from its last checkpoint when run again",
-            file=sys.stderr,
-        )
+        print(f"interrupted: {_INTERRUPTED.get(_command_key(args), 'stopped')}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:  # anything unforeseen: one line, traceback only with --debug
         if args.debug:
@@ -481,6 +446,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_UNEXPECTED
+
+
+#: What an interrupted command leaves behind, by command (`run train` as "run train").
+_INTERRUPTED = {
+    "run train": "training resumes from its last checkpoint when run again",
+    "run score": "scoring resumes from its finished parts when run again",
+    "serve": "stopped serving; the deployments stay unpaused and scheduled",
+}
+
+
+def _command_key(args: argparse.Namespace) -> str:
+    flow = getattr(args, "flow", None)
+    return f"{args.command} {flow}" if flow else args.command
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -550,6 +528,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
         print(format_score_summary(summary))
         return 0
+    if args.flow == "monitor":
+        from stemma.flows.monitor import monitor_flow
+
+        _quiet_known_errors(args.debug)
+        summary = monitor_flow(
+            config=str(args.config),
+            overrides=list(args.overrides),
+            batch=args.batch,
+            labels=args.labels,
+            model=args.model,
+        )
+        print(format_monitor_summary(summary))
+        return 0
+    if args.flow == "quantize":
+        from stemma.flows.quantize import quantize_flow
+
+        _quiet_known_errors(args.debug)
+        summary = quantize_flow(
+            config=str(args.config), overrides=list(args.overrides), model=args.model
+        )
+        print(format_quantize_summary(summary))
+        return 0
     if args.flow == "shadow":
         from stemma.flows.shadow import shadow_flow
 
@@ -591,29 +591,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
         print(format_canary_summary(summary))
         return 0
-    if args.flow == "quantize":
-        from stemma.flows.quantize import quantize_flow
-
-        _quiet_known_errors(args.debug)
-        summary = quantize_flow(
-            config=str(args.config), overrides=list(args.overrides), model=args.model
-        )
-        print(format_quantize_summary(summary))
-        return 0
-    if args.flow == "monitor":
-        from stemma.flows.monitor import monitor_flow
-
-        _quiet_known_errors(args.debug)
-        summary = monitor_flow(
-            config=str(args.config),
-            overrides=list(args.overrides),
-            batch=args.batch,
-            labels=args.labels,
-            model=args.model,
-        )
-        print(format_monitor_summary(summary))
-        return 0
     raise AssertionError(f"unknown flow {args.flow}")  # argparse restricts the choices
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from stemma.components.errors import SpecError
+
+    if not 1 <= args.days <= 30:
+        raise SpecError("--days must be between 1 and 30", [f"got {args.days}"])
+    if args.train_rows < 2_000 or args.batch_rows < 500:
+        raise SpecError("--train-rows must be at least 2000 and --batch-rows at least 500")
+    root = args.root.resolve()
+    prepare_environment(root, debug=args.debug)
+    from stemma.flows.demo import format_demo, run_demo
+
+    _quiet_known_errors(args.debug)
+    result = run_demo(root, days=args.days, train_rows=args.train_rows, batch_rows=args.batch_rows)
+    print(format_demo(result))
+    return 0
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -638,6 +633,18 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     from stemma.flows.promote import format_record, run_rollback
 
     print(format_record(run_rollback(args.model, args.root.resolve(), reason=args.reason)))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from stemma.components.spec import load_spec
+
+    loaded = load_spec(args.config, args.overrides)
+    prepare_environment(loaded.root, debug=args.debug)
+    from stemma.flows.serve import run_serve
+
+    config = os.path.relpath(loaded.path, loaded.root)
+    print(run_serve(loaded, config, list(args.overrides), dry_run=args.dry_run))
     return 0
 
 
@@ -788,47 +795,22 @@ def format_train_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def format_shadow_summary(summary: dict) -> str:
-    """The summary printed at the end of `stemma run shadow`: decision, reasons, numbers."""
-    name = summary["model_name"]
+def format_monitor_summary(summary: dict) -> str:
+    """The summary printed at the end of `stemma run monitor`: the verdict, then the findings."""
+    verdict = "DRIFT" if summary["drift_detected"] else "no drift"
     lines = [
-        f"shadow: {name} v{summary['challenger_version']} vs champion "
-        f"v{summary['champion_version']}: {summary['decision'].upper()}"
+        f"{verdict}: {summary['batch']} vs {summary['model_uri']} "
+        f"(v{summary['model_version']}): {summary['summary']}"
     ]
     lines += [f"  - {reason}" for reason in summary["reasons"]]
-    distances = summary["distances"]
+    if summary.get("labels") and not summary["labelled_rows"]:
+        lines.append(f"  no label in {summary['labels']} matched a row of the batch")
+    if summary.get("event_id"):
+        lines.append(f"  event stemma.drift.detected emitted (id {summary['event_id']})")
     lines.append(
-        f"  {summary['compared_rows']:,} rows compared, {summary['labelled_rows']:,} labelled; "
-        f"decisions agree on {summary['agreement']:.1%}; score PSI {distances['psi']:.4f}, "
-        f"KS {distances['ks']:.4f}; challenger error rate {summary['challenger_error_rate']:.2%}"
+        f"  report: MLflow run {summary['run_id']} (experiment '{summary['experiment']}'), "
+        "drift/summary.png"
     )
-    if summary.get("promotion"):
-        record = summary["promotion"]
-        lines.append(
-            f"  promotion: {record['outcome']} (champion v{record['from_version']} -> "
-            f"v{record['to_version']}, MLflow run {record.get('record_run_id')})"
-        )
-    lines.append(f"  served: {summary['served_output']}  shadow: {summary['shadow_output']}")
-    lines.append(f"  labels: {summary['labels']}")
-    lines.append(f"  MLflow run {summary['run_id']} (plots and report under shadow/)")
-    return "\n".join(lines)
-
-
-def format_canary_summary(summary: dict) -> str:
-    """The summary printed at the end of `stemma run canary`: each step, then the state."""
-    lines = [f"canary: {summary['describe']}" + (" (started)" if summary["started"] else "")]
-    for step in summary["steps"]:
-        moved = "" if step["action"] == "none" else f"; {step['action']} {step['outcome']}"
-        lines.append(
-            f"  {Path(step['batch']).name}: {step['fraction']:.0%} ({step['arm_rows']:,} of "
-            f"{step['rows']:,} rows to the challenger) -> {step['decision']}{moved}"
-        )
-        lines += [f"      {reason}" for reason in step["reasons"]]
-    if summary["skipped"]:
-        lines.append(f"  already processed: {', '.join(summary['skipped'])}")
-    if summary["left"]:
-        lines.append(f"  not processed (the canary has ended): {len(summary['left'])} batch(es)")
-    lines.append(f"  predictions: {summary['output']}  labels: {summary['labels']}")
     return "\n".join(lines)
 
 
@@ -889,22 +871,47 @@ def format_quantize_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def format_monitor_summary(summary: dict) -> str:
-    """The summary printed at the end of `stemma run monitor`: the verdict, then the findings."""
-    verdict = "DRIFT" if summary["drift_detected"] else "no drift"
+def format_shadow_summary(summary: dict) -> str:
+    """The summary printed at the end of `stemma run shadow`: decision, reasons, numbers."""
+    name = summary["model_name"]
     lines = [
-        f"{verdict}: {summary['batch']} vs {summary['model_uri']} "
-        f"(v{summary['model_version']}): {summary['summary']}"
+        f"shadow: {name} v{summary['challenger_version']} vs champion "
+        f"v{summary['champion_version']}: {summary['decision'].upper()}"
     ]
     lines += [f"  - {reason}" for reason in summary["reasons"]]
-    if summary.get("labels") and not summary["labelled_rows"]:
-        lines.append(f"  no label in {summary['labels']} matched a row of the batch")
-    if summary.get("event_id"):
-        lines.append(f"  event stemma.drift.detected emitted (id {summary['event_id']})")
+    distances = summary["distances"]
     lines.append(
-        f"  report: MLflow run {summary['run_id']} (experiment '{summary['experiment']}'), "
-        "drift/summary.png"
+        f"  {summary['compared_rows']:,} rows compared, {summary['labelled_rows']:,} labelled; "
+        f"decisions agree on {summary['agreement']:.1%}; score PSI {distances['psi']:.4f}, "
+        f"KS {distances['ks']:.4f}; challenger error rate {summary['challenger_error_rate']:.2%}"
     )
+    if summary.get("promotion"):
+        record = summary["promotion"]
+        lines.append(
+            f"  promotion: {record['outcome']} (champion v{record['from_version']} -> "
+            f"v{record['to_version']}, MLflow run {record.get('record_run_id')})"
+        )
+    lines.append(f"  served: {summary['served_output']}  shadow: {summary['shadow_output']}")
+    lines.append(f"  labels: {summary['labels']}")
+    lines.append(f"  MLflow run {summary['run_id']} (plots and report under shadow/)")
+    return "\n".join(lines)
+
+
+def format_canary_summary(summary: dict) -> str:
+    """The summary printed at the end of `stemma run canary`: each step, then the state."""
+    lines = [f"canary: {summary['describe']}" + (" (started)" if summary["started"] else "")]
+    for step in summary["steps"]:
+        moved = "" if step["action"] == "none" else f"; {step['action']} {step['outcome']}"
+        lines.append(
+            f"  {Path(step['batch']).name}: {step['fraction']:.0%} ({step['arm_rows']:,} of "
+            f"{step['rows']:,} rows to the challenger) -> {step['decision']}{moved}"
+        )
+        lines += [f"      {reason}" for reason in step["reasons"]]
+    if summary["skipped"]:
+        lines.append(f"  already processed: {', '.join(summary['skipped'])}")
+    if summary["left"]:
+        lines.append(f"  not processed (the canary has ended): {len(summary['left'])} batch(es)")
+    lines.append(f"  predictions: {summary['output']}  labels: {summary['labels']}")
     return "\n".join(lines)
 
 
@@ -918,6 +925,27 @@ def format_score_summary(summary: dict) -> str:
     if summary["extra_columns"]:
         lines.append(f"  ignored input columns: {', '.join(summary['extra_columns'])}")
     lines.append(f"  manifest: {summary['manifest']}  (MLflow run {summary['run_id']})")
+    return "\n".join(lines)
+
+
+def format_retrain_summary(summary: dict) -> str:
+    """The closing lines of `stemma run retrain`: the outcome and where to look."""
+    lines = [summary["summary"]]
+    if summary.get("data_md5") and summary.get("previous_data_md5"):
+        lines.append(
+            f"  data: {summary['previous_data_md5']} -> {summary['data_md5']} "
+            f"(+{summary['new_rows']:,} rows"
+            + (
+                f", committed {summary['data_git_rev'][:10]})"
+                if summary.get("data_git_rev")
+                else ")"
+            )
+        )
+    cause = summary.get("cause") or {}
+    if cause.get("run_id"):
+        lines.append(f"  cause: {cause['kind']} {cause['run_id']} on {cause.get('batch') or '?'}")
+    if summary.get("run_id"):
+        lines.append(f"  MLflow run {summary['run_id']}")
     return "\n".join(lines)
 
 

@@ -162,8 +162,14 @@ def run_demo(
             flush=True,
         )
         table.append(
-            Day(0, 0, "-", "trained first champion", str(first["model_version"]),
-                time.perf_counter() - started)
+            Day(
+                0,
+                0,
+                "-",
+                "trained first champion",
+                str(first["model_version"]),
+                time.perf_counter() - started,
+            )
         )
         for day in range(1, days + 1):
             started = time.perf_counter()
@@ -222,9 +228,7 @@ def _format_row(row: Day) -> str:
 
 def format_demo(result: dict[str, Any]) -> str:
     """The closing table and where to look in the UIs."""
-    header = (
-        f"{'day':>3}  {'rows':>7}  {'drift':<36}  {'decision':<42}  champion\n" + "-" * 104
-    )
+    header = f"{'day':>3}  {'rows':>7}  {'drift':<36}  {'decision':<42}  champion\n" + "-" * 104
     rows = [
         f"{d.day:>3}  {d.rows_scored:>7,}  {d.drift:<36}  {d.decision:<42}  v{d.champion}"
         for d in result["days"]

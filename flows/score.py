@@ -15,10 +15,12 @@ from typing import Any
 
 import mlflow
 from prefect import flow, get_run_logger, task
+from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from stemma.components import evaluation, fanout, lineage, quantization, scoring, tracking
 from stemma.components.data import resolve_data_version
+from stemma.components.deployments import BATCH_SCORED_EVENT, pipeline_resource_id
 from stemma.components.errors import DataVersionError
 from stemma.components.spec import LoadedSpec, load_spec
 from stemma.flows.lineage import record_lineage
@@ -295,6 +297,28 @@ def score_flow(
         tracking.end_run_after(error)
         raise
     mlflow.end_run(status="FINISHED")
+    # Monitoring after scoring: the monitor deployment's trigger listens for this event.
+    emit_event(
+        event=BATCH_SCORED_EVENT,
+        resource={
+            "prefect.resource.id": pipeline_resource_id(spec.pipeline.name),
+            "prefect.resource.name": spec.pipeline.name,
+        },
+        related=[
+            {
+                "prefect.resource.id": f"mlflow.model-version.{scoring_model.name}.{scoring_model.version}",
+                "prefect.resource.role": "model",
+            }
+        ],
+        payload={
+            "input": facts.input_path,
+            "input_digest": facts.input_digest,
+            "output": facts.output_path,
+            "model": scoring_model.model_uri,
+            "run_id": run.info.run_id,
+            "rows_scored": result.rows_scored,
+        },
+    )
     return {
         "run_id": run.info.run_id,
         "tracking_uri": tracking_uri,

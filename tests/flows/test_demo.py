@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -42,7 +43,7 @@ def test_demo_plays_the_days_and_retrains_when_drift_appears(demo):
         ["git", "log", "--format=%s", "--", "data.dvc"], cwd=root, capture_output=True, text=True
     ).stdout.splitlines()
     assert len(log) == 2 and log[0].startswith("Record data version")
-    md5 = yaml.safe_load(open(f"{root}/data.dvc"))["outs"][0]["md5"]
+    md5 = yaml.safe_load(Path(root, "data.dvc").read_text())["outs"][0]["md5"]
     assert version.tags["stemma.data.md5"] == md5
 
     table = format_demo(demo)
