@@ -260,9 +260,12 @@ KILLABLE_SCRIPT = textwrap.dedent(
 
 
 def test_workers_of_a_killed_flow_stop_and_the_next_run_resumes(repo_root, tmp_path):
+    scratch = tmp_path / "scratch"  # the job folder a killed flow cannot remove lands here
+    scratch.mkdir()
     child = subprocess.Popen(
         [sys.executable, "-c", KILLABLE_SCRIPT, str(tmp_path)],
         cwd=repo_root,
+        env={**os.environ, "TMPDIR": str(scratch)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -285,6 +288,9 @@ def test_workers_of_a_killed_flow_stop_and_the_next_run_resumes(repo_root, tmp_p
     # The workers notice at their next epoch that nobody is waiting for them, and stop.
     _, alive = psutil.wait_procs(workers, timeout=60)
     assert not alive, f"workers still training after the flow was killed: {alive}"
+    (job,) = scratch.glob("stemma-ddp-*")
+    reports = [path.read_text() for path in (job / "errors").glob("rank-*.json")]
+    assert any("gone: stopping" in report for report in reports), reports
     saved = torch.load(tmp_path / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     assert 2 <= saved["epoch"] < 8
 
