@@ -103,10 +103,16 @@ def local_artifact_root(root: Path) -> Path:
 #: also write MLFLOW_TRACKING_URI (MLFLOW_REGISTRY_URI) into os.environ, so without this
 #: memo a second project in the same process would inherit the first one's local store.
 _LOCAL_URIS_SET: set[str] = set()
+#: Registry URIs this process derived from the tracking URI. MLflow's
+#: ``set_registry_uri`` writes ``MLFLOW_REGISTRY_URI`` into the environment, so without
+#: this a later project (or a child process) would inherit a stale registry.
+_DERIVED_REGISTRY_URIS: set[str] = set()
 
 
 def _user_uri(variable: str) -> str | None:
     value = os.environ.get(variable, "").strip()
+    if variable == "MLFLOW_REGISTRY_URI" and value in _DERIVED_REGISTRY_URIS:
+        return None
     return value if value and value not in _LOCAL_URIS_SET else None
 
 
@@ -131,7 +137,14 @@ def configure_tracking(root: Path) -> str:
         (Path(root) / STATE_DIR).mkdir(parents=True, exist_ok=True)
         _LOCAL_URIS_SET.add(uri)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(_user_uri("MLFLOW_REGISTRY_URI") or uri)
+    registry = _user_uri("MLFLOW_REGISTRY_URI")
+    if registry is None:
+        registry = uri
+        _DERIVED_REGISTRY_URIS.add(uri)
+    mlflow.set_registry_uri(registry)
+    if registry == uri and uri in _DERIVED_REGISTRY_URIS:
+        # Not the user's setting: keep it out of the environment children inherit.
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
     return uri
 
 

@@ -97,6 +97,25 @@ def test_configure_tracking_uses_the_environment_uri(tracking: str, tmp_path: Pa
     assert not (tmp_path / "project" / ".stemma").exists()
 
 
+def test_a_derived_registry_is_not_left_in_the_environment(tracking: str, tmp_path: Path):
+    # mlflow.set_registry_uri exports MLFLOW_REGISTRY_URI; a registry that merely follows
+    # the tracking store must not be inherited by the next store or a child process.
+    first = f"sqlite:///{tmp_path / 'first.db'}"
+    second = f"sqlite:///{tmp_path / 'second.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = first
+    configure_tracking(tmp_path)
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
+    os.environ["MLFLOW_TRACKING_URI"] = second
+    configure_tracking(tmp_path)
+    assert mlflow.get_registry_uri() == second
+    # A registry the user chose is kept, in MLflow and in the environment.
+    chosen = f"sqlite:///{tmp_path / 'registry.db'}"
+    os.environ["MLFLOW_REGISTRY_URI"] = chosen
+    configure_tracking(tmp_path)
+    assert mlflow.get_registry_uri() == os.environ["MLFLOW_REGISTRY_URI"] == chosen
+    del os.environ["MLFLOW_REGISTRY_URI"]
+
+
 def test_ensure_experiment_refuses_a_deleted_experiment(tracking: str, tmp_path: Path):
     experiment_id = ensure_experiment("credit", tmp_path)
     MlflowClient().delete_experiment(experiment_id)

@@ -456,7 +456,7 @@ def test_nightly_schedules_are_active_crons(deployed):
     }
     assert crons == {
         "score/credit": [("0 2 * * *", True)],
-        "train/retrain-credit": [("0 3 * * *", True)],
+        "retrain/credit": [("0 3 * * *", True)],
     }
 
 
@@ -473,7 +473,7 @@ def test_gpu_work_pool_asks_kubernetes_for_a_gpu(stack, deployed):
 
 
 def test_drift_event_starts_the_retraining_deployment(stack, deployed):
-    retrain = deployed["train/retrain-credit"]
+    retrain = deployed["retrain/credit"]
     automations = api(f"{stack.prefect_api}/automations/filter", {})
     (automation,) = [
         item
@@ -506,7 +506,10 @@ def test_drift_event_starts_the_retraining_deployment(stack, deployed):
         runs = api(f"{stack.prefect_api}/flow_runs/filter", body)
         time.sleep(1)
     assert runs, "no retraining run was created for the drift event"
-    assert runs[0]["parameters"] == {"config": "configs/credit.yaml", "overrides": []}
+    parameters = runs[0]["parameters"]
+    assert (parameters["config"], parameters["overrides"]) == ("configs/credit.yaml", [])
+    # The event carries no payload here, so no drift report is named as the cause.
+    assert not parameters.get("cause")
 
 
 # ---------------------------------------------------------------------------------------
