@@ -630,4 +630,6 @@ def test_spec_problems_of_the_evaluate_section_are_reported_together(repo_root, 
     with pytest.raises(SpecError, match=r"evaluate\.confidence: must be less than 1"):
         load_spec(config, ["evaluate.confidence=1.5"], check_paths=False, check_expectations=False)
     # the worked example's section is valid, and absent it defaults apply
-    assert load_spec(repo_root / "configs" / "credit.yaml", check_expectations=False).spec.evaluate
+    assert load_spec(
+        repo_root / "configs" / "credit.yaml", check_paths=False, check_expectations=False
+    ).spec.evaluate
