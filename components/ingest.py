@@ -63,6 +63,16 @@ def read_file(path: Path) -> pd.DataFrame:
         raise DataError(f"cannot read {path}: {error}") from error
 
 
+def read_ids(path: Path, id_column: str) -> pd.Series:
+    """Only the id column of a batch file (a cheap read to find which batches have labels)."""
+    try:
+        if _SUFFIXES.get(path.suffix) == "csv":
+            return pd.read_csv(path, usecols=[id_column])[id_column]
+        return pd.read_parquet(path, columns=[id_column])[id_column]
+    except Exception as error:  # a truncated file, or no such column
+        raise DataError(f"cannot read the id column `{id_column}` of {path}: {error}") from error
+
+
 def batch_files(path: Path) -> list[Path]:
     """The batch files of a file or folder, in name order (days sort by name)."""
     return _files(path, "batch folder")

@@ -120,7 +120,7 @@ def gather_step(
     labelled = [
         path
         for path in ingest.batch_files(batch_path)
-        if ingest.read_file(path)[spec.data.id].isin(labelled_ids).any()
+        if ingest.read_ids(path, spec.data.id).isin(labelled_ids).any()
     ]
     # The newest labelled batch is held out: the shadow compares the models on rows
     # neither was trained on.
