@@ -517,13 +517,6 @@ def test_drift_event_starts_the_retraining_deployment(stack, deployed):
 
 
 def test_dvc_push_then_pull_into_a_clean_clone_restores_the_data(s3, tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("dvc_s3") is None:
-        pytest.skip(
-            "dvc-s3 is not installed: it needs aiobotocore, which requires an older botocore "
-            "than constraints.txt pins (see infra/README.md, DVC remote)"
-        )
     from stemma.components.data import resolve_data_version
 
     project = build_project(tmp_path / "project", REPO_ROOT, train_rows=TRAIN_ROWS)
