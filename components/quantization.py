@@ -8,7 +8,7 @@ absolute difference of their scores, and the latency of one forward pass at the 
 batch size, eager and compiled with ``torch.compile``, in interleaved rounds so that a
 burst of load slows every model alike (with one torch thread, the default, a pass is
 timed by the process's CPU time, which other processes cannot inflate). The fp32 parent is timed three ways (eager,
-compiled, and prepacked for oneDNN as the scoring engine runs it) and a variant's
+compiled, and on oneDNN as the scoring engine runs it) and a variant's
 speed-up is counted against the fastest. :func:`decide_variant` passes a variant only
 when its metric drop and its speed-up both clear the spec's bounds, and fails closed on a
 number it cannot trust.
@@ -727,7 +727,7 @@ def compare_variants(
         batch_rows: rows per timed forward pass.
         workdir: where each variant's weights file is written (``<method>/``) to size it.
         prepack: makes the runner of the fp32 network as the scoring engine runs it
-            (``scoring.network_runner``: oneDNN prepacked), timed as a third fp32
+            (``scoring.engine_runner``), timed as a third fp32
             runtime; None to leave it out.
 
     Returns:

@@ -356,7 +356,13 @@ class ScoreSpec(_Section):
         description="Input columns the model does not use: listed and ignored, or an error.",
     )
     threads: int | None = Field(
-        default=None, gt=0, le=256, description="CPU threads for the model (default: all cores)."
+        default=None,
+        gt=0,
+        le=256,
+        description=(
+            "CPU threads for the model (default: one per core but one, which leaves a core to "
+            "reading, hashing and writing)."
+        ),
     )
     runner: Literal["local", "dask"] = Field(
         default="local",

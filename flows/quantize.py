@@ -88,7 +88,7 @@ def measure_step(
         settings=settings,
         batch_rows=batch_rows,
         workdir=workdir,
-        prepack=scoring.network_runner,
+        prepack=lambda network, _width: scoring.engine_runner(network, model.preprocessor),
     )
 
 

@@ -4,9 +4,12 @@ Run with `.venv/bin/pytest tests/benchmarks/bench_scoring.py -m benchmark -s`.
 
 A credit-like model (9 features, 6 numeric and 3 categorical, MLP 64x32) is registered in
 a local MLflow store, and 1M- and 10M-row Parquet inputs are generated. Each job reads the
-input in the same chunks, preprocesses, predicts and writes Parquet, with as many threads
-for the model (Stemma: `threads=THREADS`, each thread running the network on its own
-batches; (a) and (b): `torch.set_num_threads(THREADS)`):
+input in the same chunks, preprocesses, predicts and writes Parquet, each with the thread
+setting that serves it best on this machine: Stemma its default (one model thread per
+core but one, each running the network on its own batches, beside its reader, hasher and
+writer threads); (a) and (b) `torch.set_num_threads(THREADS)`, one per core, which was
+faster for both than one thread (measured on 2 cores: pyfunc 0.68 s against 0.87 s for
+1M rows):
 
 * Stemma: `score_files` (schema check, input digest, validity checks, rejects, atomic
   parts with hashes, manifest);
@@ -45,6 +48,7 @@ from stemma.components.features import Preprocessor
 from stemma.components.scoring import (
     WEIGHTS_TAG,
     ScoringModel,
+    default_model_threads,
     input_files,
     load_scoring_model,
     score_files,
@@ -70,11 +74,9 @@ TARGET_VS_HAND_WRITTEN = 1.0
 TARGET_VS_PYFUNC = 3.0
 TARGET_RSS_RATIO = 1.2
 ASSERTED_VS_HAND_WRITTEN = 0.8
-#: Below the target on purpose: the pyfunc model is no slow baseline here. It runs the
-#: same network after a vectorised pandas encoding, and the network is about half of its
-#: time, so 3x would need the network itself to run faster than it can on two cores.
-#: Measured on the shared 2-core machine: 1.7-2.3x; asserting 2.0 flaked.
-ASSERTED_VS_PYFUNC = 1.5
+#: Below the target, so that noise from other work on a shared 2-core machine does not fail
+#: the run; the printed ratio is the measurement.
+ASSERTED_VS_PYFUNC = 2.5
 ASSERTED_RSS_RATIO = 1.3
 
 
@@ -150,7 +152,6 @@ def run_stemma(model: ScoringModel, source: Path, out: Path) -> int:
         out,
         id_column=ID,
         chunk_rows=CHUNK_ROWS,
-        threads=THREADS,
         progress=False,
     )
     return result.rows_scored + result.rows_rejected
@@ -227,8 +228,7 @@ model = load_scoring_model(sys.argv[1])
 before = peak_kib()
 started = time.perf_counter()
 result = score_files(model, input_files(Path(sys.argv[2])), Path(sys.argv[3]),
-                     id_column=sys.argv[4], chunk_rows=int(sys.argv[5]),
-                     threads=int(sys.argv[6]), progress=False)
+                     id_column=sys.argv[4], chunk_rows=int(sys.argv[5]), progress=False)
 seconds = time.perf_counter() - started
 print(json.dumps({"before_kib": before, "peak_kib": peak_kib(), "rows": result.rows_input,
                   "seconds": seconds}))
@@ -237,7 +237,7 @@ print(json.dumps({"before_kib": before, "peak_kib": peak_kib(), "rows": result.r
 
 def stemma_peak_rss(reference: str, source: Path, out: Path, uri: str) -> dict[str, float]:
     """Peak RSS (KiB) of a fresh process that loads the model and scores ``source``."""
-    arguments = [reference, str(source), str(out), ID, str(CHUNK_ROWS), str(THREADS)]
+    arguments = [reference, str(source), str(out), ID, str(CHUNK_ROWS)]
     done = subprocess.run(
         [sys.executable, "-c", RSS_SCRIPT, *arguments],
         env={**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri},
@@ -298,7 +298,10 @@ def test_score_files_beats_hand_written_and_pyfunc_in_bounded_memory(
     }
 
     print()
-    print(f"batch scoring, chunks of {CHUNK_ROWS:,} rows, {THREADS} threads for the model")
+    print(
+        f"batch scoring, chunks of {CHUNK_ROWS:,} rows; model threads: Stemma "
+        f"{default_model_threads()}, hand-written and pyfunc {THREADS}"
+    )
     ratios = {}
     for label in SIZES:
         medians = {job: statistics.median(values) for job, values in rates[label].items()}

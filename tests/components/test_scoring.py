@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -643,3 +644,99 @@ def test_a_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(store, champi
         json.loads((killed / PROGRESS_FILE).read_text())["fingerprint"]
         == resumed.manifest["fingerprint"]
     )
+
+
+# ---------------------------------------------------------------------------------------
+# The engines the network runs on
+
+
+def dense_outputs(model, frame: pd.DataFrame) -> torch.Tensor:
+    """The network's raw outputs on Preprocessor.transform's matrix (the reference)."""
+    matrix = torch.from_numpy(model.preprocessor.transform(frame))
+    with torch.inference_mode():
+        return model.network(matrix)
+
+
+def test_the_champion_runs_fused_and_without_its_one_hot_matrix(champion):
+    from stemma.components.scoring import (
+        _ChunkEncoder,
+        engine_runner,
+        network_runner,
+        one_hot_kernel,
+    )
+
+    frame = synthetic_frame(500, seed=11)
+    frame.loc[[4, 9], "car"] = "truck"  # unknown categories encode as all zeros
+    expected = dense_outputs(champion, frame)
+    encoder = _ChunkEncoder(champion.preprocessor)
+    columns = encoder.columns(pa.Table.from_pandas(frame, preserve_index=False))
+
+    runner = network_runner(champion.network, champion.preprocessor.n_inputs)
+    kernel = one_hot_kernel(champion.network, champion.preprocessor)
+    assert runner is not champion.network and kernel is not None
+    with torch.inference_mode():
+        fused = runner(torch.from_numpy(encoder.matrix(columns, 0, len(frame))))
+        by_position = kernel(
+            encoder.numeric_block(columns, 0, len(frame)),
+            encoder.code_block(columns, 0, len(frame)),
+        )
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(by_position, expected, rtol=1e-5, atol=1e-6)
+    # What the quantize flow times: the kernel, fed blocks read back from the matrix.
+    engine = engine_runner(champion.network, champion.preprocessor)
+    dense = torch.from_numpy(champion.preprocessor.transform(frame))
+    with torch.inference_mode():
+        torch.testing.assert_close(engine(dense), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(engine(dense[:7].clone()), expected[:7], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(expected[4], dense_outputs(champion, frame.assign(car="van"))[4])
+
+
+class Tanh(torch.nn.Module):
+    """A network outside the fused engines: no ``layers`` stack, a Tanh in the middle."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(width, 8)
+        self.last = torch.nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.tanh(self.first(x)))
+
+
+def test_other_networks_run_as_they_compute(champion):
+    from stemma.components.models import MLP
+    from stemma.components.scoring import engine_runner, network_runner, one_hot_kernel
+
+    preprocessor = champion.preprocessor
+    frame = synthetic_frame(300, seed=12)
+    matrix = torch.from_numpy(preprocessor.transform(frame))
+    torch.manual_seed(0)
+    custom = Tanh(preprocessor.n_inputs).eval()
+    assert one_hot_kernel(custom, preprocessor) is None
+    assert engine_runner(custom, preprocessor) is network_runner(custom, preprocessor.n_inputs)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            network_runner(custom, preprocessor.n_inputs)(matrix), custom(matrix)
+        )
+    # A stack with a layer the fused engine does not know, and a network still training.
+    odd = MLP(preprocessor.n_inputs, hidden=(16,)).eval()
+    odd.layers[1] = torch.nn.GELU()
+    assert one_hot_kernel(odd, preprocessor) is None
+    with torch.inference_mode():
+        torch.testing.assert_close(network_runner(odd, preprocessor.n_inputs)(matrix), odd(matrix))
+    assert one_hot_kernel(MLP(preprocessor.n_inputs, hidden=(16,)), preprocessor) is None
+
+
+def test_parts_store_ids_delta_encoded_and_scores_uncompressed(champion, tmp_path):
+    source = write_parquet(synthetic_frame(3_000, seed=13), tmp_path / "in.parquet")
+    score_files(champion, [source], tmp_path / "out", id_column=ID, chunk_rows=5_000)
+
+    (part,) = (tmp_path / "out").glob("part-*.parquet")
+    group = pq.ParquetFile(part).metadata.row_group(0)
+    columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    assert "DELTA_BINARY_PACKED" in columns[ID].encodings
+    assert columns[ID].compression == columns["score"].compression == "UNCOMPRESSED"
+    assert columns["prediction"].compression == "SNAPPY"
+    assert columns[ID].is_stats_set and columns["score"].is_stats_set
+    # Sequential ids take a few bits each, not eight bytes.
+    assert columns[ID].total_compressed_size < 3_000
