@@ -68,7 +68,7 @@ ROW_GROUP_ROWS = 1_000_000
 CHUNK_ROWS = 200_000
 THREADS = os.cpu_count() or 1
 #: Alternating rounds per input size (medians reported).
-ROUNDS = {"1M": 5, "10M": 2}
+ROUNDS = {"1M": 9, "10M": 4}
 #: Targets of the issue, and the looser bounds asserted on a shared 2-core machine.
 TARGET_VS_HAND_WRITTEN = 1.0
 TARGET_VS_PYFUNC = 3.0
