@@ -26,7 +26,7 @@ from stemma.components.data import split_table
 from stemma.components.example import generate_credit_data
 from stemma.components.features import fit_preprocessor
 from stemma.components.models import build_network, network_config
-from stemma.components.scoring import FORWARD_BATCH_ROWS, network_runner
+from stemma.components.scoring import FORWARD_BATCH_ROWS, engine_runner
 from stemma.components.spec import FeaturesSpec, ModelSpec, QuantizeSpec, SplitSpec, TrainSpec
 from stemma.components.training import train_network
 
@@ -104,7 +104,8 @@ def _compare(network, data, batch_rows: int, tmp: Path) -> q.Comparison:
         settings=QuantizeSpec(methods=METHODS, repeats=ROUNDS, warmup=3),
         batch_rows=batch_rows,
         workdir=tmp,
-        prepack=network_runner,
+        # As the quantize flow does: the fp32 model timed as the scoring engine runs it.
+        prepack=lambda fp32, _width: engine_runner(fp32, data["preprocessor"]),
     )
     return comparison
 
