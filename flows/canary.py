@@ -24,29 +24,12 @@ from prefect.runtime import flow_run
 
 from stemma.components import canary, comparison, scoring, shadow, tracking
 from stemma.components.errors import RegistryError
-from stemma.components.spec import EvaluateSpec, LoadedSpec, load_spec
+from stemma.components.spec import EvaluateSpec, LoadedSpec
 from stemma.flows.lineage import record_lineage
-from stemma.flows.shadow import evaluate_settings, labels_location, read_labels
+from stemma.flows.shadow import evaluate_settings, labels_location, load_labels_step
+from stemma.flows.steps import config_run_name, load_model_step, load_spec_step
 
-
-def _run_name() -> str:
-    config = Path(str(flow_run.parameters.get("config", "spec"))).stem
-    return f"canary-{config}-{flow_run.scheduled_start_time.strftime('%Y%m%d-%H%M%S')}"
-
-
-@task(name="load spec")
-def load_spec_step(config: str, overrides: list[str]) -> LoadedSpec:
-    return load_spec(config, overrides)
-
-
-@task(name="load model")
-def load_model_step(reference: str) -> scoring.ScoringModel:
-    return scoring.load_scoring_model(reference)
-
-
-@task(name="load labels")
-def load_labels_step(loaded: LoadedSpec, path: Path | None, required: bool):
-    return read_labels(loaded, path, required)
+_run_name = config_run_name("canary")
 
 
 def batch_files(loaded: LoadedSpec, batches: list[str] | None) -> list[Path]:

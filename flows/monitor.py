@@ -31,8 +31,9 @@ from stemma.components import drift, lineage, scoring, tracking
 from stemma.components import profile as reference_profile
 from stemma.components.data import resolve_data_version
 from stemma.components.errors import DataError, DataVersionError
-from stemma.components.spec import LoadedSpec, MonitorSpec, load_spec
+from stemma.components.spec import LoadedSpec, MonitorSpec
 from stemma.flows.lineage import record_lineage
+from stemma.flows.steps import load_spec_step
 
 #: The alias monitored when neither the command line nor the spec names a model.
 DEFAULT_ALIAS = "champion"
@@ -49,11 +50,6 @@ def _run_name() -> str:
     return f"monitor-{_batch_name(flow_run.parameters.get('batch'))}-" + (
         flow_run.scheduled_start_time.strftime("%Y%m%d-%H%M%S")
     )
-
-
-@task(name="load spec")
-def load_spec_step(config: str, overrides: list[str]) -> LoadedSpec:
-    return load_spec(config, overrides)
 
 
 @task(name="load model and profile")

@@ -27,23 +27,17 @@ from prefect.runtime import flow_run
 
 from stemma.components import quantization, scoring, tracking
 from stemma.components.errors import RegistryError, SpecError
-from stemma.components.spec import METRIC_DIRECTIONS, LoadedSpec, QuantizeSpec, load_spec
+from stemma.components.spec import METRIC_DIRECTIONS, LoadedSpec, QuantizeSpec
 from stemma.components.training import predict_raw
 from stemma.flows.lineage import record_lineage
+from stemma.flows.steps import config_run_name, load_spec_step
 
 #: Where torch.compile keeps its compiled kernels, under the project's `.stemma/`, so
 #: a second run compiles from the cache (seconds instead of tens of seconds).
 INDUCTOR_CACHE_DIR = "inductor"
 
 
-def _run_name() -> str:
-    config = Path(str(flow_run.parameters.get("config", "spec"))).stem
-    return f"quantize-{config}-{flow_run.scheduled_start_time.strftime('%Y%m%d-%H%M%S')}"
-
-
-@task(name="load spec")
-def load_spec_step(config: str, overrides: list[str]) -> LoadedSpec:
-    return load_spec(config, overrides)
+_run_name = config_run_name("quantize")
 
 
 @task(name="load fp32 model")

@@ -35,6 +35,7 @@ from stemma.components.data import load_table, resolve_data_version
 from stemma.components.errors import StemmaError
 from stemma.components.spec import LoadedSpec, RetrainSpec, load_spec
 from stemma.flows.lineage import record_lineage
+from stemma.flows.steps import config_run_name
 
 #: Outcomes of a retraining run (the `stemma.retrain.outcome` tag).
 NO_NEW_DATA = "no_new_data"
@@ -50,9 +51,7 @@ class RetrainError(StemmaError):
     exit_code = 3
 
 
-def _run_name() -> str:
-    config = Path(str(flow_run.parameters.get("config", "spec"))).stem
-    return f"retrain-{config}-{flow_run.scheduled_start_time.strftime('%Y%m%d-%H%M%S')}"
+_run_name = config_run_name("retrain")
 
 
 @contextlib.contextmanager

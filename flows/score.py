@@ -22,26 +22,15 @@ from stemma.components import evaluation, fanout, lineage, quantization, scoring
 from stemma.components.data import resolve_data_version
 from stemma.components.deployments import BATCH_SCORED_EVENT, pipeline_resource_id
 from stemma.components.errors import DataVersionError
-from stemma.components.spec import LoadedSpec, load_spec
+from stemma.components.spec import LoadedSpec
 from stemma.flows.lineage import record_lineage
+from stemma.flows.steps import config_run_name, load_model_step, load_spec_step
 
 #: The alias scored when neither the command line nor the spec names a model.
 DEFAULT_ALIAS = "champion"
 
 
-def _run_name() -> str:
-    config = Path(str(flow_run.parameters.get("config", "spec"))).stem
-    return f"score-{config}-{flow_run.scheduled_start_time.strftime('%Y%m%d-%H%M%S')}"
-
-
-@task(name="load spec")
-def load_spec_step(config: str, overrides: list[str]) -> LoadedSpec:
-    return load_spec(config, overrides)
-
-
-@task(name="load model")
-def load_model_step(reference: str) -> scoring.ScoringModel:
-    return scoring.load_scoring_model(reference)
+_run_name = config_run_name("score")
 
 
 @task(name="check input schema")

@@ -24,13 +24,11 @@ from prefect.runtime import flow_run
 from stemma.components import scoring, shadow, tracking
 from stemma.components.errors import SpecError
 from stemma.components.promotion import OUTCOME_DONE, PromotionError
-from stemma.components.spec import EvaluateSpec, LoadedSpec, load_spec
+from stemma.components.spec import EvaluateSpec, LoadedSpec
 from stemma.flows.lineage import record_lineage
+from stemma.flows.steps import config_run_name, load_model_step, load_spec_step
 
-
-def _run_name() -> str:
-    config = Path(str(flow_run.parameters.get("config", "spec"))).stem
-    return f"shadow-{config}-{flow_run.scheduled_start_time.strftime('%Y%m%d-%H%M%S')}"
+_run_name = config_run_name("shadow")
 
 
 def evaluate_settings(loaded: LoadedSpec) -> tuple[EvaluateSpec, str]:
@@ -78,16 +76,6 @@ def read_labels(
     )
     digest, _ = scoring.input_digest(scoring.input_files(path))
     return labels, digest, f"{len(labels):,} labels from {path}"
-
-
-@task(name="load spec")
-def load_spec_step(config: str, overrides: list[str]) -> LoadedSpec:
-    return load_spec(config, overrides)
-
-
-@task(name="load model")
-def load_model_step(reference: str) -> scoring.ScoringModel:
-    return scoring.load_scoring_model(reference)
 
 
 @task(name="load labels")

@@ -39,14 +39,13 @@ from stemma.components import profile as reference_profile
 from stemma.components.errors import DataCheckError, DataError, SpecError, StemmaError
 from stemma.components.spec import LoadedSpec, MonitorSpec, flatten, load_spec
 from stemma.flows.lineage import record_lineage
+from stemma.flows.steps import config_run_name
 
 #: Rows of the test split logged with the model as its input example.
 INPUT_EXAMPLE_ROWS = 5
 
 
-def _run_name() -> str:
-    config = Path(str(flow_run.parameters.get("config", "spec"))).stem
-    return f"train-{config}-{flow_run.scheduled_start_time.strftime('%Y%m%d-%H%M%S')}"
+_run_name = config_run_name("train")
 
 
 @task(name="load spec")

@@ -1,0 +1,32 @@
+"""Steps several flows share: the flow run's name, and loading the spec and the model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from prefect import task
+from prefect.runtime import flow_run
+
+from stemma.components import scoring
+from stemma.components.spec import LoadedSpec, load_spec
+
+
+def config_run_name(kind: str) -> Callable[[], str]:
+    """A ``flow_run_name`` callable: ``<kind>-<config stem>-<scheduled start>``."""
+
+    def name() -> str:
+        config = Path(str(flow_run.parameters.get("config", "spec"))).stem
+        return f"{kind}-{config}-{flow_run.scheduled_start_time.strftime('%Y%m%d-%H%M%S')}"
+
+    return name
+
+
+@task(name="load spec")
+def load_spec_step(config: str, overrides: list[str]) -> LoadedSpec:
+    return load_spec(config, overrides)
+
+
+@task(name="load model")
+def load_model_step(reference: str) -> scoring.ScoringModel:
+    return scoring.load_scoring_model(reference)
