@@ -8,11 +8,12 @@ and prefect are imported inside the commands that need them, so `stemma --help` 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from stemma.components.errors import StemmaError
@@ -508,90 +509,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # Validate before starting Prefect, so a broken spec fails in a fraction of a second.
     loaded = load_spec(args.config, args.overrides)
     prepare_environment(loaded.root, debug=args.debug)
-    if args.flow == "train":
-        from stemma.flows.train import train_flow
-
-        _quiet_known_errors(args.debug)
-        summary = train_flow(config=str(args.config), overrides=list(args.overrides))
-        print(format_train_summary(summary))
-        return 0
-    if args.flow == "score":
-        from stemma.flows.score import score_flow
-
-        _quiet_known_errors(args.debug)
-        summary = score_flow(
-            config=str(args.config),
-            overrides=list(args.overrides),
-            input=args.input,
-            output=args.output,
-            model=args.model,
-        )
-        print(format_score_summary(summary))
-        return 0
-    if args.flow == "monitor":
-        from stemma.flows.monitor import monitor_flow
-
-        _quiet_known_errors(args.debug)
-        summary = monitor_flow(
-            config=str(args.config),
-            overrides=list(args.overrides),
-            batch=args.batch,
-            labels=args.labels,
-            model=args.model,
-        )
-        print(format_monitor_summary(summary))
-        return 0
-    if args.flow == "quantize":
-        from stemma.flows.quantize import quantize_flow
-
-        _quiet_known_errors(args.debug)
-        summary = quantize_flow(
-            config=str(args.config), overrides=list(args.overrides), model=args.model
-        )
-        print(format_quantize_summary(summary))
-        return 0
-    if args.flow == "shadow":
-        from stemma.flows.shadow import shadow_flow
-
-        _quiet_known_errors(args.debug)
-        summary = shadow_flow(
-            config=str(args.config),
-            overrides=list(args.overrides),
-            challenger=args.challenger,
-            batch=args.batch,
-            labels=args.labels,
-            output=args.output,
-        )
-        print(format_shadow_summary(summary))
-        return 0
-    if args.flow == "retrain":
-        from stemma.flows.retrain import retrain_flow
-
-        _quiet_known_errors(args.debug)
-        summary = retrain_flow(
-            config=str(args.config),
-            overrides=list(args.overrides),
-            cause=args.cause,
-            batches=args.batches,
-            labels=args.labels,
-        )
-        print(format_retrain_summary(summary))
-        return 0
-    if args.flow == "canary":
-        from stemma.flows.canary import canary_flow
-
-        _quiet_known_errors(args.debug)
-        summary = canary_flow(
-            config=str(args.config),
-            overrides=list(args.overrides),
-            challenger=args.challenger,
-            batches=args.batches,
-            labels=args.labels,
-            output=args.output,
-        )
-        print(format_canary_summary(summary))
-        return 0
-    raise AssertionError(f"unknown flow {args.flow}")  # argparse restricts the choices
+    module, function, formatter, options = _RUNS[args.flow]
+    flow_function = getattr(importlib.import_module(f"stemma.flows.{module}"), function)
+    _quiet_known_errors(args.debug)
+    summary = flow_function(
+        config=str(args.config),
+        overrides=list(args.overrides),
+        **{option: getattr(args, option) for option in options},
+    )
+    print(formatter(summary))
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -951,3 +878,26 @@ def format_retrain_summary(summary: dict) -> str:
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
+
+
+#: ``stemma run FLOW``: the flow's module and function, its summary's formatter, and the
+#: command-line options passed to it besides the config and the overrides.
+_RUNS: dict[str, tuple[str, str, Callable[[dict], str], tuple[str, ...]]] = {
+    "train": ("train", "train_flow", format_train_summary, ()),
+    "score": ("score", "score_flow", format_score_summary, ("input", "output", "model")),
+    "monitor": ("monitor", "monitor_flow", format_monitor_summary, ("batch", "labels", "model")),
+    "quantize": ("quantize", "quantize_flow", format_quantize_summary, ("model",)),
+    "shadow": (
+        "shadow",
+        "shadow_flow",
+        format_shadow_summary,
+        ("challenger", "batch", "labels", "output"),
+    ),
+    "retrain": ("retrain", "retrain_flow", format_retrain_summary, ("cause", "batches", "labels")),
+    "canary": (
+        "canary",
+        "canary_flow",
+        format_canary_summary,
+        ("challenger", "batches", "labels", "output"),
+    ),
+}
