@@ -27,7 +27,7 @@ from stemma.components.errors import RegistryError
 from stemma.components.spec import EvaluateSpec, LoadedSpec
 from stemma.flows.lineage import record_lineage
 from stemma.flows.shadow import evaluate_settings, labels_location, load_labels_step
-from stemma.flows.steps import config_run_name, load_model_step, load_spec_step
+from stemma.flows.steps import config_run_name, load_model_step, load_spec_step, scoring_options
 
 _run_name = config_run_name("canary")
 
@@ -122,7 +122,7 @@ def score_step(
     batch: Path,
     folder: Path,
 ) -> canary.StepScores:
-    score = loaded.spec.score
+    # The flow has checked that data.id is set (evaluate_settings).
     return canary.score_step(
         control,
         challenger,
@@ -130,11 +130,7 @@ def score_step(
         folder,
         fraction=state.fraction,
         salt=state.salt,
-        id_column=str(loaded.spec.data.id),
-        chunk_rows=score.chunk_rows,
-        invalid_rows=score.invalid_rows,
-        unknown_categories=score.unknown_categories,
-        threads=score.threads,
+        **scoring_options(loaded),
     )
 
 

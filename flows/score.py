@@ -24,7 +24,7 @@ from stemma.components.deployments import BATCH_SCORED_EVENT, pipeline_resource_
 from stemma.components.errors import DataVersionError
 from stemma.components.spec import LoadedSpec
 from stemma.flows.lineage import record_lineage
-from stemma.flows.steps import config_run_name, load_model_step, load_spec_step
+from stemma.flows.steps import config_run_name, load_model_step, load_spec_step, scoring_options
 
 #: The alias scored when neither the command line nor the spec names a model.
 DEFAULT_ALIAS = "champion"
@@ -49,33 +49,16 @@ def check_schema_step(
 def score_step(
     model: scoring.ScoringModel, files: list[Path], output: Path, loaded: LoadedSpec
 ) -> scoring.ScoringResult:
-    score = loaded.spec.score
-    return scoring.score_files(
-        model,
-        files,
-        output,
-        id_column=loaded.spec.data.id,
-        chunk_rows=score.chunk_rows,
-        invalid_rows=score.invalid_rows,
-        unknown_categories=score.unknown_categories,
-        threads=score.threads,
-    )
+    return scoring.score_files(model, files, output, **scoring_options(loaded))
 
 
 @task(name="plan scoring")
 def plan_step(
     model: scoring.ScoringModel, files: list[Path], output: Path, loaded: LoadedSpec
 ) -> scoring.ScoringPlan:
-    score = loaded.spec.score
-    return scoring.plan_scoring(
-        model,
-        files,
-        output,
-        id_column=loaded.spec.data.id,
-        chunk_rows=score.chunk_rows,
-        invalid_rows=score.invalid_rows,
-        unknown_categories=score.unknown_categories,
-    )
+    options = scoring_options(loaded)
+    del options["threads"]  # each range's task sets its own
+    return scoring.plan_scoring(model, files, output, **options)
 
 
 @task(

@@ -26,7 +26,7 @@ from stemma.components.errors import SpecError
 from stemma.components.promotion import OUTCOME_DONE, PromotionError
 from stemma.components.spec import EvaluateSpec, LoadedSpec
 from stemma.flows.lineage import record_lineage
-from stemma.flows.steps import config_run_name, load_model_step, load_spec_step
+from stemma.flows.steps import config_run_name, load_model_step, load_spec_step, scoring_options
 
 _run_name = config_run_name("shadow")
 
@@ -91,18 +91,8 @@ def score_pair_step(
     files: list[Path],
     served_dir: Path,
 ) -> shadow.ScoredPair:
-    score = loaded.spec.score
-    return shadow.score_pair(
-        champion,
-        challenger,
-        files,
-        served_dir,
-        id_column=str(loaded.spec.data.id),
-        chunk_rows=score.chunk_rows,
-        invalid_rows=score.invalid_rows,
-        unknown_categories=score.unknown_categories,
-        threads=score.threads,
-    )
+    # The flow has checked that data.id is set (evaluate_settings).
+    return shadow.score_pair(champion, challenger, files, served_dir, **scoring_options(loaded))
 
 
 @task(name="compare and decide")

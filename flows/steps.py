@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.runtime import flow_run
@@ -30,3 +31,16 @@ def load_spec_step(config: str, overrides: list[str]) -> LoadedSpec:
 @task(name="load model")
 def load_model_step(reference: str) -> scoring.ScoringModel:
     return scoring.load_scoring_model(reference)
+
+
+def scoring_options(loaded: LoadedSpec) -> dict[str, Any]:
+    """The spec's settings of the scoring engine, as keyword arguments of
+    ``scoring.score_files`` (and of the shadow and canary scorers, which pass them on)."""
+    score = loaded.spec.score
+    return {
+        "id_column": loaded.spec.data.id,
+        "chunk_rows": score.chunk_rows,
+        "invalid_rows": score.invalid_rows,
+        "unknown_categories": score.unknown_categories,
+        "threads": score.threads,
+    }
