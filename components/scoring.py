@@ -2202,8 +2202,7 @@ def _runner(network: nn.Module, width: int) -> Callable[[Any], Any]:
 
     def agrees(run: Callable[[Any], Any]) -> bool:
         with torch.inference_mode():
-            got = run(probe)
-        return got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+            return _same_outputs(run(probe), expected)
 
     candidates: list[Callable[[], Callable[[Any], Any] | None]] = [
         lambda: _fused_layers(network),
@@ -2217,6 +2216,13 @@ def _runner(network: nn.Module, width: int) -> Callable[[Any], Any]:
         except Exception as error:  # an architecture oneDNN cannot run: try the next
             _LOG.debug("%s: %s", type(network).__name__, error)
     return network
+
+
+def _same_outputs(got: Any, expected: Any) -> bool:
+    """Whether an engine's outputs on a probe are the network's, to float rounding."""
+    import torch
+
+    return got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def _fused_layers(network: nn.Module) -> Callable[[Any], Any] | None:
@@ -2417,7 +2423,7 @@ def _build_one_hot_kernel(network: nn.Module, preprocessor: Preprocessor) -> _On
         with torch.inference_mode():
             expected = network(dense)
             got = kernel(numeric.numpy(), codes.numpy())
-        if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-6):
+        if _same_outputs(got, expected):
             return kernel
         _LOG.debug("one-hot kernel of %s disagrees on the probe", type(network).__name__)
     except Exception as error:  # an architecture the kernel cannot run

@@ -509,8 +509,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # Validate before starting Prefect, so a broken spec fails in a fraction of a second.
     loaded = load_spec(args.config, args.overrides)
     prepare_environment(loaded.root, debug=args.debug)
-    module, function, formatter, options = _RUNS[args.flow]
-    flow_function = getattr(importlib.import_module(f"stemma.flows.{module}"), function)
+    formatter, options = _RUNS[args.flow]
+    flow_function = getattr(
+        importlib.import_module(f"stemma.flows.{args.flow}"), f"{args.flow}_flow"
+    )
     _quiet_known_errors(args.debug)
     summary = flow_function(
         config=str(args.config),
@@ -876,28 +878,18 @@ def format_retrain_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+#: ``stemma run FLOW`` runs ``stemma.flows.FLOW.FLOW_flow``: its summary's formatter, and the
+#: command-line options passed to it besides the config and the overrides.
+_RUNS: dict[str, tuple[Callable[[dict], str], tuple[str, ...]]] = {
+    "train": (format_train_summary, ()),
+    "score": (format_score_summary, ("input", "output", "model")),
+    "monitor": (format_monitor_summary, ("batch", "labels", "model")),
+    "quantize": (format_quantize_summary, ("model",)),
+    "shadow": (format_shadow_summary, ("challenger", "batch", "labels", "output")),
+    "retrain": (format_retrain_summary, ("cause", "batches", "labels")),
+    "canary": (format_canary_summary, ("challenger", "batches", "labels", "output")),
+}
+
+
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
-
-
-#: ``stemma run FLOW``: the flow's module and function, its summary's formatter, and the
-#: command-line options passed to it besides the config and the overrides.
-_RUNS: dict[str, tuple[str, str, Callable[[dict], str], tuple[str, ...]]] = {
-    "train": ("train", "train_flow", format_train_summary, ()),
-    "score": ("score", "score_flow", format_score_summary, ("input", "output", "model")),
-    "monitor": ("monitor", "monitor_flow", format_monitor_summary, ("batch", "labels", "model")),
-    "quantize": ("quantize", "quantize_flow", format_quantize_summary, ("model",)),
-    "shadow": (
-        "shadow",
-        "shadow_flow",
-        format_shadow_summary,
-        ("challenger", "batch", "labels", "output"),
-    ),
-    "retrain": ("retrain", "retrain_flow", format_retrain_summary, ("cause", "batches", "labels")),
-    "canary": (
-        "canary",
-        "canary_flow",
-        format_canary_summary,
-        ("challenger", "batches", "labels", "output"),
-    ),
-}
