@@ -6,8 +6,9 @@ A credit-like model (9 features, 6 numeric and 3 categorical, MLP 64x32) is regi
 a local MLflow store, and 1M- and 10M-row Parquet inputs are generated. Each job reads the
 input in the same chunks, preprocesses, predicts and writes Parquet, each with the thread
 setting that serves it best on this machine: Stemma its default (one model thread per
-core but one, each running the network on its own batches, beside its reader, hasher and
-writer threads); (a) and (b) `torch.set_num_threads(THREADS)`, one per core, which was
+core but one while reading, beside its reader, hasher and writer threads, then one per
+core for the chunks left once the input is read; each runs the network on its own
+batches); (a) and (b) `torch.set_num_threads(THREADS)`, one per core, which was
 faster for both than one thread (measured on 2 cores: pyfunc 0.68 s against 0.87 s for
 1M rows):
 
@@ -300,7 +301,8 @@ def test_score_files_beats_hand_written_and_pyfunc_in_bounded_memory(
     print()
     print(
         f"batch scoring, chunks of {CHUNK_ROWS:,} rows; model threads: Stemma "
-        f"{default_model_threads()}, hand-written and pyfunc {THREADS}"
+        f"{default_model_threads()} while reading, then {THREADS}; hand-written and pyfunc "
+        f"{THREADS}"
     )
     ratios = {}
     for label in SIZES:

@@ -646,6 +646,26 @@ def test_a_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(store, champi
     )
 
 
+def test_the_output_does_not_depend_on_how_many_threads_ran_the_model(champion, tmp_path):
+    """By default the chunks left once the input is read run on every core; one thread
+    and three give the same bytes too."""
+    source = write_parquet(synthetic_frame(60_000, seed=21), tmp_path / "in.parquet")
+    folders = {threads: tmp_path / f"threads-{threads}" for threads in (None, 1, 3)}
+    for threads, folder in folders.items():
+        score_files(
+            champion,
+            [source],
+            folder,
+            id_column=ID,
+            chunk_rows=20_000,  # three forward batches per chunk
+            threads=threads,
+            progress=False,
+        )
+
+    assert len(list(folders[None].glob("part-*.parquet"))) == 3
+    assert folder_bytes(folders[None]) == folder_bytes(folders[1]) == folder_bytes(folders[3])
+
+
 # ---------------------------------------------------------------------------------------
 # The engines the network runs on
 
@@ -727,7 +747,7 @@ def test_other_networks_run_as_they_compute(champion):
     assert one_hot_kernel(MLP(preprocessor.n_inputs, hidden=(16,)), preprocessor) is None
 
 
-def test_parts_store_ids_delta_encoded_and_scores_uncompressed(champion, tmp_path):
+def test_parts_store_integers_delta_encoded_and_scores_uncompressed(champion, tmp_path):
     source = write_parquet(synthetic_frame(3_000, seed=13), tmp_path / "in.parquet")
     score_files(champion, [source], tmp_path / "out", id_column=ID, chunk_rows=5_000)
 
@@ -735,8 +755,11 @@ def test_parts_store_ids_delta_encoded_and_scores_uncompressed(champion, tmp_pat
     group = pq.ParquetFile(part).metadata.row_group(0)
     columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
     assert "DELTA_BINARY_PACKED" in columns[ID].encodings
-    assert columns[ID].compression == columns["score"].compression == "UNCOMPRESSED"
-    assert columns["prediction"].compression == "SNAPPY"
+    assert "DELTA_BINARY_PACKED" in columns["prediction"].encodings
+    assert "PLAIN" in columns["score"].encodings
+    # No dictionary is tried: near-unique scores, and 0/1 predictions cheaper delta-encoded.
+    assert not any("DICTIONARY" in encoding for c in columns.values() for encoding in c.encodings)
+    assert {columns[name].compression for name in columns} == {"UNCOMPRESSED"}
     assert columns[ID].is_stats_set and columns["score"].is_stats_set
     # Sequential ids take a few bits each, not eight bytes.
     assert columns[ID].total_compressed_size < 3_000
