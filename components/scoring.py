@@ -31,6 +31,7 @@ few chunks, whatever the size of the input.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -2662,7 +2663,9 @@ def _fingerprint(
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode("utf-8")).hexdigest()
 
 
+@functools.cache
 def _stemma_version() -> str:
+    """The installed version (reading the package metadata takes ~2 ms: once per process)."""
     try:
         return metadata.version("stemma")
     except metadata.PackageNotFoundError:

@@ -76,8 +76,9 @@ TARGET_VS_PYFUNC = 3.0
 TARGET_RSS_RATIO = 1.2
 ASSERTED_VS_HAND_WRITTEN = 0.8
 #: Below the target, so that noise from other work on a shared 2-core machine does not fail
-#: the run; the printed ratio is the measurement (2.46-3.34x over runs on that machine).
-ASSERTED_VS_PYFUNC = 2.0
+#: the run; the printed ratio is the measurement (over five runs on that machine: 1M rows
+#: 2.85-3.21x, 10M rows 3.10-3.80x).
+ASSERTED_VS_PYFUNC = 2.5
 ASSERTED_RSS_RATIO = 1.3
 
 
