@@ -62,7 +62,17 @@ from .comparison import (
     score_distances,
 )
 from .errors import DataError, RegistryError
-from .lineage import RECORD_SCHEMA, Edge, Node, input_node_id, model_node_id, run_node_id
+from .lineage import (
+    Decided,
+    Edge,
+    Node,
+    build_decision_record,
+    decision_node_id,
+    evaluation_node_id,
+    input_node_id,
+    model_version_node,
+    run_node,
+)
 from .registry import CHAMPION_ALIAS
 from .scoring import (
     PREDICTION_COLUMN,
@@ -74,9 +84,6 @@ from .scoring import (
 )
 from .shadow import (
     LABEL,
-    decision_node_id,
-    evaluation_node_id,
-    labels_node_id,
     measure_latency,
     read_batch_columns,
     read_scores,
@@ -1098,27 +1105,21 @@ class StepLineage:
 def build_step_record(facts: StepLineage) -> dict[str, Any]:
     """The lineage record of a canary step (``lineage/record.json``)."""
     batch = input_node_id(facts.batch_path, facts.batch_digest)
-    control = model_node_id(facts.model_name, facts.control_version)
-    challenger = model_node_id(facts.model_name, facts.challenger_version)
-    run = run_node_id(facts.run_id)
+    control = model_version_node(
+        facts.model_name, facts.control_version, facts.control_weights, "control"
+    )
+    challenger = model_version_node(
+        facts.model_name, facts.challenger_version, facts.challenger_weights, "challenger"
+    )
+    run = run_node(facts.run_id, facts.experiment_id, facts.flow_run_id)
     predictions = f"predictions:{facts.predictions_path}@{facts.predictions_sha256}"
     step = evaluation_node_id("canary-step", facts.run_id)
     decision = decision_node_id(facts.run_id)
     nodes = [
         Node("input", batch, f"md5:{facts.batch_digest}", {"path": facts.batch_path}),
-        Node("model_version", control, f"sha256:{facts.control_weights}", {"role": "control"}),
-        Node(
-            "model_version",
-            challenger,
-            f"sha256:{facts.challenger_weights}",
-            {"role": "challenger"},
-        ),
-        Node(
-            "run",
-            run,
-            None,
-            {"experiment_id": facts.experiment_id, "flow_run_id": facts.flow_run_id},
-        ),
+        control,
+        challenger,
+        run,
         Node(
             "predictions",
             predictions,
@@ -1148,50 +1149,44 @@ def build_step_record(facts: StepLineage) -> dict[str, Any]:
         ),
     ]
     edges = [
-        Edge(batch, run, "input_of"),
-        Edge(control, run, "scored_with"),
-        Edge(challenger, run, "scored_with"),
-        Edge(run, predictions, "produced"),
+        Edge(batch, run.id, "input_of"),
+        Edge(control.id, run.id, "scored_with"),
+        Edge(challenger.id, run.id, "scored_with"),
+        Edge(run.id, predictions, "produced"),
         Edge(batch, step, "evaluated_on"),
-        Edge(control, step, "control_of"),
-        Edge(challenger, step, "challenger_of"),
-        Edge(run, step, "produced"),
-        Edge(step, decision, "decided"),
-        Edge(decision, challenger, facts.decision),
-        Edge(decision, control, "against"),
+        Edge(control.id, step, "control_of"),
+        Edge(challenger.id, step, "challenger_of"),
+        Edge(run.id, step, "produced"),
     ]
-    if facts.labels_path and facts.labels_digest:
-        labels = labels_node_id(facts.labels_path, facts.labels_digest)
-        nodes.append(
-            Node("labels", labels, f"md5:{facts.labels_digest}", {"path": facts.labels_path})
-        )
-        edges.append(Edge(labels, step, "labelled"))
-    if facts.action_run_id:
-        action_run = run_node_id(facts.action_run_id)
-        nodes.append(
-            Node("run", action_run, None, {"action": facts.action, "outcome": facts.outcome})
-        )
-        edges.append(Edge(decision, action_run, "carried_out_by"))
-        if facts.action == ACTION_PROMOTE and facts.outcome == "done":
-            edges.append(Edge(challenger, control, "promoted_over"))
-        if facts.action == ACTION_ROLLBACK and facts.outcome == "done":
-            edges.append(Edge(control, challenger, "rolled_back_over"))
-    return {
-        "schema": RECORD_SCHEMA,
-        "pipeline": facts.pipeline,
-        "flow": "canary",
-        "created": facts.when,
-        "decision": {
-            "decision": facts.decision,
-            "action": facts.action,
-            "outcome": facts.outcome,
-            "reasons": list(facts.reasons),
-            "who": facts.who,
-            "when": facts.when,
-        },
-        "nodes": [asdict(node) for node in nodes],
-        "edges": [asdict(edge) for edge in edges],
+    decided = Decided(
+        evaluation=step,
+        decision=decision,
+        challenger=challenger.id,
+        incumbent=control.id,
+        verdict=facts.decision,
+        labels_path=facts.labels_path,
+        labels_digest=facts.labels_digest,
+        action=facts.action,
+        action_outcome=facts.outcome,
+        action_run_id=facts.action_run_id,
+    )
+    summary = {
+        "decision": facts.decision,
+        "action": facts.action,
+        "outcome": facts.outcome,
+        "reasons": list(facts.reasons),
+        "who": facts.who,
+        "when": facts.when,
     }
+    return build_decision_record(
+        flow="canary",
+        pipeline=facts.pipeline,
+        when=facts.when,
+        nodes=nodes,
+        edges=edges,
+        decided=decided,
+        summary=summary,
+    )
 
 
 def _message(error: Exception) -> str:

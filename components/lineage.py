@@ -294,6 +294,114 @@ def build_scoring_record(
     }
 
 
+def evaluation_node_id(kind: str, run_id: str) -> str:
+    """Id of an evaluation (``shadow-evaluation``, ``canary-step``) by the run that made it."""
+    return f"{kind}:{run_id}"
+
+
+def decision_node_id(run_id: str) -> str:
+    """Id of the decision an evaluation run took."""
+    return f"decision:{run_id}"
+
+
+def labels_node_id(path: str, digest: str) -> str:
+    """Id of a labels file or folder by its content digest."""
+    return f"labels:{path}@{digest}"
+
+
+def model_version_node(model_name: str, version: str, weights_sha256: str, role: str) -> Node:
+    """A model version in an evaluation, with its part (``champion``, ``challenger``...)."""
+    return Node(
+        "model_version",
+        model_node_id(model_name, version),
+        f"sha256:{weights_sha256}",
+        {"role": role},
+    )
+
+
+def run_node(run_id: str, experiment_id: str, flow_run_id: str | None) -> Node:
+    """The MLflow run of a flow, with its experiment and Prefect flow run."""
+    return Node(
+        "run",
+        run_node_id(run_id),
+        None,
+        {"experiment_id": experiment_id, "flow_run_id": flow_run_id},
+    )
+
+
+@dataclass(frozen=True)
+class Decided:
+    """How an evaluation of a challenger against the incumbent (the champion of a shadow,
+    the control of a canary) ended, and what carried the decision out."""
+
+    evaluation: str  # the evaluation node's id
+    decision: str  # the decision node's id
+    challenger: str  # model node ids
+    incumbent: str
+    verdict: str  # promote, keep, rollback...: the decision's edge to the challenger
+    labels_path: str | None = None
+    labels_digest: str | None = None
+    action: str | None = None  # promote or rollback, when a run carried it out
+    action_outcome: str | None = None
+    action_run_id: str | None = None
+
+
+def build_decision_record(
+    *,
+    flow: str,
+    pipeline: str,
+    when: str,
+    nodes: list[Node],
+    edges: list[Edge],
+    decided: Decided,
+    summary: dict[str, Any],
+) -> dict[str, Any]:
+    """The lineage record of an evaluation that decided on a challenger.
+
+    ``nodes`` and ``edges`` are the flow's own (input, models, run, predictions, the
+    evaluation and decision nodes); this adds what every such record links: the decision
+    taken on the challenger against the incumbent, the labels, and the run that carried
+    the decision out (a promotion puts the challenger over the incumbent, a rollback the
+    reverse). ``summary`` is the record's ``decision`` entry.
+    """
+    nodes, edges = list(nodes), list(edges)
+    edges += [
+        Edge(decided.evaluation, decided.decision, "decided"),
+        Edge(decided.decision, decided.challenger, decided.verdict),
+        Edge(decided.decision, decided.incumbent, "against"),
+    ]
+    if decided.labels_path and decided.labels_digest:
+        labels = labels_node_id(decided.labels_path, decided.labels_digest)
+        nodes.append(
+            Node("labels", labels, f"md5:{decided.labels_digest}", {"path": decided.labels_path})
+        )
+        edges.append(Edge(labels, decided.evaluation, "labelled"))
+    if decided.action_run_id:
+        action_run = run_node_id(decided.action_run_id)
+        nodes.append(
+            Node(
+                "run",
+                action_run,
+                None,
+                {"action": decided.action, "outcome": decided.action_outcome},
+            )
+        )
+        edges.append(Edge(decided.decision, action_run, "carried_out_by"))
+        if decided.action_outcome == "done" and decided.action == "promote":
+            edges.append(Edge(decided.challenger, decided.incumbent, "promoted_over"))
+        if decided.action_outcome == "done" and decided.action == "rollback":
+            edges.append(Edge(decided.incumbent, decided.challenger, "rolled_back_over"))
+    return {
+        "schema": RECORD_SCHEMA,
+        "pipeline": pipeline,
+        "flow": flow,
+        "created": when,
+        "decision": summary,
+        "nodes": [asdict(node) for node in nodes],
+        "edges": [asdict(edge) for edge in edges],
+    }
+
+
 def build_retrain_record(
     *,
     pipeline: str,

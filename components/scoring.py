@@ -2251,8 +2251,8 @@ def _fused_layers(network: nn.Module) -> Callable[[Any], Any] | None:
     """
     from torch import nn
 
-    layers = network.layers if isinstance(getattr(network, "layers", None), nn.Sequential) else None
-    if layers is None or network.training:
+    layers = getattr(network, "layers", None)
+    if not isinstance(layers, nn.Sequential) or network.training:
         return None
     return _fuse(list(layers))
 
@@ -2312,8 +2312,11 @@ class _OneHotKernel:
         import torch
         from torch import nn
 
-        layers = list(network.layers)
-        first = layers[0]
+        sequence = network.layers
+        layers = list(sequence) if isinstance(sequence, nn.Sequential) else []
+        first = layers[0] if layers else None
+        # What _build_one_hot_kernel checked before making a kernel.
+        assert isinstance(first, nn.Linear) and first.bias is not None
         weight = first.weight.detach()
         # (numeric columns, width): the numeric block's product accumulates onto the rows
         # looked up (one matrix multiply-add, no separate sum).

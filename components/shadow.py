@@ -28,7 +28,7 @@ from __future__ import annotations
 import getpass
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,13 +51,16 @@ from .comparison import (
 )
 from .errors import DataError, RegistryError
 from .lineage import (
-    RECORD_SCHEMA,
+    Decided,
     Edge,
     Node,
+    build_decision_record,
+    decision_node_id,
+    evaluation_node_id,
     input_node_id,
-    model_node_id,
+    model_version_node,
     predictions_node_id,
-    run_node_id,
+    run_node,
 )
 from .scoring import SCORE_COLUMN, ScoringModel, ScoringResult, input_files, score_files
 from .spec import METRIC_DIRECTIONS, EvaluateSpec
@@ -784,21 +787,6 @@ def plot_shadow(rows: pd.DataFrame, report: ShadowReport, out_dir: Path) -> list
     return written
 
 
-def evaluation_node_id(kind: str, run_id: str) -> str:
-    """Id of an evaluation (``shadow-evaluation``, ``canary-step``) by the run that made it."""
-    return f"{kind}:{run_id}"
-
-
-def decision_node_id(run_id: str) -> str:
-    """Id of the decision an evaluation run took."""
-    return f"decision:{run_id}"
-
-
-def labels_node_id(path: str, digest: str) -> str:
-    """Id of a labels file or folder by its content digest."""
-    return f"labels:{path}@{digest}"
-
-
 @dataclass(frozen=True)
 class ShadowLineage:
     """What one shadow evaluation read and wrote."""
@@ -832,9 +820,13 @@ class ShadowLineage:
 def build_shadow_record(facts: ShadowLineage, report: ShadowReport) -> dict[str, Any]:
     """The lineage record of a shadow evaluation (``lineage/record.json``)."""
     batch = input_node_id(facts.input_path, facts.input_digest)
-    champion = model_node_id(facts.model_name, facts.champion_version)
-    challenger = model_node_id(facts.model_name, facts.challenger_version)
-    run = run_node_id(facts.run_id)
+    champion = model_version_node(
+        facts.model_name, facts.champion_version, facts.champion_weights, "champion"
+    )
+    challenger = model_version_node(
+        facts.model_name, facts.challenger_version, facts.challenger_weights, "challenger"
+    )
+    run = run_node(facts.run_id, facts.experiment_id, facts.flow_run_id)
     served = predictions_node_id(facts.served_path, facts.served_sha256)
     shadow = predictions_node_id(facts.shadow_path, facts.shadow_sha256)
     evaluation = evaluation_node_id("shadow-evaluation", facts.run_id)
@@ -846,19 +838,9 @@ def build_shadow_record(facts: ShadowLineage, report: ShadowReport) -> dict[str,
             f"md5:{facts.input_digest}",
             {"path": facts.input_path, "files": dict(facts.input_files)},
         ),
-        Node("model_version", champion, f"sha256:{facts.champion_weights}", {"role": "champion"}),
-        Node(
-            "model_version",
-            challenger,
-            f"sha256:{facts.challenger_weights}",
-            {"role": "challenger"},
-        ),
-        Node(
-            "run",
-            run,
-            None,
-            {"experiment_id": facts.experiment_id, "flow_run_id": facts.flow_run_id},
-        ),
+        champion,
+        challenger,
+        run,
         Node(
             "predictions",
             served,
@@ -899,54 +881,45 @@ def build_shadow_record(facts: ShadowLineage, report: ShadowReport) -> dict[str,
         ),
     ]
     edges = [
-        Edge(batch, run, "input_of"),
-        Edge(champion, run, "scored_with"),
-        Edge(challenger, run, "shadowed_with"),
-        Edge(run, served, "produced"),
-        Edge(run, shadow, "produced"),
+        Edge(batch, run.id, "input_of"),
+        Edge(champion.id, run.id, "scored_with"),
+        Edge(challenger.id, run.id, "shadowed_with"),
+        Edge(run.id, served, "produced"),
+        Edge(run.id, shadow, "produced"),
         Edge(batch, evaluation, "evaluated_on"),
-        Edge(champion, evaluation, "champion_of"),
-        Edge(challenger, evaluation, "challenger_of"),
+        Edge(champion.id, evaluation, "champion_of"),
+        Edge(challenger.id, evaluation, "challenger_of"),
         Edge(served, evaluation, "compared_in"),
         Edge(shadow, evaluation, "compared_in"),
-        Edge(run, evaluation, "produced"),
-        Edge(evaluation, decision, "decided"),
-        Edge(decision, challenger, facts.decision),
-        Edge(decision, champion, "against"),
+        Edge(run.id, evaluation, "produced"),
     ]
-    if facts.labels_path and facts.labels_digest:
-        labels = labels_node_id(facts.labels_path, facts.labels_digest)
-        nodes.append(
-            Node("labels", labels, f"md5:{facts.labels_digest}", {"path": facts.labels_path})
-        )
-        edges.append(Edge(labels, evaluation, "labelled"))
-    if facts.promotion_run_id:
-        promotion_run = run_node_id(facts.promotion_run_id)
-        nodes.append(
-            Node(
-                "run",
-                promotion_run,
-                None,
-                {"action": "promote", "outcome": facts.promotion_outcome},
-            )
-        )
-        edges.append(Edge(decision, promotion_run, "carried_out_by"))
-        if facts.promotion_outcome == "done":
-            edges.append(Edge(challenger, champion, "promoted_over"))
-    return {
-        "schema": RECORD_SCHEMA,
-        "pipeline": facts.pipeline,
-        "flow": "shadow",
-        "created": facts.when,
-        "decision": {
-            "decision": facts.decision,
-            "reasons": list(facts.reasons),
-            "who": facts.who,
-            "when": facts.when,
-        },
-        "nodes": [asdict(node) for node in nodes],
-        "edges": [asdict(edge) for edge in edges],
+    decided = Decided(
+        evaluation=evaluation,
+        decision=decision,
+        challenger=challenger.id,
+        incumbent=champion.id,
+        verdict=facts.decision,
+        labels_path=facts.labels_path,
+        labels_digest=facts.labels_digest,
+        action=PROMOTE if facts.promotion_run_id else None,
+        action_outcome=facts.promotion_outcome,
+        action_run_id=facts.promotion_run_id,
+    )
+    summary = {
+        "decision": facts.decision,
+        "reasons": list(facts.reasons),
+        "who": facts.who,
+        "when": facts.when,
     }
+    return build_decision_record(
+        flow="shadow",
+        pipeline=facts.pipeline,
+        when=facts.when,
+        nodes=nodes,
+        edges=edges,
+        decided=decided,
+        summary=summary,
+    )
 
 
 def promote_challenger(
