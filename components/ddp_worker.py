@@ -46,6 +46,7 @@ from .training import (
     EVAL_BATCH_ROWS,
     _autocast_factory,
     _deterministic,
+    _epoch_row,
     _epoch_seeds,
     _fingerprint,
     _load_checkpoint,
@@ -157,23 +158,14 @@ def train_rank(job: dict[str, Any], folder: Path, rank: int) -> None:
                 dist.all_reduce(totals)
                 train_total, rows_total, val_total = totals.tolist()
                 seconds = time.perf_counter() - started
-                train_loss, val_loss = train_total / rows_total, val_total / len(x_val)
-                if not (np.isfinite(train_loss) and np.isfinite(val_loss)):
-                    raise TrainingError(
-                        f"training diverged at epoch {epoch}: train loss {train_loss}, "
-                        f"validation loss {val_loss}",
-                        [
-                            f"lower train.learning_rate (now {train.learning_rate})",
-                            "check the inputs for extreme values",
-                        ],
-                    )
-                row = {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "val_loss": val_loss,
-                    "seconds": seconds,
-                    "samples_per_second": len(x_train) / seconds,
-                }
+                row = _epoch_row(
+                    epoch,
+                    train_total / rows_total,
+                    val_total / len(x_val),
+                    seconds,
+                    len(x_train),
+                    train,
+                )
                 _record_epoch(state, row, network, train)
                 if rank == 0:
                     if checkpoint is not None:

@@ -221,29 +221,21 @@ def train_network(
                 # The only host-device synchronisation of the epoch.
                 train_total, val_total = torch.stack([train_sum, val_sum]).tolist()
                 seconds = time.perf_counter() - started
-                train_loss = train_total / len(x_train)
-                val_loss = val_total / len(x_val)
-                if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-                    raise TrainingError(
-                        f"training diverged at epoch {epoch}: train loss {train_loss}, "
-                        f"validation loss {val_loss}",
-                        [
-                            f"lower train.learning_rate (now {train.learning_rate})",
-                            "check the inputs for extreme values",
-                        ],
-                    )
-                row = {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "val_loss": val_loss,
-                    "seconds": seconds,
-                    "samples_per_second": len(x_train) / seconds,
-                }
+                row = _epoch_row(
+                    epoch,
+                    train_total / len(x_train),
+                    val_total / len(x_val),
+                    seconds,
+                    len(x_train),
+                    train,
+                )
                 _record_epoch(state, row, network, train)
                 if checkpoint_path is not None:
                     _save_checkpoint(checkpoint_path, network, optimizer, state, fingerprint)
                 bar.update(1)
-                bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}")
+                bar.set_postfix(
+                    train_loss=f"{row['train_loss']:.4f}", val_loss=f"{row['val_loss']:.4f}"
+                )
                 if on_epoch is not None:
                     on_epoch(dict(row))
     finally:
@@ -336,6 +328,37 @@ def weights_sha256(network: nn.Module) -> str:
 
 # ---------------------------------------------------------------------------------------
 # The loop
+
+
+def _epoch_row(
+    epoch: int,
+    train_loss: float,
+    val_loss: float,
+    seconds: float,
+    train_rows: int,
+    train: TrainSpec,
+) -> dict[str, Any]:
+    """The epoch's row of the history (losses, time, throughput).
+
+    Raises:
+        TrainingError: a loss is not finite (the training diverged).
+    """
+    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+        raise TrainingError(
+            f"training diverged at epoch {epoch}: train loss {train_loss}, "
+            f"validation loss {val_loss}",
+            [
+                f"lower train.learning_rate (now {train.learning_rate})",
+                "check the inputs for extreme values",
+            ],
+        )
+    return {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "seconds": seconds,
+        "samples_per_second": train_rows / seconds,
+    }
 
 
 def _record_epoch(
