@@ -711,6 +711,31 @@ def test_the_champion_runs_fused_and_without_its_one_hot_matrix(champion):
     assert not torch.equal(expected[4], dense_outputs(champion, frame.assign(car="van"))[4])
 
 
+def test_the_kernel_adds_one_table_row_per_group_of_categorical_columns(champion, monkeypatch):
+    """With tables too small to combine columns, each categorical column is a group of its
+    own: the rows of one table per column (the bias in the first) add up to the network's
+    output."""
+    from stemma.components import scoring
+
+    monkeypatch.setattr(scoring, "COMBINATION_TABLE_ROWS", 1)
+    kernel = scoring._build_one_hot_kernel(champion.network, champion.preprocessor)
+    assert kernel is not None
+    categorical = len(champion.preprocessor.categorical)
+    assert categorical >= 2
+    assert [members for members, _, _ in kernel._groups] == [[i] for i in range(categorical)]
+
+    frame = synthetic_frame(300, seed=17)
+    frame.loc[[3, 8], "car"] = "truck"
+    encoder = scoring._ChunkEncoder(champion.preprocessor)
+    columns = encoder.columns(pa.Table.from_pandas(frame, preserve_index=False))
+    with torch.inference_mode():
+        got = kernel(
+            encoder.numeric_block(columns, 0, len(frame)),
+            encoder.code_block(columns, 0, len(frame)),
+        )
+    torch.testing.assert_close(got, dense_outputs(champion, frame), rtol=1e-5, atol=1e-6)
+
+
 class Tanh(torch.nn.Module):
     """A network outside the fused engines: no ``layers`` stack, a Tanh in the middle."""
 
