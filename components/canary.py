@@ -1164,28 +1164,22 @@ def build_step_record(facts: StepLineage) -> dict[str, Any]:
         challenger=challenger.id,
         incumbent=control.id,
         verdict=facts.decision,
+        reasons=list(facts.reasons),
+        who=facts.who,
+        when=facts.when,
         labels_path=facts.labels_path,
         labels_digest=facts.labels_digest,
         action=facts.action,
         action_outcome=facts.outcome,
         action_run_id=facts.action_run_id,
     )
-    summary = {
-        "decision": facts.decision,
-        "action": facts.action,
-        "outcome": facts.outcome,
-        "reasons": list(facts.reasons),
-        "who": facts.who,
-        "when": facts.when,
-    }
     return build_decision_record(
         flow="canary",
         pipeline=facts.pipeline,
-        when=facts.when,
         nodes=nodes,
         edges=edges,
         decided=decided,
-        summary=summary,
+        summary={"action": facts.action, "outcome": facts.outcome},
     )
 
 

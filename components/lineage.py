@@ -339,6 +339,9 @@ class Decided:
     challenger: str  # model node ids
     incumbent: str
     verdict: str  # promote, keep, rollback...: the decision's edge to the challenger
+    reasons: list[str]
+    who: str
+    when: str
     labels_path: str | None = None
     labels_digest: str | None = None
     action: str | None = None  # promote or rollback, when a run carried it out
@@ -350,11 +353,10 @@ def build_decision_record(
     *,
     flow: str,
     pipeline: str,
-    when: str,
     nodes: list[Node],
     edges: list[Edge],
     decided: Decided,
-    summary: dict[str, Any],
+    summary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The lineage record of an evaluation that decided on a challenger.
 
@@ -362,7 +364,8 @@ def build_decision_record(
     evaluation and decision nodes); this adds what every such record links: the decision
     taken on the challenger against the incumbent, the labels, and the run that carried
     the decision out (a promotion puts the challenger over the incumbent, a rollback the
-    reverse). ``summary`` is the record's ``decision`` entry.
+    reverse). The record's ``decision`` entry holds the verdict, ``summary`` (what the
+    flow adds), the reasons, who and when.
     """
     nodes, edges = list(nodes), list(edges)
     edges += [
@@ -395,8 +398,14 @@ def build_decision_record(
         "schema": RECORD_SCHEMA,
         "pipeline": pipeline,
         "flow": flow,
-        "created": when,
-        "decision": summary,
+        "created": decided.when,
+        "decision": {
+            "decision": decided.verdict,
+            **(summary or {}),
+            "reasons": list(decided.reasons),
+            "who": decided.who,
+            "when": decided.when,
+        },
         "nodes": [asdict(node) for node in nodes],
         "edges": [asdict(edge) for edge in edges],
     }

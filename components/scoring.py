@@ -1105,9 +1105,7 @@ def _parquet_bytes(table: pa.Table) -> pa.Buffer:
     encoding: dict[str, str] = {}
     compression: dict[str, str] = {}
     for column in table.schema:
-        if column.name in dictionary:
-            compression[column.name] = "snappy"
-        elif pa.types.is_integer(column.type):
+        if pa.types.is_integer(column.type):
             encoding[column.name], compression[column.name] = "DELTA_BINARY_PACKED", "none"
         elif pa.types.is_floating(column.type):
             encoding[column.name], compression[column.name] = "PLAIN", "none"
@@ -2308,15 +2306,12 @@ class _OneHotKernel:
     with the network to float rounding (checked on a probe by :func:`one_hot_kernel`).
     """
 
-    def __init__(self, network: nn.Module, n_numeric: int, sizes: Sequence[int]) -> None:
+    def __init__(
+        self, first: nn.Linear, rest: Sequence[nn.Module], n_numeric: int, sizes: Sequence[int]
+    ) -> None:
         import torch
         from torch import nn
 
-        sequence = network.layers
-        layers = list(sequence) if isinstance(sequence, nn.Sequential) else []
-        first = layers[0] if layers else None
-        # What _build_one_hot_kernel checked before making a kernel.
-        assert isinstance(first, nn.Linear) and first.bias is not None
         weight = first.weight.detach()
         # (numeric columns, width): the numeric block's product accumulates onto the rows
         # looked up (one matrix multiply-add, no separate sum).
@@ -2333,12 +2328,12 @@ class _OneHotKernel:
             for member in members[1:]:
                 # Rows ordered as the mixed-radix number (code of the first, ..., of the last).
                 table = (table[:, None, :] + blocks[member][None, :, :]).reshape(-1, table.shape[1])
-            if not self._groups:  # the bias, added once: in the first group's rows
-                table = table + first.bias.detach()
+            if not self._groups and first.bias is not None:
+                table = table + first.bias.detach()  # the bias, once: in the first table
             radices = [sizes[member] + 1 for member in members]
             self._groups.append((members, radices, table.contiguous()))
         # Dropout is the identity in eval mode.
-        rest = [layer for layer in layers[1:] if not isinstance(layer, nn.Dropout | nn.Identity)]
+        rest = [layer for layer in rest if not isinstance(layer, nn.Dropout | nn.Identity)]
         self._relu = bool(rest) and isinstance(rest[0], nn.ReLU)
         if self._relu:
             rest = rest[1:]
@@ -2352,25 +2347,26 @@ class _OneHotKernel:
         rows) as :meth:`_ChunkEncoder.code_block` does."""
         import torch
 
-        hidden = None
-        for members, radices, table in self._groups:
-            index = codes[members[0]]
-            if len(members) > 1:
-                index = index * radices[1] + codes[members[1]]
-                for member, radix in zip(members[2:], radices[2:], strict=True):
-                    index *= radix
-                    index += codes[member]
-            rows = table.index_select(0, torch.from_numpy(index))
-            if hidden is None:
-                hidden = rows
-            else:
-                hidden += rows
-        assert hidden is not None  # a kernel has at least one categorical column
+        (members, radices, table), *others = self._groups
+        hidden = table.index_select(0, torch.from_numpy(_group_index(codes, members, radices)))
+        for members, radices, table in others:
+            hidden += table.index_select(0, torch.from_numpy(_group_index(codes, members, radices)))
         if self._numeric is not None:
             hidden.addmm_(torch.from_numpy(numeric), self._numeric)
         if self._relu:
             hidden.relu_()
         return hidden if self._rest is None else self._rest(hidden)
+
+
+def _group_index(codes: np.ndarray, members: Sequence[int], radices: Sequence[int]) -> np.ndarray:
+    """Each row's row in a group's table: its members' codes as one mixed-radix number."""
+    index = codes[members[0]]
+    if len(members) > 1:
+        index = index * radices[1] + codes[members[1]]
+        for member, radix in zip(members[2:], radices[2:], strict=True):
+            index *= radix
+            index += codes[member]
+    return index
 
 
 def _combination_groups(radices: Sequence[int]) -> list[list[int]]:
@@ -2409,15 +2405,15 @@ def _build_one_hot_kernel(network: nn.Module, preprocessor: Preprocessor) -> _On
     from .quantization import QuantizedNetwork
 
     layers = getattr(network, "layers", None)
+    stack = list(layers) if isinstance(layers, nn.Sequential) else []
+    first = stack[0] if stack else None
     if (
         isinstance(network, QuantizedNetwork)
         or not preprocessor.categorical
-        or not isinstance(layers, nn.Sequential)
-        or not len(layers)
-        or not isinstance(layers[0], nn.Linear)
-        or layers[0].bias is None
-        or layers[0].weight.dtype != torch.float32
-        or layers[0].in_features != preprocessor.n_inputs
+        or not isinstance(first, nn.Linear)
+        or first.bias is None
+        or first.weight.dtype != torch.float32
+        or first.in_features != preprocessor.n_inputs
         or network.training
         or not torch.backends.mkldnn.is_available()
     ):
@@ -2425,7 +2421,7 @@ def _build_one_hot_kernel(network: nn.Module, preprocessor: Preprocessor) -> _On
     n_numeric = len(preprocessor.numeric)
     sizes = [len(vocabulary) for vocabulary in preprocessor.vocabularies]
     try:
-        kernel = _OneHotKernel(network, n_numeric, sizes)
+        kernel = _OneHotKernel(first, stack[1:], n_numeric, sizes)
         generator = torch.Generator().manual_seed(0)
         numeric = torch.randn(PROBE_ROWS, n_numeric, generator=generator)
         # Every column's values and its unknown value (its size) appear.

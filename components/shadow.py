@@ -899,26 +899,17 @@ def build_shadow_record(facts: ShadowLineage, report: ShadowReport) -> dict[str,
         challenger=challenger.id,
         incumbent=champion.id,
         verdict=facts.decision,
+        reasons=list(facts.reasons),
+        who=facts.who,
+        when=facts.when,
         labels_path=facts.labels_path,
         labels_digest=facts.labels_digest,
         action=PROMOTE if facts.promotion_run_id else None,
         action_outcome=facts.promotion_outcome,
         action_run_id=facts.promotion_run_id,
     )
-    summary = {
-        "decision": facts.decision,
-        "reasons": list(facts.reasons),
-        "who": facts.who,
-        "when": facts.when,
-    }
     return build_decision_record(
-        flow="shadow",
-        pipeline=facts.pipeline,
-        when=facts.when,
-        nodes=nodes,
-        edges=edges,
-        decided=decided,
-        summary=summary,
+        flow="shadow", pipeline=facts.pipeline, nodes=nodes, edges=edges, decided=decided
     )
 
 
