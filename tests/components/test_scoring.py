@@ -426,7 +426,10 @@ def test_error_policy_stops_and_names_file_rows_and_reasons(champion, tmp_path):
     assert not (tmp_path / "out" / SUCCESS_FILE).exists()
 
 
-def test_invalid_rows_error_while_unknown_categories_are_rejected(champion, tmp_path):
+# With model threads, a chunk is still being scored when the next one is checked: the
+# error in the second chunk must not lose the first.
+@pytest.mark.parametrize("threads", [1, 3])
+def test_invalid_rows_error_while_unknown_categories_are_rejected(champion, tmp_path, threads):
     frame = synthetic_frame(20, seed=8)
     frame.loc[4, "car"] = "truck"
     frame.loc[15, "salary"] = np.nan  # in the second chunk
@@ -441,11 +444,13 @@ def test_invalid_rows_error_while_unknown_categories_are_rejected(champion, tmp_
             chunk_rows=10,
             invalid_rows="error",
             unknown_categories="reject",
+            threads=threads,
             progress=False,
         )
 
     rejects = read_parts(tmp_path / "out" / "rejects")  # the first chunk was done
     assert rejects["reason"].tolist() == ["car=truck is not a known category"]
+    assert len(read_parts(tmp_path / "out")) == 9
 
 
 def test_unknown_categories_can_be_scored_as_unseen(champion, tmp_path):
@@ -785,6 +790,8 @@ def test_parts_store_integers_delta_encoded_and_scores_uncompressed(champion, tm
     # No dictionary is tried: near-unique scores, and 0/1 predictions cheaper delta-encoded.
     assert not any("DICTIONARY" in encoding for c in columns.values() for encoding in c.encodings)
     assert {columns[name].compression for name in columns} == {"UNCOMPRESSED"}
-    assert columns[ID].is_stats_set and columns["score"].is_stats_set
+    # Min/max only where they can tell parts apart: the ids, not the 0-1 columns.
+    assert columns[ID].is_stats_set
+    assert not columns["score"].is_stats_set and not columns["prediction"].is_stats_set
     # Sequential ids take a few bits each, not eight bytes.
     assert columns[ID].total_compressed_size < 3_000
