@@ -2073,6 +2073,13 @@ def _score_chunks(
 
     in_flight: tuple[Callable[[], tuple[np.ndarray, float]], _ChunkScores, float, int] | None
     in_flight = None
+
+    def settle_in_flight() -> None:
+        nonlocal in_flight
+        if in_flight is not None:
+            flight, in_flight = in_flight, None  # settled once, even if settling fails
+            settle(*flight)
+
     try:
         for file_index, chunk_index, table in reader:
             name = PART_NAME.format(file=file_index, chunk=chunk_index)
@@ -2104,26 +2111,20 @@ def _score_chunks(
                 if reject_mask is None
                 else _rejects_columns(model, table, id_column, reject_mask, relevant, first_row),
             )
-            if in_flight is not None:
-                flight, in_flight = in_flight, None
-                settle(*flight)
+            settle_in_flight()
             if pool is None:  # scored already
                 settle(scoring, chunk, began, table.num_rows)
             else:
                 # The pool works on this chunk while the previous one goes to the writer
                 # and the next one is checked and looked up here.
                 in_flight = (scoring, chunk, began, table.num_rows)
-        if in_flight is not None:
-            flight, in_flight = in_flight, None
-            settle(*flight)
+        settle_in_flight()
         while pending:
             collect(pending.popleft())
     except DataError:
         # Rows that stop the run (or a file that cannot be read) leave every chunk before
         # them written, so that a rerun resumes after them.
-        if in_flight is not None:
-            flight, in_flight = in_flight, None
-            settle(*flight)
+        settle_in_flight()
         raise
     finally:
         reader.close()
