@@ -1913,6 +1913,9 @@ def _check_coverage(plan: ScoringPlan, ranges: Sequence[ChunkRange]) -> None:
         raise ValueError(f"the scored ranges do not cover {path.name} exactly once: {mine}")
 
 
+_MALLOC_THRESHOLD_RAISED = threading.Event()
+
+
 def _raise_malloc_mmap_threshold() -> None:
     """Let glibc serve the model's per-batch buffers from its heap instead of fresh maps.
 
@@ -1923,8 +1926,15 @@ def _raise_malloc_mmap_threshold() -> None:
     the first scoring in a process otherwise would. Measured on 10M rows in a fresh
     process: 1.6M fewer page faults and 3.8 s less system time. The block's pages are
     never touched, so it costs nothing; other allocators are unaffected.
+
+    Once per process: the threshold never falls again, and once it is raised the block
+    comes from the heap, whose release trims the heap's touched top (5-10 ms of CPU per
+    call, measured between runs on 1M rows), to be faulted in again by the next run.
     """
+    if _MALLOC_THRESHOLD_RAISED.is_set():
+        return
     np.empty(MALLOC_WARMUP_BYTES, dtype=np.uint8)
+    _MALLOC_THRESHOLD_RAISED.set()
 
 
 @dataclass(frozen=True)

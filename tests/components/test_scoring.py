@@ -795,3 +795,22 @@ def test_parts_store_integers_delta_encoded_and_scores_uncompressed(champion, tm
     assert not columns["score"].is_stats_set and not columns["prediction"].is_stats_set
     # Sequential ids take a few bits each, not eight bytes.
     assert columns[ID].total_compressed_size < 3_000
+
+
+def test_the_malloc_threshold_is_raised_once_per_process(monkeypatch):
+    """Raising it again would release the heap's free top, which later runs fault back in."""
+    from stemma.components import scoring
+
+    monkeypatch.setattr(scoring, "_MALLOC_THRESHOLD_RAISED", scoring.threading.Event())
+    warm_ups = []
+    empty = np.empty
+
+    def counting_empty(shape, *args, **kwargs):
+        if shape == scoring.MALLOC_WARMUP_BYTES:
+            warm_ups.append(shape)
+        return empty(shape, *args, **kwargs)
+
+    monkeypatch.setattr(np, "empty", counting_empty)
+    for _ in range(3):
+        scoring._raise_malloc_mmap_threshold()
+    assert warm_ups == [scoring.MALLOC_WARMUP_BYTES]
