@@ -50,7 +50,7 @@ def worker(module_path: str, source: Path, folder: Path) -> None:
         shutil.rmtree(folder / "pyfunc", ignore_errors=True)
         bench.run_pyfunc(pyfunc_model, source, folder / "pyfunc")
         shutil.rmtree(folder / "out", ignore_errors=True)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         version.score_files(
             model,
             version.input_files(source),
@@ -59,7 +59,7 @@ def worker(module_path: str, source: Path, folder: Path) -> None:
             chunk_rows=bench.CHUNK_ROWS,
             progress=False,
         )
-        print(time.perf_counter() - started, flush=True)
+        print(time.perf_counter() - started, time.process_time() - cpu, flush=True)
 
 
 def main() -> None:
@@ -92,6 +92,7 @@ def main() -> None:
                 if process.poll() is not None:
                     raise SystemExit(f"a worker exited with {process.returncode}")
         seconds: dict[str, list[float]] = {name: [] for name in versions}
+        cpu: dict[str, list[float]] = {name: [] for name in versions}
         for round_index in range(arguments.rounds + 1):  # the first round warms up
             order = ["old", "new"] if round_index % 2 == 0 else ["new", "old"]
             for name in order:
@@ -99,7 +100,9 @@ def main() -> None:
                 assert process.stdin is not None and process.stdout is not None
                 process.stdin.write("go\n")
                 process.stdin.flush()
-                seconds[name].append(float(process.stdout.readline()))
+                wall, busy = map(float, process.stdout.readline().split())
+                seconds[name].append(wall)
+                cpu[name].append(busy)
         for process in processes.values():
             assert process.stdin is not None
             process.stdin.close()
@@ -109,7 +112,9 @@ def main() -> None:
     ratios = [n / o for o, n in zip(old, new, strict=True)]
     for name, values in (("old", old), ("new", new)):
         print(
-            f"{name}: median {1000 * statistics.median(values):.1f} ms, min {1000 * min(values):.1f} ms"
+            f"{name}: median {1000 * statistics.median(values):.1f} ms, "
+            f"min {1000 * min(values):.1f} ms; CPU (all threads) median "
+            f"{1000 * statistics.median(cpu[name][1:]):.1f} ms"
         )
     faster = sum(ratio < 1 for ratio in ratios)
     print(
