@@ -7,7 +7,8 @@ minutes apart cannot tell a 5% change. Here each version runs in its own process
 own heap and allocator state, which a single process alternating two module copies would
 share) and the two take turns, swapping the order every round; each round runs
 `mlflow.pyfunc` before the version, as the benchmark does. What is compared is the
-per-round ratio of NEW to OLD, whose drift cancels out.
+per-round ratio of NEW to OLD, whose drift cancels out. Each version's CPU time over all
+its threads is printed too: a change can save CPU and still lose time to a worse schedule.
 
 Keep a copy of the old module first, e.g. `git show HEAD:components/scoring.py > old.py`.
 """
