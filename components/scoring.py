@@ -23,15 +23,15 @@ the parts that exist and ends with the same bytes as a run that was never interr
 
 The work overlaps in threads (pyarrow, numpy, hashlib and torch release the GIL): one
 hashes the input, one reads chunks ahead, the calling thread checks and looks up each
-chunk, ``threads`` threads encode and run the network batch by batch under
-``torch.inference_mode``, and one decodes, tabulates and writes the parts. Preprocessing
+chunk, ``threads`` threads encode, run the network and decode batch by batch under
+``torch.inference_mode``, and one tabulates and writes each part a row group at a time, as
+the batches holding its rows are done. Preprocessing
 works on Arrow and numpy arrays directly; pandas is not involved. Memory is bounded by a
 few chunks, whatever the size of the input.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import itertools
@@ -84,8 +84,10 @@ SUCCESS_FILE = "_SUCCESS"
 #: Prefix of files being written; they are renamed into place once complete.
 TEMP_PREFIX = ".tmp-"
 #: Layout version of the parts and the manifest; part of the fingerprint (2: integer and
-#: float columns stored uncompressed, integers delta-encoded; 3: the prediction too).
-OUTPUT_FORMAT = 3
+#: float columns stored uncompressed, integers delta-encoded; 3: the prediction too; 4: row
+#: groups of PART_ROW_GROUP_ROWS rows, the prediction and the score required columns, and
+#: scores decoded by torch's logistic).
+OUTPUT_FORMAT = 4
 #: Equal-width bins of the score histogram (over [0, 1] for a binary model).
 HISTOGRAM_BINS = 20
 #: Model version tag holding the sha256 of the weights file (set at registration).
@@ -110,6 +112,10 @@ LOOKUP_TABLE_MAX_SPAN = 1 << 16
 #: Rows per forward pass: a batch's activations stay in the CPU cache. On a 2-core EPYC
 #: the credit MLP ran 2-3x faster per row in batches of 8,192 than of 65,536.
 FORWARD_BATCH_ROWS = 8_192
+#: Rows per row group of a scored part (eight forward batches): the writer encodes a row
+#: group as soon as its scores are done, so little of a part is left to write when the
+#: model finishes its chunk. Fixed, so that a part's bytes do not depend on timing.
+PART_ROW_GROUP_ROWS = 65_536
 #: Size of the block whose release raises glibc's mmap threshold (its cap is 32 MiB).
 MALLOC_WARMUP_BYTES = (32 << 20) - (64 << 10)
 #: Largest table of category combinations the first layer of a one-hot kernel looks up
@@ -723,9 +729,11 @@ class _ChunkEncoder:
             order = np.argsort(values, kind="stable")
             self._sorted[column] = (values[order], order)
             low, high = int(values.min()), int(values.max())
-            if high - low < LOOKUP_TABLE_MAX_SPAN:
-                table = np.full(high - low + 1, -1, dtype=np.int64)
-                table[values - low] = np.arange(len(values))
+            if high - low < LOOKUP_TABLE_MAX_SPAN and low > np.iinfo(np.int64).min:
+                # Position ``value - low + 1``; the -1 (unknown) at both ends is where every
+                # value outside the span lands once the positions are clipped.
+                table = np.full(high - low + 3, -1, dtype=np.int64)
+                table[values - low + 1] = np.arange(len(values))
                 self._tables[column] = (low, table)
 
     def columns(self, table: pa.Table) -> _Columns:
@@ -822,7 +830,7 @@ class _ChunkEncoder:
             if numbers.dtype.kind == "f":
                 nan = np.isnan(numbers)
                 missing = nan if missing is None else missing | nan
-            elif column in self._tables:
+            elif column in self._tables and numbers.dtype != np.uint64:
                 return self._looked_up(column, numbers), missing
             sorted_values, order = self._sorted[column]
             position = np.searchsorted(sorted_values, numbers)
@@ -837,12 +845,10 @@ class _ChunkEncoder:
         return codes, missing
 
     def _looked_up(self, column: str, numbers: np.ndarray) -> np.ndarray:
+        """Codes by one clipped gather (faster than fancy indexing, and no range pass: a
+        value outside the span, even one whose shift wraps around, clips to an end)."""
         low, table = self._tables[column]
-        shifted = numbers - low if low else numbers
-        if numbers.size and shifted.min() >= 0 and shifted.max() < len(table):
-            return table[shifted]
-        inside = (shifted >= 0) & (shifted < len(table))
-        return np.where(inside, table[np.where(inside, shifted, 0)], -1)
+        return np.take(table, numbers.astype(np.int64, copy=False) - (low - 1), mode="clip")
 
 
 def _float_values(values: pa.ChunkedArray) -> np.ndarray:
@@ -1098,8 +1104,8 @@ def _json_bytes(document: dict[str, Any]) -> bytes:
     return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
-def _parquet_bytes(table: pa.Table) -> pa.Buffer:
-    """A part's Parquet bytes, encoded for what its columns hold.
+def _parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """How a part's columns are encoded, for what they hold.
 
     Integer columns are delta-encoded and not compressed: sequential ids take a few bits
     each, and a 0/1 prediction two, at a third of the cost of a dictionary (measured on
@@ -1111,35 +1117,36 @@ def _parquet_bytes(table: pa.Table) -> pa.Buffer:
     the prediction and the score, whose ranges are the same in every part (0 to 1), so
     they could not let a reader skip one: they took 20% of the time to encode a part.
     """
-    sink = pa.BufferOutputStream()
-    dictionary = [REASON_COLUMN] if REASON_COLUMN in table.column_names else []
     encoding: dict[str, str] = {}
     compression: dict[str, str] = {}
-    for column in table.schema:
+    for column in schema:
         if pa.types.is_integer(column.type):
             encoding[column.name], compression[column.name] = "DELTA_BINARY_PACKED", "none"
         elif pa.types.is_floating(column.type):
             encoding[column.name], compression[column.name] = "PLAIN", "none"
         else:
             compression[column.name] = "snappy"
-    pq.write_table(
-        table,
-        sink,
-        write_statistics=[
-            name for name in table.column_names if name not in (PREDICTION_COLUMN, SCORE_COLUMN)
+    return {
+        "write_statistics": [
+            name for name in schema.names if name not in (PREDICTION_COLUMN, SCORE_COLUMN)
         ],
-        use_dictionary=dictionary,
-        compression=compression,
-        column_encoding=encoding or None,
-    )
+        "use_dictionary": [REASON_COLUMN] if REASON_COLUMN in schema.names else [],
+        "compression": compression,
+        "column_encoding": encoding or None,
+    }
+
+
+def _parquet_bytes(table: pa.Table) -> pa.Buffer:
+    """A whole part's Parquet bytes (a rejects part), encoded by :func:`_parquet_options`."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **_parquet_options(table.schema))
     return sink.getvalue()
 
 
-def _write_part(path: Path, table: pa.Table) -> dict[str, Any]:
-    payload = _parquet_bytes(table)
+def _write_part(path: Path, payload: pa.Buffer, rows: int) -> dict[str, Any]:
     entry = {
         "name": path.name,
-        "rows": table.num_rows,
+        "rows": rows,
         "sha256": hashlib.sha256(memoryview(payload)).hexdigest(),
     }
     _write_atomically(path, payload, sync_folder=False)
@@ -1147,17 +1154,18 @@ def _write_part(path: Path, table: pa.Table) -> dict[str, Any]:
 
 
 def _write_chunk(
-    output_dir: Path, name: str, scored: pa.Table, rejects: pa.Table | None
+    output_dir: Path, name: str, scored: pa.Buffer, rows: int, rejects: pa.Table | None
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Write a chunk's rejects part (or remove a stale one), then its scored part."""
+    """Write a chunk's rejects part (or remove a stale one), then its scored part (its
+    Parquet bytes, holding ``rows`` rows)."""
     rejects_path = output_dir / REJECTS_DIR / name
     reject_entry = None
     if rejects is not None:
         rejects_path.parent.mkdir(exist_ok=True)
-        reject_entry = _write_part(rejects_path, rejects)
+        reject_entry = _write_part(rejects_path, _parquet_bytes(rejects), rejects.num_rows)
     else:
         rejects_path.unlink(missing_ok=True)
-    return _write_part(output_dir / name, scored), reject_entry
+    return _write_part(output_dir / name, scored, rows), reject_entry
 
 
 def _existing_part(path: Path) -> dict[str, Any]:
@@ -1985,13 +1993,15 @@ def _in_background(function: Callable[..., Any], *args: Any) -> Future[Any]:
 
 @dataclass(frozen=True)
 class _ChunkScores:
-    """A scored chunk on its way to the writer."""
+    """A chunk on its way to the writer, whose scores may still be coming."""
 
     name: str
     input_file: str
+    rows: int  # rows of the chunk, scored or rejected
     ids: pa.ChunkedArray | None  # the id column of every row (not the whole chunk)
     keep: np.ndarray | None  # rows scored, when some were rejected
-    scores: np.ndarray  # float64 scores of the kept rows
+    scores: _Scores  # float64 scores of the kept rows, batch by batch
+    began: float  # when the chunk's checks began (time.perf_counter), for its latency
     rejects: dict[str, Any] | None  # columns of the rejects part
 
 
@@ -2057,38 +2067,16 @@ def _score_chunks(
         written = future.result()
         if written is None:  # the progress file
             return
-        part, rejected, counts = written
+        part, rejected, counts, chunk = written
         tally.parts[part["name"]] = part
         if rejected is not None:
             tally.rejects[rejected["name"]] = rejected
         if counts is not None:
             tally.counts += counts
-
-    def settle(
-        scoring: Callable[[], tuple[np.ndarray, float]],
-        chunk: _ChunkScores,
-        began: float,
-        rows: int,
-    ) -> None:
-        """Wait for a chunk's scores and hand it to the writer."""
-        scores, finished = scoring()
-        chunk = dataclasses.replace(chunk, scores=scores)
-        tally.latencies.append(finished - began)
-        pending.append(writer.submit(_finish_chunk, output_dir, model, id_column, chunk, hashing))
-        while len(pending) > PENDING_WRITES:
-            collect(pending.popleft())
+        tally.latencies.append(chunk.scores.finished() - chunk.began)
         tally.written += 1
-        tally.rows_this_call += rows
-        bar.update(rows)
-
-    in_flight: tuple[Callable[[], tuple[np.ndarray, float]], _ChunkScores, float, int] | None
-    in_flight = None
-
-    def settle_in_flight() -> None:
-        nonlocal in_flight
-        if in_flight is not None:
-            flight, in_flight = in_flight, None  # settled once, even if settling fails
-            settle(*flight)
+        tally.rows_this_call += chunk.rows
+        bar.update(chunk.rows)
 
     try:
         for file_index, chunk_index, table in reader:
@@ -2108,37 +2096,35 @@ def _score_chunks(
                 features = features.take(~reject_mask)
             size = tail_workers if tail_workers and reader.exhausted.is_set() else workers
             pool = pools.get(size)
-            scoring = _start_forward(
-                run_network, kernel, encoder, features, model.preprocessor, pool
-            )
             chunk = _ChunkScores(
                 name=name,
                 input_file=files[file_index].name,
+                rows=table.num_rows,
                 ids=table.column(id_column) if id_column is not None else None,
                 keep=None if reject_mask is None else ~reject_mask,
-                scores=np.empty(0),
+                scores=_start_forward(
+                    run_network, kernel, encoder, features, model.preprocessor, pool
+                ),
+                began=began,
                 rejects=None
                 if reject_mask is None
                 else _rejects_columns(model, table, id_column, reject_mask, relevant, first_row),
             )
-            settle_in_flight()
-            if pool is None:  # scored already
-                settle(scoring, chunk, began, table.num_rows)
-            else:
-                # The pool works on this chunk while the previous one goes to the writer
-                # and the next one is checked and looked up here.
-                in_flight = (scoring, chunk, began, table.num_rows)
-        settle_in_flight()
+            # The writer takes the chunk at once and writes its rows as their scores come,
+            # while the pool scores it and the next one is checked and looked up here.
+            pending.append(
+                writer.submit(_finish_chunk, output_dir, model, id_column, chunk, hashing)
+            )
+            while len(pending) > PENDING_WRITES:
+                collect(pending.popleft())
         while pending:
             collect(pending.popleft())
-    except DataError:
-        # Rows that stop the run (or a file that cannot be read) leave every chunk before
-        # them written, so that a rerun resumes after them.
-        settle_in_flight()
-        raise
     finally:
         reader.close()
-        # Writes already submitted finish (each is atomic); nothing half-written remains.
+        # Writes already submitted finish (each is atomic; the model threads they wait for
+        # are still running), so rows that stop the run or a file that cannot be read
+        # leave every chunk before them written, and a rerun resumes after them. Nothing
+        # half-written remains.
         writer.shutdown(wait=True)
         for pool in pools.values():
             pool.shutdown(wait=True, cancel_futures=True)
@@ -2165,29 +2151,56 @@ def _finish_chunk(
     id_column: str | None,
     chunk: _ChunkScores,
     hashing: Future[_Identity],
-) -> tuple[dict[str, Any], dict[str, Any] | None, np.ndarray | None]:
-    """Decode, tabulate and write a chunk (in the writer thread).
+) -> tuple[dict[str, Any], dict[str, Any] | None, np.ndarray | None, _ChunkScores]:
+    """Tabulate and write a chunk (in the writer thread), a row group of
+    :data:`PART_ROW_GROUP_ROWS` rows as soon as the batches holding its scores are done.
 
     Returns:
-        The scored part's manifest entry, the rejects part's (or None), and the chunk's
-        score histogram counts (binary; None for regression).
+        The scored part's manifest entry, the rejects part's (or None), the chunk's score
+        histogram counts (binary; None for regression), and the chunk.
     """
     metadata = {**hashing.result().metadata, "input_file": chunk.input_file}
-    counts = None
-    if model.task == "binary":
-        counts = np.histogram(chunk.scores, bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
-    columns: dict[str, Any] = {}
+    binary = model.task == "binary"
+    ids = None
     if id_column is not None and chunk.ids is not None:
         ids = chunk.ids if chunk.keep is None else chunk.ids.filter(pa.array(chunk.keep))
         # One contiguous array, so the part's bytes do not depend on how reads were batched.
-        columns[id_column] = ids.combine_chunks()
-    if model.task == "binary":
-        columns[PREDICTION_COLUMN] = pa.array((chunk.scores >= model.threshold).astype(np.int64))
-    columns[SCORE_COLUMN] = pa.array(chunk.scores)
-    scored = _with_metadata(columns, metadata)
+        ids = ids.combine_chunks()
+    schema = _part_schema(model, id_column, None if ids is None else ids.type, metadata)
+    counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64) if binary else None
+    rows = len(chunk.scores)
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, schema, **_parquet_options(schema)) as parquet:
+        for start in range(0, max(rows, 1), PART_ROW_GROUP_ROWS):
+            stop = min(start + PART_ROW_GROUP_ROWS, rows)
+            scores = chunk.scores.wait(stop)[start:stop]
+            columns: list[Any] = [] if ids is None else [ids.slice(start, stop - start)]
+            if counts is not None:
+                counts += _unit_histogram(scores)
+                columns.append(pa.array((scores >= model.threshold).astype(np.int64)))
+            columns.append(pa.array(scores))
+            parquet.write_table(pa.Table.from_arrays(columns, schema=schema))
     rejects = None if chunk.rejects is None else _with_metadata(chunk.rejects, metadata)
-    part, rejected = _write_chunk(output_dir, chunk.name, scored, rejects)
-    return part, rejected, counts
+    part, rejected = _write_chunk(output_dir, chunk.name, sink.getvalue(), rows, rejects)
+    return part, rejected, counts, chunk
+
+
+def _part_schema(
+    model: ScoringModel,
+    id_column: str | None,
+    id_type: pa.DataType | None,
+    metadata: dict[str, str],
+) -> pa.Schema:
+    """A scored part's columns, with the scoring's metadata. The prediction and the score
+    are never null: required columns, which spare the writer their definition levels (20%
+    of the time to encode a part)."""
+    fields = []
+    if id_column is not None and id_type is not None:
+        fields.append(pa.field(id_column, id_type))
+    if model.task == "binary":
+        fields.append(pa.field(PREDICTION_COLUMN, pa.int64(), nullable=False))
+    fields.append(pa.field(SCORE_COLUMN, pa.float64(), nullable=False))
+    return pa.schema(fields, metadata=_prefixed(metadata))
 
 
 #: The runner of each network, by the network it was made from (see :func:`_runner`).
@@ -2520,10 +2533,9 @@ def _start_forward(
     features: _Columns,
     preprocessor: Preprocessor,
     pool: ThreadPoolExecutor | None,
-) -> Callable[[], tuple[np.ndarray, float]]:
-    """Start scoring a chunk's rows in batches of :data:`FORWARD_BATCH_ROWS` rows; the
-    function returned waits for the scores (float64) and tells when the last batch was
-    done (``time.perf_counter``).
+) -> _Scores:
+    """Start scoring a chunk's rows in batches of :data:`FORWARD_BATCH_ROWS` rows, each
+    decoded into its place in the chunk's float64 scores (see :class:`_Scores`).
 
     Each batch is encoded right before the network reads it, so its matrix is still in
     the CPU cache: with ``kernel``, as its numeric and category blocks, otherwise as the
@@ -2536,7 +2548,9 @@ def _start_forward(
     """
     import torch
 
-    def run(start: int) -> tuple[np.ndarray, float]:
+    scores = np.empty(features.rows, dtype=np.float64)
+
+    def run(start: int) -> float:
         stop = min(start + FORWARD_BATCH_ROWS, features.rows)
         # inference_mode is per thread: each batch enters it where it runs.
         with torch.inference_mode():
@@ -2548,21 +2562,45 @@ def _start_forward(
             else:
                 output = run_network(torch.from_numpy(encoder.matrix(features, start, stop)))
             # Decoding is elementwise: a batch decodes as it would within its chunk.
-            decoded = preprocessor.decode_output(output.float().numpy().reshape(stop - start))
-        return decoded, time.perf_counter()
+            preprocessor.decode_output(
+                output.float().numpy().reshape(stop - start), out=scores[start:stop]
+            )
+        return time.perf_counter()
 
-    def scores(outputs: list[tuple[np.ndarray, float]]) -> tuple[np.ndarray, float]:
-        parts = [decoded for decoded, _ in outputs]
-        decoded = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        finished = max(done for _, done in outputs)
-        return np.asarray(decoded, dtype=np.float64).reshape(features.rows), finished
-
-    starts = range(0, max(features.rows, 1), FORWARD_BATCH_ROWS)
+    starts = range(0, features.rows, FORWARD_BATCH_ROWS)
     if pool is None:
-        result = scores([run(start) for start in starts])
-        return lambda: result
-    batches = [pool.submit(run, start) for start in starts]
-    return lambda: scores([batch.result() for batch in batches])
+        return _Scores(
+            scores, [(start, None) for start in starts], [run(start) for start in starts]
+        )
+    return _Scores(scores, [(start, pool.submit(run, start)) for start in starts], [])
+
+
+class _Scores:
+    """A chunk's scores, filled in batch by batch by whichever thread runs each batch."""
+
+    def __init__(
+        self, scores: np.ndarray, batches: list[tuple[int, Future[float] | None]], done: list[float]
+    ) -> None:
+        self._scores = scores
+        self._batches = batches  # (first row, the batch's future: None once run here)
+        self._done = done  # when each batch waited for was done (time.perf_counter)
+
+    def __len__(self) -> int:
+        return len(self._scores)
+
+    def wait(self, rows: int) -> np.ndarray:
+        """The scores, once the batches holding the first ``rows`` are done (the rest may
+        still be coming)."""
+        while self._batches and self._batches[0][0] < rows:
+            _, batch = self._batches.pop(0)
+            if batch is not None:
+                self._done.append(batch.result())
+        return self._scores
+
+    def finished(self) -> float:
+        """When the last batch was done, once it is."""
+        self.wait(len(self._scores))
+        return max(self._done, default=time.perf_counter())
 
 
 def _apply_policies(
@@ -2619,11 +2657,12 @@ def _output_columns(model: ScoringModel, id_column: str | None) -> list[str]:
     return [*columns, SCORE_COLUMN]
 
 
+def _prefixed(metadata: dict[str, str]) -> dict[str, str]:
+    return {f"{METADATA_PREFIX}{key}": value for key, value in metadata.items()}
+
+
 def _with_metadata(columns: dict[str, Any], metadata: dict[str, str]) -> pa.Table:
-    table = pa.table(columns)
-    return table.replace_schema_metadata(
-        {f"{METADATA_PREFIX}{key}": value for key, value in metadata.items()}
-    )
+    return pa.table(columns).replace_schema_metadata(_prefixed(metadata))
 
 
 def _rejects_columns(
@@ -2665,8 +2704,31 @@ def _resume_part(output_dir: Path, name: str, tally: _Tally, *, binary: bool) ->
     if rejected.is_file():
         tally.rejects[name] = _existing_part(rejected)
     if binary:
-        tally.counts += np.histogram(_part_scores(path), bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
+        tally.counts += _unit_histogram(_part_scores(path))
     tally.skipped += 1
+
+
+#: The binary score histogram's bin edges, as ``np.histogram`` computes them.
+_UNIT_EDGES = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
+
+
+def _unit_histogram(scores: np.ndarray) -> np.ndarray:
+    """``np.histogram(scores, HISTOGRAM_BINS, range=(0, 1))[0]``, exactly, in 40% of its time.
+
+    Scores in [0, 1] are binned as ``floor(score * bins)``, which differs from numpy's
+    edges only where a score lies just below an edge that rounds up (0.15000000000000002
+    and others): one gather of the edges finds those. No score times ``bins`` lands below
+    the edge it has reached (checked for these bins by the tests), so nothing needs moving
+    up. Anything else (NaN, or outside [0, 1]) goes to ``np.histogram``.
+    """
+    if not scores.size:
+        return np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+    if not (scores.min() >= 0.0 and scores.max() <= 1.0):
+        return np.histogram(scores, bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
+    index = (scores * HISTOGRAM_BINS).astype(np.intp)
+    np.minimum(index, HISTOGRAM_BINS - 1, out=index)  # 1.0 is in the last bin
+    index -= scores < np.take(_UNIT_EDGES, index)
+    return np.bincount(index, minlength=HISTOGRAM_BINS)
 
 
 def _part_scores(path: Path) -> np.ndarray:

@@ -209,6 +209,27 @@ def test_binary_targets_and_probabilities() -> None:
     assert probabilities[3] == pytest.approx(np.exp(-40.0))  # not rounded to 0
 
 
+def test_decoded_outputs_can_be_written_into_a_given_array() -> None:
+    frame = _frame()
+    binary = fit_preprocessor(frame, FEATURES, task="binary")
+    logits = np.array([-700.0, -2.0, 0.0, 3.5], dtype=np.float64)
+    out = np.full(6, -1.0)
+
+    written = binary.decode_output(logits.astype(np.float32), out=out[1:5])
+
+    assert written.base is out and out[0] == out[5] == -1.0
+    np.testing.assert_allclose(out[1:5], 1.0 / (1.0 + np.exp(-logits)), rtol=1e-15)
+    assert 0.0 < out[1] < 1e-300  # a very negative logit keeps its tiny probability
+    regression = fit_preprocessor(frame, FEATURES, task="regression", target="loan")
+    assert regression.target_mean is not None and regression.target_std is not None
+    expected = logits * regression.target_std + regression.target_mean
+    assert regression.decode_output(logits, out=np.empty(4)).tolist() == expected.tolist()
+    with pytest.raises(ValueError, match="contiguous float64 of shape"):
+        binary.decode_output(logits, out=np.empty(3))
+    with pytest.raises(ValueError, match="contiguous float64 of shape"):
+        binary.decode_output(logits, out=np.empty(8)[::2])
+
+
 def test_boolean_binary_targets_are_accepted() -> None:
     frame = _frame().assign(approved=[True, False, False, True])
     pre = fit_preprocessor(frame, FEATURES, task="binary")

@@ -22,6 +22,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from stemma.components import scoring
 from stemma.components.errors import DataError, RegistryError
 from stemma.components.scoring import (
     PROGRESS_FILE,
@@ -720,7 +721,6 @@ def test_the_kernel_adds_one_table_row_per_group_of_categorical_columns(champion
     """With tables too small to combine columns, each categorical column is a group of its
     own: the rows of one table per column (the bias in the first) add up to the network's
     output."""
-    from stemma.components import scoring
 
     monkeypatch.setattr(scoring, "COMBINATION_TABLE_ROWS", 1)
     kernel = scoring._build_one_hot_kernel(champion.network, champion.preprocessor)
@@ -797,9 +797,68 @@ def test_parts_store_integers_delta_encoded_and_scores_uncompressed(champion, tm
     assert columns[ID].total_compressed_size < 3_000
 
 
+def test_parts_are_written_a_row_group_at_a_time_as_their_scores_come(
+    store, champion, tmp_path, monkeypatch
+):
+    """Row groups of a fixed size, each written once the batches holding its rows are
+    done: the bytes do not depend on how many threads scored, rejected rows leave the
+    kept rows' ids and scores aligned, and the prediction and score are required columns."""
+    monkeypatch.setattr(scoring, "PART_ROW_GROUP_ROWS", 1_500)
+    monkeypatch.setattr(scoring, "FORWARD_BATCH_ROWS", 700)  # row groups span batches
+    frame = with_bad_rows(synthetic_frame(9_000, seed=29))
+    source = write_parquet(frame, tmp_path / "in.parquet")
+    folders = {threads: tmp_path / f"threads-{threads}" for threads in (1, 2)}
+    for threads, folder in folders.items():
+        score_files(
+            champion,
+            [source],
+            folder,
+            id_column=ID,
+            chunk_rows=4_000,
+            threads=threads,
+            progress=False,
+        )
+
+    assert folder_bytes(folders[1]) == folder_bytes(folders[2])
+    parts = sorted(folders[2].glob("part-*.parquet"))
+    sizes = [
+        [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+        for metadata in (pq.read_metadata(part) for part in parts)
+    ]
+    assert sizes == [[1_500, 1_500, 995], [1_500, 1_500, 1_000], [1_000]]  # 5 rows rejected
+    schema = pq.read_schema(parts[0])
+    assert schema.field(ID).nullable
+    assert not schema.field("prediction").nullable and not schema.field("score").nullable
+    scored = read_parts(folders[2])
+    kept = frame.drop(index=list(EXPECTED_REASONS))
+    expected = mlflow.pyfunc.load_model(champion.model_uri).predict(kept[FEATURE_COLUMNS])
+    assert scored[ID].tolist() == kept[ID].tolist()
+    np.testing.assert_allclose(scored["score"], expected["score"], rtol=1e-6)
+    assert scored["prediction"].tolist() == expected["prediction"].tolist()
+
+
+def test_the_score_histogram_bins_exactly_as_numpy_does():
+    bins = scoring.HISTOGRAM_BINS
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # The shortcut moves scores down only: no score times bins falls short of an edge
+    # the score has reached.
+    assert all(np.floor(edges[k] * bins) >= k for k in range(1, bins))
+    rng = np.random.default_rng(3)
+    around_edges = np.concatenate([edges, np.nextafter(edges, -1), np.nextafter(edges, 2)])
+    samples = {
+        "uniform": rng.random(100_000),
+        "edges and their neighbours": np.clip(around_edges, 0.0, 1.0),
+        "ends": np.array([0.0, 1.0, 1.0]),
+        "empty": np.empty(0),
+        "outside [0, 1] and NaN": np.array([-0.1, 0.2, 1.5, np.nan, 0.7]),
+    }
+    for name, values in samples.items():
+        expected = np.histogram(values, bins=bins, range=(0.0, 1.0))[0]
+        assert scoring._unit_histogram(values).tolist() == expected.tolist(), name
+
+
 def test_the_malloc_threshold_is_raised_once_per_process(monkeypatch):
     """Raising it again would release the heap's free top, which later runs fault back in."""
-    from stemma.components import scoring
 
     monkeypatch.setattr(scoring, "_MALLOC_THRESHOLD_RAISED", scoring.threading.Event())
     warm_ups = []
