@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from mlflow import MlflowClient
 
 from stemma.components import scoring
 from stemma.components.errors import DataError, RegistryError
+from stemma.components.features import fit_preprocessor
 from stemma.components.scoring import (
     PROGRESS_FILE,
     SUCCESS_FILE,
@@ -835,6 +837,57 @@ def test_parts_are_written_a_row_group_at_a_time_as_their_scores_come(
     assert scored[ID].tolist() == kept[ID].tolist()
     np.testing.assert_allclose(scored["score"], expected["score"], rtol=1e-6)
     assert scored["prediction"].tolist() == expected["prediction"].tolist()
+
+
+def test_integer_categories_are_looked_up_whatever_their_span_and_type():
+    """Vocabularies from 1, from 0, through negatives and too wide for a table; values
+    inside, between, below and above them, in narrow and wide integer types."""
+    vocabularies = {
+        "from_one": [3, 1, 5, 2],
+        "from_zero": [0, 4, 2],
+        "negative": [-3, 0, 2],
+        "wide": [0, 70_000, 5],
+    }
+    frame = pd.DataFrame(
+        {name: np.resize(values, 8) for name, values in vocabularies.items()} | {"x": 1.0}
+    )
+    preprocessor = fit_preprocessor(
+        frame, FeaturesSpec(numeric=["x"], categorical=list(vocabularies)), task="binary"
+    )
+    encoder = scoring._ChunkEncoder(preprocessor)
+    probes = [-(2**40), -4, -3, -1, 0, 1, 2, 3, 4, 5, 6, 69_999, 70_000, 2**40]
+    nonnegative = [v for v in probes if v >= 0]  # a span from 0 then needs no shift
+    for arrow_type, candidates in itertools.product(
+        (pa.int64(), pa.int32(), pa.int16()), (probes, nonnegative)
+    ):
+        values = [v for v in candidates if -(2**15) <= v < 2**15 or arrow_type == pa.int64()]
+        table = pa.table(
+            {name: pa.array(values, arrow_type) for name in vocabularies}
+            | {"x": pa.array(np.ones(len(values)))}
+        )
+        columns = encoder.columns(table)
+        for name, codes, known in zip(vocabularies, columns.codes, columns.all_known, strict=True):
+            vocabulary = [int(v) for v in preprocessor.vocabularies[list(vocabularies).index(name)]]
+            expected = [vocabulary.index(v) if v in vocabulary else -1 for v in values]
+            assert codes.tolist() == expected, (name, arrow_type)
+            assert not known
+        reasons = {(problem.column, problem.kind) for problem in columns.problems}
+        assert reasons == {(name, "unknown") for name in vocabularies}
+
+
+def test_huge_finite_values_are_not_reported_as_infinite():
+    """Values near the float64 limit (whose sum overflows) are finite: only a real
+    infinity is reported as infinite, and NaN as missing."""
+    frame = pd.DataFrame({"x": [1.0, 2.0, 3.0], "c": [1, 2, 1]})
+    preprocessor = fit_preprocessor(
+        frame, FeaturesSpec(numeric=["x"], categorical=["c"]), task="binary"
+    )
+    encoder = scoring._ChunkEncoder(preprocessor)
+    huge = pa.table({"x": [1e308, 1e308, 1.0], "c": [1, 2, 1]})
+    assert encoder.columns(huge).problems == []
+    broken = pa.table({"x": [1e308, np.inf, np.nan], "c": [1, 2, 1]})
+    problems = {problem.kind: problem.mask.tolist() for problem in encoder.columns(broken).problems}
+    assert problems == {"missing": [False, False, True], "infinite": [False, True, False]}
 
 
 def test_the_score_histogram_bins_exactly_as_numpy_does():
