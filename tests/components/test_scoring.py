@@ -654,21 +654,30 @@ def test_a_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(store, champi
     )
 
 
+def score_with_threads(
+    model, source: Path, root: Path, threads: tuple[int | None, ...], chunk_rows: int
+) -> dict[int | None, Path]:
+    """Score ``source`` once per thread count, each into its own folder under ``root``."""
+    folders = {count: root / f"threads-{count}" for count in threads}
+    for count, folder in folders.items():
+        score_files(
+            model,
+            [source],
+            folder,
+            id_column=ID,
+            chunk_rows=chunk_rows,
+            threads=count,
+            progress=False,
+        )
+    return folders
+
+
 def test_the_output_does_not_depend_on_how_many_threads_ran_the_model(champion, tmp_path):
     """By default the chunks left once the input is read run on every core; one thread
     and three give the same bytes too."""
     source = write_parquet(synthetic_frame(60_000, seed=21), tmp_path / "in.parquet")
-    folders = {threads: tmp_path / f"threads-{threads}" for threads in (None, 1, 3)}
-    for threads, folder in folders.items():
-        score_files(
-            champion,
-            [source],
-            folder,
-            id_column=ID,
-            chunk_rows=20_000,  # three forward batches per chunk
-            threads=threads,
-            progress=False,
-        )
+    # Three forward batches per chunk.
+    folders = score_with_threads(champion, source, tmp_path, (None, 1, 3), chunk_rows=20_000)
 
     assert len(list(folders[None].glob("part-*.parquet"))) == 3
     assert folder_bytes(folders[None]) == folder_bytes(folders[1]) == folder_bytes(folders[3])
@@ -809,17 +818,7 @@ def test_parts_are_written_a_row_group_at_a_time_as_their_scores_come(
     monkeypatch.setattr(scoring, "FORWARD_BATCH_ROWS", 700)  # row groups span batches
     frame = with_bad_rows(synthetic_frame(9_000, seed=29))
     source = write_parquet(frame, tmp_path / "in.parquet")
-    folders = {threads: tmp_path / f"threads-{threads}" for threads in (1, 2)}
-    for threads, folder in folders.items():
-        score_files(
-            champion,
-            [source],
-            folder,
-            id_column=ID,
-            chunk_rows=4_000,
-            threads=threads,
-            progress=False,
-        )
+    folders = score_with_threads(champion, source, tmp_path, (1, 2), chunk_rows=4_000)
 
     assert folder_bytes(folders[1]) == folder_bytes(folders[2])
     parts = sorted(folders[2].glob("part-*.parquet"))
