@@ -2166,11 +2166,12 @@ def _finish_chunk(
         ids = chunk.ids if chunk.keep is None else chunk.ids.filter(pa.array(chunk.keep))
         # One contiguous array, so the part's bytes do not depend on how reads were batched.
         ids = ids.combine_chunks()
-    schema = _part_schema(model, id_column, None if ids is None else ids.type, metadata)
+    schema = _part_schema(model, None if ids is None else pa.field(id_column, ids.type), metadata)
     counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64) if binary else None
     rows = len(chunk.scores)
     sink = pa.BufferOutputStream()
     with pq.ParquetWriter(sink, schema, **_parquet_options(schema)) as parquet:
+        # A chunk whose rows were all rejected still gets one (empty) row group.
         for start in range(0, max(rows, 1), PART_ROW_GROUP_ROWS):
             stop = min(start + PART_ROW_GROUP_ROWS, rows)
             scores = chunk.scores.wait(stop)[start:stop]
@@ -2186,20 +2187,15 @@ def _finish_chunk(
 
 
 def _part_schema(
-    model: ScoringModel,
-    id_column: str | None,
-    id_type: pa.DataType | None,
-    metadata: dict[str, str],
+    model: ScoringModel, id_field: pa.Field | None, metadata: dict[str, str]
 ) -> pa.Schema:
-    """A scored part's columns, with the scoring's metadata. The prediction and the score
-    are never null: required columns, which spare the writer their definition levels (20%
-    of the time to encode a part)."""
-    fields = []
-    if id_column is not None and id_type is not None:
-        fields.append(pa.field(id_column, id_type))
-    if model.task == "binary":
-        fields.append(pa.field(PREDICTION_COLUMN, pa.int64(), nullable=False))
-    fields.append(pa.field(SCORE_COLUMN, pa.float64(), nullable=False))
+    """A scored part's columns (:func:`_output_columns`), with the scoring's metadata. The
+    prediction and the score are never null: required columns, which spare the writer
+    their definition levels (20% of the time to encode a part)."""
+    types = {PREDICTION_COLUMN: pa.int64(), SCORE_COLUMN: pa.float64()}
+    names = _output_columns(model, None if id_field is None else id_field.name)
+    fields = [id_field] if id_field is not None else []
+    fields += [pa.field(name, types[name], nullable=False) for name in names[len(fields) :]]
     return pa.schema(fields, metadata=_prefixed(metadata))
 
 

@@ -855,7 +855,7 @@ def test_integer_categories_are_looked_up_whatever_their_span_and_type():
     )
     encoder = scoring._ChunkEncoder(preprocessor)
     probes = [-(2**40), -4, -3, -1, 0, 1, 2, 3, 4, 5, 6, 69_999, 70_000, 2**40]
-    nonnegative = [v for v in probes if v >= 0]  # a span from 0 then needs no shift
+    nonnegative = [v for v in probes if v >= 0]  # columns with no value below any span
     for arrow_type, candidates in itertools.product(
         (pa.int64(), pa.int32(), pa.int16()), (probes, nonnegative)
     ):
@@ -865,8 +865,10 @@ def test_integer_categories_are_looked_up_whatever_their_span_and_type():
             | {"x": pa.array(np.ones(len(values)))}
         )
         columns = encoder.columns(table)
-        for name, codes, known in zip(vocabularies, columns.codes, columns.all_known, strict=True):
-            vocabulary = [int(v) for v in preprocessor.vocabularies[list(vocabularies).index(name)]]
+        for name, vocabulary, codes, known in zip(
+            vocabularies, preprocessor.vocabularies, columns.codes, columns.all_known, strict=True
+        ):
+            vocabulary = [int(v) for v in vocabulary]
             expected = [vocabulary.index(v) if v in vocabulary else -1 for v in values]
             assert codes.tolist() == expected, (name, arrow_type)
             assert not known
