@@ -286,9 +286,9 @@ def test_score_files_beats_hand_written_and_pyfunc_in_bounded_memory(
     }
     # The inputs just written are flushed first, so that the kernel writing them back does
     # not share the two cores with the first rounds. The warm-up round pays what a process
-    # pays once: faulting in the memory each job settles into, and oneDNN compiling its
-    # kernels for the batch shapes (a fresh process's first 1M-row scoring took ~40 ms
-    # more than the next).
+    # pays once: faulting in the memory each job settles into (mostly huge pages zeroed
+    # for Arrow's allocator) and oneDNN compiling kernels for the batch shapes. Measured
+    # in fresh processes, a first 1M-row scoring took 160-470 ms, the next ones 140-210.
     os.sync()
     for job_name, job in jobs.items():
         job(inputs["1M"], tmp_path / f"warm-up-{job_name}")
