@@ -2047,8 +2047,8 @@ def _score_chunks(
             for chunk_index, table in enumerate(tables, start=first):
                 yield part.file_index, chunk_index, table
 
-    total = None
-    if ranges is None and all(_format(path) == "parquet" for path in files):
+    total = None  # the bar's total, from the footers (not read when no bar is shown)
+    if show and ranges is None and all(_format(path) == "parquet" for path in files):
         total = sum(pq.read_metadata(path).num_rows for path in files)
     bar = tqdm(
         total=total, unit="rows", unit_scale=True, desc=f"score {model.label}", disable=not show

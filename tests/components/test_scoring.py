@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -579,6 +580,23 @@ def test_summary_reads_as_one_line(champion, tmp_path):
         result.output_digest
         == hashlib.sha256((tmp_path / "out" / SUCCESS_FILE).read_bytes()).hexdigest()
     )
+
+
+def test_a_progress_bar_counts_rows_per_second_when_asked_or_in_a_terminal(
+    champion, tmp_path, capsys
+):
+    source = write_parquet(synthetic_frame(2_000, seed=9), tmp_path / "in.parquet")
+
+    score_files(champion, [source], tmp_path / "bar", id_column=ID, chunk_rows=500, progress=True)
+    shown = capsys.readouterr().err
+    # The total comes from the Parquet footer, so the bar ends at 100% with a rate.
+    assert f"score {MODEL} v1" in shown
+    assert "100%" in shown and "2.00k/2.00k" in shown
+    assert re.search(r"[\d.]+k?rows/s", shown)
+
+    # By default the bar shows only when stderr is a terminal (captured here: it is not).
+    score_files(champion, [source], tmp_path / "quiet", id_column=ID, chunk_rows=500)
+    assert capsys.readouterr().err == ""
 
 
 KILLABLE_SCRIPT = textwrap.dedent(
