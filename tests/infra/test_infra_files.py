@@ -321,6 +321,49 @@ def test_nightly_schedules_and_event_triggers():
     assert triggered == ["stemma.flows.monitor:monitor_flow", "stemma.flows.retrain:retrain_flow"]
 
 
+def test_prefect_yaml_deploys_on_the_cpu_pool_what_stemma_serve_deploys():
+    from stemma.components.deployments import deployment_plans
+    from stemma.components.spec import load_spec
+
+    loaded = load_spec(str(REPO_ROOT / "configs" / "credit.yaml"), [], check_paths=False)
+    served = {
+        (plan.entrypoint, plan.name): {
+            "parameters": plan.parameters,
+            "schedules": [(plan.cron, plan.timezone)] if plan.cron else [],
+            "triggers": [
+                (trigger.event, trigger.resource_id, trigger.parameters)
+                for trigger in plan.triggers
+            ],
+            "concurrency": plan.concurrency_limit,
+            "tags": list(plan.tags),
+        }
+        for plan in deployment_plans(loaded, "configs/credit.yaml")
+    }
+    deployed = {
+        (deployment["entrypoint"], deployment["name"]): {
+            "parameters": deployment["parameters"],
+            "schedules": [
+                (schedule["cron"], schedule["timezone"])
+                for schedule in deployment.get("schedules", [])
+            ],
+            "triggers": [
+                (event, trigger["match"]["prefect.resource.id"], trigger["parameters"])
+                for trigger in deployment.get("triggers", [])
+                for event in trigger["expect"]
+            ],
+            "concurrency": deployment.get("concurrency_limit", {}).get("limit"),
+            "tags": deployment["tags"],
+        }
+        for deployment in deployments()
+        if deployment["work_pool"]["name"] == "stemma"
+    }
+    # Every flow `stemma serve` deploys is deployable from the UI of the production stack
+    # too, run as `stemma serve` runs it; the GPU training deployment is the one extra.
+    assert deployed == served
+    limited = [d for d in deployments() if "concurrency_limit" in d]
+    assert all(d["concurrency_limit"]["collision_strategy"] == "CANCEL_NEW" for d in limited)
+
+
 def test_deployment_config_paths_exist():
     for deployment in deployments():
         config = deployment["parameters"]["config"]
