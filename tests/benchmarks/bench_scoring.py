@@ -20,9 +20,10 @@ faster for both than one thread (measured on 2 cores: pyfunc 0.68 s against 0.87
 * (b) `mlflow.pyfunc.load_model(uri).predict` over the same chunks, plus the same writing.
 
 Model loading is outside every timing, and so is one warm-up round of each job. Jobs
-alternate so that load from other processes hits all alike. Peak RSS of Stemma is measured in a fresh process per input size.
-Targets: Stemma at least as fast as (a) and 3x (b); peak RSS for 10M rows within 1.2x of
-1M rows. The assertions leave room for a noisy shared machine.
+alternate so that load from other processes hits all alike. Peak RSS of Stemma is
+measured in a fresh process per input size. Targets: Stemma at least as fast as (a) and
+3x (b); peak RSS for 10M rows within 1.2x of 1M rows. The assertions leave room for a
+noisy shared machine.
 """
 
 from __future__ import annotations

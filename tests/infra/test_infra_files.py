@@ -339,6 +339,7 @@ def test_prefect_yaml_deploys_on_the_cpu_pool_what_stemma_serve_deploys():
         }
         for plan in deployment_plans(loaded, "configs/credit.yaml")
     }
+    on_cpu = [d for d in deployments() if d["work_pool"]["name"] == "stemma"]
     deployed = {
         (deployment["entrypoint"], deployment["name"]): {
             "parameters": deployment["parameters"],
@@ -354,9 +355,9 @@ def test_prefect_yaml_deploys_on_the_cpu_pool_what_stemma_serve_deploys():
             "concurrency": deployment.get("concurrency_limit", {}).get("limit"),
             "tags": deployment["tags"],
         }
-        for deployment in deployments()
-        if deployment["work_pool"]["name"] == "stemma"
+        for deployment in on_cpu
     }
+    assert len(deployed) == len(on_cpu), "two deployments of one flow share a name"
     # Every flow `stemma serve` deploys is deployable from the UI of the production stack
     # too, run as `stemma serve` runs it; the GPU training deployment is the one extra.
     assert deployed == served
