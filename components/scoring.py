@@ -1589,7 +1589,7 @@ def _publish(
         )
     if model.task == "binary":
         histogram = {
-            "edges": np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1).tolist(),
+            "edges": _UNIT_EDGES.tolist(),
             "counts": tally.counts.tolist(),
         }
     else:

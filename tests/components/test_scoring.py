@@ -750,7 +750,6 @@ def test_the_kernel_adds_one_table_row_per_group_of_categorical_columns(champion
     """With tables too small to combine columns, each categorical column is a group of its
     own: the rows of one table per column (the bias in the first) add up to the network's
     output."""
-
     monkeypatch.setattr(scoring, "COMBINATION_TABLE_ROWS", 1)
     kernel = scoring._build_one_hot_kernel(champion.network, champion.preprocessor)
     assert kernel is not None
@@ -931,7 +930,6 @@ def test_the_score_histogram_bins_exactly_as_numpy_does():
 
 def test_the_malloc_threshold_is_raised_once_per_process(monkeypatch):
     """Raising it again would release the heap's free top, which later runs fault back in."""
-
     monkeypatch.setattr(scoring, "_MALLOC_THRESHOLD_RAISED", scoring.threading.Event())
     warm_ups = []
     empty = np.empty
