@@ -1,7 +1,7 @@
 """Data versions and tables: which DVC version a file belongs to, reading it, splitting it.
 
 The digests here are DVC's own, computed without DVC (importing it costs a third of a
-second and its state database is not needed to hash a few files):
+second), and remembered as DVC's state database remembers them (:mod:`.digests`):
 
 * a file's digest is the md5 of its bytes (DVC 3; ``.dvc`` files written by DVC 2 say
   nothing about the hash and used md5 after turning CRLF into LF in text files, which
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from . import digests
 from .errors import DataError, DataVersionError
 
 if TYPE_CHECKING:  # pandas costs ~0.4 s to import; keep it off `stemma --help`
@@ -51,14 +52,24 @@ _TEXT_MAX_NONTEXT_SHARE = 0.30
 # DVC digests
 
 
-def file_md5(path: Path, *, dos2unix: bool = False) -> str:
+def file_md5(path: Path, *, dos2unix: bool = False, remembered: bool = True) -> str:
     """The md5 DVC records for a file, read in 1 MiB chunks.
 
     Args:
         path: the file.
         dos2unix: hash as DVC 2 did (``md5-dos2unix``): CRLF becomes LF in every chunk
             that looks like text.
+        remembered: answer from :mod:`.digests` when the file is unchanged since it was
+            last hashed; False reads the bytes whatever the store says (checks of
+            DVC's cache objects, whose bytes are what is in question).
     """
+    if not remembered:
+        return _file_md5(path, dos2unix)
+    kind = "md5-dos2unix" if dos2unix else "md5"
+    return digests.remembered(path, kind, lambda: _file_md5(path, dos2unix))
+
+
+def _file_md5(path: Path, dos2unix: bool) -> str:
     digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as stream:
         while chunk := stream.read(HASH_CHUNK_BYTES):

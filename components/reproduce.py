@@ -342,7 +342,7 @@ def _copy_from_cache(root: Path, md5: str, target: Path) -> list[str]:
         if source is None or not source.is_file():
             problems.append(f"the DVC cache has no object {expected} ({relpath})")
             continue
-        actual = file_md5(source)
+        actual = file_md5(source, remembered=False)
         if actual != expected:
             problems.append(
                 f"{relpath}: recorded md5 {expected}, the cached bytes hash to {actual}"

@@ -51,6 +51,7 @@ def worker(module_path: str, source: Path, folder: Path) -> None:
         shutil.rmtree(folder / "pyfunc", ignore_errors=True)
         bench.run_pyfunc(pyfunc_model, source, folder / "pyfunc")
         shutil.rmtree(folder / "out", ignore_errors=True)
+        bench.as_new(source)
         started, cpu = time.perf_counter(), time.process_time()
         version.score_files(
             model,

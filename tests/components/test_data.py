@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from stemma.components import digests
 from stemma.components.data import (
     DataVersion,
     dir_md5,
@@ -186,6 +189,33 @@ def test_tampered_data_without_the_cache_names_the_digests(project: Path) -> Non
 
     actual = dir_md5(project / "data")[0]
     assert caught.value.details[0] == f"recorded md5 {recorded}, the bytes on disk hash to {actual}"
+
+
+def test_a_settled_folder_is_hashed_once_and_a_later_change_is_still_found(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(digests.CACHE_DIR_ENV, str(tmp_path / "digests"))
+    monkeypatch.setattr(digests, "SETTLE_NS", 50_000_000)
+    time.sleep(0.075)
+    digests.reset_stats()
+    files = 4  # train.csv, day_01.bin, notes.txt, README
+
+    # the tracked folder's files are hashed once; the batches subfolder's own digest then
+    # reads day_01.bin's from the store
+    first = resolve_data_version(project, Path("data/credit/batches"))
+    assert digests.stats() == digests.DigestStats(hits=1, misses=files, stored=files)
+    assert resolve_data_version(project, Path("data/credit/batches")) == first
+    assert digests.stats() == digests.DigestStats(hits=1 + files + 1, misses=files, stored=files)
+
+    # the same size, and the old modification time put back: still found
+    train = project / "data" / "credit" / "train.csv"
+    before = train.stat()
+    _change(project / "data")
+    os.utime(train, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert train.stat().st_size == before.st_size
+    with pytest.raises(DataVersionError) as caught:
+        resolve_data_version(project, Path("data/credit/batches"))
+    assert caught.value.details[0] == "changed: credit/train.csv"
 
 
 def test_many_changed_files_are_summarised(project: Path) -> None:
