@@ -190,11 +190,13 @@ def _connect(path: Path) -> sqlite3.Connection:
         # A lost entry costs one hash; NORMAL keeps the file intact without an fsync per put.
         connection.execute("PRAGMA synchronous=NORMAL")
         connection.execute(_SCHEMA)
-        connection.execute(
-            "DELETE FROM digests WHERE rowid NOT IN "
-            "(SELECT rowid FROM digests ORDER BY stored_ns DESC LIMIT ?)",
-            (MAX_ENTRIES,),
-        )
+        (entries,) = connection.execute("SELECT count(*) FROM digests").fetchone()
+        if entries > MAX_ENTRIES:
+            connection.execute(
+                "DELETE FROM digests WHERE rowid NOT IN "
+                "(SELECT rowid FROM digests ORDER BY stored_ns DESC LIMIT ?)",
+                (MAX_ENTRIES,),
+            )
     except sqlite3.Error:
         connection.close()
         raise
@@ -204,6 +206,8 @@ def _connect(path: Path) -> sqlite3.Connection:
 _LOCK = threading.Lock()
 _STATS = [DigestStats()]
 _OPEN: dict[str, _Store | None] = {}  # store path -> the store, None once set aside
+_REPLACED: set[str] = set()  # stores this process started again after finding them corrupt
+_CORRUPT = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 
 def _count(*, hits: int = 0, misses: int = 0, stored: int = 0) -> None:
@@ -246,19 +250,39 @@ def _open_or_replace(path: Path) -> _Store:
     try:
         return _Store(path)
     except sqlite3.DatabaseError as error:
-        if not path.is_file():
-            raise
-        _LOG.warning("the digest cache %s is unreadable (%s); starting it again", path, error)
-        for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-            stale.unlink(missing_ok=True)
+        if not _is_corrupt(error) or not path.is_file():
+            raise  # busy, read-only, full: set aside, never deleted
+        _remove(path, error)
         return _Store(path)
 
 
-def _set_aside(store: _Store, error: sqlite3.Error) -> None:
+def _is_corrupt(error: Exception) -> bool:
+    return getattr(error, "sqlite_errorcode", None) in _CORRUPT
+
+
+def _remove(path: Path, error: Exception) -> None:
+    _LOG.warning("the digest cache %s is unreadable (%s); starting it again", path, error)
+    for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        stale.unlink(missing_ok=True)
+
+
+def _set_aside(store: _Store, error: Exception) -> None:
+    """After a failed read or write: a corrupt store is started again once, else left alone."""
+    key = str(store.path)
+    with _LOCK:
+        if _OPEN.get(key) is not store:
+            return  # another thread got here first
+        if _is_corrupt(error) and key not in _REPLACED:
+            _REPLACED.add(key)
+            try:
+                _remove(store.path, error)
+                _OPEN[key] = _Store(store.path)
+                return
+            except (OSError, sqlite3.Error) as again:
+                error = again
+        _OPEN[key] = None
     _LOG.warning(
         "not remembering file digests: %s failed (%s); files are hashed each time",
         store.path,
         error,
     )
-    with _LOCK:
-        _OPEN[str(store.path)] = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -223,3 +224,46 @@ def test_the_default_folder_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_pat
 def test_a_missing_file_fails_as_before(tmp_path: Path, store: Path) -> None:
     with pytest.raises(FileNotFoundError):
         file_md5(tmp_path / "absent.csv")
+
+
+def test_a_store_busy_in_another_process_is_left_alone_not_replaced(
+    tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = settled(tmp_path / "batch.csv", CONTENT)
+    file_md5(path)  # creates the store with one entry
+    monkeypatch.setattr(digests, "BUSY_TIMEOUT_S", 0.05)
+    other = settled(tmp_path / "other.csv", CONTENT + b"3,1.0\n")
+    holder = sqlite3.connect(store, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with caplog.at_level(logging.WARNING, logger=digests.__name__):
+            # storing the new digest waits for the lock, gives up and sets the store aside
+            assert file_md5(other) == md5(CONTENT + b"3,1.0\n")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    assert "not remembering file digests" in caplog.text
+    assert "starting it again" not in caplog.text
+    with sqlite3.connect(store) as reader:
+        assert reader.execute("SELECT count(*) FROM digests").fetchone() == (1,)
+
+
+def test_the_store_keeps_the_most_recently_stored_entries(
+    tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(digests, "MAX_ENTRIES", 3)
+    paths = [settled(tmp_path / f"batch-{index}.csv", b"%d\n" % index) for index in range(5)]
+    for path in paths:
+        file_md5(path)
+    assert digests.stats().stored == 5
+
+    # the limit is applied when a process opens the store: drop this process's handle
+    monkeypatch.setattr(digests, "_OPEN", {})
+    digests.reset_stats()
+    for path in reversed(paths):
+        file_md5(path)
+    assert digests.stats().hits == 3  # batch-4, -3, -2: the last three stored
+    with sqlite3.connect(store) as reader:
+        (entries,) = reader.execute("SELECT count(*) FROM digests").fetchone()
+    assert entries == 5  # the two dropped were stored again
