@@ -47,6 +47,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from stemma.components import digests
 from stemma.components.features import Preprocessor
 from stemma.components.scoring import (
     WEIGHTS_TAG,
@@ -305,6 +306,7 @@ def test_score_files_beats_hand_written_and_pyfunc_in_bounded_memory(
     os.sync()
     for job_name, job in jobs.items():
         job(as_new(inputs["1M"]), tmp_path / f"warm-up-{job_name}")
+    digests.reset_stats()
     rates: dict[str, dict[str, list[float]]] = {label: {job: [] for job in jobs} for label in SIZES}
     run = 0
     for label in SIZES:
@@ -316,6 +318,10 @@ def test_score_files_beats_hand_written_and_pyfunc_in_bounded_memory(
                 rates[label][job_name].append(
                     timed(lambda folder, job=job, source=source: job(source, folder), out)
                 )
+
+    # every timed Stemma run hashed its input: none read a remembered digest
+    assert digests.stats().hits == 0, digests.stats()
+    assert digests.stats().misses == sum(ROUNDS.values()), digests.stats()
 
     memory = {
         label: stemma_peak_rss(reference, as_new(inputs[label]), tmp_path / f"rss-{label}", uri)
