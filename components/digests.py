@@ -14,9 +14,9 @@ second write within its timestamp's granularity (a clock tick on Linux file syst
 
 The digests live in one SQLite file per user, ``digests.sqlite`` in ``$STEMMA_CACHE_DIR``
 (default ``$XDG_CACHE_HOME/stemma``, else ``~/.cache/stemma``); ``STEMMA_CACHE_DIR=off``
-turns remembering off. A store that cannot be opened or written is set aside with one
-warning, and files are hashed as if it did not exist: the cache can save time, never
-fail a run.
+turns remembering off. A store that is not a database (a crash, a stray file) is started
+again; one that cannot be opened or written is set aside with one warning, and files are
+hashed as if it did not exist: the store can save time, never fail a run.
 """
 
 from __future__ import annotations
@@ -79,7 +79,12 @@ def cache_dir() -> Path | None:
         if configured.strip().lower() in OFF_VALUES or not configured.strip():
             return None
         return Path(configured).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except (RuntimeError, KeyError):  # no HOME and no passwd entry (some containers)
+            return None
     return Path(base) / "stemma"
 
 
