@@ -27,13 +27,14 @@ import sqlite3
 import stat
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 #: Environment variable naming the cache folder; ``off`` turns remembering off.
 CACHE_DIR_ENV = "STEMMA_CACHE_DIR"
-OFF_VALUES = frozenset({"off", "none", "0", "false", "no"})
+OFF_VALUES = frozenset({"off", "none", "0", "false", "no", ""})
 STORE_NAME = "digests.sqlite"
 #: How long ago a file must have last changed for its digest to be remembered.
 SETTLE_NS = 2_000_000_000
@@ -76,7 +77,7 @@ def cache_dir() -> Path | None:
     """The folder of the store, or None when ``STEMMA_CACHE_DIR`` turns remembering off."""
     configured = os.environ.get(CACHE_DIR_ENV)
     if configured is not None:
-        if configured.strip().lower() in OFF_VALUES or not configured.strip():
+        if configured.strip().lower() in OFF_VALUES:
             return None
         return Path(configured).expanduser()
     base = os.environ.get("XDG_CACHE_HOME")
@@ -91,12 +92,12 @@ def cache_dir() -> Path | None:
 def stats() -> DigestStats:
     """This process's counts since it started (or since :func:`reset_stats`)."""
     with _LOCK:
-        return _STATS[0]
+        return DigestStats(**_COUNTS)
 
 
 def reset_stats() -> None:
     with _LOCK:
-        _STATS[0] = DigestStats()
+        _COUNTS.clear()
 
 
 def remembered(path: Path, kind: str, compute: Callable[[], str]) -> str:
@@ -119,10 +120,10 @@ def remembered(path: Path, kind: str, compute: Callable[[], str]) -> str:
     if store is not None:
         found = store.get(identity)
         if found is not None:
-            _count(hits=1)
+            _count("hits")
             return found
     digest = compute()
-    _count(misses=1)
+    _count("misses")
     if store is None or max(before.st_mtime_ns, before.st_ctime_ns) > time.time_ns() - SETTLE_NS:
         return digest
     try:
@@ -130,7 +131,7 @@ def remembered(path: Path, kind: str, compute: Callable[[], str]) -> str:
     except OSError:
         return digest
     if _identity(path, kind, after) == identity and store.put(identity, digest):
-        _count(stored=1)
+        _count("stored")
     return digest
 
 
@@ -160,29 +161,28 @@ class _Store:
         self._connection = _connect(path)
 
     def get(self, identity: _Identity) -> str | None:
+        rows = self._execute(
+            "SELECT digest FROM digests WHERE path = ? AND kind = ? AND device = ? "
+            "AND inode = ? AND size = ? AND mtime_ns = ? AND ctime_ns = ?",
+            identity,
+        )
+        return str(rows[0][0]) if rows else None
+
+    def put(self, identity: _Identity, digest: str) -> bool:
+        done = self._execute(
+            "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (*identity, digest, time.time_ns()),
+        )
+        return done is not None
+
+    def _execute(self, sql: str, parameters: tuple[object, ...]) -> list[tuple[object, ...]] | None:
+        """The statement's rows, or None once it failed (and the store was set aside)."""
         try:
             with self._lock:
-                row = self._connection.execute(
-                    "SELECT digest FROM digests WHERE path = ? AND kind = ? AND device = ? "
-                    "AND inode = ? AND size = ? AND mtime_ns = ? AND ctime_ns = ?",
-                    identity,
-                ).fetchone()
+                return self._connection.execute(sql, parameters).fetchall()
         except sqlite3.Error as error:
             _set_aside(self, error)
             return None
-        return None if row is None else str(row[0])
-
-    def put(self, identity: _Identity, digest: str) -> bool:
-        try:
-            with self._lock:
-                self._connection.execute(
-                    "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (*identity, digest, time.time_ns()),
-                )
-        except sqlite3.Error as error:
-            _set_aside(self, error)
-            return False
-        return True
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -209,18 +209,15 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 _LOCK = threading.Lock()
-_STATS = [DigestStats()]
+_COUNTS: Counter[str] = Counter()  # hits, misses, stored: the fields of DigestStats
 _OPEN: dict[str, _Store | None] = {}  # store path -> the store, None once set aside
 _REPLACED: set[str] = set()  # stores this process started again after finding them corrupt
 _CORRUPT = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 
-def _count(*, hits: int = 0, misses: int = 0, stored: int = 0) -> None:
+def _count(what: str) -> None:
     with _LOCK:
-        now = _STATS[0]
-        _STATS[0] = replace(
-            now, hits=now.hits + hits, misses=now.misses + misses, stored=now.stored + stored
-        )
+        _COUNTS[what] += 1
 
 
 def _store() -> _Store | None:
