@@ -60,6 +60,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from . import parquet_pages
 from .data import HASH_CHUNK_BYTES, file_md5
 from .errors import DataError, RegistryError
 from .features import Preprocessor
@@ -928,37 +929,72 @@ def _file_chunks(
 ) -> Iterator[pa.Table]:
     """The file's rows as tables of exactly ``chunk_rows`` rows (the last one shorter),
     from chunk ``first_chunk`` on (a Parquet file skips the row groups before it unread)."""
-    skip = first_chunk * chunk_rows
+    first_row = first_chunk * chunk_rows
     try:
         if _format(path) == "parquet":
             # Without pre-buffering: pyarrow keeps pre-buffered ranges until the file is
             # closed, so memory would grow with the file (measured), not the chunk.
             parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
             try:
-                groups = None
-                if skip:
-                    sizes = [
-                        parquet.metadata.row_group(index).num_rows
-                        for index in range(parquet.metadata.num_row_groups)
-                    ]
-                    first_group = 0
-                    while first_group < len(sizes) and skip >= sizes[first_group]:
-                        skip -= sizes[first_group]
-                        first_group += 1
-                    groups = list(range(first_group, len(sizes)))
-                # Decoding on the calling thread: the reader already runs beside the model,
-                # and pyarrow's pool cost twice the CPU for the same batches (measured).
-                batches = parquet.iter_batches(
-                    batch_size=chunk_rows, row_groups=groups, columns=columns, use_threads=False
-                )
-                yield from _rechunk(_skip_rows(batches, skip) if skip else batches, chunk_rows)
+                yield from _parquet_chunks(parquet, path, columns, chunk_rows, first_row)
             finally:
                 parquet.close()
         else:
             with _open_csv(path, columns, csv_types) as reader:
-                yield from _rechunk(_skip_rows(reader, skip) if skip else reader, chunk_rows)
+                yield from _rechunk(
+                    _skip_rows(reader, first_row) if first_row else reader, chunk_rows
+                )
     except (pa.ArrowException, OSError) as error:
         raise DataError(f"{path}: cannot read it", [_first_line(error)]) from error
+
+
+def _parquet_chunks(
+    parquet: pq.ParquetFile, path: Path, columns: list[str], chunk_rows: int, first_row: int
+) -> Iterator[pa.Table]:
+    """Plain numeric columns decoded by `parquet_pages` (its Snappy is ~3x faster), the
+    others by pyarrow; all by pyarrow, from the chunk it stopped at, where that module
+    finds a page it does not decode."""
+
+    def read(names: list[str], start: int) -> Iterator[pa.Table]:
+        return _pyarrow_chunks(parquet, names, chunk_rows, start)
+
+    fast = parquet_pages.fast_columns(parquet, columns, first_row)
+    if fast:
+        try:
+            for table in parquet_pages.read_chunks(
+                parquet, path, columns, fast, chunk_rows, first_row, read
+            ):
+                yield table
+                first_row += table.num_rows
+            return
+        except parquet_pages.Unsupported as reason:
+            _LOG.debug("%s: read by pyarrow from row %d on: %s", path, first_row, reason)
+    yield from read(columns, first_row)
+
+
+def _pyarrow_chunks(
+    parquet: pq.ParquetFile, columns: list[str], chunk_rows: int, first_row: int
+) -> Iterator[pa.Table]:
+    """The columns from file row ``first_row`` on, read by pyarrow; the row groups before
+    it are skipped unread."""
+    groups = None
+    skip = first_row
+    if skip:
+        sizes = [
+            parquet.metadata.row_group(index).num_rows
+            for index in range(parquet.metadata.num_row_groups)
+        ]
+        first_group = 0
+        while first_group < len(sizes) and skip >= sizes[first_group]:
+            skip -= sizes[first_group]
+            first_group += 1
+        groups = list(range(first_group, len(sizes)))
+    # Decoding on the calling thread: the reader already runs beside the model, and
+    # pyarrow's pool cost twice the CPU for the same batches (measured).
+    batches = parquet.iter_batches(
+        batch_size=chunk_rows, row_groups=groups, columns=columns, use_threads=False
+    )
+    return _rechunk(_skip_rows(batches, skip) if skip else batches, chunk_rows)
 
 
 def _open_csv(path: Path, columns: list[str], csv_types: dict[str, pa.DataType]) -> Any:
