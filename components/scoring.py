@@ -951,7 +951,7 @@ def _file_chunks(
 def _parquet_chunks(
     parquet: pq.ParquetFile, path: Path, columns: list[str], chunk_rows: int, first_row: int
 ) -> Iterator[pa.Table]:
-    """Plain numeric columns decoded by `parquet_pages` (its Snappy is ~3x faster), the
+    """Plain numeric columns decoded by `parquet_pages` (its Snappy is ~2x faster), the
     others by pyarrow; all by pyarrow, from the chunk it stopped at, where that module
     finds a page it does not decode."""
 

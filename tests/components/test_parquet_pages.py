@@ -230,6 +230,28 @@ def test_definition_levels_say_whether_a_page_holds_nulls() -> None:
         parquet_pages._all_defined(memoryview(_uleb(10 << 1) + b"\x01"), 16)
 
 
+def test_page_headers_keep_their_numbers_and_skip_what_they_do_not_need() -> None:
+    """A Thrift compact struct with a field of every kind: numbers, booleans and structs
+    are kept; lists, sets, maps, doubles and binaries are stepped over exactly."""
+    fields_bytes = [
+        [0x15, *_uleb(10)],  # 1: i32 5 (zigzag)
+        [0x19, 0x35, *_uleb(2), *_uleb(4), *_uleb(6)],  # 2: list<i32> [1, 2, 3]
+        [0x1B, 1, 0x86, 1, ord("k"), *_uleb(14)],  # 3: map<binary, i64> {"k": 7}
+        [0x17, *([0] * 8)],  # 4: double
+        [0x18, 3, *b"xyz"],  # 5: binary
+        [0x11],  # 6: true
+        [0x1C, 0x16, *_uleb(5), 0x00],  # 7: struct {1: i64 -3}
+        [0x1A, 0x21, 1, 2],  # 8: set<bool> {true, false}
+        [0x19, 0xF5, *_uleb(20), *([0x02] * 20)],  # 9: a list of 20 i32 (long form)
+        [0x05, *_uleb(600), *_uleb(84)],  # 300: i32 42 (its id written out, zigzag)
+        [0x00],
+    ]
+    data = bytes(byte for field in fields_bytes for byte in field)
+    fields, end = parquet_pages._struct(memoryview(data), 0)
+    assert fields == {1: 5, 6: True, 7: {1: -3}, 300: 42}
+    assert end == len(data)
+
+
 def _uleb(value: int) -> bytes:
     out = bytearray()
     while True:
