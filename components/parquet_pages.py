@@ -162,21 +162,27 @@ def read_chunks(
                 values = np.empty(rows, dtype=reader.dtype)
                 reader.fill(values)
                 decoded[name] = values
-            table = next(rest, None) if rest is not None else None
-            if table is not None and table.num_rows != rows:
-                raise Unsupported(f"pyarrow read {table.num_rows} rows where {rows} were due")
-            arrays = [
-                pa.array(decoded[name]) if name in decoded else table.column(name)  # type: ignore[union-attr]
-                for name in columns
-            ]
-            fields = [
-                fields_of[name] if name in decoded else table.schema.field(name)  # type: ignore[union-attr]
-                for name in columns
-            ]
+            table = _same_rows(rest, rows) if rest is not None else None
+            arrays, fields = [], []
+            for name in columns:
+                if table is None or name in decoded:
+                    arrays.append(pa.array(decoded[name]))
+                    fields.append(fields_of[name])
+                else:
+                    arrays.append(table.column(name))
+                    fields.append(table.schema.field(name))
             yield pa.Table.from_arrays(arrays, schema=pa.schema(fields))
             left -= rows
     finally:
         os.close(descriptor)
+
+
+def _same_rows(tables: Iterator[pa.Table], rows: int) -> pa.Table:
+    table = next(tables, None)
+    if table is None or table.num_rows != rows:
+        got = 0 if table is None else table.num_rows
+        raise Unsupported(f"pyarrow read {got} rows where {rows} were due")
+    return table
 
 
 class _ColumnPages:
