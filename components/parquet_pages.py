@@ -69,6 +69,8 @@ class Unsupported(Exception):
 
 def fast_columns(parquet: pq.ParquetFile, columns: Sequence[str], first_row: int = 0) -> list[str]:
     """The columns of ``columns`` this module reads, from row ``first_row`` on."""
+    if not hasattr(os, "pread"):  # Windows: pyarrow reads everything
+        return []
     metadata = parquet.metadata
     leaves: dict[str, list[int]] = {}
     for index in range(metadata.num_columns):
