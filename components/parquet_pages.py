@@ -75,7 +75,7 @@ def fast_columns(parquet: pq.ParquetFile, columns: Sequence[str], first_row: int
     leaves: dict[str, list[int]] = {}
     for index in range(metadata.num_columns):
         leaves.setdefault(metadata.schema.column(index).path, []).append(index)
-    groups = range(_locate(metadata, first_row)[0], metadata.num_row_groups)
+    groups = range(locate_row(metadata, first_row)[0], metadata.num_row_groups)
     chosen = []
     for name in columns:
         found = leaves.get(name, [])
@@ -115,7 +115,7 @@ def _mostly_plain(
     return values > 0 and stored >= PLAIN_SHARE * values * itemsize
 
 
-def _locate(metadata: pq.FileMetaData, row: int) -> tuple[int, int]:
+def locate_row(metadata: pq.FileMetaData, row: int) -> tuple[int, int]:
     """The row group holding file row ``row``, and the rows of that group before it."""
     group = 0
     while group < metadata.num_row_groups and row >= metadata.row_group(group).num_rows:
@@ -144,7 +144,7 @@ def read_chunks(
     chunk this module cannot decode.
     """
     metadata = parquet.metadata
-    group, skip = _locate(metadata, first_row)
+    group, skip = locate_row(metadata, first_row)
     groups = list(range(group, metadata.num_row_groups))
     index = {metadata.schema.column(i).path: i for i in range(metadata.num_columns)}
     rest_names = [name for name in columns if name not in fast]

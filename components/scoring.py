@@ -978,17 +978,9 @@ def _pyarrow_chunks(
     """The columns from file row ``first_row`` on, read by pyarrow; the row groups before
     it are skipped unread."""
     groups = None
-    skip = first_row
-    if skip:
-        sizes = [
-            parquet.metadata.row_group(index).num_rows
-            for index in range(parquet.metadata.num_row_groups)
-        ]
-        first_group = 0
-        while first_group < len(sizes) and skip >= sizes[first_group]:
-            skip -= sizes[first_group]
-            first_group += 1
-        groups = list(range(first_group, len(sizes)))
+    first_group, skip = parquet_pages.locate_row(parquet.metadata, first_row)
+    if first_row:
+        groups = list(range(first_group, parquet.metadata.num_row_groups))
     # Decoding on the calling thread: the reader already runs beside the model, and
     # pyarrow's pool cost twice the CPU for the same batches (measured).
     batches = parquet.iter_batches(
