@@ -49,6 +49,15 @@ _ENCODINGS = frozenset({"PLAIN", "RLE", "BIT_PACKED", "PLAIN_DICTIONARY", "RLE_D
 #: parquet.thrift: PageType and Encoding values.
 _DATA_PAGE, _INDEX_PAGE, _DICTIONARY_PAGE, _DATA_PAGE_V2 = 0, 1, 2, 3
 _PLAIN, _PLAIN_DICTIONARY, _RLE, _RLE_DICTIONARY = 0, 2, 3, 8
+#: The header field holding each page type's own header, and the fields parquet.thrift
+#: marks required (all integers) in the page header (None) and in each page type's.
+_PAGE_FIELDS = {_DATA_PAGE: 5, _DICTIONARY_PAGE: 7, _DATA_PAGE_V2: 8}
+_REQUIRED: dict[int | None, tuple[int, ...]] = {
+    None: (1, 2, 3),
+    _DATA_PAGE: (1, 2, 3, 4),
+    _DICTIONARY_PAGE: (1, 2),
+    _DATA_PAGE_V2: (1, 2, 3, 4, 5, 6),
+}
 #: A column is read here when its pages, uncompressed, take at least this share of its
 #: values' plain width: plain values, not dictionary indices, make up most of it.
 PLAIN_SHARE = 0.75
@@ -222,7 +231,10 @@ class _ColumnPages:
         filled = 0
         while filled < len(out):
             if self._taken == len(self._page):
-                self._page = self._next_page()
+                try:
+                    self._page = self._next_page()
+                except (IndexError, ValueError) as error:  # bytes that do not decode
+                    raise self._unsupported(f"a page that does not decode ({error})") from error
                 self._taken = 0
                 continue
             take = min(len(out) - filled, len(self._page) - self._taken)
@@ -237,24 +249,25 @@ class _ColumnPages:
             if self._position >= self._end:
                 self._next_group()
             header, at = self._header()
-            kind = header.get(1)
-            size, stored = header.get(2, -1), header.get(3, -1)
+            if not _has_numbers(header, _REQUIRED[None]):
+                raise self._unsupported("a page header without its type and sizes")
+            kind, size, stored = header[1], header[2], header[3]
             if size < 0 or stored < 0 or at + stored > self._end:
-                raise self._unsupported("a page header with no or wrong sizes")
+                raise self._unsupported("a page header with wrong sizes")
             self._position = at + stored
-            if kind == _DICTIONARY_PAGE:
-                self._read_dictionary(header.get(7, {}), at, stored, size)
+            if kind == _INDEX_PAGE:
                 continue
-            if kind == _DATA_PAGE:
-                page = header.get(5, {})
-                count = page.get(1, -1)
-            elif kind == _DATA_PAGE_V2:
-                page = header.get(8, {})
-                count = page.get(3, -1)
-            elif kind == _INDEX_PAGE:
-                continue
-            else:
+            if kind not in _REQUIRED:
                 raise self._unsupported(f"a page of type {kind}")
+            page = header.get(_PAGE_FIELDS[kind])
+            if not isinstance(page, dict) or not _has_numbers(page, _REQUIRED[kind]):
+                # As pyarrow's Thrift reader does, a header lacking a required field is
+                # refused (the caller reads on with pyarrow, which reports it).
+                raise self._unsupported(f"a page header of type {kind} without its fields")
+            if kind == _DICTIONARY_PAGE:
+                self._read_dictionary(page, at, stored, size)
+                continue
+            count = page[1] if kind == _DATA_PAGE else page[3]
             if count < 0 or count > self._group_left:
                 raise self._unsupported("a page with more values than its row group")
             self._group_left -= count
@@ -329,8 +342,8 @@ class _ColumnPages:
         return out
 
     def _read_dictionary(self, page: dict[int, Any], at: int, stored: int, size: int) -> None:
-        count = page.get(1, -1)
-        if page.get(2, _PLAIN) not in (_PLAIN, _PLAIN_DICTIONARY) or count < 0:
+        count = page[1]
+        if page[2] not in (_PLAIN, _PLAIN_DICTIONARY) or count < 0:
             raise self._unsupported("a dictionary page that is not plain")
         self._dictionary = self._plain(self._decompressed(at, stored, size), count).copy()
 
@@ -339,27 +352,36 @@ class _ColumnPages:
     ) -> np.ndarray:
         data = self._decompressed(at, stored, size)
         if self._max_definition:
-            if page.get(3) != _RLE:
+            if page[3] != _RLE:
                 raise self._unsupported("definition levels that are not RLE-encoded")
             length = int.from_bytes(data[:4], "little")
             if not _all_defined(data[4 : 4 + length], count):
                 raise self._unsupported("a null that the statistics did not count")
             data = data[4 + length :]
-        return self._values(data, page.get(2), count)
+        return self._values(data, page[2], count)
 
     def _data_page_v2(
         self, page: dict[int, Any], count: int, at: int, stored: int, size: int
     ) -> np.ndarray:
-        if page.get(2, 0) or page.get(1) != count:
+        if page[2] or page[1] != count:
             raise self._unsupported("a null that the statistics did not count")
-        levels = page.get(5, 0) + page.get(6, 0)
-        if not 0 <= levels <= stored:
-            raise self._unsupported("a page whose levels do not fit")
+        definition, repetition = page[5], page[6]
+        levels = definition + repetition
+        if (
+            repetition
+            or definition < 0
+            or levels > stored
+            or bool(definition) != bool(self._max_definition)
+        ):
+            raise self._unsupported("a page whose levels do not fit its column")
+        # Uncompressed, after the (absent) repetition levels: checked as pyarrow checks them.
+        if definition and not _all_defined(self._bytes(at, definition), count):
+            raise self._unsupported("a null that the statistics did not count")
         if page.get(7, True):
             data = self._decompressed(at + levels, stored - levels, size - levels)
         else:
             data = self._bytes(at + levels, stored - levels)
-        return self._values(data, page.get(4), count)
+        return self._values(data, page[4], count)
 
     def _values(self, data: memoryview, encoding: int | None, count: int) -> np.ndarray:
         if encoding == _PLAIN:
@@ -384,6 +406,11 @@ class _ColumnPages:
 
 # ---------------------------------------------------------------------------------------
 # Thrift compact protocol (page headers) and the RLE / bit-packed hybrid
+
+
+def _has_numbers(fields: dict[int, Any], required: tuple[int, ...]) -> bool:
+    """Whether every field in ``required`` is there as an integer (not a boolean)."""
+    return all(type(fields.get(field)) is int for field in required)
 
 
 def _varint(data: memoryview, position: int) -> tuple[int, int]:
@@ -477,6 +504,8 @@ def _hybrid(data: memoryview, position: int, width: int, count: int) -> np.ndarr
     unpacked at once; a stretch of runs of one length (Arrow writes runs of 63 groups) is
     found with one comparison instead of a header at a time.
     """
+    if width == 0:  # a dictionary of one value: every index is 0, however it is encoded
+        return np.zeros(count, dtype=np.int64)
     out = np.empty(count, dtype=np.int64)
     value_bytes = (width + 7) // 8
     packed: list[np.ndarray] = []

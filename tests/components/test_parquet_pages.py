@@ -196,6 +196,85 @@ def test_a_corrupt_page_is_pyarrows_error_after_the_good_chunks(tmp_path: Path) 
         next(chunks)
 
 
+@pytest.mark.parametrize("version", ["1.0", "2.0"])
+@pytest.mark.parametrize("compression", ["none", "snappy"])
+def test_damaged_pages_read_as_pyarrow_reads_them(
+    tmp_path: Path, compression: str, version: str
+) -> None:
+    """One to three bytes overwritten near the start of a page (its header, levels,
+    dictionary indices or first values): the scoring reader gives pyarrow's chunks or
+    pyarrow's error, never another exception or other values."""
+    good = write(
+        tmp_path / "good.parquet",
+        numbers(),
+        compression=compression,
+        data_page_version=version,
+        row_group_size=20_000,
+        dictionary_pagesize_limit=16_384,
+    )
+    data = good.read_bytes()
+    metadata = pq.ParquetFile(good).metadata
+    starts = [
+        offset
+        for group in range(metadata.num_row_groups)
+        for index in range(metadata.num_columns)
+        for offset in (
+            metadata.row_group(group).column(index).dictionary_page_offset,
+            metadata.row_group(group).column(index).data_page_offset,
+        )
+        if offset
+    ]
+    rng = np.random.default_rng(11)
+    outcomes = {"error": 0, "read": 0}
+    for trial in range(60):
+        offset = int(starts[rng.integers(0, len(starts))] + rng.integers(0, 80))
+        size = int(rng.integers(1, 4))
+        damaged = bytearray(data)
+        damaged[offset : offset + size] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        path = tmp_path / f"damaged-{trial}.parquet"
+        path.write_bytes(bytes(damaged))
+        try:
+            expected = pyarrow_chunks(path, ALL, 9_000)
+        except (OSError, pa.ArrowException):
+            outcomes["error"] += 1
+            with pytest.raises(DataError, match="cannot read it"):
+                read(path, ALL, 9_000)
+            continue
+        outcomes["read"] += 1
+        got = read(path, ALL, 9_000)
+        assert len(got) == len(expected)
+        for ours, theirs in zip(got, expected, strict=True):
+            assert ours.schema == theirs.schema
+            for mine, its in zip(ours.columns, theirs.columns, strict=True):
+                if pa.types.is_floating(mine.type):  # damaged bytes can make NaNs
+                    assert np.array_equal(mine.to_numpy(), its.to_numpy(), equal_nan=True)
+                else:
+                    assert mine.equals(its)
+    assert outcomes["error"] and outcomes["read"]  # damage of both kinds was met
+
+
+@pytest.mark.parametrize("level", [0, 0x40])
+def test_v2_definition_levels_are_checked_too(tmp_path: Path, level: int) -> None:
+    """A v2 page's header says it has no nulls, but its levels are what pyarrow reads: all
+    null (0) or out of range (0x40) in the first page of ``id``, read as pyarrow reads it."""
+    path = write(tmp_path / "in.parquet", numbers(), data_page_version="2.0")
+    offset = pq.ParquetFile(path).metadata.row_group(0).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    header, body = parquet_pages._struct(memoryview(bytes(data)), offset)
+    assert header[1] == 3 and header[8][5] > 0  # a v2 data page with definition levels
+    levels_end = body + header[8][5]
+    data[levels_end - 1] = level  # the value of the levels' one RLE run
+    path.write_bytes(bytes(data))
+    if level:
+        with pytest.raises(OSError, match="levels"):
+            pyarrow_chunks(path, ALL, 9_000)
+        with pytest.raises(DataError, match="cannot read it"):
+            read(path, ALL, 9_000)
+    else:
+        assert pyarrow_chunks(path, ALL, 9_000)[0].column("id").null_count > 0
+        assert_same(path, ALL, 9_000)
+
+
 def test_hybrid_decoding_matches_a_plain_encoder() -> None:
     """RLE and bit-packed runs of the widths dictionaries use, against a reference encoder."""
     rng = np.random.default_rng(7)
