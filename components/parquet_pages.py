@@ -81,9 +81,7 @@ def fast_columns(parquet: pq.ParquetFile, columns: Sequence[str], first_row: int
     if not hasattr(os, "pread"):  # Windows: pyarrow reads everything
         return []
     metadata = parquet.metadata
-    leaves: dict[str, list[int]] = {}
-    for index in range(metadata.num_columns):
-        leaves.setdefault(metadata.schema.column(index).path, []).append(index)
+    leaves = _leaves(metadata)
     groups = range(locate_row(metadata, first_row)[0], metadata.num_row_groups)
     chosen = []
     for name in columns:
@@ -124,6 +122,14 @@ def _mostly_plain(
     return values > 0 and stored >= PLAIN_SHARE * values * itemsize
 
 
+def _leaves(metadata: pq.FileMetaData) -> dict[str, list[int]]:
+    """Each leaf column's path, and its index (more than one: a path two columns share)."""
+    leaves: dict[str, list[int]] = {}
+    for index in range(metadata.num_columns):
+        leaves.setdefault(metadata.schema.column(index).path, []).append(index)
+    return leaves
+
+
 def locate_row(metadata: pq.FileMetaData, row: int) -> tuple[int, int]:
     """The row group holding file row ``row``, and the rows of that group before it."""
     group = 0
@@ -155,14 +161,14 @@ def read_chunks(
     metadata = parquet.metadata
     group, skip = locate_row(metadata, first_row)
     groups = list(range(group, metadata.num_row_groups))
-    index = {metadata.schema.column(i).path: i for i in range(metadata.num_columns)}
+    leaves = _leaves(metadata)
     rest_names = [name for name in columns if name not in fast]
     # The file's own fields: nullability and field metadata as pyarrow reads them.
     fields_of = {name: parquet.schema_arrow.field(name) for name in fast}
     descriptor = os.open(path, os.O_RDONLY)
     try:
         readers = {
-            name: _ColumnPages(descriptor, metadata, index[name], groups, skip) for name in fast
+            name: _ColumnPages(descriptor, metadata, leaves[name][0], groups, skip) for name in fast
         }
         rest = others(rest_names, first_row) if rest_names else None
         left = metadata.num_rows - first_row

@@ -977,10 +977,8 @@ def _pyarrow_chunks(
 ) -> Iterator[pa.Table]:
     """The columns from file row ``first_row`` on, read by pyarrow; the row groups before
     it are skipped unread."""
-    groups = None
     first_group, skip = parquet_pages.locate_row(parquet.metadata, first_row)
-    if first_row:
-        groups = list(range(first_group, parquet.metadata.num_row_groups))
+    groups = list(range(first_group, parquet.metadata.num_row_groups)) if first_row else None
     # Decoding on the calling thread: the reader already runs beside the model, and
     # pyarrow's pool cost twice the CPU for the same batches (measured).
     batches = parquet.iter_batches(
