@@ -23,15 +23,17 @@ the parts that exist and ends with the same bytes as a run that was never interr
 
 The work overlaps in threads (pyarrow, numpy, hashlib and torch release the GIL): one
 hashes the input, one reads chunks ahead, the calling thread checks and looks up each
-chunk, ``threads`` threads encode, run the network and decode batch by batch under
-``torch.inference_mode``, and one tabulates and writes each part a row group at a time, as
-the batches holding its rows are done. Preprocessing
-works on Arrow and numpy arrays directly; pandas is not involved. Memory is bounded by a
-few chunks, whatever the size of the input.
+chunk, ``threads`` threads encode, run the network and decode a row group at a time under
+``torch.inference_mode`` (one TorchScript call each, which holds no GIL while it runs),
+and one tabulates and encodes each part a row group at a time, as its rows are scored,
+and writes it once the input's digest is known. Preprocessing works on Arrow and numpy
+arrays directly; pandas is not involved. Memory is bounded by a few chunks, whatever the
+size of the input.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import itertools
@@ -66,9 +68,15 @@ from .errors import DataError, RegistryError
 from .features import Preprocessor
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
     from torch import nn
+
+    #: TorchScript's scalar type (``Scalar`` in operator schemas), a name only its compiler
+    #: knows: the batch script annotates an operator's argument with it.
+    number: TypeAlias = float
 
 _LOG = logging.getLogger(__name__)
 
@@ -710,7 +718,7 @@ class _ChunkEncoder:
         self._stds = preprocessor.stds
         self._width = preprocessor.n_inputs
         self._categorical: list[tuple[str, int]] = []
-        self._sizes = [len(vocabulary) for vocabulary in preprocessor.vocabularies]
+        self.sizes = [len(vocabulary) for vocabulary in preprocessor.vocabularies]
         # Integer vocabularies: a lookup table over the values' span (one gather per row)
         # and, for float columns or a span too wide for a table, the sorted values for a
         # binary search. Text vocabularies: Arrow's hash lookup.
@@ -798,7 +806,7 @@ class _ChunkEncoder:
         column is contiguous), as :class:`_OneHotKernel` reads it."""
         block = np.empty((len(self._categorical), stop - start), dtype=np.int64)
         for index, (codes, all_known, size) in enumerate(
-            zip(columns.codes, columns.all_known, self._sizes, strict=True)
+            zip(columns.codes, columns.all_known, self.sizes, strict=True)
         ):
             batch = codes[start:stop]
             if all_known:
@@ -2086,8 +2094,15 @@ def _score_chunks(
         for size in {workers, tail_workers or workers}
         if size > 1
     }
-    # The writer runs tasks in order: the fingerprint is on disk before the first part.
-    pending: deque[Future[Any]] = deque([writer.submit(_write_progress, output_dir, hashing)])
+    pending: deque[Future[Any]] = deque()
+    recorded = threading.Event()
+
+    def progress() -> None:
+        """Record the fingerprint before the first part (in the writer thread, which runs
+        its tasks in order)."""
+        if not recorded.is_set():
+            _write_progress(output_dir, hashing)
+            recorded.set()
 
     def collect(future: Future[Any]) -> None:
         written = future.result()
@@ -2139,10 +2154,11 @@ def _score_chunks(
             # The writer takes the chunk at once and writes its rows as their scores come,
             # while the pool scores it and the next one is checked and looked up here.
             pending.append(
-                writer.submit(_finish_chunk, output_dir, model, id_column, chunk, hashing)
+                writer.submit(_finish_chunk, output_dir, model, id_column, chunk, hashing, progress)
             )
             while len(pending) > PENDING_WRITES:
                 collect(pending.popleft())
+        pending.append(writer.submit(progress))  # when no chunk was left to score
         while pending:
             collect(pending.popleft())
     finally:
@@ -2177,26 +2193,31 @@ def _finish_chunk(
     id_column: str | None,
     chunk: _ChunkScores,
     hashing: Future[_Identity],
+    progress: Callable[[], None],
 ) -> tuple[dict[str, Any], dict[str, Any] | None, np.ndarray | None, _ChunkScores]:
     """Tabulate and write a chunk (in the writer thread), a row group of
     :data:`PART_ROW_GROUP_ROWS` rows as soon as the batches holding its scores are done.
+
+    The rows are encoded while the input may still be being hashed; the part's metadata
+    (which holds the input's digest) goes into its footer once the hash is known, and
+    ``progress`` records the fingerprint before the part is written.
 
     Returns:
         The scored part's manifest entry, the rejects part's (or None), the chunk's score
         histogram counts (binary; None for regression), and the chunk.
     """
-    metadata = {**hashing.result().metadata, "input_file": chunk.input_file}
     binary = model.task == "binary"
     ids = None
     if id_column is not None and chunk.ids is not None:
         ids = chunk.ids if chunk.keep is None else chunk.ids.filter(pa.array(chunk.keep))
         # One contiguous array, so the part's bytes do not depend on how reads were batched.
         ids = ids.combine_chunks()
-    schema = _part_schema(model, None if ids is None else pa.field(id_column, ids.type), metadata)
+    schema = _part_schema(model, None if ids is None else pa.field(id_column, ids.type), {})
     counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64) if binary else None
     rows = len(chunk.scores)
     sink = pa.BufferOutputStream()
-    with pq.ParquetWriter(sink, schema, **_parquet_options(schema)) as parquet:
+    # The schema pyarrow would store (ARROW:schema) is added with the metadata, at the end.
+    with pq.ParquetWriter(sink, schema, store_schema=False, **_parquet_options(schema)) as parquet:
         # A chunk whose rows were all rejected still gets one (empty) row group.
         for start in range(0, max(rows, 1), PART_ROW_GROUP_ROWS):
             stop = min(start + PART_ROW_GROUP_ROWS, rows)
@@ -2207,9 +2228,20 @@ def _finish_chunk(
                 columns.append(pa.array((scores >= model.threshold).astype(np.int64)))
             columns.append(pa.array(scores))
             parquet.write_table(pa.Table.from_arrays(columns, schema=schema))
+        metadata = {**hashing.result().metadata, "input_file": chunk.input_file}
+        parquet.add_key_value_metadata(_stored_schema(schema.with_metadata(_prefixed(metadata))))
+    progress()
     rejects = None if chunk.rejects is None else _with_metadata(chunk.rejects, metadata)
     part, rejected = _write_chunk(output_dir, chunk.name, sink.getvalue(), rows, rejects)
     return part, rejected, counts, chunk
+
+
+def _stored_schema(schema: pa.Schema) -> dict[str, str]:
+    """The key-value metadata pyarrow's Parquet writer stores for ``schema``: the schema's
+    own, then the schema itself, serialized and base64-encoded, as ``ARROW:schema``."""
+    serialized = base64.b64encode(schema.serialize().to_pybytes()).decode("ascii")
+    metadata = {key.decode(): value.decode() for key, value in (schema.metadata or {}).items()}
+    return {**metadata, "ARROW:schema": serialized}
 
 
 def _part_schema(
@@ -2342,15 +2374,21 @@ def _fused_layers(network: nn.Module) -> Callable[[Any], Any] | None:
     layers = getattr(network, "layers", None)
     if not isinstance(layers, nn.Sequential) or network.training:
         return None
-    return _fuse(list(layers))
+    fused = _fuse(list(layers))
+    return None if fused is None else _fused_runner(fused)
 
 
-def _fuse(layers: Sequence[nn.Module]) -> Callable[[Any], Any] | None:
+#: A fused layer: its weight reordered for oneDNN, its bias, and its activation (``relu``
+#: or ``none``), as ``torch.ops.mkldnn._linear_pointwise`` takes them.
+_FusedLayer = tuple[Any, Any, str]
+
+
+def _fuse(layers: Sequence[nn.Module]) -> list[_FusedLayer] | None:
     """The layers as :func:`_fused_layers` runs them (None where one is of another kind)."""
     import torch
     from torch import nn
 
-    fused: list[tuple[Any, Any, str]] = []
+    fused: list[_FusedLayer] = []
     for layer in layers:
         if isinstance(layer, nn.Linear):
             if layer.bias is None or layer.weight.dtype != torch.float32:
@@ -2365,8 +2403,12 @@ def _fuse(layers: Sequence[nn.Module]) -> Callable[[Any], Any] | None:
             continue  # the identity in eval mode
         else:
             return None
-    if not fused:
-        return None
+    return fused or None
+
+
+def _fused_runner(fused: Sequence[_FusedLayer]) -> Callable[[Any], Any]:
+    import torch
+
     linear = torch.ops.mkldnn._linear_pointwise
 
     def run(batch: Any) -> Any:
@@ -2405,31 +2447,35 @@ class _OneHotKernel:
         weight = first.weight.detach()
         # (numeric columns, width): the numeric block's product accumulates onto the rows
         # looked up (one matrix multiply-add, no separate sum).
-        self._numeric = weight[:, :n_numeric].T.contiguous() if n_numeric else None
+        self.numeric_weight = weight[:, :n_numeric].T.contiguous() if n_numeric else None
         # Each column's weight columns, then a zero column for an unknown or missing value.
         blocks, offset = [], n_numeric
         for size in sizes:
             columns = weight[:, offset : offset + size].T
             blocks.append(torch.cat([columns, columns.new_zeros(1, columns.shape[1])]))
             offset += size
-        self._groups: list[tuple[list[int], list[int], Any]] = []
+        # (member columns, their radices, the table of their combinations), per group.
+        self.groups: list[tuple[list[int], list[int], Any]] = []
         for members in _combination_groups([size + 1 for size in sizes]):
             table = blocks[members[0]]
             for member in members[1:]:
                 # Rows ordered as the mixed-radix number (code of the first, ..., of the last).
                 table = (table[:, None, :] + blocks[member][None, :, :]).reshape(-1, table.shape[1])
-            if not self._groups and first.bias is not None:
+            if not self.groups and first.bias is not None:
                 table = table + first.bias.detach()  # the bias, once: in the first table
             radices = [sizes[member] + 1 for member in members]
-            self._groups.append((members, radices, table.contiguous()))
+            self.groups.append((members, radices, table.contiguous()))
         # Dropout is the identity in eval mode.
         rest = [layer for layer in rest if not isinstance(layer, nn.Dropout | nn.Identity)]
-        self._relu = bool(rest) and isinstance(rest[0], nn.ReLU)
-        if self._relu:
+        self.relu = bool(rest) and isinstance(rest[0], nn.ReLU)
+        if self.relu:
             rest = rest[1:]
-        self._rest = _fuse(rest) if rest else None
-        if rest and self._rest is None:
+        fused = _fuse(rest) if rest else None
+        if rest and fused is None:
             raise ValueError("the layers after the first are not a fusable stack")
+        # The layers after the first (and its ReLU), fused.
+        self.rest_layers: list[_FusedLayer] = fused or []
+        self._rest = _fused_runner(fused) if fused else None
 
     def __call__(self, numeric: np.ndarray, codes: np.ndarray) -> Any:
         """Raw outputs for a batch: ``numeric`` (rows, numeric columns) float32 as
@@ -2437,13 +2483,13 @@ class _OneHotKernel:
         rows) as :meth:`_ChunkEncoder.code_block` does."""
         import torch
 
-        (members, radices, table), *others = self._groups
+        (members, radices, table), *others = self.groups
         hidden = table.index_select(0, torch.from_numpy(_group_index(codes, members, radices)))
         for members, radices, table in others:
             hidden += table.index_select(0, torch.from_numpy(_group_index(codes, members, radices)))
-        if self._numeric is not None:
-            hidden.addmm_(torch.from_numpy(numeric), self._numeric)
-        if self._relu:
+        if self.numeric_weight is not None:
+            hidden.addmm_(torch.from_numpy(numeric), self.numeric_weight)
+        if self.relu:
             hidden.relu_()
         return hidden if self._rest is None else self._rest(hidden)
 
@@ -2556,45 +2602,228 @@ def _start_forward(
     preprocessor: Preprocessor,
     pool: ThreadPoolExecutor | None,
 ) -> _Scores:
-    """Start scoring a chunk's rows in batches of :data:`FORWARD_BATCH_ROWS` rows, each
-    decoded into its place in the chunk's float64 scores (see :class:`_Scores`).
+    """Start scoring a chunk's rows a row group (:data:`PART_ROW_GROUP_ROWS` rows) at a
+    time, each decoded into its place in the chunk's float64 scores (see :class:`_Scores`).
 
-    Each batch is encoded right before the network reads it, so its matrix is still in
-    the CPU cache: with ``kernel``, as its numeric and category blocks, otherwise as the
-    whole input matrix for ``run_network``, and its outputs are decoded
-    (:meth:`Preprocessor.decode_output`) where it ran. With a pool, its threads take batches in
-    turn, each running the network with one torch thread, and the caller goes on
-    meanwhile; without one, the batches run here, before this returns. A batch is computed
-    the same way whichever thread takes it, so the scores do not depend on the thread
-    count.
+    With a pool, its threads take row groups in turn, each running the network with one
+    torch thread, and the caller goes on meanwhile; without one, they run here, before
+    this returns. Within a row group the network runs on batches of
+    :data:`FORWARD_BATCH_ROWS` rows (:func:`_scripted_rows`, or :func:`_eager_rows` where
+    that does not apply), computed the same way whichever thread takes them, so the
+    scores do not depend on the thread count.
     """
     import torch
 
     scores = np.empty(features.rows, dtype=np.float64)
+    run_rows = _scripted_rows(kernel, encoder, features, preprocessor, scores)
+    if run_rows is None:
+        run_rows = _eager_rows(run_network, kernel, encoder, features, preprocessor, scores)
 
     def run(start: int) -> float:
-        stop = min(start + FORWARD_BATCH_ROWS, features.rows)
-        # inference_mode is per thread: each batch enters it where it runs.
+        # inference_mode is per thread: each row group enters it where it runs.
         with torch.inference_mode():
-            if kernel is not None:
-                output = kernel(
-                    encoder.numeric_block(features, start, stop),
-                    encoder.code_block(features, start, stop),
-                )
-            else:
-                output = run_network(torch.from_numpy(encoder.matrix(features, start, stop)))
-            # Decoding is elementwise: a batch decodes as it would within its chunk.
-            preprocessor.decode_output(
-                output.float().numpy().reshape(stop - start), out=scores[start:stop]
-            )
+            run_rows(start, min(start + PART_ROW_GROUP_ROWS, features.rows))
         return time.perf_counter()
 
-    starts = range(0, features.rows, FORWARD_BATCH_ROWS)
+    starts = range(0, features.rows, PART_ROW_GROUP_ROWS)
     if pool is None:
         return _Scores(
             scores, [(start, None) for start in starts], [run(start) for start in starts]
         )
     return _Scores(scores, [(start, pool.submit(run, start)) for start in starts], [])
+
+
+def _eager_rows(
+    run_network: Callable[[Any], Any],
+    kernel: _OneHotKernel | None,
+    encoder: _ChunkEncoder,
+    features: _Columns,
+    preprocessor: Preprocessor,
+    scores: np.ndarray,
+) -> Callable[[int, int], None]:
+    """Score rows ``start`` to ``stop - 1`` into ``scores``, batch by batch, from Python.
+
+    Each batch is encoded right before the network reads it, so its matrix is still in
+    the CPU cache: with ``kernel``, as its numeric and category blocks, otherwise as the
+    whole input matrix for ``run_network``; its outputs are decoded
+    (:meth:`Preprocessor.decode_output`) where it ran.
+    """
+    import torch
+
+    def run(start: int, stop: int) -> None:
+        for first in range(start, stop, FORWARD_BATCH_ROWS):
+            last = min(first + FORWARD_BATCH_ROWS, stop)
+            if kernel is not None:
+                output = kernel(
+                    encoder.numeric_block(features, first, last),
+                    encoder.code_block(features, first, last),
+                )
+            else:
+                output = run_network(torch.from_numpy(encoder.matrix(features, first, last)))
+            # Decoding is elementwise: a batch decodes as it would within its chunk.
+            preprocessor.decode_output(
+                output.float().numpy().reshape(last - first), out=scores[first:last]
+            )
+
+    return run
+
+
+def _scripted_rows(
+    kernel: _OneHotKernel | None,
+    encoder: _ChunkEncoder,
+    features: _Columns,
+    preprocessor: Preprocessor,
+    scores: np.ndarray,
+) -> Callable[[int, int], None] | None:
+    """What :func:`_eager_rows` does with a one-hot kernel, as one TorchScript call per row
+    group, which releases the GIL until the row group is scored; None where it does not
+    apply (no kernel, or a numeric column other than float64 or int64, whose
+    standardisation follows numpy's rules for that type).
+
+    From Python, each batch takes some forty operations, and each hands the GIL back and
+    takes it again: whenever the reader or the writer ran Python meanwhile, the model
+    thread waited for it, up to the interpreter's 5 ms switch interval (measured with
+    probes on CPython's ``take_gil``: 40-57 ms of waiting per 1M-row run across the model
+    threads, 22-34 ms on the main thread). The script computes the same operations in
+    the same order, so the scores are bit for bit those of :func:`_eager_rows`.
+    """
+    import torch
+
+    script = _batch_script()
+    if (
+        script is None
+        or kernel is None
+        or any(values.dtype not in (np.float64, np.int64) for values in features.numeric)
+    ):
+        return None
+    layers = kernel.rest_layers
+    # DLPack shares the arrays' memory, read-only ones (Arrow's) included.
+    arguments = (
+        [torch.from_dlpack(values) for values in features.numeric],
+        [float(value) for value in preprocessor.means],
+        [float(value) for value in preprocessor.stds],
+        [torch.from_dlpack(codes) for codes in features.codes],
+        list(features.all_known),
+        list(encoder.sizes),
+        [list(members) for members, _, _ in kernel.groups],
+        [list(radices) for _, radices, _ in kernel.groups],
+        [table for _, _, table in kernel.groups],
+        kernel.numeric_weight,
+        kernel.relu,
+        [weight for weight, _, _ in layers],
+        [bias for _, bias, _ in layers],
+        [activation for _, _, activation in layers],
+        preprocessor.task == "binary",
+        float(preprocessor.target_mean or 0.0),
+        float(preprocessor.target_std or 1.0),
+    )
+    out = torch.from_numpy(scores)
+
+    def run(start: int, stop: int) -> None:
+        script(*arguments, start, stop, FORWARD_BATCH_ROWS, out)
+
+    return run
+
+
+#: The compiled batch script (see :func:`_batch_script`): empty until first asked for.
+_SCRIPT: list[Any] = []
+_SCRIPT_LOCK = threading.Lock()
+
+
+def _batch_script() -> Any:
+    """:func:`_scripted_rows`' TorchScript function, compiled once per process (~10 ms);
+    None where TorchScript cannot compile it."""
+    with _SCRIPT_LOCK:
+        if not _SCRIPT:
+            _SCRIPT.append(_compile_batch_script())
+    return _SCRIPT[0]
+
+
+def _compile_batch_script() -> Any:
+    import warnings
+
+    import torch
+    from torch import Tensor
+
+    def rows_forward(
+        numeric: list[Tensor],
+        means: list[float],
+        stds: list[float],
+        codes: list[Tensor],
+        known: list[bool],
+        sizes: list[int],
+        members: list[list[int]],
+        radices: list[list[int]],
+        tables: list[Tensor],
+        numeric_weight: Tensor | None,
+        relu: bool,
+        weights: list[Tensor],
+        biases: list[Tensor],
+        activations: list[str],
+        binary: bool,
+        target_mean: float,
+        target_std: float,
+        start: int,
+        stop: int,
+        batch_rows: int,
+        out: Tensor,
+    ) -> None:
+        # Step for step what _eager_rows does with a _OneHotKernel: numeric_block,
+        # code_block, _group_index, _OneHotKernel.__call__, _fuse's layers, decode_output.
+        for first in range(start, stop, batch_rows):
+            last = min(first + batch_rows, stop)
+            rows = last - first
+            block = torch.empty((rows, len(numeric)), dtype=torch.float32)
+            for index in range(len(numeric)):
+                # float64 arithmetic, then float32, as _ChunkEncoder._standardise does.
+                block[:, index] = (
+                    numeric[index][first:last].to(torch.float64) - means[index]
+                ) / stds[index]
+            batch_codes: list[Tensor] = []
+            for index in range(len(codes)):
+                column = codes[index][first:last]
+                if not known[index]:
+                    column = torch.where(column >= 0, column, sizes[index])
+                batch_codes.append(column)
+            hidden = torch.empty(0)
+            for group in range(len(tables)):
+                group_members = members[group]
+                group_radices = radices[group]
+                position = batch_codes[group_members[0]]
+                if len(group_members) > 1:
+                    position = position * group_radices[1] + batch_codes[group_members[1]]
+                    for other in range(2, len(group_members)):
+                        position *= group_radices[other]
+                        position += batch_codes[group_members[other]]
+                if group == 0:
+                    hidden = tables[group].index_select(0, position)
+                else:
+                    hidden += tables[group].index_select(0, position)
+            if numeric_weight is not None:
+                hidden.addmm_(block, numeric_weight)
+            if relu:
+                hidden.relu_()
+            no_scalars: list[number | None] = []
+            for layer in range(len(weights)):
+                hidden = torch.ops.mkldnn._linear_pointwise(
+                    hidden, weights[layer], biases[layer], activations[layer], no_scalars, ""
+                )
+            raw = hidden.reshape(rows).to(torch.float64)
+            if binary:
+                torch.sigmoid(raw, out=out[first:last])
+            else:
+                torch.mul(raw, target_std, out=out[first:last])
+                out[first:last] += target_mean
+
+    try:
+        with warnings.catch_warnings():
+            # torch.jit.script is deprecated in favour of torch.compile, which needs a C++
+            # compiler at run time; the scripted function is checked by the tests.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(rows_forward)
+    except Exception as error:  # a torch build without TorchScript: score from Python
+        _LOG.debug("no batch script: %s", error)
+        return None
 
 
 class _Scores:

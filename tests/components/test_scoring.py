@@ -356,12 +356,17 @@ def test_parts_carry_the_model_and_input_digest(champion, tmp_path):
         champion, [source], tmp_path / "out", id_column=ID, chunk_rows=20, progress=False
     )
 
-    metadata = pq.read_metadata(tmp_path / "out" / "part-00000-00002.parquet").metadata
+    part = tmp_path / "out" / "part-00000-00002.parquet"
     fields = {
         key.decode(): value.decode()
-        for key, value in metadata.items()
+        for key, value in pq.read_metadata(part).metadata.items()
         if key.startswith(b"stemma.")
     }
+    # The footer's key-value metadata and the Arrow schema pandas and pyarrow read agree
+    # (the metadata goes into the footer once the input is hashed, after the rows).
+    schema = pq.read_schema(part)
+    assert {key.decode(): value.decode() for key, value in schema.metadata.items()} == fields
+    assert schema.field("prediction").nullable is False
     assert fields == {
         "stemma.model_uri": f"models:/{MODEL}/1",
         "stemma.model_version": "1",
@@ -370,6 +375,46 @@ def test_parts_carry_the_model_and_input_digest(champion, tmp_path):
         "stemma.input_file": "in.parquet",
         "stemma.fingerprint": result.manifest["fingerprint"],
     }
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        pa.array(np.arange(100, dtype=np.int64)),
+        pa.array([f"a-{i}" for i in range(100)], pa.large_string()),
+        pa.array(np.arange(100).astype("datetime64[ns]")).cast(pa.timestamp("ns", tz="UTC")),
+        pa.array([f"a-{i % 7}" for i in range(100)]).dictionary_encode(),
+        pa.array([None if i % 9 == 0 else i for i in range(100)], pa.int32()),
+    ],
+    ids=["int64", "large_string", "timestamp", "dictionary", "nullable"],
+)
+def test_a_part_whose_metadata_comes_last_has_the_bytes_pyarrow_writes(ids):
+    """Parts are encoded before the input's digest is known, and the metadata (with the
+    schema pyarrow stores, ARROW:schema) is added to the footer at the end: the bytes are
+    those of a writer given the whole schema up front, so parts written before this
+    still resume."""
+    from stemma.components.scoring import _parquet_options, _prefixed, _stored_schema
+
+    schema = pa.schema(
+        [
+            pa.field(ID, ids.type),
+            pa.field("prediction", pa.int64(), nullable=False),
+            pa.field("score", pa.float64(), nullable=False),
+        ]
+    )
+    table = pa.Table.from_arrays(
+        [ids, pa.array(np.arange(100) % 2), pa.array(np.linspace(0, 1, 100))], schema=schema
+    )
+    whole = schema.with_metadata(_prefixed({"input_digest": "0" * 32, "model_version": "3"}))
+    upfront, late = pa.BufferOutputStream(), pa.BufferOutputStream()
+    with pq.ParquetWriter(upfront, whole, **_parquet_options(whole)) as writer:
+        writer.write_table(table.replace_schema_metadata(whole.metadata))
+    with pq.ParquetWriter(late, schema, store_schema=False, **_parquet_options(schema)) as writer:
+        writer.write_table(table)
+        writer.add_key_value_metadata(_stored_schema(whole))
+
+    assert late.getvalue().to_pybytes() == upfront.getvalue().to_pybytes()
+    assert pq.read_table(pa.BufferReader(late.getvalue())).schema.equals(whole, check_metadata=True)
 
 
 @pytest.mark.parametrize("suffix", ["parquet", "csv"])
@@ -755,7 +800,7 @@ def test_the_kernel_adds_one_table_row_per_group_of_categorical_columns(champion
     assert kernel is not None
     categorical = len(champion.preprocessor.categorical)
     assert categorical >= 2
-    assert [members for members, _, _ in kernel._groups] == [[i] for i in range(categorical)]
+    assert [members for members, _, _ in kernel.groups] == [[i] for i in range(categorical)]
 
     frame = synthetic_frame(300, seed=17)
     frame.loc[[3, 8], "car"] = "truck"
@@ -779,6 +824,104 @@ class Tanh(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last(torch.tanh(self.first(x)))
+
+
+def scores_by_both_paths(
+    model, frame: pd.DataFrame, *, reject: bool = False
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """A chunk's scores from the scripted row groups (None where that path declines) and
+    from Python batch by batch, each over row ranges that do not line up with the
+    8,192-row batches."""
+    from stemma.components.scoring import (
+        _ChunkEncoder,
+        _eager_rows,
+        _scripted_rows,
+        network_runner,
+        one_hot_kernel,
+    )
+
+    encoder = _ChunkEncoder(model.preprocessor)
+    columns = encoder.columns(pa.Table.from_pandas(frame, preserve_index=False))
+    if reject:
+        columns = columns.take(np.arange(len(frame)) % 7 != 3)
+    kernel = one_hot_kernel(model.network, model.preprocessor)
+    assert kernel is not None
+    runner = network_runner(model.network, model.preprocessor.n_inputs)
+    cuts = [0, columns.rows // 6, columns.rows * 2 // 3, columns.rows]
+    ranges = list(itertools.pairwise(cuts))
+    results: list[np.ndarray | None] = []
+    for build in (_scripted_rows, None):
+        scores = np.full(columns.rows, np.nan)
+        if build is None:
+            run = _eager_rows(runner, kernel, encoder, columns, model.preprocessor, scores)
+        else:
+            run = build(kernel, encoder, columns, model.preprocessor, scores)
+        if run is None:
+            results.append(None)
+            continue
+        with torch.inference_mode():
+            for start, stop in ranges:
+                run(start, stop)
+        results.append(scores)
+    scripted, eager = results
+    assert eager is not None and not np.isnan(eager).any()
+    return scripted, eager
+
+
+@pytest.mark.parametrize("task", ["binary", "regression"])
+@pytest.mark.parametrize("reject", [False, True])
+def test_scripted_row_groups_score_bit_for_bit_as_python_does(store, champion, task, reject):
+    """The TorchScript row groups (which hold no GIL while they run) compute what the
+    Python path computes, to the last bit: float and integer numerics, unknown
+    categories, rows taken out as rejects, partial batches, and both decodings."""
+    model = champion
+    if task == "regression":
+        with isolated_mlflow():
+            configure_tracking(store["root"])
+            version = register(
+                store["client"],
+                "credit-price",
+                store["experiment_id"],
+                store["root"] / "price",
+                seed=5,
+                task="regression",
+            )
+            model = load_scoring_model(f"models:/credit-price/{version}")
+    frame = synthetic_frame(30_000, seed=23)
+    frame.loc[frame.index % 11 == 0, "car"] = "truck"  # unknown: its block is all zeros
+
+    scripted, eager = scores_by_both_paths(model, frame, reject=reject)
+
+    assert scripted is not None
+    assert np.array_equal(scripted, eager)
+    # Not a constant: the rows score differently, and unknown categories change the score.
+    assert len(np.unique(eager)) > 1_000
+
+
+def test_numeric_columns_of_other_types_are_scored_from_python(champion):
+    """float32 (or int32) columns standardise by numpy's rules for their type, which the
+    script does not copy: they take the Python path, scores unchanged."""
+    frame = synthetic_frame(10_000, seed=29).astype({"salary": np.float32})
+
+    scripted, eager = scores_by_both_paths(champion, frame)
+
+    assert scripted is None
+    expected = champion.preprocessor.decode_output(
+        dense_outputs(champion, frame).numpy().reshape(-1)
+    )
+    np.testing.assert_allclose(eager, expected, rtol=1e-5)
+
+
+def test_without_torchscript_the_rows_are_scored_from_python(champion, tmp_path, monkeypatch):
+    """A torch build that cannot script the batch function still scores, and the bytes
+    are the same."""
+    source = write_parquet(synthetic_frame(20_000, seed=31), tmp_path / "in.parquet")
+    score_files(champion, [source], tmp_path / "scripted", id_column=ID, chunk_rows=7_000)
+    monkeypatch.setattr(scoring, "_SCRIPT", [None])
+
+    score_files(champion, [source], tmp_path / "python", id_column=ID, chunk_rows=7_000)
+
+    assert folder_bytes(tmp_path / "scripted") == folder_bytes(tmp_path / "python")
 
 
 def test_other_networks_run_as_they_compute(champion):
