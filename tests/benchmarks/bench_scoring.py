@@ -8,9 +8,9 @@ input in the same chunks, preprocesses, predicts and writes Parquet, each with t
 setting that serves it best on this machine: Stemma its default (one model thread per
 core but one while reading, beside its reader, hasher and writer threads, then one per
 core for the chunks left once the input is read; each runs the network on its own
-batches); (a) and (b) `torch.set_num_threads(THREADS)`, one per core, which was
-faster for both than one thread (measured on 2 cores: pyfunc 0.68 s against 0.87 s for
-1M rows):
+row groups, one TorchScript call each); (a) and (b) `torch.set_num_threads(THREADS)`,
+one per core, which was faster for both than one thread (measured on 2 cores: pyfunc
+0.68 s against 0.87 s for 1M rows):
 
 * Stemma: `score_files` (schema check, input digest, validity checks, rejects, atomic
   parts with hashes, manifest); the input is touched before every job, so that Stemma
@@ -80,8 +80,9 @@ TARGET_VS_PYFUNC = 3.0
 TARGET_RSS_RATIO = 1.2
 ASSERTED_VS_HAND_WRITTEN = 0.8
 #: Below the target, so that noise from other work on a shared 2-core machine does not fail
-#: the run; the printed ratio is the measurement (over twenty-seven runs on that machine:
-#: 1M rows 2.70-3.39x, 10M rows 3.02-3.99x, with pyfunc itself at 1.6-2.52M rows/s).
+#: the run; the printed ratio is the measurement (five runs on that machine: 1M rows
+#: 3.20-3.45x, 10M rows 3.50-3.57x, with pyfunc itself at 2.2-2.35M rows/s; pyfunc's
+#: speed has ranged over 1.6-2.52M rows/s between runs).
 ASSERTED_VS_PYFUNC = 2.5
 ASSERTED_RSS_RATIO = 1.3
 
