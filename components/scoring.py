@@ -2714,8 +2714,9 @@ def _scripted_rows(
         [bias for _, bias, _ in layers],
         [activation for _, _, activation in layers],
         preprocessor.task == "binary",
-        float(preprocessor.target_mean or 0.0),
-        float(preprocessor.target_std or 1.0),
+        # Read for regression only, which always has both.
+        float(preprocessor.target_mean if preprocessor.target_mean is not None else 0.0),
+        float(preprocessor.target_std if preprocessor.target_std is not None else 1.0),
     )
     out = torch.from_numpy(scores)
 
