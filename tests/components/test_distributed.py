@@ -207,6 +207,30 @@ def test_two_processes_train_as_well_as_one(problem, uninterrupted):
     assert weights_sha256(network) == initial, "the caller's network must not change"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_process_per_gpu_trains_over_nccl_in_bf16(problem, tmp_path):
+    """On a GPU machine ``device: auto`` trains each process on its own GPU (NCCL, the
+    backend ``auto`` picks there) under bf16 autocast, and the network comes back on
+    the CPU as good as the CPU runs'."""
+    train = TrainSpec(
+        epochs=EPOCHS,
+        batch_size=128,
+        device="auto",
+        precision="auto",
+        seed=7,
+        early_stopping=None,
+        distributed=DistributedSpec(nproc_per_node=torch.cuda.device_count()),
+    )
+    reported: list[dict] = []
+
+    result = run(problem, train, checkpoint_dir=tmp_path, on_epoch=reported.append)
+
+    assert (result.device, result.precision, result.best_epoch) == ("cuda", "bf16", EPOCHS)
+    assert [row["epoch"] for row in reported] == list(range(1, EPOCHS + 1))
+    assert all(p.device.type == "cpu" for p in result.network.parameters())
+    assert roc_auc_of(result.network, problem) > 0.85
+
+
 def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(
     problem, uninterrupted, tmp_path
 ):

@@ -36,6 +36,8 @@ MLP_CONFIG = {"architecture": "mlp", "hidden": [16, 8], "dropout": 0.1}
 no_cuda = pytest.mark.skipif(
     torch.cuda.is_available(), reason="checks behaviour on a machine without CUDA"
 )
+#: The CUDA paths: skipped where there is no GPU (CI), run on a GPU machine.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _spec(**changes) -> TrainSpec:
@@ -417,6 +419,85 @@ def test_cuda_requested_without_a_gpu_is_an_error() -> None:
 def test_resolve_device_without_a_gpu(device: str, precision: str, expected: tuple) -> None:
     chosen, dtype = resolve_device(device, precision)
     assert (chosen.type, dtype) == expected
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    ("device", "precision", "expected"),
+    [
+        ("auto", "auto", ("cuda", torch.bfloat16)),
+        ("cuda", "fp32", ("cuda", None)),
+        ("cpu", "auto", ("cpu", None)),
+    ],
+    ids=["auto", "cuda-fp32", "cpu"],
+)
+def test_resolve_device_with_a_gpu(device: str, precision: str, expected: tuple) -> None:
+    chosen, dtype = resolve_device(device, precision)
+    assert (chosen.type, dtype) == expected
+
+
+@needs_cuda
+def test_auto_trains_on_the_gpu_in_bf16_and_returns_a_cpu_network() -> None:
+    """``device: auto`` with ``precision: auto`` trains on the GPU under bf16 autocast; the
+    network comes back on the CPU in fp32 and learns what CPU training learns."""
+    data = _binary_data()
+    network = build_network(MLP_CONFIG, INPUTS, seed=1)
+
+    gpu = _train(network, data, _spec(device="auto", precision="auto"))
+    cpu = _train(network, data, _spec())
+
+    assert (gpu.device, gpu.precision) == ("cuda", "bf16")
+    assert all(
+        p.device.type == "cpu" and p.dtype == torch.float32 for p in gpu.network.parameters()
+    )
+    assert not gpu.network.training
+    assert gpu.history[-1]["val_loss"] < gpu.history[0]["val_loss"]
+    # bf16 rounds the forward pass differently, and dropout draws its masks from the GPU's
+    # generator; the loss it reaches is about the same.
+    assert gpu.history[-1]["val_loss"] == pytest.approx(cpu.history[-1]["val_loss"], abs=0.05)
+    # The history's loss (bf16 on the GPU) is the returned network's loss (fp32, CPU), to
+    # bf16's precision.
+    assert _bce(gpu.network, data[2], data[3]) == pytest.approx(
+        gpu.history[-1]["val_loss"], rel=0.05
+    )
+    assert weights_sha256(gpu.network) != weights_sha256(cpu.network)
+
+
+@needs_cuda
+def test_fp32_on_the_gpu_agrees_with_the_cpu() -> None:
+    """Without dropout (whose masks come from the device's own generator), fp32 training
+    on the GPU follows the CPU's to float rounding: the batch order is drawn on the CPU."""
+    data = _binary_data()
+    network = build_network({**MLP_CONFIG, "dropout": 0.0}, INPUTS, seed=1)
+
+    gpu = _train(network, data, _spec(device="cuda", precision="fp32"))
+    cpu = _train(network, data, _spec())
+
+    assert (gpu.device, gpu.precision) == ("cuda", "fp32")
+    assert [row["val_loss"] for row in gpu.history] == pytest.approx(
+        [row["val_loss"] for row in cpu.history], rel=1e-4
+    )
+    for (name, ours), theirs in zip(
+        gpu.network.state_dict().items(), cpu.network.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@needs_cuda
+def test_a_gpu_checkpoint_is_resumed_from(tmp_path: Path) -> None:
+    """A checkpoint written by GPU training loads back (onto the GPU) and, finished, gives
+    the same network without training again."""
+    data = _binary_data()
+    network = build_network(MLP_CONFIG, INPUTS, seed=1)
+    spec = _spec(device="auto", precision="auto")
+
+    first = _train(network, data, spec, checkpoint_dir=tmp_path)
+    calls: list[dict] = []
+    again = _train(network, data, spec, checkpoint_dir=tmp_path, on_epoch=calls.append)
+
+    assert calls == [] and again.resumed_from_epoch == 4
+    assert weights_sha256(again.network) == weights_sha256(first.network)
+    assert again.device == "cuda"
 
 
 # ---------------------------------------------------------------------------------------
