@@ -2212,7 +2212,7 @@ def _finish_chunk(
         ids = chunk.ids if chunk.keep is None else chunk.ids.filter(pa.array(chunk.keep))
         # One contiguous array, so the part's bytes do not depend on how reads were batched.
         ids = ids.combine_chunks()
-    schema = _part_schema(model, None if ids is None else pa.field(id_column, ids.type), {})
+    schema = _part_schema(model, None if ids is None else pa.field(id_column, ids.type))
     counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64) if binary else None
     rows = len(chunk.scores)
     sink = pa.BufferOutputStream()
@@ -2244,17 +2244,16 @@ def _stored_schema(schema: pa.Schema) -> dict[str, str]:
     return {**metadata, "ARROW:schema": serialized}
 
 
-def _part_schema(
-    model: ScoringModel, id_field: pa.Field | None, metadata: dict[str, str]
-) -> pa.Schema:
-    """A scored part's columns (:func:`_output_columns`), with the scoring's metadata. The
-    prediction and the score are never null: required columns, which spare the writer
-    their definition levels (20% of the time to encode a part)."""
+def _part_schema(model: ScoringModel, id_field: pa.Field | None) -> pa.Schema:
+    """A scored part's columns (:func:`_output_columns`); the scoring's metadata is added
+    to the footer once the input is hashed (:func:`_finish_chunk`). The prediction and
+    the score are never null: required columns, which spare the writer their definition
+    levels (20% of the time to encode a part)."""
     types = {PREDICTION_COLUMN: pa.int64(), SCORE_COLUMN: pa.float64()}
     names = _output_columns(model, None if id_field is None else id_field.name)
     fields = [id_field] if id_field is not None else []
     fields += [pa.field(name, types[name], nullable=False) for name in names[len(fields) :]]
-    return pa.schema(fields, metadata=_prefixed(metadata))
+    return pa.schema(fields)
 
 
 #: The runner of each network, by the network it was made from (see :func:`_runner`).
@@ -2726,21 +2725,10 @@ def _scripted_rows(
     return run
 
 
-#: The compiled batch script (see :func:`_batch_script`): empty until first asked for.
-_SCRIPT: list[Any] = []
-_SCRIPT_LOCK = threading.Lock()
-
-
+@functools.cache
 def _batch_script() -> Any:
     """:func:`_scripted_rows`' TorchScript function, compiled once per process (~10 ms);
     None where TorchScript cannot compile it."""
-    with _SCRIPT_LOCK:
-        if not _SCRIPT:
-            _SCRIPT.append(_compile_batch_script())
-    return _SCRIPT[0]
-
-
-def _compile_batch_script() -> Any:
     import warnings
 
     import torch

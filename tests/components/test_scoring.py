@@ -917,7 +917,7 @@ def test_without_torchscript_the_rows_are_scored_from_python(champion, tmp_path,
     are the same."""
     source = write_parquet(synthetic_frame(20_000, seed=31), tmp_path / "in.parquet")
     score_files(champion, [source], tmp_path / "scripted", id_column=ID, chunk_rows=7_000)
-    monkeypatch.setattr(scoring, "_SCRIPT", [None])
+    monkeypatch.setattr(scoring, "_batch_script", lambda: None)
 
     score_files(champion, [source], tmp_path / "python", id_column=ID, chunk_rows=7_000)
 
