@@ -449,6 +449,8 @@ class DriftReport:
             correction for the number of tests).
         statistics: the configured statistics per kind of column.
         pvalue_correction: ``bonferroni`` or ``none``.
+        min_rows: batches with fewer rows are not compared (``monitor.min_rows``); their
+            report holds no columns and is never drift.
     """
 
     rows: int
@@ -461,6 +463,24 @@ class DriftReport:
     thresholds: dict[str, float]
     statistics: dict[str, list[str]]
     pvalue_correction: str = "none"
+    min_rows: int = 1
+
+    @property
+    def assessed(self) -> bool:
+        """Whether the batch had rows enough to be compared at all."""
+        return self.rows > 0 and self.rows >= self.min_rows
+
+    @property
+    def not_assessed_reason(self) -> str | None:
+        """Why the batch was not compared, or None when it was."""
+        if self.rows == 0:
+            return "the batch has no rows: nothing to compare, drift not assessed"
+        if self.rows < self.min_rows:
+            return (
+                f"the batch has {self.rows:,} rows, fewer than monitor.min_rows "
+                f"({self.min_rows:,}): drift not assessed"
+            )
+        return None
 
     @property
     def drifted_features(self) -> list[str]:
@@ -486,8 +506,8 @@ class DriftReport:
 
     @property
     def detected(self) -> bool:
-        """Whether the batch drifted over the thresholds in any way."""
-        return (
+        """Whether the batch drifted over the thresholds in any way (never when not assessed)."""
+        return self.assessed and (
             self.feature_drift
             or self.prediction_drift
             or self.label_drift
@@ -513,6 +533,8 @@ class DriftReport:
 
     def reasons(self) -> list[str]:
         """One line per finding, for people."""
+        if not self.assessed:
+            return [str(self.not_assessed_reason)]
         lines = []
         for column in self.columns:
             if column.drifted:
@@ -540,6 +562,7 @@ class DriftReport:
             "rows": float(self.rows),
             "rows_labelled": float(self.labelled_rows),
             "drift_detected": float(self.detected),
+            "drift_assessed": float(self.assessed),
             "features_monitored": float(len(self.features)),
             "features_drifted": float(len(self.drifted_features)),
         }
@@ -586,6 +609,7 @@ class DriftReport:
             "rows": self.rows,
             "labelled_rows": self.labelled_rows,
             "detected": self.detected,
+            "assessed": self.assessed,
             "kinds": self.kinds,
             "drifted_features": self.drifted_features,
             "min_drifted_features": self.min_drifted_features,
@@ -600,6 +624,8 @@ class DriftReport:
 
     def summary(self) -> str:
         """One line for people."""
+        if not self.assessed:
+            return str(self.not_assessed_reason)
         if not self.detected:
             return (
                 f"no drift over the thresholds in {self.rows:,} rows "
@@ -752,6 +778,25 @@ class DriftMonitor:
         """
         settings = self.settings
         truth = np.concatenate(self._labelled_truth) if self._labelled_truth else np.empty(0)
+        if self.rows == 0 or self.rows < settings.min_rows:
+            # Statistics of an empty or tiny batch say nothing about the population; with
+            # no rows every test would read as the largest possible shift.
+            return DriftReport(
+                rows=self.rows,
+                features=(),
+                prediction=None,
+                label=None,
+                performance=None,
+                labelled_rows=int(truth.size) if labelled else 0,
+                min_drifted_features=settings.min_drifted_features,
+                thresholds=settings.thresholds.model_dump(),
+                statistics={
+                    NUMERIC: list(settings.statistics.numeric),
+                    CATEGORICAL: list(settings.statistics.categorical),
+                },
+                pvalue_correction=settings.pvalue_correction,
+                min_rows=settings.min_rows,
+            )
         compared: list[tuple[str, str, Accumulator]] = [
             (name, FEATURE, accumulator) for name, accumulator in self.features.items()
         ]
@@ -785,6 +830,7 @@ class DriftMonitor:
                 CATEGORICAL: list(settings.statistics.categorical),
             },
             pvalue_correction=settings.pvalue_correction,
+            min_rows=settings.min_rows,
         )
 
 

@@ -260,6 +260,14 @@ class GateSpec(_Section):
         le=1.0,
         description="How much better than the current champion, on the same test rows, the model must be.",
     )
+    untrusted_champion: Literal["fail", "ignore"] = Field(
+        default="fail",
+        description=(
+            "When the champion's files do not match the digests recorded at registration (or it "
+            "has none, or names a foreign architecture): `fail` fails the gate closed; `ignore` "
+            "gates as if there were no champion."
+        ),
+    )
 
 
 _CRON = re.compile(r"^(@(yearly|annually|monthly|weekly|daily|hourly)|(\S+\s+){4}\S+)$")
@@ -540,6 +548,15 @@ class MonitorSpec(_Section):
         ge=1,
         le=10_000,
         description="The batch has feature drift when at least this many features drift.",
+    )
+    min_rows: int = Field(
+        default=1,
+        ge=1,
+        le=1_000_000_000,
+        description=(
+            "Batches with fewer rows are not compared: the report says drift was not "
+            "assessed and no drift event is sent. A batch with no rows is never drift."
+        ),
     )
     pvalue_correction: Literal["bonferroni", "none"] = Field(
         default="bonferroni",

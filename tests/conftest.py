@@ -1,4 +1,6 @@
-"""Shared fixtures: the repository root and a fast-failing environment for child processes."""
+"""Shared fixtures: the repository root, a fast-failing environment for child processes, and
+real services (a Prefect API, an MLflow store, git + DVC projects) shared by every test
+folder, so that one session starts each of them once."""
 
 from __future__ import annotations
 
@@ -7,9 +9,15 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+
+from tests.support import SMALL_TRAIN_ROWS, build_project, dvc_add
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,3 +42,55 @@ def stemma_exe() -> list[str]:
     """The `stemma` console script of the environment running the tests."""
     script = Path(sys.executable).parent / "stemma"
     return [str(script)] if script.exists() else [sys.executable, "-m", "stemma.flows.cli"]
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """A real Prefect API on a temporary database, for the whole session."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> Iterator[str]:
+    """An MLflow store on SQLite in a temporary folder, shared by the session's tests."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(scope="session")
+def template_project(tmp_path_factory, repo_root) -> Path:
+    return build_project(
+        tmp_path_factory.mktemp("template") / "project", repo_root, train_rows=SMALL_TRAIN_ROWS
+    )
+
+
+@pytest.fixture
+def project(template_project, tmp_path) -> Path:
+    """A private copy of the template project, free to break."""
+    target = tmp_path / "project"
+    shutil.copytree(template_project, target, symlinks=True)
+    return target
+
+
+@pytest.fixture
+def rewrite_data(project) -> Callable[[Callable[[pd.DataFrame], pd.DataFrame]], None]:
+    """Change the training table and record the change with DVC, as a user would."""
+
+    def rewrite(change: Callable[[pd.DataFrame], pd.DataFrame]) -> None:
+        path = project / "data" / "credit" / "train.parquet"
+        frame = change(pd.read_parquet(path))
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
+        dvc_add(project)
+
+    return rewrite

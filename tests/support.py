@@ -1,10 +1,22 @@
-"""Helpers shared by tests that point MLflow at a store of their own."""
+"""Helpers shared by tests: MLflow stores of their own, and real git + DVC projects."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+#: Small enough to train in seconds, large enough for a meaningful test split.
+SMALL_TRAIN_ROWS = 4_000
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Stemma Tests",
+    "GIT_AUTHOR_EMAIL": "tests@stemma.invalid",
+    "GIT_COMMITTER_NAME": "Stemma Tests",
+    "GIT_COMMITTER_EMAIL": "tests@stemma.invalid",
+}
 
 #: Variables through which MLflow (and Stemma's tracking defaults) pick a store.
 URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -72,3 +84,35 @@ def log_trained_model(
             workdir=workdir,
         )
     return preprocessor, network, info, sha256, run.info.run_id
+
+
+def git(root: Path, *args: str) -> str:
+    env = {**os.environ, **GIT_ENV}
+    return subprocess.run(
+        ["git", *args], cwd=root, env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def dvc_add(root: Path) -> None:
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        repo.add(str(root / "data"))
+
+
+def build_project(root: Path, repo_root: Path, *, train_rows: int) -> Path:
+    """A Stemma project: git repo, DVC repo, the worked example's spec and generated data."""
+    from dvc.repo import Repo
+
+    from stemma.components.example import generate_credit_data
+
+    root.mkdir(parents=True, exist_ok=True)
+    git(root, "init", "-q")
+    Repo.init(str(root))
+    (root / "configs").mkdir()
+    shutil.copy(repo_root / "configs" / "credit.yaml", root / "configs" / "credit.yaml")
+    generate_credit_data(root / "data", train_rows=train_rows, days=2, batch_rows=500)
+    dvc_add(root)
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "project")
+    return root

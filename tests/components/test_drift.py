@@ -250,6 +250,27 @@ def test_thresholds_and_the_minimum_drifted_features_decide(reference):
     assert any("fewer than monitor.min_drifted_features" in line for line in two_needed.reasons())
 
 
+def test_a_batch_with_no_rows_is_not_assessed_and_not_drift(reference, tmp_path):
+    report = compare(reference, applicants(0, seed=15), scores=np.empty(0))
+    assert report.rows == 0
+    assert report.assessed is False and report.detected is False
+    assert report.drifted_features == [] and report.kinds == []
+    assert report.summary() == "the batch has no rows: nothing to compare, drift not assessed"
+    assert report.reasons() == [report.summary()]
+    assert report.to_dict()["assessed"] is False
+    assert report.metrics()["drift_assessed"] == 0.0
+    plot_drift_report(report, tmp_path / "empty.png", title="empty")
+    assert (tmp_path / "empty.png").stat().st_size > 0
+
+
+def test_a_shifted_batch_under_min_rows_is_not_assessed(reference):
+    batch = applicants(33, seed=16, older=30, vans=0.9)
+    assert compare(reference, batch).detected is True
+    small = compare(reference, batch, MonitorSpec(min_rows=100))
+    assert small.assessed is False and small.detected is False
+    assert "33 rows, fewer than monitor.min_rows (100)" in small.summary()
+
+
 #: Batches drawn like the reference in the calibration test, and the level of the tests.
 NULL_BATCHES = 150
 ALPHA = 0.05

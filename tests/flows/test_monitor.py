@@ -25,7 +25,7 @@ from stemma.components.profile import (
     read_profile,
 )
 from stemma.components.spec import load_spec
-from tests.flows.conftest import SMALL_TRAIN_ROWS
+from tests.support import SMALL_TRAIN_ROWS
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "mlflow_uri")
 

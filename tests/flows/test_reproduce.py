@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from stemma.components import reproduce
 from stemma.components.data import file_md5
 from stemma.components.errors import DataVersionError, LineageError
-from tests.flows.conftest import dvc_add, git
+from tests.support import dvc_add, git
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "mlflow_uri")
 

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import torch
 
-from tests.flows.conftest import build_project
+from tests.support import build_project
 
 pytestmark = pytest.mark.usefixtures("mlflow_uri")
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from stemma.components.services import start_services, stop_services
-from tests.flows.conftest import build_project, git
+from tests.support import build_project, git
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INFRA = REPO_ROOT / "infra"
