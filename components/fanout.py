@@ -58,6 +58,7 @@ class ScoringJob:
     tracking_uri: str
     registry_uri: str
     threads: int = THREADS_PER_TASK
+    architectures: tuple[str, ...] = ()
 
 
 def task_runner_options(settings: DaskSpec) -> dict[str, Any]:
@@ -91,6 +92,7 @@ def make_job(
         weights_sha256=model.weights_sha256,
         tracking_uri=tracking_uri,
         registry_uri=registry_uri,
+        architectures=model.architectures,
     )
 
 
@@ -122,7 +124,9 @@ def worker_model(job: ScoringJob) -> ScoringModel:
         model = _MODELS.get(key)
         if model is None:
             client = MlflowClient(tracking_uri=job.tracking_uri, registry_uri=job.registry_uri)
-            model = load_scoring_model(job.model_uri, client=client)
+            model = load_scoring_model(
+                job.model_uri, client=client, architectures=job.architectures
+            )
             if model.weights_sha256 != job.weights_sha256:
                 raise RegistryError(
                     f"{job.model_uri}: a worker loaded other weights than the scoring was planned with",

@@ -11,7 +11,8 @@ A training run produces the chain
 The same facts are written three ways, so each place a user looks agrees: as a JSON
 document in the run's artifacts (``lineage/record.json``), as ``stemma.*`` tags on the
 MLflow run, and as tags on the model version. Later commands (``stemma lineage``) walk
-these records; this module only builds them.
+these records; this module only builds them. A URL's credentials never enter a record
+(every builder passes its record through :func:`~.redaction.redact`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from .redaction import redact
 
 #: Version of the record layout, so readers can tell old records from new ones.
 RECORD_SCHEMA = "stemma.lineage/1"
@@ -145,17 +148,19 @@ def build_training_record(
         model = model_node_id(lineage.model_name, lineage.model_version)
         nodes.append(Node("model_version", model, f"sha256:{lineage.weights_sha256}", {}))
         edges.append(Edge(run, model, "produced"))
-    return {
-        "schema": RECORD_SCHEMA,
-        "pipeline": lineage.pipeline,
-        "flow": "train",
-        "created": (created or datetime.now(UTC)).isoformat(),
-        "nodes": [asdict(node) for node in nodes],
-        "edges": [asdict(edge) for edge in edges],
-        "artifacts": {
-            path: f"sha256:{digest}" for path, digest in sorted(lineage.artifacts.items())
-        },
-    }
+    return redact(
+        {
+            "schema": RECORD_SCHEMA,
+            "pipeline": lineage.pipeline,
+            "flow": "train",
+            "created": (created or datetime.now(UTC)).isoformat(),
+            "nodes": [asdict(node) for node in nodes],
+            "edges": [asdict(edge) for edge in edges],
+            "artifacts": {
+                path: f"sha256:{digest}" for path, digest in sorted(lineage.artifacts.items())
+            },
+        }
+    )
 
 
 def artifact_digests(folder: Path, prefix: str) -> dict[str, str]:
@@ -185,7 +190,7 @@ def run_tags(lineage: TrainingLineage) -> dict[str, str]:
         tags["stemma.git.rev"] = lineage.git_rev
     if lineage.flow_run_id:
         tags["stemma.prefect.flow_run_id"] = lineage.flow_run_id
-    return tags
+    return redact(tags)
 
 
 def model_version_tags(lineage: TrainingLineage) -> dict[str, str]:
@@ -284,14 +289,16 @@ def build_scoring_record(
             ),
         )
         edges.insert(0, Edge(data, batch, "contains"))
-    return {
-        "schema": RECORD_SCHEMA,
-        "pipeline": lineage.pipeline,
-        "flow": "score",
-        "created": (created or datetime.now(UTC)).isoformat(),
-        "nodes": [asdict(node) for node in nodes],
-        "edges": [asdict(edge) for edge in edges],
-    }
+    return redact(
+        {
+            "schema": RECORD_SCHEMA,
+            "pipeline": lineage.pipeline,
+            "flow": "score",
+            "created": (created or datetime.now(UTC)).isoformat(),
+            "nodes": [asdict(node) for node in nodes],
+            "edges": [asdict(edge) for edge in edges],
+        }
+    )
 
 
 def evaluation_node_id(kind: str, run_id: str) -> str:
@@ -394,21 +401,23 @@ def build_decision_record(
             edges.append(Edge(decided.challenger, decided.incumbent, "promoted_over"))
         if decided.action_outcome == "done" and decided.action == "rollback":
             edges.append(Edge(decided.incumbent, decided.challenger, "rolled_back_over"))
-    return {
-        "schema": RECORD_SCHEMA,
-        "pipeline": pipeline,
-        "flow": flow,
-        "created": decided.when,
-        "decision": {
-            "decision": decided.verdict,
-            **(summary or {}),
-            "reasons": list(decided.reasons),
-            "who": decided.who,
-            "when": decided.when,
-        },
-        "nodes": [asdict(node) for node in nodes],
-        "edges": [asdict(edge) for edge in edges],
-    }
+    return redact(
+        {
+            "schema": RECORD_SCHEMA,
+            "pipeline": pipeline,
+            "flow": flow,
+            "created": decided.when,
+            "decision": {
+                "decision": decided.verdict,
+                **(summary or {}),
+                "reasons": list(decided.reasons),
+                "who": decided.who,
+                "when": decided.when,
+            },
+            "nodes": [asdict(node) for node in nodes],
+            "edges": [asdict(edge) for edge in edges],
+        }
+    )
 
 
 def build_retrain_record(
@@ -472,14 +481,16 @@ def build_retrain_record(
         shadow = run_node_id(shadow_run_id)
         nodes.append(Node("run", shadow, None, {"flow": "shadow"}))
         edges.append(Edge(model, shadow, "evaluated_in"))
-    return {
-        "schema": RECORD_SCHEMA,
-        "pipeline": pipeline,
-        "flow": "retrain",
-        "created": (created or datetime.now(UTC)).isoformat(),
-        "nodes": [asdict(node) for node in nodes],
-        "edges": [asdict(edge) for edge in edges],
-    }
+    return redact(
+        {
+            "schema": RECORD_SCHEMA,
+            "pipeline": pipeline,
+            "flow": "retrain",
+            "created": (created or datetime.now(UTC)).isoformat(),
+            "nodes": [asdict(node) for node in nodes],
+            "edges": [asdict(edge) for edge in edges],
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,6 +18,9 @@ Facets:
   aliases) and the run facet ``stemma_mlflow_run`` (run, experiment, tracking URI, Prefect
   flow run, flow, status).
 
+No credential leaves in an event: the tracking URI, node ids and attributes go through
+:func:`~.redaction.redact` (``http://user:***@host``), as does every target URL shown.
+
 A FILE target gets the events as JSON lines through the client's file transport, written
 to a temporary file and renamed into place; an ``http(s)://`` target gets them POSTed
 through the client's HTTP transport (to ``/api/v1/lineage`` when the URL has no path).
@@ -29,6 +32,7 @@ import json
 import os
 import tempfile
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +50,7 @@ from openlineage.client.facet_v2 import (
 
 from .errors import LineageError
 from .lineage_graph import RUN_PREFIX, GraphNode, LineageGraph
+from .redaction import redact, redact_url
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -215,6 +220,16 @@ def _reach(graph: LineageGraph, run: str, *, upstream: bool) -> list[str]:
     return sorted(found)
 
 
+def _redacted(node: GraphNode) -> GraphNode:
+    """The node as an event may show it: no credential in its id or attributes."""
+    return replace(
+        node,
+        id=redact_url(node.id),
+        made_by=redact_url(node.made_by) if node.made_by else node.made_by,
+        attributes=redact(node.attributes),
+    )
+
+
 def _dataset_facets(node: GraphNode) -> dict[str, Any]:
     facets: dict[str, Any] = {
         "stemma_node": StemmaNodeDatasetFacet(
@@ -271,7 +286,8 @@ def build_events(
         key=lambda node: (node.created or "", node.id),
     )
     events: list[RunEvent] = []
-    for run in runs:
+    for original in runs:
+        original_id, run = original.id, _redacted(original)
         pipeline = run.attributes.get("pipeline") or "stemma"
         flow = run.attributes.get("flow") or "run"
         job = Job(namespace=NAMESPACE, name=f"{pipeline}.{flow}")
@@ -282,7 +298,7 @@ def build_events(
                 "stemma_mlflow_run": StemmaMlflowRunFacet(
                     runId=mlflow_run,
                     experimentId=run.attributes.get("experiment_id"),
-                    trackingUri=tracking_uri,
+                    trackingUri=redact_url(tracking_uri) if tracking_uri else None,
                     status=run.attributes.get("status"),
                     flow=flow,
                     pipeline=pipeline,
@@ -292,8 +308,8 @@ def build_events(
             },
         )
         inputs = []
-        for node_id in _reach(graph, run.id, upstream=True):
-            node = graph.nodes[node_id]
+        for node_id in _reach(graph, original_id, upstream=True):
+            node = _redacted(graph.nodes[node_id])
             input_facets: dict[str, Any] = {}
             checked = [
                 assertions[e.target]
@@ -324,8 +340,8 @@ def build_events(
                 )
             )
         outputs = []
-        for node_id in _reach(graph, run.id, upstream=False):
-            node = graph.nodes[node_id]
+        for node_id in _reach(graph, original_id, upstream=False):
+            node = _redacted(graph.nodes[node_id])
             output_facets: dict[str, Any] = {}
             rows = node.attributes.get("rows_scored")
             if isinstance(rows, int):
@@ -405,7 +421,7 @@ def _http_transport(target: str) -> tuple[Any, str]:
 
     parsed = urlparse(target)
     if not parsed.netloc:
-        raise LineageError(f"{target}: not a URL an OpenLineage receiver can be at")
+        raise LineageError(f"{redact_url(target)}: not a URL an OpenLineage receiver can be at")
     base = f"{parsed.scheme}://{parsed.netloc}"
     endpoint = parsed.path.strip("/") or DEFAULT_ENDPOINT
     retry = {
@@ -417,7 +433,7 @@ def _http_transport(target: str) -> tuple[Any, str]:
         "allowed_methods": ["POST"],
     }
     config = HttpConfig(url=base, endpoint=endpoint, timeout=HTTP_TIMEOUT_S, retry=retry)
-    return HttpTransport(config), f"{base}/{endpoint}"
+    return HttpTransport(config), redact_url(f"{base}/{endpoint}")
 
 
 def _emit_to_file(events: list[RunEvent], path: Path) -> str:
@@ -446,4 +462,4 @@ def _emit_to_file(events: list[RunEvent], path: Path) -> str:
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return redact_url(f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": "))

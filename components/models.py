@@ -9,18 +9,22 @@ This module imports torch at the top: import it only where torch is needed.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
-from collections.abc import Mapping, Sequence
+import importlib.util
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import TrainingError
+from .errors import RegistryError, TrainingError
 from .spec import ModelSpec
 
 #: Name of the built-in architecture in specs and configs.
 MLP_ARCHITECTURE = "mlp"
+#: Architectures Stemma ships; a loaded model may always name these.
+BUILTIN_ARCHITECTURES = frozenset({MLP_ARCHITECTURE})
 
 #: Rows of the dummy batch a custom network is tried on before training.
 _PROBE_ROWS = 2
@@ -78,12 +82,88 @@ def network_config(model: ModelSpec) -> dict[str, Any]:
     }
 
 
+def allowed_architectures(model: ModelSpec) -> frozenset[str]:
+    """The architectures a model loaded for this spec may name: the built-ins and its own."""
+    return BUILTIN_ARCHITECTURES | {model.architecture}
+
+
+def is_custom(architecture: str) -> bool:
+    """Whether an architecture is an import path rather than a built-in."""
+    return architecture not in BUILTIN_ARCHITECTURES
+
+
+def architecture_source_sha256(import_path: str) -> str:
+    """The sha256 of the source file that defines a custom architecture's module.
+
+    The module is located without being executed (only its parent packages are
+    imported), so a recorded hash can be checked before any of its code runs.
+
+    Raises:
+        TrainingError: the path is malformed, or the module or its source file cannot be found.
+    """
+    module_name, separator, class_name = import_path.partition(":")
+    if not separator or not module_name or not class_name:
+        raise TrainingError(
+            f"model.architecture {import_path!r}: expected `mlp` or an import path `package.module:Class`"
+        )
+    try:
+        found = importlib.util.find_spec(module_name)
+    except Exception as error:  # a parent package that fails to import, a bad name
+        found = None
+        reason = f"{type(error).__name__}: {error}"
+    else:
+        reason = "no such module"
+    origin = getattr(found, "origin", None)
+    if found is None or not origin or not found.has_location:
+        raise TrainingError(
+            f"model.architecture {import_path}: cannot find the source of module {module_name!r} ({reason})",
+            ["install the package or put its folder on PYTHONPATH"],
+        )
+    try:
+        with open(origin, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError as error:
+        raise TrainingError(
+            f"model.architecture {import_path}: cannot read {origin}: {error}"
+        ) from error
+
+
+def check_architecture(architecture: Any, allowed: Collection[str], label: str) -> str:
+    """Refuse, without importing anything, an architecture outside ``allowed``.
+
+    Args:
+        architecture: what a stored ``network.json`` names.
+        allowed: from :func:`allowed_architectures` (the caller's spec).
+        label: the model, for the message (``credit v3``).
+
+    Returns:
+        The architecture.
+
+    Raises:
+        RegistryError: it is neither a built-in nor in ``allowed``.
+    """
+    if isinstance(architecture, str) and (
+        architecture in BUILTIN_ARCHITECTURES or architecture in allowed
+    ):
+        return architecture
+    permitted = ", ".join(sorted({*BUILTIN_ARCHITECTURES, *allowed}))
+    raise RegistryError(
+        f"{label}: network.json names architecture {architecture!r}, which this spec does not "
+        "allow; it was not imported",
+        [
+            f"allowed: {permitted} (the built-ins and the spec's model.architecture)",
+            "load it with a spec whose model.architecture names that class, if you trust it",
+        ],
+    )
+
+
 def build_network(
     config: Mapping[str, Any],
     n_inputs: int,
     n_outputs: int = 1,
     *,
     seed: int | None = None,
+    allowed: Collection[str] | None = None,
 ) -> nn.Module:
     """Build the network a config describes.
 
@@ -97,12 +177,17 @@ def build_network(
         n_outputs: number of raw outputs.
         seed: when given, the initial weights are drawn from this seed (the global RNG is
             left as it was), so the same config and seed always give the same network.
+        allowed: for a config read from a stored model, the architectures it may name
+            (:func:`allowed_architectures`); None for a config built from the caller's own spec.
 
     Raises:
         TrainingError: the class cannot be imported, is not an ``nn.Module``, its
             constructor or a forward pass fails, or its output has the wrong shape.
+        RegistryError: the config names an architecture outside ``allowed``.
     """
     architecture = config.get("architecture", MLP_ARCHITECTURE)
+    if allowed is not None:
+        check_architecture(architecture, allowed, "the stored network")
     if seed is None:
         return _build(config, architecture, n_inputs, n_outputs)
     with torch.random.fork_rng(devices=[]):

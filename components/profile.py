@@ -551,10 +551,14 @@ def save_with_model(client: MlflowClient, model_id: str, path: Path, sha256: str
     """Copy the profile into a logged model's artifacts and tag the model with its hash.
 
     Call it after the model is logged and before it is registered, so the version's
-    artifacts hold the profile from the start.
+    artifacts hold the profile from the start. The model's file manifest is recorded
+    again, so that it covers the profile too.
     """
+    from .tracking import record_model_files
+
     client.log_model_artifact(model_id, str(path))
     client.set_logged_model_tags(model_id, {PROFILE_SHA256_TAG: sha256})
+    record_model_files(client, model_id)
 
 
 def tag_model_version(client: MlflowClient, name: str, version: str, sha256: str) -> None:

@@ -4,9 +4,13 @@ MLflow's ``set_registered_model_alias`` overwrites unconditionally, so two promo
 both read the same champion would both "win" one after the other. A real compare-and-set
 needs one write that can fail atomically; the registry has none, but the tracking store
 does: an experiment name is unique. Each move of the champion is a numbered *generation*
-(registered-model tag :data:`GENERATION_TAG`); a promoter claims generation ``g + 1`` by
-creating the experiment ``stemma.claims/<model>/<g + 1>``. Exactly one creator succeeds;
-every other one learns it lost before it has written anything. The winner then sets
+(registered-model tag :data:`GENERATION_TAG`); a promoter claims generation ``g + 1``
+through :mod:`.claims` (the experiment ``stemma.claims/<model>/<g + 1>``, with its holder
+and a heartbeat). Exactly one claimer succeeds; every other one waits briefly for the
+holder and then learns who won, or who is still working, before it has written anything.
+A claim whose holder died or stopped beating is taken over, again by compare-and-set.
+
+The holder checks the claim is still its own before each write, sets
 ``previous-champion``, then ``champion`` (so a champion always exists: the alias is moved,
 never deleted), reads it back, and only then advances the generation tag. A reader checks
 the generation *before* the champion, so anyone who sees the new generation also sees the
@@ -15,8 +19,8 @@ new champion, and anyone who saw the old one fails its claim.
 The read-back stays as the last rule: a writer outside this protocol (a manual alias in the
 UI) can still move the alias, and then the promoter undoes what is still its own and fails.
 
-Every decision (done, lost, refused) is recorded as a ``stemma.promotion.last`` tag on the
-versions involved and, when an experiment is given, as a small MLflow run named
+Every decision (done, lost, blocked, refused) is recorded as a ``stemma.promotion.last``
+tag on the versions involved and, when an experiment is given, as a small MLflow run named
 ``promote <model> v<to>`` with the record as tags and a lineage document
 (``lineage/record.json``: the model versions and a ``promoted_over`` edge).
 """
@@ -26,11 +30,13 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
-import uuid
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
+from . import claims
+from .claims import GENERATION_TAG
 from .errors import RegistryError
 from .lineage import (
     RECORD_ARTIFACT,
@@ -47,24 +53,17 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 PREVIOUS_CHAMPION_ALIAS = "previous-champion"
-#: Registered-model tag holding the number of champion moves made through this module.
-GENERATION_TAG = "stemma.promotion.generation"
 #: Version tag holding the JSON of the latest decision that involved the version.
 LAST_PROMOTION_TAG = "stemma.promotion.last"
 #: The gate's verdict tag on a version and the value that allows promotion.
 GATE_DECISION_TAG = TAG_PREFIX + "decision"
 GATE_PASSED = "passed"
-#: Prefix of the experiments whose unique names serve as generation claims.
-CLAIM_PREFIX = "stemma.claims"
-#: A claim older than this whose generation never became current was left by a promoter
-#: that crashed mid-way; the next promoter skips it rather than blocking forever.
-STALE_CLAIM_SECONDS = 300
-#: How many stale claims in a row a promoter skips before giving up.
-MAX_SKIPPED_CLAIMS = 5
 
 OUTCOME_DONE = "done"
 OUTCOME_LOST = "lost_race"
 OUTCOME_REFUSED = "refused"
+#: Another promoter's live claim on the generation did not finish within the wait.
+OUTCOME_BLOCKED = "blocked"
 #: The action of :func:`retire_challenger` (the champion does not move).
 ACTION_RETIRE = "retire"
 
@@ -93,11 +92,14 @@ class PromotionRecord:
         reason: why, in the user's words.
         evidence: anything that backs the decision (shadow metrics, canary results...).
         flow_run_id: the Prefect flow run that made it, if any.
-        outcome: ``done``, ``lost_race`` (another writer moved the champion first) or
-            ``refused`` (the version may not be champion, or nothing to roll back to).
+        outcome: ``done``, ``lost_race`` (another writer moved the champion first),
+            ``blocked`` (another promoter's live claim is in flight) or ``refused`` (the
+            version may not be champion, or nothing to roll back to).
         detail: one line on why, for anything but ``done``.
         generation: the champion generation this decision created (``done``) or aimed at.
         record_run_id: the MLflow run that records the decision, if one was logged.
+        took_over: the abandoned claim this decision took over and why it was abandoned
+            (empty when there was none).
     """
 
     model: str
@@ -113,6 +115,7 @@ class PromotionRecord:
     detail: str = ""
     generation: int | None = None
     record_run_id: str | None = None
+    took_over: str = ""
 
     def to_json(self) -> str:
         """The record as compact JSON (what the ``stemma.promotion.last`` tag holds)."""
@@ -151,11 +154,6 @@ def _aliases(client: MlflowClient, model_name: str) -> dict[str, str]:
     return {alias: str(version) for alias, version in (registered.aliases or {}).items()}
 
 
-def _generation(client: MlflowClient, model_name: str) -> int:
-    registered = client.get_registered_model(model_name)
-    return int((registered.tags or {}).get(GENERATION_TAG, "0"))
-
-
 def _check_gate(client: MlflowClient, model_name: str, version: str) -> str | None:
     """Why ``version`` may not be champion, or None when its gate passed."""
     from mlflow.exceptions import MlflowException
@@ -174,57 +172,6 @@ def _check_gate(client: MlflowClient, model_name: str, version: str) -> str | No
         reasons = (found.tags or {}).get(TAG_PREFIX + "reasons", "")
         return f"{model_name} v{version} failed its gate ({decision}): {reasons}".rstrip(": ")
     return None
-
-
-# ---------------------------------------------------------------------------------------
-# The claim: an experiment whose name is unique
-
-
-def _claim_name(model_name: str, generation: int) -> str:
-    return f"{CLAIM_PREFIX}/{model_name}/{generation}"
-
-
-def _claim(
-    client: MlflowClient, model_name: str, generation: int, tags: dict[str, str]
-) -> tuple[int, str] | str:
-    """Claim the first free generation from ``generation`` on.
-
-    Returns:
-        ``(generation, experiment_id)`` when claimed, else the winning claim's owner line.
-    """
-    from mlflow.exceptions import MlflowException
-
-    now_ms = datetime.now(UTC).timestamp() * 1000
-    for attempt in range(generation, generation + MAX_SKIPPED_CLAIMS + 1):
-        name = _claim_name(model_name, attempt)
-        try:
-            return attempt, client.create_experiment(name, tags=tags)
-        except MlflowException as error:
-            if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-                raise _registry_error(f"cannot claim generation {attempt}", error) from error
-        held = client.get_experiment_by_name(name)
-        owner = (held.tags or {}) if held is not None else {}
-        winner = (
-            f"v{owner.get('to_version', '?')} ({owner.get('action', '?')} by "
-            f"{owner.get('who', '?')} at {owner.get('when', '?')})"
-        )
-        stale = (
-            held is not None
-            and (now_ms - (held.creation_time or now_ms)) / 1000 > STALE_CLAIM_SECONDS
-            and _generation(client, model_name) < attempt
-        )
-        if not stale:
-            return winner
-    return f"{MAX_SKIPPED_CLAIMS} abandoned claims in a row (last: {winner})"
-
-
-def _release(client: MlflowClient, experiment_id: str) -> None:
-    # A deleted experiment keeps its name, so the generation stays claimed; deleting only
-    # hides the claim from the MLflow UI's experiment list.
-    from mlflow.exceptions import MlflowException
-
-    with contextlib.suppress(MlflowException):  # cosmetic: a visible claim harms nothing
-        client.delete_experiment(experiment_id)
 
 
 # ---------------------------------------------------------------------------------------
@@ -359,9 +306,12 @@ def promote(
         The ``done`` record.
 
     Raises:
-        PromotionError: refused (gate not passed, already champion) or lost (the champion
-            moved, or another promoter claimed the move first); ``error.record`` says what
-            was recorded. Nothing is moved in either case.
+        PromotionError: refused (gate not passed, already champion), lost (the champion
+            moved, or another promoter made the move first: the message names it and the
+            champion now) or blocked (another promoter's live claim stayed in flight: the
+            message names its pid, host, version and heartbeat); ``error.record`` says
+            what was recorded. Nothing is moved in any case. A claim abandoned by a
+            promoter that died or stopped beating is taken over (``record.took_over``).
         RegistryError: the registry could not be read or written.
     """
     version = str(version)
@@ -404,8 +354,7 @@ def promote(
             client,
             _replace(record, outcome=OUTCOME_LOST),
             experiment_id,
-            f"{model_name}: the {CHAMPION_ALIAS} is v{current or ' (none)'}, "
-            f"expected v{expected or ' (none)'}; someone else moved it",
+            _moved_headline(client, model_name, generation, current, expected),
             ["nothing was moved; decide again against the current champion"],
         )
     return _move(
@@ -414,6 +363,26 @@ def promote(
         experiment_id,
         new_champion=version,
         new_previous=current,
+    )
+
+
+def _moved_headline(
+    client: MlflowClient,
+    model_name: str,
+    generation: int,
+    current: str | None,
+    expected: str | None,
+) -> str:
+    """Who moved the champion away from ``expected``: the last move's claim, when it did."""
+    mover = claims.last_holder(client, model_name, generation) if generation else None
+    if current is not None and mover is not None and mover.to_version == current:
+        return (
+            f"{model_name}: lost the race to v{current} ({mover.action} by {mover.user}, "
+            f"{mover.who}); the {CHAMPION_ALIAS} is now v{current}, expected v{expected or ' (none)'}"
+        )
+    return (
+        f"{model_name}: the {CHAMPION_ALIAS} is v{current or ' (none)'}, "
+        f"expected v{expected or ' (none)'}; someone else moved it"
     )
 
 
@@ -432,8 +401,8 @@ def rollback(
     the first. The compare-and-set is the same as :func:`promote`'s.
 
     Raises:
-        PromotionError: no previous champion, it no longer passes its gate, or another
-            writer moved the champion first.
+        PromotionError: no previous champion, it no longer passes its gate, another
+            writer moved the champion first, or another promoter's claim is in flight.
         RegistryError: the registry could not be read or written.
     """
     generation = _generation_or_raise(client, model_name)
@@ -496,11 +465,16 @@ def retire_challenger(
         (nothing to do, nothing recorded).
 
     Raises:
+        PromotionError: a live promotion of the model stayed in flight for the whole wait
+            (outcome ``blocked``); nothing was moved.
         RegistryError: the registry could not be read or written.
     """
     from mlflow.exceptions import MlflowException
 
     version = str(version)
+    # A promotion in flight may be promoting this very challenger: let it finish first,
+    # so the alias is judged as it ends up, not as it was halfway.
+    busy = claims.wait_for_live_claim(client, model_name)
     aliases = _aliases(client, model_name)
     if aliases.get(CHALLENGER_ALIAS) != version:
         return None
@@ -516,6 +490,14 @@ def retire_challenger(
         flow_run_id=flow_run_id,
         generation=_generation_or_raise(client, model_name),
     )
+    if busy is not None:
+        raise _fail(
+            client,
+            _replace(record, outcome=OUTCOME_BLOCKED),
+            experiment_id,
+            _busy_headline(model_name, (record.generation or 0) + 1, busy),
+            _busy_details(busy),
+        )
     try:
         # The registry cannot delete conditionally: a challenger registered between the
         # read above and this delete would lose its alias. The window is one request wide.
@@ -529,7 +511,7 @@ def _generation_or_raise(client: MlflowClient, model_name: str) -> int:
     from mlflow.exceptions import MlflowException
 
     try:
-        return _generation(client, model_name)
+        return claims.read_generation(client, model_name)
     except MlflowException as error:
         raise _registry_error(f"cannot read registered model {model_name!r}", error) from error
     except ValueError as error:
@@ -550,62 +532,192 @@ def _move(
     """Claim the next generation, move the aliases, read back, advance the generation."""
     from mlflow.exceptions import MlflowException
 
-    name = record.model
-    token = uuid.uuid4().hex
-    claim_tags = {
-        "action": record.action,
-        "to_version": new_champion,
-        "from_version": str(new_previous),
-        "who": record.who,
-        "when": record.when,
-        "token": token,
-    }
     assert record.generation is not None
-    claimed = _claim(client, name, record.generation, claim_tags)
-    if isinstance(claimed, str):
+    claimed = claims.claim_generation(
+        client,
+        record.model,
+        record.generation,
+        action=record.action,
+        to_version=new_champion,
+        from_version=new_previous,
+    )
+    if isinstance(claimed, claims.Refusal):
+        raise _refused_by_claim(client, record, experiment_id, claimed)
+    claim = claimed
+    if claim.took_over is not None:
+        abandoned, why = claim.took_over
+        record = _replace(
+            record,
+            took_over=f"the claim of {abandoned.who} ({abandoned.doing}, since "
+            f"{_clock(abandoned.claimed_at)}): {why}",
+        )
+    try:
+        failure: Exception | None = None
+        try:
+            _move_aliases(client, claim, record, experiment_id, new_champion, new_previous)
+        except claims.ClaimLost as lost:
+            # Someone else holds the generation now: spend nothing, write nothing more.
+            raise _claim_lost(client, record, experiment_id, lost) from None
+        except PromotionError as error:
+            failure = error
+        except MlflowException as error:
+            failure = _registry_error(
+                f"{record.action} of {record.model} v{new_champion} failed mid-way", error
+            )
+        # The claim is spent whatever happened: advancing the generation lets the next
+        # promoter claim the one after instead of taking this one over. It is written
+        # after the aliases, so a reader that sees it also sees the new champion.
+        try:
+            claim.ensure_held()
+            client.set_registered_model_tag(record.model, GENERATION_TAG, str(claim.generation))
+        except claims.ClaimLost as lost:
+            raise _claim_lost(client, record, experiment_id, lost) from None
+        except MlflowException as error:
+            raise _registry_error(
+                f"{record.model}: generation {claim.generation} not recorded", error
+            ) from failure
+        if failure is not None:
+            raise failure
+    finally:
+        claim.release()
+    return _record(client, record, experiment_id)
+
+
+def _move_aliases(
+    client: MlflowClient,
+    claim: claims.Claim,
+    record: PromotionRecord,
+    experiment_id: str | None,
+    new_champion: str,
+    new_previous: str | None,
+) -> None:
+    """The writes of a held claim, each after checking the claim is still held."""
+    name = record.model
+    claim.ensure_held()
+    aliases = _aliases(client, name)
+    champion = aliases.get(CHAMPION_ALIAS)
+    # Read again under the claim: an abandoned claim's holder may have moved the alias
+    # before it stopped, and a writer outside the protocol may have moved it too.
+    if champion != record.from_version or (
+        record.action == "rollback" and aliases.get(PREVIOUS_CHAMPION_ALIAS) != new_champion
+    ):
+        by = "someone else moved it"
+        if claim.took_over is not None and claim.took_over[0].to_version == champion:
+            by = f"{claim.took_over[0].who} moved it before its claim was abandoned"
         raise _fail(
             client,
             _replace(record, outcome=OUTCOME_LOST),
             experiment_id,
-            f"{name}: lost the race to {claimed}",
-            ["nothing was moved; decide again against the new champion"],
+            f"{name}: the {CHAMPION_ALIAS} is v{champion or ' (none)'}, expected "
+            f"v{record.from_version or ' (none)'}; {by}",
+            ["nothing was moved; decide again against the current champion"],
         )
-    generation, claim_id = claimed
-    record = _replace(record, generation=generation)
+    before = aliases.get(PREVIOUS_CHAMPION_ALIAS)
+    if new_previous is not None:
+        claim.ensure_held()
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION_ALIAS, new_previous)
+    claim.ensure_held()
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, new_champion)
+    aliases = _aliases(client, name)
+    if aliases.get(CHAMPION_ALIAS) != new_champion:
+        # A writer outside the protocol moved the alias: keep its champion and undo
+        # only the previous-champion alias, and only if it is still the one we set.
+        if new_previous is not None and aliases.get(PREVIOUS_CHAMPION_ALIAS) == new_previous:
+            if before is None:
+                client.delete_registered_model_alias(name, PREVIOUS_CHAMPION_ALIAS)
+            else:
+                client.set_registered_model_alias(name, PREVIOUS_CHAMPION_ALIAS, before)
+        raise _fail(
+            client,
+            _replace(record, outcome=OUTCOME_LOST),
+            experiment_id,
+            f"{name}: lost the race to v{aliases.get(CHAMPION_ALIAS)} (the "
+            f"{CHAMPION_ALIAS} alias was set outside stemma promote)",
+            ["the other writer's champion was kept"],
+        )
+    if aliases.get(CHALLENGER_ALIAS) == new_champion:
+        client.delete_registered_model_alias(name, CHALLENGER_ALIAS)
+
+
+def _clock(epoch_seconds: float) -> str:
+    return datetime.fromtimestamp(epoch_seconds).strftime("%H:%M:%S")
+
+
+def _champion_now(client: MlflowClient, model_name: str) -> str:
     try:
-        before = _aliases(client, name).get(PREVIOUS_CHAMPION_ALIAS)
-        if new_previous is not None:
-            client.set_registered_model_alias(name, PREVIOUS_CHAMPION_ALIAS, new_previous)
-        client.set_registered_model_alias(name, CHAMPION_ALIAS, new_champion)
-        aliases = _aliases(client, name)
-        if aliases.get(CHAMPION_ALIAS) != new_champion:
-            # A writer outside the protocol moved the alias: keep its champion and undo
-            # only the previous-champion alias, and only if it is still the one we set.
-            if new_previous is not None and aliases.get(PREVIOUS_CHAMPION_ALIAS) == new_previous:
-                if before is None:
-                    client.delete_registered_model_alias(name, PREVIOUS_CHAMPION_ALIAS)
-                else:
-                    client.set_registered_model_alias(name, PREVIOUS_CHAMPION_ALIAS, before)
-            raise _fail(
-                client,
-                _replace(record, outcome=OUTCOME_LOST),
-                experiment_id,
-                f"{name}: lost the race to v{aliases.get(CHAMPION_ALIAS)} (the "
-                f"{CHAMPION_ALIAS} alias was set outside stemma promote)",
-                ["the other writer's champion was kept"],
-            )
-        if aliases.get(CHALLENGER_ALIAS) == new_champion:
-            client.delete_registered_model_alias(name, CHALLENGER_ALIAS)
-    except MlflowException as error:
-        raise _registry_error(
-            f"{record.action} of {name} v{new_champion} failed mid-way", error
-        ) from error
-    finally:
-        # The claim is spent whatever happened: advancing the generation lets the next
-        # promoter claim the one after instead of waiting for the claim to go stale. It is
-        # written after the aliases, so a reader that sees it also sees the new champion.
-        try:
-            client.set_registered_model_tag(name, GENERATION_TAG, str(generation))
-        finally:
-            _release(client, claim_id)
-    return _record(client, record, experiment_id)
+        champion = _aliases(client, model_name).get(CHAMPION_ALIAS)
+    except RegistryError:
+        return "(unreadable)"
+    return f"v{champion}" if champion else "(none)"
+
+
+def _busy_headline(model_name: str, generation: int, holder: claims.Holder) -> str:
+    """``a promotion of credit is in progress: claim on generation 7 held by ...``."""
+    return (
+        f"a promotion of {model_name} is in progress: claim on generation {generation} "
+        f"held by {holder.describe(time.time())}"
+    )
+
+
+def _busy_details(holder: claims.Holder) -> list[str]:
+    return [
+        "nothing was moved",
+        f"the claim is taken over once {holder.who} no longer runs or its heartbeat is "
+        f"older than {claims.heartbeat_limit():g} s; decide again then",
+    ]
+
+
+def _refused_by_claim(
+    client: MlflowClient,
+    record: PromotionRecord,
+    experiment_id: str | None,
+    refusal: claims.Refusal,
+) -> PromotionError:
+    """The error for a claim that was not granted: lost to a finished move, or blocked."""
+    holder, name = refusal.holder, record.model
+    if not refusal.spent:
+        return _fail(
+            client,
+            _replace(record, outcome=OUTCOME_BLOCKED),
+            experiment_id,
+            _busy_headline(name, refusal.generation, holder),
+            _busy_details(holder),
+        )
+    champion = _champion_now(client, name)
+    if champion == f"v{holder.to_version}":
+        headline = (
+            f"{name}: lost the race to v{holder.to_version} ({holder.action} by "
+            f"{holder.user}, {holder.who}); the {CHAMPION_ALIAS} is now {champion}"
+        )
+    else:
+        headline = (
+            f"{name}: lost the race for generation {refusal.generation} to {holder.who} "
+            f"({holder.doing}), which did not make v{holder.to_version} "
+            f"{CHAMPION_ALIAS}; the {CHAMPION_ALIAS} is {champion}"
+        )
+    return _fail(
+        client,
+        _replace(record, outcome=OUTCOME_LOST),
+        experiment_id,
+        headline,
+        ["nothing was moved; decide again against the new champion"],
+    )
+
+
+def _claim_lost(
+    client: MlflowClient,
+    record: PromotionRecord,
+    experiment_id: str | None,
+    lost: claims.ClaimLost,
+) -> PromotionError:
+    """The error for a holder whose claim was taken over while it was silent."""
+    taker = lost.taker
+    return _fail(
+        client,
+        _replace(record, outcome=OUTCOME_LOST),
+        experiment_id,
+        f"{record.model}: the claim on generation {lost.generation} was taken over by "
+        f"{taker.who} ({taker.doing}) after this process was silent for "
+        f"{lost.silent_for:.0f} s; the {CHAMPION_ALIAS} is {_champion_now(client, record.model)}",
+        ["this process wrote nothing more; decide again against the current champion"],
+    )

@@ -40,7 +40,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -333,7 +333,9 @@ def _torchao_version() -> str:
         return "unknown"
 
 
-def load_variant_network(document: Mapping[str, Any], weights: Path) -> QuantizedNetwork:
+def load_variant_network(
+    document: Mapping[str, Any], weights: Path, *, allowed: Collection[str] | None = None
+) -> QuantizedNetwork:
     """Rebuild a variant from its network JSON and weights file, without unpickling.
 
     The network is built from its config (as the fp32 model is), cast for bf16/fp16, and
@@ -342,9 +344,16 @@ def load_variant_network(document: Mapping[str, Any], weights: Path) -> Quantize
     its allow-list. Every ``nn.Linear`` weight of an int8 variant must come back as an
     int8 tensor, and the file must name the method the JSON names.
 
+    Args:
+        document: the variant's network JSON.
+        weights: its weights file.
+        allowed: the architectures the network may name (``models.build_network``'s
+            ``allowed``); None only for a document built from the caller's own spec.
+
     Raises:
         ValueError: the JSON names no or an unknown method, the file is not a variant's
             weights file, was written for another method, or does not fit the network.
+        RegistryError: the network names an architecture outside ``allowed``.
     """
     import safetensors.torch
 
@@ -376,7 +385,7 @@ def load_variant_network(document: Mapping[str, Any], weights: Path) -> Quantize
     if leftover:
         raise ValueError(f"the weights file holds tensors no layer takes: {sorted(leftover)}")
     network = build_network(
-        document["config"], int(document["n_inputs"]), int(document["n_outputs"])
+        document["config"], int(document["n_inputs"]), int(document["n_outputs"]), allowed=allowed
     )
     if method in FLOAT_METHODS:
         network = network.to(FLOAT_METHODS[method])
@@ -1068,6 +1077,7 @@ def download_model_files(
     import yaml
     from mlflow.exceptions import MlflowException
 
+    from .scoring import verify_model_files
     from .tracking import MODEL_ARTIFACT_FILES
 
     label = f"{model_name} v{version}"
@@ -1078,8 +1088,10 @@ def download_model_files(
                 artifact_uri=uri, dst_path=str(destination), tracking_uri=client.tracking_uri
             )
         )
+        registered = client.get_model_version(model_name, str(version))
     except (MlflowException, OSError) as error:
         raise RegistryError(f"cannot download the artifacts of {label}", [_brief(error)]) from error
+    verify_model_files(client, registered, folder, label)
     files: dict[str, Any] = {}
     for key, name in MODEL_ARTIFACT_FILES.items():
         found = sorted(folder.rglob(name))
@@ -1171,13 +1183,15 @@ def register_variant(
     from mlflow.exceptions import MlflowException
 
     from .registry import _model_id
+    from .tracking import integrity_tags
 
     try:
+        recorded = integrity_tags(client, _model_id(model_uri))
         created = client.create_model_version(
             name=model_name,
             source=model_uri,
             run_id=run_id,
-            tags={**tags, STATUS_TAG: STATUS_REGISTERING, OWNER_TAG: _owner()},
+            tags={**tags, **recorded, STATUS_TAG: STATUS_REGISTERING, OWNER_TAG: _owner()},
             description=description,
             model_id=_model_id(model_uri),
         )
@@ -1374,7 +1388,12 @@ def log_variant_model(
     import mlflow
     from mlflow.models import ModelSignature
 
-    from .tracking import MODEL_ARTIFACT_FILES, serving_code_path
+    from .tracking import (
+        MODEL_ARTIFACT_FILES,
+        architecture_tags,
+        record_model_files,
+        serving_code_path,
+    )
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -1397,8 +1416,10 @@ def log_variant_model(
                 "stemma.weights_sha256": weights_sha256,
                 "stemma.task": str(document.get("task")),
                 METHOD_TAG: variant.method,
+                **architecture_tags(document.get("config") or {}),
             },
         )
+    record_model_files(mlflow.MlflowClient(), info.model_id)
     return info, weights_sha256
 
 

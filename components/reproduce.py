@@ -7,7 +7,9 @@ resolved spec with its seeds (the run's ``spec/resolved.yaml``), the code revisi
 the ``test_*`` metrics). This module reads those facts (:func:`plan_reproduction`),
 restores the exact data bytes through DVC (:func:`restore_data_version`), says how the code
 differs (:func:`code_revision_warnings`), and compares a retrained model with the recorded
-one tensor by tensor and metric by metric (:func:`judge`). Retraining itself is the
+one tensor by tensor and metric by metric, and every file of the model folder with the
+digests recorded at registration (:func:`recorded_file_problems`,
+:func:`compare_model_files`) (:func:`judge`). Retraining itself is the
 training flow's job; :mod:`stemma.flows.reproduce` runs it in an isolated store.
 """
 
@@ -46,6 +48,11 @@ POINTER_TAG = "stemma.data.pointer"
 DATA_FILE_TAG = "stemma.data.path"
 #: How many changed files a code warning names before it summarises.
 MAX_FILES_NAMED = 10
+#: MLmodel keys that name the run, the logged model or the moment, not the model: a
+#: rebuild differs there by construction.
+VOLATILE_MLMODEL_KEYS = ("artifact_path", "model_id", "model_uuid", "run_id", "utc_time_created")
+#: The reference profile's field holding when it was built.
+VOLATILE_PROFILE_KEYS = ("created",)
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class ReproductionPlan:
     checks_digest: str | None
     metrics: dict[str, float]
     device: str | None
+    model_files: dict[str, str] | None = None
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -180,7 +188,102 @@ def plan_reproduction(client: MlflowClient, reference: str) -> ReproductionPlan:
         checks_digest=tags.get(CHECKS_TAG),
         metrics=metrics,
         device=run.data.params.get("resolved.device"),
+        model_files=recorded_manifest(client, entry),
     )
+
+
+def recorded_manifest(client: MlflowClient, entry: Any) -> dict[str, str] | None:
+    """The file manifest recorded on a model version, else on its logged model, else None."""
+    from .tracking import MODEL_FILES_TAG, decode_manifest
+
+    text = (entry.tags or {}).get(MODEL_FILES_TAG)
+    from .scoring import logged_model_id
+
+    model_id = logged_model_id(entry)
+    if not text and model_id:
+        try:
+            text = client.get_logged_model(model_id).tags.get(MODEL_FILES_TAG)
+        except Exception:  # an older server without logged models: nothing recorded
+            text = None
+    return decode_manifest(text)
+
+
+def recorded_file_problems(manifest: dict[str, str] | None, folder: Path) -> list[str]:
+    """How a registered version's downloaded files differ from its recorded manifest.
+
+    Args:
+        manifest: from :func:`recorded_manifest` (``ReproductionPlan.model_files``).
+        folder: where the version's artifacts were downloaded.
+
+    Returns:
+        One line per missing, extra or changed file (recorded digest against found), or a
+        line saying no manifest was recorded; empty when every file matches.
+    """
+    from .tracking import file_differences, model_file_digests
+
+    found = model_file_digests(folder)
+    if manifest is None:
+        return [
+            "no file digests were recorded for this version (registered outside Stemma, or "
+            f"by an older Stemma); its files: {', '.join(sorted(found)) or 'none'}"
+        ]
+    return file_differences(manifest, found)
+
+
+def _normalized(relative: str, path: Path) -> bytes:
+    """A file's bytes with what names the run or the moment removed (MLmodel, the profile)."""
+    import hashlib
+    import json
+
+    from .profile import PROFILE_FILE
+
+    name = Path(relative).name
+    if name == "MLmodel":
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for key in VOLATILE_MLMODEL_KEYS:
+            document.pop(key, None)
+        flavor = (document.get("flavors") or {}).get("python_function") or {}
+        flavor.pop("model_code_path", None)
+        for artifact in (flavor.get("artifacts") or {}).values():
+            if isinstance(artifact, dict):
+                artifact.pop("uri", None)
+        document.pop("model_size_bytes", None)
+        return yaml.safe_dump(document, sort_keys=True).encode()
+    if relative == PROFILE_FILE:
+        document = json.loads(path.read_bytes())
+        for key in VOLATILE_PROFILE_KEYS:
+            document.pop(key, None)
+        return json.dumps(document, sort_keys=True).encode()
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest().encode()
+
+
+def compare_model_files(recorded: Path, rebuilt: Path) -> tuple[int, list[str]]:
+    """Compare every file of two model folders (the registered one and the rebuild).
+
+    Files must match byte for byte, except for what names the run, the logged model or
+    the moment (:data:`VOLATILE_MLMODEL_KEYS` in ``MLmodel``, the profile's ``created``).
+
+    Returns:
+        How many files were compared, and one line per file that differs or exists on one
+        side only.
+    """
+    from .tracking import model_file_digests
+
+    before, after = model_file_digests(recorded), model_file_digests(rebuilt)
+    problems = []
+    for relative in sorted(before.keys() | after.keys()):
+        if relative not in after:
+            problems.append(f"{relative}: missing from the rebuilt model")
+        elif relative not in before:
+            problems.append(f"{relative}: not in the recorded model")
+        elif before[relative] != after[relative] and _normalized(
+            relative, recorded / relative
+        ) != _normalized(relative, rebuilt / relative):
+            problems.append(
+                f"{relative}: differs (recorded {before[relative]}, rebuilt {after[relative]})"
+            )
+    return len(before.keys() | after.keys()), problems
 
 
 def _out_path(pointer: str, data_file: str) -> str:
@@ -438,6 +541,8 @@ class Verdict:
     metrics_compared: int = 0
     metrics: list[MetricDifference] = field(default_factory=list)
     checks: tuple[str | None, str | None] = (None, None)
+    files_compared: int = 0
+    files: list[str] = field(default_factory=list)
 
     @property
     def reproduced(self) -> bool:
@@ -445,6 +550,7 @@ class Verdict:
             self.recorded_sha256 == self.reproduced_sha256
             and not self.tensors
             and not self.metrics
+            and not self.files
             and self.checks[0] == self.checks[1]
         )
 
@@ -453,7 +559,8 @@ class Verdict:
             return [
                 f"REPRODUCED {self.model_uri}: weights bit-identical "
                 f"({self.tensors_compared} tensors, sha256 {self.reproduced_sha256}), "
-                f"{self.metrics_compared} metrics equal"
+                f"{self.metrics_compared} metrics equal, "
+                f"{self.files_compared} model files match"
             ]
         lines = [f"NOT REPRODUCED {self.model_uri}:"]
         if self.recorded_sha256 != self.reproduced_sha256:
@@ -481,6 +588,7 @@ class Verdict:
             lines.append(
                 f"  validation result digest: recorded {self.checks[0]}, rebuilt {self.checks[1]}"
             )
+        lines += [f"  file {problem}" for problem in self.files]
         return lines
 
 
@@ -542,9 +650,15 @@ def judge(
     rebuilt_sha256: str,
     rebuilt_metrics: dict[str, float],
     rebuilt_checks_digest: str | None,
+    recorded_folder: Path | None = None,
+    rebuilt_folder: Path | None = None,
 ) -> Verdict:
-    """Compare a rebuilt model with the recorded one: weights, metrics, validation result."""
+    """Compare a rebuilt model with the recorded one: weights, metrics, validation result
+    and, given both model folders, every file of the model (:func:`compare_model_files`)."""
     compared, tensors = compare_tensors(recorded_weights, rebuilt_weights)
+    files_compared, files = 0, list[str]()
+    if recorded_folder is not None and rebuilt_folder is not None:
+        files_compared, files = compare_model_files(recorded_folder, rebuilt_folder)
     rebuilt = {
         key: value
         for key, value in rebuilt_metrics.items()
@@ -560,4 +674,6 @@ def judge(
         metrics_compared=metrics_compared,
         metrics=metrics,
         checks=(plan.checks_digest, rebuilt_checks_digest),
+        files_compared=files_compared,
+        files=files,
     )

@@ -14,12 +14,20 @@ The output folder::
     rejects/part-00000-00001.parquet   rows of that chunk that could not be scored, and why
     _PROGRESS.json                     the fingerprint of the scoring that writes here
     _SUCCESS                           the manifest, written last
+    _LOCK, _LOCK.mutex                 who writes here now (see :mod:`.locks`)
 
 Chunk ``k`` of file ``f`` holds rows ``k * chunk_rows`` to ``(k + 1) * chunk_rows - 1`` of
 that file, and its bytes depend only on the fingerprint (model, input, settings). Every file
 appears atomically (temporary name, fsync, rename), and a scored part is written after its
 rejects part, so its presence marks the chunk done: a run killed at any point resumes from
 the parts that exist and ends with the same bytes as a run that was never interrupted.
+
+One scoring writes into a folder at a time: it holds the folder's lock (:mod:`.locks`)
+from before it looks at the folder until the manifest is written, and a second one is
+refused, naming the holder. The manifest is written only once every part it lists has been
+read back from disk and matches the sha256 and row count it was written with; a folder
+that is already complete is verified the same way before "nothing to do", and a part that
+differs is removed and scored again.
 
 The work overlaps in threads (pyarrow, numpy, hashlib and torch release the GIL): one
 hashes the input, one reads chunks ahead, the calling thread checks and looks up each
@@ -49,7 +57,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -62,9 +70,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from . import parquet_pages
+from . import locks, parquet_pages
 from .data import HASH_CHUNK_BYTES, file_md5
-from .errors import DataError, RegistryError
+from .errors import DataError, RegistryError, StemmaError
 from .features import Preprocessor
 
 if TYPE_CHECKING:
@@ -168,6 +176,8 @@ class ScoringModel:
         preprocessor: the fitted feature encoding.
         network: the network, in eval mode.
         signature_columns: the model's input signature, ``(name, MLflow type)`` pairs.
+        architectures: the architectures it was allowed to name besides the built-ins
+            (the caller's spec), so that another process loads it under the same terms.
     """
 
     reference: str
@@ -182,6 +192,7 @@ class ScoringModel:
     preprocessor: Preprocessor
     network: nn.Module
     signature_columns: list[tuple[str, str]]
+    architectures: tuple[str, ...] = ()
 
     @property
     def feature_columns(self) -> list[str]:
@@ -194,25 +205,44 @@ class ScoringModel:
         return f"{self.name} v{self.version}"
 
 
-def load_scoring_model(reference: str, *, client: MlflowClient | None = None) -> ScoringModel:
+class UntrustedModelError(RegistryError):
+    """A model version's files or architecture are not what Stemma recorded: not loaded."""
+
+
+def load_scoring_model(
+    reference: str,
+    *,
+    client: MlflowClient | None = None,
+    architectures: Collection[str] = (),
+) -> ScoringModel:
     """Resolve a model reference in the registry and rebuild the model without pickle.
 
-    The version's artifacts are downloaded to a temporary folder; the preprocessor and the
-    network are rebuilt from ``preprocess.json``, ``network.json`` and
-    ``weights.safetensors``, and the signature is read from ``MLmodel``.
+    The version's artifacts are downloaded to a temporary folder and every file is checked
+    against the manifest recorded when the model was logged (``stemma.model.files``);
+    then the preprocessor and the network are rebuilt from ``preprocess.json``,
+    ``network.json`` and ``weights.safetensors``, and the signature is read from
+    ``MLmodel``. No file of the model is executed or unpickled, and a custom architecture
+    is imported only when the caller's spec names it and its source hashes as it did at
+    training.
 
     Args:
         reference: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``.
         client: the MLflow client to use (default: one on the configured registry).
+        architectures: the architectures the caller's spec allows besides the built-ins
+            (``models.allowed_architectures(spec.model)``).
 
     Returns:
         The model, ready to score.
 
     Raises:
+        UntrustedModelError: a file is missing, extra or changed against the recorded
+            manifest, or none was recorded (a version registered outside Stemma); the
+            network names an architecture the spec does not allow, or one whose source
+            changed since training; or the weights file's sha256 differs from the one
+            recorded when the version was registered.
         RegistryError: the reference is malformed; the model, alias or version does not
-            exist (the message lists the aliases and versions that do); the artifacts are
-            unreadable; or the weights file's sha256 differs from the one recorded when
-            the version was registered.
+            exist (the message lists the aliases and versions that do); or the artifacts
+            are unreadable.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -246,11 +276,14 @@ def load_scoring_model(reference: str, *, client: MlflowClient | None = None) ->
             raise RegistryError(
                 f"cannot download the artifacts of {label} ({model_uri})", [_first_line(error)]
             ) from error
+        verify_model_files(client, version, folder, label)
         mlmodel = _read_mlmodel(folder, label)
         paths = _artifact_paths(folder, mlmodel, MODEL_ARTIFACT_FILES, label)
         signature = _signature_columns(mlmodel, label)
         digest = _verified_weights_sha256(client, version, paths["weights"], label)
-        preprocessor, document, network = _rebuild(paths, signature, label)
+        preprocessor, document, network = _rebuild(
+            paths, signature, label, _trusted_architectures(client, version, architectures)
+        )
 
     return ScoringModel(
         reference=reference,
@@ -265,6 +298,7 @@ def load_scoring_model(reference: str, *, client: MlflowClient | None = None) ->
         preprocessor=preprocessor,
         network=network.eval(),
         signature_columns=signature,
+        architectures=tuple(sorted(architectures)),
     )
 
 
@@ -275,7 +309,7 @@ def _verified_weights_sha256(
     digest = _sha256_file(weights)
     expected = _recorded_weights_sha256(client, version)
     if expected is not None and expected != digest:
-        raise RegistryError(
+        raise UntrustedModelError(
             f"{label}: the weights file does not match the sha256 recorded when it was registered",
             [
                 f"recorded {expected}",
@@ -287,8 +321,137 @@ def _verified_weights_sha256(
     return digest
 
 
+def _recorded_tag(client: MlflowClient, version: ModelVersion, key: str) -> str | None:
+    """A tag of the version, else of its logged model, else None."""
+    tags = dict(getattr(version, "tags", None) or {})
+    if tags.get(key):
+        return tags[key]
+    model_id = logged_model_id(version)
+    if model_id:
+        try:
+            return client.get_logged_model(model_id).tags.get(key) or None
+        except Exception:  # an older server without logged models: nothing recorded
+            return None
+    return None
+
+
+def logged_model_id(version: ModelVersion) -> str | None:
+    """The logged model a version was registered from: its ``model_id``, else its source.
+
+    The SQLite store does not keep ``model_id`` on versions; the source ``models:/m-...``
+    names the same logged model, whose files the version downloads.
+    """
+    model_id = getattr(version, "model_id", None)
+    if model_id:
+        return str(model_id)
+    source = str(getattr(version, "source", "") or "")
+    rest = source.removeprefix("models:/")
+    if rest != source and rest.startswith("m-") and "/" not in rest:
+        return rest
+    return None
+
+
+def verify_model_files(
+    client: MlflowClient, version: ModelVersion, folder: Path, label: str
+) -> dict[str, str]:
+    """Check every file of a downloaded model version against its recorded manifest.
+
+    Args:
+        client: the MLflow client the version was read with.
+        version: the registered version.
+        folder: where its artifacts were downloaded.
+        label: ``credit v3``, for messages.
+
+    Returns:
+        The manifest, ``{relative path: sha256}``.
+
+    Raises:
+        UntrustedModelError: no manifest is recorded, or a file is missing, extra or
+            changed; the message names the files, recorded digest against found.
+    """
+    from .tracking import MODEL_FILES_TAG, decode_manifest, file_differences, model_file_digests
+
+    found = model_file_digests(folder)
+    recorded = decode_manifest(_recorded_tag(client, version, MODEL_FILES_TAG))
+    if recorded is None:
+        raise UntrustedModelError(
+            f"{label}: no file digests were recorded for this version, so Stemma does not "
+            "load it (registered outside Stemma, or by an older Stemma)",
+            [
+                f"its files: {', '.join(sorted(found)) or 'none'}",
+                "register a model trained by Stemma (stemma run train CONFIG), or move the "
+                "alias to a version Stemma registered",
+            ],
+        )
+    differences = file_differences(recorded, found)
+    if differences:
+        raise UntrustedModelError(
+            f"{label}: its files differ from the digests recorded when it was logged; "
+            "nothing of it was loaded",
+            [
+                *differences,
+                "the artifact store changed after registration: restore the files or "
+                "register the model again",
+            ],
+        )
+    return recorded
+
+
+def _trusted_architectures(
+    client: MlflowClient, version: ModelVersion, allowed: Collection[str]
+) -> dict[str, str | None]:
+    """The architectures the network may name, each with the source hash it must have."""
+    from .models import BUILTIN_ARCHITECTURES, is_custom
+    from .tracking import ARCHITECTURE_TAG
+
+    recorded = _recorded_tag(client, version, ARCHITECTURE_TAG)
+    trusted: dict[str, str | None] = dict.fromkeys(BUILTIN_ARCHITECTURES)
+    for architecture in allowed:
+        if is_custom(architecture):
+            trusted[architecture] = recorded or ""
+    return trusted
+
+
+def _check_architecture(
+    document: dict[str, Any], trusted: dict[str, str | None], label: str
+) -> None:
+    """Refuse a foreign architecture, or a custom one whose source changed, before importing it."""
+    from .models import MLP_ARCHITECTURE, architecture_source_sha256, check_architecture
+
+    config = document.get("config")
+    architecture = (
+        config.get("architecture", MLP_ARCHITECTURE) if isinstance(config, dict) else None
+    )
+    try:
+        check_architecture(architecture, trusted, label)
+    except RegistryError as error:
+        raise UntrustedModelError(error.headline, error.details) from None
+    assert isinstance(architecture, str)  # check_architecture refuses anything else
+    expected = trusted[architecture]
+    if expected is None:  # a built-in
+        return
+    try:
+        current = architecture_source_sha256(architecture)
+    except StemmaError as error:
+        raise RegistryError(f"{label}: {error.headline}", error.details) from None
+    if current != expected:
+        raise UntrustedModelError(
+            f"{label}: the source of architecture {architecture} differs from the one it was "
+            "trained with; it was not imported",
+            [
+                f"recorded {expected or '(none)'}",
+                f"found    {current}",
+                "check out the code the model was trained with, or train the model again "
+                "with this code (stemma run train CONFIG)",
+            ],
+        )
+
+
 def _rebuild(
-    paths: dict[str, Path], signature: list[tuple[str, str]], label: str
+    paths: dict[str, Path],
+    signature: list[tuple[str, str]],
+    label: str,
+    trusted: dict[str, str | None],
 ) -> tuple[Preprocessor, dict[str, Any], nn.Module]:
     """The preprocessor, the network JSON and the network with its weights loaded."""
     from .models import build_network
@@ -308,6 +471,7 @@ def _rebuild(
         raise RegistryError(
             f"{label}: network.json has format {layout!r}; this Stemma reads {formats}"
         )
+    _check_architecture(document, trusted, label)
     signed = {column for column, _ in signature}
     unsigned = [
         column
@@ -326,9 +490,9 @@ def _rebuild(
             )
         network: nn.Module
         if document["format"] == QUANTIZED_NETWORK_FORMAT:  # a quantized variant
-            network = load_variant_network(document, paths["weights"])
+            network = load_variant_network(document, paths["weights"], allowed=trusted)
         else:
-            network = build_network(document["config"], n_inputs, n_outputs)
+            network = build_network(document["config"], n_inputs, n_outputs, allowed=trusted)
             load_weights(network, paths["weights"])
     except Exception as error:  # malformed JSON fields, TrainingError, a custom class's error
         raise RegistryError(f"{label}: cannot rebuild the network", [_first_line(error)]) from error
@@ -435,13 +599,7 @@ def _recorded_weights_sha256(client: MlflowClient, version: ModelVersion) -> str
     tags = dict(getattr(version, "tags", None) or {})
     if tags.get(WEIGHTS_TAG):
         return tags[WEIGHTS_TAG]
-    model_id = getattr(version, "model_id", None)
-    if model_id:
-        try:
-            return client.get_logged_model(model_id).tags.get(LOGGED_MODEL_WEIGHTS_TAG)
-        except Exception:  # an older server without logged models: nothing recorded
-            return None
-    return None
+    return _recorded_tag(client, version, LOGGED_MODEL_WEIGHTS_TAG)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1249,6 +1407,7 @@ def _is_ours(entry: Path, *, top: bool) -> bool:
     return top and (
         (name == REJECTS_DIR and entry.is_dir())
         or (name in (PROGRESS_FILE, SUCCESS_FILE) and entry.is_file())
+        or (locks.is_lock_entry(name) and entry.is_file())
     )
 
 
@@ -1265,11 +1424,19 @@ def _foreign_entries(output_dir: Path) -> list[str]:
 
 
 def _remove_temporaries(output_dir: Path) -> None:
+    """Remove temporary files whose writer is gone; a live writer's are left to it."""
     for folder in (output_dir, output_dir / REJECTS_DIR):
         if folder.is_dir():
             for entry in folder.iterdir():
-                if entry.name.startswith(TEMP_PREFIX):
-                    entry.unlink()
+                if entry.name.startswith(TEMP_PREFIX) and not _writer_lives(entry.name):
+                    entry.unlink(missing_ok=True)
+
+
+def _writer_lives(name: str) -> bool:
+    """Whether the process named in a temporary file's name (``.tmp-<pid>-...``) still runs
+    here. A Dask worker of a job that has stopped may still be finishing a part."""
+    pid = name[len(TEMP_PREFIX) :].partition("-")[0]
+    return pid.isdigit() and locks.process_is_alive(int(pid))
 
 
 def _invalidate(output_dir: Path, recorded: str | None) -> None:
@@ -1309,7 +1476,7 @@ def _holds_output(output_dir: Path) -> bool:
             f"{output_dir}: refusing to score into a folder that holds files Stemma did not write",
             [shown, "choose an empty or new folder for score.output (or --output), or move them"],
         )
-    return any(output_dir.iterdir())
+    return any(not locks.is_lock_entry(entry.name) for entry in output_dir.iterdir())
 
 
 def _prepare_output(output_dir: Path, fingerprint: str) -> tuple[str, bool, dict[str, Any] | None]:
@@ -1324,17 +1491,79 @@ def _prepare_output(output_dir: Path, fingerprint: str) -> tuple[str, bool, dict
     progress = _read_json(output_dir / PROGRESS_FILE)
     recorded = (manifest or progress or {}).get("fingerprint")
     if manifest is not None and recorded == fingerprint:
-        listed = [output_dir / part["name"] for part in manifest.get("parts", [])]
-        listed += [output_dir / REJECTS_DIR / part["name"] for part in manifest.get("rejects", [])]
-        if all(path.is_file() for path in listed):
+        damaged = _damaged_parts(output_dir, manifest)
+        if not damaged:
             return "complete", False, manifest
-        # A manifest whose parts are gone cannot be trusted; the parts left are resumed.
+        # A manifest whose parts changed cannot be trusted: it goes first, then the chunks
+        # whose parts differ, which are scored again; the parts that match are resumed.
+        _LOG.warning(
+            "%s: %s no longer %s what the manifest recorded (%s): scoring %s again",
+            output_dir,
+            _plural(len(damaged), "part"),
+            "matches" if len(damaged) == 1 else "match",
+            ", ".join(
+                f"{name}: {problem}" for name, problem in sorted(damaged.items())[:MAX_NAMED]
+            ),
+            "it" if len(damaged) == 1 else "them",
+        )
         (output_dir / SUCCESS_FILE).unlink()
+        _remove_chunks(output_dir, damaged)
     if recorded == fingerprint:
         _remove_temporaries(output_dir)
         return "resume", False, None
     _invalidate(output_dir, recorded)
     return "fresh", True, None
+
+
+def _part_problem(path: Path, entry: dict[str, Any]) -> str | None:
+    """How a part on disk differs from its manifest entry (read back whole), or None."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return "missing"
+    except OSError as error:
+        return f"unreadable ({error.strerror or error})"
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry.get("sha256"):
+        return f"sha256 {digest[:12]}, recorded {str(entry.get('sha256'))[:12]}"
+    try:
+        rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+    except (pa.ArrowException, OSError):
+        return "not a Parquet file"
+    if rows != entry.get("rows"):
+        return f"{rows} rows, recorded {entry.get('rows')}"
+    return None
+
+
+def _remove_chunks(output_dir: Path, names: Iterable[str]) -> None:
+    """Remove the parts of these chunks (names as :func:`_damaged_parts` gives them), the
+    rejects part first, so that a rerun scores the chunks again."""
+    for name in names:
+        chunk = name.removeprefix(f"{REJECTS_DIR}/")
+        (output_dir / REJECTS_DIR / chunk).unlink(missing_ok=True)
+        (output_dir / chunk).unlink(missing_ok=True)
+
+
+def _damaged_parts(output_dir: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """The parts (and rejects parts, as ``rejects/<name>``) that differ from the manifest.
+
+    Every part is read back and hashed (in threads: hashlib releases the GIL), so a part
+    changed, truncated or replaced since it was written is found, not trusted.
+    """
+    listed = [(part["name"], output_dir / part["name"], part) for part in manifest.get("parts", [])]
+    listed += [
+        (f"{REJECTS_DIR}/{part['name']}", output_dir / REJECTS_DIR / part["name"], part)
+        for part in manifest.get("rejects", [])
+    ]
+    if not listed:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(len(listed), os.cpu_count() or 1)) as pool:
+        problems = pool.map(lambda item: _part_problem(item[1], item[2]), listed)
+        return {
+            name: problem
+            for (name, _, _), problem in zip(listed, problems, strict=True)
+            if problem is not None
+        }
 
 
 # ---------------------------------------------------------------------------------------
@@ -1448,6 +1677,7 @@ def score_files(
     unknown_categories: str = "reject",
     threads: int | None = None,
     progress: bool | None = None,
+    lock_wait_seconds: float = 0.0,
 ) -> ScoringResult:
     """Score files chunk by chunk into Parquet parts, resuming an interrupted run.
 
@@ -1464,6 +1694,11 @@ def score_files(
     output is emptied first. Into an empty folder, scoring starts while the input is still
     being hashed, and nothing is written before the fingerprint is known.
 
+    The call holds the folder's lock (:class:`.locks.FolderLock`) throughout: another
+    scoring into the same folder is refused, naming this one. A complete folder is read
+    back and checked against its manifest before it is reported complete; the manifest is
+    written only after every part has been read back and matches what was written.
+
     Args:
         model: from :func:`load_scoring_model`.
         files: from :func:`input_files`.
@@ -1478,18 +1713,20 @@ def score_files(
             batches with one torch thread (see :func:`_forward`), so the output does not
             depend on it. torch's thread setting is restored afterwards.
         progress: show a progress bar; None shows one when stderr is a terminal.
+        lock_wait_seconds: how long to wait for another scoring that holds the folder
+            (0: refuse at once).
 
     Returns:
         What was done and what the folder holds.
 
     Raises:
         DataError: a schema problem, an unreadable file, a row that cannot be scored under
-            an ``error`` policy (naming file, rows and reasons), or an output folder that
-            holds files Stemma did not write or lies around the input.
+            an ``error`` policy (naming file, rows and reasons), an output folder that
+            holds files Stemma did not write or lies around the input, or a part that no
+            longer matches what was written (it is removed: a rerun scores it again).
+        FolderBusyError: another live process is writing into the folder (it is named).
         ValueError: an unknown policy, or a chunk size or thread count below 1.
     """
-    import torch
-
     started = time.perf_counter()
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
@@ -1501,7 +1738,35 @@ def score_files(
         chunk_rows=chunk_rows,
         invalid_rows=invalid_rows,
         unknown_categories=unknown_categories,
+        lock_wait_seconds=lock_wait_seconds,
     )
+    try:
+        return _score_opened(
+            model,
+            opened,
+            started,
+            id_column=id_column,
+            chunk_rows=chunk_rows,
+            threads=threads,
+            progress=progress,
+        )
+    finally:
+        opened.release()
+
+
+def _score_opened(
+    model: ScoringModel,
+    opened: _Opened,
+    started: float,
+    *,
+    id_column: str | None,
+    chunk_rows: int,
+    threads: int | None,
+    progress: bool | None,
+) -> ScoringResult:
+    """The part of :func:`score_files` done under the folder's lock."""
+    import torch
+
     if opened.manifest is not None:
         return _result(
             opened.output_dir,
@@ -1552,6 +1817,12 @@ class _Opened:
     invalidated: bool
     done: set[str]  # parts an interrupted run of the same scoring finished
     manifest: dict[str, Any] | None  # the manifest, when the folder is already complete
+    lock: locks.FolderLock | None  # held by this process until the caller releases it
+
+    def release(self) -> None:
+        """Give the folder's lock back (when this process holds it)."""
+        if self.lock is not None:
+            self.lock.release()
 
 
 def _open_output(
@@ -1563,8 +1834,10 @@ def _open_output(
     chunk_rows: int,
     invalid_rows: str,
     unknown_categories: str,
+    lock_wait_seconds: float = 0.0,
 ) -> _Opened:
-    """Check the arguments and the input's schemas, then decide what the folder needs.
+    """Check the arguments and the input's schemas, take the folder's lock, then decide
+    what the folder needs. The caller releases ``lock`` of the result.
 
     Hashing the input starts in the background; it is waited for only when the folder
     already holds output (to tell whether it belongs to this scoring).
@@ -1583,20 +1856,27 @@ def _open_output(
     extras = check_input_schema(files, model, id_column=id_column, extra_columns="ignore")
     policies = {"invalid_rows": invalid_rows, "unknown_categories": unknown_categories}
 
-    holds_output = _holds_output(output_dir)  # refuses a folder with foreign files
-    # Hashing the input reads all of it once; it runs beside the scoring when it can.
-    hashing = _in_background(_identify, model, files, chunk_rows, id_column, policies)
-    invalidated = False
-    done: set[str] = set()
-    manifest = None
-    if holds_output:
-        identity = hashing.result()
-        state, invalidated, manifest = _prepare_output(output_dir, identity.fingerprint)
-        if state == "resume":
-            done = _finished_parts(output_dir, identity.fingerprint)
-    else:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    return _Opened(files, output_dir, extras, policies, hashing, invalidated, done, manifest)
+    _holds_output(output_dir)  # refuses a folder with foreign files before taking it
+    lock = locks.FolderLock(
+        output_dir, purpose=f"scoring with {model.label}", wait_seconds=lock_wait_seconds
+    ).acquire()
+    try:
+        # Looked at again under the lock: a scoring that held it may have written since.
+        holds_output = _holds_output(output_dir)
+        # Hashing the input reads all of it once; it runs beside the scoring when it can.
+        hashing = _in_background(_identify, model, files, chunk_rows, id_column, policies)
+        invalidated = False
+        done: set[str] = set()
+        manifest = None
+        if holds_output:
+            identity = hashing.result()
+            state, invalidated, manifest = _prepare_output(output_dir, identity.fingerprint)
+            if state == "resume":
+                done = _finished_parts(output_dir, identity.fingerprint)
+    except BaseException:
+        lock.release()
+        raise
+    return _Opened(files, output_dir, extras, policies, hashing, invalidated, done, manifest, lock)
 
 
 def _publish(
@@ -1663,6 +1943,18 @@ def _publish(
     for folder in (output_dir / REJECTS_DIR, output_dir):
         if folder.is_dir():
             _fsync_folder(folder)
+    # Read back from disk: the manifest vouches only for the bytes that are there.
+    damaged = _damaged_parts(output_dir, manifest)
+    if damaged:
+        _remove_chunks(output_dir, damaged)
+        raise DataError(
+            f"{output_dir}: {_plural(len(damaged), 'part')} read back from disk "
+            "differ from what was written; no manifest was written",
+            [
+                *(f"{name}: {problem}" for name, problem in sorted(damaged.items())[:MAX_NAMED]),
+                "they were removed: run the scoring again to score those chunks again",
+            ],
+        )
     _write_atomically(output_dir / SUCCESS_FILE, _json_bytes(manifest))
     return _result(
         output_dir,
@@ -1711,6 +2003,8 @@ class ScoringPlan:
         done: parts an interrupted run of this scoring finished (they are not rescored).
         manifest: the manifest, when the folder already holds this scoring whole.
         started: ``time.perf_counter()`` when planning began (in the planning process).
+        lock_token: names the folder's lock the planning process holds for the whole
+            job (None when complete); ranges refuse to write unless it still holds.
     """
 
     files: tuple[Path, ...]
@@ -1724,6 +2018,7 @@ class ScoringPlan:
     done: frozenset[str]
     manifest: dict[str, Any] | None
     started: float
+    lock_token: str | None = None
 
     @property
     def complete(self) -> bool:
@@ -1755,16 +2050,23 @@ def plan_scoring(
     chunk_rows: int,
     invalid_rows: str = "reject",
     unknown_categories: str = "reject",
+    lock_wait_seconds: float = 0.0,
 ) -> ScoringPlan:
     """Everything :func:`score_files` does before its first chunk, for a fanned-out run.
 
-    Checks the arguments and every file's schema, hashes the input, then leaves the output
-    folder as :func:`score_files` would: complete (nothing to do), resumed (its finished
-    parts are listed in ``done``), or emptied of another scoring's output, with the
-    fingerprint in ``_PROGRESS.json`` before any part is written.
+    Checks the arguments and every file's schema, takes the folder's lock, hashes the
+    input, then leaves the output folder as :func:`score_files` would: complete (nothing to
+    do; the lock is given back at once), resumed (its finished parts are listed in
+    ``done``), or emptied of another scoring's output, with the fingerprint in
+    ``_PROGRESS.json`` before any part is written.
+
+    This process holds the lock for the whole job, until :func:`finish_scoring` (or
+    :func:`abandon_scoring`); the ranges, in any process, write under it. If this process
+    dies, the lock is stale and the next scoring takes it over.
 
     Raises:
         DataError: as :func:`score_files`.
+        FolderBusyError: another live process is writing into the folder.
         ValueError: an unknown policy, or a chunk size below 1.
     """
     started = time.perf_counter()
@@ -1776,9 +2078,22 @@ def plan_scoring(
         chunk_rows=chunk_rows,
         invalid_rows=invalid_rows,
         unknown_categories=unknown_categories,
+        lock_wait_seconds=lock_wait_seconds,
     )
-    if opened.manifest is None:
-        _write_progress(opened.output_dir, opened.hashing)
+    try:
+        if opened.manifest is None:
+            _write_progress(opened.output_dir, opened.hashing)
+        opened.hashing.result()
+    except BaseException:
+        opened.release()
+        raise
+    lock_token = None
+    if opened.manifest is None and opened.lock is not None:
+        lock_token = opened.lock.token
+        with _JOB_LOCKS_GUARD:
+            _JOB_LOCKS[lock_token] = opened.lock
+    else:
+        opened.release()  # nothing will be written
     return ScoringPlan(
         files=tuple(opened.files),
         output_dir=opened.output_dir,
@@ -1791,7 +2106,28 @@ def plan_scoring(
         done=frozenset(opened.done),
         manifest=opened.manifest,
         started=started,
+        lock_token=lock_token,
     )
+
+
+#: Folder locks :func:`plan_scoring` took in this process, by token, until the job ends.
+_JOB_LOCKS: dict[str, locks.FolderLock] = {}
+_JOB_LOCKS_GUARD = threading.Lock()
+
+
+def abandon_scoring(plan: ScoringPlan) -> None:
+    """End a fanned-out job without a manifest: give the folder's lock back.
+
+    The parts written so far stay; the next scoring of the folder resumes from them.
+    Call it in the planning process when the job fails or is stopped. Does nothing for a
+    complete plan, or one already finished or abandoned.
+    """
+    if plan.lock_token is None:
+        return
+    with _JOB_LOCKS_GUARD:
+        lock = _JOB_LOCKS.pop(plan.lock_token, None)
+    if lock is not None:
+        lock.release()
 
 
 def plan_ranges(plan: ScoringPlan, chunks_per_range: int) -> list[ChunkRange]:
@@ -1849,6 +2185,8 @@ def score_range(
         raise ValueError(f"{chunk_range} is outside the plan's {len(plan.files)} files")
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
+    if plan.lock_token is not None:
+        locks.check_holder(plan.output_dir, plan.lock_token)
     hashing: Future[_Identity] = Future()
     hashing.set_result(plan.identity)
     _raise_malloc_mmap_threshold()
@@ -1891,10 +2229,21 @@ def finish_scoring(
     """Write the manifest of a fanned-out scoring once every range is scored.
 
     The manifest is the one :func:`score_files` writes for the same scoring, byte for byte.
+    The job's lock is given back whatever the outcome.
 
     Raises:
+        DataError: a part read back differs from what its range wrote.
         ValueError: the results do not cover every chunk of every file exactly once.
     """
+    try:
+        return _finish_plan(model, plan, results)
+    finally:
+        abandon_scoring(plan)
+
+
+def _finish_plan(
+    model: ScoringModel, plan: ScoringPlan, results: Sequence[RangeResult]
+) -> ScoringResult:
     if plan.manifest is not None:
         return _result(
             plan.output_dir,
@@ -1917,6 +2266,7 @@ def finish_scoring(
         invalidated=plan.invalidated,
         done=set(plan.done),
         manifest=None,
+        lock=None,  # the job's, held by the planning process
     )
     tally = _Tally(rows_per_file=[0] * len(plan.files))
     for result in results:

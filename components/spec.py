@@ -6,6 +6,18 @@ collects *every* problem (schema errors, paths, duplicate columns, unknown expec
 model classes that do not import) into one :class:`~.errors.SpecError` whose lines read
 ``credit.yaml:14 train.epochs: must be greater than 0``.
 
+Hostile files are refused before they cost anything. The YAML is read with a loader that
+knows only plain YAML (mappings, lists, strings, numbers, booleans, null: a ``!!python/...``
+tag is refused, never run) and that stops at :data:`MAX_SPEC_BYTES` bytes of file,
+:data:`MAX_SPEC_DEPTH` levels of nesting and :data:`MAX_SPEC_NODES` values counted with
+every alias expanded (a "billion laughs" file stops after a few thousand), so each is
+refused in milliseconds with one line naming the file and line. ``--set`` values go through
+the same loader.
+
+Every path of the spec (:data:`PATH_FIELDS`, and any path a run is given besides, through
+:meth:`LoadedSpec.resolve`) must resolve, with ``..`` and symlinks followed, inside the
+project root or inside one of the folders ``pipeline.allowed_roots`` names.
+
 This module imports no heavy library (torch, mlflow, great_expectations, prefect), so that
 ``stemma validate`` stays fast.
 """
@@ -52,6 +64,26 @@ METRIC_DIRECTIONS: dict[str, dict[str, bool]] = {
 #: Architectures Stemma ships, by registered name.
 BUILTIN_ARCHITECTURES = ("mlp",)
 
+#: Largest spec file (and ``--set`` value) read, in bytes; a real spec is a few KiB.
+MAX_SPEC_BYTES = 1024 * 1024
+#: Deepest nesting of mappings and lists in a spec; real specs nest five levels at most.
+MAX_SPEC_DEPTH = 32
+#: Most values (scalars, mappings, lists) a spec may hold with its aliases expanded: an
+#: alias may repeat a value, not multiply the spec a billion times.
+MAX_SPEC_NODES = 20_000
+
+#: Every field of the spec that names a file or folder, as YAML paths.
+PATH_FIELDS: tuple[tuple[str, str], ...] = (
+    ("data", "path"),
+    ("score", "input"),
+    ("score", "output"),
+    ("monitor", "input"),
+    ("monitor", "labels"),
+    ("evaluate", "labels"),
+    ("retrain", "batches"),
+    ("retrain", "labels"),
+)
+
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -77,6 +109,26 @@ class PipelineSpec(_Section):
         default=None,
         description="Registered model name in the MLflow model registry (default: the name).",
     )
+    allowed_roots: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description=(
+            "Folders outside the project that the spec's paths (and the paths a run is given) "
+            "may point into, e.g. `[/mnt/data]`; absolute, or relative to the project root. "
+            "Every other path must resolve inside the project root, `..` and symlinks followed."
+        ),
+    )
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _not_the_filesystem_root(cls, value: list[str]) -> list[str]:
+        for folder in value:
+            if (
+                Path(folder).is_absolute()
+                and Path(folder).resolve() == Path(folder).resolve().parent
+            ):
+                raise ValueError(f"{folder!r} is the filesystem root; name the folder to allow")
+        return value
 
     @property
     def experiment_name(self) -> str:
@@ -938,9 +990,139 @@ class LoadedSpec:
     overrides: tuple[str, ...] = ()
 
     def resolve(self, relative: str | Path) -> Path:
-        """A path of the spec, resolved against the project root."""
+        """A path of the spec (or one a run was given), resolved against the project root.
+
+        Raises:
+            SpecError: the path resolves outside the project root and outside every
+                folder of ``pipeline.allowed_roots``.
+        """
+        problem = path_problem(relative, self.root, self.spec.pipeline.allowed_roots)
+        if problem:
+            raise SpecError(f"{self.path.name}: {problem}")
         path = Path(relative)
         return path if path.is_absolute() else self.root / path
+
+
+def path_problem(
+    value: str | Path, root: Path, allowed_roots: Sequence[str | Path] = ()
+) -> str | None:
+    """Why ``value`` may not be used as a path of a project at ``root``, or None.
+
+    The path is resolved against the root with ``..`` and symlinks followed, so neither a
+    relative climb nor a link inside the project reaches a folder it may not.
+    """
+    project = root.resolve()
+    resolved = (project / value).resolve()
+    folders = [project, *((project / folder).resolve() for folder in allowed_roots)]
+    if any(resolved.is_relative_to(folder) for folder in folders):
+        return None
+    return (
+        f"{value} resolves outside the project ({resolved}); to allow it, add its folder "
+        "to pipeline.allowed_roots"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Reading YAML within limits
+
+
+class SpecLimitError(yaml.MarkedYAMLError):
+    """The YAML is refused: too deep, too many values with aliases expanded, or a tag that
+    would build something other than plain data."""
+
+
+_YAML_TAG_PREFIX = "tag:yaml.org,2002:"
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with the spec's nesting and expanded-size limits enforced while
+    the document is composed (before any value is built), so a hostile file costs no more
+    than its limits."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+        # Values under each composed node, aliases expanded, by node identity.
+        self._sizes: dict[int, int] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()
+        # PyYAML's C and pure-Python marks differ only in the stubs.
+        mark: Any = event.start_mark
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            self._aliases += 1
+            if id(node) not in self._sizes:
+                raise SpecLimitError(
+                    problem=f"alias *{event.anchor} refers to a value that contains it",
+                    problem_mark=mark,
+                )
+            return node
+        if self._depth >= MAX_SPEC_DEPTH:
+            raise SpecLimitError(
+                problem=f"nesting deeper than {MAX_SPEC_DEPTH} levels",
+                problem_mark=mark,
+            )
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if node is None:
+            return node
+        if isinstance(node, yaml.MappingNode):
+            size = 1 + sum(self._sizes[id(k)] + self._sizes[id(v)] for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            size = 1 + sum(self._sizes[id(item)] for item in node.value)
+        else:
+            size = 1
+        if size > MAX_SPEC_NODES:
+            how = " once aliases are expanded" if self._aliases else ""
+            raise SpecLimitError(
+                problem=f"more than {MAX_SPEC_NODES:,} values{how}",
+                problem_mark=node.start_mark,
+            )
+        self._sizes[id(node)] = size
+        return node
+
+
+def _refuse_tag(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    tag = str(node.tag)
+    shown = "!!" + tag.removeprefix(_YAML_TAG_PREFIX) if tag.startswith(_YAML_TAG_PREFIX) else tag
+    raise SpecLimitError(
+        problem=(
+            f"tag {shown} is not allowed: a spec holds plain YAML (mappings, lists, strings, "
+            "numbers, booleans, null)"
+        ),
+        problem_mark=node.start_mark,
+    )
+
+
+_BoundedLoader.add_constructor(None, _refuse_tag)
+
+
+def load_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """Parse spec YAML within the spec's limits; return the value and its composed node.
+
+    Raises:
+        SpecLimitError: over :data:`MAX_SPEC_BYTES`, :data:`MAX_SPEC_DEPTH` or
+            :data:`MAX_SPEC_NODES`, a recursive alias, or a tag that is not plain YAML.
+        yaml.YAMLError: the text is not valid YAML.
+    """
+    if len(text) > MAX_SPEC_BYTES or len(text.encode("utf-8")) > MAX_SPEC_BYTES:
+        raise SpecLimitError(problem=f"larger than {_kib(MAX_SPEC_BYTES)}, the most a spec may be")
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        value = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return value, node
+
+
+def _kib(size: int) -> str:
+    return f"{size // 1024:,} KiB"
 
 
 # ---------------------------------------------------------------------------------------
@@ -950,11 +1132,8 @@ class LoadedSpec:
 class _Locator:
     """Maps a YAML path (``("train", "epochs")``) to its line in the file."""
 
-    def __init__(self, text: str) -> None:
-        try:
-            self._root = yaml.compose(text)
-        except yaml.YAMLError:
-            self._root = None
+    def __init__(self, root: yaml.Node | None) -> None:
+        self._root = root
 
     def line(self, loc: Sequence[str | int]) -> int | None:
         node = self._root
@@ -1062,10 +1241,23 @@ def apply_overrides(
         key, sep, value_text = item.partition("=")
         path = tuple(part for part in key.strip().split(".") if part)
         if not sep or not path:
-            problems.append(Problem((), f"override {item!r} must look like `section.key=value`"))
+            problems.append(
+                Problem((), f"override {_shorten(item)!r} must look like `section.key=value`")
+            )
+            continue
+        if len(path) > MAX_SPEC_DEPTH:
+            problems.append(
+                Problem(
+                    (),
+                    f"override key {_shorten(key)!r}: nesting deeper than {MAX_SPEC_DEPTH} levels",
+                )
+            )
             continue
         try:
-            value = yaml.safe_load(value_text) if value_text.strip() else None
+            value = load_yaml(value_text)[0] if value_text.strip() else None
+        except SpecLimitError as error:
+            problems.append(Problem(path, f"override value refused: {error.problem}"))
+            continue
         except yaml.YAMLError as error:
             problems.append(
                 Problem(path, f"override value {value_text!r} is not valid YAML: {error}")
@@ -1081,6 +1273,10 @@ def apply_overrides(
         node[path[-1]] = value
         origins[path] = f"--set {item}"
     return result, problems, origins
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def _deep_copy(value: Any) -> Any:
@@ -1134,14 +1330,30 @@ def load_spec(
     config_path = Path(path)
     file_name = config_path.name
     try:
-        text = config_path.read_text(encoding="utf-8")
+        # Read one byte past the limit: a huge file (or /dev/zero) is refused unread.
+        with config_path.open("rb") as handle:
+            content = handle.read(MAX_SPEC_BYTES + 1)
     except FileNotFoundError:
         raise SpecError(f"{config_path}: no such spec file") from None
     except OSError as error:
         raise SpecError(f"{config_path}: cannot read the spec: {error.strerror}") from None
+    if len(content) > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"{config_path}: refused: larger than {_kib(MAX_SPEC_BYTES)}, the most a spec may be"
+        )
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SpecError(
+            f"{config_path}: refused: not UTF-8 text (byte {error.start} cannot be decoded)"
+        ) from None
 
     try:
-        raw = yaml.safe_load(text)
+        raw, root_node = load_yaml(text)
+    except SpecLimitError as error:
+        mark = error.problem_mark
+        where = f"{config_path}:{mark.line + 1}" if mark is not None else str(config_path)
+        raise SpecError(f"{where}: refused: {error.problem}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{file_name}:{mark.line + 1}" if mark is not None else file_name
@@ -1156,7 +1368,7 @@ def load_spec(
         )
 
     merged, problems, origins = apply_overrides(raw, overrides)
-    locator = _Locator(text)
+    locator = _Locator(root_node)
 
     def located(loc: tuple[str | int, ...], message: str) -> Problem:
         # An override explains a problem at its own path, below it (a bad value inside
@@ -1248,10 +1460,13 @@ def _semantic_problems(
     check_imports: bool,
     check_expectations: bool,
 ) -> list[tuple[tuple[str | int, ...], str]]:
-    problems: list[tuple[tuple[str | int, ...], str]] = []
+    problems = _path_problems(sections, root)
+    outside = {loc for loc, _ in problems}
     data: DataSpec | None = sections.get("data")
     if data is not None:
-        problems += _data_problems(data, root, check_paths=check_paths)
+        problems += _data_problems(
+            data, root, check_paths=check_paths and ("data", "path") not in outside
+        )
         gate: GateSpec | None = sections.get("gate")
         if gate is not None:
             problems += _gate_problems(gate, data.task)
@@ -1274,6 +1489,22 @@ def _semantic_problems(
         message = import_problem(model.architecture)
         if message:
             problems.append((("model", "architecture"), message))
+    return problems
+
+
+def _path_problems(
+    sections: Mapping[str, Any], root: Path
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every path field that resolves outside the project and the allowed roots."""
+    pipeline: PipelineSpec | None = sections.get("pipeline")
+    allowed = pipeline.allowed_roots if pipeline is not None else []
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    for section_name, field_name in PATH_FIELDS:
+        value = getattr(sections.get(section_name), field_name, None)
+        if isinstance(value, str):
+            message = path_problem(value, root, allowed)
+            if message:
+                problems.append(((section_name, field_name), message))
     return problems
 
 

@@ -26,7 +26,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, fields
 from importlib import metadata
 from pathlib import Path
@@ -405,15 +405,28 @@ MAX_ERROR_TAG_CHARS = 4000
 def end_run_after(error: BaseException) -> bool:
     """End the active run after ``error``: KILLED when interrupted, FAILED otherwise.
 
-    The run keeps the reason in its tags (``stemma.status``, ``stemma.error``), so the
-    MLflow UI says why a run stopped without a traceback.
+    An interruption is Ctrl-C, SIGTERM, or a stop because a server did not answer (see
+    :func:`.lifecycle.is_interruption`). The run keeps the reason in its tags
+    (``stemma.status``, ``stemma.error``), so the MLflow UI says why a run stopped without
+    a traceback. When the tracking server itself is down (:func:`.outages.is_down`),
+    nothing is sent: the run stays RUNNING and a rerun resumes it.
 
     Returns:
-        Whether the error was an interruption (Ctrl-C), which callers may resume from.
+        Whether the run may be resumed: an interruption, or any error while the tracking
+        server is down (the run's own work did not fail).
     """
     import mlflow
 
-    interrupted = isinstance(error, KeyboardInterrupt)
+    from .lifecycle import is_interruption
+    from .outages import is_down
+
+    if is_down(mlflow.get_tracking_uri()):
+        # Leave the run RUNNING on the server, but take it off this process's stack, or
+        # MLflow's exit handler would retry ending it for as long as its retries allow.
+        with _single_quick_attempt(), suppress(Exception):
+            mlflow.end_run(status="KILLED")
+        return True
+    interrupted = is_interruption(error)
     headline = error.headline if isinstance(error, StemmaError) else repr(error)
     mlflow.set_tags(
         {
@@ -423,6 +436,26 @@ def end_run_after(error: BaseException) -> bool:
     )
     mlflow.end_run(status="KILLED" if interrupted else "FAILED")
     return interrupted
+
+
+#: MLflow's HTTP settings for a request to a server known to be down: one try, briefly.
+_QUICK_ATTEMPT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+
+
+@contextmanager
+def _single_quick_attempt() -> Iterator[None]:
+    """MLflow requests inside the block try once, for 2 s at most (MLflow reads these
+    variables on every request); the previous values come back after it."""
+    saved = {name: os.environ.get(name) for name in _QUICK_ATTEMPT}
+    os.environ.update(_QUICK_ATTEMPT)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # ---------------------------------------------------------------------------------------
@@ -466,14 +499,21 @@ def truncate_param(value: str) -> str:
 def log_params_flat(params: Mapping[str, str]) -> None:
     """Log flat ``key -> value`` params on the active run, in batches MLflow accepts.
 
-    Values longer than MLflow's limit are cut (see :func:`truncate_param`).
+    Values longer than MLflow's limit are cut (see :func:`truncate_param`); credentials in
+    a URL are masked (see :func:`~.redaction.redact_url`), since params are shown to anyone
+    who can read the experiment.
     """
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
+    from .redaction import redact_url
+
     run_id = _require_active_run("log_params_flat")
     client = MlflowClient()
-    entries = [Param(key, truncate_param(str(value))) for key, value in params.items()]
+    entries = [
+        Param(redact_url(key), truncate_param(redact_url(str(value))))
+        for key, value in params.items()
+    ]
     for batch in _chunks(entries, MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=list(batch))
 
@@ -523,6 +563,121 @@ def model_requirements() -> list[str]:
     return pins
 
 
+#: Logged-model and model-version tag holding the model folder's files as compact JSON,
+#: ``{relative path: sha256}``: everything a load must find, byte for byte.
+MODEL_FILES_TAG = "stemma.model.files"
+#: Run, logged-model and model-version tag with the sha256 of a custom architecture's
+#: source file at training (absent for the built-in ``mlp``).
+ARCHITECTURE_TAG = "stemma.architecture.sha256"
+#: Tags a registered version copies from its logged model (what a load checks).
+INTEGRITY_TAGS = (MODEL_FILES_TAG, ARCHITECTURE_TAG, "stemma.weights_sha256")
+#: How many differing files a message names before it summarises.
+MAX_FILES_NAMED = 10
+#: Files left out of a model's manifest: MLflow writes ``registered_model_meta`` (the
+#: registered name and version, as YAML) into a local store's model folder whenever a
+#: version is loaded by a ``models:/<name>/...`` URI; Stemma never reads it.
+UNRECORDED_MODEL_FILES = frozenset({"registered_model_meta"})
+
+
+def model_file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under a model folder, keyed by its POSIX path relative to it
+    (except :data:`UNRECORDED_MODEL_FILES`)."""
+    import hashlib
+
+    folder = Path(folder)
+    digests = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
+        relative = path.relative_to(folder).as_posix()
+        if relative in UNRECORDED_MODEL_FILES:
+            continue
+        with open(path, "rb") as handle:
+            digests[relative] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return digests
+
+
+def encode_manifest(digests: Mapping[str, str]) -> str:
+    """The manifest as the compact JSON a tag holds (keys sorted, no spaces)."""
+    return json.dumps(dict(sorted(digests.items())), separators=(",", ":"))
+
+
+def decode_manifest(text: str | None) -> dict[str, str] | None:
+    """A manifest tag's value as ``{path: sha256}``; None when absent or malformed."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        return None
+    return value
+
+
+def file_differences(recorded: Mapping[str, str], found: Mapping[str, str]) -> list[str]:
+    """One line per file that is missing, extra or changed, recorded digest against found."""
+    lines = []
+    for path in sorted(recorded.keys() | found.keys()):
+        before, after = recorded.get(path), found.get(path)
+        if before == after:
+            continue
+        if after is None:
+            lines.append(f"{path}: missing (recorded {before})")
+        elif before is None:
+            lines.append(f"{path}: not recorded (found {after})")
+        else:
+            lines.append(f"{path}: changed (recorded {before}, found {after})")
+    if len(lines) > MAX_FILES_NAMED:
+        lines = [*lines[:MAX_FILES_NAMED], f"... and {len(lines) - MAX_FILES_NAMED} more"]
+    return lines
+
+
+def record_model_files(client: Any, model_id: str) -> dict[str, str]:
+    """Hash every file of a logged model, as the store holds it, and tag the model with them.
+
+    The files are read back from the artifact store (not from the folder they were
+    logged from), so the manifest covers exactly what a later load downloads. Call it
+    again after adding a file to the model (``profile.save_with_model`` does).
+
+    Returns:
+        The manifest, ``{relative path: sha256}``.
+    """
+    import tempfile
+
+    import mlflow
+
+    location = client.get_logged_model(model_id).artifact_location
+    with tempfile.TemporaryDirectory(prefix="stemma-manifest-") as scratch:
+        folder = mlflow.artifacts.download_artifacts(
+            artifact_uri=location, dst_path=scratch, tracking_uri=client.tracking_uri
+        )
+        digests = model_file_digests(Path(folder))
+    client.set_logged_model_tags(model_id, {MODEL_FILES_TAG: encode_manifest(digests)})
+    return digests
+
+
+def integrity_tags(client: Any, model_id: str | None) -> dict[str, str]:
+    """The tags a version registered from a logged model copies from it (manifest, hashes)."""
+    if not model_id:
+        return {}
+    tags = client.get_logged_model(model_id).tags or {}
+    copied = {key: tags[key] for key in INTEGRITY_TAGS if tags.get(key)}
+    if "stemma.weights_sha256" in copied:  # versions name it as the run does
+        copied["stemma.weights.sha256"] = copied.pop("stemma.weights_sha256")
+    return copied
+
+
+def architecture_tags(network_config: Mapping[str, Any]) -> dict[str, str]:
+    """``{ARCHITECTURE_TAG: sha256}`` for a custom architecture; empty for a built-in."""
+    from .models import MLP_ARCHITECTURE, architecture_source_sha256, is_custom
+
+    architecture = str(network_config.get("architecture", MLP_ARCHITECTURE))
+    if not is_custom(architecture):
+        return {}
+    return {ARCHITECTURE_TAG: architecture_source_sha256(architecture)}
+
+
 def serving_code_path() -> Path:
     """The model file MLflow logs as "models from code"."""
     return Path(__file__).with_name("serving.py")
@@ -541,7 +696,9 @@ def log_pyfunc_model(
     """Log the preprocessor and network as a pickle-free pyfunc model of the active run.
 
     Writes ``preprocess.json``, ``network.json`` and ``weights.safetensors`` into
-    ``workdir`` and logs them with :mod:`.serving` as the model code. The signature takes
+    ``workdir`` and logs them with :mod:`.serving` as the model code, then records the
+    sha256 of every file of the logged model (:func:`record_model_files`) and, for a
+    custom architecture, the sha256 of its source (on the model and the run). The signature takes
     the feature columns with the example's types and returns ``score`` (probability or
     value) and, for a binary task, ``prediction``.
 
@@ -592,6 +749,7 @@ def log_pyfunc_model(
     paths["network"].write_text(json.dumps(network_document, indent=2, sort_keys=True))
     weights_sha256 = save_weights(network, paths["weights"])
 
+    architecture = architecture_tags(network_config)
     with _quiet_integer_hint():
         signature = infer_signature(example, outputs)
     info = mlflow.pyfunc.log_model(
@@ -601,6 +759,9 @@ def log_pyfunc_model(
         signature=signature,
         input_example=example,
         pip_requirements=model_requirements(),
-        tags={"stemma.weights_sha256": weights_sha256, "stemma.task": task},
+        tags={"stemma.weights_sha256": weights_sha256, "stemma.task": task, **architecture},
     )
+    if architecture:
+        mlflow.set_tags(architecture)
+    record_model_files(mlflow.MlflowClient(), info.model_id)
     return info, weights_sha256

@@ -24,6 +24,7 @@ from prefect.runtime import flow_run
 
 from stemma.components import canary, comparison, scoring, shadow, tracking
 from stemma.components.errors import RegistryError
+from stemma.components.redaction import redact_url
 from stemma.components.spec import EvaluateSpec, LoadedSpec
 from stemma.flows.lineage import record_lineage
 from stemma.flows.shadow import evaluate_settings, labels_location, load_labels_step
@@ -412,8 +413,8 @@ def canary_flow(
 
     state, started = resolve_state_step(loaded, settings, challenger)
     name = state.model
-    control = load_model_step(f"models:/{name}/{state.control}")
-    challenger_model = load_model_step(f"models:/{name}/{state.challenger}")
+    control = load_model_step(f"models:/{name}/{state.control}", loaded)
+    challenger_model = load_model_step(f"models:/{name}/{state.challenger}", loaded)
     client = mlflow.MlflowClient()
     steps: list[dict[str, Any]] = []
     skipped: list[str] = []
@@ -456,7 +457,7 @@ def canary_flow(
         )
         steps.append(step)
     return {
-        "tracking_uri": tracking_uri,
+        "tracking_uri": redact_url(tracking_uri),
         "model_name": name,
         "started": started,
         "state": json.loads(state.to_json()),

@@ -8,6 +8,8 @@ and prefect are imported inside the commands that need them, so `stemma --help` 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import importlib
 import json
 import os
@@ -17,9 +19,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from stemma.components.errors import StemmaError
+from stemma.components.redaction import redact_url
 
-#: Exit code when the user interrupts a command (128 + SIGINT), as shells report it.
+#: Exit code when the user interrupts a command with Ctrl-C (128 + SIGINT), as shells
+#: report it; SIGTERM gives 143 (128 + 15). Both keep what an interruption keeps.
 EXIT_INTERRUPTED = 130
+#: Exit code when SIGTERM stops a command (128 + SIGTERM).
+EXIT_TERMINATED = 143
 #: Exit code for an error Stemma did not anticipate (a bug or an environment problem).
 EXIT_UNEXPECTED = 1
 
@@ -41,10 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
             "Declarative MLOps pipelines for PyTorch models: versioned data, checks, tracked "
             "training, a registry gate, and lineage from data to prediction."
         ),
+        epilog=(
+            "exit codes: 0 done; 1 unexpected error; 2 invalid spec; 3 data; 4 training; "
+            "5 registry; 6 lineage; 7 not reproduced; 69 an MLflow or Prefect server did not "
+            "answer within --server-wait; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). "
+            "After 69, 130 or 143 a training run resumes from its checkpoint when run again."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument(
         "--debug", action="store_true", help="show full tracebacks and library logs on errors"
+    )
+    parser.add_argument(
+        "--server-wait",
+        type=float,
+        metavar="SECONDS",
+        help="how long to wait for an MLflow or Prefect server that does not answer before "
+        "stopping (a training run stays resumable; default: STEMMA_SERVER_WAIT_S, else 120)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -428,25 +447,108 @@ def main(argv: Sequence[str] | None = None) -> int:
         "down": _cmd_down,
         "status": _cmd_status,
     }
+    from stemma.components.lifecycle import interruption_exit_code, sigterm_as_interrupt
+
+    args.session = _Session()
     try:
-        return handlers[args.command](args)
+        # SIGTERM takes Ctrl-C's path (checkpoint kept, MLflow run KILLED), exit code 143.
+        with sigterm_as_interrupt(), args.session.cleanup:
+            return handlers[args.command](args)
     except StemmaError as error:
         if args.debug:
             raise
-        print(f"error: {error.render()}", file=sys.stderr)
+        print(f"error: {redact_url(error.render())}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
-        print(f"interrupted: {_INTERRUPTED.get(_command_key(args), 'stopped')}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as interruption:
+        outage = args.session.outage()
+        if outage is not None:  # the server watch stopped the command
+            print(f"error: {outage.render()}", file=sys.stderr)
+            return outage.exit_code
+        code = interruption_exit_code(interruption)
+        word = "terminated" if code == EXIT_TERMINATED else "interrupted"
+        print(f"{word}: {_INTERRUPTED.get(_command_key(args), 'stopped')}", file=sys.stderr)
+        return code
     except Exception as error:  # anything unforeseen: one line, traceback only with --debug
+        outage = args.session.outage(error)
+        if outage is not None and not args.debug:  # failed because a server went away
+            print(f"error: {outage.render()}", file=sys.stderr)
+            return outage.exit_code
         if args.debug:
             raise
         print(
-            f"error: unexpected {type(error).__name__}: {error}\n"
+            f"error: unexpected {type(error).__name__}: {redact_url(str(error))}\n"
             "  run again with --debug for the traceback",
             file=sys.stderr,
         )
         return EXIT_UNEXPECTED
+
+
+class _Session:
+    """What one command started and must stop: a temporary Prefect server, a server watch."""
+
+    def __init__(self) -> None:
+        self.cleanup = contextlib.ExitStack()
+        self.prefect_server = None  # lifecycle.TemporaryPrefectServer, once started
+        self.watch = None  # outages.ServerWatch, once watching
+        self.servers: list = []  # outages.Server: what the command talks to
+        self.wait_s = 0.0  # how long a server may be down before the command stops
+
+    def outage(self, error: BaseException | None = None) -> StemmaError | None:
+        """The outage that stopped the command: the watch's verdict, or a server it finds
+        down when ``error`` (a failed request, most likely) ended the command."""
+        if self.watch is None:
+            return None
+        if self.watch.expired is not None:
+            return self.watch.expired
+        down = self.watch.down()
+        if error is not None and down:
+            from stemma.components.outages import outage_error
+
+            return outage_error(down[0], self.watch.wait_s, str(error)[:200], waited=False)
+        return None
+
+
+def _check_servers(args: argparse.Namespace, *, prefect: bool = True) -> None:
+    """Before any work: check that the servers the command uses answer (waiting up to
+    --server-wait for one that does not) and bound MLflow's HTTP retries to that wait.
+
+    The temporary Prefect server is not checked here: it is still starting, and
+    :func:`_watch_servers` waits for it.
+    """
+    from stemma.components import outages
+
+    session: _Session = args.session
+    session.wait_s = outages.wait_seconds(args.server_wait)
+    temporary = session.prefect_server.api_url if session.prefect_server else None
+    session.servers = [
+        server for server in outages.servers_in_use() if prefect or server.name != "Prefect"
+    ]
+    outages.wait_for_servers(
+        [server for server in session.servers if server.url != temporary], session.wait_s
+    )
+    for name, value in outages.mlflow_retry_environment(session.wait_s).items():
+        os.environ[name] = value
+    if not args.debug:
+        import logging
+
+        # urllib3 logs each of MLflow's retries; the watch says it once, in a sentence.
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+
+def _watch_servers(args: argparse.Namespace) -> None:
+    """Before the first request: wait for the temporary Prefect server to start, then watch
+    every server the command uses until it ends (see :func:`_check_servers`)."""
+    from stemma.components import outages
+
+    session: _Session = args.session
+    if session.prefect_server is not None:
+        session.prefect_server.wait_until_ready(
+            float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+        )
+    if session.watch is None:
+        session.watch = session.cleanup.enter_context(
+            outages.ServerWatch(session.servers, session.wait_s)
+        )
 
 
 #: What an interrupted command leaves behind, by command (`run train` as "run train").
@@ -479,9 +581,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             )
     spec = loaded.spec
     elapsed = time.perf_counter() - started
+    # Folders outside the project the spec opens up are worth a reviewer's second look.
+    allowed = "".join(
+        f"\n  paths may also point into {folder} (pipeline.allowed_roots)"
+        for folder in spec.pipeline.allowed_roots
+    )
     print(
         f"{args.config}: valid ({spec.pipeline.name}: {len(spec.data.features.all)} features, "
         f"{len(spec.checks)} checks, model {spec.model.architecture}; {elapsed * 1000:.0f} ms)"
+        + allowed
     )
     return 0
 
@@ -508,12 +616,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 args.overrides = [*args.overrides, f"{key}={getattr(args, name)}"]
     # Validate before starting Prefect, so a broken spec fails in a fraction of a second.
     loaded = load_spec(args.config, args.overrides)
-    prepare_environment(loaded.root, debug=args.debug)
+    prepare_environment(loaded.root, debug=args.debug, session=args.session)
+    _check_servers(args)
     formatter, options = _RUNS[args.flow]
     flow_function = getattr(
         importlib.import_module(f"stemma.flows.{args.flow}"), f"{args.flow}_flow"
     )
     _quiet_known_errors(args.debug)
+    _watch_servers(args)
     summary = flow_function(
         config=str(args.config),
         overrides=list(args.overrides),
@@ -531,10 +641,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.train_rows < 2_000 or args.batch_rows < 500:
         raise SpecError("--train-rows must be at least 2000 and --batch-rows at least 500")
     root = args.root.resolve()
-    prepare_environment(root, debug=args.debug)
+    prepare_environment(root, debug=args.debug, session=args.session)
+    _check_servers(args)
     from stemma.flows.demo import format_demo, run_demo
 
     _quiet_known_errors(args.debug)
+    _watch_servers(args)
     result = run_demo(root, days=args.days, train_rows=args.train_rows, batch_rows=args.batch_rows)
     print(format_demo(result))
     return 0
@@ -551,6 +663,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_promote(args: argparse.Namespace) -> int:
     from stemma.flows.promote import format_record, run_promote
 
+    _check_servers(args, prefect=False)
+    _watch_servers(args)
     record = run_promote(
         args.reference, args.root.resolve(), reason=args.reason, expected=args.expect_champion
     )
@@ -561,6 +675,8 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 def _cmd_rollback(args: argparse.Namespace) -> int:
     from stemma.flows.promote import format_record, run_rollback
 
+    _check_servers(args, prefect=False)
+    _watch_servers(args)
     print(format_record(run_rollback(args.model, args.root.resolve(), reason=args.reason)))
     return 0
 
@@ -569,8 +685,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from stemma.components.spec import load_spec
 
     loaded = load_spec(args.config, args.overrides)
-    prepare_environment(loaded.root, debug=args.debug)
+    # No temporary Prefect server: deployments on it would vanish with this process, so
+    # run_serve asks for `stemma up` or PREFECT_API_URL instead.
+    prepare_environment(loaded.root, debug=args.debug, session=None)
+    _check_servers(args)
     from stemma.flows.serve import run_serve
+
+    _watch_servers(args)
 
     config = os.path.relpath(loaded.path, loaded.root)
     print(run_serve(loaded, config, list(args.overrides), dry_run=args.dry_run))
@@ -580,6 +701,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_lineage(args: argparse.Namespace) -> int:
     from stemma.flows.lineage import run_lineage
 
+    _check_servers(args, prefect=False)
+    _watch_servers(args)
     output = "json" if args.json else "mermaid" if args.mermaid else "tree"
     text = run_lineage(
         args.reference,
@@ -595,10 +718,12 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     root = args.root.resolve()
-    prepare_environment(root, debug=args.debug)
+    prepare_environment(root, debug=args.debug, session=args.session)
+    _check_servers(args)
     from stemma.flows.reproduce import EXIT_NOT_REPRODUCED, run_reproduce
 
     _quiet_known_errors(args.debug)
+    _watch_servers(args)
     report = run_reproduce(args.reference, root, overrides=args.overrides, keep=args.keep)
     print(report.render())
     if report.code_warnings:
@@ -636,22 +761,45 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare_environment(root: Path, *, debug: bool = False) -> None:
+def prepare_environment(
+    root: Path, *, debug: bool = False, session: _Session | None = None
+) -> None:
     """Defaults for an embedded run, each overridable from the environment.
 
     Prefect runs ephemerally with its home under the project (``.stemma/prefect``) unless
     ``PREFECT_API_URL`` points at a server. A fresh ephemeral database takes ~17 s to
     migrate, close to Prefect's 20 s start-up limit, so the limit is raised.
+
+    With a ``session`` (the CLI's), the temporary Prefect server is started here, by Stemma
+    rather than by Prefect's first flow, so that it starts while the command imports its
+    libraries and dies with the command even when the command is killed (Linux); it is
+    stopped when the process exits, after Prefect's own exit handlers have sent their last
+    logs. ``PREFECT_API_URL`` then points at it, for this process and its children.
     """
     state = root / ".stemma"
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
         # Prefect's SQLite database cannot be created in a folder that does not exist.
         Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+        if session is not None and session.prefect_server is None and _ephemeral_allowed():
+            from stemma.components.lifecycle import start_temporary_prefect_server
+
+            server = start_temporary_prefect_server(Path(os.environ["PREFECT_HOME"]))
+            if server is not None:
+                # Registered before Prefect is imported, so it runs after Prefect's own
+                # exit handlers (which flush logs and events to this server).
+                atexit.register(server.stop)
+                session.prefect_server = server
+                os.environ["PREFECT_API_URL"] = server.api_url
+                # The temporary server has no UI: no "View at" link to a page that is not there.
+                os.environ.setdefault("PREFECT_UI_URL", "")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow prints "View run ... at <tracking URI>" with the URI's password in it; the
+    # summaries name the store with its credentials masked instead.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if not debug:
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
         import logging
@@ -660,6 +808,18 @@ def prepare_environment(root: Path, *, debug: bool = False) -> None:
         warnings.filterwarnings("ignore")
         # GX announces each temporary docs folder at INFO; the flow reports what matters.
         logging.getLogger("great_expectations").setLevel(logging.WARNING)
+
+
+def _ephemeral_allowed() -> bool:
+    """Whether Prefect would start an ephemeral server here: not turned off, and no API URL
+    in the profile of the Prefect home in use."""
+    allowed = os.environ.get("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    if allowed.strip().lower() in {"0", "false", "no", "off"}:
+        return False
+    if os.environ.get("PREFECT_PROFILES_PATH") or os.environ.get("PREFECT_PROFILE"):
+        return False
+    profiles = Path(os.environ["PREFECT_HOME"]) / "profiles.toml"
+    return not (profiles.exists() and "PREFECT_API_URL" in profiles.read_text(errors="replace"))
 
 
 def _quiet_known_errors(debug: bool) -> None:
@@ -707,6 +867,8 @@ def format_train_summary(summary: dict) -> str:
         + (f", alias '{gate['alias']}'" if gate.get("alias") else ", no alias"),
     ]
     lines += [f"    - {reason}" for reason in gate["reasons"]]
+    if summary.get("resumed"):
+        lines.append("  resumed an interrupted run from its last checkpoint")
     quantized = summary.get("quantize")
     if quantized and "error" in quantized:
         lines.append(f"  quantize: FAILED: {quantized['error'].splitlines()[0]}")
@@ -721,7 +883,7 @@ def format_train_summary(summary: dict) -> str:
     lines.append(f"  MLflow: {summary['tracking_uri']}  (experiment '{summary['experiment']}')")
     if summary.get("ui_hint"):
         lines.append(f"  {summary['ui_hint']}")
-    return "\n".join(lines)
+    return redact_url("\n".join(lines))
 
 
 def format_monitor_summary(summary: dict) -> str:
@@ -740,7 +902,7 @@ def format_monitor_summary(summary: dict) -> str:
         f"  report: MLflow run {summary['run_id']} (experiment '{summary['experiment']}'), "
         "drift/summary.png"
     )
-    return "\n".join(lines)
+    return redact_url("\n".join(lines))
 
 
 def format_quantize_summary(summary: dict) -> str:
@@ -797,7 +959,7 @@ def format_quantize_summary(summary: dict) -> str:
     lines.append(
         f"  MLflow run {summary['run_id']} (quantize/comparison.csv, quantize/tradeoff.png)"
     )
-    return "\n".join(lines)
+    return redact_url("\n".join(lines))
 
 
 def format_shadow_summary(summary: dict) -> str:
@@ -823,7 +985,7 @@ def format_shadow_summary(summary: dict) -> str:
     lines.append(f"  served: {summary['served_output']}  shadow: {summary['shadow_output']}")
     lines.append(f"  labels: {summary['labels']}")
     lines.append(f"  MLflow run {summary['run_id']} (plots and report under shadow/)")
-    return "\n".join(lines)
+    return redact_url("\n".join(lines))
 
 
 def format_canary_summary(summary: dict) -> str:
@@ -841,7 +1003,7 @@ def format_canary_summary(summary: dict) -> str:
     if summary["left"]:
         lines.append(f"  not processed (the canary has ended): {len(summary['left'])} batch(es)")
     lines.append(f"  predictions: {summary['output']}  labels: {summary['labels']}")
-    return "\n".join(lines)
+    return redact_url("\n".join(lines))
 
 
 def format_score_summary(summary: dict) -> str:
@@ -854,7 +1016,7 @@ def format_score_summary(summary: dict) -> str:
     if summary["extra_columns"]:
         lines.append(f"  ignored input columns: {', '.join(summary['extra_columns'])}")
     lines.append(f"  manifest: {summary['manifest']}  (MLflow run {summary['run_id']})")
-    return "\n".join(lines)
+    return redact_url("\n".join(lines))
 
 
 def format_retrain_summary(summary: dict) -> str:
@@ -875,7 +1037,7 @@ def format_retrain_summary(summary: dict) -> str:
         lines.append(f"  cause: {cause['kind']} {cause['run_id']} on {cause.get('batch') or '?'}")
     if summary.get("run_id"):
         lines.append(f"  MLflow run {summary['run_id']}")
-    return "\n".join(lines)
+    return redact_url("\n".join(lines))
 
 
 #: ``stemma run FLOW`` runs ``stemma.flows.FLOW.FLOW_flow``: its summary's formatter, and the

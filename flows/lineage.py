@@ -20,6 +20,7 @@ from typing import Any
 
 from stemma.components import lineage
 from stemma.components.errors import LineageError
+from stemma.components.redaction import redact, redact_url
 
 #: MLflow accepts at most this many tags in one request.
 TAGS_PER_REQUEST = 100
@@ -40,7 +41,8 @@ def record_lineage(record: dict[str, Any]) -> None:
     """Log a flow run's lineage record, its index tags and its Prefect assets.
 
     Call it inside the active MLflow run of the flow, with the record built by
-    :mod:`stemma.components.lineage` (or any record of the same layout).
+    :mod:`stemma.components.lineage` (or any record of the same layout). Credentials in
+    any URL of the record are masked before it is written anywhere.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -50,6 +52,7 @@ def record_lineage(record: dict[str, Any]) -> None:
     if run is None:
         raise RuntimeError("record_lineage must be called inside an active MLflow run")
     run_id = run.info.run_id
+    record = redact(record)
     mlflow.log_dict(record, lineage.RECORD_ARTIFACT)
     tags = [RunTag(key, value) for key, value in lineage.index_tags(record, run_id).items()]
     client = MlflowClient()
@@ -195,9 +198,11 @@ def run_lineage(
                 f"{reference}: the graph holds no run, so there is no OpenLineage run event to send"
             )
         where = lineage_export.emit_events(events, openlineage)
-        note = f"sent {len(events)} OpenLineage events ({len(events) // 2} runs) to {where}"
+        note = redact_url(
+            f"sent {len(events)} OpenLineage events ({len(events) // 2} runs) to {where}"
+        )
         # Machine-readable output stays clean on stdout; the note goes to stderr.
         import sys
 
         print(note, file=sys.stderr)
-    return text
+    return redact_url(text)

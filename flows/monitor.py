@@ -31,9 +31,10 @@ from stemma.components import drift, lineage, scoring, tracking
 from stemma.components import profile as reference_profile
 from stemma.components.data import resolve_data_version
 from stemma.components.errors import DataError, DataVersionError
+from stemma.components.redaction import redact_url
 from stemma.components.spec import LoadedSpec, MonitorSpec
 from stemma.flows.lineage import record_lineage
-from stemma.flows.steps import load_spec_step
+from stemma.flows.steps import load_spec_step, spec_architectures
 
 #: The alias monitored when neither the command line nor the spec names a model.
 DEFAULT_ALIAS = "champion"
@@ -54,9 +55,9 @@ def _run_name() -> str:
 
 @task(name="load model and profile")
 def load_model_step(
-    reference: str,
+    reference: str, loaded: LoadedSpec
 ) -> tuple[scoring.ScoringModel, reference_profile.ReferenceProfile, str]:
-    model = scoring.load_scoring_model(reference)
+    model = scoring.load_scoring_model(reference, architectures=spec_architectures(loaded))
     profile, sha256 = reference_profile.load_model_profile(
         mlflow.MlflowClient(), model.name, model.version
     )
@@ -176,7 +177,7 @@ def monitor_flow(
     labels_path = loaded.resolve(labels_text) if labels_text else None
 
     scoring_model, profile, profile_sha256 = load_model_step(
-        model_reference(loaded, settings, model)
+        model_reference(loaded, settings, model), loaded
     )
     files = scoring.input_files(batch_path)
     batch_digest, batch_md5s = check_batch_step(
@@ -294,7 +295,7 @@ def monitor_flow(
     return {
         "run_id": run_id,
         "experiment": spec.pipeline.experiment_name,
-        "tracking_uri": tracking_uri,
+        "tracking_uri": redact_url(tracking_uri),
         "model_uri": scoring_model.model_uri,
         "model_version": scoring_model.version,
         "batch": str(batch_path),

@@ -135,6 +135,8 @@ def format_record(record: promotion.PromotionRecord) -> str:
         f"  by {record.who} at {record.when}; generation {record.generation}",
         f"  reason: {record.reason or '(none given)'}",
     ]
+    if record.took_over:
+        lines.append(f"  took over an abandoned claim: {record.took_over}")
     if record.flow_run_id:
         lines.append(f"  Prefect flow run: {record.flow_run_id}")
     if record.record_run_id:

@@ -27,10 +27,11 @@ from prefect.runtime import flow_run
 
 from stemma.components import quantization, scoring, tracking
 from stemma.components.errors import RegistryError, SpecError
+from stemma.components.redaction import redact_url
 from stemma.components.spec import METRIC_DIRECTIONS, LoadedSpec, QuantizeSpec
 from stemma.components.training import predict_raw
 from stemma.flows.lineage import record_lineage
-from stemma.flows.steps import config_run_name, load_spec_step
+from stemma.flows.steps import config_run_name, load_spec_step, spec_architectures
 
 #: Where torch.compile keeps its compiled kernels, under the project's `.stemma/`, so
 #: a second run compiles from the cache (seconds instead of tens of seconds).
@@ -41,10 +42,12 @@ _run_name = config_run_name("quantize")
 
 
 @task(name="load fp32 model")
-def load_parent_step(reference: str) -> tuple[scoring.ScoringModel, Any]:
-    """The fp32 model (weights hash verified) and its registry entry; never a variant."""
+def load_parent_step(reference: str, loaded: LoadedSpec) -> tuple[scoring.ScoringModel, Any]:
+    """The fp32 model (files verified) and its registry entry; never a variant."""
     client = mlflow.MlflowClient()
-    model = scoring.load_scoring_model(reference, client=client)
+    model = scoring.load_scoring_model(
+        reference, client=client, architectures=spec_architectures(loaded)
+    )
     version = client.get_model_version(model.name, model.version)
     if quantization.is_variant(version):
         parent = (version.tags or {}).get(quantization.PARENT_VERSION_TAG, "?")
@@ -111,7 +114,9 @@ def register_step(
     expected = predict_raw(variant, x)
 
     def verify(number: str) -> None:
-        loaded = scoring.load_scoring_model(f"models:/{model.name}/{number}", client=client)
+        loaded = scoring.load_scoring_model(
+            f"models:/{model.name}/{number}", client=client, architectures=model.architectures
+        )
         if not np.array_equal(predict_raw(loaded.network, x), expected):
             raise RegistryError(
                 f"{model.name} v{number}: the registered {result.method} variant, loaded back, "
@@ -202,7 +207,7 @@ def quantize_flow(
         or settings.model
         or quantization.default_parent_reference(client, spec.pipeline.registered_model_name)
     )
-    parent_model, parent = load_parent_step(reference)
+    parent_model, parent = load_parent_step(reference, loaded)
     metrics = METRIC_DIRECTIONS.get(parent_model.task, {})
     metric = spec.gate.metric
     if metric not in metrics:
@@ -321,7 +326,7 @@ def quantize_flow(
     mlflow.end_run(status="FINISHED")
     return {
         "run_id": run_id,
-        "tracking_uri": tracking_uri,
+        "tracking_uri": redact_url(tracking_uri),
         "model_name": parent_model.name,
         "parent_version": parent_model.version,
         "reference": reference,

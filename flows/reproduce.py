@@ -4,8 +4,10 @@ The version's lineage names its data version, resolved spec (with the seeds), co
 revision and training run. The data bytes are restored through DVC into a scratch
 project beside the resolved spec, and the training flow itself retrains there, tracked
 in an MLflow store of its own: nothing is registered in the project's store and no alias
-moves. The rebuilt weights are compared with the registered ones tensor by tensor and
-the metrics value by value; on CPU both must be identical.
+moves. The registered version's files are first checked against the digests recorded
+when it was logged; then the rebuilt weights are compared with the registered ones tensor
+by tensor, the metrics value by value and every other file of the model folder byte by
+byte (less what names the run or the moment); on CPU all must be identical.
 """
 
 from __future__ import annotations
@@ -101,8 +103,8 @@ def isolated_store(uri: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _model_weights(client: Any, name: str, version: str, folder: Path) -> Path:
-    """Download a version's model files; return its weights file."""
+def _model_weights(client: Any, name: str, version: str, folder: Path) -> tuple[Path, Path]:
+    """Download a version's model files; return the model folder and its weights file."""
     import mlflow
 
     uri = client.get_model_version_download_uri(name, version)
@@ -114,7 +116,7 @@ def _model_weights(client: Any, name: str, version: str, folder: Path) -> Path:
     found = sorted(local.rglob(reproduce.WEIGHTS_FILE))
     if not found:
         raise LineageError(f"models:/{name}/{version}: no {reproduce.WEIGHTS_FILE} among its files")
-    return found[0]
+    return local, found[0]
 
 
 def run_reproduce(
@@ -153,7 +155,16 @@ def run_reproduce(
             workspace = keep.resolve()
         else:
             workspace = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stemma-")))
-        recorded = _model_weights(client, plan.model_name, plan.version, workspace / "recorded")
+        recorded_folder, recorded = _model_weights(
+            client, plan.model_name, plan.version, workspace / "recorded"
+        )
+        problems = reproduce.recorded_file_problems(plan.model_files, recorded_folder)
+        if problems:
+            raise LineageError(
+                f"NOT REPRODUCED {plan.model_uri}: its files differ from the digests recorded "
+                "when it was registered; nothing was retrained",
+                problems,
+            )
         digest = hashlib.sha256(recorded.read_bytes()).hexdigest()
         if digest != plan.weights_sha256:
             raise LineageError(
@@ -186,7 +197,7 @@ def run_reproduce(
             summary = train_flow(config=str(config), overrides=[*pinned, *overrides])
             rebuilt_client = MlflowClient(tracking_uri=store, registry_uri=store)
             run = rebuilt_client.get_run(summary["run_id"])
-            rebuilt = _model_weights(
+            rebuilt_folder, rebuilt = _model_weights(
                 rebuilt_client,
                 summary["model_name"],
                 summary["model_version"],
@@ -199,6 +210,8 @@ def run_reproduce(
                 rebuilt_sha256=summary["weights_sha256"],
                 rebuilt_metrics=dict(run.data.metrics),
                 rebuilt_checks_digest=run.data.tags.get(reproduce.CHECKS_TAG),
+                recorded_folder=recorded_folder,
+                rebuilt_folder=rebuilt_folder,
             )
     return ReproductionReport(
         plan=plan,

@@ -9,7 +9,10 @@ throughput, latency percentiles and the score distribution, which drift monitori
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +21,11 @@ from prefect import flow, get_run_logger, task
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from stemma.components import evaluation, fanout, lineage, quantization, scoring, tracking
+from stemma.components import evaluation, fanout, lineage, locks, quantization, scoring, tracking
 from stemma.components.data import resolve_data_version
 from stemma.components.deployments import BATCH_SCORED_EVENT, pipeline_resource_id
 from stemma.components.errors import DataVersionError
+from stemma.components.redaction import redact_url
 from stemma.components.spec import LoadedSpec
 from stemma.flows.lineage import record_lineage
 from stemma.flows.steps import config_run_name, load_model_step, load_spec_step, scoring_options
@@ -29,6 +33,11 @@ from stemma.flows.steps import config_run_name, load_model_step, load_spec_step,
 #: The alias scored when neither the command line nor the spec names a model.
 DEFAULT_ALIAS = "champion"
 
+
+#: Tags of a scoring run: what it scores (model, input, output, settings) and the process
+#: scoring it, so that a run left RUNNING by a process that died is found on the next start.
+SCORING_KEY_TAG = "stemma.score.key"
+OWNER_TAG = "stemma.score.owner"
 
 _run_name = config_run_name("score")
 
@@ -99,19 +108,86 @@ def score_on_dask(
     from prefect_dask import DaskTaskRunner
 
     settings = loaded.spec.score.dask
-    plan = plan_step(model, files, output, loaded)
+    plan = plan_step(model, files, output, loaded)  # holds the folder's lock for the job
     if plan.complete:
         return scoring.finish_scoring(model, plan, [])
-    job = fanout.make_job(
-        model,
-        plan,
-        tracking_uri=mlflow.get_tracking_uri(),
-        registry_uri=mlflow.get_registry_uri(),
-    )
-    ranges = scoring.plan_ranges(plan, settings.chunks_per_task)
-    runner = DaskTaskRunner(**fanout.task_runner_options(settings))
-    results = fan_out_flow.with_options(task_runner=runner)(job, ranges)
+    try:
+        job = fanout.make_job(
+            model,
+            plan,
+            tracking_uri=mlflow.get_tracking_uri(),
+            registry_uri=mlflow.get_registry_uri(),
+        )
+        ranges = scoring.plan_ranges(plan, settings.chunks_per_task)
+        runner = DaskTaskRunner(**fanout.task_runner_options(settings))
+        results = fan_out_flow.with_options(task_runner=runner)(job, ranges)
+    except BaseException:
+        scoring.abandon_scoring(plan)  # the parts stay for the next run
+        raise
     return finish_step(model, plan, results)
+
+
+def scoring_key(
+    model: scoring.ScoringModel, files: list[Path], output: Path, loaded: LoadedSpec
+) -> str:
+    """What a scoring run scores, hashed: the model, the input files (path, size, mtime),
+    the output folder and the settings. Cheap: the input is not read."""
+    document = {
+        "model_uri": model.model_uri,
+        "weights_sha256": model.weights_sha256,
+        "input": [
+            [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] for path in files
+        ],
+        "output": str(output.resolve()),
+        "options": {k: v for k, v in scoring_options(loaded).items() if k != "threads"},
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+def start_scoring_run(experiment_id: str, key: str, run_name: str) -> Any:
+    """Start the run of a scoring, or resume the one a killed process left RUNNING.
+
+    A RUNNING scoring run whose process is gone from this host is resumed when it scored
+    the same thing (``key``), so the scoring keeps one run however often it is restarted;
+    any other such run is ended as KILLED, with the reason in ``stemma.error``. Runs of
+    live processes, or of other hosts, are left alone.
+    """
+    client = mlflow.MlflowClient()
+    left_running = client.search_runs(
+        [experiment_id],
+        filter_string="tags.`stemma.flow` = 'score' and attributes.status = 'RUNNING'",
+    )
+    resumed = None
+    for orphan in left_running:
+        try:
+            owner = locks.ProcessIdentity(**json.loads(orphan.data.tags[OWNER_TAG]))
+        except (KeyError, TypeError, ValueError):
+            continue  # not recorded: nothing tells whether its process runs
+        if owner.is_alive() is not False:
+            continue
+        if resumed is None and orphan.data.tags.get(SCORING_KEY_TAG) == key:
+            resumed = orphan.info.run_id
+            continue
+        reason = (
+            f"its process (pid {owner.pid} on host {owner.host}) stopped before the scoring "
+            "finished"
+        )
+        client.set_tag(orphan.info.run_id, "stemma.status", "killed")
+        client.set_tag(orphan.info.run_id, "stemma.error", reason)
+        client.set_terminated(orphan.info.run_id, status="KILLED")
+    if resumed is not None:
+        run = mlflow.start_run(run_id=resumed)
+        resumes = int(run.data.tags.get("stemma.score.resumes", "0")) + 1
+        mlflow.set_tag("stemma.score.resumes", str(resumes))
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+    mlflow.set_tags(
+        {
+            SCORING_KEY_TAG: key,
+            OWNER_TAG: json.dumps(asdict(locks.ProcessIdentity.current())),
+        }
+    )
+    return run
 
 
 def model_reference(loaded: LoadedSpec, override: str | None) -> str:
@@ -174,14 +250,15 @@ def score_flow(
     )
     if serving:
         logger.info(serving)
-    scoring_model = load_model_step(reference)
+    scoring_model = load_model_step(reference, loaded)
     files = scoring.input_files(input_path)
     extras = check_schema_step(files, scoring_model, loaded)
     if extras:
         logger.info("ignoring input columns the model does not use: %s", ", ".join(extras))
     git_rev, _ = tracking.git_revision(loaded.root)
 
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=flow_run.get_name())
+    key = scoring_key(scoring_model, files, output_path, loaded)
+    run = start_scoring_run(experiment_id, key, flow_run.get_name())
     try:
         mlflow.set_tags(
             {
@@ -293,7 +370,7 @@ def score_flow(
     )
     return {
         "run_id": run.info.run_id,
-        "tracking_uri": tracking_uri,
+        "tracking_uri": redact_url(tracking_uri),
         "model_uri": scoring_model.model_uri,
         "model_version": scoring_model.version,
         "output": str(output_path),

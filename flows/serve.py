@@ -17,6 +17,7 @@ from typing import Any
 
 from stemma.components.deployments import DeploymentPlan, deployment_plans, describe_plans
 from stemma.components.errors import StemmaError
+from stemma.components.redaction import redact_url
 from stemma.components.services import environment_for, service_status
 from stemma.components.spec import LoadedSpec
 
@@ -121,8 +122,9 @@ def run_serve(loaded: LoadedSpec, config: str, overrides: list[str], *, dry_run:
     deployments = prefect_deployments(plans)
     print(
         f"serving {len(deployments)} deployments of {loaded.spec.pipeline.name} to "
-        f"{os.environ['PREFECT_API_URL']} (MLflow: "
-        f"{os.environ.get('MLFLOW_TRACKING_URI', 'the local store under .stemma/')}):\n{table}\n"
+        f"{redact_url(os.environ['PREFECT_API_URL'])} (MLflow: "
+        f"{redact_url(os.environ.get('MLFLOW_TRACKING_URI', 'the local store under .stemma/'))}"
+        f"):\n{table}\n"
         "Start them from the Prefect UI (Deployments); stop serving with Ctrl-C "
         "(schedules stay active for the next `stemma serve`).",
         flush=True,

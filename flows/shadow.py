@@ -24,6 +24,7 @@ from prefect.runtime import flow_run
 from stemma.components import scoring, shadow, tracking
 from stemma.components.errors import SpecError
 from stemma.components.promotion import OUTCOME_DONE, PromotionError
+from stemma.components.redaction import redact_url
 from stemma.components.spec import EvaluateSpec, LoadedSpec
 from stemma.flows.lineage import record_lineage
 from stemma.flows.steps import config_run_name, load_model_step, load_spec_step, scoring_options
@@ -192,8 +193,8 @@ def shadow_flow(
     model_name = spec.pipeline.registered_model_name
 
     # Everything that can be checked is checked before a row is scored.
-    champion = load_model_step(f"models:/{model_name}@champion")
-    challenger_model = load_model_step(challenger or f"models:/{model_name}@challenger")
+    champion = load_model_step(f"models:/{model_name}@champion", loaded)
+    challenger_model = load_model_step(challenger or f"models:/{model_name}@challenger", loaded)
     batch_path = loaded.resolve(batch or spec.score.input)
     files = scoring.input_files(batch_path)
     served_dir = (
@@ -315,7 +316,7 @@ def shadow_flow(
         raise promotion_error
     return {
         "run_id": run.info.run_id,
-        "tracking_uri": tracking_uri,
+        "tracking_uri": redact_url(tracking_uri),
         "model_name": model_name,
         "champion_version": champion.version,
         "challenger_version": challenger_model.version,

@@ -29,8 +29,14 @@ def load_spec_step(config: str, overrides: list[str]) -> LoadedSpec:
 
 
 @task(name="load model")
-def load_model_step(reference: str) -> scoring.ScoringModel:
-    return scoring.load_scoring_model(reference)
+def load_model_step(reference: str, loaded: LoadedSpec) -> scoring.ScoringModel:
+    """The model, checked against its recorded digests; only the spec's architecture may load."""
+    return scoring.load_scoring_model(reference, architectures=spec_architectures(loaded))
+
+
+def spec_architectures(loaded: LoadedSpec) -> list[str]:
+    """The architectures a model loaded for this spec may name, besides the built-ins."""
+    return [loaded.spec.model.architecture]
 
 
 def scoring_options(loaded: LoadedSpec) -> dict[str, Any]:

@@ -31,12 +31,14 @@ from stemma.components import (
     features,
     lineage,
     registry,
+    scoring,
     tracking,
     training,
 )
 from stemma.components import models as networks
 from stemma.components import profile as reference_profile
 from stemma.components.errors import DataCheckError, DataError, SpecError, StemmaError
+from stemma.components.redaction import redact_url
 from stemma.components.spec import LoadedSpec, MonitorSpec, flatten, load_spec
 from stemma.flows.lineage import record_lineage
 from stemma.flows.steps import config_run_name
@@ -274,24 +276,26 @@ def gate_step(
     client = mlflow.MlflowClient()
     model_name = spec.pipeline.registered_model_name
     champion = registry.find_champion(client, model_name)
-    champion_value = None
-    champion_error = None
+    scored = registry.ChampionValue(None, None)
     if champion is not None:
         y_true = prepared["test_frame"][spec.data.target].to_numpy(dtype=np.float64)
-        champion_value, champion_error = registry.champion_value_on(
+        scored = registry.champion_value_on(
             f"models:/{model_name}/{champion.version}",
             prepared["test_frame"],
             y_true,
             task=spec.data.task,
             metric=spec.gate.metric,
+            architectures=networks.allowed_architectures(spec.model),
+            client=client,
         )
     decision = registry.decide_gate(
         spec.gate,
         spec.data.task,
         metrics[spec.gate.metric],
         str(champion.version) if champion is not None else None,
-        champion_value,
-        champion_error=champion_error,
+        scored.value,
+        champion_error=scored.error,
+        champion_untrusted=scored.untrusted,
     )
     version = registry.register_and_gate(
         client=client,
@@ -305,6 +309,46 @@ def gate_step(
     mlflow.set_tags({f"{key}": value for key, value in decision.tags().items()})
     mlflow.log_metric("gate_passed", 1.0 if decision.passed else 0.0)
     return version, decision
+
+
+@task(name="complete registration")
+def complete_registration_step(
+    loaded: LoadedSpec, existing: Any, lineage_facts: lineage.TrainingLineage
+) -> tuple[Any, registry.GateDecision]:
+    """Finish the version this run registered before it was interrupted; register nothing."""
+    client = mlflow.MlflowClient()
+    version, decision = registry.complete_registration(
+        client=client,
+        version=existing,
+        task=loaded.spec.data.task,
+        tags=lineage.model_version_tags(lineage_facts),
+    )
+    mlflow.set_tags(decision.tags())
+    mlflow.log_metric("gate_passed", 1.0 if decision.passed else 0.0)
+    return version, decision
+
+
+def _registered_model_facts(existing: Any) -> tuple[str, str, dict[str, str]]:
+    """Weights hash, profile hash and model artifact digests of a version already registered."""
+    client = mlflow.MlflowClient()
+    model_id = scoring.logged_model_id(existing)
+    logged = client.get_logged_model(model_id).tags if model_id else {}
+    tags = {**logged, **(existing.tags or {})}
+    manifest = tracking.decode_manifest(tags.get(tracking.MODEL_FILES_TAG)) or {}
+    artifacts = {
+        f"model/{Path(path).name}": digest
+        for path, digest in manifest.items()
+        if path.startswith("artifacts/")
+    }
+    profile_file = f"{reference_profile.PROFILE_RUN_DIR}/{reference_profile.PROFILE_FILE}"
+    profile_sha256 = tags.get(reference_profile.PROFILE_SHA256_TAG, "")
+    if profile_sha256:
+        artifacts[profile_file] = profile_sha256
+    return (
+        tags.get("stemma.weights.sha256") or tags.get("stemma.weights_sha256", ""),
+        profile_sha256,
+        artifacts,
+    )
 
 
 def checkpoint_folder(loaded: LoadedSpec, data_md5: str) -> Path:
@@ -351,8 +395,20 @@ def train_flow(
     version = resolve_data_step(loaded)
     folder = checkpoint_folder(loaded, version.md5)
     resumed_run = _resumable_run_id(folder)
+    registered = None
     if resumed_run:
         logger.info("resuming MLflow run %s from %s", resumed_run, folder)
+        # One training run gives at most one version, wherever the last attempt stopped.
+        registered = registry.find_run_version(
+            mlflow.MlflowClient(), spec.pipeline.registered_model_name, resumed_run
+        )
+        if registered is not None:
+            logger.info(
+                "run %s already registered %s v%s: completing it",
+                resumed_run,
+                registered.name,
+                registered.version,
+            )
     git_rev, git_dirty = tracking.git_revision(loaded.root)
     config_sha256 = hashlib.sha256(loaded.path.read_bytes()).hexdigest()
 
@@ -399,25 +455,31 @@ def train_flow(
             )
             mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": len(result.history)})
             metrics = evaluate_step(loaded, prepared, result, workdir)
-            model_info, weights_sha256 = log_model_step(loaded, prepared, result, workdir)
-            profile_path, profile_sha256 = profile_step(
-                loaded,
-                frame,
-                prepared,
-                result,
-                metrics,
-                {"data_md5": version.md5, "file": version.relpath},
-                workdir,
-            )
-            reference_profile.save_with_model(
-                mlflow.MlflowClient(), model_info.model_id, profile_path, profile_sha256
-            )
             logged = {
                 **lineage.artifact_digests(workdir / "plots", "plots"),
                 **lineage.artifact_digests(workdir / "data_docs", "checks/data_docs"),
-                **lineage.artifact_digests(workdir / "model", "model"),
-                **lineage.artifact_digests(profile_path.parent, reference_profile.PROFILE_RUN_DIR),
             }
+            if registered is None:
+                model_info, weights_sha256 = log_model_step(loaded, prepared, result, workdir)
+                profile_path, profile_sha256 = profile_step(
+                    loaded,
+                    frame,
+                    prepared,
+                    result,
+                    metrics,
+                    {"data_md5": version.md5, "file": version.relpath},
+                    workdir,
+                )
+                reference_profile.save_with_model(
+                    mlflow.MlflowClient(), model_info.model_id, profile_path, profile_sha256
+                )
+                logged.update(lineage.artifact_digests(workdir / "model", "model"))
+                logged.update(
+                    lineage.artifact_digests(profile_path.parent, reference_profile.PROFILE_RUN_DIR)
+                )
+            else:  # the model and its profile are in the registry already: reuse them
+                weights_sha256, profile_sha256, model_digests = _registered_model_facts(registered)
+                logged.update(model_digests)
             facts = lineage.TrainingLineage(
                 pipeline=spec.pipeline.name,
                 data_pointer=str(version.dvc_file.relative_to(loaded.root)),
@@ -438,9 +500,12 @@ def train_flow(
                 weights_sha256=weights_sha256,
                 artifacts=logged,
             )
-            model_version, decision = gate_step(
-                loaded, prepared, metrics, model_info.model_uri, run_id, facts
-            )
+            if registered is None:
+                model_version, decision = gate_step(
+                    loaded, prepared, metrics, model_info.model_uri, run_id, facts
+                )
+            else:
+                model_version, decision = complete_registration_step(loaded, registered, facts)
             reference_profile.tag_model_version(
                 mlflow.MlflowClient(), model_version.name, model_version.version, profile_sha256
             )
@@ -476,7 +541,7 @@ def train_flow(
         "quantize": quantized,
         "run_id": run_id,
         "experiment": spec.pipeline.experiment_name,
-        "tracking_uri": tracking_uri,
+        "tracking_uri": redact_url(tracking_uri),
         "model_name": spec.pipeline.registered_model_name,
         "model_version": str(model_version.version),
         "data_md5": version.md5,
@@ -484,7 +549,7 @@ def train_flow(
         "metrics": metrics,
         "resumed": resumed_run is not None,
         "gate": {**asdict(decision), "reasons": list(decision.reasons)},
-        "ui_hint": (
+        "ui_hint": redact_url(
             f"open {tracking_uri} in a browser"
             if tracking_uri.startswith(("http://", "https://"))
             else f"browse it with `mlflow ui --backend-store-uri {tracking_uri}` or `stemma up`"

@@ -393,7 +393,9 @@ def register_slow_model(store, tmp_path) -> str:
 
 def test_a_challenger_too_slow_to_serve_breaches_the_latency_guard(store, tmp_path):
     version = register_slow_model(store, tmp_path)
-    store["models"]["slow"] = load_scoring_model(f"models:/{MODEL}/{version}")
+    store["models"]["slow"] = load_scoring_model(
+        f"models:/{MODEL}/{version}", architectures=[f"{__name__}:SlowNetwork"]
+    )
     _, unchecked = step(store, "slow", tmp_path)
     latency = next(g for g in unchecked.guards if g.name == "latency")
     assert latency.status == canary.GUARD_OFF and unchecked.decision == canary.ADVANCE

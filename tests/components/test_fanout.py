@@ -7,6 +7,7 @@ them on a real Dask cluster through Prefect.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -16,10 +17,12 @@ from mlflow import MlflowClient
 
 from stemma.components import fanout
 from stemma.components.errors import DataError, RegistryError, SpecError
+from stemma.components.locks import FolderBusyError
 from stemma.components.scoring import (
     PROGRESS_FILE,
     SUCCESS_FILE,
     ChunkRange,
+    abandon_scoring,
     finish_scoring,
     input_files,
     load_scoring_model,
@@ -140,9 +143,15 @@ def test_an_interrupted_fan_out_resumes_from_its_finished_parts(champion, batche
     written = sorted(p.name for p in output.glob("part-*.parquet"))
     assert len(written) == sum(result.written for result in finished) == 6
     assert not (output / SUCCESS_FILE).exists()
+    # The job holds the folder until it ends: a second plan is refused, naming this process.
+    with pytest.raises(FolderBusyError, match=f"being written by pid {os.getpid()} on host"):
+        plan_scoring(champion, files, output, id_column=ID, chunk_rows=CHUNK_ROWS)
+    abandon_scoring(plan)  # the job stops; its parts stay
 
     again = plan_scoring(champion, files, output, id_column=ID, chunk_rows=CHUNK_ROWS)
     assert sorted(again.done) == written and not again.invalidated
+    with pytest.raises(FolderBusyError, match="being written by"):  # the old job's workers stop
+        score_range(champion, plan, ranges[3])
     results = [score_range(champion, again, item) for item in plan_ranges(again, 2)]
     resumed = finish_scoring(champion, again, results)
 

@@ -13,8 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from stemma.components.errors import TrainingError
-from stemma.components.models import MLP, build_network, network_config
+from stemma.components.errors import RegistryError, TrainingError
+from stemma.components.models import (
+    MLP,
+    allowed_architectures,
+    architecture_source_sha256,
+    build_network,
+    network_config,
+)
 from stemma.components.spec import ModelSpec
 from stemma.components.training import weights_sha256
 
@@ -196,3 +202,41 @@ def test_an_architecture_that_is_no_import_path_is_refused() -> None:
         TrainingError, match=r"expected `mlp` or an import path `package\.module:Class`"
     ):
         build_network({"architecture": "transformer"}, 4)
+
+
+def test_a_stored_network_may_name_only_the_allowed_architectures(
+    user_module: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "imported"
+    foreign = f"foreign_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{foreign}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    allowed = allowed_architectures(ModelSpec(architecture=f"{user_module}:Linear"))
+
+    assert allowed == {"mlp", f"{user_module}:Linear"}
+    assert build_network({"architecture": f"{user_module}:Linear"}, 4, allowed=allowed)
+    for architecture in (f"{foreign}:Net", "os:system"):
+        with pytest.raises(RegistryError, match="which this spec does not allow") as caught:
+            build_network({"architecture": architecture}, 4, allowed=allowed)
+        assert "it was not imported" in caught.value.headline
+    assert not marker.exists()
+    assert foreign not in sys.modules
+
+
+def test_an_architecture_source_is_hashed_without_running_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = f"unrun_{uuid.uuid4().hex[:8]}"
+    source = tmp_path / f"{name}.py"
+    source.write_text("raise SystemExit('must not run')\n")
+
+    assert architecture_source_sha256(f"{name}:Net") == file_sha256(source)
+    assert name not in sys.modules
+    with pytest.raises(TrainingError, match="cannot find the source of module"):
+        architecture_source_sha256("no_such_module_here:Net")
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -14,12 +14,19 @@ from stemma.components.evaluation import evaluate_scores
 from stemma.components.registry import (
     GateDecision,
     champion_value_on,
+    complete_registration,
     decide_gate,
     find_champion,
+    find_run_version,
     register_and_gate,
 )
 from stemma.components.spec import FeaturesSpec, GateSpec
-from stemma.components.tracking import configure_tracking, ensure_experiment
+from stemma.components.tracking import (
+    MODEL_FILES_TAG,
+    configure_tracking,
+    decode_manifest,
+    ensure_experiment,
+)
 from stemma.components.training import predict_raw
 from tests.support import isolated_mlflow, log_trained_model
 
@@ -89,6 +96,51 @@ def test_decide_gate_shows_why_the_champion_could_not_be_evaluated():
     assert "could not be evaluated on the same test rows: Model is missing inputs ['zipcode']" in (
         "; ".join(decision.reasons)
     )
+
+
+UNTRUSTED = "cannot load models:/m/3: m v3: its files differ; serving.py: changed"
+
+
+@pytest.mark.parametrize(
+    "policy,alias,reason",
+    [
+        (
+            "fail",
+            None,
+            "cannot decide: champion v3 could not be evaluated on the same test rows: "
+            "it is not trusted (" + UNTRUSTED + "); set gate.untrusted_champion: ignore",
+        ),
+        (
+            "ignore",
+            "champion",
+            "champion v3 ignored (gate.untrusted_champion: ignore): " + UNTRUSTED,
+        ),
+    ],
+    ids=["fails-closed-by-default", "ignored-when-the-spec-says-so"],
+)
+def test_decide_gate_on_an_untrusted_champion(policy, alias, reason):
+    gate = AUC_GATE.model_copy(update={"untrusted_champion": policy})
+
+    decision = decide_gate(
+        gate, "binary", 0.95, "3", None, champion_error=UNTRUSTED, champion_untrusted=True
+    )
+
+    assert decision.alias == alias
+    assert any(line.startswith(reason) for line in decision.reasons), decision.reasons
+    assert decision.decided_against == "3"  # what the registry held, trusted or not
+    if policy == "ignore":
+        assert decision.champion_version is None
+        assert decision.tags()["stemma.gate.ignored_champion"] == "3"
+
+
+def test_a_decision_reads_back_from_its_tags():
+    for decision in (
+        decide_gate(AUC_GATE, "binary", 0.92, "3", 0.915),
+        decide_gate(RMSE_GATE, "regression", 2.5, None, None),
+    ):
+        task = "binary" if decision.metric == "roc_auc" else "regression"
+        assert GateDecision.from_tags(decision.tags(), task) == decision
+    assert GateDecision.from_tags({"stemma.data.md5": "x"}, "binary") is None
 
 
 def test_decide_gate_rejects_a_metric_of_another_task():
@@ -254,11 +306,11 @@ def test_champion_value_on_scores_the_same_rows(store, model_name):
         predict_raw(store["network"], store["preprocessor"].transform(rows))
     )
 
-    value, error = champion_value_on(
+    value, error, untrusted = champion_value_on(
         f"models:/{model_name}@champion", rows, y_true, task="binary", metric="roc_auc"
     )
 
-    assert error is None
+    assert error is None and untrusted is False
     assert value == pytest.approx(evaluate_scores("binary", y_true, scores)["roc_auc"], abs=1e-12)
     assert version.aliases == ["champion"]
 
@@ -274,7 +326,7 @@ FAILURES = [
         "rows-of-the-wrong-type",
         "@champion",
         lambda rows: rows.assign(car=1.5),
-        "failed to score the test rows: MlflowException: Incompatible input types for column car",
+        "failed to score the test rows: column car: the model takes string, the rows hold float64",
     ),
     ("no-such-version", "/99", lambda rows: rows, "cannot load models:/"),
 ]
@@ -289,7 +341,7 @@ def test_champion_value_on_reports_why_it_failed(store, model_name, uri_suffix, 
     register(store, model_name, decide_gate(AUC_GATE, "binary", 0.9, None, None))
     rows = synthetic_frame(30, seed=9)
 
-    value, error = champion_value_on(
+    value, error, untrusted = champion_value_on(
         f"models:/{model_name}{uri_suffix}",
         change(rows),
         rows["approved"].to_numpy(),
@@ -297,6 +349,74 @@ def test_champion_value_on_reports_why_it_failed(store, model_name, uri_suffix, 
         metric="roc_auc",
     )
 
-    assert value is None
+    assert value is None and untrusted is False
     assert expected in error
     assert "\n" not in error and len(error) < 500
+
+
+def test_a_registered_version_records_every_file_of_its_model(store, model_name):
+    version = register(store, model_name, decide_gate(AUC_GATE, "binary", 0.9, None, None))
+
+    manifest = decode_manifest(version.tags[MODEL_FILES_TAG])
+    assert {"MLmodel", "serving.py", "artifacts/weights.safetensors"} <= set(manifest)
+    assert all(len(digest) == 64 for digest in manifest.values())
+    assert version.tags["stemma.weights.sha256"] == manifest["artifacts/weights.safetensors"]
+
+
+def test_a_tampered_champion_is_untrusted_and_named(tmp_path, model_name):
+    """A file changed in the artifact store after registration: refused, file named."""
+    with isolated_mlflow():
+        configure_tracking(tmp_path)
+        frame = synthetic_frame(80, seed=1)
+        _, _, info, _, run_id = log_trained_model(
+            frame,
+            FEATURES,
+            task="binary",
+            target="approved",
+            experiment_id=ensure_experiment("tamper", tmp_path),
+            workdir=tmp_path / "work",
+        )
+        register(
+            {"model_uri": info.model_uri, "run_id": run_id},
+            model_name,
+            decide_gate(AUC_GATE, "binary", 0.9, None, None),
+        )
+        location = MlflowClient().get_logged_model(info.model_id).artifact_location
+        serving = tmp_path.joinpath(location.removeprefix("file://"), "serving.py")
+        serving.write_text(serving.read_text() + "\n# changed\n")
+
+        value, error, untrusted = champion_value_on(
+            f"models:/{model_name}@champion",
+            frame,
+            frame["approved"].to_numpy(),
+            task="binary",
+            metric="roc_auc",
+        )
+
+    assert value is None and untrusted is True
+    assert "its files differ from the digests recorded" in error
+    assert "serving.py: changed" in error
+
+
+def test_an_interrupted_registration_is_completed_not_repeated(store, model_name):
+    client = MlflowClient()
+    decision = decide_gate(AUC_GATE, "binary", 0.91, None, None)
+    # What a run killed between creating the version and aliasing it leaves behind.
+    client.create_registered_model(model_name)
+    client.create_model_version(
+        model_name,
+        store["model_uri"],
+        run_id=store["run_id"],
+        tags={**LINEAGE_TAGS, **decision.tags()},
+    )
+
+    found = find_run_version(client, model_name, store["run_id"])
+    version, recorded = complete_registration(
+        client=client, version=found, task="binary", tags={"stemma.run_id": store["run_id"]}
+    )
+
+    assert recorded == decision
+    assert version.version == found.version and version.aliases == ["champion"]
+    assert version.tags["stemma.run_id"] == store["run_id"]
+    assert len(client.search_model_versions(f"name = '{model_name}'")) == 1
+    assert find_run_version(client, model_name, "0" * 32) is None

@@ -31,6 +31,7 @@ from stemma.components.scoring import (
     PROGRESS_FILE,
     SUCCESS_FILE,
     WEIGHTS_TAG,
+    UntrustedModelError,
     check_input_schema,
     input_files,
     load_scoring_model,
@@ -222,8 +223,19 @@ def test_tampered_weights_are_refused(store, tmp_path):
     payload[-1] ^= 0xFF  # one flipped bit in the last weight
     weights.write_bytes(bytes(payload))
 
-    with pytest.raises(RegistryError, match="does not match the sha256 recorded"):
+    with pytest.raises(UntrustedModelError, match="its files differ from the digests") as caught:
         load_scoring_model(f"models:/tampered/{version}")
+    assert caught.value.details[0].startswith("artifacts/weights.safetensors: changed (recorded ")
+
+
+def test_a_weights_tag_that_disagrees_with_the_file_is_refused(store, tmp_path):
+    """Files intact, but the version's weights hash names other weights."""
+    client = store["client"]
+    version = register(client, "retagged", store["experiment_id"], tmp_path / "model", seed=5)
+    client.set_model_version_tag("retagged", version, WEIGHTS_TAG, "0" * 64)
+
+    with pytest.raises(UntrustedModelError, match="does not match the sha256 recorded"):
+        load_scoring_model(f"models:/retagged/{version}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -260,3 +260,54 @@ def test_git_revision_reports_head_and_dirty_tree(tmp_path: Path):
     assert git_revision(tmp_path) == (head, False)
     (tmp_path / "data.dvc").write_text("outs: [changed]\n")
     assert git_revision(tmp_path) == (head, True)
+
+
+def test_a_logged_model_records_every_file_and_a_custom_architecture(tracking, tmp_path, frame):
+    """The manifest covers the folder the store holds, the profile added later included."""
+    from stemma.components.features import fit_preprocessor
+    from stemma.components.models import build_network
+    from stemma.components.profile import save_with_model
+    from stemma.components.spec import FeaturesSpec
+    from stemma.components.tracking import (
+        ARCHITECTURE_TAG,
+        MODEL_FILES_TAG,
+        decode_manifest,
+        log_pyfunc_model,
+        model_file_digests,
+    )
+
+    preprocessor = fit_preprocessor(
+        frame,
+        FeaturesSpec(numeric=["salary"], categorical=["car"]),
+        task="binary",
+        target="approved",
+    )
+    config = {"architecture": "stemma.components.models:MLP", "params": {"hidden": [4]}}
+    network = build_network(config, preprocessor.n_inputs)
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        info, _ = log_pyfunc_model(
+            preprocessor=preprocessor,
+            network=network,
+            network_config=config,
+            input_example=frame,
+            task="binary",
+            workdir=tmp_path / "model",
+        )
+        profile = tmp_path / "reference_profile.json"
+        profile.write_text("{}")
+        save_with_model(client, info.model_id, profile, "0" * 64)
+
+    tags = client.get_logged_model(info.model_id).tags
+    manifest = decode_manifest(tags[MODEL_FILES_TAG])
+    folder = Path(client.get_logged_model(info.model_id).artifact_location.removeprefix("file://"))
+    assert manifest == model_file_digests(folder)
+    assert {"serving.py", "MLmodel", "reference_profile.json"} <= set(manifest)
+    import hashlib
+
+    from stemma.components import models
+
+    source = Path(models.__file__).read_bytes()
+
+    assert tags[ARCHITECTURE_TAG] == hashlib.sha256(source).hexdigest()
+    assert client.get_run(run.info.run_id).data.tags[ARCHITECTURE_TAG] == tags[ARCHITECTURE_TAG]

@@ -68,10 +68,10 @@ EMPTY = {
 
 @pytest.mark.fault_case("bad_input")
 @pytest.mark.parametrize("case", list(EMPTY), ids=list(EMPTY))
-def test_a_batch_with_no_rows_is_not_drift_and_sends_no_event(trained, tmp_path, case):
+def test_a_batch_with_no_rows_is_not_drift_and_sends_no_event(trained, case):
     name, write = EMPTY[case]
-    batch = tmp_path / "landing" / name
-    batch.parent.mkdir()
+    batch = trained / "landing" / case / name
+    batch.parent.mkdir(parents=True)
     write(a_day(trained), batch)
 
     summary = monitor(trained, batch)
@@ -86,8 +86,9 @@ def test_a_batch_with_no_rows_is_not_drift_and_sends_no_event(trained, tmp_path,
 
 
 @pytest.mark.fault_case("bad_input")
-def test_a_batch_under_min_rows_is_not_assessed(trained, tmp_path):
-    batch = tmp_path / "small.parquet"
+def test_a_batch_under_min_rows_is_not_assessed(trained):
+    batch = trained / "landing" / "small.parquet"
+    batch.parent.mkdir(exist_ok=True)
     a_day(trained).head(33).to_parquet(batch, index=False)
 
     summary = monitor(trained, batch, "monitor.min_rows=100")
@@ -100,8 +101,9 @@ def test_a_batch_under_min_rows_is_not_assessed(trained, tmp_path):
 
 @pytest.mark.fault_case("bad_input")
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"], ids=["csv", "parquet"])
-def test_a_zero_byte_batch_is_a_clear_error_naming_the_file(trained, tmp_path, suffix):
-    batch = tmp_path / f"empty{suffix}"
+def test_a_zero_byte_batch_is_a_clear_error_naming_the_file(trained, suffix):
+    batch = trained / "landing" / f"empty{suffix}"
+    batch.parent.mkdir(exist_ok=True)
     batch.write_bytes(b"")
 
     with pytest.raises(DataError) as raised:

@@ -175,7 +175,7 @@ def test_a_broken_challenger_is_rolled_back_within_one_step(project, weights):
     assert again["steps"] == [] and again["left"] == [day(project, 2)]
 
 
-def test_a_breach_after_the_promotion_rolls_the_champion_back(project, weights, tmp_path):
+def test_a_breach_after_the_promotion_rolls_the_champion_back(project, weights):
     name, versions = register_models(
         project, weights, {"champion": "champion", "better": "challenger"}
     )
@@ -190,7 +190,7 @@ def test_a_breach_after_the_promotion_rolls_the_champion_back(project, weights, 
     # labels of day 2 on which the old champion is right every time: the new one is worse
     control = mlflow.pyfunc.load_model(f"models:/{name}/{versions['champion']}")
     batch = pd.read_parquet(day(project, 2))
-    skewed = tmp_path / "day_02_labels.parquet"
+    skewed = project / "day_02_labels.parquet"
     batch[["application_id"]].assign(
         approved=control.predict(batch)["prediction"].to_numpy()
     ).to_parquet(skewed)
@@ -206,13 +206,13 @@ def test_a_breach_after_the_promotion_rolls_the_champion_back(project, weights, 
     assert "after the promotion" in second["state"]["cause"]
 
 
-def test_broken_inputs_are_clear_errors(project, weights, tmp_path):
+def test_broken_inputs_are_clear_errors(project, weights):
     name, versions = register_models(project, weights, {"champion": "champion", "worse": None})
     with pytest.raises(RegistryError, match="no challenger to canary"):
         run_canary(project, name, batches=[day(project, 1)])
     with pytest.raises(SpecError, match=r"must end at 1\.0"):
         run_canary(project, name, "evaluate.canary.steps=[0.1,0.5]", batches=[day(project, 1)])
-    elsewhere = tmp_path / "labels.parquet"
+    elsewhere = project / "labels.parquet"
     pd.DataFrame({"application_id": [1, 2], "approved": [0, 1]}).to_parquet(elsewhere)
     with pytest.raises(DataError, match="none of the 2 labelled ids is in the batch"):
         run_canary(

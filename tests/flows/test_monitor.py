@@ -264,8 +264,8 @@ def test_a_model_registered_before_profiles_existed_is_named_clearly(monitored_p
     assert "train the model again" in caught.value.render()
 
 
-def test_a_batch_missing_a_feature_column_is_a_clear_error(monitored_project, tmp_path):
-    broken = tmp_path / "day_broken.parquet"
+def test_a_batch_missing_a_feature_column_is_a_clear_error(monitored_project):
+    broken = monitored_project / "day_broken.parquet"
     pd.read_parquet(day(monitored_project, 1)).drop(columns=["age"]).to_parquet(broken)
     with pytest.raises(DataError) as caught:
         run_monitor(monitored_project, batch=str(broken))
@@ -273,8 +273,8 @@ def test_a_batch_missing_a_feature_column_is_a_clear_error(monitored_project, tm
     assert "day_broken.parquet: missing 1 column: age (long)" in text
 
 
-def test_labels_without_the_id_column_are_a_clear_error(monitored_project, tmp_path):
-    labels = tmp_path / "labels_day_01.parquet"
+def test_labels_without_the_id_column_are_a_clear_error(monitored_project):
+    labels = monitored_project / "labels_day_01.parquet"
     pd.read_parquet(day(monitored_project, 1, "labels")).rename(
         columns={"application_id": "id"}
     ).to_parquet(labels)

@@ -92,6 +92,8 @@ def test_a_model_is_rebuilt_bit_for_bit_from_the_dvc_cache_without_touching_the_
     assert report.restored.source == "the DVC cache"
     text = report.render()
     assert f"REPRODUCED models:/{NAME}/{summary['model_version']}" in text
+    assert report.verdict.files_compared >= 10 and report.verdict.files == []
+    assert f"{report.verdict.files_compared} model files match" in text
     assert f"md5 {summary['data_md5']}, restored from the DVC cache, bytes verified" in text
     assert "train.seed=7, data.split.seed=7" in text
     # the code is a commit behind the working tree's data.dvc change: said loudly
@@ -222,3 +224,43 @@ def test_tensor_and_metric_comparison_is_bit_exact(tmp_path):
     )
     _, metrics = reproduce.compare_metrics({"y": 1.0, "z": 2.0}, {"y": 1.0 + 1e-12})
     assert [(m.name, m.reproduced) for m in metrics] == [("y", 1.0 + 1e-12), ("z", None)]
+
+
+def test_files_that_differ_from_their_digests_are_not_reproduced(trained):
+    """A version whose recorded manifest disagrees with its files: refused before retraining."""
+    from stemma.components.tracking import MODEL_FILES_TAG, decode_manifest, encode_manifest
+    from stemma.flows.reproduce import run_reproduce
+
+    root, summary = trained
+    client = mlflow.MlflowClient()
+    original = client.get_model_version(NAME, summary["model_version"])
+    manifest = decode_manifest(original.tags[MODEL_FILES_TAG])
+    tags = {
+        **original.tags,
+        MODEL_FILES_TAG: encode_manifest({**manifest, "serving.py": "0" * 64}),
+    }
+    version = client.create_model_version(NAME, original.source, original.run_id, tags=tags)
+    try:
+        with pytest.raises(LineageError) as caught:
+            run_reproduce(f"models:/{NAME}/{version.version}", root)
+    finally:
+        client.delete_model_version(NAME, version.version)
+    assert caught.value.headline.startswith(f"NOT REPRODUCED models:/{NAME}/{version.version}")
+    assert f"serving.py: changed (recorded {'0' * 64}, found {manifest['serving.py']})" in (
+        caught.value.details
+    )
+
+
+def test_every_model_file_is_compared_less_what_names_the_run(tmp_path):
+    recorded, rebuilt = tmp_path / "recorded", tmp_path / "rebuilt"
+    for folder, run_id in ((recorded, "a" * 32), (rebuilt, "b" * 32)):
+        (folder / "artifacts").mkdir(parents=True)
+        (folder / "MLmodel").write_text(f"run_id: {run_id}\nflavors: {{}}\n")
+        (folder / "artifacts" / "network.json").write_text("{}")
+        (folder / "reference_profile.json").write_text(json.dumps({"created": run_id, "n": 1}))
+    (rebuilt / "serving.py").write_text("changed")
+
+    compared, problems = reproduce.compare_model_files(recorded, rebuilt)
+
+    assert compared == 4
+    assert problems == ["serving.py: not in the recorded model"]
