@@ -116,3 +116,15 @@ def build_project(root: Path, repo_root: Path, *, train_rows: int) -> Path:
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "project")
     return root
+
+
+def checkpoint_epoch(project: Path) -> int:
+    """The epoch of the training checkpoint under the project's ``.stemma``, 0 while none."""
+    import torch
+
+    for path in (project / ".stemma" / "checkpoints").glob("*/checkpoint.pt"):
+        try:
+            return int(torch.load(path, weights_only=True)["epoch"])
+        except Exception:  # being replaced right now; read it on the next poll
+            return 0
+    return 0

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 
 from stemma.components import outages
-from tests.support import build_project
+from tests.support import build_project, checkpoint_epoch
 
 #: Seconds the MLflow server gets to answer /health (`--workers 1` starts in ~12 s).
 SERVER_START_S = 90
@@ -169,15 +168,6 @@ def _overrides(values: list[str]) -> list[str]:
     return [item for value in values for item in ("--set", value)]
 
 
-def _checkpoint_epoch(project: Path) -> int:
-    for path in (project / ".stemma" / "checkpoints").glob("*/checkpoint.pt"):
-        try:
-            return int(torch.load(path, weights_only=True)["epoch"])
-        except Exception:  # being replaced right now; read it on the next poll
-            return 0
-    return 0
-
-
 @pytest.mark.fault_case("fault")
 @pytest.mark.parametrize("server", ["mlflow", "prefect"], ids=["mlflow", "prefect"])
 def test_a_server_that_never_answers_gives_one_message_and_a_bounded_exit(
@@ -222,7 +212,7 @@ def test_mlflow_dying_mid_training_stops_in_bounded_time_and_the_rerun_resumes(
     train = _stemma(stemma_exe, "--server-wait", str(WAIT_S), "run", "train", "configs/credit.yaml")
     command = Command([*train, *_overrides(OVERRIDES)], project, env)
     deadline = time.monotonic() + 240
-    while _checkpoint_epoch(project) < 1:
+    while checkpoint_epoch(project) < 1:
         assert command.process.poll() is None, command.stderr[-3000:]
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
@@ -241,7 +231,7 @@ def test_mlflow_dying_mid_training_stops_in_bounded_time_and_the_rerun_resumes(
     assert f"error: MLflow at {mlflow_server.url} did not answer for {WAIT_S} s; stopped" in err
     assert "Traceback" not in err
     assert err.count(message) == 1
-    assert _checkpoint_epoch(project) >= 1  # resumable: the checkpoint is kept
+    assert checkpoint_epoch(project) >= 1  # resumable: the checkpoint is kept
 
     mlflow_server.start()  # same port, same store
     rerun = Command([*train, *_overrides(OVERRIDES)], project, env)

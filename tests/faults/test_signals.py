@@ -17,9 +17,8 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
-import torch
 
-from tests.support import build_project
+from tests.support import build_project, checkpoint_epoch
 
 #: Rows and batch size that make an epoch last long enough to signal the run mid-training.
 TRAIN_ROWS = 8_000
@@ -41,18 +40,9 @@ def _train(stemma_exe, project: Path, *overrides: str, env: dict[str, str]) -> s
     )
 
 
-def _checkpoint_epoch(project: Path) -> int:
-    for path in (project / ".stemma" / "checkpoints").glob("*/checkpoint.pt"):
-        try:
-            return int(torch.load(path, weights_only=True)["epoch"])
-        except Exception:  # being replaced right now; read it on the next poll
-            return 0
-    return 0
-
-
 def _wait_for_checkpoint(process: subprocess.Popen, project: Path, epoch: int) -> None:
     deadline = time.monotonic() + CHECKPOINT_WAIT_S
-    while _checkpoint_epoch(project) < epoch:
+    while checkpoint_epoch(project) < epoch:
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.monotonic() < deadline, f"no checkpoint of epoch {epoch} appeared"
         time.sleep(0.05)
@@ -95,7 +85,7 @@ def test_sigterm_mid_training_exits_143_and_the_rerun_resumes_to_identical_weigh
     assert process.returncode == 143, err[-3000:]
     assert "terminated: training resumes from its last checkpoint when run again" in err
     assert "Traceback" not in err
-    stopped_at = _checkpoint_epoch(project)
+    stopped_at = checkpoint_epoch(project)
     assert 1 <= stopped_at < 3
     (run,) = _runs("sigterm")
     assert run.info.status == "KILLED"

@@ -19,8 +19,7 @@ from stemma.flows.retrain import (
     retrain_flow,
 )
 from stemma.flows.train import train_flow
-
-from .conftest import git
+from tests.support import git
 
 # A negative margin lets the retrained model pass its gate whatever the noise of two
 # epochs, so the flow goes on to the shadow evaluation.

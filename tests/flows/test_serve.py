@@ -32,8 +32,7 @@ from stemma.components.deployments import (
 )
 from stemma.components.services import environment_for, start_services, stop_services
 from stemma.components.spec import load_spec
-
-from .conftest import build_project
+from tests.support import build_project
 
 START_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 420

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 
-from tests.support import build_project
+from tests.support import build_project, checkpoint_epoch
 
 pytestmark = pytest.mark.usefixtures("mlflow_uri")
 
@@ -62,15 +61,6 @@ def test_failed_check_exits_3_with_one_screen_and_no_traceback(
     assert mlflow.MlflowClient().search_model_versions("name='cli-fail'") == []
 
 
-def _checkpoint_epoch(project: Path) -> int:
-    for path in (project / ".stemma" / "checkpoints").glob("*/checkpoint.pt"):
-        try:
-            return int(torch.load(path, weights_only=True)["epoch"])
-        except Exception:  # being replaced right now; read it on the next poll
-            return 0
-    return 0
-
-
 def test_killed_run_resumes_to_identical_weights(stemma_exe, tmp_path, repo_root, prefect_api):
     from stemma.flows.train import train_flow
 
@@ -80,13 +70,13 @@ def test_killed_run_resumes_to_identical_weights(stemma_exe, tmp_path, repo_root
 
     process = stemma_train(stemma_exe, project, *overrides, env=env)
     deadline = time.monotonic() + CHECKPOINT_WAIT_S
-    while _checkpoint_epoch(project) < 2:
+    while checkpoint_epoch(project) < 2:
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no checkpoint of epoch 2 appeared"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
-    killed_at = _checkpoint_epoch(project)
+    killed_at = checkpoint_epoch(project)
     assert 2 <= killed_at < 6
 
     (interrupted,) = mlflow.search_runs(
@@ -128,7 +118,7 @@ def test_ctrl_c_exits_130_and_keeps_the_checkpoint(stemma_exe, tmp_path, repo_ro
     overrides = [*INTERRUPT_OVERRIDES, "pipeline.name=ctrl-c", "pipeline.model_name=ctrl-c"]
     process = stemma_train(stemma_exe, project, *overrides, env=cli_env(prefect_api))
     deadline = time.monotonic() + CHECKPOINT_WAIT_S
-    while _checkpoint_epoch(project) < 1:
+    while checkpoint_epoch(project) < 1:
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
@@ -137,7 +127,7 @@ def test_ctrl_c_exits_130_and_keeps_the_checkpoint(stemma_exe, tmp_path, repo_ro
     assert process.returncode == 130, err[-3000:]
     assert "interrupted: training resumes from its last checkpoint when run again" in err
     assert "Traceback" not in err
-    assert _checkpoint_epoch(project) >= 1
+    assert checkpoint_epoch(project) >= 1
     (run,) = mlflow.search_runs(
         experiment_names=["credit"],
         filter_string="tags.`stemma.pipeline` = 'ctrl-c'",
