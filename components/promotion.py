@@ -373,9 +373,26 @@ def _moved_headline(
     current: str | None,
     expected: str | None,
 ) -> str:
-    """Who moved the champion away from ``expected``: the last move's claim, when it did."""
-    mover = claims.last_holder(client, model_name, generation) if generation else None
-    if current is not None and mover is not None and mover.to_version == current:
+    """Who moved the champion away from ``expected``: the last move's claim, when it did.
+
+    The mover advances the generation only after moving the aliases, so the claim that
+    put ``current`` in place is looked for at the generation read earlier, at the one
+    read now, and at the one after it (a move still finishing).
+    """
+    mover = None
+    if current is not None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            now = claims.read_generation(client, model_name)
+        except (MlflowException, ValueError):  # best effort: the refusal stands without it
+            now = generation
+        for candidate in dict.fromkeys((generation, now, now + 1)):
+            holder = claims.last_holder(client, model_name, candidate) if candidate else None
+            if holder is not None and holder.to_version == current:
+                mover = holder
+                break
+    if current is not None and mover is not None:
         return (
             f"{model_name}: lost the race to v{current} ({mover.action} by {mover.user}, "
             f"{mover.who}); the {CHAMPION_ALIAS} is now v{current}, expected v{expected or ' (none)'}"
