@@ -392,7 +392,7 @@ def _moved_headline(
             if holder is not None and holder.to_version == current:
                 mover = holder
                 break
-    if current is not None and mover is not None:
+    if mover is not None:
         return (
             f"{model_name}: lost the race to v{current} ({mover.action} by {mover.user}, "
             f"{mover.who}); the {CHAMPION_ALIAS} is now v{current}, expected v{expected or ' (none)'}"
