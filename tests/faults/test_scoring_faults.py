@@ -143,6 +143,27 @@ def wait_for(condition, child: subprocess.Popen, what: str) -> None:
         time.sleep(POLL_SECONDS)
 
 
+def pause(child: subprocess.Popen) -> None:
+    """SIGSTOP the child and wait until every one of its threads is stopped.
+
+    The signal is delivered asynchronously: a listing taken right after `send_signal` can
+    still race a writer thread finishing its part.
+    """
+    child.send_signal(signal.SIGSTOP)
+    tasks = Path(f"/proc/{child.pid}/task")
+
+    def all_stopped() -> bool:
+        states = []
+        for task in tasks.iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:  # a thread that ended meanwhile
+                continue
+        return bool(states) and all(state in ("T", "t") for state in states)
+
+    wait_for(all_stopped, child, "a full stop")
+
+
 def stop(child: subprocess.Popen) -> None:
     if child.poll() is None:
         child.kill()
@@ -224,7 +245,7 @@ def test_a_second_scoring_is_refused_while_the_first_is_paused(
     first = start_child(store, big_input, output, BIG_CHUNK_ROWS, "none", marker)
     try:
         wait_for(lambda: len(list(output.glob("part-*.parquet"))) >= 10, first, "10 parts")
-        first.send_signal(signal.SIGSTOP)
+        pause(first)
         before = sorted(path.name for path in output.iterdir())
 
         with pytest.raises(FolderBusyError, match=HOLDER.format(pid=first.pid)):
