@@ -7,7 +7,7 @@ entities by the stable hash of their id, scores each arm, writes the served pred
 (``<output>/v<challenger>/<batch>/predictions.parquet``, default output
 ``<score.output>-canary``), runs the guards, records the step as an MLflow run with a
 lineage record, moves the aliases through the promotion module when the step says so, and
-then records the new state. See :mod:`stemma.components.canary` for the state machine.
+then records the new state. See :mod:`stemma.components.evaluation.canary` for the state machine.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from stemma.components import canary, comparison, scoring, shadow, tracking
 from stemma.components.errors import RegistryError
-from stemma.components.redaction import redact_url
+from stemma.components.evaluation import canary, comparison, shadow
+from stemma.components.platform import tracking
+from stemma.components.platform.redaction import redact_url
+from stemma.components.scoring import engine as scoring
 from stemma.components.spec import EvaluateSpec, LoadedSpec
 from stemma.flows.lineage import record_lineage
 from stemma.flows.shadow import evaluate_settings, labels_location, load_labels_step

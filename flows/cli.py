@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from stemma.components.errors import StemmaError
-from stemma.components.redaction import redact_url
+from stemma.components.platform.redaction import redact_url
 
 #: Exit code when the user interrupts a command with Ctrl-C (128 + SIGINT), as shells
 #: report it; SIGTERM gives 143 (128 + 15). Both keep what an interruption keeps.
@@ -447,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "down": _cmd_down,
         "status": _cmd_status,
     }
-    from stemma.components.lifecycle import interruption_exit_code, sigterm_as_interrupt
+    from stemma.components.platform.lifecycle import interruption_exit_code, sigterm_as_interrupt
 
     args.session = _Session()
     try:
@@ -502,7 +502,7 @@ class _Session:
             return self.watch.expired
         down = self.watch.down()
         if error is not None and down:
-            from stemma.components.outages import outage_error
+            from stemma.components.platform.outages import outage_error
 
             return outage_error(down[0], self.watch.wait_s, str(error)[:200], waited=False)
         return None
@@ -515,7 +515,7 @@ def _check_servers(args: argparse.Namespace, *, prefect: bool = True) -> None:
     The temporary Prefect server is not checked here: it is still starting, and
     :func:`_watch_servers` waits for it.
     """
-    from stemma.components import outages
+    from stemma.components.platform import outages
 
     session: _Session = args.session
     session.wait_s = outages.wait_seconds(args.server_wait)
@@ -538,7 +538,7 @@ def _check_servers(args: argparse.Namespace, *, prefect: bool = True) -> None:
 def _watch_servers(args: argparse.Namespace) -> None:
     """Before the first request: wait for the temporary Prefect server to start, then watch
     every server the command uses until it ends (see :func:`_check_servers`)."""
-    from stemma.components import outages
+    from stemma.components.platform import outages
 
     session: _Session = args.session
     if session.prefect_server is not None:
@@ -570,7 +570,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     loaded = load_spec(args.config, args.overrides)
     if args.deep and loaded.spec.checks:
-        from stemma.components.checks import deep_expectation_problems
+        from stemma.components.data.checks import deep_expectation_problems
         from stemma.components.errors import SpecError
 
         problems = deep_expectation_problems(loaded.spec.checks)
@@ -782,7 +782,7 @@ def prepare_environment(
         # Prefect's SQLite database cannot be created in a folder that does not exist.
         Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
         if session is not None and session.prefect_server is None and _ephemeral_allowed():
-            from stemma.components.lifecycle import start_temporary_prefect_server
+            from stemma.components.platform.lifecycle import start_temporary_prefect_server
 
             server = start_temporary_prefect_server(Path(os.environ["PREFECT_HOME"]))
             if server is not None:

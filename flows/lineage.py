@@ -18,9 +18,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from stemma.components import lineage
 from stemma.components.errors import LineageError
-from stemma.components.redaction import redact, redact_url
+from stemma.components.lineage import records as lineage
+from stemma.components.platform.redaction import redact, redact_url
 
 #: MLflow accepts at most this many tags in one request.
 TAGS_PER_REQUEST = 100
@@ -41,7 +41,7 @@ def record_lineage(record: dict[str, Any]) -> None:
     """Log a flow run's lineage record, its index tags and its Prefect assets.
 
     Call it inside the active MLflow run of the flow, with the record built by
-    :mod:`stemma.components.lineage` (or any record of the same layout). Credentials in
+    :mod:`stemma.components.lineage.records` (or any record of the same layout). Credentials in
     any URL of the record are masked before it is written anywhere.
     """
     import mlflow
@@ -135,7 +135,7 @@ def open_store(root: Path) -> Any:
     """
     from mlflow import MlflowClient
 
-    from stemma.components import tracking
+    from stemma.components.platform import tracking
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         database = root / tracking.STATE_DIR / tracking.LOCAL_DB_NAME
@@ -165,7 +165,7 @@ def run_lineage(
     Raises:
         LineageError: the reference names nothing recorded, or the export failed.
     """
-    from stemma.components import lineage_graph
+    from stemma.components.lineage import graph as lineage_graph
 
     if output not in FORMATS:
         raise ValueError(f"output must be one of {FORMATS}")
@@ -186,7 +186,7 @@ def run_lineage(
         text += f"\n\n({len(graph.nodes)} nodes, {graph.searches} MLflow calls, "
         text += f"{graph.seconds * 1000:.0f} ms)"
     if openlineage:
-        from stemma.components import lineage_export
+        from stemma.components.lineage import openlineage as lineage_export
 
         events = lineage_export.build_events(
             graph,

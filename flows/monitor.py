@@ -2,7 +2,7 @@
 
 The flow resolves the model (the champion by default) and loads the reference profile saved
 with it at training time, checks the batch's columns (and the labels', when given) before
-reading a row, streams the batch through :class:`~stemma.components.drift.DriftMonitor`
+reading a row, streams the batch through :class:`~stemma.components.monitoring.drift.DriftMonitor`
 (scoring it with the model for prediction drift), and writes the drift report as an MLflow
 run of the pipeline's experiment named ``monitor <batch>``: the statistics as metrics (one
 request), a table, a plot, the report JSON, the lineage record (a ``drift_report`` node
@@ -27,11 +27,14 @@ import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from stemma.components import drift, lineage, scoring, tracking
-from stemma.components import profile as reference_profile
-from stemma.components.data import resolve_data_version
+from stemma.components.data.tables import resolve_data_version
 from stemma.components.errors import DataError, DataVersionError
-from stemma.components.redaction import redact_url
+from stemma.components.lineage import records as lineage
+from stemma.components.monitoring import drift
+from stemma.components.monitoring import profile as reference_profile
+from stemma.components.platform import tracking
+from stemma.components.platform.redaction import redact_url
+from stemma.components.scoring import engine as scoring
 from stemma.components.spec import LoadedSpec, MonitorSpec
 from stemma.flows.lineage import record_lineage
 from stemma.flows.steps import load_spec_step, spec_architectures

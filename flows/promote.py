@@ -1,6 +1,6 @@
 """`stemma promote` and `stemma rollback`: move the champion alias, compare-and-set.
 
-Plain functions the CLI calls; the work is in :mod:`stemma.components.promotion`. The
+Plain functions the CLI calls; the work is in :mod:`stemma.components.registry.promotion`. The
 decision is logged as a run in the experiment of the promoted version's training run (the
 pipeline's experiment), or in ``stemma-promotions`` when that run is unknown.
 """
@@ -11,8 +11,9 @@ import os
 import re
 from pathlib import Path
 
-from stemma.components import promotion, tracking
 from stemma.components.errors import RegistryError
+from stemma.components.platform import tracking
+from stemma.components.registry import promotion
 
 #: Experiment for decisions about versions whose training run cannot be found.
 FALLBACK_EXPERIMENT = "stemma-promotions"
@@ -67,7 +68,7 @@ def run_promote(
 
     Raises:
         RegistryError: a bad reference, an alias that points nowhere, or the promotion was
-            refused or lost (:class:`~stemma.components.promotion.PromotionError`).
+            refused or lost (:class:`~stemma.components.registry.promotion.PromotionError`).
     """
     name, version, alias = parse_reference(reference)
     client, experiment_id = _client_and_experiment(root, name, version)

@@ -3,7 +3,7 @@
 The flow resolves the fp32 model (``--model``, the spec's ``quantize.model``, or the
 newest version that passed its gate), recomputes the held-out rows it was gated on from
 its training run's spec and data version, builds and measures every variant the spec's
-``quantize`` section lists (:func:`~stemma.components.quantization.compare_variants`),
+``quantize`` section lists (:func:`~stemma.components.quantization.variants.compare_variants`),
 registers the ones that clear both the metric-drop and the speed-up bars, and records
 everything in one MLflow run: metrics per variant, the comparison table, a plot of latency
 against metric drop with the bars drawn, and a lineage record linking the parent to each
@@ -25,11 +25,13 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from stemma.components import quantization, scoring, tracking
 from stemma.components.errors import RegistryError, SpecError
-from stemma.components.redaction import redact_url
+from stemma.components.platform import tracking
+from stemma.components.platform.redaction import redact_url
+from stemma.components.quantization import variants as quantization
+from stemma.components.scoring import engine as scoring
 from stemma.components.spec import METRIC_DIRECTIONS, LoadedSpec, QuantizeSpec
-from stemma.components.training import predict_raw
+from stemma.components.training.loop import predict_raw
 from stemma.flows.lineage import record_lineage
 from stemma.flows.steps import config_run_name, load_spec_step, spec_architectures
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stemma.components import reproduce
 from stemma.components.errors import LineageError
+from stemma.components.lineage import reproduce
 from stemma.flows.lineage import ASSETS_VARIABLE, open_store
 
 #: Exit code when the rebuilt model differs from the registered one.

@@ -30,9 +30,12 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from stemma.components import ingest, lineage, promotion, tracking
-from stemma.components.data import load_table, resolve_data_version
+from stemma.components.data import ingest
+from stemma.components.data.tables import load_table, resolve_data_version
 from stemma.components.errors import StemmaError
+from stemma.components.lineage import records as lineage
+from stemma.components.platform import tracking
+from stemma.components.registry import promotion
 from stemma.components.spec import LoadedSpec, RetrainSpec, load_spec
 from stemma.flows.lineage import record_lineage
 from stemma.flows.steps import config_run_name

@@ -21,12 +21,17 @@ from prefect import flow, get_run_logger, task
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from stemma.components import evaluation, fanout, lineage, locks, quantization, scoring, tracking
-from stemma.components.data import resolve_data_version
-from stemma.components.deployments import BATCH_SCORED_EVENT, pipeline_resource_id
+from stemma.components.data.tables import resolve_data_version
 from stemma.components.errors import DataVersionError
-from stemma.components.redaction import redact_url
+from stemma.components.lineage import records as lineage
+from stemma.components.platform import locks, tracking
+from stemma.components.platform.deployments import BATCH_SCORED_EVENT, pipeline_resource_id
+from stemma.components.platform.redaction import redact_url
+from stemma.components.quantization import variants as quantization
+from stemma.components.scoring import engine as scoring
+from stemma.components.scoring import fanout
 from stemma.components.spec import LoadedSpec
+from stemma.components.training import metrics as evaluation
 from stemma.flows.lineage import record_lineage
 from stemma.flows.steps import config_run_name, load_model_step, load_spec_step, scoring_options
 

@@ -1,6 +1,6 @@
 """`stemma serve`: create the Prefect deployments of a spec and serve them.
 
-The deployments (see :mod:`stemma.components.deployments`) appear in the Prefect UI with a
+The deployments (see :mod:`stemma.components.platform.deployments`) appear in the Prefect UI with a
 form for their parameters (the flows' typed signatures), run on their cron schedules and
 on Stemma's events, and execute in this process's project folder. They are created
 unpaused and left unpaused when this process stops (Prefect's runner pauses them on
@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from stemma.components.deployments import DeploymentPlan, deployment_plans, describe_plans
 from stemma.components.errors import StemmaError
-from stemma.components.redaction import redact_url
-from stemma.components.services import environment_for, service_status
+from stemma.components.platform.deployments import DeploymentPlan, deployment_plans, describe_plans
+from stemma.components.platform.redaction import redact_url
+from stemma.components.platform.services import environment_for, service_status
 from stemma.components.spec import LoadedSpec
 
 

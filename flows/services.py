@@ -1,6 +1,6 @@
 """`stemma up`, `stemma down`, `stemma status`: the project's local Prefect and MLflow servers.
 
-Plain functions that call :mod:`stemma.components.services` and return the text the CLI
+Plain functions that call :mod:`stemma.components.platform.services` and return the text the CLI
 prints; no flow runs here (the servers must exist before flows can use them).
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stemma.components.services import (
+from stemma.components.platform.services import (
     DEFAULT_MLFLOW_PORT,
     DEFAULT_PREFECT_PORT,
     DEFAULT_START_TIMEOUT_S,
@@ -40,7 +40,7 @@ def run_up(
         point flows run from another shell at these servers.
 
     Raises:
-        StemmaError: see :func:`stemma.components.services.start_services`.
+        StemmaError: see :func:`stemma.components.platform.services.start_services`.
     """
     services = start_services(
         root,

@@ -21,10 +21,12 @@ import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from stemma.components import scoring, shadow, tracking
 from stemma.components.errors import SpecError
-from stemma.components.promotion import OUTCOME_DONE, PromotionError
-from stemma.components.redaction import redact_url
+from stemma.components.evaluation import shadow
+from stemma.components.platform import tracking
+from stemma.components.platform.redaction import redact_url
+from stemma.components.registry.promotion import OUTCOME_DONE, PromotionError
+from stemma.components.scoring import engine as scoring
 from stemma.components.spec import EvaluateSpec, LoadedSpec
 from stemma.flows.lineage import record_lineage
 from stemma.flows.steps import config_run_name, load_model_step, load_spec_step, scoring_options

@@ -9,7 +9,7 @@ from typing import Any
 from prefect import task
 from prefect.runtime import flow_run
 
-from stemma.components import scoring
+from stemma.components.scoring import engine as scoring
 from stemma.components.spec import LoadedSpec, load_spec
 
 

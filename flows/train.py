@@ -24,22 +24,20 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from stemma.components import (
-    checks,
-    data,
-    evaluation,
-    features,
-    lineage,
-    registry,
-    scoring,
-    tracking,
-    training,
-)
-from stemma.components import models as networks
-from stemma.components import profile as reference_profile
+from stemma.components.data import checks
+from stemma.components.data import tables as data
 from stemma.components.errors import DataCheckError, DataError, SpecError, StemmaError
-from stemma.components.redaction import redact_url
+from stemma.components.lineage import records as lineage
+from stemma.components.model import networks
+from stemma.components.model import preprocessing as features
+from stemma.components.monitoring import profile as reference_profile
+from stemma.components.platform import tracking
+from stemma.components.platform.redaction import redact_url
+from stemma.components.registry import gate as registry
+from stemma.components.scoring import engine as scoring
 from stemma.components.spec import LoadedSpec, MonitorSpec, flatten, load_spec
+from stemma.components.training import loop as training
+from stemma.components.training import metrics as evaluation
 from stemma.flows.lineage import record_lineage
 from stemma.flows.steps import config_run_name
 
@@ -158,7 +156,7 @@ def train_step(
         tracking.log_epoch(row, step=int(row["epoch"]))
 
     if spec.train.distributed is not None:
-        from stemma.components.distributed import train_distributed
+        from stemma.components.training.distributed import train_distributed
 
         # torchrun runs only the loop; MLflow stays here, fed the epochs rank 0 reports.
         result = train_distributed(

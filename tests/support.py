@@ -66,10 +66,10 @@ def log_trained_model(
     """
     import mlflow
 
-    from stemma.components.features import fit_preprocessor
-    from stemma.components.models import build_network, network_config
+    from stemma.components.model.networks import build_network, network_config
+    from stemma.components.model.preprocessing import fit_preprocessor
+    from stemma.components.platform.tracking import log_pyfunc_model
     from stemma.components.spec import ModelSpec
-    from stemma.components.tracking import log_pyfunc_model
 
     preprocessor = fit_preprocessor(frame, features, task=task, target=target)
     config = network_config(ModelSpec(hidden=list(hidden), dropout=dropout))
@@ -104,7 +104,7 @@ def build_project(root: Path, repo_root: Path, *, train_rows: int) -> Path:
     """A Stemma project: git repo, DVC repo, the worked example's spec and generated data."""
     from dvc.repo import Repo
 
-    from stemma.components.example import generate_credit_data
+    from stemma.components.examples.credit import generate_credit_data
 
     root.mkdir(parents=True, exist_ok=True)
     git(root, "init", "-q")

@@ -42,8 +42,8 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
-from stemma.components.drift import ks_2samp_sorted
-from stemma.components.profile import (
+from stemma.components.monitoring.drift import ks_2samp_sorted
+from stemma.components.monitoring.profile import (
     NumericProfile,
     ReferenceProfile,
     profile_numeric,
@@ -118,8 +118,8 @@ RSS_SCRIPT = """
 import json, sys, time
 from pathlib import Path
 import scipy.special, scipy.stats  # imported once per process (~1 s, ~100 MiB): not timed
-from stemma.components.drift import monitor_batch
-from stemma.components.profile import read_profile
+from stemma.components.monitoring.drift import monitor_batch
+from stemma.components.monitoring.profile import read_profile
 from stemma.components.spec import MonitorSpec
 
 def peak_kib():

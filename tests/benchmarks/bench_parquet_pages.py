@@ -24,8 +24,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from stemma.components import parquet_pages
-from stemma.components.scoring import _file_chunks, _pyarrow_chunks, _raise_malloc_mmap_threshold
+from stemma.components.scoring import parquet_pages
+from stemma.components.scoring.engine import (
+    _file_chunks,
+    _pyarrow_chunks,
+    _raise_malloc_mmap_threshold,
+)
 from tests.benchmarks.bench_scoring import CATEGORICAL, CHUNK_ROWS, ID, NUMERIC, write_input
 
 ROWS = 1_000_000

@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stemma.components import quantization as q
-from stemma.components.data import split_table
-from stemma.components.example import generate_credit_data
-from stemma.components.features import fit_preprocessor
-from stemma.components.models import build_network, network_config
-from stemma.components.scoring import FORWARD_BATCH_ROWS, engine_runner
+from stemma.components.data.tables import split_table
+from stemma.components.examples.credit import generate_credit_data
+from stemma.components.model.networks import build_network, network_config
+from stemma.components.model.preprocessing import fit_preprocessor
+from stemma.components.quantization import variants as q
+from stemma.components.scoring.engine import FORWARD_BATCH_ROWS, engine_runner
 from stemma.components.spec import FeaturesSpec, ModelSpec, QuantizeSpec, SplitSpec, TrainSpec
-from stemma.components.training import train_network
+from stemma.components.training.loop import train_network
 
 METHODS = ["int8_dynamic", "int8_weight_only", "bf16", "fp16"]
 TRAIN_ROWS = 20_000

@@ -47,9 +47,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from stemma.components import digests
-from stemma.components.features import Preprocessor
-from stemma.components.scoring import (
+from stemma.components.model.preprocessing import Preprocessor
+from stemma.components.platform import digests
+from stemma.components.platform.tracking import configure_tracking, ensure_experiment
+from stemma.components.scoring.engine import (
     WEIGHTS_TAG,
     ScoringModel,
     default_model_threads,
@@ -58,7 +59,6 @@ from stemma.components.scoring import (
     score_files,
 )
 from stemma.components.spec import FeaturesSpec
-from stemma.components.tracking import configure_tracking, ensure_experiment
 from tests.support import isolated_mlflow, log_trained_model
 
 MODEL_NAME = "credit-bench"
@@ -235,7 +235,7 @@ def timed(job: Callable[[Path], int], out: Path) -> float:
 RSS_SCRIPT = """
 import json, sys, time
 from pathlib import Path
-from stemma.components.scoring import input_files, load_scoring_model, score_files
+from stemma.components.scoring.engine import input_files, load_scoring_model, score_files
 
 def peak_kib():
     # VmHWM, not ru_maxrss: the latter keeps the peak of the parent it was forked from.

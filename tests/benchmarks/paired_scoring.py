@@ -34,7 +34,7 @@ def worker(module_path: str, source: Path, folder: Path) -> None:
 
     import mlflow
 
-    from stemma.components import scoring
+    from stemma.components.scoring import engine as scoring
     from tests.benchmarks import bench_scoring as bench
     from tests.support import isolated_mlflow
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from stemma.components import outages
+from stemma.components.platform import outages
 from tests.support import build_project, checkpoint_epoch
 
 #: Seconds the MLflow server gets to answer /health (`--workers 1` starts in ~12 s).

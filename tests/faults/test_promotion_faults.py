@@ -27,9 +27,9 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from stemma.components import canary
-from stemma.components.claims import HEARTBEAT_LIMIT_VARIABLE, claim_name
-from stemma.components.promotion import GENERATION_TAG, PromotionError, promote
+from stemma.components.evaluation import canary
+from stemma.components.registry.claims import HEARTBEAT_LIMIT_VARIABLE, claim_name
+from stemma.components.registry.promotion import GENERATION_TAG, PromotionError, promote
 from stemma.components.spec import EvaluateSpec
 from stemma.flows.promote import format_record
 
@@ -52,7 +52,7 @@ PAUSING_PROMOTER = """
 import json, os, signal, sys
 from pathlib import Path
 from mlflow import MlflowClient
-from stemma.components.promotion import PromotionError, promote
+from stemma.components.registry.promotion import PromotionError, promote
 
 db, version, out = sys.argv[1:4]
 client = MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")

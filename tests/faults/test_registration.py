@@ -29,7 +29,7 @@ KILL_POINTS = {
         MlflowClient.set_registered_model_alias = lambda *args, **kwargs: die()
     """,
     "before-the-profile-tag": """
-        from stemma.components import profile
+        from stemma.components.monitoring import profile
         profile.tag_model_version = lambda *args, **kwargs: die()
     """,
     "before-the-run-is-completed": """
@@ -58,7 +58,7 @@ train_flow(config=sys.argv[1], overrides=sys.argv[2:])
 def test_a_kill_after_registration_gives_one_completed_version(
     project: Path, point: str, prefect_api
 ):
-    from stemma.components.profile import PROFILE_SHA256_TAG
+    from stemma.components.monitoring.profile import PROFILE_SHA256_TAG
     from stemma.flows.train import train_flow
 
     name = f"killed-{point}"

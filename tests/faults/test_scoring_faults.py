@@ -24,10 +24,11 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
-from stemma.components import locks
 from stemma.components.errors import DataError
-from stemma.components.locks import LOCK_FILE, FolderBusyError
-from stemma.components.scoring import (
+from stemma.components.platform import locks
+from stemma.components.platform.locks import LOCK_FILE, FolderBusyError
+from stemma.components.platform.tracking import configure_tracking, ensure_experiment
+from stemma.components.scoring.engine import (
     SUCCESS_FILE,
     abandon_scoring,
     finish_scoring,
@@ -38,8 +39,7 @@ from stemma.components.scoring import (
     score_files,
     score_range,
 )
-from stemma.components.tracking import configure_tracking, ensure_experiment
-from tests.components.test_scoring import ID, MODEL, folder_bytes, register, synthetic_frame
+from tests.components.scoring.test_scoring import ID, MODEL, folder_bytes, register, synthetic_frame
 from tests.support import isolated_mlflow
 
 #: Rows of the big input, and rows per chunk: ~150 parts, so a scoring lasts long enough
@@ -58,7 +58,7 @@ CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from stemma.components import scoring
+    from stemma.components.scoring import engine as scoring
 
     reference, source, output, chunk_rows, hold, marker = sys.argv[1:7]
 
@@ -409,7 +409,7 @@ def test_a_stale_lock_is_taken_over_with_a_note(
         write_record(output, host="elsewhere.invalid", pid=os.getpid(), started=old, heartbeat=old)
         reason = "its heartbeat from host elsewhere.invalid is"
 
-    with caplog.at_level("WARNING", logger="stemma.components.locks"):
+    with caplog.at_level("WARNING", logger="stemma.components.platform.locks"):
         result = score_files(
             champion, [source], output, id_column=ID, chunk_rows=1_000, progress=False
         )

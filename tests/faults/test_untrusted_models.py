@@ -21,16 +21,16 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.pyfunc import PythonModel
 
-from stemma.components import reproduce
-from stemma.components.registry import champion_value_on, decide_gate
-from stemma.components.scoring import UntrustedModelError, load_scoring_model
-from stemma.components.spec import FeaturesSpec, GateSpec
-from stemma.components.tracking import (
+from stemma.components.lineage import reproduce
+from stemma.components.platform.tracking import (
     MODEL_ARTIFACT_FILES,
     configure_tracking,
     ensure_experiment,
     serving_code_path,
 )
+from stemma.components.registry.gate import champion_value_on, decide_gate
+from stemma.components.scoring.engine import UntrustedModelError, load_scoring_model
+from stemma.components.spec import FeaturesSpec, GateSpec
 from tests.support import isolated_mlflow, log_trained_model
 
 FEATURES = FeaturesSpec(numeric=["salary", "age"], categorical=["car"])
@@ -130,7 +130,7 @@ def _foreign_architecture(architecture: Callable[[dict], str]):
         """network.json rewritten in the store and the digests recorded again: all match."""
         import json
 
-        from stemma.components.tracking import record_model_files
+        from stemma.components.platform.tracking import record_model_files
 
         version = _stemma_version(context, name)
         client = context["client"]
@@ -287,7 +287,7 @@ def test_a_trusted_champion_scores_as_its_pyfunc_model_does(context):
         task="binary", metric="roc_auc", client=client,
     )  # fmt: skip
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{version}").predict(frame[FEATURES.all])
-    from stemma.components.evaluation import evaluate_scores
+    from stemma.components.training.metrics import evaluate_scores
 
     expected = evaluate_scores("binary", frame["approved"].to_numpy(), pyfunc["score"].to_numpy())
     assert scored.error is None

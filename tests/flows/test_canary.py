@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from stemma.components import canary
-from stemma.components.comparison import route_to_challenger
 from stemma.components.errors import DataError, RegistryError, SpecError
+from stemma.components.evaluation import canary
+from stemma.components.evaluation.comparison import route_to_challenger
 from tests.flows.test_shadow import (
     FAST,
     aliases,

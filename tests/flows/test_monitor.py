@@ -15,10 +15,10 @@ import mlflow
 import pandas as pd
 import pytest
 
-from stemma.components.drift import DRIFT_EVENT
 from stemma.components.errors import DataError, SpecError
-from stemma.components.example import generate_credit_data
-from stemma.components.profile import (
+from stemma.components.examples.credit import generate_credit_data
+from stemma.components.monitoring.drift import DRIFT_EVENT
+from stemma.components.monitoring.profile import (
     PROFILE_FILE,
     PROFILE_SHA256_TAG,
     MissingProfileError,
@@ -240,7 +240,7 @@ def test_thresholds_decide_drift(monitored_project):
 
 
 def test_a_model_registered_before_profiles_existed_is_named_clearly(monitored_project, tmp_path):
-    from stemma.components.tracking import configure_tracking, ensure_experiment
+    from stemma.components.platform.tracking import configure_tracking, ensure_experiment
     from tests.support import log_trained_model
 
     configure_tracking(monitored_project)

@@ -6,7 +6,7 @@ import pytest
 from mlflow import MlflowClient
 
 from stemma.components.errors import RegistryError
-from stemma.components.tracking import configure_tracking
+from stemma.components.platform.tracking import configure_tracking
 from stemma.flows.promote import format_record, parse_reference, run_promote, run_rollback
 from tests.support import isolated_mlflow
 

@@ -1,6 +1,6 @@
 """The quantize flow end to end: a trained model, its variants, the registry and scoring.
 
-The gate's outcome on real timings is tested in tests/components/test_quantization.py on
+The gate's outcome on real timings is tested in tests/components/quantization/test_quantization.py on
 models chosen for it; here the bars are set so that the outcome does not depend on the
 machine's load (a minimum speed-up of 0.01x: every variant that runs passes; 1000x:
 none does), and the tests check what the flow does with each outcome.
@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stemma.components import quantization as q
 from stemma.components.errors import DataError, RegistryError
-from stemma.components.scoring import load_scoring_model
-from stemma.components.training import predict_raw
+from stemma.components.quantization import variants as q
+from stemma.components.scoring.engine import load_scoring_model
+from stemma.components.training.loop import predict_raw
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "mlflow_uri")
 

@@ -22,9 +22,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from stemma.components import reproduce
-from stemma.components.data import file_md5
+from stemma.components.data.tables import file_md5
 from stemma.components.errors import DataVersionError, LineageError
+from stemma.components.lineage import reproduce
 from tests.support import dvc_add, git
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "mlflow_uri")
@@ -228,7 +228,11 @@ def test_tensor_and_metric_comparison_is_bit_exact(tmp_path):
 
 def test_files_that_differ_from_their_digests_are_not_reproduced(trained):
     """A version whose recorded manifest disagrees with its files: refused before retraining."""
-    from stemma.components.tracking import MODEL_FILES_TAG, decode_manifest, encode_manifest
+    from stemma.components.platform.tracking import (
+        MODEL_FILES_TAG,
+        decode_manifest,
+        encode_manifest,
+    )
     from stemma.flows.reproduce import run_reproduce
 
     root, summary = trained

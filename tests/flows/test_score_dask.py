@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from stemma.components.errors import DataError
-from stemma.components.scoring import PROGRESS_FILE, SUCCESS_FILE
-from tests.components.test_scoring import folder_bytes
+from stemma.components.scoring.engine import PROGRESS_FILE, SUCCESS_FILE
+from tests.components.scoring.test_scoring import folder_bytes
 from tests.flows.test_score import TRAIN
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "mlflow_uri")

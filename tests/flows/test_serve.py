@@ -24,13 +24,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stemma.components.deployments import (
+from stemma.components.platform.deployments import (
     BATCH_SCORED_EVENT,
     DRIFT_DETECTED_EVENT,
     deployment_plans,
     describe_plans,
 )
-from stemma.components.services import environment_for, start_services, stop_services
+from stemma.components.platform.services import environment_for, start_services, stop_services
 from stemma.components.spec import load_spec
 from tests.support import build_project
 

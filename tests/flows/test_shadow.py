@@ -21,7 +21,7 @@ import pytest
 from mlflow import MlflowClient
 
 from stemma.components.errors import DataError, RegistryError, SpecError
-from tests.components.test_shadow import register_linear_model
+from tests.components.evaluation.test_shadow import register_linear_model
 
 pytestmark = [
     pytest.mark.usefixtures("prefect_api", "mlflow_uri"),
@@ -40,7 +40,7 @@ def fitted_weights(root: Path) -> tuple[dict[str, np.ndarray], float]:
     """Weights of every kind of model from a logistic regression on the training table."""
     from sklearn.linear_model import LogisticRegression
 
-    from stemma.components.features import fit_preprocessor
+    from stemma.components.model.preprocessing import fit_preprocessor
     from stemma.components.spec import load_spec
 
     spec = load_spec(root / "configs" / "credit.yaml", check_expectations=False).spec
@@ -62,7 +62,7 @@ def fitted_weights(root: Path) -> tuple[dict[str, np.ndarray], float]:
 
 def production_project(template_project: Path, folder: Path) -> Path:
     """The template project plus three days of production batches and labels, no drift."""
-    from stemma.components.example import generate_credit_data
+    from stemma.components.examples.credit import generate_credit_data
 
     root = folder / "project"
     shutil.copytree(template_project, root, symlinks=True)
@@ -97,8 +97,8 @@ def project(production, tmp_path) -> Path:
 
 def register_models(project: Path, weights, kinds: dict[str, str | None]) -> tuple[str, dict]:
     """A fresh registered model holding the given kinds (kind -> alias); its name and versions."""
+    from stemma.components.platform.tracking import configure_tracking, ensure_experiment
     from stemma.components.spec import load_spec
-    from stemma.components.tracking import configure_tracking, ensure_experiment
 
     vectors, bias = weights
     name = f"eval-{uuid.uuid4().hex[:8]}"

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from stemma.components.data import dir_md5, file_md5
+from stemma.components.data.tables import dir_md5, file_md5
 from stemma.components.errors import DataCheckError, DataError, DataVersionError, SpecError
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "mlflow_uri")
@@ -293,7 +293,7 @@ def test_bad_spec_fails_the_flow_before_anything_runs(project, override, expecte
 
 def test_resume_logs_the_epoch_metrics_a_kill_cut_off(project, monkeypatch):
     """Killed after epoch 2's checkpoint but before its metrics reached MLflow."""
-    from stemma.components import tracking
+    from stemma.components.platform import tracking
 
     real_log_epoch = tracking.log_epoch
 

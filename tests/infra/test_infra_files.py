@@ -25,7 +25,7 @@ import jsonschema
 import pytest
 import yaml
 
-from stemma.components import services
+from stemma.components.platform import services
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INFRA = REPO_ROOT / "infra"
@@ -289,7 +289,7 @@ def test_entrypoint_is_a_prefect_flow_that_accepts_the_parameters(deployment):
 
 
 def test_nightly_schedules_and_event_triggers():
-    from stemma.components.deployments import (
+    from stemma.components.platform.deployments import (
         BATCH_SCORED_EVENT,
         DRIFT_DETECTED_EVENT,
         pipeline_resource_id,
@@ -322,7 +322,7 @@ def test_nightly_schedules_and_event_triggers():
 
 
 def test_prefect_yaml_deploys_on_the_cpu_pool_what_stemma_serve_deploys():
-    from stemma.components.deployments import deployment_plans
+    from stemma.components.platform.deployments import deployment_plans
     from stemma.components.spec import load_spec
 
     loaded = load_spec(str(REPO_ROOT / "configs" / "credit.yaml"), [], check_paths=False)
@@ -607,7 +607,7 @@ def test_deploy_script_commands_parse():
 
 
 def test_agrees_with_stemma_serve_on_the_flows_both_deploy():
-    from stemma.components.deployments import deployment_plans
+    from stemma.components.platform.deployments import deployment_plans
     from stemma.components.spec import load_spec
 
     # The repository carries no generated data: check the spec, not its paths.

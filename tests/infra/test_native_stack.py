@@ -3,7 +3,7 @@
 The same servers as infra/docker-compose.yml, without Docker: PostgreSQL from Debian's
 packages (databases made by infra/postgres/create-databases.sh, password authentication),
 moto's S3 server standing in for MinIO, and Prefect and MLflow servers started by
-``stemma up``'s own launcher (:func:`stemma.components.services.start_services`) on those
+``stemma up``'s own launcher (:func:`stemma.components.platform.services.start_services`) on those
 databases, with MLflow's artifacts in S3. A training flow runs against it as a user runs
 it (``stemma run train``), and the test checks through the servers' REST APIs, the
 databases and the S3 bucket that everything landed where the stack says it does. Then
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from stemma.components.services import start_services, stop_services
+from stemma.components.platform.services import start_services, stop_services
 from tests.support import build_project, git
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -517,7 +517,7 @@ def test_drift_event_starts_the_retraining_deployment(stack, deployed):
 
 
 def test_dvc_push_then_pull_into_a_clean_clone_restores_the_data(s3, tmp_path):
-    from stemma.components.data import resolve_data_version
+    from stemma.components.data.tables import resolve_data_version
 
     project = build_project(tmp_path / "project", REPO_ROOT, train_rows=TRAIN_ROWS)
     environment = {**os.environ, **S3_ENVIRONMENT}

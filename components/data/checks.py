@@ -1,0 +1,805 @@
+"""Data checks: the spec's ``checks`` run as a Great Expectations 1.x suite.
+
+A check is a one-key mapping ``{expectation_type: {kwarg: value}}``. This module:
+
+- checks them cheaply against a catalogue of GX's expectations shipped as
+  ``gx_catalog.json`` (:func:`expectation_problems`; imports no GX, so ``stemma validate``
+  stays fast), or exactly with GX itself (:func:`deep_expectation_problems`);
+- runs them on a DataFrame (:func:`validate_table`) and returns a :class:`ValidationReport`
+  whose outcomes are in spec order, with a digest for lineage and one-screen failure lines;
+- builds GX Data Docs for a report (:func:`build_data_docs`).
+
+``great_expectations`` is imported only inside the functions that need it (3-4 s cold).
+Regenerate the catalogue after a GX upgrade with ``python -m stemma.components.data.checks``.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import difflib
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stemma.components.errors import SpecError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: The catalogue of GX expectations and their kwargs, shipped with the package.
+CATALOG_PATH = Path(__file__).with_name("gx_catalog.json")
+
+#: Permissions of a written catalogue (mkstemp makes files private).
+CATALOG_FILE_MODE = 0o644
+
+#: Expectation fields that GX fills in itself or that only GX Cloud uses; not user kwargs.
+INTERNAL_FIELDS = frozenset({"id", "rendered_content", "batch_id", "windows", "library_metadata"})
+
+#: Arguments every expectation takes; left out of "its arguments are ..." hints.
+STANDARD_KWARGS = frozenset(
+    {"catch_exceptions", "description", "meta", "notes", "result_format", "severity"}
+)
+
+#: Where the spec position of a check is kept in its expectation's ``meta``, so that GX's
+#: results (which come back in another order, with normalised kwargs) map back to the spec.
+INDEX_META_KEY = "stemma_check_index"
+
+#: Unexpected values kept per outcome for reports.
+MAX_EXAMPLES = 5
+#: Unexpected values GX keeps per expectation (its SUMMARY ``partial_unexpected_list``).
+PARTIAL_UNEXPECTED_COUNT = 20
+#: Suggestions offered for a misspelt name.
+MAX_SUGGESTIONS = 3
+#: How alike a name must be to be suggested (difflib ratio).
+SUGGESTION_CUTOFF = 0.6
+#: Shares of unexpected rows below this percentage are shown as "<0.01%".
+SMALLEST_PERCENT = 0.01
+#: Characters a kwarg value or example may take in a failure line before it is cut.
+MAX_VALUE_CHARS = 40
+
+#: Names inside the throw-away GX contexts; each call gets a fresh context, so they never clash.
+_DATASOURCE_NAME = "stemma"
+_ASSET_NAME = "table"
+_BATCH_DEFINITION_NAME = "whole_table"
+_BATCH_ID = f"{_DATASOURCE_NAME}-{_ASSET_NAME}"
+
+#: Result fields that change from run to run of the same data and suite (or between
+#: installations, like traceback paths); left out of the digest only.
+_VOLATILE_META_KEYS = ("run_id", "validation_time", "validation_id", "checkpoint_id")
+_VOLATILE_BATCH_MARKERS = ("ge_load_time",)
+
+#: JSON types of the catalogue, in the order messages list them, with their wording.
+_TYPE_WORDS = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "a boolean",
+    "date": "a date (YYYY-MM-DD)",
+    "date-time": "a date-time (ISO 8601)",
+    "array": "a list",
+    "object": "a mapping",
+    "null": "null",
+}
+_DATE_LIKE = re.compile(r"^\d{4}-\d{1,2}-\d{1,2}")
+_GALLERY_URL = "https://greatexpectations.io/expectations/"
+
+
+# --------------------------------------------------------------------------- fast check
+
+
+@functools.lru_cache(maxsize=1)
+def load_catalog() -> dict[str, Any]:
+    """The shipped catalogue: ``{"great_expectations_version", "expectations": {type: ...}}``."""
+    return json.loads(CATALOG_PATH.read_text(encoding="utf-8"))
+
+
+def expectation_problems(checks: Sequence[Mapping[str, Any]]) -> list[tuple[int, str]]:
+    """Find every problem in the checks that the catalogue can see, without importing GX.
+
+    Reports unknown expectation types and kwargs (with the closest names as suggestions),
+    kwargs that are not a mapping, missing required kwargs, and values of a JSON type the
+    expectation does not take. Stricter than GX about types: GX coerces ``"18"`` to 18.0,
+    this check calls it a string. Cross-field rules (``min_value`` or ``max_value`` must be
+    set) are left to :func:`deep_expectation_problems`.
+
+    Args:
+        checks: the spec's checks, each ``{expectation_type: {kwarg: value}}``.
+
+    Returns:
+        ``(index into checks, message)`` pairs, in spec order; empty when all is well.
+    """
+    known = load_catalog()["expectations"]
+    problems: list[tuple[int, str]] = []
+    for index, check in enumerate(checks):
+        shape_problem = _shape_problem(check)
+        if shape_problem:
+            problems.append((index, shape_problem))
+            continue
+        ((name, kwargs),) = check.items()
+        entry = known.get(name)
+        if entry is None:
+            problems.append((index, _unknown_type_message(name, known)))
+            continue
+        problems.extend((index, message) for message in _kwargs_problems(name, kwargs, entry))
+    return problems
+
+
+def _shape_problem(check: Any) -> str | None:
+    if not isinstance(check, Mapping) or len(check) != 1:
+        return "each check is a one-key mapping `expect_...: {kwargs}`"
+    ((name, kwargs),) = check.items()
+    if not isinstance(name, str):
+        return f"the expectation type must be a string, not {_describe(name)}"
+    if not isinstance(kwargs, Mapping):
+        return (
+            f"the arguments of {name} must be a mapping `{{column: ...}}`, not {_describe(kwargs)}"
+        )
+    return None
+
+
+def _unknown_type_message(name: str, known: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(name, known, n=MAX_SUGGESTIONS, cutoff=SUGGESTION_CUTOFF)
+    if close:
+        return f"unknown expectation type `{name}`; did you mean {_or_list(close)}?"
+    return f"unknown expectation type `{name}`; see {_GALLERY_URL} for the {len(known)} known types"
+
+
+def _kwargs_problems(name: str, kwargs: Mapping[str, Any], entry: Mapping[str, Any]) -> list[str]:
+    spec_kwargs: Mapping[str, Mapping[str, Any]] = entry["kwargs"]
+    messages = []
+    for key, value in kwargs.items():
+        rule = spec_kwargs.get(key)
+        if rule is None:
+            messages.append(_unknown_kwarg_message(name, str(key), spec_kwargs))
+        else:
+            type_problem = _type_problem(key, value, rule)
+            if type_problem:
+                messages.append(type_problem)
+    messages.extend(
+        f"missing required argument `{key}`"
+        for key, rule in spec_kwargs.items()
+        if rule["required"] and key not in kwargs
+    )
+    return messages
+
+
+def _unknown_kwarg_message(name: str, key: str, spec_kwargs: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(key, spec_kwargs, n=MAX_SUGGESTIONS, cutoff=SUGGESTION_CUTOFF)
+    if close:
+        return f"unknown argument `{key}`; did you mean {_or_list(close)}?"
+    own = [k for k in spec_kwargs if k not in STANDARD_KWARGS]
+    return (
+        f"unknown argument `{key}`; {name} takes {', '.join(own) or 'only the standard arguments'}"
+    )
+
+
+def _type_problem(key: str, value: Any, rule: Mapping[str, Any]) -> str | None:
+    types: list[str] = rule["types"]
+    choices: list[str] | None = rule.get("choices")
+    if _value_fits(value, types, choices):
+        return None
+    if isinstance(value, str) and choices and "string" in types:
+        allowed = ", ".join(repr(choice) for choice in choices)
+        return f"`{key}` must be one of {allowed}, not {value!r}"
+    expected = [_TYPE_WORDS[t] for t in _TYPE_WORDS if t in types]
+    return f"`{key}` must be {_or_list(expected, quote=False)}, not {_describe(value)}"
+
+
+def _value_fits(value: Any, types: Sequence[str], choices: Sequence[str] | None) -> bool:
+    if "any" in types:
+        return True
+    if value is None:
+        return "null" in types
+    if isinstance(value, bool):  # before int: bool is an int subclass
+        return "boolean" in types
+    if isinstance(value, int):
+        return "integer" in types or "number" in types
+    if isinstance(value, float):
+        return "number" in types or ("integer" in types and value.is_integer())
+    if isinstance(value, str):
+        if "string" in types and (not choices or value in choices):
+            return True
+        return bool({"date", "date-time"} & set(types)) and bool(_DATE_LIKE.match(value))
+    if isinstance(value, dt.date):  # YAML turns unquoted dates into date/datetime objects
+        return bool({"date", "date-time", "string"} & set(types))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return "array" in types
+    if isinstance(value, Mapping):
+        return "object" in types
+    return True  # a Python object YAML cannot produce: leave it to the deep check
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return f"the string {_short(repr(value))}"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+def _or_list(items: Sequence[str], *, quote: bool = True) -> str:
+    words = [f"`{item}`" if quote else item for item in items]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+# --------------------------------------------------------------------------- catalogue
+
+
+def write_catalog(path: Path | None = None) -> dict[str, Any]:
+    """Build the catalogue of GX's expectations from the installed great_expectations.
+
+    For every expectation class GX registers (its own, not plugins'), lists the kwargs a
+    user may pass: required or not, the JSON types allowed (``string``, ``integer``,
+    ``number``, ``boolean``, ``date``, ``date-time``, ``array``, ``object``, ``null`` or
+    ``any``) and, for enumerations, the allowed strings. Fields GX fills in itself
+    (:data:`INTERNAL_FIELDS`) are left out.
+
+    Args:
+        path: where to write it as JSON (sorted keys, indent 1); None only builds it.
+
+    Returns:
+        The catalogue.
+    """
+    gx = _import_gx()
+    from great_expectations.expectations.registry import (
+        get_expectation_impl,
+        list_registered_expectation_implementations,
+        register_core_expectations,
+    )
+
+    register_core_expectations()
+    expectations = {}
+    for name in sorted(list_registered_expectation_implementations()):
+        expectation_class = get_expectation_impl(name)
+        if not expectation_class.__module__.startswith("great_expectations."):
+            continue  # a plugin registered in this process; the catalogue describes GX itself
+        expectations[name] = {"kwargs": _class_kwargs(expectation_class)}
+    catalog = {"great_expectations_version": gx.__version__, "expectations": expectations}
+    if path is not None:
+        _write_atomically(Path(path), _dump_catalog(catalog))
+    return catalog
+
+
+def _dump_catalog(catalog: Mapping[str, Any]) -> str:
+    return json.dumps(catalog, indent=1, sort_keys=True) + "\n"
+
+
+def _class_kwargs(expectation_class: Any) -> dict[str, dict[str, Any]]:
+    schema = expectation_class.schema()
+    definitions = schema.get("definitions", {})
+    kwargs: dict[str, dict[str, Any]] = {}
+    # GX's expectations are pydantic v1 models: __fields__ holds ModelField objects.
+    for field_name, field in expectation_class.__fields__.items():
+        if field_name in INTERNAL_FIELDS:
+            continue
+        alternatives = _alternatives(schema["properties"][field.alias], definitions)
+        types = {json_type for json_type, _ in alternatives}
+        if field.allow_none:
+            types.add("null")
+        entry: dict[str, Any] = {"required": bool(field.required), "types": sorted(types)}
+        string_choices = [choices for json_type, choices in alternatives if json_type == "string"]
+        if string_choices and None not in string_choices:  # every string must be a choice
+            entry["choices"] = sorted({c for choices in string_choices for c in choices or ()})
+        kwargs[field_name] = entry
+    return kwargs
+
+
+def _alternatives(
+    schema: Mapping[str, Any], definitions: Mapping[str, Any]
+) -> list[tuple[str, tuple[str, ...] | None]]:
+    """The ``(json type, allowed strings or None)`` alternatives a JSON schema accepts."""
+    if "$ref" in schema:
+        return _alternatives(definitions[schema["$ref"].rsplit("/", 1)[-1]], definitions)
+    for combinator in ("anyOf", "oneOf", "allOf"):
+        if combinator in schema:
+            return [
+                alternative
+                for member in schema[combinator]
+                for alternative in _alternatives(member, definitions)
+            ]
+    if "enum" in schema or "const" in schema:
+        values = schema.get("enum", [schema.get("const")])
+        strings = tuple(v for v in values if isinstance(v, str))
+        alternatives: list[tuple[str, tuple[str, ...] | None]] = [
+            (_json_type_of(v), None) for v in values if not isinstance(v, str)
+        ]
+        if strings:
+            alternatives.append(("string", strings))
+        return alternatives
+    json_types = schema.get("type")
+    if json_types is None:
+        return [("any", None)]
+    if isinstance(json_types, str):
+        json_types = [json_types]
+    date_format = schema.get("format")
+    return [
+        (date_format if t == "string" and date_format in ("date", "date-time") else t, None)
+        for t in json_types
+    ]
+
+
+def _json_type_of(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    return "any"
+
+
+# --------------------------------------------------------------------------- deep check
+
+
+def deep_expectation_problems(checks: Sequence[Mapping[str, Any]]) -> list[tuple[int, str]]:
+    """Check every entry exactly as GX will, by building its expectation object.
+
+    Catches what the catalogue cannot see (cross-field rules such as "min_value and
+    max_value cannot both be None") at the cost of importing GX.
+
+    Args:
+        checks: the spec's checks, each ``{expectation_type: {kwarg: value}}``.
+
+    Returns:
+        ``(index into checks, message)`` pairs, in spec order; empty when all is well.
+    """
+    problems: list[tuple[int, str]] = []
+    for index, check in enumerate(checks):
+        _, messages = _build_expectation(check)
+        problems.extend((index, message) for message in messages)
+    return problems
+
+
+def _build_expectation(check: Any, meta: Mapping[str, Any] | None = None) -> tuple[Any, list[str]]:
+    """``(GX expectation, [])`` for a well-formed check, else ``(None, [messages])``."""
+    shape_problem = _shape_problem(check)
+    if shape_problem:
+        return None, [shape_problem]
+    _import_gx()
+    from great_expectations.compatibility.pydantic import ValidationError
+    from great_expectations.exceptions import ExpectationNotFoundError, GreatExpectationsError
+    from great_expectations.expectations.expectation_configuration import (
+        ExpectationConfiguration,
+    )
+    from great_expectations.expectations.registry import (
+        list_registered_expectation_implementations,
+    )
+
+    ((name, kwargs),) = check.items()
+    kwargs = copy.deepcopy(dict(kwargs))  # GX may normalise values in place
+    if meta:
+        user_meta = kwargs.get("meta") or {}
+        if isinstance(user_meta, Mapping):
+            kwargs["meta"] = {**user_meta, **meta}
+    try:
+        return ExpectationConfiguration(type=name, kwargs=kwargs).to_domain_obj(), []
+    except ExpectationNotFoundError:
+        known = {n: None for n in list_registered_expectation_implementations()}
+        return None, [_unknown_type_message(name, known)]
+    except ValidationError as error:
+        return None, _pydantic_messages(error, name)
+    except (GreatExpectationsError, TypeError, ValueError) as error:
+        return None, [str(error)]
+    except Exception as error:  # whatever GX raises, it is this entry's problem to report
+        return None, [f"{type(error).__name__}: {error}"]
+
+
+def _field_names(name: str) -> dict[str, None]:
+    from great_expectations.expectations.registry import get_expectation_impl
+
+    fields = get_expectation_impl(name).__fields__
+    return {field: None for field in fields if field not in INTERNAL_FIELDS}
+
+
+def _pydantic_messages(error: Any, name: str) -> list[str]:
+    """One line per field from a pydantic v1 ValidationError (unions give one error a branch)."""
+    by_field: dict[str, list[str]] = {}
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"])
+        by_field.setdefault(field, [])
+        if item["msg"] not in by_field[field]:
+            by_field[field].append(item["msg"])
+    if len(by_field) > 1:
+        # Root validators run without the fields that failed, so their complaints
+        # ("min_value and max_value cannot both be None") would only repeat those errors.
+        by_field.pop("__root__", None)
+    messages = []
+    for field, field_messages in by_field.items():
+        if field == "__root__":
+            messages.extend(field_messages)
+        elif field_messages == ["extra fields not permitted"]:
+            messages.append(_unknown_kwarg_message(name, field, _field_names(name)))
+        elif field_messages == ["field required"]:
+            messages.append(f"missing required argument `{field}`")
+        else:
+            messages.append(f"`{field}`: {'; '.join(field_messages)}")
+    return messages
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class ExpectationOutcome:
+    """What one check found.
+
+    Attributes:
+        index: position of the check in the spec's ``checks``.
+        type: the expectation type.
+        kwargs: the kwargs as written in the spec.
+        success: whether the check passed.
+        unexpected_count: rows that failed (map expectations), else None.
+        unexpected_percent: GX's percentage of non-null rows that failed, else None.
+        element_count: rows looked at, else None.
+        examples: up to :data:`MAX_EXAMPLES` distinct unexpected values, in row order.
+        observed_value: the statistic an aggregate expectation measured, else None.
+        exception: the error GX met while checking, else None.
+    """
+
+    index: int
+    type: str
+    kwargs: dict[str, Any]
+    success: bool
+    unexpected_count: int | None
+    unexpected_percent: float | None
+    element_count: int | None
+    examples: tuple[Any, ...]
+    observed_value: Any
+    exception: str | None
+
+    def describe(self) -> str:
+        """``expect_x(column=age, min_value=18)``."""
+        arguments = ", ".join(f"{k}={_format_value(v)}" for k, v in self.kwargs.items())
+        return f"{self.type}({arguments})"
+
+    def render(self) -> str:
+        """One line: the check and what it found."""
+        head = f"#{self.index} {self.describe()}"
+        if self.exception:
+            return f"{head}: error: {_short(self.exception, 3 * MAX_VALUE_CHARS)}"
+        if self.unexpected_count is not None and self.element_count:
+            share = 100.0 * self.unexpected_count / self.element_count
+            line = (
+                f"{head}: {self.unexpected_count} of {self.element_count} rows "
+                f"({_format_percent(share)}) unexpected"
+            )
+            if self.examples:
+                line += ", e.g. " + ", ".join(_format_value(v) for v in self.examples)
+            return line
+        if self.observed_value is not None:
+            return f"{head}: observed {_format_value(self.observed_value)}"
+        return f"{head}: {'passed' if self.success else 'failed'}"
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """The result of running the checks on a table.
+
+    Attributes:
+        success: whether every check passed.
+        outcomes: one per check, in spec order.
+        statistics: GX's counts (evaluated, successful, unsuccessful, success_percent).
+        result_json: GX's full suite result as a JSON-able dict, results in spec order.
+        digest: sha256 of ``result_json`` as canonical JSON without the run-specific
+            fields (load time, run id, tracebacks): same data and checks, same digest.
+    """
+
+    success: bool
+    outcomes: list[ExpectationOutcome]
+    statistics: dict[str, Any]
+    result_json: dict[str, Any]
+    digest: str
+
+    @property
+    def failures(self) -> list[ExpectationOutcome]:
+        """The outcomes that did not pass, in spec order."""
+        return [outcome for outcome in self.outcomes if not outcome.success]
+
+    def render_failure(self, max_lines: int = 20) -> list[str]:
+        """One line per failed check, at most ``max_lines`` lines in all.
+
+        A line reads ``#3 expect_column_values_to_be_between(column=age, min_value=18,
+        max_value=100): 42 of 40000 rows (0.1%) unexpected, e.g. 7, 12, 150``, where ``#3``
+        is the check's position in ``checks`` (``checks[3]``, counted from 0).
+        """
+        lines = [outcome.render() for outcome in self.failures]
+        if len(lines) > max_lines:
+            kept = max(max_lines - 1, 0)
+            lines = [*lines[:kept], f"... and {len(lines) - kept} more failed checks"]
+        return lines
+
+    def summary(self) -> str:
+        """``8 of 8 expectations passed`` (or how many failed)."""
+        passed = sum(outcome.success for outcome in self.outcomes)
+        total = len(self.outcomes)
+        text = f"{passed} of {total} expectations passed"
+        return text if passed == total else f"{text} ({total - passed} failed)"
+
+
+def validate_table(
+    frame: pd.DataFrame, checks: Sequence[Mapping[str, Any]], *, suite_name: str
+) -> ValidationReport:
+    """Run the checks on a DataFrame with GX and report each outcome in spec order.
+
+    Each call uses its own ephemeral GX context, so calls do not share state.
+
+    Args:
+        frame: the table; not modified.
+        checks: the spec's checks, each ``{expectation_type: {kwarg: value}}``.
+        suite_name: name of the expectation suite (shown in Data Docs), e.g. the pipeline's.
+
+    Returns:
+        The report; ``report.success`` is False when any check failed or raised.
+
+    Raises:
+        SpecError: a check that GX cannot build (GX would silently drop it otherwise).
+    """
+    gx = _import_gx()
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    expectations: list[Any] = []
+    problems: list[str] = []
+    for index, check in enumerate(checks):
+        expectation, messages = _build_expectation(check, meta={INDEX_META_KEY: index})
+        expectations.append(expectation)
+        problems.extend(f"checks[{index}] {_check_name(check)}: {m}" for m in messages)
+    if problems:
+        raise SpecError(
+            f"{len(problems)} problem(s) in the checks of suite {suite_name!r}; fix the spec",
+            problems,
+        )
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    batch = (
+        context.data_sources.add_pandas(name=_DATASOURCE_NAME)
+        .add_dataframe_asset(name=_ASSET_NAME)
+        .add_batch_definition_whole_dataframe(_BATCH_DEFINITION_NAME)
+        .get_batch(batch_parameters={"dataframe": frame})
+    )
+    suite = gx.ExpectationSuite(name=suite_name, expectations=expectations)
+    result = batch.validate(
+        suite,
+        result_format={
+            "result_format": "SUMMARY",
+            "partial_unexpected_count": PARTIAL_UNEXPECTED_COUNT,
+        },
+    )
+    return _report_from_result(result.to_json_dict(), checks)
+
+
+def _report_from_result(
+    result_json: dict[str, Any], checks: Sequence[Mapping[str, Any]]
+) -> ValidationReport:
+    by_index: dict[int, dict[str, Any]] = {}
+    unmatched: list[dict[str, Any]] = []
+    for item in result_json.get("results", []):
+        index = (item.get("expectation_config", {}).get("meta") or {}).get(INDEX_META_KEY)
+        if isinstance(index, int):
+            by_index[index] = item
+        else:
+            unmatched.append(item)
+    outcomes = [_outcome(index, check, by_index.get(index)) for index, check in enumerate(checks)]
+    ordered = {**result_json, "results": [*(by_index[i] for i in sorted(by_index)), *unmatched]}
+    return ValidationReport(
+        # Fail closed: a check GX returned no result for counts as failed.
+        success=bool(result_json.get("success")) and all(o.success for o in outcomes),
+        outcomes=outcomes,
+        statistics=dict(result_json.get("statistics", {})),
+        result_json=ordered,
+        digest=result_digest(ordered),
+    )
+
+
+def _outcome(
+    index: int, check: Mapping[str, Any], item: dict[str, Any] | None
+) -> ExpectationOutcome:
+    ((name, kwargs),) = check.items()
+    if item is None:
+        item = {"success": False, "result": {}, "exception_info": {}}
+        exception: str | None = "Great Expectations returned no result for this check"
+    else:
+        exception = _exception_message(item.get("exception_info") or {})
+    result = item.get("result") or {}
+    examples: list[Any] = []
+    for value in result.get("partial_unexpected_list") or []:
+        if value not in examples:
+            examples.append(value)
+        if len(examples) == MAX_EXAMPLES:
+            break
+    return ExpectationOutcome(
+        index=index,
+        type=name,
+        kwargs=copy.deepcopy(dict(kwargs)),
+        success=bool(item.get("success")) and exception is None,
+        unexpected_count=result.get("unexpected_count"),
+        unexpected_percent=result.get("unexpected_percent"),
+        element_count=result.get("element_count"),
+        examples=tuple(examples),
+        observed_value=result.get("observed_value"),
+        exception=exception,
+    )
+
+
+def _exception_message(info: Mapping[str, Any]) -> str | None:
+    """GX's exception text: ``exception_info`` is flat, or keyed by metric when a metric failed."""
+    entries = [info] if "raised_exception" in info else list(info.values())
+    messages: list[str] = []
+    for entry in entries:
+        if isinstance(entry, Mapping) and entry.get("raised_exception"):
+            message = str(entry.get("exception_message") or "unknown error")
+            if message not in messages:
+                messages.append(message)
+    return "; ".join(messages) or None
+
+
+def result_digest(result_json: Mapping[str, Any]) -> str:
+    """sha256 of a GX suite result as canonical JSON, without run-specific fields."""
+    stable = copy.deepcopy(dict(result_json))
+    meta = stable.get("meta") or {}
+    for key in _VOLATILE_META_KEYS:
+        meta.pop(key, None)
+    for key in _VOLATILE_BATCH_MARKERS:
+        (meta.get("batch_markers") or {}).pop(key, None)
+    stable.pop("id", None)
+    stable.pop("result_url", None)
+    for item in stable.get("results", []):
+        info = item.get("exception_info") or {}
+        for entry in [info, *info.values()]:
+            if isinstance(entry, dict):
+                entry.pop("exception_traceback", None)
+    canonical = json.dumps(stable, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _check_name(check: Any) -> str:
+    if isinstance(check, Mapping) and len(check) == 1:
+        return str(next(iter(check)))
+    return "?"
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return _short("[" + ", ".join(_format_value(v) for v in value) + "]")
+    if isinstance(value, str):
+        return _short(value)
+    return _short(str(value))
+
+
+def _format_percent(share: float) -> str:
+    if 0 < share < SMALLEST_PERCENT:
+        return f"<{SMALLEST_PERCENT}%"
+    if share < 1:
+        return f"{share:.2g}%"  # 0.05%, not 0.1%: a few bad rows in many should still show
+    return f"{share:.1f}%"
+
+
+def _short(text: str, limit: int = MAX_VALUE_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------- data docs
+
+
+def build_data_docs(report: ValidationReport, out_dir: Path) -> Path:
+    """Write GX Data Docs (a static HTML site) for a report into ``out_dir``.
+
+    GX builds Data Docs only from a file context; one is made in a temporary folder (never
+    the project root), the result is stored there, the site built, and its ``local_site``
+    folder copied to ``out_dir``, which is replaced whole. The pages load Bootstrap and
+    jQuery from public CDNs, as GX's do.
+
+    Args:
+        report: the report of :func:`validate_table`.
+        out_dir: the folder to write the site to.
+
+    Returns:
+        The site's ``index.html``.
+    """
+    gx = _import_gx()
+    from great_expectations.core.expectation_validation_result import (
+        ExpectationSuiteValidationResultSchema,
+    )
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.resource_identifiers import (
+        ExpectationSuiteIdentifier,
+        ValidationResultIdentifier,
+    )
+
+    result = ExpectationSuiteValidationResultSchema().load(copy.deepcopy(report.result_json))
+    suite_name = result.suite_name
+    configurations = [
+        {
+            "type": item["expectation_config"]["type"],
+            "kwargs": item["expectation_config"]["kwargs"],
+            "meta": item["expectation_config"].get("meta") or {},
+        }
+        for item in report.result_json.get("results", [])
+    ]
+    batch_id = next(
+        (c["kwargs"].get("batch_id") for c in configurations if c["kwargs"].get("batch_id")),
+        _BATCH_ID,
+    )
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="stemma-gx-docs-") as workdir:
+        context = gx.get_context(mode="file", project_root_dir=workdir)
+        context.suites.add(gx.ExpectationSuite(name=suite_name, expectations=configurations))
+        key = ValidationResultIdentifier(
+            expectation_suite_identifier=ExpectationSuiteIdentifier(name=suite_name),
+            run_id=RunIdentifier(
+                run_name=f"stemma-{report.digest[:12]}",
+                run_time=dt.datetime.now(dt.UTC),
+            ),
+            batch_identifier=batch_id,
+        )
+        context.validation_results_store.set(key, result)
+        site = Path(context.root_directory) / "uncommitted" / "data_docs" / "local_site"
+        context.build_data_docs()
+        _replace_dir(site, out_dir)
+    return out_dir / "index.html"
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` so that ``target`` is either the old or the new folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    shutil.copytree(source, staging, dirs_exist_ok=True)
+    if target.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        retired.rmdir()
+        target.rename(retired)
+        staging.rename(target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(target)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _import_gx() -> Any:
+    """Import great_expectations quietly (no usage analytics unless the user asked for them)."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+
+    return gx
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        stream.write(text)
+    os.chmod(temporary, CATALOG_FILE_MODE)
+    os.replace(temporary, path)
+
+
+if __name__ == "__main__":  # regenerate the shipped catalogue after a GX upgrade
+    write_catalog(CATALOG_PATH)
+    print(f"wrote {CATALOG_PATH}")

@@ -1,0 +1,238 @@
+"""New labelled production rows into the training table, as a new DVC data version.
+
+Continuous training grows the training table with production rows whose labels have
+arrived: each batch file is joined with its labels by the id column, rows already in the
+table (by id) are left out, so gathering twice adds nothing twice, and the grown table is
+written atomically and recorded with ``dvc add``: ``data.dvc`` changes, the previous
+version stays in DVC's cache and can be restored by its md5.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from stemma.components.data.tables import DataVersion, dir_md5, file_md5
+from stemma.components.errors import DataError
+
+#: File types a batch or label folder may hold.
+_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass(frozen=True)
+class NewRows:
+    """Labelled production rows not yet in the training table.
+
+    Attributes:
+        frame: the rows, with the training table's columns in its order.
+        sources: per batch file (relative name), the rows it contributes.
+        unlabelled: batch rows whose label has not arrived yet.
+        already_in_table: labelled rows skipped because their id is in the table.
+    """
+
+    frame: pd.DataFrame
+    sources: dict[str, int] = field(default_factory=dict)
+    unlabelled: int = 0
+    already_in_table: int = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.frame)
+
+
+def _files(path: Path, what: str) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"{what} {path} does not exist")
+    return sorted(p for p in path.iterdir() if p.suffix in _SUFFIXES and p.is_file())
+
+
+def read_file(path: Path) -> pd.DataFrame:
+    """A Parquet or CSV file as a table; a clear error when it cannot be read."""
+    try:
+        if _SUFFIXES.get(path.suffix) == "csv":
+            return pd.read_csv(path)
+        return pd.read_parquet(path)
+    except Exception as error:  # a truncated or foreign file
+        raise DataError(f"cannot read {path}: {error}") from error
+
+
+def read_ids(path: Path, id_column: str) -> pd.Series:
+    """Only the id column of a batch file (a cheap read to find which batches have labels)."""
+    try:
+        if _SUFFIXES.get(path.suffix) == "csv":
+            return pd.read_csv(path, usecols=[id_column])[id_column]
+        return pd.read_parquet(path, columns=[id_column])[id_column]
+    except Exception as error:  # a truncated file, or no such column
+        raise DataError(f"cannot read the id column `{id_column}` of {path}: {error}") from error
+
+
+def batch_files(path: Path) -> list[Path]:
+    """The batch files of a file or folder, in name order (days sort by name)."""
+    return _files(path, "batch folder")
+
+
+def read_labels(labels: Path, *, id_column: str, target: str) -> pd.DataFrame:
+    """Every label file of a file or folder, as one ``id, target`` table.
+
+    Raises:
+        DataError: the folder is missing; a file lacks the id or target column; an id has
+            two different labels.
+    """
+    frames = []
+    for path in _files(labels, "label folder"):
+        frame = read_file(path)
+        missing = [column for column in (id_column, target) if column not in frame.columns]
+        if missing:
+            raise DataError(
+                f"label file {path} lacks column(s) {', '.join(missing)}",
+                [f"a label file holds `{id_column}` and `{target}`; it has {list(frame.columns)}"],
+            )
+        frames.append(frame[[id_column, target]])
+    if not frames:
+        return pd.DataFrame({id_column: [], target: []})
+    all_labels = pd.concat(frames, ignore_index=True).dropna().drop_duplicates()
+    conflicting = all_labels[all_labels[id_column].duplicated(keep=False)]
+    if len(conflicting):
+        ids = ", ".join(str(value) for value in conflicting[id_column].unique()[:5])
+        raise DataError(
+            f"{conflicting[id_column].nunique()} id(s) have two different labels in {labels}",
+            [f"for example {id_column} {ids}"],
+        )
+    return all_labels
+
+
+def gather_new_rows(
+    table: pd.DataFrame,
+    batches: list[Path],
+    labels: pd.DataFrame,
+    *,
+    id_column: str,
+    target: str,
+) -> NewRows:
+    """Join batches with their labels and keep the rows the table does not have.
+
+    Labels are matched by id (see :func:`read_labels`), so a label file need not mirror
+    a batch file's name; a batch row without a label is counted, not used.
+
+    Args:
+        table: the current training table.
+        batches: batch files (Parquet or CSV).
+        labels: the ``id, target`` table of :func:`read_labels`.
+        id_column: the entity id (``data.id``).
+        target: the label column (``data.target``).
+
+    Raises:
+        DataError: a batch lacks a column of the training table; a label is not one of
+            the values the table's binary target takes.
+    """
+    known = set(pd.unique(table[target].dropna()))
+    if known and known <= {0, 1}:
+        strange = set(pd.unique(labels[target].dropna())) - known
+        if strange:
+            raise DataError(
+                f"labels take values the training table never has: {sorted(strange)[:5]}",
+                [f"`{target}` in the training table is one of {sorted(known)}"],
+            )
+    in_table = set(table[id_column].tolist())
+    pieces, sources = [], {}
+    unlabelled = already = 0
+    for path in batches:
+        batch = read_file(path)
+        missing = [c for c in table.columns if c != target and c not in batch.columns]
+        if missing:
+            raise DataError(
+                f"batch {path} lacks column(s) of the training table: {', '.join(missing)}"
+            )
+        joined = batch.drop(columns=[target], errors="ignore").merge(
+            labels, on=id_column, how="left"
+        )
+        has_label = joined[target].notna()
+        unlabelled += int((~has_label).sum())
+        fresh = has_label & ~joined[id_column].isin(in_table)
+        already += int((has_label & ~fresh).sum())
+        rows = joined.loc[fresh, list(table.columns)]
+        if len(rows):
+            rows = rows.astype(table.dtypes.to_dict())
+            pieces.append(rows)
+            sources[path.name] = len(rows)
+            in_table.update(rows[id_column].tolist())
+    frame = (
+        pd.concat(pieces, ignore_index=True) if pieces else table.iloc[0:0].copy()
+    ).reset_index(drop=True)
+    return NewRows(frame=frame, sources=sources, unlabelled=unlabelled, already_in_table=already)
+
+
+def append_rows(table_path: Path, table: pd.DataFrame, new: pd.DataFrame) -> Path:
+    """Write ``table + new`` over ``table_path`` atomically (temp file, fsync, rename)."""
+    grown = pd.concat([table, new], ignore_index=True)
+    folder = table_path.parent
+    handle, temporary = tempfile.mkstemp(prefix=f".{table_path.name}.", dir=folder)
+    os.close(handle)
+    try:
+        if table_path.suffix == ".csv":
+            grown.to_csv(temporary, index=False)
+        else:
+            grown.to_parquet(temporary, index=False)
+        with open(temporary, "rb") as stream:
+            os.fsync(stream.fileno())
+        os.replace(temporary, table_path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return table_path
+
+
+def record_new_version(root: Path, version: DataVersion) -> str:
+    """``dvc add`` the tracked output again; returns the new md5 in ``data.dvc``.
+
+    DVC keeps the previous version's files in its cache, so the old md5 stays
+    restorable (``dvc checkout`` at the old pointer, or ``stemma reproduce``).
+    """
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        repo.add(str(version.out_path))
+    if version.out_path.is_dir():
+        return dir_md5(version.out_path)[0]
+    return file_md5(version.out_path)
+
+
+def commit_pointer(root: Path, pointer: Path, message: str) -> str | None:
+    """Commit only the DVC pointer (and its .gitignore) in git; returns the new revision.
+
+    Nothing happens outside a git work tree. Other changes in the work tree are left
+    alone: only the pointer is committed.
+    """
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+
+    if git("rev-parse", "--is-inside-work-tree").returncode != 0:
+        return None
+    paths = [str(pointer.relative_to(root))]
+    ignore = pointer.parent / ".gitignore"
+    if ignore.exists():
+        paths.append(str(ignore.relative_to(root)))
+    git("add", "--", *paths)
+    identity = []
+    if not git("config", "user.email").stdout.strip():  # a fresh machine: no git identity
+        identity = ["-c", "user.name=Stemma", "-c", "user.email=stemma@localhost"]
+    result = subprocess.run(
+        ["git", *identity, "commit", "-q", "-m", message, "--", *paths],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0 and "nothing to commit" not in result.stdout + result.stderr:
+        raise DataError(
+            f"recorded the new data version but could not commit {paths[0]} in git",
+            [line for line in (result.stderr or result.stdout).splitlines()[:5]],
+        )
+    return git("rev-parse", "HEAD").stdout.strip() or None

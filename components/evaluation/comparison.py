@@ -1,0 +1,610 @@
+"""Comparing two models on the same rows: the statistics shadow and canary evaluation share.
+
+* **Routing**: :func:`route_buckets` maps entity ids to a stable number in ``[0, 1)`` (a
+  salted 64-bit hash, the same in every process and on every machine); an entity is in the
+  challenger arm when its bucket is below the fraction (:func:`route_to_challenger`), so it
+  stays there when the fraction grows.
+* **Score distributions**: population stability index, Kolmogorov-Smirnov and
+  Jensen-Shannon distance between two score vectors (:func:`score_distances`), and how
+  often the two models take the same decision (:func:`decision_agreement`).
+* **Failures**: rows a model did not score, scored as NaN or infinity, or a constant score
+  (:func:`count_failures`).
+* **Metric difference**: :func:`paired_bootstrap` resamples rows with replacement, the same
+  resample for both models, and gives the primary metric of each and a percentile interval
+  for their difference. Every metric is computed from bootstrap *weights* (how often each
+  row was drawn), a whole block of resamples at once with numpy, seeded.
+* **Plots**: champion-versus-challenger score scatter, and the metric difference with its
+  interval overall and per segment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stemma.components.spec import METRIC_DIRECTIONS
+from stemma.components.training.metrics import MAX_SCATTER_POINTS, SCATTER_SEED, _figure, _save
+
+#: Quantile bins of the reference scores used by the population stability index.
+PSI_BINS = 10
+#: Floor of a bin's share in the PSI, so an empty bin does not make it infinite.
+PSI_FLOOR = 1e-4
+#: Equal-width bins of the Jensen-Shannon distance (over [0, 1] for a binary model).
+JS_BINS = 20
+#: Two regression predictions "agree" when they differ by at most this share of the
+#: reference scores' standard deviation.
+REGRESSION_AGREEMENT_TOLERANCE = 0.1
+#: Fewest scored rows for which "every score is the same" counts as a failure.
+CONSTANT_MIN_ROWS = 10
+#: Bootstrap weights held in memory at once (rows x resamples); bounds memory per block.
+BOOTSTRAP_BLOCK_ELEMENTS = 1 << 20
+#: Share of resamples whose metric must be defined (e.g. both classes drawn) to decide.
+MIN_DEFINED_RESAMPLES = 0.9
+#: Probabilities are clipped to [eps, 1 - eps] in the log loss, as scikit-learn does.
+LOG_LOSS_EPS = float(np.finfo(np.float64).eps)
+#: Metrics computed from the predicted class (thresholded score) rather than the score.
+THRESHOLD_METRICS = ("accuracy", "f1", "precision", "recall")
+
+
+# ---------------------------------------------------------------------------------------
+# Routing
+
+
+def _salt64(salt: str) -> np.uint64:
+    digest = hashlib.blake2b(salt.encode("utf-8"), digest_size=8).digest()
+    return np.uint64(int.from_bytes(digest, "little"))
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser: a bijection of 64-bit integers that mixes every bit."""
+    with np.errstate(over="ignore"):
+        z = values + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def route_buckets(ids: Sequence[Any] | np.ndarray, salt: str) -> np.ndarray:
+    """A stable number in ``[0, 1)`` for each entity id.
+
+    Integer ids are mixed with splitmix64 (vectorised); any other id is hashed as text with
+    BLAKE2b. Neither depends on the process (Python's ``hash`` does), so the same id and
+    salt give the same bucket everywhere. The integer ``7`` and the text ``"7"`` are hashed
+    differently: keep the id column's type stable.
+
+    Args:
+        ids: the entity ids.
+        salt: mixed into every hash, so that two canaries route different entities.
+
+    Returns:
+        float64 buckets, uniform on ``[0, 1)`` over distinct ids.
+    """
+    values = np.asarray(ids)
+    if values.dtype.kind in "iu":
+        hashed = _splitmix64(values.astype(np.int64).view(np.uint64) ^ _salt64(salt))
+    else:
+        prefix = salt.encode("utf-8") + b"\x00"
+        hashed = np.fromiter(
+            (
+                int.from_bytes(
+                    hashlib.blake2b(prefix + str(value).encode("utf-8"), digest_size=8).digest(),
+                    "little",
+                )
+                for value in values.ravel()
+            ),
+            dtype=np.uint64,
+            count=values.size,
+        )
+    # The top 53 bits make an exact float64 in [0, 1).
+    return (hashed >> np.uint64(11)).astype(np.float64) * (2.0**-53)
+
+
+def route_to_challenger(ids: Sequence[Any] | np.ndarray, fraction: float, salt: str) -> np.ndarray:
+    """Which entities the challenger serves at ``fraction``: bucket below the fraction.
+
+    An entity routed to the challenger at one fraction is routed to it at every larger
+    fraction with the same salt.
+
+    Raises:
+        ValueError: the fraction is outside [0, 1].
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    return route_buckets(ids, salt) < fraction
+
+
+# ---------------------------------------------------------------------------------------
+# Score distributions
+
+
+def population_stability_index(
+    reference: np.ndarray, candidate: np.ndarray, bins: int = PSI_BINS
+) -> float:
+    """PSI of ``candidate`` against ``reference`` over the reference's quantile bins.
+
+    Returns NaN when either side has no finite value.
+    """
+    ref = _finite(reference)
+    cand = _finite(candidate)
+    if ref.size == 0 or cand.size == 0:
+        return float("nan")
+    inner = np.unique(np.quantile(ref, np.linspace(0.0, 1.0, bins + 1))[1:-1])
+    ref_share = np.bincount(np.searchsorted(inner, ref, side="right"), minlength=inner.size + 1)
+    cand_share = np.bincount(np.searchsorted(inner, cand, side="right"), minlength=inner.size + 1)
+    p = np.maximum(ref_share / ref.size, PSI_FLOOR)
+    q = np.maximum(cand_share / cand.size, PSI_FLOOR)
+    return float(np.sum((q - p) * np.log(q / p)))
+
+
+def score_distances(reference: np.ndarray, candidate: np.ndarray, *, task: str) -> dict[str, float]:
+    """How far apart two score distributions are.
+
+    Returns:
+        ``psi`` (population stability index, reference quantile bins), ``ks`` and
+        ``ks_pvalue`` (two-sample Kolmogorov-Smirnov), ``js`` (Jensen-Shannon distance,
+        base 2, in [0, 1]); NaN where a side has no finite score.
+    """
+    from scipy.spatial.distance import jensenshannon
+    from scipy.stats import ks_2samp
+
+    ref = _finite(reference)
+    cand = _finite(candidate)
+    if ref.size == 0 or cand.size == 0:
+        nan = float("nan")
+        return {"psi": nan, "ks": nan, "ks_pvalue": nan, "js": nan}
+    ks = ks_2samp(ref, cand)
+    if task == "binary":
+        low, high = 0.0, 1.0
+    else:
+        low = float(min(ref.min(), cand.min()))
+        high = float(max(ref.max(), cand.max()))
+        high = high if high > low else low + 1.0
+    p = np.histogram(ref, bins=JS_BINS, range=(low, high))[0].astype(np.float64)
+    q = np.histogram(cand, bins=JS_BINS, range=(low, high))[0].astype(np.float64)
+    return {
+        "psi": population_stability_index(ref, cand),
+        "ks": float(ks.statistic),
+        "ks_pvalue": float(ks.pvalue),
+        "js": float(jensenshannon(p, q, base=2.0)),
+    }
+
+
+def decision_agreement(
+    champion_scores: np.ndarray,
+    challenger_scores: np.ndarray,
+    *,
+    task: str,
+    champion_threshold: float = 0.5,
+    challenger_threshold: float = 0.5,
+) -> float:
+    """Share of rows on which the two models decide alike (NaN when there are none).
+
+    Binary: the same predicted class, each at its own threshold. Regression: predictions
+    within :data:`REGRESSION_AGREEMENT_TOLERANCE` standard deviations of the champion's.
+    Rows where either score is not finite never agree.
+    """
+    a = np.asarray(champion_scores, dtype=np.float64)
+    b = np.asarray(challenger_scores, dtype=np.float64)
+    if a.size == 0:
+        return float("nan")
+    finite = np.isfinite(a) & np.isfinite(b)
+    if task == "binary":
+        same = (a >= champion_threshold) == (b >= challenger_threshold)
+    else:
+        spread = float(np.std(a[finite])) if finite.any() else 0.0
+        same = np.abs(a - b) <= REGRESSION_AGREEMENT_TOLERANCE * max(spread, 1e-12)
+    return float(np.mean(same & finite))
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    return array[np.isfinite(array)]
+
+
+@dataclass(frozen=True)
+class FailureCounts:
+    """Rows a model was asked to score and failed on.
+
+    Attributes:
+        rows: rows the model was asked to score.
+        not_scored: rows it rejected (unknown category, missing value it cannot take).
+        non_finite: rows scored as NaN or infinity.
+        constant: every finite score is the same (over at least
+            :data:`CONSTANT_MIN_ROWS` rows): the model ignores its input, so every row
+            counts as failed.
+    """
+
+    rows: int
+    not_scored: int
+    non_finite: int
+    constant: bool
+
+    @property
+    def failed(self) -> int:
+        return self.rows if self.constant else self.not_scored + self.non_finite
+
+    @property
+    def error_rate(self) -> float:
+        return self.failed / self.rows if self.rows else 0.0
+
+    def describe(self) -> str:
+        """One phrase: ``12 of 500 rows (2.40%): 2 not scored, 10 NaN/inf``."""
+        if self.constant:
+            return f"every score is the same over {self.rows:,} rows (constant output)"
+        return (
+            f"{self.failed:,} of {self.rows:,} rows ({self.error_rate:.2%}): "
+            f"{self.not_scored:,} not scored, {self.non_finite:,} NaN/inf"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "failed": self.failed, "error_rate": self.error_rate}
+
+
+def count_failures(scores: np.ndarray, *, rows: int) -> FailureCounts:
+    """Failures among ``rows`` rows of which ``scores`` are those the model scored."""
+    values = np.asarray(scores, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    constant = finite.size >= CONSTANT_MIN_ROWS and float(np.ptp(finite)) == 0.0
+    return FailureCounts(
+        rows=int(rows),
+        not_scored=int(rows - values.size),
+        non_finite=int(values.size - finite.size),
+        constant=bool(constant),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics from bootstrap weights
+
+
+def metric_values(
+    metric: str,
+    task: str,
+    y_true: np.ndarray,
+    scores: np.ndarray,
+    weights: np.ndarray,
+    *,
+    threshold: float = 0.5,
+) -> np.ndarray:
+    """A metric for each row of ``weights`` (how often each row is counted).
+
+    With ``weights`` a single row of ones this is the plain metric, equal to
+    :func:`~.evaluation.evaluate_scores`; with bootstrap counts, one value per resample.
+
+    Args:
+        metric: a name of :data:`~.spec.METRIC_DIRECTIONS` for the task.
+        task: ``binary`` or ``regression``.
+        y_true: labels (0/1) or values, length ``n``.
+        scores: probabilities of class 1 or predicted values, length ``n``, finite.
+        weights: shape ``(resamples, n)``.
+        threshold: the decision threshold for the thresholded metrics.
+
+    Returns:
+        Shape ``(resamples,)``; NaN where the metric is undefined for a resample (e.g.
+        ROC AUC with one class drawn).
+    """
+    if metric not in METRIC_DIRECTIONS.get(task, {}):
+        raise ValueError(f"{metric!r} is not a {task} metric")
+    y = np.asarray(y_true, dtype=np.float64)
+    s = np.asarray(scores, dtype=np.float64)
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    total = w.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if task == "regression":
+            error = s - y
+            if metric == "rmse":
+                return np.sqrt(w @ (error**2) / total)
+            if metric == "mae":
+                return w @ np.abs(error) / total
+            residual = w @ (error**2)
+            spread = w @ (y**2) - (w @ y) ** 2 / total
+            return np.where(spread > 0, 1.0 - residual / spread, np.nan)
+        positive = y >= 0.5
+        if metric == "roc_auc":
+            return _weighted_roc_auc(s, positive, w)
+        if metric == "pr_auc":
+            return _weighted_average_precision(s, positive, w)
+        if metric == "log_loss":
+            p = np.clip(s, LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS)
+            return w @ -np.where(positive, np.log(p), np.log1p(-p)) / total
+        if metric == "brier":
+            return w @ ((s - y) ** 2) / total
+        predicted = s >= threshold
+        tp = w @ (predicted & positive).astype(np.float64)
+        fp = w @ (predicted & ~positive).astype(np.float64)
+        fn = w @ (~predicted & positive).astype(np.float64)
+        if metric == "accuracy":
+            return (total - fp - fn) / total
+        if metric == "precision":
+            return np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        if metric == "recall":
+            return np.where(tp + fn > 0, tp / (tp + fn), 0.0)
+        return np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)  # f1
+
+
+def _tie_groups(scores: np.ndarray, *, descending: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The order that sorts the scores and the start of each run of equal scores in it."""
+    order = np.argsort(-scores if descending else scores, kind="stable")
+    ordered = scores[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    return order, starts
+
+
+def _weighted_roc_auc(scores: np.ndarray, positive: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """P(score of a positive > score of a negative) + half the ties, weighted (Mann-Whitney)."""
+    order, starts = _tie_groups(scores, descending=False)
+    ordered = w[:, order]
+    pos = np.add.reduceat(ordered * positive[order], starts, axis=1)
+    neg = np.add.reduceat(ordered * ~positive[order], starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    pairs = pos.sum(axis=1) * neg.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(pairs > 0, (pos * (below + 0.5 * neg)).sum(axis=1) / pairs, np.nan)
+
+
+def _weighted_average_precision(
+    scores: np.ndarray, positive: np.ndarray, w: np.ndarray
+) -> np.ndarray:
+    """Sum over thresholds of (recall gained) x precision, as scikit-learn computes it."""
+    order, starts = _tie_groups(scores, descending=True)
+    ordered = w[:, order]
+    pos = np.add.reduceat(ordered * positive[order], starts, axis=1)
+    neg = np.add.reduceat(ordered * ~positive[order], starts, axis=1)
+    true_positives = np.cumsum(pos, axis=1)
+    predicted = true_positives + np.cumsum(neg, axis=1)
+    total = pos.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, true_positives / predicted, 0.0)
+        return np.where(total > 0, (pos * precision).sum(axis=1) / total, np.nan)
+
+
+def bootstrap_weights(rows: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """``(resamples, rows)`` counts: how often each row is drawn in each resample."""
+    drawn = rng.integers(0, rows, size=(resamples, rows))
+    offsets = (np.arange(resamples, dtype=np.int64) * rows)[:, None]
+    counts = np.bincount((drawn + offsets).ravel(), minlength=resamples * rows)
+    return counts.reshape(resamples, rows).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class MetricComparison:
+    """The primary metric of two models on the same labelled rows, and their difference.
+
+    Attributes:
+        metric: the metric (``gate.metric``).
+        higher_is_better: its direction.
+        rows: labelled rows compared.
+        champion: the champion's value on them.
+        challenger: the challenger's value.
+        difference: ``challenger - champion``.
+        low, high: the percentile interval of the difference.
+        champion_low, champion_high, challenger_low, challenger_high: each model's
+            interval from the same resamples.
+        confidence: the interval's level.
+        resamples: bootstrap resamples drawn.
+        defined: resamples in which the metric was defined for both models.
+        seed: the seed of the resampling.
+    """
+
+    metric: str
+    higher_is_better: bool
+    rows: int
+    champion: float
+    challenger: float
+    difference: float
+    low: float
+    high: float
+    champion_low: float
+    champion_high: float
+    challenger_low: float
+    challenger_high: float
+    confidence: float
+    resamples: int
+    defined: int
+    seed: int
+
+    @property
+    def improvement(self) -> float:
+        """The difference in the metric's better direction (positive: challenger better)."""
+        return self.difference if self.higher_is_better else -self.difference
+
+    @property
+    def improvement_low(self) -> float:
+        """Lower end of the improvement's interval."""
+        return self.low if self.higher_is_better else -self.high
+
+    @property
+    def improvement_high(self) -> float:
+        """Upper end of the improvement's interval."""
+        return self.high if self.higher_is_better else -self.low
+
+    @property
+    def decidable(self) -> bool:
+        """Whether the interval is defined (enough resamples had a defined metric)."""
+        return bool(np.isfinite(self.low) and np.isfinite(self.high))
+
+    def describe(self) -> str:
+        """``roc_auc: challenger 0.9120 vs champion 0.8870, difference +0.0250 (95% CI ...)``."""
+        return (
+            f"{self.metric}: challenger {self.challenger:.4f} vs champion {self.champion:.4f}, "
+            f"difference {self.difference:+.4f} ({self.confidence:.0%} CI {self.low:+.4f} to "
+            f"{self.high:+.4f}) over {self.rows:,} labelled rows"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "improvement": self.improvement,
+            "improvement_low": self.improvement_low,
+            "improvement_high": self.improvement_high,
+        }
+
+
+def paired_bootstrap(
+    metric: str,
+    task: str,
+    y_true: np.ndarray,
+    champion_scores: np.ndarray,
+    challenger_scores: np.ndarray,
+    *,
+    champion_threshold: float = 0.5,
+    challenger_threshold: float = 0.5,
+    confidence: float = 0.95,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> MetricComparison:
+    """The metric of both models and a paired percentile-bootstrap interval of the difference.
+
+    Each resample draws ``n`` rows with replacement and scores *both* models on the same
+    draw, so the interval reflects the models' difference rather than the rows' luck. The
+    same seed and rows give the same interval. When fewer than
+    :data:`MIN_DEFINED_RESAMPLES` of the resamples define the metric for both models (one
+    class drawn, say), the interval is NaN: not enough evidence.
+
+    Raises:
+        ValueError: arrays of different lengths, no rows, a non-finite score or label, a
+            metric unknown for the task, or a confidence outside (0, 1).
+    """
+    y = np.asarray(y_true, dtype=np.float64)
+    a = np.asarray(champion_scores, dtype=np.float64)
+    b = np.asarray(challenger_scores, dtype=np.float64)
+    if not (y.shape == a.shape == b.shape) or y.ndim != 1:
+        raise ValueError(f"labels and scores differ in shape: {y.shape}, {a.shape}, {b.shape}")
+    if y.size == 0:
+        raise ValueError("no labelled rows to compare on")
+    if not (np.isfinite(y).all() and np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("labels and scores must be finite")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be at least 1, got {resamples}")
+    higher_is_better = METRIC_DIRECTIONS[task][metric]
+
+    def both(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (
+            metric_values(metric, task, y, a, weights, threshold=champion_threshold),
+            metric_values(metric, task, y, b, weights, threshold=challenger_threshold),
+        )
+
+    ones = np.ones((1, y.size))
+    point_a, point_b = (float(values[0]) for values in both(ones))
+    rng = np.random.default_rng(seed)
+    block = max(1, BOOTSTRAP_BLOCK_ELEMENTS // y.size)
+    values_a, values_b = [], []
+    for start in range(0, resamples, block):
+        va, vb = both(bootstrap_weights(y.size, min(block, resamples - start), rng))
+        values_a.append(va)
+        values_b.append(vb)
+    boot_a, boot_b = np.concatenate(values_a), np.concatenate(values_b)
+    defined = np.isfinite(boot_a) & np.isfinite(boot_b)
+    alpha = (1.0 - confidence) / 2.0
+    quantiles = [alpha, 1.0 - alpha]
+    nan = float("nan")
+    if defined.sum() >= MIN_DEFINED_RESAMPLES * resamples:
+        low, high = (float(v) for v in np.quantile(boot_b[defined] - boot_a[defined], quantiles))
+        a_low, a_high = (float(v) for v in np.quantile(boot_a[defined], quantiles))
+        b_low, b_high = (float(v) for v in np.quantile(boot_b[defined], quantiles))
+    else:
+        low = high = a_low = a_high = b_low = b_high = nan
+    return MetricComparison(
+        metric=metric,
+        higher_is_better=higher_is_better,
+        rows=int(y.size),
+        champion=point_a,
+        challenger=point_b,
+        difference=point_b - point_a,
+        low=low,
+        high=high,
+        champion_low=a_low,
+        champion_high=a_high,
+        challenger_low=b_low,
+        challenger_high=b_high,
+        confidence=confidence,
+        resamples=resamples,
+        defined=int(defined.sum()),
+        seed=seed,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_score_scatter(
+    champion_scores: np.ndarray,
+    challenger_scores: np.ndarray,
+    out_path: Path,
+    *,
+    title: str,
+    champion_label: str = "champion",
+    challenger_label: str = "challenger",
+) -> Path:
+    """Scatter of the challenger's score against the champion's, row by row, with y = x.
+
+    At most :data:`~.evaluation.MAX_SCATTER_POINTS` rows are drawn (a seeded sample).
+    """
+    a = np.asarray(champion_scores, dtype=np.float64)
+    b = np.asarray(challenger_scores, dtype=np.float64)
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    if a.size > MAX_SCATTER_POINTS:
+        sample = np.random.default_rng(SCATTER_SEED).choice(
+            a.size, MAX_SCATTER_POINTS, replace=False
+        )
+        a, b = a[sample], b[sample]
+    figure, axes = _figure()
+    axes.scatter(a, b, s=4, alpha=0.35, linewidths=0)
+    if a.size:
+        low = float(min(a.min(), b.min()))
+        high = float(max(a.max(), b.max()))
+        axes.plot([low, high], [low, high], color="grey", linestyle="--", label="same score")
+        axes.legend(loc="upper left")
+    axes.set(xlabel=f"{champion_label} score", ylabel=f"{challenger_label} score", title=title)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return _save(figure, out)
+
+
+def plot_metric_differences(
+    rows: Sequence[tuple[str, MetricComparison]],
+    out_path: Path,
+    *,
+    margin: float,
+    title: str,
+) -> Path:
+    """The difference (challenger - champion) with its interval, one line per group.
+
+    Args:
+        rows: ``(label, comparison)`` pairs, e.g. ``("overall", ...)``, ``("elevel=2", ...)``;
+            a comparison without a defined interval is drawn as a point only.
+        out_path: the PNG to write.
+        margin: the improvement the decision asks for, drawn as a line (in the metric's
+            better direction, so at ``-margin`` for a metric where lower is better).
+        title: the figure's title.
+    """
+    figure, axes = _figure()
+    labels = [label for label, _ in rows]
+    positions = np.arange(len(rows))[::-1]
+    for position, (_, comparison) in zip(positions, rows, strict=True):
+        if comparison.decidable:
+            axes.plot([comparison.low, comparison.high], [position, position], color="C0")
+        axes.plot([comparison.difference], [position], "o", color="C0")
+    axes.axvline(0.0, color="grey", linestyle="-", linewidth=0.8)
+    if rows:
+        direction = 1.0 if rows[0][1].higher_is_better else -1.0
+        axes.axvline(direction * margin, color="C3", linestyle="--", label=f"margin {margin:g}")
+        axes.legend(loc="best")
+        metric = rows[0][1].metric
+        confidence = rows[0][1].confidence
+        axes.set_xlabel(f"{metric}: challenger - champion ({confidence:.0%} interval)")
+    axes.set_yticks(positions, labels)
+    axes.margins(y=0.15)
+    axes.set_title(title)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return _save(figure, out)

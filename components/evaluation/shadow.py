@@ -1,0 +1,973 @@
+"""Shadow evaluation: the challenger scores the champion's production rows, unseen by anyone.
+
+Both models score the same batch with the batch-scoring engine
+(:func:`~.scoring.score_files`): the champion into the served output, exactly what
+``stemma run score`` writes there, the challenger into a folder beside it
+(:func:`shadow_output_dir`, ``<served>-shadow``) that nothing serves. The two outputs are
+joined by the entity id with the batch's segment columns and, when they have arrived, the
+labels (:func:`build_shadow_rows`); :func:`shadow_evaluate` then compares them and decides:
+
+* ``reject``: the challenger fails on more rows than ``evaluate.shadow.max_error_rate``
+  (not scored, NaN or infinite scores, or one constant score), or, with enough labels, the
+  upper bound of its improvement over the champion is at or below the margin (at best
+  equal);
+* ``wait``: fewer labelled rows than ``evaluate.shadow.min_labelled_rows``, or an interval
+  that still straddles the margin (more labelled rows will narrow it);
+* ``promote``: the lower bound of the improvement (paired bootstrap on the same labelled
+  rows, :func:`~.comparison.paired_bootstrap`) is above the margin.
+
+The improvement is the metric difference in the metric's better direction (challenger
+minus champion for ROC AUC, champion minus challenger for the log loss). Segments
+(``evaluate.shadow.segments``) are compared too and reported, but only the overall
+comparison decides. :func:`promote_challenger` moves the aliases with
+:func:`~.promotion.promote` (compare-and-set against the champion that was shadowed).
+"""
+
+from __future__ import annotations
+
+import getpass
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from stemma.components.errors import DataError, RegistryError
+from stemma.components.evaluation.comparison import (
+    FailureCounts,
+    MetricComparison,
+    count_failures,
+    decision_agreement,
+    paired_bootstrap,
+    plot_metric_differences,
+    plot_score_scatter,
+    score_distances,
+)
+from stemma.components.lineage.records import (
+    Decided,
+    Edge,
+    Node,
+    build_decision_record,
+    decision_node_id,
+    evaluation_node_id,
+    input_node_id,
+    model_version_node,
+    predictions_node_id,
+    run_node,
+)
+from stemma.components.scoring.engine import (
+    SCORE_COLUMN,
+    ScoringModel,
+    ScoringResult,
+    input_files,
+    score_files,
+)
+from stemma.components.spec import METRIC_DIRECTIONS, EvaluateSpec
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from stemma.components.registry.promotion import PromotionRecord
+
+PROMOTE = "promote"
+REJECT = "reject"
+WAIT = "wait"
+DECISIONS = (PROMOTE, REJECT, WAIT)
+#: Suffix of the folder beside the served output that holds the challenger's scores.
+SHADOW_SUFFIX = "-shadow"
+#: Columns of the joined rows besides the id, the label and the segment columns.
+CHAMPION_SCORE = "champion_score"
+CHALLENGER_SCORE = "challenger_score"
+CHAMPION_SCORED = "champion_scored"
+CHALLENGER_SCORED = "challenger_scored"
+LABEL = "label"
+#: Most values of one segment column compared (the most frequent ones).
+MAX_SEGMENT_VALUES = 20
+#: Fewest labelled rows for which a segment gets an interval of its own.
+MIN_SEGMENT_ROWS = 30
+#: Version tags recording the latest shadow decision about a challenger.
+SHADOW_DECISION_TAG = "stemma.shadow.decision"
+SHADOW_RUN_TAG = "stemma.shadow.run_id"
+#: How many ids an error message shows.
+MAX_IDS_SHOWN = 3
+#: Rows of one timed request, and requests timed per model (interleaved between models).
+LATENCY_BATCH_ROWS = 256
+LATENCY_REPEATS = 60
+
+_METRIC_KEY = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+# ---------------------------------------------------------------------------------------
+# Where the scores go
+
+
+def shadow_output_dir(served: Path) -> Path:
+    """The folder beside the served output that holds the challenger's scores."""
+    served = Path(served)
+    return served.with_name(served.name + SHADOW_SUFFIX)
+
+
+def default_served_output(score_output: Path, score_input: Path, batch: Path) -> Path:
+    """Where the champion's scores of ``batch`` go when no output is named.
+
+    ``score.output`` itself when the batch is ``score.input`` (what ``stemma run score``
+    writes); for another batch, ``<score.output>-<batch name>`` beside it, so shadowing one
+    day never replaces the scores of the whole input.
+    """
+    if Path(batch).resolve() == Path(score_input).resolve():
+        return Path(score_output)
+    stem = Path(batch).stem if Path(batch).is_file() else Path(batch).name
+    return Path(score_output).with_name(f"{Path(score_output).name}-{stem}")
+
+
+@dataclass(frozen=True)
+class ScoredPair:
+    """Both models' scoring of one batch."""
+
+    files: list[Path]
+    served: ScoringResult
+    shadow: ScoringResult
+
+
+def score_pair(
+    champion: ScoringModel,
+    challenger: ScoringModel,
+    files: Sequence[Path],
+    served_dir: Path,
+    *,
+    id_column: str,
+    chunk_rows: int,
+    invalid_rows: str = "reject",
+    unknown_categories: str = "reject",
+    threads: int | None = None,
+) -> ScoredPair:
+    """Score the batch with the champion into ``served_dir`` and the challenger beside it.
+
+    Both calls are :func:`~.scoring.score_files`, so both outputs are atomic and resumable,
+    and a served folder already complete for this champion and batch is left untouched.
+
+    Raises:
+        RegistryError: the challenger is the champion.
+        DataError: as :func:`~.scoring.score_files`.
+    """
+    if champion.model_uri == challenger.model_uri:
+        raise RegistryError(
+            f"the challenger is the champion ({champion.label}): nothing to compare",
+            ["name another version with --challenger models:/<name>/<version>"],
+        )
+    files = [Path(path) for path in files]
+
+    def score(model: ScoringModel, output: Path) -> ScoringResult:
+        return score_files(
+            model,
+            files,
+            output,
+            id_column=id_column,
+            chunk_rows=chunk_rows,
+            invalid_rows=invalid_rows,
+            unknown_categories=unknown_categories,
+            threads=threads,
+            progress=False,
+        )
+
+    served = score(champion, Path(served_dir))
+    shadow = score(challenger, shadow_output_dir(served_dir))
+    return ScoredPair(files=files, served=served, shadow=shadow)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading scores, batch columns and labels
+
+
+def read_scores(result: ScoringResult, id_column: str) -> pd.DataFrame:
+    """The scored rows of a scoring output: the id and the score, in part order."""
+    tables = [
+        pq.read_table(result.output_dir / part["name"], columns=[id_column, SCORE_COLUMN])
+        for part in result.manifest["parts"]
+    ]
+    if not tables:
+        return pd.DataFrame({id_column: pd.Series(dtype="int64"), SCORE_COLUMN: []})
+    return pa.concat_tables(tables).to_pandas()
+
+
+def read_batch_columns(files: Sequence[Path], columns: Sequence[str]) -> pd.DataFrame:
+    """The named columns of every row of the batch (ids and segment columns).
+
+    Raises:
+        DataError: a file lacks one of the columns.
+    """
+    frames = []
+    for path in files:
+        try:
+            if path.suffix.lower() == ".csv":
+                table = pacsv.read_csv(
+                    path, convert_options=pacsv.ConvertOptions(include_columns=list(columns))
+                )
+            else:
+                table = pq.read_table(path, columns=list(columns))
+        except (pa.ArrowException, KeyError) as error:
+            raise DataError(
+                f"{path}: cannot read columns {', '.join(columns)}", [_first_line(error)]
+            ) from error
+        frames.append(table.to_pandas())
+    return pd.concat(frames, ignore_index=True)
+
+
+def _label_files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise DataError(
+            f"{path}: no such labels file or folder",
+            ["pass the labels with --labels, or set evaluate.labels"],
+        )
+    return input_files(path)
+
+
+def _read_schema(path: Path) -> pa.Schema:
+    if path.suffix.lower() == ".csv":
+        with pacsv.open_csv(path) as reader:
+            return reader.schema
+    return pq.read_schema(path)
+
+
+def load_labels(path: Path, *, id_column: str, target: str, task: str) -> pd.DataFrame:
+    """The labels in a file or a folder of files: one row per id, columns id and target.
+
+    Rows whose label is missing have not arrived yet and are dropped. A label repeated
+    with the same value counts once.
+
+    Raises:
+        DataError: the path does not exist; a file lacks the id or the target column; an
+            id has two different labels; a binary label other than 0 or 1.
+    """
+    path = Path(path)
+    frames = []
+    problems = []
+    for file in _label_files(path):
+        try:
+            schema = _read_schema(file)
+        except (pa.ArrowException, OSError) as error:
+            raise DataError(f"{file}: not a readable labels file", [_first_line(error)]) from error
+        missing = [column for column in (id_column, target) if column not in schema.names]
+        if missing:
+            problems.append(
+                f"{file.name}: missing {', '.join(missing)} (it has {', '.join(schema.names)})"
+            )
+            continue
+        frames.append(read_batch_columns([file], [id_column, target]))
+    if problems:
+        raise DataError(
+            f"{path}: the labels need the id column {id_column!r} and the target {target!r}",
+            problems,
+        )
+    labels = pd.concat(frames, ignore_index=True).dropna(subset=[target])
+    labels = labels.drop_duplicates()
+    repeated = labels[id_column][labels[id_column].duplicated()]
+    if not repeated.empty:
+        shown = ", ".join(str(value) for value in repeated.unique()[:MAX_IDS_SHOWN])
+        raise DataError(
+            f"{path}: {repeated.nunique()} ids have two different labels",
+            [f"e.g. {id_column} {shown}", "keep one label per id"],
+        )
+    if task == "binary" and not labels[target].isin([0, 1]).all():
+        odd = labels.loc[~labels[target].isin([0, 1]), target].unique()[:MAX_IDS_SHOWN]
+        raise DataError(
+            f"{path}: binary labels must be 0 or 1",
+            [f"found {', '.join(map(str, odd))} in {target}"],
+        )
+    return labels.rename(columns={target: LABEL}).reset_index(drop=True)
+
+
+def build_shadow_rows(
+    batch: pd.DataFrame,
+    champion: pd.DataFrame,
+    challenger: pd.DataFrame,
+    *,
+    id_column: str,
+    labels: pd.DataFrame | None = None,
+    labels_required: bool = False,
+    labels_source: str = "the labels",
+) -> pd.DataFrame:
+    """One row per batch row: both models' scores (NaN where not scored), label, segments.
+
+    Args:
+        batch: the batch's id column and segment columns (:func:`read_batch_columns`).
+        champion, challenger: :func:`read_scores` of each model's output.
+        id_column: the entity id.
+        labels: :func:`load_labels`, or None when none have arrived.
+        labels_required: the labels were named explicitly: if none of their ids is in the
+            batch, that is an error rather than labels still to come.
+        labels_source: how to name the labels in an error.
+
+    Raises:
+        DataError: ids repeat in the batch, or labels named explicitly share no id with it.
+    """
+    repeated = batch[id_column][batch[id_column].duplicated()]
+    if not repeated.empty:
+        shown = ", ".join(str(value) for value in repeated.unique()[:MAX_IDS_SHOWN])
+        raise DataError(
+            f"the batch repeats {repeated.nunique()} ids in {id_column}",
+            [f"e.g. {shown}", "shadow and canary evaluation join rows by id: ids must be unique"],
+        )
+    rows = batch.copy()
+    for frame, score, scored in (
+        (champion, CHAMPION_SCORE, CHAMPION_SCORED),
+        (challenger, CHALLENGER_SCORE, CHALLENGER_SCORED),
+    ):
+        mapped = frame.set_index(id_column)[SCORE_COLUMN]
+        rows[scored] = rows[id_column].isin(mapped.index)
+        rows[score] = rows[id_column].map(mapped).astype(np.float64)
+    rows[LABEL] = np.nan
+    if labels is not None and not labels.empty:
+        label_map = labels.set_index(id_column)[LABEL]
+        rows[LABEL] = rows[id_column].map(label_map).astype(np.float64)
+        if labels_required:
+            require_label_overlap(batch[id_column], labels, id_column, labels_source)
+    return rows
+
+
+def require_label_overlap(
+    ids: pd.Series, labels: pd.DataFrame, id_column: str, source: str
+) -> None:
+    """Labels named explicitly must label at least one row of the batch.
+
+    Raises:
+        DataError: none of the labelled ids is among ``ids`` (another batch's labels, or
+            ids of another type), with both id ranges.
+    """
+    if labels.empty or ids.isin(labels[id_column]).any():
+        return
+    raise DataError(
+        f"{source}: none of the {len(labels):,} labelled ids is in the batch",
+        [
+            f"batch {id_column}: {_id_range(ids)}",
+            f"label {id_column}: {_id_range(labels[id_column])}",
+            "pass the labels of this batch (same ids, same type)",
+        ],
+    )
+
+
+def _id_range(ids: pd.Series) -> str:
+    if ids.empty:
+        return "(none)"
+    try:
+        return f"{ids.min()} to {ids.max()} ({ids.dtype})"
+    except TypeError:
+        return f"{ids.iloc[0]} ... ({ids.dtype})"
+
+
+def measure_latency(
+    models: dict[str, ScoringModel],
+    files: Sequence[Path],
+    *,
+    rows: int = LATENCY_BATCH_ROWS,
+    repeats: int = LATENCY_REPEATS,
+) -> dict[str, dict[str, float]]:
+    """Per-request latency of each model on the batch's first rows, in milliseconds.
+
+    A request is ``rows`` rows, encoded and run through the network and decoded, as an
+    online caller would send them. The models take turns request by request, so a busy
+    machine slows both alike; the first round warms up and is not counted.
+
+    Returns:
+        Per model ``latency_ms_p50``, ``latency_ms_p95`` and ``latency_ms_p99``; empty when
+        the first rows hold no complete row.
+    """
+    import time
+
+    import torch
+
+    columns = sorted({column for model in models.values() for column in model.feature_columns})
+    sample = read_batch_columns(list(files)[:1], columns).head(rows).dropna()
+    if sample.empty:
+        return {}
+    timings: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for round_ in range(repeats + 1):
+            for name, model in models.items():
+                began = time.perf_counter()
+                encoded = torch.from_numpy(model.preprocessor.transform(sample))
+                model.preprocessor.decode_output(model.network(encoded).float().numpy())
+                if round_:
+                    timings[name].append((time.perf_counter() - began) * 1000.0)
+    return {
+        name: {f"latency_ms_p{q}": float(np.percentile(values, q)) for q in (50, 95, 99)}
+        for name, values in timings.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Comparing and deciding
+
+
+@dataclass(frozen=True)
+class SegmentComparison:
+    """The metric comparison on the rows of one segment value."""
+
+    column: str
+    value: str
+    rows: int
+    comparison: MetricComparison | None
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.column}={self.value}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "column": self.column,
+            "value": self.value,
+            "rows": self.rows,
+            "comparison": None if self.comparison is None else self.comparison.to_dict(),
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
+class ShadowReport:
+    """What a shadow evaluation found and decided.
+
+    Attributes:
+        decision: ``promote``, ``reject`` or ``wait``.
+        reasons: why, in words and numbers, the deciding reason first.
+        metric: the primary metric (``gate.metric``).
+        champion_version, challenger_version: the versions compared.
+        rows: rows in the batch.
+        compared_rows: rows both models scored with a finite score.
+        labelled_rows: compared rows with a label.
+        champion_failures, challenger_failures: rows each model failed on (the
+            challenger's among the rows the champion served).
+        agreement: share of compared rows with the same decision.
+        distances: ``psi``, ``ks``, ``ks_pvalue``, ``js`` of the challenger's scores
+            against the champion's.
+        comparison: the paired bootstrap overall, None without labelled rows.
+        segments: per segment value.
+        latency: per model, ``p50``/``p95``/``p99`` chunk latency (ms) and rows per second.
+        settings: the settings that decided.
+    """
+
+    decision: str
+    reasons: list[str]
+    metric: str
+    champion_version: str
+    challenger_version: str
+    rows: int
+    compared_rows: int
+    labelled_rows: int
+    champion_failures: FailureCounts
+    challenger_failures: FailureCounts
+    agreement: float
+    distances: dict[str, float]
+    comparison: MetricComparison | None
+    segments: list[SegmentComparison] = field(default_factory=list)
+    latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for MLflow (one ``log_batch``)."""
+        values: dict[str, float] = {
+            "rows": self.rows,
+            "compared_rows": self.compared_rows,
+            "labelled_rows": self.labelled_rows,
+            "agreement": self.agreement,
+            "champion_error_rate": self.champion_failures.error_rate,
+            "challenger_error_rate": self.challenger_failures.error_rate,
+            **{f"score_{name}": value for name, value in self.distances.items()},
+            "decision_promote": float(self.decision == PROMOTE),
+        }
+        for model, numbers in self.latency.items():
+            values.update({f"{model}_{key}": value for key, value in numbers.items()})
+        values.update(_comparison_metrics(self.metric, self.comparison))
+        for segment in self.segments:
+            prefix = _METRIC_KEY.sub("_", f"segment.{segment.column}.{segment.value}")
+            values[f"{prefix}.rows"] = segment.rows
+            values.update(_comparison_metrics("metric", segment.comparison, prefix=prefix))
+        return {key: float(value) for key, value in values.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole report as JSON-able data (what the run's ``shadow/report.json`` holds)."""
+        return {
+            "decision": self.decision,
+            "reasons": list(self.reasons),
+            "metric": self.metric,
+            "champion_version": self.champion_version,
+            "challenger_version": self.challenger_version,
+            "rows": self.rows,
+            "compared_rows": self.compared_rows,
+            "labelled_rows": self.labelled_rows,
+            "champion_failures": self.champion_failures.to_dict(),
+            "challenger_failures": self.challenger_failures.to_dict(),
+            "agreement": self.agreement,
+            "distances": dict(self.distances),
+            "comparison": None if self.comparison is None else self.comparison.to_dict(),
+            "segments": [segment.to_dict() for segment in self.segments],
+            "latency": {model: dict(numbers) for model, numbers in self.latency.items()},
+            "settings": dict(self.settings),
+        }
+
+
+def _comparison_metrics(
+    name: str, comparison: MetricComparison | None, *, prefix: str = ""
+) -> dict[str, float]:
+    if comparison is None:
+        return {}
+    base = f"{prefix}." if prefix else ""
+    return {
+        f"{base}{name}_champion": comparison.champion,
+        f"{base}{name}_challenger": comparison.challenger,
+        f"{base}{name}_difference": comparison.difference,
+        f"{base}{name}_difference_low": comparison.low,
+        f"{base}{name}_difference_high": comparison.high,
+    }
+
+
+def shadow_evaluate(
+    rows: pd.DataFrame,
+    *,
+    task: str,
+    metric: str,
+    settings: EvaluateSpec,
+    champion: ScoringModel | None = None,
+    challenger: ScoringModel | None = None,
+    champion_version: str = "",
+    challenger_version: str = "",
+    champion_threshold: float | None = None,
+    challenger_threshold: float | None = None,
+    latency: dict[str, dict[str, float]] | None = None,
+) -> ShadowReport:
+    """Compare the two models on the rows of :func:`build_shadow_rows` and decide.
+
+    Args:
+        rows: from :func:`build_shadow_rows`.
+        task: ``binary`` or ``regression``.
+        metric: the primary metric (``gate.metric``).
+        settings: ``evaluate`` (confidence, resamples, seed, the ``shadow`` rule).
+        champion, challenger: the models (their versions and thresholds), or give the
+            versions and thresholds directly.
+        champion_version, challenger_version: used when no model is given.
+        champion_threshold, challenger_threshold: decision thresholds (default: the
+            models', else 0.5).
+        latency: per model, chunk latency percentiles and rows per second.
+
+    Returns:
+        The report, with the decision and its reasons.
+
+    Raises:
+        ValueError: a metric unknown for the task.
+    """
+    if metric not in METRIC_DIRECTIONS.get(task, {}):
+        raise ValueError(f"{metric!r} is not a {task} metric")
+    rule = settings.shadow
+    champion_version = champion.version if champion is not None else champion_version
+    challenger_version = challenger.version if challenger is not None else challenger_version
+    a_threshold = _threshold(champion_threshold, champion)
+    b_threshold = _threshold(challenger_threshold, challenger)
+
+    a = rows[CHAMPION_SCORE].to_numpy(dtype=np.float64)
+    b = rows[CHALLENGER_SCORE].to_numpy(dtype=np.float64)
+    a_scored = rows[CHAMPION_SCORED].to_numpy(dtype=bool)
+    b_scored = rows[CHALLENGER_SCORED].to_numpy(dtype=bool)
+    served = a_scored & np.isfinite(a)
+    champion_failures = count_failures(a[a_scored], rows=len(rows))
+    # The challenger is judged on the rows the champion could serve: rows no model can
+    # score (a missing feature, say) are the input's fault, not the challenger's.
+    challenger_failures = count_failures(b[served & b_scored], rows=int(served.sum()))
+    compared = served & b_scored & np.isfinite(b)
+    agreement = decision_agreement(
+        a[compared],
+        b[compared],
+        task=task,
+        champion_threshold=a_threshold,
+        challenger_threshold=b_threshold,
+    )
+    distances = score_distances(a[compared], b[compared], task=task)
+    labelled = compared & rows[LABEL].notna().to_numpy()
+    y = rows[LABEL].to_numpy(dtype=np.float64)
+
+    def compare(mask: np.ndarray) -> MetricComparison:
+        return paired_bootstrap(
+            metric,
+            task,
+            y[mask],
+            a[mask],
+            b[mask],
+            champion_threshold=a_threshold,
+            challenger_threshold=b_threshold,
+            confidence=settings.confidence,
+            resamples=settings.bootstrap_resamples,
+            seed=settings.seed,
+        )
+
+    comparison = compare(labelled) if labelled.any() else None
+    segments = [
+        segment
+        for column in rule.segments
+        if column in rows.columns
+        for segment in _segment_comparisons(rows, column, labelled, compare)
+    ]
+    decision, reasons = _decide(
+        rule_margin=rule.margin,
+        max_error_rate=rule.max_error_rate,
+        min_labelled_rows=rule.min_labelled_rows,
+        challenger_failures=challenger_failures,
+        compared_rows=int(compared.sum()),
+        labelled_rows=int(labelled.sum()),
+        comparison=comparison,
+        metric=metric,
+    )
+    reasons += _segment_notes(segments, rule.margin)
+    return ShadowReport(
+        decision=decision,
+        reasons=reasons,
+        metric=metric,
+        champion_version=str(champion_version),
+        challenger_version=str(challenger_version),
+        rows=len(rows),
+        compared_rows=int(compared.sum()),
+        labelled_rows=int(labelled.sum()),
+        champion_failures=champion_failures,
+        challenger_failures=challenger_failures,
+        agreement=agreement,
+        distances=distances,
+        comparison=comparison,
+        segments=segments,
+        latency=dict(latency or {}),
+        settings={
+            **settings.shadow.model_dump(mode="json"),
+            "confidence": settings.confidence,
+            "bootstrap_resamples": settings.bootstrap_resamples,
+            "seed": settings.seed,
+            "metric": metric,
+        },
+    )
+
+
+def _threshold(given: float | None, model: ScoringModel | None) -> float:
+    if given is not None:
+        return float(given)
+    return float(model.threshold) if model is not None else 0.5
+
+
+def _segment_comparisons(
+    rows: pd.DataFrame, column: str, labelled: np.ndarray, compare: Any
+) -> list[SegmentComparison]:
+    values = rows.loc[labelled, column]
+    counts = values.value_counts()
+    out = []
+    # The most frequent values, shown in their own order (elevel=0, 1, 2, ...).
+    for value, count in sorted(counts.head(MAX_SEGMENT_VALUES).items(), key=_value_order):
+        mask = labelled & (rows[column] == value).to_numpy()
+        if count < MIN_SEGMENT_ROWS:
+            out.append(
+                SegmentComparison(
+                    column, str(value), int(count), None, f"fewer than {MIN_SEGMENT_ROWS} rows"
+                )
+            )
+            continue
+        comparison = compare(mask)
+        note = "" if comparison.decidable else "the metric is undefined in too many resamples"
+        out.append(SegmentComparison(column, str(value), int(count), comparison, note))
+    if len(counts) > MAX_SEGMENT_VALUES:
+        out.append(
+            SegmentComparison(
+                column,
+                "(other)",
+                int(counts.iloc[MAX_SEGMENT_VALUES:].sum()),
+                None,
+                f"only the {MAX_SEGMENT_VALUES} most frequent values are compared",
+            )
+        )
+    return out
+
+
+def _value_order(item: tuple[Any, int]) -> tuple[int, Any]:
+    value = item[0]
+    return (0, value) if isinstance(value, int | float | np.number) else (1, str(value))
+
+
+def _decide(
+    *,
+    rule_margin: float,
+    max_error_rate: float,
+    min_labelled_rows: int,
+    challenger_failures: FailureCounts,
+    compared_rows: int,
+    labelled_rows: int,
+    comparison: MetricComparison | None,
+    metric: str,
+) -> tuple[str, list[str]]:
+    if challenger_failures.error_rate > max_error_rate:
+        return REJECT, [
+            f"the challenger fails on {challenger_failures.describe()}, above "
+            f"evaluate.shadow.max_error_rate {max_error_rate:.2%}"
+        ]
+    if compared_rows == 0:
+        return REJECT, ["no row was scored by both models"]
+    if comparison is None or labelled_rows < min_labelled_rows:
+        return WAIT, [
+            f"{labelled_rows:,} labelled rows so far; the decision needs "
+            f"evaluate.shadow.min_labelled_rows {min_labelled_rows:,}"
+            + (f" ({comparison.describe()})" if comparison is not None else "")
+        ]
+    if not comparison.decidable:
+        return WAIT, [
+            f"{metric} is undefined in {comparison.resamples - comparison.defined} of "
+            f"{comparison.resamples} resamples (too few rows of a class): wait for more labels"
+        ]
+    direction = "higher" if comparison.higher_is_better else "lower"
+    bounds = (
+        f"improvement ({direction} is better) {comparison.improvement:+.4f}, "
+        f"{comparison.confidence:.0%} interval {comparison.improvement_low:+.4f} to "
+        f"{comparison.improvement_high:+.4f}, margin {rule_margin:+.4f}"
+    )
+    if comparison.improvement_low > rule_margin:
+        return PROMOTE, [
+            f"the challenger is better: {comparison.describe()}",
+            f"{bounds}: the lower bound is above the margin",
+        ]
+    if comparison.improvement_high <= rule_margin:
+        return REJECT, [
+            f"the challenger is not better: {comparison.describe()}",
+            f"{bounds}: even the upper bound does not clear the margin",
+        ]
+    return WAIT, [
+        f"not enough evidence yet: {comparison.describe()}",
+        f"{bounds}: the interval straddles the margin; more labelled rows will narrow it",
+    ]
+
+
+def _segment_notes(segments: Sequence[SegmentComparison], margin: float) -> list[str]:
+    notes = []
+    for segment in segments:
+        comparison = segment.comparison
+        if comparison is None or not comparison.decidable:
+            continue
+        if comparison.improvement_high < 0:
+            notes.append(
+                f"segment {segment.label}: the challenger is worse "
+                f"({comparison.difference:+.4f}, interval {comparison.low:+.4f} to "
+                f"{comparison.high:+.4f}, {segment.rows:,} rows)"
+            )
+    return notes
+
+
+# ---------------------------------------------------------------------------------------
+# Plots, lineage, promotion
+
+
+def plot_shadow(rows: pd.DataFrame, report: ShadowReport, out_dir: Path) -> list[Path]:
+    """``score_scatter.png`` and, with a comparison, ``metric_difference.png``."""
+    out = Path(out_dir)
+    compared = rows[CHAMPION_SCORE].notna() & rows[CHALLENGER_SCORE].notna()
+    written = [
+        plot_score_scatter(
+            rows.loc[compared, CHAMPION_SCORE].to_numpy(),
+            rows.loc[compared, CHALLENGER_SCORE].to_numpy(),
+            out / "score_scatter.png",
+            title=f"Scores: v{report.challenger_version} vs champion v{report.champion_version}",
+            champion_label=f"champion v{report.champion_version}",
+            challenger_label=f"challenger v{report.challenger_version}",
+        )
+    ]
+    if report.comparison is not None:
+        lines = [("overall", report.comparison)] + [
+            (segment.label, segment.comparison)
+            for segment in report.segments
+            if segment.comparison is not None
+        ]
+        written.append(
+            plot_metric_differences(
+                lines,
+                out / "metric_difference.png",
+                margin=float(report.settings.get("margin", 0.0)),
+                title=f"{report.metric}: v{report.challenger_version} - v{report.champion_version}",
+            )
+        )
+    return written
+
+
+@dataclass(frozen=True)
+class ShadowLineage:
+    """What one shadow evaluation read and wrote."""
+
+    pipeline: str
+    model_name: str
+    champion_version: str
+    champion_weights: str
+    challenger_version: str
+    challenger_weights: str
+    input_path: str
+    input_digest: str
+    input_files: dict[str, str]
+    served_path: str
+    served_sha256: str
+    shadow_path: str
+    shadow_sha256: str
+    labels_path: str | None
+    labels_digest: str | None
+    run_id: str
+    experiment_id: str
+    flow_run_id: str | None
+    decision: str
+    reasons: list[str]
+    who: str = field(default_factory=getpass.getuser)
+    when: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    promotion_run_id: str | None = None
+    promotion_outcome: str | None = None
+
+
+def build_shadow_record(facts: ShadowLineage, report: ShadowReport) -> dict[str, Any]:
+    """The lineage record of a shadow evaluation (``lineage/record.json``)."""
+    batch = input_node_id(facts.input_path, facts.input_digest)
+    champion = model_version_node(
+        facts.model_name, facts.champion_version, facts.champion_weights, "champion"
+    )
+    challenger = model_version_node(
+        facts.model_name, facts.challenger_version, facts.challenger_weights, "challenger"
+    )
+    run = run_node(facts.run_id, facts.experiment_id, facts.flow_run_id)
+    served = predictions_node_id(facts.served_path, facts.served_sha256)
+    shadow = predictions_node_id(facts.shadow_path, facts.shadow_sha256)
+    evaluation = evaluation_node_id("shadow-evaluation", facts.run_id)
+    decision = decision_node_id(facts.run_id)
+    nodes = [
+        Node(
+            "input",
+            batch,
+            f"md5:{facts.input_digest}",
+            {"path": facts.input_path, "files": dict(facts.input_files)},
+        ),
+        champion,
+        challenger,
+        run,
+        Node(
+            "predictions",
+            served,
+            f"sha256:{facts.served_sha256}",
+            {"path": facts.served_path, "served": True},
+        ),
+        Node(
+            "predictions",
+            shadow,
+            f"sha256:{facts.shadow_sha256}",
+            {"path": facts.shadow_path, "served": False},
+        ),
+        Node(
+            "shadow_evaluation",
+            evaluation,
+            None,
+            {
+                "metric": report.metric,
+                "labelled_rows": report.labelled_rows,
+                "agreement": report.agreement,
+                "distances": dict(report.distances),
+                "comparison": None if report.comparison is None else report.comparison.to_dict(),
+            },
+        ),
+        Node(
+            "decision",
+            decision,
+            None,
+            {
+                "decision": facts.decision,
+                "reasons": list(facts.reasons),
+                "who": facts.who,
+                "when": facts.when,
+                "flow_run_id": facts.flow_run_id,
+                "promotion_run_id": facts.promotion_run_id,
+                "promotion_outcome": facts.promotion_outcome,
+            },
+        ),
+    ]
+    edges = [
+        Edge(batch, run.id, "input_of"),
+        Edge(champion.id, run.id, "scored_with"),
+        Edge(challenger.id, run.id, "shadowed_with"),
+        Edge(run.id, served, "produced"),
+        Edge(run.id, shadow, "produced"),
+        Edge(batch, evaluation, "evaluated_on"),
+        Edge(champion.id, evaluation, "champion_of"),
+        Edge(challenger.id, evaluation, "challenger_of"),
+        Edge(served, evaluation, "compared_in"),
+        Edge(shadow, evaluation, "compared_in"),
+        Edge(run.id, evaluation, "produced"),
+    ]
+    decided = Decided(
+        evaluation=evaluation,
+        decision=decision,
+        challenger=challenger.id,
+        incumbent=champion.id,
+        verdict=facts.decision,
+        reasons=list(facts.reasons),
+        who=facts.who,
+        when=facts.when,
+        labels_path=facts.labels_path,
+        labels_digest=facts.labels_digest,
+        action=PROMOTE if facts.promotion_run_id else None,
+        action_outcome=facts.promotion_outcome,
+        action_run_id=facts.promotion_run_id,
+    )
+    return build_decision_record(
+        flow="shadow", pipeline=facts.pipeline, nodes=nodes, edges=edges, decided=decided
+    )
+
+
+def promote_challenger(
+    client: MlflowClient,
+    report: ShadowReport,
+    *,
+    model_name: str,
+    run_id: str,
+    flow_run_id: str | None,
+    experiment_id: str | None,
+) -> PromotionRecord:
+    """Promote the challenger a shadow decided for, compare-and-set against its champion.
+
+    Raises:
+        ValueError: the report did not decide ``promote``.
+        PromotionError: the champion moved since it was shadowed, or the challenger's gate
+            did not pass; nothing was moved and the refusal is recorded.
+    """
+    from stemma.components.registry.promotion import promote
+
+    if report.decision != PROMOTE:
+        raise ValueError(f"the shadow decided {report.decision!r}, not {PROMOTE!r}")
+    evidence: dict[str, Any] = {
+        "flow": "shadow",
+        "shadow_run_id": run_id,
+        "metric": report.metric,
+        "labelled_rows": report.labelled_rows,
+        "agreement": report.agreement,
+    }
+    if report.comparison is not None:
+        evidence.update(
+            {
+                "champion": report.comparison.champion,
+                "challenger": report.comparison.challenger,
+                "difference": report.comparison.difference,
+                "interval": [report.comparison.low, report.comparison.high],
+                "confidence": report.comparison.confidence,
+            }
+        )
+    return promote(
+        client,
+        model_name,
+        report.challenger_version,
+        expected_champion=report.champion_version,
+        reason=f"shadow evaluation decided promote: {report.reasons[0]}",
+        evidence=evidence,
+        flow_run_id=flow_run_id,
+        experiment_id=experiment_id,
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = getattr(error, "message", None) or str(error) or type(error).__name__
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__

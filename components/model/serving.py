@@ -1,0 +1,89 @@
+"""The logged model's code: MLflow runs this file to build the model ("models from code").
+
+``tracking.log_pyfunc_model`` passes this file's path as ``python_model``; MLflow copies it
+into the model folder and executes it, standalone, whenever the model is logged or loaded.
+So it imports Stemma by absolute name (the ``stemma`` package must be installed where the
+model is served), defines no helpers anyone else imports, and ends with
+``mlflow.models.set_model``.
+
+Nothing is unpickled: the model is rebuilt from three artifact files that
+``log_pyfunc_model`` writes,
+
+* ``preprocess``: the fitted preprocessor as JSON (``Preprocessor.save_json``);
+* ``network``: JSON with the network config, ``n_inputs``, ``n_outputs``, the task and,
+  for a binary task, the decision ``threshold``;
+* ``weights``: the trained weights as safetensors.
+
+A quantized variant (``stemma run quantize``) is the same three files with a network JSON
+of format 2, which names the method, and the variant's weights (torchao int8 tensors or
+bf16/fp16 in safetensors); :func:`stemma.components.quantization.variants.load_variant_network`
+rebuilds it, still without unpickling anything. It runs eager here.
+"""
+
+# No `from __future__ import annotations`: MLflow reads predict()'s type hints at runtime.
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+from stemma.components.model.networks import build_network
+from stemma.components.model.preprocessing import Preprocessor
+from stemma.components.platform.tracking import DEFAULT_THRESHOLD
+from stemma.components.training.loop import load_weights, predict_raw
+
+#: Network JSON layouts this file can read: 1, an fp32 network; 2, a quantized variant.
+SUPPORTED_NETWORK_FORMATS = (1, 2)
+QUANTIZED_FORMAT = 2
+
+
+class StemmaModel(PythonModel):
+    """Raw feature columns in; ``score`` (and for a binary task ``prediction``) out."""
+
+    def load_context(self, context: Any) -> None:
+        """Rebuild the preprocessor and the network from the model's artifact files."""
+        document = json.loads(Path(context.artifacts["network"]).read_text(encoding="utf-8"))
+        layout = document.get("format")
+        if layout not in SUPPORTED_NETWORK_FORMATS:
+            raise ValueError(
+                f"network.json has format {layout!r}; this Stemma reads {SUPPORTED_NETWORK_FORMATS}"
+            )
+        self._preprocessor = Preprocessor.load_json(Path(context.artifacts["preprocess"]))
+        self._task = str(document["task"])
+        # log_pyfunc_model stores the threshold of a binary model; the default covers the rest.
+        self._threshold = float(document.get("threshold", DEFAULT_THRESHOLD))
+        if layout == QUANTIZED_FORMAT:
+            from stemma.components.quantization.variants import load_variant_network
+
+            network = load_variant_network(document, Path(context.artifacts["weights"]))
+        else:
+            network = build_network(
+                document["config"], int(document["n_inputs"]), int(document["n_outputs"])
+            )
+            load_weights(network, Path(context.artifacts["weights"]))
+        self._network = network.eval()
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        """Score raw rows; columns that are not features are ignored.
+
+        Returns:
+            A frame on the input's index with ``score`` (the probability of class 1, or the
+            predicted value) and, for a binary task, ``prediction`` (1 when the score is at
+            least the threshold).
+        """
+        # predict_raw runs under torch.inference_mode, in chunks, on the CPU.
+        raw = predict_raw(self._network, self._preprocessor.transform(model_input))
+        scores = np.asarray(self._preprocessor.decode_output(raw), dtype=np.float64)
+        scores = scores.reshape(len(model_input))
+        output = pd.DataFrame({"score": scores}, index=model_input.index)
+        if self._task == "binary":
+            output["prediction"] = (scores >= self._threshold).astype(np.int64)
+        return output
+
+
+mlflow.models.set_model(StemmaModel())

@@ -1,0 +1,219 @@
+"""What `stemma serve` deploys: the Prefect deployments of a spec, as plain data.
+
+Each flow of a pipeline becomes one deployment named after the pipeline (``train/credit``,
+``score/credit``, ...), with its schedule and event triggers taken from the spec. This
+module only *describes* them, so the plan can be printed (`stemma serve --dry-run`),
+tested, and compared with ``infra/prefect.yaml`` without Prefect; ``flows/serve.py``
+turns the plan into Prefect deployments.
+
+Events that connect the flows (names and resources are part of Stemma's interface):
+
+- ``stemma.batch.scored``: the scoring flow finished a batch; the monitoring deployment
+  runs on it with the batch as its parameter ("monitoring after scoring").
+- ``stemma.drift.detected``: the drift monitor found drift; the retraining deployment
+  runs on it with the drift report as its cause.
+
+Both carry the resource ``stemma.pipeline.<name>``, so a trigger fires only for its own
+pipeline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any
+
+from stemma.components.spec import LoadedSpec
+
+#: Event the scoring flow emits when a batch is scored.
+BATCH_SCORED_EVENT = "stemma.batch.scored"
+#: Event the drift monitor emits when drift is over the spec's thresholds.
+DRIFT_DETECTED_EVENT = "stemma.drift.detected"
+
+
+def pipeline_resource_id(pipeline: str) -> str:
+    """The Prefect event resource id of a pipeline (``stemma.pipeline.<name>``)."""
+    return f"stemma.pipeline.{pipeline}"
+
+
+@dataclass(frozen=True)
+class EventTrigger:
+    """Run a deployment when an event about this pipeline arrives.
+
+    ``parameters`` may use Prefect's templates (``{{ event.payload.x }}``).
+    """
+
+    name: str
+    event: str
+    resource_id: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class DeploymentPlan:
+    """One Prefect deployment of a pipeline's flow."""
+
+    flow_name: str
+    entrypoint: str
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    cron: str | None = None
+    timezone: str = "UTC"
+    triggers: tuple[EventTrigger, ...] = ()
+    #: At most this many runs at once; further runs are cancelled, not queued.
+    concurrency_limit: int | None = None
+    tags: tuple[str, ...] = ()
+
+    @property
+    def full_name(self) -> str:
+        """``<flow>/<deployment>``, as Prefect names a deployment."""
+        return f"{self.flow_name}/{self.name}"
+
+    @property
+    def module(self) -> str:
+        return self.entrypoint.split(":", 1)[0]
+
+    @property
+    def function(self) -> str:
+        return self.entrypoint.split(":", 1)[1]
+
+
+def deployment_plans(
+    loaded: LoadedSpec, config: str, overrides: tuple[str, ...] | list[str] = ()
+) -> list[DeploymentPlan]:
+    """The deployments of every flow the spec uses, in the order a user reads them.
+
+    Args:
+        loaded: the validated spec.
+        config: the spec's path as the served flows receive it (relative to the project
+            root, where `stemma serve` runs them).
+        overrides: `--set` overrides that every deployment passes on.
+
+    Returns:
+        Training (by hand), nightly scoring, monitoring after each scored batch, retraining
+        (scheduled and on drift, one at a time) and, where their flows exist, quantization,
+        shadow and canary evaluation (by hand).
+    """
+    spec = loaded.spec
+    pipeline = spec.pipeline.name
+    resource = pipeline_resource_id(pipeline)
+    base = {"config": config, "overrides": list(overrides)}
+    tags = ("stemma", f"pipeline:{pipeline}")
+    plans = [
+        DeploymentPlan(
+            flow_name="train",
+            entrypoint="stemma.flows.train:train_flow",
+            name=pipeline,
+            description=f"Validate the data, train, evaluate, register and gate `{pipeline}`.",
+            parameters=dict(base),
+            tags=tags,
+        ),
+        DeploymentPlan(
+            flow_name="score",
+            entrypoint="stemma.flows.score:score_flow",
+            name=pipeline,
+            description=f"Nightly batch scoring of `{spec.score.input}` with the champion.",
+            parameters=dict(base),
+            cron=spec.score.schedule,
+            tags=tags,
+        ),
+    ]
+    monitor = getattr(spec, "monitor", None)
+    plans.append(
+        DeploymentPlan(
+            flow_name="monitor",
+            entrypoint="stemma.flows.monitor:monitor_flow",
+            name=pipeline,
+            description="Drift report of each scored batch against the model's reference profile.",
+            parameters=dict(base),
+            cron=getattr(monitor, "schedule", None),
+            triggers=(
+                EventTrigger(
+                    name=f"monitor {pipeline} after scoring",
+                    event=BATCH_SCORED_EVENT,
+                    resource_id=resource,
+                    parameters={
+                        **base,
+                        "batch": "{{ event.payload.input }}",
+                        "model": "{{ event.payload.model }}",
+                    },
+                    description="Monitor every batch the scoring flow finished.",
+                ),
+            ),
+            tags=tags,
+        )
+    )
+    retrain = spec.retrain
+    if retrain is not None:
+        triggers: tuple[EventTrigger, ...] = ()
+        if retrain.on_drift:
+            triggers = (
+                EventTrigger(
+                    name=f"retrain {pipeline} on drift",
+                    event=DRIFT_DETECTED_EVENT,
+                    resource_id=resource,
+                    parameters={**base, "cause": "{{ event.payload.report_run_id }}"},
+                    description="Retrain when the monitor reports drift over the thresholds.",
+                ),
+            )
+        plans.append(
+            DeploymentPlan(
+                flow_name="retrain",
+                entrypoint="stemma.flows.retrain:retrain_flow",
+                name=pipeline,
+                description=(
+                    "Add newly labelled production rows as a new data version, retrain, gate, "
+                    "quantize, shadow, and promote when the shadow evaluation says so."
+                ),
+                parameters=dict(base),
+                cron=retrain.schedule,
+                triggers=triggers,
+                concurrency_limit=1,
+                tags=tags,
+            )
+        )
+    # By hand; a canary moves aliases step by step, so one canary run at a time.
+    for flow_name, function, description, limit in (
+        (
+            "quantize",
+            "quantize_flow",
+            "Build, measure and gate quantized variants of a model.",
+            None,
+        ),
+        ("shadow", "shadow_flow", "Score a batch with challenger and champion and compare.", None),
+        ("canary", "canary_flow", "Route a growing share of a batch to the challenger.", 1),
+    ):
+        plans.append(
+            DeploymentPlan(
+                flow_name=flow_name,
+                entrypoint=f"stemma.flows.{flow_name}:{function}",
+                name=pipeline,
+                description=description,
+                parameters=dict(base),
+                concurrency_limit=limit,
+                tags=tags,
+            )
+        )
+    return [plan for plan in plans if _module_exists(plan.module)]
+
+
+def _module_exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def describe_plans(plans: list[DeploymentPlan]) -> str:
+    """A table of the deployments: name, schedule, triggers, concurrency."""
+    lines = []
+    for plan in plans:
+        when = [f"cron '{plan.cron}' ({plan.timezone})"] if plan.cron else []
+        when += [f"on {trigger.event}" for trigger in plan.triggers]
+        if not when:
+            when = ["by hand"]
+        limit = f", at most {plan.concurrency_limit} at once" if plan.concurrency_limit else ""
+        lines.append(f"  {plan.full_name:<24} {'; '.join(when)}{limit}")
+    return "\n".join(lines)

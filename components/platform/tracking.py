@@ -1,0 +1,771 @@
+"""MLflow tracking: where runs go, the data version as a run input, params, metrics, the model.
+
+On a laptop the tracking store is a SQLite file and a local artifact folder under the
+project's ``.stemma/``; ``MLFLOW_TRACKING_URI`` (and ``MLFLOW_REGISTRY_URI``) in the
+environment point the same code at a server instead.
+
+The training data is logged as a run input whose source is a :class:`DVCDatasetSource`:
+the MLflow UI then shows ``source_type=dvc``, the DVC md5 as the dataset digest, and the
+DVC pointer, path and git revision in the source, so a run names the exact data version it
+read.
+
+The model is logged as "models from code" (:mod:`.serving` is the model file): three plain
+artifact files (preprocessing JSON, network JSON, safetensors weights) and no pickle, so it
+loads with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``.
+
+mlflow is imported inside the functions that need it, except for the dataset source class,
+which must subclass MLflow's; importing this module therefore imports mlflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, fields
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from mlflow.data.dataset_source import DatasetSource
+
+from stemma.components.errors import DataError, StemmaError
+
+if TYPE_CHECKING:
+    from mlflow.models.model import ModelInfo
+    from torch import nn
+
+    from stemma.components.data.tables import DataVersion
+    from stemma.components.model.preprocessing import Preprocessor
+
+#: Folder under the project root that holds Stemma's local state.
+STATE_DIR = ".stemma"
+#: SQLite file of the local tracking and registry store, inside :data:`STATE_DIR`.
+LOCAL_DB_NAME = "mlflow.db"
+#: Local artifact folder, inside :data:`STATE_DIR`; each experiment gets a subfolder.
+LOCAL_ARTIFACTS_DIR = "mlartifacts"
+
+# MLflow's limits (mlflow.utils.validation, 3.17): a batch holds at most 100 params or tags
+# and 1000 metrics; a param value at most 6000 characters; a dataset digest at most 36.
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_DATASET_DIGEST_LENGTH = 36
+#: Appended to a param value cut to :data:`MAX_PARAM_VALUE_LENGTH`, so a reader sees the cut.
+TRUNCATION_MARK = "...[truncated]"
+
+#: Rows of the input example stored with the model (shown in the UI, used to check serving).
+INPUT_EXAMPLE_ROWS = 5
+#: Decision threshold on the probability of a binary model, stored in its network JSON.
+DEFAULT_THRESHOLD = 0.5
+#: Artifact names the model file (:mod:`.serving`) reads, and the files they are written to.
+MODEL_ARTIFACT_FILES = {
+    "preprocess": "preprocess.json",
+    "network": "network.json",
+    "weights": "weights.safetensors",
+}
+#: Layout version of the network JSON, so the model file can refuse one it does not know.
+NETWORK_FORMAT = 1
+#: What the logged model needs at inference time, pinned to what is installed here
+#: (torch's local suffix such as ``+cpu`` dropped: ``torch==2.13.0`` resolves to the CPU
+#: wheel on a CPU machine; anything looser pulls the newest CUDA build).
+MODEL_REQUIREMENTS = ("torch", "mlflow", "numpy", "pandas", "safetensors")
+
+_EXPERIMENT_FOLDER = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+# ---------------------------------------------------------------------------------------
+# Where runs go
+
+
+#: Tracking URIs served by an MLflow server, which chooses artifact locations itself.
+_SERVER_SCHEMES = ("http://", "https://", "databricks")
+
+
+def local_tracking_uri(root: Path) -> str:
+    """The tracking URI of the project's embedded store: ``sqlite:///<root>/.stemma/mlflow.db``."""
+    return f"sqlite:///{(Path(root) / STATE_DIR / LOCAL_DB_NAME).resolve()}"
+
+
+def local_artifact_root(root: Path) -> Path:
+    """The project's local artifact folder, ``<root>/.stemma/mlartifacts``."""
+    return (Path(root) / STATE_DIR / LOCAL_ARTIFACTS_DIR).resolve()
+
+
+#: Local URIs this process configured. mlflow.set_tracking_uri (and set_registry_uri)
+#: also write MLFLOW_TRACKING_URI (MLFLOW_REGISTRY_URI) into os.environ, so without this
+#: memo a second project in the same process would inherit the first one's local store.
+_LOCAL_URIS_SET: set[str] = set()
+#: Registry URIs this process derived from the tracking URI. MLflow's
+#: ``set_registry_uri`` writes ``MLFLOW_REGISTRY_URI`` into the environment, so without
+#: this a later project (or a child process) would inherit a stale registry.
+_DERIVED_REGISTRY_URIS: set[str] = set()
+
+
+def _user_uri(variable: str) -> str | None:
+    value = os.environ.get(variable, "").strip()
+    if variable == "MLFLOW_REGISTRY_URI" and value in _DERIVED_REGISTRY_URIS:
+        return None
+    return value if value and value not in _LOCAL_URIS_SET else None
+
+
+def configure_tracking(root: Path) -> str:
+    """Point MLflow tracking and registry at the environment's server or the local store.
+
+    ``MLFLOW_TRACKING_URI`` wins when set (``MLFLOW_REGISTRY_URI`` too, else the registry
+    follows tracking); otherwise runs go to ``<root>/.stemma/mlflow.db``, whose folder is
+    created.
+
+    Args:
+        root: the project root.
+
+    Returns:
+        The tracking URI in use.
+    """
+    import mlflow
+
+    uri = _user_uri("MLFLOW_TRACKING_URI")
+    if uri is None:
+        uri = local_tracking_uri(root)
+        (Path(root) / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        _LOCAL_URIS_SET.add(uri)
+    mlflow.set_tracking_uri(uri)
+    registry = _user_uri("MLFLOW_REGISTRY_URI")
+    if registry is None:
+        registry = uri
+        _DERIVED_REGISTRY_URIS.add(uri)
+    mlflow.set_registry_uri(registry)
+    if registry == uri and uri in _DERIVED_REGISTRY_URIS:
+        # Not the user's setting: keep it out of the environment children inherit.
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    return uri
+
+
+def ensure_experiment(name: str, root: Path) -> str:
+    """The id of the experiment ``name``, created if it does not exist.
+
+    Without a tracking server (the local store, or any database URI), a new experiment
+    keeps its artifacts under ``<root>/.stemma/mlartifacts/<name>``; against a server,
+    the server decides.
+
+    Raises:
+        StemmaError: the experiment exists but is deleted (restore it or pick another name),
+            or MLflow refused the request.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            location = None
+            # Without a tracking server nothing decides where artifacts go, and MLflow's
+            # fallback is ./mlruns of whatever folder the command ran in: keep them with
+            # the project instead. A server (http, databricks) keeps its own default.
+            if not mlflow.get_tracking_uri().startswith(_SERVER_SCHEMES):
+                folder = _EXPERIMENT_FOLDER.sub("_", name).strip("._") or "experiment"
+                location = (local_artifact_root(root) / folder).as_uri()
+            return client.create_experiment(name, artifact_location=location)
+    except MlflowException as error:
+        raise StemmaError(
+            f"MLflow at {mlflow.get_tracking_uri()}: cannot get or create experiment {name!r}",
+            [error.message],
+        ) from error
+    if experiment.lifecycle_stage == "deleted":
+        raise StemmaError(
+            f"MLflow experiment {name!r} (id {experiment.experiment_id}) is deleted",
+            [
+                f"restore it: mlflow experiments restore --experiment-id {experiment.experiment_id}",
+                "or set pipeline.experiment to another name",
+            ],
+        )
+    return experiment.experiment_id
+
+
+def git_revision(root: Path) -> tuple[str | None, bool]:
+    """The git commit checked out at ``root`` and whether tracked files differ from it.
+
+    Untracked files do not make the tree dirty: outputs such as ``.stemma/`` or ``data/``
+    are often untracked by git on purpose.
+
+    Returns:
+        ``(sha, dirty)``; ``(None, False)`` outside a git repository, in one without
+        commits, or when git is not installed.
+    """
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(root), *args],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=30,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    sha = git("rev-parse", "--verify", "--quiet", "HEAD")
+    if not sha:
+        return None, False
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return sha, bool(status)
+
+
+# ---------------------------------------------------------------------------------------
+# The data version as a run input
+
+
+@dataclass(frozen=True)
+class DVCDatasetSource(DatasetSource):
+    """A data file versioned by DVC, as MLflow records a run input's source.
+
+    Attributes:
+        path: the data file, relative to the project root (``data/credit/train.parquet``).
+        dvc_file: the DVC pointer that versions it (``data.dvc``).
+        md5: the data version: the md5 the pointer records (``<hex>.dir`` for a folder).
+        file_md5: the md5 of the file itself (differs from ``md5`` when a folder is tracked).
+        git_rev: the git commit of the pointer, or None outside git.
+        repo: the project root, or the git remote URL the data can be fetched from.
+    """
+
+    path: str
+    dvc_file: str
+    md5: str
+    file_md5: str | None = None
+    git_rev: str | None = None
+    repo: str | None = None
+
+    @classmethod
+    def from_version(
+        cls, version: DataVersion, root: Path, git_rev: str | None
+    ) -> DVCDatasetSource:
+        """The source of a file that :func:`.data.resolve_data_version` verified."""
+        return cls(
+            path=version.relpath,
+            dvc_file=str(version.dvc_file.relative_to(root)),
+            md5=version.md5,
+            file_md5=version.file_md5,
+            git_rev=git_rev,
+            repo=str(root),
+        )
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "dvc"
+
+    def load(self) -> str:
+        """The local path of the data file, when it is present in a local ``repo``.
+
+        Raises:
+            DataError: the file is not here; the message says how to fetch this version.
+        """
+        if self.repo and "://" not in self.repo:
+            local = Path(self.repo) / self.path
+            if local.exists():
+                return str(local)
+        where = self.repo or "<repository URL>"
+        rev = f" --rev {self.git_rev}" if self.git_rev else ""
+        raise DataError(
+            f"{self.path} (DVC version {self.md5}) is not available locally",
+            [f"fetch it with: dvc get {where} {self.path}{rev}"],
+        )
+
+    @staticmethod
+    def _can_resolve(raw_source: Any) -> bool:
+        # Built explicitly from a DVC pointer, never guessed from a string.
+        return False
+
+    @classmethod
+    def _resolve(cls, raw_source: Any) -> DVCDatasetSource:
+        raise NotImplementedError("a DVCDatasetSource is built from a DVC pointer, not resolved")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, source_dict: dict[Any, Any]) -> DVCDatasetSource:
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in source_dict.items() if key in known})
+
+
+def _register_dataset_source() -> None:
+    # Registered so that mlflow.data.get_source(run.inputs.dataset_inputs[i]) gives a
+    # DVCDatasetSource back; the UI shows the source JSON either way.
+    from mlflow.data.dataset_source_registry import (
+        get_registered_sources,
+        register_dataset_source,
+    )
+
+    if DVCDatasetSource not in get_registered_sources():
+        register_dataset_source(DVCDatasetSource)  # type: ignore[arg-type]  # takes the class
+
+
+_register_dataset_source()
+
+
+def dataset_digest(md5: str) -> str:
+    """The digest MLflow stores for a DVC version: the md5, cut to MLflow's 36 characters.
+
+    A DVC folder md5 (``<32 hex>.dir``) is exactly 36 characters and is kept whole, so the
+    digest reads as it does in the ``.dvc`` file; the source always holds the full value.
+    """
+    return md5[:MAX_DATASET_DIGEST_LENGTH]
+
+
+def log_dataset(
+    frame: pd.DataFrame,
+    *,
+    name: str,
+    source: DVCDatasetSource,
+    context: str,
+    digest: str,
+    target: str | None = None,
+) -> None:
+    """Log a table as an input of the active run, identified by its DVC version.
+
+    The input's digest is the DVC md5 (see :func:`dataset_digest`), its source the DVC
+    path, pointer and git revision, its schema the frame's columns and types and its
+    profile the row and cell counts.
+
+    Args:
+        frame: the rows the run used (not modified).
+        name: dataset name shown in the UI (``credit-train``).
+        source: where the rows come from.
+        context: what the run did with them (``training``, ``test``).
+        digest: the data version, normally ``source.md5``.
+        target: the label column, if the frame has one.
+    """
+    import mlflow
+    from mlflow.data.pandas_dataset import from_pandas
+
+    _require_active_run("log_dataset")
+    dataset = from_pandas(
+        frame, source=source, name=name, digest=dataset_digest(digest), targets=target
+    )
+    with _quiet_integer_hint():  # the schema is inferred when the input is logged
+        mlflow.log_input(dataset, context=context)
+
+
+def log_dataset_reference(
+    *,
+    name: str,
+    source: DatasetSource | str,
+    context: str,
+    digest: str,
+    columns: Mapping[str, str] | None = None,
+) -> None:
+    """Log a dataset too large to load as an input of the active run: source, digest, schema.
+
+    Batch scoring streams its input and never holds it in memory, so the run input is
+    built from what is known without the rows: where they are, their digest, and the
+    column types.
+
+    Args:
+        name: dataset name shown in the UI (``credit-batch``).
+        source: a :class:`DVCDatasetSource` for DVC-tracked input, or a local path.
+        context: what the run did with the rows (``scoring``).
+        digest: the input's content digest.
+        columns: column name to MLflow type (``double``, ``long``, ``string``...).
+    """
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, Schema
+
+    _require_active_run("log_dataset_reference")
+    if isinstance(source, str):
+        with warnings.catch_warnings():  # MLflow warns that a local path has two readers
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(source)
+    schema = (
+        Schema([ColSpec(kind, column) for column, kind in columns.items()]) if columns else None
+    )
+    # MetaDataset leaves `profile` abstract in its typing but implements it at runtime.
+    dataset = MetaDataset(  # type: ignore[abstract]
+        source=source, name=name, digest=dataset_digest(digest), schema=schema
+    )
+    mlflow.log_input(dataset, context=context)
+
+
+#: Longest error text kept in a run's `stemma.error` tag.
+MAX_ERROR_TAG_CHARS = 4000
+
+
+def end_run_after(error: BaseException) -> bool:
+    """End the active run after ``error``: KILLED when interrupted, FAILED otherwise.
+
+    An interruption is Ctrl-C, SIGTERM, or a stop because a server did not answer (see
+    :func:`.lifecycle.is_interruption`). The run keeps the reason in its tags
+    (``stemma.status``, ``stemma.error``), so the MLflow UI says why a run stopped without
+    a traceback. When the tracking server itself is down (:func:`.outages.is_down`),
+    nothing is sent: the run stays RUNNING and a rerun resumes it.
+
+    Returns:
+        Whether the run may be resumed: an interruption, or any error while the tracking
+        server is down (the run's own work did not fail).
+    """
+    import mlflow
+
+    from stemma.components.platform.lifecycle import is_interruption
+    from stemma.components.platform.outages import is_down
+
+    if is_down(mlflow.get_tracking_uri()):
+        # Leave the run RUNNING on the server, but take it off this process's stack, or
+        # MLflow's exit handler would retry ending it for as long as its retries allow.
+        with _single_quick_attempt(), suppress(Exception):
+            mlflow.end_run(status="KILLED")
+        return True
+    interrupted = is_interruption(error)
+    headline = error.headline if isinstance(error, StemmaError) else repr(error)
+    mlflow.set_tags(
+        {
+            "stemma.status": "interrupted" if interrupted else "failed",
+            "stemma.error": headline[:MAX_ERROR_TAG_CHARS],
+        }
+    )
+    mlflow.end_run(status="KILLED" if interrupted else "FAILED")
+    return interrupted
+
+
+#: MLflow's HTTP settings for a request to a server known to be down: one try, briefly.
+_QUICK_ATTEMPT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+
+
+@contextmanager
+def _single_quick_attempt() -> Iterator[None]:
+    """MLflow requests inside the block try once, for 2 s at most (MLflow reads these
+    variables on every request); the previous values come back after it."""
+    saved = {name: os.environ.get(name) for name in _QUICK_ATTEMPT}
+    os.environ.update(_QUICK_ATTEMPT)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# ---------------------------------------------------------------------------------------
+# Params and metrics
+
+
+@contextmanager
+def _quiet_integer_hint() -> Iterator[None]:
+    """Silence MLflow's hint that integer columns cannot hold missing values.
+
+    It fires for every integer column of every schema MLflow infers; Stemma's schemas come
+    from the real data, so the types are the data's types, and the enforcement error a
+    NaN later causes repeats the hint where it matters.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        yield
+
+
+def _require_active_run(caller: str) -> str:
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError(f"{caller} must be called inside an active MLflow run")
+    return run.info.run_id
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def truncate_param(value: str) -> str:
+    """A param value cut to MLflow's limit, with :data:`TRUNCATION_MARK` where it was cut."""
+    if len(value) <= MAX_PARAM_VALUE_LENGTH:
+        return value
+    return value[: MAX_PARAM_VALUE_LENGTH - len(TRUNCATION_MARK)] + TRUNCATION_MARK
+
+
+def log_params_flat(params: Mapping[str, str]) -> None:
+    """Log flat ``key -> value`` params on the active run, in batches MLflow accepts.
+
+    Values longer than MLflow's limit are cut (see :func:`truncate_param`); credentials in
+    a URL are masked (see :func:`~.redaction.redact_url`), since params are shown to anyone
+    who can read the experiment.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    from stemma.components.platform.redaction import redact_url
+
+    run_id = _require_active_run("log_params_flat")
+    client = MlflowClient()
+    entries = [
+        Param(redact_url(key), truncate_param(redact_url(str(value))))
+        for key, value in params.items()
+    ]
+    for batch in _chunks(entries, MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=list(batch))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    )
+
+
+def log_metrics_batch(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log metrics on the active run with one timestamp, in as few requests as MLflow allows.
+
+    Args:
+        metrics: name -> value; non-finite values are logged as they are (MLflow keeps NaN).
+        step: the step of every value (0 when None).
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    run_id = _require_active_run("log_metrics_batch")
+    timestamp = int(time.time() * 1000)
+    entries = [Metric(key, float(value), timestamp, step or 0) for key, value in metrics.items()]
+    client = MlflowClient()
+    for batch in _chunks(entries, MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=list(batch))
+
+
+def log_epoch(row: Mapping[str, Any], step: int) -> None:
+    """Log one epoch's numbers (losses, metrics, learning rate...) at ``step``, in one request.
+
+    Values that are not numbers (strings, None, booleans) are skipped.
+    """
+    log_metrics_batch({key: value for key, value in row.items() if _is_number(value)}, step=step)
+
+
+# ---------------------------------------------------------------------------------------
+# The model
+
+
+def model_requirements() -> list[str]:
+    """The logged model's pip requirements, pinned to the versions installed here."""
+    pins = []
+    for package in MODEL_REQUIREMENTS:
+        version = metadata.version(package).split("+", 1)[0]
+        pins.append(f"{package}=={version}")
+    return pins
+
+
+#: Logged-model and model-version tag holding the model folder's files as compact JSON,
+#: ``{relative path: sha256}``: everything a load must find, byte for byte.
+MODEL_FILES_TAG = "stemma.model.files"
+#: Run, logged-model and model-version tag with the sha256 of a custom architecture's
+#: source file at training (absent for the built-in ``mlp``).
+ARCHITECTURE_TAG = "stemma.architecture.sha256"
+#: Tags a registered version copies from its logged model (what a load checks).
+INTEGRITY_TAGS = (MODEL_FILES_TAG, ARCHITECTURE_TAG, "stemma.weights_sha256")
+#: How many differing files a message names before it summarises.
+MAX_FILES_NAMED = 10
+#: Files left out of a model's manifest: MLflow writes ``registered_model_meta`` (the
+#: registered name and version, as YAML) into a local store's model folder whenever a
+#: version is loaded by a ``models:/<name>/...`` URI; Stemma never reads it.
+UNRECORDED_MODEL_FILES = frozenset({"registered_model_meta"})
+
+
+def model_file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under a model folder, keyed by its POSIX path relative to it
+    (except :data:`UNRECORDED_MODEL_FILES`)."""
+    import hashlib
+
+    folder = Path(folder)
+    digests = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
+        relative = path.relative_to(folder).as_posix()
+        if relative in UNRECORDED_MODEL_FILES:
+            continue
+        with open(path, "rb") as handle:
+            digests[relative] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return digests
+
+
+def encode_manifest(digests: Mapping[str, str]) -> str:
+    """The manifest as the compact JSON a tag holds (keys sorted, no spaces)."""
+    return json.dumps(dict(sorted(digests.items())), separators=(",", ":"))
+
+
+def decode_manifest(text: str | None) -> dict[str, str] | None:
+    """A manifest tag's value as ``{path: sha256}``; None when absent or malformed."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        return None
+    return value
+
+
+def file_differences(recorded: Mapping[str, str], found: Mapping[str, str]) -> list[str]:
+    """One line per file that is missing, extra or changed, recorded digest against found."""
+    lines = []
+    for path in sorted(recorded.keys() | found.keys()):
+        before, after = recorded.get(path), found.get(path)
+        if before == after:
+            continue
+        if after is None:
+            lines.append(f"{path}: missing (recorded {before})")
+        elif before is None:
+            lines.append(f"{path}: not recorded (found {after})")
+        else:
+            lines.append(f"{path}: changed (recorded {before}, found {after})")
+    if len(lines) > MAX_FILES_NAMED:
+        lines = [*lines[:MAX_FILES_NAMED], f"... and {len(lines) - MAX_FILES_NAMED} more"]
+    return lines
+
+
+def record_model_files(client: Any, model_id: str) -> dict[str, str]:
+    """Hash every file of a logged model, as the store holds it, and tag the model with them.
+
+    The files are read back from the artifact store (not from the folder they were
+    logged from), so the manifest covers exactly what a later load downloads. Call it
+    again after adding a file to the model (``profile.save_with_model`` does).
+
+    Returns:
+        The manifest, ``{relative path: sha256}``.
+    """
+    import tempfile
+
+    import mlflow
+
+    location = client.get_logged_model(model_id).artifact_location
+    with tempfile.TemporaryDirectory(prefix="stemma-manifest-") as scratch:
+        folder = mlflow.artifacts.download_artifacts(
+            artifact_uri=location, dst_path=scratch, tracking_uri=client.tracking_uri
+        )
+        digests = model_file_digests(Path(folder))
+    client.set_logged_model_tags(model_id, {MODEL_FILES_TAG: encode_manifest(digests)})
+    return digests
+
+
+def integrity_tags(client: Any, model_id: str | None) -> dict[str, str]:
+    """The tags a version registered from a logged model copies from it (manifest, hashes)."""
+    if not model_id:
+        return {}
+    tags = client.get_logged_model(model_id).tags or {}
+    copied = {key: tags[key] for key in INTEGRITY_TAGS if tags.get(key)}
+    if "stemma.weights_sha256" in copied:  # versions name it as the run does
+        copied["stemma.weights.sha256"] = copied.pop("stemma.weights_sha256")
+    return copied
+
+
+def architecture_tags(network_config: Mapping[str, Any]) -> dict[str, str]:
+    """``{ARCHITECTURE_TAG: sha256}`` for a custom architecture; empty for a built-in."""
+    from stemma.components.model.networks import (
+        MLP_ARCHITECTURE,
+        architecture_source_sha256,
+        is_custom,
+    )
+
+    architecture = str(network_config.get("architecture", MLP_ARCHITECTURE))
+    if not is_custom(architecture):
+        return {}
+    return {ARCHITECTURE_TAG: architecture_source_sha256(architecture)}
+
+
+def serving_code_path() -> Path:
+    """The model file MLflow logs as "models from code"."""
+    return Path(__file__).parent.parent / "model" / "serving.py"
+
+
+def log_pyfunc_model(
+    *,
+    preprocessor: Preprocessor,
+    network: nn.Module,
+    network_config: dict[str, Any],
+    input_example: pd.DataFrame,
+    task: str,
+    workdir: Path,
+    name: str = "model",
+) -> tuple[ModelInfo, str]:
+    """Log the preprocessor and network as a pickle-free pyfunc model of the active run.
+
+    Writes ``preprocess.json``, ``network.json`` and ``weights.safetensors`` into
+    ``workdir`` and logs them with :mod:`.serving` as the model code, then records the
+    sha256 of every file of the logged model (:func:`record_model_files`) and, for a
+    custom architecture, the sha256 of its source (on the model and the run). The signature takes
+    the feature columns with the example's types and returns ``score`` (probability or
+    value) and, for a binary task, ``prediction``.
+
+    Args:
+        preprocessor: fitted on the training split.
+        network: the trained network (its weights are saved; it is not modified).
+        network_config: what ``models.build_network`` needs to rebuild it.
+        input_example: rows with at least the feature columns; a few are stored.
+        task: ``binary`` or ``regression``.
+        workdir: an empty or scratch folder for the artifact files.
+        name: the model's name within the run.
+
+    Returns:
+        The logged model's info and the sha256 of its weights file.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from stemma.components.training.loop import predict_raw, save_weights
+
+    _require_active_run("log_pyfunc_model")
+    features = [*preprocessor.numeric, *preprocessor.categorical]
+    missing = [column for column in features if column not in input_example.columns]
+    if missing:
+        raise DataError(f"input example lacks feature columns: {', '.join(missing)}")
+    example = input_example.loc[:, features].head(INPUT_EXAMPLE_ROWS).reset_index(drop=True)
+
+    raw = np.asarray(predict_raw(network, preprocessor.transform(example)))
+    n_outputs = int(raw.shape[1]) if raw.ndim == 2 else 1
+    scores = np.asarray(preprocessor.decode_output(raw), dtype=np.float64).reshape(len(example))
+    outputs = pd.DataFrame({"score": scores})
+    if task == "binary":
+        outputs["prediction"] = (scores >= DEFAULT_THRESHOLD).astype(np.int64)
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = {key: workdir / file_name for key, file_name in MODEL_ARTIFACT_FILES.items()}
+    preprocessor.save_json(paths["preprocess"])
+    network_document: dict[str, Any] = {
+        "format": NETWORK_FORMAT,
+        "task": task,
+        "config": network_config,
+        "n_inputs": int(preprocessor.n_inputs),
+        "n_outputs": n_outputs,
+    }
+    if task == "binary":
+        network_document["threshold"] = DEFAULT_THRESHOLD
+    paths["network"].write_text(json.dumps(network_document, indent=2, sort_keys=True))
+    weights_sha256 = save_weights(network, paths["weights"])
+
+    architecture = architecture_tags(network_config)
+    with _quiet_integer_hint():
+        signature = infer_signature(example, outputs)
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(serving_code_path()),
+        artifacts={key: str(path) for key, path in paths.items()},
+        signature=signature,
+        input_example=example,
+        pip_requirements=model_requirements(),
+        tags={"stemma.weights_sha256": weights_sha256, "stemma.task": task, **architecture},
+    )
+    if architecture:
+        mlflow.set_tags(architecture)
+    record_model_files(mlflow.MlflowClient(), info.model_id)
+    return info, weights_sha256

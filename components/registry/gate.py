@@ -1,0 +1,592 @@
+"""The registration gate: does a new model earn an alias, and its entry in the registry.
+
+:func:`decide_gate` is pure: it compares the candidate's test metric with the spec's bound
+and with the current champion *scored on the same test rows* (:func:`champion_value_on`),
+and fails closed whenever it cannot decide (a NaN metric, a champion that could not be
+scored). :func:`register_and_gate` then registers the version with the decision in its
+tags and description, and gives it an alias only when it passed: ``champion`` for the
+first model of a name, ``challenger`` when a champion exists. Promoting a challenger is
+the promote flow's job, not this module's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from stemma.components.errors import RegistryError, SpecError, StemmaError
+from stemma.components.spec import METRIC_DIRECTIONS, GateSpec
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+CHAMPION_ALIAS = "champion"
+CHALLENGER_ALIAS = "challenger"
+#: Prefix of the version tags that record the gate's decision.
+TAG_PREFIX = "stemma.gate."
+#: Decimals shown for metric values in reasons and descriptions.
+SHOWN_DECIMALS = 4
+#: Longest error text quoted in a reason (reasons also go into a version tag).
+MAX_REASON_CHARS = 300
+#: Longest account of an untrusted champion in a reason: room to name its files.
+MAX_UNTRUSTED_REASON_CHARS = 900
+
+
+def _shown(value: float) -> str:
+    return f"{value:.{SHOWN_DECIMALS}f}"
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """What the gate decided and why.
+
+    Attributes:
+        passed: the model cleared every bar.
+        alias: ``champion`` (passed, no champion yet), ``challenger`` (passed, a champion
+            exists) or None (failed).
+        metric: the gate's metric.
+        value: the candidate's value on the test split.
+        threshold: the bound in the metric's better direction (``minimum`` when higher is
+            better, ``maximum`` when lower is), or None when the spec sets none.
+        minimum: the spec's lower bound, if any.
+        maximum: the spec's upper bound, if any.
+        champion_version: the version holding the ``champion`` alias, or None.
+        champion_value: the champion's value on the same test rows, or None.
+        margin: how much better than the champion the candidate had to be.
+        reasons: one line per check, with the numbers.
+        ignored_champion: the champion's version when it was not trusted and the spec's
+            ``gate.untrusted_champion`` is ``ignore`` (the gate then ran as if there were
+            no champion).
+    """
+
+    passed: bool
+    alias: str | None
+    metric: str
+    value: float
+    threshold: float | None
+    champion_version: str | None
+    champion_value: float | None
+    margin: float
+    reasons: tuple[str, ...]
+    minimum: float | None = None
+    maximum: float | None = None
+    ignored_champion: str | None = None
+
+    @property
+    def decided_against(self) -> str | None:
+        """The champion the registry held when the decision was made (trusted or not)."""
+        version = self.champion_version or self.ignored_champion
+        return None if version is None else str(version)
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str], task: str) -> GateDecision | None:
+        """The decision :meth:`tags` recorded on a version, or None when it holds none."""
+        field_tags = {
+            key.removeprefix(TAG_PREFIX): value
+            for key, value in tags.items()
+            if key.startswith(TAG_PREFIX)
+        }
+        if field_tags.get("decision") not in ("passed", "failed") or "metric" not in field_tags:
+            return None
+
+        def number(key: str) -> float | None:
+            return float(field_tags[key]) if key in field_tags else None
+
+        metric = field_tags["metric"]
+        minimum, maximum = number("minimum"), number("maximum")
+        higher_is_better = METRIC_DIRECTIONS.get(task, {}).get(metric, True)
+        reasons = field_tags.get("reasons", "")
+        return cls(
+            passed=field_tags["decision"] == "passed",
+            alias=field_tags.get("alias"),
+            metric=metric,
+            value=float(field_tags["value"]) if "value" in field_tags else math.nan,
+            threshold=minimum if higher_is_better else maximum,
+            champion_version=field_tags.get("champion_version"),
+            champion_value=number("champion_value"),
+            margin=number("margin") or 0.0,
+            reasons=tuple(reasons.split("; ")) if reasons else (),
+            minimum=minimum,
+            maximum=maximum,
+            ignored_champion=field_tags.get("ignored_champion"),
+        )
+
+    def tags(self) -> dict[str, str]:
+        """The decision as ``stemma.gate.*`` model version tags (absent fields are left out)."""
+        fields: dict[str, Any] = {
+            "decision": "passed" if self.passed else "failed",
+            "alias": self.alias,
+            "metric": self.metric,
+            "value": self.value,
+            "minimum": self.minimum,
+            "maximum": self.maximum,
+            "champion_version": self.champion_version,
+            "champion_value": self.champion_value,
+            "margin": self.margin,
+            "reasons": "; ".join(self.reasons),
+            "ignored_champion": self.ignored_champion,
+        }
+        return {TAG_PREFIX + key: str(value) for key, value in fields.items() if value is not None}
+
+    def summary(self) -> str:
+        """A readable account of the decision, for the model version's description."""
+        if self.passed:
+            headline = f"Gate passed on {self.metric} = {_shown(self.value)}: alias `{self.alias}`."
+        else:
+            headline = f"Gate failed on {self.metric} = {_shown(self.value)}: no alias."
+        return "\n".join([headline, "", *(f"- {reason}" for reason in self.reasons)])
+
+
+def _is_missing(value: float | None) -> bool:
+    return value is None or not math.isfinite(value)
+
+
+def decide_gate(
+    gate: GateSpec,
+    task: str,
+    value: float,
+    champion_version: str | None,
+    champion_value: float | None,
+    *,
+    champion_error: str | None = None,
+    champion_untrusted: bool = False,
+) -> GateDecision:
+    """Decide whether a model passes the gate; every check is reported, passed or not.
+
+    The candidate must lie within the spec's ``minimum``/``maximum`` and, when a champion
+    exists, be at least as good as the champion's value on the same rows plus
+    ``margin_over_champion`` (``value >= champion + margin`` when higher is better,
+    ``value <= champion - margin`` when lower is); a negative margin tolerates a slightly
+    worse model. It fails closed: a non-finite value, or a champion whose value is
+    missing, fails with a "cannot decide" reason. A champion that was not trusted (its
+    files differ from their recorded digests, it has none, or it names a foreign
+    architecture) fails it too, unless ``gate.untrusted_champion`` is ``ignore``: then the
+    gate runs as if there were no champion and says so.
+
+    Args:
+        gate: the spec's gate section.
+        task: ``binary`` or ``regression`` (decides the metric's direction).
+        value: the candidate's metric on the test split.
+        champion_version: the version holding the ``champion`` alias, or None.
+        champion_value: the champion's metric on the same rows (None: not evaluated).
+        champion_error: why the champion could not be evaluated, shown in the reason.
+        champion_untrusted: the champion was refused as untrusted (``champion_error`` says why).
+
+    Raises:
+        SpecError: the metric is not one of the task's metrics.
+    """
+    directions = METRIC_DIRECTIONS.get(task, {})
+    if gate.metric not in directions:
+        raise SpecError(
+            f"gate.metric: {gate.metric!r} is not a {task} metric; "
+            f"choose one of {', '.join(directions) or '(unknown task)'}"
+        )
+    higher_is_better = directions[gate.metric]
+    metric = gate.metric
+    margin = gate.margin_over_champion
+    reasons: list[str] = []
+    passed = True
+    ignored = None
+    if champion_version is not None and champion_untrusted:
+        if gate.untrusted_champion == "ignore":
+            ignored, champion_version, champion_value = str(champion_version), None, None
+            reasons.append(
+                f"champion v{ignored} ignored (gate.untrusted_champion: ignore): {champion_error}"
+            )
+        else:
+            champion_error = (
+                f"it is not trusted ({champion_error}); set gate.untrusted_champion: ignore "
+                "to gate as if there were no champion"
+            )
+
+    if _is_missing(value):
+        passed = False
+        reasons.append(f"cannot decide: {metric} of the model is {value} on the test split")
+    else:
+        if gate.minimum is not None:
+            ok = value >= gate.minimum
+            passed &= ok
+            relation = ">=" if ok else "is below"
+            reasons.append(f"{metric} {_shown(value)} {relation} minimum {_shown(gate.minimum)}")
+        if gate.maximum is not None:
+            ok = value <= gate.maximum
+            passed &= ok
+            relation = "<=" if ok else "is above"
+            reasons.append(f"{metric} {_shown(value)} {relation} maximum {_shown(gate.maximum)}")
+
+    if champion_version is not None:
+        if _is_missing(champion_value):
+            passed = False
+            why = f": {champion_error}" if champion_error else ""
+            reasons.append(
+                f"cannot decide: champion v{champion_version} could not be evaluated "
+                f"on the same test rows{why}"
+            )
+        elif not _is_missing(value):
+            assert champion_value is not None
+            # Ties pass: with margin 0 a retrained model that matches the champion may
+            # become the challenger; a positive margin demands a real improvement.
+            if higher_is_better:
+                ok = value >= champion_value + margin
+                word, sign = "at least", "+"
+            else:
+                ok = value <= champion_value - margin
+                word, sign = "at most", "-"
+            passed &= ok
+            reasons.append(
+                f"{metric} {_shown(value)} is {'' if ok else 'not '}{word} champion "
+                f"v{champion_version}'s {_shown(champion_value)} {sign} margin {_shown(margin)}"
+            )
+    elif ignored is None:
+        reasons.append("no champion yet: nothing to compare with")
+
+    alias = None
+    if passed:
+        alias = CHAMPION_ALIAS if champion_version is None else CHALLENGER_ALIAS
+    return GateDecision(
+        passed=passed,
+        alias=alias,
+        metric=metric,
+        value=float(value) if value is not None else math.nan,
+        threshold=gate.minimum if higher_is_better else gate.maximum,
+        champion_version=champion_version,
+        champion_value=champion_value,
+        margin=margin,
+        reasons=tuple(reasons),
+        minimum=gate.minimum,
+        maximum=gate.maximum,
+        ignored_champion=ignored,
+    )
+
+
+def _registry_error(action: str, error: Exception) -> RegistryError:
+    message = getattr(error, "message", None) or str(error)
+    return RegistryError(f"MLflow model registry: {action}", [message])
+
+
+def _does_not_exist(error: Exception) -> bool:
+    return getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
+def find_champion(client: MlflowClient, model_name: str) -> ModelVersion | None:
+    """The version holding the ``champion`` alias, or None (no such model or no alias).
+
+    Raises:
+        RegistryError: the registry could not be read.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        registered = client.get_registered_model(model_name)
+    except MlflowException as error:
+        if _does_not_exist(error):
+            return None
+        raise _registry_error(f"cannot read registered model {model_name!r}", error) from error
+    # Reading the alias map avoids telling "no alias" apart by error code, which MLflow
+    # reports as INVALID_PARAMETER_VALUE.
+    version = (registered.aliases or {}).get(CHAMPION_ALIAS)
+    if version is None:
+        return None
+    try:
+        return client.get_model_version(model_name, str(version))
+    except MlflowException as error:
+        raise _registry_error(
+            f"cannot read {model_name} v{version}, which holds the {CHAMPION_ALIAS} alias", error
+        ) from error
+
+
+class ChampionValue(NamedTuple):
+    """The champion's gate metric on the candidate's rows, or why there is none."""
+
+    value: float | None
+    error: str | None
+    untrusted: bool = False
+
+
+def champion_value_on(
+    model_uri: str,
+    frame: pd.DataFrame,
+    y_true: np.ndarray,
+    *,
+    task: str,
+    metric: str,
+    architectures: Collection[str] = (),
+    client: MlflowClient | None = None,
+) -> ChampionValue:
+    """Score a registered model on the candidate's test rows and compute the gate metric.
+
+    Loading and scoring the champion here, rather than reading the metric it logged when
+    it was trained, compares both models on the same rows. The champion is loaded by
+    Stemma's own loader (``scoring.load_scoring_model``: every file checked against its
+    recorded digests, nothing unpickled or executed) and scored as its pyfunc model
+    would: preprocess, network, decode.
+
+    Args:
+        model_uri: the champion, e.g. ``models:/credit/3``.
+        frame: the test rows with raw feature columns (not modified).
+        y_true: their labels.
+        task: ``binary`` or ``regression``.
+        metric: the gate metric.
+        architectures: the architectures the caller's spec allows besides the built-ins.
+        client: the MLflow client (default: one on the configured registry).
+
+    Returns:
+        ``(value, None, False)``, or ``(None, reason, untrusted)`` when the model could not
+        be loaded or scored or the metric is not finite (``untrusted``: it was refused
+        because its files or architecture are not what Stemma recorded); pass the reason
+        and the flag to :func:`decide_gate` so the gate fails closed and says why.
+    """
+    from stemma.components.scoring.engine import UntrustedModelError, load_scoring_model
+    from stemma.components.training.loop import predict_raw
+    from stemma.components.training.metrics import evaluate_scores
+
+    try:
+        model = load_scoring_model(model_uri, client=client, architectures=architectures)
+    except UntrustedModelError as error:
+        return ChampionValue(None, f"cannot load {model_uri}: {_brief_stemma(error)}", True)
+    except Exception as error:  # any failure of an old model means "cannot compare"
+        return ChampionValue(None, f"cannot load {model_uri}: {_brief(error)}")
+    missing = [column for column, _ in model.signature_columns if column not in frame.columns]
+    if missing:
+        return ChampionValue(
+            None, f"{model_uri} needs columns the test rows lack: {', '.join(map(str, missing))}"
+        )
+    mismatched = _mismatched_columns(frame, model.signature_columns)
+    if mismatched:
+        return ChampionValue(
+            None, f"{model_uri} failed to score the test rows: {'; '.join(mismatched)}"
+        )
+    try:
+        raw = predict_raw(model.network, model.preprocessor.transform(frame))
+        scores = np.asarray(model.preprocessor.decode_output(raw), dtype=np.float64)
+        scores = scores.reshape(len(frame))
+    except Exception as error:
+        return ChampionValue(None, f"{model_uri} failed to score the test rows: {_brief(error)}")
+    try:
+        value = evaluate_scores(task, np.asarray(y_true), scores)[metric]
+    except Exception as error:  # e.g. a metric the evaluator does not know
+        return ChampionValue(None, f"cannot compute {metric} of {model_uri}: {_brief(error)}")
+    if _is_missing(value):
+        return ChampionValue(None, f"{metric} of {model_uri} is {value}")
+    return ChampionValue(float(value), None)
+
+
+#: Signature types and the pandas check a column of that type must pass.
+_SIGNATURE_KINDS = {
+    "string": pd.api.types.is_string_dtype,
+    "double": pd.api.types.is_numeric_dtype,
+    "float": pd.api.types.is_numeric_dtype,
+    "long": pd.api.types.is_numeric_dtype,
+    "integer": pd.api.types.is_numeric_dtype,
+    "boolean": pd.api.types.is_bool_dtype,
+}
+
+
+def _mismatched_columns(frame: pd.DataFrame, signature: list[tuple[str, str]]) -> list[str]:
+    """Columns whose dtype cannot hold the signature's type (as pyfunc would refuse them)."""
+    problems = []
+    for column, kind in signature:
+        check = _SIGNATURE_KINDS.get(kind)
+        dtype = frame[column].dtype
+        if check is None or check(dtype):
+            continue
+        problems.append(f"column {column}: the model takes {kind}, the rows hold {dtype}")
+    return problems
+
+
+def _brief_stemma(error: StemmaError) -> str:
+    """A refusal's headline and the files it names on one line (digests left to the error)."""
+    details = [line.split(" (recorded", 1)[0] for line in error.details]
+    text = "; ".join([error.headline, *details])
+    if len(text) > MAX_UNTRUSTED_REASON_CHARS:
+        text = text[: MAX_UNTRUSTED_REASON_CHARS - 3] + "..."
+    return text
+
+
+def _brief(error: Exception) -> str:
+    """One line about an error, short enough for a tag and a reason."""
+    text = getattr(error, "message", None) or str(error)
+    # MLflow's schema errors embed the whole input frame before "Error: <the cause>".
+    _, marker, cause = text.rpartition("Error: ")
+    text = " ".join((cause if marker else text).split())
+    if len(text) > MAX_REASON_CHARS:
+        text = text[: MAX_REASON_CHARS - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _model_id(model_uri: str) -> str | None:
+    """The logged model id in a ``models:/m-...`` URI, or None for any other URI."""
+    rest = model_uri.removeprefix("models:/")
+    if rest != model_uri and rest.startswith("m-") and "/" not in rest:
+        return rest
+    return None
+
+
+def register_and_gate(
+    *,
+    client: MlflowClient,
+    model_name: str,
+    model_uri: str,
+    run_id: str,
+    decision: GateDecision,
+    tags: dict[str, str],
+    description: str,
+) -> ModelVersion:
+    """Register a model version carrying the gate's decision; alias it only if it passed.
+
+    The registered model is created when missing (with ``description``). The version gets
+    the lineage ``tags``, the logged model's file manifest and hashes
+    (``tracking.integrity_tags``) and :meth:`GateDecision.tags`, all in the one request
+    that creates it, and the decision's summary as its description. Before anything is written, the current champion is checked against the
+    one the decision was made against: if it changed, the decision is stale and nothing
+    is registered.
+
+    Args:
+        client: an MLflow client on the registry.
+        model_name: the registered model name.
+        model_uri: the logged model (``models:/m-...``).
+        run_id: the training run.
+        decision: from :func:`decide_gate`.
+        tags: lineage tags for the version.
+        description: the registered model's description, used when it is created.
+
+    Returns:
+        The new version, read back (with its aliases).
+
+    Raises:
+        RegistryError: the champion changed since the decision, or MLflow refused a step.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from stemma.components.platform.tracking import integrity_tags
+
+    current = find_champion(client, model_name)
+    current_version = str(current.version) if current is not None else None
+    decided_against = decision.decided_against
+    if current_version != decided_against:
+        raise RegistryError(
+            f"{model_name}: the {CHAMPION_ALIAS} changed while the gate was deciding "
+            f"(decided against {decided_against or 'none'}, now {current_version or 'none'})",
+            [
+                "nothing was registered; run the training flow again to gate against the new champion"
+            ],
+        )
+
+    try:
+        client.create_registered_model(model_name, description=description)
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise _registry_error(
+                f"cannot create registered model {model_name!r}", error
+            ) from error
+
+    try:
+        recorded = integrity_tags(client, _model_id(model_uri))
+        version = client.create_model_version(
+            name=model_name,
+            source=model_uri,
+            run_id=run_id,
+            tags={**tags, **recorded, **decision.tags()},
+            description=decision.summary(),
+            model_id=_model_id(model_uri),
+        )
+    except MlflowException as error:
+        raise _registry_error(f"cannot register {model_uri} as {model_name!r}", error) from error
+
+    if decision.passed and decision.alias is not None:
+        try:
+            client.set_registered_model_alias(model_name, decision.alias, str(version.version))
+        except MlflowException as error:
+            raise _registry_error(
+                f"registered {model_name} v{version.version} but could not set alias "
+                f"{decision.alias!r}",
+                error,
+            ) from error
+    try:
+        return client.get_model_version(model_name, str(version.version))
+    except MlflowException as error:
+        raise _registry_error(f"cannot read back {model_name} v{version.version}", error) from error
+
+
+def find_run_version(client: MlflowClient, model_name: str, run_id: str) -> ModelVersion | None:
+    """The version of ``model_name`` already registered from training run ``run_id``, if any.
+
+    A training run registers at most one version; a run resumed after a kill finds the
+    one it registered here and completes it (:func:`complete_registration`) instead of
+    registering another.
+
+    Raises:
+        RegistryError: the registry could not be searched.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"run_id = '{run_id}'")
+    except MlflowException as error:
+        raise _registry_error(f"cannot search the versions of run {run_id}", error) from error
+    mine = sorted(
+        (version for version in found if version.name == model_name), key=lambda v: int(v.version)
+    )
+    return mine[0] if mine else None
+
+
+def complete_registration(
+    *, client: MlflowClient, version: ModelVersion, task: str, tags: dict[str, str]
+) -> tuple[ModelVersion, GateDecision]:
+    """Finish a version an interrupted training run registered: tags and the gate's alias.
+
+    The decision is the one recorded when the version was created (the tags are written
+    with it), so the gate is not run again against a champion that may now be this very
+    version. The alias is set only when the decision passed, is not set yet, and the
+    registry still holds the champion the decision was made against.
+
+    Args:
+        client: an MLflow client on the registry.
+        version: from :func:`find_run_version`.
+        task: ``binary`` or ``regression``.
+        tags: lineage tags to set where the version lacks them.
+
+    Returns:
+        The version read back, and its decision.
+
+    Raises:
+        RegistryError: it records no decision, the champion changed since, or MLflow
+            refused a step.
+    """
+    from mlflow.exceptions import MlflowException
+
+    name, number = version.name, str(version.version)
+    existing = dict(version.tags or {})
+    decision = GateDecision.from_tags(existing, task)
+    if decision is None:
+        raise RegistryError(
+            f"{name} v{number} was registered by this training run but records no gate decision",
+            ["delete the version and run the training flow again"],
+        )
+    try:
+        for key, value in tags.items():
+            if existing.get(key) != value:
+                client.set_model_version_tag(name, number, key, value)
+        aliases = dict(client.get_registered_model(name).aliases or {})
+        alias = decision.alias
+        if decision.passed and alias is not None and str(aliases.get(alias)) != number:
+            current = aliases.get(CHAMPION_ALIAS)
+            current = None if current is None else str(current)
+            if current != decision.decided_against:
+                raise RegistryError(
+                    f"{name} v{number}: the {CHAMPION_ALIAS} changed since its gate decided "
+                    f"(decided against {decision.decided_against or 'none'}, now {current or 'none'})",
+                    ["the version stays registered without an alias; run the training flow again"],
+                )
+            client.set_registered_model_alias(name, alias, number)
+        return client.get_model_version(name, number), decision
+    except MlflowException as error:
+        raise _registry_error(
+            f"cannot complete the registration of {name} v{number}", error
+        ) from error

@@ -1,0 +1,1 @@
+"""Stemma's model runtime: every inference goes through it (see README.md)."""

@@ -1,0 +1,507 @@
+"""Loading a registered model for inference: its files checked, its network rebuilt.
+
+:func:`load_scoring_model` rebuilds a registered model from its plain artifact files (no
+pickle, no ``mlflow.pyfunc``) and refuses files whose hash differs from the one recorded
+when the model was logged. Every inference in Stemma starts from the :class:`ScoringModel`
+it returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import tempfile
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stemma.components.data.tables import HASH_CHUNK_BYTES
+from stemma.components.errors import RegistryError, StemmaError
+from stemma.components.model.preprocessing import Preprocessor
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+    from torch import nn
+
+
+_LOG = logging.getLogger(__name__)
+
+#: Model version tag holding the sha256 of the weights file (set at registration).
+WEIGHTS_TAG = "stemma.weights.sha256"
+#: Logged-model tag with the same hash (``tracking.log_pyfunc_model`` sets it).
+LOGGED_MODEL_WEIGHTS_TAG = "stemma.weights_sha256"
+_REFERENCE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message."""
+    text = getattr(error, "message", None) or str(error) or type(error).__name__
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(HASH_CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class ScoringModel:
+    """A registered model, rebuilt for scoring.
+
+    Attributes:
+        reference: what was asked for (``models:/credit@champion``).
+        model_uri: the version it resolved to (``models:/credit/3``).
+        name: the registered model name.
+        version: the version number, as text.
+        alias: the alias in the reference, or None when a version was named.
+        run_id: the training run of the version.
+        weights_sha256: the sha256 of the weights file that was loaded.
+        task: ``binary`` or ``regression``.
+        threshold: decision threshold on the probability (binary).
+        preprocessor: the fitted feature encoding.
+        network: the network, in eval mode.
+        signature_columns: the model's input signature, ``(name, MLflow type)`` pairs.
+        architectures: the architectures it was allowed to name besides the built-ins
+            (the caller's spec), so that another process loads it under the same terms.
+    """
+
+    reference: str
+    model_uri: str
+    name: str
+    version: str
+    alias: str | None
+    run_id: str | None
+    weights_sha256: str
+    task: str
+    threshold: float
+    preprocessor: Preprocessor
+    network: nn.Module
+    signature_columns: list[tuple[str, str]]
+    architectures: tuple[str, ...] = ()
+
+    @property
+    def feature_columns(self) -> list[str]:
+        """The columns the preprocessor reads, numeric then categorical."""
+        return [*self.preprocessor.numeric, *self.preprocessor.categorical]
+
+    @property
+    def label(self) -> str:
+        """``credit v3``."""
+        return f"{self.name} v{self.version}"
+
+
+class UntrustedModelError(RegistryError):
+    """A model version's files or architecture are not what Stemma recorded: not loaded."""
+
+
+def load_scoring_model(
+    reference: str,
+    *,
+    client: MlflowClient | None = None,
+    architectures: Collection[str] = (),
+) -> ScoringModel:
+    """Resolve a model reference in the registry and rebuild the model without pickle.
+
+    The version's artifacts are downloaded to a temporary folder and every file is checked
+    against the manifest recorded when the model was logged (``stemma.model.files``);
+    then the preprocessor and the network are rebuilt from ``preprocess.json``,
+    ``network.json`` and ``weights.safetensors``, and the signature is read from
+    ``MLmodel``. No file of the model is executed or unpickled, and a custom architecture
+    is imported only when the caller's spec names it and its source hashes as it did at
+    training.
+
+    Args:
+        reference: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``.
+        client: the MLflow client to use (default: one on the configured registry).
+        architectures: the architectures the caller's spec allows besides the built-ins
+            (``models.allowed_architectures(spec.model)``).
+
+    Returns:
+        The model, ready to score.
+
+    Raises:
+        UntrustedModelError: a file is missing, extra or changed against the recorded
+            manifest, or none was recorded (a version registered outside Stemma); the
+            network names an architecture the spec does not allow, or one whose source
+            changed since training; or the weights file's sha256 differs from the one
+            recorded when the version was registered.
+        RegistryError: the reference is malformed; the model, alias or version does not
+            exist (the message lists the aliases and versions that do); or the artifacts
+            are unreadable.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from stemma.components.platform.tracking import DEFAULT_THRESHOLD, MODEL_ARTIFACT_FILES
+
+    match = _REFERENCE.match(reference.strip())
+    if match is None:
+        raise RegistryError(
+            f"{reference!r} is not a model reference",
+            [
+                "write models:/<name>@<alias> or models:/<name>/<version>, e.g. models:/credit@champion"
+            ],
+        )
+    name, alias, number = match["name"], match["alias"], match["version"]
+    client = client or MlflowClient()
+    version = _resolve_version(client, name, alias, number)
+    model_uri = f"models:/{name}/{version.version}"
+    label = f"{name} v{version.version}"
+
+    with tempfile.TemporaryDirectory(prefix="stemma-model-") as scratch:
+        try:
+            download_uri = client.get_model_version_download_uri(name, str(version.version))
+            folder = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=download_uri, dst_path=scratch, tracking_uri=client.tracking_uri
+                )
+            )
+        except (MlflowException, OSError) as error:
+            raise RegistryError(
+                f"cannot download the artifacts of {label} ({model_uri})", [first_line(error)]
+            ) from error
+        verify_model_files(client, version, folder, label)
+        mlmodel = _read_mlmodel(folder, label)
+        paths = _artifact_paths(folder, mlmodel, MODEL_ARTIFACT_FILES, label)
+        signature = _signature_columns(mlmodel, label)
+        digest = _verified_weights_sha256(client, version, paths["weights"], label)
+        preprocessor, document, network = _rebuild(
+            paths, signature, label, _trusted_architectures(client, version, architectures)
+        )
+
+    return ScoringModel(
+        reference=reference,
+        model_uri=model_uri,
+        name=name,
+        version=str(version.version),
+        alias=alias,
+        run_id=version.run_id,
+        weights_sha256=digest,
+        task=str(document["task"]),
+        threshold=float(document.get("threshold", DEFAULT_THRESHOLD)),
+        preprocessor=preprocessor,
+        network=network.eval(),
+        signature_columns=signature,
+        architectures=tuple(sorted(architectures)),
+    )
+
+
+def _verified_weights_sha256(
+    client: MlflowClient, version: ModelVersion, weights: Path, label: str
+) -> str:
+    """The weights file's sha256, checked against the one recorded at registration."""
+    digest = sha256_file(weights)
+    expected = _recorded_weights_sha256(client, version)
+    if expected is not None and expected != digest:
+        raise UntrustedModelError(
+            f"{label}: the weights file does not match the sha256 recorded when it was registered",
+            [
+                f"recorded {expected}",
+                f"found    {digest}",
+                "the artifact store changed after registration: restore the file or "
+                "register the model again",
+            ],
+        )
+    return digest
+
+
+def _recorded_tag(client: MlflowClient, version: ModelVersion, key: str) -> str | None:
+    """A tag of the version, else of its logged model, else None."""
+    tags = dict(getattr(version, "tags", None) or {})
+    if tags.get(key):
+        return tags[key]
+    model_id = logged_model_id(version)
+    if model_id:
+        try:
+            return client.get_logged_model(model_id).tags.get(key) or None
+        except Exception:  # an older server without logged models: nothing recorded
+            return None
+    return None
+
+
+def logged_model_id(version: ModelVersion) -> str | None:
+    """The logged model a version was registered from: its ``model_id``, else its source.
+
+    The SQLite store does not keep ``model_id`` on versions; the source ``models:/m-...``
+    names the same logged model, whose files the version downloads.
+    """
+    model_id = getattr(version, "model_id", None)
+    if model_id:
+        return str(model_id)
+    source = str(getattr(version, "source", "") or "")
+    rest = source.removeprefix("models:/")
+    if rest != source and rest.startswith("m-") and "/" not in rest:
+        return rest
+    return None
+
+
+def verify_model_files(
+    client: MlflowClient, version: ModelVersion, folder: Path, label: str
+) -> dict[str, str]:
+    """Check every file of a downloaded model version against its recorded manifest.
+
+    Args:
+        client: the MLflow client the version was read with.
+        version: the registered version.
+        folder: where its artifacts were downloaded.
+        label: ``credit v3``, for messages.
+
+    Returns:
+        The manifest, ``{relative path: sha256}``.
+
+    Raises:
+        UntrustedModelError: no manifest is recorded, or a file is missing, extra or
+            changed; the message names the files, recorded digest against found.
+    """
+    from stemma.components.platform.tracking import (
+        MODEL_FILES_TAG,
+        decode_manifest,
+        file_differences,
+        model_file_digests,
+    )
+
+    found = model_file_digests(folder)
+    recorded = decode_manifest(_recorded_tag(client, version, MODEL_FILES_TAG))
+    if recorded is None:
+        raise UntrustedModelError(
+            f"{label}: no file digests were recorded for this version, so Stemma does not "
+            "load it (registered outside Stemma, or by an older Stemma)",
+            [
+                f"its files: {', '.join(sorted(found)) or 'none'}",
+                "register a model trained by Stemma (stemma run train CONFIG), or move the "
+                "alias to a version Stemma registered",
+            ],
+        )
+    differences = file_differences(recorded, found)
+    if differences:
+        raise UntrustedModelError(
+            f"{label}: its files differ from the digests recorded when it was logged; "
+            "nothing of it was loaded",
+            [
+                *differences,
+                "the artifact store changed after registration: restore the files or "
+                "register the model again",
+            ],
+        )
+    return recorded
+
+
+def _trusted_architectures(
+    client: MlflowClient, version: ModelVersion, allowed: Collection[str]
+) -> dict[str, str | None]:
+    """The architectures the network may name, each with the source hash it must have."""
+    from stemma.components.model.networks import BUILTIN_ARCHITECTURES, is_custom
+    from stemma.components.platform.tracking import ARCHITECTURE_TAG
+
+    recorded = _recorded_tag(client, version, ARCHITECTURE_TAG)
+    trusted: dict[str, str | None] = dict.fromkeys(BUILTIN_ARCHITECTURES)
+    for architecture in allowed:
+        if is_custom(architecture):
+            trusted[architecture] = recorded or ""
+    return trusted
+
+
+def _check_architecture(
+    document: dict[str, Any], trusted: dict[str, str | None], label: str
+) -> None:
+    """Refuse a foreign architecture, or a custom one whose source changed, before importing it."""
+    from stemma.components.model.networks import (
+        MLP_ARCHITECTURE,
+        architecture_source_sha256,
+        check_architecture,
+    )
+
+    config = document.get("config")
+    architecture = (
+        config.get("architecture", MLP_ARCHITECTURE) if isinstance(config, dict) else None
+    )
+    try:
+        check_architecture(architecture, trusted, label)
+    except RegistryError as error:
+        raise UntrustedModelError(error.headline, error.details) from None
+    assert isinstance(architecture, str)  # check_architecture refuses anything else
+    expected = trusted[architecture]
+    if expected is None:  # a built-in
+        return
+    try:
+        current = architecture_source_sha256(architecture)
+    except StemmaError as error:
+        raise RegistryError(f"{label}: {error.headline}", error.details) from None
+    if current != expected:
+        raise UntrustedModelError(
+            f"{label}: the source of architecture {architecture} differs from the one it was "
+            "trained with; it was not imported",
+            [
+                f"recorded {expected or '(none)'}",
+                f"found    {current}",
+                "check out the code the model was trained with, or train the model again "
+                "with this code (stemma run train CONFIG)",
+            ],
+        )
+
+
+def _rebuild(
+    paths: dict[str, Path],
+    signature: list[tuple[str, str]],
+    label: str,
+    trusted: dict[str, str | None],
+) -> tuple[Preprocessor, dict[str, Any], nn.Module]:
+    """The preprocessor, the network JSON and the network with its weights loaded."""
+    from stemma.components.model.networks import build_network
+    from stemma.components.platform.tracking import NETWORK_FORMAT
+    from stemma.components.training.loop import load_weights
+
+    try:
+        preprocessor = Preprocessor.load_json(paths["preprocess"])
+        document = json.loads(paths["network"].read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise RegistryError(f"{label}: unreadable model files", [str(error)]) from error
+    from stemma.components.quantization.variants import (
+        QUANTIZED_NETWORK_FORMAT,
+        load_variant_network,
+    )
+
+    formats = (NETWORK_FORMAT, QUANTIZED_NETWORK_FORMAT)
+    if not isinstance(document, dict) or document.get("format") not in formats:
+        layout = document.get("format") if isinstance(document, dict) else None
+        raise RegistryError(
+            f"{label}: network.json has format {layout!r}; this Stemma reads {formats}"
+        )
+    _check_architecture(document, trusted, label)
+    signed = {column for column, _ in signature}
+    unsigned = [
+        column
+        for column in (*preprocessor.numeric, *preprocessor.categorical)
+        if column not in signed
+    ]
+    if unsigned:
+        raise RegistryError(
+            f"{label}: the signature lacks feature columns the model reads: {', '.join(unsigned)}"
+        )
+    try:
+        n_inputs, n_outputs = int(document["n_inputs"]), int(document["n_outputs"])
+        if n_inputs != preprocessor.n_inputs:
+            raise ValueError(
+                f"the network takes {n_inputs} inputs, the preprocessor makes {preprocessor.n_inputs}"
+            )
+        network: nn.Module
+        if document["format"] == QUANTIZED_NETWORK_FORMAT:  # a quantized variant
+            network = load_variant_network(document, paths["weights"], allowed=trusted)
+        else:
+            network = build_network(document["config"], n_inputs, n_outputs, allowed=trusted)
+            load_weights(network, paths["weights"])
+    except Exception as error:  # malformed JSON fields, TrainingError, a custom class's error
+        raise RegistryError(f"{label}: cannot rebuild the network", [first_line(error)]) from error
+    return preprocessor, document, network
+
+
+def _resolve_version(
+    client: MlflowClient, name: str, alias: str | None, number: str | None
+) -> ModelVersion:
+    """The version an alias or number names; RegistryError listing what exists otherwise."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, str(number))
+    except MlflowException as error:
+        failure = error
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException as error:
+        if getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(
+                f"no registered model named {name!r}",
+                ["train and register one first (stemma run train CONFIG), or fix the name"],
+            ) from None
+        raise RegistryError(
+            f"cannot read registered model {name!r}", [first_line(error)]
+        ) from error
+    aliases = {key: str(value) for key, value in (registered.aliases or {}).items()}
+    listing = ", ".join(f"{key} -> v{value}" for key, value in sorted(aliases.items())) or "none"
+    if alias is not None and alias not in aliases:
+        raise RegistryError(
+            f"model {name!r} has no alias {alias!r}",
+            [f"its aliases: {listing}", f"or name a version: models:/{name}/<version>"],
+        )
+    if alias is None:
+        try:
+            found = client.search_model_versions(f"name = '{name}'")
+            versions = ", ".join(str(v) for v in sorted(int(item.version) for item in found))
+        except MlflowException:
+            versions = "unknown"
+        raise RegistryError(
+            f"model {name!r} has no version {number}",
+            [f"its versions: {versions or 'none'}", f"its aliases: {listing}"],
+        )
+    raise RegistryError(
+        f"cannot read model {name!r} alias {alias!r}", [first_line(failure)]
+    ) from failure
+
+
+def _read_mlmodel(folder: Path, label: str) -> dict[str, Any]:
+    import yaml
+
+    path = folder / "MLmodel"
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise RegistryError(
+            f"{label}: cannot read its MLmodel file", [first_line(error)]
+        ) from error
+    if not isinstance(document, dict):
+        raise RegistryError(f"{label}: its MLmodel file is not a mapping")
+    return document
+
+
+def _artifact_paths(
+    folder: Path, mlmodel: dict[str, Any], files: dict[str, str], label: str
+) -> dict[str, Path]:
+    """Where the preprocess, network and weights files are in the downloaded folder."""
+    recorded = (mlmodel.get("flavors") or {}).get("python_function", {}).get("artifacts") or {}
+    paths: dict[str, Path] = {}
+    for key, file_name in files.items():
+        relative = (recorded.get(key) or {}).get("path")
+        candidate = folder / relative if relative else None
+        if candidate is None or not candidate.is_file():
+            # Older layouts: look for the file by name anywhere in the model folder.
+            candidate = next(iter(sorted(folder.rglob(file_name))), None)
+        if candidate is None:
+            raise RegistryError(
+                f"{label}: the model has no {file_name} artifact",
+                ["it was not logged by Stemma's log_pyfunc_model; register a Stemma model"],
+            )
+        paths[key] = candidate
+    return paths
+
+
+def _signature_columns(mlmodel: dict[str, Any], label: str) -> list[tuple[str, str]]:
+    inputs = (mlmodel.get("signature") or {}).get("inputs")
+    try:
+        columns = json.loads(inputs) if isinstance(inputs, str) else None
+    except json.JSONDecodeError:
+        columns = None
+    if not columns or not all(isinstance(c, dict) and "name" in c and "type" in c for c in columns):
+        raise RegistryError(
+            f"{label}: the model has no column-based input signature",
+            ["Stemma checks inputs against it before scoring; log the model with a signature"],
+        )
+    return [(str(column["name"]), str(column["type"])) for column in columns]
+
+
+def _recorded_weights_sha256(client: MlflowClient, version: ModelVersion) -> str | None:
+    """The weights hash recorded on the version, else on its logged model, else None."""
+    tags = dict(getattr(version, "tags", None) or {})
+    if tags.get(WEIGHTS_TAG):
+        return tags[WEIGHTS_TAG]
+    return _recorded_tag(client, version, LOGGED_MODEL_WEIGHTS_TAG)

@@ -1,0 +1,554 @@
+"""The lineage walker against a real MLflow store on SQLite, filled the way the flows fill it.
+
+The store holds two training runs on one data version, a scoring run, a drift-report run
+and a retraining run caused by the report (node kinds the walker was not written for), a
+run recorded before records were indexed, and a version registered outside Stemma.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import RunTag
+
+from stemma.components.errors import LineageError
+from stemma.components.lineage import records as lineage
+from stemma.components.lineage.graph import (
+    DOWNSTREAM,
+    UPSTREAM,
+    RecordIndex,
+    render_mermaid,
+    render_tree,
+    walk,
+)
+from tests.support import isolated_mlflow
+
+MODEL = "credit"
+DATA_1 = "a" * 32 + ".dir"
+DATA_2 = "b" * 32 + ".dir"
+FILE_1 = "1" * 32
+FILE_2 = "2" * 32
+
+
+@dataclass
+class Store:
+    client: MlflowClient
+    root: Path
+    experiment: str
+    runs: dict[str, str]
+    predictions: str
+    drift_report: str
+    manifest: Path
+
+
+def _index(client: MlflowClient, run_id: str, record: dict, extra: dict[str, str]) -> None:
+    tags = {**extra, **lineage.index_tags(record, run_id)}
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    client.set_terminated(run_id)
+
+
+def _train(client, experiment, name, data_md5, file_md5, version, *, index=True) -> str:
+    run = client.create_run(experiment, run_name=name)
+    run_id = run.info.run_id
+    facts = lineage.TrainingLineage(
+        pipeline="credit",
+        data_pointer="data.dvc",
+        data_md5=data_md5,
+        data_path="data",
+        file_path="data/credit/train.parquet",
+        file_md5=file_md5,
+        git_rev=None,
+        git_dirty=False,
+        validation_digest=hashlib.sha256(file_md5.encode()).hexdigest(),
+        validation_success=True,
+        run_id=run_id,
+        experiment_id=experiment,
+        flow_run_id=f"flow-run-of-{name}",
+        config_path="configs/credit.yaml",
+        config_sha256="c" * 64,
+        model_name=MODEL,
+        model_version=version,
+        weights_sha256=hashlib.sha256(name.encode()).hexdigest(),
+    )
+    record = lineage.build_training_record(facts)
+    tags = {
+        **lineage.run_tags(facts),
+        "stemma.flow": "train",
+        "stemma.prefect.flow_run_id": f"flow-run-of-{name}",
+    }
+    if index:
+        _index(client, run_id, record, tags)
+    else:  # recorded before the index tags existed: the artifact only
+        client.log_dict(run_id, record, lineage.RECORD_ARTIFACT)
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        client.set_terminated(run_id)
+    client.create_model_version(
+        MODEL, f"runs:/{run_id}/model", run_id=run_id, tags=lineage.model_version_tags(facts)
+    )
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Store:
+    tmp_path = tmp_path_factory.mktemp("lineage-store")
+    root = tmp_path / "project"
+    output = root / "outputs" / "scores"
+    output.mkdir(parents=True)
+    part = output / "part-00000-00000.parquet"
+    part.write_bytes(b"scored rows")
+    manifest = output / "_SUCCESS"
+    manifest.write_text(
+        json.dumps(
+            {"parts": [{"name": part.name, "sha256": hashlib.sha256(b"scored rows").hexdigest()}]}
+        )
+    )
+    manifest_sha256 = hashlib.sha256(manifest.read_bytes()).hexdigest()
+
+    with isolated_mlflow():
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        experiment = client.create_experiment(
+            "credit", artifact_location=(tmp_path / "artifacts").as_uri()
+        )
+        client.create_registered_model(MODEL)
+        runs = {
+            "train-1": _train(client, experiment, "train-1", DATA_1, FILE_1, "1"),
+            "train-2": _train(client, experiment, "train-2", DATA_1, FILE_1, "2"),
+        }
+        client.set_registered_model_alias(MODEL, "champion", "2")
+
+        score = client.create_run(experiment, run_name="score-1")
+        scoring = lineage.ScoringLineage(
+            pipeline="credit",
+            input_path="data/credit/batches",
+            input_digest="d" * 32,
+            input_files={"data/credit/batches/day-01.parquet": "e" * 32},
+            data_pointer="data.dvc",
+            data_md5=DATA_1,
+            model_name=MODEL,
+            model_version="2",
+            weights_sha256=hashlib.sha256(b"train-2").hexdigest(),
+            run_id=score.info.run_id,
+            experiment_id=experiment,
+            flow_run_id="flow-run-of-score-1",
+            output_path="outputs/scores",
+            manifest_sha256=manifest_sha256,
+            parts={part.name: hashlib.sha256(b"scored rows").hexdigest()},
+            rows_scored=1000,
+            rows_rejected=0,
+        )
+        predictions = lineage.predictions_node_id("outputs/scores", manifest_sha256)
+        _index(
+            client,
+            score.info.run_id,
+            lineage.build_scoring_record(scoring),
+            {
+                "stemma.flow": "score",
+                "stemma.pipeline": "credit",
+                "stemma.output.sha256": manifest_sha256,
+                "stemma.data.md5": DATA_1,
+                "stemma.prefect.flow_run_id": "flow-run-of-score-1",
+            },
+        )
+        runs["score-1"] = score.info.run_id
+
+        # A kind of node written by a flow the walker knows nothing about.
+        drift = client.create_run(experiment, run_name="monitor-1")
+        drift_run = lineage.run_node_id(drift.info.run_id)
+        report = f"drift-report:credit@{'f' * 64}"
+        _index(
+            client,
+            drift.info.run_id,
+            {
+                "schema": lineage.RECORD_SCHEMA,
+                "flow": "monitor",
+                "nodes": [
+                    {
+                        "kind": "predictions",
+                        "id": predictions,
+                        "digest": f"sha256:{manifest_sha256}",
+                    },
+                    {"kind": "run", "id": drift_run, "digest": None, "attributes": {}},
+                    {
+                        "kind": "drift_report",
+                        "id": report,
+                        "digest": f"sha256:{'f' * 64}",
+                        "attributes": {"psi_max": 0.31, "drifted": True},
+                    },
+                ],
+                "edges": [
+                    {"source": predictions, "target": drift_run, "relation": "monitored"},
+                    {"source": drift_run, "target": report, "relation": "produced"},
+                ],
+            },
+            {"stemma.flow": "monitor", "stemma.pipeline": "credit"},
+        )
+        runs["monitor-1"] = drift.info.run_id
+
+        # Retraining caused by the report, on a new data version.
+        retrain = _train(client, experiment, "train-3", DATA_2, FILE_2, "3", index=False)
+        record = lineage.build_training_record(
+            lineage.TrainingLineage(
+                pipeline="credit",
+                data_pointer="data.dvc",
+                data_md5=DATA_2,
+                data_path="data",
+                file_path="data/credit/train.parquet",
+                file_md5=FILE_2,
+                git_rev=None,
+                git_dirty=False,
+                validation_digest=hashlib.sha256(FILE_2.encode()).hexdigest(),
+                validation_success=True,
+                run_id=retrain,
+                experiment_id=experiment,
+                flow_run_id="flow-run-of-train-3",
+                config_path="configs/credit.yaml",
+                config_sha256="c" * 64,
+                model_name=MODEL,
+                model_version="3",
+                weights_sha256=hashlib.sha256(b"train-3").hexdigest(),
+            )
+        )
+        record["nodes"].append(
+            {"kind": "drift_report", "id": report, "digest": f"sha256:{'f' * 64}", "attributes": {}}
+        )
+        record["edges"].append(
+            {"source": report, "target": lineage.run_node_id(retrain), "relation": "triggered"}
+        )
+        _index(client, retrain, record, {})
+        runs["train-3"] = retrain
+
+        # Recorded before the index tags existed: reachable by its version's run tag.
+        runs["legacy"] = _train(client, experiment, "legacy", DATA_1, FILE_1, "4", index=False)
+        # Registered by hand, outside Stemma.
+        plain = client.create_run(experiment, run_name="by-hand")
+        client.create_model_version(
+            MODEL, f"runs:/{plain.info.run_id}/model", run_id=plain.info.run_id
+        )
+
+        yield Store(client, root, experiment, runs, predictions, report, manifest)
+
+
+def _walk(store: Store, reference: str, direction: str = UPSTREAM, **options):
+    return walk(
+        reference, RecordIndex(store.client), root=store.root, direction=direction, **options
+    )
+
+
+def _edges(graph) -> set[tuple[str, str, str]]:
+    return {(edge.source, edge.target, edge.relation) for edge in graph.edges}
+
+
+def test_upstream_of_the_champion_reaches_data_checks_and_run_from_tags_alone(store):
+    # Indexed runs answer from their tags: the artifact store may be gone entirely.
+    artifacts = Path(store.client.get_experiment(store.experiment).artifact_location[7:])
+    hidden = artifacts.with_name("hidden")
+    artifacts.rename(hidden)
+    try:
+        graph = _walk(store, "models:/credit@champion")
+    finally:
+        hidden.rename(artifacts)
+    train = lineage.run_node_id(store.runs["train-2"])
+    model = "models:/credit/2"
+    data = lineage.data_node_id("data.dvc", DATA_1)
+    data_file = lineage.file_node_id("data/credit/train.parquet", FILE_1)
+    assert graph.root == model
+    assert {node.kind for node in graph.nodes.values()} == {
+        "model_version",
+        "run",
+        "data_file",
+        "validation",
+        "data_version",
+    }
+    assert (train, model, "produced") in _edges(graph)
+    assert (data, data_file, "contains") in _edges(graph)
+    # the other training run on the same data is no ancestor of this version
+    assert lineage.run_node_id(store.runs["train-1"]) not in graph.nodes
+    version = graph.nodes[model]
+    assert version.made_by == train
+    assert version.flow_run_id == "flow-run-of-train-2"
+    assert version.attributes["aliases"] == ["champion"]
+    assert version.digest == f"sha256:{hashlib.sha256(b'train-2').hexdigest()}"
+    assert version.created is not None
+    assert graph.nodes[train].flow_run_id == "flow-run-of-train-2"
+    assert graph.nodes[data].digest == f"md5:{DATA_1}"
+
+
+def test_new_node_kinds_appear_upstream_without_code_for_them(store):
+    graph = _walk(store, "models:/credit/3")
+    report = graph.nodes[store.drift_report]
+    assert report.kind == "drift_report"
+    assert report.attributes == {"psi_max": 0.31, "drifted": True}
+    assert report.made_by == lineage.run_node_id(store.runs["monitor-1"])
+    # through the report: the predictions it monitored, the scoring run, the champion
+    # that scored them, and the data both trainings read
+    assert store.predictions in graph.nodes
+    assert "models:/credit/2" in graph.nodes
+    assert lineage.data_node_id("data.dvc", DATA_1) in graph.nodes
+    assert lineage.data_node_id("data.dvc", DATA_2) in graph.nodes
+    assert (store.drift_report, lineage.run_node_id(store.runs["train-3"]), "triggered") in _edges(
+        graph
+    )
+
+
+def test_downstream_of_a_data_version_reaches_models_predictions_and_reports(store):
+    graph = _walk(store, DATA_1, DOWNSTREAM)
+    assert graph.root == lineage.data_node_id("data.dvc", DATA_1)
+    for name in ("train-1", "train-2", "score-1", "monitor-1", "train-3"):
+        assert lineage.run_node_id(store.runs[name]) in graph.nodes, name
+    assert {"models:/credit/1", "models:/credit/2", "models:/credit/3"} <= set(graph.nodes)
+    assert store.predictions in graph.nodes and store.drift_report in graph.nodes
+    assert graph.nodes[store.predictions].made_by == lineage.run_node_id(store.runs["score-1"])
+    # the new data version is no descendant of the old one
+    assert lineage.data_node_id("data.dvc", DATA_2) not in graph.nodes
+
+
+def test_downstream_follows_at_most_max_runs_per_node_and_says_so(store):
+    second = store.client.create_run(store.experiment, run_name="score-2")
+    record = {
+        "schema": lineage.RECORD_SCHEMA,
+        "flow": "score",
+        "nodes": [
+            {"kind": "model_version", "id": "models:/credit/2", "digest": None},
+            {"kind": "run", "id": lineage.run_node_id(second.info.run_id), "digest": None},
+            {"kind": "predictions", "id": "predictions:elsewhere@" + "9" * 64, "digest": None},
+        ],
+        "edges": [
+            {
+                "source": "models:/credit/2",
+                "target": lineage.run_node_id(second.info.run_id),
+                "relation": "scored_with",
+            },
+            {
+                "source": lineage.run_node_id(second.info.run_id),
+                "target": "predictions:elsewhere@" + "9" * 64,
+                "relation": "produced",
+            },
+        ],
+    }
+    _index(store.client, second.info.run_id, record, {"stemma.flow": "score"})
+    try:
+        everything = _walk(store, "models:/credit/2", DOWNSTREAM, max_runs=None)
+        assert {"predictions:elsewhere@" + "9" * 64, store.predictions} <= set(everything.nodes)
+        assert not everything.truncated
+        newest = _walk(store, "models:/credit/2", DOWNSTREAM, max_runs=1)
+        assert "predictions:elsewhere@" + "9" * 64 in newest.nodes  # newest first
+        assert store.predictions not in newest.nodes
+        assert newest.truncated == {"models:/credit/2": True}
+        assert "--all" in render_tree(newest)
+    finally:
+        store.client.delete_run(second.info.run_id)  # the other tests see the store as built
+
+
+def test_a_run_recorded_before_indexing_is_read_from_its_artifact(store):
+    graph = _walk(store, "models:/credit/4")
+    legacy = lineage.run_node_id(store.runs["legacy"])
+    assert (legacy, "models:/credit/4", "produced") in _edges(graph)
+    assert lineage.data_node_id("data.dvc", DATA_1) in graph.nodes
+
+
+@pytest.mark.parametrize(
+    "form",
+    ["folder", "manifest", "part", "node id"],
+    ids=["folder", "manifest", "part", "node-id"],
+)
+def test_a_prediction_output_resolves_in_every_form(store, form):
+    folder = store.manifest.parent
+    reference = {
+        "folder": str(folder),
+        "manifest": str(store.manifest),
+        "part": str(folder / "part-00000-00000.parquet"),
+        "node id": store.predictions,
+    }[form]
+    graph = _walk(store, reference)
+    assert graph.root == store.predictions
+    assert "models:/credit/2" in graph.nodes
+    assert lineage.run_node_id(store.runs["train-2"]) in graph.nodes
+
+
+def test_a_run_id_and_a_dvc_file_at_a_git_revision_resolve(store, tmp_path):
+    graph = _walk(store, store.runs["score-1"])
+    assert graph.root == lineage.run_node_id(store.runs["score-1"])
+    assert "models:/credit/2" in graph.nodes
+
+    root = tmp_path
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t.invalid",
+    }
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True, env=env)
+    (root / "data.dvc").write_text(f"outs:\n- md5: {DATA_1}\n  path: data\n  hash: md5\n")
+    subprocess.run(["git", "add", "data.dvc"], cwd=root, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", "data"], cwd=root, check=True, env=env)
+    (root / "data.dvc").write_text(f"outs:\n- md5: {DATA_2}\n  path: data\n  hash: md5\n")
+    subprocess.run(["git", "commit", "-qam", "new data"], cwd=root, check=True, env=env)
+
+    old = walk("data.dvc@HEAD~1", RecordIndex(store.client), root=root, direction=DOWNSTREAM)
+    assert old.root == lineage.data_node_id("data.dvc", DATA_1)
+    assert "models:/credit/2" in old.nodes
+    new = walk("data.dvc@HEAD", RecordIndex(store.client), root=root, direction=DOWNSTREAM)
+    assert new.root == lineage.data_node_id("data.dvc", DATA_2)
+    assert set(new.nodes) >= {"models:/credit/3"} and "models:/credit/2" not in new.nodes
+
+
+@pytest.mark.parametrize(
+    ("reference", "expected"),
+    [
+        (
+            "credit",
+            ["names nothing Stemma can trace", "models:/<name>@<alias>", "data.dvc@<git rev>"],
+        ),
+        ("0123456789abcdef0123456789abcdef", ["no MLflow run with this id", "no data version"]),
+        ("mlflow-run:0123456789abcdef0123456789abcdef", ["no MLflow run with this id"]),
+        ("models:/credit/5", ["models:/credit/5 carries no lineage", "outside Stemma"]),
+        ("models:/credit/99", ["no such model version", "its versions: 1, 2, 3, 4, 5"]),
+        ("models:/credit@nope", ["no such model alias", "champion -> v2"]),
+        ("models:/other@champion", ["no registered model named 'other'"]),
+        ("data.dvc@no-such-rev", ["cannot read it", "git show no-such-rev:data.dvc"]),
+    ],
+    ids=[
+        "unknown-form",
+        "missing-run-or-md5",
+        "missing-run-node",
+        "version-without-lineage",
+        "missing-version",
+        "missing-alias",
+        "missing-model",
+        "bad-git-rev",
+    ],
+)
+def test_references_that_name_nothing_are_clear_errors(store, reference, expected):
+    with pytest.raises(LineageError) as caught:
+        _walk(store, reference)
+    message = caught.value.render()
+    for text in expected:
+        assert text in message, message
+    assert caught.value.exit_code == 6
+
+
+def test_a_part_file_changed_after_scoring_is_refused(store, tmp_path):
+    copy = tmp_path / "scores"
+    shutil.copytree(store.manifest.parent, copy)
+    part = copy / "part-00000-00000.parquet"
+    part.write_bytes(b"tampered")
+    with pytest.raises(LineageError, match="changed since it was written"):
+        _walk(store, str(part))
+
+
+def test_renderings_name_every_node_and_edge(store):
+    graph = _walk(store, "models:/credit/3")
+    tree = render_tree(graph)
+    for node_id in graph.nodes:
+        assert node_id in tree, node_id
+    assert "flow run flow-run-of-train-3" in tree
+    assert "(see above)" in tree  # the data version is reached twice
+    mermaid = render_mermaid(graph)
+    assert mermaid.startswith("flowchart LR")
+    assert mermaid.count("-->|") == len(graph.edges)
+    document = json.loads(json.dumps(graph.to_dict()))
+    assert document["root"] == "models:/credit/3"
+    assert {node["id"] for node in document["nodes"]} == set(graph.nodes)
+    assert all(node["asset_key"].startswith("stemma://") for node in document["nodes"])
+
+
+def test_index_tags_split_a_record_into_what_the_run_made_and_used():
+    record = lineage.build_training_record(
+        lineage.TrainingLineage(
+            pipeline="p",
+            data_pointer="data.dvc",
+            data_md5=DATA_1,
+            data_path="data",
+            file_path="data/x.parquet",
+            file_md5=FILE_1,
+            git_rev="abc",
+            git_dirty=False,
+            validation_digest="v" * 64,
+            validation_success=True,
+            run_id="r" * 32,
+            experiment_id="1",
+            flow_run_id=None,
+            config_path="c.yaml",
+            config_sha256="c" * 64,
+            model_name="m",
+            model_version="1",
+            weights_sha256="w" * 64,
+        )
+    )
+    made, used = lineage.record_roles(record, "r" * 32)
+    assert made == {"models:/m/1"}
+    assert used == {
+        lineage.data_node_id("data.dvc", DATA_1),
+        lineage.file_node_id("data/x.parquet", FILE_1),
+        lineage.validation_node_id("v" * 64),
+    }
+    tags = lineage.index_tags(record, "r" * 32)
+    assert json.loads(tags[lineage.made_tag("models:/m/1")])["digest"] == "sha256:" + "w" * 64
+    assert tags["stemma.lineage.made-kind.model_version"] == "true"
+    assert len(json.loads(tags[lineage.EDGES_TAG])) == len(record["edges"])
+
+    # attributes too long for a tag are dropped, and the tag says which
+    record["nodes"][0]["attributes"]["files"] = {f"f{i}": "0" * 32 for i in range(500)}
+    value = json.loads(
+        lineage.index_tags(record, "r" * 32)[lineage.used_tag(record["nodes"][0]["id"])]
+    )
+    assert value["omitted"] == ["files"] and value["attributes"]["pointer"] == "data.dvc"
+    assert all(
+        len(v) <= lineage.MAX_INDEX_TAG_CHARS for v in lineage.index_tags(record, "r" * 32).values()
+    )
+
+
+def test_asset_keys_are_valid_prefect_keys():
+    from prefect.assets import Asset
+
+    for node_id in (
+        "models:/credit/7",
+        lineage.data_node_id("data.dvc", DATA_1),
+        "predictions:out dir/with space@" + "0" * 64,
+        "input:" + "x" * 600,
+    ):
+        key = lineage.asset_key(node_id)
+        assert Asset(key=key).key == key
+    assert lineage.asset_key("models:/credit/7") == "stemma://models:/credit/7"
+    assert lineage.asset_key("input:" + "x" * 600) != lineage.asset_key("input:" + "x" * 601)
+
+
+def test_the_run_that_made_a_version_directly_is_its_maker(store):
+    # A retraining run that started earlier and triggered the training run also lists the
+    # version among what it made; the training run, with the direct edge, stays its maker.
+    retrain = store.client.create_run(store.experiment, run_name="retrain", start_time=1000)
+    retrain_node = lineage.run_node_id(retrain.info.run_id)
+    train = lineage.run_node_id(store.runs["train-3"])
+    record = {
+        "schema": lineage.RECORD_SCHEMA,
+        "flow": "retrain",
+        "nodes": [
+            {"kind": "run", "id": retrain_node, "digest": None},
+            {"kind": "training_run", "id": train, "digest": None},
+            {"kind": "model_version", "id": "models:/credit/3", "digest": None},
+        ],
+        "edges": [
+            {"source": retrain_node, "target": train, "relation": "triggered"},
+            {"source": train, "target": "models:/credit/3", "relation": "produced"},
+        ],
+    }
+    _index(store.client, retrain.info.run_id, record, {"stemma.flow": "retrain"})
+    try:
+        graph = _walk(store, "models:/credit/3")
+        assert graph.nodes["models:/credit/3"].made_by == train
+        assert (retrain_node, train, "triggered") in _edges(graph)
+        assert graph.nodes[retrain_node].attributes["flow"] == "retrain"
+        # the run's own record calls it a run; a record naming it more specifically wins
+        assert graph.nodes[train].kind == "training_run"
+    finally:
+        store.client.delete_run(retrain.info.run_id)

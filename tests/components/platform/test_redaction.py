@@ -1,0 +1,78 @@
+"""Credentials in URLs are masked wherever Stemma writes text; everything else is kept."""
+
+from __future__ import annotations
+
+import pytest
+
+from stemma.components.lineage import records as lineage
+from stemma.components.platform.redaction import contains_credentials, redact, redact_url
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("http://user:pw@host:5000/x", "http://user:***@host:5000/x"),
+        ("postgresql://app:p@ss@db/mlflow?x=1", "postgresql://app:***@db/mlflow?x=1"),
+        ("https://ghp_token@github.com/o/r.git", "https://***@github.com/o/r.git"),
+        (
+            'open {"uri":"http://u:p@h","mail":"a@b.c"} now',
+            'open {"uri":"http://u:***@h","mail":"a@b.c"} now',
+        ),
+        ("(see http://u:pw@h) and http://h/x@y", "(see http://u:***@h) and http://h/x@y"),
+        ("http://user:***@host", "http://user:***@host"),
+        (
+            "tests@stemma.invalid, sqlite:///tmp/mlflow.db",
+            "tests@stemma.invalid, sqlite:///tmp/mlflow.db",
+        ),
+    ],
+    ids=["password", "at-in-password", "token", "json", "prose", "already-masked", "no-url"],
+)
+def test_redact_url_masks_only_the_user_part(text, expected):
+    assert redact_url(text) == expected
+    assert contains_credentials(text) == (text != expected)
+
+
+def test_redact_walks_nested_values_without_changing_the_input():
+    value = {"http://a:b@c": ["http://d:e@f", 3, ("x", None)], "n": {"k": "http://g:h@i/j"}}
+    assert redact(value) == {
+        "http://a:***@c": ["http://d:***@f", 3, ("x", None)],
+        "n": {"k": "http://g:***@i/j"},
+    }
+    assert value["n"]["k"] == "http://g:h@i/j"
+
+
+def test_lineage_records_never_hold_a_password():
+    facts = lineage.ScoringLineage(
+        pipeline="credit",
+        input_path="s3://reader:SECRET@bucket/batches",
+        input_digest="0" * 32,
+        input_files={"s3://reader:SECRET@bucket/batches/a.parquet": "1" * 32},
+        data_pointer=None,
+        data_md5=None,
+        model_name="credit",
+        model_version="1",
+        weights_sha256="2" * 64,
+        run_id="3" * 32,
+        experiment_id="1",
+        flow_run_id=None,
+        output_path="outputs/scores",
+        manifest_sha256="4" * 64,
+        parts={},
+        rows_scored=1,
+        rows_rejected=0,
+    )
+    record = lineage.build_scoring_record(facts)
+    assert "SECRET" not in str(record)
+    assert "s3://reader:***@bucket/batches" in str(record)
+
+
+def test_openlineage_events_never_hold_a_password():
+    from openlineage.client.serde import Serde
+
+    from stemma.components.lineage.openlineage import build_events
+    from tests.components.lineage.test_lineage_export import _graph
+
+    events = build_events(_graph(), tracking_uri="http://stemma:SECRET@mlflow:5000")
+    text = "".join(Serde.to_json(event) for event in events)
+    assert "SECRET" not in text
+    assert "http://stemma:***@mlflow:5000" in text
