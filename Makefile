@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt
 CONFIG ?= configs/credit.yaml
 
-.PHONY: install dev demo data test test-all bench lint format typecheck clean native-deps
+.PHONY: install dev demo data test test-all bench lint shape format typecheck clean native-deps
 
 install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
@@ -47,6 +47,12 @@ bench: dev
 lint: dev
 	$(BIN)/ruff check components flows tests
 	$(BIN)/ruff format --check components flows tests
+	$(BIN)/lint-imports
+
+# The code-shape numbers of the redesign: module and function lengths, imports of private
+# names, the lines of components/ against their baseline, and the import contract.
+shape: dev
+	$(BIN)/python tests/code_shape.py
 
 format: dev
 	$(BIN)/ruff format components flows tests

@@ -64,13 +64,7 @@ def generate_example_data(root: Path, *, record_with_dvc: bool = True) -> str:
 def _dvc_add(root: Path, data_dir: Path) -> None:
     """`dvc add` through DVC's Python API (about twice as fast as the CLI)."""
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    import logging
-
     from dvc.repo import Repo
-
-    # DVC prints git hints ("To track the changes with git, run: ...") at INFO level;
-    # the report below says what happened.
-    logging.getLogger("dvc").setLevel(logging.WARNING)
 
     if not (root / ".dvc").is_dir():
         Repo.init(str(root), no_scm=not (root / ".git").exists())

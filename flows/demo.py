@@ -28,6 +28,8 @@ from stemma.components.examples.credit import generate_credit_data
 
 #: Where the demo project lives, under the folder `stemma demo` runs in.
 DEMO_DIR = Path(".stemma") / "demo"
+#: The demo project's spec, relative to its root.
+DEMO_CONFIG = Path("configs") / "credit.yaml"
 #: Spec values that keep the demo under ten minutes on two cores.
 DEMO_OVERRIDES = {
     "train": {"epochs": 8},
@@ -134,11 +136,6 @@ def run_demo(
         batch_rows: applications per day.
         location: the demo project (default ``<repo_root>/.stemma/demo``; rebuilt).
     """
-    import os
-
-    from stemma.flows.monitor import monitor_flow
-    from stemma.flows.retrain import retrain_flow
-    from stemma.flows.score import score_flow
     from stemma.flows.train import train_flow
 
     root = (location or repo_root / DEMO_DIR).resolve()
@@ -149,61 +146,58 @@ def run_demo(
         train_rows=train_rows,
         batch_rows=batch_rows,
     )
-    previous = Path.cwd()
-    os.chdir(root)
-    config = "configs/credit.yaml"
-    table: list[Day] = []
-    try:
-        started = time.perf_counter()
-        first = train_flow(config=config, overrides=[])
-        print(
-            f"day 0: trained the first champion v{first['model_version']} "
-            f"({first['gate']['metric']} {first['gate']['value']:.3f})",
-            flush=True,
-        )
-        table.append(
-            Day(
-                0,
-                0,
-                "-",
-                "trained first champion",
-                str(first["model_version"]),
-                time.perf_counter() - started,
-            )
-        )
-        for day in range(1, days + 1):
-            started = time.perf_counter()
-            batch = _arrive(root, "batches", day)
-            scored = score_flow(
-                config=config,
-                input=str(batch.relative_to(root)),
-                output=f"outputs/credit/scores/day_{day:02d}",
-            )
-            monitored = monitor_flow(config=config, batch=str(batch.relative_to(root)))
-            _arrive(root, "labels", day)
-            drifted = monitored["drifted_features"]
-            drift = (
-                f"yes: {', '.join(drifted[:3])}{'…' if len(drifted) > 3 else ''}"
-                if monitored["drift_detected"]
-                else "no"
-            )
-            decision = "-"
-            if monitored["drift_detected"]:
-                retrained = retrain_flow(config=config, cause=monitored["run_id"])
-                decision = _decision_text(retrained)
-            row = Day(
-                day,
-                scored["rows"]["scored"],
-                drift,
-                decision,
-                _champion("credit"),
-                time.perf_counter() - started,
-            )
-            table.append(row)
-            print(_format_row(row), flush=True)
-    finally:
-        os.chdir(previous)
+    # The flows resolve every other path against the project root the spec lives in.
+    config = str(root / DEMO_CONFIG)
+    started = time.perf_counter()
+    first = train_flow(config=config, overrides=[])
+    print(
+        f"day 0: trained the first champion v{first['model_version']} "
+        f"({first['gate']['metric']} {first['gate']['value']:.3f})",
+        flush=True,
+    )
+    version = str(first["model_version"])
+    table = [Day(0, 0, "-", "trained first champion", version, time.perf_counter() - started)]
+    for day in range(1, days + 1):
+        row = _play_day(root, config, day)
+        table.append(row)
+        print(_format_row(row), flush=True)
     return {"root": str(root), "days": table}
+
+
+def _play_day(root: Path, config: str, day: int) -> Day:
+    """One production day: score the day's batch, monitor it, receive its labels, and
+    retrain when the monitor reports drift."""
+    from stemma.flows.monitor import monitor_flow
+    from stemma.flows.retrain import retrain_flow
+    from stemma.flows.score import score_flow
+
+    started = time.perf_counter()
+    batch = _arrive(root, "batches", day)
+    scored = score_flow(
+        config=config,
+        input=str(batch.relative_to(root)),
+        output=f"outputs/credit/scores/day_{day:02d}",
+    )
+    monitored = monitor_flow(config=config, batch=str(batch.relative_to(root)))
+    _arrive(root, "labels", day)
+    drifted = monitored["drifted_features"]
+    drift = (
+        f"yes: {', '.join(drifted[:3])}{'…' if len(drifted) > 3 else ''}"
+        if monitored["drift_detected"]
+        else "no"
+    )
+    decision = "-"
+    if monitored["drift_detected"]:
+        retrained = retrain_flow(config=config, cause=monitored["run_id"])
+        decision = _decision_text(retrained)
+    return Day(
+        day,
+        scored["rows"]["scored"],
+        drift,
+        decision,
+        _champion("credit"),
+        time.perf_counter() - started,
+    )
 
 
 def _decision_text(result: dict[str, Any]) -> str:

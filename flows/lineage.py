@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from stemma.components.errors import LineageError
-from stemma.components.lineage import records as lineage
+from stemma.components.platform import lineage
 from stemma.components.platform.redaction import redact, redact_url
 
 #: MLflow accepts at most this many tags in one request.
@@ -37,12 +37,12 @@ FORMATS = ("tree", "json", "mermaid")
 # Recording (inside a flow run)
 
 
-def record_lineage(record: dict[str, Any]) -> None:
+def record_lineage(record: lineage.LineageRecord | dict[str, Any]) -> None:
     """Log a flow run's lineage record, its index tags and its Prefect assets.
 
-    Call it inside the active MLflow run of the flow, with the record built by
-    :mod:`stemma.components.lineage.records` (or any record of the same layout). Credentials in
-    any URL of the record are masked before it is written anywhere.
+    Call it inside the active MLflow run of the flow (:class:`TrackedRun` does, given it as
+    its ``lineage`` writer). Credentials in any URL of the record are masked before it is
+    written anywhere.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -52,7 +52,7 @@ def record_lineage(record: dict[str, Any]) -> None:
     if run is None:
         raise RuntimeError("record_lineage must be called inside an active MLflow run")
     run_id = run.info.run_id
-    record = redact(record)
+    record = redact(lineage.as_document(record))
     mlflow.log_dict(record, lineage.RECORD_ARTIFACT)
     tags = [RunTag(key, value) for key, value in lineage.index_tags(record, run_id).items()]
     client = MlflowClient()

@@ -8,18 +8,17 @@ pipeline's experiment), or in ``stemma-promotions`` when that run is unknown.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from stemma.components.errors import RegistryError
 from stemma.components.platform import tracking
+from stemma.components.platform.refs import ModelRefError, parse_model_ref
 from stemma.components.registry import promotion
 
 #: Experiment for decisions about versions whose training run cannot be found.
 FALLBACK_EXPERIMENT = "stemma-promotions"
 #: Environment variable Prefect sets inside a flow run.
 FLOW_RUN_VARIABLE = "PREFECT__FLOW_RUN_ID"
-_REFERENCE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
 
 
 def parse_reference(reference: str) -> tuple[str, str | None, str | None]:
@@ -28,13 +27,11 @@ def parse_reference(reference: str) -> tuple[str, str | None, str | None]:
     Raises:
         RegistryError: the reference has neither shape.
     """
-    match = _REFERENCE.match(reference.strip())
-    if match is None:
-        raise RegistryError(
-            f"{reference!r} is not a model reference",
-            ["write models:/<name>/<version> (models:/credit/7) or models:/<name>@<alias>"],
-        )
-    return match["name"], match["version"], match["alias"]
+    try:
+        name, version, alias = parse_model_ref(reference)
+    except ModelRefError as error:
+        raise RegistryError(error.headline, error.details) from None
+    return name, version, alias
 
 
 def _client_and_experiment(root: Path, model_name: str, version: str | None):

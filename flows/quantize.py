@@ -1,21 +1,18 @@
 """The quantize flow: variants of a registered fp32 model, measured against it and gated.
 
 The flow resolves the fp32 model (``--model``, the spec's ``quantize.model``, or the
-newest version that passed its gate), recomputes the held-out rows it was gated on from
-its training run's spec and data version, builds and measures every variant the spec's
-``quantize`` section lists (:func:`~stemma.components.quantization.variants.compare_variants`),
-registers the ones that clear both the metric-drop and the speed-up bars, and records
-everything in one MLflow run: metrics per variant, the comparison table, a plot of latency
-against metric drop with the bars drawn, and a lineage record linking the parent to each
-variant. A variant is registered all or nothing; an interrupted run leaves none behind
-half-registered, and a run killed outright leaves one that the next run removes.
+newest version that passed its gate), recomputes the held-out rows it was gated on,
+builds and measures every variant the spec's ``quantize`` section lists
+(:func:`~stemma.components.quantization.measure.compare_variants`), registers the ones
+that clear both the metric-drop and the speed-up bars, and records everything in one
+tracked MLflow run: metrics per variant, the comparison table, the trade-off plot and a
+lineage record linking the parent to each variant.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,156 +20,357 @@ import mlflow
 import numpy as np
 import pandas as pd
 from prefect import flow, get_run_logger, task
-from prefect.runtime import flow_run
 
 from stemma.components.errors import RegistryError, SpecError
-from stemma.components.platform import tracking
+from stemma.components.model.artifact import ONNX_SHA256_TAG
+from stemma.components.model.quantized import METHODS, QuantizedNetwork
+from stemma.components.platform import tags, tracking
 from stemma.components.platform.redaction import redact_url
-from stemma.components.quantization import variants as quantization
-from stemma.components.scoring import engine as scoring
+from stemma.components.platform.tracked_run import TrackedRun
+from stemma.components.quantization import heldout as parents
+from stemma.components.quantization import registering, report
+from stemma.components.quantization.measure import compare_variants, variant_runtime
+from stemma.components.quantization.results import PASSED, Comparison, VariantResult
+from stemma.components.runtime.backends import set_threads
+from stemma.components.runtime.loading import ScoringModel, load_scoring_model
+from stemma.components.scoring.pipeline import FORWARD_BATCH_ROWS
 from stemma.components.spec import METRIC_DIRECTIONS, LoadedSpec, QuantizeSpec
-from stemma.components.training.loop import predict_raw
 from stemma.flows.lineage import record_lineage
-from stemma.flows.steps import config_run_name, load_spec_step, spec_architectures
-
-#: Where torch.compile keeps its compiled kernels, under the project's `.stemma/`, so
-#: a second run compiles from the cache (seconds instead of tens of seconds).
-INDUCTOR_CACHE_DIR = "inductor"
-
+from stemma.flows.steps import (
+    config_run_name,
+    flow_run_id,
+    load_spec_step,
+    spec_architectures,
+    tracked,
+)
 
 _run_name = config_run_name("quantize")
 
 
+@dataclass
+class _Context:
+    """What every step of one quantize run shares."""
+
+    loaded: LoadedSpec
+    settings: QuantizeSpec
+    model: ScoringModel
+    parent: Any
+    heldout: parents.HeldOut
+    metric: str
+    x: np.ndarray
+    batch_rows: int
+    git_rev: str | None
+    reference: str
+
+
 @task(name="load fp32 model")
-def load_parent_step(reference: str, loaded: LoadedSpec) -> tuple[scoring.ScoringModel, Any]:
+def load_parent_step(reference: str, loaded: LoadedSpec) -> tuple[ScoringModel, Any]:
     """The fp32 model (files verified) and its registry entry; never a variant."""
     client = mlflow.MlflowClient()
-    model = scoring.load_scoring_model(
-        reference, client=client, architectures=spec_architectures(loaded)
-    )
+    model = load_scoring_model(reference, client=client, architectures=spec_architectures(loaded))
     version = client.get_model_version(model.name, model.version)
-    if quantization.is_variant(version):
-        parent = (version.tags or {}).get(quantization.PARENT_VERSION_TAG, "?")
+    if registering.is_variant(version):
+        found = version.tags or {}
+        parent = found.get(registering.PARENT_VERSION_TAG, "?")
         raise RegistryError(
             f"{model.label} is itself a quantized variant "
-            f"({(version.tags or {}).get(quantization.METHOD_TAG)} of v{parent})",
+            f"({found.get(registering.METHOD_TAG)} of v{parent})",
             [f"quantize its fp32 parent: --model models:/{model.name}/{parent}"],
         )
     return model, version
 
 
 @task(name="recompute held-out rows")
-def heldout_step(version: Any, loaded: LoadedSpec) -> quantization.HeldOut:
-    return quantization.heldout_rows(mlflow.MlflowClient(), version, loaded.root)
+def heldout_step(version: Any, loaded: LoadedSpec) -> parents.HeldOut:
+    return parents.heldout_rows(mlflow.MlflowClient(), version, loaded.root)
 
 
 @task(name="build and measure variants")
 def measure_step(
-    model: scoring.ScoringModel,
-    x: np.ndarray,
-    y: np.ndarray,
-    metric: str,
-    settings: QuantizeSpec,
-    batch_rows: int,
-    workdir: Path,
-) -> tuple[quantization.Comparison, dict[str, quantization.QuantizedNetwork]]:
-    return quantization.compare_variants(
+    context: _Context, y: np.ndarray, workdir: Path
+) -> tuple[Comparison, dict[str, QuantizedNetwork]]:
+    model = context.model
+    return compare_variants(
         model.network,
         model.preprocessor,
-        x,
+        context.x,
         y,
         task=model.task,
-        metric=metric,
+        metric=context.metric,
         threshold=model.threshold,
-        settings=settings,
-        batch_rows=batch_rows,
+        settings=context.settings,
+        batch_rows=context.batch_rows,
         workdir=workdir,
-        prepack=lambda network, _width: scoring.engine_runner(network, model.preprocessor),
     )
+
+
+def _variant_tags(
+    context: _Context, result: VariantResult, comparison: Comparison, run_id: str
+) -> dict[str, str]:
+    model = context.model
+    prefix = registering.TAG_PREFIX
+    return {
+        registering.METHOD_TAG: result.method,
+        registering.PARENT_VERSION_TAG: model.version,
+        registering.PARENT_WEIGHTS_TAG: model.weights_sha256,
+        registering.RUNTIME_TAG: str(result.runtime),
+        prefix + "decision": PASSED,
+        prefix + "reasons": "; ".join(result.reasons),
+        prefix + "metric": comparison.metric,
+        prefix + "metric_drop": repr(result.metric_drop),
+        prefix + "speedup": repr(result.speedup),
+        prefix + "latency_ms": repr(result.latency_ms),
+        prefix + "baseline": f"fp32 {comparison.baseline_runtime} {comparison.baseline_ms!r} ms",
+        tags.RUN_ID: run_id,
+        tags.DATA_MD5: context.heldout.md5,
+        **({tags.GIT_REV: context.git_rev} if context.git_rev else {}),
+    }
 
 
 @task(name="register variant", task_run_name="register {result.method}")
 def register_step(
-    result: quantization.VariantResult,
-    variant: quantization.QuantizedNetwork,
-    model: scoring.ScoringModel,
+    context: _Context,
+    result: VariantResult,
+    variant: QuantizedNetwork,
     parent_files: dict[str, Any],
-    heldout: quantization.HeldOut,
-    x: np.ndarray,
-    comparison: quantization.Comparison,
+    comparison: Comparison,
     run_id: str,
-    git_rev: str | None,
     workdir: Path,
-) -> tuple[quantization.VariantResult, str]:
-    """Log the variant as a model, register it, load it back and compare its outputs."""
-    client = mlflow.MlflowClient()
-    info, weights_sha256 = quantization.log_variant_model(
+) -> tuple[VariantResult, str, str | None]:
+    """Log the variant as a model, register it, load it back and compare its outputs.
+
+    Returns:
+        The result with its version, the sha256 of its weights and of its ONNX graph (None
+        for a torchao variant).
+    """
+    client, model = mlflow.MlflowClient(), context.model
+    info, weights_sha256 = registering.log_variant_model(
         variant=variant,
         parent_files=parent_files,
         parent={"version": model.version, "weights_sha256": model.weights_sha256},
-        input_example=heldout.frame[model.feature_columns],
+        input_example=context.heldout.frame[model.feature_columns],
         workdir=workdir,
     )
-    expected = predict_raw(variant, x)
+    measured = variant_runtime(variant, context.x.shape[1])
+    expected = measured.run(context.x)
 
     def verify(number: str) -> None:
-        loaded = scoring.load_scoring_model(
+        loaded = load_scoring_model(
             f"models:/{model.name}/{number}", client=client, architectures=model.architectures
         )
-        if not np.array_equal(predict_raw(loaded.network, x), expected):
+        if loaded.runtime.backend != measured.backend or not np.array_equal(
+            loaded.runtime.run(context.x), expected
+        ):
             raise RegistryError(
                 f"{model.name} v{number}: the registered {result.method} variant, loaded back, "
                 "does not give the outputs that were measured",
-                ["nothing was registered"],
+                [f"it runs on {loaded.runtime.label}; nothing was registered"],
             )
 
-    tags = {
-        quantization.METHOD_TAG: result.method,
-        quantization.PARENT_VERSION_TAG: model.version,
-        quantization.PARENT_WEIGHTS_TAG: model.weights_sha256,
-        quantization.RUNTIME_TAG: str(result.runtime),
-        quantization.TAG_PREFIX + "decision": quantization.PASSED,
-        quantization.TAG_PREFIX + "reasons": "; ".join(result.reasons),
-        quantization.TAG_PREFIX + "metric": comparison.metric,
-        quantization.TAG_PREFIX + "metric_drop": repr(result.metric_drop),
-        quantization.TAG_PREFIX + "speedup": repr(result.speedup),
-        quantization.TAG_PREFIX + "latency_ms": repr(result.latency_ms),
-        quantization.TAG_PREFIX + "baseline": (
-            f"fp32 {comparison.baseline_runtime} {comparison.baseline_ms!r} ms"
-        ),
-        "stemma.run_id": run_id,
-        "stemma.weights.sha256": weights_sha256,
-        "stemma.data.md5": heldout.md5,
-        **({"stemma.git.rev": git_rev} if git_rev else {}),
-    }
-    registered = quantization.register_variant(
+    registered = registering.register_variant(
         client=client,
         model_name=model.name,
         parent_version=model.version,
         method=result.method,
         model_uri=info.model_uri,
         run_id=run_id,
-        tags=tags,
-        description=(
-            f"{result.method} variant of {model.label} ({quantization.METHODS[result.method]}): "
-            + "; ".join(result.reasons)
-        ),
+        tags={
+            **_variant_tags(context, result, comparison, run_id),
+            tags.WEIGHTS_SHA256: weights_sha256,
+        },
+        description=f"{result.method} variant of {model.label} ({METHODS[result.method]}): "
+        + "; ".join(result.reasons),
         verify=verify,
     )
-    return replace(result, version=str(registered.version)), weights_sha256
+    graph = (registered.tags or {}).get(ONNX_SHA256_TAG)
+    return replace(result, version=str(registered.version)), weights_sha256, graph
 
 
-def _log_comparison(comparison: quantization.Comparison, title: str, workdir: Path) -> None:
+def _register_passing(
+    context: _Context,
+    comparison: Comparison,
+    built: dict[str, QuantizedNetwork],
+    run: TrackedRun,
+    workdir: Path,
+) -> tuple[Comparison, dict[str, str], dict[str, str]]:
+    """Register every passing variant.
+
+    Returns:
+        The comparison with their version numbers, and the sha256 of each one's weights
+        and ONNX graph, by method.
+    """
+    weights: dict[str, str] = {}
+    graphs: dict[str, str] = {}
+    passing = [result for result in comparison.variants if result.passed]
+    if not passing:
+        return comparison, weights, graphs
+    model = context.model
+    parent_files = parents.download_model_files(
+        mlflow.MlflowClient(), model.name, model.version, workdir / "parent"
+    )
+    for result in passing:
+        registered, weights[result.method], graph = register_step(
+            context,
+            result,
+            built[result.method],
+            parent_files,
+            comparison,
+            run.run_id,
+            workdir / "variants" / result.method,
+        )
+        comparison = comparison.with_variant(registered)
+        if graph:
+            graphs[result.method] = graph
+    return comparison, weights, graphs
+
+
+def _log_comparison(run: TrackedRun, comparison: Comparison, title: str, workdir: Path) -> None:
     """Metrics per variant, the table (JSON via log_table, and CSV) and the trade-off plot."""
-    tracking.log_metrics_batch(comparison.metrics())
+    run.log_metrics(comparison.metrics())
     frame = pd.DataFrame(comparison.table())
     mlflow.log_text(frame.to_csv(index=False), "quantize/comparison.csv")
     try:
         mlflow.log_table(data=frame, artifact_file="quantize/comparison.json")
     except Exception as error:  # the CSV holds the same rows
         get_run_logger().warning("could not log the comparison with log_table: %s", error)
-    plot = quantization.plot_tradeoff(comparison, workdir / "tradeoff.png", title=title)
+    plot = report.plot_tradeoff(comparison, workdir / "tradeoff.png", title=title)
     mlflow.log_artifact(str(plot), "quantize")
+
+
+def _record(
+    context: _Context,
+    run: TrackedRun,
+    comparison: Comparison,
+    weights: dict[str, str],
+    graphs: dict[str, str],
+) -> str | None:
+    """Alias the fastest passing variant, tag the parent, log the comparison and lineage."""
+    client, model = mlflow.MlflowClient(), context.model
+    served = registering.update_served_alias(client, model.name, model.version, comparison)
+    summary = registering.summary_tag(comparison, run.run_id, served)
+    client.set_model_version_tag(model.name, model.version, registering.SUMMARY_TAG, summary)
+    title = f"{model.label}: variants vs fp32 ({context.batch_rows} rows a run)"
+    with tempfile.TemporaryDirectory(prefix="stemma-quantize-plot-") as folder:
+        _log_comparison(run, comparison, title, Path(folder))
+    record = report.build_quantize_record(
+        pipeline=context.loaded.spec.pipeline.name,
+        model_name=model.name,
+        parent_version=model.version,
+        parent_weights_sha256=model.weights_sha256,
+        heldout=context.heldout,
+        root=context.loaded.root,
+        run_id=run.run_id,
+        experiment_id=run.experiment_id,
+        flow_run_id=flow_run_id(),
+        comparison=comparison,
+        variant_weights=weights,
+        variant_graphs=graphs,
+    )
+    run.record_lineage(record)
+    registered = ",".join(f"{v.method}=v{v.version}" for v in comparison.variants if v.version)
+    run.set_tags({tags.QUANTIZE_REGISTERED: registered})
+    return served
+
+
+def _prepare(loaded: LoadedSpec, model: str | None) -> _Context:
+    """The fp32 parent, its held-out rows and the settings of the run."""
+    spec = loaded.spec
+    settings = spec.quantize or QuantizeSpec()
+    if spec.quantize is None:
+        get_run_logger().info("the spec has no quantize section: using its defaults")
+    set_threads(settings.threads)  # the threads every run is timed with, set once
+    client = mlflow.MlflowClient()
+    reference = (
+        model
+        or settings.model
+        or parents.default_parent_reference(client, spec.pipeline.registered_model_name)
+    )
+    parent_model, parent = load_parent_step(reference, loaded)
+    metrics = METRIC_DIRECTIONS.get(parent_model.task, {})
+    if spec.gate.metric not in metrics:
+        raise SpecError(
+            f"gate.metric {spec.gate.metric!r} is not a metric of {parent_model.label}, a "
+            f"{parent_model.task} model; choose one of {', '.join(metrics)}"
+        )
+    heldout = heldout_step(parent, loaded)
+    return _Context(
+        loaded=loaded,
+        settings=settings,
+        model=parent_model,
+        parent=parent,
+        heldout=heldout,
+        metric=spec.gate.metric,
+        x=parent_model.preprocessor.transform(heldout.frame),
+        batch_rows=settings.batch_rows or min(spec.score.chunk_rows, FORWARD_BATCH_ROWS),
+        git_rev=tracking.git_revision(loaded.root)[0],
+        reference=reference,
+    )
+
+
+def _run_tags(context: _Context) -> dict[str, str]:
+    model = context.model
+    return {
+        tags.MODEL_URI: model.model_uri,
+        tags.MODEL_REFERENCE: context.reference,
+        tags.MODEL_VERSION: model.version,
+        tags.WEIGHTS_SHA256: model.weights_sha256,
+        tags.DATA_MD5: context.heldout.md5,
+        **({tags.GIT_REV: context.git_rev} if context.git_rev else {}),
+    }
+
+
+def _log_inputs(context: _Context, run: TrackedRun) -> None:
+    """The settings as params, and the held-out rows as the run's evaluation dataset."""
+    settings, heldout, spec = context.settings, context.heldout, context.loaded.spec
+    run.log_params(
+        {
+            **{f"quantize.{k}": str(v) for k, v in settings.model_dump(mode="json").items()},
+            "quantize.batch_rows.resolved": str(context.batch_rows),
+            "quantize.metric": context.metric,
+        }
+    )
+    tracking.log_dataset(
+        heldout.frame,
+        name=f"{spec.pipeline.name}-test",
+        source=tracking.DVCDatasetSource.from_version(
+            heldout.version, context.loaded.root, context.git_rev
+        ),
+        context="evaluation",
+        digest=heldout.md5,
+        target=heldout.data.target,
+    )
+
+
+def _summary(
+    context: _Context, comparison: Comparison, run: TrackedRun, served: str | None, **extra: Any
+) -> dict[str, Any]:
+    model, settings = context.model, context.settings
+    return {
+        "run_id": run.run_id,
+        "model_name": model.name,
+        "parent_version": model.version,
+        "reference": context.reference,
+        "metric": context.metric,
+        "rows": comparison.rows,
+        "batch_rows": context.batch_rows,
+        "threads": settings.threads,
+        "repeats": settings.repeats,
+        "clock": comparison.clock,
+        "parent_value": comparison.parent_value,
+        "parent_ms": dict(comparison.parent_ms),
+        "parent_size_bytes": comparison.parent_size_bytes,
+        "baseline_runtime": comparison.baseline_runtime,
+        "baseline_ms": comparison.baseline_ms,
+        "max_metric_drop": comparison.max_metric_drop,
+        "min_speedup": comparison.min_speedup,
+        "variants": [asdict(result) for result in comparison.variants],
+        "table": comparison.table(),
+        "notes": list(comparison.notes),
+        "served_alias": registering.served_alias(model.version) if served else None,
+        "served_version": served,
+        "serve": settings.serve,
+        **extra,
+    }
 
 
 @flow(name="quantize", flow_run_name=_run_name, validate_parameters=True)
@@ -192,164 +390,31 @@ def quantize_flow(
     Returns:
         A summary: the run, the parent, the comparison table, and the registered variants.
     """
-    logger = get_run_logger()
     loaded = load_spec_step(config, list(overrides or []))
-    spec = loaded.spec
-    settings = spec.quantize or QuantizeSpec()
-    if spec.quantize is None:
-        logger.info("the spec has no quantize section: using its defaults")
-    os.environ.setdefault(
-        "TORCHINDUCTOR_CACHE_DIR", str(loaded.root / tracking.STATE_DIR / INDUCTOR_CACHE_DIR)
-    )
     tracking_uri = tracking.configure_tracking(loaded.root)
-    experiment_id = tracking.ensure_experiment(spec.pipeline.experiment_name, loaded.root)
-    client = mlflow.MlflowClient()
-    reference = (
-        model
-        or settings.model
-        or quantization.default_parent_reference(client, spec.pipeline.registered_model_name)
-    )
-    parent_model, parent = load_parent_step(reference, loaded)
-    metrics = METRIC_DIRECTIONS.get(parent_model.task, {})
-    metric = spec.gate.metric
-    if metric not in metrics:
-        raise SpecError(
-            f"gate.metric {metric!r} is not a metric of {parent_model.label}, a "
-            f"{parent_model.task} model; choose one of {', '.join(metrics)}"
-        )
-    heldout = heldout_step(parent, loaded)
-    x = parent_model.preprocessor.transform(heldout.frame)
-    y = heldout.frame[heldout.data.target].to_numpy(dtype=np.float64)
-    batch_rows = settings.batch_rows or min(spec.score.chunk_rows, scoring.FORWARD_BATCH_ROWS)
-    removed = quantization.remove_abandoned_variants(client, parent_model.name)
+    experiment_id = tracking.ensure_experiment(loaded.spec.pipeline.experiment_name, loaded.root)
+    context = _prepare(loaded, model)
+    name = context.model.name
+    removed = registering.remove_abandoned_variants(mlflow.MlflowClient(), name)
     for number in removed:
-        logger.warning(
-            "removed %s v%s, left half-registered by a killed run", parent_model.name, number
+        get_run_logger().warning(
+            "removed %s v%s, left half-registered by a killed run", name, number
         )
-    git_rev, _ = tracking.git_revision(loaded.root)
-
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=flow_run.get_name())
-    run_id = run.info.run_id
-    try:
-        mlflow.set_tags(
-            {
-                "stemma.pipeline": spec.pipeline.name,
-                "stemma.flow": "quantize",
-                "stemma.prefect.flow_run_id": str(flow_run.get_id() or ""),
-                "stemma.model.uri": parent_model.model_uri,
-                "stemma.model.reference": reference,
-                "stemma.model.version": parent_model.version,
-                "stemma.weights.sha256": parent_model.weights_sha256,
-                "stemma.data.md5": heldout.md5,
-                "stemma.status": "running",
-                **({"stemma.git.rev": git_rev} if git_rev else {}),
-            }
-        )
-        tracking.log_params_flat(
-            {
-                **{f"quantize.{k}": str(v) for k, v in settings.model_dump(mode="json").items()},
-                "quantize.batch_rows.resolved": str(batch_rows),
-                "quantize.metric": metric,
-            }
-        )
-        tracking.log_dataset(
-            heldout.frame,
-            name=f"{spec.pipeline.name}-test",
-            source=tracking.DVCDatasetSource.from_version(heldout.version, loaded.root, git_rev),
-            context="evaluation",
-            digest=heldout.md5,
-            target=heldout.data.target,
-        )
-        with tempfile.TemporaryDirectory(prefix="stemma-quantize-") as tmp:
-            workdir = Path(tmp)
-            comparison, built = measure_step(
-                parent_model, x, y, metric, settings, batch_rows, workdir / "candidates"
-            )
-            quantization.check_parent_value(parent, metric, comparison.parent_value)
-            weights: dict[str, str] = {}
-            passing = [result for result in comparison.variants if result.passed]
-            if passing:
-                parent_files = quantization.download_model_files(
-                    client, parent_model.name, parent_model.version, workdir / "parent"
-                )
-                for result in passing:
-                    registered, weights[result.method] = register_step(
-                        result,
-                        built[result.method],
-                        parent_model,
-                        parent_files,
-                        heldout,
-                        x,
-                        comparison,
-                        run_id,
-                        git_rev,
-                        workdir / "variants" / result.method,
-                    )
-                    comparison = comparison.with_variant(registered)
-            served = quantization.update_served_alias(
-                client, parent_model.name, parent_model.version, comparison
-            )
-            client.set_model_version_tag(
-                parent_model.name,
-                parent_model.version,
-                quantization.SUMMARY_TAG,
-                quantization.summary_tag(comparison, run_id, served),
-            )
-            _log_comparison(
-                comparison,
-                f"{parent_model.label}: variants vs fp32 ({batch_rows} rows a pass)",
-                workdir,
-            )
-            record = quantization.build_quantize_record(
-                pipeline=spec.pipeline.name,
-                model_name=parent_model.name,
-                parent_version=parent_model.version,
-                parent_weights_sha256=parent_model.weights_sha256,
-                heldout=heldout,
-                root=loaded.root,
-                run_id=run_id,
-                experiment_id=run.info.experiment_id,
-                flow_run_id=str(flow_run.get_id() or "") or None,
-                comparison=comparison,
-                variant_weights=weights,
-            )
-            record_lineage(record)
-            mlflow.set_tags(
-                {
-                    "stemma.quantize.registered": ",".join(
-                        f"{v.method}=v{v.version}" for v in comparison.variants if v.version
-                    ),
-                    "stemma.status": "completed",
-                }
-            )
-    except BaseException as error:
-        tracking.end_run_after(error)
-        raise
-    mlflow.end_run(status="FINISHED")
-    return {
-        "run_id": run_id,
-        "tracking_uri": redact_url(tracking_uri),
-        "model_name": parent_model.name,
-        "parent_version": parent_model.version,
-        "reference": reference,
-        "metric": metric,
-        "rows": comparison.rows,
-        "batch_rows": batch_rows,
-        "threads": settings.threads,
-        "repeats": settings.repeats,
-        "clock": comparison.clock,
-        "parent_value": comparison.parent_value,
-        "parent_ms": dict(comparison.parent_ms),
-        "parent_size_bytes": comparison.parent_size_bytes,
-        "baseline_runtime": comparison.baseline_runtime,
-        "baseline_ms": comparison.baseline_ms,
-        "max_metric_drop": comparison.max_metric_drop,
-        "min_speedup": comparison.min_speedup,
-        "variants": [asdict(result) for result in comparison.variants],
-        "table": comparison.table(),
-        "notes": list(comparison.notes),
-        "served_alias": quantization.served_alias(parent_model.version) if served else None,
-        "served_version": served,
-        "serve": settings.serve,
-        "removed_abandoned": removed,
-    }
+    y = context.heldout.frame[context.heldout.data.target].to_numpy(dtype=np.float64)
+    with (
+        tracked(loaded, "quantize", experiment_id, record_lineage, None, _run_tags(context)) as run,
+        tempfile.TemporaryDirectory(prefix="stemma-quantize-") as tmp,
+    ):
+        _log_inputs(context, run)
+        comparison, built = measure_step(context, y, Path(tmp) / "candidates")
+        parents.check_parent_value(context.parent, context.metric, comparison.parent_value)
+        comparison, weights, graphs = _register_passing(context, comparison, built, run, Path(tmp))
+        served = _record(context, run, comparison, weights, graphs)
+    return _summary(
+        context,
+        comparison,
+        run,
+        served,
+        tracking_uri=redact_url(tracking_uri),
+        removed_abandoned=removed,
+    )

@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stemma.components.errors import LineageError
-from stemma.components.lineage import reproduce
+from stemma.components.lineage import rebuild, reproduce
 from stemma.flows.lineage import ASSETS_VARIABLE, open_store
 
 #: Exit code when the rebuilt model differs from the registered one.
 EXIT_NOT_REPRODUCED = 7
 #: Name of the spec file in the scratch project (the flow run is named after it).
-SPEC_NAME = "reproduce.yaml"
+SPEC_NAME = rebuild.SPEC_NAME
 _STORE_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", ASSETS_VARIABLE)
 
 
@@ -103,20 +102,41 @@ def isolated_store(uri: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _model_weights(client: Any, name: str, version: str, folder: Path) -> tuple[Path, Path]:
-    """Download a version's model files; return the model folder and its weights file."""
-    import mlflow
+def _store(workspace: Path) -> str:
+    """The isolated MLflow store of a reproduction."""
+    return f"sqlite:///{workspace / 'mlflow.db'}"
 
-    uri = client.get_model_version_download_uri(name, version)
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(folder), tracking_uri=client.tracking_uri
-        )
+
+def _rebuild(
+    plan: reproduce.ReproductionPlan,
+    config: str,
+    overrides: list[str],
+    workspace: Path,
+    recorded: tuple[Path, Path],
+) -> tuple[dict[str, Any], reproduce.Verdict]:
+    """Retrain with the training flow into the workspace's store; judge the rebuilt model."""
+    from mlflow import MlflowClient
+
+    from stemma.flows.train import train_flow
+
+    summary = train_flow(config=config, overrides=overrides)
+    store = _store(workspace)
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    run = client.get_run(summary["run_id"])
+    rebuilt_folder, rebuilt = rebuild.model_weights(
+        client, summary["model_name"], summary["model_version"], workspace / "rebuilt"
     )
-    found = sorted(local.rglob(reproduce.WEIGHTS_FILE))
-    if not found:
-        raise LineageError(f"models:/{name}/{version}: no {reproduce.WEIGHTS_FILE} among its files")
-    return local, found[0]
+    verdict = reproduce.judge(
+        plan,
+        recorded_weights=recorded[1],
+        rebuilt_weights=rebuilt,
+        rebuilt_sha256=summary["weights_sha256"],
+        rebuilt_metrics=dict(run.data.metrics),
+        rebuilt_checks_digest=run.data.tags.get(reproduce.CHECKS_TAG),
+        recorded_folder=recorded[0],
+        rebuilt_folder=rebuilt_folder,
+    )
+    return summary, verdict
 
 
 def run_reproduce(
@@ -140,78 +160,20 @@ def run_reproduce(
         LineageError: the version lacks the lineage a rebuild needs.
         DataVersionError: the recorded data bytes cannot be restored.
     """
-    import hashlib
-
-    from mlflow import MlflowClient
-
     client = open_store(root)
     plan = reproduce.plan_reproduction(client, reference)
     warnings = reproduce.code_revision_warnings(root, plan.git_rev, plan.git_dirty)
     with contextlib.ExitStack() as stack:
-        if keep is not None:
-            keep.mkdir(parents=True, exist_ok=True)
-            if any(keep.iterdir()):
-                raise LineageError(f"{keep}: not empty; --keep needs a new or empty folder")
-            workspace = keep.resolve()
-        else:
-            workspace = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stemma-")))
-        recorded_folder, recorded = _model_weights(
-            client, plan.model_name, plan.version, workspace / "recorded"
+        workspace = rebuild.workspace_folder(keep) or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="stemma-"))
         )
-        problems = reproduce.recorded_file_problems(plan.model_files, recorded_folder)
-        if problems:
-            raise LineageError(
-                f"NOT REPRODUCED {plan.model_uri}: its files differ from the digests recorded "
-                "when it was registered; nothing was retrained",
-                problems,
-            )
-        digest = hashlib.sha256(recorded.read_bytes()).hexdigest()
-        if digest != plan.weights_sha256:
-            raise LineageError(
-                f"{plan.model_uri}: its weights file changed in the artifact store",
-                [
-                    f"registered with sha256 {plan.weights_sha256}",
-                    f"the file now hashes to {digest}",
-                ],
-            )
-        project = workspace / "project"
-        restored = reproduce.restore_data_version(
-            root,
-            pointer=plan.data_pointer,
-            md5=plan.data_md5,
-            out=plan.data_out,
-            git_rev=plan.git_rev,
-            destination=project,
-        )
-        (project / plan.data_pointer).parent.mkdir(parents=True, exist_ok=True)
-        (project / plan.data_pointer).write_text(restored.pointer_text)
-        config = project / "configs" / SPEC_NAME
-        config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(plan.spec_yaml)
+        recorded_folder, recorded = rebuild.recorded_model(client, plan, workspace / "recorded")
+        restored, config = rebuild.scratch_project(root, plan, workspace / "project")
         # Bit-identity holds on the device that trained: pin it when that was the CPU.
         pinned = ["train.device=cpu"] if plan.device == "cpu" else []
-        store = f"sqlite:///{workspace / 'mlflow.db'}"
-        with isolated_store(store):
-            from stemma.flows.train import train_flow
-
-            summary = train_flow(config=str(config), overrides=[*pinned, *overrides])
-            rebuilt_client = MlflowClient(tracking_uri=store, registry_uri=store)
-            run = rebuilt_client.get_run(summary["run_id"])
-            rebuilt_folder, rebuilt = _model_weights(
-                rebuilt_client,
-                summary["model_name"],
-                summary["model_version"],
-                workspace / "rebuilt",
-            )
-            verdict = reproduce.judge(
-                plan,
-                recorded_weights=recorded,
-                rebuilt_weights=rebuilt,
-                rebuilt_sha256=summary["weights_sha256"],
-                rebuilt_metrics=dict(run.data.metrics),
-                rebuilt_checks_digest=run.data.tags.get(reproduce.CHECKS_TAG),
-                recorded_folder=recorded_folder,
-                rebuilt_folder=rebuilt_folder,
+        with isolated_store(_store(workspace)):
+            summary, verdict = _rebuild(
+                plan, str(config), [*pinned, *overrides], workspace, (recorded_folder, recorded)
             )
     return ReproductionReport(
         plan=plan,

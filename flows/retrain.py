@@ -12,145 +12,187 @@ because of drift report X on batch Y".
 Nothing happens twice: a second run for the same pipeline while one runs exits at once
 (a lock under ``.stemma/locks``, besides the deployment's concurrency limit), and a run
 with too few new rows exits early and says so, leaving the data and the registry alone.
+
+The retraining run is detached (see :func:`.tracked_run.tracked_run`): the training and
+shadow flows it calls record runs of their own beside it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
-import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 from prefect import flow, get_run_logger, task
-from prefect.runtime import flow_run
 
-from stemma.components.data import ingest
-from stemma.components.data.tables import load_table, resolve_data_version
-from stemma.components.errors import StemmaError
 from stemma.components.lineage import records as lineage
-from stemma.components.platform import tracking
+from stemma.components.platform import tags, tracking
+from stemma.components.platform.refs import format_model_ref
+from stemma.components.platform.tracked_run import TrackedRun
 from stemma.components.registry import promotion
 from stemma.components.spec import LoadedSpec, RetrainSpec, load_spec
+from stemma.components.training import retraining
+from stemma.components.training.retraining import (
+    ALREADY_RUNNING,
+    GATE_FAILED,
+    NO_NEW_DATA,
+    NOT_PROMOTED,
+    PROMOTED,
+    RetrainError,
+    cause_of,
+    pipeline_lock,
+)
 from stemma.flows.lineage import record_lineage
-from stemma.flows.steps import config_run_name
+from stemma.flows.steps import config_location, config_run_name, flow_run_id, tracked
 
-#: Outcomes of a retraining run (the `stemma.retrain.outcome` tag).
-NO_NEW_DATA = "no_new_data"
-ALREADY_RUNNING = "already_running"
-GATE_FAILED = "gate_failed"
-PROMOTED = "promoted"
-NOT_PROMOTED = "not_promoted"
-
-
-class RetrainError(StemmaError):
-    """The retraining run cannot go on (its cause or its inputs are broken)."""
-
-    exit_code = 3
-
+__all__ = [
+    "ALREADY_RUNNING",
+    "GATE_FAILED",
+    "NOT_PROMOTED",
+    "NO_NEW_DATA",
+    "PROMOTED",
+    "RetrainError",
+    "cause_of",
+    "pipeline_lock",
+    "retrain_flow",
+]
 
 _run_name = config_run_name("retrain")
-
-
-@contextlib.contextmanager
-def pipeline_lock(root: Path, pipeline: str) -> Iterator[bool]:
-    """Hold the pipeline's retraining lock; yields False when another run holds it."""
-    folder = root / tracking.STATE_DIR / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"retrain-{pipeline}.lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(json.dumps({"pid": os.getpid(), "since": time.time()}))
-            handle.flush()
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def cause_of(client: Any, cause: str | None) -> dict[str, str]:
-    """What caused the run: the drift report's run id, its batch and drifted features.
-
-    Raises:
-        RetrainError: ``cause`` names a run that does not exist.
-    """
-    if not cause:
-        return {"kind": "schedule"}
-    try:
-        report = client.get_run(cause)
-    except Exception as error:
-        raise RetrainError(
-            f"the cause {cause!r} is not an MLflow run in this store",
-            ["pass the run id of a drift report (the drift event's payload carries it)"],
-        ) from error
-    tags = report.data.tags
-    flow_name = tags.get("stemma.flow", "run")
-    return {
-        "kind": "drift_report" if flow_name == "monitor" else flow_name,
-        "run_id": cause,
-        "batch": tags.get("stemma.batch.path", tags.get("stemma.input.path", "")),
-        "batch_digest": tags.get("stemma.batch.digest", tags.get("stemma.input.digest", "")),
-        "features": tags.get("stemma.drift.features", ""),
-    }
 
 
 @task(name="gather new labelled rows")
 def gather_step(
     loaded: LoadedSpec, settings: RetrainSpec, batches: str | None, labels: str | None
-) -> tuple[Any, pd.DataFrame, ingest.NewRows, Path | None]:
-    spec = loaded.spec
-    if spec.data.id is None:
-        raise RetrainError(
-            f"{loaded.path}: retraining joins batches and labels by id, and data.id is not set"
-        )
-    version = resolve_data_version(loaded.root, loaded.resolve(spec.data.path))
-    table = load_table(version.file_path, spec.data)
-    batch_path = loaded.resolve(batches or settings.batches or spec.score.input)
-    label_path = loaded.resolve(labels or settings.labels)
-    all_labels = ingest.read_labels(label_path, id_column=spec.data.id, target=spec.data.target)
-    labelled_ids = set(all_labels[spec.data.id].tolist())
-    labelled = [
-        path
-        for path in ingest.batch_files(batch_path)
-        if ingest.read_ids(path, spec.data.id).isin(labelled_ids).any()
-    ]
-    # The newest labelled batch is held out: the shadow compares the models on rows
-    # neither was trained on.
-    holdout = labelled[-1] if len(labelled) > 1 else None
-    new = ingest.gather_new_rows(
-        table,
-        [path for path in labelled if path != holdout],
-        all_labels,
-        id_column=spec.data.id,
-        target=spec.data.target,
-    )
-    return version, table, new, holdout
+) -> retraining.Gathered:
+    return retraining.gather(loaded, settings, batches, labels)
 
 
 @task(name="record new data version")
-def record_step(
-    loaded: LoadedSpec, version: Any, table: pd.DataFrame, new: ingest.NewRows
-) -> tuple[Any, str | None]:
-    ingest.append_rows(version.file_path, table, new.frame)
-    ingest.record_new_version(loaded.root, version)
-    recorded = resolve_data_version(loaded.root, loaded.resolve(loaded.spec.data.path))
-    rev = ingest.commit_pointer(
-        loaded.root,
-        recorded.dvc_file,
-        f"Record data version {recorded.md5}: {new.rows} labelled production rows "
-        f"from {', '.join(sorted(new.sources))}",
+def record_step(loaded: LoadedSpec, gathered: retraining.Gathered) -> tuple[Any, str | None]:
+    return retraining.record_version(loaded, gathered)
+
+
+def _train(loaded: LoadedSpec, run: TrackedRun, why: dict[str, str]) -> dict[str, Any]:
+    """The training flow on the new data version; its run and version carry the cause."""
+    from stemma.flows.train import train_flow
+
+    trained = train_flow(config=str(loaded.path), overrides=list(loaded.overrides))
+    version = str(trained["model_version"])
+    cause = {tags.RETRAIN_RUN_ID: run.run_id, **retraining.cause_tags(why)}
+    client = mlflow.MlflowClient()
+    model_name = loaded.spec.pipeline.registered_model_name
+    for key, value in cause.items():
+        client.set_tag(trained["run_id"], key, value)
+        client.set_model_version_tag(model_name, version, key, value)
+    run.set_tags({tags.MODEL_VERSION: version, tags.TRAIN_RUN_ID: trained["run_id"]})
+    return trained
+
+
+def _shadow(
+    loaded: LoadedSpec,
+    run: TrackedRun,
+    settings: RetrainSpec,
+    trained: dict[str, Any],
+    gathered: retraining.Gathered,
+    labels: str | None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Shadow the new version on the held-out batch; promote when it says so (and the spec
+    leaves promotion to the shadow). The shadow's summary and the promotion record."""
+    from stemma.flows.shadow import shadow_flow
+
+    spec = loaded.spec
+    model_name = spec.pipeline.registered_model_name
+    version = str(trained["model_version"])
+    holdout = gathered.holdout
+    result = shadow_flow(
+        config=str(loaded.path),
+        overrides=list(loaded.overrides),
+        challenger=format_model_ref(model_name, version=version),
+        batch=str(holdout),
+        labels=str(loaded.resolve(labels or settings.labels)),
+        output=str(loaded.resolve(spec.score.output).parent / "shadow" / holdout.stem),
     )
-    return recorded, rev
+    run.set_tags({tags.SHADOW_RUN_ID: result["run_id"], tags.SHADOW_DECISION: result["decision"]})
+    if result.get("promoted"):
+        return result, result.get("promotion")
+    if result["decision"] != "promote" or settings.promote != "shadow":
+        return result, None
+    record = promotion.promote(
+        mlflow.MlflowClient(),
+        model_name,
+        version,
+        expected_champion=str(result["champion_version"]),
+        reason=f"shadow evaluation {result['run_id']} decided promote",
+        evidence={"shadow_run_id": result["run_id"], "retrain_run_id": run.run_id},
+        flow_run_id=flow_run_id(),
+        experiment_id=run.experiment_id,
+    )
+    return result, json.loads(record.to_json())
+
+
+def _retrain(
+    loaded: LoadedSpec,
+    settings: RetrainSpec,
+    run: TrackedRun,
+    why: dict[str, str],
+    sources: tuple[str | None, str | None],
+) -> dict[str, Any]:
+    spec = loaded.spec
+    batches, labels = sources
+    gathered = gather_step(loaded, settings, batches, labels)
+    run.log_metrics(retraining.gathered_metrics(gathered))
+    run.log_params({"min_new_rows": str(settings.min_new_rows)})
+    too_few = retraining.too_few_rows(gathered, settings)
+    if too_few is not None:
+        return {"outcome": NO_NEW_DATA, "summary": too_few, "data_md5": gathered.version.md5}
+    recorded, git_rev = record_step(loaded, gathered)
+    holdout = gathered.holdout
+    run.set_tags(
+        {
+            tags.DATA_PREVIOUS_MD5: gathered.version.md5,
+            tags.DATA_MD5: recorded.md5,
+            tags.DATA_GIT_REV: git_rev or "",
+            tags.DATA_SOURCES: json.dumps(gathered.new.sources),
+            tags.SHADOW_BATCH: str(holdout.relative_to(loaded.root)) if holdout else "",
+        }
+    )
+    trained = _train(loaded, run, why)
+    version = str(trained["model_version"])
+    shadow_result, promoted = None, None
+    decided = retraining.before_shadow(
+        trained["gate"], version, recorded.md5, holdout, promotion.CHAMPION_ALIAS
+    )
+    if decided is None:
+        shadow_result, promoted = _shadow(loaded, run, settings, trained, gathered, labels)
+        decided = retraining.after_shadow(bool(promoted), shadow_result, version, recorded.md5)
+    outcome, summary = decided
+    run.record_lineage(
+        lineage.build_retrain_record(
+            pipeline=spec.pipeline.name,
+            run_id=run.run_id,
+            cause=why,
+            previous_data_md5=gathered.version.md5,
+            data_md5=recorded.md5,
+            data_pointer=str(recorded.dvc_file.relative_to(loaded.root)),
+            train_run_id=trained["run_id"],
+            model_name=spec.pipeline.registered_model_name,
+            model_version=version,
+            shadow_run_id=shadow_result["run_id"] if shadow_result else None,
+            decision=outcome,
+        )
+    )
+    return {
+        "data_md5": recorded.md5,
+        "previous_data_md5": gathered.version.md5,
+        "data_git_rev": git_rev,
+        "new_rows": gathered.new.rows,
+        "model_version": version,
+        "train_run_id": trained["run_id"],
+        "outcome": outcome,
+        "summary": summary,
+        "shadow": shadow_result,
+        "promotion": promoted,
+    }
 
 
 @flow(name="retrain", flow_run_name=_run_name, validate_parameters=True)
@@ -177,11 +219,8 @@ def retrain_flow(
         `not_promoted`), the new data version, the model version, the shadow decision and
         the MLflow run of the retraining.
     """
-    from stemma.flows.shadow import shadow_flow
-    from stemma.flows.train import train_flow
-
     logger = get_run_logger()
-    loaded = load_spec(config, list(overrides or []))
+    loaded = load_spec(config_location(config), list(overrides or []))
     spec = loaded.spec
     settings = spec.retrain or RetrainSpec()
     with pipeline_lock(loaded.root, spec.pipeline.name) as acquired:
@@ -191,172 +230,16 @@ def retrain_flow(
             return {"outcome": ALREADY_RUNNING, "summary": message}
         tracking.configure_tracking(loaded.root)
         experiment_id = tracking.ensure_experiment(spec.pipeline.experiment_name, loaded.root)
-        client = mlflow.MlflowClient()
-        why = cause_of(client, cause)
-        run = client.create_run(
-            experiment_id,
-            run_name=flow_run.get_name(),
-            tags={
-                "stemma.pipeline": spec.pipeline.name,
-                "stemma.flow": "retrain",
-                "stemma.prefect.flow_run_id": str(flow_run.get_id() or ""),
-                "stemma.cause.kind": why["kind"],
-                **{f"stemma.cause.{k}": v for k, v in why.items() if k != "kind" and v},
-            },
-        )
-        run_id = run.info.run_id
-        try:
-            result = _retrain(
-                loaded, settings, client, run_id, why, batches, labels, train_flow, shadow_flow
-            )
-        except BaseException:
-            client.set_tag(run_id, "stemma.retrain.outcome", "failed")
-            client.set_terminated(run_id, "FAILED")
-            raise
-        client.set_tag(run_id, "stemma.retrain.outcome", result["outcome"])
-        client.set_terminated(run_id, "FINISHED")
+        why = cause_of(mlflow.MlflowClient(), cause)
+        extra = retraining.cause_tags(why)
+        with tracked(
+            loaded, "retrain", experiment_id, record_lineage, None, extra, detached=True
+        ) as run:
+            try:
+                result = _retrain(loaded, settings, run, why, (batches, labels))
+            except BaseException:
+                run.set_tags({tags.RETRAIN_OUTCOME: retraining.FAILED})
+                raise
+            run.set_tags({tags.RETRAIN_OUTCOME: result["outcome"]})
         logger.info(result["summary"])
-        return {**result, "run_id": run_id, "cause": why}
-
-
-def _retrain(
-    loaded: LoadedSpec,
-    settings: RetrainSpec,
-    client: Any,
-    run_id: str,
-    why: dict[str, str],
-    batches: str | None,
-    labels: str | None,
-    train_flow: Any,
-    shadow_flow: Any,
-) -> dict[str, Any]:
-    spec = loaded.spec
-    model_name = spec.pipeline.registered_model_name
-    version, table, new, holdout = gather_step(loaded, settings, batches, labels)
-    client.log_batch(
-        run_id,
-        metrics=[
-            mlflow.entities.Metric(key, float(value), int(time.time() * 1000), 0)
-            for key, value in {
-                "new_rows": new.rows,
-                "unlabelled_rows": new.unlabelled,
-                "rows_already_in_table": new.already_in_table,
-                "table_rows_before": len(table),
-            }.items()
-        ],
-        params=[mlflow.entities.Param("min_new_rows", str(settings.min_new_rows))],
-    )
-    if new.rows < settings.min_new_rows:
-        summary = (
-            f"no retraining: {new.rows:,} new labelled rows since data version {version.md5}, "
-            f"fewer than retrain.min_new_rows = {settings.min_new_rows:,}"
-        )
-        return {"outcome": NO_NEW_DATA, "summary": summary, "data_md5": version.md5}
-
-    recorded, git_rev = record_step(loaded, version, table, new)
-    for key, value in {
-        "stemma.data.previous_md5": version.md5,
-        "stemma.data.md5": recorded.md5,
-        "stemma.data.git_rev": git_rev or "",
-        "stemma.data.sources": json.dumps(new.sources),
-        "stemma.shadow.batch": str(holdout.relative_to(loaded.root)) if holdout else "",
-    }.items():
-        client.set_tag(run_id, key, value)
-
-    trained = train_flow(config=str(loaded.path), overrides=list(loaded.overrides))
-    version_number = str(trained["model_version"])
-    cause_tags = {"stemma.retrain.run_id": run_id, "stemma.cause.kind": why["kind"]}
-    cause_tags.update({f"stemma.cause.{k}": v for k, v in why.items() if k != "kind" and v})
-    for key, value in cause_tags.items():
-        client.set_tag(trained["run_id"], key, value)
-        client.set_model_version_tag(model_name, version_number, key, value)
-    client.set_tag(run_id, "stemma.model.version", version_number)
-    client.set_tag(run_id, "stemma.train.run_id", trained["run_id"])
-
-    outcome: dict[str, Any] = {
-        "data_md5": recorded.md5,
-        "previous_data_md5": version.md5,
-        "data_git_rev": git_rev,
-        "new_rows": new.rows,
-        "model_version": version_number,
-        "train_run_id": trained["run_id"],
-    }
-    gate = trained["gate"]
-    shadow_result: dict[str, Any] | None = None
-    promoted = None
-    if not gate["passed"]:
-        outcome.update(
-            outcome=GATE_FAILED,
-            summary=f"retrained v{version_number} on {recorded.md5}: gate failed, nothing promoted",
-        )
-    elif gate.get("alias") == promotion.CHAMPION_ALIAS:
-        outcome.update(
-            outcome=PROMOTED,
-            summary=f"retrained v{version_number}: no champion existed, the gate made it champion",
-        )
-    elif holdout is None:
-        outcome.update(
-            outcome=NOT_PROMOTED,
-            summary=(
-                f"retrained v{version_number} (challenger): no held-out labelled batch "
-                "to shadow it on yet"
-            ),
-        )
-    else:
-        shadow_result = shadow_flow(
-            config=str(loaded.path),
-            overrides=list(loaded.overrides),
-            challenger=f"models:/{model_name}/{version_number}",
-            batch=str(holdout),
-            labels=str(loaded.resolve(labels or settings.labels)),
-            output=str(loaded.resolve(spec.score.output).parent / "shadow" / holdout.stem),
-        )
-        decision = shadow_result["decision"]
-        client.set_tag(run_id, "stemma.shadow.run_id", shadow_result["run_id"])
-        client.set_tag(run_id, "stemma.shadow.decision", decision)
-        if shadow_result.get("promoted"):
-            promoted = shadow_result.get("promotion")
-        elif decision == "promote" and settings.promote == "shadow":
-            record = promotion.promote(
-                client,
-                model_name,
-                version_number,
-                expected_champion=str(shadow_result["champion_version"]),
-                reason=f"shadow evaluation {shadow_result['run_id']} decided promote",
-                evidence={"shadow_run_id": shadow_result["run_id"], "retrain_run_id": run_id},
-                flow_run_id=str(flow_run.get_id() or "") or None,
-                experiment_id=client.get_run(run_id).info.experiment_id,
-            )
-            promoted = json.loads(record.to_json())
-        if promoted:
-            outcome.update(
-                outcome=PROMOTED,
-                summary=(
-                    f"retrained v{version_number} on {recorded.md5}; shadow decided promote: "
-                    f"v{version_number} is the champion"
-                ),
-            )
-        else:
-            reasons = "; ".join(shadow_result.get("reasons", [])[:2])
-            outcome.update(
-                outcome=NOT_PROMOTED,
-                summary=f"retrained v{version_number}; shadow decided {decision}: {reasons}",
-            )
-    outcome["shadow"] = shadow_result
-    outcome["promotion"] = promoted
-    record = lineage.build_retrain_record(
-        pipeline=spec.pipeline.name,
-        run_id=run_id,
-        cause=why,
-        previous_data_md5=version.md5,
-        data_md5=recorded.md5,
-        data_pointer=str(recorded.dvc_file.relative_to(loaded.root)),
-        train_run_id=trained["run_id"],
-        model_name=model_name,
-        model_version=version_number,
-        shadow_run_id=shadow_result["run_id"] if shadow_result else None,
-        decision=outcome["outcome"],
-    )
-    with mlflow.start_run(run_id=run_id):
-        record_lineage(record)
-    return outcome
+        return {**result, "run_id": run.run_id, "cause": why}

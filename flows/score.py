@@ -12,28 +12,35 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.events import emit_event
-from prefect.runtime import flow_run
 
 from stemma.components.data.tables import resolve_data_version
 from stemma.components.errors import DataVersionError
 from stemma.components.lineage import records as lineage
-from stemma.components.platform import locks, tracking
+from stemma.components.platform import locks, tags, tracking
 from stemma.components.platform.deployments import BATCH_SCORED_EVENT, pipeline_resource_id
 from stemma.components.platform.redaction import redact_url
-from stemma.components.quantization import variants as quantization
+from stemma.components.quantization import served as quantization
 from stemma.components.scoring import engine as scoring
 from stemma.components.scoring import fanout
 from stemma.components.spec import LoadedSpec
 from stemma.components.training import metrics as evaluation
 from stemma.flows.lineage import record_lineage
-from stemma.flows.steps import config_run_name, load_model_step, load_spec_step, scoring_options
+from stemma.flows.steps import (
+    config_run_name,
+    flow_run_id,
+    load_model_step,
+    load_spec_step,
+    relative,
+    scoring_options,
+    tracked,
+)
 
 #: The alias scored when neither the command line nor the spec names a model.
 DEFAULT_ALIAS = "champion"
@@ -41,8 +48,8 @@ DEFAULT_ALIAS = "champion"
 
 #: Tags of a scoring run: what it scores (model, input, output, settings) and the process
 #: scoring it, so that a run left RUNNING by a process that died is found on the next start.
-SCORING_KEY_TAG = "stemma.score.key"
-OWNER_TAG = "stemma.score.owner"
+SCORING_KEY_TAG = tags.SCORE_KEY
+OWNER_TAG = tags.SCORE_OWNER
 
 _run_name = config_run_name("score")
 
@@ -149,8 +156,8 @@ def scoring_key(
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
-def start_scoring_run(experiment_id: str, key: str, run_name: str) -> Any:
-    """Start the run of a scoring, or resume the one a killed process left RUNNING.
+def resumable_run(experiment_id: str, key: str) -> tuple[str | None, int]:
+    """The run a killed process left RUNNING for this scoring, and how often it was resumed.
 
     A RUNNING scoring run whose process is gone from this host is resumed when it scored
     the same thing (``key``), so the scoring keeps one run however often it is restarted;
@@ -160,9 +167,9 @@ def start_scoring_run(experiment_id: str, key: str, run_name: str) -> Any:
     client = mlflow.MlflowClient()
     left_running = client.search_runs(
         [experiment_id],
-        filter_string="tags.`stemma.flow` = 'score' and attributes.status = 'RUNNING'",
+        filter_string=f"tags.`{tags.FLOW}` = 'score' and attributes.status = 'RUNNING'",
     )
-    resumed = None
+    resumed, resumes = None, 0
     for orphan in left_running:
         try:
             owner = locks.ProcessIdentity(**json.loads(orphan.data.tags[OWNER_TAG]))
@@ -172,27 +179,16 @@ def start_scoring_run(experiment_id: str, key: str, run_name: str) -> Any:
             continue
         if resumed is None and orphan.data.tags.get(SCORING_KEY_TAG) == key:
             resumed = orphan.info.run_id
+            resumes = int(orphan.data.tags.get(tags.SCORE_RESUMES, "0")) + 1
             continue
         reason = (
             f"its process (pid {owner.pid} on host {owner.host}) stopped before the scoring "
             "finished"
         )
-        client.set_tag(orphan.info.run_id, "stemma.status", "killed")
-        client.set_tag(orphan.info.run_id, "stemma.error", reason)
+        client.set_tag(orphan.info.run_id, tags.STATUS, "killed")
+        client.set_tag(orphan.info.run_id, tags.ERROR, reason)
         client.set_terminated(orphan.info.run_id, status="KILLED")
-    if resumed is not None:
-        run = mlflow.start_run(run_id=resumed)
-        resumes = int(run.data.tags.get("stemma.score.resumes", "0")) + 1
-        mlflow.set_tag("stemma.score.resumes", str(resumes))
-    else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
-    mlflow.set_tags(
-        {
-            SCORING_KEY_TAG: key,
-            OWNER_TAG: json.dumps(asdict(locks.ProcessIdentity.current())),
-        }
-    )
-    return run
+    return resumed, resumes
 
 
 def model_reference(loaded: LoadedSpec, override: str | None) -> str:
@@ -213,11 +209,186 @@ def _input_source(loaded: LoadedSpec, path: Path, git_rev: str | None) -> Any:
     return tracking.DVCDatasetSource.from_version(version, loaded.root, git_rev), version
 
 
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(path)
+@dataclass(frozen=True)
+class Scoring:
+    """What a scoring flow run scores: the model, the input and where the output goes."""
+
+    loaded: LoadedSpec
+    model: scoring.ScoringModel
+    files: list[Path]
+    extras: list[str]
+    input_path: Path
+    output_path: Path
+    serving: str | None
+
+
+def prepare_scoring(
+    loaded: LoadedSpec, input: str | None, output: str | None, model: str | None
+) -> Scoring:
+    """Resolve the model (a served variant with ``quantize.serve``), list the input files
+    and check their columns against the model's signature."""
+    logger = get_run_logger()
+    spec = loaded.spec
+    reference, serving = quantization.served_reference(
+        spec.quantize, model_reference(loaded, model), explicit=model is not None
+    )
+    if serving:
+        logger.info(serving)
+    scoring_model = load_model_step(reference, loaded)
+    files = scoring.input_files(loaded.resolve(input or spec.score.input))
+    extras = check_schema_step(files, scoring_model, loaded)
+    if extras:
+        logger.info("ignoring input columns the model does not use: %s", ", ".join(extras))
+    return Scoring(
+        loaded=loaded,
+        model=scoring_model,
+        files=files,
+        extras=extras,
+        input_path=loaded.resolve(input or spec.score.input),
+        output_path=loaded.resolve(output or spec.score.output),
+        serving=serving,
+    )
+
+
+def run_tags(job: Scoring, key: str, resumes: int) -> dict[str, str]:
+    """The scoring run's tags: the model, the runner, and what finds it again if killed."""
+    model = job.model
+    return {
+        tags.MODEL_URI: model.model_uri,
+        tags.MODEL_VERSION: model.version,
+        tags.MODEL_REFERENCE: model.reference,
+        tags.WEIGHTS_SHA256: model.weights_sha256,
+        tags.SCORE_RUNNER: job.loaded.spec.score.runner,
+        tags.RUNTIME_BACKEND: model.runtime.backend,
+        SCORING_KEY_TAG: key,
+        OWNER_TAG: json.dumps(asdict(locks.ProcessIdentity.current())),
+        **({tags.SCORE_RESUMES: str(resumes)} if resumes else {}),
+    }
+
+
+def log_scoring(run: Any, job: Scoring, result: scoring.ScoringResult) -> None:
+    """Log the input dataset, the numbers, the manifest and the score distribution."""
+    manifest = result.manifest
+    git_rev, _ = tracking.git_revision(job.loaded.root)
+    source, _ = _input_source(job.loaded, job.input_path, git_rev)
+    tracking.log_dataset_reference(
+        name=f"{job.loaded.spec.pipeline.name}-batch",
+        source=source,
+        context="scoring",
+        digest=manifest["input"]["digest"],
+        columns=dict(job.model.signature_columns),
+    )
+    latency = {f"chunk_latency_ms_{key}": value for key, value in result.chunk_latency_ms.items()}
+    run.log_metrics(
+        {
+            "rows_input": result.rows_input,
+            "rows_scored": result.rows_scored,
+            "rows_rejected": result.rows_rejected,
+            "rows_per_second": result.rows_per_second,
+            "seconds": result.seconds,
+            "parts_written": result.parts_written,
+            "parts_skipped": result.parts_skipped,
+            **latency,
+        }
+    )
+    histogram = result.score_histogram
+    run.log_dict(manifest, "output/_SUCCESS.json")
+    run.log_dict(histogram, "scores/distribution.json")
+    with tempfile.TemporaryDirectory(prefix="stemma-score-") as tmp:
+        plot = evaluation.plot_score_histogram(
+            histogram["edges"],
+            histogram["counts"],
+            Path(tmp) / "histogram.png",
+            title=f"Scores of {job.model.label} on {job.input_path.name}",
+        )
+        mlflow.log_artifact(str(plot), "scores")
+
+
+def record_scoring(run: Any, job: Scoring, result: scoring.ScoringResult) -> lineage.ScoringLineage:
+    """Record the scoring's lineage and its input and output tags."""
+    manifest, root, model = result.manifest, job.loaded.root, job.model
+    git_rev, _ = tracking.git_revision(root)
+    _, version = _input_source(job.loaded, job.input_path, git_rev)
+    facts = lineage.ScoringLineage(
+        pipeline=job.loaded.spec.pipeline.name,
+        input_path=relative(job.input_path, root),
+        input_digest=manifest["input"]["digest"],
+        input_files={item["path"]: item["md5"] for item in manifest["input"]["files"]},
+        data_pointer=str(version.dvc_file.relative_to(root)) if version else None,
+        data_md5=version.md5 if version else None,
+        model_name=model.name,
+        model_version=model.version,
+        weights_sha256=model.weights_sha256,
+        run_id=run.run_id,
+        experiment_id=run.experiment_id,
+        flow_run_id=flow_run_id(),
+        output_path=relative(job.output_path, root),
+        manifest_sha256=result.output_digest,
+        parts={part["name"]: part["sha256"] for part in manifest["parts"]},
+        rows_scored=result.rows_scored,
+        rows_rejected=result.rows_rejected,
+    )
+    run.record_lineage(lineage.build_scoring_record(facts))
+    run.set_tags(
+        {
+            tags.INPUT_PATH: facts.input_path,
+            tags.INPUT_DIGEST: facts.input_digest,
+            tags.OUTPUT_PATH: facts.output_path,
+            tags.OUTPUT_SHA256: facts.manifest_sha256,
+            **({tags.DATA_MD5: version.md5} if version else {}),
+        }
+    )
+    return facts
+
+
+def emit_scored(job: Scoring, facts: lineage.ScoringLineage, run_id: str) -> None:
+    """Tell Prefect a batch was scored: the monitor deployment's trigger listens for it."""
+    name, model = job.loaded.spec.pipeline.name, job.model
+    emit_event(
+        event=BATCH_SCORED_EVENT,
+        resource={"prefect.resource.id": pipeline_resource_id(name), "prefect.resource.name": name},
+        related=[
+            {
+                "prefect.resource.id": f"mlflow.model-version.{model.name}.{model.version}",
+                "prefect.resource.role": "model",
+            }
+        ],
+        payload={
+            "input": facts.input_path,
+            "input_digest": facts.input_digest,
+            "output": facts.output_path,
+            "model": model.model_uri,
+            "run_id": run_id,
+            "rows_scored": facts.rows_scored,
+        },
+    )
+
+
+def flow_summary(
+    job: Scoring, result: scoring.ScoringResult, run_id: str, tracking_uri: str
+) -> dict[str, Any]:
+    """What the flow returns: run id, model version, row counts, throughput, the digest."""
+    return {
+        "run_id": run_id,
+        "tracking_uri": redact_url(tracking_uri),
+        "model_uri": job.model.model_uri,
+        "model_version": job.model.version,
+        "output": str(job.output_path),
+        "manifest": str(result.manifest_path),
+        "output_digest": result.output_digest,
+        "rows": {
+            "input": result.rows_input,
+            "scored": result.rows_scored,
+            "rejected": result.rows_rejected,
+        },
+        "rows_per_second": result.rows_per_second,
+        "backend": result.backend,
+        "already_complete": result.already_complete,
+        "resumed_parts": result.parts_skipped,
+        "extra_columns": list(job.extras),
+        "serving": job.serving,
+        "summary": result.summary(),
+    }
 
 
 @flow(name="score", flow_run_name=_run_name, validate_parameters=True)
@@ -241,155 +412,19 @@ def score_flow(
     Returns:
         A summary: run id, model version, row counts, throughput and the output digest.
     """
-    logger = get_run_logger()
     loaded = load_spec_step(config, list(overrides or []))
-    spec = loaded.spec
     tracking_uri = tracking.configure_tracking(loaded.root)
-    experiment_id = tracking.ensure_experiment(spec.pipeline.experiment_name, loaded.root)
-    input_path = loaded.resolve(input or spec.score.input)
-    output_path = loaded.resolve(output or spec.score.output)
-
-    # With quantize.serve, the fp32 model's variant that passed its gate, if there is one.
-    reference, serving = quantization.served_reference(
-        spec.quantize, model_reference(loaded, model), explicit=model is not None
-    )
-    if serving:
-        logger.info(serving)
-    scoring_model = load_model_step(reference, loaded)
-    files = scoring.input_files(input_path)
-    extras = check_schema_step(files, scoring_model, loaded)
-    if extras:
-        logger.info("ignoring input columns the model does not use: %s", ", ".join(extras))
-    git_rev, _ = tracking.git_revision(loaded.root)
-
-    key = scoring_key(scoring_model, files, output_path, loaded)
-    run = start_scoring_run(experiment_id, key, flow_run.get_name())
-    try:
-        mlflow.set_tags(
-            {
-                "stemma.pipeline": spec.pipeline.name,
-                "stemma.flow": "score",
-                "stemma.prefect.flow_run_id": str(flow_run.get_id() or ""),
-                "stemma.model.uri": scoring_model.model_uri,
-                "stemma.model.version": scoring_model.version,
-                "stemma.model.reference": scoring_model.reference,
-                "stemma.weights.sha256": scoring_model.weights_sha256,
-                "stemma.score.runner": spec.score.runner,
-                "stemma.status": "running",
-            }
-        )
-        if spec.score.runner == "dask":
-            result = score_on_dask(scoring_model, files, output_path, loaded)
+    experiment_id = tracking.ensure_experiment(loaded.spec.pipeline.experiment_name, loaded.root)
+    job = prepare_scoring(loaded, input, output, model)
+    key = scoring_key(job.model, job.files, job.output_path, loaded)
+    resumed, resumes = resumable_run(experiment_id, key)
+    extra = run_tags(job, key, resumes)
+    with tracked(loaded, "score", experiment_id, record_lineage, resumed, extra) as run:
+        if loaded.spec.score.runner == "dask":
+            result = score_on_dask(job.model, job.files, job.output_path, loaded)
         else:
-            result = score_step(scoring_model, files, output_path, loaded)
-        manifest = result.manifest
-        source, version = _input_source(loaded, input_path, git_rev)
-        tracking.log_dataset_reference(
-            name=f"{spec.pipeline.name}-batch",
-            source=source,
-            context="scoring",
-            digest=manifest["input"]["digest"],
-            columns=dict(scoring_model.signature_columns),
-        )
-        latency = {
-            f"chunk_latency_ms_{key}": value for key, value in result.chunk_latency_ms.items()
-        }
-        mlflow.log_metrics(
-            {
-                "rows_input": result.rows_input,
-                "rows_scored": result.rows_scored,
-                "rows_rejected": result.rows_rejected,
-                "rows_per_second": result.rows_per_second,
-                "seconds": result.seconds,
-                "parts_written": result.parts_written,
-                "parts_skipped": result.parts_skipped,
-                **latency,
-            }
-        )
-        histogram = result.score_histogram
-        mlflow.log_dict(manifest, "output/_SUCCESS.json")
-        mlflow.log_dict(histogram, "scores/distribution.json")
-        with tempfile.TemporaryDirectory(prefix="stemma-score-") as tmp:
-            plot = evaluation.plot_score_histogram(
-                histogram["edges"],
-                histogram["counts"],
-                Path(tmp) / "histogram.png",
-                title=f"Scores of {scoring_model.name} v{scoring_model.version} on {input_path.name}",
-            )
-            mlflow.log_artifact(str(plot), "scores")
-        facts = lineage.ScoringLineage(
-            pipeline=spec.pipeline.name,
-            input_path=_relative(input_path, loaded.root),
-            input_digest=manifest["input"]["digest"],
-            input_files={item["path"]: item["md5"] for item in manifest["input"]["files"]},
-            data_pointer=str(version.dvc_file.relative_to(loaded.root)) if version else None,
-            data_md5=version.md5 if version else None,
-            model_name=scoring_model.name,
-            model_version=scoring_model.version,
-            weights_sha256=scoring_model.weights_sha256,
-            run_id=run.info.run_id,
-            experiment_id=run.info.experiment_id,
-            flow_run_id=str(flow_run.get_id() or "") or None,
-            output_path=_relative(output_path, loaded.root),
-            manifest_sha256=result.output_digest,
-            parts={part["name"]: part["sha256"] for part in manifest["parts"]},
-            rows_scored=result.rows_scored,
-            rows_rejected=result.rows_rejected,
-        )
-        record_lineage(lineage.build_scoring_record(facts))
-        mlflow.set_tags(
-            {
-                "stemma.input.path": facts.input_path,
-                "stemma.input.digest": facts.input_digest,
-                "stemma.output.path": facts.output_path,
-                "stemma.output.sha256": facts.manifest_sha256,
-                "stemma.status": "completed",
-                **({"stemma.data.md5": version.md5} if version else {}),
-            }
-        )
-    except BaseException as error:
-        tracking.end_run_after(error)
-        raise
-    mlflow.end_run(status="FINISHED")
-    # Monitoring after scoring: the monitor deployment's trigger listens for this event.
-    emit_event(
-        event=BATCH_SCORED_EVENT,
-        resource={
-            "prefect.resource.id": pipeline_resource_id(spec.pipeline.name),
-            "prefect.resource.name": spec.pipeline.name,
-        },
-        related=[
-            {
-                "prefect.resource.id": f"mlflow.model-version.{scoring_model.name}.{scoring_model.version}",
-                "prefect.resource.role": "model",
-            }
-        ],
-        payload={
-            "input": facts.input_path,
-            "input_digest": facts.input_digest,
-            "output": facts.output_path,
-            "model": scoring_model.model_uri,
-            "run_id": run.info.run_id,
-            "rows_scored": result.rows_scored,
-        },
-    )
-    return {
-        "run_id": run.info.run_id,
-        "tracking_uri": redact_url(tracking_uri),
-        "model_uri": scoring_model.model_uri,
-        "model_version": scoring_model.version,
-        "output": str(output_path),
-        "manifest": str(result.manifest_path),
-        "output_digest": result.output_digest,
-        "rows": {
-            "input": result.rows_input,
-            "scored": result.rows_scored,
-            "rejected": result.rows_rejected,
-        },
-        "rows_per_second": result.rows_per_second,
-        "already_complete": result.already_complete,
-        "resumed_parts": result.parts_skipped,
-        "extra_columns": list(extras),
-        "serving": serving,
-        "summary": result.summary(),
-    }
+            result = score_step(job.model, job.files, job.output_path, loaded)
+        log_scoring(run, job, result)
+        facts = record_scoring(run, job, result)
+    emit_scored(job, facts, run.run_id)
+    return flow_summary(job, result, run.run_id, tracking_uri)

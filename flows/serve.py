@@ -114,10 +114,13 @@ def run_serve(loaded: LoadedSpec, config: str, overrides: list[str], *, dry_run:
     table = describe_plans(plans)
     if dry_run:
         return f"deployments of {loaded.spec.pipeline.name} (not created):\n{table}"
-    os.environ.update(server_environment(loaded.root))
-    # Served runs execute in this process's folder: resolve the spec path from the root.
-    os.chdir(loaded.root)
     from prefect import serve
+
+    from stemma.flows.steps import PROJECT_ROOT_VARIABLE
+
+    os.environ.update(server_environment(loaded.root))
+    # Served runs execute in this process's folder: they resolve the spec path from the root.
+    os.environ[PROJECT_ROOT_VARIABLE] = str(loaded.root)
 
     deployments = prefect_deployments(plans)
     print(

@@ -1,16 +1,34 @@
-"""Steps several flows share: the flow run's name, and loading the spec and the model."""
+"""What several flows share: the flow run's name and id, their tracked MLflow run, and
+loading the spec and the model."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.runtime import flow_run
 
-from stemma.components.scoring import engine as scoring
+from stemma.components.platform import tags
+from stemma.components.platform.tracked_run import LineageWriter, TrackedRun, tracked_run
+from stemma.components.runtime.loading import ScoringModel, load_scoring_model
 from stemma.components.spec import LoadedSpec, load_spec
+
+#: Set by `stemma serve`: the project root its served runs resolve a relative spec path
+#: against (they run in whatever folder `stemma serve` was started in).
+PROJECT_ROOT_VARIABLE = "STEMMA_PROJECT_ROOT"
+
+
+def config_location(config: str) -> str:
+    """The spec path a flow opens: ``config`` itself, or, in a run `stemma serve` started,
+    a relative ``config`` under the served project's root."""
+    root = os.environ.get(PROJECT_ROOT_VARIABLE)
+    if not root or Path(config).is_absolute():
+        return config
+    return str(Path(root) / config)
 
 
 def config_run_name(kind: str) -> Callable[[], str]:
@@ -23,15 +41,57 @@ def config_run_name(kind: str) -> Callable[[], str]:
     return name
 
 
+def flow_run_id() -> str | None:
+    """Prefect's id of the flow run in progress, or None outside one."""
+    return str(flow_run.get_id() or "") or None
+
+
+def tracked(
+    loaded: LoadedSpec,
+    flow: str,
+    experiment_id: str | None,
+    lineage: LineageWriter | None,
+    run_id: str | None = None,
+    extra_tags: Mapping[str, Any] | None = None,
+    *,
+    name: str | None = None,
+    detached: bool = False,
+) -> AbstractContextManager[TrackedRun]:
+    """The flow's MLflow run (see :func:`.tracked_run.tracked_run`), named after the flow
+    run unless ``name`` says otherwise, tagged with the pipeline, the flow and the flow run."""
+    run_tags = {
+        tags.PIPELINE: loaded.spec.pipeline.name,
+        tags.FLOW: flow,
+        tags.PREFECT_FLOW_RUN_ID: flow_run_id() or "",
+        **(extra_tags or {}),
+    }
+    return tracked_run(
+        name if name is not None else flow_run.get_name(),
+        experiment_id=experiment_id,
+        tags=run_tags,
+        run_id=run_id,
+        lineage=lineage,
+        detached=detached,
+    )
+
+
+def relative(path: Path, root: Path) -> str:
+    """``path`` relative to the project root, as lineage and tags name it, else as given."""
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
 @task(name="load spec")
 def load_spec_step(config: str, overrides: list[str]) -> LoadedSpec:
-    return load_spec(config, overrides)
+    return load_spec(config_location(config), overrides)
 
 
 @task(name="load model")
-def load_model_step(reference: str, loaded: LoadedSpec) -> scoring.ScoringModel:
+def load_model_step(reference: str, loaded: LoadedSpec) -> ScoringModel:
     """The model, checked against its recorded digests; only the spec's architecture may load."""
-    return scoring.load_scoring_model(reference, architectures=spec_architectures(loaded))
+    return load_scoring_model(reference, architectures=spec_architectures(loaded))
 
 
 def spec_architectures(loaded: LoadedSpec) -> list[str]:

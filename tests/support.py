@@ -66,9 +66,9 @@ def log_trained_model(
     """
     import mlflow
 
+    from stemma.components.model.artifact import log_pyfunc_model
     from stemma.components.model.networks import build_network, network_config
     from stemma.components.model.preprocessing import fit_preprocessor
-    from stemma.components.platform.tracking import log_pyfunc_model
     from stemma.components.spec import ModelSpec
 
     preprocessor = fit_preprocessor(frame, features, task=task, target=target)

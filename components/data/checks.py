@@ -2,9 +2,9 @@
 
 A check is a one-key mapping ``{expectation_type: {kwarg: value}}``. This module:
 
-- checks them cheaply against a catalogue of GX's expectations shipped as
-  ``gx_catalog.json`` (:func:`expectation_problems`; imports no GX, so ``stemma validate``
-  stays fast), or exactly with GX itself (:func:`deep_expectation_problems`);
+- checks them exactly with GX itself (:func:`deep_expectation_problems`; the fast check
+  against the shipped ``gx_catalog.json``, which this module writes, is in
+  :mod:`stemma.components.spec.expectations`);
 - runs them on a DataFrame (:func:`validate_table`) and returns a :class:`ValidationReport`
   whose outcomes are in spec order, with a digest for lineage and one-screen failure lines;
 - builds GX Data Docs for a report (:func:`build_data_docs`).
@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import difflib
-import functools
 import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -32,23 +29,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stemma.components.errors import SpecError
+from stemma.components.platform.files import write_atomically
+from stemma.components.spec.expectations import (
+    CATALOG_PATH,
+    MAX_VALUE_CHARS,
+    shape_problem,
+    short,
+    unknown_kwarg_message,
+    unknown_type_message,
+)
+from stemma.components.spec.expectations import (  # the fast check, re-exported
+    expectation_problems as expectation_problems,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
-#: The catalogue of GX expectations and their kwargs, shipped with the package.
-CATALOG_PATH = Path(__file__).with_name("gx_catalog.json")
-
-#: Permissions of a written catalogue (mkstemp makes files private).
-CATALOG_FILE_MODE = 0o644
 
 #: Expectation fields that GX fills in itself or that only GX Cloud uses; not user kwargs.
 INTERNAL_FIELDS = frozenset({"id", "rendered_content", "batch_id", "windows", "library_metadata"})
-
-#: Arguments every expectation takes; left out of "its arguments are ..." hints.
-STANDARD_KWARGS = frozenset(
-    {"catch_exceptions", "description", "meta", "notes", "result_format", "severity"}
-)
 
 #: Where the spec position of a check is kept in its expectation's ``meta``, so that GX's
 #: results (which come back in another order, with normalised kwargs) map back to the spec.
@@ -58,14 +57,8 @@ INDEX_META_KEY = "stemma_check_index"
 MAX_EXAMPLES = 5
 #: Unexpected values GX keeps per expectation (its SUMMARY ``partial_unexpected_list``).
 PARTIAL_UNEXPECTED_COUNT = 20
-#: Suggestions offered for a misspelt name.
-MAX_SUGGESTIONS = 3
-#: How alike a name must be to be suggested (difflib ratio).
-SUGGESTION_CUTOFF = 0.6
 #: Shares of unexpected rows below this percentage are shown as "<0.01%".
 SMALLEST_PERCENT = 0.01
-#: Characters a kwarg value or example may take in a failure line before it is cut.
-MAX_VALUE_CHARS = 40
 
 #: Names inside the throw-away GX contexts; each call gets a fresh context, so they never clash.
 _DATASOURCE_NAME = "stemma"
@@ -77,167 +70,6 @@ _BATCH_ID = f"{_DATASOURCE_NAME}-{_ASSET_NAME}"
 #: installations, like traceback paths); left out of the digest only.
 _VOLATILE_META_KEYS = ("run_id", "validation_time", "validation_id", "checkpoint_id")
 _VOLATILE_BATCH_MARKERS = ("ge_load_time",)
-
-#: JSON types of the catalogue, in the order messages list them, with their wording.
-_TYPE_WORDS = {
-    "string": "a string",
-    "integer": "an integer",
-    "number": "a number",
-    "boolean": "a boolean",
-    "date": "a date (YYYY-MM-DD)",
-    "date-time": "a date-time (ISO 8601)",
-    "array": "a list",
-    "object": "a mapping",
-    "null": "null",
-}
-_DATE_LIKE = re.compile(r"^\d{4}-\d{1,2}-\d{1,2}")
-_GALLERY_URL = "https://greatexpectations.io/expectations/"
-
-
-# --------------------------------------------------------------------------- fast check
-
-
-@functools.lru_cache(maxsize=1)
-def load_catalog() -> dict[str, Any]:
-    """The shipped catalogue: ``{"great_expectations_version", "expectations": {type: ...}}``."""
-    return json.loads(CATALOG_PATH.read_text(encoding="utf-8"))
-
-
-def expectation_problems(checks: Sequence[Mapping[str, Any]]) -> list[tuple[int, str]]:
-    """Find every problem in the checks that the catalogue can see, without importing GX.
-
-    Reports unknown expectation types and kwargs (with the closest names as suggestions),
-    kwargs that are not a mapping, missing required kwargs, and values of a JSON type the
-    expectation does not take. Stricter than GX about types: GX coerces ``"18"`` to 18.0,
-    this check calls it a string. Cross-field rules (``min_value`` or ``max_value`` must be
-    set) are left to :func:`deep_expectation_problems`.
-
-    Args:
-        checks: the spec's checks, each ``{expectation_type: {kwarg: value}}``.
-
-    Returns:
-        ``(index into checks, message)`` pairs, in spec order; empty when all is well.
-    """
-    known = load_catalog()["expectations"]
-    problems: list[tuple[int, str]] = []
-    for index, check in enumerate(checks):
-        shape_problem = _shape_problem(check)
-        if shape_problem:
-            problems.append((index, shape_problem))
-            continue
-        ((name, kwargs),) = check.items()
-        entry = known.get(name)
-        if entry is None:
-            problems.append((index, _unknown_type_message(name, known)))
-            continue
-        problems.extend((index, message) for message in _kwargs_problems(name, kwargs, entry))
-    return problems
-
-
-def _shape_problem(check: Any) -> str | None:
-    if not isinstance(check, Mapping) or len(check) != 1:
-        return "each check is a one-key mapping `expect_...: {kwargs}`"
-    ((name, kwargs),) = check.items()
-    if not isinstance(name, str):
-        return f"the expectation type must be a string, not {_describe(name)}"
-    if not isinstance(kwargs, Mapping):
-        return (
-            f"the arguments of {name} must be a mapping `{{column: ...}}`, not {_describe(kwargs)}"
-        )
-    return None
-
-
-def _unknown_type_message(name: str, known: Mapping[str, Any]) -> str:
-    close = difflib.get_close_matches(name, known, n=MAX_SUGGESTIONS, cutoff=SUGGESTION_CUTOFF)
-    if close:
-        return f"unknown expectation type `{name}`; did you mean {_or_list(close)}?"
-    return f"unknown expectation type `{name}`; see {_GALLERY_URL} for the {len(known)} known types"
-
-
-def _kwargs_problems(name: str, kwargs: Mapping[str, Any], entry: Mapping[str, Any]) -> list[str]:
-    spec_kwargs: Mapping[str, Mapping[str, Any]] = entry["kwargs"]
-    messages = []
-    for key, value in kwargs.items():
-        rule = spec_kwargs.get(key)
-        if rule is None:
-            messages.append(_unknown_kwarg_message(name, str(key), spec_kwargs))
-        else:
-            type_problem = _type_problem(key, value, rule)
-            if type_problem:
-                messages.append(type_problem)
-    messages.extend(
-        f"missing required argument `{key}`"
-        for key, rule in spec_kwargs.items()
-        if rule["required"] and key not in kwargs
-    )
-    return messages
-
-
-def _unknown_kwarg_message(name: str, key: str, spec_kwargs: Mapping[str, Any]) -> str:
-    close = difflib.get_close_matches(key, spec_kwargs, n=MAX_SUGGESTIONS, cutoff=SUGGESTION_CUTOFF)
-    if close:
-        return f"unknown argument `{key}`; did you mean {_or_list(close)}?"
-    own = [k for k in spec_kwargs if k not in STANDARD_KWARGS]
-    return (
-        f"unknown argument `{key}`; {name} takes {', '.join(own) or 'only the standard arguments'}"
-    )
-
-
-def _type_problem(key: str, value: Any, rule: Mapping[str, Any]) -> str | None:
-    types: list[str] = rule["types"]
-    choices: list[str] | None = rule.get("choices")
-    if _value_fits(value, types, choices):
-        return None
-    if isinstance(value, str) and choices and "string" in types:
-        allowed = ", ".join(repr(choice) for choice in choices)
-        return f"`{key}` must be one of {allowed}, not {value!r}"
-    expected = [_TYPE_WORDS[t] for t in _TYPE_WORDS if t in types]
-    return f"`{key}` must be {_or_list(expected, quote=False)}, not {_describe(value)}"
-
-
-def _value_fits(value: Any, types: Sequence[str], choices: Sequence[str] | None) -> bool:
-    if "any" in types:
-        return True
-    if value is None:
-        return "null" in types
-    if isinstance(value, bool):  # before int: bool is an int subclass
-        return "boolean" in types
-    if isinstance(value, int):
-        return "integer" in types or "number" in types
-    if isinstance(value, float):
-        return "number" in types or ("integer" in types and value.is_integer())
-    if isinstance(value, str):
-        if "string" in types and (not choices or value in choices):
-            return True
-        return bool({"date", "date-time"} & set(types)) and bool(_DATE_LIKE.match(value))
-    if isinstance(value, dt.date):  # YAML turns unquoted dates into date/datetime objects
-        return bool({"date", "date-time", "string"} & set(types))
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return "array" in types
-    if isinstance(value, Mapping):
-        return "object" in types
-    return True  # a Python object YAML cannot produce: leave it to the deep check
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, str):
-        return f"the string {_short(repr(value))}"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (int, float)):
-        return f"the number {value}"
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return "a list"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    return f"a {type(value).__name__}"
-
-
-def _or_list(items: Sequence[str], *, quote: bool = True) -> str:
-    words = [f"`{item}`" if quote else item for item in items]
-    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
 # --------------------------------------------------------------------------- catalogue
@@ -274,7 +106,9 @@ def write_catalog(path: Path | None = None) -> dict[str, Any]:
         expectations[name] = {"kwargs": _class_kwargs(expectation_class)}
     catalog = {"great_expectations_version": gx.__version__, "expectations": expectations}
     if path is not None:
-        _write_atomically(Path(path), _dump_catalog(catalog))
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, _dump_catalog(catalog))
     return catalog
 
 
@@ -372,9 +206,9 @@ def deep_expectation_problems(checks: Sequence[Mapping[str, Any]]) -> list[tuple
 
 def _build_expectation(check: Any, meta: Mapping[str, Any] | None = None) -> tuple[Any, list[str]]:
     """``(GX expectation, [])`` for a well-formed check, else ``(None, [messages])``."""
-    shape_problem = _shape_problem(check)
-    if shape_problem:
-        return None, [shape_problem]
+    malformed = shape_problem(check)
+    if malformed:
+        return None, [malformed]
     _import_gx()
     from great_expectations.compatibility.pydantic import ValidationError
     from great_expectations.exceptions import ExpectationNotFoundError, GreatExpectationsError
@@ -395,7 +229,7 @@ def _build_expectation(check: Any, meta: Mapping[str, Any] | None = None) -> tup
         return ExpectationConfiguration(type=name, kwargs=kwargs).to_domain_obj(), []
     except ExpectationNotFoundError:
         known = {n: None for n in list_registered_expectation_implementations()}
-        return None, [_unknown_type_message(name, known)]
+        return None, [unknown_type_message(name, known)]
     except ValidationError as error:
         return None, _pydantic_messages(error, name)
     except (GreatExpectationsError, TypeError, ValueError) as error:
@@ -428,7 +262,7 @@ def _pydantic_messages(error: Any, name: str) -> list[str]:
         if field == "__root__":
             messages.extend(field_messages)
         elif field_messages == ["extra fields not permitted"]:
-            messages.append(_unknown_kwarg_message(name, field, _field_names(name)))
+            messages.append(unknown_kwarg_message(name, field, _field_names(name)))
         elif field_messages == ["field required"]:
             messages.append(f"missing required argument `{field}`")
         else:
@@ -476,7 +310,7 @@ class ExpectationOutcome:
         """One line: the check and what it found."""
         head = f"#{self.index} {self.describe()}"
         if self.exception:
-            return f"{head}: error: {_short(self.exception, 3 * MAX_VALUE_CHARS)}"
+            return f"{head}: error: {short(self.exception, 3 * MAX_VALUE_CHARS)}"
         if self.unexpected_count is not None and self.element_count:
             share = 100.0 * self.unexpected_count / self.element_count
             line = (
@@ -686,10 +520,10 @@ def _format_value(value: Any) -> str:
             return str(int(value))
         return f"{value:g}"
     if isinstance(value, (list, tuple)):
-        return _short("[" + ", ".join(_format_value(v) for v in value) + "]")
+        return short("[" + ", ".join(_format_value(v) for v in value) + "]")
     if isinstance(value, str):
-        return _short(value)
-    return _short(str(value))
+        return short(value)
+    return short(str(value))
 
 
 def _format_percent(share: float) -> str:
@@ -698,10 +532,6 @@ def _format_percent(share: float) -> str:
     if share < 1:
         return f"{share:.2g}%"  # 0.05%, not 0.1%: a few bad rows in many should still show
     return f"{share:.1f}%"
-
-
-def _short(text: str, limit: int = MAX_VALUE_CHARS) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # --------------------------------------------------------------------------- data docs
@@ -789,15 +619,6 @@ def _import_gx() -> Any:
     import great_expectations as gx
 
     return gx
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        stream.write(text)
-    os.chmod(temporary, CATALOG_FILE_MODE)
-    os.replace(temporary, path)
 
 
 if __name__ == "__main__":  # regenerate the shipped catalogue after a GX upgrade

@@ -9,18 +9,18 @@ version stays in DVC's cache and can be restored by its md5.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from stemma.components.data.labels import read_labels as read_labels  # the one reader
 from stemma.components.data.tables import DataVersion, dir_md5, file_md5
 from stemma.components.errors import DataError
+from stemma.components.platform.files import write_file_atomically
 
-#: File types a batch or label folder may hold.
+#: File types a batch folder may hold.
 _SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
 
 
@@ -45,14 +45,6 @@ class NewRows:
         return len(self.frame)
 
 
-def _files(path: Path, what: str) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise DataError(f"{what} {path} does not exist")
-    return sorted(p for p in path.iterdir() if p.suffix in _SUFFIXES and p.is_file())
-
-
 def read_file(path: Path) -> pd.DataFrame:
     """A Parquet or CSV file as a table; a clear error when it cannot be read."""
     try:
@@ -75,37 +67,11 @@ def read_ids(path: Path, id_column: str) -> pd.Series:
 
 def batch_files(path: Path) -> list[Path]:
     """The batch files of a file or folder, in name order (days sort by name)."""
-    return _files(path, "batch folder")
-
-
-def read_labels(labels: Path, *, id_column: str, target: str) -> pd.DataFrame:
-    """Every label file of a file or folder, as one ``id, target`` table.
-
-    Raises:
-        DataError: the folder is missing; a file lacks the id or target column; an id has
-            two different labels.
-    """
-    frames = []
-    for path in _files(labels, "label folder"):
-        frame = read_file(path)
-        missing = [column for column in (id_column, target) if column not in frame.columns]
-        if missing:
-            raise DataError(
-                f"label file {path} lacks column(s) {', '.join(missing)}",
-                [f"a label file holds `{id_column}` and `{target}`; it has {list(frame.columns)}"],
-            )
-        frames.append(frame[[id_column, target]])
-    if not frames:
-        return pd.DataFrame({id_column: [], target: []})
-    all_labels = pd.concat(frames, ignore_index=True).dropna().drop_duplicates()
-    conflicting = all_labels[all_labels[id_column].duplicated(keep=False)]
-    if len(conflicting):
-        ids = ", ".join(str(value) for value in conflicting[id_column].unique()[:5])
-        raise DataError(
-            f"{conflicting[id_column].nunique()} id(s) have two different labels in {labels}",
-            [f"for example {id_column} {ids}"],
-        )
-    return all_labels
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"batch folder {path} does not exist")
+    return sorted(p for p in path.iterdir() if p.suffix in _SUFFIXES and p.is_file())
 
 
 def gather_new_rows(
@@ -118,13 +84,13 @@ def gather_new_rows(
 ) -> NewRows:
     """Join batches with their labels and keep the rows the table does not have.
 
-    Labels are matched by id (see :func:`read_labels`), so a label file need not mirror
+    Labels are matched by id, so a label file need not mirror
     a batch file's name; a batch row without a label is counted, not used.
 
     Args:
         table: the current training table.
         batches: batch files (Parquet or CSV).
-        labels: the ``id, target`` table of :func:`read_labels`.
+        labels: the ``id, target`` table of :func:`~stemma.components.data.labels.read_labels`.
         id_column: the entity id (``data.id``).
         target: the label column (``data.target``).
 
@@ -172,21 +138,9 @@ def gather_new_rows(
 def append_rows(table_path: Path, table: pd.DataFrame, new: pd.DataFrame) -> Path:
     """Write ``table + new`` over ``table_path`` atomically (temp file, fsync, rename)."""
     grown = pd.concat([table, new], ignore_index=True)
-    folder = table_path.parent
-    handle, temporary = tempfile.mkstemp(prefix=f".{table_path.name}.", dir=folder)
-    os.close(handle)
-    try:
-        if table_path.suffix == ".csv":
-            grown.to_csv(temporary, index=False)
-        else:
-            grown.to_parquet(temporary, index=False)
-        with open(temporary, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, table_path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return table_path
+    if table_path.suffix == ".csv":
+        return write_file_atomically(table_path, lambda path: grown.to_csv(path, index=False))
+    return write_file_atomically(table_path, lambda path: grown.to_parquet(path, index=False))
 
 
 def record_new_version(root: Path, version: DataVersion) -> str:

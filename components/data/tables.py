@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from stemma.components.platform import digests
 from stemma.components.errors import DataError, DataVersionError
+from stemma.components.platform import digests
 
 if TYPE_CHECKING:  # pandas costs ~0.4 s to import; keep it off `stemma --help`
     import pandas as pd
@@ -179,9 +179,32 @@ def resolve_data_version(root: Path, data_path: Path) -> DataVersion:
             ],
         )
     dvc_file, out, out_path = found
+    recorded, actual, entries, dos2unix = _check_out(root, dvc_file, out, out_path)
+    if target == out_path:
+        digest = actual
+    elif target.is_dir():
+        digest = dir_md5(target, dos2unix=dos2unix)[0]
+    else:
+        inside = target.relative_to(out_path).as_posix()
+        listed = (entry["md5"] for entry in entries if entry["relpath"] == inside)
+        digest = next(listed, None) or file_md5(target, dos2unix=dos2unix)
+    return DataVersion(
+        dvc_file=dvc_file,
+        out_path=out_path,
+        md5=recorded,
+        file_path=target,
+        file_md5=digest,
+        relpath=relpath,
+    )
+
+
+def _check_out(
+    root: Path, dvc_file: Path, out: dict[str, Any], out_path: Path
+) -> tuple[str, str, list[dict[str, str]], bool]:
+    """``(recorded md5, actual md5, folder listing, dos2unix)`` of a ``.dvc`` entry whose
+    bytes on disk match it; DataVersionError naming the fix when they do not."""
     out_rel = _relative(out_path, root)
     dvc_rel = _relative(dvc_file, root)
-
     recorded = out.get("md5")
     if not isinstance(recorded, str) or not recorded:
         raise DataVersionError(
@@ -216,23 +239,7 @@ def resolve_data_version(root: Path, data_path: Path) -> DataVersion:
                 f"`dvc add {out_rel}` to record the new data as a new version",
             ],
         )
-
-    if target == out_path:
-        digest = actual
-    elif target.is_dir():
-        digest = dir_md5(target, dos2unix=dos2unix)[0]
-    else:
-        inside = target.relative_to(out_path).as_posix()
-        listed = (entry["md5"] for entry in entries if entry["relpath"] == inside)
-        digest = next(listed, None) or file_md5(target, dos2unix=dos2unix)
-    return DataVersion(
-        dvc_file=dvc_file,
-        out_path=out_path,
-        md5=recorded,
-        file_path=target,
-        file_md5=digest,
-        relpath=relpath,
-    )
+    return recorded, actual, entries, dos2unix
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -27,13 +27,20 @@ from typing import Any
 
 import numpy as np
 
+from stemma.components.evaluation.statistics import (
+    finite_values,
+    jensen_shannon,
+    ks_test,
+    quantile_psi,
+)
 from stemma.components.spec import METRIC_DIRECTIONS
-from stemma.components.training.metrics import MAX_SCATTER_POINTS, SCATTER_SEED, _figure, _save
+from stemma.components.training.metrics import (
+    MAX_SCATTER_POINTS,
+    SCATTER_SEED,
+    new_figure,
+    save_figure,
+)
 
-#: Quantile bins of the reference scores used by the population stability index.
-PSI_BINS = 10
-#: Floor of a bin's share in the PSI, so an empty bin does not make it infinite.
-PSI_FLOOR = 1e-4
 #: Equal-width bins of the Jensen-Shannon distance (over [0, 1] for a binary model).
 JS_BINS = 20
 #: Two regression predictions "agree" when they differ by at most this share of the
@@ -122,25 +129,6 @@ def route_to_challenger(ids: Sequence[Any] | np.ndarray, fraction: float, salt: 
 # Score distributions
 
 
-def population_stability_index(
-    reference: np.ndarray, candidate: np.ndarray, bins: int = PSI_BINS
-) -> float:
-    """PSI of ``candidate`` against ``reference`` over the reference's quantile bins.
-
-    Returns NaN when either side has no finite value.
-    """
-    ref = _finite(reference)
-    cand = _finite(candidate)
-    if ref.size == 0 or cand.size == 0:
-        return float("nan")
-    inner = np.unique(np.quantile(ref, np.linspace(0.0, 1.0, bins + 1))[1:-1])
-    ref_share = np.bincount(np.searchsorted(inner, ref, side="right"), minlength=inner.size + 1)
-    cand_share = np.bincount(np.searchsorted(inner, cand, side="right"), minlength=inner.size + 1)
-    p = np.maximum(ref_share / ref.size, PSI_FLOOR)
-    q = np.maximum(cand_share / cand.size, PSI_FLOOR)
-    return float(np.sum((q - p) * np.log(q / p)))
-
-
 def score_distances(reference: np.ndarray, candidate: np.ndarray, *, task: str) -> dict[str, float]:
     """How far apart two score distributions are.
 
@@ -149,28 +137,25 @@ def score_distances(reference: np.ndarray, candidate: np.ndarray, *, task: str) 
         ``ks_pvalue`` (two-sample Kolmogorov-Smirnov), ``js`` (Jensen-Shannon distance,
         base 2, in [0, 1]); NaN where a side has no finite score.
     """
-    from scipy.spatial.distance import jensenshannon
-    from scipy.stats import ks_2samp
-
-    ref = _finite(reference)
-    cand = _finite(candidate)
+    ref = finite_values(reference)
+    cand = finite_values(candidate)
     if ref.size == 0 or cand.size == 0:
         nan = float("nan")
         return {"psi": nan, "ks": nan, "ks_pvalue": nan, "js": nan}
-    ks = ks_2samp(ref, cand)
+    ks, ks_pvalue = ks_test(ref, cand)
     if task == "binary":
         low, high = 0.0, 1.0
     else:
         low = float(min(ref.min(), cand.min()))
         high = float(max(ref.max(), cand.max()))
         high = high if high > low else low + 1.0
-    p = np.histogram(ref, bins=JS_BINS, range=(low, high))[0].astype(np.float64)
-    q = np.histogram(cand, bins=JS_BINS, range=(low, high))[0].astype(np.float64)
+    p = np.histogram(ref, bins=JS_BINS, range=(low, high))[0]
+    q = np.histogram(cand, bins=JS_BINS, range=(low, high))[0]
     return {
-        "psi": population_stability_index(ref, cand),
-        "ks": float(ks.statistic),
-        "ks_pvalue": float(ks.pvalue),
-        "js": float(jensenshannon(p, q, base=2.0)),
+        "psi": quantile_psi(ref, cand),
+        "ks": ks,
+        "ks_pvalue": ks_pvalue,
+        "js": jensen_shannon(p, q),
     }
 
 
@@ -199,11 +184,6 @@ def decision_agreement(
         spread = float(np.std(a[finite])) if finite.any() else 0.0
         same = np.abs(a - b) <= REGRESSION_AGREEMENT_TOLERANCE * max(spread, 1e-12)
     return float(np.mean(same & finite))
-
-
-def _finite(values: np.ndarray) -> np.ndarray:
-    array = np.asarray(values, dtype=np.float64)
-    return array[np.isfinite(array)]
 
 
 @dataclass(frozen=True)
@@ -470,19 +450,7 @@ def paired_bootstrap(
         ValueError: arrays of different lengths, no rows, a non-finite score or label, a
             metric unknown for the task, or a confidence outside (0, 1).
     """
-    y = np.asarray(y_true, dtype=np.float64)
-    a = np.asarray(champion_scores, dtype=np.float64)
-    b = np.asarray(challenger_scores, dtype=np.float64)
-    if not (y.shape == a.shape == b.shape) or y.ndim != 1:
-        raise ValueError(f"labels and scores differ in shape: {y.shape}, {a.shape}, {b.shape}")
-    if y.size == 0:
-        raise ValueError("no labelled rows to compare on")
-    if not (np.isfinite(y).all() and np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError("labels and scores must be finite")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if resamples < 1:
-        raise ValueError(f"resamples must be at least 1, got {resamples}")
+    y, a, b = _checked_rows(y_true, champion_scores, challenger_scores, confidence, resamples)
     higher_is_better = METRIC_DIRECTIONS[task][metric]
 
     def both(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -531,6 +499,29 @@ def paired_bootstrap(
     )
 
 
+def _checked_rows(
+    y_true: np.ndarray,
+    champion_scores: np.ndarray,
+    challenger_scores: np.ndarray,
+    confidence: float,
+    resamples: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    y = np.asarray(y_true, dtype=np.float64)
+    a = np.asarray(champion_scores, dtype=np.float64)
+    b = np.asarray(challenger_scores, dtype=np.float64)
+    if not (y.shape == a.shape == b.shape) or y.ndim != 1:
+        raise ValueError(f"labels and scores differ in shape: {y.shape}, {a.shape}, {b.shape}")
+    if y.size == 0:
+        raise ValueError("no labelled rows to compare on")
+    if not (np.isfinite(y).all() and np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("labels and scores must be finite")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be at least 1, got {resamples}")
+    return y, a, b
+
+
 # ---------------------------------------------------------------------------------------
 # Plots
 
@@ -557,7 +548,7 @@ def plot_score_scatter(
             a.size, MAX_SCATTER_POINTS, replace=False
         )
         a, b = a[sample], b[sample]
-    figure, axes = _figure()
+    figure, axes = new_figure()
     axes.scatter(a, b, s=4, alpha=0.35, linewidths=0)
     if a.size:
         low = float(min(a.min(), b.min()))
@@ -565,9 +556,7 @@ def plot_score_scatter(
         axes.plot([low, high], [low, high], color="grey", linestyle="--", label="same score")
         axes.legend(loc="upper left")
     axes.set(xlabel=f"{champion_label} score", ylabel=f"{challenger_label} score", title=title)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return _save(figure, out)
+    return save_figure(figure, Path(out_path))
 
 
 def plot_metric_differences(
@@ -587,7 +576,7 @@ def plot_metric_differences(
             better direction, so at ``-margin`` for a metric where lower is better).
         title: the figure's title.
     """
-    figure, axes = _figure()
+    figure, axes = new_figure()
     labels = [label for label, _ in rows]
     positions = np.arange(len(rows))[::-1]
     for position, (_, comparison) in zip(positions, rows, strict=True):
@@ -605,6 +594,4 @@ def plot_metric_differences(
     axes.set_yticks(positions, labels)
     axes.margins(y=0.15)
     axes.set_title(title)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return _save(figure, out)
+    return save_figure(figure, Path(out_path))

@@ -5,7 +5,7 @@ Both models score the same batch with the batch-scoring engine
 ``stemma run score`` writes there, the challenger into a folder beside it
 (:func:`shadow_output_dir`, ``<served>-shadow``) that nothing serves. The two outputs are
 joined by the entity id with the batch's segment columns and, when they have arrived, the
-labels (:func:`build_shadow_rows`); :func:`shadow_evaluate` then compares them and decides:
+labels (:func:`~.rows.build_shadow_rows`); :func:`shadow_evaluate` then compares them and decides:
 
 * ``reject``: the challenger fails on more rows than ``evaluate.shadow.max_error_rate``
   (not scored, NaN or infinite scores, or one constant score), or, with enough labels, the
@@ -35,11 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
-from stemma.components.errors import DataError, RegistryError
+from stemma.components.errors import RegistryError
 from stemma.components.evaluation.comparison import (
     FailureCounts,
     MetricComparison,
@@ -50,9 +47,18 @@ from stemma.components.evaluation.comparison import (
     plot_score_scatter,
     score_distances,
 )
-from stemma.components.lineage.records import (
+from stemma.components.evaluation.rows import (
+    CHALLENGER_SCORE,
+    CHALLENGER_SCORED,
+    CHAMPION_SCORE,
+    CHAMPION_SCORED,
+    LABEL,
+)
+from stemma.components.platform import tags
+from stemma.components.platform.lineage import (
     Decided,
     Edge,
+    LineageRecord,
     Node,
     build_decision_record,
     decision_node_id,
@@ -62,14 +68,10 @@ from stemma.components.lineage.records import (
     predictions_node_id,
     run_node,
 )
-from stemma.components.scoring.engine import (
-    SCORE_COLUMN,
-    ScoringModel,
-    ScoringResult,
-    input_files,
-    score_files,
-)
-from stemma.components.spec import METRIC_DIRECTIONS, EvaluateSpec
+from stemma.components.runtime.loading import ScoringModel
+from stemma.components.scoring.engine import score_files
+from stemma.components.scoring.job import ScoringResult
+from stemma.components.spec import METRIC_DIRECTIONS, EvaluateSpec, ShadowSpec
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -82,24 +84,13 @@ WAIT = "wait"
 DECISIONS = (PROMOTE, REJECT, WAIT)
 #: Suffix of the folder beside the served output that holds the challenger's scores.
 SHADOW_SUFFIX = "-shadow"
-#: Columns of the joined rows besides the id, the label and the segment columns.
-CHAMPION_SCORE = "champion_score"
-CHALLENGER_SCORE = "challenger_score"
-CHAMPION_SCORED = "champion_scored"
-CHALLENGER_SCORED = "challenger_scored"
-LABEL = "label"
 #: Most values of one segment column compared (the most frequent ones).
 MAX_SEGMENT_VALUES = 20
 #: Fewest labelled rows for which a segment gets an interval of its own.
 MIN_SEGMENT_ROWS = 30
 #: Version tags recording the latest shadow decision about a challenger.
-SHADOW_DECISION_TAG = "stemma.shadow.decision"
-SHADOW_RUN_TAG = "stemma.shadow.run_id"
-#: How many ids an error message shows.
-MAX_IDS_SHOWN = 3
-#: Rows of one timed request, and requests timed per model (interleaved between models).
-LATENCY_BATCH_ROWS = 256
-LATENCY_REPEATS = 60
+SHADOW_DECISION_TAG = tags.SHADOW_DECISION
+SHADOW_RUN_TAG = tags.SHADOW_RUN_ID
 
 _METRIC_KEY = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -180,226 +171,6 @@ def score_pair(
     served = score(champion, Path(served_dir))
     shadow = score(challenger, shadow_output_dir(served_dir))
     return ScoredPair(files=files, served=served, shadow=shadow)
-
-
-# ---------------------------------------------------------------------------------------
-# Reading scores, batch columns and labels
-
-
-def read_scores(result: ScoringResult, id_column: str) -> pd.DataFrame:
-    """The scored rows of a scoring output: the id and the score, in part order."""
-    tables = [
-        pq.read_table(result.output_dir / part["name"], columns=[id_column, SCORE_COLUMN])
-        for part in result.manifest["parts"]
-    ]
-    if not tables:
-        return pd.DataFrame({id_column: pd.Series(dtype="int64"), SCORE_COLUMN: []})
-    return pa.concat_tables(tables).to_pandas()
-
-
-def read_batch_columns(files: Sequence[Path], columns: Sequence[str]) -> pd.DataFrame:
-    """The named columns of every row of the batch (ids and segment columns).
-
-    Raises:
-        DataError: a file lacks one of the columns.
-    """
-    frames = []
-    for path in files:
-        try:
-            if path.suffix.lower() == ".csv":
-                table = pacsv.read_csv(
-                    path, convert_options=pacsv.ConvertOptions(include_columns=list(columns))
-                )
-            else:
-                table = pq.read_table(path, columns=list(columns))
-        except (pa.ArrowException, KeyError) as error:
-            raise DataError(
-                f"{path}: cannot read columns {', '.join(columns)}", [_first_line(error)]
-            ) from error
-        frames.append(table.to_pandas())
-    return pd.concat(frames, ignore_index=True)
-
-
-def _label_files(path: Path) -> list[Path]:
-    if not path.exists():
-        raise DataError(
-            f"{path}: no such labels file or folder",
-            ["pass the labels with --labels, or set evaluate.labels"],
-        )
-    return input_files(path)
-
-
-def _read_schema(path: Path) -> pa.Schema:
-    if path.suffix.lower() == ".csv":
-        with pacsv.open_csv(path) as reader:
-            return reader.schema
-    return pq.read_schema(path)
-
-
-def load_labels(path: Path, *, id_column: str, target: str, task: str) -> pd.DataFrame:
-    """The labels in a file or a folder of files: one row per id, columns id and target.
-
-    Rows whose label is missing have not arrived yet and are dropped. A label repeated
-    with the same value counts once.
-
-    Raises:
-        DataError: the path does not exist; a file lacks the id or the target column; an
-            id has two different labels; a binary label other than 0 or 1.
-    """
-    path = Path(path)
-    frames = []
-    problems = []
-    for file in _label_files(path):
-        try:
-            schema = _read_schema(file)
-        except (pa.ArrowException, OSError) as error:
-            raise DataError(f"{file}: not a readable labels file", [_first_line(error)]) from error
-        missing = [column for column in (id_column, target) if column not in schema.names]
-        if missing:
-            problems.append(
-                f"{file.name}: missing {', '.join(missing)} (it has {', '.join(schema.names)})"
-            )
-            continue
-        frames.append(read_batch_columns([file], [id_column, target]))
-    if problems:
-        raise DataError(
-            f"{path}: the labels need the id column {id_column!r} and the target {target!r}",
-            problems,
-        )
-    labels = pd.concat(frames, ignore_index=True).dropna(subset=[target])
-    labels = labels.drop_duplicates()
-    repeated = labels[id_column][labels[id_column].duplicated()]
-    if not repeated.empty:
-        shown = ", ".join(str(value) for value in repeated.unique()[:MAX_IDS_SHOWN])
-        raise DataError(
-            f"{path}: {repeated.nunique()} ids have two different labels",
-            [f"e.g. {id_column} {shown}", "keep one label per id"],
-        )
-    if task == "binary" and not labels[target].isin([0, 1]).all():
-        odd = labels.loc[~labels[target].isin([0, 1]), target].unique()[:MAX_IDS_SHOWN]
-        raise DataError(
-            f"{path}: binary labels must be 0 or 1",
-            [f"found {', '.join(map(str, odd))} in {target}"],
-        )
-    return labels.rename(columns={target: LABEL}).reset_index(drop=True)
-
-
-def build_shadow_rows(
-    batch: pd.DataFrame,
-    champion: pd.DataFrame,
-    challenger: pd.DataFrame,
-    *,
-    id_column: str,
-    labels: pd.DataFrame | None = None,
-    labels_required: bool = False,
-    labels_source: str = "the labels",
-) -> pd.DataFrame:
-    """One row per batch row: both models' scores (NaN where not scored), label, segments.
-
-    Args:
-        batch: the batch's id column and segment columns (:func:`read_batch_columns`).
-        champion, challenger: :func:`read_scores` of each model's output.
-        id_column: the entity id.
-        labels: :func:`load_labels`, or None when none have arrived.
-        labels_required: the labels were named explicitly: if none of their ids is in the
-            batch, that is an error rather than labels still to come.
-        labels_source: how to name the labels in an error.
-
-    Raises:
-        DataError: ids repeat in the batch, or labels named explicitly share no id with it.
-    """
-    repeated = batch[id_column][batch[id_column].duplicated()]
-    if not repeated.empty:
-        shown = ", ".join(str(value) for value in repeated.unique()[:MAX_IDS_SHOWN])
-        raise DataError(
-            f"the batch repeats {repeated.nunique()} ids in {id_column}",
-            [f"e.g. {shown}", "shadow and canary evaluation join rows by id: ids must be unique"],
-        )
-    rows = batch.copy()
-    for frame, score, scored in (
-        (champion, CHAMPION_SCORE, CHAMPION_SCORED),
-        (challenger, CHALLENGER_SCORE, CHALLENGER_SCORED),
-    ):
-        mapped = frame.set_index(id_column)[SCORE_COLUMN]
-        rows[scored] = rows[id_column].isin(mapped.index)
-        rows[score] = rows[id_column].map(mapped).astype(np.float64)
-    rows[LABEL] = np.nan
-    if labels is not None and not labels.empty:
-        label_map = labels.set_index(id_column)[LABEL]
-        rows[LABEL] = rows[id_column].map(label_map).astype(np.float64)
-        if labels_required:
-            require_label_overlap(batch[id_column], labels, id_column, labels_source)
-    return rows
-
-
-def require_label_overlap(
-    ids: pd.Series, labels: pd.DataFrame, id_column: str, source: str
-) -> None:
-    """Labels named explicitly must label at least one row of the batch.
-
-    Raises:
-        DataError: none of the labelled ids is among ``ids`` (another batch's labels, or
-            ids of another type), with both id ranges.
-    """
-    if labels.empty or ids.isin(labels[id_column]).any():
-        return
-    raise DataError(
-        f"{source}: none of the {len(labels):,} labelled ids is in the batch",
-        [
-            f"batch {id_column}: {_id_range(ids)}",
-            f"label {id_column}: {_id_range(labels[id_column])}",
-            "pass the labels of this batch (same ids, same type)",
-        ],
-    )
-
-
-def _id_range(ids: pd.Series) -> str:
-    if ids.empty:
-        return "(none)"
-    try:
-        return f"{ids.min()} to {ids.max()} ({ids.dtype})"
-    except TypeError:
-        return f"{ids.iloc[0]} ... ({ids.dtype})"
-
-
-def measure_latency(
-    models: dict[str, ScoringModel],
-    files: Sequence[Path],
-    *,
-    rows: int = LATENCY_BATCH_ROWS,
-    repeats: int = LATENCY_REPEATS,
-) -> dict[str, dict[str, float]]:
-    """Per-request latency of each model on the batch's first rows, in milliseconds.
-
-    A request is ``rows`` rows, encoded and run through the network and decoded, as an
-    online caller would send them. The models take turns request by request, so a busy
-    machine slows both alike; the first round warms up and is not counted.
-
-    Returns:
-        Per model ``latency_ms_p50``, ``latency_ms_p95`` and ``latency_ms_p99``; empty when
-        the first rows hold no complete row.
-    """
-    import time
-
-    import torch
-
-    columns = sorted({column for model in models.values() for column in model.feature_columns})
-    sample = read_batch_columns(list(files)[:1], columns).head(rows).dropna()
-    if sample.empty:
-        return {}
-    timings: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for round_ in range(repeats + 1):
-            for name, model in models.items():
-                began = time.perf_counter()
-                encoded = torch.from_numpy(model.preprocessor.transform(sample))
-                model.preprocessor.decode_output(model.network(encoded).float().numpy())
-                if round_:
-                    timings[name].append((time.perf_counter() - began) * 1000.0)
-    return {
-        name: {f"latency_ms_p{q}": float(np.percentile(values, q)) for q in (50, 95, 99)}
-        for name, values in timings.items()
-    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -542,22 +313,15 @@ def shadow_evaluate(
     challenger_threshold: float | None = None,
     latency: dict[str, dict[str, float]] | None = None,
 ) -> ShadowReport:
-    """Compare the two models on the rows of :func:`build_shadow_rows` and decide.
+    """Compare the two models on the rows of :func:`~.rows.build_shadow_rows` and decide.
 
     Args:
-        rows: from :func:`build_shadow_rows`.
-        task: ``binary`` or ``regression``.
-        metric: the primary metric (``gate.metric``).
+        rows: from :func:`~.rows.build_shadow_rows`.
+        task, metric: ``binary`` or ``regression``, and the primary metric (``gate.metric``).
         settings: ``evaluate`` (confidence, resamples, seed, the ``shadow`` rule).
-        champion, challenger: the models (their versions and thresholds), or give the
-            versions and thresholds directly.
-        champion_version, challenger_version: used when no model is given.
-        champion_threshold, challenger_threshold: decision thresholds (default: the
-            models', else 0.5).
-        latency: per model, chunk latency percentiles and rows per second.
-
-    Returns:
-        The report, with the decision and its reasons.
+        champion, challenger: the models, for their versions and thresholds; without them
+            the versions are given, and the thresholds default to 0.5.
+        latency: per model, request latency percentiles (:func:`~.rows.measure_latency`).
 
     Raises:
         ValueError: a metric unknown for the task.
@@ -565,45 +329,25 @@ def shadow_evaluate(
     if metric not in METRIC_DIRECTIONS.get(task, {}):
         raise ValueError(f"{metric!r} is not a {task} metric")
     rule = settings.shadow
-    champion_version = champion.version if champion is not None else champion_version
-    challenger_version = challenger.version if challenger is not None else challenger_version
-    a_threshold = _threshold(champion_threshold, champion)
-    b_threshold = _threshold(challenger_threshold, challenger)
-
     a = rows[CHAMPION_SCORE].to_numpy(dtype=np.float64)
     b = rows[CHALLENGER_SCORE].to_numpy(dtype=np.float64)
-    a_scored = rows[CHAMPION_SCORED].to_numpy(dtype=bool)
-    b_scored = rows[CHALLENGER_SCORED].to_numpy(dtype=bool)
-    served = a_scored & np.isfinite(a)
-    champion_failures = count_failures(a[a_scored], rows=len(rows))
-    # The challenger is judged on the rows the champion could serve: rows no model can
-    # score (a missing feature, say) are the input's fault, not the challenger's.
-    challenger_failures = count_failures(b[served & b_scored], rows=int(served.sum()))
-    compared = served & b_scored & np.isfinite(b)
-    agreement = decision_agreement(
-        a[compared],
-        b[compared],
-        task=task,
-        champion_threshold=a_threshold,
-        challenger_threshold=b_threshold,
-    )
-    distances = score_distances(a[compared], b[compared], task=task)
+    champion_failures, challenger_failures, compared = _failures(rows, a, b)
     labelled = compared & rows[LABEL].notna().to_numpy()
     y = rows[LABEL].to_numpy(dtype=np.float64)
 
+    thresholds = {
+        "champion_threshold": _threshold(champion_threshold, champion),
+        "challenger_threshold": _threshold(challenger_threshold, challenger),
+    }
+    options: dict[str, Any] = {
+        **thresholds,
+        "confidence": settings.confidence,
+        "resamples": settings.bootstrap_resamples,
+        "seed": settings.seed,
+    }
+
     def compare(mask: np.ndarray) -> MetricComparison:
-        return paired_bootstrap(
-            metric,
-            task,
-            y[mask],
-            a[mask],
-            b[mask],
-            champion_threshold=a_threshold,
-            challenger_threshold=b_threshold,
-            confidence=settings.confidence,
-            resamples=settings.bootstrap_resamples,
-            seed=settings.seed,
-        )
+        return paired_bootstrap(metric, task, y[mask], a[mask], b[mask], **options)
 
     comparison = compare(labelled) if labelled.any() else None
     segments = [
@@ -613,40 +357,51 @@ def shadow_evaluate(
         for segment in _segment_comparisons(rows, column, labelled, compare)
     ]
     decision, reasons = _decide(
-        rule_margin=rule.margin,
-        max_error_rate=rule.max_error_rate,
-        min_labelled_rows=rule.min_labelled_rows,
-        challenger_failures=challenger_failures,
-        compared_rows=int(compared.sum()),
-        labelled_rows=int(labelled.sum()),
-        comparison=comparison,
-        metric=metric,
+        rule, challenger_failures, int(compared.sum()), int(labelled.sum()), comparison, metric
     )
-    reasons += _segment_notes(segments, rule.margin)
     return ShadowReport(
         decision=decision,
-        reasons=reasons,
+        reasons=reasons + _segment_notes(segments, rule.margin),
         metric=metric,
-        champion_version=str(champion_version),
-        challenger_version=str(challenger_version),
+        champion_version=str(champion.version if champion is not None else champion_version),
+        challenger_version=str(
+            challenger.version if challenger is not None else challenger_version
+        ),
         rows=len(rows),
         compared_rows=int(compared.sum()),
         labelled_rows=int(labelled.sum()),
         champion_failures=champion_failures,
         challenger_failures=challenger_failures,
-        agreement=agreement,
-        distances=distances,
+        agreement=decision_agreement(a[compared], b[compared], task=task, **thresholds),
+        distances=score_distances(a[compared], b[compared], task=task),
         comparison=comparison,
         segments=segments,
         latency=dict(latency or {}),
-        settings={
-            **settings.shadow.model_dump(mode="json"),
-            "confidence": settings.confidence,
-            "bootstrap_resamples": settings.bootstrap_resamples,
-            "seed": settings.seed,
-            "metric": metric,
-        },
+        settings={**rule.model_dump(mode="json"), **_evidence_settings(settings, metric)},
     )
+
+
+def _failures(
+    rows: pd.DataFrame, a: np.ndarray, b: np.ndarray
+) -> tuple[FailureCounts, FailureCounts, np.ndarray]:
+    """Each model's failures, and the rows both scored with a finite score."""
+    a_scored = rows[CHAMPION_SCORED].to_numpy(dtype=bool)
+    b_scored = rows[CHALLENGER_SCORED].to_numpy(dtype=bool)
+    served = a_scored & np.isfinite(a)
+    champion = count_failures(a[a_scored], rows=len(rows))
+    # The challenger is judged on the rows the champion could serve: rows no model can
+    # score (a missing feature, say) are the input's fault, not the challenger's.
+    challenger = count_failures(b[served & b_scored], rows=int(served.sum()))
+    return champion, challenger, served & b_scored & np.isfinite(b)
+
+
+def _evidence_settings(settings: EvaluateSpec, metric: str) -> dict[str, Any]:
+    return {
+        "confidence": settings.confidence,
+        "bootstrap_resamples": settings.bootstrap_resamples,
+        "seed": settings.seed,
+        "metric": metric,
+    }
 
 
 def _threshold(given: float | None, model: ScoringModel | None) -> float:
@@ -693,27 +448,24 @@ def _value_order(item: tuple[Any, int]) -> tuple[int, Any]:
 
 
 def _decide(
-    *,
-    rule_margin: float,
-    max_error_rate: float,
-    min_labelled_rows: int,
+    rule: ShadowSpec,
     challenger_failures: FailureCounts,
     compared_rows: int,
     labelled_rows: int,
     comparison: MetricComparison | None,
     metric: str,
 ) -> tuple[str, list[str]]:
-    if challenger_failures.error_rate > max_error_rate:
+    if challenger_failures.error_rate > rule.max_error_rate:
         return REJECT, [
             f"the challenger fails on {challenger_failures.describe()}, above "
-            f"evaluate.shadow.max_error_rate {max_error_rate:.2%}"
+            f"evaluate.shadow.max_error_rate {rule.max_error_rate:.2%}"
         ]
     if compared_rows == 0:
         return REJECT, ["no row was scored by both models"]
-    if comparison is None or labelled_rows < min_labelled_rows:
+    if comparison is None or labelled_rows < rule.min_labelled_rows:
         return WAIT, [
             f"{labelled_rows:,} labelled rows so far; the decision needs "
-            f"evaluate.shadow.min_labelled_rows {min_labelled_rows:,}"
+            f"evaluate.shadow.min_labelled_rows {rule.min_labelled_rows:,}"
             + (f" ({comparison.describe()})" if comparison is not None else "")
         ]
     if not comparison.decidable:
@@ -725,14 +477,14 @@ def _decide(
     bounds = (
         f"improvement ({direction} is better) {comparison.improvement:+.4f}, "
         f"{comparison.confidence:.0%} interval {comparison.improvement_low:+.4f} to "
-        f"{comparison.improvement_high:+.4f}, margin {rule_margin:+.4f}"
+        f"{comparison.improvement_high:+.4f}, margin {rule.margin:+.4f}"
     )
-    if comparison.improvement_low > rule_margin:
+    if comparison.improvement_low > rule.margin:
         return PROMOTE, [
             f"the challenger is better: {comparison.describe()}",
             f"{bounds}: the lower bound is above the margin",
         ]
-    if comparison.improvement_high <= rule_margin:
+    if comparison.improvement_high <= rule.margin:
         return REJECT, [
             f"the challenger is not better: {comparison.describe()}",
             f"{bounds}: even the upper bound does not clear the margin",
@@ -823,7 +575,7 @@ class ShadowLineage:
     promotion_outcome: str | None = None
 
 
-def build_shadow_record(facts: ShadowLineage, report: ShadowReport) -> dict[str, Any]:
+def build_shadow_record(facts: ShadowLineage, report: ShadowReport) -> LineageRecord:
     """The lineage record of a shadow evaluation (``lineage/record.json``)."""
     batch = input_node_id(facts.input_path, facts.input_digest)
     champion = model_version_node(
@@ -859,32 +611,8 @@ def build_shadow_record(facts: ShadowLineage, report: ShadowReport) -> dict[str,
             f"sha256:{facts.shadow_sha256}",
             {"path": facts.shadow_path, "served": False},
         ),
-        Node(
-            "shadow_evaluation",
-            evaluation,
-            None,
-            {
-                "metric": report.metric,
-                "labelled_rows": report.labelled_rows,
-                "agreement": report.agreement,
-                "distances": dict(report.distances),
-                "comparison": None if report.comparison is None else report.comparison.to_dict(),
-            },
-        ),
-        Node(
-            "decision",
-            decision,
-            None,
-            {
-                "decision": facts.decision,
-                "reasons": list(facts.reasons),
-                "who": facts.who,
-                "when": facts.when,
-                "flow_run_id": facts.flow_run_id,
-                "promotion_run_id": facts.promotion_run_id,
-                "promotion_outcome": facts.promotion_outcome,
-            },
-        ),
+        Node("shadow_evaluation", evaluation, None, _evaluation_attributes(report)),
+        Node("decision", decision, None, _decision_attributes(facts)),
     ]
     edges = [
         Edge(batch, run.id, "input_of"),
@@ -917,6 +645,28 @@ def build_shadow_record(facts: ShadowLineage, report: ShadowReport) -> dict[str,
     return build_decision_record(
         flow="shadow", pipeline=facts.pipeline, nodes=nodes, edges=edges, decided=decided
     )
+
+
+def _evaluation_attributes(report: ShadowReport) -> dict[str, Any]:
+    return {
+        "metric": report.metric,
+        "labelled_rows": report.labelled_rows,
+        "agreement": report.agreement,
+        "distances": dict(report.distances),
+        "comparison": None if report.comparison is None else report.comparison.to_dict(),
+    }
+
+
+def _decision_attributes(facts: ShadowLineage) -> dict[str, Any]:
+    return {
+        "decision": facts.decision,
+        "reasons": list(facts.reasons),
+        "who": facts.who,
+        "when": facts.when,
+        "flow_run_id": facts.flow_run_id,
+        "promotion_run_id": facts.promotion_run_id,
+        "promotion_outcome": facts.promotion_outcome,
+    }
 
 
 def promote_challenger(
@@ -966,8 +716,3 @@ def promote_challenger(
         flow_run_id=flow_run_id,
         experiment_id=experiment_id,
     )
-
-
-def _first_line(error: BaseException) -> str:
-    text = getattr(error, "message", None) or str(error) or type(error).__name__
-    return text.strip().splitlines()[0] if text.strip() else type(error).__name__

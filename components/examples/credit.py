@@ -23,9 +23,7 @@ the same pyarrow version, whose name Parquet records in the footer).
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -35,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stemma.components.errors import DataError
+from stemma.components.platform.files import write_file_atomically
 
 #: Day 1 of production, at midnight; the training table covers the days before it.
 FIRST_PRODUCTION_DAY = datetime(2026, 3, 2)
@@ -59,7 +58,6 @@ SHIFTED_AGE_RANGE = (20, 50)
 SHIFTED_SALARY_RANGE = (20_000.0, 110_000.0)
 SHIFTED_LOAN_RANGE = (150_000.0, 500_000.0)
 PARQUET_COMPRESSION = "zstd"
-DATA_FILE_MODE = 0o644
 PARQUET_COMPRESSION_LEVEL = 3
 
 LABEL = "approved"
@@ -122,15 +120,9 @@ def generate_credit_data(
     removed, so the folder always holds exactly one generation.
 
     Args:
-        out_dir: the folder to write under (``credit/`` is created in it).
         seed: the root seed; every file draws from its own child of it.
-        train_rows: rows of the training table.
-        days: number of production days.
-        batch_rows: rows per production day.
-        population_shift_day: first day with the shifted applicant population
-            (larger than ``days`` for none).
-        concept_shift_day: first day labelled by the shifted rule (larger than ``days``
-            for none).
+        population_shift_day, concept_shift_day: the first day with the shifted applicant
+            population, and labelled by the shifted rule (larger than ``days``: none).
 
     Returns:
         The written paths, sorted.
@@ -138,20 +130,14 @@ def generate_credit_data(
     Raises:
         DataError: when an argument is out of range (nothing is written then).
     """
-    problems = [
-        f"{name} must be at least {low}, got {value}"
-        for name, value, low in (
-            ("seed", seed, 0),
-            ("train_rows", train_rows, 1),
-            ("days", days, 0),
-            ("batch_rows", batch_rows, 1),
-            ("population_shift_day", population_shift_day, 1),
-            ("concept_shift_day", concept_shift_day, 1),
-        )
-        if value < low
-    ]
-    if problems:
-        raise DataError("cannot generate the credit data", problems)
+    _check_arguments(
+        seed=seed,
+        train_rows=train_rows,
+        days=days,
+        batch_rows=batch_rows,
+        population_shift_day=population_shift_day,
+        concept_shift_day=concept_shift_day,
+    )
 
     credit = Path(out_dir) / "credit"
     children = np.random.SeedSequence(seed).spawn(1 + days)
@@ -186,18 +172,21 @@ def generate_credit_data(
         )
         name = f"day_{day:0{width}d}.parquet"
         day_names.add(name)
-        batch = {column: rows[column] for column in BATCH_SCHEMA.names}
-        labels = {column: rows[column] for column in LABEL_SCHEMA.names}
-        written.append(
-            _write(pa.Table.from_pydict(batch, schema=BATCH_SCHEMA), credit / "batches" / name)
-        )
-        written.append(
-            _write(pa.Table.from_pydict(labels, schema=LABEL_SCHEMA), credit / "labels" / name)
-        )
+        written += _write_day(rows, credit, name)
 
     for folder in (credit / "batches", credit / "labels"):
         _remove_stale_days(folder, keep=day_names)
     return sorted(written)
+
+
+def _write_day(rows: dict[str, np.ndarray], credit: Path, name: str) -> list[Path]:
+    """Write a day's batch (features, id, time) and its labels (id, label) as ``name``."""
+    batch = {column: rows[column] for column in BATCH_SCHEMA.names}
+    labels = {column: rows[column] for column in LABEL_SCHEMA.names}
+    return [
+        _write(pa.Table.from_pydict(batch, schema=BATCH_SCHEMA), credit / "batches" / name),
+        _write(pa.Table.from_pydict(labels, schema=LABEL_SCHEMA), credit / "labels" / name),
+    ]
 
 
 def _applications(
@@ -284,26 +273,40 @@ def _perturb(
     return np.clip(values + noise, low, high)
 
 
+#: The smallest value each argument of :func:`generate_credit_data` may take.
+_LOWEST = {
+    "seed": 0,
+    "train_rows": 1,
+    "days": 0,
+    "batch_rows": 1,
+    "population_shift_day": 1,
+    "concept_shift_day": 1,
+}
+
+
+def _check_arguments(**values: int) -> None:
+    problems = [
+        f"{name} must be at least {_LOWEST[name]}, got {value}"
+        for name, value in values.items()
+        if value < _LOWEST[name]
+    ]
+    if problems:
+        raise DataError("cannot generate the credit data", problems)
+
+
 def _write(table: pa.Table, path: Path) -> Path:
-    """Write a Parquet file atomically: a temporary file beside it, then a rename."""
+    """Write a Parquet file atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        # mkstemp makes the file private; data files are meant to be shared and versioned.
-        os.chmod(temporary, DATA_FILE_MODE)
-        pq.write_table(
+    return write_file_atomically(
+        path,
+        lambda temporary: pq.write_table(
             table,
             temporary,
             compression=PARQUET_COMPRESSION,
             compression_level=PARQUET_COMPRESSION_LEVEL,
             write_statistics=True,
-        )
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+        ),
+    )
 
 
 def _remove_stale_days(folder: Path, *, keep: set[str]) -> None:

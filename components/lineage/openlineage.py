@@ -29,7 +29,6 @@ through the client's HTTP transport (to ``/api/v1/lineage`` when the URL has no 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import uuid
 from dataclasses import replace
@@ -49,7 +48,9 @@ from openlineage.client.facet_v2 import (
 )
 
 from stemma.components.errors import LineageError
-from stemma.components.lineage.graph import RUN_PREFIX, GraphNode, LineageGraph
+from stemma.components.lineage.graph import GraphNode, LineageGraph
+from stemma.components.lineage.index import RUN_PREFIX
+from stemma.components.platform.files import write_file_atomically
 from stemma.components.platform.redaction import redact, redact_url
 
 if TYPE_CHECKING:
@@ -267,6 +268,89 @@ def _dataset_facets(node: GraphNode) -> dict[str, Any]:
     return facets
 
 
+def _assertions_facet(
+    graph: LineageGraph, node_id: str, assertions: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """The data-quality facet of an input that validations checked, else nothing."""
+    checked = [
+        assertions[e.target] for e in graph.edges if e.source == node_id and e.target in assertions
+    ]
+    if not checked:
+        return {}
+    facet = data_quality_assertions_dataset.DataQualityAssertionsDatasetFacet(
+        assertions=[
+            data_quality_assertions_dataset.Assertion(
+                assertion=item["assertion"], success=item["success"], column=item.get("column")
+            )
+            for results in checked
+            for item in results
+        ],
+        producer=PRODUCER,
+    )
+    return {"dataQualityAssertions": facet}
+
+
+def _inputs(
+    graph: LineageGraph, run_id: str, assertions: dict[str, list[dict[str, Any]]]
+) -> list[InputDataset]:
+    """The datasets a run read, with the assertions of the validations that checked them."""
+    inputs = []
+    for node_id in _reach(graph, run_id, upstream=True):
+        node = _redacted(graph.nodes[node_id])
+        inputs.append(
+            InputDataset(
+                namespace=NAMESPACE,
+                name=node.id,
+                facets=_dataset_facets(node),
+                inputFacets=_assertions_facet(graph, node_id, assertions),
+            )
+        )
+    return inputs
+
+
+def _outputs(graph: LineageGraph, run_id: str) -> list[OutputDataset]:
+    """The datasets a run wrote, with their row counts when known."""
+    outputs = []
+    for node_id in _reach(graph, run_id, upstream=False):
+        node = _redacted(graph.nodes[node_id])
+        output_facets: dict[str, Any] = {}
+        rows = node.attributes.get("rows_scored")
+        if isinstance(rows, int):
+            output_facets["outputStatistics"] = (
+                output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
+                    rowCount=rows, producer=PRODUCER
+                )
+            )
+        outputs.append(
+            OutputDataset(
+                namespace=NAMESPACE,
+                name=node.id,
+                facets=_dataset_facets(node),
+                outputFacets=output_facets,
+            )
+        )
+    return outputs
+
+
+def _job_and_run(run: GraphNode, tracking_uri: str | None) -> tuple[Job, Run]:
+    """The OpenLineage job (``<pipeline>.<flow>``) and run of an MLflow run node."""
+    pipeline = run.attributes.get("pipeline") or "stemma"
+    flow = run.attributes.get("flow") or "run"
+    mlflow_run = run.id[len(RUN_PREFIX) :]
+    facet = StemmaMlflowRunFacet(
+        runId=mlflow_run,
+        experimentId=run.attributes.get("experiment_id"),
+        trackingUri=redact_url(tracking_uri) if tracking_uri else None,
+        status=run.attributes.get("status"),
+        flow=flow,
+        pipeline=pipeline,
+        prefectFlowRunId=run.flow_run_id,
+        producer=PRODUCER,
+    )
+    job = Job(namespace=NAMESPACE, name=f"{pipeline}.{flow}")
+    return job, Run(runId=openlineage_run_id(mlflow_run), facets={"stemma_mlflow_run": facet})
+
+
 def build_events(
     graph: LineageGraph,
     *,
@@ -280,84 +364,16 @@ def build_events(
         tracking_uri: the MLflow store, recorded in the run facet.
         assertions: per validation node, from :func:`fetch_assertions`.
     """
-    assertions = assertions or {}
     runs = sorted(
         (node for node in graph.nodes.values() if node.kind == "run"),
         key=lambda node: (node.created or "", node.id),
     )
     events: list[RunEvent] = []
     for original in runs:
-        original_id, run = original.id, _redacted(original)
-        pipeline = run.attributes.get("pipeline") or "stemma"
-        flow = run.attributes.get("flow") or "run"
-        job = Job(namespace=NAMESPACE, name=f"{pipeline}.{flow}")
-        mlflow_run = run.id[len(RUN_PREFIX) :]
-        ol_run = Run(
-            runId=openlineage_run_id(mlflow_run),
-            facets={
-                "stemma_mlflow_run": StemmaMlflowRunFacet(
-                    runId=mlflow_run,
-                    experimentId=run.attributes.get("experiment_id"),
-                    trackingUri=redact_url(tracking_uri) if tracking_uri else None,
-                    status=run.attributes.get("status"),
-                    flow=flow,
-                    pipeline=pipeline,
-                    prefectFlowRunId=run.flow_run_id,
-                    producer=PRODUCER,
-                )
-            },
-        )
-        inputs = []
-        for node_id in _reach(graph, original_id, upstream=True):
-            node = _redacted(graph.nodes[node_id])
-            input_facets: dict[str, Any] = {}
-            checked = [
-                assertions[e.target]
-                for e in graph.edges
-                if e.source == node_id and e.target in assertions
-            ]
-            if checked:
-                input_facets["dataQualityAssertions"] = (
-                    data_quality_assertions_dataset.DataQualityAssertionsDatasetFacet(
-                        assertions=[
-                            data_quality_assertions_dataset.Assertion(
-                                assertion=item["assertion"],
-                                success=item["success"],
-                                column=item.get("column"),
-                            )
-                            for results in checked
-                            for item in results
-                        ],
-                        producer=PRODUCER,
-                    )
-                )
-            inputs.append(
-                InputDataset(
-                    namespace=NAMESPACE,
-                    name=node.id,
-                    facets=_dataset_facets(node),
-                    inputFacets=input_facets,
-                )
-            )
-        outputs = []
-        for node_id in _reach(graph, original_id, upstream=False):
-            node = _redacted(graph.nodes[node_id])
-            output_facets: dict[str, Any] = {}
-            rows = node.attributes.get("rows_scored")
-            if isinstance(rows, int):
-                output_facets["outputStatistics"] = (
-                    output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
-                        rowCount=rows, producer=PRODUCER
-                    )
-                )
-            outputs.append(
-                OutputDataset(
-                    namespace=NAMESPACE,
-                    name=node.id,
-                    facets=_dataset_facets(node),
-                    outputFacets=output_facets,
-                )
-            )
+        run = _redacted(original)
+        job, ol_run = _job_and_run(run, tracking_uri)
+        inputs = _inputs(graph, original.id, assertions or {})
+        outputs = _outputs(graph, original.id)
         started = run.created or datetime.now(UTC).isoformat()
         ended = run.attributes.get("ended") or started
         final = FINAL_STATES.get(str(run.attributes.get("status")), RunState.OTHER)
@@ -440,20 +456,17 @@ def _emit_to_file(events: list[RunEvent], path: Path) -> str:
     from openlineage.client import OpenLineageClient
     from openlineage.client.transport.file import FileConfig, FileTransport
 
-    folder = path.resolve().parent
-    if not folder.is_dir():
-        raise LineageError(f"{path}: its folder does not exist")
-    handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(handle)
-    try:
-        client = OpenLineageClient(
-            transport=FileTransport(FileConfig(log_file_path=scratch, append=True))
-        )
+    def write(temporary: Path) -> None:
+        config = FileConfig(log_file_path=str(temporary), append=True)
+        client = OpenLineageClient(transport=FileTransport(config))
         for event in events:
             client.emit(event)
-        os.replace(scratch, path)
+
+    if not path.resolve().parent.is_dir():
+        raise LineageError(f"{path}: its folder does not exist")
+    try:
+        write_file_atomically(path, write)
     except Exception as error:
-        Path(scratch).unlink(missing_ok=True)
         raise LineageError(
             f"{path}: cannot write OpenLineage events", [_first_line(error)]
         ) from error

@@ -1,4 +1,4 @@
-"""Lineage records: what a flow run read and wrote, with content digests, and how they link.
+"""The lineage records of training, scoring and retraining runs, and their tags.
 
 A training run produces the chain
 
@@ -8,47 +8,72 @@ A training run produces the chain
                                                                   │
                                                       produced ───▶ model version (weights sha256)
 
-The same facts are written three ways, so each place a user looks agrees: as a JSON
-document in the run's artifacts (``lineage/record.json``), as ``stemma.*`` tags on the
-MLflow run, and as tags on the model version. Later commands (``stemma lineage``) walk
-these records; this module only builds them. A URL's credentials never enter a record
-(every builder passes its record through :func:`~.redaction.redact`).
+The same facts are written three ways, so each place a user looks agrees: as the run's
+:class:`~stemma.components.platform.lineage.LineageRecord` (``lineage/record.json``), as
+``stemma.*`` tags on the MLflow run, and as tags on the model version. The record type,
+node ids and index tags live in :mod:`stemma.components.platform.lineage`; the names
+re-exported below keep ``records.<name>`` working for the flows.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
 
+from stemma.components.platform import tags as tag_names
+from stemma.components.platform.lineage import (
+    EDGES_TAG,
+    MAX_INDEX_TAG_CHARS,
+    RECORD_ARTIFACT,
+    RECORD_SCHEMA,
+    Edge,
+    LineageRecord,
+    Node,
+    asset_key,
+    created_stamp,
+    data_node_id,
+    file_node_id,
+    index_tags,
+    input_node_id,
+    made_tag,
+    model_node_id,
+    predictions_node_id,
+    record_roles,
+    run_node_id,
+    used_tag,
+    validation_node_id,
+)
 from stemma.components.platform.redaction import redact
 
-#: Version of the record layout, so readers can tell old records from new ones.
-RECORD_SCHEMA = "stemma.lineage/1"
-#: Where the record lives among a run's artifacts.
-RECORD_ARTIFACT = "lineage/record.json"
-
-
-@dataclass(frozen=True)
-class Node:
-    """One thing in the lineage graph."""
-
-    kind: str
-    id: str
-    digest: str | None = None
-    attributes: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Edge:
-    """``source`` led to ``target``; ``relation`` says how."""
-
-    source: str
-    target: str
-    relation: str
+#: The builders here, and the record names the flows and tests read as ``records.<name>``.
+__all__ = [
+    "EDGES_TAG",
+    "MAX_INDEX_TAG_CHARS",
+    "RECORD_ARTIFACT",
+    "RECORD_SCHEMA",
+    "ScoringLineage",
+    "TrainingLineage",
+    "artifact_digests",
+    "asset_key",
+    "build_retrain_record",
+    "build_scoring_record",
+    "build_training_record",
+    "data_node_id",
+    "file_node_id",
+    "index_tags",
+    "input_node_id",
+    "made_tag",
+    "model_node_id",
+    "model_version_tags",
+    "predictions_node_id",
+    "record_roles",
+    "run_node_id",
+    "run_tags",
+    "used_tag",
+    "validation_node_id",
+]
 
 
 @dataclass(frozen=True)
@@ -77,31 +102,10 @@ class TrainingLineage:
     artifacts: dict[str, str] = field(default_factory=dict)
 
 
-def data_node_id(pointer: str, md5: str) -> str:
-    """Id of a data version: the DVC pointer and the md5 it records."""
-    return f"dvc:{pointer}@{md5}"
-
-
-def file_node_id(path: str, md5: str) -> str:
-    return f"file:{path}@{md5}"
-
-
-def validation_node_id(digest: str) -> str:
-    return f"gx-validation:{digest}"
-
-
-def run_node_id(run_id: str) -> str:
-    return f"mlflow-run:{run_id}"
-
-
-def model_node_id(model_name: str, version: str) -> str:
-    return f"models:/{model_name}/{version}"
-
-
 def build_training_record(
     lineage: TrainingLineage, *, created: datetime | None = None
-) -> dict[str, Any]:
-    """The lineage record of a training run as a JSON-able document."""
+) -> LineageRecord:
+    """The lineage record of a training run."""
     data = data_node_id(lineage.data_pointer, lineage.data_md5)
     data_file = file_node_id(lineage.file_path, lineage.file_md5)
     validation = validation_node_id(lineage.validation_digest)
@@ -148,18 +152,13 @@ def build_training_record(
         model = model_node_id(lineage.model_name, lineage.model_version)
         nodes.append(Node("model_version", model, f"sha256:{lineage.weights_sha256}", {}))
         edges.append(Edge(run, model, "produced"))
-    return redact(
-        {
-            "schema": RECORD_SCHEMA,
-            "pipeline": lineage.pipeline,
-            "flow": "train",
-            "created": (created or datetime.now(UTC)).isoformat(),
-            "nodes": [asdict(node) for node in nodes],
-            "edges": [asdict(edge) for edge in edges],
-            "artifacts": {
-                path: f"sha256:{digest}" for path, digest in sorted(lineage.artifacts.items())
-            },
-        }
+    return LineageRecord(
+        flow="train",
+        pipeline=lineage.pipeline,
+        created=created_stamp(created),
+        nodes=nodes,
+        edges=edges,
+        artifacts={path: f"sha256:{digest}" for path, digest in lineage.artifacts.items()},
     )
 
 
@@ -175,36 +174,36 @@ def artifact_digests(folder: Path, prefix: str) -> dict[str, str]:
 def run_tags(lineage: TrainingLineage) -> dict[str, str]:
     """``stemma.*`` tags for the MLflow run, mirroring the record."""
     tags = {
-        "stemma.pipeline": lineage.pipeline,
-        "stemma.data.pointer": lineage.data_pointer,
-        "stemma.data.md5": lineage.data_md5,
-        "stemma.data.path": lineage.file_path,
-        "stemma.data.file_md5": lineage.file_md5,
-        "stemma.checks.digest": lineage.validation_digest,
-        "stemma.checks.success": str(lineage.validation_success).lower(),
-        "stemma.config.path": lineage.config_path,
-        "stemma.config.sha256": lineage.config_sha256,
-        "stemma.git.dirty": str(lineage.git_dirty).lower(),
+        tag_names.PIPELINE: lineage.pipeline,
+        tag_names.DATA_POINTER: lineage.data_pointer,
+        tag_names.DATA_MD5: lineage.data_md5,
+        tag_names.DATA_PATH: lineage.file_path,
+        tag_names.DATA_FILE_MD5: lineage.file_md5,
+        tag_names.CHECKS_DIGEST: lineage.validation_digest,
+        tag_names.CHECKS_SUCCESS: str(lineage.validation_success).lower(),
+        tag_names.CONFIG_PATH: lineage.config_path,
+        tag_names.CONFIG_SHA256: lineage.config_sha256,
+        tag_names.GIT_DIRTY: str(lineage.git_dirty).lower(),
     }
     if lineage.git_rev:
-        tags["stemma.git.rev"] = lineage.git_rev
+        tags[tag_names.GIT_REV] = lineage.git_rev
     if lineage.flow_run_id:
-        tags["stemma.prefect.flow_run_id"] = lineage.flow_run_id
+        tags[tag_names.PREFECT_FLOW_RUN_ID] = lineage.flow_run_id
     return redact(tags)
 
 
 def model_version_tags(lineage: TrainingLineage) -> dict[str, str]:
     """``stemma.*`` tags for the registered model version, mirroring the record."""
     tags = {
-        "stemma.run_id": lineage.run_id,
-        "stemma.data.md5": lineage.data_md5,
-        "stemma.data.file_md5": lineage.file_md5,
-        "stemma.checks.digest": lineage.validation_digest,
+        tag_names.RUN_ID: lineage.run_id,
+        tag_names.DATA_MD5: lineage.data_md5,
+        tag_names.DATA_FILE_MD5: lineage.file_md5,
+        tag_names.CHECKS_DIGEST: lineage.validation_digest,
     }
     if lineage.weights_sha256:
-        tags["stemma.weights.sha256"] = lineage.weights_sha256
+        tags[tag_names.WEIGHTS_SHA256] = lineage.weights_sha256
     if lineage.git_rev:
-        tags["stemma.git.rev"] = lineage.git_rev
+        tags[tag_names.GIT_REV] = lineage.git_rev
     return tags
 
 
@@ -231,19 +230,9 @@ class ScoringLineage:
     rows_rejected: int
 
 
-def input_node_id(path: str, digest: str) -> str:
-    """Id of a scored input (a file or folder of batches) by its content digest."""
-    return f"input:{path}@{digest}"
-
-
-def predictions_node_id(path: str, manifest_sha256: str) -> str:
-    """Id of a prediction output: its folder and the sha256 of its `_SUCCESS` manifest."""
-    return f"predictions:{path}@{manifest_sha256}"
-
-
 def build_scoring_record(
     lineage: ScoringLineage, *, created: datetime | None = None
-) -> dict[str, Any]:
+) -> LineageRecord:
     """The lineage record of a scoring run: input and model in, predictions out."""
     batch = input_node_id(lineage.input_path, lineage.input_digest)
     model = model_node_id(lineage.model_name, lineage.model_version)
@@ -282,142 +271,30 @@ def build_scoring_record(
     ]
     if lineage.data_pointer and lineage.data_md5:
         data = data_node_id(lineage.data_pointer, lineage.data_md5)
-        nodes.insert(
-            0,
-            Node(
-                "data_version", data, f"md5:{lineage.data_md5}", {"pointer": lineage.data_pointer}
-            ),
-        )
+        attributes = {"pointer": lineage.data_pointer}
+        nodes.insert(0, Node("data_version", data, f"md5:{lineage.data_md5}", attributes))
         edges.insert(0, Edge(data, batch, "contains"))
-    return redact(
-        {
-            "schema": RECORD_SCHEMA,
-            "pipeline": lineage.pipeline,
-            "flow": "score",
-            "created": (created or datetime.now(UTC)).isoformat(),
-            "nodes": [asdict(node) for node in nodes],
-            "edges": [asdict(edge) for edge in edges],
-        }
+    return LineageRecord(
+        flow="score",
+        pipeline=lineage.pipeline,
+        created=created_stamp(created),
+        nodes=nodes,
+        edges=edges,
     )
 
 
-def evaluation_node_id(kind: str, run_id: str) -> str:
-    """Id of an evaluation (``shadow-evaluation``, ``canary-step``) by the run that made it."""
-    return f"{kind}:{run_id}"
-
-
-def decision_node_id(run_id: str) -> str:
-    """Id of the decision an evaluation run took."""
-    return f"decision:{run_id}"
-
-
-def labels_node_id(path: str, digest: str) -> str:
-    """Id of a labels file or folder by its content digest."""
-    return f"labels:{path}@{digest}"
-
-
-def model_version_node(model_name: str, version: str, weights_sha256: str, role: str) -> Node:
-    """A model version in an evaluation, with its part (``champion``, ``challenger``...)."""
-    return Node(
-        "model_version",
-        model_node_id(model_name, version),
-        f"sha256:{weights_sha256}",
-        {"role": role},
-    )
-
-
-def run_node(run_id: str, experiment_id: str, flow_run_id: str | None) -> Node:
-    """The MLflow run of a flow, with its experiment and Prefect flow run."""
-    return Node(
-        "run",
-        run_node_id(run_id),
-        None,
-        {"experiment_id": experiment_id, "flow_run_id": flow_run_id},
-    )
-
-
-@dataclass(frozen=True)
-class Decided:
-    """How an evaluation of a challenger against the incumbent (the champion of a shadow,
-    the control of a canary) ended, and what carried the decision out."""
-
-    evaluation: str  # the evaluation node's id
-    decision: str  # the decision node's id
-    challenger: str  # model node ids
-    incumbent: str
-    verdict: str  # promote, keep, rollback...: the decision's edge to the challenger
-    reasons: list[str]
-    who: str
-    when: str
-    labels_path: str | None = None
-    labels_digest: str | None = None
-    action: str | None = None  # promote or rollback, when a run carried it out
-    action_outcome: str | None = None
-    action_run_id: str | None = None
-
-
-def build_decision_record(
-    *,
-    flow: str,
-    pipeline: str,
-    nodes: list[Node],
-    edges: list[Edge],
-    decided: Decided,
-    summary: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The lineage record of an evaluation that decided on a challenger.
-
-    ``nodes`` and ``edges`` are the flow's own (input, models, run, predictions, the
-    evaluation and decision nodes); this adds what every such record links: the decision
-    taken on the challenger against the incumbent, the labels, and the run that carried
-    the decision out (a promotion puts the challenger over the incumbent, a rollback the
-    reverse). The record's ``decision`` entry holds the verdict, ``summary`` (what the
-    flow adds), the reasons, who and when.
-    """
-    nodes, edges = list(nodes), list(edges)
-    edges += [
-        Edge(decided.evaluation, decided.decision, "decided"),
-        Edge(decided.decision, decided.challenger, decided.verdict),
-        Edge(decided.decision, decided.incumbent, "against"),
-    ]
-    if decided.labels_path and decided.labels_digest:
-        labels = labels_node_id(decided.labels_path, decided.labels_digest)
-        nodes.append(
-            Node("labels", labels, f"md5:{decided.labels_digest}", {"path": decided.labels_path})
-        )
-        edges.append(Edge(labels, decided.evaluation, "labelled"))
-    if decided.action_run_id:
-        action_run = run_node_id(decided.action_run_id)
-        nodes.append(
-            Node(
-                "run",
-                action_run,
-                None,
-                {"action": decided.action, "outcome": decided.action_outcome},
-            )
-        )
-        edges.append(Edge(decided.decision, action_run, "carried_out_by"))
-        if decided.action_outcome == "done" and decided.action == "promote":
-            edges.append(Edge(decided.challenger, decided.incumbent, "promoted_over"))
-        if decided.action_outcome == "done" and decided.action == "rollback":
-            edges.append(Edge(decided.incumbent, decided.challenger, "rolled_back_over"))
-    return redact(
-        {
-            "schema": RECORD_SCHEMA,
-            "pipeline": pipeline,
-            "flow": flow,
-            "created": decided.when,
-            "decision": {
-                "decision": decided.verdict,
-                **(summary or {}),
-                "reasons": list(decided.reasons),
-                "who": decided.who,
-                "when": decided.when,
-            },
-            "nodes": [asdict(node) for node in nodes],
-            "edges": [asdict(edge) for edge in edges],
-        }
-    )
+def _retrain_cause(cause: dict[str, str], run: str, nodes: list[Node], edges: list[Edge]) -> None:
+    """Add the drift report (or run) that caused a retraining, and the batch it judged."""
+    report = run_node_id(cause["run_id"])
+    kind = "drift_report" if cause.get("kind") == "drift_report" else "run"
+    attributes = {k: v for k, v in cause.items() if k != "run_id" and v}
+    nodes.append(Node(kind, report, None, attributes))
+    edges.append(Edge(report, run, "caused"))
+    if cause.get("batch") and cause.get("batch_digest"):
+        batch = input_node_id(cause["batch"], cause["batch_digest"])
+        digest = f"md5:{cause['batch_digest']}"
+        nodes.append(Node("input", batch, digest, {"path": cause["batch"]}))
+        edges.append(Edge(batch, report, "monitored_in"))
 
 
 def build_retrain_record(
@@ -434,7 +311,7 @@ def build_retrain_record(
     shadow_run_id: str | None,
     decision: str,
     created: datetime | None = None,
-) -> dict[str, Any]:
+) -> LineageRecord:
     """The lineage record of a retraining run: why it ran and what it made.
 
     A drift report that caused the run is a ``drift_report`` node (the monitor's MLflow
@@ -461,171 +338,15 @@ def build_retrain_record(
         Edge(train, model, "produced"),
     ]
     if cause.get("run_id"):
-        report = run_node_id(cause["run_id"])
-        nodes.append(
-            Node(
-                "drift_report" if cause.get("kind") == "drift_report" else "run",
-                report,
-                None,
-                {k: v for k, v in cause.items() if k not in {"run_id"} and v},
-            )
-        )
-        edges.append(Edge(report, run, "caused"))
-        if cause.get("batch") and cause.get("batch_digest"):
-            batch = input_node_id(cause["batch"], cause["batch_digest"])
-            nodes.append(
-                Node("input", batch, f"md5:{cause['batch_digest']}", {"path": cause["batch"]})
-            )
-            edges.append(Edge(batch, report, "monitored_in"))
+        _retrain_cause(cause, run, nodes, edges)
     if shadow_run_id:
         shadow = run_node_id(shadow_run_id)
         nodes.append(Node("run", shadow, None, {"flow": "shadow"}))
         edges.append(Edge(model, shadow, "evaluated_in"))
-    return redact(
-        {
-            "schema": RECORD_SCHEMA,
-            "pipeline": pipeline,
-            "flow": "retrain",
-            "created": (created or datetime.now(UTC)).isoformat(),
-            "nodes": [asdict(node) for node in nodes],
-            "edges": [asdict(edge) for edge in edges],
-        }
+    return LineageRecord(
+        flow="retrain",
+        pipeline=pipeline,
+        created=created_stamp(created),
+        nodes=nodes,
+        edges=edges,
     )
-
-
-# ---------------------------------------------------------------------------------------
-# Search index and asset keys
-#
-# A record is found by MLflow searches, not by downloading every run's artifact: next to
-# `lineage/record.json` each run carries tags that index the record's nodes by role.
-# A node the run produced (reachable from the run's own node along the record's edges)
-# gets `stemma.lineage.made.<key>`; every other node (what the run read, and the facts
-# around it) gets `stemma.lineage.used.<key>`. The value is the node as compact JSON
-# (kind, id, digest, attributes), so a search answers without reading the artifact;
-# `stemma.lineage.edges` holds the edges. `stemma lineage` walks these tags.
-
-#: Tag holding the record layout version; its presence says the run's record is indexed.
-INDEX_SCHEMA_TAG = "stemma.lineage.schema"
-#: Prefix of the tags naming the nodes a run produced, and the nodes it read.
-MADE_TAG_PREFIX = "stemma.lineage.made."
-USED_TAG_PREFIX = "stemma.lineage.used."
-#: Prefix of the tags naming the kinds of node a run produced, and read: one search then
-#: tells whether any run at all reads (or makes) nodes of a kind.
-MADE_KIND_TAG_PREFIX = "stemma.lineage.made-kind."
-USED_KIND_TAG_PREFIX = "stemma.lineage.used-kind."
-#: Tag holding the record's edges as JSON ``[[source, target, relation], ...]``.
-EDGES_TAG = "stemma.lineage.edges"
-#: Value of :data:`EDGES_TAG` when the edges are too long for a tag: read the artifact.
-EDGES_IN_ARTIFACT = "@artifact"
-#: Longest tag value written; MLflow 3.17 accepts 8000 characters.
-MAX_INDEX_TAG_CHARS = 7000
-#: Hex characters of the node-id hash in an index tag's key.
-NODE_KEY_CHARS = 24
-#: Prefix that turns a node id into a Prefect asset key (which must be a URI).
-ASSET_KEY_PREFIX = "stemma://"
-#: Characters Prefect refuses in asset keys, and its longest key.
-_ASSET_KEY_RESTRICTED = "\n\r\t\0 #?&%\"'<>[]{}|\\^`"
-MAX_ASSET_KEY_CHARS = 512
-
-
-def node_key(node_id: str) -> str:
-    """The short, stable hash of a node id used in index tag keys."""
-    return hashlib.sha256(node_id.encode("utf-8")).hexdigest()[:NODE_KEY_CHARS]
-
-
-def made_tag(node_id: str) -> str:
-    """The run tag that says a run produced ``node_id``."""
-    return MADE_TAG_PREFIX + node_key(node_id)
-
-
-def used_tag(node_id: str) -> str:
-    """The run tag that says a run read (or stated a fact about) ``node_id``."""
-    return USED_TAG_PREFIX + node_key(node_id)
-
-
-def kind_tag(prefix: str, kind: str) -> str:
-    """The tag (under ``prefix``) that says a run made or used a node of ``kind``."""
-    return prefix + "".join(c if c.isalnum() or c in "_-" else "_" for c in kind)
-
-
-def record_roles(record: dict[str, Any], run_id: str | None) -> tuple[set[str], set[str]]:
-    """The ids of the nodes a record's run produced, and of the nodes it used.
-
-    Produced: reachable from the run's own node (``mlflow-run:<run_id>``) along the
-    edges. Used: everything else but the run node. A record without the run's node
-    counts the targets of its edges as produced and the rest as used.
-    """
-    ids = [str(node["id"]) for node in record.get("nodes", [])]
-    edges = [(str(edge["source"]), str(edge["target"])) for edge in record.get("edges", [])]
-    run = run_node_id(run_id) if run_id else None
-    if run in ids:
-        made: set[str] = set()
-        frontier = [run]
-        while frontier:
-            current = frontier.pop()
-            for source, target in edges:
-                if source == current and target not in made and target != run:
-                    made.add(target)
-                    frontier.append(target)
-    else:
-        made = {target for _, target in edges}
-    used = {node for node in ids if node not in made and node != run}
-    return made, used
-
-
-def _node_tag_value(node: dict[str, Any]) -> str:
-    """A node as compact JSON, dropping its largest attributes until it fits a tag."""
-    attributes = dict(node.get("attributes") or {})
-    omitted: list[str] = []
-    while True:
-        value = {"kind": node.get("kind"), "id": node.get("id"), "digest": node.get("digest")}
-        if attributes:
-            value["attributes"] = attributes
-        if omitted:
-            value["omitted"] = sorted(omitted)
-        text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-        if len(text) <= MAX_INDEX_TAG_CHARS or not attributes:
-            return text[:MAX_INDEX_TAG_CHARS]
-        largest = max(attributes, key=lambda name: len(json.dumps(attributes[name], default=str)))
-        omitted.append(largest)
-        del attributes[largest]
-
-
-def index_tags(record: dict[str, Any], run_id: str | None) -> dict[str, str]:
-    """The run tags that make a lineage record searchable (see the section comment).
-
-    Every flow that logs ``lineage/record.json`` sets these tags on the same run, so
-    ``stemma lineage`` finds the record with MLflow searches.
-    """
-    made, used = record_roles(record, run_id)
-    tags = {INDEX_SCHEMA_TAG: str(record.get("schema", RECORD_SCHEMA))}
-    for node in record.get("nodes", []):
-        node_id = str(node["id"])
-        kind = str(node.get("kind") or "unknown")
-        if node_id in made:
-            tags[made_tag(node_id)] = _node_tag_value(node)
-            tags[kind_tag(MADE_KIND_TAG_PREFIX, kind)] = "true"
-        elif node_id in used:
-            tags[used_tag(node_id)] = _node_tag_value(node)
-            tags[kind_tag(USED_KIND_TAG_PREFIX, kind)] = "true"
-    edges = [
-        [str(edge["source"]), str(edge["target"]), str(edge["relation"])]
-        for edge in record.get("edges", [])
-    ]
-    text = json.dumps(edges, separators=(",", ":"))
-    tags[EDGES_TAG] = text if len(text) <= MAX_INDEX_TAG_CHARS else EDGES_IN_ARTIFACT
-    return tags
-
-
-def asset_key(node_id: str) -> str:
-    """The Prefect asset key of a lineage node: ``stemma://`` + its id.
-
-    Characters Prefect refuses in keys become ``_``; an overlong key keeps its start and
-    ends with the id's hash, so keys stay unique.
-    """
-    cleaned = "".join("_" if char in _ASSET_KEY_RESTRICTED else char for char in node_id)
-    key = ASSET_KEY_PREFIX + cleaned
-    if len(key) > MAX_ASSET_KEY_CHARS:
-        suffix = "~" + node_key(node_id)
-        key = key[: MAX_ASSET_KEY_CHARS - len(suffix)] + suffix
-    return key

@@ -27,6 +27,7 @@ import yaml
 
 from stemma.components.data.tables import dir_md5, file_md5
 from stemma.components.errors import DataVersionError, LineageError
+from stemma.components.platform import tags as tag_names
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -107,7 +108,8 @@ class ReproductionPlan:
 def _version_for(client: MlflowClient, reference: str) -> Any:
     from mlflow.exceptions import MlflowException
 
-    from stemma.components.lineage.graph import RecordIndex, resolve_reference
+    from stemma.components.lineage.index import RecordIndex
+    from stemma.components.lineage.resolve import resolve_reference
 
     text = reference.strip()
     if not text.startswith("models:/"):
@@ -194,15 +196,14 @@ def plan_reproduction(client: MlflowClient, reference: str) -> ReproductionPlan:
 
 def recorded_manifest(client: MlflowClient, entry: Any) -> dict[str, str] | None:
     """The file manifest recorded on a model version, else on its logged model, else None."""
-    from stemma.components.platform.tracking import MODEL_FILES_TAG, decode_manifest
+    from stemma.components.model.artifact import decode_manifest
+    from stemma.components.runtime.loading import logged_model_id
 
-    text = (entry.tags or {}).get(MODEL_FILES_TAG)
-    from stemma.components.scoring.engine import logged_model_id
-
+    text = (entry.tags or {}).get(tag_names.MODEL_FILES)
     model_id = logged_model_id(entry)
     if not text and model_id:
         try:
-            text = client.get_logged_model(model_id).tags.get(MODEL_FILES_TAG)
+            text = client.get_logged_model(model_id).tags.get(tag_names.MODEL_FILES)
         except Exception:  # an older server without logged models: nothing recorded
             text = None
     return decode_manifest(text)
@@ -219,7 +220,7 @@ def recorded_file_problems(manifest: dict[str, str] | None, folder: Path) -> lis
         One line per missing, extra or changed file (recorded digest against found), or a
         line saying no manifest was recorded; empty when every file matches.
     """
-    from stemma.components.platform.tracking import file_differences, model_file_digests
+    from stemma.components.model.artifact import file_differences, model_file_digests
 
     found = model_file_digests(folder)
     if manifest is None:
@@ -268,7 +269,7 @@ def compare_model_files(recorded: Path, rebuilt: Path) -> tuple[int, list[str]]:
         How many files were compared, and one line per file that differs or exists on one
         side only.
     """
-    from stemma.components.platform.tracking import model_file_digests
+    from stemma.components.model.artifact import model_file_digests
 
     before, after = model_file_digests(recorded), model_file_digests(rebuilt)
     problems = []

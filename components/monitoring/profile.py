@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,8 @@ import numpy as np
 import pandas as pd
 
 from stemma.components.errors import DataError, RegistryError
+from stemma.components.platform import tags
+from stemma.components.platform.files import write_atomically
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -53,7 +54,7 @@ PROFILE_FILE = "reference_profile.json"
 #: Folder of the training run's artifacts that holds the profile.
 PROFILE_RUN_DIR = "profile"
 #: Tag (on the logged model and the model version) holding the profile's sha256.
-PROFILE_SHA256_TAG = "stemma.profile.sha256"
+PROFILE_SHA256_TAG = tags.PROFILE_SHA256
 #: Default quantile bins per numeric column.
 DEFAULT_BINS = 10
 #: Default size of the sorted sample kept per numeric column.
@@ -276,7 +277,7 @@ def profile_categorical(values: np.ndarray | pd.Series) -> CategoricalProfile:
     present = series.dropna()
     counted = present.value_counts(sort=False)
     items = sorted(
-        ((_category(value), int(count)) for value, count in counted.items()),
+        ((category_key(value), int(count)) for value, count in counted.items()),
         key=lambda item: (-item[1], str(item[0])),
     )
     return CategoricalProfile(
@@ -287,7 +288,7 @@ def profile_categorical(values: np.ndarray | pd.Series) -> CategoricalProfile:
     )
 
 
-def _category(value: Any) -> Category:
+def category_key(value: Any) -> Category:
     """A category as JSON keeps it: integers (numpy's too) as int, anything else as text."""
     if isinstance(value, bool | np.bool_):
         return int(value)
@@ -509,14 +510,7 @@ def write_profile(profile: ReferenceProfile, path: Path) -> str:
     payload = profile.to_json_bytes()
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(target, payload)
     return hashlib.sha256(payload).hexdigest()
 
 
@@ -554,7 +548,7 @@ def save_with_model(client: MlflowClient, model_id: str, path: Path, sha256: str
     artifacts hold the profile from the start. The model's file manifest is recorded
     again, so that it covers the profile too.
     """
-    from stemma.components.platform.tracking import record_model_files
+    from stemma.components.model.artifact import record_model_files
 
     client.log_model_artifact(model_id, str(path))
     client.set_logged_model_tags(model_id, {PROFILE_SHA256_TAG: sha256})

@@ -23,17 +23,22 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
-from stemma.components.spec import LoadedSpec
+from stemma.components.platform import tags as tag_names
 
 #: Event the scoring flow emits when a batch is scored.
-BATCH_SCORED_EVENT = "stemma.batch.scored"
+BATCH_SCORED_EVENT = tag_names.BATCH_SCORED_EVENT
 #: Event the drift monitor emits when drift is over the spec's thresholds.
-DRIFT_DETECTED_EVENT = "stemma.drift.detected"
+DRIFT_DETECTED_EVENT = tag_names.DRIFT_DETECTED
+
+
+#: A validated spec (``stemma.components.spec.LoadedSpec``). Not imported: the spec package
+#: validates model references with :mod:`.refs`, so platform importing spec would be a cycle.
+LoadedSpec = Any
 
 
 def pipeline_resource_id(pipeline: str) -> str:
     """The Prefect event resource id of a pipeline (``stemma.pipeline.<name>``)."""
-    return f"stemma.pipeline.{pipeline}"
+    return f"{tag_names.PIPELINE}.{pipeline}"
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,6 @@ def deployment_plans(
     """
     spec = loaded.spec
     pipeline = spec.pipeline.name
-    resource = pipeline_resource_id(pipeline)
     base = {"config": config, "overrides": list(overrides)}
     tags = ("stemma", f"pipeline:{pipeline}")
     plans = [
@@ -120,60 +124,10 @@ def deployment_plans(
             tags=tags,
         ),
     ]
-    monitor = getattr(spec, "monitor", None)
-    plans.append(
-        DeploymentPlan(
-            flow_name="monitor",
-            entrypoint="stemma.flows.monitor:monitor_flow",
-            name=pipeline,
-            description="Drift report of each scored batch against the model's reference profile.",
-            parameters=dict(base),
-            cron=getattr(monitor, "schedule", None),
-            triggers=(
-                EventTrigger(
-                    name=f"monitor {pipeline} after scoring",
-                    event=BATCH_SCORED_EVENT,
-                    resource_id=resource,
-                    parameters={
-                        **base,
-                        "batch": "{{ event.payload.input }}",
-                        "model": "{{ event.payload.model }}",
-                    },
-                    description="Monitor every batch the scoring flow finished.",
-                ),
-            ),
-            tags=tags,
-        )
-    )
-    retrain = spec.retrain
+    plans.append(_monitor_plan(loaded, base, tags))
+    retrain = _retrain_plan(loaded, base, tags)
     if retrain is not None:
-        triggers: tuple[EventTrigger, ...] = ()
-        if retrain.on_drift:
-            triggers = (
-                EventTrigger(
-                    name=f"retrain {pipeline} on drift",
-                    event=DRIFT_DETECTED_EVENT,
-                    resource_id=resource,
-                    parameters={**base, "cause": "{{ event.payload.report_run_id }}"},
-                    description="Retrain when the monitor reports drift over the thresholds.",
-                ),
-            )
-        plans.append(
-            DeploymentPlan(
-                flow_name="retrain",
-                entrypoint="stemma.flows.retrain:retrain_flow",
-                name=pipeline,
-                description=(
-                    "Add newly labelled production rows as a new data version, retrain, gate, "
-                    "quantize, shadow, and promote when the shadow evaluation says so."
-                ),
-                parameters=dict(base),
-                cron=retrain.schedule,
-                triggers=triggers,
-                concurrency_limit=1,
-                tags=tags,
-            )
-        )
+        plans.append(retrain)
     # By hand; a canary moves aliases step by step, so one canary run at a time.
     for flow_name, function, description, limit in (
         (
@@ -197,6 +151,73 @@ def deployment_plans(
             )
         )
     return [plan for plan in plans if _module_exists(plan.module)]
+
+
+def _monitor_plan(
+    loaded: LoadedSpec, base: dict[str, Any], tags: tuple[str, ...]
+) -> DeploymentPlan:
+    """Monitoring: after each scored batch (and on the spec's schedule, if any)."""
+    pipeline = loaded.spec.pipeline.name
+    resource = pipeline_resource_id(pipeline)
+    monitor = getattr(loaded.spec, "monitor", None)
+    return DeploymentPlan(
+        flow_name="monitor",
+        entrypoint="stemma.flows.monitor:monitor_flow",
+        name=pipeline,
+        description="Drift report of each scored batch against the model's reference profile.",
+        parameters=dict(base),
+        cron=getattr(monitor, "schedule", None),
+        triggers=(
+            EventTrigger(
+                name=f"monitor {pipeline} after scoring",
+                event=BATCH_SCORED_EVENT,
+                resource_id=resource,
+                parameters={
+                    **base,
+                    "batch": "{{ event.payload.input }}",
+                    "model": "{{ event.payload.model }}",
+                },
+                description="Monitor every batch the scoring flow finished.",
+            ),
+        ),
+        tags=tags,
+    )
+
+
+def _retrain_plan(
+    loaded: LoadedSpec, base: dict[str, Any], tags: tuple[str, ...]
+) -> DeploymentPlan | None:
+    """Retraining: scheduled and on drift, one run at a time; None without `retrain`."""
+    pipeline = loaded.spec.pipeline.name
+    resource = pipeline_resource_id(pipeline)
+    retrain = loaded.spec.retrain
+    if retrain is None:
+        return None
+    triggers: tuple[EventTrigger, ...] = ()
+    if retrain.on_drift:
+        triggers = (
+            EventTrigger(
+                name=f"retrain {pipeline} on drift",
+                event=DRIFT_DETECTED_EVENT,
+                resource_id=resource,
+                parameters={**base, "cause": "{{ event.payload.report_run_id }}"},
+                description="Retrain when the monitor reports drift over the thresholds.",
+            ),
+        )
+    return DeploymentPlan(
+        flow_name="retrain",
+        entrypoint="stemma.flows.retrain:retrain_flow",
+        name=pipeline,
+        description=(
+            "Add newly labelled production rows as a new data version, retrain, gate, "
+            "quantize, shadow, and promote when the shadow evaluation says so."
+        ),
+        parameters=dict(base),
+        cron=retrain.schedule,
+        triggers=triggers,
+        concurrency_limit=1,
+        tags=tags,
+    )
 
 
 def _module_exists(module: str) -> bool:

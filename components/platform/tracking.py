@@ -1,4 +1,4 @@
-"""MLflow tracking: where runs go, the data version as a run input, params, metrics, the model.
+"""MLflow tracking: where runs go, the data version as a run input, params and metrics.
 
 On a laptop the tracking store is a SQLite file and a local artifact folder under the
 project's ``.stemma/``; ``MLFLOW_TRACKING_URI`` (and ``MLFLOW_REGISTRY_URI``) in the
@@ -9,9 +9,7 @@ the MLflow UI then shows ``source_type=dvc``, the DVC md5 as the dataset digest,
 DVC pointer, path and git revision in the source, so a run names the exact data version it
 read.
 
-The model is logged as "models from code" (:mod:`.serving` is the model file): three plain
-artifact files (preprocessing JSON, network JSON, safetensors weights) and no pickle, so it
-loads with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``.
+Logging the model itself is :mod:`stemma.components.model.artifact`.
 
 mlflow is imported inside the functions that need it, except for the dataset source class,
 which must subclass MLflow's; importing this module therefore imports mlflow.
@@ -19,7 +17,6 @@ which must subclass MLflow's; importing this module therefore imports mlflow.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -28,7 +25,6 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, fields
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,11 +35,7 @@ from mlflow.data.dataset_source import DatasetSource
 from stemma.components.errors import DataError, StemmaError
 
 if TYPE_CHECKING:
-    from mlflow.models.model import ModelInfo
-    from torch import nn
-
     from stemma.components.data.tables import DataVersion
-    from stemma.components.model.preprocessing import Preprocessor
 
 #: Folder under the project root that holds Stemma's local state.
 STATE_DIR = ".stemma"
@@ -60,23 +52,6 @@ MAX_PARAM_VALUE_LENGTH = 6000
 MAX_DATASET_DIGEST_LENGTH = 36
 #: Appended to a param value cut to :data:`MAX_PARAM_VALUE_LENGTH`, so a reader sees the cut.
 TRUNCATION_MARK = "...[truncated]"
-
-#: Rows of the input example stored with the model (shown in the UI, used to check serving).
-INPUT_EXAMPLE_ROWS = 5
-#: Decision threshold on the probability of a binary model, stored in its network JSON.
-DEFAULT_THRESHOLD = 0.5
-#: Artifact names the model file (:mod:`.serving`) reads, and the files they are written to.
-MODEL_ARTIFACT_FILES = {
-    "preprocess": "preprocess.json",
-    "network": "network.json",
-    "weights": "weights.safetensors",
-}
-#: Layout version of the network JSON, so the model file can refuse one it does not know.
-NETWORK_FORMAT = 1
-#: What the logged model needs at inference time, pinned to what is installed here
-#: (torch's local suffix such as ``+cpu`` dropped: ``torch==2.13.0`` resolves to the CPU
-#: wheel on a CPU machine; anything looser pulls the newest CUDA build).
-MODEL_REQUIREMENTS = ("torch", "mlflow", "numpy", "pandas", "safetensors")
 
 _EXPERIMENT_FOLDER = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -349,11 +324,11 @@ def log_dataset(
     import mlflow
     from mlflow.data.pandas_dataset import from_pandas
 
-    _require_active_run("log_dataset")
+    require_active_run("log_dataset")
     dataset = from_pandas(
         frame, source=source, name=name, digest=dataset_digest(digest), targets=target
     )
-    with _quiet_integer_hint():  # the schema is inferred when the input is logged
+    with quiet_integer_hint():  # the schema is inferred when the input is logged
         mlflow.log_input(dataset, context=context)
 
 
@@ -383,7 +358,7 @@ def log_dataset_reference(
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.types import ColSpec, Schema
 
-    _require_active_run("log_dataset_reference")
+    require_active_run("log_dataset_reference")
     if isinstance(source, str):
         with warnings.catch_warnings():  # MLflow warns that a local path has two readers
             warnings.simplefilter("ignore")
@@ -463,7 +438,7 @@ def _single_quick_attempt() -> Iterator[None]:
 
 
 @contextmanager
-def _quiet_integer_hint() -> Iterator[None]:
+def quiet_integer_hint() -> Iterator[None]:
     """Silence MLflow's hint that integer columns cannot hold missing values.
 
     It fires for every integer column of every schema MLflow infers; Stemma's schemas come
@@ -475,7 +450,7 @@ def _quiet_integer_hint() -> Iterator[None]:
         yield
 
 
-def _require_active_run(caller: str) -> str:
+def require_active_run(caller: str) -> str:
     import mlflow
 
     run = mlflow.active_run()
@@ -508,7 +483,7 @@ def log_params_flat(params: Mapping[str, str]) -> None:
 
     from stemma.components.platform.redaction import redact_url
 
-    run_id = _require_active_run("log_params_flat")
+    run_id = require_active_run("log_params_flat")
     client = MlflowClient()
     entries = [
         Param(redact_url(key), truncate_param(redact_url(str(value))))
@@ -534,7 +509,7 @@ def log_metrics_batch(metrics: Mapping[str, float], step: int | None = None) -> 
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    run_id = _require_active_run("log_metrics_batch")
+    run_id = require_active_run("log_metrics_batch")
     timestamp = int(time.time() * 1000)
     entries = [Metric(key, float(value), timestamp, step or 0) for key, value in metrics.items()]
     client = MlflowClient()
@@ -548,224 +523,3 @@ def log_epoch(row: Mapping[str, Any], step: int) -> None:
     Values that are not numbers (strings, None, booleans) are skipped.
     """
     log_metrics_batch({key: value for key, value in row.items() if _is_number(value)}, step=step)
-
-
-# ---------------------------------------------------------------------------------------
-# The model
-
-
-def model_requirements() -> list[str]:
-    """The logged model's pip requirements, pinned to the versions installed here."""
-    pins = []
-    for package in MODEL_REQUIREMENTS:
-        version = metadata.version(package).split("+", 1)[0]
-        pins.append(f"{package}=={version}")
-    return pins
-
-
-#: Logged-model and model-version tag holding the model folder's files as compact JSON,
-#: ``{relative path: sha256}``: everything a load must find, byte for byte.
-MODEL_FILES_TAG = "stemma.model.files"
-#: Run, logged-model and model-version tag with the sha256 of a custom architecture's
-#: source file at training (absent for the built-in ``mlp``).
-ARCHITECTURE_TAG = "stemma.architecture.sha256"
-#: Tags a registered version copies from its logged model (what a load checks).
-INTEGRITY_TAGS = (MODEL_FILES_TAG, ARCHITECTURE_TAG, "stemma.weights_sha256")
-#: How many differing files a message names before it summarises.
-MAX_FILES_NAMED = 10
-#: Files left out of a model's manifest: MLflow writes ``registered_model_meta`` (the
-#: registered name and version, as YAML) into a local store's model folder whenever a
-#: version is loaded by a ``models:/<name>/...`` URI; Stemma never reads it.
-UNRECORDED_MODEL_FILES = frozenset({"registered_model_meta"})
-
-
-def model_file_digests(folder: Path) -> dict[str, str]:
-    """sha256 of every file under a model folder, keyed by its POSIX path relative to it
-    (except :data:`UNRECORDED_MODEL_FILES`)."""
-    import hashlib
-
-    folder = Path(folder)
-    digests = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
-        relative = path.relative_to(folder).as_posix()
-        if relative in UNRECORDED_MODEL_FILES:
-            continue
-        with open(path, "rb") as handle:
-            digests[relative] = hashlib.file_digest(handle, "sha256").hexdigest()
-    return digests
-
-
-def encode_manifest(digests: Mapping[str, str]) -> str:
-    """The manifest as the compact JSON a tag holds (keys sorted, no spaces)."""
-    return json.dumps(dict(sorted(digests.items())), separators=(",", ":"))
-
-
-def decode_manifest(text: str | None) -> dict[str, str] | None:
-    """A manifest tag's value as ``{path: sha256}``; None when absent or malformed."""
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
-        return None
-    return value
-
-
-def file_differences(recorded: Mapping[str, str], found: Mapping[str, str]) -> list[str]:
-    """One line per file that is missing, extra or changed, recorded digest against found."""
-    lines = []
-    for path in sorted(recorded.keys() | found.keys()):
-        before, after = recorded.get(path), found.get(path)
-        if before == after:
-            continue
-        if after is None:
-            lines.append(f"{path}: missing (recorded {before})")
-        elif before is None:
-            lines.append(f"{path}: not recorded (found {after})")
-        else:
-            lines.append(f"{path}: changed (recorded {before}, found {after})")
-    if len(lines) > MAX_FILES_NAMED:
-        lines = [*lines[:MAX_FILES_NAMED], f"... and {len(lines) - MAX_FILES_NAMED} more"]
-    return lines
-
-
-def record_model_files(client: Any, model_id: str) -> dict[str, str]:
-    """Hash every file of a logged model, as the store holds it, and tag the model with them.
-
-    The files are read back from the artifact store (not from the folder they were
-    logged from), so the manifest covers exactly what a later load downloads. Call it
-    again after adding a file to the model (``profile.save_with_model`` does).
-
-    Returns:
-        The manifest, ``{relative path: sha256}``.
-    """
-    import tempfile
-
-    import mlflow
-
-    location = client.get_logged_model(model_id).artifact_location
-    with tempfile.TemporaryDirectory(prefix="stemma-manifest-") as scratch:
-        folder = mlflow.artifacts.download_artifacts(
-            artifact_uri=location, dst_path=scratch, tracking_uri=client.tracking_uri
-        )
-        digests = model_file_digests(Path(folder))
-    client.set_logged_model_tags(model_id, {MODEL_FILES_TAG: encode_manifest(digests)})
-    return digests
-
-
-def integrity_tags(client: Any, model_id: str | None) -> dict[str, str]:
-    """The tags a version registered from a logged model copies from it (manifest, hashes)."""
-    if not model_id:
-        return {}
-    tags = client.get_logged_model(model_id).tags or {}
-    copied = {key: tags[key] for key in INTEGRITY_TAGS if tags.get(key)}
-    if "stemma.weights_sha256" in copied:  # versions name it as the run does
-        copied["stemma.weights.sha256"] = copied.pop("stemma.weights_sha256")
-    return copied
-
-
-def architecture_tags(network_config: Mapping[str, Any]) -> dict[str, str]:
-    """``{ARCHITECTURE_TAG: sha256}`` for a custom architecture; empty for a built-in."""
-    from stemma.components.model.networks import (
-        MLP_ARCHITECTURE,
-        architecture_source_sha256,
-        is_custom,
-    )
-
-    architecture = str(network_config.get("architecture", MLP_ARCHITECTURE))
-    if not is_custom(architecture):
-        return {}
-    return {ARCHITECTURE_TAG: architecture_source_sha256(architecture)}
-
-
-def serving_code_path() -> Path:
-    """The model file MLflow logs as "models from code"."""
-    return Path(__file__).parent.parent / "model" / "serving.py"
-
-
-def log_pyfunc_model(
-    *,
-    preprocessor: Preprocessor,
-    network: nn.Module,
-    network_config: dict[str, Any],
-    input_example: pd.DataFrame,
-    task: str,
-    workdir: Path,
-    name: str = "model",
-) -> tuple[ModelInfo, str]:
-    """Log the preprocessor and network as a pickle-free pyfunc model of the active run.
-
-    Writes ``preprocess.json``, ``network.json`` and ``weights.safetensors`` into
-    ``workdir`` and logs them with :mod:`.serving` as the model code, then records the
-    sha256 of every file of the logged model (:func:`record_model_files`) and, for a
-    custom architecture, the sha256 of its source (on the model and the run). The signature takes
-    the feature columns with the example's types and returns ``score`` (probability or
-    value) and, for a binary task, ``prediction``.
-
-    Args:
-        preprocessor: fitted on the training split.
-        network: the trained network (its weights are saved; it is not modified).
-        network_config: what ``models.build_network`` needs to rebuild it.
-        input_example: rows with at least the feature columns; a few are stored.
-        task: ``binary`` or ``regression``.
-        workdir: an empty or scratch folder for the artifact files.
-        name: the model's name within the run.
-
-    Returns:
-        The logged model's info and the sha256 of its weights file.
-    """
-    import mlflow
-    from mlflow.models import infer_signature
-
-    from stemma.components.training.loop import predict_raw, save_weights
-
-    _require_active_run("log_pyfunc_model")
-    features = [*preprocessor.numeric, *preprocessor.categorical]
-    missing = [column for column in features if column not in input_example.columns]
-    if missing:
-        raise DataError(f"input example lacks feature columns: {', '.join(missing)}")
-    example = input_example.loc[:, features].head(INPUT_EXAMPLE_ROWS).reset_index(drop=True)
-
-    raw = np.asarray(predict_raw(network, preprocessor.transform(example)))
-    n_outputs = int(raw.shape[1]) if raw.ndim == 2 else 1
-    scores = np.asarray(preprocessor.decode_output(raw), dtype=np.float64).reshape(len(example))
-    outputs = pd.DataFrame({"score": scores})
-    if task == "binary":
-        outputs["prediction"] = (scores >= DEFAULT_THRESHOLD).astype(np.int64)
-
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    paths = {key: workdir / file_name for key, file_name in MODEL_ARTIFACT_FILES.items()}
-    preprocessor.save_json(paths["preprocess"])
-    network_document: dict[str, Any] = {
-        "format": NETWORK_FORMAT,
-        "task": task,
-        "config": network_config,
-        "n_inputs": int(preprocessor.n_inputs),
-        "n_outputs": n_outputs,
-    }
-    if task == "binary":
-        network_document["threshold"] = DEFAULT_THRESHOLD
-    paths["network"].write_text(json.dumps(network_document, indent=2, sort_keys=True))
-    weights_sha256 = save_weights(network, paths["weights"])
-
-    architecture = architecture_tags(network_config)
-    with _quiet_integer_hint():
-        signature = infer_signature(example, outputs)
-    info = mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(serving_code_path()),
-        artifacts={key: str(path) for key, path in paths.items()},
-        signature=signature,
-        input_example=example,
-        pip_requirements=model_requirements(),
-        tags={"stemma.weights_sha256": weights_sha256, "stemma.task": task, **architecture},
-    )
-    if architecture:
-        mlflow.set_tags(architecture)
-    record_model_files(mlflow.MlflowClient(), info.model_id)
-    return info, weights_sha256

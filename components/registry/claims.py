@@ -37,6 +37,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from stemma.components.errors import RegistryError
+from stemma.components.platform import tags as tag_names
 from stemma.components.platform.locks import ProcessIdentity
 
 if TYPE_CHECKING:
@@ -46,9 +47,9 @@ if TYPE_CHECKING:
 _LOG = logging.getLogger(__name__)
 
 #: Prefix of the experiments whose unique names serve as generation claims.
-CLAIM_PREFIX = "stemma.claims"
+CLAIM_PREFIX = tag_names.CLAIMS_EXPERIMENT_PREFIX
 #: Registered-model tag holding the number of champion moves made so far.
-GENERATION_TAG = "stemma.promotion.generation"
+GENERATION_TAG = tag_names.PROMOTION_GENERATION
 #: A claim whose heartbeat is older than this is abandoned (seconds).
 HEARTBEAT_LIMIT_SECONDS = 30.0
 #: Environment variable that sets another heartbeat limit (seconds; tests use a short one).
@@ -67,7 +68,7 @@ WAIT_POLL_SECONDS = 0.2
 #: Takeovers of one generation after which promoting stops and asks for a person.
 MAX_TAKEOVERS = 20
 #: The claim experiment's tags.
-TAG = "stemma.claim."
+TAG = tag_names.CLAIM_PREFIX
 _ALREADY_EXISTS = ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS")
 #: How each action reads in a message about the claim that makes it.
 _DOING = {"promote": "promoting", "rollback": "rolling back to"}
@@ -376,8 +377,6 @@ def claim_generation(
     Raises:
         RegistryError: the store refused, or the generation was abandoned too often.
     """
-    from mlflow.exceptions import MlflowException
-
     limit = heartbeat_limit()
     deadline = time.monotonic() + min(CLAIM_WAIT_SECONDS, limit * WAIT_FRACTION)
     tags = {
@@ -398,15 +397,8 @@ def claim_generation(
         claim_tags = {**tags, **_fresh_tags()}
         if took_over is not None:
             claim_tags[TAG + "takeover_of"] = took_over[0].who
-        try:
-            experiment_id = client.create_experiment(name, tags=claim_tags)
-        except MlflowException as error:
-            if error.error_code not in _ALREADY_EXISTS:
-                raise RegistryError(
-                    f"{model_name}: cannot claim generation {generation}",
-                    [getattr(error, "message", str(error))],
-                ) from error
-        else:
+        experiment_id = _create_claim(client, name, claim_tags, model_name, generation)
+        if experiment_id is not None:
             mine = Holder.from_tags(name, position, experiment_id, claim_tags, time.time())
             claim = Claim(client, model_name, generation, mine, tags, limit, took_over)
             if took_over is not None and read_generation(client, model_name) >= generation:
@@ -436,6 +428,23 @@ def claim_generation(
             if time.monotonic() >= deadline:
                 return Refusal(False, generation, holder)
             time.sleep(WAIT_POLL_SECONDS)
+
+
+def _create_claim(
+    client: MlflowClient, name: str, tags: dict[str, str], model_name: str, generation: int
+) -> str | None:
+    """The new claim experiment's id, or None when the name is taken (someone else's)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.create_experiment(name, tags=tags))
+    except MlflowException as error:
+        if error.error_code not in _ALREADY_EXISTS:
+            raise RegistryError(
+                f"{model_name}: cannot claim generation {generation}",
+                [getattr(error, "message", str(error))],
+            ) from error
+    return None
 
 
 def wait_for_live_claim(client: MlflowClient, model_name: str) -> Holder | None:

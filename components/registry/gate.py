@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 
 from stemma.components.errors import RegistryError, SpecError, StemmaError
+from stemma.components.platform import tags as tag_names
+from stemma.components.platform.refs import logged_model_id
 from stemma.components.spec import METRIC_DIRECTIONS, GateSpec
 
 if TYPE_CHECKING:
@@ -29,7 +31,9 @@ if TYPE_CHECKING:
 CHAMPION_ALIAS = "champion"
 CHALLENGER_ALIAS = "challenger"
 #: Prefix of the version tags that record the gate's decision.
-TAG_PREFIX = "stemma.gate."
+TAG_PREFIX = tag_names.GATE_PREFIX
+#: How to gate past a champion that is not trusted.
+_IGNORE_HINT = "set gate.untrusted_champion: ignore to gate as if there were no champion"
 #: Decimals shown for metric values in reasons and descriptions.
 SHOWN_DECIMALS = 4
 #: Longest error text quoted in a reason (reasons also go into a version tag).
@@ -159,90 +163,51 @@ def decide_gate(
 ) -> GateDecision:
     """Decide whether a model passes the gate; every check is reported, passed or not.
 
-    The candidate must lie within the spec's ``minimum``/``maximum`` and, when a champion
-    exists, be at least as good as the champion's value on the same rows plus
-    ``margin_over_champion`` (``value >= champion + margin`` when higher is better,
-    ``value <= champion - margin`` when lower is); a negative margin tolerates a slightly
-    worse model. It fails closed: a non-finite value, or a champion whose value is
-    missing, fails with a "cannot decide" reason. A champion that was not trusted (its
-    files differ from their recorded digests, it has none, or it names a foreign
-    architecture) fails it too, unless ``gate.untrusted_champion`` is ``ignore``: then the
-    gate runs as if there were no champion and says so.
+    The candidate must lie within ``minimum``/``maximum`` and beat the champion's value on
+    the same rows by ``margin_over_champion`` (``value >= champion + margin`` when higher
+    is better, ``value <= champion - margin`` when lower is; a negative margin tolerates a
+    slightly worse model). It fails closed: a non-finite value, or a champion whose value
+    is missing, fails with a "cannot decide" reason. An untrusted champion (files differ
+    from their digests, none recorded, foreign architecture) fails it too, unless
+    ``gate.untrusted_champion`` is ``ignore``: then it gates as if there were none.
 
     Args:
-        gate: the spec's gate section.
         task: ``binary`` or ``regression`` (decides the metric's direction).
         value: the candidate's metric on the test split.
-        champion_version: the version holding the ``champion`` alias, or None.
         champion_value: the champion's metric on the same rows (None: not evaluated).
-        champion_error: why the champion could not be evaluated, shown in the reason.
-        champion_untrusted: the champion was refused as untrusted (``champion_error`` says why).
+        champion_error: why the champion could not be evaluated (or was not trusted,
+            ``champion_untrusted``), shown in the reason.
 
     Raises:
         SpecError: the metric is not one of the task's metrics.
     """
-    directions = METRIC_DIRECTIONS.get(task, {})
-    if gate.metric not in directions:
-        raise SpecError(
-            f"gate.metric: {gate.metric!r} is not a {task} metric; "
-            f"choose one of {', '.join(directions) or '(unknown task)'}"
-        )
-    higher_is_better = directions[gate.metric]
-    metric = gate.metric
-    margin = gate.margin_over_champion
+    higher_is_better = higher_is_better_for(gate.metric, task)
+    metric, margin = gate.metric, gate.margin_over_champion
     reasons: list[str] = []
-    passed = True
     ignored = None
     if champion_version is not None and champion_untrusted:
         if gate.untrusted_champion == "ignore":
             ignored, champion_version, champion_value = str(champion_version), None, None
-            reasons.append(
-                f"champion v{ignored} ignored (gate.untrusted_champion: ignore): {champion_error}"
-            )
+            why = f"(gate.untrusted_champion: ignore): {champion_error}"
+            reasons.append(f"champion v{ignored} ignored {why}")
         else:
-            champion_error = (
-                f"it is not trusted ({champion_error}); set gate.untrusted_champion: ignore "
-                "to gate as if there were no champion"
-            )
+            champion_error = f"it is not trusted ({champion_error}); {_IGNORE_HINT}"
 
-    if _is_missing(value):
-        passed = False
-        reasons.append(f"cannot decide: {metric} of the model is {value} on the test split")
-    else:
-        if gate.minimum is not None:
-            ok = value >= gate.minimum
-            passed &= ok
-            relation = ">=" if ok else "is below"
-            reasons.append(f"{metric} {_shown(value)} {relation} minimum {_shown(gate.minimum)}")
-        if gate.maximum is not None:
-            ok = value <= gate.maximum
-            passed &= ok
-            relation = "<=" if ok else "is above"
-            reasons.append(f"{metric} {_shown(value)} {relation} maximum {_shown(gate.maximum)}")
-
+    passed, bound_reasons = _bound_checks(gate, value)
+    reasons += bound_reasons
     if champion_version is not None:
-        if _is_missing(champion_value):
-            passed = False
-            why = f": {champion_error}" if champion_error else ""
-            reasons.append(
-                f"cannot decide: champion v{champion_version} could not be evaluated "
-                f"on the same test rows{why}"
-            )
-        elif not _is_missing(value):
-            assert champion_value is not None
-            # Ties pass: with margin 0 a retrained model that matches the champion may
-            # become the challenger; a positive margin demands a real improvement.
-            if higher_is_better:
-                ok = value >= champion_value + margin
-                word, sign = "at least", "+"
-            else:
-                ok = value <= champion_value - margin
-                word, sign = "at most", "-"
-            passed &= ok
-            reasons.append(
-                f"{metric} {_shown(value)} is {'' if ok else 'not '}{word} champion "
-                f"v{champion_version}'s {_shown(champion_value)} {sign} margin {_shown(margin)}"
-            )
+        beats, reason = _champion_check(
+            metric,
+            higher_is_better,
+            value,
+            champion_version,
+            champion_value,
+            margin,
+            champion_error,
+        )
+        passed &= beats
+        if reason is not None:
+            reasons.append(reason)
     elif ignored is None:
         reasons.append("no champion yet: nothing to compare with")
 
@@ -262,6 +227,70 @@ def decide_gate(
         minimum=gate.minimum,
         maximum=gate.maximum,
         ignored_champion=ignored,
+    )
+
+
+def higher_is_better_for(metric: str, task: str) -> bool:
+    """Whether a higher ``metric`` is better for ``task``; SpecError for a foreign metric."""
+    directions = METRIC_DIRECTIONS.get(task, {})
+    if metric not in directions:
+        raise SpecError(
+            f"gate.metric: {metric!r} is not a {task} metric; "
+            f"choose one of {', '.join(directions) or '(unknown task)'}"
+        )
+    return directions[metric]
+
+
+def _bound_checks(gate: GateSpec, value: float) -> tuple[bool, list[str]]:
+    """Whether ``value`` lies within the spec's bounds, and a reason per bound."""
+    metric = gate.metric
+    if _is_missing(value):
+        return False, [f"cannot decide: {metric} of the model is {value} on the test split"]
+    passed, reasons = True, []
+    if gate.minimum is not None:
+        ok = value >= gate.minimum
+        passed &= ok
+        relation = ">=" if ok else "is below"
+        reasons.append(f"{metric} {_shown(value)} {relation} minimum {_shown(gate.minimum)}")
+    if gate.maximum is not None:
+        ok = value <= gate.maximum
+        passed &= ok
+        relation = "<=" if ok else "is above"
+        reasons.append(f"{metric} {_shown(value)} {relation} maximum {_shown(gate.maximum)}")
+    return passed, reasons
+
+
+def _champion_check(
+    metric: str,
+    higher_is_better: bool,
+    value: float,
+    champion_version: str,
+    champion_value: float | None,
+    margin: float,
+    champion_error: str | None,
+) -> tuple[bool, str | None]:
+    """Whether the candidate beats the champion by the margin on the same rows, and why
+    (no reason when the candidate's own value is missing: the bounds said so)."""
+    if _is_missing(champion_value):
+        why = f": {champion_error}" if champion_error else ""
+        return False, (
+            f"cannot decide: champion v{champion_version} could not be evaluated "
+            f"on the same test rows{why}"
+        )
+    if _is_missing(value):
+        return False, None
+    assert champion_value is not None
+    # Ties pass: with margin 0 a retrained model that matches the champion may
+    # become the challenger; a positive margin demands a real improvement.
+    if higher_is_better:
+        ok = value >= champion_value + margin
+        word, sign = "at least", "+"
+    else:
+        ok = value <= champion_value - margin
+        word, sign = "at most", "-"
+    return ok, (
+        f"{metric} {_shown(value)} is {'' if ok else 'not '}{word} champion "
+        f"v{champion_version}'s {_shown(champion_value)} {sign} margin {_shown(margin)}"
     )
 
 
@@ -323,7 +352,7 @@ def champion_value_on(
 
     Loading and scoring the champion here, rather than reading the metric it logged when
     it was trained, compares both models on the same rows. The champion is loaded by
-    Stemma's own loader (``scoring.load_scoring_model``: every file checked against its
+    Stemma's own loader (``runtime.loading.load_scoring_model``: every file checked against its
     recorded digests, nothing unpickled or executed) and scored as its pyfunc model
     would: preprocess, network, decode.
 
@@ -342,8 +371,7 @@ def champion_value_on(
         because its files or architecture are not what Stemma recorded); pass the reason
         and the flag to :func:`decide_gate` so the gate fails closed and says why.
     """
-    from stemma.components.scoring.engine import UntrustedModelError, load_scoring_model
-    from stemma.components.training.loop import predict_raw
+    from stemma.components.runtime.loading import UntrustedModelError, load_scoring_model
     from stemma.components.training.metrics import evaluate_scores
 
     try:
@@ -363,7 +391,8 @@ def champion_value_on(
             None, f"{model_uri} failed to score the test rows: {'; '.join(mismatched)}"
         )
     try:
-        raw = predict_raw(model.network, model.preprocessor.transform(frame))
+        matrix = np.ascontiguousarray(model.preprocessor.transform(frame), dtype=np.float32)
+        raw = model.runtime.run(matrix)
         scores = np.asarray(model.preprocessor.decode_output(raw), dtype=np.float64)
         scores = scores.reshape(len(frame))
     except Exception as error:
@@ -420,14 +449,6 @@ def _brief(error: Exception) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _model_id(model_uri: str) -> str | None:
-    """The logged model id in a ``models:/m-...`` URI, or None for any other URI."""
-    rest = model_uri.removeprefix("models:/")
-    if rest != model_uri and rest.startswith("m-") and "/" not in rest:
-        return rest
-    return None
-
-
 def register_and_gate(
     *,
     client: MlflowClient,
@@ -442,19 +463,10 @@ def register_and_gate(
 
     The registered model is created when missing (with ``description``). The version gets
     the lineage ``tags``, the logged model's file manifest and hashes
-    (``tracking.integrity_tags``) and :meth:`GateDecision.tags`, all in the one request
-    that creates it, and the decision's summary as its description. Before anything is written, the current champion is checked against the
-    one the decision was made against: if it changed, the decision is stale and nothing
-    is registered.
-
-    Args:
-        client: an MLflow client on the registry.
-        model_name: the registered model name.
-        model_uri: the logged model (``models:/m-...``).
-        run_id: the training run.
-        decision: from :func:`decide_gate`.
-        tags: lineage tags for the version.
-        description: the registered model's description, used when it is created.
+    (``model.artifact.integrity_tags``) and :meth:`GateDecision.tags` in the one request that
+    creates it, and the decision's summary as its description. ``model_uri`` is the logged
+    model (``models:/m-...``). If the champion changed since the decision was made, the
+    decision is stale and nothing is registered.
 
     Returns:
         The new version, read back (with its aliases).
@@ -464,7 +476,7 @@ def register_and_gate(
     """
     from mlflow.exceptions import MlflowException
 
-    from stemma.components.platform.tracking import integrity_tags
+    from stemma.components.model.artifact import integrity_tags
 
     current = find_champion(client, model_name)
     current_version = str(current.version) if current is not None else None
@@ -487,14 +499,14 @@ def register_and_gate(
             ) from error
 
     try:
-        recorded = integrity_tags(client, _model_id(model_uri))
+        recorded = integrity_tags(client, logged_model_id(model_uri))
         version = client.create_model_version(
             name=model_name,
             source=model_uri,
             run_id=run_id,
             tags={**tags, **recorded, **decision.tags()},
             description=decision.summary(),
-            model_id=_model_id(model_uri),
+            model_id=logged_model_id(model_uri),
         )
     except MlflowException as error:
         raise _registry_error(f"cannot register {model_uri} as {model_name!r}", error) from error

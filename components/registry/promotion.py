@@ -36,10 +36,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from stemma.components.errors import RegistryError
-from stemma.components.lineage.records import (
+from stemma.components.platform import tags as tag_names
+from stemma.components.platform.lineage import (
     RECORD_ARTIFACT,
-    RECORD_SCHEMA,
     Edge,
+    LineageRecord,
     Node,
     index_tags,
     model_node_id,
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 
 PREVIOUS_CHAMPION_ALIAS = "previous-champion"
 #: Version tag holding the JSON of the latest decision that involved the version.
-LAST_PROMOTION_TAG = "stemma.promotion.last"
+LAST_PROMOTION_TAG = tag_names.PROMOTION_LAST
 #: The gate's verdict tag on a version and the value that allows promotion.
 GATE_DECISION_TAG = TAG_PREFIX + "decision"
 GATE_PASSED = "passed"
@@ -178,7 +179,7 @@ def _check_gate(client: MlflowClient, model_name: str, version: str) -> str | No
 # Recording
 
 
-def build_promotion_lineage(record: PromotionRecord) -> dict[str, Any]:
+def build_promotion_lineage(record: PromotionRecord) -> LineageRecord:
     """The decision as a lineage document: the versions and a ``promoted_over`` edge."""
     nodes: list[Node] = []
     edges: list[Edge] = []
@@ -203,15 +204,14 @@ def build_promotion_lineage(record: PromotionRecord) -> dict[str, Any]:
     if run and new:
         done = "retired" if retired else "promoted"
         edges.append(Edge(run, new, done if record.outcome == OUTCOME_DONE else "refused"))
-    return {
-        "schema": RECORD_SCHEMA,
-        "pipeline": record.model,
-        "flow": record.action,
-        "created": record.when,
-        "decision": asdict(record),
-        "nodes": [asdict(node) for node in nodes],
-        "edges": [asdict(edge) for edge in edges],
-    }
+    return LineageRecord(
+        flow=record.action,
+        pipeline=record.model,
+        nodes=nodes,
+        edges=edges,
+        created=record.when,
+        decision=asdict(record),
+    )
 
 
 def _record(
@@ -227,18 +227,18 @@ def _record(
             experiment_id,
             run_name=f"{record.action} {record.model} {target}",
             tags={
-                "stemma.flow": "promote",
+                tag_names.FLOW: "promote",
                 **{
-                    f"stemma.promotion.{key}": str(value)
+                    tag_names.PROMOTION_PREFIX + key: str(value)
                     for key, value in asdict(record).items()
                     if value not in (None, "", {}) and key != "evidence"
                 },
-                "stemma.promotion.evidence": json.dumps(record.evidence, sort_keys=True),
+                tag_names.PROMOTION_EVIDENCE: json.dumps(record.evidence, sort_keys=True),
             },
         )
         record = _replace(record, record_run_id=run.info.run_id)
         lineage_record = build_promotion_lineage(record)
-        client.log_dict(run.info.run_id, lineage_record, RECORD_ARTIFACT)
+        client.log_dict(run.info.run_id, lineage_record.to_dict(), RECORD_ARTIFACT)
         # The index tags make the decision findable by `stemma lineage` searches.
         tags = [RunTag(k, v) for k, v in index_tags(lineage_record, run.info.run_id).items()]
         for start in range(0, len(tags), 100):
@@ -292,14 +292,10 @@ def promote(
     when it pointed at ``version``.
 
     Args:
-        client: an MLflow client on the registry (and tracking store).
-        model_name: the registered model.
         version: the version to promote; its gate tag must say ``passed``.
         expected_champion: the champion the caller decided against (None: none); by
             default the champion read now.
-        reason: why, recorded with the decision.
-        evidence: what backs the decision (recorded as JSON).
-        flow_run_id: the Prefect flow run making the decision.
+        reason, evidence, flow_run_id: recorded with the decision (evidence as JSON).
         experiment_id: where to log the decision's run; None logs tags only.
 
     Returns:
@@ -307,11 +303,10 @@ def promote(
 
     Raises:
         PromotionError: refused (gate not passed, already champion), lost (the champion
-            moved, or another promoter made the move first: the message names it and the
-            champion now) or blocked (another promoter's live claim stayed in flight: the
-            message names its pid, host, version and heartbeat); ``error.record`` says
-            what was recorded. Nothing is moved in any case. A claim abandoned by a
-            promoter that died or stopped beating is taken over (``record.took_over``).
+            moved, or another promoter moved first; both named) or blocked (another
+            promoter's live claim stayed in flight; its pid, host, version and heartbeat
+            named); nothing is moved, ``error.record`` says what was recorded. A claim
+            abandoned by a dead or silent promoter is taken over (``record.took_over``).
         RegistryError: the registry could not be read or written.
     """
     version = str(version)
@@ -331,24 +326,17 @@ def promote(
         generation=generation + 1,
     )
     why_not = _check_gate(client, model_name, version)
+    refusal: tuple[str, str | None] | None = None
     if why_not is not None:
-        raise _fail(
-            client,
-            _replace(record, outcome=OUTCOME_REFUSED),
-            experiment_id,
-            f"{model_name} v{version} cannot be promoted: its gate did not pass",
-            [why_not, "nothing was moved"],
-        )
-    if current == version:
-        raise _fail(
-            client,
-            _replace(record, outcome=OUTCOME_REFUSED),
-            experiment_id,
-            f"{model_name} v{version} is already the {CHAMPION_ALIAS}",
-            ["nothing was moved"],
-        )
-    if expected is not None:
-        expected = str(expected)
+        refusal = (f"{model_name} v{version} cannot be promoted: its gate did not pass", why_not)
+    elif current == version:
+        refusal = (f"{model_name} v{version} is already the {CHAMPION_ALIAS}", None)
+    if refusal is not None:
+        headline, detail = refusal
+        refused = _replace(record, outcome=OUTCOME_REFUSED)
+        details = [*([detail] if detail else []), "nothing was moved"]
+        raise _fail(client, refused, experiment_id, headline, details)
+    expected = None if expected is None else str(expected)
     if current != expected:
         raise _fail(
             client,

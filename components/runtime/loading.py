@@ -11,30 +11,34 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import tempfile
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stemma.components.data.tables import HASH_CHUNK_BYTES
 from stemma.components.errors import RegistryError, StemmaError
 from stemma.components.model.preprocessing import Preprocessor
+from stemma.components.platform import tags
+from stemma.components.platform.refs import (
+    ModelRefError,
+    format_model_ref,
+    parse_model_ref,
+)
+from stemma.components.platform.refs import logged_model_id as refs_logged_model_id
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
     from torch import nn
 
+    from stemma.components.runtime.backends import Runtime
 
 _LOG = logging.getLogger(__name__)
 
-#: Model version tag holding the sha256 of the weights file (set at registration).
-WEIGHTS_TAG = "stemma.weights.sha256"
-#: Logged-model tag with the same hash (``tracking.log_pyfunc_model`` sets it).
-LOGGED_MODEL_WEIGHTS_TAG = "stemma.weights_sha256"
-_REFERENCE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+# Old names of the weights-hash tags; scoring.engine still imports them (see requests).
+WEIGHTS_TAG = tags.WEIGHTS_SHA256
+LOGGED_MODEL_WEIGHTS_TAG = tags.LOGGED_MODEL_WEIGHTS_SHA256
 
 
 def first_line(error: BaseException) -> str:
@@ -45,11 +49,8 @@ def first_line(error: BaseException) -> str:
 
 def sha256_file(path: Path) -> str:
     """The sha256 of a file, read in blocks."""
-    digest = hashlib.sha256()
     with open(path, "rb") as stream:
-        while block := stream.read(HASH_CHUNK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,6 +70,8 @@ class ScoringModel:
         preprocessor: the fitted feature encoding.
         network: the network, in eval mode.
         signature_columns: the model's input signature, ``(name, MLflow type)`` pairs.
+        runtime: what every inference on the model runs through (ONNX Runtime on its
+            ``network.onnx`` when it has one, else eager, with the reason).
         architectures: the architectures it was allowed to name besides the built-ins
             (the caller's spec), so that another process loads it under the same terms.
     """
@@ -85,6 +88,7 @@ class ScoringModel:
     preprocessor: Preprocessor
     network: nn.Module
     signature_columns: list[tuple[str, str]]
+    runtime: Runtime
     architectures: tuple[str, ...] = ()
 
     @property
@@ -107,68 +111,49 @@ def load_scoring_model(
     *,
     client: MlflowClient | None = None,
     architectures: Collection[str] = (),
+    device: str = "cpu",
+    backend: str = "auto",
 ) -> ScoringModel:
     """Resolve a model reference in the registry and rebuild the model without pickle.
 
-    The version's artifacts are downloaded to a temporary folder and every file is checked
-    against the manifest recorded when the model was logged (``stemma.model.files``);
-    then the preprocessor and the network are rebuilt from ``preprocess.json``,
-    ``network.json`` and ``weights.safetensors``, and the signature is read from
-    ``MLmodel``. No file of the model is executed or unpickled, and a custom architecture
-    is imported only when the caller's spec names it and its source hashes as it did at
-    training.
+    Every downloaded file is checked against the manifest recorded when the model was
+    logged; the preprocessor, network and signature are rebuilt from plain files, and the
+    runtime is built: ONNX Runtime on ``network.onnx`` when the version has one, else
+    eager with the reason. Nothing is unpickled, and a custom architecture is imported
+    only when the caller's spec names it and its source hashes as it did at training.
 
     Args:
         reference: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``.
         client: the MLflow client to use (default: one on the configured registry).
         architectures: the architectures the caller's spec allows besides the built-ins
             (``models.allowed_architectures(spec.model)``).
-
-    Returns:
-        The model, ready to score.
+        device: ``cpu`` or ``cuda``, where the runtime runs.
+        backend: ``auto``, ``eager`` or ``onnxruntime`` (see :func:`.backends.build_runtime`).
 
     Raises:
         UntrustedModelError: a file is missing, extra or changed against the recorded
-            manifest, or none was recorded (a version registered outside Stemma); the
-            network names an architecture the spec does not allow, or one whose source
-            changed since training; or the weights file's sha256 differs from the one
-            recorded when the version was registered.
+            manifest (none recorded: registered outside Stemma); the architecture is not
+            allowed or its source changed since training; the weights' sha256 differs
+            from the one recorded at registration.
+        OnnxFileError: ``network.onnx`` matches its manifest but ONNX Runtime cannot load it.
         RegistryError: the reference is malformed; the model, alias or version does not
             exist (the message lists the aliases and versions that do); or the artifacts
             are unreadable.
     """
-    import mlflow
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    from stemma.components.platform.tracking import DEFAULT_THRESHOLD, MODEL_ARTIFACT_FILES
+    from stemma.components.model.artifact import DEFAULT_THRESHOLD, MODEL_ARTIFACT_FILES
+    from stemma.components.model.quantized import runtime_backend
 
-    match = _REFERENCE.match(reference.strip())
-    if match is None:
-        raise RegistryError(
-            f"{reference!r} is not a model reference",
-            [
-                "write models:/<name>@<alias> or models:/<name>/<version>, e.g. models:/credit@champion"
-            ],
-        )
-    name, alias, number = match["name"], match["alias"], match["version"]
+    try:
+        parsed = parse_model_ref(reference)
+    except ModelRefError as error:
+        raise RegistryError(error.headline, error.details) from None
     client = client or MlflowClient()
-    version = _resolve_version(client, name, alias, number)
-    model_uri = f"models:/{name}/{version.version}"
-    label = f"{name} v{version.version}"
-
+    version = _resolve_version(client, parsed.name, parsed.alias, parsed.version)
+    label = f"{parsed.name} v{version.version}"
     with tempfile.TemporaryDirectory(prefix="stemma-model-") as scratch:
-        try:
-            download_uri = client.get_model_version_download_uri(name, str(version.version))
-            folder = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=download_uri, dst_path=scratch, tracking_uri=client.tracking_uri
-                )
-            )
-        except (MlflowException, OSError) as error:
-            raise RegistryError(
-                f"cannot download the artifacts of {label} ({model_uri})", [first_line(error)]
-            ) from error
+        folder = _download(client, version, Path(scratch), label)
         verify_model_files(client, version, folder, label)
         mlmodel = _read_mlmodel(folder, label)
         paths = _artifact_paths(folder, mlmodel, MODEL_ARTIFACT_FILES, label)
@@ -177,13 +162,17 @@ def load_scoring_model(
         preprocessor, document, network = _rebuild(
             paths, signature, label, _trusted_architectures(client, version, architectures)
         )
-
+        onnx_file = _onnx_path(folder, mlmodel)
+        backend = runtime_backend(document, backend)  # a variant names its own backend
+        runtime = _model_runtime(
+            client, version, network, preprocessor.n_inputs, onnx_file, device, backend, label
+        )
     return ScoringModel(
         reference=reference,
-        model_uri=model_uri,
-        name=name,
+        model_uri=format_model_ref(parsed.name, version=version.version),
+        name=parsed.name,
         version=str(version.version),
-        alias=alias,
+        alias=parsed.alias,
         run_id=version.run_id,
         weights_sha256=digest,
         task=str(document["task"]),
@@ -191,8 +180,70 @@ def load_scoring_model(
         preprocessor=preprocessor,
         network=network.eval(),
         signature_columns=signature,
+        runtime=runtime,
         architectures=tuple(sorted(architectures)),
     )
+
+
+def _download(client: MlflowClient, version: ModelVersion, scratch: Path, label: str) -> Path:
+    """Download a version's artifacts under ``scratch``; RegistryError when that fails."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        download_uri = client.get_model_version_download_uri(version.name, str(version.version))
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=download_uri, dst_path=str(scratch), tracking_uri=client.tracking_uri
+            )
+        )
+    except (MlflowException, OSError) as error:
+        raise RegistryError(
+            f"cannot download the artifacts of {label} "
+            f"({format_model_ref(version.name, version=version.version)})",
+            [first_line(error)],
+        ) from error
+
+
+def _onnx_path(folder: Path, mlmodel: dict[str, Any]) -> Path | None:
+    """The version's ``network.onnx``, when it was logged with one."""
+    from stemma.components.model.artifact import ONNX_ARTIFACT
+
+    recorded = (mlmodel.get("flavors") or {}).get("python_function", {}).get("artifacts") or {}
+    relative = (recorded.get(ONNX_ARTIFACT) or {}).get("path")
+    return folder / relative if relative and (folder / relative).is_file() else None
+
+
+def _model_runtime(
+    client: MlflowClient,
+    version: ModelVersion,
+    network: nn.Module,
+    width: int,
+    onnx_file: Path | None,
+    device: str,
+    backend: str,
+    label: str,
+) -> Runtime:
+    """The runtime of a loaded model; an unloadable ONNX file is an error naming it."""
+    from stemma.components.model.artifact import RUNTIME_REASON_TAG
+    from stemma.components.runtime.backends import OnnxFileError, build_runtime
+
+    reason = None
+    if onnx_file is None:
+        reason = _recorded_tag(client, version, RUNTIME_REASON_TAG) or (
+            "the version has no network.onnx (logged before Stemma exported ONNX graphs)"
+        )
+    try:
+        return build_runtime(
+            network.eval(),
+            width=width,
+            onnx_file=onnx_file,
+            device=device,
+            backend=backend,
+            eager_reason=reason,
+        )
+    except OnnxFileError as error:
+        raise OnnxFileError(f"{label}: {error.headline}", error.details) from None
 
 
 def _verified_weights_sha256(
@@ -216,9 +267,9 @@ def _verified_weights_sha256(
 
 def _recorded_tag(client: MlflowClient, version: ModelVersion, key: str) -> str | None:
     """A tag of the version, else of its logged model, else None."""
-    tags = dict(getattr(version, "tags", None) or {})
-    if tags.get(key):
-        return tags[key]
+    recorded = dict(getattr(version, "tags", None) or {})
+    if recorded.get(key):
+        return recorded[key]
     model_id = logged_model_id(version)
     if model_id:
         try:
@@ -237,11 +288,7 @@ def logged_model_id(version: ModelVersion) -> str | None:
     model_id = getattr(version, "model_id", None)
     if model_id:
         return str(model_id)
-    source = str(getattr(version, "source", "") or "")
-    rest = source.removeprefix("models:/")
-    if rest != source and rest.startswith("m-") and "/" not in rest:
-        return rest
-    return None
+    return refs_logged_model_id(str(getattr(version, "source", "") or ""))
 
 
 def verify_model_files(
@@ -262,15 +309,14 @@ def verify_model_files(
         UntrustedModelError: no manifest is recorded, or a file is missing, extra or
             changed; the message names the files, recorded digest against found.
     """
-    from stemma.components.platform.tracking import (
-        MODEL_FILES_TAG,
+    from stemma.components.model.artifact import (
         decode_manifest,
         file_differences,
         model_file_digests,
     )
 
     found = model_file_digests(folder)
-    recorded = decode_manifest(_recorded_tag(client, version, MODEL_FILES_TAG))
+    recorded = decode_manifest(_recorded_tag(client, version, tags.MODEL_FILES))
     if recorded is None:
         raise UntrustedModelError(
             f"{label}: no file digests were recorded for this version, so Stemma does not "
@@ -300,9 +346,8 @@ def _trusted_architectures(
 ) -> dict[str, str | None]:
     """The architectures the network may name, each with the source hash it must have."""
     from stemma.components.model.networks import BUILTIN_ARCHITECTURES, is_custom
-    from stemma.components.platform.tracking import ARCHITECTURE_TAG
 
-    recorded = _recorded_tag(client, version, ARCHITECTURE_TAG)
+    recorded = _recorded_tag(client, version, tags.ARCHITECTURE_SHA256)
     trusted: dict[str, str | None] = dict.fromkeys(BUILTIN_ARCHITECTURES)
     for architecture in allowed:
         if is_custom(architecture):
@@ -356,16 +401,15 @@ def _rebuild(
     trusted: dict[str, str | None],
 ) -> tuple[Preprocessor, dict[str, Any], nn.Module]:
     """The preprocessor, the network JSON and the network with its weights loaded."""
+    from stemma.components.model.artifact import NETWORK_FORMAT, load_weights
     from stemma.components.model.networks import build_network
-    from stemma.components.platform.tracking import NETWORK_FORMAT
-    from stemma.components.training.loop import load_weights
 
     try:
         preprocessor = Preprocessor.load_json(paths["preprocess"])
         document = json.loads(paths["network"].read_text(encoding="utf-8"))
     except ValueError as error:
         raise RegistryError(f"{label}: unreadable model files", [str(error)]) from error
-    from stemma.components.quantization.variants import (
+    from stemma.components.model.quantized import (
         QUANTIZED_NETWORK_FORMAT,
         load_variant_network,
     )
@@ -501,7 +545,7 @@ def _signature_columns(mlmodel: dict[str, Any], label: str) -> list[tuple[str, s
 
 def _recorded_weights_sha256(client: MlflowClient, version: ModelVersion) -> str | None:
     """The weights hash recorded on the version, else on its logged model, else None."""
-    tags = dict(getattr(version, "tags", None) or {})
-    if tags.get(WEIGHTS_TAG):
-        return tags[WEIGHTS_TAG]
-    return _recorded_tag(client, version, LOGGED_MODEL_WEIGHTS_TAG)
+    recorded = dict(getattr(version, "tags", None) or {})
+    if recorded.get(tags.WEIGHTS_SHA256):
+        return recorded[tags.WEIGHTS_SHA256]
+    return _recorded_tag(client, version, tags.LOGGED_MODEL_WEIGHTS_SHA256)

@@ -35,7 +35,8 @@ from stemma.components.spec import DaskSpec
 LOCAL_HOST = "127.0.0.1"
 #: Models a worker process keeps rebuilt between tasks (usually one: the plan's).
 MODEL_CACHE_SIZE = 2
-#: torch threads per range: the cluster's threads are the unit of parallelism.
+#: Threads running the network per range, and the runtime's threads in a worker process:
+#: the cluster's threads are the unit of parallelism.
 THREADS_PER_TASK = 1
 
 
@@ -49,7 +50,7 @@ class ScoringJob:
         weights_sha256: the weights hash the plan's fingerprint was made with.
         tracking_uri: the MLflow tracking store the worker reads the model from.
         registry_uri: the MLflow registry.
-        threads: threads running the network in one task (each with one torch thread).
+        threads: threads running the network in one task.
     """
 
     plan: ScoringPlan
@@ -123,6 +124,7 @@ def worker_model(job: ScoringJob) -> ScoringModel:
     with _MODELS_LOCK:  # threads of one worker share the model; it is loaded once
         model = _MODELS.get(key)
         if model is None:
+            _configure_worker()
             client = MlflowClient(tracking_uri=job.tracking_uri, registry_uri=job.registry_uri)
             model = load_scoring_model(
                 job.model_uri, client=client, architectures=job.architectures
@@ -137,3 +139,23 @@ def worker_model(job: ScoringJob) -> ScoringModel:
                 _MODELS.popitem(last=False)
         _MODELS.move_to_end(key)
     return model
+
+
+_WORKER_CONFIGURED = threading.Event()
+
+
+def _configure_worker() -> None:
+    """Once per Dask worker process, before its first model: one runtime thread per task
+    (the worker's threads run tasks side by side). Outside a Dask worker, nothing."""
+    if _WORKER_CONFIGURED.is_set():
+        return
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return  # not in a worker: the process keeps its own setting
+    from stemma.components.runtime.backends import set_threads
+
+    set_threads(THREADS_PER_TASK)
+    _WORKER_CONFIGURED.set()

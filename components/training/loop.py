@@ -6,15 +6,13 @@ run is bit-for-bit reproducible from its seed: batches are drawn by a generator 
 run resumed from its checkpoint ends with exactly the weights of an uninterrupted one. On
 CUDA the tensors move to the GPU once and the forward pass runs under bf16 autocast.
 
-Weights leave this module as safetensors; :func:`weights_sha256` is the content digest
-lineage records and ``stemma reproduce`` compares.
+Weights are saved and loaded as safetensors by :mod:`stemma.components.model.artifact`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
 import os
 import sys
@@ -280,52 +278,6 @@ def predict_raw(network: nn.Module, x: np.ndarray, batch_size: int = EVAL_BATCH_
         network.train(was_training)
 
 
-def save_weights(network: nn.Module, path: Path) -> str:
-    """Write the network's weights as safetensors, atomically.
-
-    Returns:
-        The sha256 (hex) of the file's bytes, equal to :func:`weights_sha256`.
-    """
-    payload = _safetensors_bytes(network)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, target)
-    return hashlib.sha256(payload).hexdigest()
-
-
-def load_weights(network: nn.Module, path: Path) -> nn.Module:
-    """Load safetensors weights into ``network`` (in place) and return it.
-
-    Raises:
-        TrainingError: the file is missing, unreadable, or does not fit the network.
-    """
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path), device="cpu")
-    except FileNotFoundError:
-        raise TrainingError(f"{path}: no such weights file") from None
-    except Exception as error:  # safetensors raises its own error types for corrupt files
-        raise TrainingError(f"{path}: not a readable safetensors file: {error}") from error
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as error:
-        raise TrainingError(
-            f"{path}: the weights do not fit this network", str(error).splitlines()
-        ) from None
-    return network
-
-
-def weights_sha256(network: nn.Module) -> str:
-    """The sha256 (hex) of the network's weights as :func:`save_weights` would write them."""
-    return hashlib.sha256(_safetensors_bytes(network)).hexdigest()
-
-
 # ---------------------------------------------------------------------------------------
 # The loop
 
@@ -543,17 +495,6 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
-
-
-def _safetensors_bytes(network: nn.Module) -> bytes:
-    from safetensors.torch import save
-
-    # Fresh contiguous CPU copies: safetensors refuses views and tensors sharing memory.
-    tensors = {
-        name: tensor.detach().to("cpu", copy=True).contiguous()
-        for name, tensor in network.state_dict().items()
-    }
-    return save(tensors)
 
 
 # ---------------------------------------------------------------------------------------

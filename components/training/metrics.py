@@ -7,7 +7,7 @@ state, nothing left open) and written atomically.
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stemma.components.errors import DataError
+from stemma.components.platform.files import write_atomically
 from stemma.components.spec import METRIC_DIRECTIONS
 
 if TYPE_CHECKING:
@@ -107,7 +108,6 @@ def plot_evaluation(
     """
     truth, predicted = _checked(y_true, scores)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if task == "binary":
         _check_binary(truth, predicted)
         figures = [
@@ -126,7 +126,7 @@ def plot_evaluation(
         ]
     else:
         raise ValueError(f"task must be one of {sorted(METRIC_DIRECTIONS)}, got {task!r}")
-    return [_save(figure, out / name) for name, figure in figures]
+    return [save_figure(figure, out / name) for name, figure in figures]
 
 
 def plot_history(
@@ -150,7 +150,7 @@ def plot_history(
     val_losses = [float(row["val_loss"]) for row in history]
     if best_epoch is None:
         best_epoch = epochs[int(np.argmin(val_losses))]
-    figure, axes = _figure()
+    figure, axes = new_figure()
     axes.plot(
         epochs, [float(row["train_loss"]) for row in history], marker="o", label="training loss"
     )
@@ -159,9 +159,7 @@ def plot_history(
     axes.set(xlabel="epoch", ylabel="loss", title="Training history")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return _save(figure, out)
+    return save_figure(figure, Path(out_path))
 
 
 def plot_score_histogram(
@@ -181,7 +179,7 @@ def plot_score_histogram(
     if len(edges) != len(counts) + 1:
         raise ValueError(f"{len(edges)} edges do not bound {len(counts)} bins")
     edge_values = np.asarray(edges, dtype=np.float64)
-    figure, axes = _figure()
+    figure, axes = new_figure()
     axes.bar(
         edge_values[:-1],
         np.asarray(counts, dtype=np.int64),
@@ -190,9 +188,7 @@ def plot_score_histogram(
         edgecolor="white",
     )
     axes.set(xlabel="score", ylabel="rows", title=title)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return _save(figure, out)
+    return save_figure(figure, Path(out_path))
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,7 +229,8 @@ def _check_binary(truth: np.ndarray, predicted: np.ndarray) -> None:
 # Figures
 
 
-def _figure() -> tuple[Figure, Any]:
+def new_figure() -> tuple[Figure, Any]:
+    """A figure of the standard size with one axes, on its own Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -244,18 +241,20 @@ def _figure() -> tuple[Figure, Any]:
     return figure, figure.add_subplot()
 
 
-def _save(figure: Figure, path: Path) -> Path:
-    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    figure.savefig(temporary, format="png")
-    os.replace(temporary, path)
-    return path
+def save_figure(figure: Figure, path: Path) -> Path:
+    """Write the figure as a PNG, atomically, creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return write_atomically(path, buffer.getvalue())
 
 
 def _roc_figure(truth: np.ndarray, predicted: np.ndarray) -> Figure:
     from sklearn.metrics import roc_auc_score, roc_curve
 
     false_positive_rate, true_positive_rate, _ = roc_curve(truth, predicted)
-    figure, axes = _figure()
+    figure, axes = new_figure()
     axes.plot(
         false_positive_rate,
         true_positive_rate,
@@ -277,7 +276,7 @@ def _precision_recall_figure(truth: np.ndarray, predicted: np.ndarray) -> Figure
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
     precision, recall, _ = precision_recall_curve(truth, predicted)
-    figure, axes = _figure()
+    figure, axes = new_figure()
     axes.step(
         recall,
         precision,
@@ -304,7 +303,7 @@ def _confusion_figure(truth: np.ndarray, predicted: np.ndarray, threshold: float
     counts = confusion_matrix(
         truth.astype(np.int64), (predicted >= threshold).astype(np.int64), labels=[0, 1]
     )
-    figure, axes = _figure()
+    figure, axes = new_figure()
     image = axes.imshow(counts, cmap="Blues")
     figure.colorbar(image, ax=axes)
     for row in range(2):
@@ -340,7 +339,7 @@ def _scatter_sample(rows: int) -> np.ndarray:
 
 
 def _residuals_figure(truth: np.ndarray, predicted: np.ndarray) -> Figure:
-    figure, axes = _figure()
+    figure, axes = new_figure()
     axes.scatter(predicted, truth - predicted, s=4, alpha=0.4)
     axes.axhline(0.0, color="grey", linestyle="--")
     axes.set(xlabel="predicted", ylabel="actual - predicted", title="Residuals")
@@ -348,7 +347,7 @@ def _residuals_figure(truth: np.ndarray, predicted: np.ndarray) -> Figure:
 
 
 def _predicted_vs_actual_figure(truth: np.ndarray, predicted: np.ndarray) -> Figure:
-    figure, axes = _figure()
+    figure, axes = new_figure()
     axes.scatter(truth, predicted, s=4, alpha=0.4)
     low, high = float(min(truth.min(), predicted.min())), float(max(truth.max(), predicted.max()))
     axes.plot([low, high], [low, high], color="grey", linestyle="--", label="perfect prediction")

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
-from stemma.components.monitoring.drift import ks_2samp_sorted
+from stemma.components.monitoring.accumulators import ks_2samp_sorted
 from stemma.components.monitoring.profile import (
     NumericProfile,
     ReferenceProfile,

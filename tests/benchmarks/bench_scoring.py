@@ -1,30 +1,20 @@
-"""End-to-end batch scoring throughput and memory: `score_files` against what users write instead.
+"""End-to-end batch scoring against `mlflow.pyfunc`, for the credit MLP and a custom module.
 
-Run with `.venv/bin/pytest tests/benchmarks/bench_scoring.py -m benchmark -s`.
+Run with `.venv/bin/pytest tests/benchmarks/bench_scoring.py -m benchmark -s`
+(`STEMMA_BENCH_SIZES=1M` for the 1M-row input only).
 
-A credit-like model (9 features, 6 numeric and 3 categorical, MLP 64x32) is registered in
-a local MLflow store, and 1M- and 10M-row Parquet inputs are generated. Each job reads the
-input in the same chunks, preprocesses, predicts and writes Parquet, each with the thread
-setting that serves it best on this machine: Stemma its default (one model thread per
-core but one while reading, beside its reader, hasher and writer threads, then one per
-core for the chunks left once the input is read; each runs the network on its own
-row groups, one TorchScript call each); (a) and (b) `torch.set_num_threads(THREADS)`,
-one per core, which was faster for both than one thread (measured on 2 cores: pyfunc
-0.68 s against 0.87 s for 1M rows):
-
-* Stemma: `score_files` (schema check, input digest, validity checks, rejects, atomic
-  parts with hashes, manifest); the input is touched before every job, so that Stemma
-  hashes it each time as it would a new batch instead of reading a remembered digest;
-* (a) a hand-written pandas + torch script: `iter_batches` -> `to_pandas`, manual
-  standardisation and one-hot encoding with numpy, a forward pass under
-  `torch.inference_mode`, `DataFrame.to_parquet` per chunk;
-* (b) `mlflow.pyfunc.load_model(uri).predict` over the same chunks, plus the same writing.
-
-Model loading is outside every timing, and so is one warm-up round of each job. Jobs
-alternate so that load from other processes hits all alike. Peak RSS of Stemma is
-measured in a fresh process per input size. Targets: Stemma at least as fast as (a) and
-3x (b); peak RSS for 10M rows within 1.2x of 1M rows. The assertions leave room for a
-noisy shared machine.
+Two models are registered in a local MLflow store: the built-in credit MLP (9 features, 6
+numeric and 3 categorical, 64x32) and a user's own `nn.Module`, a residual MLP with
+LayerNorm 128 wide (:class:`ResidualMLP`), each with its ONNX graph. For each model and
+input size, every round runs `mlflow.pyfunc.load_model(uri).predict` over the input's
+chunks (then `to_parquet`, with `torch.set_num_threads(THREADS)`), and Stemma's
+`score_files` over the same input (schema check, input digest, validity checks, rejects,
+atomic parts with hashes, manifest; the input is touched first, so that it is hashed as a
+new batch would be) right after it. The printed figure is the median over rounds of the
+per-round ratio pyfunc seconds / Stemma seconds, whose drift on a shared machine cancels
+out. Model loading and one warm-up round of each job are outside the timings. Peak RSS of
+Stemma is measured in a fresh process per input size when the 10M input is run.
+Targets: credit >= 2.5x at 1M and >= 2.8x at 10M; the custom module >= 2x at both.
 """
 
 from __future__ import annotations
@@ -46,8 +36,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow import MlflowClient
+from torch import nn
 
-from stemma.components.model.preprocessing import Preprocessor
+from stemma.components.model.artifact import log_pyfunc_model
+from stemma.components.model.networks import build_network, network_config
+from stemma.components.model.preprocessing import fit_preprocessor
 from stemma.components.platform import digests
 from stemma.components.platform.tracking import configure_tracking, ensure_experiment
 from stemma.components.scoring.engine import (
@@ -58,33 +51,58 @@ from stemma.components.scoring.engine import (
     load_scoring_model,
     score_files,
 )
-from stemma.components.spec import FeaturesSpec
-from tests.support import isolated_mlflow, log_trained_model
+from stemma.components.spec import FeaturesSpec, ModelSpec
+from tests.support import isolated_mlflow
 
 MODEL_NAME = "credit-bench"
 ID = "application_id"
 NUMERIC = ["salary", "commission", "age", "hvalue", "hyears", "loan"]
 CATEGORICAL = ["elevel", "car", "zipcode"]
 FEATURES = FeaturesSpec(numeric=NUMERIC, categorical=CATEGORICAL)
-SIZES = {"1M": 1_000_000, "10M": 10_000_000}
+ALL_SIZES = {"1M": 1_000_000, "10M": 10_000_000}
+SIZES = {
+    label: ALL_SIZES[label]
+    for label in os.environ.get("STEMMA_BENCH_SIZES", "1M,10M").split(",")
+    if label in ALL_SIZES
+}
 #: Rows generated (and written) at a time: bounds the generator's memory too.
 ROW_GROUP_ROWS = 1_000_000
 CHUNK_ROWS = 200_000
 THREADS = os.cpu_count() or 1
-#: Alternating rounds per input size (medians reported), after one untimed warm-up round of
-#: each job on the 1M input.
-ROUNDS = {"1M": 15, "10M": 4}
-#: Targets of the issue, and the looser bounds asserted on a shared 2-core machine.
-TARGET_VS_HAND_WRITTEN = 1.0
-TARGET_VS_PYFUNC = 3.0
+#: Paired rounds per input size (medians reported), after one untimed warm-up round.
+ROUNDS = {"1M": 7, "10M": 3}
+#: The custom module: a residual MLP with LayerNorm, this wide.
+CUSTOM_WIDTH = 128
+CUSTOM_ARCHITECTURE = f"{__name__}:ResidualMLP"
+#: Targets of the issue (Stemma's speed over pyfunc's, per model and size), and the
+#: looser bounds asserted on a shared 2-core machine.
+TARGETS = {
+    ("credit", "1M"): 2.5,
+    ("credit", "10M"): 2.8,
+    ("custom", "1M"): 2.0,
+    ("custom", "10M"): 2.0,
+}
+ASSERTED_SHARE_OF_TARGET = 0.8
 TARGET_RSS_RATIO = 1.2
-ASSERTED_VS_HAND_WRITTEN = 0.8
-#: Below the target, so that noise from other work on a shared 2-core machine does not fail
-#: the run; the printed ratio is the measurement (five runs on that machine: 1M rows
-#: 3.20-3.45x, 10M rows 3.50-3.57x, with pyfunc itself at 2.2-2.35M rows/s; pyfunc's
-#: speed has ranged over 1.6-2.52M rows/s between runs).
-ASSERTED_VS_PYFUNC = 2.5
 ASSERTED_RSS_RATIO = 1.3
+
+
+class ResidualMLP(nn.Module):
+    """A user's own network: a projection, two residual blocks with LayerNorm, a head."""
+
+    def __init__(self, n_inputs: int, n_outputs: int = 1, width: int = CUSTOM_WIDTH) -> None:
+        super().__init__()
+        self.project = nn.Linear(n_inputs, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU()) for _ in range(2)
+        )
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, n_outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.project(x)
+        for block in self.blocks:
+            hidden = hidden + block(hidden)
+        return self.head(hidden)
 
 
 def credit_columns(rng: np.random.Generator, first_id: int, rows: int) -> dict[str, np.ndarray]:
@@ -119,37 +137,50 @@ def write_input(path: Path, rows: int, seed: int) -> Path:
     return path
 
 
-def register_model(root: Path) -> str:
-    """Log and register the credit-like model (initial weights; training is not measured)."""
+def register_model(root: Path, kind: str = "credit") -> str:
+    """Log and register the credit MLP or the custom module (initial weights: training is
+    not measured); returns the reference of its champion."""
     configure_tracking(root)
     experiment_id = ensure_experiment("bench-scoring", root)
     frame = pd.DataFrame(credit_columns(np.random.default_rng(0), 0, 50_000))
     frame["approved"] = (frame["salary"] > 80_000).astype(np.int64)
-    _, _, info, sha256, run_id = log_trained_model(
-        frame,
-        FEATURES,
-        task="binary",
-        target="approved",
-        experiment_id=experiment_id,
-        workdir=root / "model",
-        hidden=(64, 32),
-        dropout=0.1,
-    )
+    preprocessor = fit_preprocessor(frame, FEATURES, task="binary", target="approved")
+    if kind == "credit":
+        spec = ModelSpec(hidden=[64, 32], dropout=0.1)
+    else:
+        spec = ModelSpec(architecture=CUSTOM_ARCHITECTURE, params={"width": CUSTOM_WIDTH})
+    config = network_config(spec)
+    network = build_network(config, preprocessor.n_inputs, seed=7)
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        info, sha256 = log_pyfunc_model(
+            preprocessor=preprocessor,
+            network=network,
+            network_config=config,
+            input_example=frame,
+            task="binary",
+            workdir=root / f"model-{kind}",
+        )
+    name = f"{MODEL_NAME}-{kind}"
     client = MlflowClient()
-    client.create_registered_model(MODEL_NAME)
+    client.create_registered_model(name)
     version = client.create_model_version(
-        MODEL_NAME,
+        name,
         source=info.model_uri,
-        run_id=run_id,
+        run_id=run.info.run_id,
         model_id=info.model_id,
         tags={WEIGHTS_TAG: sha256},
     )
-    client.set_registered_model_alias(MODEL_NAME, "champion", version.version)
-    return f"models:/{MODEL_NAME}@champion"
+    client.set_registered_model_alias(name, "champion", version.version)
+    return f"models:/{name}@champion"
+
+
+def load_model(reference: str, kind: str) -> ScoringModel:
+    architectures = [CUSTOM_ARCHITECTURE] if kind == "custom" else []
+    return load_scoring_model(reference, architectures=architectures)
 
 
 # ---------------------------------------------------------------------------------------
-# The three jobs
+# The two jobs
 
 
 def run_stemma(model: ScoringModel, source: Path, out: Path) -> int:
@@ -162,38 +193,6 @@ def run_stemma(model: ScoringModel, source: Path, out: Path) -> int:
         progress=False,
     )
     return result.rows_scored + result.rows_rejected
-
-
-def run_hand_written(
-    preprocessor: Preprocessor, network: torch.nn.Module, source: Path, out: Path
-) -> int:
-    """What a user writes instead: pandas per chunk, numpy one-hot, torch, to_parquet."""
-    out.mkdir(parents=True, exist_ok=True)
-    means = np.asarray(preprocessor.means)
-    stds = np.asarray(preprocessor.stds)
-    vocabularies = [np.asarray(v) for v in preprocessor.vocabularies]
-    rows = 0
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        for index, batch in enumerate(pq.ParquetFile(source).iter_batches(batch_size=CHUNK_ROWS)):
-            frame = batch.to_pandas()
-            numeric = (frame[NUMERIC].to_numpy(dtype=np.float64) - means) / stds
-            one_hot = [
-                (frame[column].to_numpy()[:, None] == vocabulary[None, :]).astype(np.float32)
-                for column, vocabulary in zip(CATEGORICAL, vocabularies, strict=True)
-            ]
-            x = np.hstack([numeric.astype(np.float32), *one_hot])
-            with torch.inference_mode():
-                logits = network(torch.from_numpy(x)).numpy()[:, 0].astype(np.float64)
-            score = 1.0 / (1.0 + np.exp(-logits))
-            pd.DataFrame(
-                {ID: frame[ID], "prediction": (score >= 0.5).astype(np.int64), "score": score}
-            ).to_parquet(out / f"part-{index:05d}.parquet", index=False)
-            rows += len(frame)
-    finally:
-        torch.set_num_threads(previous)
-    return rows
 
 
 def run_pyfunc(pyfunc_model, source: Path, out: Path) -> int:
@@ -223,13 +222,6 @@ def as_new(source: Path) -> Path:
     """
     os.utime(source)
     return source
-
-
-def timed(job: Callable[[Path], int], out: Path) -> float:
-    """Rows per second of one run into a fresh folder."""
-    started = time.perf_counter()
-    rows = job(out)
-    return rows / (time.perf_counter() - started)
 
 
 RSS_SCRIPT = """
@@ -278,95 +270,93 @@ def isolated_tracking():
         yield
 
 
+def paired_ratios(
+    jobs: dict[str, tuple[Callable[[Path, Path], int], Callable[[Path, Path], int]]],
+    source: Path,
+    rounds: int,
+    scratch: Path,
+) -> dict[str, list[float]]:
+    """Per model, each round's pyfunc seconds over Stemma's, the two run back to back."""
+    ratios: dict[str, list[float]] = {kind: [] for kind in jobs}
+    for index in range(rounds):
+        for kind, (stemma, pyfunc) in jobs.items():
+            base = scratch / f"{kind}-{source.stem}-{index}"
+            theirs = timed_seconds(lambda out, job=pyfunc: job(source, out), base / "pyfunc")
+            ours = timed_seconds(lambda out, job=stemma: job(as_new(source), out), base / "stemma")
+            ratios[kind].append(theirs / ours)
+    return ratios
+
+
+def timed_seconds(job: Callable[[Path], int], out: Path) -> float:
+    started = time.perf_counter()
+    job(out)
+    return time.perf_counter() - started
+
+
 @pytest.mark.benchmark
-def test_score_files_beats_hand_written_and_pyfunc_in_bounded_memory(
+def test_score_files_beats_pyfunc_for_the_credit_mlp_and_a_custom_module(
     tmp_path: Path, isolated_tracking: None
 ) -> None:
-    reference = register_model(tmp_path / "store")
+    store = tmp_path / "store"
+    jobs = {}
+    references = {}
+    for kind in ("credit", "custom"):
+        references[kind] = register_model(store, kind)
+        model = load_model(references[kind], kind)
+        pyfunc_model = mlflow.pyfunc.load_model(model.model_uri, suppress_warnings=True)
+        print(f"\n{kind}: {model.label} runs on {model.runtime.label}", end="")
+        jobs[kind] = (
+            lambda source, out, model=model: run_stemma(model, source, out),
+            lambda source, out, pyfunc_model=pyfunc_model: run_pyfunc(pyfunc_model, source, out),
+        )
     uri = mlflow.get_tracking_uri()
     inputs = {
         label: write_input(tmp_path / f"input-{label}.parquet", rows, seed=len(label))
         for label, rows in SIZES.items()
     }
-    model = load_scoring_model(reference)
-    pyfunc_model = mlflow.pyfunc.load_model(model.model_uri, suppress_warnings=True)
-    network = model.network
-
-    jobs: dict[str, Callable[[Path, Path], int]] = {
-        "stemma": lambda source, out: run_stemma(model, source, out),
-        "hand-written": lambda source, out: run_hand_written(
-            model.preprocessor, network, source, out
-        ),
-        "pyfunc": lambda source, out: run_pyfunc(pyfunc_model, source, out),
-    }
-    # The inputs just written are flushed first, so that the kernel writing them back does
-    # not share the two cores with the first rounds. The warm-up round pays what a process
-    # pays once: faulting in the memory each job settles into (mostly huge pages zeroed
-    # for Arrow's allocator) and oneDNN compiling kernels for the batch shapes. Measured
-    # in fresh processes, a first 1M-row scoring took 160-470 ms, the next ones 140-210.
+    # The warm-up round pays what a process pays once (memory faulted in, kernels chosen).
     os.sync()
-    for job_name, job in jobs.items():
-        job(as_new(inputs["1M"]), tmp_path / f"warm-up-{job_name}")
+    first = next(iter(inputs.values()))
+    for kind, (stemma, pyfunc) in jobs.items():
+        stemma(as_new(first), tmp_path / f"warm-up-{kind}-stemma")
+        pyfunc(first, tmp_path / f"warm-up-{kind}-pyfunc")
     digests.reset_stats()
-    rates: dict[str, dict[str, list[float]]] = {label: {job: [] for job in jobs} for label in SIZES}
-    run = 0
-    for label in SIZES:
-        for _ in range(ROUNDS[label]):
-            for job_name, job in jobs.items():
-                run += 1
-                out = tmp_path / f"out-{run}"
-                source = as_new(inputs[label])
-                rates[label][job_name].append(
-                    timed(lambda folder, job=job, source=source: job(source, folder), out)
-                )
-
+    ratios = {
+        label: paired_ratios(jobs, source, ROUNDS[label], tmp_path / "rounds")
+        for label, source in inputs.items()
+    }
     # every timed Stemma run hashed its input: none read a remembered digest
     assert digests.stats().hits == 0, digests.stats()
-    assert digests.stats().misses == sum(ROUNDS.values()), digests.stats()
 
+    print(
+        f"\nbatch scoring, chunks of {CHUNK_ROWS:,} rows; Stemma {default_model_threads()} model "
+        f"threads while reading, then {THREADS}; pyfunc {THREADS} torch threads"
+    )
+    medians = {}
+    for label, by_kind in ratios.items():
+        for kind, values in by_kind.items():
+            medians[kind, label] = statistics.median(values)
+            print(
+                f"  {kind:>6} {label:>3} rows: stemma/pyfunc median {medians[kind, label]:.2f}x "
+                f"(target >= {TARGETS[kind, label]}); rounds: "
+                f"{', '.join(f'{ratio:.2f}' for ratio in sorted(values))}"
+            )
+    if "10M" in inputs and "1M" in inputs:
+        check_memory(references["credit"], inputs, tmp_path, uri)
+    for key, median in medians.items():
+        assert median >= ASSERTED_SHARE_OF_TARGET * TARGETS[key], f"{key}: {median:.2f}x pyfunc"
+
+
+def check_memory(reference: str, inputs: dict[str, Path], tmp_path: Path, uri: str) -> None:
+    """Peak RSS of 10M rows within TARGET_RSS_RATIO of 1M rows (fresh processes)."""
     memory = {
         label: stemma_peak_rss(reference, as_new(inputs[label]), tmp_path / f"rss-{label}", uri)
-        for label in SIZES
+        for label in ("1M", "10M")
     }
-
-    print()
-    print(
-        f"batch scoring, chunks of {CHUNK_ROWS:,} rows; model threads: Stemma "
-        f"{default_model_threads()} while reading, then {THREADS}; hand-written and pyfunc "
-        f"{THREADS}"
-    )
-    ratios = {}
-    for label in SIZES:
-        medians = {job: statistics.median(values) for job, values in rates[label].items()}
-        vs_hand = medians["stemma"] / medians["hand-written"]
-        vs_pyfunc = medians["stemma"] / medians["pyfunc"]
-        ratios[label] = (vs_hand, vs_pyfunc)
-        print(
-            f"  {label:>3} rows: stemma {medians['stemma']:,.0f} rows/s, "
-            f"hand-written {medians['hand-written']:,.0f}, pyfunc {medians['pyfunc']:,.0f} | "
-            f"stemma/hand-written {vs_hand:.2f} (target >= {TARGET_VS_HAND_WRITTEN}), "
-            f"stemma/pyfunc {vs_pyfunc:.2f} (target >= {TARGET_VS_PYFUNC})"
-        )
-        # Each round's jobs ran back to back, so a round's ratio has the least drift in it.
-        paired = sorted(
-            ours / theirs
-            for ours, theirs in zip(rates[label]["stemma"], rates[label]["pyfunc"], strict=True)
-        )
-        print(
-            f"        stemma/pyfunc per round: {', '.join(f'{ratio:.2f}' for ratio in paired)} "
-            f"({sum(ratio >= TARGET_VS_PYFUNC for ratio in paired)} of {len(paired)} "
-            f"at {TARGET_VS_PYFUNC:g}x or more)"
-        )
     rss_ratio = memory["10M"]["peak_kib"] / memory["1M"]["peak_kib"]
-    growth = {label: (m["peak_kib"] - m["before_kib"]) / 1024 for label, m in memory.items()}
     print(
         f"  peak RSS: 1M {memory['1M']['peak_kib'] / 1024:,.0f} MiB, "
         f"10M {memory['10M']['peak_kib'] / 1024:,.0f} MiB, ratio {rss_ratio:.3f} "
-        f"(target <= {TARGET_RSS_RATIO}); above the loaded model: "
-        f"1M {growth['1M']:,.0f} MiB, 10M {growth['10M']:,.0f} MiB"
+        f"(target <= {TARGET_RSS_RATIO})"
     )
-
-    for label, (vs_hand, vs_pyfunc) in ratios.items():
-        assert vs_hand >= ASSERTED_VS_HAND_WRITTEN, f"{label}: {vs_hand:.2f} x hand-written"
-        assert vs_pyfunc >= ASSERTED_VS_PYFUNC, f"{label}: {vs_pyfunc:.2f} x pyfunc"
     assert rss_ratio <= ASSERTED_RSS_RATIO, f"peak RSS 10M/1M = {rss_ratio:.3f}"

@@ -21,9 +21,10 @@ import pytest
 import torch
 from torch import nn
 
+from stemma.components.model.artifact import weights_sha256
 from stemma.components.model.networks import build_network
 from stemma.components.spec import TrainSpec
-from stemma.components.training.loop import train_network, weights_sha256
+from stemma.components.training.loop import train_network
 
 ROWS = 200_000
 VALIDATION_ROWS = 20_000

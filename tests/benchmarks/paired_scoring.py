@@ -1,6 +1,9 @@
-"""Two versions of `components/scoring.py` on the same input, in paired rounds.
+"""Two versions of the scoring engine on the same input, in paired rounds.
 
     .venv/bin/python -m tests.benchmarks.paired_scoring OLD.py NEW.py [--rows N] [--rounds R]
+
+Each file is a module that defines `score_files` and `input_files` (e.g. a copy of
+`components/scoring/engine.py` that imports the rest of the package).
 
 On a shared 2-vCPU machine a run's time drifts by 20-30% within minutes, so timings taken
 minutes apart cannot tell a 5% change. Here each version runs in its own process (its
@@ -10,7 +13,8 @@ share) and the two take turns, swapping the order every round; each round runs
 per-round ratio of NEW to OLD, whose drift cancels out. Each version's CPU time over all
 its threads is printed too: a change can save CPU and still lose time to a worse schedule.
 
-Keep a copy of the old module first, e.g. `git show HEAD:components/scoring.py > old.py`.
+Keep a copy of the old module first, e.g.
+`git show HEAD:components/scoring/engine.py > old.py`.
 """
 
 from __future__ import annotations

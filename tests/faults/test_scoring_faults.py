@@ -59,6 +59,7 @@ CHILD = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from stemma.components.scoring import engine as scoring
+    from stemma.components.scoring import output as scoring_output
 
     reference, source, output, chunk_rows, hold, marker = sys.argv[1:7]
 
@@ -68,16 +69,16 @@ CHILD = textwrap.dedent(
 
     if hold.startswith("part-"):
         wanted, calls = int(hold.removeprefix("part-")), []
-        write_part = scoring._write_part
+        write_part = scoring_output.write_part
         def holding_write_part(path, payload, rows):
             if path.parent.name != scoring.REJECTS_DIR:
                 calls.append(path)
                 if len(calls) == wanted:
                     reached()
             return write_part(path, payload, rows)
-        scoring._write_part = holding_write_part
+        scoring_output.write_part = holding_write_part
     elif hold in ("before-success", "during-publish"):
-        write_atomically = scoring._write_atomically
+        write_atomically = scoring_output.write_atomically
         def holding_write(path, data, **kwargs):
             if path.name == scoring.SUCCESS_FILE:
                 if hold == "during-publish":  # half the manifest is in its temporary file
@@ -85,7 +86,7 @@ CHILD = textwrap.dedent(
                     temporary.write_bytes(bytes(data)[: len(data) // 2])
                 reached()
             return write_atomically(path, data, **kwargs)
-        scoring._write_atomically = holding_write
+        scoring_output.write_atomically = holding_write
 
     model = scoring.load_scoring_model(reference)
     result = scoring.score_files(model, [Path(source)], Path(output), id_column="application_id",

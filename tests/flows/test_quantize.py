@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -21,8 +20,9 @@ import pandas as pd
 import pytest
 
 from stemma.components.errors import DataError, RegistryError
-from stemma.components.quantization import variants as q
-from stemma.components.scoring.engine import load_scoring_model
+from stemma.components.quantization import methods
+from stemma.components.quantization import registering as q
+from stemma.components.runtime.loading import load_scoring_model
 from stemma.components.training.loop import predict_raw
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "mlflow_uri")
@@ -32,19 +32,12 @@ TRAIN = ["train.epochs=2", "train.early_stopping=null", "train.batch_size=256"]
 PIPELINE = [f"pipeline.name={NAME}", f"pipeline.model_name={NAME}"]
 #: Every variant that runs passes: the flow's registration path, whatever the machine's load.
 ALL_PASS = [
-    "quantize.methods=[int8_weight_only, bf16, float8_dynamic]",
+    "quantize.methods=[int8_weight_only, bf16, float8_dynamic, ort_int8_dynamic]",
     "quantize.min_speedup=0.01",
     "quantize.max_metric_drop=1.0",
     "quantize.repeats=5",
     "quantize.warmup=1",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def inductor_cache():
-    os.environ.setdefault(
-        "TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "stemma-tests-inductor")
-    )
 
 
 def run_quantize(project: Path, *overrides: str, model: str | None = None) -> dict:
@@ -96,6 +89,7 @@ def test_passing_variants_are_registered_with_tags_aliases_and_lineage(quantized
         "int8_weight_only": "passed",
         "bf16": "passed",
         "float8_dynamic": "skipped",
+        "ort_int8_dynamic": "passed",
     }
     assert summary["parent_version"] == "1"
     # the held-out rows are the parent's test split: 20% of the table
@@ -103,7 +97,7 @@ def test_passing_variants_are_registered_with_tags_aliases_and_lineage(quantized
     parent = client.get_model_version(NAME, "1")
     assert float(parent.tags["stemma.gate.value"]) == pytest.approx(summary["parent_value"])
 
-    for method in ("int8_weight_only", "bf16"):
+    for method in ("int8_weight_only", "bf16", "ort_int8_dynamic"):
         number = variants[method]["version"]
         version = client.get_model_version(NAME, number)
         tags = version.tags
@@ -119,7 +113,9 @@ def test_passing_variants_are_registered_with_tags_aliases_and_lineage(quantized
         assert "stemma.gate.decision" not in tags
         assert aliases()[q.method_alias("1", method)] == number
 
-    fastest = min(("int8_weight_only", "bf16"), key=lambda m: variants[m]["latency_ms"])
+    fastest = min(
+        ("int8_weight_only", "bf16", "ort_int8_dynamic"), key=lambda m: variants[m]["latency_ms"]
+    )
     assert aliases()["v1-quantized"] == variants[fastest]["version"] == summary["served_version"]
     assert aliases()["champion"] == "1"
 
@@ -129,8 +125,13 @@ def test_passing_variants_are_registered_with_tags_aliases_and_lineage(quantized
     loaded = load_scoring_model(f"models:/{NAME}@v1-bf16")
     frame = pd.read_parquet(quantized["root"] / "data/credit/train.parquet").head(500)
     x = fp32.preprocessor.transform(frame)
-    rebuilt = q.build_variant(fp32.network, "bf16")
+    rebuilt = methods.build_variant(fp32.network, "bf16")
     assert np.array_equal(predict_raw(loaded.network, x), predict_raw(rebuilt, x))
+    # ONNX Runtime's variant loads back on its own graph, within the gate's parity
+    ort = load_scoring_model(f"models:/{NAME}@v1-ort-int8-dynamic")
+    assert ort.runtime.backend == variants["ort_int8_dynamic"]["runtime"] == "onnxruntime"
+    decoded = [m.preprocessor.decode_output(m.runtime.run(x)).reshape(-1) for m in (ort, fp32)]
+    assert np.abs(decoded[0] - decoded[1]).max() < 0.05
 
     # the parent records every decision, with the numbers
     recorded = json.loads(parent.tags[q.SUMMARY_TAG])
@@ -153,13 +154,19 @@ def test_the_run_holds_the_table_the_plot_and_the_lineage(quantized, tmp_path):
     assert metrics["quantize.int8_weight_only.speedup"] == pytest.approx(
         by_method(summary)["int8_weight_only"]["speedup"]
     )
-    assert {"quantize.fp32.eager_ms", "quantize.fp32.compiled_ms"} <= set(metrics)
+    assert {"quantize.fp32.eager_ms", "quantize.fp32.onnxruntime_ms"} <= set(metrics)
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.source_type == "dvc"
 
     artifacts = Path(client.download_artifacts(summary["run_id"], "", str(tmp_path)))
     table = pd.read_csv(artifacts / "quantize/comparison.csv")
-    assert set(table["model"]) >= {"fp32 (eager)", "fp32 (compiled)", "int8_weight_only", "bf16"}
+    assert set(table["model"]) >= {
+        "fp32 (eager)",
+        "fp32 (onnxruntime)",
+        "int8_weight_only",
+        "bf16",
+        "ort_int8_dynamic",
+    }
     assert (artifacts / "quantize/comparison.json").is_file()  # mlflow.log_table
     assert (artifacts / "quantize/tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     record = json.loads((artifacts / "lineage/record.json").read_text())
@@ -255,7 +262,6 @@ def test_training_quantizes_when_the_spec_enables_it(template_project, tmp_path)
             "pipeline.model_name=quant-train",
             "quantize.enabled=true",
             "quantize.methods=[bf16]",
-            "quantize.compile=false",
             "quantize.min_speedup=0.01",
             "quantize.max_metric_drop=1.0",
             "quantize.repeats=3",
@@ -282,7 +288,6 @@ def test_rejected_variants_are_recorded_and_scoring_falls_back(quantized, stemma
         *PIPELINE,
         "quantize.methods=[int8_weight_only, bf16]",
         "quantize.min_speedup=1000",
-        "quantize.compile=false",
         "quantize.repeats=3",
     ]:
         args += ["--set", override]

@@ -228,11 +228,8 @@ def test_tensor_and_metric_comparison_is_bit_exact(tmp_path):
 
 def test_files_that_differ_from_their_digests_are_not_reproduced(trained):
     """A version whose recorded manifest disagrees with its files: refused before retraining."""
-    from stemma.components.platform.tracking import (
-        MODEL_FILES_TAG,
-        decode_manifest,
-        encode_manifest,
-    )
+    from stemma.components.model.artifact import decode_manifest, encode_manifest
+    from stemma.components.platform.tags import MODEL_FILES as MODEL_FILES_TAG
     from stemma.flows.reproduce import run_reproduce
 
     root, summary = trained

@@ -17,11 +17,11 @@ import torch
 from mlflow import MlflowClient
 
 from stemma.components.errors import DataError, RegistryError
-from stemma.components.evaluation import canary
+from stemma.components.evaluation import canary, canary_guards, canary_steps
 from stemma.components.evaluation.comparison import route_buckets, route_to_challenger
-from stemma.components.evaluation.shadow import load_labels
+from stemma.components.evaluation.rows import load_labels
 from stemma.components.platform.tracking import configure_tracking, ensure_experiment
-from stemma.components.scoring.engine import load_scoring_model
+from stemma.components.runtime.loading import load_scoring_model
 from stemma.components.spec import EvaluateSpec
 from tests.components.evaluation.test_shadow import (
     FEATURES,
@@ -224,7 +224,7 @@ def guards(**changes) -> EvaluateSpec:
 
 def step(store, kind, tmp_path, *, fraction=0.25, labels=None, settings=None, promoting=False):
     models = store["models"]
-    scores = canary.score_step(
+    scores = canary_steps.score_step(
         models["champion"],
         models[kind],
         store["batch_path"],
@@ -234,7 +234,7 @@ def step(store, kind, tmp_path, *, fraction=0.25, labels=None, settings=None, pr
         id_column=ID,
         chunk_rows=1_000,
     )
-    evaluation = canary.evaluate_step(
+    evaluation = canary_guards.evaluate_step(
         scores,
         labels=labels,
         id_column=ID,
@@ -256,13 +256,13 @@ def test_served_predictions_name_the_arm_and_the_version_of_every_row(store, tmp
     routed = route_to_challenger(
         served[ID].to_numpy(), 0.25, f"{MODEL}/v{store['versions']['better']}"
     )
-    assert (served[canary.ARM_COLUMN] == np.where(routed, "challenger", "champion")).all()
+    assert (served[canary_steps.ARM_COLUMN] == np.where(routed, "challenger", "champion")).all()
     expected_version = np.where(routed, store["versions"]["better"], store["versions"]["champion"])
-    assert (served[canary.VERSION_COLUMN] == expected_version).all()
-    assert not served[canary.FALLBACK_COLUMN].any()
+    assert (served[canary_steps.VERSION_COLUMN] == expected_version).all()
+    assert not served[canary_steps.FALLBACK_COLUMN].any()
     assert evaluation.arm_rows == routed.sum() and evaluation.decision == canary.ADVANCE
     # the challenger scored only its arm
-    arm_rows = pq.read_metadata(scores.folder / canary.ARM_INPUT).num_rows
+    arm_rows = pq.read_metadata(scores.folder / canary_steps.ARM_INPUT).num_rows
     assert arm_rows == routed.sum() == scores.challenger.rows_scored
     assert scores.control.rows_scored == ROWS
 
@@ -276,11 +276,11 @@ def test_a_broken_challenger_breaches_at_the_first_step_and_the_champion_stands_
     assert evaluation.failures.error_rate == 1.0
     assert any("error_rate" in reason for reason in evaluation.reasons)
     served = pq.read_table(scores.predictions).to_pandas()
-    arm = served[served[canary.ARM_COLUMN] == "challenger"]
+    arm = served[served[canary_steps.ARM_COLUMN] == "challenger"]
     if kind == "nan":
         # every row the challenger failed on was served by the champion instead
-        assert arm[canary.FALLBACK_COLUMN].all() and len(arm) == evaluation.arm_rows
-        assert (arm[canary.VERSION_COLUMN] == store["versions"]["champion"]).all()
+        assert arm[canary_steps.FALLBACK_COLUMN].all() and len(arm) == evaluation.arm_rows
+        assert (arm[canary_steps.VERSION_COLUMN] == store["versions"]["champion"]).all()
         assert np.isfinite(served["score"]).all()
 
 
@@ -288,7 +288,7 @@ def test_a_worse_challenger_breaches_the_metric_guard_once_labels_arrive(store, 
     _, before = step(store, "worse", tmp_path, fraction=0.5, settings=guards(max_score_psi=50))
     assert before.decision == canary.ADVANCE and before.comparison is None
     metric = next(g for g in before.guards if g.name == "metric")
-    assert metric.status == canary.GUARD_PENDING
+    assert metric.status == canary_guards.GUARD_PENDING
     _, after = step(
         store,
         "worse",
@@ -316,7 +316,7 @@ def test_drift_against_the_control_arm_breaches(store, tmp_path):
         store, "worse", tmp_path, fraction=0.5, settings=guards(max_score_psi=0.05)
     )
     drift = next(g for g in evaluation.guards if g.name == "score_drift")
-    assert drift.status == canary.GUARD_BREACH and drift.value > 0.05
+    assert drift.status == canary_guards.GUARD_BREACH and drift.value > 0.05
     assert "control arm" in drift.detail
 
 
@@ -324,18 +324,18 @@ def test_a_score_shift_counts_only_while_no_label_vouches_for_the_challenger(sto
     strict = guards(max_score_psi=0.01)
     _, unlabelled = step(store, "better", tmp_path, fraction=0.5, settings=strict)
     drift = next(g for g in unlabelled.guards if g.name == "score_drift")
-    assert drift.status == canary.GUARD_BREACH and unlabelled.decision == canary.ROLLBACK
+    assert drift.status == canary_guards.GUARD_BREACH and unlabelled.decision == canary.ROLLBACK
     assert "no labels to vouch" in drift.detail
     _, labelled = step(
         store, "better", tmp_path, fraction=0.5, settings=strict, labels=store["labels"]
     )
     drift = next(g for g in labelled.guards if g.name == "score_drift")
-    assert drift.status == canary.GUARD_OK and drift.value > 0.01
+    assert drift.status == canary_guards.GUARD_OK and drift.value > 0.01
     assert labelled.decision == canary.ADVANCE and "not worse" in drift.detail
     # a worse challenger gets no such pass
     _, worse = step(store, "worse", tmp_path, fraction=0.5, settings=strict, labels=store["labels"])
     assert worse.decision == canary.ROLLBACK
-    assert {g.name for g in worse.guards if g.status == canary.GUARD_BREACH} == {
+    assert {g.name for g in worse.guards if g.status == canary_guards.GUARD_BREACH} == {
         "score_drift",
         "metric",
     }
@@ -357,10 +357,10 @@ class SlowNetwork(torch.nn.Module):
 def register_slow_model(store, tmp_path) -> str:
     import mlflow
 
+    from stemma.components.model.artifact import log_pyfunc_model
     from stemma.components.model.networks import build_network, network_config
     from stemma.components.model.preprocessing import fit_preprocessor
-    from stemma.components.platform.tracking import log_pyfunc_model
-    from stemma.components.scoring.engine import WEIGHTS_TAG
+    from stemma.components.platform.tags import WEIGHTS_SHA256 as WEIGHTS_TAG
     from stemma.components.spec import ModelSpec
 
     frame = credit_frame(200, seed=1)
@@ -393,17 +393,18 @@ def register_slow_model(store, tmp_path) -> str:
 
 def test_a_challenger_too_slow_to_serve_breaches_the_latency_guard(store, tmp_path):
     version = register_slow_model(store, tmp_path)
+    # The delay is Python, which the exported ONNX graph leaves out: run it eagerly.
     store["models"]["slow"] = load_scoring_model(
-        f"models:/{MODEL}/{version}", architectures=[f"{__name__}:SlowNetwork"]
+        f"models:/{MODEL}/{version}", architectures=[f"{__name__}:SlowNetwork"], backend="eager"
     )
     _, unchecked = step(store, "slow", tmp_path)
     latency = next(g for g in unchecked.guards if g.name == "latency")
-    assert latency.status == canary.GUARD_OFF and unchecked.decision == canary.ADVANCE
+    assert latency.status == canary_guards.GUARD_OFF and unchecked.decision == canary.ADVANCE
     timings = unchecked.latency
     assert timings["challenger"]["latency_ms_p50"] >= 5.0 > timings["champion"]["latency_ms_p50"]
     _, checked = step(store, "slow", tmp_path, settings=guards(max_latency_ratio=3.0))
     latency = next(g for g in checked.guards if g.name == "latency")
-    assert latency.status == canary.GUARD_BREACH and latency.value > 3.0
+    assert latency.status == canary_guards.GUARD_BREACH and latency.value > 3.0
     assert checked.decision == canary.ROLLBACK and checked.reasons[0].startswith("latency:")
 
 
@@ -413,7 +414,7 @@ def test_a_batch_with_repeated_ids_is_refused(store, tmp_path):
     pd.concat([batch, batch.head(2)]).to_parquet(path, index=False)
     models = store["models"]
     with pytest.raises(DataError, match="2 ids repeat"):
-        canary.score_step(
+        canary_steps.score_step(
             models["champion"],
             models["better"],
             path,

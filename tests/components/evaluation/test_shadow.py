@@ -20,31 +20,31 @@ from mlflow import MlflowClient
 
 from stemma.components.errors import DataError, RegistryError
 from stemma.components.evaluation import comparison
+from stemma.components.evaluation.rows import (
+    build_shadow_rows,
+    load_labels,
+    read_batch_columns,
+    read_scores,
+)
 from stemma.components.evaluation.shadow import (
     PROMOTE,
     REJECT,
     WAIT,
     ShadowLineage,
     build_shadow_record,
-    build_shadow_rows,
     default_served_output,
-    load_labels,
     plot_shadow,
     promote_challenger,
-    read_batch_columns,
-    read_scores,
     score_pair,
     shadow_evaluate,
     shadow_output_dir,
 )
+from stemma.components.platform.tags import WEIGHTS_SHA256 as WEIGHTS_TAG
 from stemma.components.platform.tracking import configure_tracking, ensure_experiment
 from stemma.components.registry.promotion import PromotionError
-from stemma.components.scoring.engine import (
-    WEIGHTS_TAG,
-    input_files,
-    load_scoring_model,
-    score_files,
-)
+from stemma.components.runtime.loading import load_scoring_model
+from stemma.components.scoring.engine import score_files
+from stemma.components.scoring.inputs import input_files
 from stemma.components.spec import EvaluateSpec, FeaturesSpec
 from stemma.components.training.metrics import evaluate_scores
 from tests.support import isolated_mlflow
@@ -109,9 +109,9 @@ def register_linear_model(
     """
     import mlflow
 
+    from stemma.components.model.artifact import log_pyfunc_model
     from stemma.components.model.networks import build_network, network_config
     from stemma.components.model.preprocessing import fit_preprocessor
-    from stemma.components.platform.tracking import log_pyfunc_model
     from stemma.components.spec import ModelSpec
 
     preprocessor = fit_preprocessor(frame, features, task="binary", target=TARGET)
@@ -368,7 +368,7 @@ def test_plots_and_lineage_link_the_decision_to_both_models_and_the_batch(store,
         decision=report.decision,
         reasons=report.reasons,
     )
-    record = json.loads(json.dumps(build_shadow_record(facts, report)))
+    record = json.loads(build_shadow_record(facts, report).to_json())
     kinds = {node["kind"] for node in record["nodes"]}
     assert {"shadow_evaluation", "decision", "model_version", "input", "labels"} <= kinds
     edges = {(edge["source"], edge["relation"], edge["target"]) for edge in record["edges"]}
@@ -437,8 +437,8 @@ def write_labels(tmp_path: Path, frame: pd.DataFrame, name: str = "labels.parque
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda f: f.rename(columns={ID: "id"}), "missing application_id"),
-        (lambda f: f.drop(columns=[TARGET]), "missing approved"),
+        (lambda f: f.rename(columns={ID: "id"}), "no id column 'application_id'"),
+        (lambda f: f.drop(columns=[TARGET]), "no target column 'approved'"),
         (lambda f: f.assign(approved=2), "binary labels must be 0 or 1"),
         (
             lambda f: pd.concat([f, f.head(3).assign(approved=1 - f.head(3)[TARGET])]),

@@ -78,7 +78,7 @@ def _train(client, experiment, name, data_md5, file_md5, version, *, index=True)
         model_version=version,
         weights_sha256=hashlib.sha256(name.encode()).hexdigest(),
     )
-    record = lineage.build_training_record(facts)
+    record = lineage.build_training_record(facts).to_dict()
     tags = {
         **lineage.run_tags(facts),
         "stemma.flow": "train",
@@ -149,7 +149,7 @@ def store(tmp_path_factory) -> Store:
         _index(
             client,
             score.info.run_id,
-            lineage.build_scoring_record(scoring),
+            lineage.build_scoring_record(scoring).to_dict(),
             {
                 "stemma.flow": "score",
                 "stemma.pipeline": "credit",
@@ -216,7 +216,7 @@ def store(tmp_path_factory) -> Store:
                 model_version="3",
                 weights_sha256=hashlib.sha256(b"train-3").hexdigest(),
             )
-        )
+        ).to_dict()
         record["nodes"].append(
             {"kind": "drift_report", "id": report, "digest": f"sha256:{'f' * 64}", "attributes": {}}
         )
@@ -484,7 +484,7 @@ def test_index_tags_split_a_record_into_what_the_run_made_and_used():
             model_version="1",
             weights_sha256="w" * 64,
         )
-    )
+    ).to_dict()
     made, used = lineage.record_roles(record, "r" * 32)
     assert made == {"models:/m/1"}
     assert used == {

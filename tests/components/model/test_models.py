@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from stemma.components.errors import RegistryError, TrainingError
+from stemma.components.model.artifact import weights_sha256
 from stemma.components.model.networks import (
     MLP,
     allowed_architectures,
@@ -22,7 +23,6 @@ from stemma.components.model.networks import (
     network_config,
 )
 from stemma.components.spec import ModelSpec
-from stemma.components.training.loop import weights_sha256
 
 
 def test_mlp_has_the_requested_layers() -> None:

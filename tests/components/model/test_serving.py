@@ -17,13 +17,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from stemma.components.errors import DataError
+from stemma.components.model.artifact import log_pyfunc_model
 from stemma.components.model.networks import build_network, network_config
 from stemma.components.model.preprocessing import fit_preprocessor
-from stemma.components.platform.tracking import (
-    configure_tracking,
-    ensure_experiment,
-    log_pyfunc_model,
-)
+from stemma.components.platform.tracking import configure_tracking, ensure_experiment
 from stemma.components.spec import FeaturesSpec, ModelSpec
 from stemma.components.training.loop import predict_raw
 from tests.support import isolated_mlflow, log_trained_model

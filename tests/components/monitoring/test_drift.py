@@ -12,29 +12,24 @@ import pytest
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
+from stemma.components.data.labels import read_labels
 from stemma.components.errors import DataError
+from stemma.components.evaluation.statistics import PSI_FLOOR, chi_square, jensen_shannon, psi
 from stemma.components.lineage import records as lineage
-from stemma.components.monitoring.drift import (
-    DRIFT_EVENT,
-    PSI_FLOOR,
-    DriftMonitor,
-    MonitorFacts,
-    NumericAccumulator,
-    build_monitor_record,
-    chi_square,
-    drift_event,
-    jensen_shannon,
-    ks_2samp_sorted,
-    monitor_batch,
-    plot_drift_report,
-    psi,
-    read_labels,
-)
+from stemma.components.monitoring.accumulators import NumericAccumulator, ks_2samp_sorted
+from stemma.components.monitoring.drift import DriftMonitor, monitor_batch
 from stemma.components.monitoring.profile import (
     ReferenceProfile,
     build_reference_profile,
     profile_numeric,
 )
+from stemma.components.monitoring.records import (
+    DRIFT_EVENT,
+    MonitorFacts,
+    build_monitor_record,
+    drift_event,
+)
+from stemma.components.monitoring.report import plot_drift_report
 from stemma.components.spec import DataSpec, FeaturesSpec, MonitorSpec
 
 DATA = DataSpec(
@@ -430,13 +425,13 @@ def test_labels_with_repeated_ids_or_missing_values_are_refused(tmp_path):
     repeated = write(
         pd.DataFrame({"application_id": [1, 1, 2], "approved": [0, 1, 1]}), tmp_path / "r.parquet"
     )
-    with pytest.raises(DataError, match="2 rows with a repeated application_id"):
+    with pytest.raises(DataError, match="1 ids have two different labels"):
         read_labels([repeated], id_column="application_id", target="approved")
     holes = write(
         pd.DataFrame({"application_id": [1, 2], "approved": [0.0, None]}), tmp_path / "h.parquet"
     )
     with pytest.raises(DataError, match="1 labels are missing"):
-        read_labels([holes], id_column="application_id", target="approved")
+        read_labels([holes], id_column="application_id", target="approved", missing="error")
 
 
 def test_labels_need_an_id_column_in_the_spec(tmp_path):
@@ -495,7 +490,7 @@ def test_no_event_under_the_thresholds(reference):
 
 def test_the_lineage_record_links_the_report_to_the_batch_and_the_model(reference):
     report = compare(reference, applicants(3_000, seed=26, older=8))
-    record = build_monitor_record(report, facts())
+    record = build_monitor_record(report, facts()).to_dict()
     assert record["schema"] == lineage.RECORD_SCHEMA and record["flow"] == "monitor"
     nodes = {node["id"]: node for node in record["nodes"]}
     (report_node,) = [node for node in record["nodes"] if node["kind"] == "drift_report"]

@@ -62,8 +62,9 @@ def test_an_unchanged_file_is_read_from_the_store_in_this_and_other_processes(
             sys.executable,
             "-c",
             "import sys; from pathlib import Path; "
-            "from stemma.components import data, digests; "
-            "print(data.file_md5(Path(sys.argv[1])), digests.stats().hits)",
+            "from stemma.components.data.tables import file_md5; "
+            "from stemma.components.platform import digests; "
+            "print(file_md5(Path(sys.argv[1])), digests.stats().hits)",
             str(path),
         ],
         env={**os.environ, digests.CACHE_DIR_ENV: str(store.parent)},

@@ -1,11 +1,9 @@
 """Quantized variants: building, measuring, the gate, storing, loading, registering, serving.
 
-The comparisons run for real (torchao, torch.compile, timing on this machine). Their
-outcomes are made robust by the models chosen: a wide MLP where compiled int8 dynamic
-quantization is several times faster than any fp32 runtime (about 2.5x at 2,048 rows on a
-busy 2-core machine, against a bar of 1.2x), and a tiny one where no variant can beat fp32
-by 20%. Compiled graphs are kept in a fixed inductor cache folder, so a second run of the
-suite compiles from the cache.
+The comparisons run for real (torchao, ONNX Runtime, timing on this machine) through the
+model runtime. Their outcomes are made robust by the models chosen: a wide MLP where ONNX
+Runtime's int8 dynamic quantization is about twice as fast as the fastest fp32 backend
+(against a bar of 1.2x), and a tiny one where no variant can beat fp32 by 20%.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -28,11 +25,16 @@ from mlflow import MlflowClient
 from torch import nn
 
 from stemma.components.errors import RegistryError
+from stemma.components.model import quantized as model_variants
 from stemma.components.model.networks import build_network, network_config
 from stemma.components.model.preprocessing import fit_preprocessor
+from stemma.components.platform.tags import WEIGHTS_SHA256 as WEIGHTS_TAG
 from stemma.components.platform.tracking import configure_tracking, ensure_experiment
-from stemma.components.quantization import variants as q
-from stemma.components.scoring.engine import WEIGHTS_TAG, load_scoring_model, network_runner
+from stemma.components.quantization import heldout, measure, methods, registering, report
+from stemma.components.quantization import results as outcomes
+from stemma.components.quantization.served import served_reference
+from stemma.components.runtime.backends import set_threads
+from stemma.components.runtime.loading import load_scoring_model
 from stemma.components.spec import QUANTIZE_METHODS, FeaturesSpec, ModelSpec, QuantizeSpec
 from stemma.components.training.loop import predict_raw
 from tests.support import isolated_mlflow, log_trained_model
@@ -49,11 +51,9 @@ FAST = {"repeats": 7, "warmup": 2}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def inductor_cache():
-    """torch.compile's cache in one folder across runs, so a second run compiles warm."""
-    os.environ.setdefault(
-        "TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "stemma-tests-inductor")
-    )
+def one_thread():
+    """Every run timed on one thread, as the quantize flow sets it once per process."""
+    set_threads(1)
 
 
 def table(rows: int, seed: int) -> pd.DataFrame:
@@ -84,7 +84,7 @@ def mlp(hidden: tuple[int, ...], n_inputs: int, seed: int = 1) -> nn.Module:
 def compare(data, network, tmp: Path, **settings):
     options = {"methods": ["int8_dynamic"], **FAST, **settings}
     batch_rows = options.pop("batch_rows")
-    return q.compare_variants(
+    return measure.compare_variants(
         network,
         data["preprocessor"],
         data["x"],
@@ -95,19 +95,18 @@ def compare(data, network, tmp: Path, **settings):
         settings=QuantizeSpec(**options),
         batch_rows=batch_rows,
         workdir=tmp,
-        prepack=network_runner,
     )
 
 
 @pytest.fixture(scope="module")
 def wide(data, tmp_path_factory):
-    """int8 dynamic and bf16 variants of a wide MLP, measured compiled and eager."""
+    """int8 dynamic variants of a wide MLP (torchao on eager, ONNX Runtime's on its graph)."""
     network = mlp(WIDE, data["preprocessor"].n_inputs)
     comparison, built = compare(
         data,
         network,
         tmp_path_factory.mktemp("wide"),
-        methods=["int8_dynamic", "float8_dynamic"],
+        methods=["int8_dynamic", "ort_int8_dynamic", "float8_dynamic"],
         batch_rows=WIDE_BATCH_ROWS,
         max_metric_drop=0.01,
         min_speedup=1.2,
@@ -129,7 +128,7 @@ def tiny(data, tmp_path_factory):
     return comparison
 
 
-def variant_of(comparison: q.Comparison, method: str) -> q.VariantResult:
+def variant_of(comparison: outcomes.Comparison, method: str) -> outcomes.VariantResult:
     (result,) = [v for v in comparison.variants if v.method == method]
     return result
 
@@ -139,20 +138,20 @@ def variant_of(comparison: q.Comparison, method: str) -> q.VariantResult:
 
 
 def test_the_spec_and_the_component_know_the_same_methods():
-    assert tuple(q.METHODS) == QUANTIZE_METHODS
+    assert tuple(model_variants.METHODS) == QUANTIZE_METHODS
 
 
 @pytest.mark.parametrize("method", ["int8_dynamic", "int8_weight_only"])
 def test_int8_methods_quantize_every_linear_layer_of_a_copy(data, method):
     network = mlp((16, 8), data["preprocessor"].n_inputs)
     before = {name: p.clone() for name, p in network.state_dict().items()}
-    variant = q.build_variant(network, method)
-    int8 = q._int8_tensor_class()
+    variant = methods.build_variant(network, method)
+    int8 = model_variants.int8_tensor_class()
     layers = [m for m in variant.network.modules() if isinstance(m, nn.Linear)]
     assert layers and all(isinstance(layer.weight, int8) for layer in layers)
     # the parent is untouched, and the variant is a deterministic function of it
     assert all(torch.equal(before[name], p) for name, p in network.state_dict().items())
-    again = q.build_variant(network, method)
+    again = methods.build_variant(network, method)
     x = torch.from_numpy(data["x"][:64])
     with torch.inference_mode():
         assert torch.equal(variant(x), again(x))
@@ -161,7 +160,7 @@ def test_int8_methods_quantize_every_linear_layer_of_a_copy(data, method):
 
 @pytest.mark.parametrize("method,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_float_methods_cast_the_weights_and_take_float32(data, method, dtype):
-    variant = q.build_variant(mlp((16,), data["preprocessor"].n_inputs), method)
+    variant = methods.build_variant(mlp((16,), data["preprocessor"].n_inputs), method)
     assert {p.dtype for p in variant.parameters()} == {dtype}
     with torch.inference_mode():
         output = variant(torch.from_numpy(data["x"][:8]))
@@ -172,7 +171,7 @@ def test_float_methods_cast_the_weights_and_take_float32(data, method, dtype):
 def test_a_variant_stays_in_eval_mode_so_its_dropout_never_runs(data, method):
     config = network_config(ModelSpec(hidden=[16], dropout=0.5))
     network = build_network(config, data["preprocessor"].n_inputs, seed=1).eval()
-    variant = q.build_variant(network, method)
+    variant = methods.build_variant(network, method)
     scored = predict_raw(variant, data["x"])  # restores the mode the module had
     assert not variant.training and not any(m.training for m in variant.modules())
     x = torch.from_numpy(data["x"])
@@ -196,24 +195,23 @@ class MatrixNet(nn.Module):
 
 def test_a_variant_that_cannot_be_built_is_reported_not_raised(data, tmp_path):
     network = MatrixNet(data["preprocessor"].n_inputs).eval()
-    with pytest.raises(q.VariantBuildError, match="MatrixNet has none"):
-        q.build_variant(network, "int8_weight_only")
+    with pytest.raises(methods.VariantBuildError, match="MatrixNet has none"):
+        methods.build_variant(network, "int8_weight_only")
     comparison, built = compare(
         data,
         network,
         tmp_path,
         methods=["int8_weight_only", "bf16", "float8_dynamic"],
         batch_rows=64,
-        compile=False,
         max_metric_drop=1.0,
         min_speedup=0.01,
     )
     failed = variant_of(comparison, "int8_weight_only")
-    assert failed.status == q.FAILED and "quantized no layer" in failed.reasons[0]
+    assert failed.status == outcomes.FAILED and "quantized no layer" in failed.reasons[0]
     assert failed.latency_ms is None and "int8_weight_only" not in built
     # the other variants are measured as usual
-    assert variant_of(comparison, "bf16").status == q.PASSED
-    assert variant_of(comparison, "float8_dynamic").status == q.SKIPPED
+    assert variant_of(comparison, "bf16").status == outcomes.PASSED
+    assert variant_of(comparison, "float8_dynamic").status == outcomes.SKIPPED
     assert set(built) == {"bf16"}
 
 
@@ -237,7 +235,7 @@ def test_a_variant_that_cannot_be_built_is_reported_not_raised(data, tmp_path):
 def test_decide_variant_needs_both_bars_and_fails_closed(
     higher, parent, value, speedup, passed, fragment
 ):
-    decided, drop, reasons = q.decide_variant(
+    decided, drop, reasons = outcomes.decide_variant(
         metric="roc_auc",
         higher_is_better=higher,
         parent_value=parent,
@@ -253,18 +251,19 @@ def test_decide_variant_needs_both_bars_and_fails_closed(
     assert len(reasons) == 2  # both checks are reported, passed or not
 
 
-def test_int8_pays_on_a_wide_network_once_compiled(wide):
+def test_int8_pays_on_a_wide_network_on_onnx_runtime(wide):
     comparison = wide["comparison"]
-    result = variant_of(comparison, "int8_dynamic")
-    assert result.status == q.PASSED, result.reasons
-    # eager int8 dynamic quantization is slower than fp32 on this CPU; compiled it is not
-    assert result.runtime == q.COMPILED and result.compiled_ms < result.eager_ms
+    result = variant_of(comparison, "ort_int8_dynamic")
+    assert result.status == outcomes.PASSED, result.reasons
+    # ONNX Runtime's int8 runs on its own graph; torchao's int8 runs eager
+    assert result.runtime == model_variants.ONNXRUNTIME
+    assert variant_of(comparison, "int8_dynamic").runtime == model_variants.EAGER
     assert result.speedup >= 1.2
     assert result.speedup == pytest.approx(comparison.baseline_ms / result.latency_ms)
     # one thread: timed by CPU time, which other processes on the machine cannot inflate
     assert comparison.clock == "cpu" and comparison.threads == 1
-    # the baseline is the fastest fp32 runtime, of three measured in the same process
-    assert set(comparison.parent_ms) == {q.EAGER, q.COMPILED, q.PREPACKED}
+    # the baseline is the fastest fp32 backend, both measured in the same process
+    assert set(comparison.parent_ms) == {model_variants.EAGER, model_variants.ONNXRUNTIME}
     assert comparison.baseline_ms == min(comparison.parent_ms.values())
     assert 0.95 <= result.agreement <= 1.0
     assert abs(result.metric_drop) <= 0.01
@@ -273,19 +272,19 @@ def test_int8_pays_on_a_wide_network_once_compiled(wide):
     # int8 weights are about a quarter of the fp32 file
     assert result.size_bytes < 0.4 * comparison.parent_size_bytes
     skipped = variant_of(comparison, "float8_dynamic")
-    assert skipped.status == q.SKIPPED and "CUDA" in skipped.reasons[0]
+    assert skipped.status == outcomes.SKIPPED and "CUDA" in skipped.reasons[0]
 
 
 def test_latency_is_cpu_time_on_one_thread_and_wall_time_on_more():
     import time
 
-    assert q.latency_clock(1) == ("cpu", time.process_time)
-    assert q.latency_clock(2) == ("wall", time.perf_counter)
+    assert measure.latency_clock(1) == ("cpu", time.process_time)
+    assert measure.latency_clock(2) == ("wall", time.perf_counter)
 
 
 def test_int8_does_not_pay_on_a_tiny_network(tiny):
     result = variant_of(tiny, "int8_dynamic")
-    assert result.status == q.REJECTED
+    assert result.status == outcomes.REJECTED
     assert result.speedup < 1.2
     assert any("speed-up" in reason and "< min 1.20x" in reason for reason in result.reasons)
     # the rejected variant's numbers are kept
@@ -298,16 +297,17 @@ def test_the_comparison_table_and_metrics_hold_every_model(wide, tmp_path):
     assert [row["model"] for row in rows] == [
         *(f"fp32 ({runtime})" for runtime in comparison.parent_ms),
         "int8_dynamic",
+        "ort_int8_dynamic",
         "float8_dynamic",
     ]
     assert sum(row["status"] == "baseline" for row in rows) == 1
     metrics = comparison.metrics()
-    assert metrics["quantize.int8_dynamic.passed"] == 1.0
-    assert metrics["quantize.int8_dynamic.speedup"] == pytest.approx(
-        variant_of(comparison, "int8_dynamic").speedup
+    assert metrics["quantize.ort_int8_dynamic.passed"] == 1.0
+    assert metrics["quantize.ort_int8_dynamic.speedup"] == pytest.approx(
+        variant_of(comparison, "ort_int8_dynamic").speedup
     )
     assert "quantize.float8_dynamic.speedup" not in metrics
-    plot = q.plot_tradeoff(comparison, tmp_path / "plot.png", title="wide")
+    plot = report.plot_tradeoff(comparison, tmp_path / "plot.png", title="wide")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -324,16 +324,18 @@ def document_for(network_hidden: tuple[int, ...], n_inputs: int, method: str) ->
         "n_outputs": 1,
         "threshold": 0.5,
     }
-    return q.variant_document(parent, method, q.EAGER, {"version": "1", "weights_sha256": "x"})
+    return model_variants.variant_document(
+        parent, method, model_variants.EAGER, {"version": "1", "weights_sha256": "x"}
+    )
 
 
 @pytest.mark.parametrize("method", ["int8_dynamic", "int8_weight_only", "bf16", "fp16"])
 def test_a_saved_variant_loads_back_with_identical_outputs(data, tmp_path, method):
     n_inputs = data["preprocessor"].n_inputs
-    variant = q.build_variant(mlp((64, 32), n_inputs), method)
+    variant = methods.build_variant(mlp((64, 32), n_inputs), method)
     path = tmp_path / "weights.safetensors"
-    q.save_variant_weights(variant, path)
-    loaded = q.load_variant_network(document_for((64, 32), n_inputs, method), path)
+    model_variants.save_variant_weights(variant, path)
+    loaded = model_variants.load_variant_network(document_for((64, 32), n_inputs, method), path)
     assert loaded.method == method
     assert np.array_equal(predict_raw(loaded, data["x"]), predict_raw(variant, data["x"]))
     # the file is plain safetensors: no pickle anywhere
@@ -342,13 +344,13 @@ def test_a_saved_variant_loads_back_with_identical_outputs(data, tmp_path, metho
 
 def test_loading_refuses_a_file_of_another_method_or_an_unlisted_class(data, tmp_path):
     n_inputs = data["preprocessor"].n_inputs
-    variant = q.build_variant(mlp((16,), n_inputs), "int8_weight_only")
+    variant = methods.build_variant(mlp((16,), n_inputs), "int8_weight_only")
     path = tmp_path / "weights.safetensors"
-    q.save_variant_weights(variant, path)
+    model_variants.save_variant_weights(variant, path)
     with pytest.raises(
         ValueError, match=r"holds a int8_weight_only network, network\.json names bf16"
     ):
-        q.load_variant_network(document_for((16,), n_inputs, "bf16"), path)
+        model_variants.load_variant_network(document_for((16,), n_inputs, "bf16"), path)
 
     import safetensors.torch
 
@@ -361,31 +363,26 @@ def test_loading_refuses_a_file_of_another_method_or_an_unlisted_class(data, tmp
     tampered = tmp_path / "tampered.safetensors"
     safetensors.torch.save_file(tensors, str(tampered), metadata=metadata)
     with pytest.raises(ValueError, match="Unsupported tensor type"):
-        q.load_variant_network(document_for((16,), n_inputs, "int8_weight_only"), tampered)
+        model_variants.load_variant_network(
+            document_for((16,), n_inputs, "int8_weight_only"), tampered
+        )
 
 
-def test_a_compiled_variant_serves_any_batch_size_from_several_threads(data, wide):
-    """The scoring engine's path: compiled once, then called from worker threads."""
+def test_an_onnx_runtime_variant_serves_any_batch_size_from_several_threads(data, wide):
+    """The scoring engine's path: one runtime, called from worker threads."""
     from concurrent.futures import ThreadPoolExecutor
 
-    variant = wide["built"]["int8_dynamic"]
-    variant.runtime = q.COMPILED
-    runner = network_runner(variant, data["preprocessor"].n_inputs)
-    assert runner is not variant  # compiled, not eager
-    x = torch.from_numpy(data["x"])
+    variant = wide["built"]["ort_int8_dynamic"]
+    runtime = measure.variant_runtime(variant, data["preprocessor"].n_inputs)
+    assert runtime.backend == "onnxruntime"  # its own graph, not the fp32 network eager
+    x = data["x"]
     sizes = [1000, 7, 1, 1000, 333]
-    with torch.inference_mode():
-        expected = [variant(x[:rows]) for rows in sizes]
-
-    def run(rows: int) -> torch.Tensor:
-        with torch.inference_mode():
-            return runner(x[:rows])
-
+    expected = [runtime.run(x[:rows]) for rows in sizes]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        outputs = list(pool.map(run, sizes))
+        outputs = list(pool.map(lambda rows: runtime.run(x[:rows]), sizes))
     for got, want in zip(outputs, expected, strict=True):
         assert got.shape == want.shape
-        assert torch.allclose(got, want, atol=1e-3)
+        assert np.allclose(got, want, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------
@@ -430,14 +427,14 @@ def store(logged, request):
 
 
 def register(store, *, client=None, verify=lambda number: None, method="int8_dynamic"):
-    return q.register_variant(
+    return registering.register_variant(
         client=client or store["client"],
         model_name=store["name"],
         parent_version="1",
         method=method,
         model_uri=store["uri"],
         run_id=store["run_id"],
-        tags={q.METHOD_TAG: method, q.PARENT_VERSION_TAG: "1"},
+        tags={registering.METHOD_TAG: method, registering.PARENT_VERSION_TAG: "1"},
         description="test variant",
         verify=verify,
     )
@@ -455,9 +452,9 @@ def aliases(store) -> dict[str, str]:
 
 def test_a_registered_variant_is_tagged_aliased_and_finished(store):
     version = register(store)
-    assert version.tags[q.STATUS_TAG] == q.STATUS_REGISTERED
-    assert q.OWNER_TAG not in version.tags
-    assert version.tags[q.METHOD_TAG] == "int8_dynamic"
+    assert version.tags[registering.STATUS_TAG] == registering.STATUS_REGISTERED
+    assert registering.OWNER_TAG not in version.tags
+    assert version.tags[registering.METHOD_TAG] == "int8_dynamic"
     assert aliases(store) == {"champion": "1", "v1-int8-dynamic": "2"}
 
 
@@ -489,7 +486,7 @@ KILLED = textwrap.dedent(
     import os, signal, sys
     import mlflow
     from mlflow import MlflowClient
-    from stemma.components.quantization import variants as q
+    from stemma.components.quantization import registering as q
     mlflow.set_tracking_uri(sys.argv[1])
     mlflow.set_registry_uri(sys.argv[1])
     q.register_variant(
@@ -519,32 +516,34 @@ def test_a_variant_left_by_a_killed_process_is_never_served_and_is_removed(store
     )
     assert done.returncode == -9, done.stderr
     (left,) = [v for v in client.search_model_versions(f"name = '{name}'") if str(v.version) != "1"]
-    assert left.tags[q.STATUS_TAG] == q.STATUS_REGISTERING
+    assert left.tags[registering.STATUS_TAG] == registering.STATUS_REGISTERING
     assert aliases(store) == {"champion": "1"}  # nothing points at it
     serve = QuantizeSpec(serve=True)
-    reference, note = q.served_reference(serve, f"models:/{name}@champion", client=client)
+    reference, note = served_reference(serve, f"models:/{name}@champion", client=client)
     assert reference == f"models:/{name}@champion" and "has not been quantized" in note
 
-    assert q.remove_abandoned_variants(client, name) == [str(left.version)]
+    assert registering.remove_abandoned_variants(client, name) == [str(left.version)]
     assert versions(store) == ["1"]
     # a registering version of a live process is left alone (it may be finishing)
     live = client.create_model_version(
         name,
         source=store["uri"],
         run_id=store["run_id"],
-        tags={q.STATUS_TAG: q.STATUS_REGISTERING, q.OWNER_TAG: q._owner()},
+        tags={
+            registering.STATUS_TAG: registering.STATUS_REGISTERING,
+            registering.OWNER_TAG: registering.owner_id(),
+        },
     )
-    assert q.remove_abandoned_variants(client, name) == []
-    assert q.remove_abandoned_variants(
-        client, name, now=live.creation_timestamp / 1000 + q.STALE_REGISTRATION_SECONDS + 1
-    ) == [str(live.version)]
+    assert registering.remove_abandoned_variants(client, name) == []
+    stale = live.creation_timestamp / 1000 + registering.STALE_REGISTRATION_SECONDS + 1
+    assert registering.remove_abandoned_variants(client, name, now=stale) == [str(live.version)]
 
 
 def test_served_reference_follows_the_spec_and_the_aliases(store):
     client, name = store["client"], store["name"]
     champion = f"models:/{name}@champion"
-    assert q.served_reference(None, champion, client=client) == (champion, None)
-    assert q.served_reference(QuantizeSpec(), champion, client=client) == (champion, None)
+    assert served_reference(None, champion, client=client) == (champion, None)
+    assert served_reference(QuantizeSpec(), champion, client=client) == (champion, None)
     serve = QuantizeSpec(serve=True)
 
     # quantized, nothing passed: fp32, with the numbers of the rejections
@@ -556,20 +555,20 @@ def test_served_reference_follows_the_spec_and_the_aliases(store):
             }
         }
     }
-    client.set_model_version_tag(name, "1", q.SUMMARY_TAG, json.dumps(summary))
-    reference, note = q.served_reference(serve, champion, client=client)
+    client.set_model_version_tag(name, "1", registering.SUMMARY_TAG, json.dumps(summary))
+    reference, note = served_reference(serve, champion, client=client)
     assert reference == champion
     assert f"serving fp32 {name} v1" in note and "speed-up 0.80x < min 1.20x" in note
 
     # a variant passed: its alias is served, unless a model was named on the command line
     register(store, method="bf16")
-    client.set_registered_model_alias(name, q.served_alias("1"), "2")
-    reference, note = q.served_reference(serve, champion, client=client)
+    client.set_registered_model_alias(name, registering.served_alias("1"), "2")
+    reference, note = served_reference(serve, champion, client=client)
     assert reference == f"models:/{name}@v1-quantized"
     assert f"bf16 variant {name} v2 of {name} v1" in note
-    assert q.served_reference(serve, champion, explicit=True, client=client) == (champion, None)
+    assert served_reference(serve, champion, explicit=True, client=client) == (champion, None)
     # by version number too
-    assert q.served_reference(serve, f"models:/{name}/1", client=client)[0] == (
+    assert served_reference(serve, f"models:/{name}/1", client=client)[0] == (
         f"models:/{name}@v1-quantized"
     )
 
@@ -579,10 +578,10 @@ def test_a_logged_variant_loads_through_the_registry_and_pyfunc_without_pickle(s
     client, name = store["client"], store["name"]
     frame = table(300, seed=3)
     fp32 = load_scoring_model(f"models:/{name}/1", client=client)
-    variant = q.build_variant(fp32.network, "int8_weight_only")
-    files = q.download_model_files(client, name, "1", store["root"] / "parent")
+    variant = methods.build_variant(fp32.network, "int8_weight_only")
+    files = heldout.download_model_files(client, name, "1", store["root"] / "parent")
     with mlflow.start_run(experiment_id=ensure_experiment("quantize", store["root"])):
-        info, sha256 = q.log_variant_model(
+        info, sha256 = registering.log_variant_model(
             variant=variant,
             parent_files=files,
             parent={"version": "1", "weights_sha256": fp32.weights_sha256},
@@ -593,7 +592,7 @@ def test_a_logged_variant_loads_through_the_registry_and_pyfunc_without_pickle(s
         name, source=info.model_uri, model_id=info.model_id, tags={WEIGHTS_TAG: sha256}
     )
     loaded = load_scoring_model(f"models:/{name}/{version.version}", client=client)
-    assert isinstance(loaded.network, q.QuantizedNetwork)
+    assert isinstance(loaded.network, model_variants.QuantizedNetwork)
     x = fp32.preprocessor.transform(frame)
     assert np.array_equal(predict_raw(loaded.network, x), predict_raw(variant, x))
 
@@ -640,10 +639,10 @@ def test_the_default_parent_is_the_newest_fp32_version_that_passed_its_gate(stor
 
     gated = add({"stemma.gate.decision": "passed"})
     add({"stemma.gate.decision": "failed"})
-    add({"stemma.gate.decision": "passed", q.METHOD_TAG: "bf16"})  # a variant
-    assert q.default_parent_reference(client, name) == f"models:/{name}/{gated}"
+    add({"stemma.gate.decision": "passed", registering.METHOD_TAG: "bf16"})  # a variant
+    assert heldout.default_parent_reference(client, name) == f"models:/{name}/{gated}"
     with pytest.raises(RegistryError, match="no registered model named 'nothing-here'"):
-        q.default_parent_reference(client, "nothing-here")
+        heldout.default_parent_reference(client, "nothing-here")
 
 
 def test_held_out_rows_must_score_what_the_gate_recorded():
@@ -656,7 +655,7 @@ def test_held_out_rows_must_score_what_the_gate_recorded():
         version="3",
         tags={"stemma.gate.metric": "roc_auc", "stemma.gate.value": "0.9123"},
     )
-    q.check_parent_value(parent, "roc_auc", 0.9123)
+    heldout.check_parent_value(parent, "roc_auc", 0.9123)
     with pytest.raises(DataError, match="rows differ from those it was gated on"):
-        q.check_parent_value(parent, "roc_auc", 0.9124)
-    q.check_parent_value(parent, "pr_auc", 0.5)  # another metric: nothing to compare
+        heldout.check_parent_value(parent, "roc_auc", 0.9124)
+    heldout.check_parent_value(parent, "pr_auc", 0.5)  # another metric: nothing to compare

@@ -10,12 +10,9 @@ import pytest
 from mlflow import MlflowClient
 
 from stemma.components.errors import RegistryError, SpecError
-from stemma.components.platform.tracking import (
-    MODEL_FILES_TAG,
-    configure_tracking,
-    decode_manifest,
-    ensure_experiment,
-)
+from stemma.components.model.artifact import decode_manifest
+from stemma.components.platform.tags import MODEL_FILES as MODEL_FILES_TAG
+from stemma.components.platform.tracking import configure_tracking, ensure_experiment
 from stemma.components.registry.gate import (
     GateDecision,
     champion_value_on,

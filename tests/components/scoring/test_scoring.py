@@ -28,6 +28,8 @@ from stemma.components.errors import DataError, RegistryError
 from stemma.components.model.preprocessing import fit_preprocessor
 from stemma.components.platform.tracking import configure_tracking, ensure_experiment
 from stemma.components.scoring import engine as scoring
+from stemma.components.scoring import output, pipeline
+from stemma.components.scoring.encoding import ChunkEncoder
 from stemma.components.scoring.engine import (
     PROGRESS_FILE,
     SUCCESS_FILE,
@@ -405,7 +407,7 @@ def test_a_part_whose_metadata_comes_last_has_the_bytes_pyarrow_writes(ids):
     schema pyarrow stores, ARROW:schema) is added to the footer at the end: the bytes are
     those of a writer given the whole schema up front, so parts written before this
     still resume."""
-    from stemma.components.scoring.engine import _parquet_options, _prefixed, _stored_schema
+    from stemma.components.scoring.output import parquet_options, prefixed, stored_schema
 
     schema = pa.schema(
         [
@@ -417,13 +419,13 @@ def test_a_part_whose_metadata_comes_last_has_the_bytes_pyarrow_writes(ids):
     table = pa.Table.from_arrays(
         [ids, pa.array(np.arange(100) % 2), pa.array(np.linspace(0, 1, 100))], schema=schema
     )
-    whole = schema.with_metadata(_prefixed({"input_digest": "0" * 32, "model_version": "3"}))
+    whole = schema.with_metadata(prefixed({"input_digest": "0" * 32, "model_version": "3"}))
     upfront, late = pa.BufferOutputStream(), pa.BufferOutputStream()
-    with pq.ParquetWriter(upfront, whole, **_parquet_options(whole)) as writer:
+    with pq.ParquetWriter(upfront, whole, **parquet_options(whole)) as writer:
         writer.write_table(table.replace_schema_metadata(whole.metadata))
-    with pq.ParquetWriter(late, schema, store_schema=False, **_parquet_options(schema)) as writer:
+    with pq.ParquetWriter(late, schema, store_schema=False, **parquet_options(schema)) as writer:
         writer.write_table(table)
-        writer.add_key_value_metadata(_stored_schema(whole))
+        writer.add_key_value_metadata(stored_schema(whole))
 
     assert late.getvalue().to_pybytes() == upfront.getvalue().to_pybytes()
     assert pq.read_table(pa.BufferReader(late.getvalue())).schema.equals(whole, check_metadata=True)
@@ -759,7 +761,7 @@ def test_the_output_does_not_depend_on_how_many_threads_ran_the_model(champion, 
 
 
 # ---------------------------------------------------------------------------------------
-# The engines the network runs on
+# The runtime the network runs on
 
 
 def dense_outputs(model, frame: pd.DataFrame) -> torch.Tensor:
@@ -769,65 +771,29 @@ def dense_outputs(model, frame: pd.DataFrame) -> torch.Tensor:
         return model.network(matrix)
 
 
-def test_the_champion_runs_fused_and_without_its_one_hot_matrix(champion):
-    from stemma.components.scoring.engine import (
-        _ChunkEncoder,
-        engine_runner,
-        network_runner,
-        one_hot_kernel,
-    )
-
+def test_the_champion_runs_through_its_runtime_on_the_matrix_transform_builds(champion, tmp_path):
     frame = synthetic_frame(500, seed=11)
     frame.loc[[4, 9], "car"] = "truck"  # unknown categories encode as all zeros
-    expected = dense_outputs(champion, frame)
-    encoder = _ChunkEncoder(champion.preprocessor)
+    encoder = ChunkEncoder(champion.preprocessor)
     columns = encoder.columns(pa.Table.from_pandas(frame, preserve_index=False))
+    matrix = encoder.matrix(columns, 0, len(frame))
 
-    runner = network_runner(champion.network, champion.preprocessor.n_inputs)
-    kernel = one_hot_kernel(champion.network, champion.preprocessor)
-    assert runner is not champion.network and kernel is not None
-    with torch.inference_mode():
-        fused = runner(torch.from_numpy(encoder.matrix(columns, 0, len(frame))))
-        by_position = kernel(
-            encoder.numeric_block(columns, 0, len(frame)),
-            encoder.code_block(columns, 0, len(frame)),
-        )
-    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(by_position, expected, rtol=1e-5, atol=1e-6)
-    # What the quantize flow times: the kernel, fed blocks read back from the matrix.
-    engine = engine_runner(champion.network, champion.preprocessor)
-    dense = torch.from_numpy(champion.preprocessor.transform(frame))
-    with torch.inference_mode():
-        torch.testing.assert_close(engine(dense), expected, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(engine(dense[:7].clone()), expected[:7], rtol=1e-5, atol=1e-6)
-    assert not torch.equal(expected[4], dense_outputs(champion, frame.assign(car="van"))[4])
-
-
-def test_the_kernel_adds_one_table_row_per_group_of_categorical_columns(champion, monkeypatch):
-    """With tables too small to combine columns, each categorical column is a group of its
-    own: the rows of one table per column (the bias in the first) add up to the network's
-    output."""
-    monkeypatch.setattr(scoring, "COMBINATION_TABLE_ROWS", 1)
-    kernel = scoring._build_one_hot_kernel(champion.network, champion.preprocessor)
-    assert kernel is not None
-    categorical = len(champion.preprocessor.categorical)
-    assert categorical >= 2
-    assert [members for members, _, _ in kernel.groups] == [[i] for i in range(categorical)]
-
-    frame = synthetic_frame(300, seed=17)
-    frame.loc[[3, 8], "car"] = "truck"
-    encoder = scoring._ChunkEncoder(champion.preprocessor)
-    columns = encoder.columns(pa.Table.from_pandas(frame, preserve_index=False))
-    with torch.inference_mode():
-        got = kernel(
-            encoder.numeric_block(columns, 0, len(frame)),
-            encoder.code_block(columns, 0, len(frame)),
-        )
-    torch.testing.assert_close(got, dense_outputs(champion, frame), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(matrix, champion.preprocessor.transform(frame))
+    expected = dense_outputs(champion, frame).numpy()
+    np.testing.assert_allclose(champion.runtime.run(matrix), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(
+        torch.from_numpy(expected[4]), dense_outputs(champion, frame.assign(car="van"))[4]
+    )
+    # The manifest and the summary name the backend that scored.
+    source = write_parquet(frame.assign(car="van"), tmp_path / "in.parquet")
+    result = score_files(champion, [source], tmp_path / "out", id_column=ID, chunk_rows=200)
+    runtime = result.manifest["model"]["runtime"]
+    assert runtime == {"backend": champion.runtime.backend, "reason": champion.runtime.reason}
+    assert f" on {result.backend}) -> " in result.summary()
 
 
 class Tanh(torch.nn.Module):
-    """A network outside the fused engines: no ``layers`` stack, a Tanh in the middle."""
+    """A network of the user's own: no ``layers`` stack, a Tanh in the middle."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -838,126 +804,43 @@ class Tanh(torch.nn.Module):
         return self.last(torch.tanh(self.first(x)))
 
 
-def scores_by_both_paths(
-    model, frame: pd.DataFrame, *, reject: bool = False
-) -> tuple[np.ndarray | None, np.ndarray]:
-    """A chunk's scores from the scripted row groups (None where that path declines) and
-    from Python batch by batch, each over row ranges that do not line up with the
-    8,192-row batches."""
-    from stemma.components.scoring.engine import (
-        _ChunkEncoder,
-        _eager_rows,
-        _scripted_rows,
-        network_runner,
-        one_hot_kernel,
-    )
+def test_any_network_scores_as_it_computes_with_the_eager_reason_in_the_summary(champion, tmp_path):
+    import dataclasses
 
-    encoder = _ChunkEncoder(model.preprocessor)
-    columns = encoder.columns(pa.Table.from_pandas(frame, preserve_index=False))
-    if reject:
-        columns = columns.take(np.arange(len(frame)) % 7 != 3)
-    kernel = one_hot_kernel(model.network, model.preprocessor)
-    assert kernel is not None
-    runner = network_runner(model.network, model.preprocessor.n_inputs)
-    cuts = [0, columns.rows // 6, columns.rows * 2 // 3, columns.rows]
-    ranges = list(itertools.pairwise(cuts))
-    results: list[np.ndarray | None] = []
-    for build in (_scripted_rows, None):
-        scores = np.full(columns.rows, np.nan)
-        if build is None:
-            run = _eager_rows(runner, kernel, encoder, columns, model.preprocessor, scores)
-        else:
-            run = build(kernel, encoder, columns, model.preprocessor, scores)
-        if run is None:
-            results.append(None)
-            continue
-        with torch.inference_mode():
-            for start, stop in ranges:
-                run(start, stop)
-        results.append(scores)
-    scripted, eager = results
-    assert eager is not None and not np.isnan(eager).any()
-    return scripted, eager
-
-
-@pytest.mark.parametrize("task", ["binary", "regression"])
-@pytest.mark.parametrize("reject", [False, True])
-def test_scripted_row_groups_score_bit_for_bit_as_python_does(store, champion, task, reject):
-    """The TorchScript row groups (which hold no GIL while they run) compute what the
-    Python path computes, to the last bit: float and integer numerics, unknown
-    categories, rows taken out as rejects, partial batches, and both decodings."""
-    model = champion
-    if task == "regression":
-        with isolated_mlflow():
-            configure_tracking(store["root"])
-            version = register(
-                store["client"],
-                "credit-price",
-                store["experiment_id"],
-                store["root"] / "price",
-                seed=5,
-                task="regression",
-            )
-            model = load_scoring_model(f"models:/credit-price/{version}")
-    frame = synthetic_frame(30_000, seed=23)
-    frame.loc[frame.index % 11 == 0, "car"] = "truck"  # unknown: its block is all zeros
-
-    scripted, eager = scores_by_both_paths(model, frame, reject=reject)
-
-    assert scripted is not None
-    assert np.array_equal(scripted, eager)
-    # Not a constant: the rows score differently, and unknown categories change the score.
-    assert len(np.unique(eager)) > 1_000
-
-
-def test_numeric_columns_of_other_types_are_scored_from_python(champion):
-    """float32 (or int32) columns standardise by numpy's rules for their type, which the
-    script does not copy: they take the Python path, scores unchanged."""
-    frame = synthetic_frame(10_000, seed=29).astype({"salary": np.float32})
-
-    scripted, eager = scores_by_both_paths(champion, frame)
-
-    assert scripted is None
-    expected = champion.preprocessor.decode_output(
-        dense_outputs(champion, frame).numpy().reshape(-1)
-    )
-    np.testing.assert_allclose(eager, expected, rtol=1e-5)
-
-
-def test_without_torchscript_the_rows_are_scored_from_python(champion, tmp_path, monkeypatch):
-    """A torch build that cannot script the batch function still scores, and the bytes
-    are the same."""
-    source = write_parquet(synthetic_frame(20_000, seed=31), tmp_path / "in.parquet")
-    score_files(champion, [source], tmp_path / "scripted", id_column=ID, chunk_rows=7_000)
-    monkeypatch.setattr(scoring, "_batch_script", lambda: None)
-
-    score_files(champion, [source], tmp_path / "python", id_column=ID, chunk_rows=7_000)
-
-    assert folder_bytes(tmp_path / "scripted") == folder_bytes(tmp_path / "python")
-
-
-def test_other_networks_run_as_they_compute(champion):
-    from stemma.components.model.networks import MLP
-    from stemma.components.scoring.engine import engine_runner, network_runner, one_hot_kernel
+    from stemma.components.runtime.backends import build_runtime
 
     preprocessor = champion.preprocessor
-    frame = synthetic_frame(300, seed=12)
-    matrix = torch.from_numpy(preprocessor.transform(frame))
     torch.manual_seed(0)
     custom = Tanh(preprocessor.n_inputs).eval()
-    assert one_hot_kernel(custom, preprocessor) is None
-    assert engine_runner(custom, preprocessor) is network_runner(custom, preprocessor.n_inputs)
-    with torch.inference_mode():
-        torch.testing.assert_close(
-            network_runner(custom, preprocessor.n_inputs)(matrix), custom(matrix)
-        )
-    # A stack with a layer the fused engine does not know, and a network still training.
-    odd = MLP(preprocessor.n_inputs, hidden=(16,)).eval()
-    odd.layers[1] = torch.nn.GELU()
-    assert one_hot_kernel(odd, preprocessor) is None
-    with torch.inference_mode():
-        torch.testing.assert_close(network_runner(odd, preprocessor.n_inputs)(matrix), odd(matrix))
-    assert one_hot_kernel(MLP(preprocessor.n_inputs, hidden=(16,)), preprocessor) is None
+    runtime = build_runtime(custom, width=preprocessor.n_inputs, eager_reason="no ONNX file here")
+    model = dataclasses.replace(champion, network=custom, runtime=runtime)
+    frame = synthetic_frame(3_000, seed=12)
+    source = write_parquet(frame, tmp_path / "in.parquet")
+
+    result = score_files(model, [source], tmp_path / "out", id_column=ID, chunk_rows=1_000)
+
+    expected = preprocessor.decode_output(dense_outputs(model, frame).numpy())
+    np.testing.assert_allclose(read_parts(tmp_path / "out")["score"], expected, rtol=1e-6)
+    assert result.backend == "eager (no ONNX file here)"
+    assert "rows/s on eager (no ONNX file here)) -> " in result.summary()
+
+
+def test_the_backend_is_part_of_the_fingerprint_and_both_score_alike(champion, tmp_path):
+    """Eager and ONNX Runtime may differ in the last bits: a folder scored by one is
+    scored again by the other, never mixed; the scores agree to float rounding."""
+    if champion.runtime.backend != "onnxruntime":
+        pytest.skip(f"the champion runs on {champion.runtime.label}")
+    eager = load_scoring_model(f"models:/{MODEL}@champion", backend="eager")
+    assert eager.runtime.backend == "eager"
+    source = write_parquet(synthetic_frame(5_000, seed=14), tmp_path / "in.parquet")
+    fast = score_files(champion, [source], tmp_path / "out", id_column=ID, chunk_rows=2_000)
+    fast_scores = read_parts(tmp_path / "out")["score"].to_numpy()
+
+    slow = score_files(eager, [source], tmp_path / "out", id_column=ID, chunk_rows=2_000)
+
+    assert slow.invalidated and slow.parts_skipped == 0
+    assert slow.manifest["fingerprint"] != fast.manifest["fingerprint"]
+    np.testing.assert_allclose(read_parts(tmp_path / "out")["score"], fast_scores, rtol=1e-6)
 
 
 def test_parts_store_integers_delta_encoded_and_scores_uncompressed(champion, tmp_path):
@@ -986,8 +869,8 @@ def test_parts_are_written_a_row_group_at_a_time_as_their_scores_come(
     """Row groups of a fixed size, each written once the batches holding its rows are
     done: the bytes do not depend on how many threads scored, rejected rows leave the
     kept rows' ids and scores aligned, and the prediction and score are required columns."""
-    monkeypatch.setattr(scoring, "PART_ROW_GROUP_ROWS", 1_500)
-    monkeypatch.setattr(scoring, "FORWARD_BATCH_ROWS", 700)  # row groups span batches
+    monkeypatch.setattr(pipeline, "PART_ROW_GROUP_ROWS", 1_500)
+    monkeypatch.setattr(pipeline, "FORWARD_BATCH_ROWS", 700)  # row groups span batches
     frame = with_bad_rows(synthetic_frame(9_000, seed=29))
     source = write_parquet(frame, tmp_path / "in.parquet")
     folders = score_with_threads(champion, source, tmp_path, (1, 2), chunk_rows=4_000)
@@ -1025,7 +908,7 @@ def test_integer_categories_are_looked_up_whatever_their_span_and_type():
     preprocessor = fit_preprocessor(
         frame, FeaturesSpec(numeric=["x"], categorical=list(vocabularies)), task="binary"
     )
-    encoder = scoring._ChunkEncoder(preprocessor)
+    encoder = ChunkEncoder(preprocessor)
     probes = [-(2**40), -4, -3, -1, 0, 1, 2, 3, 4, 5, 6, 69_999, 70_000, 2**40]
     nonnegative = [v for v in probes if v >= 0]  # columns with no value below any span
     for arrow_type, candidates in itertools.product(
@@ -1055,7 +938,7 @@ def test_huge_finite_values_are_not_reported_as_infinite():
     preprocessor = fit_preprocessor(
         frame, FeaturesSpec(numeric=["x"], categorical=["c"]), task="binary"
     )
-    encoder = scoring._ChunkEncoder(preprocessor)
+    encoder = ChunkEncoder(preprocessor)
     huge = pa.table({"x": [1e308, 1e308, 1.0], "c": [1, 2, 1]})
     assert encoder.columns(huge).problems == []
     broken = pa.table({"x": [1e308, np.inf, np.nan], "c": [1, 2, 1]})
@@ -1080,21 +963,4 @@ def test_the_score_histogram_bins_exactly_as_numpy_does():
     }
     for name, values in samples.items():
         expected = np.histogram(values, bins=bins, range=(0.0, 1.0))[0]
-        assert scoring._unit_histogram(values).tolist() == expected.tolist(), name
-
-
-def test_the_malloc_threshold_is_raised_once_per_process(monkeypatch):
-    """Raising it again would release the heap's free top, which later runs fault back in."""
-    monkeypatch.setattr(scoring, "_MALLOC_THRESHOLD_RAISED", scoring.threading.Event())
-    warm_ups = []
-    empty = np.empty
-
-    def counting_empty(shape, *args, **kwargs):
-        if shape == scoring.MALLOC_WARMUP_BYTES:
-            warm_ups.append(shape)
-        return empty(shape, *args, **kwargs)
-
-    monkeypatch.setattr(np, "empty", counting_empty)
-    for _ in range(3):
-        scoring._raise_malloc_mmap_threshold()
-    assert warm_ups == [scoring.MALLOC_WARMUP_BYTES]
+        assert output.unit_histogram(values).tolist() == expected.tolist(), name

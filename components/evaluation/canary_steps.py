@@ -1,0 +1,234 @@
+"""One canary step's scoring: route the batch by id, score each arm, write what is served.
+
+The control model scores every row (its arm, and the reference the guards compare the
+challenger with); the challenger scores the rows routed to it. The served predictions hold
+one row per entity, with the arm, the version that served it and whether the champion stood
+in for a challenger that failed on the row (``fallback``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from stemma.components.errors import DataError
+from stemma.components.evaluation.comparison import route_to_challenger
+from stemma.components.evaluation.rows import (
+    CHALLENGER_SCORE,
+    CHALLENGER_SCORED,
+    CHAMPION_SCORE,
+    CHAMPION_SCORED,
+    read_batch_columns,
+    read_scores,
+)
+from stemma.components.platform import tags
+from stemma.components.platform.files import write_atomically
+from stemma.components.runtime.loading import ScoringModel
+from stemma.components.scoring.engine import score_files
+from stemma.components.scoring.inputs import input_digest
+from stemma.components.scoring.job import ScoringResult
+from stemma.components.scoring.output import PREDICTION_COLUMN, SCORE_COLUMN
+
+#: Arms, as the served predictions name them.
+ARM_CHALLENGER = "challenger"
+ARM_CHAMPION = "champion"
+#: Columns of the served predictions besides the id, prediction and score.
+ARM_COLUMN = "arm"
+VERSION_COLUMN = "model_version"
+FALLBACK_COLUMN = "fallback"
+#: Files of a step folder.
+STEP_FILE = "_STEP.json"
+PREDICTIONS_FILE = "predictions.parquet"
+ARM_INPUT = "arm/challenger.parquet"
+CONTROL_DIR = "control"
+CHALLENGER_DIR = "challenger"
+
+
+@dataclass(frozen=True)
+class StepScores:
+    """One batch scored by both arms.
+
+    Attributes:
+        batch: the batch file.
+        digest: its md5.
+        folder: the step folder.
+        fraction: the challenger's share.
+        rows: one row per batch row: id, arm (``challenger``/``champion``), both models'
+            scores (NaN where not scored) and whether each scored the row.
+        control: the control model's scoring of the whole batch.
+        challenger: the challenger's scoring of its arm (None when the arm is empty).
+        predictions: the served predictions file.
+        predictions_sha256: its sha256.
+    """
+
+    batch: Path
+    digest: str
+    folder: Path
+    fraction: float
+    rows: pd.DataFrame
+    control: ScoringResult
+    challenger: ScoringResult | None
+    predictions: Path
+    predictions_sha256: str
+
+
+def score_step(
+    control: ScoringModel,
+    challenger: ScoringModel,
+    batch: Path,
+    folder: Path,
+    *,
+    fraction: float,
+    salt: str,
+    id_column: str,
+    chunk_rows: int,
+    invalid_rows: str = "reject",
+    unknown_categories: str = "reject",
+    threads: int | None = None,
+) -> StepScores:
+    """Route a batch, score each arm, and write the served predictions.
+
+    The control scores every row (its arm, and the reference the guards compare the
+    challenger with); the challenger scores the rows routed to it, read from a file of
+    those rows (``arm/challenger.parquet``). Every output is written atomically and, as
+    the scoring is, resumes where a killed run stopped.
+
+    Raises:
+        DataError: the batch repeats ids, or as :func:`~.scoring.score_files`.
+    """
+    batch = Path(batch)
+    folder = Path(folder)
+    digest, _ = input_digest([batch])
+
+    def score(model: ScoringModel, files: list[Path], output: Path) -> ScoringResult:
+        return score_files(
+            model,
+            files,
+            output,
+            id_column=id_column,
+            chunk_rows=chunk_rows,
+            invalid_rows=invalid_rows,
+            unknown_categories=unknown_categories,
+            threads=threads,
+            progress=False,
+        )
+
+    ids = read_batch_columns([batch], [id_column])[id_column]
+    repeated = ids[ids.duplicated()]
+    if not repeated.empty:
+        raise DataError(
+            f"{batch}: {repeated.nunique()} ids repeat in {id_column}",
+            ["the canary routes entities by id: ids must be unique within a batch"],
+        )
+    routed = route_to_challenger(ids.to_numpy(), fraction, salt)
+    control_result = score(control, [batch], folder / CONTROL_DIR)
+    challenger_result = None
+    if routed.any():
+        arm_file = _write_arm_input(batch, folder / ARM_INPUT, id_column, ids[routed])
+        challenger_result = score(challenger, [arm_file], folder / CHALLENGER_DIR)
+
+    rows = _joined_rows(ids, routed, id_column, control_result, challenger_result)
+    predictions = folder / PREDICTIONS_FILE
+    sha256 = _write_predictions(predictions, rows, id_column, control, challenger)
+    return StepScores(
+        batch=batch,
+        digest=digest,
+        folder=folder,
+        fraction=fraction,
+        rows=rows,
+        control=control_result,
+        challenger=challenger_result,
+        predictions=predictions,
+        predictions_sha256=sha256,
+    )
+
+
+def _joined_rows(
+    ids: pd.Series,
+    routed: np.ndarray,
+    id_column: str,
+    control: ScoringResult,
+    challenger: ScoringResult | None,
+) -> pd.DataFrame:
+    """One row per id: its arm, and each model's score and whether it scored the row."""
+    rows = pd.DataFrame({id_column: ids.to_numpy(), ARM_COLUMN: ARM_CHAMPION})
+    rows.loc[routed, ARM_COLUMN] = ARM_CHALLENGER
+    for result, score_name, scored_name in (
+        (control, CHAMPION_SCORE, CHAMPION_SCORED),
+        (challenger, CHALLENGER_SCORE, CHALLENGER_SCORED),
+    ):
+        if result is None:
+            rows[scored_name] = False
+            rows[score_name] = np.nan
+            continue
+        mapped = read_scores(result, id_column).set_index(id_column)[SCORE_COLUMN]
+        rows[scored_name] = rows[id_column].isin(mapped.index)
+        rows[score_name] = rows[id_column].map(mapped).astype(np.float64)
+    return rows
+
+
+def _write_arm_input(batch: Path, path: Path, id_column: str, ids: pd.Series) -> Path:
+    """The batch rows routed to the challenger, as a Parquet file (rewritten only if changed)."""
+    table = pacsv.read_csv(batch) if batch.suffix.lower() == ".csv" else pq.read_table(batch)
+    chosen = table.filter(pc.is_in(table.column(id_column), value_set=pa.array(ids.to_numpy())))
+    return _write_table_if_changed(path, chosen)
+
+
+def _write_table_if_changed(path: Path, table: pa.Table) -> Path:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue().to_pybytes()
+    # The same rows keep the file, so a scoring that read it stays valid and resumes.
+    if not (path.is_file() and path.read_bytes() == data):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, data)
+    return path
+
+
+def _write_predictions(
+    path: Path,
+    rows: pd.DataFrame,
+    id_column: str,
+    control: ScoringModel,
+    challenger: ScoringModel,
+) -> str:
+    """One served prediction per row: the challenger's on its arm unless it failed there."""
+    by_challenger = (
+        (rows[ARM_COLUMN] == ARM_CHALLENGER)
+        & rows[CHALLENGER_SCORED]
+        & np.isfinite(rows[CHALLENGER_SCORE])
+    )
+    by_control = ~by_challenger & rows[CHAMPION_SCORED]
+    served = by_challenger | by_control
+    score = np.where(by_challenger, rows[CHALLENGER_SCORE], rows[CHAMPION_SCORE])[served]
+    threshold = np.where(by_challenger, challenger.threshold, control.threshold)[served]
+    columns: dict[str, Any] = {
+        id_column: pa.array(rows.loc[served, id_column].to_numpy()),
+    }
+    if control.task == "binary":
+        columns[PREDICTION_COLUMN] = pa.array((score >= threshold).astype(np.int64))
+    columns[SCORE_COLUMN] = pa.array(score.astype(np.float64))
+    columns[ARM_COLUMN] = pa.array(rows.loc[served, ARM_COLUMN].to_numpy(), pa.string())
+    columns[VERSION_COLUMN] = pa.array(
+        np.where(by_challenger, challenger.version, control.version)[served], pa.string()
+    )
+    columns[FALLBACK_COLUMN] = pa.array(
+        ((rows[ARM_COLUMN] == ARM_CHALLENGER) & ~by_challenger)[served].to_numpy()
+    )
+    table = pa.table(columns).replace_schema_metadata(
+        {
+            tags.CONTROL_MODEL_URI: control.model_uri,
+            tags.CHALLENGER_MODEL_URI: challenger.model_uri,
+        }
+    )
+    _write_table_if_changed(path, table)
+    return hashlib.sha256(path.read_bytes()).hexdigest()

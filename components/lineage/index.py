@@ -1,0 +1,292 @@
+"""Reading lineage records from MLflow: each run's record, by its index tags or artifact.
+
+Every flow run that records lineage carries, next to ``lineage/record.json``, the index
+tags of :mod:`stemma.components.platform.lineage` (``stemma.lineage.made.<key>``,
+``stemma.lineage.used.<key>``, ``stemma.lineage.edges``). :class:`RecordIndex` answers from
+MLflow searches on those tags and never lists or downloads every run's artifacts. A run
+that recorded lineage before the index tags existed (it has ``stemma.flow`` but no
+``stemma.lineage.schema``) is still read when it is reached directly: its
+``lineage/record.json`` is downloaded then.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stemma.components.platform import tags as tag_names
+from stemma.components.platform.lineage import (
+    EDGES_IN_ARTIFACT,
+    EDGES_TAG,
+    INDEX_SCHEMA_TAG,
+    MADE_TAG_PREFIX,
+    RECORD_ARTIFACT,
+    USED_TAG_PREFIX,
+    Edge,
+    LineageRecord,
+    made_tag,
+    record_roles,
+    run_node_id,
+    used_tag,
+)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+#: Prefix of run node ids (``mlflow-run:<id>``) and of model version ids.
+RUN_PREFIX = "mlflow-run:"
+MODEL_PREFIX = "models:/"
+#: Experiments whose names start so hold promotion claims, never runs.
+CLAIM_EXPERIMENT_PREFIX = "stemma.claims/"
+#: Runs fetched per search page (MLflow's maximum for search_runs).
+SEARCH_PAGE_SIZE = 1000
+
+
+@dataclass
+class RunRecord:
+    """The lineage a run recorded, read from its index tags (or its artifact)."""
+
+    run_id: str
+    node: dict[str, Any]
+    nodes: dict[str, dict[str, Any]]
+    edges: list[Edge]
+    made: set[str]
+    used: set[str]
+
+    @property
+    def run_node(self) -> str:
+        return str(self.node["id"])
+
+    def ancestors(self, node_id: str) -> set[str]:
+        """Nodes of this record from which ``node_id`` is reachable."""
+        found: set[str] = set()
+        frontier = [node_id]
+        while frontier:
+            current = frontier.pop()
+            for edge in self.edges:
+                if edge.target == current and edge.source not in found:
+                    found.add(edge.source)
+                    frontier.append(edge.source)
+        found.discard(node_id)
+        return found
+
+    def descendants(self, node_id: str) -> set[str]:
+        """Nodes of this record reachable from ``node_id``."""
+        found: set[str] = set()
+        frontier = [node_id]
+        while frontier:
+            current = frontier.pop()
+            for edge in self.edges:
+                if edge.source == current and edge.target not in found:
+                    found.add(edge.target)
+                    frontier.append(edge.target)
+        found.discard(node_id)
+        return found
+
+
+def iso_time(milliseconds: int | None) -> str | None:
+    """An MLflow timestamp (milliseconds) as ISO 8601 in UTC, to the second."""
+    if not milliseconds:
+        return None
+    return datetime.fromtimestamp(milliseconds / 1000, tz=UTC).isoformat(timespec="seconds")
+
+
+def _parse_tag_node(value: str) -> dict[str, Any] | None:
+    try:
+        node = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(node, dict) or not isinstance(node.get("id"), str):
+        return None
+    node.setdefault("kind", "unknown")
+    node.setdefault("attributes", {})
+    return node
+
+
+def _run_node(run: Run) -> dict[str, Any]:
+    tags = run.data.tags
+    attributes = {
+        key: value
+        for key, value in {
+            "flow": tags.get(tag_names.FLOW),
+            "pipeline": tags.get(tag_names.PIPELINE),
+            "status": run.info.status,
+            "experiment_id": run.info.experiment_id,
+            "run_name": run.info.run_name,
+            "ended": iso_time(run.info.end_time),
+        }.items()
+        if value
+    }
+    return {
+        "kind": "run",
+        "id": run_node_id(run.info.run_id),
+        "digest": None,
+        "created": iso_time(run.info.start_time),
+        "flow_run_id": tags.get(tag_names.PREFECT_FLOW_RUN_ID) or None,
+        "attributes": attributes,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Reading records from MLflow
+
+
+class RecordIndex:
+    """MLflow searches over the lineage index tags, with each run read once.
+
+    Args:
+        client: an MLflow client on the tracking store (and registry) to read.
+    """
+
+    def __init__(self, client: MlflowClient) -> None:
+        self.client = client
+        self.calls = 0
+        self._experiments: list[str] | None = None
+        self._records: dict[str, RunRecord | None] = {}
+        self._versions: dict[tuple[str, str], Any] = {}
+
+    @property
+    def experiment_ids(self) -> list[str]:
+        """Every active experiment that may hold runs (promotion claim experiments left out)."""
+        if self._experiments is None:
+            from mlflow.entities import ViewType
+
+            self.calls += 1
+            found = []
+            token = None
+            while True:
+                page = self.client.search_experiments(
+                    view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
+                )
+                found += [
+                    e.experiment_id for e in page if not e.name.startswith(CLAIM_EXPERIMENT_PREFIX)
+                ]
+                token = page.token
+                if not token:
+                    break
+            self._experiments = found
+        return self._experiments
+
+    def search(
+        self, filter_string: str, *, limit: int | None = None, newest_first: bool = False
+    ) -> list[RunRecord]:
+        """The records of the active runs matching ``filter_string``, oldest first."""
+        from mlflow.entities import ViewType
+
+        if not self.experiment_ids:
+            return []
+        runs: list[Run] = []
+        token = None
+        while True:
+            self.calls += 1
+            page = self.client.search_runs(
+                self.experiment_ids,
+                filter_string=filter_string,
+                run_view_type=ViewType.ACTIVE_ONLY,
+                max_results=min(limit or SEARCH_PAGE_SIZE, SEARCH_PAGE_SIZE),
+                order_by=[f"attributes.start_time {'DESC' if newest_first else 'ASC'}"],
+                page_token=token,
+            )
+            runs += list(page)
+            token = page.token
+            if not token or (limit is not None and len(runs) >= limit):
+                break
+        runs = runs[:limit] if limit is not None else runs
+        records = [self._remember(run) for run in runs]
+        return [record for record in records if record is not None]
+
+    def runs_that_made(self, node_id: str, *, limit: int | None = None) -> list[RunRecord]:
+        """The runs whose records say they produced ``node_id``, oldest first."""
+        return self.search(f"tags.`{made_tag(node_id)}` IS NOT NULL", limit=limit)
+
+    def runs_that_used(
+        self, node_id: str, *, limit: int | None = None, newest_first: bool = False
+    ) -> list[RunRecord]:
+        """The runs whose records say they read ``node_id``."""
+        return self.search(
+            f"tags.`{used_tag(node_id)}` IS NOT NULL", limit=limit, newest_first=newest_first
+        )
+
+    def record(self, run_id: str) -> RunRecord | None:
+        """The record of one run, or None when the run does not exist."""
+        if run_id in self._records:
+            return self._records[run_id]
+        from mlflow.exceptions import MlflowException
+
+        self.calls += 1
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            self._records[run_id] = None
+            return None
+        return self._remember(run)
+
+    def model_version(self, name: str, version: str) -> Any | None:
+        """The registry entry of a version, or None when it does not exist."""
+        key = (name, version)
+        if key not in self._versions:
+            from mlflow.exceptions import MlflowException
+
+            self.calls += 1
+            try:
+                self._versions[key] = self.client.get_model_version(name, version)
+            except MlflowException:
+                self._versions[key] = None
+        return self._versions[key]
+
+    def _remember(self, run: Run) -> RunRecord | None:
+        run_id = run.info.run_id
+        if run_id in self._records:
+            return self._records[run_id]
+        record = self._parse(run)
+        self._records[run_id] = record
+        return record
+
+    def _parse(self, run: Run) -> RunRecord:
+        tags = run.data.tags
+        run_node = _run_node(run)
+        nodes: dict[str, dict[str, Any]] = {run_node["id"]: run_node}
+        made: set[str] = set()
+        used: set[str] = set()
+        edges: list[Edge] = []
+        edges_text = tags.get(EDGES_TAG)
+        if INDEX_SCHEMA_TAG in tags and edges_text != EDGES_IN_ARTIFACT:
+            for key, value in tags.items():
+                for prefix, role in ((MADE_TAG_PREFIX, made), (USED_TAG_PREFIX, used)):
+                    node = _parse_tag_node(value) if key.startswith(prefix) else None
+                    if node is not None:
+                        nodes.setdefault(node["id"], node)
+                        role.add(node["id"])
+            try:
+                triples = json.loads(edges_text or "[]")
+            except ValueError:
+                triples = []
+            edges = [Edge(str(s), str(t), str(r)) for s, t, r in triples]
+        elif INDEX_SCHEMA_TAG in tags or tag_names.FLOW in tags:
+            record = self._download_record(run.info.run_id)
+            if record is not None:
+                made, used = record_roles(record, run.info.run_id)
+                for node in record.nodes:
+                    if node.id != run_node["id"]:
+                        nodes.setdefault(node.id, asdict(node))
+                    else:
+                        run_node["attributes"] = {
+                            **{k: v for k, v in node.attributes.items() if v},
+                            **run_node["attributes"],
+                        }
+                edges = list(record.edges)
+        return RunRecord(run.info.run_id, run_node, nodes, edges, made, used)
+
+    def _download_record(self, run_id: str) -> LineageRecord | None:
+        self.calls += 1
+        with tempfile.TemporaryDirectory(prefix="stemma-lineage-") as scratch:
+            try:
+                path = self.client.download_artifacts(run_id, RECORD_ARTIFACT, scratch)
+                return LineageRecord.from_json(Path(path).read_text(encoding="utf-8"))
+            except Exception:  # no record, or an unreadable one: the run has no lineage
+                return None

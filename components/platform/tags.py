@@ -1,0 +1,123 @@
+"""Every ``stemma.*`` tag, event and metadata key Stemma writes, in one place.
+
+The strings are stored in existing tracking servers: never change one, add a new name.
+A name ending in ``_PREFIX`` is followed by a field name (``GATE_PREFIX + "decision"``).
+"""
+
+# --- Every run -----------------------------------------------------------------------
+PIPELINE = "stemma.pipeline"  # run: the pipeline's name from the spec
+FLOW = "stemma.flow"  # run: which flow made it ("train", "score", ...)
+STATUS = "stemma.status"  # run: running / completed / failed / interrupted / killed
+ERROR = "stemma.error"  # run: headline of the error that ended it
+TASK = "stemma.task"  # logged model: the model's task (classification, regression)
+RUN_ID = "stemma.run_id"  # run: the training run a later run works on
+PREFECT_FLOW_RUN_ID = "stemma.prefect.flow_run_id"  # run: Prefect's id of the flow run
+CONFIG_PATH = "stemma.config.path"  # run: the spec file used
+CONFIG_SHA256 = "stemma.config.sha256"  # run: sha256 of the spec as loaded
+OVERRIDES = "stemma.overrides"  # run: the command line overrides, as a JSON list
+GIT_REV = "stemma.git.rev"  # run: the code's git commit
+GIT_DIRTY = "stemma.git.dirty"  # run: "true" when the work tree had changes
+
+# --- Data ----------------------------------------------------------------------------
+DATA_POINTER = "stemma.data.pointer"  # run: the DVC pointer file of the training data
+DATA_PATH = "stemma.data.path"  # run: the training data file
+DATA_MD5 = "stemma.data.md5"  # run, version: md5 of the data version trained on
+DATA_FILE_MD5 = "stemma.data.file_md5"  # run: md5 of the data file itself
+DATA_PREVIOUS_MD5 = "stemma.data.previous_md5"  # retrain run: the data version replaced
+DATA_GIT_REV = "stemma.data.git_rev"  # retrain run: the commit holding the new pointer
+DATA_SOURCES = "stemma.data.sources"  # retrain run: the files merged, as JSON
+CHECKS_DIGEST = "stemma.checks.digest"  # run: digest of the data checks' report
+CHECKS_SUCCESS = "stemma.checks.success"  # run: "true" when every data check passed
+INPUT_PATH = "stemma.input.path"  # run: the batch scored or monitored
+INPUT_DIGEST = "stemma.input.digest"  # run: digest of that batch
+BATCH_PATH = "stemma.batch.path"  # older monitor runs: the batch (now INPUT_PATH)
+BATCH_DIGEST = "stemma.batch.digest"  # older monitor runs: now INPUT_DIGEST
+LABELS_PATH = "stemma.labels.path"  # monitor run: the labels file
+LABELS_DIGEST = "stemma.labels.digest"  # monitor run: digest of the labels file
+OUTPUT_PATH = "stemma.output.path"  # score run: the output folder
+OUTPUT_SHA256 = "stemma.output.sha256"  # run: sha256 of the output's manifest
+PROFILE_SHA256 = "stemma.profile.sha256"  # run: sha256 of the reference data profile
+
+# --- Model identity and integrity ----------------------------------------------------
+# The weights hash is spelled two ways and both stay: runs and model versions carry
+# WEIGHTS_SHA256 ("stemma.weights.sha256"); logged models carry LOGGED_MODEL_WEIGHTS_SHA256
+# ("stemma.weights_sha256"), which a registered version copies under WEIGHTS_SHA256.
+WEIGHTS_SHA256 = "stemma.weights.sha256"  # run, model version: sha256 of the weights
+LOGGED_MODEL_WEIGHTS_SHA256 = "stemma.weights_sha256"  # logged model: the same hash
+MODEL_FILES = "stemma.model.files"  # logged model, version: {path: sha256} of its files
+ARCHITECTURE_SHA256 = "stemma.architecture.sha256"  # sha256 of a custom network's source
+MODEL_URI = "stemma.model.uri"  # run: the model's MLflow URI
+MODEL_VERSION = "stemma.model.version"  # run: the registered version used or made
+MODEL_REFERENCE = "stemma.model.reference"  # run: the reference as the user wrote it
+MODEL_CHAMPION = "stemma.model.champion"  # shadow run: the champion's version
+MODEL_CHALLENGER = "stemma.model.challenger"  # shadow run: the challenger's version
+ONNX_SHA256 = "stemma.onnx.sha256"  # logged model, version: sha256 of network.onnx
+RUNTIME_BACKEND = "stemma.runtime.backend"  # logged model, version: onnxruntime or eager
+RUNTIME_REASON = "stemma.runtime.reason"  # logged model, version: why eager was chosen
+
+# --- Gate, promotion and claims ------------------------------------------------------
+GATE_PREFIX = "stemma.gate."  # version: the gate's decision, one tag per field
+GATE_DECISION = "stemma.gate.decision"  # version: "passed" or "failed"
+GATE_METRIC = "stemma.gate.metric"  # version: the metric the gate read
+GATE_VALUE = "stemma.gate.value"  # version: that metric's value
+PROMOTION_PREFIX = "stemma.promotion."  # promote run: one tag per field of the record
+PROMOTION_LAST = "stemma.promotion.last"  # version: JSON of its latest promotion decision
+PROMOTION_GENERATION = "stemma.promotion.generation"  # model: champion moves made so far
+PROMOTION_EVIDENCE = "stemma.promotion.evidence"  # promote run: the evidence, as JSON
+PROMOTION_OUTCOME = "stemma.promotion.outcome"  # shadow run: what promotion did
+CLAIMS_EXPERIMENT_PREFIX = "stemma.claims"  # experiment names that claim a generation
+CLAIM_PREFIX = "stemma.claim."  # claim experiment: holder, heartbeat and action fields
+
+# --- Quantization --------------------------------------------------------------------
+QUANTIZE_PREFIX = "stemma.quantize."  # variant version: method, parent, status, ...
+QUANTIZE_METHOD = "stemma.quantize.method"  # variant tag and safetensors metadata key
+QUANTIZE_REGISTERED = "stemma.quantize.registered"  # quantize run: variants registered
+
+# --- Scoring, shadow and canary ------------------------------------------------------
+SCORE_KEY = "stemma.score.key"  # score run: what it scores, to find a run to resume
+SCORE_OWNER = "stemma.score.owner"  # score run: host:pid of the scoring process
+SCORE_RESUMES = "stemma.score.resumes"  # score run: times it was resumed
+SCORE_RUNNER = "stemma.score.runner"  # score run: the runner (local, dask)
+SHADOW_RUN_ID = "stemma.shadow.run_id"  # retrain run: the shadow run that judged it
+SHADOW_DECISION = "stemma.shadow.decision"  # run, version: the shadow comparison's verdict
+SHADOW_REASONS = "stemma.shadow.reasons"  # shadow run: why, joined by " | "
+SHADOW_OUTPUT_SHA256 = "stemma.shadow.output.sha256"  # shadow run: challenger output hash
+SHADOW_BATCH = "stemma.shadow.batch"  # retrain run: the holdout batch shadowed
+CANARY_STATE = "stemma.canary.state"  # registered model: the canary's state as JSON
+CANARY_STEP_KEY = "stemma.canary.step_key"  # canary run: the step, so a resume reuses it
+CANARY_PHASE = "stemma.canary.phase"  # canary run: the phase
+CANARY_STEP = "stemma.canary.step"  # canary run: the step number
+CANARY_FRACTION = "stemma.canary.fraction"  # canary run: traffic share of the challenger
+CANARY_CONTROL = "stemma.canary.control"  # canary run: the control version
+CANARY_CHALLENGER = "stemma.canary.challenger"  # canary run: the challenger version
+CANARY_DECISION = "stemma.canary.decision"  # canary run: the step's decision
+CANARY_ACTION = "stemma.canary.action"  # canary run: the action applied
+CANARY_OUTCOME = "stemma.canary.outcome"  # canary run: the outcome of that action
+CANARY_STATUS = "stemma.canary.status"  # canary run: the canary's status afterwards
+CONTROL_MODEL_URI = "stemma.control_model_uri"  # canary output metadata: the control
+CHALLENGER_MODEL_URI = "stemma.challenger_model_uri"  # canary output metadata
+
+# --- Monitoring and retraining -------------------------------------------------------
+DRIFT_DETECTED = "stemma.drift.detected"  # monitor run tag, and the drift event's name
+DRIFT_FEATURES = "stemma.drift.features"  # monitor run: the drifted features
+DRIFT_KINDS = "stemma.drift.kinds"  # monitor run: the kinds of drift found
+DRIFT_SUMMARY = "stemma.drift.summary"  # monitor run: a one-line summary
+DRIFT_EVENT_ID = "stemma.drift.event_id"  # monitor run: id of the event emitted
+DRIFT_EVENT_EMITTED = "stemma.drift.event_emitted"  # monitor run: "false" if sending failed
+RETRAIN_RUN_ID = "stemma.retrain.run_id"  # train run: the retrain run that started it
+RETRAIN_OUTCOME = "stemma.retrain.outcome"  # retrain run: what the retraining ended in
+TRAIN_RUN_ID = "stemma.train.run_id"  # retrain run: the training run it started
+CAUSE_PREFIX = "stemma.cause."  # retrain run: why it ran, one tag per field
+CAUSE_KIND = "stemma.cause.kind"  # retrain run: the kind of cause (drift, schedule, ...)
+
+# --- Lineage index -------------------------------------------------------------------
+LINEAGE_SCHEMA = "stemma.lineage.schema"  # run: record layout; present when indexed
+LINEAGE_EDGES = "stemma.lineage.edges"  # run: the record's edges as JSON
+LINEAGE_MADE_PREFIX = "stemma.lineage.made."  # run: one tag per node it produced
+LINEAGE_USED_PREFIX = "stemma.lineage.used."  # run: one tag per node it read
+LINEAGE_MADE_KIND_PREFIX = "stemma.lineage.made-kind."  # run: kinds of node produced
+LINEAGE_USED_KIND_PREFIX = "stemma.lineage.used-kind."  # run: kinds of node read
+
+# --- Events and file metadata --------------------------------------------------------
+BATCH_SCORED_EVENT = "stemma.batch.scored"  # Prefect event after a batch is scored
+PARQUET_METADATA_PREFIX = "stemma."  # key prefix of Stemma's Parquet file metadata

@@ -1,0 +1,210 @@
+"""One tracked MLflow run: start → tags → params, metrics, artifacts → lineage → end.
+
+Every flow records its work through :func:`tracked_run`. The run ends FINISHED (tag
+``stemma.status=completed``) when the block completes, KILLED on an interruption and FAILED
+on any other error (see :func:`.tracking.end_run_after`), with the reason in its tags.
+
+A run is *active* (on MLflow's fluent stack, nested under a run already active) or
+*detached* (created by the client and left off the stack, for a run that spans other flows'
+runs, as retraining's does). Every method writes through the client with the run's id, so
+both work alike. :meth:`TrackedRun.record_lineage` logs the record and its index tags (see
+:mod:`.lineage`), or hands it to the ``lineage`` writer the flow passes (the flows add
+Prefect assets), inside the run either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from stemma.components.platform import lineage as records
+from stemma.components.platform import tags as tag_names
+from stemma.components.platform import tracking
+from stemma.components.platform.redaction import redact, redact_url
+
+#: What records a lineage record in the active run: the record as a JSON document.
+LineageWriter = Callable[[dict[str, Any]], None]
+#: MLflow accepts at most this many tags in one request.
+TAGS_PER_REQUEST = 100
+
+
+class TrackedRun:
+    """The run a flow writes to; see :func:`tracked_run`.
+
+    Attributes:
+        run_id: MLflow's id of the run.
+        experiment_id: its experiment.
+        resumed: whether an earlier run was continued (``run_id`` was given).
+        resumable: after a failure, whether the run may be resumed (an interruption, or
+            the tracking server was down); False otherwise.
+        end_status: the MLflow status the run ends with when the block completes
+            (``FINISHED``; a run that records a refusal may set ``FAILED``).
+    """
+
+    def __init__(
+        self, client: Any, run: Any, *, active: bool, resumed: bool, lineage: LineageWriter | None
+    ) -> None:
+        self.client = client
+        self.run_id: str = run.info.run_id
+        self.experiment_id: str = run.info.experiment_id
+        self.active = active
+        self.resumed = resumed
+        self.resumable = False
+        self.end_status = "FINISHED"
+        self._lineage = lineage
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set tags (values as strings), in as few requests as MLflow allows."""
+        from mlflow.entities import RunTag
+
+        entries = [RunTag(key, str(value)) for key, value in tags.items()]
+        for start in range(0, len(entries), TAGS_PER_REQUEST):
+            self.client.log_batch(self.run_id, tags=entries[start : start + TAGS_PER_REQUEST])
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params; long values are cut and credentials in URLs masked (as
+        :func:`.tracking.log_params_flat` does)."""
+        from mlflow.entities import Param
+
+        entries = [
+            Param(redact_url(key), tracking.truncate_param(redact_url(str(value))))
+            for key, value in params.items()
+        ]
+        for start in range(0, len(entries), tracking.MAX_PARAMS_PER_BATCH):
+            batch = entries[start : start + tracking.MAX_PARAMS_PER_BATCH]
+            self.client.log_batch(self.run_id, params=batch)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Log metrics with one timestamp, in as few requests as MLflow allows."""
+        import time
+
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        entries = [Metric(key, float(value), stamp, step) for key, value in metrics.items()]
+        for start in range(0, len(entries), tracking.MAX_METRICS_PER_BATCH):
+            batch = entries[start : start + tracking.MAX_METRICS_PER_BATCH]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_dict(self, document: Any, artifact_file: str) -> None:
+        """Log a JSON (or YAML, by the file's suffix) document as an artifact."""
+        self.client.log_dict(self.run_id, document, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Log ``text`` as the artifact ``artifact_file``."""
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifacts(self, folder: Path, artifact_path: str) -> dict[str, str]:
+        """Log every file under ``folder`` at ``artifact_path``.
+
+        Returns:
+            sha256 of each file logged, keyed by its artifact path (for lineage).
+        """
+        folder = Path(folder)
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+        return {
+            f"{artifact_path}/{path.relative_to(folder).as_posix()}": _sha256(path)
+            for path in sorted(p for p in folder.rglob("*") if p.is_file())
+        }
+
+    def record_lineage(self, record: records.LineageRecord | Mapping[str, Any]) -> None:
+        """Record the run's lineage: ``lineage/record.json`` and the index tags, or what
+        the run's ``lineage`` writer does with the record."""
+        document = redact(records.as_document(record))
+        with self._activated():
+            if self._lineage is not None:
+                self._lineage(document)
+                return
+            self.log_dict(document, records.RECORD_ARTIFACT)
+            self.set_tags(records.index_tags(document, self.run_id))
+
+    @contextmanager
+    def _activated(self) -> Iterator[None]:
+        """The run on MLflow's fluent stack for the block (a detached run only then)."""
+        import mlflow
+
+        if self.active:
+            yield
+            return
+        nested = mlflow.active_run() is not None
+        with mlflow.start_run(run_id=self.run_id, nested=nested):
+            yield
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _end_detached(handle: TrackedRun, error: BaseException) -> bool:
+    """End a detached run after ``error`` as :func:`.tracking.end_run_after` ends an active
+    one; a store that does not answer leaves it RUNNING and resumable."""
+    try:
+        with handle._activated():
+            return tracking.end_run_after(error)
+    except Exception:  # the store is unreachable: the original error is what matters
+        return True
+
+
+@contextmanager
+def tracked_run(
+    name: str | None,
+    *,
+    experiment_id: str | None,
+    tags: Mapping[str, Any],
+    run_id: str | None = None,
+    lineage: LineageWriter | None = None,
+    detached: bool = False,
+    client: Any = None,
+) -> Iterator[TrackedRun]:
+    """Start (or resume) an MLflow run for the block and end it as the block ends.
+
+    Args:
+        name: the run's name (ignored when resuming).
+        experiment_id: where a new run goes (ignored when resuming).
+        tags: set at the start, with ``stemma.status=running``.
+        run_id: an earlier run of the same work to continue.
+        lineage: writes a lineage record inside the active run (see
+            :meth:`TrackedRun.record_lineage`).
+        detached: create the run through the client and keep it off MLflow's fluent stack,
+            so flows called inside the block start runs of their own.
+        client: the MLflow client of a detached run (default: one on the current store).
+
+    Yields:
+        The run. On success it ends FINISHED with ``stemma.status=completed``; on an error
+        it ends KILLED (interruption) or FAILED with the reason in its tags and the error is
+        raised again (:attr:`TrackedRun.resumable` says whether a rerun may resume it).
+    """
+    import mlflow
+
+    if not detached or client is None:
+        client = mlflow.MlflowClient()
+    if detached and run_id:
+        client.update_run(run_id, status="RUNNING")
+        run = client.get_run(run_id)
+    elif detached:
+        run = client.create_run(str(experiment_id), run_name=name)
+    else:
+        nested = mlflow.active_run() is not None
+        if run_id:
+            run = mlflow.start_run(run_id=run_id, nested=nested)
+        else:
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=nested)
+    handle = TrackedRun(client, run, active=not detached, resumed=bool(run_id), lineage=lineage)
+    try:
+        handle.set_tags({**tags, tag_names.STATUS: "running"})
+        yield handle
+        handle.set_tags({tag_names.STATUS: "completed"})
+    except BaseException as error:
+        if detached:
+            handle.resumable = _end_detached(handle, error)
+        else:
+            handle.resumable = tracking.end_run_after(error)
+        raise
+    if detached:
+        client.set_terminated(handle.run_id, handle.end_status)
+    else:
+        mlflow.end_run(status=handle.end_status)

@@ -1,0 +1,383 @@
+"""Logging a passing variant as a model and registering it beside its fp32 parent.
+
+:func:`log_variant_model` logs a variant as a pickle-free pyfunc model (the parent's
+``preprocess.json``, a ``network.json`` naming the method, the variant's weights and, for
+an ONNX Runtime method, its own ``network.onnx``, every file in the hashed manifest).
+:func:`register_variant` registers it as a version of the parent's registered model with
+``stemma.quantize.*`` tags and the alias ``v<parent>-<method>`` (``v7-int8-dynamic``), all
+or nothing; the fastest passing variant of a parent also gets ``v<parent>-quantized``
+(:func:`update_served_alias`), which batch scoring serves when the spec's
+``quantize.serve`` is on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stemma.components.errors import RegistryError
+from stemma.components.model.onnx_graph import ONNX_FILE
+from stemma.components.model.quantized import (
+    ONNXRUNTIME,
+    ORT_METHODS,
+    QuantizedNetwork,
+    package_version,
+    save_variant_weights,
+    variant_document,
+)
+from stemma.components.platform import tags as tag_names
+from stemma.components.platform.refs import logged_model_id
+from stemma.components.quantization.results import FAILED, REJECTED, Comparison
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+_LOG = logging.getLogger(__name__)
+
+#: Model version tags of a variant.
+TAG_PREFIX = tag_names.QUANTIZE_PREFIX
+METHOD_TAG = tag_names.QUANTIZE_METHOD
+PARENT_VERSION_TAG = TAG_PREFIX + "parent_version"
+PARENT_WEIGHTS_TAG = TAG_PREFIX + "parent_weights_sha256"
+RUNTIME_TAG = TAG_PREFIX + "runtime"
+#: ``registering`` from the moment the version exists until it is verified and aliased,
+#: then ``registered``. Nothing serves a version that is still ``registering``.
+STATUS_TAG = TAG_PREFIX + "status"
+STATUS_REGISTERING = "registering"
+STATUS_REGISTERED = "registered"
+#: ``host:pid`` of the process registering a version, so a later run can tell whether
+#: the process that left a ``registering`` version behind is gone.
+OWNER_TAG = TAG_PREFIX + "owner"
+#: Parent version tag: the latest quantize decision for each method, as JSON.
+SUMMARY_TAG = TAG_PREFIX + "summary"
+#: A ``registering`` version this old is abandoned whoever owns it (registration takes seconds).
+STALE_REGISTRATION_SECONDS = 600
+
+#: Alias of a passing variant, and of the one batch scoring serves for a parent version.
+METHOD_ALIAS = "v{version}-{method}"
+SERVED_ALIAS = "v{version}-quantized"
+#: Rows of the test split logged with a variant as its input example.
+INPUT_EXAMPLE_ROWS = 5
+
+
+def method_alias(parent_version: str, method: str) -> str:
+    """The alias of a passing variant: ``v7-int8-dynamic``."""
+    return METHOD_ALIAS.format(version=parent_version, method=method.replace("_", "-"))
+
+
+def served_alias(parent_version: str) -> str:
+    """The alias of the variant batch scoring serves for a parent: ``v7-quantized``."""
+    return SERVED_ALIAS.format(version=parent_version)
+
+
+def is_variant(version: ModelVersion) -> bool:
+    """Whether a model version is a quantized variant (rather than an fp32 model)."""
+    return METHOD_TAG in (getattr(version, "tags", None) or {})
+
+
+def registry_error(action: str, error: Exception) -> RegistryError:
+    """A RegistryError for an MLflow call that failed while doing ``action``."""
+    return RegistryError(
+        f"MLflow model registry: {action}", [getattr(error, "message", str(error))]
+    )
+
+
+def model_versions(client: MlflowClient, model_name: str) -> list[ModelVersion]:
+    """Every version of a registered model."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(client.search_model_versions(f"name = '{model_name}'"))
+    except MlflowException as error:
+        raise registry_error(f"cannot list the versions of {model_name!r}", error) from error
+
+
+# ---------------------------------------------------------------------------------------
+# Logging a variant as a model
+
+
+def model_requirements(method: str) -> list[str]:
+    """pip requirements of a variant: the fp32 model's, plus torchao or onnxruntime."""
+    from stemma.components.model.artifact import model_requirements as fp32_requirements
+
+    library = "onnxruntime" if method in ORT_METHODS else "torchao"
+    return [*fp32_requirements(), f"{library}=={package_version(library)}"]
+
+
+def _variant_runtime_tags(variant: QuantizedNetwork, onnx_sha256: str | None) -> dict[str, str]:
+    from stemma.components.model.artifact import (
+        ONNX_SHA256_TAG,
+        RUNTIME_BACKEND_TAG,
+        RUNTIME_REASON_TAG,
+    )
+
+    if onnx_sha256 is not None:
+        return {RUNTIME_BACKEND_TAG: ONNXRUNTIME, ONNX_SHA256_TAG: onnx_sha256}
+    reason = f"a {variant.method} variant runs on the eager backend"
+    return {RUNTIME_BACKEND_TAG: "eager", RUNTIME_REASON_TAG: reason}
+
+
+def write_variant_files(
+    variant: QuantizedNetwork,
+    parent_files: Mapping[str, Any],
+    parent: Mapping[str, str],
+    workdir: Path,
+) -> tuple[dict[str, Path], str, str | None]:
+    """The variant's model files in ``workdir``.
+
+    Returns:
+        ``{artifact name: path}``, the weights' sha256 and the graph's (ONNX Runtime
+        methods), or None.
+    """
+    from stemma.components.model.artifact import MODEL_ARTIFACT_FILES, ONNX_ARTIFACT
+    from stemma.components.platform.files import write_atomically
+    from stemma.components.runtime.loading import sha256_file
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = {key: workdir / name for key, name in MODEL_ARTIFACT_FILES.items()}
+    shutil.copyfile(parent_files["preprocess"], paths["preprocess"])
+    document = variant_document(parent_files["document"], variant.method, variant.runtime, parent)
+    write_atomically(paths["network"], json.dumps(document, indent=2, sort_keys=True))
+    weights_sha256 = save_variant_weights(variant, paths["weights"])
+    if variant.method not in ORT_METHODS:
+        return paths, weights_sha256, None
+    if variant.onnx_file is None:
+        raise ValueError(f"the {variant.method} variant has no ONNX graph to log")
+    paths[ONNX_ARTIFACT] = workdir / ONNX_FILE
+    shutil.copyfile(variant.onnx_file, paths[ONNX_ARTIFACT])
+    return paths, weights_sha256, sha256_file(paths[ONNX_ARTIFACT])
+
+
+def log_variant_model(
+    *,
+    variant: QuantizedNetwork,
+    parent_files: Mapping[str, Any],
+    parent: Mapping[str, str],
+    input_example: pd.DataFrame,
+    workdir: Path,
+) -> tuple[Any, str]:
+    """Log a variant as a pickle-free pyfunc model of the active run.
+
+    The model code is the same :mod:`stemma.components.model.serving` file as the fp32
+    model's, and the signature the parent's.
+
+    Returns:
+        The logged model's info and the sha256 of its weights file.
+    """
+    import mlflow
+    from mlflow.models import ModelSignature
+
+    from stemma.components.model.artifact import (
+        architecture_tags,
+        record_model_files,
+        serving_code_path,
+    )
+
+    paths, weights_sha256, onnx_sha256 = write_variant_files(
+        variant, parent_files, parent, Path(workdir)
+    )
+    document = parent_files["document"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MLflow's notes on models from code, for this call
+        info = mlflow.pyfunc.log_model(
+            name=f"variant-{variant.method.replace('_', '-')}",
+            python_model=str(serving_code_path()),
+            artifacts={key: str(path) for key, path in paths.items()},
+            signature=ModelSignature.from_dict(dict(parent_files["signature"])),
+            input_example=input_example.head(INPUT_EXAMPLE_ROWS).reset_index(drop=True),
+            pip_requirements=model_requirements(variant.method),
+            tags={
+                tag_names.LOGGED_MODEL_WEIGHTS_SHA256: weights_sha256,
+                tag_names.TASK: str(document.get("task")),
+                METHOD_TAG: variant.method,
+                **architecture_tags(document.get("config") or {}),
+                **_variant_runtime_tags(variant, onnx_sha256),
+            },
+        )
+    record_model_files(mlflow.MlflowClient(), info.model_id)
+    return info, weights_sha256
+
+
+# ---------------------------------------------------------------------------------------
+# Registering
+
+
+def owner_id() -> str:
+    """``host:pid`` of this process, as :data:`OWNER_TAG` records it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_gone(owner: str) -> bool:
+    """Whether the ``host:pid`` that tagged a version is a process of this host that ended."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's live process
+        return False
+    return False
+
+
+def remove_abandoned_variants(
+    client: MlflowClient, model_name: str, *, now: float | None = None
+) -> list[str]:
+    """Delete variant versions a killed run left ``registering``; returns their numbers.
+
+    A version is abandoned when the process that tagged it (same host) has ended, or it
+    has been ``registering`` for :data:`STALE_REGISTRATION_SECONDS`. Such a version never
+    got an alias, so nothing served it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    now = time.time() if now is None else now
+    removed = []
+    for version in model_versions(client, model_name):
+        found = version.tags or {}
+        if found.get(STATUS_TAG) != STATUS_REGISTERING:
+            continue
+        age = now - (version.creation_timestamp or 0) / 1000.0
+        if not (owner_gone(found.get(OWNER_TAG, "")) or age > STALE_REGISTRATION_SECONDS):
+            continue
+        try:
+            client.delete_model_version(model_name, str(version.version))
+        except MlflowException as error:
+            raise registry_error(
+                f"cannot delete the abandoned variant {model_name} v{version.version}", error
+            ) from error
+        removed.append(str(version.version))
+    return removed
+
+
+def register_variant(
+    *,
+    client: MlflowClient,
+    model_name: str,
+    parent_version: str,
+    method: str,
+    model_uri: str,
+    run_id: str,
+    tags: Mapping[str, str],
+    description: str,
+    verify: Callable[[str], None],
+) -> ModelVersion:
+    """Register a passing variant as a version of the parent's model, all or nothing.
+
+    The version is created tagged ``registering`` (with this process as its owner), then
+    ``verify(version)`` checks it (loads it back and compares outputs), then it gets its
+    alias (:func:`method_alias`) and the tag ``registered``. If anything fails or the run
+    is interrupted on the way, the version is deleted again; a process killed outright
+    leaves it ``registering``, unaliased, for :func:`remove_abandoned_variants`.
+
+    Raises:
+        RegistryError: MLflow refused a step (the version is deleted).
+        Exception: whatever ``verify`` raised (the version is deleted).
+    """
+    from mlflow.exceptions import MlflowException
+
+    from stemma.components.model.artifact import integrity_tags
+
+    try:
+        recorded = integrity_tags(client, logged_model_id(model_uri))
+        created = client.create_model_version(
+            name=model_name,
+            source=model_uri,
+            run_id=run_id,
+            tags={**tags, **recorded, STATUS_TAG: STATUS_REGISTERING, OWNER_TAG: owner_id()},
+            description=description,
+            model_id=logged_model_id(model_uri),
+        )
+    except MlflowException as error:
+        raise registry_error(
+            f"cannot register the {method} variant of v{parent_version}", error
+        ) from error
+    number = str(created.version)
+    try:
+        verify(number)
+        client.set_registered_model_alias(model_name, method_alias(parent_version, method), number)
+        client.set_model_version_tag(model_name, number, STATUS_TAG, STATUS_REGISTERED)
+        client.delete_model_version_tag(model_name, number, OWNER_TAG)
+        return client.get_model_version(model_name, number)
+    except BaseException as error:
+        try:
+            client.delete_model_version(model_name, number)
+        except Exception:  # the original error matters more; the next run cleans up
+            _LOG.warning("could not delete half-registered %s v%s", model_name, number)
+        if isinstance(error, MlflowException):
+            raise registry_error(
+                f"cannot finish registering the {method} variant of v{parent_version}", error
+            ) from error
+        raise
+
+
+def update_served_alias(
+    client: MlflowClient, model_name: str, parent_version: str, comparison: Comparison
+) -> str | None:
+    """Point ``v<parent>-quantized`` at the fastest passing variant of this comparison.
+
+    The latest measurement of a parent decides: when no variant passed, the alias is
+    removed, and so are method aliases of the parent whose method was rejected now.
+
+    Returns:
+        The version the alias names, or None.
+    """
+    from mlflow.exceptions import MlflowException
+
+    passing = [v for v in comparison.variants if v.passed and v.version is not None]
+    best = min(passing, key=lambda v: v.latency_ms or math.inf) if passing else None
+    alias = served_alias(parent_version)
+    try:
+        aliases = dict(client.get_registered_model(model_name).aliases or {})
+        if best is not None:
+            client.set_registered_model_alias(model_name, alias, str(best.version))
+        elif alias in aliases:
+            client.delete_registered_model_alias(model_name, alias)
+        for variant in comparison.variants:
+            stale = method_alias(parent_version, variant.method)
+            if variant.status in (REJECTED, FAILED) and stale in aliases:
+                client.delete_registered_model_alias(model_name, stale)
+    except MlflowException as error:
+        raise registry_error(f"cannot set the alias {alias}", error) from error
+    return None if best is None else str(best.version)
+
+
+def summary_tag(comparison: Comparison, run_id: str, served: str | None) -> str:
+    """The parent's :data:`SUMMARY_TAG`: each method's outcome and numbers, compact JSON."""
+
+    def rounded(value: float | None, digits: int = 6) -> float | None:
+        return None if value is None else round(float(value), digits)
+
+    document = {
+        "run_id": run_id,
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "metric": comparison.metric,
+        "max_metric_drop": comparison.max_metric_drop,
+        "min_speedup": comparison.min_speedup,
+        "baseline": f"fp32 {comparison.baseline_runtime} {comparison.baseline_ms:.3f} ms",
+        "served_version": served,
+        "variants": {
+            v.method: {
+                "status": v.status,
+                "version": v.version,
+                "metric_drop": rounded(v.metric_drop),
+                "speedup": rounded(v.speedup, 3),
+                "reasons": list(v.reasons),
+            }
+            for v in comparison.variants
+        },
+    }
+    return json.dumps(document, sort_keys=True, separators=(",", ":"))

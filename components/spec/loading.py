@@ -1,0 +1,233 @@
+"""Loading a spec: read the file within limits, apply ``--set`` overrides, validate it all."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from stemma.components.errors import SpecError
+from stemma.components.spec.document import LoadedSpec, Spec
+from stemma.components.spec.problems import (
+    Locator,
+    Problem,
+    dotted,
+    pydantic_message,
+    section_problems,
+    sections_of,
+    valid_sections,
+)
+from stemma.components.spec.reading import (
+    MAX_SPEC_BYTES,
+    MAX_SPEC_DEPTH,
+    SpecLimitError,
+    kib,
+    load_yaml,
+)
+
+
+def apply_overrides(
+    raw: Mapping[str, Any], overrides: Sequence[str]
+) -> tuple[dict[str, Any], list[Problem], dict[tuple[str, ...], str]]:
+    """Apply ``key.path=value`` overrides to a raw spec mapping, without mutating it.
+
+    Values are parsed as YAML (``3`` is an int, ``[1, 2]`` a list, ``null`` None).
+
+    Returns:
+        The new mapping, problems with malformed overrides, and for each overridden
+        path the override text (so errors can name it).
+    """
+    result: dict[str, Any] = _deep_copy(raw)
+    problems: list[Problem] = []
+    origins: dict[tuple[str, ...], str] = {}
+    for item in overrides:
+        key, sep, value_text = item.partition("=")
+        path = tuple(part for part in key.strip().split(".") if part)
+        if not sep or not path:
+            problems.append(
+                Problem((), f"override {_shorten(item)!r} must look like `section.key=value`")
+            )
+            continue
+        if len(path) > MAX_SPEC_DEPTH:
+            problems.append(
+                Problem(
+                    (),
+                    f"override key {_shorten(key)!r}: nesting deeper than {MAX_SPEC_DEPTH} levels",
+                )
+            )
+            continue
+        try:
+            value = load_yaml(value_text)[0] if value_text.strip() else None
+        except SpecLimitError as error:
+            problems.append(Problem(path, f"override value refused: {error.problem}"))
+            continue
+        except yaml.YAMLError as error:
+            problems.append(
+                Problem(path, f"override value {value_text!r} is not valid YAML: {error}")
+            )
+            continue
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+        origins[path] = f"--set {item}"
+    return result, problems, origins
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _deep_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(item) for item in value]
+    return value
+
+
+def find_project_root(config_path: Path) -> Path:
+    """The project root: the nearest folder above the config holding `data.dvc`, `.dvc` or `.git`.
+
+    Falls back to the current directory, so a spec outside any project resolves its
+    paths the way a user typing them in a shell would expect.
+    """
+    for folder in [config_path.resolve().parent, *config_path.resolve().parents]:
+        if (
+            (folder / "data.dvc").exists()
+            or (folder / ".dvc").is_dir()
+            or (folder / ".git").exists()
+        ):
+            return folder
+    return Path.cwd()
+
+
+def load_spec(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    check_paths: bool = True,
+    check_imports: bool = True,
+    check_expectations: bool = True,
+) -> LoadedSpec:
+    """Read, override and validate a spec; report every problem at once.
+
+    Args:
+        path: the YAML file.
+        overrides: ``section.key=value`` strings applied on top of the file.
+        check_paths: also check that data paths exist.
+        check_imports: also import a model given as ``module:Class``.
+        check_expectations: also check expectation types and kwargs against the catalogue.
+
+    Raises:
+        SpecError: with one line per problem, each naming file, line and YAML path.
+    """
+    config_path = Path(path)
+    file_name = config_path.name
+    raw, root_node = read_spec_file(config_path)
+
+    merged, problems, origins = apply_overrides(raw, overrides)
+    locator = Locator(root_node)
+
+    def located(loc: tuple[str | int, ...], message: str) -> Problem:
+        # An override explains a problem at its own path, below it (a bad value inside
+        # a section it set) or above it (a key it added to a section that forbids it).
+        origin = next(
+            (
+                text
+                for key, text in origins.items()
+                if tuple(loc[: len(key)]) == key or key[: len(loc)] == tuple(loc)
+            ),
+            None,
+        )
+        return Problem(loc, message, None if origin else locator.line(loc), origin)
+
+    spec: Spec | None = None
+    try:
+        spec = Spec.model_validate(merged)
+    except ValidationError as error:
+        for item in error.errors():
+            problems.append(located(tuple(item["loc"]), pydantic_message(item)))
+
+    root = find_project_root(config_path)
+    # Cross-section checks run on every section that is valid on its own, so a typo in
+    # `train` does not hide a missing data file: every problem is reported at once.
+    sections = sections_of(spec) if spec is not None else valid_sections(merged)
+    for loc, message in section_problems(
+        sections,
+        root,
+        check_paths=check_paths,
+        check_imports=check_imports,
+        check_expectations=check_expectations,
+    ):
+        problems.append(located(loc, message))
+
+    if problems:
+        problems.sort(key=lambda p: (p.line or 0, dotted(p.loc)))
+        noun = "problem" if len(problems) == 1 else "problems"
+        raise SpecError(
+            f"{config_path}: {len(problems)} {noun} in the spec",
+            [p.render(file_name) for p in problems],
+        )
+    assert spec is not None
+    return LoadedSpec(
+        spec=spec, path=config_path, root=root, raw=merged, overrides=tuple(overrides)
+    )
+
+
+def read_spec_file(config_path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
+    """The spec file's top-level mapping and its composed YAML node, read within limits.
+
+    Raises:
+        SpecError: the file is missing, unreadable, too large, not UTF-8, not valid or
+            not plain YAML, or not a mapping.
+    """
+    try:
+        # Read one byte past the limit: a huge file (or /dev/zero) is refused unread.
+        with config_path.open("rb") as handle:
+            content = handle.read(MAX_SPEC_BYTES + 1)
+    except FileNotFoundError:
+        raise SpecError(f"{config_path}: no such spec file") from None
+    except OSError as error:
+        raise SpecError(f"{config_path}: cannot read the spec: {error.strerror}") from None
+    if len(content) > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"{config_path}: refused: larger than {kib(MAX_SPEC_BYTES)}, the most a spec may be"
+        )
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SpecError(
+            f"{config_path}: refused: not UTF-8 text (byte {error.start} cannot be decoded)"
+        ) from None
+    return _parse_spec_text(text, config_path)
+
+
+def _parse_spec_text(text: str, config_path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
+    file_name = config_path.name
+    try:
+        raw, root_node = load_yaml(text)
+    except SpecLimitError as error:
+        mark = error.problem_mark
+        where = f"{config_path}:{mark.line + 1}" if mark is not None else str(config_path)
+        raise SpecError(f"{where}: refused: {error.problem}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{file_name}:{mark.line + 1}" if mark is not None else file_name
+        problem = getattr(error, "problem", None) or str(error)
+        raise SpecError(f"{config_path}: not valid YAML", [f"{where} {problem}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(
+            f"{config_path}: the spec must be a mapping of sections",
+            [f"{file_name}:1 (top level): got {type(raw).__name__}"],
+        )
+    return raw, root_node

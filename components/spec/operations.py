@@ -1,0 +1,454 @@
+"""The spec's sections for operating a model: monitor, evaluate (shadow, canary), quantize."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, field_validator
+
+from stemma.components.spec.sections import Section, check_cron, check_model_reference
+
+#: Quantization methods, in the order `stemma run quantize` reports them.
+QUANTIZE_METHODS = (
+    "int8_dynamic",
+    "int8_weight_only",
+    "bf16",
+    "fp16",
+    "float8_dynamic",
+    "ort_int8_dynamic",
+    "ort_fp16",
+)
+
+
+def _known_quantize_method(value: str) -> str:
+    if value not in QUANTIZE_METHODS:
+        close = difflib.get_close_matches(value, QUANTIZE_METHODS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(
+            f"unknown method {value!r}; {hint}choose from {', '.join(QUANTIZE_METHODS)}"
+        )
+    return value
+
+
+QuantizeMethod = Annotated[str, AfterValidator(_known_quantize_method)]
+
+
+NumericStatistic = Literal["psi", "ks"]
+CategoricalStatistic = Literal["psi", "chi2", "jensen_shannon"]
+
+
+class MonitorStatisticsSpec(Section):
+    """Which statistics compare a batch with the reference, per kind of column."""
+
+    numeric: list[NumericStatistic] = Field(
+        default_factory=lambda: list[NumericStatistic](["psi", "ks"]),
+        min_length=1,
+        max_length=2,
+        description=(
+            "`psi`: population stability index on the reference's quantile bins; `ks`: "
+            "two-sample Kolmogorov-Smirnov test against the reference's stored sample."
+        ),
+    )
+    categorical: list[CategoricalStatistic] = Field(
+        default_factory=lambda: list[CategoricalStatistic](["psi", "chi2"]),
+        min_length=1,
+        max_length=3,
+        description=(
+            "`psi` on the category frequencies, `chi2`: chi-square test of homogeneity, "
+            "`jensen_shannon`: Jensen-Shannon distance (base 2, 0 to 1)."
+        ),
+    )
+
+
+class MonitorThresholdsSpec(Section):
+    """When a statistic counts as drift: a column drifts when any of its statistics does."""
+
+    psi: float = Field(
+        default=0.2,
+        gt=0.0,
+        le=10.0,
+        description="Drift when the PSI is at least this (0.1: moderate shift, 0.2: significant).",
+    )
+    ks_pvalue: float = Field(
+        default=0.01,
+        gt=0.0,
+        lt=1.0,
+        description="Drift when the Kolmogorov-Smirnov p-value is below this.",
+    )
+    chi2_pvalue: float = Field(
+        default=0.01,
+        gt=0.0,
+        lt=1.0,
+        description="Drift when the chi-square p-value is below this.",
+    )
+    jensen_shannon: float = Field(
+        default=0.1,
+        gt=0.0,
+        le=1.0,
+        description="Drift when the Jensen-Shannon distance is at least this.",
+    )
+    max_metric_drop: float = Field(
+        default=0.05,
+        gt=0.0,
+        le=1_000_000.0,
+        description=(
+            "Performance decay when the labelled batch's metric is worse than the reference "
+            "(test split) by at least this, in the metric's units."
+        ),
+    )
+
+
+class MonitorSpec(Section):
+    """Drift monitoring of production batches against the model's reference profile."""
+
+    input: str | None = Field(
+        default=None,
+        description=(
+            "Batch to monitor, a Parquet or CSV file or a folder of them (one batch), relative "
+            "to the project root (default: the spec's `score.input`)."
+        ),
+    )
+    labels: str | None = Field(
+        default=None,
+        description=(
+            "Labels of the batch (file or folder with the id and target columns), joined by "
+            "the id column; enables label drift and performance decay."
+        ),
+    )
+    model: str | None = Field(
+        default=None,
+        description=(
+            "Model whose reference profile and scores are compared, `models:/<name>@<alias>` "
+            "or `models:/<name>/<version>` (default: the pipeline's model @champion)."
+        ),
+    )
+    features: list[str] | None = Field(
+        default=None,
+        description="Feature columns to monitor (default: every feature of `data.features`).",
+    )
+    statistics: MonitorStatisticsSpec = Field(
+        default_factory=MonitorStatisticsSpec, description="Statistics per kind of column."
+    )
+    thresholds: MonitorThresholdsSpec = Field(
+        default_factory=MonitorThresholdsSpec, description="When a statistic counts as drift."
+    )
+    min_drifted_features: int = Field(
+        default=1,
+        ge=1,
+        le=10_000,
+        description="The batch has feature drift when at least this many features drift.",
+    )
+    min_rows: int = Field(
+        default=1,
+        ge=1,
+        le=1_000_000_000,
+        description=(
+            "Batches with fewer rows are not compared: the report says drift was not "
+            "assessed and no drift event is sent. A batch with no rows is never drift."
+        ),
+    )
+    pvalue_correction: Literal["bonferroni", "none"] = Field(
+        default="bonferroni",
+        description=(
+            "`bonferroni`: each test's p-value is compared with its threshold divided by the "
+            "number of tests in the batch, so a batch like the reference raises a false alarm "
+            "at most at the threshold's rate; `none`: at that rate per test."
+        ),
+    )
+    prediction_drift: bool = Field(
+        default=True,
+        description="Also compare the model's scores on the batch with its reference scores.",
+    )
+    label_drift: bool = Field(
+        default=True,
+        description="With labels: compare the label distribution with the training labels.",
+    )
+    performance_decay: bool = Field(
+        default=True,
+        description="With labels: compare the model's metric on the batch with its test metric.",
+    )
+    metric: str | None = Field(
+        default=None,
+        description="Metric of the performance check (default: `gate.metric`).",
+    )
+    min_labelled_rows: int = Field(
+        default=100,
+        gt=0,
+        le=1_000_000_000,
+        description="Fewer labelled rows than this: performance is reported as not assessed.",
+    )
+    bins: int = Field(
+        default=10,
+        ge=2,
+        le=1000,
+        description=(
+            "Quantile bins per numeric feature in the reference profile (fixed when the model "
+            "is trained; PSI uses the profile's bins)."
+        ),
+    )
+    sample_size: int = Field(
+        default=10_000,
+        ge=100,
+        le=1_000_000,
+        description=(
+            "Values per numeric column kept, sorted, in the reference profile; the KS test is "
+            "exact against this sample (fixed when the model is trained)."
+        ),
+    )
+    chunk_rows: int = Field(
+        default=250_000,
+        gt=0,
+        le=100_000_000,
+        description="Rows of the batch read and compared at a time; bounds memory.",
+    )
+    schedule: str | None = Field(
+        default=None,
+        description=(
+            "Cron schedule of the monitoring deployment (default: none; it runs after each "
+            "scored batch)."
+        ),
+    )
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        return check_cron(value)
+
+    @field_validator("model")
+    @classmethod
+    def _reference(cls, value: str | None) -> str | None:
+        return check_model_reference(value)
+
+    @field_validator("statistics")
+    @classmethod
+    def _distinct(cls, value: MonitorStatisticsSpec) -> MonitorStatisticsSpec:
+        for kind in ("numeric", "categorical"):
+            names = getattr(value, kind)
+            if len(set(names)) != len(names):
+                raise ValueError(f"{kind} lists a statistic more than once: {names}")
+        return value
+
+
+class ShadowSpec(Section):
+    """Shadow evaluation: the challenger scores the champion's rows; only the champion serves."""
+
+    min_labelled_rows: int = Field(
+        default=2000,
+        ge=1,
+        le=1_000_000_000,
+        description="Fewer labelled rows than this: the decision is `wait` (not enough evidence).",
+    )
+    margin: float = Field(
+        default=0.0,
+        ge=-1.0,
+        le=1.0,
+        description=(
+            "`promote` needs the lower bound of the metric improvement (challenger over "
+            "champion, in the metric's better direction) above this."
+        ),
+    )
+    max_error_rate: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Share of rows the challenger fails on (not scored, NaN/inf, or constant output) "
+            "above which it is rejected whatever the labels say."
+        ),
+    )
+    segments: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Feature columns to compare per value as well as overall, e.g. `[elevel]`.",
+    )
+    auto_promote: bool = Field(
+        default=False,
+        description=(
+            "On `promote`, move the champion alias to the challenger (compare-and-set against "
+            "the champion that was shadowed); otherwise only record the decision."
+        ),
+    )
+
+
+class CanaryGuardsSpec(Section):
+    """What each canary step checks before the challenger gets more traffic."""
+
+    max_error_rate: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Share of the challenger's rows it fails on (not scored, NaN/inf, constant output) "
+            "above which the canary rolls back."
+        ),
+    )
+    max_score_psi: float = Field(
+        default=0.25,
+        gt=0.0,
+        le=100.0,
+        description="Population stability index of the challenger's scores against the control's above which the canary rolls back.",
+    )
+    max_metric_drop: float = Field(
+        default=0.02,
+        ge=0.0,
+        le=1_000_000.0,
+        description=(
+            "Roll back when the challenger is worse than the champion on the same labelled rows "
+            "by more than this with confidence (upper bound of the improvement below -this)."
+        ),
+    )
+    max_latency_ratio: float | None = Field(
+        default=None,
+        gt=1.0,
+        le=1000.0,
+        description="Roll back when the challenger's time per row exceeds the champion's by this factor (null: not checked).",
+    )
+    min_rows: int = Field(
+        default=100,
+        ge=1,
+        le=1_000_000_000,
+        description="Fewer rows in the challenger's arm than this: hold the step (not enough evidence).",
+    )
+    min_labelled_rows: int = Field(
+        default=200,
+        ge=1,
+        le=1_000_000_000,
+        description="Labelled rows of the challenger's arm needed before the metric guard counts.",
+    )
+    require_labels: bool = Field(
+        default=True,
+        description="The step that would promote the challenger holds until its metric guard could be evaluated.",
+    )
+
+
+class CanarySpec(Section):
+    """Canary release: a growing share of entities is served by the challenger, batch by batch."""
+
+    steps: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.05, 0.25, 0.5, 1.0],
+        min_length=1,
+        max_length=20,
+        description=(
+            "Share of entities the challenger serves at each step, one step per batch; "
+            "increasing and ending at 1.0, where the challenger is promoted if its guards hold."
+        ),
+    )
+    bake_batches: int = Field(
+        default=1,
+        ge=0,
+        le=100,
+        description="Batches still watched after the promotion; a breach then rolls the champion back.",
+    )
+    max_holds: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Batches a step may hold for lack of evidence before the canary is ended.",
+    )
+    guards: CanaryGuardsSpec = Field(
+        default_factory=CanaryGuardsSpec, description="The checks of every step."
+    )
+
+
+class EvaluateSpec(Section):
+    """Evaluation of a challenger on production batches: shadow, then canary."""
+
+    labels: str | None = Field(
+        default=None,
+        description=(
+            "Labels of production batches (a Parquet/CSV file or folder with the id and target "
+            "columns), relative to the project root; rows are joined by `data.id`."
+        ),
+    )
+    confidence: float = Field(
+        default=0.95,
+        ge=0.5,
+        lt=1.0,
+        description="Level of the paired-bootstrap interval of the metric difference.",
+    )
+    bootstrap_resamples: int = Field(
+        default=1000,
+        ge=100,
+        le=100_000,
+        description="Bootstrap resamples behind each interval.",
+    )
+    seed: int = Field(
+        default=0, ge=0, le=2**32 - 1, description="Seed of the bootstrap resampling."
+    )
+    shadow: ShadowSpec = Field(default_factory=ShadowSpec, description="Shadow evaluation.")
+    canary: CanarySpec = Field(default_factory=CanarySpec, description="Canary release.")
+
+
+class QuantizeSpec(Section):
+    """Post-training quantization: variants of a registered fp32 model, measured and gated."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Quantize at the end of `stemma run train`, when the new model passed its gate.",
+    )
+    methods: list[QuantizeMethod] = Field(
+        default_factory=lambda: ["int8_dynamic", "int8_weight_only", "bf16"],
+        min_length=1,
+        max_length=len(QUANTIZE_METHODS),
+        description=(
+            "Variants to build: `int8_dynamic` and `int8_weight_only` (torchao), `bf16`, "
+            "`fp16`; `float8_dynamic` is GPU-only and skipped on a CPU."
+        ),
+    )
+    max_metric_drop: float = Field(
+        default=0.005,
+        ge=0.0,
+        le=1.0,
+        description="Largest loss of the gate metric on the held-out rows a variant may show.",
+    )
+    min_speedup: float = Field(
+        default=1.2,
+        gt=0.0,
+        le=1000.0,
+        description="Smallest speed-up over the fastest fp32 runtime a variant must show.",
+    )
+    batch_rows: int | None = Field(
+        default=None,
+        gt=0,
+        le=10_000_000,
+        description=(
+            "Rows per timed forward pass (default: the scoring engine's forward batch, "
+            "8,192 rows, or score.chunk_rows when smaller)."
+        ),
+    )
+    repeats: int = Field(
+        default=20, ge=3, le=10_000, description="Timed runs per model; the median counts."
+    )
+    warmup: int = Field(
+        default=3, ge=1, le=1000, description="Untimed runs per model before timing."
+    )
+    threads: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="torch threads while timing (the scoring engine runs each batch on one).",
+    )
+    compile: bool = Field(
+        default=True,
+        description="Also time every model compiled with torch.compile; the faster runtime counts.",
+    )
+    model: str | None = Field(
+        default=None,
+        description=(
+            "fp32 model to quantize, `models:/<name>@<alias>` or `models:/<name>/<version>` "
+            "(default: the newest version that passed its gate)."
+        ),
+    )
+    serve: bool = Field(
+        default=False,
+        description=(
+            "Batch scoring serves the model's quantized variant `v<version>-quantized` when "
+            "one passed its gate, else the fp32 model (and says why)."
+        ),
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _reference(cls, value: str | None) -> str | None:
+        return check_model_reference(value)

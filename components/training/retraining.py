@@ -1,0 +1,206 @@
+"""The continuous-training flow's steps without the flow: one run per pipeline at a time, the
+run's cause, the new labelled rows and their data version, and the outcome's words."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from stemma.components.data import ingest
+from stemma.components.data.labels import read_labels
+from stemma.components.data.tables import DataVersion, load_table, resolve_data_version
+from stemma.components.errors import StemmaError
+from stemma.components.platform import tags
+from stemma.components.platform.tracking import STATE_DIR
+from stemma.components.spec import LoadedSpec, RetrainSpec
+
+#: Outcomes of a retraining run (the `stemma.retrain.outcome` tag).
+NO_NEW_DATA = "no_new_data"
+ALREADY_RUNNING = "already_running"
+GATE_FAILED = "gate_failed"
+PROMOTED = "promoted"
+NOT_PROMOTED = "not_promoted"
+FAILED = "failed"
+
+
+class RetrainError(StemmaError):
+    """The retraining run cannot go on (its cause or its inputs are broken)."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """The data version now, its table, the new labelled rows, and the held-out batch."""
+
+    version: DataVersion
+    table: pd.DataFrame
+    new: ingest.NewRows
+    holdout: Path | None
+
+
+@contextlib.contextmanager
+def pipeline_lock(root: Path, pipeline: str) -> Iterator[bool]:
+    """Hold the pipeline's retraining lock; yields False when another run holds it."""
+    folder = root / STATE_DIR / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"retrain-{pipeline}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps({"pid": os.getpid(), "since": time.time()}))
+            handle.flush()
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cause_of(client: Any, cause: str | None) -> dict[str, str]:
+    """What caused the run: the drift report's run id, its batch and drifted features.
+
+    Raises:
+        RetrainError: ``cause`` names a run that does not exist.
+    """
+    if not cause:
+        return {"kind": "schedule"}
+    try:
+        report = client.get_run(cause)
+    except Exception as error:
+        raise RetrainError(
+            f"the cause {cause!r} is not an MLflow run in this store",
+            ["pass the run id of a drift report (the drift event's payload carries it)"],
+        ) from error
+    found = report.data.tags
+    flow_name = found.get(tags.FLOW, "run")
+    return {
+        "kind": "drift_report" if flow_name == "monitor" else flow_name,
+        "run_id": cause,
+        "batch": found.get(tags.BATCH_PATH, found.get(tags.INPUT_PATH, "")),
+        "batch_digest": found.get(tags.BATCH_DIGEST, found.get(tags.INPUT_DIGEST, "")),
+        "features": found.get(tags.DRIFT_FEATURES, ""),
+    }
+
+
+def cause_tags(why: dict[str, str]) -> dict[str, str]:
+    """The cause as ``stemma.cause.*`` tags (empty fields left out)."""
+    return {
+        tags.CAUSE_KIND: why["kind"],
+        **{f"{tags.CAUSE_PREFIX}{k}": v for k, v in why.items() if k != "kind" and v},
+    }
+
+
+def gather(
+    loaded: LoadedSpec, settings: RetrainSpec, batches: str | None, labels: str | None
+) -> Gathered:
+    """The production rows labelled since the current data version; the newest labelled
+    batch is held out, so the shadow compares the models on rows neither was trained on.
+
+    Raises:
+        RetrainError: the spec names no ``data.id`` to join batches and labels by.
+    """
+    spec = loaded.spec
+    if spec.data.id is None:
+        raise RetrainError(
+            f"{loaded.path}: retraining joins batches and labels by id, and data.id is not set"
+        )
+    version = resolve_data_version(loaded.root, loaded.resolve(spec.data.path))
+    table = load_table(version.file_path, spec.data)
+    batch_path = loaded.resolve(batches or settings.batches or spec.score.input)
+    all_labels = read_labels(
+        loaded.resolve(labels or settings.labels), spec.data.id, spec.data.target
+    )
+    labelled_ids = set(all_labels[spec.data.id].tolist())
+    labelled = [
+        path
+        for path in ingest.batch_files(batch_path)
+        if ingest.read_ids(path, spec.data.id).isin(labelled_ids).any()
+    ]
+    holdout = labelled[-1] if len(labelled) > 1 else None
+    new = ingest.gather_new_rows(
+        table,
+        [path for path in labelled if path != holdout],
+        all_labels,
+        id_column=spec.data.id,
+        target=spec.data.target,
+    )
+    return Gathered(version, table, new, holdout)
+
+
+def record_version(loaded: LoadedSpec, gathered: Gathered) -> tuple[DataVersion, str | None]:
+    """Append the new rows, record the new DVC version and commit its pointer."""
+    new = gathered.new
+    ingest.append_rows(gathered.version.file_path, gathered.table, new.frame)
+    ingest.record_new_version(loaded.root, gathered.version)
+    recorded = resolve_data_version(loaded.root, loaded.resolve(loaded.spec.data.path))
+    rev = ingest.commit_pointer(
+        loaded.root,
+        recorded.dvc_file,
+        f"Record data version {recorded.md5}: {new.rows} labelled production rows "
+        f"from {', '.join(sorted(new.sources))}",
+    )
+    return recorded, rev
+
+
+def too_few_rows(gathered: Gathered, settings: RetrainSpec) -> str | None:
+    """Why there is no retraining (too few new rows), or None."""
+    rows = gathered.new.rows
+    if rows >= settings.min_new_rows:
+        return None
+    return (
+        f"no retraining: {rows:,} new labelled rows since data version "
+        f"{gathered.version.md5}, fewer than retrain.min_new_rows = {settings.min_new_rows:,}"
+    )
+
+
+def gathered_metrics(gathered: Gathered) -> dict[str, float]:
+    """What the run logs about the rows it found."""
+    new = gathered.new
+    return {
+        "new_rows": new.rows,
+        "unlabelled_rows": new.unlabelled,
+        "rows_already_in_table": new.already_in_table,
+        "table_rows_before": len(gathered.table),
+    }
+
+
+def before_shadow(
+    gate: dict[str, Any], version: str, data_md5: str, holdout: Path | None, champion_alias: str
+) -> tuple[str, str] | None:
+    """The outcome when no shadow runs (gate failed, first champion, nothing held out) as
+    ``(outcome, summary)``; None when the shadow decides."""
+    if not gate["passed"]:
+        return GATE_FAILED, f"retrained v{version} on {data_md5}: gate failed, nothing promoted"
+    if gate.get("alias") == champion_alias:
+        return PROMOTED, f"retrained v{version}: no champion existed, the gate made it champion"
+    if holdout is None:
+        return NOT_PROMOTED, (
+            f"retrained v{version} (challenger): no held-out labelled batch to shadow it on yet"
+        )
+    return None
+
+
+def after_shadow(
+    promoted: bool, shadow: dict[str, Any], version: str, data_md5: str
+) -> tuple[str, str]:
+    """The outcome once the shadow decided, as ``(outcome, summary)``."""
+    if promoted:
+        return PROMOTED, (
+            f"retrained v{version} on {data_md5}; shadow decided promote: "
+            f"v{version} is the champion"
+        )
+    reasons = "; ".join(shadow.get("reasons", [])[:2])
+    return NOT_PROMOTED, f"retrained v{version}; shadow decided {shadow['decision']}: {reasons}"
