@@ -22,7 +22,7 @@ from typing import Any
 import mlflow
 from prefect import flow, get_run_logger, task
 
-from stemma.components.evaluation import canary, comparison, rows
+from stemma.components.evaluation import canary, canary_steps, comparison, rows
 from stemma.components.evaluation import steps as evaluation
 from stemma.components.platform import tags, tracking
 from stemma.components.platform.redaction import redact_url
@@ -76,10 +76,10 @@ def resolve_state_step(
 @task(name="score step")
 def score_step(
     run: Canary, state: canary.CanaryState, batch: Path, folder: Path
-) -> canary.StepScores:
+) -> canary_steps.StepScores:
     # The flow has checked that data.id is set (evaluate_settings).
     control, challenger = run.models
-    return canary.score_step(
+    return canary_steps.score_step(
         control,
         challenger,
         batch,
@@ -92,7 +92,7 @@ def score_step(
 
 @task(name="decide step")
 def decide_step(
-    run: Canary, state: canary.CanaryState, scores: canary.StepScores, key: str
+    run: Canary, state: canary.CanaryState, scores: canary_steps.StepScores, key: str
 ) -> dict[str, Any]:
     """The step's decision: the one already on disk for this step, else a new one."""
     return evaluation.decide_canary_step(
@@ -129,7 +129,7 @@ def _log_step(run: TrackedRun, state: canary.CanaryState, decided: dict, scores:
     control, challenger = state.control, state.challenger
     run.log_metrics({**decided["metrics"], "fraction": state.fraction})
     run.log_dict(decided, "canary/step.json")
-    arm = scores.rows[scores.rows[canary.ARM_COLUMN] == canary.ARM_CHALLENGER]
+    arm = scores.rows[scores.rows[canary_steps.ARM_COLUMN] == canary_steps.ARM_CHALLENGER]
     with tempfile.TemporaryDirectory(prefix="stemma-canary-") as tmp:
         comparison.plot_score_scatter(
             arm[rows.CHAMPION_SCORE].to_numpy(),

@@ -89,7 +89,7 @@ def check_batch_step(
 
 @task(name="read labels")
 def read_labels_step(files: list[Path], loaded: LoadedSpec) -> Any:
-    return read_labels(files, loaded.spec.data.id, loaded.spec.data.target)
+    return read_labels(files, loaded.spec.data.id, loaded.spec.data.target, missing="error")
 
 
 @task(name="compare with reference")

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from prefect import flow, get_run_logger, task
 
+from stemma.components.data.tables import dataset_source
 from stemma.components.errors import RegistryError, SpecError
 from stemma.components.model.artifact import ONNX_SHA256_TAG
 from stemma.components.model.quantized import METHODS, QuantizedNetwork
@@ -332,9 +333,7 @@ def _log_inputs(context: _Context, run: TrackedRun) -> None:
     tracking.log_dataset(
         heldout.frame,
         name=f"{spec.pipeline.name}-test",
-        source=tracking.DVCDatasetSource.from_version(
-            heldout.version, context.loaded.root, context.git_rev
-        ),
+        source=dataset_source(heldout.version, context.loaded.root, context.git_rev),
         context="evaluation",
         digest=heldout.md5,
         target=heldout.data.target,

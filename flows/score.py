@@ -20,7 +20,7 @@ import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.events import emit_event
 
-from stemma.components.data.tables import resolve_data_version
+from stemma.components.data.tables import dataset_source, resolve_data_version
 from stemma.components.errors import DataVersionError
 from stemma.components.lineage import records as lineage
 from stemma.components.platform import locks, tags, tracking
@@ -206,7 +206,7 @@ def _input_source(loaded: LoadedSpec, path: Path, git_rev: str | None) -> Any:
         version = resolve_data_version(loaded.root, path)
     except DataVersionError:
         return str(path), None
-    return tracking.DVCDatasetSource.from_version(version, loaded.root, git_rev), version
+    return dataset_source(version, loaded.root, git_rev), version
 
 
 @dataclass(frozen=True)

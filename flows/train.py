@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger, task
 
 from stemma.components.data import checks
 from stemma.components.data import tables as data
+from stemma.components.data.tables import dataset_source
 from stemma.components.errors import DataCheckError, SpecError, StemmaError
 from stemma.components.lineage import records as lineage
 from stemma.components.model import artifact, networks
@@ -312,7 +313,7 @@ def _train_and_evaluate(setup: Setup, run: TrackedRun, workdir: Path) -> tuple:
     tracking.log_dataset(
         frame,
         name=f"{spec.pipeline.name}-train",
-        source=tracking.DVCDatasetSource.from_version(version, loaded.root, setup.git_rev),
+        source=dataset_source(version, loaded.root, setup.git_rev),
         context="training",
         digest=version.md5,
     )

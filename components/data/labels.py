@@ -118,10 +118,12 @@ def label_files(path: Path | Sequence[Path]) -> list[Path]:
 
 def _check_columns(files: Sequence[Path], id_column: str, target: str, *, where: str) -> None:
     problems = []
+    lacking: set[str] = set()
     for file in files:
         present = set(_schema(file).names)
         absent = [column for column in (id_column, target) if column not in present]
         if absent:
+            lacking.update(absent)
             role = " and ".join(
                 f"{'id' if column == id_column else 'target'} column {column!r}"
                 for column in absent
@@ -130,7 +132,8 @@ def _check_columns(files: Sequence[Path], id_column: str, target: str, *, where:
             problems.append(f"{file.name}: no {role} (its columns: {columns})")
     if problems:
         raise DataError(
-            f"{where}: the labels cannot be joined to the batch: {len(problems)} file(s) at fault",
+            f"{where}: {len(problems)} label file(s) lack column(s) "
+            f"{', '.join(sorted(lacking))}: the labels cannot be joined to the batch",
             [*problems, f"a labels file holds {id_column!r} and {target!r}"],
         )
 

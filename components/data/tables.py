@@ -30,6 +30,7 @@ from stemma.components.platform import digests
 if TYPE_CHECKING:  # pandas costs ~0.4 s to import; keep it off `stemma --help`
     import pandas as pd
 
+    from stemma.components.platform.tracking import DVCDatasetSource
     from stemma.components.spec import DataSpec, SplitSpec
 
 #: Read size for hashing; DVC also reads (and, for DVC 2 files, detects text) per MiB.
@@ -581,3 +582,17 @@ def _time_order(frame: pd.DataFrame, column: str | None) -> Any:
             f"cannot split by time: the values of column {column!r} cannot be ordered",
             [f"{error}", "fix: store the column as timestamps or numbers"],
         ) from None
+
+
+def dataset_source(version: DataVersion, root: Path, git_rev: str | None) -> DVCDatasetSource:
+    """The MLflow dataset source of a file that :func:`resolve_data_version` verified."""
+    from stemma.components.platform.tracking import DVCDatasetSource
+
+    return DVCDatasetSource(
+        path=version.relpath,
+        dvc_file=str(version.dvc_file.relative_to(root)),
+        md5=version.md5,
+        file_md5=version.file_md5,
+        git_rev=git_rev,
+        repo=str(root),
+    )

@@ -36,14 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stemma.components.errors import RegistryError
-
-# ``x as x`` imports are re-exported for flows/canary.py and tests/faults.
-from stemma.components.evaluation.canary_guards import ADVANCE as ADVANCE
 from stemma.components.evaluation.canary_guards import HOLD, ROLLBACK
-from stemma.components.evaluation.canary_steps import ARM_CHALLENGER as ARM_CHALLENGER
-from stemma.components.evaluation.canary_steps import ARM_COLUMN as ARM_COLUMN
-from stemma.components.evaluation.canary_steps import StepScores as StepScores
-from stemma.components.evaluation.canary_steps import score_step as score_step
 from stemma.components.platform import tags
 from stemma.components.platform.files import write_atomically
 from stemma.components.platform.lineage import (

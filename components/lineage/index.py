@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 RUN_PREFIX = "mlflow-run:"
 MODEL_PREFIX = "models:/"
 #: Experiments whose names start so hold promotion claims, never runs.
-CLAIM_EXPERIMENT_PREFIX = "stemma.claims/"
+CLAIM_EXPERIMENT_PREFIX = tag_names.CLAIMS_EXPERIMENT_PREFIX + "/"
 #: Runs fetched per search page (MLflow's maximum for search_runs).
 SEARCH_PAGE_SIZE = 1000
 

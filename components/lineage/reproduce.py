@@ -39,14 +39,14 @@ WEIGHTS_FILE = "weights.safetensors"
 #: Run metrics compared besides the ``test_*`` ones.
 COMPARED_METRICS = ("best_epoch", "epochs_run")
 #: Version tags the training flow writes, and the run tags beside them.
-RUN_TAG = "stemma.run_id"
-DATA_MD5_TAG = "stemma.data.md5"
-WEIGHTS_TAG = "stemma.weights.sha256"
-CHECKS_TAG = "stemma.checks.digest"
-GIT_REV_TAG = "stemma.git.rev"
-GIT_DIRTY_TAG = "stemma.git.dirty"
-POINTER_TAG = "stemma.data.pointer"
-DATA_FILE_TAG = "stemma.data.path"
+RUN_TAG = tag_names.RUN_ID
+DATA_MD5_TAG = tag_names.DATA_MD5
+WEIGHTS_TAG = tag_names.WEIGHTS_SHA256
+CHECKS_TAG = tag_names.CHECKS_DIGEST
+GIT_REV_TAG = tag_names.GIT_REV
+GIT_DIRTY_TAG = tag_names.GIT_DIRTY
+POINTER_TAG = tag_names.DATA_POINTER
+DATA_FILE_TAG = tag_names.DATA_PATH
 #: How many changed files a code warning names before it summarises.
 MAX_FILES_NAMED = 10
 #: MLmodel keys that name the run, the logged model or the moment, not the model: a

@@ -49,10 +49,10 @@ NETWORK_FORMAT = 1
 #: (torch's local suffix such as ``+cpu`` dropped: ``torch==2.13.0`` resolves to the CPU
 #: wheel on a CPU machine; anything looser pulls the newest CUDA build).
 MODEL_REQUIREMENTS = ("torch", "mlflow", "numpy", "pandas", "safetensors")
-# Until platform/tags.py names them: which backend serves a version, and why eager.
-RUNTIME_BACKEND_TAG = getattr(tags, "RUNTIME_BACKEND", "stemma.runtime.backend")
-RUNTIME_REASON_TAG = getattr(tags, "RUNTIME_REASON", "stemma.runtime.reason")
-ONNX_SHA256_TAG = getattr(tags, "ONNX_SHA256", "stemma.onnx.sha256")
+#: Which backend serves a version, why eager, and the hash of its ONNX graph.
+RUNTIME_BACKEND_TAG = tags.RUNTIME_BACKEND
+RUNTIME_REASON_TAG = tags.RUNTIME_REASON
+ONNX_SHA256_TAG = tags.ONNX_SHA256
 #: Tags a registered version copies from its logged model (what a load checks and uses).
 INTEGRITY_TAGS = (
     tags.MODEL_FILES,

@@ -43,9 +43,6 @@ from stemma.components.monitoring.accumulators import (
     accumulator_for,
 )
 from stemma.components.monitoring.profile import CATEGORICAL, NUMERIC, ReferenceProfile
-
-# Re-exported (``x as x``) for tests/flows/test_monitor.py.
-from stemma.components.monitoring.records import DRIFT_EVENT as DRIFT_EVENT
 from stemma.components.monitoring.report import (
     FEATURE,
     LABEL,

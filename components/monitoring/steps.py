@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stemma.components.data.tables import resolve_data_version
+from stemma.components.data.tables import dataset_source, resolve_data_version
 from stemma.components.errors import DataVersionError
 from stemma.components.monitoring.report import FEATURE, DriftReport, json_safe, plot_drift_report
 from stemma.components.platform.tracking import DVCDatasetSource
@@ -32,7 +32,7 @@ def batch_source(root: Path, path: Path, git_rev: str | None) -> DVCDatasetSourc
         version = resolve_data_version(root, path)
     except DataVersionError:
         return str(path)
-    return DVCDatasetSource.from_version(version, root, git_rev)
+    return dataset_source(version, root, git_rev)
 
 
 def flat_params(prefix: str, value: Any) -> dict[str, str]:

@@ -23,7 +23,7 @@ from stemma.components.platform import tags as tag_names
 from stemma.components.platform.redaction import redact
 
 #: Version of the record layout, so readers can tell old records from new ones.
-RECORD_SCHEMA = "stemma.lineage/1"
+RECORD_SCHEMA = tag_names.LINEAGE_RECORD_LAYOUT
 #: Where the record lives among a run's artifacts.
 RECORD_ARTIFACT = "lineage/record.json"
 #: Top-level keys in the order the layout writes them; others are kept after them.

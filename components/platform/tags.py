@@ -119,5 +119,6 @@ LINEAGE_MADE_KIND_PREFIX = "stemma.lineage.made-kind."  # run: kinds of node pro
 LINEAGE_USED_KIND_PREFIX = "stemma.lineage.used-kind."  # run: kinds of node read
 
 # --- Events and file metadata --------------------------------------------------------
+LINEAGE_RECORD_LAYOUT = "stemma.lineage/1"  # lineage/record.json: its "schema" value
 BATCH_SCORED_EVENT = "stemma.batch.scored"  # Prefect event after a batch is scored
 PARQUET_METADATA_PREFIX = "stemma."  # key prefix of Stemma's Parquet file metadata

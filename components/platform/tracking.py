@@ -26,16 +26,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from mlflow.data.dataset_source import DatasetSource
 
 from stemma.components.errors import DataError, StemmaError
-
-if TYPE_CHECKING:
-    from stemma.components.data.tables import DataVersion
+from stemma.components.platform import tags as tag_names
 
 #: Folder under the project root that holds Stemma's local state.
 STATE_DIR = ".stemma"
@@ -221,20 +219,6 @@ class DVCDatasetSource(DatasetSource):
     git_rev: str | None = None
     repo: str | None = None
 
-    @classmethod
-    def from_version(
-        cls, version: DataVersion, root: Path, git_rev: str | None
-    ) -> DVCDatasetSource:
-        """The source of a file that :func:`.data.resolve_data_version` verified."""
-        return cls(
-            path=version.relpath,
-            dvc_file=str(version.dvc_file.relative_to(root)),
-            md5=version.md5,
-            file_md5=version.file_md5,
-            git_rev=git_rev,
-            repo=str(root),
-        )
-
     @staticmethod
     def _get_source_type() -> str:
         return "dvc"
@@ -405,8 +389,8 @@ def end_run_after(error: BaseException) -> bool:
     headline = error.headline if isinstance(error, StemmaError) else repr(error)
     mlflow.set_tags(
         {
-            "stemma.status": "interrupted" if interrupted else "failed",
-            "stemma.error": headline[:MAX_ERROR_TAG_CHARS],
+            tag_names.STATUS: "interrupted" if interrupted else "failed",
+            tag_names.ERROR: headline[:MAX_ERROR_TAG_CHARS],
         }
     )
     mlflow.end_run(status="KILLED" if interrupted else "FAILED")

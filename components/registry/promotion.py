@@ -46,6 +46,7 @@ from stemma.components.platform.lineage import (
     model_node_id,
     run_node_id,
 )
+from stemma.components.platform.tracked_run import tracked_run
 from stemma.components.registry import claims
 from stemma.components.registry.claims import GENERATION_TAG
 from stemma.components.registry.gate import CHALLENGER_ALIAS, CHAMPION_ALIAS, TAG_PREFIX
@@ -218,14 +219,13 @@ def _record(
     client: MlflowClient, record: PromotionRecord, experiment_id: str | None
 ) -> PromotionRecord:
     """Tag the versions involved and, given an experiment, log a run; best effort per step."""
-    from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
 
     if experiment_id is not None:
         target = f"v{record.to_version}" if record.to_version else "(none)"
-        run = client.create_run(
-            experiment_id,
-            run_name=f"{record.action} {record.model} {target}",
+        with tracked_run(
+            f"{record.action} {record.model} {target}",
+            experiment_id=experiment_id,
             tags={
                 tag_names.FLOW: "promote",
                 **{
@@ -235,16 +235,16 @@ def _record(
                 },
                 tag_names.PROMOTION_EVIDENCE: json.dumps(record.evidence, sort_keys=True),
             },
-        )
-        record = _replace(record, record_run_id=run.info.run_id)
-        lineage_record = build_promotion_lineage(record)
-        client.log_dict(run.info.run_id, lineage_record.to_dict(), RECORD_ARTIFACT)
-        # The index tags make the decision findable by `stemma lineage` searches.
-        tags = [RunTag(k, v) for k, v in index_tags(lineage_record, run.info.run_id).items()]
-        for start in range(0, len(tags), 100):
-            client.log_batch(run.info.run_id, tags=tags[start : start + 100])
-        status = "FINISHED" if record.outcome == OUTCOME_DONE else "FAILED"
-        client.set_terminated(run.info.run_id, status=status)
+            detached=True,
+            client=client,
+        ) as run:
+            record = _replace(record, record_run_id=run.run_id)
+            lineage_record = build_promotion_lineage(record)
+            run.log_dict(lineage_record.to_dict(), RECORD_ARTIFACT)
+            # The index tags make the decision findable by `stemma lineage` searches.
+            run.set_tags(index_tags(lineage_record, run.run_id))
+            if record.outcome != OUTCOME_DONE:
+                run.end_status = "FAILED"
     for version in {record.from_version, record.to_version} - {None}:
         # A version that vanished cannot carry the tag; the run still records the decision.
         with contextlib.suppress(MlflowException):

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stemma.components.errors import DataError
+from stemma.components.platform import tags
 from stemma.components.platform.files import (
     write_atomically,
 )
@@ -54,7 +55,7 @@ OUTPUT_FORMAT = 5
 #: Equal-width bins of the score histogram (over [0, 1] for a binary model).
 HISTOGRAM_BINS = 20
 #: Prefix of the Parquet key-value metadata Stemma writes on every part.
-METADATA_PREFIX = "stemma."
+METADATA_PREFIX = tags.PARQUET_METADATA_PREFIX
 #: Rows per row group of a scored part: the writer encodes a row group as soon as its
 #: scores are done. Fixed, so that a part's bytes do not depend on timing.
 PART_ROW_GROUP_ROWS = 65_536

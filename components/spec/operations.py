@@ -392,8 +392,9 @@ class QuantizeSpec(Section):
         min_length=1,
         max_length=len(QUANTIZE_METHODS),
         description=(
-            "Variants to build: `int8_dynamic` and `int8_weight_only` (torchao), `bf16`, "
-            "`fp16`; `float8_dynamic` is GPU-only and skipped on a CPU."
+            "Variants to build: `int8_dynamic` and `int8_weight_only` (torchao, on the eager "
+            "backend), `bf16`, `fp16`, `ort_int8_dynamic` and `ort_fp16` (ONNX Runtime, on "
+            "the model's exported graph); `float8_dynamic` is GPU-only and skipped on a CPU."
         ),
     )
     max_metric_drop: float = Field(
@@ -406,15 +407,18 @@ class QuantizeSpec(Section):
         default=1.2,
         gt=0.0,
         le=1000.0,
-        description="Smallest speed-up over the fastest fp32 runtime a variant must show.",
+        description=(
+            "Smallest speed-up over the fastest fp32 backend (eager or ONNX Runtime) a "
+            "variant must show."
+        ),
     )
     batch_rows: int | None = Field(
         default=None,
         gt=0,
         le=10_000_000,
         description=(
-            "Rows per timed forward pass (default: the scoring engine's forward batch, "
-            "8,192 rows, or score.chunk_rows when smaller)."
+            "Rows per timed run through the runtime (default: the scoring pipeline's "
+            "forward batch, 8,192 rows, or score.chunk_rows when smaller)."
         ),
     )
     repeats: int = Field(
@@ -427,11 +431,10 @@ class QuantizeSpec(Section):
         default=1,
         ge=1,
         le=256,
-        description="torch threads while timing (the scoring engine runs each batch on one).",
-    )
-    compile: bool = Field(
-        default=True,
-        description="Also time every model compiled with torch.compile; the faster runtime counts.",
+        description=(
+            "Threads of torch and ONNX Runtime while timing, set once for the quantize run "
+            "(the scoring pipeline runs each batch on one)."
+        ),
     )
     model: str | None = Field(
         default=None,

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
 from stemma.components.errors import StemmaError, TrainingError
+from stemma.components.model.artifact import load_weights, save_weights
 from stemma.components.model.networks import build_network
 from stemma.components.spec import TrainSpec
 from stemma.components.training.distributed import (
@@ -41,22 +43,20 @@ from stemma.components.training.distributed import (
     RESULT_WEIGHTS_FILE,
     per_process_batch,
 )
-from stemma.components.training.loop import (
+from stemma.components.training.epochs import (
     CHECKPOINT_NAME,
     EVAL_BATCH_ROWS,
-    _autocast_factory,
-    _deterministic,
-    _epoch_row,
-    _epoch_seeds,
-    _fingerprint,
-    _load_checkpoint,
-    _loss_functions,
-    _make_optimizer,
-    _Progress,
-    _record_epoch,
-    _save_checkpoint,
-    load_weights,
-    save_weights,
+    Progress,
+    autocast_factory,
+    deterministic,
+    epoch_row,
+    epoch_seeds,
+    load_checkpoint,
+    loss_functions,
+    make_optimizer,
+    record_epoch,
+    run_fingerprint,
+    save_checkpoint,
 )
 
 
@@ -83,12 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_rank(job: dict[str, Any], folder: Path, rank: int) -> None:
     """The epochs of one rank."""
-    from safetensors.torch import load_file
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    train = TrainSpec.model_validate(job["train"])
-    task = str(job["task"])
     if job["device"] == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -97,98 +92,152 @@ def train_rank(job: dict[str, Any], folder: Path, rank: int) -> None:
         torch.set_num_threads(int(job["threads"]))
     dist.init_process_group(backend=str(job["backend"]))
     try:
+        run = _RankRun.start(job, folder, rank, device)
+        with deterministic(device):
+            for epoch in range(run.state.epoch + 1, run.train.epochs + 1):
+                if run.state.stopped_early:
+                    break
+                _stop_if_orphaned(int(job["parent_pid"]))
+                run.epoch(epoch)
+        if rank == 0:
+            run.write_result()
+    finally:
+        dist.destroy_process_group()
+
+
+@dataclass
+class _RankRun:
+    """One rank's network, optimizer, data share and progress."""
+
+    folder: Path
+    rank: int
+    device: torch.device
+    train: TrainSpec
+    network: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    sampler: DistributedSampler[int]
+    arrays: dict[str, torch.Tensor]
+    val_rows: int
+    amp_dtype: torch.dtype | None
+    task: str
+    fingerprint: dict[str, Any]
+    checkpoint: Path | None
+    state: Progress
+    resumed_from: int | None
+
+    @classmethod
+    def start(cls, job: dict[str, Any], folder: Path, rank: int, device: torch.device) -> _RankRun:
+        """Build the network from the job, resume rank 0's checkpoint, wrap it in DDP."""
+        from safetensors.torch import load_file
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        train = TrainSpec.model_validate(job["train"])
+        task = str(job["task"])
         arrays = load_file(str(folder / DATA_FILE))
         network = build_network(job["network_config"], int(job["n_inputs"]), int(job["n_outputs"]))
         load_weights(network, folder / INITIAL_WEIGHTS_FILE)
         network = network.to(device)
         network.train()
-        optimizer = _make_optimizer(network, train)
-        x_train, y_train = arrays["x_train"], arrays["y_train"]
-        x_val, y_val = arrays["x_val"], arrays["y_val"]
-        fingerprint = _fingerprint(network, train, task, x_train.numpy(), x_val.numpy())
+        optimizer = make_optimizer(network, train)
+        x_train, x_val = arrays["x_train"], arrays["x_val"]
+        fingerprint = run_fingerprint(network, train, task, x_train.numpy(), x_val.numpy())
         fingerprint["settings"]["processes"] = world
-
-        state = _Progress()
-        resumed_from: int | None = None
+        state = Progress()
         checkpoint = (
             Path(job["checkpoint_dir"]) / CHECKPOINT_NAME if job["checkpoint_dir"] else None
         )
         if checkpoint is not None and checkpoint.exists():
             # Every rank loads rank 0's checkpoint: the same weights, optimizer and progress.
-            state = _load_checkpoint(checkpoint, network, optimizer, fingerprint)
-            resumed_from = state.epoch
-
+            state = load_checkpoint(checkpoint, network, optimizer, fingerprint)
         model = DistributedDataParallel(
-            network, device_ids=[local_rank] if device.type == "cuda" else None
+            network, device_ids=[device.index] if device.type == "cuda" else None
         )
-        amp_dtype = torch.bfloat16 if job["precision"] == "bf16" else None
-        autocast = _autocast_factory(device, amp_dtype)
-        loss_fn, loss_sum_fn = _loss_functions(task)
         # The sampler deals out row numbers: it only needs the dataset's length.
         row_numbers: Dataset[int] = cast("Dataset[int]", range(len(x_train)))
         sampler: DistributedSampler[int] = DistributedSampler(
             row_numbers, num_replicas=world, rank=rank, shuffle=True, seed=train.seed
         )
-        batch = per_process_batch(train.batch_size, world)
-        x_train, y_train = x_train.to(device), y_train.to(device)
         # Each rank's contiguous share of the validation rows; the sums are all-reduced.
         share = -(-len(x_val) // world)
-        x_share = x_val[rank * share : (rank + 1) * share].to(device)
-        y_share = y_val[rank * share : (rank + 1) * share].to(device)
+        on_device = {
+            "x_train": x_train.to(device),
+            "y_train": arrays["y_train"].to(device),
+            "x_val": x_val[rank * share : (rank + 1) * share].to(device),
+            "y_val": arrays["y_val"][rank * share : (rank + 1) * share].to(device),
+        }
+        return cls(
+            folder=folder,
+            rank=rank,
+            device=device,
+            train=train,
+            network=network,
+            model=model,
+            optimizer=optimizer,
+            sampler=sampler,
+            arrays=on_device,
+            val_rows=len(x_val),
+            amp_dtype=torch.bfloat16 if job["precision"] == "bf16" else None,
+            task=task,
+            fingerprint=fingerprint,
+            checkpoint=checkpoint,
+            state=state,
+            resumed_from=state.epoch or None,
+        )
 
-        with _deterministic(device):
-            for epoch in range(state.epoch + 1, train.epochs + 1):
-                if state.stopped_early:
-                    break
-                _stop_if_orphaned(int(job["parent_pid"]))
-                # The sampler shuffles (seeded by train.seed and the epoch); dropout is seeded here.
-                _, dropout_seed = _epoch_seeds(train.seed, epoch)
-                # Dropout draws differ per rank (their rows differ too), reproducibly.
-                torch.manual_seed(
-                    int(np.random.SeedSequence([dropout_seed, rank]).generate_state(1)[0])
+    def epoch(self, epoch: int) -> None:
+        """Train epoch ``epoch`` on this rank's rows; rank 0 checkpoints and reports it."""
+        train, device = self.train, self.device
+        autocast = autocast_factory(device, self.amp_dtype)
+        loss_fn, loss_sum_fn = loss_functions(self.task)
+        # The sampler shuffles (seeded by train.seed and the epoch); dropout is seeded here.
+        _, dropout_seed = epoch_seeds(train.seed, epoch)
+        # Dropout draws differ per rank (their rows differ too), reproducibly.
+        torch.manual_seed(
+            int(np.random.SeedSequence([dropout_seed, self.rank]).generate_state(1)[0])
+        )
+        self.sampler.set_epoch(epoch)
+        order = torch.tensor(list(self.sampler), dtype=torch.long, device=device)
+        started = time.perf_counter()
+        x_train, y_train = self.arrays["x_train"], self.arrays["y_train"]
+        batch = per_process_batch(train.batch_size, self.sampler.num_replicas)
+        train_sum, rows = _train_epoch(
+            self.model, self.optimizer, loss_fn, x_train, y_train, order, batch, autocast
+        )
+        val_sum = _loss_total(
+            self.network, loss_sum_fn, self.arrays["x_val"], self.arrays["y_val"], autocast
+        )
+        totals = torch.stack([train_sum, rows, val_sum]).double()
+        dist.all_reduce(totals)
+        train_total, rows_total, val_total = totals.tolist()
+        seconds = time.perf_counter() - started
+        row = epoch_row(
+            epoch, train_total / rows_total, val_total / self.val_rows, seconds, len(x_train), train
+        )
+        record_epoch(self.state, row, self.network, train)
+        if self.rank == 0:
+            if self.checkpoint is not None:
+                save_checkpoint(
+                    self.checkpoint, self.network, self.optimizer, self.state, self.fingerprint
                 )
-                sampler.set_epoch(epoch)
-                order = torch.tensor(list(sampler), dtype=torch.long, device=device)
-                started = time.perf_counter()
-                train_sum, rows = _train_epoch(
-                    model, optimizer, loss_fn, x_train, y_train, order, batch, autocast
-                )
-                val_sum = _loss_total(network, loss_sum_fn, x_share, y_share, autocast)
-                totals = torch.stack([train_sum, rows, val_sum]).double()
-                dist.all_reduce(totals)
-                train_total, rows_total, val_total = totals.tolist()
-                seconds = time.perf_counter() - started
-                row = _epoch_row(
-                    epoch,
-                    train_total / rows_total,
-                    val_total / len(x_val),
-                    seconds,
-                    len(x_train),
-                    train,
-                )
-                _record_epoch(state, row, network, train)
-                if rank == 0:
-                    if checkpoint is not None:
-                        _save_checkpoint(checkpoint, network, optimizer, state, fingerprint)
-                    with open(folder / EPOCHS_FILE, "a", encoding="utf-8") as stream:
-                        stream.write(json.dumps(row) + "\n")
+            with open(self.folder / EPOCHS_FILE, "a", encoding="utf-8") as stream:
+                stream.write(json.dumps(row) + "\n")
 
-        if rank == 0:
-            network = network.to("cpu")
-            if state.best_state:
-                network.load_state_dict(state.best_state)
-            save_weights(network, folder / RESULT_WEIGHTS_FILE)
-            result = {
-                "history": state.history,
-                "best_epoch": state.best_epoch,
-                "stopped_early": state.stopped_early,
-                "device": device.type,
-                "precision": "bf16" if amp_dtype is not None else "fp32",
-                "resumed_from_epoch": resumed_from,
-            }
-            (folder / RESULT_FILE).write_text(json.dumps(result), encoding="utf-8")
-    finally:
-        dist.destroy_process_group()
+    def write_result(self) -> None:
+        """Rank 0: the best weights and the history, for the process that started the job."""
+        network = self.network.to("cpu")
+        if self.state.best_state:
+            network.load_state_dict(self.state.best_state)
+        save_weights(network, self.folder / RESULT_WEIGHTS_FILE)
+        result = {
+            "history": self.state.history,
+            "best_epoch": self.state.best_epoch,
+            "stopped_early": self.state.stopped_early,
+            "device": self.device.type,
+            "precision": "bf16" if self.amp_dtype is not None else "fp32",
+            "resumed_from_epoch": self.resumed_from,
+        }
+        (self.folder / RESULT_FILE).write_text(json.dumps(result), encoding="utf-8")
 
 
 def _train_epoch(

@@ -39,15 +39,10 @@ from torch import nn
 
 from stemma.components import errors
 from stemma.components.errors import StemmaError, TrainingError
+from stemma.components.model.artifact import load_weights, save_weights
 from stemma.components.spec import TrainSpec
-from stemma.components.training.loop import (
-    TrainResult,
-    _check_output_shape,
-    _checked_arrays,
-    load_weights,
-    resolve_device,
-    save_weights,
-)
+from stemma.components.training.epochs import check_output_shape, checked_inputs
+from stemma.components.training.loop import TrainResult, resolve_device
 
 #: The worker module torchrun starts in every process.
 WORKER_MODULE = "stemma.components.training.ddp_worker"
@@ -115,28 +110,11 @@ def train_distributed(
 ) -> TrainResult:
     """Train a copy of ``network`` with DDP in ``train.distributed.nproc_per_node`` processes.
 
-    Takes the arguments of :func:`.training.train_network`, plus the network's config so
-    that the workers rebuild the same module (:func:`.models.build_network`) before they
-    load its initial weights.
-
-    Args:
-        network: the initialised network; it is copied, not changed.
-        x_train: training inputs, ``(n, n_inputs)``.
-        y_train: training targets.
-        x_val: validation inputs, for the per-epoch loss and early stopping.
-        y_val: validation targets.
-        train: the spec's training settings; ``train.distributed`` must be set.
-        task: ``binary`` or ``regression``.
-        network_config: from :func:`.models.network_config`.
-        checkpoint_dir: rank 0 writes a checkpoint there after every epoch; a checkpoint
-            already there (of the same network, settings, data and process count) is
-            resumed from.
-        on_epoch: called in this process with each epoch's history row, after rank 0
-            wrote its checkpoint (only for epochs trained in this call).
-        progress: show a progress bar over epochs; None shows one when stderr is a terminal.
-
-    Returns:
-        The trained network (CPU, eval mode) and how training went.
+    Takes the arguments of :func:`.loop.train_network`, plus the network's config so that
+    the workers rebuild the same module (:func:`.networks.build_network`) before they load
+    its initial weights. Rank 0 writes the checkpoint; one of the same network, settings,
+    data and process count is resumed from. ``on_epoch`` runs in this process after rank 0
+    wrote the epoch's checkpoint.
 
     Raises:
         TrainingError: bad arrays, an unusable device or backend, a checkpoint of another
@@ -147,29 +125,12 @@ def train_distributed(
     settings = train.distributed
     if settings is None:
         raise ValueError("train.distributed is not set: train with training.train_network")
-    if task not in ("binary", "regression"):
-        raise TrainingError(f"task must be binary or regression, got {task!r}")
+    x_train, y_train, x_val, y_val = checked_inputs(task, x_train, y_train, x_val, y_val)
     device, amp_dtype = resolve_device(train.device, train.precision)
     backend = resolve_backend(settings.backend, device)
     nproc = settings.nproc_per_node
-    if device.type == "cuda" and nproc > torch.cuda.device_count():
-        raise TrainingError(
-            f"train.distributed.nproc_per_node is {nproc}, but PyTorch sees "
-            f"{torch.cuda.device_count()} GPU(s)",
-            ["run one process per GPU: lower nproc_per_node"],
-        )
-    if nproc > train.batch_size:
-        raise TrainingError(
-            f"{nproc} processes cannot share a batch of {train.batch_size} rows",
-            ["raise train.batch_size or lower train.distributed.nproc_per_node"],
-        )
-    x_train, y_train = _checked_arrays("training", x_train, y_train)
-    x_val, y_val = _checked_arrays("validation", x_val, y_val)
-    if x_train.shape[1] != x_val.shape[1]:
-        raise TrainingError(
-            f"training and validation inputs differ in width: {x_train.shape[1]} vs {x_val.shape[1]}"
-        )
-    _check_output_shape(network, x_train, y_train)
+    _check_processes(nproc, device, train)
+    check_output_shape(network, x_train, y_train)
 
     with tempfile.TemporaryDirectory(prefix="stemma-ddp-") as scratch:
         folder = Path(scratch)
@@ -200,6 +161,21 @@ def train_distributed(
         precision=str(result["precision"]),
         resumed_from_epoch=result["resumed_from_epoch"],
     )
+
+
+def _check_processes(nproc: int, device: torch.device, train: TrainSpec) -> None:
+    """Refuse more processes than GPUs, or than rows in a batch."""
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise TrainingError(
+            f"train.distributed.nproc_per_node is {nproc}, but PyTorch sees "
+            f"{torch.cuda.device_count()} GPU(s)",
+            ["run one process per GPU: lower nproc_per_node"],
+        )
+    if nproc > train.batch_size:
+        raise TrainingError(
+            f"{nproc} processes cannot share a batch of {train.batch_size} rows",
+            ["raise train.batch_size or lower train.distributed.nproc_per_node"],
+        )
 
 
 def torchrun_command(job_folder: Path, nproc: int) -> list[str]:

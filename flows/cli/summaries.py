@@ -76,7 +76,7 @@ def format_quantize_summary(summary: dict) -> str:
         f"{summary['min_speedup']:g}x",
         "",
         f"  {'method':<17}{'status':<10}{metric:>9}{'drop':>9}{'agree':>8}{'|dscore|':>10}"
-        f"{'runtime':>10}{'ms':>9}{'speed-up':>10}{'size':>10}  version",
+        f"{'runtime':>12}{'ms':>9}{'speed-up':>10}{'size':>10}  version",
     ]
     for variant in summary["variants"]:
         agreement = variant["agreement"]
@@ -85,7 +85,7 @@ def format_quantize_summary(summary: dict) -> str:
             f"  {variant['method']:<17}{variant['status'].upper():<10}"
             f"{number(variant['value'], '.4f'):>9}{number(variant['metric_drop'], '.4f'):>9}"
             f"{number(None if agreement is None else agreement * 100, '.2f', '%'):>8}"
-            f"{number(variant['mean_abs_diff'], '.2e'):>10}{variant['runtime'] or '-':>10}"
+            f"{number(variant['mean_abs_diff'], '.2e'):>10}{variant['runtime'] or '-':>12}"
             f"{number(variant['latency_ms'], '.3f'):>9}{number(variant['speedup'], '.2f', 'x'):>10}"
             f"{number(None if size is None else size / 1024, '.1f', ' KiB'):>10}"
             f"  {('v' + variant['version']) if variant['version'] else '-'}"

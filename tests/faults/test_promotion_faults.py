@@ -27,7 +27,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from stemma.components.evaluation import canary
+from stemma.components.evaluation import canary, canary_guards
 from stemma.components.registry.claims import HEARTBEAT_LIMIT_VARIABLE, claim_name
 from stemma.components.registry.promotion import GENERATION_TAG, PromotionError, promote
 from stemma.components.spec import EvaluateSpec
@@ -355,7 +355,7 @@ def canary_states(challenger: str, control: str):
     """A canary of ``challenger`` against ``control``: at 100%, and baking after promotion."""
     settings = EvaluateSpec.model_validate({"canary": {"steps": [1.0], "bake_batches": 1}})
     at_full = canary.start_state(MODEL, challenger, control, settings)
-    return at_full, canary.plan_transition(at_full, canary.ADVANCE, ["green"]).state
+    return at_full, canary.plan_transition(at_full, canary_guards.ADVANCE, ["green"]).state
 
 
 @pytest.mark.fault_case("fault")

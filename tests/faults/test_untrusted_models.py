@@ -22,12 +22,8 @@ from mlflow import MlflowClient
 from mlflow.pyfunc import PythonModel
 
 from stemma.components.lineage import reproduce
-from stemma.components.platform.tracking import (
-    MODEL_ARTIFACT_FILES,
-    configure_tracking,
-    ensure_experiment,
-    serving_code_path,
-)
+from stemma.components.model.artifact import MODEL_ARTIFACT_FILES, serving_code_path
+from stemma.components.platform.tracking import configure_tracking, ensure_experiment
 from stemma.components.registry.gate import champion_value_on, decide_gate
 from stemma.components.scoring.engine import UntrustedModelError, load_scoring_model
 from stemma.components.spec import FeaturesSpec, GateSpec
@@ -130,7 +126,7 @@ def _foreign_architecture(architecture: Callable[[dict], str]):
         """network.json rewritten in the store and the digests recorded again: all match."""
         import json
 
-        from stemma.components.platform.tracking import record_model_files
+        from stemma.components.model.artifact import record_model_files
 
         version = _stemma_version(context, name)
         client = context["client"]

@@ -17,13 +17,13 @@ import pytest
 
 from stemma.components.errors import DataError, SpecError
 from stemma.components.examples.credit import generate_credit_data
-from stemma.components.monitoring.drift import DRIFT_EVENT
 from stemma.components.monitoring.profile import (
     PROFILE_FILE,
     PROFILE_SHA256_TAG,
     MissingProfileError,
     read_profile,
 )
+from stemma.components.monitoring.records import DRIFT_EVENT
 from stemma.components.spec import load_spec
 from tests.support import SMALL_TRAIN_ROWS
 

@@ -151,7 +151,7 @@ def test_broken_labels_and_unknown_cause_fail_clearly_and_change_nothing(retrain
     pd.read_parquet(source).rename(columns={"application_id": "id"}).to_parquet(
         broken / "day_01.parquet"
     )
-    with pytest.raises(DataError, match="lacks column"):
+    with pytest.raises(DataError, match="lack column"):
         retrain_flow(config="configs/credit.yaml", overrides=FAST, labels=str(broken))
     assert _pointer_md5(retrain_project) == md5
     with pytest.raises(RetrainError, match="not an MLflow run"):

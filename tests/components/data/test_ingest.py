@@ -49,7 +49,7 @@ def test_the_same_rows_in_two_batches_are_added_once(tmp_path, table):
 
 def test_broken_labels_are_named(tmp_path):
     _write(tmp_path / "l", "a.parquet", pd.DataFrame({"key": [1], "y": [0]}))
-    with pytest.raises(DataError, match=r"lacks column\(s\) id"):
+    with pytest.raises(DataError, match=r"lack column\(s\) id"):
         read_labels(tmp_path / "l", id_column="id", target="y")
     _write(tmp_path / "m", "a.parquet", pd.DataFrame({"id": [1, 1], "y": [0, 1]}))
     with pytest.raises(DataError, match="two different labels"):

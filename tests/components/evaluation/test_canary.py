@@ -260,7 +260,7 @@ def test_served_predictions_name_the_arm_and_the_version_of_every_row(store, tmp
     expected_version = np.where(routed, store["versions"]["better"], store["versions"]["champion"])
     assert (served[canary_steps.VERSION_COLUMN] == expected_version).all()
     assert not served[canary_steps.FALLBACK_COLUMN].any()
-    assert evaluation.arm_rows == routed.sum() and evaluation.decision == canary.ADVANCE
+    assert evaluation.arm_rows == routed.sum() and evaluation.decision == canary_guards.ADVANCE
     # the challenger scored only its arm
     arm_rows = pq.read_metadata(scores.folder / canary_steps.ARM_INPUT).num_rows
     assert arm_rows == routed.sum() == scores.challenger.rows_scored
@@ -286,7 +286,7 @@ def test_a_broken_challenger_breaches_at_the_first_step_and_the_champion_stands_
 
 def test_a_worse_challenger_breaches_the_metric_guard_once_labels_arrive(store, tmp_path):
     _, before = step(store, "worse", tmp_path, fraction=0.5, settings=guards(max_score_psi=50))
-    assert before.decision == canary.ADVANCE and before.comparison is None
+    assert before.decision == canary_guards.ADVANCE and before.comparison is None
     metric = next(g for g in before.guards if g.name == "metric")
     assert metric.status == canary_guards.GUARD_PENDING
     _, after = step(
@@ -308,7 +308,7 @@ def test_too_few_rows_hold_and_a_promotion_waits_for_labels(store, tmp_path):
     _, waiting = step(store, "better", tmp_path, fraction=1.0, promoting=True)
     assert waiting.decision == canary.HOLD and "waits for labels" in waiting.reasons[0]
     _, ready = step(store, "better", tmp_path, fraction=1.0, promoting=True, labels=store["labels"])
-    assert ready.decision == canary.ADVANCE and ready.comparison.improvement_low > 0
+    assert ready.decision == canary_guards.ADVANCE and ready.comparison.improvement_low > 0
 
 
 def test_drift_against_the_control_arm_breaches(store, tmp_path):
@@ -331,7 +331,7 @@ def test_a_score_shift_counts_only_while_no_label_vouches_for_the_challenger(sto
     )
     drift = next(g for g in labelled.guards if g.name == "score_drift")
     assert drift.status == canary_guards.GUARD_OK and drift.value > 0.01
-    assert labelled.decision == canary.ADVANCE and "not worse" in drift.detail
+    assert labelled.decision == canary_guards.ADVANCE and "not worse" in drift.detail
     # a worse challenger gets no such pass
     _, worse = step(store, "worse", tmp_path, fraction=0.5, settings=strict, labels=store["labels"])
     assert worse.decision == canary.ROLLBACK
@@ -399,7 +399,7 @@ def test_a_challenger_too_slow_to_serve_breaches_the_latency_guard(store, tmp_pa
     )
     _, unchecked = step(store, "slow", tmp_path)
     latency = next(g for g in unchecked.guards if g.name == "latency")
-    assert latency.status == canary_guards.GUARD_OFF and unchecked.decision == canary.ADVANCE
+    assert latency.status == canary_guards.GUARD_OFF and unchecked.decision == canary_guards.ADVANCE
     timings = unchecked.latency
     assert timings["challenger"]["latency_ms_p50"] >= 5.0 > timings["champion"]["latency_ms_p50"]
     _, checked = step(store, "slow", tmp_path, settings=guards(max_latency_ratio=3.0))
@@ -432,7 +432,7 @@ def test_alias_moves_go_through_promotion_and_are_not_repeated_on_resume(store):
     client.set_registered_model_alias(MODEL, "challenger", better)
     settings = EvaluateSpec.model_validate({"canary": {"steps": [1.0], "bake_batches": 1}})
     at_full = canary.start_state(MODEL, better, champion, settings)
-    promote = canary.plan_transition(at_full, canary.ADVANCE, ["green"])
+    promote = canary.plan_transition(at_full, canary_guards.ADVANCE, ["green"])
     arguments = {"evidence": {"x": 1}, "flow_run_id": None, "experiment_id": store["experiment_id"]}
     try:
         done = canary.apply_transition(client, at_full, promote, **arguments)
@@ -473,7 +473,7 @@ def test_a_promotion_that_loses_the_race_ends_the_canary_as_aborted(store):
     champion = versions["champion"]
     settings = EvaluateSpec.model_validate({"canary": {"steps": [1.0]}})
     at_full = canary.start_state(MODEL, versions["better"], champion, settings)
-    transition = canary.plan_transition(at_full, canary.ADVANCE, ["green"])
+    transition = canary.plan_transition(at_full, canary_guards.ADVANCE, ["green"])
     client.set_registered_model_alias(MODEL, "champion", versions["worse"])  # someone else
     try:
         applied = canary.apply_transition(

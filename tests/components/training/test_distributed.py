@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from stemma.components.errors import SpecError, TrainingError
+from stemma.components.model.artifact import weights_sha256
 from stemma.components.model.networks import build_network
 from stemma.components.spec import DistributedSpec, TrainSpec, load_spec
 from stemma.components.training.distributed import resolve_backend, train_distributed
@@ -23,7 +24,6 @@ from stemma.components.training.loop import (
     CHECKPOINT_NAME,
     predict_raw,
     train_network,
-    weights_sha256,
 )
 from stemma.components.training.metrics import evaluate_scores
 

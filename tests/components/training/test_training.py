@@ -19,16 +19,14 @@ import torch
 from torch import nn
 
 from stemma.components.errors import TrainingError
+from stemma.components.model.artifact import load_weights, save_weights, weights_sha256
 from stemma.components.model.networks import MLP, build_network
 from stemma.components.spec import EarlyStoppingSpec, TrainSpec
 from stemma.components.training.loop import (
     CHECKPOINT_NAME,
-    load_weights,
     predict_raw,
     resolve_device,
-    save_weights,
     train_network,
-    weights_sha256,
 )
 
 INPUTS = 8
