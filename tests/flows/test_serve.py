@@ -409,6 +409,15 @@ def test_browser_finds_and_starts_a_deployment_and_sees_the_model_aliases(stack)
         driver.save_screenshot(str(ARTIFACTS / "mlflow-model-aliases.png"))
         body = driver.find_element(By.TAG_NAME, "body").text
         assert "champion" in body and "Version 1" in body
+
+        # The version page names the backend that serves it and the hash of its graph.
+        driver.get(f"{stack.mlflow_url}/#/models/credit/versions/1")
+        wait.until(lambda d: "stemma.runtime.backend" in d.find_element(By.TAG_NAME, "body").text)
+        tag = driver.find_element(By.XPATH, "//*[normalize-space(text())='stemma.runtime.backend']")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", tag)
+        driver.save_screenshot(str(ARTIFACTS / "mlflow-runtime-tags.png"))
+        body = driver.find_element(By.TAG_NAME, "body").text
+        assert "onnxruntime" in body and "stemma.onnx.sha256" in body
     finally:
         driver.quit()
 
