@@ -25,8 +25,7 @@ from typing import Any
 import mlflow
 from prefect import flow, get_run_logger, task
 
-from stemma.components.lineage import records as lineage
-from stemma.components.platform import tags, tracking
+from stemma.components.platform import lineage, tags, tracking
 from stemma.components.platform.refs import format_model_ref
 from stemma.components.platform.tracked_run import TrackedRun
 from stemma.components.registry import promotion

@@ -22,11 +22,10 @@ from prefect.events import emit_event
 
 from stemma.components.data.tables import dataset_source, resolve_data_version
 from stemma.components.errors import DataVersionError
-from stemma.components.lineage import records as lineage
-from stemma.components.platform import locks, tags, tracking
+from stemma.components.platform import lineage, locks, tags, tracking
 from stemma.components.platform.deployments import BATCH_SCORED_EVENT, pipeline_resource_id
 from stemma.components.platform.redaction import redact_url
-from stemma.components.quantization import served as quantization
+from stemma.components.quantization import registering as quantization
 from stemma.components.scoring import engine as scoring
 from stemma.components.scoring import fanout
 from stemma.components.spec import LoadedSpec

@@ -25,14 +25,13 @@ from stemma.components.data import checks
 from stemma.components.data import tables as data
 from stemma.components.data.tables import dataset_source
 from stemma.components.errors import DataCheckError, SpecError, StemmaError
-from stemma.components.lineage import records as lineage
 from stemma.components.model import artifact, networks
 from stemma.components.monitoring import profile as reference_profile
-from stemma.components.platform import tags, tracking
+from stemma.components.platform import lineage, tags, tracking
 from stemma.components.platform.redaction import redact_url
 from stemma.components.platform.refs import format_model_ref
 from stemma.components.platform.tracked_run import TrackedRun
-from stemma.components.registry import decision as judging
+from stemma.components.registry import gate as judging
 from stemma.components.registry import gate as registry
 from stemma.components.spec import LoadedSpec, MonitorSpec, flatten, load_spec
 from stemma.components.training import steps as training

@@ -31,7 +31,7 @@ MAX_FUNCTION_LINES = 80
 BASELINE_COMPONENT_LINES = 24_441
 #: The most lines components/**/*.py may hold now. It only ever goes down, towards
 #: BASELINE_COMPONENT_LINES, which the runtime and the split packages still exceed.
-COMPONENT_LINES_CEILING = 26_520
+COMPONENT_LINES_CEILING = 25_666
 #: Offenders printed per check.
 SHOWN = 40
 

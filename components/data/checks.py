@@ -38,9 +38,6 @@ from stemma.components.spec.expectations import (
     unknown_kwarg_message,
     unknown_type_message,
 )
-from stemma.components.spec.expectations import (  # the fast check, re-exported
-    expectation_problems as expectation_problems,
-)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -108,12 +105,8 @@ def write_catalog(path: Path | None = None) -> dict[str, Any]:
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, _dump_catalog(catalog))
+        write_atomically(path, json.dumps(catalog, indent=1, sort_keys=True) + "\n")
     return catalog
-
-
-def _dump_catalog(catalog: Mapping[str, Any]) -> str:
-    return json.dumps(catalog, indent=1, sort_keys=True) + "\n"
 
 
 def _class_kwargs(expectation_class: Any) -> dict[str, dict[str, Any]]:
@@ -189,13 +182,8 @@ def deep_expectation_problems(checks: Sequence[Mapping[str, Any]]) -> list[tuple
     """Check every entry exactly as GX will, by building its expectation object.
 
     Catches what the catalogue cannot see (cross-field rules such as "min_value and
-    max_value cannot both be None") at the cost of importing GX.
-
-    Args:
-        checks: the spec's checks, each ``{expectation_type: {kwarg: value}}``.
-
-    Returns:
-        ``(index into checks, message)`` pairs, in spec order; empty when all is well.
+    max_value cannot both be None") at the cost of importing GX. Takes and returns what
+    :func:`~stemma.components.spec.expectations.expectation_problems` does.
     """
     problems: list[tuple[int, str]] = []
     for index, check in enumerate(checks):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from stemma.components.data.labels import read_labels as read_labels  # the one reader
 from stemma.components.data.tables import DataVersion, dir_md5, file_md5
 from stemma.components.errors import DataError
 from stemma.components.platform.files import write_file_atomically

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -365,7 +365,7 @@ def load_table(path: Path, data: DataSpec) -> pd.DataFrame:
             [_first_line(error)],
         ) from None
 
-    problems = table_problems(frame, data)
+    problems = list(table_problems(frame, data))
     if problems:
         noun = "problem" if len(problems) == 1 else "problems"
         raise DataError(f"{path}: {len(problems)} {noun} with the table", problems)
@@ -378,15 +378,14 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
-def table_problems(frame: pd.DataFrame, data: DataSpec) -> list[str]:
+def table_problems(frame: pd.DataFrame, data: DataSpec) -> Iterator[str]:
     """Every reason the table cannot feed the spec's model, one line each (none: usable)."""
     import numpy as np
     import pandas as pd
     from pandas.api import types
 
-    problems: list[str] = []
     if len(frame) == 0:
-        problems.append("the table has no rows")
+        yield "the table has no rows"
 
     roles = [
         *((column, "numeric feature") for column in data.features.numeric),
@@ -398,26 +397,25 @@ def table_problems(frame: pd.DataFrame, data: DataSpec) -> list[str]:
     if data.split.time_column:
         roles.append((data.split.time_column, "time column"))
     missing = [(column, role) for column, role in roles if column not in frame.columns]
-    for column, role in missing:
-        problems.append(f"missing column {column!r} ({role})")
+    yield from (f"missing column {column!r} ({role})" for column, role in missing)
     if missing:
         shown = ", ".join(map(str, frame.columns[:20])) + (
             " ..." if len(frame.columns) > 20 else ""
         )
-        problems.append(f"the table's columns are: {shown}")
+        yield f"the table's columns are: {shown}"
 
     for column in data.features.numeric:
         if column not in frame.columns:
             continue
         series = frame[column]
         if not types.is_numeric_dtype(series.dtype):
-            problems.append(
+            yield (
                 f"numeric feature {column!r} has dtype {series.dtype}, not a number "
                 "(fix the values, or declare it under features.categorical)"
             )
             continue
         values = series.to_numpy(dtype="float64", na_value=np.nan)
-        problems += _bad_rows(
+        yield from _bad_rows(
             f"feature {column!r}", frame.index, ~np.isfinite(values), "missing or infinite"
         )
 
@@ -434,40 +432,37 @@ def table_problems(frame: pd.DataFrame, data: DataSpec) -> list[str]:
             or types.is_string_dtype(series)
         )
         if not categorical_ok:
-            problems.append(
+            yield (
                 f"categorical feature {column!r} has dtype {dtype}; expected integers or strings "
                 "(cast the column, or declare it under features.numeric)"
             )
-        problems += _bad_rows(
+        yield from _bad_rows(
             f"feature {column!r}", frame.index, series.isna().to_numpy(), "missing"
         )
 
     if data.target in frame.columns:
-        problems += _target_problems(frame, data)
-    return problems
+        yield from _target_problems(frame, data)
 
 
-def _target_problems(frame: pd.DataFrame, data: DataSpec) -> list[str]:
+def _target_problems(frame: pd.DataFrame, data: DataSpec) -> Iterator[str]:
     import numpy as np
     from pandas.api import types
 
     name = data.target
     series = frame[name]
     missing = series.isna().to_numpy()
-    problems = _bad_rows(f"target {name!r}", frame.index, missing, "missing")
+    yield from _bad_rows(f"target {name!r}", frame.index, missing, "missing")
     present = series[~missing]
     if data.task == "regression":
         if not types.is_numeric_dtype(series.dtype) or types.is_bool_dtype(series.dtype):
-            problems.append(
-                f"target {name!r} has dtype {series.dtype}; a regression target must be numeric"
-            )
+            yield f"target {name!r} has dtype {series.dtype}; a regression target must be numeric"
         else:
             infinite = np.isinf(series.to_numpy(dtype="float64", na_value=np.nan))
-            problems += _bad_rows(f"target {name!r}", frame.index, infinite, "infinite")
-        return problems
+            yield from _bad_rows(f"target {name!r}", frame.index, infinite, "infinite")
+        return
 
     if len(present) == 0:
-        return problems
+        return
     classes = sorted(present.unique().tolist(), key=repr)
     binary_values = types.is_bool_dtype(series.dtype) or (
         types.is_numeric_dtype(series.dtype) and set(classes) <= {0, 1}
@@ -475,15 +470,12 @@ def _target_problems(frame: pd.DataFrame, data: DataSpec) -> list[str]:
     if not binary_values:
         shown = ", ".join(repr(value) for value in classes[:MAX_ROWS_NAMED])
         more = f" and {len(classes) - MAX_ROWS_NAMED} more" if len(classes) > MAX_ROWS_NAMED else ""
-        problems.append(
-            f"target {name!r} must hold 0/1 (or booleans) for a binary task; found {shown}{more}"
-        )
+        yield f"target {name!r} must hold 0/1 (or booleans) for a binary task; found {shown}{more}"
     elif len(classes) == 1:
-        problems.append(
+        yield (
             f"target {name!r} has only one class: all {len(present)} labelled rows are "
             f"{classes[0]!r}; a binary model needs both 0 and 1"
         )
-    return problems
 
 
 def _bad_rows(what: str, index: pd.Index, mask: Any, kind: str) -> list[str]:

@@ -196,15 +196,7 @@ def read_state(client: MlflowClient, model_name: str) -> CanaryState | None:
     Raises:
         RegistryError: the model cannot be read, or its state tag is not readable.
     """
-    from mlflow.exceptions import MlflowException
-
-    try:
-        registered = client.get_registered_model(model_name)
-    except MlflowException as error:
-        raise RegistryError(
-            f"cannot read registered model {model_name!r}", [_message(error)]
-        ) from error
-    text = (registered.tags or {}).get(STATE_TAG)
+    text = (_registered_model(client, model_name).tags or {}).get(STATE_TAG)
     if not text:
         return None
     try:
@@ -256,15 +248,6 @@ def start_state(
         max_holds=canary.max_holds,
         revision=revision,
     )
-
-
-# ---------------------------------------------------------------------------------------
-# Scoring a step
-
-
-def step_folder(root: Path, state: CanaryState, batch: Path) -> Path:
-    """Where the canary keeps one batch's scores: ``<root>/v<challenger>/<batch stem>``."""
-    return Path(root) / f"v{state.challenger}" / Path(batch).stem
 
 
 # ---------------------------------------------------------------------------------------
@@ -335,15 +318,18 @@ def model_aliases(client: MlflowClient, model_name: str) -> dict[str, str]:
     Raises:
         RegistryError: the model cannot be read.
     """
+    registered = _registered_model(client, model_name)
+    return {alias: str(version) for alias, version in (registered.aliases or {}).items()}
+
+
+def _registered_model(client: MlflowClient, model_name: str) -> Any:
     from mlflow.exceptions import MlflowException
 
     try:
-        registered = client.get_registered_model(model_name)
+        return client.get_registered_model(model_name)
     except MlflowException as error:
-        raise RegistryError(
-            f"cannot read registered model {model_name!r}", [_message(error)]
-        ) from error
-    return {alias: str(version) for alias, version in (registered.aliases or {}).items()}
+        message = getattr(error, "message", None) or str(error)
+        raise RegistryError(f"cannot read registered model {model_name!r}", [message]) from error
 
 
 def check_aliases(client: MlflowClient, state: CanaryState) -> str | None:
@@ -487,22 +473,16 @@ def record_step(
 # The step record on disk
 
 
+def step_folder(root: Path, state: CanaryState, batch: Path) -> Path:
+    """Where the canary keeps one batch's scores: ``<root>/v<challenger>/<batch stem>``."""
+    return Path(root) / f"v{state.challenger}" / Path(batch).stem
+
+
 def step_key(state: CanaryState, digest: str) -> str:
     """What a step's decision depends on, hashed: the canary, its position and the batch."""
-    document = {
-        "format": STEP_FORMAT,
-        "model": state.model,
-        "challenger": state.challenger,
-        "control": state.control,
-        "salt": state.salt,
-        "started": state.started,
-        "phase": state.phase,
-        "step": state.step,
-        "holds": state.holds,
-        "baked": state.baked,
-        "fraction": state.fraction,
-        "batch": digest,
-    }
+    names = ("model", "challenger", "control", "salt", "started", "phase", "step", "holds", "baked")
+    document = {name: getattr(state, name) for name in names}
+    document.update(format=STEP_FORMAT, fraction=state.fraction, batch=digest)
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
@@ -644,7 +624,3 @@ def build_step_record(facts: StepLineage) -> LineageRecord:
         decided=decided,
         summary={"action": facts.action, "outcome": facts.outcome},
     )
-
-
-def _message(error: Exception) -> str:
-    return getattr(error, "message", None) or str(error)

@@ -9,7 +9,7 @@ optionally the time per request. Any breach rolls back; too few rows hold the st
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,8 @@ from stemma.components.evaluation.canary_steps import ARM_CHALLENGER, ARM_COLUMN
 from stemma.components.evaluation.comparison import (
     FailureCounts,
     MetricComparison,
+    as_dict,
+    comparison_metrics,
     count_failures,
     paired_bootstrap,
     score_distances,
@@ -29,6 +31,7 @@ from stemma.components.evaluation.rows import (
     CHAMPION_SCORE,
     CHAMPION_SCORED,
     LABEL,
+    add_labels,
     measure_latency,
 )
 from stemma.components.runtime.loading import ScoringModel
@@ -101,40 +104,12 @@ class StepEvaluation:
             },
         }
         if self.comparison is not None:
-            values.update(
-                {
-                    "labelled_rows": self.comparison.rows,
-                    "metric_champion": self.comparison.champion,
-                    "metric_challenger": self.comparison.challenger,
-                    "metric_difference": self.comparison.difference,
-                    "metric_difference_low": self.comparison.low,
-                    "metric_difference_high": self.comparison.high,
-                }
-            )
+            values["labelled_rows"] = self.comparison.rows
+        values.update(comparison_metrics("metric", self.comparison))
         return {key: float(value) for key, value in values.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "decision": self.decision,
-            "reasons": list(self.reasons),
-            "guards": [asdict(guard) for guard in self.guards],
-            "rows": self.rows,
-            "arm_rows": self.arm_rows,
-            "fallback_rows": self.fallback_rows,
-            "failures": self.failures.to_dict(),
-            "distances": dict(self.distances),
-            "comparison": None if self.comparison is None else self.comparison.to_dict(),
-            "latency": {model: dict(numbers) for model, numbers in self.latency.items()},
-        }
-
-
-def join_labels(rows: pd.DataFrame, labels: pd.DataFrame | None, id_column: str) -> pd.DataFrame:
-    """``rows`` with a ``label`` column (NaN where no label has arrived)."""
-    out = rows.copy()
-    out[LABEL] = np.nan
-    if labels is not None and not labels.empty:
-        out[LABEL] = out[id_column].map(labels.set_index(id_column)[LABEL]).astype(np.float64)
-    return out
+        return as_dict(self)
 
 
 def evaluate_step(
@@ -162,7 +137,8 @@ def evaluate_step(
             ``guards.require_labels`` it then holds until the metric guard could count.
     """
     guards = settings.canary.guards
-    rows = join_labels(scores.rows, labels, id_column)
+    rows = scores.rows.copy()
+    add_labels(rows, labels, id_column)
     arm = (rows[ARM_COLUMN] == ARM_CHALLENGER).to_numpy()
     a = rows[CHAMPION_SCORE].to_numpy(dtype=np.float64)
     b = rows[CHALLENGER_SCORE].to_numpy(dtype=np.float64)
@@ -244,16 +220,15 @@ def _row_guards(failures: FailureCounts, arm_rows: int, guards: Any) -> list[Gua
 
 def _decide(results: list[GuardResult]) -> tuple[str, list[str]]:
     """Any breach rolls back, else any hold holds, else the step advances."""
-    breaches = [guard for guard in results if guard.status == GUARD_BREACH]
-    holds = [guard for guard in results if guard.status == GUARD_HOLD]
-    if breaches:
-        return ROLLBACK, [f"{g.name}: {g.detail}" for g in breaches]
-    if holds:
-        return HOLD, [f"{g.name}: {g.detail}" for g in holds]
-    reasons = [f"{g.name}: {g.detail}" for g in results if g.status == GUARD_OK]
-    return ADVANCE, reasons + [
-        f"{g.name}: {g.detail}" for g in results if g.status == GUARD_PENDING
-    ]
+
+    def said(status: str) -> list[str]:
+        return [f"{g.name}: {g.detail}" for g in results if g.status == status]
+
+    if breaches := said(GUARD_BREACH):
+        return ROLLBACK, breaches
+    if holds := said(GUARD_HOLD):
+        return HOLD, holds
+    return ADVANCE, said(GUARD_OK) + said(GUARD_PENDING)
 
 
 def _drift_guard(
@@ -275,26 +250,19 @@ def _drift_guard(
             f"{rows:,} rows scored by the challenger, fewer than guards.min_rows "
             f"{guards.min_rows:,}",
         )
-    detail = f"PSI of the challenger's scores against {against}: {psi:.4f}"
-    if psi <= guards.max_score_psi:
-        return GuardResult("score_drift", GUARD_OK, psi, guards.max_score_psi, detail)
-    if metric_guard.status == GUARD_OK:
-        return GuardResult(
-            "score_drift",
-            GUARD_OK,
-            psi,
-            guards.max_score_psi,
-            f"{detail}, above max_score_psi {guards.max_score_psi:g} but the labels show the "
-            "challenger is not worse (metric guard)",
+    status, detail = GUARD_OK, f"PSI of the challenger's scores against {against}: {psi:.4f}"
+    if psi > guards.max_score_psi and metric_guard.status == GUARD_OK:
+        detail += (
+            f", above max_score_psi {guards.max_score_psi:g} but the labels show the "
+            "challenger is not worse (metric guard)"
         )
-    return GuardResult(
-        "score_drift",
-        GUARD_BREACH,
-        psi,
-        guards.max_score_psi,
-        f"{detail}, above max_score_psi {guards.max_score_psi:g} with no labels to vouch for "
-        "the challenger",
-    )
+    elif psi > guards.max_score_psi:
+        status = GUARD_BREACH
+        detail += (
+            f", above max_score_psi {guards.max_score_psi:g} with no labels to vouch for "
+            "the challenger"
+        )
+    return GuardResult("score_drift", status, psi, guards.max_score_psi, detail)
 
 
 def _metric_guard(

@@ -8,6 +8,7 @@ in for a challenger that failed on the row (``fallback``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from stemma.components.evaluation.rows import (
     CHALLENGER_SCORED,
     CHAMPION_SCORE,
     CHAMPION_SCORED,
+    add_scores,
     read_batch_columns,
     read_scores,
 )
@@ -46,7 +48,6 @@ ARM_COLUMN = "arm"
 VERSION_COLUMN = "model_version"
 FALLBACK_COLUMN = "fallback"
 #: Files of a step folder.
-STEP_FILE = "_STEP.json"
 PREDICTIONS_FILE = "predictions.parquet"
 ARM_INPUT = "arm/challenger.parquet"
 CONTROL_DIR = "control"
@@ -61,7 +62,6 @@ class StepScores:
         batch: the batch file.
         digest: its md5.
         folder: the step folder.
-        fraction: the challenger's share.
         rows: one row per batch row: id, arm (``challenger``/``champion``), both models'
             scores (NaN where not scored) and whether each scored the row.
         control: the control model's scoring of the whole batch.
@@ -73,7 +73,6 @@ class StepScores:
     batch: Path
     digest: str
     folder: Path
-    fraction: float
     rows: pd.DataFrame
     control: ScoringResult
     challenger: ScoringResult | None
@@ -90,17 +89,15 @@ def score_step(
     fraction: float,
     salt: str,
     id_column: str,
-    chunk_rows: int,
-    invalid_rows: str = "reject",
-    unknown_categories: str = "reject",
-    threads: int | None = None,
+    **scoring: Any,
 ) -> StepScores:
     """Route a batch, score each arm, and write the served predictions.
 
     The control scores every row (its arm, and the reference the guards compare the
     challenger with); the challenger scores the rows routed to it, read from a file of
-    those rows (``arm/challenger.parquet``). Every output is written atomically and, as
-    the scoring is, resumes where a killed run stopped.
+    those rows (``arm/challenger.parquet``). Both are :func:`~.scoring.score_files` with
+    ``id_column`` and the keyword arguments ``scoring`` (``chunk_rows``, ...). Every output
+    is written atomically and, as the scoring is, resumes where a killed run stopped.
 
     Raises:
         DataError: the batch repeats ids, or as :func:`~.scoring.score_files`.
@@ -108,20 +105,7 @@ def score_step(
     batch = Path(batch)
     folder = Path(folder)
     digest, _ = input_digest([batch])
-
-    def score(model: ScoringModel, files: list[Path], output: Path) -> ScoringResult:
-        return score_files(
-            model,
-            files,
-            output,
-            id_column=id_column,
-            chunk_rows=chunk_rows,
-            invalid_rows=invalid_rows,
-            unknown_categories=unknown_categories,
-            threads=threads,
-            progress=False,
-        )
-
+    score = functools.partial(score_files, id_column=id_column, progress=False, **scoring)
     ids = read_batch_columns([batch], [id_column])[id_column]
     repeated = ids[ids.duplicated()]
     if not repeated.empty:
@@ -131,49 +115,27 @@ def score_step(
         )
     routed = route_to_challenger(ids.to_numpy(), fraction, salt)
     control_result = score(control, [batch], folder / CONTROL_DIR)
-    challenger_result = None
+    challenger_result = challenger_scores = None
     if routed.any():
         arm_file = _write_arm_input(batch, folder / ARM_INPUT, id_column, ids[routed])
         challenger_result = score(challenger, [arm_file], folder / CHALLENGER_DIR)
+        challenger_scores = read_scores(challenger_result, id_column)
 
-    rows = _joined_rows(ids, routed, id_column, control_result, challenger_result)
+    rows = pd.DataFrame({id_column: ids.to_numpy(), ARM_COLUMN: ARM_CHAMPION})
+    rows.loc[routed, ARM_COLUMN] = ARM_CHALLENGER
+    add_scores(rows, id_column, read_scores(control_result, id_column), challenger_scores)
     predictions = folder / PREDICTIONS_FILE
     sha256 = _write_predictions(predictions, rows, id_column, control, challenger)
     return StepScores(
         batch=batch,
         digest=digest,
         folder=folder,
-        fraction=fraction,
         rows=rows,
         control=control_result,
         challenger=challenger_result,
         predictions=predictions,
         predictions_sha256=sha256,
     )
-
-
-def _joined_rows(
-    ids: pd.Series,
-    routed: np.ndarray,
-    id_column: str,
-    control: ScoringResult,
-    challenger: ScoringResult | None,
-) -> pd.DataFrame:
-    """One row per id: its arm, and each model's score and whether it scored the row."""
-    rows = pd.DataFrame({id_column: ids.to_numpy(), ARM_COLUMN: ARM_CHAMPION})
-    rows.loc[routed, ARM_COLUMN] = ARM_CHALLENGER
-    for result, score_name, scored_name in (
-        (control, CHAMPION_SCORE, CHAMPION_SCORED),
-        (challenger, CHALLENGER_SCORE, CHALLENGER_SCORED),
-    ):
-        if result is None:
-            rows[scored_name] = False
-            rows[score_name] = np.nan
-            continue
-        mapped = read_scores(result, id_column).set_index(id_column)[SCORE_COLUMN]
-        rows[scored_name] = rows[id_column].isin(mapped.index)
-        rows[score_name] = rows[id_column].map(mapped).astype(np.float64)
-    return rows
 
 
 def _write_arm_input(batch: Path, path: Path, id_column: str, ids: pd.Series) -> Path:
@@ -211,9 +173,7 @@ def _write_predictions(
     served = by_challenger | by_control
     score = np.where(by_challenger, rows[CHALLENGER_SCORE], rows[CHAMPION_SCORE])[served]
     threshold = np.where(by_challenger, challenger.threshold, control.threshold)[served]
-    columns: dict[str, Any] = {
-        id_column: pa.array(rows.loc[served, id_column].to_numpy()),
-    }
+    columns: dict[str, Any] = {id_column: pa.array(rows.loc[served, id_column].to_numpy())}
     if control.task == "binary":
         columns[PREDICTION_COLUMN] = pa.array((score >= threshold).astype(np.int64))
     columns[SCORE_COLUMN] = pa.array(score.astype(np.float64))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,6 @@ BOOTSTRAP_BLOCK_ELEMENTS = 1 << 20
 MIN_DEFINED_RESAMPLES = 0.9
 #: Probabilities are clipped to [eps, 1 - eps] in the log loss, as scikit-learn does.
 LOG_LOSS_EPS = float(np.finfo(np.float64).eps)
-#: Metrics computed from the predicted class (thresholded score) rather than the score.
-THRESHOLD_METRICS = ("accuracy", "f1", "precision", "recall")
 
 
 # ---------------------------------------------------------------------------------------
@@ -307,20 +305,22 @@ def metric_values(
         return np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)  # f1
 
 
-def _tie_groups(scores: np.ndarray, *, descending: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The order that sorts the scores and the start of each run of equal scores in it."""
+def _tie_groups(
+    scores: np.ndarray, positive: np.ndarray, w: np.ndarray, *, descending: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted positives and negatives per run of equal scores, in score order."""
     order = np.argsort(-scores if descending else scores, kind="stable")
     ordered = scores[order]
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-    return order, starts
+    weights = w[:, order]
+    pos = np.add.reduceat(weights * positive[order], starts, axis=1)
+    neg = np.add.reduceat(weights * ~positive[order], starts, axis=1)
+    return pos, neg
 
 
 def _weighted_roc_auc(scores: np.ndarray, positive: np.ndarray, w: np.ndarray) -> np.ndarray:
     """P(score of a positive > score of a negative) + half the ties, weighted (Mann-Whitney)."""
-    order, starts = _tie_groups(scores, descending=False)
-    ordered = w[:, order]
-    pos = np.add.reduceat(ordered * positive[order], starts, axis=1)
-    neg = np.add.reduceat(ordered * ~positive[order], starts, axis=1)
+    pos, neg = _tie_groups(scores, positive, w, descending=False)
     below = np.cumsum(neg, axis=1) - neg
     pairs = pos.sum(axis=1) * neg.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -331,10 +331,7 @@ def _weighted_average_precision(
     scores: np.ndarray, positive: np.ndarray, w: np.ndarray
 ) -> np.ndarray:
     """Sum over thresholds of (recall gained) x precision, as scikit-learn computes it."""
-    order, starts = _tie_groups(scores, descending=True)
-    ordered = w[:, order]
-    pos = np.add.reduceat(ordered * positive[order], starts, axis=1)
-    neg = np.add.reduceat(ordered * ~positive[order], starts, axis=1)
+    pos, neg = _tie_groups(scores, positive, w, descending=True)
     true_positives = np.cumsum(pos, axis=1)
     predicted = true_positives + np.cumsum(neg, axis=1)
     total = pos.sum(axis=1)
@@ -425,6 +422,40 @@ class MetricComparison:
         }
 
 
+def comparison_metrics(
+    name: str, comparison: MetricComparison | None, *, prefix: str = ""
+) -> dict[str, float]:
+    """``<prefix>.<name>_champion``, ``_challenger``, ``_difference`` and its interval."""
+    if comparison is None:
+        return {}
+    base = f"{prefix}." if prefix else ""
+    return {
+        f"{base}{name}_champion": comparison.champion,
+        f"{base}{name}_challenger": comparison.challenger,
+        f"{base}{name}_difference": comparison.difference,
+        f"{base}{name}_difference_low": comparison.low,
+        f"{base}{name}_difference_high": comparison.high,
+    }
+
+
+def as_dict(report: Any) -> dict[str, Any]:
+    """A report dataclass's fields as JSON-able data, field by field, nested ones included
+    (through their ``to_dict`` where they have one)."""
+    return {item.name: _plain(getattr(report, item.name)) for item in fields(report)}
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
 def paired_bootstrap(
     metric: str,
     task: str,
@@ -463,12 +494,11 @@ def paired_bootstrap(
     point_a, point_b = (float(values[0]) for values in both(ones))
     rng = np.random.default_rng(seed)
     block = max(1, BOOTSTRAP_BLOCK_ELEMENTS // y.size)
-    values_a, values_b = [], []
-    for start in range(0, resamples, block):
-        va, vb = both(bootstrap_weights(y.size, min(block, resamples - start), rng))
-        values_a.append(va)
-        values_b.append(vb)
-    boot_a, boot_b = np.concatenate(values_a), np.concatenate(values_b)
+    blocks = [
+        both(bootstrap_weights(y.size, min(block, resamples - start), rng))
+        for start in range(0, resamples, block)
+    ]
+    boot_a, boot_b = (np.concatenate(side) for side in zip(*blocks, strict=True))
     defined = np.isfinite(boot_a) & np.isfinite(boot_b)
     alpha = (1.0 - confidence) / 2.0
     quantiles = [alpha, 1.0 - alpha]

@@ -114,20 +114,36 @@ def build_shadow_rows(
             [f"e.g. {shown}", "shadow and canary evaluation join rows by id: ids must be unique"],
         )
     rows = batch.copy()
+    add_scores(rows, id_column, champion, challenger)
+    add_labels(rows, labels, id_column)
+    if labels_required and labels is not None:
+        require_label_overlap(batch[id_column], labels, id_column, labels_source)
+    return rows
+
+
+def add_scores(
+    rows: pd.DataFrame, id_column: str, champion: pd.DataFrame, challenger: pd.DataFrame | None
+) -> None:
+    """Add each model's score of every row (NaN where it did not score it, or where there is
+    no model) and whether it scored the row, from :func:`read_scores` frames."""
     for frame, score, scored in (
         (champion, CHAMPION_SCORE, CHAMPION_SCORED),
         (challenger, CHALLENGER_SCORE, CHALLENGER_SCORED),
     ):
-        mapped = frame.set_index(id_column)[SCORE_COLUMN]
+        mapped = (
+            pd.Series(dtype=np.float64)
+            if frame is None
+            else frame.set_index(id_column)[SCORE_COLUMN]
+        )
         rows[scored] = rows[id_column].isin(mapped.index)
         rows[score] = rows[id_column].map(mapped).astype(np.float64)
+
+
+def add_labels(rows: pd.DataFrame, labels: pd.DataFrame | None, id_column: str) -> None:
+    """Add a ``label`` column to ``rows`` (NaN where no label has arrived)."""
     rows[LABEL] = np.nan
     if labels is not None and not labels.empty:
-        label_map = labels.set_index(id_column)[LABEL]
-        rows[LABEL] = rows[id_column].map(label_map).astype(np.float64)
-        if labels_required:
-            require_label_overlap(batch[id_column], labels, id_column, labels_source)
-    return rows
+        rows[LABEL] = rows[id_column].map(labels.set_index(id_column)[LABEL]).astype(np.float64)
 
 
 def require_label_overlap(
@@ -161,15 +177,11 @@ def _id_range(ids: pd.Series) -> str:
 
 
 def measure_latency(
-    models: dict[str, ScoringModel],
-    files: Sequence[Path],
-    *,
-    rows: int = LATENCY_BATCH_ROWS,
-    repeats: int = LATENCY_REPEATS,
+    models: dict[str, ScoringModel], files: Sequence[Path]
 ) -> dict[str, dict[str, float]]:
     """Per-request latency of each model on the batch's first rows, in milliseconds.
 
-    A request is ``rows`` rows, encoded, run through the model's runtime and decoded, as
+    A request is :data:`LATENCY_BATCH_ROWS` rows, encoded, run through the model's runtime and decoded, as
     an online caller would send them. The models take turns request by request, so a busy
     machine slows both alike; the first round warms up and is not counted.
 
@@ -178,11 +190,11 @@ def measure_latency(
         the first rows hold no complete row.
     """
     columns = sorted({column for model in models.values() for column in model.feature_columns})
-    sample = read_batch_columns(list(files)[:1], columns).head(rows).dropna()
+    sample = read_batch_columns(list(files)[:1], columns).head(LATENCY_BATCH_ROWS).dropna()
     if sample.empty:
         return {}
     timings: dict[str, list[float]] = {name: [] for name in models}
-    for round_ in range(repeats + 1):
+    for round_ in range(LATENCY_REPEATS + 1):
         for name, model in models.items():
             began = time.perf_counter()
             model.preprocessor.decode_output(

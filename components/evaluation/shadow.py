@@ -40,6 +40,8 @@ from stemma.components.errors import RegistryError
 from stemma.components.evaluation.comparison import (
     FailureCounts,
     MetricComparison,
+    as_dict,
+    comparison_metrics,
     count_failures,
     decision_agreement,
     paired_bootstrap,
@@ -81,7 +83,6 @@ if TYPE_CHECKING:
 PROMOTE = "promote"
 REJECT = "reject"
 WAIT = "wait"
-DECISIONS = (PROMOTE, REJECT, WAIT)
 #: Suffix of the folder beside the served output that holds the challenger's scores.
 SHADOW_SUFFIX = "-shadow"
 #: Most values of one segment column compared (the most frequent ones).
@@ -132,17 +133,14 @@ def score_pair(
     challenger: ScoringModel,
     files: Sequence[Path],
     served_dir: Path,
-    *,
-    id_column: str,
-    chunk_rows: int,
-    invalid_rows: str = "reject",
-    unknown_categories: str = "reject",
-    threads: int | None = None,
+    **scoring: Any,
 ) -> ScoredPair:
     """Score the batch with the champion into ``served_dir`` and the challenger beside it.
 
-    Both calls are :func:`~.scoring.score_files`, so both outputs are atomic and resumable,
-    and a served folder already complete for this champion and batch is left untouched.
+    Both calls are :func:`~.scoring.score_files` with the keyword arguments ``scoring``
+    (``id_column``, ``chunk_rows``, ``invalid_rows``, ``unknown_categories``, ``threads``),
+    so both outputs are atomic and resumable, and a served folder already complete for
+    this champion and batch is left untouched.
 
     Raises:
         RegistryError: the challenger is the champion.
@@ -154,22 +152,10 @@ def score_pair(
             ["name another version with --challenger models:/<name>/<version>"],
         )
     files = [Path(path) for path in files]
-
-    def score(model: ScoringModel, output: Path) -> ScoringResult:
-        return score_files(
-            model,
-            files,
-            output,
-            id_column=id_column,
-            chunk_rows=chunk_rows,
-            invalid_rows=invalid_rows,
-            unknown_categories=unknown_categories,
-            threads=threads,
-            progress=False,
-        )
-
-    served = score(champion, Path(served_dir))
-    shadow = score(challenger, shadow_output_dir(served_dir))
+    served = score_files(champion, files, Path(served_dir), progress=False, **scoring)
+    shadow = score_files(
+        challenger, files, shadow_output_dir(served_dir), progress=False, **scoring
+    )
     return ScoredPair(files=files, served=served, shadow=shadow)
 
 
@@ -192,13 +178,7 @@ class SegmentComparison:
         return f"{self.column}={self.value}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "column": self.column,
-            "value": self.value,
-            "rows": self.rows,
-            "comparison": None if self.comparison is None else self.comparison.to_dict(),
-            "note": self.note,
-        }
+        return as_dict(self)
 
 
 @dataclass(frozen=True)
@@ -255,48 +235,16 @@ class ShadowReport:
         }
         for model, numbers in self.latency.items():
             values.update({f"{model}_{key}": value for key, value in numbers.items()})
-        values.update(_comparison_metrics(self.metric, self.comparison))
+        values.update(comparison_metrics(self.metric, self.comparison))
         for segment in self.segments:
             prefix = _METRIC_KEY.sub("_", f"segment.{segment.column}.{segment.value}")
             values[f"{prefix}.rows"] = segment.rows
-            values.update(_comparison_metrics("metric", segment.comparison, prefix=prefix))
+            values.update(comparison_metrics("metric", segment.comparison, prefix=prefix))
         return {key: float(value) for key, value in values.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """The whole report as JSON-able data (what the run's ``shadow/report.json`` holds)."""
-        return {
-            "decision": self.decision,
-            "reasons": list(self.reasons),
-            "metric": self.metric,
-            "champion_version": self.champion_version,
-            "challenger_version": self.challenger_version,
-            "rows": self.rows,
-            "compared_rows": self.compared_rows,
-            "labelled_rows": self.labelled_rows,
-            "champion_failures": self.champion_failures.to_dict(),
-            "challenger_failures": self.challenger_failures.to_dict(),
-            "agreement": self.agreement,
-            "distances": dict(self.distances),
-            "comparison": None if self.comparison is None else self.comparison.to_dict(),
-            "segments": [segment.to_dict() for segment in self.segments],
-            "latency": {model: dict(numbers) for model, numbers in self.latency.items()},
-            "settings": dict(self.settings),
-        }
-
-
-def _comparison_metrics(
-    name: str, comparison: MetricComparison | None, *, prefix: str = ""
-) -> dict[str, float]:
-    if comparison is None:
-        return {}
-    base = f"{prefix}." if prefix else ""
-    return {
-        f"{base}{name}_champion": comparison.champion,
-        f"{base}{name}_challenger": comparison.challenger,
-        f"{base}{name}_difference": comparison.difference,
-        f"{base}{name}_difference_low": comparison.low,
-        f"{base}{name}_difference_high": comparison.high,
-    }
+        return as_dict(self)
 
 
 def shadow_evaluate(
@@ -305,12 +253,8 @@ def shadow_evaluate(
     task: str,
     metric: str,
     settings: EvaluateSpec,
-    champion: ScoringModel | None = None,
-    challenger: ScoringModel | None = None,
-    champion_version: str = "",
-    challenger_version: str = "",
-    champion_threshold: float | None = None,
-    challenger_threshold: float | None = None,
+    champion: ScoringModel,
+    challenger: ScoringModel,
     latency: dict[str, dict[str, float]] | None = None,
 ) -> ShadowReport:
     """Compare the two models on the rows of :func:`~.rows.build_shadow_rows` and decide.
@@ -319,8 +263,7 @@ def shadow_evaluate(
         rows: from :func:`~.rows.build_shadow_rows`.
         task, metric: ``binary`` or ``regression``, and the primary metric (``gate.metric``).
         settings: ``evaluate`` (confidence, resamples, seed, the ``shadow`` rule).
-        champion, challenger: the models, for their versions and thresholds; without them
-            the versions are given, and the thresholds default to 0.5.
+        champion, challenger: the models, for their versions and thresholds.
         latency: per model, request latency percentiles (:func:`~.rows.measure_latency`).
 
     Raises:
@@ -336,8 +279,8 @@ def shadow_evaluate(
     y = rows[LABEL].to_numpy(dtype=np.float64)
 
     thresholds = {
-        "champion_threshold": _threshold(champion_threshold, champion),
-        "challenger_threshold": _threshold(challenger_threshold, challenger),
+        "champion_threshold": float(champion.threshold),
+        "challenger_threshold": float(challenger.threshold),
     }
     options: dict[str, Any] = {
         **thresholds,
@@ -361,12 +304,10 @@ def shadow_evaluate(
     )
     return ShadowReport(
         decision=decision,
-        reasons=reasons + _segment_notes(segments, rule.margin),
+        reasons=reasons + _segment_notes(segments),
         metric=metric,
-        champion_version=str(champion.version if champion is not None else champion_version),
-        challenger_version=str(
-            challenger.version if challenger is not None else challenger_version
-        ),
+        champion_version=str(champion.version),
+        challenger_version=str(challenger.version),
         rows=len(rows),
         compared_rows=int(compared.sum()),
         labelled_rows=int(labelled.sum()),
@@ -404,12 +345,6 @@ def _evidence_settings(settings: EvaluateSpec, metric: str) -> dict[str, Any]:
     }
 
 
-def _threshold(given: float | None, model: ScoringModel | None) -> float:
-    if given is not None:
-        return float(given)
-    return float(model.threshold) if model is not None else 0.5
-
-
 def _segment_comparisons(
     rows: pd.DataFrame, column: str, labelled: np.ndarray, compare: Any
 ) -> list[SegmentComparison]:
@@ -418,16 +353,11 @@ def _segment_comparisons(
     out = []
     # The most frequent values, shown in their own order (elevel=0, 1, 2, ...).
     for value, count in sorted(counts.head(MAX_SEGMENT_VALUES).items(), key=_value_order):
-        mask = labelled & (rows[column] == value).to_numpy()
         if count < MIN_SEGMENT_ROWS:
-            out.append(
-                SegmentComparison(
-                    column, str(value), int(count), None, f"fewer than {MIN_SEGMENT_ROWS} rows"
-                )
-            )
-            continue
-        comparison = compare(mask)
-        note = "" if comparison.decidable else "the metric is undefined in too many resamples"
+            comparison, note = None, f"fewer than {MIN_SEGMENT_ROWS} rows"
+        else:
+            comparison = compare(labelled & (rows[column] == value).to_numpy())
+            note = "" if comparison.decidable else "the metric is undefined in too many resamples"
         out.append(SegmentComparison(column, str(value), int(count), comparison, note))
     if len(counts) > MAX_SEGMENT_VALUES:
         out.append(
@@ -495,19 +425,15 @@ def _decide(
     ]
 
 
-def _segment_notes(segments: Sequence[SegmentComparison], margin: float) -> list[str]:
-    notes = []
-    for segment in segments:
-        comparison = segment.comparison
-        if comparison is None or not comparison.decidable:
-            continue
-        if comparison.improvement_high < 0:
-            notes.append(
-                f"segment {segment.label}: the challenger is worse "
-                f"({comparison.difference:+.4f}, interval {comparison.low:+.4f} to "
-                f"{comparison.high:+.4f}, {segment.rows:,} rows)"
-            )
-    return notes
+def _segment_notes(segments: Sequence[SegmentComparison]) -> list[str]:
+    return [
+        f"segment {segment.label}: the challenger is worse ({comparison.difference:+.4f}, "
+        f"interval {comparison.low:+.4f} to {comparison.high:+.4f}, {segment.rows:,} rows)"
+        for segment in segments
+        if (comparison := segment.comparison) is not None
+        and comparison.decidable
+        and comparison.improvement_high < 0
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -696,15 +622,13 @@ def promote_challenger(
         "labelled_rows": report.labelled_rows,
         "agreement": report.agreement,
     }
-    if report.comparison is not None:
+    if (comparison := report.comparison) is not None:
         evidence.update(
-            {
-                "champion": report.comparison.champion,
-                "challenger": report.comparison.challenger,
-                "difference": report.comparison.difference,
-                "interval": [report.comparison.low, report.comparison.high],
-                "confidence": report.comparison.confidence,
-            }
+            champion=comparison.champion,
+            challenger=comparison.challenger,
+            difference=comparison.difference,
+            interval=[comparison.low, comparison.high],
+            confidence=comparison.confidence,
         )
     return promote(
         client,

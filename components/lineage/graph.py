@@ -31,8 +31,6 @@ from stemma.components.lineage.index import (
 from stemma.components.lineage.resolve import model_reference, resolve_reference, run_git
 from stemma.components.platform import tags as tag_names
 from stemma.components.platform.lineage import (
-    MADE_KIND_TAG_PREFIX,
-    USED_KIND_TAG_PREFIX,
     Edge,
     asset_key,
     kind_tag,
@@ -101,18 +99,13 @@ class LineageGraph:
     searches: int = 0
     seconds: float = 0.0
 
-    def parents(self, node_id: str) -> list[GraphEdge]:
-        """Edges into ``node_id``, sorted by relation then source."""
+    def next_edges(self, node_id: str) -> list[GraphEdge]:
+        """Edges into ``node_id`` (upstream) or out of it (downstream), sorted by relation
+        then the node at their other end."""
+        upstream = self.direction == UPSTREAM
         return sorted(
-            (edge for edge in self.edges if edge.target == node_id),
-            key=lambda edge: (edge.relation, edge.source),
-        )
-
-    def children(self, node_id: str) -> list[GraphEdge]:
-        """Edges out of ``node_id``, sorted by relation then target."""
-        return sorted(
-            (edge for edge in self.edges if edge.source == node_id),
-            key=lambda edge: (edge.relation, edge.target),
+            (edge for edge in self.edges if (edge.target if upstream else edge.source) == node_id),
+            key=lambda edge: (edge.relation, edge.source if upstream else edge.target),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,15 +193,13 @@ def _take_record(
 ) -> set[str]:
     """Add what ``record`` says about ``node_id`` in the graph's direction; return the
     nodes where the record meets other records (to follow next)."""
+    reached = record.reach(node_id, upstream=graph.direction == UPSTREAM)
+    inside = reached | {node_id}
     if graph.direction == UPSTREAM:
-        reached = record.ancestors(node_id)
-        inside = reached | {node_id}
         edges = [e for e in record.edges if e.target in inside and e.source in reached]
         # where this record meets others: the nodes nothing in it leads to
         links = {n for n in reached if not any(e.target == n for e in record.edges)}
     else:
-        reached = record.descendants(node_id)
-        inside = reached | {node_id}
         edges = [e for e in record.edges if e.source in inside and e.target in reached]
         links = reached & record.made
     for other in inside:
@@ -250,7 +241,8 @@ def _kinds_nobody_links(
         if node_id != start and not node_id.startswith(RUN_PREFIX):
             kind = _kind_of(node_id)
             counts[kind] = counts.get(kind, 0) + 1
-    prefix = MADE_KIND_TAG_PREFIX if direction == UPSTREAM else USED_KIND_TAG_PREFIX
+    made = direction == UPSTREAM
+    prefix = tag_names.LINEAGE_MADE_KIND_PREFIX if made else tag_names.LINEAGE_USED_KIND_PREFIX
     return {
         kind
         for kind, count in counts.items()
@@ -414,7 +406,7 @@ def render_tree(graph: LineageGraph) -> str:
             f"{prefix}{branch}{label}{node.id}  [{node.kind}]" + ("  (see above)" if repeat else "")
         )
         inner = prefix + ("" if relation is None else ("    " if last else "│   "))
-        edges = graph.parents(node_id) if graph.direction == UPSTREAM else graph.children(node_id)
+        edges = graph.next_edges(node_id)
         if not repeat:
             lines.append(f"{inner}{'│   ' if edges else '    '}{_details(node)}")
         shown.add(node_id)

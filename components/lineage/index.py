@@ -23,12 +23,11 @@ from stemma.components.platform.lineage import (
     EDGES_IN_ARTIFACT,
     EDGES_TAG,
     INDEX_SCHEMA_TAG,
-    MADE_TAG_PREFIX,
     RECORD_ARTIFACT,
-    USED_TAG_PREFIX,
     Edge,
     LineageRecord,
     made_tag,
+    reach,
     record_roles,
     run_node_id,
     used_tag,
@@ -62,31 +61,10 @@ class RunRecord:
     def run_node(self) -> str:
         return str(self.node["id"])
 
-    def ancestors(self, node_id: str) -> set[str]:
-        """Nodes of this record from which ``node_id`` is reachable."""
-        found: set[str] = set()
-        frontier = [node_id]
-        while frontier:
-            current = frontier.pop()
-            for edge in self.edges:
-                if edge.target == current and edge.source not in found:
-                    found.add(edge.source)
-                    frontier.append(edge.source)
-        found.discard(node_id)
-        return found
-
-    def descendants(self, node_id: str) -> set[str]:
-        """Nodes of this record reachable from ``node_id``."""
-        found: set[str] = set()
-        frontier = [node_id]
-        while frontier:
-            current = frontier.pop()
-            for edge in self.edges:
-                if edge.source == current and edge.target not in found:
-                    found.add(edge.target)
-                    frontier.append(edge.target)
-        found.discard(node_id)
-        return found
+    def reach(self, node_id: str, *, upstream: bool) -> set[str]:
+        """Nodes of this record from which ``node_id`` is reachable (``upstream``), or
+        reachable from it."""
+        return reach(self.edges, node_id, upstream=upstream)
 
 
 def iso_time(milliseconds: int | None) -> str | None:
@@ -256,8 +234,9 @@ class RecordIndex:
         edges: list[Edge] = []
         edges_text = tags.get(EDGES_TAG)
         if INDEX_SCHEMA_TAG in tags and edges_text != EDGES_IN_ARTIFACT:
+            roles = ((tag_names.LINEAGE_MADE_PREFIX, made), (tag_names.LINEAGE_USED_PREFIX, used))
             for key, value in tags.items():
-                for prefix, role in ((MADE_TAG_PREFIX, made), (USED_TAG_PREFIX, used)):
+                for prefix, role in roles:
                     node = _parse_tag_node(value) if key.startswith(prefix) else None
                     if node is not None:
                         nodes.setdefault(node["id"], node)

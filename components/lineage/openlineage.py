@@ -51,6 +51,7 @@ from stemma.components.errors import LineageError
 from stemma.components.lineage.graph import GraphNode, LineageGraph
 from stemma.components.lineage.index import RUN_PREFIX
 from stemma.components.platform.files import write_file_atomically
+from stemma.components.platform.lineage import reach
 from stemma.components.platform.redaction import redact, redact_url
 
 if TYPE_CHECKING:
@@ -79,12 +80,16 @@ FINAL_STATES = {
 VALIDATION_ARTIFACT = "checks/validation_result.json"
 
 
-def _schema(name: str) -> str:
-    return f"{FACETS_SCHEMA}#/$defs/{name}"
+class _StemmaFacet:
+    """Stemma's own facets: each one's ``_schemaURL`` is its class in :data:`FACETS_SCHEMA`."""
+
+    @classmethod
+    def _get_schema(cls) -> str:
+        return f"{FACETS_SCHEMA}#/$defs/{cls.__name__}"
 
 
 @attr.define
-class StemmaNodeDatasetFacet(DatasetFacet):
+class StemmaNodeDatasetFacet(_StemmaFacet, DatasetFacet):
     """The lineage node a dataset stands for."""
 
     kind: str
@@ -94,13 +99,9 @@ class StemmaNodeDatasetFacet(DatasetFacet):
     madeBy: str | None = attr.field(default=None)
     flowRunId: str | None = attr.field(default=None)
 
-    @staticmethod
-    def _get_schema() -> str:
-        return _schema("StemmaNodeDatasetFacet")
-
 
 @attr.define
-class StemmaDvcDatasetFacet(DatasetFacet):
+class StemmaDvcDatasetFacet(_StemmaFacet, DatasetFacet):
     """A data version as DVC records it."""
 
     md5: str
@@ -108,13 +109,9 @@ class StemmaDvcDatasetFacet(DatasetFacet):
     path: str | None = attr.field(default=None)
     gitRev: str | None = attr.field(default=None)
 
-    @staticmethod
-    def _get_schema() -> str:
-        return _schema("StemmaDvcDatasetFacet")
-
 
 @attr.define
-class StemmaMlflowModelVersionDatasetFacet(DatasetFacet):
+class StemmaMlflowModelVersionDatasetFacet(_StemmaFacet, DatasetFacet):
     """A registered MLflow model version."""
 
     name: str
@@ -123,13 +120,9 @@ class StemmaMlflowModelVersionDatasetFacet(DatasetFacet):
     aliases: list[str] = attr.field(factory=list)
     gate: str | None = attr.field(default=None)
 
-    @staticmethod
-    def _get_schema() -> str:
-        return _schema("StemmaMlflowModelVersionDatasetFacet")
-
 
 @attr.define
-class StemmaMlflowRunFacet(RunFacet):
+class StemmaMlflowRunFacet(_StemmaFacet, RunFacet):
     """The MLflow run (and Prefect flow run) an OpenLineage run stands for."""
 
     runId: str
@@ -139,10 +132,6 @@ class StemmaMlflowRunFacet(RunFacet):
     flow: str | None = attr.field(default=None)
     pipeline: str | None = attr.field(default=None)
     prefectFlowRunId: str | None = attr.field(default=None)
-
-    @staticmethod
-    def _get_schema() -> str:
-        return _schema("StemmaMlflowRunFacet")
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,16 +198,7 @@ def _is_run(node_id: str) -> bool:
 
 def _reach(graph: LineageGraph, run: str, *, upstream: bool) -> list[str]:
     """Nodes reached from ``run`` in one direction without passing another run."""
-    found: list[str] = []
-    frontier = [run]
-    while frontier:
-        current = frontier.pop()
-        for edge in graph.edges:
-            near, far = (edge.target, edge.source) if upstream else (edge.source, edge.target)
-            if near == current and far not in found and not _is_run(far):
-                found.append(far)
-                frontier.append(far)
-    return sorted(found)
+    return sorted(reach(graph.edges, run, upstream=upstream, passes=lambda node: not _is_run(node)))
 
 
 def _redacted(node: GraphNode) -> GraphNode:
@@ -290,46 +270,28 @@ def _assertions_facet(
     return {"dataQualityAssertions": facet}
 
 
-def _inputs(
+def _datasets(
     graph: LineageGraph, run_id: str, assertions: dict[str, list[dict[str, Any]]]
-) -> list[InputDataset]:
-    """The datasets a run read, with the assertions of the validations that checked them."""
-    inputs = []
+) -> tuple[list[InputDataset], list[OutputDataset]]:
+    """The datasets a run read, with the assertions of the validations that checked them,
+    and those it wrote, with their row counts when known."""
+    statistics = output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet
+    inputs: list[InputDataset] = []
+    outputs: list[OutputDataset] = []
     for node_id in _reach(graph, run_id, upstream=True):
         node = _redacted(graph.nodes[node_id])
-        inputs.append(
-            InputDataset(
-                namespace=NAMESPACE,
-                name=node.id,
-                facets=_dataset_facets(node),
-                inputFacets=_assertions_facet(graph, node_id, assertions),
-            )
-        )
-    return inputs
-
-
-def _outputs(graph: LineageGraph, run_id: str) -> list[OutputDataset]:
-    """The datasets a run wrote, with their row counts when known."""
-    outputs = []
+        facets = _dataset_facets(node)
+        checked = _assertions_facet(graph, node_id, assertions)
+        inputs.append(InputDataset(NAMESPACE, node.id, facets=facets, inputFacets=checked))
     for node_id in _reach(graph, run_id, upstream=False):
         node = _redacted(graph.nodes[node_id])
-        output_facets: dict[str, Any] = {}
         rows = node.attributes.get("rows_scored")
+        written: dict[str, Any] = {}
         if isinstance(rows, int):
-            output_facets["outputStatistics"] = (
-                output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
-                    rowCount=rows, producer=PRODUCER
-                )
-            )
-        outputs.append(
-            OutputDataset(
-                namespace=NAMESPACE,
-                name=node.id,
-                facets=_dataset_facets(node),
-                outputFacets=output_facets,
-            )
-        )
-    return outputs
+            written["outputStatistics"] = statistics(rowCount=rows, producer=PRODUCER)
+        facets = _dataset_facets(node)
+        outputs.append(OutputDataset(NAMESPACE, node.id, facets=facets, outputFacets=written))
+    return inputs, outputs
 
 
 def _job_and_run(run: GraphNode, tracking_uri: str | None) -> tuple[Job, Run]:
@@ -372,8 +334,7 @@ def build_events(
     for original in runs:
         run = _redacted(original)
         job, ol_run = _job_and_run(run, tracking_uri)
-        inputs = _inputs(graph, original.id, assertions or {})
-        outputs = _outputs(graph, original.id)
+        inputs, outputs = _datasets(graph, original.id, assertions or {})
         started = run.created or datetime.now(UTC).isoformat()
         ended = run.attributes.get("ended") or started
         final = FINAL_STATES.get(str(run.attributes.get("status")), RunState.OTHER)

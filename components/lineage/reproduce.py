@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,8 @@ import yaml
 
 from stemma.components.data.tables import dir_md5, file_md5
 from stemma.components.errors import DataVersionError, LineageError
+from stemma.components.lineage.index import RecordIndex
+from stemma.components.lineage.resolve import pointer_out, resolve_reference, run_git
 from stemma.components.platform import tags as tag_names
 
 if TYPE_CHECKING:
@@ -38,15 +39,8 @@ SPEC_ARTIFACT = "spec/resolved.yaml"
 WEIGHTS_FILE = "weights.safetensors"
 #: Run metrics compared besides the ``test_*`` ones.
 COMPARED_METRICS = ("best_epoch", "epochs_run")
-#: Version tags the training flow writes, and the run tags beside them.
-RUN_TAG = tag_names.RUN_ID
-DATA_MD5_TAG = tag_names.DATA_MD5
-WEIGHTS_TAG = tag_names.WEIGHTS_SHA256
+#: The validation digest's tag, on the version and on a rebuild's run.
 CHECKS_TAG = tag_names.CHECKS_DIGEST
-GIT_REV_TAG = tag_names.GIT_REV
-GIT_DIRTY_TAG = tag_names.GIT_DIRTY
-POINTER_TAG = tag_names.DATA_POINTER
-DATA_FILE_TAG = tag_names.DATA_PATH
 #: How many changed files a code warning names before it summarises.
 MAX_FILES_NAMED = 10
 #: MLmodel keys that name the run, the logged model or the moment, not the model: a
@@ -108,9 +102,6 @@ class ReproductionPlan:
 def _version_for(client: MlflowClient, reference: str) -> Any:
     from mlflow.exceptions import MlflowException
 
-    from stemma.components.lineage.index import RecordIndex
-    from stemma.components.lineage.resolve import resolve_reference
-
     text = reference.strip()
     if not text.startswith("models:/"):
         # A training run id: the version it registered.
@@ -144,8 +135,9 @@ def plan_reproduction(client: MlflowClient, reference: str) -> ReproductionPlan:
     entry = _version_for(client, reference)
     model_uri = f"models:/{entry.name}/{entry.version}"
     tags = dict(entry.tags or {})
-    run_id = tags.get(RUN_TAG) or entry.run_id
-    missing = [tag for tag in (RUN_TAG, DATA_MD5_TAG, WEIGHTS_TAG) if not tags.get(tag)]
+    run_id = tags.get(tag_names.RUN_ID) or entry.run_id
+    needed = (tag_names.RUN_ID, tag_names.DATA_MD5, tag_names.WEIGHTS_SHA256)
+    missing = [tag for tag in needed if not tags.get(tag)]
     if missing or not run_id:
         raise LineageError(
             f"{model_uri} cannot be reproduced: its lineage is incomplete",
@@ -168,13 +160,8 @@ def plan_reproduction(client: MlflowClient, reference: str) -> ReproductionPlan:
                 f"{model_uri} cannot be reproduced: run {run_id} has no {SPEC_ARTIFACT}",
                 ["the resolved spec is what fixes the seeds and settings of the rebuild"],
             ) from None
-    pointer = run_tags.get(POINTER_TAG) or "data.dvc"
-    data_file = run_tags.get(DATA_FILE_TAG) or ""
-    metrics = {
-        key: float(value)
-        for key, value in run.data.metrics.items()
-        if key.startswith("test_") or key in COMPARED_METRICS
-    }
+    pointer = run_tags.get(tag_names.DATA_POINTER) or "data.dvc"
+    data_file = run_tags.get(tag_names.DATA_PATH) or ""
     return ReproductionPlan(
         model_uri=model_uri,
         model_name=str(entry.name),
@@ -182,16 +169,21 @@ def plan_reproduction(client: MlflowClient, reference: str) -> ReproductionPlan:
         run_id=run_id,
         spec_yaml=spec_yaml,
         data_pointer=pointer,
-        data_md5=tags[DATA_MD5_TAG],
+        data_md5=tags[tag_names.DATA_MD5],
         data_out=_out_path(pointer, data_file),
-        git_rev=tags.get(GIT_REV_TAG) or run_tags.get(GIT_REV_TAG),
-        git_dirty=run_tags.get(GIT_DIRTY_TAG) == "true",
-        weights_sha256=tags[WEIGHTS_TAG],
+        git_rev=tags.get(tag_names.GIT_REV) or run_tags.get(tag_names.GIT_REV),
+        git_dirty=run_tags.get(tag_names.GIT_DIRTY) == "true",
+        weights_sha256=tags[tag_names.WEIGHTS_SHA256],
         checks_digest=tags.get(CHECKS_TAG),
-        metrics=metrics,
+        metrics={key: float(value) for key, value in _compared(run.data.metrics).items()},
         device=run.data.params.get("resolved.device"),
         model_files=recorded_manifest(client, entry),
     )
+
+
+def _compared(metrics: dict[str, float]) -> dict[str, float]:
+    """The ``test_*`` metrics and :data:`COMPARED_METRICS` among ``metrics``."""
+    return {k: v for k, v in metrics.items() if k.startswith("test_") or k in COMPARED_METRICS}
 
 
 def recorded_manifest(client: MlflowClient, entry: Any) -> dict[str, str] | None:
@@ -333,17 +325,7 @@ def _cache_path(root: Path, md5: str) -> Path | None:
 def read_pointer_at(root: Path, pointer: str, rev: str | None) -> str | None:
     """The DVC file's text at a git revision (the working tree's when ``rev`` is None)."""
     if rev:
-        try:
-            done = subprocess.run(
-                ["git", "-C", str(root), "show", f"{rev}:{pointer}"],
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=30,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout if done.returncode == 0 else None
+        return run_git(root, "show", f"{rev}:{pointer}")
     path = root / pointer
     return path.read_text(encoding="utf-8") if path.is_file() else None
 
@@ -363,7 +345,7 @@ def restore_data_version(
     """
     notes = []
     pointer_text = read_pointer_at(root, pointer, git_rev)
-    recorded_out = _pointer_out(pointer_text) if pointer_text else None
+    recorded_out = pointer_out(pointer_text) if pointer_text else None
     if recorded_out is not None and recorded_out[0] == md5:
         out = (Path(pointer).parent / recorded_out[1]).as_posix()
         notes.append(f"{pointer} at git revision {git_rev} records {md5} for {out}")
@@ -381,10 +363,7 @@ def restore_data_version(
     here = root / out
     found = _digest(here)
     if found == md5:
-        if here.is_dir():
-            shutil.copytree(here, target)
-        else:
-            shutil.copy2(here, target)
+        (shutil.copytree if here.is_dir() else shutil.copy2)(here, target)
         source = f"the working tree ({out})"
     else:
         problems.append(
@@ -414,15 +393,6 @@ def restore_data_version(
     return RestoredData(
         source=source, out_path=target, pointer_text=pointer_text or "", notes=notes
     )
-
-
-def _pointer_out(text: str) -> tuple[str, str] | None:
-    """The md5 and path of a DVC file's first out."""
-    try:
-        out = yaml.safe_load(text)["outs"][0]
-        return str(out["md5"]), str(out["path"])
-    except (yaml.YAMLError, KeyError, IndexError, TypeError):
-        return None
 
 
 def _copy_from_cache(root: Path, md5: str, target: Path) -> list[str]:
@@ -497,15 +467,7 @@ def code_revision_warnings(root: Path, git_rev: str | None, git_dirty: bool) -> 
 
 
 def _git_lines(root: Path, *args: str) -> list[str]:
-    try:
-        done = subprocess.run(
-            ["git", "-C", str(root), *args], capture_output=True, text=True, check=False, timeout=30
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return (
-        [line for line in done.stdout.splitlines() if line.strip()] if done.returncode == 0 else []
-    )
+    return [line for line in (run_git(root, *args) or "").splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------
@@ -660,12 +622,7 @@ def judge(
     files_compared, files = 0, list[str]()
     if recorded_folder is not None and rebuilt_folder is not None:
         files_compared, files = compare_model_files(recorded_folder, rebuilt_folder)
-    rebuilt = {
-        key: value
-        for key, value in rebuilt_metrics.items()
-        if key.startswith("test_") or key in COMPARED_METRICS
-    }
-    metrics_compared, metrics = compare_metrics(plan.metrics, rebuilt)
+    metrics_compared, metrics = compare_metrics(plan.metrics, _compared(rebuilt_metrics))
     return Verdict(
         model_uri=plan.model_uri,
         recorded_sha256=plan.weights_sha256,

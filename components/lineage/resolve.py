@@ -222,12 +222,19 @@ def read_pointer(root: Path, pointer: str, rev: str | None) -> tuple[str, str]:
             text = (root / pointer).read_text(encoding="utf-8")
         except OSError:
             raise LineageError(f"{root / pointer}: no such DVC file") from None
+    out = pointer_out(text)
+    if out is None:
+        raise LineageError(f"{where}: records no data version (no outs[0].md5)")
+    return out
+
+
+def pointer_out(text: str) -> tuple[str, str] | None:
+    """The md5 and path of a DVC file's first out, or None when it records none."""
     try:
-        content = yaml.safe_load(text)
-        out = content["outs"][0]
+        out = yaml.safe_load(text)["outs"][0]
         return str(out["md5"]), str(out["path"])
     except (yaml.YAMLError, KeyError, IndexError, TypeError):
-        raise LineageError(f"{where}: records no data version (no outs[0].md5)") from None
+        return None
 
 
 def _resolve_pointer(pointer: str, rev: str | None, index: RecordIndex, root: Path) -> str:

@@ -92,7 +92,11 @@ def save_weights(network: nn.Module, path: Path) -> str:
     Returns:
         The sha256 (hex) of the file's bytes, equal to :func:`weights_sha256`.
     """
-    payload = safetensors_bytes(network)
+    return write_weights_file(path, safetensors_bytes(network))
+
+
+def write_weights_file(path: Path, payload: bytes) -> str:
+    """Write a weights file's bytes atomically (its folder made); returns their sha256."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(target, payload)

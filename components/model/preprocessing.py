@@ -194,11 +194,8 @@ class Preprocessor:
         missing = sorted(expected - set(data))
         unknown = sorted(set(data) - expected)
         if missing or unknown:
-            parts = []
-            if missing:
-                parts.append(f"missing keys {missing}")
-            if unknown:
-                parts.append(f"unknown keys {unknown}")
+            parts = [f"missing keys {missing}"] if missing else []
+            parts += [f"unknown keys {unknown}"] if unknown else []
             raise ValueError(f"malformed preprocessor: {'; '.join(parts)}")
         for key in ("numeric", "means", "stds", "categorical", "vocabularies"):
             if not isinstance(data[key], list | tuple):
@@ -283,13 +280,8 @@ def fit_preprocessor(
         # dividing by zero.
         stds = tuple(float(std) if std > 0 else 1.0 for std in values.std(axis=0))
 
-    vocabularies = []
-    empty = []
-    for column in features.categorical:
-        vocabulary = _fit_vocabulary(frame[column])
-        if not vocabulary:
-            empty.append(column)
-        vocabularies.append(vocabulary)
+    vocabularies = [_fit_vocabulary(frame[column]) for column in features.categorical]
+    empty = [c for c, v in zip(features.categorical, vocabularies, strict=True) if not v]
     if empty:
         raise DataError(
             f"categorical feature columns with no values in the training split: {', '.join(empty)}",

@@ -11,7 +11,6 @@ ONNX Runtime (:func:`runtime_backend`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from collections.abc import Collection, Iterator, Mapping
@@ -22,7 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from stemma.components.platform.files import write_atomically
 from stemma.components.platform.tags import QUANTIZE_METHOD
 
 #: Methods Stemma can build, and what each one does.
@@ -46,8 +44,6 @@ ORT_METHODS = frozenset({"ort_int8_dynamic", "ort_fp16"})
 
 #: Layout of a variant's network JSON; plain fp32 models use format 1 (artifact.NETWORK_FORMAT).
 QUANTIZED_NETWORK_FORMAT = 2
-#: Key of the safetensors metadata that names the method (beside torchao's own keys).
-WEIGHTS_METHOD_KEY = QUANTIZE_METHOD
 
 #: How a variant runs: eager torch, or ONNX Runtime on its own graph. ``compiled`` was
 #: written by earlier versions (torch.compile); such a variant now runs eager.
@@ -149,18 +145,17 @@ def save_variant_weights(variant: QuantizedNetwork, path: Path) -> str:
     """
     import safetensors.torch
 
+    from stemma.components.model.artifact import write_weights_file
+
     with quiet_torchao():
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
     tensors, metadata = flatten_tensor_state_dict(variant.network.state_dict())
-    metadata[WEIGHTS_METHOD_KEY] = variant.method
+    metadata[QUANTIZE_METHOD] = variant.method  # beside torchao's own keys
     payload = safetensors.torch.save(
         {key: value.contiguous() for key, value in tensors.items()}, metadata=metadata
     )
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(target, payload)
-    return hashlib.sha256(payload).hexdigest()
+    return write_weights_file(path, payload)
 
 
 def variant_document(
@@ -267,7 +262,7 @@ def _read_variant_state(weights: Path, method: str) -> dict[str, Any]:
 
     with safetensors.torch.safe_open(str(weights), "pt") as handle:
         metadata = dict(handle.metadata() or {})
-    stored_method = metadata.pop(WEIGHTS_METHOD_KEY, None)
+    stored_method = metadata.pop(QUANTIZE_METHOD, None)
     if stored_method != method:
         raise ValueError(
             f"the weights file holds a {stored_method or 'non-variant'} network, "

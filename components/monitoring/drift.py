@@ -71,9 +71,8 @@ class DriftMonitor:
 
     Args:
         profile: the model's reference profile.
-        settings: the spec's monitor section (statistics, thresholds, ...).
-        features: the features to compare (default: ``settings.features``, else every
-            feature of the profile).
+        settings: the spec's monitor section (statistics, thresholds, the features to
+            compare: ``settings.features``, else every feature of the profile).
         prediction: whether scores will be added for prediction drift (they are compared
             only when the profile holds reference scores).
 
@@ -86,12 +85,11 @@ class DriftMonitor:
         profile: ReferenceProfile,
         settings: MonitorSpec,
         *,
-        features: Sequence[str] | None = None,
         prediction: bool = True,
     ) -> None:
         self.profile = profile
         self.settings = settings
-        names = list(features or settings.features or profile.features)
+        names = list(settings.features or profile.features)
         unknown = [name for name in names if name not in profile.features]
         if unknown:
             raise DataError(

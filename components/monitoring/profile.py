@@ -61,8 +61,6 @@ DEFAULT_BINS = 10
 DEFAULT_SAMPLE_SIZE = 10_000
 #: Seed of the sample draw, so the same data gives the same profile.
 SAMPLE_SEED = 0
-#: Role of the score column and the label column in a profile.
-SCORE_NAME = "score"
 
 NUMERIC = "numeric"
 CATEGORICAL = "categorical"
@@ -290,9 +288,7 @@ def profile_categorical(values: np.ndarray | pd.Series) -> CategoricalProfile:
 
 def category_key(value: Any) -> Category:
     """A category as JSON keeps it: integers (numpy's too) as int, anything else as text."""
-    if isinstance(value, bool | np.bool_):
-        return int(value)
-    if isinstance(value, int | np.integer):
+    if isinstance(value, bool | np.bool_ | int | np.integer):
         return int(value)
     if isinstance(value, float | np.floating) and float(value).is_integer():
         return int(value)

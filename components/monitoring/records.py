@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from typing import Any
 
 from stemma.components.monitoring.report import DriftReport, json_safe
@@ -26,7 +25,6 @@ MAX_TAG_CHARS = 4000
 #: Where the report's files go among the run's artifacts.
 REPORT_ARTIFACT = "drift/report.json"
 TABLE_ARTIFACT = "drift/statistics.json"
-PLOT_ARTIFACT = "drift/summary.png"
 
 
 def pipeline_resource_id(pipeline: str) -> str:
@@ -90,20 +88,14 @@ def drift_event(report: DriftReport, facts: MonitorFacts) -> dict[str, Any] | No
         "kinds": report.kinds,
         "drifted_features": report.drifted_features,
         "statistics": drifted,
-        "prediction": (
-            json_safe({"drifted": report.prediction.drifted, **report.prediction.statistics})
-            if report.prediction is not None
-            else None
-        ),
-        "label": (
-            json_safe({"drifted": report.label.drifted, **report.label.statistics})
-            if report.label is not None
-            else None
-        ),
+        **{
+            role: json_safe({"drifted": column.drifted, **column.statistics}) if column else None
+            for role, column in (("prediction", report.prediction), ("label", report.label))
+        },
         "performance": json_safe(asdict(report.performance)) if report.performance else None,
         "reasons": report.reasons(),
     }
-    event: dict[str, Any] = {
+    return {
         "event": DRIFT_EVENT,
         "resource": {
             "prefect.resource.id": pipeline_resource_id(facts.pipeline),
@@ -127,7 +119,6 @@ def drift_event(report: DriftReport, facts: MonitorFacts) -> dict[str, Any] | No
         ],
         "payload": payload,
     }
-    return event
 
 
 def report_node_id(run_id: str) -> str:
@@ -138,9 +129,7 @@ def profile_node_id(sha256: str) -> str:
     return f"reference-profile:{sha256}"
 
 
-def build_monitor_record(
-    report: DriftReport, facts: MonitorFacts, *, created: datetime | None = None
-) -> LineageRecord:
+def build_monitor_record(report: DriftReport, facts: MonitorFacts) -> LineageRecord:
     """The lineage record of a monitoring run (``lineage/record.json``).
 
     The batch (by its digest), the labels, the model version and its reference profile
@@ -195,7 +184,7 @@ def build_monitor_record(
         pipeline=facts.pipeline,
         nodes=nodes,
         edges=edges,
-        created=created_stamp(created),
+        created=created_stamp(),
         artifacts={path: f"sha256:{digest}" for path, digest in facts.artifacts.items()},
     )
 

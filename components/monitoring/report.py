@@ -258,9 +258,8 @@ class DriftReport:
 
     def table(self) -> pd.DataFrame:
         """One row per compared column: role, kind, statistics, thresholds crossed."""
-        rows = []
-        for column in self.columns:
-            rows.append(
+        return pd.DataFrame(
+            [
                 {
                     "column": column.name,
                     "role": column.role,
@@ -273,8 +272,9 @@ class DriftReport:
                     "drifted": column.drifted,
                     "breaches": ",".join(column.breaches),
                 }
-            )
-        return pd.DataFrame(rows)
+                for column in self.columns
+            ]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The report as a JSON-safe document (NaN as null)."""
@@ -320,11 +320,11 @@ class DriftReport:
 
 
 def _describe(column: ColumnDrift) -> str:
-    shown = []
-    for name in STATISTIC_NAMES:
-        value = column.statistics.get(name)
-        if value is not None and not math.isnan(value):
-            shown.append(f"{name} {format_statistic(value)}")
+    shown = [
+        f"{name} {format_statistic(value)}"
+        for name in STATISTIC_NAMES
+        if (value := column.statistics.get(name)) is not None and not math.isnan(value)
+    ]
     breached = ", ".join(column.breaches)
     return f"{'; '.join(shown)} (over the threshold: {breached})"
 
@@ -433,12 +433,10 @@ def _plot_bars(
     xlabel: str,
     threshold_label: str = "threshold",
 ) -> None:
-    shown: list[tuple[ColumnDrift, float]] = []
-    for column in columns:
-        number = value(column)
-        if number is not None and not math.isnan(number):
-            shown.append((column, number))
-    shown.sort(key=lambda item: item[1])
+    numbers = [(column, value(column)) for column in columns]
+    shown = sorted(
+        ((c, n) for c, n in numbers if n is not None and not math.isnan(n)), key=lambda i: i[1]
+    )
     names = [f"{c.name}" if c.role == FEATURE else f"{c.name} ({c.role})" for c, _ in shown]
     values = [v for _, v in shown]
     colors = [_DRIFTED_COLOR if c.drifted else _STABLE_COLOR for c, _ in shown]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from stemma.components.platform import tags as tag_names
@@ -103,120 +104,82 @@ def deployment_plans(
     """
     spec = loaded.spec
     pipeline = spec.pipeline.name
+    resource = pipeline_resource_id(pipeline)
     base = {"config": config, "overrides": list(overrides)}
-    tags = ("stemma", f"pipeline:{pipeline}")
+
+    plan = partial(_plan, pipeline, base)
     plans = [
-        DeploymentPlan(
-            flow_name="train",
-            entrypoint="stemma.flows.train:train_flow",
-            name=pipeline,
-            description=f"Validate the data, train, evaluate, register and gate `{pipeline}`.",
-            parameters=dict(base),
-            tags=tags,
-        ),
-        DeploymentPlan(
-            flow_name="score",
-            entrypoint="stemma.flows.score:score_flow",
-            name=pipeline,
-            description=f"Nightly batch scoring of `{spec.score.input}` with the champion.",
-            parameters=dict(base),
+        plan("train", f"Validate the data, train, evaluate, register and gate `{pipeline}`."),
+        plan(
+            "score",
+            f"Nightly batch scoring of `{spec.score.input}` with the champion.",
             cron=spec.score.schedule,
-            tags=tags,
+        ),
+        # Monitoring: after each scored batch (and on the spec's schedule, if any).
+        plan(
+            "monitor",
+            "Drift report of each scored batch against the model's reference profile.",
+            cron=getattr(getattr(spec, "monitor", None), "schedule", None),
+            triggers=(
+                EventTrigger(
+                    name=f"monitor {pipeline} after scoring",
+                    event=BATCH_SCORED_EVENT,
+                    resource_id=resource,
+                    parameters={
+                        **base,
+                        "batch": "{{ event.payload.input }}",
+                        "model": "{{ event.payload.model }}",
+                    },
+                    description="Monitor every batch the scoring flow finished.",
+                ),
+            ),
         ),
     ]
-    plans.append(_monitor_plan(loaded, base, tags))
-    retrain = _retrain_plan(loaded, base, tags)
+    # Retraining: scheduled and on drift, one run at a time; none without `retrain`.
+    retrain = spec.retrain
     if retrain is not None:
-        plans.append(retrain)
-    # By hand; a canary moves aliases step by step, so one canary run at a time.
-    for flow_name, function, description, limit in (
-        (
-            "quantize",
-            "quantize_flow",
-            "Build, measure and gate quantized variants of a model.",
-            None,
-        ),
-        ("shadow", "shadow_flow", "Score a batch with challenger and champion and compare.", None),
-        ("canary", "canary_flow", "Route a growing share of a batch to the challenger.", 1),
-    ):
-        plans.append(
-            DeploymentPlan(
-                flow_name=flow_name,
-                entrypoint=f"stemma.flows.{flow_name}:{function}",
-                name=pipeline,
-                description=description,
-                parameters=dict(base),
-                concurrency_limit=limit,
-                tags=tags,
-            )
+        on_drift = EventTrigger(
+            name=f"retrain {pipeline} on drift",
+            event=DRIFT_DETECTED_EVENT,
+            resource_id=resource,
+            parameters={**base, "cause": "{{ event.payload.report_run_id }}"},
+            description="Retrain when the monitor reports drift over the thresholds.",
         )
-    return [plan for plan in plans if _module_exists(plan.module)]
-
-
-def _monitor_plan(
-    loaded: LoadedSpec, base: dict[str, Any], tags: tuple[str, ...]
-) -> DeploymentPlan:
-    """Monitoring: after each scored batch (and on the spec's schedule, if any)."""
-    pipeline = loaded.spec.pipeline.name
-    resource = pipeline_resource_id(pipeline)
-    monitor = getattr(loaded.spec, "monitor", None)
-    return DeploymentPlan(
-        flow_name="monitor",
-        entrypoint="stemma.flows.monitor:monitor_flow",
-        name=pipeline,
-        description="Drift report of each scored batch against the model's reference profile.",
-        parameters=dict(base),
-        cron=getattr(monitor, "schedule", None),
-        triggers=(
-            EventTrigger(
-                name=f"monitor {pipeline} after scoring",
-                event=BATCH_SCORED_EVENT,
-                resource_id=resource,
-                parameters={
-                    **base,
-                    "batch": "{{ event.payload.input }}",
-                    "model": "{{ event.payload.model }}",
-                },
-                description="Monitor every batch the scoring flow finished.",
-            ),
-        ),
-        tags=tags,
-    )
-
-
-def _retrain_plan(
-    loaded: LoadedSpec, base: dict[str, Any], tags: tuple[str, ...]
-) -> DeploymentPlan | None:
-    """Retraining: scheduled and on drift, one run at a time; None without `retrain`."""
-    pipeline = loaded.spec.pipeline.name
-    resource = pipeline_resource_id(pipeline)
-    retrain = loaded.spec.retrain
-    if retrain is None:
-        return None
-    triggers: tuple[EventTrigger, ...] = ()
-    if retrain.on_drift:
-        triggers = (
-            EventTrigger(
-                name=f"retrain {pipeline} on drift",
-                event=DRIFT_DETECTED_EVENT,
-                resource_id=resource,
-                parameters={**base, "cause": "{{ event.payload.report_run_id }}"},
-                description="Retrain when the monitor reports drift over the thresholds.",
-            ),
-        )
-    return DeploymentPlan(
-        flow_name="retrain",
-        entrypoint="stemma.flows.retrain:retrain_flow",
-        name=pipeline,
-        description=(
+        description = (
             "Add newly labelled production rows as a new data version, retrain, gate, "
             "quantize, shadow, and promote when the shadow evaluation says so."
-        ),
+        )
+        triggers = (on_drift,) if retrain.on_drift else ()
+        plans.append(
+            plan(
+                "retrain",
+                description,
+                cron=retrain.schedule,
+                triggers=triggers,
+                concurrency_limit=1,
+            )
+        )
+    # By hand; a canary moves aliases step by step, so one canary run at a time.
+    plans += [
+        plan("quantize", "Build, measure and gate quantized variants of a model."),
+        plan("shadow", "Score a batch with challenger and champion and compare."),
+        plan("canary", "Route a growing share of a batch to the challenger.", concurrency_limit=1),
+    ]
+    return [entry for entry in plans if _module_exists(entry.module)]
+
+
+def _plan(
+    pipeline: str, base: dict[str, Any], flow_name: str, description: str, **more: Any
+) -> DeploymentPlan:
+    """The deployment of ``stemma.flows.<flow_name>:<flow_name>_flow`` for ``pipeline``."""
+    return DeploymentPlan(
+        flow_name=flow_name,
+        entrypoint=f"stemma.flows.{flow_name}:{flow_name}_flow",
+        name=pipeline,
+        description=description,
         parameters=dict(base),
-        cron=retrain.schedule,
-        triggers=triggers,
-        concurrency_limit=1,
-        tags=tags,
+        tags=("stemma", f"pipeline:{pipeline}"),
+        **more,
     )
 
 

@@ -34,7 +34,7 @@ def temporary_writer_pid(name: str) -> int | None:
 
 
 def fsync_folder(folder: Path) -> None:
-    """fsync a folder, so that renames and creations in it survive a power loss."""
+    """fsync a folder, so that renames and creations in it survive a power loss (or a file)."""
     handle = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(handle)
@@ -89,11 +89,7 @@ def write_file_atomically(
     temporary = temporary_path(path)
     try:
         write(temporary)
-        handle = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(handle)
-        finally:
-            os.close(handle)
+        fsync_folder(temporary)  # the file itself: the same open, fsync and close
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

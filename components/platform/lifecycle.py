@@ -153,11 +153,6 @@ def _parent_death_setter() -> object | None:
         return None
 
 
-def can_tie_to_parent() -> bool:
-    """Whether this platform can kill a child when its parent dies (Linux: prctl)."""
-    return _parent_death_setter() is not None
-
-
 @dataclass
 class TemporaryPrefectServer:
     """A Prefect API server for one command, killed with it.

@@ -34,6 +34,7 @@ from filelock import FileLock
 from filelock import Timeout as MutexTimeout
 
 from stemma.components.errors import DataError
+from stemma.components.platform.files import temporary_path
 
 _LOG = logging.getLogger(__name__)
 
@@ -54,8 +55,6 @@ WAIT_POLL_SECONDS = 0.25
 START_TIME_TOLERANCE_SECONDS = 1.0
 #: Characters of the command line kept in the record.
 MAX_COMMAND_CHARS = 500
-#: Prefix of the record's temporary file (the scoring's temporaries use the same one).
-TEMP_PREFIX = ".tmp-"
 
 
 class FolderBusyError(DataError):
@@ -309,7 +308,7 @@ class FolderLock:
 
     def _write(self, owner: LockOwner) -> None:
         document = (json.dumps(asdict(owner), indent=2, sort_keys=True) + "\n").encode()
-        temporary = self.folder / f"{TEMP_PREFIX}{os.getpid()}-{LOCK_FILE}"
+        temporary = temporary_path(self.folder / LOCK_FILE)
         temporary.write_bytes(document)
         os.replace(temporary, self.folder / LOCK_FILE)
 

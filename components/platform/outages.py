@@ -307,8 +307,7 @@ class ServerWatch:
                     continue
                 failures[server] += 1
                 if failures[server] == 1:
-                    first_failure = time.monotonic()
-                    since.setdefault(server, first_failure)
+                    since.setdefault(server, time.monotonic())
                     continue
                 if failures[server] == FAILURES_BEFORE_DOWN:
                     with _DOWN_LOCK:

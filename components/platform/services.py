@@ -149,11 +149,8 @@ def start_services(
     }
     _services_dir(root).mkdir(parents=True, exist_ok=True)
 
-    running: dict[str, dict] = {}
-    for name in SERVICE_NAMES:
-        record = _read_live_record(root, name)
-        if record is not None:
-            running[name] = record
+    found = {name: _read_live_record(root, name) for name in SERVICE_NAMES}
+    running = {name: record for name, record in found.items() if record is not None}
     # Check every port before starting anything, so a conflict leaves nothing behind.
     for name, launch in launches.items():
         if name not in running and not _port_is_free(launch.port):
@@ -444,14 +441,17 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def _is_alive(pid: int) -> bool:
+def _is_alive(pid: int, *, group: bool = False) -> bool:
+    """Whether process ``pid`` (or any process of the group it leads) still runs."""
     _reap(pid)
     try:
-        os.kill(pid, 0)
+        (os.killpg if group else os.kill)(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    if group:  # only the leader, dead but not yet collected by its parent, may be left
+        return _is_alive(pid) or _group_members(pid) > 0
     return not _is_zombie(pid)
 
 
@@ -471,18 +471,6 @@ def _runs_command(pid: int, command: Sequence[str]) -> bool:
     except OSError:
         return True  # no /proc (macOS): trust the pid
     return bool(command) and command[0] in arguments.split("\0")
-
-
-def _group_is_alive(pid: int) -> bool:
-    _reap(pid)
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # Only the leader, dead but not yet collected by its parent, may be left.
-    return _is_alive(pid) or _group_members(pid) > 0
 
 
 def _group_members(pgid: int) -> int:
@@ -506,7 +494,7 @@ def _terminate(pid: int) -> None:
             return
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            if not _group_is_alive(pid):
+            if not _is_alive(pid, group=True):
                 return
             time.sleep(0.1)
 
@@ -586,7 +574,7 @@ def _service_from_record(
         host=HOST,
         port=port,
         url=f"http://{HOST}:{port}",
-        pid=int(record["pid"]),
+        pid=None if record["pid"] is None else int(record["pid"]),
         healthy=healthy,
         log_path=_log_path(root, name),
         data=str(record.get("data", "")),
@@ -600,13 +588,6 @@ def _stopped_service(root: Path, name: str) -> Service:
         data = str(root / STATE_DIR / PREFECT_HOME_DIR)
     else:
         data = f"sqlite:///{root / STATE_DIR / MLFLOW_DB_NAME}"
-    return Service(
-        name=name,
-        host=HOST,
-        port=port,
-        url=f"http://{HOST}:{port}",
-        pid=None,
-        healthy=False,
-        log_path=_log_path(root, name),
-        data=data,
+    return _service_from_record(
+        root, name, {"port": port, "pid": None, "data": data}, healthy=False
     )

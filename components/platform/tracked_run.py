@@ -14,7 +14,6 @@ Prefect assets), inside the run either way.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 from stemma.components.platform import lineage as records
 from stemma.components.platform import tags as tag_names
 from stemma.components.platform import tracking
-from stemma.components.platform.redaction import redact, redact_url
+from stemma.components.platform.redaction import redact
 
 #: What records a lineage record in the active run: the record as a JSON document.
 LineageWriter = Callable[[dict[str, Any]], None]
@@ -67,27 +66,11 @@ class TrackedRun:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params; long values are cut and credentials in URLs masked (as
         :func:`.tracking.log_params_flat` does)."""
-        from mlflow.entities import Param
-
-        entries = [
-            Param(redact_url(key), tracking.truncate_param(redact_url(str(value))))
-            for key, value in params.items()
-        ]
-        for start in range(0, len(entries), tracking.MAX_PARAMS_PER_BATCH):
-            batch = entries[start : start + tracking.MAX_PARAMS_PER_BATCH]
-            self.client.log_batch(self.run_id, params=batch)
+        tracking.log_batches(self.client, self.run_id, params=params)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """Log metrics with one timestamp, in as few requests as MLflow allows."""
-        import time
-
-        from mlflow.entities import Metric
-
-        stamp = int(time.time() * 1000)
-        entries = [Metric(key, float(value), stamp, step) for key, value in metrics.items()]
-        for start in range(0, len(entries), tracking.MAX_METRICS_PER_BATCH):
-            batch = entries[start : start + tracking.MAX_METRICS_PER_BATCH]
-            self.client.log_batch(self.run_id, metrics=batch)
+        tracking.log_batches(self.client, self.run_id, metrics=metrics, step=step)
 
     def log_dict(self, document: Any, artifact_file: str) -> None:
         """Log a JSON (or YAML, by the file's suffix) document as an artifact."""
@@ -105,10 +88,7 @@ class TrackedRun:
         """
         folder = Path(folder)
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
-        return {
-            f"{artifact_path}/{path.relative_to(folder).as_posix()}": _sha256(path)
-            for path in sorted(p for p in folder.rglob("*") if p.is_file())
-        }
+        return records.artifact_digests(folder, artifact_path)
 
     def record_lineage(self, record: records.LineageRecord | Mapping[str, Any]) -> None:
         """Record the run's lineage: ``lineage/record.json`` and the index tags, or what
@@ -132,11 +112,6 @@ class TrackedRun:
         nested = mlflow.active_run() is not None
         with mlflow.start_run(run_id=self.run_id, nested=nested):
             yield
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _end_detached(handle: TrackedRun, error: BaseException) -> bool:

@@ -463,18 +463,36 @@ def log_params_flat(params: Mapping[str, str]) -> None:
     who can read the experiment.
     """
     from mlflow import MlflowClient
-    from mlflow.entities import Param
+
+    log_batches(MlflowClient(), require_active_run("log_params_flat"), params=params)
+
+
+def log_batches(
+    client: Any,
+    run_id: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    step: int = 0,
+) -> None:
+    """Log params (as :func:`log_params_flat` does) and metrics (with one timestamp, at
+    ``step``) on run ``run_id``, in as few requests as MLflow allows."""
+    from mlflow.entities import Metric, Param
 
     from stemma.components.platform.redaction import redact_url
 
-    run_id = require_active_run("log_params_flat")
-    client = MlflowClient()
     entries = [
         Param(redact_url(key), truncate_param(redact_url(str(value))))
-        for key, value in params.items()
+        for key, value in (params or {}).items()
     ]
     for batch in _chunks(entries, MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=list(batch))
+    timestamp = int(time.time() * 1000)
+    measures = [
+        Metric(key, float(value), timestamp, step) for key, value in (metrics or {}).items()
+    ]
+    for batch in _chunks(measures, MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=list(batch))
 
 
 def _is_number(value: Any) -> bool:
@@ -491,14 +509,9 @@ def log_metrics_batch(metrics: Mapping[str, float], step: int | None = None) -> 
         step: the step of every value (0 when None).
     """
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
 
     run_id = require_active_run("log_metrics_batch")
-    timestamp = int(time.time() * 1000)
-    entries = [Metric(key, float(value), timestamp, step or 0) for key, value in metrics.items()]
-    client = MlflowClient()
-    for batch in _chunks(entries, MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=list(batch))
+    log_batches(MlflowClient(), run_id, metrics=metrics, step=step or 0)
 
 
 def log_epoch(row: Mapping[str, Any], step: int) -> None:

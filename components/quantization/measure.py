@@ -162,34 +162,6 @@ def parent_runtimes(
     return runtimes, onnx_file, None
 
 
-def _build_and_score(
-    network: nn.Module,
-    method: str,
-    *,
-    fp32_onnx: Path | None,
-    no_graph: str | None,
-    folder: Path,
-    x: np.ndarray,
-    preprocessor: Preprocessor,
-) -> _Measured:
-    """Build one variant, its runtime and its scores on the held-out rows; save it to size it."""
-    if method in ORT_METHODS and fp32_onnx is None:
-        raise VariantBuildError(f"the fp32 network has no ONNX graph: {no_graph}")
-    if method in ORT_METHODS:
-        variant = build_ort_variant(network, method, fp32_onnx, folder)
-        size = variant.onnx_file.stat().st_size if variant.onnx_file else 0
-    else:
-        variant = build_variant(network, method)
-        weights = folder / "weights.safetensors"
-        save_variant_weights(variant, weights)
-        size = weights.stat().st_size
-    runtime = variant_runtime(variant, x.shape[1])
-    found = scores(runtime, x, preprocessor)
-    if not np.isfinite(found).all():
-        raise VariantBuildError("its scores on the held-out rows are not all finite")
-    return _Measured(variant, runtime, found, size)
-
-
 def _build_all(
     network: nn.Module,
     methods: list[str],
@@ -200,21 +172,28 @@ def _build_all(
     x: np.ndarray,
     preprocessor: Preprocessor,
 ) -> tuple[dict[str, VariantResult], dict[str, _Measured]]:
-    """Every method built and scored; one that cannot be is ``failed`` or ``skipped``."""
+    """Every method built, its runtime and its scores on the held-out rows, saved to size
+    it; one that cannot be is ``failed`` or ``skipped``."""
     results: dict[str, VariantResult] = {}
     measured: dict[str, _Measured] = {}
     with quiet_torchao():
         for method in methods:
+            folder = workdir / method
             try:
-                measured[method] = _build_and_score(
-                    network,
-                    method,
-                    fp32_onnx=fp32_onnx,
-                    no_graph=no_graph,
-                    folder=workdir / method,
-                    x=x,
-                    preprocessor=preprocessor,
-                )
+                if method in ORT_METHODS and fp32_onnx is None:
+                    raise VariantBuildError(f"the fp32 network has no ONNX graph: {no_graph}")
+                if method in ORT_METHODS:
+                    variant = build_ort_variant(network, method, fp32_onnx, folder)
+                    size = variant.onnx_file.stat().st_size if variant.onnx_file else 0
+                else:
+                    variant = build_variant(network, method)
+                    weights = folder / "weights.safetensors"
+                    save_variant_weights(variant, weights)
+                    size = weights.stat().st_size
+                runtime = variant_runtime(variant, x.shape[1])
+                found = scores(runtime, x, preprocessor)
+                if not np.isfinite(found).all():
+                    raise VariantBuildError("its scores on the held-out rows are not all finite")
             except VariantUnavailable as error:
                 results[method] = VariantResult(method, SKIPPED, (str(error),))
                 continue
@@ -224,9 +203,9 @@ def _build_all(
             except Exception as error:  # running or saving a variant can fail in many ways
                 results[method] = VariantResult(method, FAILED, (f"cannot run it: {brief(error)}",))
                 continue
-            built = measured[method]
+            measured[method] = _Measured(variant, runtime, found, size)
             results[method] = VariantResult(
-                method, REJECTED, (), runtime=built.runtime.backend, size_bytes=built.size_bytes
+                method, REJECTED, (), runtime=runtime.backend, size_bytes=size
             )
     return results, measured
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -132,7 +131,6 @@ def build_quantize_record(
     comparison: Comparison,
     variant_weights: Mapping[str, str],
     variant_graphs: Mapping[str, str] | None = None,
-    created: datetime | None = None,
 ) -> LineageRecord:
     """The lineage record of a quantize run: parent and held-out rows in, variants out.
 
@@ -169,6 +167,6 @@ def build_quantize_record(
         pipeline=pipeline,
         nodes=nodes,
         edges=edges,
-        created=created_stamp(created),
+        created=created_stamp(),
         variants=[asdict(variant) for variant in comparison.variants],
     )

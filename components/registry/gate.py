@@ -6,14 +6,18 @@ and fails closed whenever it cannot decide (a NaN metric, a champion that could 
 scored). :func:`register_and_gate` then registers the version with the decision in its
 tags and description, and gives it an alias only when it passed: ``champion`` for the
 first model of a name, ``challenger`` when a champion exists. Promoting a challenger is
-the promote flow's job, not this module's.
+the promote flow's job, not this module's. :func:`judge_candidate` and
+:func:`registered_model_facts` are the training flow's gate without the flow: judge a
+candidate against the champion, and read back what a version registered before an
+interruption recorded.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -21,8 +25,8 @@ import pandas as pd
 
 from stemma.components.errors import RegistryError, SpecError, StemmaError
 from stemma.components.platform import tags as tag_names
-from stemma.components.platform.refs import logged_model_id
-from stemma.components.spec import METRIC_DIRECTIONS, GateSpec
+from stemma.components.platform.refs import format_model_ref, logged_model_id
+from stemma.components.spec import METRIC_DIRECTIONS, GateSpec, Spec
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -294,7 +298,7 @@ def _champion_check(
     )
 
 
-def _registry_error(action: str, error: Exception) -> RegistryError:
+def registry_error(action: str, error: Exception) -> RegistryError:
     message = getattr(error, "message", None) or str(error)
     return RegistryError(f"MLflow model registry: {action}", [message])
 
@@ -316,7 +320,7 @@ def find_champion(client: MlflowClient, model_name: str) -> ModelVersion | None:
     except MlflowException as error:
         if _does_not_exist(error):
             return None
-        raise _registry_error(f"cannot read registered model {model_name!r}", error) from error
+        raise registry_error(f"cannot read registered model {model_name!r}", error) from error
     # Reading the alias map avoids telling "no alias" apart by error code, which MLflow
     # reports as INVALID_PARAMETER_VALUE.
     version = (registered.aliases or {}).get(CHAMPION_ALIAS)
@@ -325,7 +329,7 @@ def find_champion(client: MlflowClient, model_name: str) -> ModelVersion | None:
     try:
         return client.get_model_version(model_name, str(version))
     except MlflowException as error:
-        raise _registry_error(
+        raise registry_error(
             f"cannot read {model_name} v{version}, which holds the {CHAMPION_ALIAS} alias", error
         ) from error
 
@@ -406,6 +410,42 @@ def champion_value_on(
     return ChampionValue(float(value), None)
 
 
+def judge_candidate(
+    client: MlflowClient,
+    spec: Spec,
+    value: float,
+    test_frame: pd.DataFrame,
+    architectures: Sequence[str],
+) -> GateDecision:
+    """The gate's decision on a candidate scoring ``value`` on the test split.
+
+    The champion, if any, is scored on the same rows (``test_frame``) with the gate's
+    metric; a champion that cannot be scored or is untrusted is reported in the decision.
+    """
+    model_name = spec.pipeline.registered_model_name
+    champion = find_champion(client, model_name)
+    scored = ChampionValue(None, None)
+    if champion is not None:
+        scored = champion_value_on(
+            format_model_ref(model_name, version=champion.version),
+            test_frame,
+            test_frame[spec.data.target].to_numpy(dtype=np.float64),
+            task=spec.data.task,
+            metric=spec.gate.metric,
+            architectures=list(architectures),
+            client=client,
+        )
+    return decide_gate(
+        spec.gate,
+        spec.data.task,
+        value,
+        str(champion.version) if champion is not None else None,
+        scored.value,
+        champion_error=scored.error,
+        champion_untrusted=scored.untrusted,
+    )
+
+
 #: Signature types and the pandas check a column of that type must pass.
 _SIGNATURE_KINDS = {
     "string": pd.api.types.is_string_dtype,
@@ -419,14 +459,11 @@ _SIGNATURE_KINDS = {
 
 def _mismatched_columns(frame: pd.DataFrame, signature: list[tuple[str, str]]) -> list[str]:
     """Columns whose dtype cannot hold the signature's type (as pyfunc would refuse them)."""
-    problems = []
-    for column, kind in signature:
-        check = _SIGNATURE_KINDS.get(kind)
-        dtype = frame[column].dtype
-        if check is None or check(dtype):
-            continue
-        problems.append(f"column {column}: the model takes {kind}, the rows hold {dtype}")
-    return problems
+    return [
+        f"column {column}: the model takes {kind}, the rows hold {frame[column].dtype}"
+        for column, kind in signature
+        if (check := _SIGNATURE_KINDS.get(kind)) is not None and not check(frame[column].dtype)
+    ]
 
 
 def _brief_stemma(error: StemmaError) -> str:
@@ -494,9 +531,7 @@ def register_and_gate(
         client.create_registered_model(model_name, description=description)
     except MlflowException as error:
         if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-            raise _registry_error(
-                f"cannot create registered model {model_name!r}", error
-            ) from error
+            raise registry_error(f"cannot create registered model {model_name!r}", error) from error
 
     try:
         recorded = integrity_tags(client, logged_model_id(model_uri))
@@ -509,13 +544,13 @@ def register_and_gate(
             model_id=logged_model_id(model_uri),
         )
     except MlflowException as error:
-        raise _registry_error(f"cannot register {model_uri} as {model_name!r}", error) from error
+        raise registry_error(f"cannot register {model_uri} as {model_name!r}", error) from error
 
     if decision.passed and decision.alias is not None:
         try:
             client.set_registered_model_alias(model_name, decision.alias, str(version.version))
         except MlflowException as error:
-            raise _registry_error(
+            raise registry_error(
                 f"registered {model_name} v{version.version} but could not set alias "
                 f"{decision.alias!r}",
                 error,
@@ -523,7 +558,7 @@ def register_and_gate(
     try:
         return client.get_model_version(model_name, str(version.version))
     except MlflowException as error:
-        raise _registry_error(f"cannot read back {model_name} v{version.version}", error) from error
+        raise registry_error(f"cannot read back {model_name} v{version.version}", error) from error
 
 
 def find_run_version(client: MlflowClient, model_name: str, run_id: str) -> ModelVersion | None:
@@ -541,7 +576,7 @@ def find_run_version(client: MlflowClient, model_name: str, run_id: str) -> Mode
     try:
         found = client.search_model_versions(f"run_id = '{run_id}'")
     except MlflowException as error:
-        raise _registry_error(f"cannot search the versions of run {run_id}", error) from error
+        raise registry_error(f"cannot search the versions of run {run_id}", error) from error
     mine = sorted(
         (version for version in found if version.name == model_name), key=lambda v: int(v.version)
     )
@@ -599,6 +634,36 @@ def complete_registration(
             client.set_registered_model_alias(name, alias, number)
         return client.get_model_version(name, number), decision
     except MlflowException as error:
-        raise _registry_error(
+        raise registry_error(
             f"cannot complete the registration of {name} v{number}", error
         ) from error
+
+
+def registered_model_facts(
+    client: MlflowClient, existing: ModelVersion, profile_file: str
+) -> tuple[str, str, dict[str, str]]:
+    """Weights hash, reference-profile hash and artifact digests of a registered version.
+
+    A resumed run that had registered its version before it was interrupted takes these
+    from the registry instead of logging the model again. ``profile_file`` is the profile's
+    artifact path in the run.
+    """
+    from stemma.components.model.artifact import decode_manifest
+    from stemma.components.runtime.loading import logged_model_id as version_model_id
+
+    model_id = version_model_id(existing)
+    logged: dict[str, Any] = client.get_logged_model(model_id).tags if model_id else {}
+    recorded = {**logged, **(existing.tags or {})}
+    manifest = decode_manifest(recorded.get(tag_names.MODEL_FILES)) or {}
+    artifacts = {
+        f"model/{Path(path).name}": digest
+        for path, digest in manifest.items()
+        if path.startswith("artifacts/")
+    }
+    profile_sha256 = recorded.get(tag_names.PROFILE_SHA256, "")
+    if profile_sha256:
+        artifacts[profile_file] = profile_sha256
+    weights = recorded.get(tag_names.WEIGHTS_SHA256) or recorded.get(
+        tag_names.LOGGED_MODEL_WEIGHTS_SHA256, ""
+    )
+    return weights, profile_sha256, artifacts

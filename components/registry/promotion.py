@@ -31,7 +31,7 @@ import contextlib
 import getpass
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
@@ -47,7 +47,7 @@ from stemma.components.platform.lineage import (
     run_node_id,
 )
 from stemma.components.platform.tracked_run import tracked_run
-from stemma.components.registry import claims
+from stemma.components.registry import claims, gate
 from stemma.components.registry.claims import GENERATION_TAG
 from stemma.components.registry.gate import CHALLENGER_ALIAS, CHAMPION_ALIAS, TAG_PREFIX
 
@@ -141,18 +141,13 @@ class PromotionError(RegistryError):
 # Registry reads
 
 
-def _registry_error(action: str, error: Exception) -> RegistryError:
-    message = getattr(error, "message", None) or str(error)
-    return RegistryError(f"MLflow model registry: {action}", [message])
-
-
 def _aliases(client: MlflowClient, model_name: str) -> dict[str, str]:
     from mlflow.exceptions import MlflowException
 
     try:
         registered = client.get_registered_model(model_name)
     except MlflowException as error:
-        raise _registry_error(f"cannot read registered model {model_name!r}", error) from error
+        raise gate.registry_error(f"cannot read registered model {model_name!r}", error) from error
     return {alias: str(version) for alias, version in (registered.aliases or {}).items()}
 
 
@@ -238,7 +233,7 @@ def _record(
             detached=True,
             client=client,
         ) as run:
-            record = _replace(record, record_run_id=run.run_id)
+            record = replace(record, record_run_id=run.run_id)
             lineage_record = build_promotion_lineage(record)
             run.log_dict(lineage_record.to_dict(), RECORD_ARTIFACT)
             # The index tags make the decision findable by `stemma lineage` searches.
@@ -254,12 +249,6 @@ def _record(
     return record
 
 
-def _replace(record: PromotionRecord, **changes: Any) -> PromotionRecord:
-    from dataclasses import replace
-
-    return replace(record, **changes)
-
-
 def _fail(
     client: MlflowClient,
     record: PromotionRecord,
@@ -267,7 +256,7 @@ def _fail(
     headline: str,
     details: list[str],
 ) -> PromotionError:
-    record = _record(client, _replace(record, detail=headline), experiment_id)
+    record = _record(client, replace(record, detail=headline), experiment_id)
     return PromotionError(headline, details, record)
 
 
@@ -333,25 +322,19 @@ def promote(
         refusal = (f"{model_name} v{version} is already the {CHAMPION_ALIAS}", None)
     if refusal is not None:
         headline, detail = refusal
-        refused = _replace(record, outcome=OUTCOME_REFUSED)
+        refused = replace(record, outcome=OUTCOME_REFUSED)
         details = [*([detail] if detail else []), "nothing was moved"]
         raise _fail(client, refused, experiment_id, headline, details)
     expected = None if expected is None else str(expected)
     if current != expected:
         raise _fail(
             client,
-            _replace(record, outcome=OUTCOME_LOST),
+            replace(record, outcome=OUTCOME_LOST),
             experiment_id,
             _moved_headline(client, model_name, generation, current, expected),
             ["nothing was moved; decide again against the current champion"],
         )
-    return _move(
-        client,
-        record,
-        experiment_id,
-        new_champion=version,
-        new_previous=current,
-    )
+    return _move(client, record, experiment_id, new_champion=version, new_previous=current)
 
 
 def _moved_headline(
@@ -429,7 +412,7 @@ def rollback(
     if previous is None:
         raise _fail(
             client,
-            _replace(record, outcome=OUTCOME_REFUSED),
+            replace(record, outcome=OUTCOME_REFUSED),
             experiment_id,
             f"{model_name}: nothing to roll back to (no {PREVIOUS_CHAMPION_ALIAS} alias)",
             [
@@ -441,7 +424,7 @@ def rollback(
     if why_not is not None:
         raise _fail(
             client,
-            _replace(record, outcome=OUTCOME_REFUSED),
+            replace(record, outcome=OUTCOME_REFUSED),
             experiment_id,
             f"{model_name}: cannot roll back to v{previous}",
             [why_not, "nothing was moved"],
@@ -498,7 +481,7 @@ def retire_challenger(
     if busy is not None:
         raise _fail(
             client,
-            _replace(record, outcome=OUTCOME_BLOCKED),
+            replace(record, outcome=OUTCOME_BLOCKED),
             experiment_id,
             _busy_headline(model_name, (record.generation or 0) + 1, busy),
             _busy_details(busy),
@@ -508,7 +491,7 @@ def retire_challenger(
         # read above and this delete would lose its alias. The window is one request wide.
         client.delete_registered_model_alias(model_name, CHALLENGER_ALIAS)
     except MlflowException as error:
-        raise _registry_error(f"cannot retire {model_name} v{version}", error) from error
+        raise gate.registry_error(f"cannot retire {model_name} v{version}", error) from error
     return _record(client, record, experiment_id)
 
 
@@ -518,7 +501,7 @@ def _generation_or_raise(client: MlflowClient, model_name: str) -> int:
     try:
         return claims.read_generation(client, model_name)
     except MlflowException as error:
-        raise _registry_error(f"cannot read registered model {model_name!r}", error) from error
+        raise gate.registry_error(f"cannot read registered model {model_name!r}", error) from error
     except ValueError as error:
         raise RegistryError(
             f"{model_name}: tag {GENERATION_TAG} is not a number",
@@ -551,7 +534,7 @@ def _move(
     claim = claimed
     if claim.took_over is not None:
         abandoned, why = claim.took_over
-        record = _replace(
+        record = replace(
             record,
             took_over=f"the claim of {abandoned.who} ({abandoned.doing}, since "
             f"{_clock(abandoned.claimed_at)}): {why}",
@@ -566,7 +549,7 @@ def _move(
         except PromotionError as error:
             failure = error
         except MlflowException as error:
-            failure = _registry_error(
+            failure = gate.registry_error(
                 f"{record.action} of {record.model} v{new_champion} failed mid-way", error
             )
         # The claim is spent whatever happened: advancing the generation lets the next
@@ -578,7 +561,7 @@ def _move(
         except claims.ClaimLost as lost:
             raise _claim_lost(client, record, experiment_id, lost) from None
         except MlflowException as error:
-            raise _registry_error(
+            raise gate.registry_error(
                 f"{record.model}: generation {claim.generation} not recorded", error
             ) from failure
         if failure is not None:
@@ -611,7 +594,7 @@ def _move_aliases(
             by = f"{claim.took_over[0].who} moved it before its claim was abandoned"
         raise _fail(
             client,
-            _replace(record, outcome=OUTCOME_LOST),
+            replace(record, outcome=OUTCOME_LOST),
             experiment_id,
             f"{name}: the {CHAMPION_ALIAS} is v{champion or ' (none)'}, expected "
             f"v{record.from_version or ' (none)'}; {by}",
@@ -634,7 +617,7 @@ def _move_aliases(
                 client.set_registered_model_alias(name, PREVIOUS_CHAMPION_ALIAS, before)
         raise _fail(
             client,
-            _replace(record, outcome=OUTCOME_LOST),
+            replace(record, outcome=OUTCOME_LOST),
             experiment_id,
             f"{name}: lost the race to v{aliases.get(CHAMPION_ALIAS)} (the "
             f"{CHAMPION_ALIAS} alias was set outside stemma promote)",
@@ -683,7 +666,7 @@ def _refused_by_claim(
     if not refusal.spent:
         return _fail(
             client,
-            _replace(record, outcome=OUTCOME_BLOCKED),
+            replace(record, outcome=OUTCOME_BLOCKED),
             experiment_id,
             _busy_headline(name, refusal.generation, holder),
             _busy_details(holder),
@@ -702,7 +685,7 @@ def _refused_by_claim(
         )
     return _fail(
         client,
-        _replace(record, outcome=OUTCOME_LOST),
+        replace(record, outcome=OUTCOME_LOST),
         experiment_id,
         headline,
         ["nothing was moved; decide again against the new champion"],
@@ -719,7 +702,7 @@ def _claim_lost(
     taker = lost.taker
     return _fail(
         client,
-        _replace(record, outcome=OUTCOME_LOST),
+        replace(record, outcome=OUTCOME_LOST),
         experiment_id,
         f"{record.model}: the claim on generation {lost.generation} was taken over by "
         f"{taker.who} ({taker.doing}) after this process was silent for "

@@ -194,19 +194,13 @@ def build_runtime(
         )
     if backend == "eager":
         reason = "the eager backend was asked for" if onnx_file is not None else eager_reason
-        return EagerRuntime(network, width=width, device=device, reason=reason)
-    if onnx_file is None:
-        return EagerRuntime(
-            network, width=width, device=device, reason=eager_reason or "no ONNX file"
-        )
-    if backend == "auto" and device == "cuda" and not cuda_provider_available():
-        return EagerRuntime(
-            network,
-            width=width,
-            device=device,
-            reason="this ONNX Runtime build has no CUDA execution provider",
-        )
-    return load_onnx_runtime(Path(onnx_file), width=width, device=device)
+    elif onnx_file is None:
+        reason = eager_reason or "no ONNX file"
+    elif backend == "auto" and device == "cuda" and not cuda_provider_available():
+        reason = "this ONNX Runtime build has no CUDA execution provider"
+    else:
+        return load_onnx_runtime(Path(onnx_file), width=width, device=device)
+    return EagerRuntime(network, width=width, device=device, reason=reason)
 
 
 def load_onnx_runtime(path: Path, *, width: int, device: str = "cpu") -> OnnxRuntimeBackend:

@@ -20,11 +20,7 @@ from typing import TYPE_CHECKING, Any
 from stemma.components.errors import RegistryError, StemmaError
 from stemma.components.model.preprocessing import Preprocessor
 from stemma.components.platform import tags
-from stemma.components.platform.refs import (
-    ModelRefError,
-    format_model_ref,
-    parse_model_ref,
-)
+from stemma.components.platform.refs import ModelRefError, format_model_ref, parse_model_ref
 from stemma.components.platform.refs import logged_model_id as refs_logged_model_id
 
 if TYPE_CHECKING:
@@ -35,10 +31,6 @@ if TYPE_CHECKING:
     from stemma.components.runtime.backends import Runtime
 
 _LOG = logging.getLogger(__name__)
-
-# Old names of the weights-hash tags; scoring.engine still imports them (see requests).
-WEIGHTS_TAG = tags.WEIGHTS_SHA256
-LOGGED_MODEL_WEIGHTS_TAG = tags.LOGGED_MODEL_WEIGHTS_SHA256
 
 
 def first_line(error: BaseException) -> str:
@@ -403,17 +395,13 @@ def _rebuild(
     """The preprocessor, the network JSON and the network with its weights loaded."""
     from stemma.components.model.artifact import NETWORK_FORMAT, load_weights
     from stemma.components.model.networks import build_network
+    from stemma.components.model.quantized import QUANTIZED_NETWORK_FORMAT, load_variant_network
 
     try:
         preprocessor = Preprocessor.load_json(paths["preprocess"])
         document = json.loads(paths["network"].read_text(encoding="utf-8"))
     except ValueError as error:
         raise RegistryError(f"{label}: unreadable model files", [str(error)]) from error
-    from stemma.components.model.quantized import (
-        QUANTIZED_NETWORK_FORMAT,
-        load_variant_network,
-    )
-
     formats = (NETWORK_FORMAT, QUANTIZED_NETWORK_FORMAT)
     if not isinstance(document, dict) or document.get("format") not in formats:
         layout = document.get("format") if isinstance(document, dict) else None

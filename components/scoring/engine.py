@@ -20,26 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stemma.components.platform.files import TEMP_PREFIX
-from stemma.components.runtime.loading import (
-    LOGGED_MODEL_WEIGHTS_TAG,
-    WEIGHTS_TAG,
-    ScoringModel,
-    UntrustedModelError,
-    first_line,
-    load_scoring_model,
-    logged_model_id,
-    sha256_file,
-    verify_model_files,
-)
-from stemma.components.scoring.inputs import (
-    EXTRA_COLUMN_POLICIES,
-    INPUT_FORMATS,
-    INVALID_ROW_POLICIES,
-    UNKNOWN_CATEGORY_POLICIES,
-    check_input_schema,
-    input_digest,
-    input_files,
-)
+from stemma.components.runtime.loading import ScoringModel, load_scoring_model
+from stemma.components.scoring.inputs import check_input_schema, input_files
 from stemma.components.scoring.job import (
     Opened,
     RangeResult,
@@ -52,63 +34,29 @@ from stemma.components.scoring.job import (
     plan_scoring,
     publish,
     result_of,
-    score_range,
 )
-from stemma.components.scoring.output import (
-    HISTOGRAM_BINS,
-    OUTPUT_FORMAT,
-    PART_NAME,
-    PREDICTION_COLUMN,
-    PROGRESS_FILE,
-    REJECTS_DIR,
-    SCORE_COLUMN,
-    SUCCESS_FILE,
-)
-from stemma.components.scoring.pipeline import (
-    FORWARD_BATCH_ROWS,
-    ChunkRange,
-    Pipeline,
-    Tally,
-)
+from stemma.components.scoring.output import HISTOGRAM_BINS, REJECTS_DIR, SUCCESS_FILE
+from stemma.components.scoring.pipeline import ChunkRange, Pipeline, Tally
 
 __all__ = [
-    "EXTRA_COLUMN_POLICIES",
-    "FORWARD_BATCH_ROWS",
     "HISTOGRAM_BINS",
-    "INPUT_FORMATS",
-    "INVALID_ROW_POLICIES",
-    "LOGGED_MODEL_WEIGHTS_TAG",
-    "OUTPUT_FORMAT",
-    "PART_NAME",
-    "PREDICTION_COLUMN",
-    "PROGRESS_FILE",
     "REJECTS_DIR",
-    "SCORE_COLUMN",
     "SUCCESS_FILE",
     "TEMP_PREFIX",
-    "UNKNOWN_CATEGORY_POLICIES",
-    "WEIGHTS_TAG",
     "ChunkRange",
     "RangeResult",
     "ScoringModel",
     "ScoringPlan",
     "ScoringResult",
-    "UntrustedModelError",
     "abandon_scoring",
     "check_input_schema",
     "default_model_threads",
     "finish_scoring",
-    "first_line",
-    "input_digest",
     "input_files",
     "load_scoring_model",
-    "logged_model_id",
     "plan_ranges",
     "plan_scoring",
     "score_files",
-    "score_range",
-    "sha256_file",
-    "verify_model_files",
 ]
 
 
@@ -213,15 +161,7 @@ def _score_opened(
 ) -> ScoringResult:
     """The part of :func:`score_files` done under the folder's lock."""
     if opened.manifest is not None:
-        return result_of(
-            opened.output_dir,
-            opened.manifest,
-            Tally(),
-            started,
-            opened.extras,
-            opened.invalidated,
-            already_complete=True,
-        )
+        return result_of(opened, opened.manifest, Tally(), started)
     tally = Tally(rows_per_file=[0] * len(opened.files))
     Pipeline(
         model,

@@ -21,14 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from stemma.components.errors import RegistryError
-from stemma.components.scoring.engine import (
-    ChunkRange,
-    RangeResult,
-    ScoringModel,
-    ScoringPlan,
-    load_scoring_model,
-    score_range,
-)
+from stemma.components.runtime.loading import ScoringModel, load_scoring_model
+from stemma.components.scoring.job import RangeResult, ScoringPlan, score_range
+from stemma.components.scoring.pipeline import ChunkRange
 from stemma.components.spec import DaskSpec
 
 #: The local cluster listens on loopback only; its ports (dashboard too) are chosen free.

@@ -1,4 +1,10 @@
-"""The input of a scoring: its files, their schemas against the model's signature, its digest."""
+"""The input of a scoring: its files, their schemas against the model's signature, its digest.
+
+Then each chunk's encoding: Arrow columns to the network's float32 input, with each row's
+problems. The numbers are those of :meth:`Preprocessor.transform`; missing, infinite and
+unknown values are reported as row masks, and the spec's policies decide which rows are
+rejected.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,19 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from stemma.components.data.tables import file_md5
 from stemma.components.errors import DataError
+from stemma.components.model.preprocessing import Preprocessor
 from stemma.components.runtime.loading import ScoringModel, first_line
 
 #: Input formats, by file suffix.
@@ -246,3 +257,302 @@ def input_digest(files: Sequence[Path]) -> tuple[str, list[str]]:
 
 # ---------------------------------------------------------------------------------------
 # Encoding a chunk: the numbers of Preprocessor.transform, from Arrow, with row validity
+
+
+#: Widest span of integer category values matched through a lookup table (8 bytes a value).
+LOOKUP_TABLE_MAX_SPAN = 1 << 16
+#: Columns of a rejects part, besides the id column and the raw feature columns.
+ROW_COLUMN = "row"
+REASON_COLUMN = "reason"
+#: Kinds of problem a row can have, and the policy that decides its fate.
+MISSING, INFINITE, UNKNOWN = "missing", "infinite", "unknown"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Rows of a chunk where one column cannot be used as the model needs it."""
+
+    column: str
+    kind: str  # MISSING, INFINITE or UNKNOWN
+    mask: np.ndarray  # bool, one per row of the chunk
+
+
+@dataclass(frozen=True)
+class Columns:
+    """A chunk's feature columns as numpy arrays, ready to be encoded batch by batch."""
+
+    rows: int
+    numeric: list[np.ndarray]  # raw values (integers, or floats with NaN where missing)
+    codes: list[np.ndarray]  # one-hot position per categorical column, -1: unknown or missing
+    all_known: list[bool]  # per categorical column: no -1 among its codes
+    problems: list[Problem]
+
+    def take(self, keep: np.ndarray) -> Columns:
+        """Only the rows where ``keep`` is true (problems are not carried over)."""
+        codes = [values[keep] for values in self.codes]
+        return Columns(
+            rows=int(keep.sum()),
+            numeric=[values[keep] for values in self.numeric],
+            codes=codes,
+            all_known=[bool((values >= 0).all()) for values in codes],
+            problems=[],
+        )
+
+
+class ChunkEncoder:
+    """Encodes Arrow chunks exactly as :meth:`Preprocessor.transform` encodes frames.
+
+    Numeric columns are standardised in float64 and stored as float32, categorical ones
+    one-hot encoded with the training vocabulary; a value the vocabulary lacks encodes as
+    an all-zero block. Unlike ``transform``, it does not raise on bad values: it reports
+    missing, infinite and unknown values per column as row masks, and the caller applies
+    the spec's policies.
+
+    It works in two steps: :meth:`columns` checks and looks up a whole chunk, and
+    :meth:`matrix` builds the network's input for a batch of its rows.
+    """
+
+    def __init__(self, preprocessor: Preprocessor) -> None:
+        self._numeric = preprocessor.numeric
+        self._means = preprocessor.means
+        self._stds = preprocessor.stds
+        self._width = preprocessor.n_inputs
+        self._categorical: list[tuple[str, int]] = []
+        # Integer vocabularies: a lookup table over the values' span (one gather per row)
+        # and, for float columns or a span too wide for a table, the sorted values for a
+        # binary search. Text vocabularies: Arrow's hash lookup.
+        self._tables: dict[str, tuple[int, np.ndarray]] = {}
+        self._sorted: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._texts: dict[str, pa.Array] = {}
+        offset = len(preprocessor.numeric)
+        for column, vocabulary in zip(
+            preprocessor.categorical, preprocessor.vocabularies, strict=True
+        ):
+            self._categorical.append((column, offset))
+            offset += len(vocabulary)
+            self._texts[column] = pa.array([str(value) for value in vocabulary], pa.string())
+            if not isinstance(vocabulary[0], int):
+                continue
+            values = np.asarray(vocabulary, dtype=np.int64)
+            order = np.argsort(values, kind="stable")
+            self._sorted[column] = (values[order], order)
+            low, high = int(values.min()), int(values.max())
+            if high - low < LOOKUP_TABLE_MAX_SPAN and low > np.iinfo(np.int64).min:
+                # Position ``value - low + 1``; the -1 (unknown) at both ends is where every
+                # value outside the span lands once the positions are clipped.
+                table = np.full(high - low + 3, -1, dtype=np.int64)
+                table[values - low + 1] = np.arange(len(values))
+                self._tables[column] = (low, table)
+
+    def columns(self, table: pa.Table) -> Columns:
+        """The chunk's features as arrays, and every missing, infinite or unknown value."""
+        problems: list[Problem] = []
+        numeric = []
+        for column in self._numeric:
+            values = _float_values(table.column(column))
+            if values.dtype.kind == "f":
+                finite = np.isfinite(values)
+                if not finite.all():
+                    nan = np.isnan(values)
+                    if nan.any():
+                        problems.append(Problem(column, MISSING, nan))
+                    if (~finite & ~nan).any():
+                        problems.append(Problem(column, INFINITE, ~finite & ~nan))
+            numeric.append(values)
+        all_codes, all_known = [], []
+        for column, _ in self._categorical:
+            codes, missing = self._codes(column, table.column(column))
+            known = codes >= 0
+            all_codes.append(codes)
+            all_known.append(bool(known.all()))
+            if all_known[-1]:
+                continue
+            unknown = ~known
+            if missing is not None and missing.any():
+                problems.append(Problem(column, MISSING, missing))
+                unknown &= ~missing
+            if unknown.any():
+                problems.append(Problem(column, UNKNOWN, unknown))
+        return Columns(table.num_rows, numeric, all_codes, all_known, problems)
+
+    def matrix(self, columns: Columns, start: int, stop: int) -> np.ndarray:
+        """The float32 input matrix of rows ``start`` to ``stop - 1``."""
+        rows = stop - start
+        matrix = np.zeros((rows, self._width), dtype=np.float32)
+        self._standardise(columns, start, stop, matrix)
+        flat = matrix.reshape(-1)
+        row_starts = np.arange(0, rows * self._width, self._width, dtype=np.int64)
+        for (_, offset), codes, all_known in zip(
+            self._categorical, columns.codes, columns.all_known, strict=True
+        ):
+            batch = codes[start:stop]
+            if all_known:
+                flat[row_starts + (batch + offset)] = 1.0
+            else:
+                known = batch >= 0
+                flat[row_starts[known] + (batch[known] + offset)] = 1.0
+        return matrix
+
+    def _standardise(self, columns: Columns, start: int, stop: int, out: np.ndarray) -> None:
+        """Write the standardised numeric columns into the first columns of ``out``."""
+        scratch = np.empty(stop - start, dtype=np.float64)
+        for index, values in enumerate(columns.numeric):
+            # float64 arithmetic, then float32, exactly as Preprocessor.transform does.
+            np.subtract(values[start:stop], self._means[index], out=scratch)
+            np.divide(scratch, self._stds[index], out=scratch)
+            out[:, index] = scratch
+
+    def _codes(self, column: str, values: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray | None]:
+        """One-hot position of each value (-1: unknown or missing), and the missing mask."""
+        arrow_type = plain_type(values.type)
+        if pa.types.is_null(arrow_type):
+            return np.full(len(values), -1, dtype=np.int64), np.ones(len(values), dtype=bool)
+        if pa.types.is_dictionary(values.type):
+            values = values.cast(arrow_type)
+        missing = _null_mask(values)
+        if column in self._sorted and (is_number(arrow_type) or pa.types.is_boolean(arrow_type)):
+            if pa.types.is_boolean(arrow_type):
+                values = values.cast(pa.int64())
+            numbers = _numpy(values)
+            if numbers.dtype.kind == "f":
+                nan = np.isnan(numbers)
+                missing = nan if missing is None else missing | nan
+            elif column in self._tables and numbers.dtype != np.uint64:
+                return self._looked_up(column, numbers), missing
+            sorted_values, order = self._sorted[column]
+            position = np.searchsorted(sorted_values, numbers)
+            np.minimum(position, len(sorted_values) - 1, out=position)
+            # Comparing as numbers makes 2.0 match 2 and 2.5 match nothing, as pandas does.
+            found = sorted_values[position] == numbers
+            return np.where(found, order[position], -1), missing
+        if not is_text(arrow_type):
+            values = pc.cast(values, pa.string())
+        found = pc.index_in(values, value_set=self._texts[column])
+        codes = pc.fill_null(found, -1).to_numpy().astype(np.int64, copy=False)
+        return codes, missing
+
+    def _looked_up(self, column: str, numbers: np.ndarray) -> np.ndarray:
+        """Codes by one clipped gather (faster than fancy indexing, and no range pass: a
+        value outside the span, even one whose shift wraps around, clips to an end)."""
+        low, table = self._tables[column]
+        return np.take(table, numbers.astype(np.int64, copy=False) - (low - 1), mode="clip")
+
+
+def _float_values(values: pa.ChunkedArray) -> np.ndarray:
+    """A numeric column as numpy: integers as they are, floats with NaN where missing."""
+    arrow_type = plain_type(values.type)
+    if pa.types.is_null(arrow_type):
+        return np.full(len(values), np.nan)
+    if pa.types.is_dictionary(values.type) or pa.types.is_boolean(arrow_type):
+        values = values.cast(pa.float64() if pa.types.is_boolean(arrow_type) else arrow_type)
+    if values.null_count and not pa.types.is_floating(arrow_type):
+        values = values.cast(pa.float64())
+    # Nulls in a float column become NaN, which the caller reports as missing.
+    return _numpy(values)
+
+
+def _numpy(values: pa.ChunkedArray) -> np.ndarray:
+    """A column as numpy: a view of its buffer when it has one chunk and no nulls (the
+    chunked conversion copies even then: 0.16 ms per 200,000 doubles)."""
+    if values.num_chunks == 1:
+        return values.chunk(0).to_numpy(zero_copy_only=False)
+    return values.to_numpy(zero_copy_only=False)
+
+
+def _null_mask(values: pa.ChunkedArray) -> np.ndarray | None:
+    if not values.null_count:
+        return None
+    return values.is_null().to_numpy(zero_copy_only=False)
+
+
+def reasons(table: pa.Table, problems: Sequence[Problem], rows: np.ndarray) -> list[str]:
+    """One reason per row in ``rows``: its problems, ``salary is missing; car=99 is not a known category``."""
+    texts: list[list[str]] = [[] for _ in rows]
+    for problem in problems:
+        hit = problem.mask[rows]
+        if not hit.any():
+            continue
+        where = np.flatnonzero(hit)
+        if problem.kind == UNKNOWN:
+            taken = table.column(problem.column).take(pa.array(rows[where]))
+            shown = pc.cast(taken, pa.string()).to_pylist()
+            for position, value in zip(where, shown, strict=True):
+                texts[position].append(f"{problem.column}={value} is not a known category")
+        else:
+            text = f"{problem.column} is {problem.kind}"
+            for position in where:
+                texts[position].append(text)
+    return ["; ".join(parts) for parts in texts]
+
+
+# ---------------------------------------------------------------------------------------
+# Streaming the input
+
+
+def apply_policies(
+    problems: list[Problem],
+    policies: dict[str, str],
+    table: pa.Table,
+    path: Path,
+    first_row: int,
+) -> tuple[np.ndarray | None, list[Problem]]:
+    """The rows to reject (None: none) and the problems that count under the policies.
+
+    Raises:
+        DataError: a row has a problem whose policy is ``error``; names the rows and why.
+    """
+    policy_of = {
+        MISSING: policies["invalid_rows"],
+        INFINITE: policies["invalid_rows"],
+        UNKNOWN: policies["unknown_categories"],
+    }
+    relevant = [problem for problem in problems if policy_of[problem.kind] != "score"]
+    errors = [problem for problem in relevant if policy_of[problem.kind] == "error"]
+    if errors:
+        error_mask = np.logical_or.reduce([problem.mask for problem in errors])
+        rows = np.flatnonzero(error_mask)
+        shown = rows[:MAX_NAMED]
+        details = [
+            f"row {first_row + row}: {reason}"
+            for row, reason in zip(shown, reasons(table, relevant, shown), strict=True)
+        ]
+        if len(rows) > MAX_NAMED:
+            details.append(f"and {len(rows) - MAX_NAMED} more rows in this chunk")
+        kinds = {problem.kind for problem in errors}
+        if kinds & {MISSING, INFINITE}:
+            details.append("set score.invalid_rows: reject to write such rows to the rejects")
+        if UNKNOWN in kinds:
+            details.append(
+                "set score.unknown_categories: reject (to the rejects) or score "
+                "(scored as an unseen category)"
+            )
+        raise DataError(
+            f"{path}: {plural(len(rows), 'row')} cannot be scored (rows counted from 0 "
+            f"from row {first_row} on)",
+            details,
+        )
+    if not relevant:
+        return None, relevant
+    return np.logical_or.reduce([problem.mask for problem in relevant]), relevant
+
+
+def rejects_columns(
+    model: ScoringModel,
+    table: pa.Table,
+    id_column: str | None,
+    reject_mask: np.ndarray,
+    problems: list[Problem],
+    first_row: int,
+) -> dict[str, Any]:
+    """The rejected rows: id, row number in the file, reason and the raw feature values."""
+    rows = np.flatnonzero(reject_mask)
+    taken = table.take(pa.array(rows))
+    columns: dict[str, Any] = {}
+    if id_column is not None:
+        columns[id_column] = taken.column(id_column).combine_chunks()
+    columns[ROW_COLUMN] = pa.array(rows.astype(np.int64) + first_row)
+    columns[REASON_COLUMN] = pa.array(reasons(table, problems, rows), pa.string())
+    for name in model.feature_columns:
+        if name != id_column:
+            columns[name] = taken.column(name).combine_chunks()
+    return columns

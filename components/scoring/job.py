@@ -21,15 +21,6 @@ from stemma.components.platform import locks
 from stemma.components.platform.files import fsync_folder
 from stemma.components.runtime.loading import ScoringModel, sha256_file
 from stemma.components.scoring import output
-from stemma.components.scoring.folder import (
-    damaged_parts,
-    finished_parts,
-    holds_output,
-    prepare_output,
-    refuse_output_around_input,
-    remove_chunks,
-    remove_strays,
-)
 from stemma.components.scoring.inputs import (
     INVALID_ROW_POLICIES,
     MAX_NAMED,
@@ -47,10 +38,17 @@ from stemma.components.scoring.output import (
     SUCCESS_FILE,
     UNIT_EDGES,
     Identity,
+    damaged_parts,
     fingerprint,
+    finished_parts,
+    holds_output,
     identify,
     json_bytes,
     output_columns,
+    prepare_output,
+    refuse_output_around_input,
+    remove_chunks,
+    remove_strays,
     value_histogram,
     write_progress,
 )
@@ -238,15 +236,7 @@ def publish(
             ],
         )
     output.write_atomically(output_dir / SUCCESS_FILE, json_bytes(manifest))
-    return result_of(
-        output_dir,
-        manifest,
-        tally,
-        started,
-        opened.extras,
-        opened.invalidated,
-        already_complete=False,
-    )
+    return result_of(opened, manifest, tally, started)
 
 
 def _manifest(
@@ -546,56 +536,42 @@ def finish_scoring(
         ValueError: the results do not cover every chunk of every file exactly once.
     """
     try:
-        return _finish_plan(model, plan, results)
+        hashing: Future[Identity] = Future()
+        hashing.set_result(plan.identity)
+        opened = Opened(
+            files=list(plan.files),
+            output_dir=plan.output_dir,
+            extras=list(plan.extras),
+            policies=plan.policies,
+            hashing=hashing,
+            invalidated=plan.invalidated,
+            done=set(plan.done),
+            manifest=plan.manifest,
+            lock=None,  # the job's, held by the planning process
+        )
+        if plan.manifest is not None:
+            return result_of(opened, plan.manifest, Tally(), plan.started)
+        _check_coverage(plan, [result.chunk_range for result in results])
+        tally = Tally(rows_per_file=[0] * len(plan.files))
+        for result in results:
+            tally.parts.update(result.parts)
+            tally.rejects.update(result.rejects)
+            tally.rows_per_file[result.chunk_range.file_index] += result.rows
+            tally.counts += result.counts
+            tally.latencies.extend(result.latencies)
+            tally.rows_this_call += result.rows_scored_now
+            tally.written += result.written
+            tally.skipped += result.skipped
+        return publish(
+            model,
+            opened,
+            tally,
+            id_column=plan.id_column,
+            chunk_rows=plan.chunk_rows,
+            started=plan.started,
+        )
     finally:
         abandon_scoring(plan)
-
-
-def _finish_plan(
-    model: ScoringModel, plan: ScoringPlan, results: Sequence[RangeResult]
-) -> ScoringResult:
-    if plan.manifest is not None:
-        return result_of(
-            plan.output_dir,
-            plan.manifest,
-            Tally(),
-            plan.started,
-            list(plan.extras),
-            plan.invalidated,
-            already_complete=True,
-        )
-    _check_coverage(plan, [result.chunk_range for result in results])
-    hashing: Future[Identity] = Future()
-    hashing.set_result(plan.identity)
-    opened = Opened(
-        files=list(plan.files),
-        output_dir=plan.output_dir,
-        extras=list(plan.extras),
-        policies=plan.policies,
-        hashing=hashing,
-        invalidated=plan.invalidated,
-        done=set(plan.done),
-        manifest=None,
-        lock=None,  # the job's, held by the planning process
-    )
-    tally = Tally(rows_per_file=[0] * len(plan.files))
-    for result in results:
-        tally.parts.update(result.parts)
-        tally.rejects.update(result.rejects)
-        tally.rows_per_file[result.chunk_range.file_index] += result.rows
-        tally.counts += result.counts
-        tally.latencies.extend(result.latencies)
-        tally.rows_this_call += result.rows_scored_now
-        tally.written += result.written
-        tally.skipped += result.skipped
-    return publish(
-        model,
-        opened,
-        tally,
-        id_column=plan.id_column,
-        chunk_rows=plan.chunk_rows,
-        started=plan.started,
-    )
 
 
 def _check_coverage(plan: ScoringPlan, ranges: Sequence[ChunkRange]) -> None:
@@ -625,15 +601,12 @@ def _stemma_version() -> str:
 
 
 def result_of(
-    output_dir: Path,
-    manifest: dict[str, Any],
-    tally: Tally,
-    started: float,
-    extras: list[str],
-    invalidated: bool,
-    *,
-    already_complete: bool,
+    opened: Opened, manifest: dict[str, Any], tally: Tally, started: float
 ) -> ScoringResult:
+    """What a scoring did: ``manifest`` is the one written, or the one the folder already
+    held whole (``opened.manifest``: nothing was scored)."""
+    already_complete = opened.manifest is not None
+    output_dir = opened.output_dir
     manifest_path = output_dir / SUCCESS_FILE
     seconds = time.perf_counter() - started
     latency: dict[str, float] = {}
@@ -651,8 +624,8 @@ def result_of(
         parts_written=tally.written,
         parts_skipped=len(manifest["parts"]) if already_complete else tally.skipped,
         already_complete=already_complete,
-        invalidated=invalidated,
-        extra_columns=list(extras),
+        invalidated=opened.invalidated,
+        extra_columns=list(opened.extras),
         seconds=seconds,
         rows_per_second=tally.rows_this_call / seconds if seconds > 0 else 0.0,
         chunk_latency_ms=latency,

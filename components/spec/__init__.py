@@ -6,7 +6,7 @@ collects *every* problem (schema errors, paths, duplicate columns, unknown expec
 model classes that do not import) into one :class:`~.errors.SpecError` whose lines read
 ``credit.yaml:14 train.epochs: must be greater than 0``.
 
-Hostile files are refused before they cost anything (:mod:`.reading`): plain YAML only
+Hostile files are refused before they cost anything (:mod:`.loading`): plain YAML only
 (a ``!!python/...`` tag is refused, never run), at most :data:`MAX_SPEC_BYTES` bytes,
 :data:`MAX_SPEC_DEPTH` levels and :data:`MAX_SPEC_NODES` values with aliases expanded.
 ``--set`` values go through the same loader. Every path of the spec (:data:`PATH_FIELDS`,
@@ -14,8 +14,8 @@ and any path a run is given, through :meth:`LoadedSpec.resolve`) must resolve, `
 symlinks followed, inside the project root or a folder of ``pipeline.allowed_roots``.
 
 Modules: :mod:`.sections` and :mod:`.operations` (the sections), :mod:`.document` (the
-whole spec), :mod:`.reading`, :mod:`.problems`, :mod:`.loading` and :mod:`.expectations`
-(the fast check of data checks). This package re-exports their public names lazily and
+whole spec and its problems), :mod:`.loading` and :mod:`.expectations` (the fast check
+of data checks). This package re-exports their public names lazily and
 imports no heavy library (torch, mlflow, great_expectations, prefect), so that
 ``stemma --help`` and ``stemma validate`` stay fast.
 """
@@ -33,10 +33,10 @@ _MODULES = {
     "operations": "QUANTIZE_METHODS QuantizeMethod NumericStatistic CategoricalStatistic "
     "MonitorStatisticsSpec MonitorThresholdsSpec MonitorSpec ShadowSpec CanaryGuardsSpec "
     "CanarySpec EvaluateSpec QuantizeSpec",
-    "document": "PATH_FIELDS Spec LoadedSpec path_problem flatten json_schema",
-    "reading": "MAX_SPEC_BYTES MAX_SPEC_DEPTH MAX_SPEC_NODES SpecLimitError load_yaml",
-    "problems": "Problem semantic_problems import_problem",
-    "loading": "apply_overrides find_project_root load_spec",
+    "document": "PATH_FIELDS Spec LoadedSpec path_problem flatten json_schema Problem "
+    "import_problem",
+    "loading": "MAX_SPEC_BYTES MAX_SPEC_DEPTH MAX_SPEC_NODES SpecLimitError load_yaml "
+    "apply_overrides find_project_root load_spec",
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names.split()}
 
@@ -58,6 +58,4 @@ if TYPE_CHECKING:  # the same names, for type checkers
     from stemma.components.spec.document import *  # noqa: F403
     from stemma.components.spec.loading import *  # noqa: F403
     from stemma.components.spec.operations import *  # noqa: F403
-    from stemma.components.spec.problems import *  # noqa: F403
-    from stemma.components.spec.reading import *  # noqa: F403
     from stemma.components.spec.sections import *  # noqa: F403

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, field_validator
 
-from stemma.components.spec.sections import Section, check_cron, check_model_reference
+from stemma.components.spec.sections import CronSchedule, ModelReference, Section
 
 #: Quantization methods, in the order `stemma run quantize` reports them.
 QUANTIZE_METHODS = (
@@ -116,7 +116,7 @@ class MonitorSpec(Section):
             "the id column; enables label drift and performance decay."
         ),
     )
-    model: str | None = Field(
+    model: ModelReference | None = Field(
         default=None,
         description=(
             "Model whose reference profile and scores are compared, `models:/<name>@<alias>` "
@@ -202,23 +202,13 @@ class MonitorSpec(Section):
         le=100_000_000,
         description="Rows of the batch read and compared at a time; bounds memory.",
     )
-    schedule: str | None = Field(
+    schedule: CronSchedule | None = Field(
         default=None,
         description=(
             "Cron schedule of the monitoring deployment (default: none; it runs after each "
             "scored batch)."
         ),
     )
-
-    @field_validator("schedule")
-    @classmethod
-    def _cron(cls, value: str | None) -> str | None:
-        return check_cron(value)
-
-    @field_validator("model")
-    @classmethod
-    def _reference(cls, value: str | None) -> str | None:
-        return check_model_reference(value)
 
     @field_validator("statistics")
     @classmethod
@@ -436,7 +426,7 @@ class QuantizeSpec(Section):
             "(the scoring pipeline runs each batch on one)."
         ),
     )
-    model: str | None = Field(
+    model: ModelReference | None = Field(
         default=None,
         description=(
             "fp32 model to quantize, `models:/<name>@<alias>` or `models:/<name>/<version>` "
@@ -450,8 +440,3 @@ class QuantizeSpec(Section):
             "one passed its gate, else the fp32 model (and says why)."
         ),
     )
-
-    @field_validator("model")
-    @classmethod
-    def _reference(cls, value: str | None) -> str | None:
-        return check_model_reference(value)

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from stemma.components.platform.refs import ModelRefError, parse_model_ref
 
@@ -68,6 +68,10 @@ def check_model_reference(value: str | None) -> str | None:
             f"got {value!r} ({error.details[0]})"
         ) from None
     return value
+
+
+CronSchedule = Annotated[str, AfterValidator(check_cron)]
+ModelReference = Annotated[str, AfterValidator(check_model_reference)]
 
 
 class PipelineSpec(Section):
@@ -349,7 +353,7 @@ class ScoreSpec(Section):
         default="outputs/scores",
         description="Folder of the Parquet parts, the rejects and the `_SUCCESS` manifest.",
     )
-    model: str | None = Field(
+    model: ModelReference | None = Field(
         default=None,
         description=(
             "Model to score with, `models:/<name>@<alias>` or `models:/<name>/<version>` "
@@ -399,25 +403,15 @@ class ScoreSpec(Section):
     dask: DaskSpec = Field(
         default_factory=DaskSpec, description="The Dask cluster of `runner: dask`."
     )
-    schedule: str = Field(
+    schedule: CronSchedule = Field(
         default="0 2 * * *", description="Cron schedule of the nightly scoring deployment."
     )
-
-    @field_validator("schedule")
-    @classmethod
-    def _cron(cls, value: str | None) -> str | None:
-        return check_cron(value)
-
-    @field_validator("model")
-    @classmethod
-    def _reference(cls, value: str | None) -> str | None:
-        return check_model_reference(value)
 
 
 class RetrainSpec(Section):
     """Continuous training: when to retrain and on which production data."""
 
-    schedule: str | None = Field(
+    schedule: CronSchedule | None = Field(
         default="0 3 * * *",
         description="Cron schedule of the retraining deployment (null: only on drift or by hand).",
     )
@@ -446,8 +440,3 @@ class RetrainSpec(Section):
             "`never`: stop after registration and shadow, for a person to decide."
         ),
     )
-
-    @field_validator("schedule")
-    @classmethod
-    def _cron(cls, value: str | None) -> str | None:
-        return check_cron(value)

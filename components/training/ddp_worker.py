@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -45,7 +44,6 @@ from stemma.components.training.distributed import (
 )
 from stemma.components.training.epochs import (
     CHECKPOINT_NAME,
-    EVAL_BATCH_ROWS,
     Progress,
     autocast_factory,
     deterministic,
@@ -53,11 +51,14 @@ from stemma.components.training.epochs import (
     epoch_seeds,
     load_checkpoint,
     loss_functions,
+    loss_total,
     make_optimizer,
     record_epoch,
     run_fingerprint,
     save_checkpoint,
+    train_steps,
 )
+from stemma.components.training.loop import trained_result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,10 +202,15 @@ class _RankRun:
         started = time.perf_counter()
         x_train, y_train = self.arrays["x_train"], self.arrays["y_train"]
         batch = per_process_batch(train.batch_size, self.sampler.num_replicas)
-        train_sum, rows = _train_epoch(
+        losses = train_steps(
             self.model, self.optimizer, loss_fn, x_train, y_train, order, batch, autocast
         )
-        val_sum = _loss_total(
+        sizes = [min(batch, len(order) - start) for start in range(0, len(order), batch)]
+        train_sum = torch.stack(
+            [loss.float() * size for loss, size in zip(losses, sizes, strict=True)]
+        ).sum()
+        rows = torch.tensor(float(len(order)), device=x_train.device)
+        val_sum = loss_total(
             self.network, loss_sum_fn, self.arrays["x_val"], self.arrays["y_val"], autocast
         )
         totals = torch.stack([train_sum, rows, val_sum]).double()
@@ -225,72 +231,12 @@ class _RankRun:
 
     def write_result(self) -> None:
         """Rank 0: the best weights and the history, for the process that started the job."""
-        network = self.network.to("cpu")
-        if self.state.best_state:
-            network.load_state_dict(self.state.best_state)
-        save_weights(network, self.folder / RESULT_WEIGHTS_FILE)
-        result = {
-            "history": self.state.history,
-            "best_epoch": self.state.best_epoch,
-            "stopped_early": self.state.stopped_early,
-            "device": self.device.type,
-            "precision": "bf16" if self.amp_dtype is not None else "fp32",
-            "resumed_from_epoch": self.resumed_from,
-        }
-        (self.folder / RESULT_FILE).write_text(json.dumps(result), encoding="utf-8")
-
-
-def _train_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    order: torch.Tensor,
-    batch_size: int,
-    autocast: Callable[[], Any],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over this rank's rows; the summed loss and the row count, as device scalars.
-
-    Every rank has as many rows (the sampler pads), so all take the same number of steps
-    and meet at each step's gradient all-reduce.
-    """
-    losses, sizes = [], []
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        with autocast():
-            loss = loss_fn(model(x[index]), y[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP averages the gradients across ranks here
-        optimizer.step()
-        losses.append(loss.detach().float() * len(index))
-        sizes.append(len(index))
-    return torch.stack(losses).sum(), torch.tensor(float(sum(sizes)), device=x.device)
-
-
-def _loss_total(
-    network: nn.Module,
-    loss_sum_fn: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    autocast: Callable[[], Any],
-) -> torch.Tensor:
-    """The summed loss over this rank's validation rows (without DDP: no gradient sync)."""
-    network.eval()
-    try:
-        with torch.inference_mode(), autocast():
-            parts = [
-                loss_sum_fn(
-                    network(x[start : start + EVAL_BATCH_ROWS]).float(),
-                    y[start : start + EVAL_BATCH_ROWS],
-                )
-                for start in range(0, len(x), EVAL_BATCH_ROWS)
-            ]
-            if not parts:  # more ranks than validation rows
-                return torch.zeros((), device=x.device)
-            return torch.stack(parts).sum().float()
-    finally:
-        network.train()
+        result = trained_result(
+            self.network, self.state, self.device, self.amp_dtype, self.resumed_from
+        )
+        save_weights(result.network, self.folder / RESULT_WEIGHTS_FILE)
+        summary = {key: value for key, value in vars(result).items() if key != "network"}
+        (self.folder / RESULT_FILE).write_text(json.dumps(summary), encoding="utf-8")
 
 
 def _stop_if_orphaned(parent_pid: int) -> None:

@@ -152,15 +152,7 @@ def train_distributed(
         result = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
         trained = copy.deepcopy(network).to("cpu")
         load_weights(trained, folder / RESULT_WEIGHTS_FILE)
-    return TrainResult(
-        network=trained.eval(),
-        history=list(result["history"]),
-        best_epoch=int(result["best_epoch"]),
-        stopped_early=bool(result["stopped_early"]),
-        device=str(result["device"]),
-        precision=str(result["precision"]),
-        resumed_from_epoch=result["resumed_from_epoch"],
-    )
+    return TrainResult(network=trained.eval(), **result)
 
 
 def _check_processes(nproc: int, device: torch.device, train: TrainSpec) -> None:

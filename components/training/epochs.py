@@ -1,6 +1,7 @@
 """The pieces of an epoch that the single-process loop (:mod:`.loop`) and the DDP worker
 (:mod:`.ddp_worker`) share: checked arrays, loss functions and optimizer, per-epoch seeds,
-the history row and early stopping, and the checkpoint that makes a run resumable."""
+the training steps and the validation loss, the history row and early stopping, and the
+checkpoint that makes a run resumable."""
 
 from __future__ import annotations
 
@@ -150,6 +151,60 @@ def autocast_factory(
     if amp_dtype is None:
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    order: torch.Tensor,
+    batch_size: int,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+) -> list[torch.Tensor]:
+    """One pass over the rows ``order`` lists, in batches; each batch's mean loss.
+
+    The losses are kept on the device: reading a loss per batch would stall the GPU every
+    step. Under DDP every rank has as many rows (the sampler pads), so all take the same
+    number of steps and meet at each step's gradient all-reduce.
+    """
+    losses = []
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        with autocast():
+            loss = loss_fn(model(x[index]), y[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # under DDP, the gradients are averaged across ranks here
+        optimizer.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def loss_total(
+    network: nn.Module,
+    loss_sum_fn: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+) -> torch.Tensor:
+    """The summed loss over the rows of ``x`` (zero for none: more ranks than validation
+    rows), in eval mode and without gradients (so without DDP's gradient sync)."""
+    network.eval()
+    try:
+        with torch.inference_mode(), autocast():
+            parts = [
+                loss_sum_fn(
+                    network(x[start : start + EVAL_BATCH_ROWS]).float(),
+                    y[start : start + EVAL_BATCH_ROWS],
+                )
+                for start in range(0, len(x), EVAL_BATCH_ROWS)
+            ]
+            if not parts:
+                return torch.zeros((), device=x.device)
+            return torch.stack(parts).sum().float()
+    finally:
+        network.train()
 
 
 @contextlib.contextmanager
@@ -303,13 +358,11 @@ def load_checkpoint(
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    lines = []
-    for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
-            lines.append(
-                f"{key}: checkpoint {saved.get(key, 'absent')}, now {current.get(key, 'absent')}"
-            )
-    return lines
+    return [
+        f"{key}: checkpoint {saved.get(key, 'absent')}, now {current.get(key, 'absent')}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
 
 
 def checked_inputs(

@@ -11,7 +11,6 @@ Weights are saved and loaded as safetensors by :mod:`stemma.components.model.art
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import sys
 import time
@@ -39,11 +38,13 @@ from stemma.components.training.epochs import (
     forked_rng,
     load_checkpoint,
     loss_functions,
+    loss_total,
     make_optimizer,
     record_epoch,
     run_fingerprint,
     save_checkpoint,
     to_device,
+    train_steps,
 )
 
 _PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16"}
@@ -190,7 +191,7 @@ def train_network(
                     on_epoch(dict(row))
     finally:
         bar.close()
-    return _result(network, state, device, amp_dtype, resumed_from)
+    return trained_result(network, state, device, amp_dtype, resumed_from)
 
 
 def _progress_bar(train: TrainSpec, state: Progress, progress: bool | None) -> Any:
@@ -206,7 +207,7 @@ def _progress_bar(train: TrainSpec, state: Progress, progress: bool | None) -> A
     )
 
 
-def _result(
+def trained_result(
     network: nn.Module,
     state: Progress,
     device: torch.device,
@@ -248,17 +249,17 @@ class _Epoch:
         torch.manual_seed(dropout_seed)
         generator = torch.Generator().manual_seed(shuffle_seed)
         started = time.perf_counter()
-        train_sum = _train_epoch(
-            self.network,
-            self.optimizer,
-            loss_fn,
-            x_train,
-            y_train,
-            self.train.batch_size,
-            generator,
-            self.autocast,
-        )
-        val_sum = _loss_total(self.network, loss_sum_fn, x_val, y_val, self.autocast)
+        batch = self.train.batch_size
+        order = torch.randperm(len(x_train), generator=generator).to(x_train.device)
+        losses = torch.stack(
+            train_steps(
+                self.network, self.optimizer, loss_fn, x_train, y_train, order, batch, self.autocast
+            )
+        ).float()
+        # Batch losses are means; the last batch may be short, so weight by its size.
+        last = len(x_train) - (len(losses) - 1) * batch
+        train_sum = losses[:-1].sum() * batch + losses[-1] * last
+        val_sum = loss_total(self.network, loss_sum_fn, x_val, y_val, self.autocast)
         # The only host-device synchronisation of the epoch.
         train_total, val_total = torch.stack([train_sum, val_sum]).tolist()
         seconds = time.perf_counter() - started
@@ -294,62 +295,3 @@ def predict_raw(network: nn.Module, x: np.ndarray, batch_size: int = EVAL_BATCH_
             return torch.cat(chunks).float().numpy()
     finally:
         network.train(was_training)
-
-
-# ---------------------------------------------------------------------------------------
-# The loop
-
-
-def _train_epoch(
-    network: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    batch_size: int,
-    generator: torch.Generator,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
-) -> torch.Tensor:
-    """One pass over the shuffled rows; returns the summed loss as a device scalar."""
-    rows = len(x)
-    order = torch.randperm(rows, generator=generator).to(x.device)
-    batch_losses = []
-    for start in range(0, rows, batch_size):
-        index = order[start : start + batch_size]
-        with autocast():
-            loss = loss_fn(network(x[index]), y[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        # Kept on the device: reading a loss per batch would stall the GPU every step.
-        batch_losses.append(loss.detach())
-    losses = torch.stack(batch_losses).float()
-    # Batch losses are means; the last batch may be short, so weight by its size.
-    last = rows - (len(batch_losses) - 1) * batch_size
-    return losses[:-1].sum() * batch_size + losses[-1] * last
-
-
-def _loss_total(
-    network: nn.Module,
-    loss_sum_fn: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
-) -> torch.Tensor:
-    network.eval()
-    try:
-        with torch.inference_mode(), autocast():
-            parts = [
-                loss_sum_fn(
-                    network(x[start : start + EVAL_BATCH_ROWS]).float(),
-                    y[start : start + EVAL_BATCH_ROWS],
-                )
-                for start in range(0, len(x), EVAL_BATCH_ROWS)
-            ]
-            return torch.stack(parts).sum()
-    finally:
-        network.train()
-
-
-# ---------------------------------------------------------------------------------------
-# Checkpoints

@@ -129,15 +129,13 @@ def plot_evaluation(
     return [save_figure(figure, out / name) for name, figure in figures]
 
 
-def plot_history(
-    history: Sequence[dict[str, Any]], out_path: Path, *, best_epoch: int | None = None
-) -> Path:
-    """Plot training and validation loss per epoch, with the best epoch marked.
+def plot_history(history: Sequence[dict[str, Any]], out_path: Path) -> Path:
+    """Plot training and validation loss per epoch, with the best epoch marked (the one
+    with the lowest validation loss).
 
     Args:
         history: the rows of :attr:`~.training.TrainResult.history`.
         out_path: the PNG to write.
-        best_epoch: the epoch to mark; by default the one with the lowest validation loss.
 
     Returns:
         ``out_path``.
@@ -148,8 +146,7 @@ def plot_history(
         raise ValueError("cannot plot an empty training history")
     epochs = [int(row["epoch"]) for row in history]
     val_losses = [float(row["val_loss"]) for row in history]
-    if best_epoch is None:
-        best_epoch = epochs[int(np.argmin(val_losses))]
+    best_epoch = epochs[int(np.argmin(val_losses))]
     figure, axes = new_figure()
     axes.plot(
         epochs, [float(row["train_loss"]) for row in history], marker="o", label="training loss"

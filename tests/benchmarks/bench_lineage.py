@@ -2,7 +2,7 @@
 
 The store is real MLflow on SQLite: 200 training runs (each registering a version of
 `credit`) and 800 scoring runs, each with the tags and index tags the flows write
-(records built by `stemma.components.lineage.records`). It is built once with `create_run` +
+(records built by `stemma.components.platform.lineage`). It is built once with `create_run` +
 `log_batch` + `create_model_version` and cached under the temp folder.
 
 Printed against a baseline measured in the same run: the naive walk, which lists every
@@ -45,7 +45,7 @@ def build_store(folder: Path) -> str:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
-    from stemma.components.lineage import records as lineage
+    from stemma.components.platform import lineage
 
     rng = random.Random(7)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
@@ -178,7 +178,7 @@ def naive_upstream(client, model: str, version: str) -> int:
 
     from mlflow.entities import ViewType
 
-    from stemma.components.lineage import records as lineage
+    from stemma.components.platform import lineage
 
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = []

@@ -42,9 +42,9 @@ from stemma.components.model.artifact import log_pyfunc_model
 from stemma.components.model.networks import build_network, network_config
 from stemma.components.model.preprocessing import fit_preprocessor
 from stemma.components.platform import digests
+from stemma.components.platform.tags import WEIGHTS_SHA256 as WEIGHTS_TAG
 from stemma.components.platform.tracking import configure_tracking, ensure_experiment
 from stemma.components.scoring.engine import (
-    WEIGHTS_TAG,
     ScoringModel,
     default_model_threads,
     input_files,

@@ -37,8 +37,8 @@ from stemma.components.scoring.engine import (
     plan_ranges,
     plan_scoring,
     score_files,
-    score_range,
 )
+from stemma.components.scoring.job import score_range
 from tests.components.scoring.test_scoring import ID, MODEL, folder_bytes, register, synthetic_frame
 from tests.support import isolated_mlflow
 

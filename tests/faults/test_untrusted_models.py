@@ -25,7 +25,7 @@ from stemma.components.lineage import reproduce
 from stemma.components.model.artifact import MODEL_ARTIFACT_FILES, serving_code_path
 from stemma.components.platform.tracking import configure_tracking, ensure_experiment
 from stemma.components.registry.gate import champion_value_on, decide_gate
-from stemma.components.scoring.engine import UntrustedModelError, load_scoring_model
+from stemma.components.runtime.loading import UntrustedModelError, load_scoring_model
 from stemma.components.spec import FeaturesSpec, GateSpec
 from tests.support import isolated_mlflow, log_trained_model
 

@@ -22,7 +22,7 @@ import mlflow
 import pytest
 import yaml
 
-from stemma.components.lineage import records as lineage
+from stemma.components.platform import lineage
 from stemma.flows.cli import main
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "mlflow_uri")

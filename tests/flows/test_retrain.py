@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from stemma.components.errors import DataError
-from stemma.components.lineage.records import RECORD_ARTIFACT
+from stemma.components.platform.lineage import RECORD_ARTIFACT
 from stemma.flows.retrain import (
     ALREADY_RUNNING,
     NO_NEW_DATA,

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stemma.components.errors import DataError
-from stemma.components.scoring.engine import PROGRESS_FILE, SUCCESS_FILE
+from stemma.components.scoring.output import PROGRESS_FILE, SUCCESS_FILE
 from tests.components.scoring.test_scoring import folder_bytes
 from tests.flows.test_score import TRAIN
 

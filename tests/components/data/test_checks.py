@@ -16,11 +16,11 @@ from stemma.components.data.checks import (
     CATALOG_PATH,
     build_data_docs,
     deep_expectation_problems,
-    expectation_problems,
     validate_table,
     write_catalog,
 )
 from stemma.components.errors import SpecError
+from stemma.components.spec.expectations import expectation_problems
 
 ROWS = 200
 #: `stemma validate` must finish in 0.5 s; the fast check is a small part of that.
@@ -202,7 +202,7 @@ def test_fast_check_imports_no_gx_and_is_quick(repo_root):
         import yaml
         checks = yaml.safe_load(open("configs/credit.yaml"))["checks"]
         start = time.perf_counter()
-        from stemma.components.data.checks import expectation_problems
+        from stemma.components.spec.expectations import expectation_problems
         problems = expectation_problems(checks)
         elapsed = time.perf_counter() - start
         print(elapsed, problems, "great_expectations" in sys.modules, "pandas" in sys.modules)

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from stemma.components.errors import DataError
-from stemma.components.data.ingest import append_rows, gather_new_rows, read_labels
+from stemma.components.data.ingest import append_rows, gather_new_rows
+from stemma.components.data.labels import read_labels
 
 
 @pytest.fixture

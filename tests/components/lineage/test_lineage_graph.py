@@ -20,7 +20,6 @@ from mlflow import MlflowClient
 from mlflow.entities import RunTag
 
 from stemma.components.errors import LineageError
-from stemma.components.lineage import records as lineage
 from stemma.components.lineage.graph import (
     DOWNSTREAM,
     UPSTREAM,
@@ -29,6 +28,7 @@ from stemma.components.lineage.graph import (
     render_tree,
     walk,
 )
+from stemma.components.platform import lineage
 from tests.support import isolated_mlflow
 
 MODEL = "credit"

@@ -15,7 +15,6 @@ from scipy.spatial.distance import jensenshannon
 from stemma.components.data.labels import read_labels
 from stemma.components.errors import DataError
 from stemma.components.evaluation.statistics import PSI_FLOOR, chi_square, jensen_shannon, psi
-from stemma.components.lineage import records as lineage
 from stemma.components.monitoring.accumulators import NumericAccumulator, ks_2samp_sorted
 from stemma.components.monitoring.drift import DriftMonitor, monitor_batch
 from stemma.components.monitoring.profile import (
@@ -30,6 +29,7 @@ from stemma.components.monitoring.records import (
     drift_event,
 )
 from stemma.components.monitoring.report import plot_drift_report
+from stemma.components.platform import lineage
 from stemma.components.spec import DataSpec, FeaturesSpec, MonitorSpec
 
 DATA = DataSpec(

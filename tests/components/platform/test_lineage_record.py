@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from stemma.components.errors import LineageError
-from stemma.components.lineage import records
+from stemma.components.platform import lineage as records
 from stemma.components.platform.lineage import (
     RECORD_SCHEMA,
     Decided,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stemma.components.lineage import records as lineage
+from stemma.components.platform import lineage
 from stemma.components.platform.redaction import contains_credentials, redact, redact_url
 
 

@@ -32,7 +32,7 @@ from stemma.components.platform.tags import WEIGHTS_SHA256 as WEIGHTS_TAG
 from stemma.components.platform.tracking import configure_tracking, ensure_experiment
 from stemma.components.quantization import heldout, measure, methods, registering, report
 from stemma.components.quantization import results as outcomes
-from stemma.components.quantization.served import served_reference
+from stemma.components.quantization.registering import served_reference
 from stemma.components.runtime.backends import set_threads
 from stemma.components.runtime.loading import load_scoring_model
 from stemma.components.spec import QUANTIZE_METHODS, FeaturesSpec, ModelSpec, QuantizeSpec

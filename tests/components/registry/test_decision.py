@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from stemma.components.registry.decision import registered_model_facts
+from stemma.components.registry.gate import registered_model_facts
 
 
 class Client:

@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from stemma.components.errors import RegistryError
-from stemma.components.lineage.records import RECORD_ARTIFACT
+from stemma.components.platform.lineage import RECORD_ARTIFACT
 from stemma.components.registry.promotion import (
     GENERATION_TAG,
     LAST_PROMOTION_TAG,

@@ -20,7 +20,6 @@ from stemma.components.platform.locks import FolderBusyError
 from stemma.components.platform.tracking import configure_tracking, ensure_experiment
 from stemma.components.scoring import fanout
 from stemma.components.scoring.engine import (
-    PROGRESS_FILE,
     SUCCESS_FILE,
     ChunkRange,
     abandon_scoring,
@@ -30,8 +29,9 @@ from stemma.components.scoring.engine import (
     plan_ranges,
     plan_scoring,
     score_files,
-    score_range,
 )
+from stemma.components.scoring.job import score_range
+from stemma.components.scoring.output import PROGRESS_FILE
 from stemma.components.spec import DaskSpec, load_spec
 from tests.components.scoring.test_scoring import (
     ID,

@@ -26,20 +26,20 @@ from mlflow import MlflowClient
 
 from stemma.components.errors import DataError, RegistryError
 from stemma.components.model.preprocessing import fit_preprocessor
+from stemma.components.platform.tags import WEIGHTS_SHA256 as WEIGHTS_TAG
 from stemma.components.platform.tracking import configure_tracking, ensure_experiment
+from stemma.components.runtime.loading import UntrustedModelError
 from stemma.components.scoring import engine as scoring
 from stemma.components.scoring import output, pipeline
-from stemma.components.scoring.encoding import ChunkEncoder
 from stemma.components.scoring.engine import (
-    PROGRESS_FILE,
     SUCCESS_FILE,
-    WEIGHTS_TAG,
-    UntrustedModelError,
     check_input_schema,
     input_files,
     load_scoring_model,
     score_files,
 )
+from stemma.components.scoring.inputs import ChunkEncoder
+from stemma.components.scoring.output import PROGRESS_FILE
 from stemma.components.spec import FeaturesSpec
 from tests.support import isolated_mlflow, log_trained_model
 
