@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -23,31 +22,10 @@ from stemma.components.model.networks import build_network
 from stemma.components.model.preprocessing import fit_preprocessor
 from stemma.components.monitoring.profile import save_with_model
 from stemma.components.platform import tags as tag_names
-from stemma.components.platform.tracking import configure_tracking
 from stemma.components.spec import FeaturesSpec
-from tests.support import isolated_mlflow
 
 ARCHITECTURE_TAG = tag_names.ARCHITECTURE_SHA256
 MODEL_FILES_TAG = tag_names.MODEL_FILES
-
-
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A migrated, empty MLflow database; copying it saves each test the ~2 s of migrations."""
-    folder = tmp_path_factory.mktemp("template")
-    database = folder / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{database}").search_experiments()
-    return database
-
-
-@pytest.fixture
-def tracking(tmp_path: Path, empty_store: Path):
-    """Local tracking under tmp_path; the process's MLflow URIs and env are restored after."""
-    with isolated_mlflow():
-        (tmp_path / ".stemma").mkdir()
-        shutil.copyfile(empty_store, tmp_path / ".stemma" / "mlflow.db")
-        uri = configure_tracking(tmp_path)
-        yield uri
 
 
 @pytest.fixture

@@ -27,14 +27,6 @@ from stemma.components.platform.tracking import configure_tracking, ensure_exper
 from tests.support import isolated_mlflow
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("template")
-    database = folder / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{database}").search_experiments()
-    return database
-
-
 @pytest.fixture
 def experiment(tmp_path: Path, empty_store: Path):
     with isolated_mlflow():

@@ -28,29 +28,9 @@ from stemma.components.platform.tracking import (
     log_metrics_batch,
     log_params_flat,
 )
-from tests.support import isolated_mlflow
 
 FILE_MD5 = "0f343b0931126a20f133d67c2b018a3b"
 DIR_MD5 = "9c1a2a7a6e4b8f0f2c3d4e5f60718293.dir"
-
-
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A migrated, empty MLflow database; copying it saves each test the ~2 s of migrations."""
-    folder = tmp_path_factory.mktemp("template")
-    database = folder / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{database}").search_experiments()
-    return database
-
-
-@pytest.fixture
-def tracking(tmp_path: Path, empty_store: Path):
-    """Local tracking under tmp_path; the process's MLflow URIs and env are restored after."""
-    with isolated_mlflow():
-        (tmp_path / ".stemma").mkdir()
-        shutil.copyfile(empty_store, tmp_path / ".stemma" / "mlflow.db")
-        uri = configure_tracking(tmp_path)
-        yield uri
 
 
 @pytest.fixture

@@ -85,15 +85,10 @@ def trained(request, credit, tmp_path_factory):
         task="binary",
         progress=False,
     ).network.eval()
-    comparison, built = measure.compare_variants(
+    comparison, built = compare(
         network,
-        credit["preprocessor"],
-        credit["x"],
-        credit["y"],
-        task="binary",
-        metric="roc_auc",
-        threshold=0.5,
-        settings=QuantizeSpec(methods=ORT, **GATE),
+        credit,
+        QuantizeSpec(methods=ORT, **GATE),
         batch_rows=2048,
         workdir=tmp_path_factory.mktemp(request.param),
     )
@@ -104,6 +99,22 @@ def trained(request, credit, tmp_path_factory):
         "comparison": comparison,
         "built": built,
     }
+
+
+def compare(network, credit, settings, *, batch_rows, workdir):
+    """``measure.compare_variants`` on the credit data, gated on ROC AUC."""
+    return measure.compare_variants(
+        network,
+        credit["preprocessor"],
+        credit["x"],
+        credit["y"],
+        task="binary",
+        metric="roc_auc",
+        threshold=0.5,
+        settings=settings,
+        batch_rows=batch_rows,
+        workdir=workdir,
+    )
 
 
 def result_of(comparison: outcomes.Comparison, method: str) -> outcomes.VariantResult:
@@ -142,17 +153,10 @@ def test_a_network_that_does_not_export_fails_its_onnx_runtime_variants(credit, 
     from tests.components.runtime.networks import BranchyMLP
 
     network = BranchyMLP(credit["preprocessor"].n_inputs, 1, hidden=[8], dropout=0.0).eval()
-    comparison, built = measure.compare_variants(
+    comparison, built = compare(
         network,
-        credit["preprocessor"],
-        credit["x"],
-        credit["y"],
-        task="binary",
-        metric="roc_auc",
-        threshold=0.5,
-        settings=QuantizeSpec(
-            methods=["ort_int8_dynamic", "bf16"], **{**GATE, "max_metric_drop": 1.0}
-        ),
+        credit,
+        QuantizeSpec(methods=["ort_int8_dynamic", "bf16"], **{**GATE, "max_metric_drop": 1.0}),
         batch_rows=256,
         workdir=tmp_path,
     )
@@ -176,17 +180,8 @@ def test_without_onnx_runtime_quantization_tools_its_methods_are_skipped(
     monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)  # import fails
     assert "quantization tools" in methods.unavailable_reason("ort_int8_dynamic")
     network = build_network(network_config(ModelSpec(hidden=[8])), credit["x"].shape[1], seed=1)
-    comparison, built = measure.compare_variants(
-        network.eval(),
-        credit["preprocessor"],
-        credit["x"],
-        credit["y"],
-        task="binary",
-        metric="roc_auc",
-        threshold=0.5,
-        settings=QuantizeSpec(methods=ORT, **GATE),
-        batch_rows=256,
-        workdir=tmp_path,
+    comparison, built = compare(
+        network.eval(), credit, QuantizeSpec(methods=ORT, **GATE), batch_rows=256, workdir=tmp_path
     )
     assert {v.status for v in comparison.variants} == {outcomes.SKIPPED} and not built
     assert all("quantization tools" in v.reasons[0] for v in comparison.variants)
