@@ -45,8 +45,8 @@ bench: dev
 	$(BIN)/python -m pytest tests/benchmarks -m benchmark -s
 
 lint: dev
-	$(BIN)/ruff check components flows tests
-	$(BIN)/ruff format --check components flows tests
+	$(BIN)/ruff check components examples flows tests
+	$(BIN)/ruff format --check components examples flows tests
 	$(BIN)/lint-imports
 
 # The code-shape numbers of the redesign: module and function lengths, imports of private
@@ -55,11 +55,11 @@ shape: dev
 	$(BIN)/python tests/code_shape.py
 
 format: dev
-	$(BIN)/ruff format components flows tests
-	$(BIN)/ruff check --fix components flows tests
+	$(BIN)/ruff format components examples flows tests
+	$(BIN)/ruff check --fix components examples flows tests
 
 typecheck: dev
-	$(BIN)/mypy components
+	$(BIN)/mypy components examples
 
 clean:
 	rm -rf .stemma .pytest_cache .ruff_cache .mypy_cache htmlcov .coverage

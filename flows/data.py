@@ -34,7 +34,7 @@ def generate_example_data(root: Path, *, record_with_dvc: bool = True) -> str:
         A short report for the terminal.
     """
     from stemma.components.data.tables import dir_md5
-    from stemma.components.examples.credit import generate_credit_data
+    from stemma.examples.credit import generate_credit_data
 
     data_dir = root / "data"
     written = generate_credit_data(data_dir)

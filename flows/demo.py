@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from stemma.components.examples.credit import generate_credit_data
+from stemma.examples.credit import generate_credit_data
 
 #: Where the demo project lives, under the folder `stemma demo` runs in.
 DEMO_DIR = Path(".stemma") / "demo"

@@ -30,8 +30,9 @@ MAX_FUNCTION_LINES = 80
 #: Lines of components/**/*.py before the redesign (commit 7dfbd90~1); they must not grow.
 BASELINE_COMPONENT_LINES = 24_441
 #: The most lines components/**/*.py may hold now. It only ever goes down, towards
-#: BASELINE_COMPONENT_LINES, which the runtime and the split packages still exceed.
-COMPONENT_LINES_CEILING = 25_666
+#: BASELINE_COMPONENT_LINES, which the runtime and the split packages still exceed (the
+#: baseline counted the worked example's generator, which now lives in examples/).
+COMPONENT_LINES_CEILING = 25_353
 #: Offenders printed per check.
 SHOWN = 40
 
@@ -166,7 +167,7 @@ def contract() -> Check:
 def measure(*, with_contract: bool = True) -> list[Check]:
     """Every check of the code shape."""
     components = python_files("components")
-    code = components + python_files("flows")
+    code = components + python_files("examples") + python_files("flows")
     modules = long_modules(components)
     functions = long_functions(code)
     privates = private_imports(code)

@@ -104,7 +104,7 @@ def build_project(root: Path, repo_root: Path, *, train_rows: int) -> Path:
     """A Stemma project: git repo, DVC repo, the worked example's spec and generated data."""
     from dvc.repo import Repo
 
-    from stemma.components.examples.credit import generate_credit_data
+    from stemma.examples.credit import generate_credit_data
 
     root.mkdir(parents=True, exist_ok=True)
     git(root, "init", "-q")

@@ -27,6 +27,8 @@ GPU_BATCH_ROWS = 65_536
 
 _CUDA_PROVIDER = "CUDAExecutionProvider"
 _CPU_PROVIDER = "CPUExecutionProvider"
+#: ONNX Runtime's session setting for whether idle intra-op threads spin.
+ALLOW_SPINNING = "session.intra_op.allow_spinning"
 #: Intra-op threads of ONNX Runtime sessions built from now on (None: torch's count).
 _session_threads: int | None = None
 
@@ -216,6 +218,10 @@ def load_onnx_runtime(path: Path, *, width: int, device: str = "cpu") -> OnnxRun
     options.intra_op_num_threads = session_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: warnings would reach users' consoles
+    # Idle intra-op threads sleep instead of spinning: Stemma runs sessions beside threads
+    # of its own (the scoring pipeline's reader, hasher, writer and other workers), whose
+    # cores spinning threads would take (measured in NOTES.md, "Batch scoring").
+    options.add_session_config_entry(ALLOW_SPINNING, "0")
     on_gpu = device == "cuda" and cuda_provider_available()
     providers = [_CUDA_PROVIDER, _CPU_PROVIDER] if on_gpu else [_CPU_PROVIDER]
     try:

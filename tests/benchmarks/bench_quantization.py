@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 from stemma.components.data.tables import split_table
-from stemma.components.examples.credit import generate_credit_data
 from stemma.components.model.networks import build_network, network_config
 from stemma.components.model.preprocessing import fit_preprocessor
 from stemma.components.quantization.measure import compare_variants
@@ -28,6 +27,7 @@ from stemma.components.runtime.backends import set_threads
 from stemma.components.scoring.pipeline import FORWARD_BATCH_ROWS
 from stemma.components.spec import FeaturesSpec, ModelSpec, QuantizeSpec, SplitSpec, TrainSpec
 from stemma.components.training.loop import train_network
+from stemma.examples.credit import generate_credit_data
 
 METHODS = ["int8_dynamic", "int8_weight_only", "bf16", "fp16", "ort_int8_dynamic", "ort_fp16"]
 TRAIN_ROWS = 20_000

@@ -10,7 +10,7 @@ import yaml
 
 from stemma.components.data.tables import dir_md5
 from stemma.components.errors import DataVersionError
-from stemma.components.examples.credit import generate_credit_data
+from stemma.examples.credit import generate_credit_data
 from stemma.flows.data import generate_example_data, recorded_md5
 
 

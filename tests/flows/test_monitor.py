@@ -16,7 +16,6 @@ import pandas as pd
 import pytest
 
 from stemma.components.errors import DataError, SpecError
-from stemma.components.examples.credit import generate_credit_data
 from stemma.components.monitoring.profile import (
     PROFILE_FILE,
     PROFILE_SHA256_TAG,
@@ -25,6 +24,7 @@ from stemma.components.monitoring.profile import (
 )
 from stemma.components.monitoring.records import DRIFT_EVENT
 from stemma.components.spec import load_spec
+from stemma.examples.credit import generate_credit_data
 from tests.support import SMALL_TRAIN_ROWS
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "mlflow_uri")

@@ -62,7 +62,7 @@ def fitted_weights(root: Path) -> tuple[dict[str, np.ndarray], float]:
 
 def production_project(template_project: Path, folder: Path) -> Path:
     """The template project plus three days of production batches and labels, no drift."""
-    from stemma.components.examples.credit import generate_credit_data
+    from stemma.examples.credit import generate_credit_data
 
     root = folder / "project"
     shutil.copytree(template_project, root, symlinks=True)

@@ -19,7 +19,6 @@ import pytest
 from mlflow import MlflowClient
 
 from stemma.components.data.tables import split_table
-from stemma.components.examples.credit import generate_credit_data
 from stemma.components.model import quantized as model_variants
 from stemma.components.model.artifact import ONNX_SHA256_TAG, log_pyfunc_model
 from stemma.components.model.networks import build_network, network_config
@@ -33,6 +32,7 @@ from stemma.components.runtime.loading import UntrustedModelError, load_scoring_
 from stemma.components.spec import FeaturesSpec, ModelSpec, QuantizeSpec, SplitSpec, TrainSpec
 from stemma.components.training.loop import train_network
 from stemma.components.training.metrics import evaluate_scores
+from stemma.examples.credit import generate_credit_data
 from tests.support import isolated_mlflow
 
 ORT = ["ort_int8_dynamic", "ort_fp16"]

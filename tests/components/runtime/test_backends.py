@@ -15,6 +15,7 @@ from stemma.components.model import onnx_graph
 from stemma.components.model.networks import MLP
 from stemma.components.model.onnx_graph import PROBE_ATOL, PROBE_RTOL, export_onnx
 from stemma.components.runtime.backends import (
+    ALLOW_SPINNING,
     OnnxFileError,
     RuntimeBackendError,
     build_runtime,
@@ -181,6 +182,10 @@ def test_set_threads_sets_torch_and_new_sessions(tmp_path: Path):
         export_onnx(MLP(WIDTH), WIDTH, tmp_path / "network.onnx")
         runtime = build_runtime(MLP(WIDTH), width=WIDTH, onnx_file=tmp_path / "network.onnx")
         assert runtime.run(inputs(10)).shape == (10, 1)
+        options = runtime.session.get_session_options()
+        assert options.intra_op_num_threads == 1
+        # idle threads sleep: spinning ones would take the cores of Stemma's own threads
+        assert options.get_session_config_entry(ALLOW_SPINNING) == "0"
         with pytest.raises(ValueError, match="must be positive"):
             set_threads(0)
     finally:

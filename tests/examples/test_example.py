@@ -17,7 +17,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from stemma.components.data.tables import file_md5, resolve_data_version
 from stemma.components.errors import DataError
-from stemma.components.examples.credit import FIRST_PRODUCTION_DAY, generate_credit_data
+from stemma.examples.credit import FIRST_PRODUCTION_DAY, generate_credit_data
 
 NUMERIC = ["salary", "commission", "age", "hvalue", "hyears", "loan"]
 CATEGORICAL = ["elevel", "car", "zipcode"]
