@@ -27,11 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MAX_MODULE_LINES = 800
 MAX_FUNCTION_LINES = 80
-#: Lines of components/**/*.py before the redesign (commit 7dfbd90~1); they must not grow.
-BASELINE_COMPONENT_LINES = 24_441
+#: Lines of components/**/*.py before the redesign (commit 7dfbd90~1), less the worked
+#: example's generator (components/example.py, 315 lines, now examples/credit.py outside
+#: components/); they must not grow.
+BASELINE_COMPONENT_LINES = 24_126
 #: The most lines components/**/*.py may hold now. It only ever goes down, towards
-#: BASELINE_COMPONENT_LINES, which the runtime and the split packages still exceed (the
-#: baseline counted the worked example's generator, which now lives in examples/).
+#: BASELINE_COMPONENT_LINES, which the runtime and the split packages still exceed.
 COMPONENT_LINES_CEILING = 25_353
 #: Offenders printed per check.
 SHOWN = 40
