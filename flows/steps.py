@@ -72,7 +72,21 @@ def tracked(
         run_id=run_id,
         lineage=lineage,
         detached=detached,
+        links=flow_run_links(),
     )
+
+
+def flow_run_links() -> dict[str, str]:
+    """The Prefect UI's page of the flow run in progress, when a Prefect server with a UI
+    is configured (a temporary server's pages are gone once the command ends)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    flow_run_id = flow_run.get_id()
+    ui = PREFECT_UI_URL.value() if PREFECT_API_URL.value() else None
+    if not flow_run_id or not ui:
+        return {}
+    url = f"{str(ui).rstrip('/')}/runs/flow-run/{flow_run_id}"
+    return {"Prefect flow run": f"[{flow_run.get_name() or flow_run_id}]({url})"}
 
 
 def relative(path: Path, root: Path) -> str:

@@ -355,7 +355,7 @@ def _tracked_training(setup: Setup, run: TrackedRun, workdir: Path) -> dict[str,
     reference_profile.tag_model_version(client, version.name, version.version, profile_sha256)
     facts = replace(facts, model_version=str(version.version))
     run.set_tags({**lineage.run_tags(facts), tags.WEIGHTS_SHA256: weights})
-    run.record_lineage(lineage.build_training_record(facts))
+    run.record_lineage(replace(lineage.build_training_record(facts), decision=decision.record()))
     return {"version": version, "decision": decision, "metrics": trained[2], "weights": weights}
 
 
@@ -414,9 +414,10 @@ def train_flow(
     if spec.quantize is not None and spec.quantize.enabled and decision.passed:
         model_uri = format_model_ref(spec.pipeline.registered_model_name, version=version.version)
         quantized = _quantize(config, list(overrides or []), model_uri)
+    page = tracking.run_page_url(tracking_uri, run.experiment_id, run.run_id)
     where = (
-        f"open {tracking_uri} in a browser"
-        if tracking_uri.startswith(("http://", "https://"))
+        f"open the run: {page}"
+        if page
         else f"browse it with `mlflow ui --backend-store-uri {tracking_uri}` or `stemma up`"
     )
     return {

@@ -22,10 +22,13 @@ from typing import Any
 from stemma.components.platform import lineage as records
 from stemma.components.platform import tags as tag_names
 from stemma.components.platform import tracking
+from stemma.components.platform.describe import NOTE_TAG, describe_record
 from stemma.components.platform.redaction import redact
 
 #: What records a lineage record in the active run: the record as a JSON document.
 LineageWriter = Callable[[dict[str, Any]], None]
+#: MLflow's tag naming the run a nested run belongs to.
+PARENT_RUN_TAG = "mlflow.parentRunId"
 #: MLflow accepts at most this many tags in one request.
 TAGS_PER_REQUEST = 100
 
@@ -54,6 +57,8 @@ class TrackedRun:
         self.resumable = False
         self.end_status = "FINISHED"
         self._lineage = lineage
+        #: Links the run's description shows besides its lineage (label: markdown target).
+        self.links: dict[str, str] = {}
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set tags (values as strings), in as few requests as MLflow allows."""
@@ -97,9 +102,22 @@ class TrackedRun:
         with self._activated():
             if self._lineage is not None:
                 self._lineage(document)
-                return
-            self.log_dict(document, records.RECORD_ARTIFACT)
-            self.set_tags(records.index_tags(document, self.run_id))
+            else:
+                self.log_dict(document, records.RECORD_ARTIFACT)
+                self.set_tags(records.index_tags(document, self.run_id))
+        self.describe(document)
+
+    def describe(self, document: Mapping[str, Any]) -> None:
+        """Set the run's description (MLflow's note) from its lineage record."""
+        run = self.client.get_run(self.run_id)
+        parent = run.data.tags.get(PARENT_RUN_TAG)
+        text = describe_record(
+            document,
+            self.run_id,
+            links=self.links,
+            parent_run=(self.experiment_id, parent) if parent else None,
+        )
+        self.set_tags({NOTE_TAG: text})
 
     @contextmanager
     def _activated(self) -> Iterator[None]:
@@ -134,6 +152,7 @@ def tracked_run(
     lineage: LineageWriter | None = None,
     detached: bool = False,
     client: Any = None,
+    links: Mapping[str, str] | None = None,
 ) -> Iterator[TrackedRun]:
     """Start (or resume) an MLflow run for the block and end it as the block ends.
 
@@ -147,6 +166,8 @@ def tracked_run(
         detached: create the run through the client and keep it off MLflow's fluent stack,
             so flows called inside the block start runs of their own.
         client: the MLflow client of a detached run (default: one on the current store).
+        links: links the run's description shows (label: markdown target), such as the
+            Prefect flow run's page.
 
     Yields:
         The run. On success it ends FINISHED with ``stemma.status=completed``; on an error
@@ -169,6 +190,7 @@ def tracked_run(
         else:
             run = mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=nested)
     handle = TrackedRun(client, run, active=not detached, resumed=bool(run_id), lineage=lineage)
+    handle.links.update(links or {})
     try:
         handle.set_tags({**tags, tag_names.STATUS: "running"})
         yield handle

@@ -34,6 +34,7 @@ from mlflow.data.dataset_source import DatasetSource
 
 from stemma.components.errors import DataError, StemmaError
 from stemma.components.platform import tags as tag_names
+from stemma.components.platform.describe import NOTE_TAG
 
 #: Folder under the project root that holds Stemma's local state.
 STATE_DIR = ".stemma"
@@ -121,6 +122,25 @@ def configure_tracking(root: Path) -> str:
     return uri
 
 
+#: The MLflow UI's query naming its layout: runs and models, not the GenAI overview (the
+#: UI ignores the experiment's kind tag and keeps the last layout chosen in the browser).
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def run_page_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
+    """The MLflow UI's page of a run (or of an experiment's runs) on a tracking server, in
+    the model-training layout; None when the runs are not on a server."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{tracking_uri.rstrip('/')}/{path}?{MODEL_TRAINING_VIEW}"
+
+
+#: MLflow's experiment tag choosing the UI's layout, and the value for model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
 def ensure_experiment(name: str, root: Path) -> str:
     """The id of the experiment ``name``, created if it does not exist.
 
@@ -147,7 +167,9 @@ def ensure_experiment(name: str, root: Path) -> str:
             if not mlflow.get_tracking_uri().startswith(_SERVER_SCHEMES):
                 folder = _EXPERIMENT_FOLDER.sub("_", name).strip("._") or "experiment"
                 location = (local_artifact_root(root) / folder).as_uri()
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(
+                name, artifact_location=location, tags=experiment_tags(name)
+            )
     except MlflowException as error:
         raise StemmaError(
             f"MLflow at {mlflow.get_tracking_uri()}: cannot get or create experiment {name!r}",
@@ -161,7 +183,25 @@ def ensure_experiment(name: str, root: Path) -> str:
                 "or set pipeline.experiment to another name",
             ],
         )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older Stemma, or by hand
+        for key, value in experiment_tags(name).items():
+            if key not in experiment.tags:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
+
+
+def experiment_tags(name: str) -> dict[str, str]:
+    """An experiment's kind (MLflow opens a model-training experiment on its runs, not on
+    the GenAI overview) and its description."""
+    return {
+        EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND,
+        NOTE_TAG: (
+            f"Runs of the Stemma pipeline that writes to `{name}`: training, scoring, "
+            "monitoring, shadow and canary evaluation, quantization and promotion. "
+            "Filter by `tags.stemma.flow` (for example `tags.stemma.flow = 'train'`); each "
+            "run's description says what it read, made and decided."
+        ),
+    }
 
 
 def git_revision(root: Path) -> tuple[str | None, bool]:

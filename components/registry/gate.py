@@ -127,7 +127,13 @@ class GateDecision:
 
     def tags(self) -> dict[str, str]:
         """The decision as ``stemma.gate.*`` model version tags (absent fields are left out)."""
-        fields: dict[str, Any] = {
+        fields = self.record()
+        fields["reasons"] = "; ".join(self.reasons)
+        return {TAG_PREFIX + key: str(value) for key, value in fields.items() if value is not None}
+
+    def record(self) -> dict[str, Any]:
+        """The decision as a lineage record's ``decision`` entry."""
+        return {
             "decision": "passed" if self.passed else "failed",
             "alias": self.alias,
             "metric": self.metric,
@@ -137,10 +143,9 @@ class GateDecision:
             "champion_version": self.champion_version,
             "champion_value": self.champion_value,
             "margin": self.margin,
-            "reasons": "; ".join(self.reasons),
+            "reasons": list(self.reasons),
             "ignored_champion": self.ignored_champion,
         }
-        return {TAG_PREFIX + key: str(value) for key, value in fields.items() if value is not None}
 
     def summary(self) -> str:
         """A readable account of the decision, for the model version's description."""

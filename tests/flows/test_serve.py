@@ -31,6 +31,7 @@ from stemma.components.platform.deployments import (
     describe_plans,
 )
 from stemma.components.platform.services import environment_for, start_services, stop_services
+from stemma.components.platform.tracking import run_page_url
 from stemma.components.spec import load_spec
 from tests.support import build_project
 
@@ -418,6 +419,24 @@ def test_browser_finds_and_starts_a_deployment_and_sees_the_model_aliases(stack)
         driver.save_screenshot(str(ARTIFACTS / "mlflow-runtime-tags.png"))
         body = driver.find_element(By.TAG_NAME, "body").text
         assert "onnxruntime" in body and "stemma.onnx.sha256" in body
+
+        # The experiment opens on its runs (not on MLflow's GenAI overview), and a training
+        # run's page starts with its description: the decision, the data and the version.
+        version = stack.mlflow("GET", "model-versions/get?name=credit&version=1")["model_version"]
+        run = stack.mlflow("GET", f"runs/get?run_id={version['run_id']}")["run"]
+        experiment = run["info"]["experiment_id"]
+        driver.get(run_page_url(stack.mlflow_url, experiment))
+        wait.until(lambda d: "train-credit" in d.find_element(By.TAG_NAME, "body").text)
+        driver.save_screenshot(str(ARTIFACTS / "mlflow-experiment.png"))
+        body = driver.find_element(By.TAG_NAME, "body").text
+        assert "Model training" in body and "Runs" in body and "Judges" not in body
+        driver.get(run_page_url(stack.mlflow_url, experiment, version["run_id"]))
+        wait.until(lambda d: "decision passed" in d.find_element(By.TAG_NAME, "body").text)
+        headline = driver.find_element(By.XPATH, "//strong[normalize-space(text())='train']")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", headline)
+        driver.save_screenshot(str(ARTIFACTS / "mlflow-run-description.png"))
+        body = driver.find_element(By.TAG_NAME, "body").text
+        assert "credit v1" in body and "data version" in body and "alias champion" in body
     finally:
         driver.quit()
 

@@ -127,6 +127,20 @@ def test_train_tracks_registers_and_links_everything(project, tmp_path):
         "produced",
     }
 
+    # the run's description answers on the first screen: data, decision, what it made
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("**train** · pipeline `e2e` · decision **passed**")
+    assert "alias champion" in note
+    assert all(f"- {reason}" in note for reason in summary["gate"]["reasons"])
+    assert f"md5:{recorded[:8]}" in note and "path data" in note
+    version = summary["model_version"]
+    assert f"[e2e v{version}](#/models/e2e/versions/{version})" in note
+    assert record["decision"]["decision"] == "passed"
+    # the experiment opens on its runs (model training), not on MLflow's GenAI overview
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "tags.stemma.flow" in experiment.tags["mlflow.note.content"]
+
     # the logged model predicts on raw rows in a fresh process, with pickle loading disabled
     batch = project / "data" / "credit" / "batches" / "day_01.parquet"
     probe = textwrap.dedent(
