@@ -14,10 +14,11 @@ second), and remembered as DVC's state database remembers them (:mod:`.digests`)
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -345,16 +346,7 @@ def load_table(path: Path, data: DataSpec) -> pd.DataFrame:
     import pandas as pd
 
     path = Path(path)
-    file_format: str = data.format
-    if file_format == "auto":
-        file_format = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}.get(
-            path.suffix.lower(), ""
-        )
-        if not file_format:
-            raise DataError(
-                f"{path}: cannot tell the file format from the extension {path.suffix!r}",
-                ["fix: set data.format to parquet or csv"],
-            )
+    file_format = data.format if data.format != "auto" else _suffix_format(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
@@ -370,6 +362,77 @@ def load_table(path: Path, data: DataSpec) -> pd.DataFrame:
         noun = "problem" if len(problems) == 1 else "problems"
         raise DataError(f"{path}: {len(problems)} {noun} with the table", problems)
     return frame
+
+
+#: Expectation arguments that name columns of the table.
+COLUMN_ARGUMENTS = ("column", "column_A", "column_B", "column_list")
+
+
+def spec_columns(data: DataSpec, checks: Sequence[Mapping[str, Any]] = ()) -> dict[str, str]:
+    """Every column the spec names, with the first place naming it (``data.target``)."""
+    named = [(column, "data.features.numeric") for column in data.features.numeric]
+    named += [(column, "data.features.categorical") for column in data.features.categorical]
+    named += [(data.target, "data.target")]
+    named += [(data.id, "data.id"), (data.split.time_column, "data.split.time_column")]
+    for index, check in enumerate(checks):
+        for name, kwargs in check.items():
+            for argument in COLUMN_ARGUMENTS:
+                value = kwargs.get(argument) if isinstance(kwargs, Mapping) else None
+                values = value if isinstance(value, list) else [value]
+                named += [(item, f"checks[{index}] {name}") for item in values]
+    found: dict[str, str] = {}
+    for column, where in named:
+        if isinstance(column, str) and column not in found:
+            found[column] = where
+    return found
+
+
+def header_columns(path: Path, data: DataSpec) -> list[str]:
+    """The column names of a Parquet or CSV file, from its footer or first line (no rows).
+
+    Raises:
+        DataError: the file is missing or unreadable, or its format is unknown.
+    """
+    import csv
+
+    import pyarrow.parquet as pq
+
+    file_format = data.format if data.format != "auto" else _suffix_format(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        if file_format == "parquet":
+            return list(pq.read_schema(path).names)
+        with open(path, newline="", encoding="utf-8-sig") as stream:
+            return next(csv.reader(stream), [])
+    except (OSError, ValueError, csv.Error) as error:  # pyarrow's errors derive from the first two
+        raise DataError(
+            f"{path}: cannot read the file as {file_format}", [_first_line(error)]
+        ) from None
+
+
+def column_name_problems(
+    path: Path, data: DataSpec, checks: Sequence[Mapping[str, Any]] = ()
+) -> list[str]:
+    """One line per column the spec names that the file lacks, with the closest names."""
+    present = header_columns(path, data)
+    problems = []
+    for column, where in spec_columns(data, checks).items():
+        if column not in present:
+            close = difflib.get_close_matches(column, present, n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            problems.append(f"{where}: `{column}` is not a column of {path.name}{hint}")
+    return problems
+
+
+def _suffix_format(path: Path) -> str:
+    found = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}.get(path.suffix.lower())
+    if found is None:
+        raise DataError(
+            f"{path}: cannot tell the file format from the extension {path.suffix!r}",
+            ["fix: set data.format to parquet or csv"],
+        )
+    return found
 
 
 def _first_line(error: BaseException) -> str:

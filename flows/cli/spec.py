@@ -47,6 +47,7 @@ def validate_command(args: argparse.Namespace) -> int:
                 [f"checks[{index}]: {message}" for index, message in problems],
             )
     spec = loaded.spec
+    data_note = _check_column_names(args.config, loaded)
     elapsed = time.perf_counter() - started
     # Folders outside the project the spec opens up are worth a reviewer's second look.
     allowed = "".join(
@@ -56,9 +57,27 @@ def validate_command(args: argparse.Namespace) -> int:
     print(
         f"{args.config}: valid ({spec.pipeline.name}: {len(spec.data.features.all)} features, "
         f"{len(spec.checks)} checks, model {spec.model.architecture}; {elapsed * 1000:.0f} ms)"
+        + f"\n  {data_note}"
         + allowed
     )
     return 0
+
+
+def _check_column_names(config: str, loaded: Any) -> str:
+    """Every column the spec names is in the data file's header (no rows are read)."""
+    from stemma.components.data.tables import column_name_problems
+    from stemma.components.errors import SpecError
+
+    path = loaded.resolve(loaded.spec.data.path)
+    if not path.is_file():
+        return f"{loaded.spec.data.path} is not there yet: column names not checked"
+    problems = column_name_problems(path, loaded.spec.data, loaded.spec.checks)
+    if problems:
+        raise SpecError(
+            f"{config}: {len(problems)} column name(s) not in {loaded.spec.data.path}",
+            problems,
+        )
+    return f"column names match {loaded.spec.data.path}"
 
 
 def schema_command(args: argparse.Namespace) -> int:

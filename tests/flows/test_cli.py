@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from stemma.flows.cli import main
@@ -33,7 +35,9 @@ def test_validate_worked_example_imports_nothing_heavy(repo_root, tmp_path):
     config = tmp_path / "credit.yaml"
     config.write_text((repo_root / "configs" / "credit.yaml").read_text())
     (tmp_path / "data" / "credit").mkdir(parents=True)
-    (tmp_path / "data" / "credit" / "train.parquet").write_bytes(b"")
+    columns = ["application_id", "approved", "salary", "commission", "age", "hvalue", "hyears"]
+    columns += ["loan", "elevel", "car", "zipcode"]
+    pq.write_table(pa.table({c: [1] for c in columns}), tmp_path / "data/credit/train.parquet")
     (tmp_path / "data.dvc").write_text("outs: []\n")
     probe = textwrap.dedent(
         f"""
@@ -51,6 +55,7 @@ def test_validate_worked_example_imports_nothing_heavy(repo_root, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "HEAVY=\n" in result.stdout
     assert "valid (credit: 9 features, 8 checks, model mlp" in result.stdout
+    assert "column names match data/credit/train.parquet" in result.stdout
 
 
 def test_help_imports_nothing_heavy():
@@ -85,6 +90,69 @@ def test_validate_reports_every_problem_and_exits_2(stemma_exe, tmp_path, repo_r
     assert "credit.yaml:38 train.epochs: must be greater than 0" in err
     assert "credit.yaml:39 train.batch_sise: unknown key" in err
     assert "data.path:" in err and "does not exist" in err
+
+
+DIABETES_SPEC = """
+pipeline: {name: diabetes}
+data:
+  path: data/diabetes.csv
+  task: regression
+  target: progression
+  id: patient
+  features: {numeric: [age, bmi, bp, s1], categorical: [sex]}
+checks:
+  - expect_column_values_to_not_be_null: {column: bmi}
+  - expect_column_pair_values_a_to_be_greater_than_b: {column_A: s1, column_B: bp}
+gate: {metric: rmse}
+"""
+
+
+def diabetes_project(tmp_path, spec_text, rows):
+    """A regression table (scikit-learn's diabetes columns) as CSV, with its spec."""
+    (tmp_path / "data").mkdir()
+    header = "patient,age,sex,bmi,bp,s1,progression"
+    (tmp_path / "data" / "diabetes.csv").write_text("\n".join([header, *rows]) + "\n")
+    (tmp_path / "data.dvc").write_text("outs: []\n")
+    config = tmp_path / "diabetes.yaml"
+    config.write_text(spec_text)
+    return config
+
+
+def test_validate_names_every_column_the_data_lacks_with_the_closest(stemma_exe, tmp_path):
+    spec = DIABETES_SPEC.replace("[age, bmi, bp, s1]", "[age, bmy, bp, s1]")
+    spec = spec.replace("column_B: bp", "column_B: blood_pressure").replace("patient", "patient_id")
+    config = diabetes_project(tmp_path, spec, ["1,59,2,32.1,101,157,151"])
+    result = run_cli(stemma_exe, "validate", str(config))
+    assert result.returncode == 2, result.stderr
+    err = result.stderr
+    assert "3 column name(s) not in data/diabetes.csv" in err
+    assert (
+        "data.features.numeric: `bmy` is not a column of diabetes.csv; did you mean `bmi`?" in err
+    )
+    assert "data.id: `patient_id` is not a column of diabetes.csv; did you mean `patient`?" in err
+    assert (
+        "checks[1] expect_column_pair_values_a_to_be_greater_than_b: `blood_pressure` is not a "
+        "column of diabetes.csv" in err
+    )
+    assert err.count("bmy") == 1 and "Traceback" not in err  # printed once
+
+
+def test_validate_reads_the_header_only(stemma_exe, tmp_path):
+    """Rows are not read: a row the CSV parser would refuse does not matter to validate."""
+    config = diabetes_project(tmp_path, DIABETES_SPEC, ['1,"unclosed', "2,3"])
+    result = run_cli(stemma_exe, "validate", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "column names match data/diabetes.csv" in result.stdout
+
+
+def test_validate_refuses_a_data_file_it_cannot_read(stemma_exe, tmp_path):
+    config = diabetes_project(tmp_path, DIABETES_SPEC.replace("diabetes.csv", "d.parquet"), [])
+    (tmp_path / "data" / "d.parquet").write_bytes(b"not parquet")
+    result = run_cli(stemma_exe, "validate", str(config))
+    assert result.returncode == 3  # a data error, as `stemma run` reports it
+    assert "d.parquet: cannot read the file as parquet" in result.stderr
+    assert "magic bytes not found" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_debug_shows_the_traceback(stemma_exe, tmp_path, repo_root):
