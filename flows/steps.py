@@ -4,15 +4,16 @@ loading the spec and the model."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.runtime import flow_run
 
-from stemma.components.platform import tags
+from stemma.components.platform import tags, tracking
+from stemma.components.platform.redaction import redact_url
 from stemma.components.platform.tracked_run import LineageWriter, TrackedRun, tracked_run
 from stemma.components.runtime.loading import ScoringModel, load_scoring_model
 from stemma.components.spec import LoadedSpec, load_spec
@@ -20,6 +21,10 @@ from stemma.components.spec import LoadedSpec, load_spec
 #: Set by `stemma serve`: the project root its served runs resolve a relative spec path
 #: against (they run in whatever folder `stemma serve` was started in).
 PROJECT_ROOT_VARIABLE = "STEMMA_PROJECT_ROOT"
+#: Metrics listed in a flow run's summary artifact.
+SUMMARY_METRICS = 12
+#: Metric name beginnings listed first in the summary, in this order.
+KEY_METRIC_PREFIXES = ("test", "shadow", "canary", "drift", "quantize", "gate", "val")
 
 
 def config_location(config: str) -> str:
@@ -46,6 +51,7 @@ def flow_run_id() -> str | None:
     return str(flow_run.get_id() or "") or None
 
 
+@contextmanager
 def tracked(
     loaded: LoadedSpec,
     flow: str,
@@ -56,16 +62,18 @@ def tracked(
     *,
     name: str | None = None,
     detached: bool = False,
-) -> AbstractContextManager[TrackedRun]:
+) -> Iterator[TrackedRun]:
     """The flow's MLflow run (see :func:`.tracked_run.tracked_run`), named after the flow
-    run unless ``name`` says otherwise, tagged with the pipeline, the flow and the flow run."""
+    run unless ``name`` says otherwise, tagged with the pipeline, the flow and the flow run.
+    Once the block has recorded the run's lineage, the flow run gets the same summary as a
+    Prefect artifact."""
     run_tags = {
         tags.PIPELINE: loaded.spec.pipeline.name,
         tags.FLOW: flow,
         tags.PREFECT_FLOW_RUN_ID: flow_run_id() or "",
         **(extra_tags or {}),
     }
-    return tracked_run(
+    with tracked_run(
         name if name is not None else flow_run.get_name(),
         experiment_id=experiment_id,
         tags=run_tags,
@@ -73,7 +81,45 @@ def tracked(
         lineage=lineage,
         detached=detached,
         links=flow_run_links(),
+    ) as run:
+        yield run
+        publish_summary(run, flow)
+
+
+def publish_summary(run: TrackedRun, flow: str) -> str | None:
+    """The run's description and key metrics as a markdown artifact of the flow run in
+    progress, with a link to the MLflow run; its id, or None outside a flow run or before
+    the run recorded its lineage."""
+    import mlflow
+    from prefect.artifacts import create_markdown_artifact
+
+    if run.document is None or flow_run.get_id() is None:
+        return None
+    uri = mlflow.get_tracking_uri()
+    page = tracking.run_page_url(uri, run.experiment_id, run.run_id)
+    base = page.split("#", 1)[0] if page else ""
+    text = run.description(run.document, base=base) if page else run.description(run.document)
+    recorded = run.client.get_run(run.run_id).data.metrics.items()
+    metrics = sorted(recorded, key=_metric_rank)[:SUMMARY_METRICS]
+    if metrics:
+        rows = "\n".join(f"| {key} | {value:.6g} |" for key, value in metrics)
+        text += f"\n| metric | value |\n|---|---|\n{rows}\n"
+    where = f"[MLflow run {run.run_id[:8]}]({page})" if page else f"MLflow run `{run.run_id}`"
+    text += f"\n{where} in {redact_url(uri)}\n"
+    return str(
+        create_markdown_artifact(
+            markdown=text,
+            key=f"{flow}-summary",
+            description=f"What the {flow} run read, made and decided",
+        )
     )
+
+
+def _metric_rank(item: tuple[str, float]) -> tuple[int, str]:
+    """Metrics of a decision first (test split, shadow, canary, drift, quantize, gate)."""
+    name = item[0]
+    ranks = [rank for rank, prefix in enumerate(KEY_METRIC_PREFIXES) if name.startswith(prefix)]
+    return (min(ranks, default=len(KEY_METRIC_PREFIXES)), name)
 
 
 def flow_run_links() -> dict[str, str]:

@@ -33,9 +33,9 @@ MAX_FUNCTION_LINES = 80
 BASELINE_COMPONENT_LINES = 24_126
 #: The most lines components/**/*.py may hold now: it goes down whenever code is removed,
 #: and up only by the lines of a new feature, said in the commit that adds it (the run
-#: descriptions of platform/describe.py: 218; the column names `validate` checks against
+#: descriptions of platform/describe.py and their Prefect copy: 228; the column names `validate` checks against
 #: the data's header: 63). The redesign left it at 25,353.
-COMPONENT_LINES_CEILING = 25_634
+COMPONENT_LINES_CEILING = 25_644
 #: Offenders printed per check.
 SHOWN = 40
 

@@ -32,18 +32,18 @@ def short(text: str) -> str:
     return _LONG_HEX.sub(lambda found: found.group(0)[:SHORT_DIGEST], text)
 
 
-def _model_link(node_id: str) -> str | None:
+def _model_link(node_id: str, base: str) -> str | None:
     """``[credit v7](#/models/credit/versions/7)`` for a ``models:/credit/7`` node."""
     found = re.fullmatch(r"models:/([^/@]+)/(\d+)", node_id)
     if not found:
         return None
     name, version = found.groups()
-    return f"[{name} v{version}](#/models/{name}/versions/{version})"
+    return f"[{name} v{version}]({base}#/models/{name}/versions/{version})"
 
 
-def _node_line(node: Mapping[str, Any]) -> str:
+def _node_line(node: Mapping[str, Any], base: str) -> str:
     attributes = node.get("attributes") or {}
-    label = _model_link(str(node.get("id", ""))) or f"`{short(str(node.get('id', '')))}`"
+    label = _model_link(str(node.get("id", "")), base) or f"`{short(str(node.get('id', '')))}`"
     details = [f"{key} {attributes[key]}" for key in _SHOWN_ATTRIBUTES if key in attributes]
     digest = node.get("digest")
     if digest:
@@ -80,28 +80,28 @@ def _decision_lines(decision: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _label(node: Mapping[str, Any]) -> str:
+def _label(node: Mapping[str, Any], base: str) -> str:
     node_id = str(node.get("id", ""))
     kind = str(node.get("kind", "node")).replace("_", " ")
-    return _model_link(node_id) or f"{kind} `{short(node_id.split(':', 1)[-1])}`"
+    return _model_link(node_id, base) or f"{kind} `{short(node_id.split(':', 1)[-1])}`"
 
 
-def _gist(read: list[Mapping[str, Any]], made: list[Mapping[str, Any]]) -> str:
+def _gist(read: list[Mapping[str, Any]], made: list[Mapping[str, Any]], base: str) -> str:
     """One line: the first things read and made, model versions and data first."""
 
     def first(nodes: list[Mapping[str, Any]]) -> str:
         ranked = sorted(nodes, key=lambda node: _GIST_ORDER.get(str(node.get("kind")), 9))
-        shown = ", ".join(_label(node) for node in ranked[:3])
+        shown = ", ".join(_label(node, base) for node in ranked[:3])
         return shown + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
 
     parts = [f"read {first(read)}" if read else "", f"made {first(made)}" if made else ""]
     return " → ".join(part for part in parts if part)
 
 
-def _section(title: str, nodes: list[Mapping[str, Any]]) -> list[str]:
+def _section(title: str, nodes: list[Mapping[str, Any]], base: str) -> list[str]:
     if not nodes:
         return []
-    lines = [f"**{title}**", *(_node_line(node) for node in nodes[:MAX_LINES])]
+    lines = [f"**{title}**", *(_node_line(node, base) for node in nodes[:MAX_LINES])]
     if len(nodes) > MAX_LINES:
         lines.append(f"- and {len(nodes) - MAX_LINES} more in `lineage/record.json`")
     return ["", *lines]
@@ -113,6 +113,7 @@ def describe_record(
     *,
     links: Mapping[str, str] | None = None,
     parent_run: tuple[str, str] | None = None,
+    base: str = "",
 ) -> str:
     """The markdown description of a run, from its lineage record.
 
@@ -121,6 +122,8 @@ def describe_record(
         run_id: the run's id (its node is ``run:<run_id>``).
         links: more links to show, by label (the Prefect flow run's page).
         parent_run: ``(experiment id, run id)`` of the run this one is nested in.
+        base: what MLflow links start with: empty on MLflow's own pages, the server's URL
+            (ending in ``/``) elsewhere.
 
     Returns:
         Markdown: what ran, the decision, what it read and made, and the links.
@@ -135,17 +138,17 @@ def describe_record(
     headline = f"**{document.get('flow', 'run')}** · pipeline `{document.get('pipeline', '')}`"
     if isinstance(decision, Mapping) and decision.get("decision") is not None:
         headline += f" · decision **{_value(decision['decision'])}**"
-    lines = [headline, _gist(read, made)]
+    lines = [headline, _gist(read, made, base)]
     if isinstance(decision, Mapping):
         lines += ["", *_decision_lines(decision)]
-    lines += _section("Read", read) + _section("Made", made)
+    lines += _section("Read", read, base) + _section("Made", made, base)
     shown = dict(links or {})
     flow_run = (by_id.get(run, {}).get("attributes") or {}).get("flow_run_id")
     if flow_run and "Prefect flow run" not in shown:
         shown["Prefect flow run"] = f"`{flow_run}`"
     if parent_run:
         experiment, parent = parent_run
-        shown["parent run"] = f"[{parent[:8]}](#/experiments/{experiment}/runs/{parent})"
+        shown["parent run"] = f"[{parent[:8]}]({base}#/experiments/{experiment}/runs/{parent})"
     if shown:
         lines += ["", " · ".join(f"{label}: {target}" for label, target in shown.items())]
     return "\n".join(lines) + "\n"

@@ -59,6 +59,8 @@ class TrackedRun:
         self._lineage = lineage
         #: Links the run's description shows besides its lineage (label: markdown target).
         self.links: dict[str, str] = {}
+        #: The lineage record the run logged, once it has.
+        self.document: dict[str, Any] | None = None
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set tags (values as strings), in as few requests as MLflow allows."""
@@ -109,15 +111,20 @@ class TrackedRun:
 
     def describe(self, document: Mapping[str, Any]) -> None:
         """Set the run's description (MLflow's note) from its lineage record."""
+        self.set_tags({NOTE_TAG: self.description(document)})
+        self.document = dict(document)
+
+    def description(self, document: Mapping[str, Any], base: str = "") -> str:
+        """The run's description from its lineage record (MLflow links start with ``base``)."""
         run = self.client.get_run(self.run_id)
         parent = run.data.tags.get(PARENT_RUN_TAG)
-        text = describe_record(
+        return describe_record(
             document,
             self.run_id,
             links=self.links,
             parent_run=(self.experiment_id, parent) if parent else None,
+            base=base,
         )
-        self.set_tags({NOTE_TAG: text})
 
     @contextmanager
     def _activated(self) -> Iterator[None]:

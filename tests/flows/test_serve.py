@@ -437,6 +437,22 @@ def test_browser_finds_and_starts_a_deployment_and_sees_the_model_aliases(stack)
         driver.save_screenshot(str(ARTIFACTS / "mlflow-run-description.png"))
         body = driver.find_element(By.TAG_NAME, "body").text
         assert "credit v1" in body and "data version" in body and "alias champion" in body
+
+        # The training flow run in Prefect carries the same summary, linking the MLflow run.
+        training = _train_through_the_api(stack)
+        (artifact,) = _request(
+            "POST",
+            f"{stack.prefect_api}/artifacts/filter",
+            {"artifacts": {"flow_run_id": {"any_": [training["id"]]}}},
+        )
+        assert artifact["key"] == "train-summary"  # type: ignore[index]
+        driver.get(f"{prefect_ui}/artifacts/artifact/{artifact['id']}")  # type: ignore[index]
+        wait.until(lambda d: "decision passed" in d.find_element(By.TAG_NAME, "body").text)
+        driver.save_screenshot(str(ARTIFACTS / "prefect-run-summary.png"))
+        link = driver.find_element(By.PARTIAL_LINK_TEXT, "MLflow run")
+        assert link.get_attribute("href") == run_page_url(
+            stack.mlflow_url, experiment, version["run_id"]
+        )
     finally:
         driver.quit()
 

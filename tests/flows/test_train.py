@@ -136,6 +136,20 @@ def test_train_tracks_registers_and_links_everything(project, tmp_path):
     version = summary["model_version"]
     assert f"[e2e v{version}](#/models/e2e/versions/{version})" in note
     assert record["decision"]["decision"] == "passed"
+    # the Prefect flow run carries the same summary, with the metrics and the MLflow run
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    flow_run = run.data.tags["stemma.prefect.flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        (artifact,) = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run]))
+        )
+    assert artifact.key == "train-summary" and artifact.type == "markdown"
+    assert artifact.data.startswith("**train** · pipeline `e2e` · decision **passed**")
+    assert "| test_roc_auc |" in artifact.data
+    assert f"MLflow run `{run.info.run_id}`" in artifact.data  # no server: no link to follow
+
     # the experiment opens on its runs (model training), not on MLflow's GenAI overview
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
