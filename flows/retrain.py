@@ -24,6 +24,7 @@ from typing import Any
 
 import mlflow
 from prefect import flow, get_run_logger, task
+from prefect.states import Completed
 
 from stemma.components.platform import lineage, tags, tracking
 from stemma.components.platform.refs import format_model_ref
@@ -226,7 +227,7 @@ def retrain_flow(
         if not acquired:
             message = f"a retraining of {spec.pipeline.name} is already running: nothing to do"
             logger.info(message)
-            return {"outcome": ALREADY_RUNNING, "summary": message}
+            return _finished({"outcome": ALREADY_RUNNING, "summary": message})
         tracking.configure_tracking(loaded.root)
         experiment_id = tracking.ensure_experiment(spec.pipeline.experiment_name, loaded.root)
         why = cause_of(mlflow.MlflowClient(), cause)
@@ -241,4 +242,14 @@ def retrain_flow(
                 raise
             run.set_tags({tags.RETRAIN_OUTCOME: result["outcome"]})
         logger.info(result["summary"])
-        return {**result, "run_id": run.run_id, "cause": why}
+        return _finished({**result, "run_id": run.run_id, "cause": why})
+
+
+def _finished(result: dict[str, Any]) -> Any:
+    """The flow's result; a run that had nothing to do ends in a Completed state that says
+    so in its message, which the Prefect UI shows beside the run."""
+    if result["outcome"] not in (NO_NEW_DATA, ALREADY_RUNNING):
+        return result
+    summary = str(result["summary"])
+    message = summary if "nothing to do" in summary else f"nothing to do: {summary}"
+    return Completed(message=message, data=result)

@@ -87,8 +87,12 @@ def test_retrain_adds_labelled_rows_as_a_new_committed_data_version(retrain_proj
     assert {"data_version", "model_version", "run"} <= kinds
 
     # Nothing twice: the same labels again add nothing and leave the data alone.
-    again = retrain_flow(config="configs/credit.yaml", overrides=FAST)
+    state = retrain_flow(config="configs/credit.yaml", overrides=FAST, return_state=True)
+    again = state.result()
     assert again["outcome"] == NO_NEW_DATA
+    # the run that did nothing says so where the Prefect UI shows its final state
+    assert state.is_completed() and state.message.startswith("nothing to do: ")
+    assert again["summary"] in state.message
     assert "fewer than retrain.min_new_rows" in again["summary"]
     assert _pointer_md5(project) == result["data_md5"]
 
