@@ -32,10 +32,11 @@ MAX_FUNCTION_LINES = 80
 #: components/); they must not grow.
 BASELINE_COMPONENT_LINES = 24_126
 #: The most lines components/**/*.py may hold now: it goes down whenever code is removed,
-#: and up only by the lines of a new feature, said in the commit that adds it (the run
-#: descriptions of platform/describe.py and their Prefect copy: 228; the column names `validate` checks against
-#: the data's header: 63). The redesign left it at 25,353.
-COMPONENT_LINES_CEILING = 25_644
+#: and up only by the lines of a new feature, said in the commit that adds it. The
+#: redesign left it at 25,353; since then: run descriptions (platform/describe.py and their
+#: Prefect copy) 228, the column names `validate` checks 63, the registry's text
+#: (registry/text.py) 143.
+COMPONENT_LINES_CEILING = 25_787
 #: Offenders printed per check.
 SHOWN = 40
 

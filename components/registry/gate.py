@@ -26,6 +26,7 @@ import pandas as pd
 from stemma.components.errors import RegistryError, SpecError, StemmaError
 from stemma.components.platform import tags as tag_names
 from stemma.components.platform.refs import format_model_ref, logged_model_id
+from stemma.components.registry.text import record_moves
 from stemma.components.spec import METRIC_DIRECTIONS, GateSpec, Spec
 
 if TYPE_CHECKING:
@@ -551,17 +552,23 @@ def register_and_gate(
     except MlflowException as error:
         raise registry_error(f"cannot register {model_uri} as {model_name!r}", error) from error
 
+    number = str(version.version)
+    events = {number: f"registered from run {run_id}; {decision.summary().splitlines()[0]}"}
     if decision.passed and decision.alias is not None:
+        holder = (client.get_registered_model(model_name).aliases or {}).get(decision.alias)
         try:
-            client.set_registered_model_alias(model_name, decision.alias, str(version.version))
+            client.set_registered_model_alias(model_name, decision.alias, number)
         except MlflowException as error:
             raise registry_error(
                 f"registered {model_name} v{version.version} but could not set alias "
                 f"{decision.alias!r}",
                 error,
             ) from error
+        if holder is not None and str(holder) != number:
+            events[str(holder)] = f"the {decision.alias} alias moved to v{number}"
     try:
-        return client.get_model_version(model_name, str(version.version))
+        record_moves(client, model_name, events)
+        return client.get_model_version(model_name, number)
     except MlflowException as error:
         raise registry_error(f"cannot read back {model_name} v{version.version}", error) from error
 
@@ -637,6 +644,7 @@ def complete_registration(
                     ["the version stays registered without an alias; run the training flow again"],
                 )
             client.set_registered_model_alias(name, alias, number)
+            record_moves(client, name, {number: f"alias {alias} set as its gate decided"})
         return client.get_model_version(name, number), decision
     except MlflowException as error:
         raise registry_error(

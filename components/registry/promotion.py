@@ -50,6 +50,7 @@ from stemma.components.platform.tracked_run import tracked_run
 from stemma.components.registry import claims, gate
 from stemma.components.registry.claims import GENERATION_TAG
 from stemma.components.registry.gate import CHALLENGER_ALIAS, CHAMPION_ALIAS, TAG_PREFIX
+from stemma.components.registry.text import record_moves
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -625,6 +626,22 @@ def _move_aliases(
         )
     if aliases.get(CHALLENGER_ALIAS) == new_champion:
         client.delete_registered_model_alias(name, CHALLENGER_ALIAS)
+    record_moves(client, name, _move_events(record, new_champion, new_previous, before))
+
+
+def _move_events(
+    record: PromotionRecord, champion: str, previous: str | None, before: str | None
+) -> dict[str, str]:
+    """What a move did to each version it touched, for the registry's text."""
+    verb = "promoted to champion" if record.action == "promote" else "rolled back to champion"
+    events = {champion: f"{verb} by {record.who}: {record.reason}"}
+    old = record.from_version
+    if old is not None and old != champion:
+        role = PREVIOUS_CHAMPION_ALIAS if previous == old else "no alias"
+        events[old] = f"{CHAMPION_ALIAS} → {role} ({record.action} of v{champion})"
+    if before is not None and before not in events and previous not in (None, before):
+        events[before] = f"{PREVIOUS_CHAMPION_ALIAS} alias moved to v{previous}"
+    return events
 
 
 def _clock(epoch_seconds: float) -> str:

@@ -410,6 +410,8 @@ def test_browser_finds_and_starts_a_deployment_and_sees_the_model_aliases(stack)
         driver.save_screenshot(str(ARTIFACTS / "mlflow-model-aliases.png"))
         body = driver.find_element(By.TAG_NAME, "body").text
         assert "champion" in body and "Version 1" in body
+        # the registered model's description names the champion, its data and its story
+        assert "Champion: v1, trained on data version" in body
 
         # The version page names the backend that serves it and the hash of its graph.
         driver.get(f"{stack.mlflow_url}/#/models/credit/versions/1")

@@ -6,6 +6,7 @@ released together by a barrier file.
 
 from __future__ import annotations
 
+import getpass
 import json
 import multiprocessing
 import shutil
@@ -162,6 +163,25 @@ def test_rollback_restores_previous_champion_in_one_step(registry):
     assert (record.outcome, record.from_version, record.to_version) == ("done", "2", "1")
     assert aliases(client) == {"champion": "1", "previous-champion": "2"}
     assert client.get_registered_model(MODEL).tags[GENERATION_TAG] == "2"
+
+    # the registry's text follows every move: each version's role first, then its history
+    one = client.get_model_version(MODEL, "1").description.splitlines()
+    two = client.get_model_version(MODEL, "2").description.splitlines()
+    assert one[0] == "champion · gate passed"
+    assert two[0] == "previous-champion · gate passed"
+    user = getpass.getuser()
+    assert [line.split(": ", 1)[1] for line in one[3:5]] == [
+        "champion → previous-champion (promote of v2)",
+        f"rolled back to champion by {user}: canary error rate",
+    ]
+    assert [line.split(": ", 1)[1] for line in two[3:5]] == [
+        f"promoted to champion by {user}: better",
+        "champion → previous-champion (rollback of v1)",
+    ]
+    described = client.get_registered_model(MODEL).description
+    assert described.startswith("**Champion: v1**")
+    assert f"rolled back to champion by {user}: canary error rate" in described
+    assert "Other aliases: previous-champion: v2" in described
 
 
 def test_rollback_without_previous_champion_is_a_clear_error(registry):

@@ -234,9 +234,17 @@ def test_first_passing_model_becomes_champion_with_tags_and_description(store, m
     assert version.tags["stemma.gate.decision"] == "passed"
     assert version.tags["stemma.data.md5"] == LINEAGE_TAGS["stemma.data.md5"]
     assert version.run_id == store["run_id"]
-    assert version.description.startswith("Gate passed on roc_auc = 0.9100: alias `champion`.")
+    md5 = LINEAGE_TAGS["stemma.data.md5"][:8]
+    lines = version.description.splitlines()
+    assert lines[0] == f"champion · gate passed on roc_auc 0.91 · data `{md5}`"
+    assert lines[2] == "History:"
+    assert lines[3].endswith(
+        f": registered from run {store['run_id']}; Gate passed on roc_auc = 0.9100: alias `champion`."
+    )
     assert "- roc_auc 0.9100 >= minimum 0.8000" in version.description
-    assert client.get_registered_model(model_name).description == "Loan approval classifier."
+    assert client.get_registered_model(model_name).description.startswith(
+        f"**Champion: v{version.version}**, trained on data version `{md5}`"
+    )
 
 
 def test_failed_model_is_registered_without_an_alias(store, model_name):
