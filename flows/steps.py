@@ -108,7 +108,7 @@ def publish_summary(run: TrackedRun, flow: str) -> str | None:
     text += f"\n{where} in {redact_url(uri)}\n"
     return str(
         create_markdown_artifact(
-            markdown=text,
+            markdown=redact_url(text),
             key=f"{flow}-summary",
             description=f"What the {flow} run read, made and decided",
         )

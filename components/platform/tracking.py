@@ -129,11 +129,16 @@ MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 
 def run_page_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
     """The MLflow UI's page of a run (or of an experiment's runs) on a tracking server, in
-    the model-training layout; None when the runs are not on a server."""
+    the model-training layout, without the URI's credentials (a link is shown and stored;
+    the browser asks for them); None when the runs are not on a server."""
+    from urllib.parse import urlsplit, urlunsplit
+
     if not tracking_uri.startswith(("http://", "https://")):
         return None
+    parts = urlsplit(tracking_uri)
+    server = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
-    return f"{tracking_uri.rstrip('/')}/{path}?{MODEL_TRAINING_VIEW}"
+    return f"{server.rstrip('/')}/{path}?{MODEL_TRAINING_VIEW}"
 
 
 #: MLflow's experiment tag choosing the UI's layout, and the value for model training.

@@ -27,6 +27,7 @@ from stemma.components.platform.tracking import (
     log_epoch,
     log_metrics_batch,
     log_params_flat,
+    run_page_url,
 )
 
 FILE_MD5 = "0f343b0931126a20f133d67c2b018a3b"
@@ -240,3 +241,11 @@ def test_git_revision_reports_head_and_dirty_tree(tmp_path: Path):
     assert git_revision(tmp_path) == (head, False)
     (tmp_path / "data.dvc").write_text("outs: [changed]\n")
     assert git_revision(tmp_path) == (head, True)
+
+
+def test_a_run_page_link_carries_no_credentials():
+    page = run_page_url("http://stemma:s3cret@127.0.0.1:5000/", "7", "abc")
+    assert page == "http://127.0.0.1:5000/#/experiments/7/runs/abc?workflowType=machine_learning"
+    token = run_page_url("https://TOKEN@mlflow.example.com", "7")
+    assert token == "https://mlflow.example.com/#/experiments/7?workflowType=machine_learning"
+    assert run_page_url("sqlite:///mlflow.db", "7") is None
