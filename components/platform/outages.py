@@ -27,11 +27,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 from stemma.components.errors import SpecError, StemmaError
 from stemma.components.platform.lifecycle import interrupt_main_thread
-from stemma.components.platform.redaction import redact_url
+from stemma.components.platform.redaction import redact_url, without_credentials
 
 #: Environment variable that sets how long a command waits for a server that stopped
 #: answering (seconds); the CLI option ``--server-wait`` wins over it.
@@ -106,19 +105,12 @@ def servers_in_use(environ: Mapping[str, str] | None = None) -> list[Server]:
     tracking = environ.get("MLFLOW_TRACKING_URI", "").strip()
     if tracking.startswith(("http://", "https://")):
         base = tracking.rstrip("/")
-        servers.append(Server("MLflow", redact_url(base), f"{_without_credentials(base)}/health"))
+        servers.append(Server("MLflow", redact_url(base), f"{without_credentials(base)}/health"))
     prefect = environ.get("PREFECT_API_URL", "").strip()
     if prefect:
         base = prefect.rstrip("/")
-        servers.append(Server("Prefect", redact_url(base), f"{_without_credentials(base)}/health"))
+        servers.append(Server("Prefect", redact_url(base), f"{without_credentials(base)}/health"))
     return servers
-
-
-def _without_credentials(url: str) -> str:
-    """``url`` without ``user:password@``: health endpoints need none, and urllib would take
-    them for part of the host name."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def check_health(server: Server) -> str | None:
@@ -237,7 +229,7 @@ _DOWN_LOCK = threading.Lock()
 
 def is_down(url: str) -> bool:
     """Whether a running :class:`ServerWatch` finds the server at ``url`` down right now."""
-    base = _without_credentials(url.rstrip("/"))
+    base = without_credentials(url.rstrip("/"))
     with _DOWN_LOCK:
         return any(health.startswith(base) for health in _DOWN)
 

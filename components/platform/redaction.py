@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 #: What replaces a password or a token.
 MASK = "***"
@@ -46,6 +47,17 @@ def redact_url(text: str) -> str:
     if "@" not in text:  # most texts: no regular expression at all
         return text
     return _USERINFO.sub(_mask, text)
+
+
+def without_credentials(url: str) -> str:
+    """``url`` without its user part, for links shown or stored (a browser asks for the
+    credentials) and for requests that need none (urllib would take them for the host).
+
+    >>> without_credentials("http://stemma:s3cret@127.0.0.1:5000/health")
+    'http://127.0.0.1:5000/health'
+    """
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def redact(value: T) -> T:

@@ -35,6 +35,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from stemma.components.errors import StemmaError
+from stemma.components.platform.redaction import redact_url
 
 #: Every server binds to loopback only: these are a developer's local servers.
 HOST = "127.0.0.1"
@@ -276,7 +277,7 @@ def _prefect_launch(root: Path, port: int, database_url: str | None) -> _Launch:
     data = str(home)
     if database_url:
         extra["PREFECT_API_DATABASE_CONNECTION_URL"] = _with_driver(database_url, "asyncpg")
-        data = _redact(database_url)
+        data = redact_url(database_url)
     command = (_executable(PREFECT), "server", "start", "--host", HOST, "--port", str(port))
     return _Launch(PREFECT, port, command, _child_environment(extra), data)
 
@@ -309,7 +310,7 @@ def _mlflow_launch(
         "--artifacts-destination",
         str(artifacts),
     )
-    data = f"{_redact(store)}, artifacts in {artifacts}"
+    data = f"{redact_url(store)}, artifacts in {artifacts}"
     return _Launch(MLFLOW, port, command, _child_environment(extra), data)
 
 
@@ -318,7 +319,7 @@ def _check_database_urls(prefect_url: str | None, mlflow_url: str | None) -> Non
     for name, url in ((PREFECT, prefect_url), (MLFLOW, mlflow_url)):
         if url and not urlsplit(url).scheme.startswith("postgresql"):
             problems.append(
-                f"{DATABASE_FLAGS[name]} {_redact(url)}: must be a PostgreSQL URL "
+                f"{DATABASE_FLAGS[name]} {redact_url(url)}: must be a PostgreSQL URL "
                 "(postgresql://user:password@host:5432/database); leave it out for SQLite"
             )
     if prefect_url and mlflow_url and _same_database(prefect_url, mlflow_url):
@@ -363,14 +364,6 @@ def _with_driver(url: str, driver: str | None) -> str:
 def _same_database(first: str, second: str) -> bool:
     a, b = urlsplit(first), urlsplit(second)
     return (a.hostname, a.port, a.path) == (b.hostname, b.port, b.path)
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 # ---------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from mlflow.data.dataset_source import DatasetSource
 from stemma.components.errors import DataError, StemmaError
 from stemma.components.platform import tags as tag_names
 from stemma.components.platform.describe import NOTE_TAG
+from stemma.components.platform.redaction import without_credentials
 
 #: Folder under the project root that holds Stemma's local state.
 STATE_DIR = ".stemma"
@@ -131,12 +132,9 @@ def run_page_url(tracking_uri: str, experiment_id: str, run_id: str | None = Non
     """The MLflow UI's page of a run (or of an experiment's runs) on a tracking server, in
     the model-training layout, without the URI's credentials (a link is shown and stored;
     the browser asks for them); None when the runs are not on a server."""
-    from urllib.parse import urlsplit, urlunsplit
-
     if not tracking_uri.startswith(("http://", "https://")):
         return None
-    parts = urlsplit(tracking_uri)
-    server = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    server = without_credentials(tracking_uri)
     path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
     return f"{server.rstrip('/')}/{path}?{MODEL_TRAINING_VIEW}"
 

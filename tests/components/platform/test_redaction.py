@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from stemma.components.platform import lineage
-from stemma.components.platform.redaction import contains_credentials, redact, redact_url
+from stemma.components.platform.redaction import (
+    contains_credentials,
+    redact,
+    redact_url,
+    without_credentials,
+)
 
 
 @pytest.mark.parametrize(
@@ -30,6 +35,18 @@ from stemma.components.platform.redaction import contains_credentials, redact, r
 def test_redact_url_masks_only_the_user_part(text, expected):
     assert redact_url(text) == expected
     assert contains_credentials(text) == (text != expected)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://stemma:s3cret@127.0.0.1:5000/api", "http://127.0.0.1:5000/api"),
+        ("https://ghp_token@mlflow.example.com", "https://mlflow.example.com"),
+        ("http://127.0.0.1:4200/api", "http://127.0.0.1:4200/api"),
+    ],
+)
+def test_without_credentials_drops_the_whole_user_part(url, expected):
+    assert without_credentials(url) == expected
 
 
 def test_redact_walks_nested_values_without_changing_the_input():
