@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
 from stemma.components.evaluation import canary, canary_steps, comparison, rows
 from stemma.components.evaluation import steps as evaluation
@@ -40,6 +40,7 @@ from stemma.flows.steps import (
     load_spec_step,
     relative,
     scoring_options,
+    step,
     tracked,
 )
 
@@ -64,7 +65,7 @@ def batch_files(loaded: LoadedSpec, batches: list[str] | None) -> list[Path]:
     return [file for path in paths for file in input_files(path)]
 
 
-@task(name="resolve canary")
+@step(name="resolve canary")
 def resolve_state_step(
     loaded: LoadedSpec, settings: EvaluateSpec, challenger: str | None
 ) -> tuple[canary.CanaryState, bool]:
@@ -73,7 +74,7 @@ def resolve_state_step(
     return evaluation.resolve_canary(mlflow.MlflowClient(), model_name, settings, challenger)
 
 
-@task(name="score step")
+@step(name="score step")
 def score_step(
     run: Canary, state: canary.CanaryState, batch: Path, folder: Path
 ) -> canary_steps.StepScores:
@@ -90,7 +91,7 @@ def score_step(
     )
 
 
-@task(name="decide step")
+@step(name="decide step")
 def decide_step(
     run: Canary, state: canary.CanaryState, scores: canary_steps.StepScores, key: str
 ) -> dict[str, Any]:
@@ -100,7 +101,7 @@ def decide_step(
     )
 
 
-@task(name="move aliases")
+@step(name="move aliases")
 def apply_step(
     state: canary.CanaryState,
     transition: canary.Transition,

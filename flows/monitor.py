@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from stemma.components.data.labels import read_labels
@@ -40,7 +40,14 @@ from stemma.components.runtime.loading import ScoringModel, load_scoring_model
 from stemma.components.scoring.inputs import check_input_schema, input_digest, input_files
 from stemma.components.spec import LoadedSpec, MonitorSpec
 from stemma.flows.lineage import record_lineage
-from stemma.flows.steps import flow_run_id, load_spec_step, relative, spec_architectures, tracked
+from stemma.flows.steps import (
+    flow_run_id,
+    load_spec_step,
+    relative,
+    spec_architectures,
+    step,
+    tracked,
+)
 
 #: The alias monitored when neither the command line nor the spec names a model.
 DEFAULT_ALIAS = "champion"
@@ -68,7 +75,7 @@ class Batch:
     profile_sha256: str
 
 
-@task(name="load model and profile")
+@step(name="load model and profile")
 def load_model_step(
     reference: str, loaded: LoadedSpec
 ) -> tuple[ScoringModel, reference_profile.ReferenceProfile, str]:
@@ -79,7 +86,7 @@ def load_model_step(
     return model, profile, sha256
 
 
-@task(name="check batch")
+@step(name="check batch")
 def check_batch_step(
     files: list[Path], model: ScoringModel, id_column: str | None
 ) -> tuple[str, list[str]]:
@@ -87,12 +94,12 @@ def check_batch_step(
     return input_digest(files)
 
 
-@task(name="read labels")
+@step(name="read labels")
 def read_labels_step(files: list[Path], loaded: LoadedSpec) -> Any:
     return read_labels(files, loaded.spec.data.id, loaded.spec.data.target, missing="error")
 
 
-@task(name="compare with reference")
+@step(name="compare with reference")
 def compare_step(batch: Batch, settings: MonitorSpec, loaded: LoadedSpec) -> drift.DriftReport:
     labelled = batch.labels is not None
     wants_scores = settings.prediction_drift or (labelled and settings.performance_decay)
@@ -108,7 +115,7 @@ def compare_step(batch: Batch, settings: MonitorSpec, loaded: LoadedSpec) -> dri
     )
 
 
-@task(name="emit drift event")
+@step(name="emit drift event")
 def emit_step(event: dict[str, Any]) -> str | None:
     from prefect.events import emit_event
 

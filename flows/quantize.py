@@ -19,7 +19,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
 from stemma.components.data.tables import dataset_source
 from stemma.components.errors import RegistryError, SpecError
@@ -42,6 +42,7 @@ from stemma.flows.steps import (
     flow_run_id,
     load_spec_step,
     spec_architectures,
+    step,
     tracked,
 )
 
@@ -64,7 +65,7 @@ class _Context:
     reference: str
 
 
-@task(name="load fp32 model")
+@step(name="load fp32 model")
 def load_parent_step(reference: str, loaded: LoadedSpec) -> tuple[ScoringModel, Any]:
     """The fp32 model (files verified) and its registry entry; never a variant."""
     client = mlflow.MlflowClient()
@@ -81,12 +82,12 @@ def load_parent_step(reference: str, loaded: LoadedSpec) -> tuple[ScoringModel, 
     return model, version
 
 
-@task(name="recompute held-out rows")
+@step(name="recompute held-out rows")
 def heldout_step(version: Any, loaded: LoadedSpec) -> parents.HeldOut:
     return parents.heldout_rows(mlflow.MlflowClient(), version, loaded.root)
 
 
-@task(name="build and measure variants")
+@step(name="build and measure variants")
 def measure_step(
     context: _Context, y: np.ndarray, workdir: Path
 ) -> tuple[Comparison, dict[str, QuantizedNetwork]]:
@@ -128,7 +129,7 @@ def _variant_tags(
     }
 
 
-@task(name="register variant", task_run_name="register {result.method}")
+@step(name="register variant", task_run_name="register {result.method}")
 def register_step(
     context: _Context,
     result: VariantResult,

@@ -23,7 +23,7 @@ import json
 from typing import Any
 
 import mlflow
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.states import Completed
 
 from stemma.components.platform import lineage, tags, tracking
@@ -43,7 +43,7 @@ from stemma.components.training.retraining import (
     pipeline_lock,
 )
 from stemma.flows.lineage import record_lineage
-from stemma.flows.steps import config_location, config_run_name, flow_run_id, tracked
+from stemma.flows.steps import config_location, config_run_name, flow_run_id, step, tracked
 
 __all__ = [
     "ALREADY_RUNNING",
@@ -60,14 +60,14 @@ __all__ = [
 _run_name = config_run_name("retrain")
 
 
-@task(name="gather new labelled rows")
+@step(name="gather new labelled rows")
 def gather_step(
     loaded: LoadedSpec, settings: RetrainSpec, batches: str | None, labels: str | None
 ) -> retraining.Gathered:
     return retraining.gather(loaded, settings, batches, labels)
 
 
-@task(name="record new data version")
+@step(name="record new data version")
 def record_step(loaded: LoadedSpec, gathered: retraining.Gathered) -> tuple[Any, str | None]:
     return retraining.record_version(loaded, gathered)
 

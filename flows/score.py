@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.events import emit_event
 
 from stemma.components.data.tables import dataset_source, resolve_data_version
@@ -38,6 +38,7 @@ from stemma.flows.steps import (
     load_spec_step,
     relative,
     scoring_options,
+    step,
     tracked,
 )
 
@@ -53,7 +54,7 @@ OWNER_TAG = tags.SCORE_OWNER
 _run_name = config_run_name("score")
 
 
-@task(name="check input schema")
+@step(name="check input schema")
 def check_schema_step(
     files: list[Path], model: scoring.ScoringModel, loaded: LoadedSpec
 ) -> list[str]:
@@ -65,14 +66,14 @@ def check_schema_step(
     )
 
 
-@task(name="score")
+@step(name="score")
 def score_step(
     model: scoring.ScoringModel, files: list[Path], output: Path, loaded: LoadedSpec
 ) -> scoring.ScoringResult:
     return scoring.score_files(model, files, output, **scoring_options(loaded))
 
 
-@task(name="plan scoring")
+@step(name="plan scoring")
 def plan_step(
     model: scoring.ScoringModel, files: list[Path], output: Path, loaded: LoadedSpec
 ) -> scoring.ScoringPlan:
@@ -81,7 +82,7 @@ def plan_step(
     return scoring.plan_scoring(model, files, output, **options)
 
 
-@task(
+@step(
     name="score chunk range",
     task_run_name="score file {chunk_range.file_index} from chunk {chunk_range.first_chunk}",
 )
@@ -105,7 +106,7 @@ def fan_out_flow(
     return [future.result() for future in futures]
 
 
-@task(name="write manifest")
+@step(name="write manifest")
 def finish_step(
     model: scoring.ScoringModel, plan: scoring.ScoringPlan, results: list[scoring.RangeResult]
 ) -> scoring.ScoringResult:

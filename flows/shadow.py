@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
 from stemma.components.evaluation import shadow
 from stemma.components.evaluation import steps as evaluation
@@ -39,6 +39,7 @@ from stemma.flows.steps import (
     load_spec_step,
     relative,
     scoring_options,
+    step,
     tracked,
 )
 
@@ -66,12 +67,12 @@ class Inputs:
     labels_note: str
 
 
-@task(name="load labels")
+@step(name="load labels")
 def load_labels_step(loaded: LoadedSpec, path: Path | None, required: bool):
     return evaluation.read_labels(loaded, path, required)
 
 
-@task(name="score champion and challenger")
+@step(name="score champion and challenger")
 def score_pair_step(loaded: LoadedSpec, inputs: Inputs) -> shadow.ScoredPair:
     # The flow has checked that data.id is set (evaluate_settings).
     return shadow.score_pair(
@@ -83,7 +84,7 @@ def score_pair_step(loaded: LoadedSpec, inputs: Inputs) -> shadow.ScoredPair:
     )
 
 
-@task(name="compare and decide")
+@step(name="compare and decide")
 def compare_step(
     loaded: LoadedSpec, settings: EvaluateSpec, pair: shadow.ScoredPair, inputs: Inputs
 ) -> tuple[Any, shadow.ShadowReport]:
@@ -98,7 +99,7 @@ def compare_step(
     )
 
 
-@task(name="promote")
+@step(name="promote")
 def promote_step(report: shadow.ShadowReport, model_name: str, run_id: str, experiment_id: str):
     return shadow.promote_challenger(
         mlflow.MlflowClient(),

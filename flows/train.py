@@ -19,7 +19,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 import yaml
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
 from stemma.components.data import checks
 from stemma.components.data import tables as data
@@ -37,7 +37,7 @@ from stemma.components.spec import LoadedSpec, MonitorSpec, flatten, load_spec
 from stemma.components.training import steps as training
 from stemma.components.training.loop import TrainResult
 from stemma.flows.lineage import record_lineage
-from stemma.flows.steps import config_location, config_run_name, flow_run_id, tracked
+from stemma.flows.steps import config_location, config_run_name, flow_run_id, step, tracked
 
 #: Rows of the test split logged with the model as its input example.
 INPUT_EXAMPLE_ROWS = 5
@@ -60,7 +60,7 @@ class Setup:
     git_dirty: bool
 
 
-@task(name="load spec")
+@step(name="load spec")
 def load_spec_step(config: str, overrides: list[str]) -> LoadedSpec:
     """The full spec check, including building each expectation with GX itself."""
     loaded = load_spec(config_location(config), overrides)
@@ -73,17 +73,17 @@ def load_spec_step(config: str, overrides: list[str]) -> LoadedSpec:
     return loaded
 
 
-@task(name="resolve data version")
+@step(name="resolve data version")
 def resolve_data_step(loaded: LoadedSpec) -> data.DataVersion:
     return data.resolve_data_version(loaded.root, loaded.resolve(loaded.spec.data.path))
 
 
-@task(name="load table")
+@step(name="load table")
 def load_table_step(loaded: LoadedSpec, version: data.DataVersion) -> pd.DataFrame:
     return data.load_table(version.file_path, loaded.spec.data)
 
 
-@task(name="check data")
+@step(name="check data")
 def check_data_step(loaded: LoadedSpec, frame: pd.DataFrame, docs: Path) -> checks.ValidationReport:
     """Run the spec's expectations and build their Data Docs in ``docs`` (when GX can)."""
     spec = loaded.spec
@@ -95,12 +95,12 @@ def check_data_step(loaded: LoadedSpec, frame: pd.DataFrame, docs: Path) -> chec
     return report
 
 
-@task(name="split and preprocess")
+@step(name="split and preprocess")
 def prepare_step(loaded: LoadedSpec, frame: pd.DataFrame) -> training.PreparedData:
     return training.prepare_data(loaded.spec, frame)
 
 
-@task(name="train network")
+@step(name="train network")
 def train_step(
     loaded: LoadedSpec, prepared: training.PreparedData, checkpoint_dir: Path, run_id: str
 ) -> TrainResult:
@@ -117,14 +117,14 @@ def train_step(
     return result
 
 
-@task(name="evaluate")
+@step(name="evaluate")
 def evaluate_step(
     loaded: LoadedSpec, prepared: training.PreparedData, result: TrainResult, plots: Path
 ) -> dict[str, float]:
     return training.evaluate(loaded.spec, prepared, result, plots)
 
 
-@task(name="log model")
+@step(name="log model")
 def log_model_step(
     loaded: LoadedSpec, prepared: training.PreparedData, result: TrainResult, workdir: Path
 ) -> tuple[Any, str]:
@@ -139,7 +139,7 @@ def log_model_step(
     )
 
 
-@task(name="profile reference")
+@step(name="profile reference")
 def profile_step(
     loaded: LoadedSpec,
     frame: pd.DataFrame,
@@ -168,7 +168,7 @@ def profile_step(
     return reference_profile.write_profile(built, path)
 
 
-@task(name="register and gate")
+@step(name="register and gate")
 def gate_step(
     loaded: LoadedSpec,
     prepared: training.PreparedData,
@@ -197,7 +197,7 @@ def gate_step(
     return version, decision
 
 
-@task(name="complete registration")
+@step(name="complete registration")
 def complete_registration_step(
     loaded: LoadedSpec, existing: Any, facts: lineage.TrainingLineage
 ) -> tuple[Any, registry.GateDecision]:

@@ -61,7 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.session = Session()
     try:
         # SIGTERM takes Ctrl-C's path (checkpoint kept, MLflow run KILLED), exit code 143.
-        with sigterm_as_interrupt(), quiet_console(args.debug), args.session.cleanup:
+        with (
+            sigterm_as_interrupt(),
+            quiet_console(args.debug, verbose=args.verbose),
+            args.session.cleanup,
+        ):
             return args.handler(args)
     except StemmaError as error:
         if args.debug:

@@ -38,7 +38,8 @@ def register_demo(commands: Any) -> None:
     demo.set_defaults(handler=demo_command)
 
 
-def register_data(commands: Any) -> None:
+def register_data(commands: Any) -> Any:
+    """Add `stemma data` and its actions; return the actions' group."""
     data = commands.add_parser("data", help="work with the project's data")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION")
     data_commands.required = True
@@ -57,6 +58,7 @@ def register_data(commands: Any) -> None:
         "--no-dvc", action="store_true", help="only write the files; do not run `dvc add`"
     )
     data.set_defaults(handler=data_command)
+    return data_commands
 
 
 def demo_command(args: argparse.Namespace) -> int:
@@ -73,20 +75,26 @@ def demo_command(args: argparse.Namespace) -> int:
 
     quiet_known_errors(args.debug)
     watch_servers(args)
-    result = run_demo(root, days=args.days, train_rows=args.train_rows, batch_rows=args.batch_rows)
+    with logger_levels(_dvc_quiet(args)):
+        result = run_demo(
+            root, days=args.days, train_rows=args.train_rows, batch_rows=args.batch_rows
+        )
     print(format_demo(result))
     return 0
 
 
-def data_command(args: argparse.Namespace) -> int:
+def _dvc_quiet(args: argparse.Namespace) -> dict[str, int]:
+    """DVC's logger at WARNING unless --debug or -v: it prints git hints ("To track the
+    changes with git, run: ...") at INFO, and the command's report says what happened."""
     import dvc.repo  # noqa: F401  (DVC sets its logger's level on import: quiet it after)
 
+    return {} if args.debug or args.verbose else {"dvc": logging.WARNING}
+
+
+def data_command(args: argparse.Namespace) -> int:
     from stemma.flows.data import generate_example_data
 
-    # DVC prints git hints ("To track the changes with git, run: ...") at INFO; the report
-    # below says what happened.
-    levels = {} if args.debug else {"dvc": logging.WARNING}
-    with logger_levels(levels):
+    with logger_levels(_dvc_quiet(args)):
         report = generate_example_data(args.root.resolve(), record_with_dvc=not args.no_dvc)
     print(report)
     return 0

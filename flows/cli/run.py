@@ -36,7 +36,8 @@ SCORE_FLAGS = {
 MODEL_REFERENCE = "models:/<name>@<alias> or models:/<name>/<version>"
 
 
-def register(commands: Any) -> None:
+def register(commands: Any) -> Any:
+    """Add `stemma run` and its flows; return the flows' group."""
     run = commands.add_parser("run", help="run a flow", description="Run a Stemma flow.")
     run.set_defaults(handler=run_command)
     flows = run.add_subparsers(dest="flow", metavar="FLOW")
@@ -48,6 +49,7 @@ def register(commands: Any) -> None:
     _add_shadow(flows)
     _add_retrain(flows)
     _add_canary(flows)
+    return flows
 
 
 def _add_train(flows: Any) -> None:

@@ -19,6 +19,10 @@ from stemma.components.errors import StemmaError
 #: urllib3 logs each of MLflow's retries (the server watch says it once, in a sentence);
 #: GX announces each temporary docs folder at INFO (the flow reports what matters).
 QUIET_LOGGERS = {"urllib3.connectionpool": logging.ERROR, "great_expectations": logging.WARNING}
+#: How Prefect's log lines of a failed task or flow run begin (the CLI reports the error).
+FAILED_STATES = ("Finished in state Failed", "Finished in state Crashed")
+#: Settings of Prefect's console handler and of MLflow's loggers, at WARNING unless -v.
+CONSOLE_LEVELS = ("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "MLFLOW_LOGGING_LEVEL")
 
 
 class Session:
@@ -47,12 +51,21 @@ class Session:
 
 
 @contextlib.contextmanager
-def quiet_console(debug: bool) -> Iterator[None]:
+def quiet_console(debug: bool, *, verbose: bool = False) -> Iterator[None]:
     """For the command's duration (not with ``--debug``): no warnings, and the
-    :data:`QUIET_LOGGERS` at their levels; everything is restored when it ends."""
+    :data:`QUIET_LOGGERS` at their levels; everything is restored when it ends.
+
+    Without ``verbose``, Prefect's console handler and MLflow's loggers print warnings and
+    errors only (set before either library configures its logging, so for this process and
+    the ones it starts). The Prefect server still receives every log line of a flow run:
+    its UI shows them all.
+    """
     if debug:
         yield
         return
+    if not verbose:
+        for variable in CONSOLE_LEVELS:
+            os.environ.setdefault(variable, "WARNING")
     with warnings.catch_warnings(), logger_levels(QUIET_LOGGERS):
         warnings.simplefilter("ignore")
         yield
@@ -168,19 +181,24 @@ def ephemeral_allowed() -> bool:
     return not (profiles.exists() and "PREFECT_API_URL" in profiles.read_text(errors="replace"))
 
 
-class _DropStemmaErrors(logging.Filter):
+class _DropReportedErrors(logging.Filter):
+    """Drops what the CLI reports itself: a logged exception (with its traceback) and the
+    failed or crashed state Prefect logs after it (``Finished in state Failed(...)``)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], StemmaError))
+        if record.exc_info:
+            return False
+        return not (isinstance(record.msg, str) and record.msg.startswith(FAILED_STATES))
 
 
 def quiet_known_errors(debug: bool) -> None:
-    """Keep Stemma's own errors out of Prefect's console logs; the CLI prints them once.
+    """Keep the errors the CLI reports out of Prefect's console logs: it prints each once.
 
-    Prefect logs every failed task and flow with the exception and its traceback. For
-    errors Stemma raised on purpose (a broken config, a failed check) the CLI prints a
-    one-screen message instead, so the console copies are dropped. Only terminal handlers
-    are filtered: the Prefect server (and its UI) still receives every record. ``--debug``
-    keeps everything.
+    Prefect logs every failed task and flow with the exception and its traceback, then the
+    failed state again. The CLI prints one screen instead: the message of an error Stemma
+    raised on purpose (a broken config, a failed check), or one line for anything else with
+    ``--debug`` for the traceback. Only terminal handlers are filtered: the Prefect server
+    (and its UI) still receives every record. ``--debug`` keeps everything.
     """
     if debug:
         return
@@ -197,5 +215,5 @@ def quiet_known_errors(debug: bool) -> None:
             terminal = isinstance(handler, logging.StreamHandler) and not isinstance(
                 handler, logging.FileHandler
             )
-            if terminal and not any(isinstance(f, _DropStemmaErrors) for f in handler.filters):
-                handler.addFilter(_DropStemmaErrors())
+            if terminal and not any(isinstance(f, _DropReportedErrors) for f in handler.filters):
+                handler.addFilter(_DropReportedErrors())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -12,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stemma.flows.cli import main
+from stemma.flows.cli import build_parser, main
 
 HEAVY = ("torch", "mlflow", "great_expectations", "prefect")
 
@@ -30,6 +32,28 @@ def test_help_lists_the_commands(stemma_exe):
         assert command in result.stdout
 
 
+def test_every_command_help_has_examples_that_parse_and_the_exit_codes(capsys):
+    from stemma.flows.cli.parser import EXAMPLES
+
+    commands = [name.split() for name in EXAMPLES]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = re.findall(r"^    (\w+) ", capsys.readouterr().out, flags=re.MULTILINE)
+    assert "lineage" in listed and not set(listed) - set(EXAMPLES)  # every command has some
+    assert ["run", "score"] in commands and [] in commands
+    for command in commands:
+        with pytest.raises(SystemExit) as done:
+            main([*command, "--help"])
+        assert done.value.code == 0
+        text = capsys.readouterr().out
+        assert "examples:\n  stemma" in text and "exit codes:" in text, command
+        assert "130 interrupted" in text
+    for command, _ in (example for examples in EXAMPLES.values() for example in examples):
+        words = shlex.split(command.partition(">")[0])
+        assert words[0] == "stemma"
+        build_parser().parse_args(words[1:])  # exits (code 2) on an example that is wrong
+
+
 def test_validate_worked_example_imports_nothing_heavy(repo_root, tmp_path):
     """`stemma validate` on the worked example loads none of the heavy libraries."""
     config = tmp_path / "credit.yaml"
@@ -42,7 +66,7 @@ def test_validate_worked_example_imports_nothing_heavy(repo_root, tmp_path):
     probe = textwrap.dedent(
         f"""
         import sys
-        from stemma.flows.cli import main
+        from stemma.flows.cli import build_parser, main
         code = main(["validate", {str(config)!r}])
         heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
         print("HEAVY=" + ",".join(heavy))
