@@ -159,8 +159,12 @@ def run_lineage(
     output: str = "tree",
     openlineage: str | None = None,
     all_runs: bool = False,
+    full: bool = False,
 ) -> str:
     """The text `stemma lineage` prints; sends OpenLineage events when asked.
+
+    The ``tree`` output is a summary (one line per node, repeats and long chains folded),
+    or with ``full`` every node and edge with its digest, times and flow run.
 
     Raises:
         LineageError: the reference names nothing recorded, or the export failed.
@@ -182,7 +186,8 @@ def run_lineage(
     elif output == "mermaid":
         text = lineage_graph.render_mermaid(graph)
     else:
-        text = lineage_graph.render_tree(graph)
+        render = lineage_graph.render_tree if full else lineage_graph.render_summary
+        text = render(graph)
         text += f"\n\n({len(graph.nodes)} nodes, {graph.searches} MLflow calls, "
         text += f"{graph.seconds * 1000:.0f} ms)"
     if openlineage:

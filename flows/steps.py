@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from stemma.components.lineage.index import metric_rank
 from stemma.components.platform import tags, tracking
 from stemma.components.platform.redaction import redact_url
 from stemma.components.platform.tracked_run import LineageWriter, TrackedRun, tracked_run
@@ -21,10 +24,13 @@ from stemma.components.spec import LoadedSpec, load_spec
 #: Set by `stemma serve`: the project root its served runs resolve a relative spec path
 #: against (they run in whatever folder `stemma serve` was started in).
 PROJECT_ROOT_VARIABLE = "STEMMA_PROJECT_ROOT"
+#: A flow's step: a Prefect task without Prefect's result cache. Steps take models, tables
+#: and ONNX Runtime sessions, which Prefect cannot hash (it would log an ERROR with a
+#: traceback for every step), and Stemma resumes interrupted work itself (checkpoints,
+#: finished parts), so a cache would add nothing.
+step = partial(task, cache_policy=NO_CACHE)
 #: Metrics listed in a flow run's summary artifact.
 SUMMARY_METRICS = 12
-#: Metric name beginnings listed first in the summary, in this order.
-KEY_METRIC_PREFIXES = ("test", "shadow", "canary", "drift", "quantize", "gate", "val")
 
 
 def config_location(config: str) -> str:
@@ -100,7 +106,7 @@ def publish_summary(run: TrackedRun, flow: str) -> str | None:
     base = page.split("#", 1)[0] if page else ""
     text = run.description(run.document, base=base) if page else run.description(run.document)
     recorded = run.client.get_run(run.run_id).data.metrics.items()
-    metrics = sorted(recorded, key=_metric_rank)[:SUMMARY_METRICS]
+    metrics = sorted(recorded, key=lambda item: metric_rank(item[0]))[:SUMMARY_METRICS]
     if metrics:
         rows = "\n".join(f"| {key} | {value:.6g} |" for key, value in metrics)
         text += f"\n| metric | value |\n|---|---|\n{rows}\n"
@@ -113,13 +119,6 @@ def publish_summary(run: TrackedRun, flow: str) -> str | None:
             description=f"What the {flow} run read, made and decided",
         )
     )
-
-
-def _metric_rank(item: tuple[str, float]) -> tuple[int, str]:
-    """Metrics of a decision first (test split, shadow, canary, drift, quantize, gate)."""
-    name = item[0]
-    ranks = [rank for rank, prefix in enumerate(KEY_METRIC_PREFIXES) if name.startswith(prefix)]
-    return (min(ranks, default=len(KEY_METRIC_PREFIXES)), name)
 
 
 def flow_run_links() -> dict[str, str]:
@@ -143,12 +142,12 @@ def relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-@task(name="load spec")
+@step(name="load spec")
 def load_spec_step(config: str, overrides: list[str]) -> LoadedSpec:
     return load_spec(config_location(config), overrides)
 
 
-@task(name="load model")
+@step(name="load model")
 def load_model_step(reference: str, loaded: LoadedSpec) -> ScoringModel:
     """The model, checked against its recorded digests; only the spec's architecture may load."""
     return load_scoring_model(reference, architectures=spec_architectures(loaded))

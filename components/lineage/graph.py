@@ -11,11 +11,17 @@ The walk reads records through :class:`~stemma.components.lineage.index.RecordIn
 Nothing here knows the kinds of nodes beyond ``run`` and ``model_version`` (whose registry
 entry adds its creation time and aliases): a record with new kinds (``drift_report``,
 ``quantized_variant``, ``decision``) appears in the graph as it is written.
+
+``stemma lineage`` prints :func:`render_summary` (a line per node, long chains folded);
+``--full`` prints :func:`render_tree`, every node and edge with its digests and flow runs.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +36,7 @@ from stemma.components.lineage.index import (
 )
 from stemma.components.lineage.resolve import model_reference, resolve_reference, run_git
 from stemma.components.platform import tags as tag_names
+from stemma.components.platform.describe import short
 from stemma.components.platform.lineage import (
     Edge,
     asset_key,
@@ -40,6 +47,12 @@ UPSTREAM = "upstream"
 DOWNSTREAM = "downstream"
 #: Runs followed from one node by default (newest first downstream); `--all` lifts it.
 DEFAULT_MAX_RUNS = 20
+#: The summary folds a node whose kind its path from the root already met this often.
+FOLD_AFTER = 2
+#: The summary's longest line; longer ones end in "…".
+SUMMARY_WIDTH = 120
+#: Drifted features a summary line names before it says how many more.
+SHOWN_FEATURES = 4
 
 
 @dataclass
@@ -422,6 +435,194 @@ def render_tree(graph: LineageGraph) -> str:
     if len(graph.nodes) == 1:
         lines.append("")
         lines.append(f"(no recorded {graph.direction} lineage)")
+    return "\n".join(lines)
+
+
+@dataclass
+class _Entry:
+    """A line of the summary: a node, or a fold standing for the nodes beyond it."""
+
+    node_id: str
+    relation: str | None
+    folded: bool = False
+    beyond: int = 0
+    children: list[_Entry] = field(default_factory=list)
+
+
+def _minute(stamp: str) -> str:
+    try:
+        moment = datetime.fromisoformat(stamp)
+    except ValueError:
+        return stamp
+    return (moment.astimezone(UTC) if moment.tzinfo else moment).strftime("%Y-%m-%d %H:%M")
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return short(str(value))
+    if not math.isfinite(value):
+        return str(value)
+    if value == int(value) and abs(value) < 1e6:
+        return str(int(value))
+    if 0.001 <= abs(value) < 1000:
+        return f"{value:.3f}".rstrip("0").rstrip(".")
+    return f"{value:.3g}"
+
+
+def _name(node: GraphNode) -> str:
+    """``model version credit v8``, ``train run b8319bd7``, ``data version data.dvc@4d34e097``."""
+    words = node.kind.replace("_", " ")
+    version = re.fullmatch(r"models:/([^/@]+)/(\d+)", node.id)
+    if version:
+        return f"{words} {version[1]} v{version[2]}"
+    if node.kind == "run" and node.id.startswith(RUN_PREFIX):
+        flow = node.attributes.get("flow")
+        return f"{f'{flow} ' if flow else ''}run {node.id[len(RUN_PREFIX) :][:8]}"
+    return f"{words} {short(node.id.split(':', 1)[-1])}"
+
+
+def _facts(node: GraphNode) -> list[str]:
+    """What a summary line says about a node, from the attributes it has."""
+    found = node.attributes
+    facts = [_minute(node.created)] if node.created else []
+    if found.get("status") not in (None, "FINISHED"):
+        facts.append(f"status {found['status']}")
+    if found.get("aliases"):
+        facts.append(" ".join(f"@{alias}" for alias in found["aliases"]))
+    facts += [
+        f"{key} {_number(found[key])}" for key in ("gate", "role", "decision") if key in found
+    ]
+    if isinstance(found.get("success"), bool):
+        facts.append("passed" if found["success"] else "FAILED")
+    comparison = found.get("comparison")
+    if isinstance(comparison, Mapping) and {"champion", "challenger"} <= set(comparison):
+        metric = comparison.get("metric") or found.get("metric") or "metric"
+        facts.append(
+            f"{metric} champion {_number(comparison['champion'])} "
+            f"→ challenger {_number(comparison['challenger'])}"
+        )
+    drifted = found.get("drifted_features") or ("drift" in node.kind and found.get("features"))
+    if drifted:
+        names = [
+            str(n).strip() for n in (drifted.split(",") if isinstance(drifted, str) else drifted)
+        ]
+        more = f" +{len(names) - SHOWN_FEATURES} more" if len(names) > SHOWN_FEATURES else ""
+        facts.append("drifted " + ", ".join(names[:SHOWN_FEATURES]) + more)
+    if isinstance(found.get("metrics"), Mapping):
+        facts += [f"{name} {_number(value)}" for name, value in found["metrics"].items()]
+    return facts
+
+
+def _plan_summary(
+    graph: LineageGraph, following: dict[str, list[tuple[str, str]]]
+) -> tuple[_Entry, int]:
+    """The summary's entries from the root, each node once and deep paths folded, and the
+    count of links to nodes shown elsewhere (left out)."""
+    shown: set[str] = set()
+    links = 0
+
+    def visit(node_id: str, relation: str | None, met: dict[str, int]) -> _Entry:
+        nonlocal links
+        kind = graph.nodes[node_id].kind
+        if met.get(kind, 0) >= FOLD_AFTER:
+            return _Entry(node_id, relation, folded=True)
+        shown.add(node_id)
+        entry = _Entry(node_id, relation)
+        inner = {**met, kind: met.get(kind, 0) + 1}
+        for edge_relation, other in following.get(node_id, []):
+            if other in shown:
+                links += 1
+            else:
+                entry.children.append(visit(other, edge_relation, inner))
+        return entry
+
+    root = visit(graph.root, None, {})
+    return root, links + _count_folds(root, shown, following)
+
+
+def _count_folds(root: _Entry, shown: set[str], following: dict[str, list[tuple[str, str]]]) -> int:
+    """Give each fold the count of the nodes beyond it shown nowhere else (each node counted
+    by the first fold that reaches it); drop folds with none. Returns the links dropped."""
+    claimed: set[str] = set()
+    dropped = 0
+
+    def resolve(entry: _Entry) -> None:
+        nonlocal dropped
+        kept = []
+        for child in entry.children:
+            if child.folded:
+                beyond = _reach(child.node_id, following) - shown - claimed
+                claimed.update(beyond)
+                child.beyond = len(beyond)
+                if not beyond:
+                    dropped += 1
+                    continue
+            resolve(child)
+            kept.append(child)
+        entry.children = kept
+
+    resolve(root)
+    return dropped
+
+
+def _reach(start: str, following: dict[str, list[tuple[str, str]]]) -> set[str]:
+    reached = {start}
+    queue = [start]
+    while queue:
+        for _, other in following.get(queue.pop(), []):
+            if other not in reached:
+                reached.add(other)
+                queue.append(other)
+    return reached
+
+
+def render_summary(graph: LineageGraph) -> str:
+    """The graph as a short tree: one line per node with its short name and key facts.
+
+    A node reached again is not repeated, and a node whose kind its path from the root
+    already met :data:`FOLD_AFTER` times folds into one line saying how many nodes lie
+    beyond it (a chain of retrainings). :func:`render_tree` shows everything.
+    """
+    upstream = graph.direction == UPSTREAM
+    following: dict[str, list[tuple[str, str]]] = {}
+    for edge in sorted(graph.edges, key=lambda e: (e.relation, e.source if upstream else e.target)):
+        here, other = (edge.target, edge.source) if upstream else (edge.source, edge.target)
+        following.setdefault(here, []).append((edge.relation, other))
+    root, links = _plan_summary(graph, following)
+    lines = [
+        f"{graph.direction} of {graph.reference}"
+        + (f" ({graph.root})" if graph.root != graph.reference else ""),
+        "",
+    ]
+
+    def draw(entry: _Entry, prefix: str, last: bool) -> None:
+        branch = "" if entry.relation is None else ("└── " if last else "├── ")
+        if entry.folded:
+            nodes = "node" if entry.beyond == 1 else "nodes"
+            text = f"… {entry.beyond} more {graph.direction} {nodes} (stemma lineage --full)"
+        else:
+            node = graph.nodes[entry.node_id]
+            label = "" if entry.relation is None else f"{entry.relation}: "
+            text = " · ".join([label + _name(node), *_facts(node)])
+        line = prefix + branch + text
+        lines.append(line if len(line) <= SUMMARY_WIDTH else line[: SUMMARY_WIDTH - 1] + "…")
+        inner = prefix + ("" if entry.relation is None else ("    " if last else "│   "))
+        if graph.truncated.get(entry.node_id) and not entry.folded:
+            lines.append(
+                f"{inner}{'│   ' if entry.children else '    '}"
+                "(more runs than shown here: --all follows every one)"
+            )
+        for position, child in enumerate(entry.children):
+            draw(child, inner, position == len(entry.children) - 1)
+
+    draw(root, "", True)
+    if len(graph.nodes) == 1:
+        lines += ["", f"(no recorded {graph.direction} lineage)"]
+    elif links:
+        lines.append(
+            f"\n({links} {'link' if links == 1 else 'links'} to nodes above not repeated; "
+            "--full shows every node and edge)"
+        )
     return "\n".join(lines)
 
 

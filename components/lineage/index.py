@@ -12,7 +12,9 @@ that recorded lineage before the index tags existed (it has ``stemma.flow`` but 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +46,11 @@ MODEL_PREFIX = "models:/"
 CLAIM_EXPERIMENT_PREFIX = tag_names.CLAIMS_EXPERIMENT_PREFIX + "/"
 #: Runs fetched per search page (MLflow's maximum for search_runs).
 SEARCH_PAGE_SIZE = 1000
+#: Metric name beginnings that make a run's key metrics, in the order they are chosen
+#: (the metrics a decision rests on: test split, shadow, canary, drift, quantize, gate).
+KEY_METRIC_PREFIXES = ("test", "shadow", "canary", "drift", "quantize", "gate", "val")
+#: Key metrics a run node carries.
+KEY_METRICS = 3
 
 
 @dataclass
@@ -74,6 +81,29 @@ def iso_time(milliseconds: int | None) -> str | None:
     return datetime.fromtimestamp(milliseconds / 1000, tz=UTC).isoformat(timespec="seconds")
 
 
+def metric_rank(name: str) -> tuple[int, str]:
+    """Where a metric named ``name`` comes among a run's metrics: by the first of
+    :data:`KEY_METRIC_PREFIXES` it starts with (others after them all), then by name."""
+    ranks = [rank for rank, prefix in enumerate(KEY_METRIC_PREFIXES) if name.startswith(prefix)]
+    return (min(ranks, default=len(KEY_METRIC_PREFIXES)), name)
+
+
+def key_metrics(metrics: Mapping[str, float], limit: int = KEY_METRICS) -> dict[str, float]:
+    """At most ``limit`` of a run's metrics whose names start with a key prefix, best ranked
+    first; values that are not finite numbers are left out (JSON has no NaN)."""
+    chosen = sorted(
+        (
+            name
+            for name, value in metrics.items()
+            if metric_rank(name)[0] < len(KEY_METRIC_PREFIXES)
+            and isinstance(value, int | float)
+            and math.isfinite(value)
+        ),
+        key=metric_rank,
+    )
+    return {name: float(metrics[name]) for name in chosen[:limit]}
+
+
 def _parse_tag_node(value: str) -> dict[str, Any] | None:
     try:
         node = json.loads(value)
@@ -97,6 +127,7 @@ def _run_node(run: Run) -> dict[str, Any]:
             "experiment_id": run.info.experiment_id,
             "run_name": run.info.run_name,
             "ended": iso_time(run.info.end_time),
+            "metrics": key_metrics(run.data.metrics or {}),
         }.items()
         if value
     }

@@ -1,7 +1,10 @@
 """What `stemma serve` deploys: the Prefect deployments of a spec, as plain data.
 
-Each flow of a pipeline becomes one deployment named after the pipeline (``train/credit``,
-``score/credit``, ...), with its schedule and event triggers taken from the spec. This
+Each flow of a pipeline becomes one deployment titled after the pipeline and what it does
+(``credit · training``, ``credit · nightly scoring``, ...: the Prefect UI lists deployments
+by that name, with the flow's in small print), with its schedule and event triggers taken
+from the spec and a description that says what it does, when it runs and the command
+that does the same by hand. This
 module only *describes* them, so the plan can be printed (`stemma serve --dry-run`),
 tested, and compared with ``infra/prefect.yaml`` without Prefect; ``flows/serve.py``
 turns the plan into Prefect deployments.
@@ -20,7 +23,8 @@ pipeline.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -35,6 +39,34 @@ DRIFT_DETECTED_EVENT = tag_names.DRIFT_DETECTED
 #: A validated spec (``stemma.components.spec.LoadedSpec``). Not imported: the spec package
 #: validates model references with :mod:`.refs`, so platform importing spec would be a cycle.
 LoadedSpec = Any
+
+
+#: What each flow's deployment does, after the pipeline's name in its title.
+TITLES = {
+    "train": "training",
+    "score": "batch scoring",
+    "monitor": "drift monitoring",
+    "retrain": "retraining",
+    "quantize": "quantization",
+    "shadow": "shadow scoring",
+    "canary": "canary rollout",
+}
+_DAILY = re.compile(r"^\d+ (\d+) \* \* \*$")
+
+
+def deployment_title(pipeline: str, flow_name: str, cron: str | None = None) -> str:
+    """``credit · nightly scoring``: the pipeline, then what the deployment does; a daily
+    run between 20:00 and 06:59 is nightly, another daily one daily.
+
+    >>> deployment_title("credit", "score", "0 2 * * *")
+    'credit · nightly scoring'
+    """
+    title = TITLES.get(flow_name, flow_name)
+    daily = _DAILY.match(cron or "")
+    if daily and title.startswith("batch "):
+        hour = int(daily.group(1))
+        title = ("nightly " if hour >= 20 or hour < 7 else "daily ") + title.split(" ", 1)[1]
+    return f"{pipeline} · {title}"
 
 
 def pipeline_resource_id(pipeline: str) -> str:
@@ -172,14 +204,33 @@ def _plan(
     pipeline: str, base: dict[str, Any], flow_name: str, description: str, **more: Any
 ) -> DeploymentPlan:
     """The deployment of ``stemma.flows.<flow_name>:<flow_name>_flow`` for ``pipeline``."""
-    return DeploymentPlan(
+    plan = DeploymentPlan(
         flow_name=flow_name,
         entrypoint=f"stemma.flows.{flow_name}:{flow_name}_flow",
-        name=pipeline,
+        name=deployment_title(pipeline, flow_name, more.get("cron")),
         description=description,
         parameters=dict(base),
         tags=("stemma", f"pipeline:{pipeline}"),
         **more,
+    )
+    return replace(plan, description=f"{description}\n\n{_how_it_runs(plan)}")
+
+
+def _when(plan: DeploymentPlan) -> list[str]:
+    when = [f"cron '{plan.cron}' ({plan.timezone})"] if plan.cron else []
+    when += [f"on {trigger.event}" for trigger in plan.triggers]
+    return when or ["by hand"]
+
+
+def _how_it_runs(plan: DeploymentPlan) -> str:
+    """When the deployment runs, on which spec, and the command that does the same."""
+    limit = f"; at most {plan.concurrency_limit} run at once" if plan.concurrency_limit else ""
+    overrides = "".join(f" --set {item}" for item in plan.parameters.get("overrides", []))
+    command = f"stemma run {plan.flow_name} {plan.parameters['config']}{overrides}"
+    return (
+        f"**When:** {'; '.join(_when(plan))}{limit}  \n"
+        f"**Spec:** `{plan.parameters['config']}`  \n"
+        f"**By hand:** `{command}`"
     )
 
 
@@ -192,12 +243,9 @@ def _module_exists(module: str) -> bool:
 
 def describe_plans(plans: list[DeploymentPlan]) -> str:
     """A table of the deployments: name, schedule, triggers, concurrency."""
+    width = max((len(plan.full_name) for plan in plans), default=0) + 2
     lines = []
     for plan in plans:
-        when = [f"cron '{plan.cron}' ({plan.timezone})"] if plan.cron else []
-        when += [f"on {trigger.event}" for trigger in plan.triggers]
-        if not when:
-            when = ["by hand"]
         limit = f", at most {plan.concurrency_limit} at once" if plan.concurrency_limit else ""
-        lines.append(f"  {plan.full_name:<24} {'; '.join(when)}{limit}")
+        lines.append(f"  {plan.full_name:<{width}} {'; '.join(_when(plan))}{limit}")
     return "\n".join(lines)

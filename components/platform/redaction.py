@@ -7,7 +7,9 @@ must never reach a terminal, a log, an MLflow tag or param, a lineage record or 
 OpenLineage event. :func:`redact_url` masks the user part of every URL in a text:
 ``user:password@`` becomes ``user:***@`` (the user name helps whoever reads it; the
 password does not), and a user part without a password, which is usually a token,
-becomes ``***@``. :func:`redact` does the same through nested dicts and lists.
+becomes ``***@``. :func:`redact` does the same through nested dicts and lists. Stemma's own
+asset keys (``stemma://dvc:data.dvc@<md5>``) name lineage nodes, never a server with
+credentials: they are left as they are.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 #: What replaces a password or a token.
 MASK = "***"
+#: The scheme of Stemma's asset keys, whose ``kind:id@digest`` is no user part.
+ASSET_SCHEME = "stemma://"
 
 # A scheme, then the user part up to the last "@" before the host. The user part stops at
 # whitespace, quotes, brackets and the characters that end an authority ("/", "?", "#"),
@@ -31,6 +35,8 @@ T = TypeVar("T")
 
 
 def _mask(match: re.Match[str]) -> str:
+    if match.group("scheme").lower() == ASSET_SCHEME:
+        return match.group(0)
     user, colon, _ = match.group("userinfo").partition(":")
     masked = f"{user}:{MASK}" if colon else MASK
     return f"{match.group('scheme')}{masked}@"

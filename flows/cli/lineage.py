@@ -15,8 +15,11 @@ def register(commands: Any) -> None:
         help="show where a model, run, data version or prediction came from (or what it fed)",
         description=(
             "Walk the lineage records from REF: upstream (where it came from) or, with "
-            "--downstream, what it fed. Each node shows its kind, id, digest, created time "
-            "and the flow run that made it. Answers from MLflow searches on the records' tags."
+            "--downstream, what it fed. By default a summary: one line per node with its "
+            "kind, short name and key facts (created, aliases, gate, decision, metrics), each "
+            "node once and long chains folded; --full shows every node and edge with its "
+            "digest, created time and the flow run that made it. Answers from MLflow searches "
+            "on the records' tags."
         ),
     )
     lineage.add_argument(
@@ -30,6 +33,11 @@ def register(commands: Any) -> None:
         "--downstream", action="store_true", help="what REF fed, instead of where it came from"
     )
     shape = lineage.add_mutually_exclusive_group()
+    shape.add_argument(
+        "--full",
+        action="store_true",
+        help="print every node and edge with digests, times and flow runs (default: a summary)",
+    )
     shape.add_argument("--json", action="store_true", help="print the graph as JSON, for tools")
     shape.add_argument(
         "--mermaid", action="store_true", help="print the graph as a Mermaid flowchart, for docs"
@@ -62,6 +70,7 @@ def lineage_command(args: argparse.Namespace) -> int:
         output=output,
         openlineage=args.openlineage,
         all_runs=args.all_runs,
+        full=args.full,
     )
     print(text)
     return 0

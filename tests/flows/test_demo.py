@@ -9,6 +9,7 @@ import mlflow
 import pytest
 import yaml
 
+from stemma.flows.cli import main
 from stemma.flows.demo import format_demo, run_demo
 
 
@@ -20,7 +21,7 @@ def demo(tmp_path, repo_root, prefect_api, monkeypatch):
     )
 
 
-def test_demo_plays_the_days_and_retrains_when_drift_appears(demo):
+def test_demo_plays_the_days_and_retrains_when_drift_appears(demo, capsys):
     days = {row.day: row for row in demo["days"]}
     assert sorted(days) == list(range(7))
     assert days[0].champion == "1"
@@ -48,3 +49,15 @@ def test_demo_plays_the_days_and_retrains_when_drift_appears(demo):
 
     table = format_demo(demo)
     assert "champion" in table and "stemma lineage models:/credit@champion" in table
+
+    # `stemma lineage` on the champion: a summary that fits a screen, names the version
+    # and the run that trained it; --full prints every node and edge.
+    champion = client.get_model_version_by_alias("credit", "champion")
+    capsys.readouterr()
+    assert main(["lineage", "models:/credit@champion", "--root", str(root)]) == 0
+    summary = capsys.readouterr().out.splitlines()
+    assert len(summary) <= 30, "\n".join(summary)
+    assert summary[2].startswith(f"model version credit v{champion.version} · "), summary[2]
+    assert any(f"train run {champion.run_id[:8]}" in line for line in summary[:15]), summary
+    assert main(["lineage", "models:/credit@champion", "--root", str(root), "--full"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) > len(summary)

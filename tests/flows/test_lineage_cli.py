@@ -75,7 +75,9 @@ def test_upstream_of_the_champion_names_kind_digest_time_and_flow_run(scored, ca
     flow_run_id = train_run.data.tags["stemma.prefect.flow_run_id"]
     model = f"models:/{NAME}/{scored['train']['model_version']}"
 
-    code, out, err = lineage_cli(capsys, f"models:/{NAME}@champion", "--root", str(scored["root"]))
+    code, out, err = lineage_cli(
+        capsys, f"models:/{NAME}@champion", "--root", str(scored["root"]), "--full"
+    )
     assert code == 0, err
     assert f"{model}  [model_version]" in out
     assert f"digest sha256:{scored['train']['weights_sha256']}" in out
@@ -319,7 +321,7 @@ def test_references_that_name_nothing_fail_with_the_accepted_forms(scored, capsy
     assert result.returncode == 6
     assert "data.dvc@<git rev>" in result.stderr and "Traceback" not in result.stderr
     result = subprocess.run(
-        [*stemma_exe, "lineage", f"models:/{NAME}@champion"],
+        [*stemma_exe, "lineage", f"models:/{NAME}@champion", "--full"],
         cwd=scored["root"],
         env={**os.environ},
         capture_output=True,

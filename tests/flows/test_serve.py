@@ -193,7 +193,7 @@ def _expected_names(project: Path) -> set[str]:
 
 def test_serve_creates_every_deployment_unpaused_with_schedules_triggers_and_forms(stack):
     expected = _expected_names(stack.project)
-    assert {"train/credit", "score/credit"} <= expected
+    assert {"train/credit · training", "score/credit · nightly scoring"} <= expected
     deployments = _wait_for_deployments(stack, expected)
 
     for name in expected:
@@ -204,18 +204,24 @@ def test_serve_creates_every_deployment_unpaused_with_schedules_triggers_and_for
         assert properties["config"]["type"] == "string", name
         assert deployment["parameters"]["config"] == "configs/credit.yaml"
         assert deployment["parameters"]["overrides"] == ["train.epochs=2"]
-    score = deployments["score/credit"]
+        # the description says when it runs and the command that does the same by hand
+        flow = name.split("/", 1)[0]
+        assert (
+            f"stemma run {flow} configs/credit.yaml --set train.epochs=2"
+            in (deployment["description"])
+        ), name
+    score = deployments["score/credit · nightly scoring"]
     assert [s["schedule"]["cron"] for s in score["schedules"]] == ["0 2 * * *"]
     assert all(s["active"] for s in score["schedules"])
-    assert deployments["train/credit"]["schedules"] == []
+    assert deployments["train/credit · training"]["schedules"] == []
 
     automations = _request("POST", f"{stack.prefect_api}/automations/filter", {})
     expected_events = set()
-    if "monitor/credit" in expected:
+    if "monitor/credit · drift monitoring" in expected:
         expected_events.add(BATCH_SCORED_EVENT)
-    if "retrain/credit" in expected:
+    if "retrain/credit · retraining" in expected:
         expected_events.add(DRIFT_DETECTED_EVENT)
-        retrain = deployments["retrain/credit"]
+        retrain = deployments["retrain/credit · retraining"]
         assert retrain["concurrency_limit"] == 1 or retrain.get("global_concurrency_limit")
     seen = {event for automation in automations for event in automation["trigger"]["expect"]}  # type: ignore[index]
     assert expected_events <= seen
@@ -224,8 +230,8 @@ def test_serve_creates_every_deployment_unpaused_with_schedules_triggers_and_for
 def _train_through_the_api(stack: Stack) -> dict:
     """Start the training deployment as the UI's "Quick run" does (once per stack)."""
     if getattr(stack, "training_run", None) is None:
-        deployments = _wait_for_deployments(stack, {"train/credit"})
-        train = deployments["train/credit"]
+        deployments = _wait_for_deployments(stack, {"train/credit · training"})
+        train = deployments["train/credit · training"]
         # What the UI sends: a scheduled state and the deployment's default parameters.
         created = _request(
             "POST",
@@ -273,7 +279,9 @@ def test_a_drift_event_starts_the_retraining_deployment_with_its_cause(stack):
     from datetime import UTC, datetime
 
     assert _train_through_the_api(stack)["state"]["type"] == "COMPLETED", stack.log()
-    retrain = _wait_for_deployments(stack, {"retrain/credit"})["retrain/credit"]
+    retrain = _wait_for_deployments(stack, {"retrain/credit · retraining"})[
+        "retrain/credit · retraining"
+    ]
     experiment = stack.mlflow("GET", "experiments/get-by-name?experiment_name=credit")
     # A drift report as the monitor leaves one: an MLflow run of the `monitor` flow.
     report = stack.mlflow(
@@ -334,7 +342,7 @@ def test_deployments_stay_unpaused_after_serve_and_the_server_restart(stack, ste
     start_services(stack.project, timeout_s=START_TIMEOUT_S, **stack.ports)  # type: ignore[attr-defined]
     after_restart = stack.deployments()
     assert all(after_restart[name]["paused"] is False for name in expected)
-    assert all(s["active"] for s in after_restart["score/credit"]["schedules"])
+    assert all(s["active"] for s in after_restart["score/credit · nightly scoring"]["schedules"])
     # Serve again, as a restarted `stemma serve` would: the deployments are taken back.
     stack.serve = _start_serve(stack.project, stack.environment, stack.serve_log, stemma_exe)
     _wait_for_deployments(stack, expected)
@@ -355,8 +363,10 @@ def test_browser_finds_and_starts_a_deployment_and_sees_the_model_aliases(stack)
     # The UI must call this server's API, not Prefect's default port.
     assert _request("GET", f"{prefect_ui}/ui-settings")["api_url"] == stack.prefect_api  # type: ignore[index]
     assert _train_through_the_api(stack)["state"]["type"] == "COMPLETED", stack.log()
-    deployments = _wait_for_deployments(stack, {"train/credit", "score/credit"})
-    score = deployments["score/credit"]
+    deployments = _wait_for_deployments(
+        stack, {"train/credit · training", "score/credit · nightly scoring"}
+    )
+    score = deployments["score/credit · nightly scoring"]
     runs_before = len(stack.runs_of(score["id"]))
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
@@ -381,10 +391,11 @@ def test_browser_finds_and_starts_a_deployment_and_sees_the_model_aliases(stack)
                 (By.XPATH, "//*[contains(normalize-space(.), 'score')]")
             )
         )
-        wait.until(lambda d: "credit" in d.find_element(By.TAG_NAME, "body").text)
+        wait.until(lambda d: "nightly scoring" in d.find_element(By.TAG_NAME, "body").text)
         driver.save_screenshot(str(ARTIFACTS / "prefect-deployments.png"))
         body = driver.find_element(By.TAG_NAME, "body").text
-        assert "credit" in body and "train" in body and "score" in body
+        # each deployment by its title, not seven times the pipeline's name
+        assert "credit · training" in body and "credit · nightly scoring" in body
 
         driver.get(f"{prefect_ui}/deployments/deployment/{score['id']}")
         run_button = wait.until(
@@ -392,6 +403,10 @@ def test_browser_finds_and_starts_a_deployment_and_sees_the_model_aliases(stack)
                 (By.XPATH, "//button[normalize-space(.)='Run']")
             )
         )
+        # The deployment's Description tab says when it runs and what does the same by hand.
+        driver.find_element(By.XPATH, "//*[normalize-space(.)='Description']").click()
+        wait.until(lambda d: "stemma run score" in d.find_element(By.TAG_NAME, "body").text)
+        driver.save_screenshot(str(ARTIFACTS / "prefect-deployment-description.png"))
         run_button.click()
         quick = wait.until(
             expected_conditions.element_to_be_clickable(

@@ -455,8 +455,8 @@ def test_nightly_schedules_are_active_crons(deployed):
         if item["schedules"]
     }
     assert crons == {
-        "score/credit": [("0 2 * * *", True)],
-        "retrain/credit": [("0 3 * * *", True)],
+        "score/credit · nightly scoring": [("0 2 * * *", True)],
+        "retrain/credit · retraining": [("0 3 * * *", True)],
     }
 
 
@@ -468,12 +468,12 @@ def test_gpu_work_pool_asks_kubernetes_for_a_gpu(stack, deployed):
     ]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
     assert pool["base_job_template"]["variables"]["properties"]["gpu_count"]["default"] == 1
-    gpu = deployed["train/credit-gpu"]
+    gpu = deployed["train/credit · training on GPU"]
     assert gpu["job_variables"]["gpu_count"] == 1
 
 
 def test_drift_event_starts_the_retraining_deployment(stack, deployed):
-    retrain = deployed["retrain/credit"]
+    retrain = deployed["retrain/credit · retraining"]
     automations = api(f"{stack.prefect_api}/automations/filter", {})
     (automation,) = [
         item

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -22,12 +24,17 @@ from mlflow.entities import RunTag
 from stemma.components.errors import LineageError
 from stemma.components.lineage.graph import (
     DOWNSTREAM,
+    SUMMARY_WIDTH,
     UPSTREAM,
+    GraphNode,
+    LineageGraph,
     RecordIndex,
     render_mermaid,
+    render_summary,
     render_tree,
     walk,
 )
+from stemma.components.lineage.index import key_metrics
 from stemma.components.platform import lineage
 from tests.support import isolated_mlflow
 
@@ -552,3 +559,115 @@ def test_the_run_that_made_a_version_directly_is_its_maker(store):
         assert graph.nodes[train].kind == "training_run"
     finally:
         store.client.delete_run(retrain.info.run_id)
+
+
+def _retraining_chain(retrainings: int) -> LineageGraph:
+    """A champion trained on the last of ``retrainings + 1`` data versions, each made by a
+    retraining run from the one before; the last data version is reached twice (checked
+    by the validation and read by the training run)."""
+    model, train = "models:/credit/9", lineage.run_node_id("a" * 32)
+    validation = f"gx-validation:{'5' * 64}"
+    md5s = [f"{i}" * 32 + ".dir" for i in range(retrainings + 1)]
+    data = [lineage.data_node_id("data.dvc", md5) for md5 in md5s]
+    retrains = [lineage.run_node_id(f"{i}" * 32) for i in range(1, retrainings + 1)]
+    decision = f"decision:{'6' * 32}"
+    graph = LineageGraph(reference="models:/credit@champion", root=model, direction=UPSTREAM)
+    for node in (
+        GraphNode(
+            model,
+            "model_version",
+            f"sha256:{'8' * 64}",
+            "2026-12-06T18:07:51+00:00",
+            attributes={"aliases": ["champion"], "gate": "passed", "role": "challenger"},
+        ),
+        GraphNode(
+            train,
+            "run",
+            created="2026-12-06T18:07:45+00:00",
+            attributes={
+                "flow": "train",
+                "status": "FINISHED",
+                "metrics": {"test_roc_auc": 0.93712, "test_f1": 0.8},
+            },
+        ),
+        GraphNode(validation, "validation", f"sha256:{'5' * 64}", attributes={"success": True}),
+        GraphNode(decision, "decision", attributes={"decision": "promote"}),
+        *(GraphNode(n, "data_version", f"md5:{md5}") for n, md5 in zip(data, md5s, strict=True)),
+        *(GraphNode(run, "run", attributes={"flow": "retrain"}) for run in retrains),
+    ):
+        graph.nodes[node.id] = node
+    graph.edges = [
+        lineage.Edge(train, model, "produced"),
+        lineage.Edge(decision, model, "promote"),
+        lineage.Edge(validation, train, "gated"),
+        lineage.Edge(data[-1], train, "input_of"),
+        lineage.Edge(data[-1], validation, "checked_by"),
+    ]
+    for before, run, after in zip(data[:-1], retrains, data[1:], strict=True):
+        graph.edges += [lineage.Edge(before, run, "input_of"), lineage.Edge(run, after, "produced")]
+    return graph
+
+
+def test_the_summary_folds_a_chain_of_retrainings_and_shows_each_node_once():
+    graph = _retraining_chain(8)
+    summary = render_summary(graph)
+    lines = summary.splitlines()
+    assert lines[0] == "upstream of models:/credit@champion (models:/credit/9)"
+    assert lines[2].startswith("model version credit v9 · 2026-12-06 18:07 · @champion")
+    assert "gate passed · role challenger" in lines[2]
+    assert "produced: train run aaaaaaaa · 2026-12-06 18:07 · test_roc_auc 0.937" in summary
+    assert "gated: validation 55555555 · passed" in summary
+    assert "promote: decision 66666666 · decision promote" in summary
+    # model → train run → validation → data v8 → retrain run → data v7, then the third run
+    # on the path folds: runs 1 to 7 and data versions 0 to 6 are the 14 nodes beyond.
+    (fold,) = [line for line in lines if "…" in line]
+    assert fold.endswith("└── … 14 more upstream nodes (stemma lineage --full)")
+    body = summary.split("\n\n")[1].splitlines()  # between the header and the note
+    assert len(body) - 1 + 14 == len(graph.nodes)  # every node printed once or folded
+    # the last data version is reached twice and printed once
+    assert summary.count("data.dvc@88888888.dir") == 1
+    assert "(1 link to nodes above not repeated; --full shows every node and edge)" in summary
+    assert not re.search(r"[0-9a-f]{32,}", summary), summary
+    assert len(lines) <= 30 and max(len(line) for line in lines) <= SUMMARY_WIDTH
+    tree = render_tree(graph)
+    assert all(node_id in tree for node_id in graph.nodes)
+    assert len(tree.splitlines()) > len(lines)
+
+
+def test_the_summary_folds_downstream_too_and_counts_each_hidden_node_once():
+    upstream = _retraining_chain(8)
+    root = lineage.data_node_id("data.dvc", "0" * 32 + ".dir")
+    graph = LineageGraph(
+        reference=root, root=root, direction=DOWNSTREAM, nodes=upstream.nodes, edges=upstream.edges
+    )
+    summary = render_summary(graph)
+    body = summary.split("\n\n")[1].splitlines()
+    folds = [int(line.split("… ")[1].split()[0]) for line in body if "… " in line]
+    assert folds == [16] and "more downstream nodes" in summary
+    # every node but the decision (upstream of the model only) is printed or folded
+    assert len(body) - len(folds) + sum(folds) == len(graph.nodes) - 1
+    assert not re.search(r"[0-9a-f]{32,}", "\n".join(body)), summary  # the header quotes REF
+
+
+def test_run_nodes_carry_at_most_three_key_metrics_test_first(store):
+    run_id = store.runs["train-1"]
+    for name, value in {
+        "train_loss": 0.4,
+        "val_loss": 0.39,
+        "gate_passed": 1.0,
+        "test_roc_auc": 0.93712,
+        "test_f1": 0.81,
+        "shadow_agreement": 0.98,
+        "seconds": 3.2,
+    }.items():
+        store.client.log_metric(run_id, name, value)
+    graph = _walk(store, "models:/credit/1")
+    metrics = graph.nodes[lineage.run_node_id(run_id)].attributes["metrics"]
+    assert list(metrics) == ["test_f1", "test_roc_auc", "shadow_agreement"]
+    assert metrics["test_roc_auc"] == pytest.approx(0.93712)
+    json.loads(json.dumps(graph.to_dict(), allow_nan=False))
+    assert "test_roc_auc 0.937" in render_summary(graph)
+    # not finite values and metrics no decision rests on are left out
+    assert key_metrics({"val_auc": math.nan, "epoch": 3.0, "gate_passed": 1.0}) == {
+        "gate_passed": 1.0
+    }

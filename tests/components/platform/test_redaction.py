@@ -29,8 +29,21 @@ from stemma.components.platform.redaction import (
             "tests@stemma.invalid, sqlite:///tmp/mlflow.db",
             "tests@stemma.invalid, sqlite:///tmp/mlflow.db",
         ),
+        (
+            '"stemma://dvc:data.dvc@4d34e097409e80fb49903fa73f2ee939.dir" via http://u:pw@h',
+            '"stemma://dvc:data.dvc@4d34e097409e80fb49903fa73f2ee939.dir" via http://u:***@h',
+        ),
     ],
-    ids=["password", "at-in-password", "token", "json", "prose", "already-masked", "no-url"],
+    ids=[
+        "password",
+        "at-in-password",
+        "token",
+        "json",
+        "prose",
+        "already-masked",
+        "no-url",
+        "asset-key",
+    ],
 )
 def test_redact_url_masks_only_the_user_part(text, expected):
     assert redact_url(text) == expected
@@ -56,6 +69,19 @@ def test_redact_walks_nested_values_without_changing_the_input():
         "n": {"k": "http://g:***@i/j"},
     }
     assert value["n"]["k"] == "http://g:h@i/j"
+
+
+def test_asset_keys_of_data_versions_are_kept_whole():
+    # `stemma lineage --json` prints every node's asset key: a data version's
+    # `stemma://dvc:data.dvc@<md5>` is no user part and keeps its pointer and md5.
+    key = lineage.asset_key(lineage.data_node_id("data.dvc", "4d34e097409e80fb49903fa73f2ee939"))
+    document = {"nodes": [{"asset_key": key}], "tracking": "http://stemma:SECRET@mlflow:5000"}
+    assert redact(document) == {
+        "nodes": [{"asset_key": key}],
+        "tracking": "http://stemma:***@mlflow:5000",
+    }
+    assert "dvc:data.dvc@4d34e097409e80fb49903fa73f2ee939" in key
+    assert not contains_credentials(key)
 
 
 def test_lineage_records_never_hold_a_password():
