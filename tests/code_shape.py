@@ -36,8 +36,9 @@ BASELINE_COMPONENT_LINES = 24_126
 #: redesign left it at 25,353; since then: run descriptions (platform/describe.py and their
 #: Prefect copy) 228, the column names `validate` checks 63, the registry's text
 #: (registry/text.py) 143, the lineage summary (lineage/graph.py render_summary, key
-#: metrics of runs in lineage/index.py) 238, deployment titles and descriptions 48.
-COMPONENT_LINES_CEILING = 26_073
+#: metrics of runs in lineage/index.py) 238, deployment titles and descriptions 48, nested
+#: runs 12.
+COMPONENT_LINES_CEILING = 26_085
 #: Offenders printed per check.
 SHOWN = 40
 

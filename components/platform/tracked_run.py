@@ -7,7 +7,9 @@ on any other error (see :func:`.tracking.end_run_after`), with the reason in its
 A run is *active* (on MLflow's fluent stack, nested under a run already active) or
 *detached* (created by the client and left off the stack, for a run that spans other flows'
 runs, as retraining's does). Every method writes through the client with the run's id, so
-both work alike. :meth:`TrackedRun.record_lineage` logs the record and its index tags (see
+both work alike. A run started inside another's block is its child (``mlflow.parentRunId``),
+so MLflow's runs table nests a retraining's training, quantization, shadow and promotion
+runs under it, and a canary's promotions and rollbacks under the canary run. :meth:`TrackedRun.record_lineage` logs the record and its index tags (see
 :mod:`.lineage`), or hands it to the ``lineage`` writer the flow passes (the flows add
 Prefect assets), inside the run either way.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,8 @@ LineageWriter = Callable[[dict[str, Any]], None]
 PARENT_RUN_TAG = "mlflow.parentRunId"
 #: MLflow accepts at most this many tags in one request.
 TAGS_PER_REQUEST = 100
+#: The detached run whose block is running: runs started inside it are its children.
+_DETACHED_PARENT: ContextVar[str | None] = ContextVar("stemma_detached_parent", default=None)
 
 
 class TrackedRun:
@@ -185,19 +190,23 @@ def tracked_run(
 
     if not detached or client is None:
         client = mlflow.MlflowClient()
+    active = mlflow.active_run()
+    parent = _DETACHED_PARENT.get() or (active.info.run_id if active else None)
+    family = {PARENT_RUN_TAG: parent} if parent and not run_id else {}
     if detached and run_id:
         client.update_run(run_id, status="RUNNING")
         run = client.get_run(run_id)
     elif detached:
-        run = client.create_run(str(experiment_id), run_name=name)
+        run = client.create_run(str(experiment_id), run_name=name, tags=family)
+    elif run_id:
+        run = mlflow.start_run(run_id=run_id, nested=active is not None)
     else:
-        nested = mlflow.active_run() is not None
-        if run_id:
-            run = mlflow.start_run(run_id=run_id, nested=nested)
-        else:
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=nested)
+        run = mlflow.start_run(
+            experiment_id=experiment_id, run_name=name, nested=active is not None, tags=family
+        )
     handle = TrackedRun(client, run, active=not detached, resumed=bool(run_id), lineage=lineage)
     handle.links.update(links or {})
+    children = _DETACHED_PARENT.set(handle.run_id) if detached else None
     try:
         handle.set_tags({**tags, tag_names.STATUS: "running"})
         yield handle
@@ -208,6 +217,9 @@ def tracked_run(
         else:
             handle.resumable = tracking.end_run_after(error)
         raise
+    finally:
+        if children is not None:
+            _DETACHED_PARENT.reset(children)
     if detached:
         client.set_terminated(handle.run_id, handle.end_status)
     else:

@@ -145,6 +145,8 @@ def test_a_better_challenger_walks_the_steps_night_by_night_and_is_promoted(proj
     evidence = json.loads(promotion.data.tags["stemma.promotion.evidence"])
     assert evidence["step_run_id"] == third["history"][1]["run_id"]
     assert promotion.data.tags["stemma.promotion.outcome"] == "done"
+    # the promotion run is a child of the canary step's run in MLflow's runs table
+    assert promotion.data.tags["mlflow.parentRunId"] == third["history"][1]["run_id"]
 
 
 def test_a_broken_challenger_is_rolled_back_within_one_step(project, weights):

@@ -85,6 +85,15 @@ def test_retrain_adds_labelled_rows_as_a_new_committed_data_version(retrain_proj
     record = mlflow.artifacts.load_dict(f"runs:/{result['run_id']}/{RECORD_ARTIFACT}")
     kinds = {node["kind"] for node in record["nodes"]}
     assert {"data_version", "model_version", "run"} <= kinds
+    # MLflow's runs table nests the training, shadow (and any promotion) runs under it
+    children = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{result['run_id']}'"
+    )
+    flows = {child.data.tags.get("stemma.flow") for child in children}
+    assert {"train", "shadow"} <= flows, flows
+    assert version.run_id in {child.info.run_id for child in children}
+    if result["outcome"] == "promoted":
+        assert "promote" in flows
 
     # Nothing twice: the same labels again add nothing and leave the data alone.
     state = retrain_flow(config="configs/credit.yaml", overrides=FAST, return_state=True)

@@ -139,7 +139,20 @@ def test_a_detached_run_leaves_room_for_other_runs(experiment: str) -> None:
     stored = _run(run.run_id)
     assert stored.info.status == "FINISHED"
     assert stored.data.tags[tags.STATUS] == "completed"
-    assert "mlflow.parentRunId" not in _run(inner.run_id).data.tags
+    # a child all the same: MLflow's runs table nests it under the detached run
+    assert _run(inner.run_id).data.tags["mlflow.parentRunId"] == run.run_id
+    with tracked_run("after", experiment_id=experiment, tags={}) as after:
+        pass
+    assert "mlflow.parentRunId" not in _run(after.run_id).data.tags
+
+
+def test_a_detached_run_inside_an_active_one_is_its_child(experiment: str) -> None:
+    with (
+        tracked_run("canary", experiment_id=experiment, tags={}) as outer,
+        tracked_run("promote", experiment_id=experiment, tags={}, detached=True) as inner,
+    ):
+        assert mlflow.active_run().info.run_id == outer.run_id
+    assert _run(inner.run_id).data.tags["mlflow.parentRunId"] == outer.run_id
 
 
 def test_a_detached_run_fails_like_an_active_one(experiment: str) -> None:
