@@ -27,6 +27,7 @@ from stemma.components.platform import tags as tag_names
 from stemma.components.platform import tracking
 from stemma.components.platform.describe import NOTE_TAG, describe_record
 from stemma.components.platform.redaction import redact
+from stemma.components.platform.refs import logged_model_id
 
 #: What records a lineage record in the active run: the record as a JSON document.
 LineageWriter = Callable[[dict[str, Any]], None]
@@ -112,7 +113,44 @@ class TrackedRun:
             else:
                 self.log_dict(document, records.RECORD_ARTIFACT)
                 self.set_tags(records.index_tags(document, self.run_id))
+            self.link_inputs(document)
         self.describe(document)
+
+    def link_inputs(self, document: Mapping[str, Any]) -> None:
+        """What the record says the run worked with, as the run's MLflow inputs: the model
+        versions another run logged and, unless the flow logged a dataset itself, the batches
+        it read with their digests; the run page lists them under "Logged models" and
+        "Datasets"."""
+        from mlflow.entities import LoggedModelInput
+        from mlflow.exceptions import MlflowException
+
+        models = []
+        for node in document.get("nodes", []):
+            name, _, version = str(node["id"]).removeprefix("models:/").partition("/")
+            if node.get("kind") != "model_version" or not version.isdigit():
+                continue
+            try:
+                found = self.client.get_model_version(name, version)
+            except MlflowException:  # deleted since: the record still names it
+                continue
+            model_id = found.model_id or logged_model_id(found.source or "")
+            models += (
+                [LoggedModelInput(model_id)] if model_id and found.run_id != self.run_id else []
+            )
+        if models:
+            self.client.log_inputs(self.run_id, models=models)
+        if self.client.get_run(self.run_id).inputs.dataset_inputs:
+            return
+        _, used = records.record_roles(document, self.run_id)
+        for node in (node for node in document.get("nodes", []) if node.get("id") in used):
+            path, digest = (node.get("attributes") or {}).get("path"), node.get("digest")
+            if node.get("kind") == "input" and path and digest:
+                tracking.log_dataset_reference(
+                    name=f"{document.get('pipeline') or 'stemma'}-batch",
+                    source=str(path),
+                    context="evaluation",
+                    digest=str(digest).partition(":")[2] or str(digest),
+                )
 
     def describe(self, document: Mapping[str, Any]) -> None:
         """Set the run's description (MLflow's note) from its lineage record."""

@@ -183,6 +183,12 @@ def test_day_one_is_quiet_and_day_six_drifts_with_an_event_on_the_prefect_api(
     assert run.data.metrics["feature.age.psi"] == pytest.approx(shifted["columns"]["age"]["psi"])
     assert run.data.metrics["features_drifted"] == len(shifted["drifted_features"])
     assert client.get_run(quiet["run_id"]).data.tags["stemma.drift.detected"] == "false"
+    # the run page links the batch (its own dataset input) and the model version it monitored
+    (batch,) = run.inputs.dataset_inputs
+    assert "day_06" in batch.dataset.source
+    (model,) = run.inputs.model_inputs
+    version = client.get_model_version(PIPELINE, shifted["model_version"])
+    assert client.get_logged_model(model.model_id).source_run_id == version.run_id
 
     artifacts = download(shifted["run_id"], tmp_path)
     table = pd.read_csv(artifacts / "drift" / "statistics.csv").set_index("column")

@@ -202,6 +202,16 @@ def test_a_better_challenger_is_promoted_and_everything_is_recorded(project, wei
     tags = client.get_model_version(name, versions["better"]).tags
     assert tags["stemma.shadow.decision"] == "promote"
     assert tags["stemma.shadow.run_id"] == run.info.run_id
+    # the run page lists the batch it read (with its digest) and both model versions
+    (dataset,) = run.inputs.dataset_inputs
+    batch = next(node for node in record["nodes"] if node["kind"] == "input")
+    assert dataset.dataset.digest == batch["digest"].removeprefix("md5:")
+    assert "day_01" in dataset.dataset.source
+    logged = {
+        client.get_model_version(name, versions[model]).source.removeprefix("models:/")
+        for model in ("champion", "better")
+    }
+    assert {model.model_id for model in run.inputs.model_inputs} == logged
 
 
 def test_a_worse_challenger_is_never_promoted_even_with_auto_promote(project, weights):
