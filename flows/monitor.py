@@ -41,6 +41,7 @@ from stemma.components.scoring.inputs import check_input_schema, input_digest, i
 from stemma.components.spec import LoadedSpec, MonitorSpec
 from stemma.flows.lineage import record_lineage
 from stemma.flows.steps import (
+    check_champion,
     flow_run_id,
     load_spec_step,
     relative,
@@ -79,6 +80,7 @@ class Batch:
 def load_model_step(
     reference: str, loaded: LoadedSpec
 ) -> tuple[ScoringModel, reference_profile.ReferenceProfile, str]:
+    check_champion(reference, loaded)
     model = load_scoring_model(reference, architectures=spec_architectures(loaded))
     profile, sha256 = reference_profile.load_model_profile(
         mlflow.MlflowClient(), model.name, model.version

@@ -66,8 +66,32 @@ def run_down(root: Path) -> str:
 
 
 def run_status(root: Path) -> str:
-    """One line per server: running where (URL, pid, health, data) or not running."""
-    return "\n".join(_describe(service) for service in service_status(root))
+    """One line per server: running where (URL, pid, health, data) or not running; then a
+    warning for each registered model whose champion alias was moved outside Stemma."""
+    services = service_status(root)
+    lines = [_describe(service) for service in services]
+    return "\n".join(lines + champion_warnings(root, services))
+
+
+def champion_warnings(root: Path, services: list[Service]) -> list[str]:
+    """Champion aliases moved outside Stemma, in the store the project's flows use (when it
+    exists and answers: an MLflow server `stemma up` started must be healthy)."""
+    import os
+
+    from stemma.components.platform import tracking
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    local = root / tracking.STATE_DIR / tracking.LOCAL_DB_NAME
+    ours = next((service for service in services if service.name == MLFLOW), None)
+    if (not uri and not local.is_file()) or (ours is not None and ours.pid and not ours.healthy):
+        return []
+    from mlflow import MlflowClient
+
+    from stemma.components.registry.promotion import moved_outside
+
+    client = MlflowClient(tracking_uri=tracking.configure_tracking(root))
+    found = (moved_outside(client, model.name) for model in client.search_registered_models())
+    return [f"warning: {problem.render()}" for problem in found if problem is not None]
 
 
 def _describe(service: Service) -> str:

@@ -10,14 +10,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from stemma.components.lineage.index import metric_rank
 from stemma.components.platform import tags, tracking
 from stemma.components.platform.redaction import redact_url
+from stemma.components.platform.refs import parse_model_ref
 from stemma.components.platform.tracked_run import LineageWriter, TrackedRun, tracked_run
+from stemma.components.registry import promotion
+from stemma.components.registry.gate import CHAMPION_ALIAS
 from stemma.components.runtime.loading import ScoringModel, load_scoring_model
 from stemma.components.spec import LoadedSpec, load_spec
 
@@ -150,7 +153,23 @@ def load_spec_step(config: str, overrides: list[str]) -> LoadedSpec:
 @step(name="load model")
 def load_model_step(reference: str, loaded: LoadedSpec) -> ScoringModel:
     """The model, checked against its recorded digests; only the spec's architecture may load."""
+    check_champion(reference, loaded)
     return load_scoring_model(reference, architectures=spec_architectures(loaded))
+
+
+def check_champion(reference: str, loaded: LoadedSpec) -> None:
+    """Before reading ``@champion``: warn when the alias was moved outside Stemma, or refuse
+    to go on when the spec's ``gate.outside_alias_moves`` says so."""
+    import mlflow
+
+    parsed = parse_model_ref(reference)
+    if parsed.alias != CHAMPION_ALIAS:
+        return
+    problem = promotion.moved_outside(mlflow.MlflowClient(), parsed.name)
+    if problem is not None and loaded.spec.gate.outside_alias_moves == "refuse":
+        raise problem
+    if problem is not None:
+        get_run_logger().warning(problem.render())
 
 
 def spec_architectures(loaded: LoadedSpec) -> list[str]:

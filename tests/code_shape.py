@@ -37,8 +37,9 @@ BASELINE_COMPONENT_LINES = 24_126
 #: Prefect copy) 228, the column names `validate` checks 63, the registry's text
 #: (registry/text.py) 143, the lineage summary (lineage/graph.py render_summary, key
 #: metrics of runs in lineage/index.py) 238, deployment titles and descriptions 48, nested
-#: runs 12, the inputs a run's record names linked as MLflow run inputs 38.
-COMPONENT_LINES_CEILING = 26_123
+#: runs 12, the inputs a run's record names linked as MLflow run inputs 38, champion moves
+#: made outside Stemma detected 55.
+COMPONENT_LINES_CEILING = 26_178
 #: Offenders printed per check.
 SHOWN = 40
 

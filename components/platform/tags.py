@@ -63,6 +63,7 @@ GATE_VALUE = "stemma.gate.value"  # version: that metric's value
 PROMOTION_PREFIX = "stemma.promotion."  # promote run: one tag per field of the record
 PROMOTION_LAST = "stemma.promotion.last"  # version: JSON of its latest promotion decision
 PROMOTION_GENERATION = "stemma.promotion.generation"  # model: champion moves made so far
+PROMOTION_CHAMPION = "stemma.promotion.champion"  # model: the version Stemma made champion
 PROMOTION_EVIDENCE = "stemma.promotion.evidence"  # promote run: the evidence, as JSON
 PROMOTION_OUTCOME = "stemma.promotion.outcome"  # shadow run: what promotion did
 CLAIMS_EXPERIMENT_PREFIX = "stemma.claims"  # experiment names that claim a generation

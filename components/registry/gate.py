@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 CHAMPION_ALIAS = "champion"
 CHALLENGER_ALIAS = "challenger"
+#: Registered-model tag: the version Stemma last made champion (a move outside Stemma, such
+#: as the MLflow UI's alias pencil, leaves it behind; see ``promotion.moved_outside``).
+CHAMPION_TAG = tag_names.PROMOTION_CHAMPION
 #: Prefix of the version tags that record the gate's decision.
 TAG_PREFIX = tag_names.GATE_PREFIX
 #: How to gate past a champion that is not trusted.
@@ -492,6 +495,13 @@ def _brief(error: Exception) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
+    """Point ``alias`` at ``version``; for the champion, also record that Stemma put it there."""
+    client.set_registered_model_alias(name, alias, version)
+    if alias == CHAMPION_ALIAS:
+        client.set_registered_model_tag(name, CHAMPION_TAG, version)
+
+
 def register_and_gate(
     *,
     client: MlflowClient,
@@ -557,7 +567,7 @@ def register_and_gate(
     if decision.passed and decision.alias is not None:
         holder = (client.get_registered_model(model_name).aliases or {}).get(decision.alias)
         try:
-            client.set_registered_model_alias(model_name, decision.alias, number)
+            set_alias(client, model_name, decision.alias, number)
         except MlflowException as error:
             raise registry_error(
                 f"registered {model_name} v{version.version} but could not set alias "
@@ -643,7 +653,7 @@ def complete_registration(
                     f"(decided against {decision.decided_against or 'none'}, now {current or 'none'})",
                     ["the version stays registered without an alias; run the training flow again"],
                 )
-            client.set_registered_model_alias(name, alias, number)
+            set_alias(client, name, alias, number)
             record_moves(client, name, {number: f"alias {alias} set as its gate decided"})
         return client.get_model_version(name, number), decision
     except MlflowException as error:

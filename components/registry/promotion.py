@@ -49,7 +49,12 @@ from stemma.components.platform.lineage import (
 from stemma.components.platform.tracked_run import tracked_run
 from stemma.components.registry import claims, gate
 from stemma.components.registry.claims import GENERATION_TAG
-from stemma.components.registry.gate import CHALLENGER_ALIAS, CHAMPION_ALIAS, TAG_PREFIX
+from stemma.components.registry.gate import (
+    CHALLENGER_ALIAS,
+    CHAMPION_ALIAS,
+    CHAMPION_TAG,
+    TAG_PREFIX,
+)
 from stemma.components.registry.text import record_moves
 
 if TYPE_CHECKING:
@@ -496,6 +501,36 @@ def retire_challenger(
     return _record(client, record, experiment_id)
 
 
+def moved_outside(client: MlflowClient, model_name: str) -> RegistryError | None:
+    """The champion alias moved outside Stemma (the MLflow UI's pencil, another tool): not
+    where Stemma last put it, and no promotion is moving it now (the next generation is not
+    claimed); None otherwise, and for a model Stemma never made a champion of."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(model_name)
+        recorded = (model.tags or {}).get(CHAMPION_TAG)
+        actual = (model.aliases or {}).get(CHAMPION_ALIAS)
+        if recorded is None or str(actual) == recorded:
+            return None
+        moving = claims.claim_name(model_name, claims.read_generation(client, model_name) + 1)
+        if client.get_experiment_by_name(moving) is not None:
+            return None
+    except (MlflowException, ValueError):  # unreadable: the flows' own reads will say so
+        return None
+    where = f"v{actual}" if actual is not None else "no version (the alias was deleted)"
+    return RegistryError(
+        f"{model_name}: the {CHAMPION_ALIAS} alias points to {where}, but Stemma last made "
+        f"v{recorded} the {CHAMPION_ALIAS}; it was moved outside `stemma promote` (the MLflow "
+        "UI or another tool), with no gate check, evidence or record",
+        [
+            f"undo it: stemma promote models:/{model_name}/{recorded}",
+            "keep it, checked and recorded: undo it, then stemma promote "
+            f"models:/{model_name}/{actual if actual is not None else '<version>'}",
+        ],
+    )
+
+
 def _generation_or_raise(client: MlflowClient, model_name: str) -> int:
     from mlflow.exceptions import MlflowException
 
@@ -624,6 +659,7 @@ def _move_aliases(
             f"{CHAMPION_ALIAS} alias was set outside stemma promote)",
             ["the other writer's champion was kept"],
         )
+    client.set_registered_model_tag(name, CHAMPION_TAG, new_champion)
     if aliases.get(CHALLENGER_ALIAS) == new_champion:
         client.delete_registered_model_alias(name, CHALLENGER_ALIAS)
     record_moves(client, name, _move_events(record, new_champion, new_previous, before))

@@ -296,6 +296,14 @@ class GateSpec(Section):
             "gates as if there were no champion."
         ),
     )
+    outside_alias_moves: Literal["warn", "refuse"] = Field(
+        default="warn",
+        description=(
+            "When the champion alias was moved outside `stemma promote` (the MLflow UI's alias "
+            "pencil, another tool): `warn` says so in every flow that reads it and in "
+            "`stemma status`; `refuse` also stops those flows until Stemma moves it."
+        ),
+    )
 
 
 class DaskSpec(Section):

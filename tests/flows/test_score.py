@@ -194,3 +194,29 @@ def test_cli_prints_a_one_line_summary(stemma_exe, scoring_project, prefect_api)
     first = result.stdout.splitlines()[0]
     assert first.startswith("scored 1,000 rows") and "scoring v1" in first
     assert (scoring_project / "outputs/credit/scores/_SUCCESS").is_file()
+
+
+def test_a_champion_moved_outside_stemma_warns_or_refuses(scoring_project):
+    from stemma.flows.services import run_status
+
+    client = mlflow.MlflowClient()
+    first = client.get_model_version("scoring", "1")
+    other = client.create_model_version(
+        "scoring", source=first.source, run_id=first.run_id, tags=first.tags
+    ).version
+    client.set_registered_model_alias("scoring", "champion", str(other))  # the UI's pencil
+    try:
+        with pytest.raises(RegistryError) as caught:
+            run_score(scoring_project, "gate.outside_alias_moves=refuse")
+        assert f"points to v{other}, but Stemma last made v1 the champion" in (
+            caught.value.render()
+        )
+        assert not (scoring_project / "outputs/credit/scores/_SUCCESS").exists()
+        # by default the flow says so and goes on with the alias as it is
+        assert run_score(scoring_project)["model_version"] == str(other)
+        assert f"warning: scoring: the champion alias points to v{other}" in run_status(
+            scoring_project
+        )
+    finally:
+        client.set_registered_model_alias("scoring", "champion", "1")
+    assert "warning" not in run_status(scoring_project)

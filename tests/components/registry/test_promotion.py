@@ -18,10 +18,12 @@ from mlflow import MlflowClient
 
 from stemma.components.errors import RegistryError
 from stemma.components.platform.lineage import RECORD_ARTIFACT
+from stemma.components.registry.claims import claim_name
 from stemma.components.registry.promotion import (
     GENERATION_TAG,
     LAST_PROMOTION_TAG,
     PromotionError,
+    moved_outside,
     promote,
     rollback,
 )
@@ -112,6 +114,31 @@ def test_promote_moves_champion_and_keeps_previous(registry):
         "relation": "promoted_over",
     }
     assert promoted_over in document["edges"]
+
+
+def test_a_champion_moved_outside_stemma_is_detected_until_stemma_moves_it(registry):
+    client = registry["client"]
+    assert moved_outside(client, MODEL) is None  # Stemma never made a champion here yet
+    promote(client, MODEL, "2", reason="shadow win")
+    assert client.get_registered_model(MODEL).tags["stemma.promotion.champion"] == "2"
+    assert moved_outside(client, MODEL) is None
+
+    client.set_registered_model_alias(MODEL, "champion", "3")  # the MLflow UI's pencil
+    problem = moved_outside(client, MODEL)
+    assert problem is not None
+    assert "points to v3, but Stemma last made v2 the champion" in problem.render()
+    assert "undo it: stemma promote models:/credit/2" in problem.render()
+    client.delete_registered_model_alias(MODEL, "champion")
+    assert "points to no version" in moved_outside(client, MODEL).render()
+
+    client.set_registered_model_alias(MODEL, "champion", "3")
+    promote(client, MODEL, "2", reason="undo the manual move")  # Stemma's move again
+    assert moved_outside(client, MODEL) is None
+    # while a promotion holds the next generation, the alias is moving: no alarm
+    generation = int(client.get_registered_model(MODEL).tags[GENERATION_TAG])
+    client.create_experiment(claim_name(MODEL, generation + 1))
+    client.set_registered_model_alias(MODEL, "champion", "1")
+    assert moved_outside(client, MODEL) is None
 
 
 REFUSALS = [
