@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -47,7 +48,7 @@ from stemma.components.platform.lineage import (
     run_node_id,
 )
 from stemma.components.platform.tracked_run import tracked_run
-from stemma.components.registry import claims, gate
+from stemma.components.registry import claims, gate, history
 from stemma.components.registry.claims import GENERATION_TAG
 from stemma.components.registry.gate import (
     CHALLENGER_ALIAS,
@@ -246,6 +247,8 @@ def _record(
             run.set_tags(index_tags(lineage_record, run.run_id))
             if record.outcome != OUTCOME_DONE:
                 run.end_status = "FAILED"
+            else:
+                _log_history(run, client, experiment_id, record.model)
     for version in {record.from_version, record.to_version} - {None}:
         # A version that vanished cannot carry the tag; the run still records the decision.
         with contextlib.suppress(MlflowException):
@@ -253,6 +256,15 @@ def _record(
                 record.model, version, LAST_PROMOTION_TAG, record.to_json()
             )
     return record
+
+
+def _log_history(run: Any, client: MlflowClient, experiment_id: str, model: str) -> None:
+    """The champion history with this move, on the move's run; a history that cannot be
+    drawn leaves the move (already made) and its record as they are."""
+    try:
+        history.log_history(run, client, experiment_id, model)
+    except Exception as error:  # the aliases moved: a missing picture must not undo that
+        logging.getLogger(__name__).warning("champion history not logged: %s", error)
 
 
 def _fail(

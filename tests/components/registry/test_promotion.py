@@ -181,6 +181,22 @@ def test_refused_promotion_moves_nothing_and_is_recorded(
     )
 
 
+def test_each_move_logs_the_champion_history_so_far(registry):
+    client, experiment = registry["client"], registry["experiment"]
+    promote(client, MODEL, "2", reason="shadow win", experiment_id=experiment)
+    with pytest.raises(PromotionError):  # refused: not a move, not in the history
+        promote(client, MODEL, "3", reason="no", experiment_id=experiment)
+    last = rollback(client, MODEL, reason="canary | error rate", experiment_id=experiment)
+
+    folder = Path(client.download_artifacts(last.record_run_id, "champion_history"))
+    table = (folder / "history.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| 2")]
+    assert len(rows) == 2  # newest first: the rollback, then the promotion
+    assert "| v1 | v2 | rollback |" in rows[0] and "canary / error rate" in rows[0]
+    assert "| v2 | v1 | promote |" in rows[1] and "shadow win" in rows[1]
+    assert (folder / "history.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_rollback_restores_previous_champion_in_one_step(registry):
     client = registry["client"]
     promote(client, MODEL, "2", reason="better")
