@@ -84,12 +84,15 @@ def load_table_step(loaded: LoadedSpec, version: data.DataVersion) -> pd.DataFra
 
 
 @step(name="check data")
-def check_data_step(loaded: LoadedSpec, frame: pd.DataFrame, docs: Path) -> checks.ValidationReport:
-    """Run the spec's expectations and build their Data Docs in ``docs`` (when GX can)."""
+def check_data_step(
+    loaded: LoadedSpec, frame: pd.DataFrame, docs: Path, run: str
+) -> checks.ValidationReport:
+    """Run the spec's expectations and build their Data Docs in ``docs`` (when GX can),
+    naming the data file and the run that checked it."""
     spec = loaded.spec
     report = checks.validate_table(frame, spec.checks, suite_name=f"{spec.pipeline.name}-train")
     try:
-        checks.build_data_docs(report, docs)
+        checks.build_data_docs(report, docs, asset=spec.data.path, run=run)
     except Exception as error:  # docs are a view of the result, which is logged anyway
         get_run_logger().warning("could not build Data Docs: %s", error)
     return report
@@ -307,7 +310,7 @@ def _train_and_evaluate(setup: Setup, run: TrackedRun, workdir: Path) -> tuple:
         yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "spec/resolved.yaml"
     )
     frame = load_table_step(loaded, version)
-    report = check_data_step(loaded, frame, workdir / "data_docs")
+    report = check_data_step(loaded, frame, workdir / "data_docs", f"mlflow-run-{run.run_id}")
     _log_checks(run, report, workdir / "data_docs", spec.data.path)
     tracking.log_dataset(
         frame,

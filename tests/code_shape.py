@@ -38,8 +38,9 @@ BASELINE_COMPONENT_LINES = 24_126
 #: (registry/text.py) 143, the lineage summary (lineage/graph.py render_summary, key
 #: metrics of runs in lineage/index.py) 238, deployment titles and descriptions 48, nested
 #: runs 12, the inputs a run's record names linked as MLflow run inputs 38, champion moves
-#: made outside Stemma detected 55, the champion history (registry/history.py) 107.
-COMPONENT_LINES_CEILING = 26_285
+#: made outside Stemma detected 55, the champion history (registry/history.py) 107, Data
+#: Docs offline and naming their data and run 36.
+COMPONENT_LINES_CEILING = 26_321
 #: Offenders printed per check.
 SHOWN = 40
 

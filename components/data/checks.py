@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -525,17 +526,23 @@ def _format_percent(share: float) -> str:
 # --------------------------------------------------------------------------- data docs
 
 
-def build_data_docs(report: ValidationReport, out_dir: Path) -> Path:
+def build_data_docs(
+    report: ValidationReport, out_dir: Path, *, asset: str | None = None, run: str | None = None
+) -> Path:
     """Write GX Data Docs (a static HTML site) for a report into ``out_dir``.
 
     GX builds Data Docs only from a file context; one is made in a temporary folder (never
     the project root), the result is stored there, the site built, and its ``local_site``
-    folder copied to ``out_dir``, which is replaced whole. The pages load Bootstrap and
-    jQuery from public CDNs, as GX's do.
+    folder copied to ``out_dir``, which is replaced whole. The pages name the data asset
+    and the run, and render offline: the CDN scripts, stylesheets and images GX's pages
+    load are left out (see :func:`offline_page`).
 
     Args:
         report: the report of :func:`validate_table`.
         out_dir: the folder to write the site to.
+        asset: what was checked, as the pages name it (a path, a table).
+        run: the run that checked it, as the pages name it (``mlflow-run-<id>``; characters
+            a folder name cannot hold become ``-``).
 
     Returns:
         The site's ``index.html``.
@@ -550,7 +557,13 @@ def build_data_docs(report: ValidationReport, out_dir: Path) -> Path:
         ValidationResultIdentifier,
     )
 
-    result = ExpectationSuiteValidationResultSchema().load(copy.deepcopy(report.result_json))
+    document = copy.deepcopy(report.result_json)
+    run_name = re.sub(r"[^A-Za-z0-9._-]+", "-", run or f"stemma-{report.digest[:12]}")
+    run_id = RunIdentifier(run_name=run_name, run_time=_now())  # a folder of the site
+    meta = document.setdefault("meta", {})
+    meta["batch_spec"] = {**(meta.get("batch_spec") or {}), "data_asset_name": asset or _ASSET_NAME}
+    meta["run_id"] = run_id.to_json_dict()
+    result = ExpectationSuiteValidationResultSchema().load(document)
     suite_name = result.suite_name
     configurations = [
         {
@@ -570,17 +583,40 @@ def build_data_docs(report: ValidationReport, out_dir: Path) -> Path:
         context.suites.add(gx.ExpectationSuite(name=suite_name, expectations=configurations))
         key = ValidationResultIdentifier(
             expectation_suite_identifier=ExpectationSuiteIdentifier(name=suite_name),
-            run_id=RunIdentifier(
-                run_name=f"stemma-{report.digest[:12]}",
-                run_time=dt.datetime.now(dt.UTC),
-            ),
+            run_id=run_id,
             batch_identifier=batch_id,
         )
         context.validation_results_store.set(key, result)
         site = Path(context.root_directory) / "uncommitted" / "data_docs" / "local_site"
         context.build_data_docs()
+        for page in site.rglob("*.html"):
+            page.write_text(offline_page(page.read_text()))
         _replace_dir(site, out_dir)
     return out_dir / "index.html"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+#: What GX's pages fetch from the network: CDN scripts, stylesheets and images.
+_REMOTE = re.compile(
+    r"<script[^>]*\ssrc=\"https?://[^\"]*\"[^>]*>\s*</script>"
+    r"|<link[^>]*\shref=\"https?://[^\"]*\"[^>]*>|<img[^>]*\ssrc=\"https?://[^\"]*\"[^>]*>",
+    re.IGNORECASE,
+)
+#: Plain styling in place of Bootstrap's, so that tables and sections read well offline.
+OFFLINE_STYLE = (
+    "<style>body{font-family:system-ui,sans-serif;margin:1.5rem;max-width:75rem}"
+    "table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;"
+    "padding:.25rem .5rem;text-align:left;vertical-align:top}.collapse{display:block}</style>"
+)
+
+
+def offline_page(html: str) -> str:
+    """A Data Docs page that loads nothing from the network: MLflow's artifact viewer and a
+    machine without internet access show it at once, in plain styling."""
+    return _REMOTE.sub("", html).replace("</head>", OFFLINE_STYLE + "</head>", 1)
 
 
 def _replace_dir(source: Path, target: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 import subprocess
 import sys
@@ -362,7 +364,9 @@ def test_data_docs_show_the_validation(bad_report, tmp_path):
     out_dir = tmp_path / "docs"
     out_dir.mkdir()
     (out_dir / "stale.html").write_text("from an earlier build")
-    index = build_data_docs(bad_report, out_dir)
+    index = build_data_docs(
+        bad_report, out_dir, asset="data/credit/train.parquet", run="mlflow-run-0123abcd"
+    )
     assert index == out_dir / "index.html" and index.is_file()
     assert not (out_dir / "stale.html").exists()
     (page,) = (out_dir / "validations" / "credit").rglob("*.html")
@@ -370,4 +374,9 @@ def test_data_docs_show_the_validation(bad_report, tmp_path):
     html = page.read_text()
     assert "values must be greater than or equal to" in html and "age" in html
     assert (out_dir / "expectations" / "credit.html").is_file()
+    # the page names what was checked and by which run, and loads nothing from a network
+    assert "data/credit/train.parquet" in html and "mlflow-run-0123abcd" in html
+    for page in out_dir.rglob("*.html"):
+        loads = re.findall(r'<(?:script|link|img)[^>]*(?:src|href)="(https?://[^"]*)"', page.read_text())
+        assert loads == [], (page, loads)
     assert [p.name for p in tmp_path.iterdir()] == ["docs"]  # no staging folders left behind
