@@ -29,6 +29,9 @@ PLACEHOLDER_ASSET = "stemma://lineage"
 #: Set to `false` to record lineage without Prefect assets (a reproduction trains into a
 #: store of its own, whose version numbers must not name the real store's assets).
 ASSETS_VARIABLE = "STEMMA_RECORD_ASSETS"
+#: Flows whose runs log a lineage picture of their model version, and where it goes.
+PICTURED_FLOWS = ("train", "shadow", "canary", "quantize")
+PICTURE_ARTIFACT = "lineage/graph.svg"
 #: Output formats of `stemma lineage`.
 FORMATS = ("tree", "json", "mermaid")
 
@@ -66,6 +69,42 @@ def record_lineage(record: lineage.LineageRecord | dict[str, Any]) -> None:
         logging.getLogger(__name__).warning(
             "lineage recorded, but the Prefect assets were not: %s", error
         )
+    log_picture(record, run_id)
+
+
+def log_picture(record: dict[str, Any], run_id: str) -> str | None:
+    """For a run of :data:`PICTURED_FLOWS`: the lineage picture of the model version it made
+    (else of the newest it used), upstream, as the run's ``lineage/graph.svg``. Returns the
+    version pictured; a picture that cannot be drawn is a warning, not a failed run."""
+    from mlflow import MlflowClient
+
+    from stemma.components.lineage import graph as lineage_graph
+    from stemma.components.lineage.picture import render_svg
+
+    if record.get("flow") not in PICTURED_FLOWS:
+        return None
+    made, _ = lineage.record_roles(record, run_id)
+    versions = [
+        str(node["id"]) for node in record.get("nodes", []) if node.get("kind") == "model_version"
+    ]
+    ranked = sorted(versions, key=lambda node: (node in made, int(node.rpartition("/")[2] or 0)))
+    if not ranked:
+        return None
+    client = MlflowClient()
+    try:
+        graph = lineage_graph.walk(
+            ranked[-1],
+            lineage_graph.RecordIndex(client),
+            root=Path.cwd(),
+            direction=lineage_graph.UPSTREAM,
+        )
+        client.log_text(run_id, render_svg(graph), PICTURE_ARTIFACT)
+    except Exception as error:  # the record is logged; the picture is a view of it
+        import logging
+
+        logging.getLogger(__name__).warning("lineage picture not drawn: %s", error)
+        return None
+    return ranked[-1]
 
 
 @cache

@@ -39,8 +39,9 @@ BASELINE_COMPONENT_LINES = 24_126
 #: metrics of runs in lineage/index.py) 238, deployment titles and descriptions 48, nested
 #: runs 12, the inputs a run's record names linked as MLflow run inputs 38, champion moves
 #: made outside Stemma detected 55, the champion history (registry/history.py) 107, Data
-#: Docs offline and naming their data and run 36.
-COMPONENT_LINES_CEILING = 26_321
+#: Docs offline and naming their data and run 36, the lineage picture (lineage/picture.py)
+#: 143.
+COMPONENT_LINES_CEILING = 26_464
 #: Offenders printed per check.
 SHOWN = 40
 

@@ -469,7 +469,7 @@ def _number(value: Any) -> str:
     return f"{value:.3g}"
 
 
-def _name(node: GraphNode) -> str:
+def node_name(node: GraphNode) -> str:
     """``model version credit v8``, ``train run b8319bd7``, ``data version data.dvc@4d34e097``."""
     words = node.kind.replace("_", " ")
     version = re.fullmatch(r"models:/([^/@]+)/(\d+)", node.id)
@@ -481,7 +481,7 @@ def _name(node: GraphNode) -> str:
     return f"{words} {short(node.id.split(':', 1)[-1])}"
 
 
-def _facts(node: GraphNode) -> list[str]:
+def node_facts(node: GraphNode) -> list[str]:
     """What a summary line says about a node, from the attributes it has."""
     found = node.attributes
     facts = [_minute(node.created)] if node.created else []
@@ -576,6 +576,31 @@ def _reach(start: str, following: dict[str, list[tuple[str, str]]]) -> set[str]:
     return reached
 
 
+def _following(graph: LineageGraph) -> dict[str, list[tuple[str, str]]]:
+    """Each node's next nodes in the graph's direction, with the relation to each."""
+    upstream = graph.direction == UPSTREAM
+    following: dict[str, list[tuple[str, str]]] = {}
+    for edge in sorted(graph.edges, key=lambda e: (e.relation, e.source if upstream else e.target)):
+        here, other = (edge.target, edge.source) if upstream else (edge.source, edge.target)
+        following.setdefault(here, []).append((edge.relation, other))
+    return following
+
+
+def summary_tree(graph: LineageGraph) -> list[tuple[int, str, str | None, int | None]]:
+    """The lines of :func:`render_summary` as ``(depth, node id, relation to its parent,
+    nodes beyond a fold or None)``, in the order printed (for a picture of the same tree)."""
+    root, _ = _plan_summary(graph, _following(graph))
+    lines: list[tuple[int, str, str | None, int | None]] = []
+
+    def visit(entry: _Entry, depth: int) -> None:
+        lines.append((depth, entry.node_id, entry.relation, entry.beyond if entry.folded else None))
+        for child in entry.children:
+            visit(child, depth + 1)
+
+    visit(root, 0)
+    return lines
+
+
 def render_summary(graph: LineageGraph) -> str:
     """The graph as a short tree: one line per node with its short name and key facts.
 
@@ -583,12 +608,7 @@ def render_summary(graph: LineageGraph) -> str:
     already met :data:`FOLD_AFTER` times folds into one line saying how many nodes lie
     beyond it (a chain of retrainings). :func:`render_tree` shows everything.
     """
-    upstream = graph.direction == UPSTREAM
-    following: dict[str, list[tuple[str, str]]] = {}
-    for edge in sorted(graph.edges, key=lambda e: (e.relation, e.source if upstream else e.target)):
-        here, other = (edge.target, edge.source) if upstream else (edge.source, edge.target)
-        following.setdefault(here, []).append((edge.relation, other))
-    root, links = _plan_summary(graph, following)
+    root, links = _plan_summary(graph, _following(graph))
     lines = [
         f"{graph.direction} of {graph.reference}"
         + (f" ({graph.root})" if graph.root != graph.reference else ""),
@@ -603,7 +623,7 @@ def render_summary(graph: LineageGraph) -> str:
         else:
             node = graph.nodes[entry.node_id]
             label = "" if entry.relation is None else f"{entry.relation}: "
-            text = " · ".join([label + _name(node), *_facts(node)])
+            text = " · ".join([label + node_name(node), *node_facts(node)])
         line = prefix + branch + text
         lines.append(line if len(line) <= SUMMARY_WIDTH else line[: SUMMARY_WIDTH - 1] + "…")
         inner = prefix + ("" if entry.relation is None else ("    " if last else "│   "))

@@ -63,12 +63,20 @@ def quiet_console(debug: bool, *, verbose: bool = False) -> Iterator[None]:
     if debug:
         yield
         return
+    saved = {variable: os.environ.get(variable) for variable in CONSOLE_LEVELS}
     if not verbose:
         for variable in CONSOLE_LEVELS:
             os.environ.setdefault(variable, "WARNING")
-    with warnings.catch_warnings(), logger_levels(QUIET_LOGGERS):
-        warnings.simplefilter("ignore")
-        yield
+    try:
+        with warnings.catch_warnings(), logger_levels(QUIET_LOGGERS):
+            warnings.simplefilter("ignore")
+            yield
+    finally:  # the next command in this process decides for itself
+        for variable, value in saved.items():
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
 
 
 @contextlib.contextmanager

@@ -116,6 +116,20 @@ def test_validate_reports_every_problem_and_exits_2(stemma_exe, tmp_path, repo_r
     assert "data.path:" in err and "does not exist" in err
 
 
+def test_a_command_leaves_the_console_settings_of_the_process_as_they_were(
+    tmp_path, repo_root, monkeypatch, capsys
+):
+    from stemma.flows.cli.session import CONSOLE_LEVELS
+
+    for variable in CONSOLE_LEVELS:
+        monkeypatch.delenv(variable, raising=False)
+    assert main(["validate", str(write_broken_spec(tmp_path, repo_root))]) == 2
+    # quiet for the command and the processes it starts, not for the next command: a
+    # later `-v` in the same process, or a child it starts, prints Prefect's lines again
+    assert not [variable for variable in CONSOLE_LEVELS if variable in os.environ]
+    assert "3 problems in the spec" in capsys.readouterr().err
+
+
 DIABETES_SPEC = """
 pipeline: {name: diabetes}
 data:

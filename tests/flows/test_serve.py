@@ -454,6 +454,19 @@ def test_browser_finds_and_starts_a_deployment_and_sees_the_model_aliases(stack)
         driver.save_screenshot(str(ARTIFACTS / "mlflow-run-description.png"))
         body = driver.find_element(By.TAG_NAME, "body").text
         assert "credit v1" in body and "data version" in body and "alias champion" in body
+        # its artifacts hold the lineage picture, drawn in the artifact viewer
+        page = run_page_url(stack.mlflow_url, experiment, version["run_id"])
+        driver.get(page.replace("?", "/artifacts/lineage/graph.svg?", 1))
+        wait.until(lambda d: "lineage/graph.svg" in d.find_element(By.TAG_NAME, "body").text)
+        drawn = wait.until(  # the viewer shows the SVG as an image of the picture's width
+            lambda d: [
+                image.get_property("naturalWidth")
+                for image in d.find_elements(By.XPATH, "//img[starts-with(@src, 'blob:')]")
+                if image.get_property("naturalWidth") > 500
+            ]
+        )
+        assert drawn
+        driver.save_screenshot(str(ARTIFACTS / "mlflow-lineage-picture.png"))
 
         # The training flow run in Prefect carries the same summary, linking the MLflow run.
         training = _train_through_the_api(stack)

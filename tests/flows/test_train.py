@@ -86,9 +86,15 @@ def test_train_tracks_registers_and_links_everything(project, tmp_path):
         "checks/validation_result.json",
         "checks/data_docs/index.html",
         "lineage/record.json",
+        "lineage/graph.svg",
         "spec/resolved.yaml",
     ):
         assert (artifacts / relative).is_file(), relative
+    # the lineage picture: the new version, the run that made it, its checks and data
+    picture = (artifacts / "lineage/graph.svg").read_text()
+    assert f"e2e v{summary['model_version']}</text>" in picture
+    assert f"train run {run.info.run_id[:8]}" in picture
+    assert "validation" in picture and "data version" in picture
 
     # lineage: data md5 -> validation -> run -> model version (weights hash), consistent everywhere
     record = json.loads((artifacts / "lineage/record.json").read_text())

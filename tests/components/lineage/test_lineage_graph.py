@@ -35,6 +35,7 @@ from stemma.components.lineage.graph import (
     walk,
 )
 from stemma.components.lineage.index import key_metrics
+from stemma.components.lineage.picture import render_svg
 from stemma.components.platform import lineage
 from tests.support import isolated_mlflow
 
@@ -632,6 +633,26 @@ def test_the_summary_folds_a_chain_of_retrainings_and_shows_each_node_once():
     tree = render_tree(graph)
     assert all(node_id in tree for node_id in graph.nodes)
     assert len(tree.splitlines()) > len(lines)
+
+
+def test_the_lineage_picture_draws_the_summary_tree_as_boxes():
+    from xml.etree import ElementTree
+
+    graph = _retraining_chain(8)
+    svg = render_svg(graph)
+    document = ElementTree.fromstring(svg)  # well-formed, self-contained: no external href
+    namespace = "{http://www.w3.org/2000/svg}"
+    boxes = document.findall(f"{namespace}rect")
+    body = render_summary(graph).split("\n\n")[1].splitlines()
+    assert len(boxes) == len(body)  # one box per summary line: each node once, or a fold
+    assert [box.get("stroke-width") for box in boxes].count("3") == 1  # the start: credit v9
+    texts = [text.text for text in document.iter(f"{namespace}text")]
+    assert "credit v9" in texts and "train run aaaaaaaa" in texts
+    assert "… and 14 more nodes beyond" in texts and "promote" in texts  # the decision's edge
+    assert "http" not in svg.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    # data flows left to right: the model version stands right of the run that made it
+    x = {text.text: float(text.get("x")) for text in document.iter(f"{namespace}text")}
+    assert x["credit v9"] > x["train run aaaaaaaa"] > x["55555555"]
 
 
 def test_the_summary_folds_downstream_too_and_counts_each_hidden_node_once():
