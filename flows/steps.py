@@ -166,10 +166,11 @@ def check_champion(reference: str, loaded: LoadedSpec) -> None:
     if parsed.alias != CHAMPION_ALIAS:
         return
     problem = promotion.moved_outside(mlflow.MlflowClient(), parsed.name)
-    if problem is not None and loaded.spec.gate.outside_alias_moves == "refuse":
+    if problem is None:
+        return
+    if loaded.spec.gate.outside_alias_moves == "refuse":
         raise problem
-    if problem is not None:
-        get_run_logger().warning(problem.render())
+    get_run_logger().warning(problem.render())
 
 
 def spec_architectures(loaded: LoadedSpec) -> list[str]:

@@ -559,7 +559,7 @@ def build_data_docs(
 
     document = copy.deepcopy(report.result_json)
     run_name = re.sub(r"[^A-Za-z0-9._-]+", "-", run or f"stemma-{report.digest[:12]}")
-    run_id = RunIdentifier(run_name=run_name, run_time=_now())  # a folder of the site
+    run_id = RunIdentifier(run_name=run_name, run_time=dt.datetime.now(dt.UTC))  # a site folder
     meta = document.setdefault("meta", {})
     meta["batch_spec"] = {**(meta.get("batch_spec") or {}), "data_asset_name": asset or _ASSET_NAME}
     meta["run_id"] = run_id.to_json_dict()
@@ -593,10 +593,6 @@ def build_data_docs(
             page.write_text(offline_page(page.read_text()))
         _replace_dir(site, out_dir)
     return out_dir / "index.html"
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 #: What GX's pages fetch from the network: CDN scripts, stylesheets and images.

@@ -112,7 +112,8 @@ def render_svg(graph: LineageGraph) -> str:
         parts.append(
             f'<path d="M{x1},{y1} C{x1 + bend},{y1} {x2 - bend},{y2} {x2},{y2}" fill="none" '
             'stroke="#999" marker-end="url(#arrow)"/>'
-            f'<text x="{x1 + 6}" y="{y1 - 4}" font-size="9" fill="#777">{escape(relation or "")}</text>'
+            f'<text x="{x1 + 6}" y="{y1 - 4}" font-size="9" fill="#777">'
+            f"{escape(relation or '')}</text>"
         )
     for row, (_, node_id, _, beyond) in enumerate(tree):
         x, y = where[row]

@@ -9,9 +9,10 @@ A run is *active* (on MLflow's fluent stack, nested under a run already active) 
 runs, as retraining's does). Every method writes through the client with the run's id, so
 both work alike. A run started inside another's block is its child (``mlflow.parentRunId``),
 so MLflow's runs table nests a retraining's training, quantization, shadow and promotion
-runs under it, and a canary's promotions and rollbacks under the canary run. :meth:`TrackedRun.record_lineage` logs the record and its index tags (see
-:mod:`.lineage`), or hands it to the ``lineage`` writer the flow passes (the flows add
-Prefect assets), inside the run either way.
+runs under it, and a canary's promotions and rollbacks under the canary run.
+:meth:`TrackedRun.record_lineage` logs the record and its index tags (see :mod:`.lineage`),
+or hands it to the ``lineage`` writer the flow passes (the flows add Prefect assets),
+inside the run either way.
 """
 
 from __future__ import annotations
