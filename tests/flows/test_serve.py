@@ -403,10 +403,6 @@ def test_browser_finds_and_starts_a_deployment_and_sees_the_model_aliases(stack)
                 (By.XPATH, "//button[normalize-space(.)='Run']")
             )
         )
-        # The deployment's Description tab says when it runs and what does the same by hand.
-        driver.find_element(By.XPATH, "//*[normalize-space(.)='Description']").click()
-        wait.until(lambda d: "stemma run score" in d.find_element(By.TAG_NAME, "body").text)
-        driver.save_screenshot(str(ARTIFACTS / "prefect-deployment-description.png"))
         run_button.click()
         quick = wait.until(
             expected_conditions.element_to_be_clickable(
@@ -419,6 +415,16 @@ def test_browser_finds_and_starts_a_deployment_and_sees_the_model_aliases(stack)
             time.sleep(0.5)
         driver.save_screenshot(str(ARTIFACTS / "prefect-quick-run.png"))
         assert len(stack.runs_of(score["id"])) == runs_before + 1
+        # The deployment's Description tab says when it runs and what does the same by hand
+        # (opened after the quick run: switching tabs first re-renders the Run button).
+        driver.get(f"{prefect_ui}/deployments/deployment/{score['id']}")
+        wait.until(
+            expected_conditions.element_to_be_clickable(
+                (By.XPATH, "//*[normalize-space(.)='Description']")
+            )
+        ).click()
+        wait.until(lambda d: "stemma run score" in d.find_element(By.TAG_NAME, "body").text)
+        driver.save_screenshot(str(ARTIFACTS / "prefect-deployment-description.png"))
 
         driver.get(f"{stack.mlflow_url}/#/models/credit")
         wait.until(lambda d: "champion" in d.find_element(By.TAG_NAME, "body").text)
