@@ -128,3 +128,31 @@ def checkpoint_epoch(project: Path) -> int:
         except Exception:  # being replaced right now; read it on the next poll
             return 0
     return 0
+
+
+def legacy_index_tags(record: dict, run_id: str) -> dict[str, str]:
+    """The lineage index tags older Stemma versions wrote (one tag per node, the node as
+    JSON, the edges in a tag), so tests can hold a store those versions filled."""
+    import json
+
+    from stemma.components.platform import lineage
+    from stemma.components.platform import tags as tag_names
+
+    made, used = lineage.record_roles(record, run_id)
+    tags = {lineage.INDEX_SCHEMA_TAG: str(record.get("schema", lineage.RECORD_SCHEMA))}
+    for node in record.get("nodes", []):
+        node_id, kind = str(node["id"]), str(node.get("kind") or "unknown")
+        body = json.dumps(
+            {key: node.get(key) for key in ("kind", "id", "digest", "attributes")},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        if node_id in made:
+            tags[lineage.made_tag(node_id)] = body
+            tags[lineage.kind_tag(tag_names.LINEAGE_MADE_KIND_PREFIX, kind)] = "true"
+        elif node_id in used:
+            tags[lineage.used_tag(node_id)] = body
+            tags[lineage.kind_tag(tag_names.LINEAGE_USED_KIND_PREFIX, kind)] = "true"
+    edges = [[e["source"], e["target"], e["relation"]] for e in record.get("edges", [])]
+    tags[lineage.EDGES_TAG] = json.dumps(edges, separators=(",", ":"))
+    return tags

@@ -37,11 +37,7 @@ from stemma.components.lineage.index import (
 from stemma.components.lineage.resolve import model_reference, resolve_reference, run_git
 from stemma.components.platform import tags as tag_names
 from stemma.components.platform.describe import short
-from stemma.components.platform.lineage import (
-    Edge,
-    asset_key,
-    kind_tag,
-)
+from stemma.components.platform.lineage import Edge, asset_key
 
 UPSTREAM = "upstream"
 DOWNSTREAM = "downstream"
@@ -255,11 +251,10 @@ def _kinds_nobody_links(
             kind = _kind_of(node_id)
             counts[kind] = counts.get(kind, 0) + 1
     made = direction == UPSTREAM
-    prefix = tag_names.LINEAGE_MADE_KIND_PREFIX if made else tag_names.LINEAGE_USED_KIND_PREFIX
     return {
         kind
         for kind, count in counts.items()
-        if count >= 2 and not index.search(f"tags.`{kind_tag(prefix, kind)}` IS NOT NULL", limit=1)
+        if count >= 2 and not index.any_run_with_kind(kind, made=made)
     }
 
 

@@ -1,12 +1,13 @@
-"""Reading lineage records from MLflow: each run's record, by its index tags or artifact.
+"""Reading lineage records from MLflow: each run's record, found by its index tags.
 
 Every flow run that records lineage carries, next to ``lineage/record.json``, the index
-tags of :mod:`stemma.components.platform.lineage` (``stemma.lineage.made.<key>``,
-``stemma.lineage.used.<key>``, ``stemma.lineage.edges``). :class:`RecordIndex` answers from
-MLflow searches on those tags and never lists or downloads every run's artifacts. A run
-that recorded lineage before the index tags existed (it has ``stemma.flow`` but no
-``stemma.lineage.schema``) is still read when it is reached directly: its
-``lineage/record.json`` is downloaded then.
+tags of :mod:`stemma.components.platform.lineage` (``stemma.lineage.made-nodes`` and
+``stemma.lineage.used-nodes``, short hashes of node ids). :class:`RecordIndex` finds runs
+with MLflow searches on those tags (``LIKE``) and reads the record of each run it reaches,
+once; it never lists or downloads every run's artifacts. Runs indexed by older Stemma
+versions (one ``stemma.lineage.made.<key>`` tag per node, bodies and edges in tags) are
+searched and read from their tags as before, and a run that recorded lineage before any
+index existed (``stemma.flow`` but no index tag) is read when it is reached directly.
 """
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ from stemma.components.platform.lineage import (
     EDGES_IN_ARTIFACT,
     EDGES_TAG,
     INDEX_SCHEMA_TAG,
+    MADE_NODES_TAG,
     RECORD_ARTIFACT,
+    USED_NODES_TAG,
     Edge,
     LineageRecord,
+    index_part_tag,
+    kind_filter,
+    kind_tag,
     made_tag,
+    node_filter,
     reach,
     record_roles,
     run_node_id,
@@ -158,6 +165,8 @@ class RecordIndex:
         self._experiments: list[str] | None = None
         self._records: dict[str, RunRecord | None] = {}
         self._versions: dict[tuple[str, str], Any] = {}
+        self._legacy: bool | None = None
+        self._parts: dict[str, list[str]] = {}
 
     @property
     def experiment_ids(self) -> list[str]:
@@ -181,10 +190,51 @@ class RecordIndex:
             self._experiments = found
         return self._experiments
 
+    @property
+    def legacy(self) -> bool:
+        """Whether the store holds runs indexed by older Stemma versions (one search, once)."""
+        if self._legacy is None:
+            self._legacy = bool(self._runs(f"tags.`{INDEX_SCHEMA_TAG}` IS NOT NULL", limit=1))
+        return self._legacy
+
+    def index_parts(self, tag: str) -> list[str]:
+        """The tags that hold ``tag``'s entries in this store: ``tag``, then ``<tag>.2``, ...
+        as far as some run has them (one search per part, once)."""
+        if tag not in self._parts:
+            parts = [tag]
+            while self._runs(f"tags.`{index_part_tag(tag, len(parts) + 1)}` IS NOT NULL", limit=1):
+                parts.append(index_part_tag(tag, len(parts) + 1))
+            self._parts[tag] = parts
+        return self._parts[tag]
+
     def search(
         self, filter_string: str, *, limit: int | None = None, newest_first: bool = False
     ) -> list[RunRecord]:
         """The records of the active runs matching ``filter_string``, oldest first."""
+        return self.search_any([filter_string], limit=limit, newest_first=newest_first)
+
+    def search_any(
+        self, filters: list[str], *, limit: int | None = None, newest_first: bool = False
+    ) -> list[RunRecord]:
+        """The records of the active runs matching any of ``filters`` (MLflow's filters have
+        no OR: one search each), oldest first, or newest first."""
+        found: dict[str, Run] = {}
+        for filter_string in filters:
+            for run in self._runs(filter_string, limit=limit, newest_first=newest_first):
+                found.setdefault(run.info.run_id, run)
+        runs = sorted(
+            found.values(),
+            key=lambda run: (run.info.start_time or 0, run.info.run_id),
+            reverse=newest_first,
+        )
+        runs = runs[:limit] if limit is not None else runs
+        records = [self._remember(run) for run in runs]
+        return [record for record in records if record is not None]
+
+    def _runs(
+        self, filter_string: str, *, limit: int | None = None, newest_first: bool = False
+    ) -> list[Run]:
+        """The active runs matching ``filter_string``, as MLflow returns them."""
         from mlflow.entities import ViewType
 
         if not self.experiment_ids:
@@ -205,21 +255,37 @@ class RecordIndex:
             token = page.token
             if not token or (limit is not None and len(runs) >= limit):
                 break
-        runs = runs[:limit] if limit is not None else runs
-        records = [self._remember(run) for run in runs]
-        return [record for record in records if record is not None]
+        return runs[:limit] if limit is not None else runs
+
+    def _node_filters(self, node_id: str, *, made: bool) -> list[str]:
+        tag = MADE_NODES_TAG if made else USED_NODES_TAG
+        filters = [node_filter(part, node_id) for part in self.index_parts(tag)]
+        if self.legacy:
+            filters.append(f"tags.`{(made_tag if made else used_tag)(node_id)}` IS NOT NULL")
+        return filters
 
     def runs_that_made(self, node_id: str, *, limit: int | None = None) -> list[RunRecord]:
         """The runs whose records say they produced ``node_id``, oldest first."""
-        return self.search(f"tags.`{made_tag(node_id)}` IS NOT NULL", limit=limit)
+        return self.search_any(self._node_filters(node_id, made=True), limit=limit)
 
     def runs_that_used(
         self, node_id: str, *, limit: int | None = None, newest_first: bool = False
     ) -> list[RunRecord]:
         """The runs whose records say they read ``node_id``."""
-        return self.search(
-            f"tags.`{used_tag(node_id)}` IS NOT NULL", limit=limit, newest_first=newest_first
+        return self.search_any(
+            self._node_filters(node_id, made=False), limit=limit, newest_first=newest_first
         )
+
+    def any_run_with_kind(self, kind: str, *, made: bool) -> bool:
+        """Whether some run made (or used) a node of ``kind``; reads no record."""
+        tag = MADE_NODES_TAG if made else USED_NODES_TAG
+        filters = [kind_filter(part, kind) for part in self.index_parts(tag)]
+        if self.legacy:
+            prefix = (
+                tag_names.LINEAGE_MADE_KIND_PREFIX if made else tag_names.LINEAGE_USED_KIND_PREFIX
+            )
+            filters.append(f"tags.`{kind_tag(prefix, kind)}` IS NOT NULL")
+        return any(self._runs(filter_string, limit=1) for filter_string in filters)
 
     def record(self, run_id: str) -> RunRecord | None:
         """The record of one run, or None when the run does not exist."""
@@ -277,7 +343,7 @@ class RecordIndex:
             except ValueError:
                 triples = []
             edges = [Edge(str(s), str(t), str(r)) for s, t, r in triples]
-        elif INDEX_SCHEMA_TAG in tags or tag_names.FLOW in tags:
+        elif MADE_NODES_TAG in tags or INDEX_SCHEMA_TAG in tags or tag_names.FLOW in tags:
             record = self._download_record(run.info.run_id)
             if record is not None:
                 made, used = record_roles(record, run.info.run_id)

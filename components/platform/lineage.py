@@ -627,18 +627,35 @@ def build_decision_record(
 # ---------------------------------------------------------------------------------------
 # Search index and asset keys
 #
-# A node the run produced (reachable from the run's own node along the record's edges)
-# gets `stemma.lineage.made.<key>`; every other node (what the run read, and the facts
-# around it) gets `stemma.lineage.used.<key>`. The value is the node as compact JSON, so
-# a search answers without reading the artifact; `stemma.lineage.edges` holds the edges.
+# A run carries two index tags: `stemma.lineage.made-nodes` lists the nodes the run produced
+# (reachable from the run's own node along the record's edges), `stemma.lineage.used-nodes`
+# every other node (what it read, and the facts around it). Each lists `|kind:key|` entries,
+# `key` a short hash of the node id, so one MLflow search (`LIKE '%:<key>|%'`, or
+# `LIKE '%|<kind>:%'`) finds the runs that made or used a node, or a kind of node, and a
+# pattern cannot match across two entries (hex keys and tidied kinds hold neither `:` nor
+# `|`). Node bodies and edges are in `lineage/record.json`. Entries past one tag value go on
+# to `<tag>.2`, `<tag>.3`, ... (hundreds of nodes per tag: only unusual records need them).
+#
+# Runs indexed by older Stemma versions carry one tag per node instead (`LEGACY_`
+# names below: `stemma.lineage.made.<sha256(id)[:24]>` with the node as JSON, `used.`,
+# `made-kind.`/`used-kind.`, `edges`, `schema`); readers search both layouts.
 
+#: The index tags (see the section comment).
+MADE_NODES_TAG = tag_names.LINEAGE_MADE_NODES
+USED_NODES_TAG = tag_names.LINEAGE_USED_NODES
+#: Separates a kind from its key in an entry, and entries from each other.
+KIND_SEPARATOR = ":"
+ENTRY_SEPARATOR = "|"
+#: Hex characters of the node-id hash in an index entry (64 bits: no collision in practice).
+INDEX_KEY_CHARS = 16
+#: The legacy layout's tags, read in stores written by older Stemma versions.
 INDEX_SCHEMA_TAG = tag_names.LINEAGE_SCHEMA
 EDGES_TAG = tag_names.LINEAGE_EDGES
 #: Value of :data:`EDGES_TAG` when the edges are too long for a tag: read the artifact.
 EDGES_IN_ARTIFACT = "@artifact"
 #: Longest tag value written; MLflow 3.17 accepts 8000 characters.
 MAX_INDEX_TAG_CHARS = 7000
-#: Hex characters of the node-id hash in an index tag's key.
+#: Hex characters of the node-id hash in a legacy index tag's key (and asset keys).
 NODE_KEY_CHARS = 24
 #: Prefix that turns a node id into a Prefect asset key (which must be a URI).
 ASSET_KEY_PREFIX = "stemma://"
@@ -648,23 +665,62 @@ MAX_ASSET_KEY_CHARS = 512
 
 
 def node_key(node_id: str) -> str:
-    """The short, stable hash of a node id used in index tag keys."""
+    """The stable hash of a node id in legacy index tag keys and long asset keys."""
     return hashlib.sha256(node_id.encode("utf-8")).hexdigest()[:NODE_KEY_CHARS]
 
 
+def index_key(node_id: str) -> str:
+    """The short, stable hash of a node id in the index tags' entries."""
+    return node_key(node_id)[:INDEX_KEY_CHARS]
+
+
+def tidy_kind(kind: str) -> str:
+    """A node kind as index tags spell it: letters, digits, ``_`` and ``-`` only."""
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in kind) or "unknown"
+
+
+def index_part_tag(tag: str, part: int) -> str:
+    """The tag holding part ``part`` (from 1) of index tag ``tag``'s entries."""
+    return tag if part == 1 else f"{tag}.{part}"
+
+
+def node_filter(tag: str, node_id: str) -> str:
+    """An MLflow run filter: runs whose ``tag`` lists ``node_id``."""
+    return f"tags.`{tag}` LIKE '%{KIND_SEPARATOR}{index_key(node_id)}{ENTRY_SEPARATOR}%'"
+
+
+def kind_filter(tag: str, kind: str) -> str:
+    """An MLflow run filter: runs whose ``tag`` lists a node of ``kind``.
+
+    ``_`` in a kind is LIKE's one-character wildcard: a near-identical kind may match too,
+    which costs a reader one more look, never a missed run.
+    """
+    return f"tags.`{tag}` LIKE '%{ENTRY_SEPARATOR}{tidy_kind(kind)}{KIND_SEPARATOR}%'"
+
+
+def index_entries(value: str) -> list[tuple[str, str]]:
+    """The ``(kind, key)`` entries of one index tag value."""
+    entries = []
+    for entry in value.split(ENTRY_SEPARATOR):
+        kind, separator, key = entry.rpartition(KIND_SEPARATOR)
+        if separator and key:
+            entries.append((kind, key))
+    return entries
+
+
 def made_tag(node_id: str) -> str:
-    """The run tag that says a run produced ``node_id``."""
+    """The legacy run tag that says a run produced ``node_id``."""
     return tag_names.LINEAGE_MADE_PREFIX + node_key(node_id)
 
 
 def used_tag(node_id: str) -> str:
-    """The run tag that says a run read (or stated a fact about) ``node_id``."""
+    """The legacy run tag that says a run read (or stated a fact about) ``node_id``."""
     return tag_names.LINEAGE_USED_PREFIX + node_key(node_id)
 
 
 def kind_tag(prefix: str, kind: str) -> str:
-    """The tag (under ``prefix``) that says a run made or used a node of ``kind``."""
-    return prefix + "".join(c if c.isalnum() or c in "_-" else "_" for c in kind)
+    """The legacy tag (under ``prefix``) that says a run made or used a node of ``kind``."""
+    return prefix + tidy_kind(kind)
 
 
 def record_roles(
@@ -707,22 +763,20 @@ def reach(
     return found
 
 
-def node_tag_value(node: Mapping[str, Any]) -> str:
-    """A node as compact JSON, dropping its largest attributes until it fits a tag."""
-    attributes = dict(node.get("attributes") or {})
-    omitted: list[str] = []
-    while True:
-        value = {"kind": node.get("kind"), "id": node.get("id"), "digest": node.get("digest")}
-        if attributes:
-            value["attributes"] = attributes
-        if omitted:
-            value["omitted"] = sorted(omitted)
-        text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-        if len(text) <= MAX_INDEX_TAG_CHARS or not attributes:
-            return text[:MAX_INDEX_TAG_CHARS]
-        largest = max(attributes, key=lambda name: len(json.dumps(attributes[name], default=str)))
-        omitted.append(largest)
-        del attributes[largest]
+def _index_parts(tag: str, entries: list[str]) -> dict[str, str]:
+    """``entries`` as the value of ``tag``, continued in ``<tag>.2``, ... past one value."""
+    parts: list[list[str]] = [[]]
+    length = 1
+    for entry in entries:
+        if parts[-1] and length + len(entry) + 1 > MAX_INDEX_TAG_CHARS:
+            parts.append([])
+            length = 1
+        parts[-1].append(entry)
+        length += len(entry) + 1
+    return {
+        index_part_tag(tag, number): ENTRY_SEPARATOR.join(["", *part, ""]) if part else "|"
+        for number, part in enumerate(parts, start=1)
+    }
 
 
 def index_tags(record: LineageRecord | Mapping[str, Any], run_id: str | None) -> dict[str, str]:
@@ -733,23 +787,19 @@ def index_tags(record: LineageRecord | Mapping[str, Any], run_id: str | None) ->
     """
     document = as_document(record)
     made, used = record_roles(document, run_id)
-    tags = {INDEX_SCHEMA_TAG: str(document.get("schema", RECORD_SCHEMA))}
+    entries: dict[str, list[str]] = {MADE_NODES_TAG: [], USED_NODES_TAG: []}
     for node in document.get("nodes", []):
         node_id = str(node["id"])
-        kind = str(node.get("kind") or "unknown")
-        if node_id in made:
-            tags[made_tag(node_id)] = node_tag_value(node)
-            tags[kind_tag(tag_names.LINEAGE_MADE_KIND_PREFIX, kind)] = "true"
-        elif node_id in used:
-            tags[used_tag(node_id)] = node_tag_value(node)
-            tags[kind_tag(tag_names.LINEAGE_USED_KIND_PREFIX, kind)] = "true"
-    edges = [
-        [str(edge["source"]), str(edge["target"]), str(edge["relation"])]
-        for edge in document.get("edges", [])
-    ]
-    text = json.dumps(edges, separators=(",", ":"))
-    tags[EDGES_TAG] = text if len(text) <= MAX_INDEX_TAG_CHARS else EDGES_IN_ARTIFACT
-    return tags
+        tag = MADE_NODES_TAG if node_id in made else USED_NODES_TAG if node_id in used else None
+        entry = f"{tidy_kind(str(node.get('kind') or 'unknown'))}{KIND_SEPARATOR}"
+        entry += index_key(node_id)
+        if tag is not None and entry not in entries[tag]:
+            entries[tag].append(entry)
+    return {
+        key: value
+        for tag, listed in entries.items()
+        for key, value in _index_parts(tag, listed).items()
+    }
 
 
 def asset_key(node_id: str) -> str:

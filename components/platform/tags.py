@@ -112,6 +112,10 @@ CAUSE_PREFIX = "stemma.cause."  # retrain run: why it ran, one tag per field
 CAUSE_KIND = "stemma.cause.kind"  # retrain run: the kind of cause (drift, schedule, ...)
 
 # --- Lineage index -------------------------------------------------------------------
+# Two tags per run (platform/lineage.py), continued in `<tag>.2`, ... for huge records.
+LINEAGE_MADE_NODES = "stemma.lineage.made-nodes"  # run: |kind:key| of each node produced
+LINEAGE_USED_NODES = "stemma.lineage.used-nodes"  # run: |kind:key| of each node read
+# Written by older Stemma versions (one tag per node), still read:
 LINEAGE_SCHEMA = "stemma.lineage.schema"  # run: record layout; present when indexed
 LINEAGE_EDGES = "stemma.lineage.edges"  # run: the record's edges as JSON
 LINEAGE_MADE_PREFIX = "stemma.lineage.made."  # run: one tag per node it produced

@@ -1,8 +1,9 @@
 """The lineage walker against a real MLflow store on SQLite, filled the way the flows fill it.
 
-The store holds two training runs on one data version, a scoring run, a drift-report run
-and a retraining run caused by the report (node kinds the walker was not written for), a
-run recorded before records were indexed, and a version registered outside Stemma.
+The store holds two training runs on one data version (one indexed as older Stemma versions
+did, one tag per node), a scoring run, a drift-report run and a retraining run caused by the
+report (node kinds the walker was not written for), a run recorded before records were
+indexed, and a version registered outside Stemma.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from stemma.components.lineage.graph import (
 from stemma.components.lineage.index import key_metrics
 from stemma.components.lineage.picture import render_svg
 from stemma.components.platform import lineage
-from tests.support import isolated_mlflow
+from tests.support import isolated_mlflow, legacy_index_tags
 
 MODEL = "credit"
 DATA_1 = "a" * 32 + ".dir"
@@ -57,13 +58,20 @@ class Store:
     manifest: Path
 
 
-def _index(client: MlflowClient, run_id: str, record: dict, extra: dict[str, str]) -> None:
-    tags = {**extra, **lineage.index_tags(record, run_id)}
+def _index(
+    client: MlflowClient, run_id: str, record: dict, extra: dict[str, str], *, legacy=False
+) -> None:
+    """Log the record and its index tags as the flows do (``legacy``: as older versions did)."""
+    client.log_dict(run_id, record, lineage.RECORD_ARTIFACT)
+    index = legacy_index_tags(record, run_id) if legacy else lineage.index_tags(record, run_id)
+    tags = {**extra, **index}
     client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
     client.set_terminated(run_id)
 
 
-def _train(client, experiment, name, data_md5, file_md5, version, *, index=True) -> str:
+def _train(
+    client, experiment, name, data_md5, file_md5, version, *, index=True, legacy=False
+) -> str:
     run = client.create_run(experiment, run_name=name)
     run_id = run.info.run_id
     facts = lineage.TrainingLineage(
@@ -93,7 +101,7 @@ def _train(client, experiment, name, data_md5, file_md5, version, *, index=True)
         "stemma.prefect.flow_run_id": f"flow-run-of-{name}",
     }
     if index:
-        _index(client, run_id, record, tags)
+        _index(client, run_id, record, tags, legacy=legacy)
     else:  # recorded before the index tags existed: the artifact only
         client.log_dict(run_id, record, lineage.RECORD_ARTIFACT)
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
@@ -129,7 +137,8 @@ def store(tmp_path_factory) -> Store:
         client.create_registered_model(MODEL)
         runs = {
             "train-1": _train(client, experiment, "train-1", DATA_1, FILE_1, "1"),
-            "train-2": _train(client, experiment, "train-2", DATA_1, FILE_1, "2"),
+            # indexed by an older Stemma: one tag per node, the node's body in it
+            "train-2": _train(client, experiment, "train-2", DATA_1, FILE_1, "2", legacy=True),
         }
         client.set_registered_model_alias(MODEL, "champion", "2")
 
@@ -255,8 +264,9 @@ def _edges(graph) -> set[tuple[str, str, str]]:
     return {(edge.source, edge.target, edge.relation) for edge in graph.edges}
 
 
-def test_upstream_of_the_champion_reaches_data_checks_and_run_from_tags_alone(store):
-    # Indexed runs answer from their tags: the artifact store may be gone entirely.
+def test_upstream_of_an_old_style_champion_reaches_data_checks_and_run_from_tags_alone(store):
+    # Runs indexed by older Stemma versions answer from their tags: the artifact store may
+    # be gone entirely.
     artifacts = Path(store.client.get_experiment(store.experiment).artifact_location[7:])
     hidden = artifacts.with_name("hidden")
     artifacts.rename(hidden)
@@ -501,19 +511,59 @@ def test_index_tags_split_a_record_into_what_the_run_made_and_used():
         lineage.validation_node_id("v" * 64),
     }
     tags = lineage.index_tags(record, "r" * 32)
-    assert json.loads(tags[lineage.made_tag("models:/m/1")])["digest"] == "sha256:" + "w" * 64
-    assert tags["stemma.lineage.made-kind.model_version"] == "true"
-    assert len(json.loads(tags[lineage.EDGES_TAG])) == len(record["edges"])
 
-    # attributes too long for a tag are dropped, and the tag says which
-    record["nodes"][0]["attributes"]["files"] = {f"f{i}": "0" * 32 for i in range(500)}
-    value = json.loads(
-        lineage.index_tags(record, "r" * 32)[lineage.used_tag(record["nodes"][0]["id"])]
-    )
-    assert value["omitted"] == ["files"] and value["attributes"]["pointer"] == "data.dvc"
-    assert all(
-        len(v) <= lineage.MAX_INDEX_TAG_CHARS for v in lineage.index_tags(record, "r" * 32).values()
-    )
+    def entries(ids: set[str]) -> str:
+        listed = [
+            f"{n['kind']}:{lineage.index_key(n['id'])}" for n in record["nodes"] if n["id"] in ids
+        ]
+        return "|" + "|".join(listed) + "|"
+
+    # two tags, whatever the record holds: bodies and edges stay in the artifact
+    assert tags == {lineage.MADE_NODES_TAG: entries(made), lineage.USED_NODES_TAG: entries(used)}
+    assert tags[lineage.MADE_NODES_TAG] == f"|model_version:{lineage.index_key('models:/m/1')}|"
+
+
+def _wide_record(run_id: str, files: int) -> dict:
+    """A run that read ``files`` data files and made one model version."""
+    run = lineage.run_node_id(run_id)
+    nodes = [{"kind": "run", "id": run, "digest": None}]
+    edges = []
+    for number in range(files):
+        node = lineage.file_node_id(f"wide/part-{number:04d}.parquet", f"{number:032x}")
+        nodes.append({"kind": "data_file", "id": node, "digest": f"md5:{number:032x}"})
+        edges.append({"source": node, "target": run, "relation": "used"})
+    nodes.append({"kind": "model_version", "id": "models:/wide/1", "digest": None})
+    edges.append({"source": run, "target": "models:/wide/1", "relation": "produced"})
+    return {"schema": lineage.RECORD_SCHEMA, "flow": "train", "nodes": nodes, "edges": edges}
+
+
+def test_a_record_too_wide_for_one_tag_continues_in_numbered_tags():
+    record = _wide_record("w" * 32, 600)
+    tags = lineage.index_tags(record, "w" * 32)
+    used = lineage.USED_NODES_TAG
+    assert sorted(tags) == sorted([lineage.MADE_NODES_TAG, used, f"{used}.2", f"{used}.3"])
+    assert all(len(value) <= lineage.MAX_INDEX_TAG_CHARS for value in tags.values())
+    listed = [entry for value in tags.values() for entry in lineage.index_entries(value)]
+    assert len(listed) == len(record["nodes"]) - 1  # every node but the run's own, once
+    assert ("data_file", lineage.index_key(record["nodes"][-2]["id"])) in listed
+
+
+def test_a_node_in_a_continued_index_tag_is_found_both_ways(store):
+    run = store.client.create_run(store.experiment, run_name="wide")
+    record = _wide_record(run.info.run_id, 600)
+    _index(store.client, run.info.run_id, record, {"stemma.flow": "train"})
+    last_file = record["nodes"][-2]["id"]  # listed in the last continuation tag
+    try:
+        downstream = _walk(store, last_file, DOWNSTREAM)
+        assert "models:/wide/1" in downstream.nodes
+        assert downstream.nodes["models:/wide/1"].made_by == lineage.run_node_id(run.info.run_id)
+        upstream = RecordIndex(store.client)
+        assert [r.run_id for r in upstream.runs_that_used(last_file)] == [run.info.run_id]
+        assert upstream.index_parts(lineage.USED_NODES_TAG)[-1] == (f"{lineage.USED_NODES_TAG}.3")
+        # a key is never matched across two entries, nor by a node the run did not read
+        assert not upstream.runs_that_used(lineage.file_node_id("wide/other.parquet", "0" * 32))
+    finally:
+        store.client.delete_run(run.info.run_id)  # the other tests see the store as built
 
 
 def test_asset_keys_are_valid_prefect_keys():

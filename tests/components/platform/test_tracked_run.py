@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,12 +13,13 @@ from mlflow import MlflowClient
 from stemma.components.errors import StemmaError
 from stemma.components.platform import tags
 from stemma.components.platform.lineage import (
-    EDGES_TAG,
-    INDEX_SCHEMA_TAG,
+    MADE_NODES_TAG,
     RECORD_ARTIFACT,
+    USED_NODES_TAG,
     Edge,
     LineageRecord,
     Node,
+    index_key,
     run_node_id,
 )
 from stemma.components.platform.tracked_run import tracked_run
@@ -182,10 +182,10 @@ def test_without_a_writer_the_record_and_its_index_tags_are_logged(experiment: s
     with tracked_run("job", experiment_id=experiment, tags={}) as run:
         run.record_lineage(record)
     stored = _run(run.run_id)
-    assert stored.data.tags[INDEX_SCHEMA_TAG] == "stemma.lineage/1"
-    assert stored.data.tags[EDGES_TAG] == json.dumps(
-        [["data:x", run_node_id("r1"), "used"]], separators=(",", ":")
-    )
+    # the record names another run's node: what the edges lead to counts as made
+    assert stored.data.tags[MADE_NODES_TAG] == f"|run:{index_key(run_node_id('r1'))}|"
+    assert stored.data.tags[USED_NODES_TAG] == f"|data:{index_key('data:x')}|"
+    assert not [key for key in stored.data.tags if key.startswith("stemma.lineage.made.")]
     logged = mlflow.artifacts.load_dict(f"runs:/{run.run_id}/{RECORD_ARTIFACT}")
     assert logged == record.to_dict()
 
