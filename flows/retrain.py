@@ -73,7 +73,7 @@ def record_step(loaded: LoadedSpec, gathered: retraining.Gathered) -> tuple[Any,
 
 
 def _train(loaded: LoadedSpec, run: TrackedRun, why: dict[str, str]) -> dict[str, Any]:
-    """The training flow on the new data version; its run and version carry the cause."""
+    """The training flow on the new data version; its version carries the cause."""
     from stemma.flows.train import train_flow
 
     trained = train_flow(config=str(loaded.path), overrides=list(loaded.overrides))
@@ -81,8 +81,8 @@ def _train(loaded: LoadedSpec, run: TrackedRun, why: dict[str, str]) -> dict[str
     cause = {tags.RETRAIN_RUN_ID: run.run_id, **retraining.cause_tags(why)}
     client = mlflow.MlflowClient()
     model_name = loaded.spec.pipeline.registered_model_name
+    # The training run is the retraining run's child: only the version carries the cause.
     for key, value in cause.items():
-        client.set_tag(trained["run_id"], key, value)
         client.set_model_version_tag(model_name, version, key, value)
     run.set_tags({tags.MODEL_VERSION: version, tags.TRAIN_RUN_ID: trained["run_id"]})
     return trained

@@ -352,8 +352,9 @@ def _tracked_training(setup: Setup, run: TrackedRun, workdir: Path) -> dict[str,
         version, decision = gate_step(setup.loaded, prepared, metrics, model_info.model_uri, facts)
     else:
         version, decision = complete_registration_step(setup.loaded, setup.registered, facts)
-    run.set_tags(decision.tags())
     run.log_metrics({"gate_passed": 1.0 if decision.passed else 0.0})
+    # the run keeps the verdict to filter on; the fields and reasons are in its record
+    run.set_tags({tags.GATE_DECISION: decision.tags()[tags.GATE_DECISION]})
     client = mlflow.MlflowClient()
     reference_profile.tag_model_version(client, version.name, version.version, profile_sha256)
     facts = replace(facts, model_version=str(version.version))

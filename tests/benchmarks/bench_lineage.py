@@ -13,7 +13,6 @@ bar is 1 s a query.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import statistics
@@ -31,7 +30,7 @@ DATA_VERSIONS = 20
 PARAMS_PER_RUN = 40
 METRICS_PER_RUN = 12
 #: Bump when the store's layout changes, so a stale cache is not reused.
-STORE_LAYOUT = 3
+STORE_LAYOUT = 4
 #: Answer-time bar per query, and repeats per measurement (the median is reported).
 BAR_S = 1.0
 REPEATS = 5
@@ -42,8 +41,9 @@ def _hex(rng: random.Random, chars: int = 32) -> str:
     return "".join(rng.choice("0123456789abcdef") for _ in range(chars))
 
 
-def build_store(folder: Path) -> str:
-    """Write the store into ``folder``; return its tracking URI."""
+def build_store(folder: Path, artifacts: Path) -> str:
+    """Write the store's database into ``folder`` and its artifacts into ``artifacts``;
+    return its tracking URI."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
@@ -52,9 +52,7 @@ def build_store(folder: Path) -> str:
     rng = random.Random(7)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    experiment = client.create_experiment(
-        "credit", artifact_location=(folder / "artifacts").as_uri()
-    )
+    experiment = client.create_experiment("credit", artifact_location=artifacts.as_uri())
     client.create_registered_model(MODEL)
     data = [f"{_hex(rng)}.dir" for _ in range(DATA_VERSIONS)]
     files = [_hex(rng) for _ in range(DATA_VERSIONS)]
@@ -159,21 +157,21 @@ def cached_store() -> str:
     """The store's URI, building it on first use (under the temp folder)."""
     folder = Path(tempfile.gettempdir()) / f"stemma-bench-lineage-{STORE_LAYOUT}"
     if not (folder / "complete").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
         # SQLite commits every write; in memory-backed /dev/shm the build takes a fraction
-        # of the time it takes on disk.
+        # of the time it takes on disk. The artifacts go where they stay: the experiment
+        # records their location.
         shm = Path("/dev/shm")
         scratch = Path(
             tempfile.mkdtemp(prefix="stemma-bench-lineage-", dir=shm if shm.is_dir() else None)
         )
         try:
-            build_store(scratch)
-            (scratch / "complete").write_text("ok")
-            staged = Path(tempfile.mkdtemp(prefix="stemma-bench-lineage-")) / "store"
-            shutil.copytree(scratch, staged)
+            build_store(scratch, folder / "artifacts")
+            shutil.copy(scratch / "mlflow.db", folder / "mlflow.db")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(staged, folder)
+        (folder / "complete").write_text("ok")
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 

@@ -69,6 +69,19 @@ def graph_json(capsys, scored, *args: str) -> dict:
     return json.loads(out)
 
 
+@pytest.mark.parametrize("flow", ["train", "score"], ids=["train", "score"])
+def test_a_flow_run_indexes_its_lineage_in_two_tags(scored, flow):
+    run = mlflow.MlflowClient().get_run(scored[flow]["run_id"])
+    index = {key for key in run.data.tags if key.startswith("stemma.lineage.")}
+    assert index == {lineage.MADE_NODES_TAG, lineage.USED_NODES_TAG}
+    made = lineage.index_entries(run.data.tags[lineage.MADE_NODES_TAG])
+    expected = "model_version" if flow == "train" else "predictions"
+    assert [kind for kind, _ in made] == [expected]
+    # the gate's verdict is the one gate tag on the run; its numbers are in the record
+    gate = {key for key in run.data.tags if key.startswith("stemma.gate.")}
+    assert gate == ({"stemma.gate.decision"} if flow == "train" else set())
+
+
 def test_upstream_of_the_champion_names_kind_digest_time_and_flow_run(scored, capsys):
     client = mlflow.MlflowClient()
     train_run = client.get_run(scored["train"]["run_id"])
