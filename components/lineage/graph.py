@@ -327,8 +327,9 @@ def _set_maker(graph: LineageGraph, record: RunRecord, node_id: str) -> None:
     if maker is None or current is None or rank < current:
         graph.maker_rank[node_id] = rank
         node.made_by = record.run_node
-        node.created = run.get("attributes", {}).get("ended") or run.get("created")
-        node.flow_run_id = run.get("flow_run_id")
+        if node.kind != "run":  # a run started by another began when its own record says
+            node.created = run.get("attributes", {}).get("ended") or run.get("created")
+            node.flow_run_id = run.get("flow_run_id")
 
 
 def _add_registry_details(graph: LineageGraph, index: RecordIndex) -> None:
@@ -363,17 +364,24 @@ def _add_recorded_times(graph: LineageGraph, first_seen: dict[str, dict[str, Any
 
 
 def _add_data_version_times(graph: LineageGraph, root: Path) -> None:
-    """When each data version was committed: the commit that last changed its DVC file."""
+    """When each data version was committed: the commit that last changed its DVC file.
+
+    The commit dates a version even when a run made it: a retraining run commits the new
+    version, then trains on it, and ends after that training run began.
+    """
     for node in graph.nodes.values():
         pointer = node.attributes.get("pointer")
         rev = node.attributes.get("git_rev")
-        if node.kind != "data_version" or node.created or not pointer or not rev:
+        if node.kind != "data_version" or not pointer or not rev:
+            continue
+        if node.created and not node.made_by:
             continue
         stamp = run_git(root, "log", "-1", "--format=%cI", str(rev), "--", str(pointer))
         if stamp and stamp.strip():
             moment = datetime.fromisoformat(stamp.strip()).astimezone(UTC)
             node.created = moment.isoformat(timespec="seconds")
-            node.attributes.setdefault("created_by", "git commit of " + str(pointer))
+            if not node.made_by:
+                node.attributes.setdefault("created_by", "git commit of " + str(pointer))
 
 
 # ---------------------------------------------------------------------------------------

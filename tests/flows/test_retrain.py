@@ -38,6 +38,33 @@ def _with_retrain_section(project) -> None:
     git(project, "commit", "-qam", "retrain section")
 
 
+def _assert_times_run_forward(reference: str, project) -> None:
+    """Upstream of ``reference``, nothing was made after a run that read it began: the
+    data version a retraining run committed is dated by its commit, not by the end of the
+    retraining run (which ends after the training run that read it)."""
+    from datetime import datetime
+
+    import mlflow
+
+    from stemma.components.lineage.graph import UPSTREAM, walk
+    from stemma.components.lineage.index import RecordIndex
+
+    graph = walk(reference, RecordIndex(mlflow.MlflowClient()), root=project, direction=UPSTREAM)
+    runs = {node.id: node for node in graph.nodes.values() if node.kind == "run"}
+    checked = 0
+    for edge in graph.edges:
+        source, reader = graph.nodes[edge.source], runs.get(edge.target)
+        if reader is None or not source.created or not reader.created:
+            continue
+        made = datetime.fromisoformat(source.created)
+        began = datetime.fromisoformat(reader.created)
+        assert made <= began, (
+            f"{source.id} ({source.kind}) made {made}, read by a run begun {began}"
+        )
+        checked += source.kind == "data_version"
+    assert checked, "no data version was read by a run of the graph"
+
+
 @pytest.fixture
 def retrain_project(project, prefect_api, mlflow_uri, monkeypatch):
     _with_retrain_section(project)
@@ -94,6 +121,7 @@ def test_retrain_adds_labelled_rows_as_a_new_committed_data_version(retrain_proj
     assert version.run_id in {child.info.run_id for child in children}
     if result["outcome"] == "promoted":
         assert "promote" in flows
+    _assert_times_run_forward(f"models:/credit/{result['model_version']}", project)
 
     # Nothing twice: the same labels again add nothing and leave the data alone.
     state = retrain_flow(config="configs/credit.yaml", overrides=FAST, return_state=True)
