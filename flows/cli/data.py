@@ -69,6 +69,9 @@ def demo_command(args: argparse.Namespace) -> int:
     if args.train_rows < 2_000 or args.batch_rows < 500:
         raise SpecError("--train-rows must be at least 2000 and --batch-rows at least 500")
     root = args.root.resolve()
+    # With `stemma up` running, the demo's flow runs go to its Prefect server; its MLflow
+    # runs stay in the demo project's own store, rebuilt with the project on every demo.
+    args.session.mlflow_from_services = False
     prepare_environment(root, debug=args.debug, session=args.session)
     check_servers(args)
     from stemma.flows.demo import format_demo, run_demo

@@ -8,6 +8,7 @@ import atexit
 import contextlib
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -34,6 +35,8 @@ class Session:
         self.watch: Any = None  # outages.ServerWatch, once watching
         self.servers: list[Any] = []  # outages.Server: what the command talks to
         self.wait_s = 0.0  # how long a server may be down before the command stops
+        #: Whether MLflow, like Prefect, goes to the server `stemma up` runs (when it runs).
+        self.mlflow_from_services = True
 
     def outage(self, error: BaseException | None = None) -> StemmaError | None:
         """The outage that stopped the command: the watch's verdict, or a server it finds
@@ -145,6 +148,8 @@ def prepare_environment(root: Path, *, debug: bool = False, session: Session | N
     logs. ``PREFECT_API_URL`` then points at it, for this process and its children.
     """
     state = root / ".stemma"
+    if session is not None:
+        use_running_services(root, mlflow=session.mlflow_from_services)
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
         # Prefect's SQLite database cannot be created in a folder that does not exist.
@@ -160,6 +165,49 @@ def prepare_environment(root: Path, *, debug: bool = False, session: Session | N
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if not debug:  # child processes (Prefect's, torchrun's) stay as quiet as this one
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+
+def use_running_services(root: Path, *, mlflow: bool = True) -> list[str]:
+    """Point the command at the servers ``stemma up`` runs for the project at ``root``.
+
+    Each of ``PREFECT_API_URL`` and (with ``mlflow``) ``MLFLOW_TRACKING_URI`` that the
+    environment leaves unset is set to the matching server when that server runs and
+    answers: its flow runs then show in the Prefect UI (the links Stemma records resolve),
+    and no temporary Prefect server is started. A variable already set is left alone.
+    Nothing is read when ``stemma up`` never ran here.
+
+    Returns:
+        One line per server put to use (printed to stderr), e.g. ``Prefect at http://...``.
+    """
+    if not (root / ".stemma" / "services").is_dir():
+        return []
+    from stemma.components.platform.services import MLFLOW, PREFECT, service_status
+
+    variables = {PREFECT: "PREFECT_API_URL", MLFLOW: "MLFLOW_TRACKING_URI"}
+    titles = {PREFECT: "Prefect", MLFLOW: "MLflow"}
+    wanted = {name for name, variable in variables.items() if not os.environ.get(variable)}
+    if not mlflow:
+        wanted.discard(MLFLOW)
+    if not wanted:
+        return []
+    used = []
+    for service in service_status(root):
+        if service.name not in wanted or service.pid is None:
+            continue
+        if not service.healthy:
+            print(
+                f"note: the {titles[service.name]} server of `stemma up` ({service.url}) does not "
+                "answer; this command does without it",
+                file=sys.stderr,
+            )
+            continue
+        os.environ[variables[service.name]] = (
+            f"{service.url}/api" if service.name == PREFECT else service.url
+        )
+        used.append(f"{titles[service.name]} at {service.url}")
+    if used:
+        print(f"using the servers of `stemma up`: {', '.join(used)}", file=sys.stderr)
+    return used
 
 
 def _start_temporary_server(session: Session) -> None:

@@ -521,3 +521,90 @@ def test_serve_without_a_prefect_server_is_a_clear_error(project, stemma_exe):
     assert result.returncode == 6
     assert "no Prefect server" in result.stderr and "stemma up" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _without_servers() -> dict[str, str]:
+    """This environment less every variable pointing at a server: a command's defaults."""
+    names = {"PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_HOME", "PREFECT_PROFILES_PATH"}
+    return {key: value for key, value in os.environ.items() if key not in names}
+
+
+def test_a_command_uses_the_servers_stemma_up_runs_for_the_project(stack, stemma_exe):
+    """No PREFECT_API_URL, no MLFLOW_TRACKING_URI: `stemma run` finds the project's running
+    servers, its flow run lands in their Prefect UI and its MLflow run on their store."""
+    _train_through_the_api(stack)  # a champion to score with
+    batch = sorted((stack.project / "data").rglob("day_01.parquet"))[0]
+    result = subprocess.run(
+        [*stemma_exe, "run", "score", "configs/credit.yaml", "--input", str(batch)],
+        cwd=stack.project,
+        env=_without_servers(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    prefect_url, mlflow_url = (stack.prefect_api.removesuffix("/api"), stack.mlflow_url)
+    assert f"using the servers of `stemma up`: Prefect at {prefect_url}" in result.stderr
+    assert f"MLflow at {mlflow_url}" in result.stderr
+
+    experiment = stack.mlflow("GET", "experiments/get-by-name?experiment_name=credit")
+    (score_run,) = stack.mlflow(
+        "POST",
+        "runs/search",
+        {
+            "experiment_ids": [experiment["experiment"]["experiment_id"]],
+            "filter": "tags.`stemma.flow` = 'score'",
+            "order_by": ["attributes.start_time DESC"],
+            "max_results": 1,
+        },
+    )["runs"]
+    tags = {tag["key"]: tag["value"] for tag in score_run["data"]["tags"]}
+    flow_run = _request(
+        "GET", f"{stack.prefect_api}/flow_runs/{tags['stemma.prefect.flow_run_id']}"
+    )
+    assert flow_run["state"]["type"] == "COMPLETED"  # type: ignore[call-overload]
+    # no temporary server was started for the command
+    assert not (stack.project / ".stemma" / "prefect" / "temporary-server.log").exists()
+
+
+def test_the_demo_takes_only_prefect_from_stemma_up_and_a_set_variable_wins(stack, monkeypatch):
+    from stemma.flows.cli.session import use_running_services
+
+    for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    assert use_running_services(stack.project, mlflow=False) == [
+        f"Prefect at {stack.prefect_api.removesuffix('/api')}"
+    ]
+    assert os.environ["PREFECT_API_URL"] == stack.prefect_api
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert use_running_services(stack.project) == []  # both set: nothing to find
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///elsewhere.db"
+
+
+def test_a_recorded_server_that_does_not_answer_is_named_and_left_out(
+    tmp_path, monkeypatch, capsys
+):
+    from stemma.flows.cli.session import use_running_services
+
+    services = tmp_path / ".stemma" / "services"
+    services.mkdir(parents=True)
+    # a live process under the recorded command, on a port nothing listens on
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        record = {
+            "name": "prefect",
+            "pid": sleeper.pid,
+            "port": _free_port(),
+            "command": ["sleep", "300"],
+        }
+        (services / "prefect.json").write_text(json.dumps(record))
+        for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+            monkeypatch.delenv(name, raising=False)
+        assert use_running_services(tmp_path) == []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert "PREFECT_API_URL" not in os.environ
+    assert "the Prefect server of `stemma up`" in capsys.readouterr().err
