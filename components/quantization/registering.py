@@ -26,15 +26,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stemma.components.errors import RegistryError
-from stemma.components.model.onnx_graph import ONNX_FILE
-from stemma.components.model.quantized import (
-    ONNXRUNTIME,
-    ORT_METHODS,
-    QuantizedNetwork,
-    package_version,
-    save_variant_weights,
-    variant_document,
-)
 from stemma.components.platform import tags as tag_names
 from stemma.components.platform.refs import (
     ModelRefError,
@@ -49,6 +40,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
+
+    from stemma.components.model.quantized import QuantizedNetwork
 
 _LOG = logging.getLogger(__name__)
 
@@ -117,6 +110,7 @@ def model_versions(client: MlflowClient, model_name: str) -> list[ModelVersion]:
 def model_requirements(method: str) -> list[str]:
     """pip requirements of a variant: the fp32 model's, plus torchao or onnxruntime."""
     from stemma.components.model.artifact import model_requirements as fp32_requirements
+    from stemma.components.model.quantized import ORT_METHODS, package_version
 
     library = "onnxruntime" if method in ORT_METHODS else "torchao"
     return [*fp32_requirements(), f"{library}=={package_version(library)}"]
@@ -128,6 +122,7 @@ def _variant_runtime_tags(variant: QuantizedNetwork, onnx_sha256: str | None) ->
         RUNTIME_BACKEND_TAG,
         RUNTIME_REASON_TAG,
     )
+    from stemma.components.model.quantized import ONNXRUNTIME
 
     if onnx_sha256 is not None:
         return {RUNTIME_BACKEND_TAG: ONNXRUNTIME, ONNX_SHA256_TAG: onnx_sha256}
@@ -148,6 +143,12 @@ def write_variant_files(
         methods), or None.
     """
     from stemma.components.model.artifact import MODEL_ARTIFACT_FILES, ONNX_ARTIFACT
+    from stemma.components.model.onnx_graph import ONNX_FILE
+    from stemma.components.model.quantized import (
+        ORT_METHODS,
+        save_variant_weights,
+        variant_document,
+    )
     from stemma.components.platform.files import write_atomically
     from stemma.components.runtime.loading import sha256_file
 
