@@ -442,6 +442,11 @@ def test_browser_finds_and_starts_a_deployment_and_sees_the_model_aliases(stack)
         driver.save_screenshot(str(ARTIFACTS / "mlflow-runtime-tags.png"))
         body = driver.find_element(By.TAG_NAME, "body").text
         assert "onnxruntime" in body and "stemma.onnx.sha256" in body
+        # ... and its description opens with its role, the gate's decision and its data
+        data_md5 = yaml.safe_load((stack.project / "data.dvc").read_text())["outs"][0]["md5"]
+        opening = "champion · gate passed on roc_auc"
+        assert f"{opening} 0." in body and f"data {data_md5[:8]}" in body
+        assert "History:" in body and "champion" in body.split("History:", 1)[1]
 
         # The experiment opens on its runs (not on MLflow's GenAI overview), and a training
         # run's page starts with its description: the decision, the data and the version.
