@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger
 
 from stemma.components.evaluation import canary, canary_steps, comparison, rows
 from stemma.components.evaluation import steps as evaluation
-from stemma.components.platform import tags, tracking
+from stemma.components.platform import metric_names, tags, tracking
 from stemma.components.platform.redaction import redact_url
 from stemma.components.platform.refs import format_model_ref
 from stemma.components.platform.tracked_run import TrackedRun
@@ -128,7 +128,8 @@ def _step_run_id(experiment_id: str, key: str) -> str | None:
 
 def _log_step(run: TrackedRun, state: canary.CanaryState, decided: dict, scores: Any) -> None:
     control, challenger = state.control, state.challenger
-    run.log_metrics({**decided["metrics"], "fraction": state.fraction})
+    numbers = {**decided["metrics"], "fraction": state.fraction}
+    run.log_metrics(metric_names.in_section(metric_names.CANARY, numbers))
     run.log_dict(decided, "canary/step.json")
     arm = scores.rows[scores.rows[canary_steps.ARM_COLUMN] == canary_steps.ARM_CHALLENGER]
     with tempfile.TemporaryDirectory(prefix="stemma-canary-") as tmp:

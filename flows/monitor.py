@@ -32,7 +32,7 @@ from stemma.components.errors import DataError
 from stemma.components.monitoring import drift, records, steps
 from stemma.components.monitoring import profile as reference_profile
 from stemma.components.monitoring.report import json_safe
-from stemma.components.platform import tags, tracking
+from stemma.components.platform import metric_names, tags, tracking
 from stemma.components.platform.redaction import redact_url
 from stemma.components.platform.refs import format_model_ref
 from stemma.components.platform.tracked_run import TrackedRun
@@ -191,7 +191,7 @@ def _record(
         digest=batch.digest,
         columns=dict(batch.model.signature_columns),
     )
-    run.log_metrics(report.metrics())
+    run.log_metrics(metric_names.in_section(metric_names.DRIFT, report.metrics()))
     reference = batch.profile.source.get("data_md5", "?")[:12]
     title = f"{steps.batch_name(str(batch.path))} vs {batch.model.label} (reference: training data {reference})"
     with tempfile.TemporaryDirectory(prefix="stemma-monitor-") as tmp:

@@ -25,7 +25,7 @@ from stemma.components.data.tables import dataset_source
 from stemma.components.errors import RegistryError, SpecError
 from stemma.components.model.artifact import ONNX_SHA256_TAG
 from stemma.components.model.quantized import METHODS, QuantizedNetwork
-from stemma.components.platform import tags, tracking
+from stemma.components.platform import metric_names, tags, tracking
 from stemma.components.platform.redaction import redact_url
 from stemma.components.platform.tracked_run import TrackedRun
 from stemma.components.quantization import heldout as parents
@@ -228,7 +228,7 @@ def _register_passing(
 
 def _log_comparison(run: TrackedRun, comparison: Comparison, title: str, workdir: Path) -> None:
     """Metrics per variant, the table (JSON via log_table, and CSV) and the trade-off plot."""
-    run.log_metrics(comparison.metrics())
+    run.log_metrics(metric_names.in_section(metric_names.QUANTIZE, comparison.metrics()))
     frame = pd.DataFrame(comparison.table())
     mlflow.log_text(frame.to_csv(index=False), "quantize/comparison.csv")
     try:

@@ -26,7 +26,7 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.states import Completed
 
-from stemma.components.platform import lineage, tags, tracking
+from stemma.components.platform import lineage, metric_names, tags, tracking
 from stemma.components.platform.refs import format_model_ref
 from stemma.components.platform.tracked_run import TrackedRun
 from stemma.components.registry import promotion
@@ -140,7 +140,9 @@ def _retrain(
     spec = loaded.spec
     batches, labels = sources
     gathered = gather_step(loaded, settings, batches, labels)
-    run.log_metrics(retraining.gathered_metrics(gathered))
+    run.log_metrics(
+        metric_names.in_section(metric_names.RETRAIN, retraining.gathered_metrics(gathered))
+    )
     run.log_params({"min_new_rows": str(settings.min_new_rows)})
     too_few = retraining.too_few_rows(gathered, settings)
     if too_few is not None:

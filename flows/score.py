@@ -22,7 +22,7 @@ from prefect.events import emit_event
 
 from stemma.components.data.tables import dataset_source, resolve_data_version
 from stemma.components.errors import DataVersionError
-from stemma.components.platform import lineage, locks, tags, tracking
+from stemma.components.platform import lineage, locks, metric_names, tags, tracking
 from stemma.components.platform.deployments import BATCH_SCORED_EVENT, pipeline_resource_id
 from stemma.components.platform.redaction import redact_url
 from stemma.components.quantization import registering as quantization
@@ -280,16 +280,19 @@ def log_scoring(run: Any, job: Scoring, result: scoring.ScoringResult) -> None:
     )
     latency = {f"chunk_latency_ms_{key}": value for key, value in result.chunk_latency_ms.items()}
     run.log_metrics(
-        {
-            "rows_input": result.rows_input,
-            "rows_scored": result.rows_scored,
-            "rows_rejected": result.rows_rejected,
-            "rows_per_second": result.rows_per_second,
-            "seconds": result.seconds,
-            "parts_written": result.parts_written,
-            "parts_skipped": result.parts_skipped,
-            **latency,
-        }
+        metric_names.in_section(
+            metric_names.SCORE,
+            {
+                "rows_input": result.rows_input,
+                "rows_scored": result.rows_scored,
+                "rows_rejected": result.rows_rejected,
+                "rows_per_second": result.rows_per_second,
+                "seconds": result.seconds,
+                "parts_written": result.parts_written,
+                "parts_skipped": result.parts_skipped,
+                **latency,
+            },
+        )
     )
     histogram = result.score_histogram
     run.log_dict(manifest, "output/_SUCCESS.json")

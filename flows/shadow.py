@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger
 
 from stemma.components.evaluation import shadow
 from stemma.components.evaluation import steps as evaluation
-from stemma.components.platform import tags, tracking
+from stemma.components.platform import metric_names, tags, tracking
 from stemma.components.platform.redaction import redact_url
 from stemma.components.platform.refs import format_model_ref
 from stemma.components.platform.tracked_run import TrackedRun
@@ -190,7 +190,7 @@ def _compare(loaded: LoadedSpec, settings: EvaluateSpec, inputs: Inputs, run: Tr
     run.log_params(_params(loaded, settings, inputs))
     pair = score_pair_step(loaded, inputs)
     joined, report = compare_step(loaded, settings, pair, inputs)
-    run.log_metrics(report.metrics())
+    run.log_metrics(metric_names.in_section(metric_names.SHADOW, report.metrics()))
     run.log_dict(report.to_dict(), "shadow/report.json")
     with tempfile.TemporaryDirectory(prefix="stemma-shadow-") as tmp:
         shadow.plot_shadow(joined, report, Path(tmp))

@@ -14,8 +14,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from stemma.components.lineage.index import metric_rank
 from stemma.components.platform import tags, tracking
+from stemma.components.platform.metric_names import metric_rank
 from stemma.components.platform.redaction import redact_url
 from stemma.components.platform.refs import parse_model_ref
 from stemma.components.platform.tracked_run import LineageWriter, TrackedRun, tracked_run

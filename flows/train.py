@@ -27,7 +27,7 @@ from stemma.components.data.tables import dataset_source
 from stemma.components.errors import DataCheckError, SpecError, StemmaError
 from stemma.components.model import artifact, networks
 from stemma.components.monitoring import profile as reference_profile
-from stemma.components.platform import lineage, tags, tracking
+from stemma.components.platform import lineage, metric_names, tags, tracking
 from stemma.components.platform.redaction import redact_url
 from stemma.components.platform.refs import format_model_ref
 from stemma.components.platform.tracked_run import TrackedRun
@@ -108,13 +108,13 @@ def train_step(
     loaded: LoadedSpec, prepared: training.PreparedData, checkpoint_dir: Path, run_id: str
 ) -> TrainResult:
     def log_epoch(row: dict) -> None:
-        tracking.log_epoch(row, step=int(row["epoch"]))
+        tracking.log_epoch(training.epoch_metrics(row), step=int(row["epoch"]))
 
     result = training.fit_network(loaded.spec, prepared, checkpoint_dir, log_epoch)
     if result.resumed_from_epoch is not None:
         # A run killed after an epoch's checkpoint but before its metrics reached MLflow
         # resumes past that epoch: log what the run is missing from the restored history.
-        history = mlflow.MlflowClient().get_metric_history(run_id, "train_loss")
+        history = mlflow.MlflowClient().get_metric_history(run_id, metric_names.TRAIN_LOSS)
         for row in training.missing_epochs(result, (m.step for m in history)):
             log_epoch(row)
     return result
@@ -243,7 +243,9 @@ def _log_checks(run: TrackedRun, report: checks.ValidationReport, docs: Path, pa
     if docs.is_dir():
         run.log_artifacts(docs, "checks/data_docs")
     evaluated, failed = len(report.outcomes), len(report.failures)
-    run.log_metrics({"checks_evaluated": evaluated, "checks_failed": failed})
+    run.log_metrics(
+        {metric_names.DATA_CHECKS_EVALUATED: evaluated, metric_names.DATA_CHECKS_FAILED: failed}
+    )
     run.set_tags(
         {tags.CHECKS_DIGEST: report.digest, tags.CHECKS_SUCCESS: str(report.success).lower()}
     )
@@ -326,7 +328,7 @@ def _train_and_evaluate(setup: Setup, run: TrackedRun, workdir: Path) -> tuple:
     run.log_params(params)
     run.log_metrics(numbers)
     metrics = evaluate_step(loaded, prepared, result, workdir / "plots")
-    run.log_metrics({f"test_{name}": value for name, value in metrics.items()})
+    run.log_metrics(metric_names.in_section(metric_names.TEST, metrics))
     run.log_artifacts(workdir / "plots", "plots")
     return frame, report, (prepared, result, metrics)
 
@@ -352,9 +354,9 @@ def _tracked_training(setup: Setup, run: TrackedRun, workdir: Path) -> dict[str,
         version, decision = gate_step(setup.loaded, prepared, metrics, model_info.model_uri, facts)
     else:
         version, decision = complete_registration_step(setup.loaded, setup.registered, facts)
-    run.log_metrics({"gate_passed": 1.0 if decision.passed else 0.0})
     # the run keeps the verdict to filter on; the fields and reasons are in its record
     run.set_tags({tags.GATE_DECISION: decision.tags()[tags.GATE_DECISION]})
+    run.log_metrics({metric_names.GATE_PASSED: 1.0 if decision.passed else 0.0})
     client = mlflow.MlflowClient()
     reference_profile.tag_model_version(client, version.name, version.version, profile_sha256)
     facts = replace(facts, model_version=str(version.version))

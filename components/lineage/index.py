@@ -41,6 +41,7 @@ from stemma.components.platform.lineage import (
     run_node_id,
     used_tag,
 )
+from stemma.components.platform.metric_names import KEY_METRIC_PREFIXES, metric_rank
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -53,10 +54,7 @@ MODEL_PREFIX = "models:/"
 CLAIM_EXPERIMENT_PREFIX = tag_names.CLAIMS_EXPERIMENT_PREFIX + "/"
 #: Runs fetched per search page (MLflow's maximum for search_runs).
 SEARCH_PAGE_SIZE = 1000
-#: Metric name beginnings that make a run's key metrics, in the order they are chosen
-#: (the metrics a decision rests on: test split, shadow, canary, drift, quantize, gate).
-KEY_METRIC_PREFIXES = ("test", "shadow", "canary", "drift", "quantize", "gate", "val")
-#: Key metrics a run node carries.
+#: Key metrics a run node carries (ranked by :func:`.metric_names.metric_rank`).
 KEY_METRICS = 3
 
 
@@ -86,13 +84,6 @@ def iso_time(milliseconds: int | None) -> str | None:
     if not milliseconds:
         return None
     return datetime.fromtimestamp(milliseconds / 1000, tz=UTC).isoformat(timespec="seconds")
-
-
-def metric_rank(name: str) -> tuple[int, str]:
-    """Where a metric named ``name`` comes among a run's metrics: by the first of
-    :data:`KEY_METRIC_PREFIXES` it starts with (others after them all), then by name."""
-    ranks = [rank for rank, prefix in enumerate(KEY_METRIC_PREFIXES) if name.startswith(prefix)]
-    return (min(ranks, default=len(KEY_METRIC_PREFIXES)), name)
 
 
 def key_metrics(metrics: Mapping[str, float], limit: int = KEY_METRICS) -> dict[str, float]:

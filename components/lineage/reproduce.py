@@ -4,7 +4,7 @@ A version registered by the training flow names everything that made it: the tra
 (``stemma.run_id``), the data version (``stemma.data.md5`` of ``stemma.data.pointer``), the
 resolved spec with its seeds (the run's ``spec/resolved.yaml``), the code revision
 (``stemma.git.rev``, ``stemma.git.dirty``), and what came out (``stemma.weights.sha256``,
-the ``test_*`` metrics). This module reads those facts (:func:`plan_reproduction`),
+the ``test/*`` metrics). This module reads those facts (:func:`plan_reproduction`),
 restores the exact data bytes through DVC (:func:`restore_data_version`), says how the code
 differs (:func:`code_revision_warnings`), and compares a retrained model with the recorded
 one tensor by tensor and metric by metric, and every file of the model folder with the
@@ -28,6 +28,7 @@ from stemma.components.data.tables import dir_md5, file_md5
 from stemma.components.errors import DataVersionError, LineageError
 from stemma.components.lineage.index import RecordIndex
 from stemma.components.lineage.resolve import pointer_out, resolve_reference, run_git
+from stemma.components.platform import metric_names
 from stemma.components.platform import tags as tag_names
 
 if TYPE_CHECKING:
@@ -37,8 +38,8 @@ if TYPE_CHECKING:
 SPEC_ARTIFACT = "spec/resolved.yaml"
 #: The weights file inside a logged model.
 WEIGHTS_FILE = "weights.safetensors"
-#: Run metrics compared besides the ``test_*`` ones.
-COMPARED_METRICS = ("best_epoch", "epochs_run")
+#: Run metrics compared besides the ``test/*`` ones.
+COMPARED_METRICS = (metric_names.TRAIN_BEST_EPOCH, metric_names.TRAIN_EPOCHS_RUN)
 #: The validation digest's tag, on the version and on a rebuild's run.
 CHECKS_TAG = tag_names.CHECKS_DIGEST
 #: How many changed files a code warning names before it summarises.
@@ -65,7 +66,8 @@ class ReproductionPlan:
         git_dirty: whether tracked files differed from that commit.
         weights_sha256: the weights file's sha256.
         checks_digest: the Great Expectations result's digest.
-        metrics: ``test_*`` metrics and :data:`COMPARED_METRICS` of the run.
+        metrics: ``test/*`` metrics and :data:`COMPARED_METRICS` of the run, by their
+            sectioned names whichever Stemma logged them.
         device: the device the run trained on (``cpu``, ``cuda``).
     """
 
@@ -182,8 +184,14 @@ def plan_reproduction(client: MlflowClient, reference: str) -> ReproductionPlan:
 
 
 def _compared(metrics: dict[str, float]) -> dict[str, float]:
-    """The ``test_*`` metrics and :data:`COMPARED_METRICS` among ``metrics``."""
-    return {k: v for k, v in metrics.items() if k.startswith("test_") or k in COMPARED_METRICS}
+    """The ``test/*`` metrics and :data:`COMPARED_METRICS` among a training run's
+    ``metrics``, by their sectioned names (a run of an older Stemma has flat ones)."""
+    test = metric_names.metric_name(metric_names.TEST, "")
+    return {
+        name: value
+        for name, value in metric_names.sectioned_metrics(metrics).items()
+        if name.startswith(test) or name in COMPARED_METRICS
+    }
 
 
 def recorded_manifest(client: MlflowClient, entry: Any) -> dict[str, str] | None:

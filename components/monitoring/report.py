@@ -234,8 +234,8 @@ class DriftReport:
         out: dict[str, float] = {
             "rows": float(self.rows),
             "rows_labelled": float(self.labelled_rows),
-            "drift_detected": float(self.detected),
-            "drift_assessed": float(self.assessed),
+            "detected": float(self.detected),
+            "assessed": float(self.assessed),
             "features_monitored": float(len(self.features)),
             "features_drifted": float(len(self.drifted_features)),
         }

@@ -27,6 +27,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import numpy as np
 import pandas as pd
@@ -128,15 +129,22 @@ def configure_tracking(root: Path) -> str:
 MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 
 
+#: The runs an experiment's page opens on: training runs (the UI reads the filter from the
+#: runs page's query; no experiment tag sets a default filter).
+TRAINING_RUNS_FILTER = f"tags.`{tag_names.FLOW}` = 'train'"
+
+
 def run_page_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
-    """The MLflow UI's page of a run (or of an experiment's runs) on a tracking server, in
-    the model-training layout, without the URI's credentials (a link is shown and stored;
-    the browser asks for them); None when the runs are not on a server."""
+    """The MLflow UI's page of a run, or of an experiment's training runs, on a tracking
+    server, in the model-training layout, without the URI's credentials (a link is shown
+    and stored; the browser asks for them); None when the runs are not on a server."""
     if not tracking_uri.startswith(("http://", "https://")):
         return None
-    server = without_credentials(tracking_uri)
-    path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
-    return f"{server.rstrip('/')}/{path}?{MODEL_TRAINING_VIEW}"
+    server = without_credentials(tracking_uri).rstrip("/")
+    if run_id:
+        return f"{server}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
+    query = urlencode({"searchFilter": TRAINING_RUNS_FILTER}, quote_via=quote)
+    return f"{server}/#/experiments/{experiment_id}/runs?{MODEL_TRAINING_VIEW}&{query}"
 
 
 #: MLflow's experiment tag choosing the UI's layout, and the value for model training.
@@ -186,23 +194,36 @@ def ensure_experiment(name: str, root: Path) -> str:
                 "or set pipeline.experiment to another name",
             ],
         )
-    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older Stemma, or by hand
-        for key, value in experiment_tags(name).items():
-            if key not in experiment.tags:
-                client.set_experiment_tag(experiment.experiment_id, key, value)
+    for key, value in experiment_tags(name).items():
+        # Made by an older Stemma, or by hand: fill what is missing, and keep Stemma's own
+        # description current (one written by hand stays).
+        found = experiment.tags.get(key)
+        if found is None or (
+            key == NOTE_TAG and found != value and found.startswith(_NOTE_OPENING)
+        ):
+            client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
+
+
+#: How Stemma's description of an experiment begins (the experiment page shows it).
+_NOTE_OPENING = "Runs of the Stemma pipeline"
 
 
 def experiment_tags(name: str) -> dict[str, str]:
     """An experiment's kind (MLflow opens a model-training experiment on its runs, not on
-    the GenAI overview) and its description."""
+    the GenAI overview) and its description: what runs it holds, how to list the training
+    runs, and how metrics are named."""
     return {
         EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND,
         NOTE_TAG: (
-            f"Runs of the Stemma pipeline that writes to `{name}`: training, scoring, "
-            "monitoring, shadow and canary evaluation, quantization and promotion. "
-            "Filter by `tags.stemma.flow` (for example `tags.stemma.flow = 'train'`); each "
-            "run's description says what it read, made and decided."
+            f"{_NOTE_OPENING} that writes to `{name}`: training, scoring, "
+            "monitoring, shadow and canary evaluation, quantization, retraining and "
+            "promotion. Training runs are named `train-<spec>-<time>`; show only them with "
+            f"the filter `` {TRAINING_RUNS_FILTER} `` (another flow: `score`, `monitor`, "
+            "`shadow`, `canary`, `quantize`, `retrain`, `promote`). Each run's description "
+            "says what it read, made and decided. Metrics are grouped by section: `train/` "
+            "and `val/` (losses per epoch), `test/` (the test split), `data/`, `gate/`, "
+            "`score/`, `drift/`, `shadow/`, `canary/`, `quantize/`, `retrain/`."
         ),
     }
 

@@ -137,13 +137,14 @@ class Comparison:
         }
 
     def metrics(self) -> dict[str, float]:
-        """Flat MLflow metrics: ``quantize.<method>.<measure>`` and the fp32 latencies."""
-        out: dict[str, float] = {f"quantize.fp32.{self.metric}": self.parent_value}
+        """Numbers for MLflow (the quantize run logs them under ``quantize/``):
+        ``<method>.<measure>``, and ``fp32.<measure>`` for the parent."""
+        out: dict[str, float] = {f"fp32.{self.metric}": self.parent_value}
         for runtime, latency in self.parent_ms.items():
-            out[f"quantize.fp32.{runtime}_ms"] = latency
-        out["quantize.fp32.size_bytes"] = float(self.parent_size_bytes)
+            out[f"fp32.{runtime}_ms"] = latency
+        out["fp32.size_bytes"] = float(self.parent_size_bytes)
         for variant in self.variants:
-            prefix = f"quantize.{variant.method}."
+            prefix = f"{variant.method}."
             out[prefix + "passed"] = 1.0 if variant.passed else 0.0
             for name, value in (
                 (self.metric, variant.value),

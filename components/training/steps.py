@@ -20,6 +20,7 @@ from stemma.components.data import tables
 from stemma.components.errors import DataError
 from stemma.components.model import networks
 from stemma.components.model import preprocessing as features
+from stemma.components.platform import metric_names
 from stemma.components.platform.tracking import STATE_DIR
 from stemma.components.spec import LoadedSpec, Spec
 from stemma.components.training import loop, metrics
@@ -165,8 +166,26 @@ def file_sha256(path: Path) -> str:
 
 def epoch_params(result: loop.TrainResult) -> tuple[Mapping[str, str], Mapping[str, float]]:
     """What the run logs about the training itself: resolved device and precision (params),
-    best epoch and epochs run (metrics)."""
+    the epochs' time, best epoch and epochs run (metrics)."""
     return (
         {"resolved.device": result.device, "resolved.precision": result.precision},
-        {"best_epoch": result.best_epoch, "epochs_run": len(result.history)},
+        {
+            metric_names.TRAIN_SECONDS: sum(float(row["seconds"]) for row in result.history),
+            metric_names.TRAIN_BEST_EPOCH: result.best_epoch,
+            metric_names.TRAIN_EPOCHS_RUN: len(result.history),
+        },
     )
+
+
+#: The MLflow metric of each number of a history row (the epoch itself is the step).
+EPOCH_METRICS = {
+    "train_loss": metric_names.TRAIN_LOSS,
+    "val_loss": metric_names.VAL_LOSS,
+    "seconds": metric_names.TRAIN_EPOCH_SECONDS,
+    "samples_per_second": metric_names.TRAIN_SAMPLES_PER_SECOND,
+}
+
+
+def epoch_metrics(row: Mapping[str, Any]) -> dict[str, float]:
+    """An epoch's history row as MLflow metrics (``train/loss``, ``val/loss``, ...)."""
+    return {name: float(row[key]) for key, name in EPOCH_METRICS.items() if key in row}

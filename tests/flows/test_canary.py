@@ -129,7 +129,7 @@ def test_a_better_challenger_walks_the_steps_night_by_night_and_is_promoted(proj
     for entry in third["history"]:
         run = client.get_run(entry["run_id"])
         assert run.data.tags["stemma.flow"] == "canary"
-        assert run.data.metrics["fraction"] == entry["fraction"]
+        assert run.data.metrics["canary/fraction"] == entry["fraction"]
         record = lineage(entry["run_id"])
         by_kind = {node["kind"]: node for node in record["nodes"]}
         assert {"canary_step", "decision", "input", "predictions"} <= set(by_kind)

@@ -131,7 +131,7 @@ def test_training_saves_the_reference_profile_with_the_model(monitored_project, 
     assert age.sample.tolist() == sorted(train["age"].astype(float))
     assert profile.label_rate == pytest.approx(train["approved"].mean())
     run = client.get_run(version.run_id)
-    assert profile.performance["roc_auc"] == pytest.approx(run.data.metrics["test_roc_auc"])
+    assert profile.performance["roc_auc"] == pytest.approx(run.data.metrics["test/roc_auc"])
     assert profile.scores is not None and profile.scores.rows == int(run.data.params["rows.test"])
     record = json.loads(
         (download(version.run_id, tmp_path / "again") / "lineage" / "record.json").read_text()
@@ -180,8 +180,10 @@ def test_day_one_is_quiet_and_day_six_drifts_with_an_event_on_the_prefect_api(
     assert run.data.tags["stemma.drift.detected"] == "true"
     assert run.data.tags["stemma.drift.features"] == ",".join(shifted["drifted_features"])
     assert run.data.tags["stemma.drift.event_id"] == shifted["event_id"]
-    assert run.data.metrics["feature.age.psi"] == pytest.approx(shifted["columns"]["age"]["psi"])
-    assert run.data.metrics["features_drifted"] == len(shifted["drifted_features"])
+    assert run.data.metrics["drift/feature.age.psi"] == pytest.approx(
+        shifted["columns"]["age"]["psi"]
+    )
+    assert run.data.metrics["drift/features_drifted"] == len(shifted["drifted_features"])
     assert client.get_run(quiet["run_id"]).data.tags["stemma.drift.detected"] == "false"
     # the run page links the batch (its own dataset input) and the model version it monitored
     (batch,) = run.inputs.dataset_inputs

@@ -150,11 +150,11 @@ def test_the_run_holds_the_table_the_plot_and_the_lineage(quantized, tmp_path):
     assert run.data.tags["stemma.flow"] == "quantize"
     assert run.data.tags["stemma.model.uri"] == f"models:/{NAME}/1"
     metrics = run.data.metrics
-    assert metrics["quantize.bf16.passed"] == 1.0
-    assert metrics["quantize.int8_weight_only.speedup"] == pytest.approx(
+    assert metrics["quantize/bf16.passed"] == 1.0
+    assert metrics["quantize/int8_weight_only.speedup"] == pytest.approx(
         by_method(summary)["int8_weight_only"]["speedup"]
     )
-    assert {"quantize.fp32.eager_ms", "quantize.fp32.onnxruntime_ms"} <= set(metrics)
+    assert {"quantize/fp32.eager_ms", "quantize/fp32.onnxruntime_ms"} <= set(metrics)
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.source_type == "dvc"
 
@@ -311,8 +311,8 @@ def test_rejected_variants_are_recorded_and_scoring_falls_back(quantized, stemma
     recorded = json.loads(client.get_model_version(NAME, "1").tags[q.SUMMARY_TAG])
     assert {v["status"] for v in recorded["variants"].values()} == {"rejected"}
     run = client.get_run(recorded["run_id"])
-    assert run.data.metrics["quantize.bf16.passed"] == 0.0
-    assert run.data.metrics["quantize.bf16.speedup"] < 1000  # the rejected numbers are kept
+    assert run.data.metrics["quantize/bf16.passed"] == 0.0
+    assert run.data.metrics["quantize/bf16.speedup"] < 1000  # the rejected numbers are kept
 
     served = run_score(root, "quantize.serve=true", output="out/fallback")
     assert served["model_version"] == "1"

@@ -126,7 +126,7 @@ def test_a_changed_seed_gives_a_verdict_naming_the_tensors_and_exit_7(
     assert "changed on purpose: --set train.seed=8" in out
     assert f"weights sha256: recorded {summary['weights_sha256']}, rebuilt " in out
     assert "values differ:" in out and "max abs diff" in out
-    assert "metric test_" in out
+    assert "metric test/" in out
     assert "restored from the working tree (data)" in out
     assert "WARNING" not in out  # same commit, clean tree
     assert "Traceback" not in result.stderr

@@ -86,9 +86,9 @@ def test_score_writes_every_row_once_and_records_the_run(scoring_project, tmp_pa
 
     run = mlflow.MlflowClient().get_run(summary["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["rows_scored"] == len(inputs)
-    assert run.data.metrics["rows_per_second"] > 0
-    assert "chunk_latency_ms_p95" in run.data.metrics
+    assert run.data.metrics["score/rows_scored"] == len(inputs)
+    assert run.data.metrics["score/rows_per_second"] > 0
+    assert "score/chunk_latency_ms_p95" in run.data.metrics
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.source_type == "dvc"
     assert json.loads(dataset_input.dataset.source)["path"] == "data/credit/batches"

@@ -124,7 +124,7 @@ def test_dask_fan_out_writes_the_bytes_of_a_single_process(project):
     run = mlflow.MlflowClient().get_run(fanned["run_id"])
     assert run.data.tags["stemma.score.runner"] == "dask"
     assert run.data.tags["stemma.output.sha256"] == local["output_digest"]
-    assert run.data.metrics["parts_written"] == 24
+    assert run.data.metrics["score/parts_written"] == 24
 
     again = run_score(project, *settings, *DASK, output=str(project / "dask"))
     assert again["already_complete"] and again["output_digest"] == local["output_digest"]

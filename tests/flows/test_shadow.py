@@ -179,11 +179,11 @@ def test_a_better_challenger_is_promoted_and_everything_is_recorded(project, wei
     client = MlflowClient()
     run = client.get_run(summary["run_id"])
     assert run.data.tags["stemma.shadow.decision"] == "promote"
-    assert run.data.metrics["agreement"] == pytest.approx(summary["agreement"])
-    assert run.data.metrics["roc_auc_difference_low"] > 0
-    assert "segment.elevel.0.metric_difference" in run.data.metrics
+    assert run.data.metrics["shadow/agreement"] == pytest.approx(summary["agreement"])
+    assert run.data.metrics["shadow/roc_auc_difference_low"] > 0
+    assert "shadow/segment.elevel.0.metric_difference" in run.data.metrics
     for model in ("champion", "challenger"):
-        p50, p99 = (run.data.metrics[f"{model}_latency_ms_p{q}"] for q in (50, 99))
+        p50, p99 = (run.data.metrics[f"shadow/{model}_latency_ms_p{q}"] for q in (50, 99))
         assert 0 < p50 <= p99
     listed = {a.path for a in client.list_artifacts(run.info.run_id, "shadow")}
     assert {"shadow/score_scatter.png", "shadow/metric_difference.png", "shadow/report.json"} <= (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,8 @@ import yaml
 
 from stemma.components.data.tables import dir_md5, file_md5
 from stemma.components.errors import DataCheckError, DataError, DataVersionError, SpecError
+from stemma.components.lineage import reproduce
+from stemma.components.platform import metric_names
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "mlflow_uri")
 
@@ -58,9 +61,25 @@ def test_train_tracks_registers_and_links_everything(project, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "3"
     assert run.data.params["data.features.categorical"] == "[elevel, car, zipcode]"
-    history = client.get_metric_history(run.info.run_id, "train_loss")
+    history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2, 3]
-    assert run.data.metrics["test_roc_auc"] == pytest.approx(summary["metrics"]["roc_auc"])
+    assert run.data.metrics["test/roc_auc"] == pytest.approx(summary["metrics"]["roc_auc"])
+    # every metric is in a section, so MLflow draws the losses apart from the bookkeeping
+    assert set(run.data.metrics) == {
+        *(f"test/{name}" for name in summary["metrics"]),
+        "train/loss",
+        "val/loss",
+        "train/epoch_seconds",
+        "train/samples_per_second",
+        "train/seconds",
+        "train/best_epoch",
+        "train/epochs_run",
+        "data/checks_evaluated",
+        "data/checks_failed",
+        "gate/passed",
+    }
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1, 2, 3]
+    assert run.data.metrics["gate/passed"] == 1.0
 
     # the dataset input carries the DVC md5 and names the DVC path and git revision
     recorded = yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
@@ -153,13 +172,15 @@ def test_train_tracks_registers_and_links_everything(project, tmp_path):
         )
     assert artifact.key == "train-summary" and artifact.type == "markdown"
     assert artifact.data.startswith("**train** · pipeline `e2e` · decision **passed**")
-    assert "| test_roc_auc |" in artifact.data
+    assert "| test/roc_auc |" in artifact.data
     assert f"MLflow run `{run.info.run_id}`" in artifact.data  # no server: no link to follow
 
-    # the experiment opens on its runs (model training), not on MLflow's GenAI overview
+    # the experiment opens on its runs (model training), not on MLflow's GenAI overview,
+    # and its description says how to list the training runs
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert "tags.stemma.flow" in experiment.tags["mlflow.note.content"]
+    assert "tags.`stemma.flow` = 'train'" in experiment.tags["mlflow.note.content"]
+    assert run.info.run_name.startswith("train-credit-")
 
     # the logged model predicts on raw rows in a fresh process, with pickle loading disabled
     batch = project / "data" / "credit" / "batches" / "day_01.parquet"
@@ -207,6 +228,58 @@ def test_second_model_is_challenger_and_a_worse_one_gets_no_alias(project):
     assert version.tags["stemma.gate.decision"] == "failed"
     assert "margin" in version.tags["stemma.gate.reasons"]
     assert not version.aliases
+
+
+#: The flat names a Stemma older than the metric sections logged, by today's names (their
+#: test metrics were ``test_<metric>``; ``train/seconds`` did not exist).
+FLAT_TRAINING_NAMES = {
+    "train/loss": "train_loss",
+    "val/loss": "val_loss",
+    "train/epoch_seconds": "seconds",
+    "train/samples_per_second": "samples_per_second",
+    "train/best_epoch": "best_epoch",
+    "train/epochs_run": "epochs_run",
+    "data/checks_evaluated": "checks_evaluated",
+    "data/checks_failed": "checks_failed",
+    "gate/passed": "gate_passed",
+}
+
+
+def _as_an_older_stemma_logged_it(tracking_uri: str, run_id: str) -> None:
+    """Rename a run's metrics in the SQLite store to the flat names an older Stemma wrote."""
+    with sqlite3.connect(tracking_uri.removeprefix("sqlite:///")) as store:
+        for table in ("metrics", "latest_metrics"):
+            where = "WHERE run_uuid = ? AND key = ?"
+            store.execute(f"DELETE FROM {table} {where}", (run_id, "train/seconds"))
+            for name, flat in FLAT_TRAINING_NAMES.items():
+                store.execute(f"UPDATE {table} SET key = ? {where}", (flat, run_id, name))
+            store.execute(
+                f"UPDATE {table} SET key = 'test_' || substr(key, 6) "
+                "WHERE run_uuid = ? AND key LIKE 'test/%'",
+                (run_id,),
+            )
+
+
+def test_a_champion_an_older_stemma_logged_is_still_judged_and_compared(project, mlflow_uri):
+    first = run_train(project, "flat")
+    _as_an_older_stemma_logged_it(mlflow_uri, first["run_id"])
+    client = mlflow.MlflowClient()
+    flat = client.get_run(first["run_id"]).data.metrics
+    assert "test_roc_auc" in flat and not [name for name in flat if "/" in name]
+    recorded_auc = metric_names.read_metric(flat, "test/roc_auc")
+    assert recorded_auc == pytest.approx(first["metrics"]["roc_auc"])
+    assert metric_names.read_metric(flat, metric_names.TRAIN_BEST_EPOCH) == flat["best_epoch"]
+
+    # the gate judges the new model against the old champion, on the same rows
+    second = run_train(project, "flat")
+    assert second["gate"]["champion_version"] == first["model_version"]
+    assert second["gate"]["champion_value"] == pytest.approx(recorded_auc)
+    assert second["gate"]["alias"] == "challenger"
+    # a rebuild's sectioned metrics compare with the champion's flat ones, name by name
+    recorded = reproduce.plan_reproduction(client, "models:/flat@champion").metrics
+    rebuilt = reproduce.plan_reproduction(client, f"models:/flat/{second['model_version']}")
+    assert {"test/roc_auc", "train/best_epoch", "train/epochs_run"} <= set(recorded)
+    assert reproduce.compare_metrics(recorded, rebuilt.metrics) == (len(recorded), [])
 
 
 def test_first_model_below_minimum_is_registered_without_alias(project):
@@ -343,5 +416,5 @@ def test_resume_logs_the_epoch_metrics_a_kill_cut_off(project, monkeypatch):
 
     summary = run_train(project, "gap")
     assert summary["resumed"] is True
-    history = mlflow.MlflowClient().get_metric_history(summary["run_id"], "train_loss")
+    history = mlflow.MlflowClient().get_metric_history(summary["run_id"], "train/loss")
     assert sorted(m.step for m in history) == [1, 2, 3]

@@ -723,22 +723,29 @@ def test_the_summary_folds_downstream_too_and_counts_each_hidden_node_once():
 def test_run_nodes_carry_at_most_three_key_metrics_test_first(store):
     run_id = store.runs["train-1"]
     for name, value in {
-        "train_loss": 0.4,
-        "val_loss": 0.39,
-        "gate_passed": 1.0,
-        "test_roc_auc": 0.93712,
-        "test_f1": 0.81,
-        "shadow_agreement": 0.98,
-        "seconds": 3.2,
+        "train/loss": 0.4,
+        "val/loss": 0.39,
+        "gate/passed": 1.0,
+        "test/roc_auc": 0.93712,
+        "test/f1": 0.81,
+        "train/seconds": 3.2,
     }.items():
         store.client.log_metric(run_id, name, value)
     graph = _walk(store, "models:/credit/1")
     metrics = graph.nodes[lineage.run_node_id(run_id)].attributes["metrics"]
-    assert list(metrics) == ["test_f1", "test_roc_auc", "shadow_agreement"]
-    assert metrics["test_roc_auc"] == pytest.approx(0.93712)
+    assert list(metrics) == ["test/f1", "test/roc_auc", "gate/passed"]
+    assert metrics["test/roc_auc"] == pytest.approx(0.93712)
     json.loads(json.dumps(graph.to_dict(), allow_nan=False))
-    assert "test_roc_auc 0.937" in render_summary(graph)
-    # not finite values and metrics no decision rests on are left out
+    assert "test/roc_auc 0.937" in render_summary(graph)
+    # a shadow run shows its agreement, not its latencies
+    shadow = {"shadow/challenger_latency_ms_p50": 2.0, "shadow/agreement": 0.98}
+    assert key_metrics(shadow) == {"shadow/agreement": 0.98}
+    # a run an older Stemma logged with flat names ranks the same; not finite values and
+    # metrics no decision rests on are left out
     assert key_metrics({"val_auc": math.nan, "epoch": 3.0, "gate_passed": 1.0}) == {
         "gate_passed": 1.0
     }
+    assert list(key_metrics({"train_loss": 0.4, "gate_passed": 1.0, "test_f1": 0.8})) == [
+        "test_f1",
+        "gate_passed",
+    ]

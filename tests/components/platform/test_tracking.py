@@ -58,6 +58,40 @@ def test_configure_tracking_defaults_to_sqlite_under_the_project(tracking: str, 
     assert ensure_experiment("credit", tmp_path) == experiment_id
 
 
+def test_an_experiment_describes_its_runs_and_how_to_find_the_training_runs(
+    tracking: str, tmp_path: Path
+):
+    client = MlflowClient()
+    experiment = client.get_experiment(ensure_experiment("credit", tmp_path))
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    note = experiment.tags["mlflow.note.content"]
+    assert "`credit`" in note and "train-<spec>-<time>" in note
+    assert "tags.`stemma.flow` = 'train'" in note
+    assert all(f"`{section}/`" in note for section in ("train", "val", "test", "drift", "shadow"))
+
+
+def test_an_older_stemma_description_is_brought_up_to_date_and_a_hand_written_one_kept(
+    tracking: str, tmp_path: Path
+):
+    client = MlflowClient()
+    older = client.create_experiment(
+        "older",
+        tags={
+            "mlflow.experimentKind": "custom_model_development",
+            "mlflow.note.content": "Runs of the Stemma pipeline that writes to `older`: ...",
+        },
+    )
+    by_hand = client.create_experiment("by-hand", tags={"mlflow.note.content": "Our team's runs"})
+
+    assert ensure_experiment("older", tmp_path) == older
+    assert ensure_experiment("by-hand", tmp_path) == by_hand
+
+    assert "`train/`" in client.get_experiment(older).tags["mlflow.note.content"]
+    kept = client.get_experiment(by_hand).tags
+    assert kept["mlflow.note.content"] == "Our team's runs"
+    assert kept["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_configure_tracking_does_not_inherit_a_previous_local_store(tracking: str, tmp_path: Path):
     # mlflow.set_tracking_uri exported the first store into os.environ; a second project in
     # the same process must still get its own.
@@ -247,5 +281,8 @@ def test_a_run_page_link_carries_no_credentials():
     page = run_page_url("http://stemma:s3cret@127.0.0.1:5000/", "7", "abc")
     assert page == "http://127.0.0.1:5000/#/experiments/7/runs/abc?workflowType=machine_learning"
     token = run_page_url("https://TOKEN@mlflow.example.com", "7")
-    assert token == "https://mlflow.example.com/#/experiments/7?workflowType=machine_learning"
+    assert token == (
+        "https://mlflow.example.com/#/experiments/7/runs?workflowType=machine_learning"
+        "&searchFilter=tags.%60stemma.flow%60%20%3D%20%27train%27"
+    )
     assert run_page_url("sqlite:///mlflow.db", "7") is None
