@@ -220,8 +220,9 @@ def _format_row(row: Day) -> str:
     )
 
 
-def format_demo(result: dict[str, Any]) -> str:
-    """The closing table and where to look in the UIs."""
+def format_demo(result: dict[str, Any], prefect_ui: str | None = None) -> str:
+    """The closing table and where to look in the UIs (``prefect_ui``: the UI of the Prefect
+    server the flow runs went to, when they went to one that stays up)."""
     header = f"{'day':>3}  {'rows':>7}  {'drift':<36}  {'decision':<42}  champion\n" + "-" * 104
     rows = [
         f"{d.day:>3}  {d.rows_scored:>7,}  {d.drift:<36}  {d.decision:<42}  v{d.champion}"
@@ -238,7 +239,9 @@ def format_demo(result: dict[str, Any]) -> str:
             "(runs of experiment 'credit', model 'credit' and its aliases)",
             f"  lineage:    cd {root} && stemma lineage models:/credit@champion",
             f"  data:       cd {root} && git log --oneline -- data.dvc",
-            "  Prefect UI: run `stemma up` and `stemma serve configs/credit.yaml` in the demo "
-            "project to see the same flows as deployments",
+            f"  Prefect UI: {prefect_ui}/runs (this demo's flow runs and their summaries)"
+            if prefect_ui
+            else "  Prefect UI: run `stemma up` before the demo to keep its flow runs there, "
+            "and `stemma serve configs/credit.yaml` in the demo project for deployments",
         ]
     )

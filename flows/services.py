@@ -37,7 +37,7 @@ def run_up(
 
     Returns:
         The report: one line per server (URL, pid, data), then the ``export`` lines that
-        point flows run from another shell at these servers.
+        point other tools (or another project's commands) at these servers.
 
     Raises:
         StemmaError: see :func:`stemma.components.platform.services.start_services`.
@@ -51,7 +51,11 @@ def run_up(
         timeout_s=timeout_s,
     )
     lines = [_describe(service) for service in services]
-    lines += ["", "To use them from this shell:"]
+    lines += [
+        "",
+        "`stemma run` and `stemma demo` in this project use them without settings (a variable",
+        "already set wins); to point other tools or another project at them:",
+    ]
     lines += [f"  export {name}={value}" for name, value in environment_for(services).items()]
     lines += ["Stop them with `stemma down`."]
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +83,21 @@ def demo_command(args: argparse.Namespace) -> int:
         result = run_demo(
             root, days=args.days, train_rows=args.train_rows, batch_rows=args.batch_rows
         )
-    print(format_demo(result))
+    print(format_demo(result, prefect_ui=_lasting_prefect_ui(args)))
     return 0
+
+
+def _lasting_prefect_ui(args: argparse.Namespace) -> str | None:
+    """The UI of the Prefect server the flow runs went to, unless it was the command's own
+    temporary server (gone with the command)."""
+    if args.session.prefect_server is not None or not os.environ.get("PREFECT_API_URL"):
+        return None
+    from prefect.settings import PREFECT_UI_URL
+
+    from stemma.components.platform.redaction import redact_url
+
+    url = PREFECT_UI_URL.value()
+    return redact_url(str(url).rstrip("/")) if url else None
 
 
 def _dvc_quiet(args: argparse.Namespace) -> dict[str, int]:

@@ -49,6 +49,10 @@ def test_demo_plays_the_days_and_retrains_when_drift_appears(demo, capsys):
 
     table = format_demo(demo)
     assert "champion" in table and "stemma lineage models:/credit@champion" in table
+    assert "run `stemma up` before the demo" in table
+    # with the flow runs on a lasting server, the table points at its UI instead
+    kept = format_demo(demo, prefect_ui="http://127.0.0.1:4311")
+    assert "Prefect UI: http://127.0.0.1:4311/runs" in kept and "before the demo" not in kept
 
     # `stemma lineage` on the champion: a summary that fits a screen, names the version
     # and the run that trained it; --full prints every node and edge.
