@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,18 +186,7 @@ def check_input_schema(
     for path in files:
         schema = read_schema(path)
         present = {field.name: field.type for field in schema}
-        missing = [
-            f"{name} ({kind})" for name, kind in model.signature_columns if name not in present
-        ]
-        if missing:
-            problems.append(
-                (path.name, f"missing {plural(len(missing), 'column')}: {', '.join(missing)}")
-            )
-        for name, kind in model.signature_columns:
-            if name in present and not _accepts(kind, present[name]):
-                problems.append(
-                    (path.name, f"column {name} is {present[name]}, the model needs {kind}")
-                )
+        problems.extend((path.name, problem) for problem in signature_problems(present, model))
         if id_column is not None and id_column not in present:
             problems.append((path.name, f"missing the id column {id_column}"))
         unused = [name for name in present if name not in expected and name != id_column]
@@ -212,7 +201,7 @@ def check_input_schema(
         lines = [f"{name}: {problem}" for name, problem in problems[:MAX_PROBLEMS_SHOWN]]
         if len(problems) > MAX_PROBLEMS_SHOWN:
             lines.append(f"and {len(problems) - MAX_PROBLEMS_SHOWN} more")
-        lines.append(f"the model ({model.label}) takes: {_signature_text(model)}")
+        lines.append(f"the model ({model.label}) takes: {signature_text(model)}")
         if extra_columns == "error" and extra_problems:
             lines.append("set score.extra_columns: ignore to score files with extra columns")
         files_at_fault = {name for name, _ in problems}
@@ -224,7 +213,30 @@ def check_input_schema(
     return extras
 
 
-def _signature_text(model: ScoringModel) -> str:
+def signature_problems(present: Mapping[str, pa.DataType], model: ScoringModel) -> list[str]:
+    """The missing columns and wrong types of a table's columns against the model's signature.
+
+    Args:
+        present: the table's columns and their Arrow types.
+        model: the model whose signature the columns must match (types as in
+            :func:`check_input_schema`).
+
+    Returns:
+        One line per problem (``missing 2 columns: salary (double), car (string)``,
+        ``column age is string, the model needs long``); empty when the columns fit.
+    """
+    problems = []
+    missing = [f"{name} ({kind})" for name, kind in model.signature_columns if name not in present]
+    if missing:
+        problems.append(f"missing {plural(len(missing), 'column')}: {', '.join(missing)}")
+    for name, kind in model.signature_columns:
+        if name in present and not _accepts(kind, present[name]):
+            problems.append(f"column {name} is {present[name]}, the model needs {kind}")
+    return problems
+
+
+def signature_text(model: ScoringModel) -> str:
+    """The model's input columns and their types, ``salary (double), car (string)``."""
     return ", ".join(f"{name} ({kind})" for name, kind in model.signature_columns)
 
 

@@ -32,7 +32,7 @@ _MODULES = {
     "GateSpec DaskSpec ScoreSpec RetrainSpec",
     "operations": "QUANTIZE_METHODS QuantizeMethod NumericStatistic CategoricalStatistic "
     "MonitorStatisticsSpec MonitorThresholdsSpec MonitorSpec ShadowSpec CanaryGuardsSpec "
-    "CanarySpec EvaluateSpec QuantizeSpec",
+    "CanarySpec EvaluateSpec QuantizeSpec EndpointSpec",
     "document": "PATH_FIELDS Spec LoadedSpec path_problem flatten json_schema Problem "
     "import_problem",
     "loading": "MAX_SPEC_BYTES MAX_SPEC_DEPTH MAX_SPEC_NODES SpecLimitError load_yaml "

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from stemma.components.errors import SpecError
 from stemma.components.spec.expectations import expectation_problems
-from stemma.components.spec.operations import EvaluateSpec, MonitorSpec, QuantizeSpec
+from stemma.components.spec.operations import EndpointSpec, EvaluateSpec, MonitorSpec, QuantizeSpec
 from stemma.components.spec.sections import (
     IMPORT_PATH,
     METRIC_DIRECTIONS,
@@ -80,6 +80,10 @@ class Spec(Section):
     quantize: QuantizeSpec | None = Field(
         default=None,
         description="Post-training quantization of registered models (defaults apply when absent).",
+    )
+    endpoint: EndpointSpec | None = Field(
+        default=None,
+        description="The online endpoint, `stemma endpoint` (defaults apply when absent).",
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from stemma.components.spec.sections import CronSchedule, ModelReference, Section
 
@@ -440,3 +440,95 @@ class QuantizeSpec(Section):
             "one passed its gate, else the fp32 model (and says why)."
         ),
     )
+
+
+#: Environment variable names a bearer token may be read from.
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+
+
+class EndpointSpec(Section):
+    """The online endpoint (`stemma endpoint`): what it serves, where, and its limits."""
+
+    alias: str = Field(
+        default="champion",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description=(
+            "Alias of the pipeline's registered model to serve; when it moves, the endpoint "
+            "loads the new version and swaps to it."
+        ),
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        max_length=255,
+        description=(
+            "Address to listen on: loopback unless told otherwise (`0.0.0.0` exposes the "
+            "endpoint to the network; set `token_env` then)."
+        ),
+    )
+    port: int = Field(
+        default=8080, ge=0, le=65535, description="TCP port (0: any free port, printed)."
+    )
+    max_batch_size: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        description="Most rows coalesced into one model call.",
+    )
+    max_wait_ms: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=1000.0,
+        description=(
+            "Longest a request waits for others to share its model call, counted from its "
+            "arrival; rows that queued while the model was busy go at once when it is free."
+        ),
+    )
+    max_queue_rows: int = Field(
+        default=4096,
+        ge=1,
+        le=10_000_000,
+        description=(
+            "Rows waiting for the model at most; a request beyond it is answered 503 with "
+            "Retry-After at once."
+        ),
+    )
+    max_rows_per_request: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Rows one request may hold (more: 413). At most max_queue_rows.",
+    )
+    max_body_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        le=256 << 20,
+        description="Largest request body in bytes (more: 413).",
+    )
+    poll_s: float = Field(
+        default=5.0,
+        ge=0.05,
+        le=3600.0,
+        description="Seconds between checks of where the alias points.",
+    )
+    token_env: str | None = Field(
+        default=None,
+        pattern=ENV_NAME_PATTERN,
+        description=(
+            "Name of an environment variable holding a bearer token: when set, predictions "
+            "and metrics need `Authorization: Bearer <token>`. The token itself never "
+            "appears in a spec."
+        ),
+    )
+
+    @field_validator("max_rows_per_request")
+    @classmethod
+    def _fits_the_queue(cls, value: int, info: ValidationInfo) -> int:
+        queue = info.data.get("max_queue_rows")
+        if queue is not None and value > queue:
+            raise ValueError(
+                f"must be at most max_queue_rows ({queue}), or no request that big could queue"
+            )
+        return value

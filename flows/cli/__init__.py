@@ -50,6 +50,7 @@ INTERRUPTED = {
     "run train": "training resumes from its last checkpoint when run again",
     "run score": "scoring resumes from its finished parts when run again",
     "serve": "stopped serving; the deployments stay unpaused and scheduled",
+    "endpoint": "the endpoint stopped after answering the requests in flight",
 }
 
 

@@ -66,6 +66,10 @@ EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "reproduce": (("stemma reproduce models:/credit/7", "retrain v7 and compare the weights"),),
     "serve": ((f"stemma serve {CONFIG}", "the spec's deployments, on a schedule"),),
+    "endpoint": (
+        (f"stemma endpoint {CONFIG}", "serve the champion on http://127.0.0.1:8080"),
+        (f"stemma endpoint {CONFIG} --port 9000 --set endpoint.alias=challenger", "another alias"),
+    ),
     "up": (("stemma up", "servers with UIs, data under .stemma/"),),
     "down": (("stemma down", "stop them"),),
     "status": (("stemma status", "where the servers run, and since when"),),
@@ -88,7 +92,7 @@ def version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `stemma` command (each sets its ``handler``)."""
-    from stemma.flows.cli import data, lineage, models, run, services, spec
+    from stemma.flows.cli import data, endpoint, lineage, models, run, services, spec
 
     parser = argparse.ArgumentParser(prog="stemma", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
@@ -117,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.register(commands)
     models.register_reproduce(commands)
     services.register_serve(commands)
+    endpoint.register(commands)
     services.register_servers(commands)
     data.register_demo(commands)
     nested = data.register_data(commands)

@@ -311,3 +311,30 @@ def test_schema_describes_every_field():
     assert not undescribed
     assert set(schema["properties"]) == set(Spec.model_fields)
     json.dumps(schema)  # serialisable
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("endpoint.port=70000", "endpoint.port: must be less than or equal to 65535"),
+        (
+            "endpoint={max_queue_rows: 10, max_rows_per_request: 11}",
+            "endpoint.max_rows_per_request: must be at most max_queue_rows (10)",
+        ),
+        ("endpoint.token_env=my-token", "endpoint.token_env: string should match pattern"),
+        ("endpoint.max_wait_ms=-1", "endpoint.max_wait_ms: must be greater than or equal to 0"),
+    ],
+    ids=["port", "rows-over-queue", "token-env-name", "negative-wait"],
+)
+def test_endpoint_settings_are_bounded(tmp_path, override, expected):
+    problems = problems_of(make_project(tmp_path), (override,))
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_endpoint_settings_default_to_loopback_and_the_champion(tmp_path):
+    from stemma.components.spec import EndpointSpec
+
+    loaded = load_spec(make_project(tmp_path), ("endpoint.port=9000",))
+    assert loaded.spec.endpoint is not None and loaded.spec.endpoint.port == 9000
+    defaults = EndpointSpec()
+    assert (defaults.host, defaults.alias, defaults.token_env) == ("127.0.0.1", "champion", None)

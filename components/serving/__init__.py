@@ -1,0 +1,1 @@
+"""Stemma's online endpoint (see README.md)."""

@@ -1,0 +1,394 @@
+"""The endpoint's HTTP interface: FastAPI routes over the batcher and the model watch.
+
+``POST /v1/predict`` scores rows; ``GET /health`` says the process answers, ``GET /ready``
+that a model is loaded; ``GET /metrics`` is Prometheus' text format; ``/docs`` the OpenAPI
+page, whose request schema is the served model's signature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from stemma.components.serving.batching import Batcher, QueueFull
+from stemma.components.serving.metrics import EndpointMetrics
+from stemma.components.serving.rows import PreparedRows, RequestError, ServedModel, prepare_rows
+from stemma.components.serving.watch import ModelWatch
+from stemma.components.spec import EndpointSpec
+
+#: Response headers naming what answered.
+VERSION_HEADER = "X-Stemma-Model-Version"
+MODEL_HEADER = "X-Stemma-Model"
+REQUEST_ID_HEADER = "X-Request-Id"
+#: Request header: milliseconds within which the caller needs the answer.
+DEADLINE_HEADER = "X-Stemma-Deadline-Ms"
+#: A caller's request id is echoed only when it looks like one.
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+PREDICT_PATH = "/v1/predict"
+#: MLflow signature types as JSON Schema types, for the OpenAPI page.
+JSON_TYPES = {
+    "double": "number",
+    "float": "number",
+    "long": "integer",
+    "integer": "integer",
+    "string": "string",
+    "boolean": "boolean",
+}
+
+
+class RowResult(BaseModel):
+    """One row's answer."""
+
+    row: int = Field(description="Position of the row in the request, from 0.")
+    id: Any = Field(default=None, description="The row's id column, when the request has it.")
+    prediction: int | None = Field(
+        default=None, description="The class at the model's threshold (binary models)."
+    )
+    score: float | None = Field(
+        default=None,
+        description="Probability of class 1 (binary) or the predicted value (regression).",
+    )
+    rejected: bool = Field(default=False, description="The row could not be scored.")
+    reason: str | None = Field(default=None, description="Why it was rejected.")
+
+
+class PredictResponse(BaseModel):
+    """What answered and its answer per row."""
+
+    request_id: str = Field(description="This request's id (X-Request-Id when given).")
+    model: str = Field(description="Registered model name.")
+    version: str = Field(description="Model version that scored the rows.")
+    alias: str = Field(description="The alias the version is served under.")
+    results: list[RowResult] = Field(description="One per row, in request order.")
+
+
+class ErrorResponse(BaseModel):
+    """A refused request."""
+
+    error: str = Field(description="What is wrong.")
+    details: list[str] = Field(default_factory=list, description="One problem per line.")
+    request_id: str = Field(description="This request's id.")
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """Everything the app needs besides the model.
+
+    Attributes:
+        endpoint: the spec's ``endpoint`` section.
+        policies: ``invalid_rows``, ``unknown_categories``, ``extra_columns`` (the spec's
+            ``score`` section).
+        id_column: the spec's id column (echoed per row), or None.
+        token: the bearer token required on predictions and metrics, or None.
+    """
+
+    endpoint: EndpointSpec
+    policies: Mapping[str, str]
+    id_column: str | None
+    token: str | None
+
+
+#: The answers of ``POST /v1/predict`` besides 200, for the OpenAPI page.
+PREDICT_ERRORS = {
+    400: "malformed JSON, or a malformed deadline",
+    401: "missing or wrong bearer token",
+    413: "body or rows over the limit",
+    422: "columns or rows the model cannot take",
+    500: "the model call failed",
+    503: "overloaded (with Retry-After), or the deadline cannot be met",
+    504: "the deadline passed before the model answered",
+}
+
+
+def build_app(config: EndpointConfig, watch: ModelWatch, metrics: EndpointMetrics) -> FastAPI:
+    """The FastAPI app of an endpoint serving ``watch``'s model.
+
+    The batcher and the alias watch start with the app (its lifespan) and stop with it.
+    """
+    settings = config.endpoint
+    batcher = Batcher(
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue_rows=settings.max_queue_rows,
+        metrics=metrics,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        watch.start()
+        try:
+            yield
+        finally:
+            await watch.stop()
+            await batcher.stop()
+
+    app = FastAPI(
+        title="Stemma endpoint",
+        description=f"Online predictions of `{watch.reference}`.",
+        lifespan=lifespan,
+    )
+    routes = Routes(config, watch, metrics, batcher)
+    app.add_api_route(
+        PREDICT_PATH,
+        routes.predict,
+        methods=["POST"],
+        response_model=PredictResponse,
+        responses={
+            code: {"model": ErrorResponse, "description": what}
+            for code, what in PREDICT_ERRORS.items()
+        },
+        openapi_extra={"requestBody": {"required": True, "content": {}}},
+        summary="Score one row, a list of rows, or columns",
+    )
+    app.add_api_route("/health", routes.health, methods=["GET"], summary="The process answers")
+    app.add_api_route("/ready", routes.ready, methods=["GET"], summary="A model is served")
+    app.add_api_route("/metrics", routes.prometheus, methods=["GET"], summary="Prometheus metrics")
+
+    def openapi() -> dict[str, Any]:
+        # The request schema is the model's signature: rebuilt when the model changes.
+        schema = get_openapi(
+            title=app.title, version="1", description=app.description, routes=app.routes
+        )
+        body = schema["paths"][PREDICT_PATH]["post"]["requestBody"]
+        body["content"] = {
+            "application/json": {"schema": request_schema(watch.current, config.id_column)}
+        }
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+class Routes:
+    """The endpoint's request handlers, over its model watch, batcher and metrics."""
+
+    def __init__(
+        self, config: EndpointConfig, watch: ModelWatch, metrics: EndpointMetrics, batcher: Batcher
+    ) -> None:
+        self.config = config
+        self.watch = watch
+        self.metrics = metrics
+        self.batcher = batcher
+
+    async def predict(self, request: Request) -> Response:
+        """Score the body's rows with the model served when the request arrived."""
+        started = time.perf_counter()
+        request_id = _request_id(request)
+        served = self.watch.current
+        settings = self.config.endpoint
+        try:
+            _authorize(request, self.config.token)
+            body = await _read_json(request, settings.max_body_bytes)
+            prepared = prepare_rows(
+                served,
+                body,
+                max_rows=settings.max_rows_per_request,
+                policies=self.config.policies,
+                id_column=self.config.id_column,
+            )
+            outputs = await _score(self.batcher, served, prepared, _deadline_s(request))
+        except RequestError as error:
+            return self.refuse(error, request_id, served.model.version, started)
+        answer = _answer(served, prepared, outputs, request_id)
+        version = served.model.version
+        self.metrics.requests.labels(status="200", version=version).inc()
+        self.metrics.rows.labels(outcome="scored", version=version).inc(len(prepared.kept))
+        if prepared.rejected:
+            self.metrics.rows.labels(outcome="rejected", version=version).inc(
+                len(prepared.rejected)
+            )
+        self.metrics.latency.observe(time.perf_counter() - started)
+        return Response(
+            json.dumps(answer, allow_nan=False),
+            media_type="application/json",
+            headers={
+                VERSION_HEADER: version,
+                MODEL_HEADER: served.model.name,
+                REQUEST_ID_HEADER: request_id,
+            },
+        )
+
+    async def health(self) -> dict[str, str]:
+        """The process answers."""
+        return {"status": "ok"}
+
+    async def ready(self) -> Response:
+        """What is served (a model is loaded before the endpoint listens), and the last
+        version that failed to load, if it still names the alias's target."""
+        served = self.watch.current
+        body: dict[str, Any] = {
+            "ready": True,
+            "model": served.model.name,
+            "version": served.model.version,
+            "alias": served.alias,
+            "runtime": served.model.runtime.label,
+            "queued_rows": self.batcher.queued_rows,
+        }
+        failure = self.watch.failure
+        if failure is not None:
+            body["last_failed_load"] = {"version": failure.version, "reason": failure.reason}
+        return JSONResponse(body, headers={VERSION_HEADER: served.model.version})
+
+    async def prometheus(self, request: Request) -> Response:
+        """The metrics in Prometheus' text format (behind the token, when there is one)."""
+        try:
+            _authorize(request, self.config.token)
+        except RequestError as error:
+            return self.refuse(error, _request_id(request), self.watch.current.model.version)
+        return Response(self.metrics.exposition(), media_type=self.metrics.content_type)
+
+    def refuse(
+        self, error: RequestError, request_id: str, version: str, started: float | None = None
+    ) -> Response:
+        """A refused request's answer: its status, the error and its details, counted."""
+        self.metrics.requests.labels(status=str(error.status), version=version).inc()
+        if started is not None:
+            self.metrics.latency.observe(time.perf_counter() - started)
+        headers = {REQUEST_ID_HEADER: request_id}
+        if isinstance(error, QueueFull):
+            headers["Retry-After"] = str(error.retry_after_s)
+        body = {"error": error.headline, "details": error.details, "request_id": request_id}
+        return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+def request_schema(served: ServedModel, id_column: str | None) -> dict[str, Any]:
+    """The JSON Schema of a request body, from the served model's signature."""
+    properties: dict[str, Any] = {
+        name: {
+            "type": [JSON_TYPES.get(kind, "string"), "null"],
+            "description": f"MLflow type {kind}",
+        }
+        for name, kind in served.model.signature_columns
+    }
+    if id_column is not None and id_column not in properties:
+        properties[id_column] = {"description": "Row id, echoed in the answer."}
+    row = {
+        "type": "object",
+        "title": f"A row for {served.model.label}",
+        "properties": properties,
+        "required": [name for name, _ in served.model.signature_columns],
+    }
+    columns = {
+        "type": "object",
+        "title": "Rows by column",
+        "properties": {
+            "columns": {
+                "type": "object",
+                "properties": {
+                    name: {"type": "array", "items": schema} for name, schema in properties.items()
+                },
+            }
+        },
+        "required": ["columns"],
+    }
+    return {"anyOf": [row, {"type": "array", "items": row, "title": "Rows"}, columns]}
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get(REQUEST_ID_HEADER)
+    return given if given and REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def _authorize(request: Request, token: str | None) -> None:
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    # Constant-time comparison: the time taken says nothing about the token.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        raise RequestError(401, "a bearer token is required: Authorization: Bearer <token>")
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The body parsed as JSON, refused past ``limit`` bytes without reading the rest."""
+    too_big = RequestError(
+        413,
+        f"the body is larger than the limit of {limit} bytes",
+        ["send fewer rows per request, or raise endpoint.max_body_bytes"],
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        # Python's reader takes NaN and Infinity, which then meet the row policies.
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise RequestError(400, "the body is not valid JSON", [str(error)[:200]]) from None
+
+
+def _deadline_s(request: Request) -> float | None:
+    text = request.headers.get(DEADLINE_HEADER)
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise RequestError(400, f"{DEADLINE_HEADER} must be a positive number of milliseconds")
+    return value / 1000.0
+
+
+async def _score(
+    batcher: Batcher, served: ServedModel, prepared: PreparedRows, deadline_s: float | None
+) -> np.ndarray:
+    """The raw outputs of the request's kept rows, through the batcher."""
+    if len(prepared.matrix) == 0:
+        return np.empty(0, dtype=np.float32)
+    job = batcher.submit(served, prepared.matrix, deadline_s)
+    if deadline_s is None:
+        return await job.future
+    try:
+        return await asyncio.wait_for(asyncio.shield(job.future), deadline_s)
+    except TimeoutError:
+        job.future.cancel()  # the batcher skips it if it has not run yet
+        raise RequestError(504, "the deadline passed before the model answered") from None
+
+
+def _answer(
+    served: ServedModel, prepared: PreparedRows, outputs: np.ndarray, request_id: str
+) -> dict[str, Any]:
+    model = served.model
+    scores = model.preprocessor.decode_output(outputs.reshape(len(prepared.kept)))
+    binary = model.task == "binary"
+    results: list[dict[str, Any]] = [{} for _ in range(prepared.rows)]
+    for position, score in zip(prepared.kept.tolist(), scores.tolist(), strict=True):
+        # A non-finite output (a diverged network) is no JSON number: null, not a crash.
+        result: dict[str, Any] = {"row": position, "score": score if math.isfinite(score) else None}
+        if binary and result["score"] is not None:
+            result["prediction"] = int(score >= model.threshold)
+        results[position] = result
+    for position, reason in prepared.rejected.items():
+        results[position] = {"row": position, "rejected": True, "reason": reason}
+    if prepared.ids is not None:
+        for position, result in enumerate(results):
+            result["id"] = prepared.ids[position]
+    return {
+        "request_id": request_id,
+        "model": model.name,
+        "version": model.version,
+        "alias": served.alias,
+        "results": results,
+    }

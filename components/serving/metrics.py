@@ -1,0 +1,115 @@
+"""The endpoint's Prometheus metrics, in a registry of its own (one per endpoint)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+#: Latency buckets in seconds, 0.1 ms to 1 s.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+#: Prefix of every metric name.
+PREFIX = "stemma_endpoint"
+
+
+def batch_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """Powers of two up to the largest batch, which is a bucket of its own."""
+    edges = [1.0]
+    while edges[-1] * 2 < max_batch_size:
+        edges.append(edges[-1] * 2)
+    if edges[-1] != max_batch_size:
+        edges.append(float(max_batch_size))
+    return tuple(edges)
+
+
+class EndpointMetrics:
+    """Latency, queue wait and inference time, batch sizes, queue depth, requests and loads.
+
+    Attributes:
+        registry: the registry :meth:`exposition` renders.
+    """
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, max_batch_size: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.latency = Histogram(
+            f"{PREFIX}_request_seconds",
+            "Time from a prediction request's arrival to its response.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            f"{PREFIX}_queue_wait_seconds",
+            "Time a request's rows waited for the model.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inference = Histogram(
+            f"{PREFIX}_inference_seconds",
+            "Time of one model call (a batch of coalesced requests).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_rows = Histogram(
+            f"{PREFIX}_batch_rows",
+            "Rows per model call.",
+            buckets=batch_buckets(max_batch_size),
+            registry=registry,
+        )
+        self.batch_requests = Histogram(
+            f"{PREFIX}_batch_requests",
+            "Requests coalesced per model call.",
+            buckets=batch_buckets(max_batch_size),
+            registry=registry,
+        )
+        self.queue_rows = Gauge(
+            f"{PREFIX}_queue_rows", "Rows waiting for the model.", registry=registry
+        )
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "Prediction requests answered, by HTTP status and model version.",
+            ["status", "version"],
+            registry=registry,
+        )
+        self.rows = Counter(
+            f"{PREFIX}_rows",
+            "Rows answered, by outcome (scored or rejected) and model version.",
+            ["outcome", "version"],
+            registry=registry,
+        )
+        self.model_loads = Counter(
+            f"{PREFIX}_model_loads",
+            "Loads of a new version after the alias moved, by result (swapped or failed).",
+            ["result"],
+            registry=registry,
+        )
+        self.model = Gauge(
+            f"{PREFIX}_model_info",
+            "The version served (1) under its alias.",
+            ["model", "version", "alias"],
+            registry=registry,
+        )
+
+    def serving(self, model: str, version: str, alias: str) -> None:
+        """Record the version now served (the previous one's series is removed)."""
+        self.model.clear()
+        self.model.labels(model=model, version=version, alias=alias).set(1)
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus' text format."""
+        return generate_latest(self.registry)
