@@ -206,14 +206,8 @@ def _record_step(shared: Canary, run: TrackedRun, state: Any, step: tuple) -> tu
         run_id=run.run_id,
     )
     written = canary.write_state(mlflow.MlflowClient(), following)
-    run.set_tags(
-        {
-            tags.CANARY_ACTION: applied.action,
-            tags.CANARY_OUTCOME: applied.outcome,
-            tags.CANARY_STATUS: written.status,
-            tags.OUTPUT_SHA256: scores.predictions_sha256,
-        }
-    )
+    # The action, its outcome and the canary's status are the decision node's attributes.
+    run.set_tags({tags.OUTPUT_SHA256: scores.predictions_sha256})
     return written, applied
 
 
@@ -230,9 +224,6 @@ def run_step(
         canary.STEP_KEY_TAG: key,
         tags.CANARY_CHALLENGER: state.challenger,
         tags.CANARY_CONTROL: state.control,
-        tags.CANARY_PHASE: state.phase,
-        tags.CANARY_STEP: str(state.step),
-        tags.CANARY_FRACTION: str(state.fraction),
         tags.CANARY_DECISION: decided["decision"],
         tags.INPUT_DIGEST: digest,
     }

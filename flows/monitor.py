@@ -156,18 +156,11 @@ def _batch(loaded: LoadedSpec, settings: MonitorSpec, paths: tuple, model: str |
 
 
 def _run_tags(loaded: LoadedSpec, batch: Batch, report: Any, event_id: str | None) -> dict:
-    model = batch.model
-    labelled = batch.labels_path is not None
+    # Paths, the labels, the model's URI and hashes and the drifted features are in the
+    # run's lineage record; the tags are what a search filters on.
     return {
-        tags.MODEL_URI: model.model_uri,
-        tags.MODEL_VERSION: model.version,
-        tags.MODEL_REFERENCE: model.reference,
-        tags.WEIGHTS_SHA256: model.weights_sha256,
-        tags.PROFILE_SHA256: batch.profile_sha256,
-        tags.INPUT_PATH: relative(batch.path, loaded.root),
+        tags.MODEL_VERSION: batch.model.version,
         tags.INPUT_DIGEST: batch.digest,
-        **({tags.LABELS_PATH: relative(batch.labels_path, loaded.root)} if labelled else {}),
-        **({tags.LABELS_DIGEST: str(batch.labels_digest)} if labelled else {}),
         **records.run_tags(report),
         **({tags.DRIFT_EVENT_ID: event_id} if event_id else {}),
     }

@@ -310,15 +310,8 @@ def _prepare(loaded: LoadedSpec, model: str | None) -> _Context:
 
 
 def _run_tags(context: _Context) -> dict[str, str]:
-    model = context.model
-    return {
-        tags.MODEL_URI: model.model_uri,
-        tags.MODEL_REFERENCE: context.reference,
-        tags.MODEL_VERSION: model.version,
-        tags.WEIGHTS_SHA256: model.weights_sha256,
-        tags.DATA_MD5: context.heldout.md5,
-        **({tags.GIT_REV: context.git_rev} if context.git_rev else {}),
-    }
+    # The model's URI, reference and weights hash and the commit are in the lineage record.
+    return {tags.MODEL_VERSION: context.model.version, tags.DATA_MD5: context.heldout.md5}
 
 
 def _log_inputs(context: _Context, run: TrackedRun) -> None:

@@ -132,7 +132,9 @@ def _rebuild(
         rebuilt_weights=rebuilt,
         rebuilt_sha256=summary["weights_sha256"],
         rebuilt_metrics=dict(run.data.metrics),
-        rebuilt_checks_digest=run.data.tags.get(reproduce.CHECKS_TAG),
+        rebuilt_checks_digest=reproduce.training_facts(client, run.info.run_id, run.data.tags)[
+            "checks_digest"
+        ],
         recorded_folder=recorded[0],
         rebuilt_folder=rebuilt_folder,
     )

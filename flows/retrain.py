@@ -84,7 +84,7 @@ def _train(loaded: LoadedSpec, run: TrackedRun, why: dict[str, str]) -> dict[str
     # The training run is the retraining run's child: only the version carries the cause.
     for key, value in cause.items():
         client.set_model_version_tag(model_name, version, key, value)
-    run.set_tags({tags.MODEL_VERSION: version, tags.TRAIN_RUN_ID: trained["run_id"]})
+    run.set_tags({tags.MODEL_VERSION: version})
     return trained
 
 
@@ -112,7 +112,7 @@ def _shadow(
         labels=str(loaded.resolve(labels or settings.labels)),
         output=str(loaded.resolve(spec.score.output).parent / "shadow" / holdout.stem),
     )
-    run.set_tags({tags.SHADOW_RUN_ID: result["run_id"], tags.SHADOW_DECISION: result["decision"]})
+    run.set_tags({tags.SHADOW_DECISION: result["decision"]})
     if result.get("promoted"):
         return result, result.get("promotion")
     if result["decision"] != "promote" or settings.promote != "shadow":
@@ -149,15 +149,9 @@ def _retrain(
         return {"outcome": NO_NEW_DATA, "summary": too_few, "data_md5": gathered.version.md5}
     recorded, git_rev = record_step(loaded, gathered)
     holdout = gathered.holdout
-    run.set_tags(
-        {
-            tags.DATA_PREVIOUS_MD5: gathered.version.md5,
-            tags.DATA_MD5: recorded.md5,
-            tags.DATA_GIT_REV: git_rev or "",
-            tags.DATA_SOURCES: json.dumps(gathered.new.sources),
-            tags.SHADOW_BATCH: str(holdout.relative_to(loaded.root)) if holdout else "",
-        }
-    )
+    # The previous version, the commit, the files merged and the held-out batch are in
+    # the run's lineage record.
+    run.set_tags({tags.DATA_MD5: recorded.md5})
     trained = _train(loaded, run, why)
     version = str(trained["model_version"])
     shadow_result, promoted = None, None
@@ -181,6 +175,9 @@ def _retrain(
             model_version=version,
             shadow_run_id=shadow_result["run_id"] if shadow_result else None,
             decision=outcome,
+            data_git_rev=git_rev,
+            sources=dict(gathered.new.sources),
+            holdout=str(holdout.relative_to(loaded.root)) if holdout else None,
         )
     )
     return {

@@ -251,15 +251,10 @@ def prepare_scoring(
 
 
 def run_tags(job: Scoring, key: str, resumes: int) -> dict[str, str]:
-    """The scoring run's tags: the model, the runner, and what finds it again if killed."""
-    model = job.model
+    """The scoring run's tags: the model version, and what finds it again if killed (the
+    model's URI, weights hash and backend, and the runner, are in its lineage record)."""
     return {
-        tags.MODEL_URI: model.model_uri,
-        tags.MODEL_VERSION: model.version,
-        tags.MODEL_REFERENCE: model.reference,
-        tags.WEIGHTS_SHA256: model.weights_sha256,
-        tags.SCORE_RUNNER: job.loaded.spec.score.runner,
-        tags.RUNTIME_BACKEND: model.runtime.backend,
+        tags.MODEL_VERSION: job.model.version,
         SCORING_KEY_TAG: key,
         OWNER_TAG: json.dumps(asdict(locks.ProcessIdentity.current())),
         **({tags.SCORE_RESUMES: str(resumes)} if resumes else {}),
@@ -330,17 +325,14 @@ def record_scoring(run: Any, job: Scoring, result: scoring.ScoringResult) -> lin
         parts={part["name"]: part["sha256"] for part in manifest["parts"]},
         rows_scored=result.rows_scored,
         rows_rejected=result.rows_rejected,
+        model_reference=model.reference,
+        backend=model.runtime.backend,
+        runner=job.loaded.spec.score.runner,
     )
     run.record_lineage(lineage.build_scoring_record(facts))
-    run.set_tags(
-        {
-            tags.INPUT_PATH: facts.input_path,
-            tags.INPUT_DIGEST: facts.input_digest,
-            tags.OUTPUT_PATH: facts.output_path,
-            tags.OUTPUT_SHA256: facts.manifest_sha256,
-            **({tags.DATA_MD5: version.md5} if version else {}),
-        }
-    )
+    # The paths and the project's data version are in the record; the digests are what
+    # `stemma lineage` searches for.
+    run.set_tags({tags.INPUT_DIGEST: facts.input_digest, tags.OUTPUT_SHA256: facts.manifest_sha256})
     return facts
 
 

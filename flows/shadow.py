@@ -205,12 +205,11 @@ def _compare(loaded: LoadedSpec, settings: EvaluateSpec, inputs: Inputs, run: Tr
     run.record_lineage(shadow.build_shadow_record(facts, report))
     run.set_tags(
         {
+            # The reasons, the shadow output's hash and the promotion (a child run) are in
+            # the run's lineage record.
             tags.SHADOW_DECISION: report.decision,
-            tags.SHADOW_REASONS: " | ".join(report.reasons)[: tracking.MAX_ERROR_TAG_CHARS],
             tags.INPUT_DIGEST: facts.input_digest,
             tags.OUTPUT_SHA256: facts.served_sha256,
-            tags.SHADOW_OUTPUT_SHA256: facts.shadow_sha256,
-            **({tags.PROMOTION_OUTCOME: record.outcome} if record is not None else {}),
         }
     )
     version = inputs.challenger.version

@@ -43,6 +43,10 @@ from stemma.flows.steps import config_location, config_run_name, flow_run_id, st
 INPUT_EXAMPLE_ROWS = 5
 #: The reference profile's artifact path in the training run.
 PROFILE_ARTIFACT = f"{reference_profile.PROFILE_RUN_DIR}/{reference_profile.PROFILE_FILE}"
+#: Params of a training run naming its spec file and the command line's overrides (runs
+#: of older Stemma versions carry them as the tags ``stemma.config.path``, ``stemma.overrides``).
+CONFIG_PATH_PARAM = "config.path"
+OVERRIDES_PARAM = "config.overrides"
 
 _run_name = config_run_name("train")
 
@@ -246,9 +250,6 @@ def _log_checks(run: TrackedRun, report: checks.ValidationReport, docs: Path, pa
     run.log_metrics(
         {metric_names.DATA_CHECKS_EVALUATED: evaluated, metric_names.DATA_CHECKS_FAILED: failed}
     )
-    run.set_tags(
-        {tags.CHECKS_DIGEST: report.digest, tags.CHECKS_SUCCESS: str(report.success).lower()}
-    )
     if not report.success:
         raise DataCheckError(
             f"{path}: {failed} of {evaluated} expectations failed; nothing was trained",
@@ -307,7 +308,15 @@ def _train_and_evaluate(setup: Setup, run: TrackedRun, workdir: Path) -> tuple:
     result, metrics)``."""
     loaded, version = setup.loaded, setup.version
     spec = loaded.spec
-    run.log_params(flatten(spec))
+    # The spec file and the command line are the run's inputs: params, not tags (the
+    # record's run node holds the file's path and sha256 too).
+    run.log_params(
+        {
+            **flatten(spec),
+            CONFIG_PATH_PARAM: str(loaded.path),
+            OVERRIDES_PARAM: json.dumps(list(loaded.overrides)),
+        }
+    )
     run.log_text(
         yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "spec/resolved.yaml"
     )
@@ -395,17 +404,10 @@ def train_flow(
     tracking_uri = tracking.configure_tracking(loaded.root)
     experiment_id = tracking.ensure_experiment(spec.pipeline.experiment_name, loaded.root)
     setup = _setup(loaded)
-    run_tags = {
-        tags.CONFIG_PATH: str(loaded.path),
-        tags.CONFIG_SHA256: training.file_sha256(loaded.path),
-        tags.OVERRIDES: json.dumps(list(loaded.overrides)),
-    }
     run: TrackedRun | None = None
     try:
         with (
-            tracked(
-                loaded, "train", experiment_id, record_lineage, setup.resumed_run, run_tags
-            ) as run,
+            tracked(loaded, "train", experiment_id, record_lineage, setup.resumed_run) as run,
             tempfile.TemporaryDirectory(prefix="stemma-train-") as tmp,
         ):
             training.remember_run(setup.folder, run.run_id)

@@ -137,9 +137,12 @@ def plan_reproduction(client: MlflowClient, reference: str) -> ReproductionPlan:
     entry = _version_for(client, reference)
     model_uri = f"models:/{entry.name}/{entry.version}"
     tags = dict(entry.tags or {})
+    # Versions of older Stemma versions name their run in a tag; newer ones by run_id only.
     run_id = tags.get(tag_names.RUN_ID) or entry.run_id
-    needed = (tag_names.RUN_ID, tag_names.DATA_MD5, tag_names.WEIGHTS_SHA256)
+    needed = (tag_names.DATA_MD5, tag_names.WEIGHTS_SHA256)
     missing = [tag for tag in needed if not tags.get(tag)]
+    if not run_id:
+        missing.insert(0, tag_names.RUN_ID)
     if missing or not run_id:
         raise LineageError(
             f"{model_uri} cannot be reproduced: its lineage is incomplete",
@@ -162,8 +165,9 @@ def plan_reproduction(client: MlflowClient, reference: str) -> ReproductionPlan:
                 f"{model_uri} cannot be reproduced: run {run_id} has no {SPEC_ARTIFACT}",
                 ["the resolved spec is what fixes the seeds and settings of the rebuild"],
             ) from None
-    pointer = run_tags.get(tag_names.DATA_POINTER) or "data.dvc"
-    data_file = run_tags.get(tag_names.DATA_PATH) or ""
+    facts = training_facts(client, run_id, run_tags)
+    pointer = facts["pointer"] or "data.dvc"
+    data_file = facts["data_file"] or ""
     return ReproductionPlan(
         model_uri=model_uri,
         model_name=str(entry.name),
@@ -173,14 +177,39 @@ def plan_reproduction(client: MlflowClient, reference: str) -> ReproductionPlan:
         data_pointer=pointer,
         data_md5=tags[tag_names.DATA_MD5],
         data_out=_out_path(pointer, data_file),
-        git_rev=tags.get(tag_names.GIT_REV) or run_tags.get(tag_names.GIT_REV),
-        git_dirty=run_tags.get(tag_names.GIT_DIRTY) == "true",
+        git_rev=tags.get(tag_names.GIT_REV) or facts["git_rev"],
+        git_dirty=facts["git_dirty"] == "true",
         weights_sha256=tags[tag_names.WEIGHTS_SHA256],
-        checks_digest=tags.get(CHECKS_TAG),
+        checks_digest=tags.get(CHECKS_TAG) or facts["checks_digest"],
         metrics={key: float(value) for key, value in _compared(run.data.metrics).items()},
         device=run.data.params.get("resolved.device"),
         model_files=recorded_manifest(client, entry),
     )
+
+
+def training_facts(client: Any, run_id: str, run_tags: dict[str, str]) -> dict[str, str | None]:
+    """The data pointer and file, git state and checks digest of a training run.
+
+    Read from the run's lineage record (its nodes' attributes), else from the tags runs
+    of older Stemma versions carry (``stemma.data.pointer``, ``stemma.data.path``,
+    ``stemma.git.*``, ``stemma.checks.digest``).
+    """
+    from stemma.components.platform.lineage import read_run_record, record_node
+
+    record = read_run_record(client, run_id)
+    data = (record_node(record, "data_version") or {}).get("attributes") or {}
+    data_file = (record_node(record, "data_file") or {}).get("attributes") or {}
+    run = (record_node(record, "run") or {}).get("attributes") or {}
+    validation = record_node(record, "validation") or {}
+    digest = str(validation.get("digest") or "").partition(":")[2] or None
+    dirty = run.get("git_dirty")
+    return {
+        "pointer": data.get("pointer") or run_tags.get(tag_names.DATA_POINTER),
+        "data_file": data_file.get("path") or run_tags.get(tag_names.DATA_PATH),
+        "git_rev": run.get("git_rev") or run_tags.get(tag_names.GIT_REV),
+        "git_dirty": str(dirty).lower() if dirty is not None else run_tags.get(tag_names.GIT_DIRTY),
+        "checks_digest": digest or run_tags.get(CHECKS_TAG),
+    }
 
 
 def _compared(metrics: dict[str, float]) -> dict[str, float]:

@@ -364,18 +364,14 @@ def artifact_digests(folder: Path, prefix: str) -> dict[str, str]:
 
 
 def run_tags(lineage: TrainingLineage) -> dict[str, str]:
-    """``stemma.*`` tags for the MLflow run, mirroring the record."""
+    """``stemma.*`` tags for the MLflow run: the ones users filter on (see
+    :mod:`~stemma.components.platform.tags`). The data pointer and file path, the checks,
+    the spec and the work tree's state are attributes of the record's nodes."""
     tags = {
         tag_names.PIPELINE: lineage.pipeline,
-        tag_names.DATA_POINTER: lineage.data_pointer,
         tag_names.DATA_MD5: lineage.data_md5,
-        tag_names.DATA_PATH: lineage.file_path,
+        # `stemma lineage <md5>` finds a run by the data file's md5 as well as the version's
         tag_names.DATA_FILE_MD5: lineage.file_md5,
-        tag_names.CHECKS_DIGEST: lineage.validation_digest,
-        tag_names.CHECKS_SUCCESS: str(lineage.validation_success).lower(),
-        tag_names.CONFIG_PATH: lineage.config_path,
-        tag_names.CONFIG_SHA256: lineage.config_sha256,
-        tag_names.GIT_DIRTY: str(lineage.git_dirty).lower(),
     }
     if lineage.git_rev:
         tags[tag_names.GIT_REV] = lineage.git_rev
@@ -399,6 +395,38 @@ def model_version_tags(lineage: TrainingLineage) -> dict[str, str]:
     return tags
 
 
+def read_run_record(client: Any, run_id: str) -> LineageRecord | None:
+    """The lineage record ``run_id`` logged, or None when it logged none (or it is unreadable).
+
+    What a run's tags no longer carry (data pointer and path, checks, spec, drift details)
+    is read from here; callers fall back to the tags runs of older Stemma versions hold.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="stemma-record-") as scratch:
+        try:
+            path = client.download_artifacts(run_id, RECORD_ARTIFACT, scratch)
+            return LineageRecord.from_json(Path(path).read_text(encoding="utf-8"))
+        except Exception:  # no record, or an unreadable one
+            return None
+
+
+def record_node(record: LineageRecord | None, kind: str) -> dict[str, Any] | None:
+    """The first node of ``kind`` in ``record`` (as a mapping), or None."""
+    if record is None:
+        return None
+    for node in record.nodes:
+        body = node if isinstance(node, dict) else asdict(node)
+        if body.get("kind") == kind:
+            return body
+    return None
+
+
+def _present(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    """``attributes`` without the ones that are None."""
+    return {key: value for key, value in attributes.items() if value is not None}
+
+
 @dataclass(frozen=True)
 class ScoringLineage:
     """The digests one batch-scoring run read and wrote."""
@@ -420,6 +448,10 @@ class ScoringLineage:
     parts: dict[str, str]
     rows_scored: int
     rows_rejected: int
+    #: The model as the user named it, the backend that ran it, the runner that scored.
+    model_reference: str | None = None
+    backend: str | None = None
+    runner: str | None = None
 
 
 def build_scoring_record(
@@ -437,7 +469,12 @@ def build_scoring_record(
             f"md5:{lineage.input_digest}",
             {"path": lineage.input_path, "files": dict(lineage.input_files)},
         ),
-        Node("model_version", model, f"sha256:{lineage.weights_sha256}", {}),
+        Node(
+            "model_version",
+            model,
+            f"sha256:{lineage.weights_sha256}",
+            _present({"reference": lineage.model_reference, "backend": lineage.backend}),
+        ),
         run_node(lineage.run_id, lineage.experiment_id, lineage.flow_run_id),
         Node(
             "predictions",
@@ -448,6 +485,7 @@ def build_scoring_record(
                 "parts": dict(lineage.parts),
                 "rows_scored": lineage.rows_scored,
                 "rows_rejected": lineage.rows_rejected,
+                **_present({"runner": lineage.runner}),
             },
         ),
     ]
@@ -498,8 +536,15 @@ def build_retrain_record(
     shadow_run_id: str | None,
     decision: str,
     created: datetime | None = None,
+    data_git_rev: str | None = None,
+    sources: Mapping[str, int] | None = None,
+    holdout: str | None = None,
 ) -> LineageRecord:
     """The lineage record of a retraining run: why it ran and what it made.
+
+    The new data version's node holds the commit that recorded it (``git_rev``) and the
+    rows taken from each file (``sources``); the run's node names the held-out batch the
+    shadow judged (``holdout``).
 
     A drift report that caused the run is a ``drift_report`` node (the monitor's MLflow
     run) linked from the batch it judged, so walking upstream from the new model version
@@ -511,9 +556,22 @@ def build_retrain_record(
     train = run_node_id(train_run_id)
     model = model_node_id(model_name, model_version)
     nodes = [
-        Node("run", run, None, {"flow": "retrain", "decision": decision}),
+        Node(
+            "run",
+            run,
+            None,
+            {"flow": "retrain", "decision": decision, **_present({"holdout": holdout})},
+        ),
         Node("data_version", before, f"md5:{previous_data_md5}", {"pointer": data_pointer}),
-        Node("data_version", after, f"md5:{data_md5}", {"pointer": data_pointer}),
+        Node(
+            "data_version",
+            after,
+            f"md5:{data_md5}",
+            {
+                "pointer": data_pointer,
+                **_present({"git_rev": data_git_rev or None, "sources": sources}),
+            },
+        ),
         Node("run", train, None, {"flow": "train"}),
         Node("model_version", model, None, {}),
     ]

@@ -2,6 +2,31 @@
 
 The strings are stored in existing tracking servers: never change one, add a new name.
 A name ending in ``_PREFIX`` is followed by a field name (``GATE_PREFIX + "decision"``).
+
+A run carries at most :data:`MAX_TAGS` of Stemma's tags, the ones :data:`RUN_TAGS` lists
+for its flow: what users filter on in MLflow's search box and what Stemma's own searches
+need. Everything else a run knows (paths, spec, checks, reasons, drift details, the
+evidence of a promotion) is in its lineage record (``lineage/record.json``, node
+attributes and ``decision``), its description, or its params (the spec file and the
+overrides of a training run). Names a run no longer carries are still defined here,
+marked "read from older stores": readers fall back to them.
+
+=========  ===============================================================================
+every run  pipeline, flow, status, error (on failure), prefect.flow_run_id,
+           lineage.made-nodes, lineage.used-nodes (continued in ``.2``, ... when huge)
+train      data.md5, data.file_md5, git.rev, weights.sha256, gate.decision
+score      model.version, input.digest, output.sha256, score.key, score.owner,
+           score.resumes (after a resume)
+monitor    model.version, input.digest, drift.detected, drift.event_id,
+           drift.event_emitted ("false" when sending failed)
+shadow     model.champion, model.challenger, input.digest, output.sha256, shadow.decision
+canary     canary.step_key, canary.control, canary.challenger, canary.decision,
+           input.digest, output.sha256
+retrain    cause.kind, data.md5, model.version, retrain.outcome, shadow.decision
+quantize   model.version, data.md5, quantize.registered
+promote    flow, status, lineage tags, promotion.model, .action, .from_version,
+           .to_version, .outcome, .generation, .flow_run_id, .detail (not done)
+=========  ===============================================================================
 """
 
 # --- Every run -----------------------------------------------------------------------
@@ -12,11 +37,11 @@ ERROR = "stemma.error"  # run: headline of the error that ended it
 TASK = "stemma.task"  # logged model: the model's task (classification, regression)
 RUN_ID = "stemma.run_id"  # run: the training run a later run works on
 PREFECT_FLOW_RUN_ID = "stemma.prefect.flow_run_id"  # run: Prefect's id of the flow run
-CONFIG_PATH = "stemma.config.path"  # run: the spec file used
-CONFIG_SHA256 = "stemma.config.sha256"  # run: sha256 of the spec as loaded
-OVERRIDES = "stemma.overrides"  # run: the command line overrides, as a JSON list
+CONFIG_PATH = "stemma.config.path"  # read from older stores: the spec file (now a param)
+CONFIG_SHA256 = "stemma.config.sha256"  # read from older stores: the spec's sha256
+OVERRIDES = "stemma.overrides"  # read from older stores: the overrides (now a param)
 GIT_REV = "stemma.git.rev"  # run: the code's git commit
-GIT_DIRTY = "stemma.git.dirty"  # run: "true" when the work tree had changes
+GIT_DIRTY = "stemma.git.dirty"  # read from older stores: "true" when the tree had changes
 
 # --- Data ----------------------------------------------------------------------------
 DATA_POINTER = "stemma.data.pointer"  # run: the DVC pointer file of the training data
@@ -127,3 +152,54 @@ LINEAGE_USED_KIND_PREFIX = "stemma.lineage.used-kind."  # run: kinds of node rea
 LINEAGE_RECORD_LAYOUT = "stemma.lineage/1"  # lineage/record.json: its "schema" value
 BATCH_SCORED_EVENT = "stemma.batch.scored"  # Prefect event after a batch is scored
 PARQUET_METADATA_PREFIX = "stemma."  # key prefix of Stemma's Parquet file metadata
+
+# --- The tags each run carries -------------------------------------------------------
+#: Most of Stemma's tags on one run (``mlflow.*`` not counted).
+MAX_TAGS = 12
+#: Every run's tags (ERROR only on failure). Index tags continue in ``<tag>.2``, ...
+COMMON_RUN_TAGS = (
+    PIPELINE,
+    FLOW,
+    STATUS,
+    ERROR,
+    PREFECT_FLOW_RUN_ID,
+    LINEAGE_MADE_NODES,
+    LINEAGE_USED_NODES,
+)
+#: The documented tags of each flow's runs, besides COMMON_RUN_TAGS. Runs of this version
+#: no longer carry DATA_POINTER, DATA_PATH, CHECKS_*, CONFIG_*, OVERRIDES, GIT_DIRTY,
+#: INPUT_PATH, LABELS_*, OUTPUT_PATH, MODEL_URI, MODEL_REFERENCE, SCORE_RUNNER,
+#: RUNTIME_BACKEND (on runs), DRIFT_FEATURES/KINDS/SUMMARY, SHADOW_REASONS,
+#: SHADOW_OUTPUT_SHA256, SHADOW_RUN_ID, SHADOW_BATCH, TRAIN_RUN_ID, DATA_PREVIOUS_MD5,
+#: DATA_GIT_REV, DATA_SOURCES, CANARY_PHASE/STEP/FRACTION/ACTION/OUTCOME/STATUS,
+#: PROMOTION_OUTCOME (on shadow runs), PROMOTION_EVIDENCE and the promotion's who, when,
+#: reason and took_over: those names are read from older stores only.
+RUN_TAGS: dict[str, tuple[str, ...]] = {
+    "train": (DATA_MD5, DATA_FILE_MD5, GIT_REV, WEIGHTS_SHA256, GATE_DECISION),
+    "score": (MODEL_VERSION, INPUT_DIGEST, OUTPUT_SHA256, SCORE_KEY, SCORE_OWNER, SCORE_RESUMES),
+    "monitor": (MODEL_VERSION, INPUT_DIGEST, DRIFT_DETECTED, DRIFT_EVENT_ID, DRIFT_EVENT_EMITTED),
+    "shadow": (MODEL_CHAMPION, MODEL_CHALLENGER, INPUT_DIGEST, OUTPUT_SHA256, SHADOW_DECISION),
+    "canary": (
+        CANARY_STEP_KEY,
+        CANARY_CONTROL,
+        CANARY_CHALLENGER,
+        CANARY_DECISION,
+        INPUT_DIGEST,
+        OUTPUT_SHA256,
+    ),
+    "retrain": (CAUSE_KIND, DATA_MD5, MODEL_VERSION, RETRAIN_OUTCOME, SHADOW_DECISION),
+    "quantize": (MODEL_VERSION, DATA_MD5, QUANTIZE_REGISTERED),
+    "promote": tuple(
+        PROMOTION_PREFIX + field
+        for field in (
+            "model",
+            "action",
+            "from_version",
+            "to_version",
+            "outcome",
+            "generation",
+            "flow_run_id",
+            "detail",
+        )
+    ),
+}

@@ -24,8 +24,21 @@ HISTORY_DIR = "champion_history"
 MAX_MOVES = 200
 
 
-def _field(run: Any, name: str) -> str:
-    return str(run.data.tags.get(tag_names.PROMOTION_PREFIX + name, ""))
+def _fields(client: MlflowClient, run: Any, names: tuple[str, ...]) -> dict[str, str]:
+    """``names`` of a promotion run's decision: its tags, else (who, when and reason, which
+    runs of this version keep only there) its lineage record's ``decision``."""
+    from stemma.components.platform.lineage import read_run_record
+
+    tags = run.data.tags
+    found = {name: tags.get(tag_names.PROMOTION_PREFIX + name) for name in names}
+    if any(value is None for value in found.values()):
+        record = read_run_record(client, run.info.run_id)
+        decision = (record.decision if record is not None else None) or {}
+        found = {
+            name: value if value is not None else decision.get(name)
+            for name, value in found.items()
+        }
+    return {name: "" if value is None else str(value) for name, value in found.items()}
 
 
 def champion_moves(client: MlflowClient, experiment_id: str, model: str) -> list[dict[str, str]]:
@@ -38,7 +51,7 @@ def champion_moves(client: MlflowClient, experiment_id: str, model: str) -> list
         max_results=MAX_MOVES,
     )
     fields = ("when", "to_version", "from_version", "action", "who", "reason")
-    moves = [{name: _field(run, name) for name in fields} for run in runs]
+    moves = [_fields(client, run, fields) for run in runs]
     return sorted(moves, key=lambda move: move["when"])
 
 

@@ -64,6 +64,19 @@ if TYPE_CHECKING:
 PREVIOUS_CHAMPION_ALIAS = "previous-champion"
 #: Version tag holding the JSON of the latest decision that involved the version.
 LAST_PROMOTION_TAG = tag_names.PROMOTION_LAST
+#: Fields of a decision its run carries as ``stemma.promotion.<field>`` tags: what a search
+#: filters on (who, when, the reason, the evidence and a take-over are in the run's lineage
+#: record; runs of older Stemma versions carry them as tags too).
+RUN_TAG_FIELDS = (
+    "model",
+    "action",
+    "from_version",
+    "to_version",
+    "outcome",
+    "generation",
+    "flow_run_id",
+    "detail",
+)
 #: The gate's verdict tag on a version and the value that allows promotion.
 GATE_DECISION_TAG = TAG_PREFIX + "decision"
 GATE_PASSED = "passed"
@@ -233,9 +246,8 @@ def _record(
                 **{
                     tag_names.PROMOTION_PREFIX + key: str(value)
                     for key, value in asdict(record).items()
-                    if value not in (None, "", {}) and key != "evidence"
+                    if value not in (None, "", {}) and key in RUN_TAG_FIELDS
                 },
-                tag_names.PROMOTION_EVIDENCE: json.dumps(record.evidence, sort_keys=True),
             },
             detached=True,
             client=client,

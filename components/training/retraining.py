@@ -9,7 +9,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from stemma.components.data.labels import read_labels
 from stemma.components.data.tables import DataVersion, load_table, resolve_data_version
 from stemma.components.errors import StemmaError
 from stemma.components.platform import tags
+from stemma.components.platform.lineage import read_run_record, record_node
 from stemma.components.platform.tracking import STATE_DIR
 from stemma.components.spec import LoadedSpec, RetrainSpec
 
@@ -86,12 +87,25 @@ def cause_of(client: Any, cause: str | None) -> dict[str, str]:
         ) from error
     found = report.data.tags
     flow_name = found.get(tags.FLOW, "run")
+    # The batch's path and the drifted features are in the report run's lineage record;
+    # monitor runs of older Stemma versions carry them as tags.
+    record = read_run_record(client, cause)
+    batch: dict[str, Any] = next(
+        (
+            node["attributes"]
+            for node in (asdict(node) for node in (record.nodes if record else []))
+            if node["kind"] == "input" and node["attributes"].get("role") == "batch"
+        ),
+        {},
+    )
+    report_node = record_node(record, "drift_report") or {}
+    drifted = (report_node.get("attributes") or {}).get("drifted_features")
     return {
         "kind": "drift_report" if flow_name == "monitor" else flow_name,
         "run_id": cause,
-        "batch": found.get(tags.BATCH_PATH, found.get(tags.INPUT_PATH, "")),
+        "batch": batch.get("path") or found.get(tags.BATCH_PATH, found.get(tags.INPUT_PATH, "")),
         "batch_digest": found.get(tags.BATCH_DIGEST, found.get(tags.INPUT_DIGEST, "")),
-        "features": found.get(tags.DRIFT_FEATURES, ""),
+        "features": ",".join(drifted) if drifted else found.get(tags.DRIFT_FEATURES, ""),
     }
 
 

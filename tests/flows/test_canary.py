@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -142,7 +141,7 @@ def test_a_better_challenger_walks_the_steps_night_by_night_and_is_promoted(proj
     decision = next(node for node in promoted["nodes"] if node["kind"] == "decision")
     assert decision["attributes"]["action"] == "promote"
     promotion = client.get_run(decision["attributes"]["action_run_id"])
-    evidence = json.loads(promotion.data.tags["stemma.promotion.evidence"])
+    evidence = lineage(promotion.info.run_id)["decision"]["evidence"]
     assert evidence["step_run_id"] == third["history"][1]["run_id"]
     assert promotion.data.tags["stemma.promotion.outcome"] == "done"
     # the promotion run is a child of the canary step's run in MLflow's runs table
@@ -312,5 +311,9 @@ def test_a_killed_canary_resumes_to_the_same_decisions_and_moves(
         [client.get_experiment_by_name(name).experiment_id],
         filter_string="tags.`stemma.flow` = 'canary'",
     )
-    assert sorted(run.data.tags["stemma.canary.step"] for run in runs) == ["0", "1", "1"]
+    steps = [
+        next(n for n in lineage(run.info.run_id)["nodes"] if n["kind"] == "canary_step")
+        for run in runs
+    ]
+    assert sorted(step["attributes"]["step"] for step in steps) == [0, 1, 1]
     assert {run.info.status for run in runs} == {"FINISHED"}

@@ -23,6 +23,7 @@ from stemma.components.monitoring.profile import (
     read_profile,
 )
 from stemma.components.monitoring.records import DRIFT_EVENT
+from stemma.components.platform import lineage
 from stemma.components.spec import load_spec
 from stemma.examples.credit import generate_credit_data
 from tests.support import SMALL_TRAIN_ROWS
@@ -178,7 +179,8 @@ def test_day_one_is_quiet_and_day_six_drifts_with_an_event_on_the_prefect_api(
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == shifted["experiment"] == "credit"
     assert run.data.tags["stemma.drift.detected"] == "true"
-    assert run.data.tags["stemma.drift.features"] == ",".join(shifted["drifted_features"])
+    report = lineage.record_node(lineage.read_run_record(client, shifted["run_id"]), "drift_report")
+    assert report["attributes"]["drifted_features"] == shifted["drifted_features"]
     assert run.data.tags["stemma.drift.event_id"] == shifted["event_id"]
     assert run.data.metrics["drift/feature.age.psi"] == pytest.approx(
         shifted["columns"]["age"]["psi"]

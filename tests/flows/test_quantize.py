@@ -148,7 +148,7 @@ def test_the_run_holds_the_table_the_plot_and_the_lineage(quantized, tmp_path):
     run = client.get_run(summary["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["stemma.flow"] == "quantize"
-    assert run.data.tags["stemma.model.uri"] == f"models:/{NAME}/1"
+    assert run.data.tags["stemma.model.version"] == "1"
     metrics = run.data.metrics
     assert metrics["quantize/bf16.passed"] == 1.0
     assert metrics["quantize/int8_weight_only.speedup"] == pytest.approx(

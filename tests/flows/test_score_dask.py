@@ -122,7 +122,9 @@ def test_dask_fan_out_writes_the_bytes_of_a_single_process(project):
     manifest = json.loads((project / "dask" / SUCCESS_FILE).read_text())
     assert len(manifest["parts"]) == 24 and len(manifest["rejects"]) == 8  # 8 chunks a file
     run = mlflow.MlflowClient().get_run(fanned["run_id"])
-    assert run.data.tags["stemma.score.runner"] == "dask"
+    record = mlflow.artifacts.load_dict(f"runs:/{fanned['run_id']}/lineage/record.json")
+    predictions = next(node for node in record["nodes"] if node["kind"] == "predictions")
+    assert predictions["attributes"]["runner"] == "dask"
     assert run.data.tags["stemma.output.sha256"] == local["output_digest"]
     assert run.data.metrics["score/parts_written"] == 24
 

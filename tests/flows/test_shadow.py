@@ -196,9 +196,9 @@ def test_a_better_challenger_is_promoted_and_everything_is_recorded(project, wei
     promotion_run = decision["attributes"]["promotion_run_id"]
     assert decision["attributes"]["decision"] == "promote" and promotion_run
     promoted = client.get_run(promotion_run)
-    assert json.loads(promoted.data.tags["stemma.promotion.evidence"])["shadow_run_id"] == (
-        run.info.run_id
-    )
+    promotion_record = mlflow.artifacts.load_dict(f"runs:/{promotion_run}/lineage/record.json")
+    assert promoted.data.tags["stemma.promotion.outcome"] == "done"
+    assert promotion_record["decision"]["evidence"]["shadow_run_id"] == run.info.run_id
     tags = client.get_model_version(name, versions["better"]).tags
     assert tags["stemma.shadow.decision"] == "promote"
     assert tags["stemma.shadow.run_id"] == run.info.run_id

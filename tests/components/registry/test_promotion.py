@@ -104,10 +104,10 @@ def test_promote_moves_champion_and_keeps_previous(registry):
     run = client.get_run(record.record_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["stemma.promotion.outcome"] == "done"
-    assert json.loads(run.data.tags["stemma.promotion.evidence"]) == {"roc_auc_delta": 0.01}
     document = json.loads(
         Path(client.download_artifacts(run.info.run_id, RECORD_ARTIFACT)).read_text()
     )
+    assert document["decision"]["evidence"] == {"roc_auc_delta": 0.01}
     promoted_over = {
         "source": "models:/credit/2",
         "target": "models:/credit/1",
