@@ -38,13 +38,12 @@ from typing import TYPE_CHECKING, Any
 from stemma.components.errors import RegistryError
 from stemma.components.evaluation.canary_guards import HOLD, ROLLBACK
 from stemma.components.platform import tags
+from stemma.components.platform.decisions import Decided, build_decision_record
 from stemma.components.platform.files import write_atomically
 from stemma.components.platform.lineage import (
-    Decided,
     Edge,
     LineageRecord,
     Node,
-    build_decision_record,
     decision_node_id,
     evaluation_node_id,
     input_node_id,

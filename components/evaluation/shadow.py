@@ -57,12 +57,11 @@ from stemma.components.evaluation.rows import (
     LABEL,
 )
 from stemma.components.platform import tags
+from stemma.components.platform.decisions import Decided, build_decision_record
 from stemma.components.platform.lineage import (
-    Decided,
     Edge,
     LineageRecord,
     Node,
-    build_decision_record,
     decision_node_id,
     evaluation_node_id,
     input_node_id,

@@ -9,13 +9,12 @@ import pytest
 
 from stemma.components.errors import LineageError
 from stemma.components.platform import lineage as records
+from stemma.components.platform.decisions import Decided, build_decision_record
 from stemma.components.platform.lineage import (
     RECORD_SCHEMA,
-    Decided,
     Edge,
     LineageRecord,
     Node,
-    build_decision_record,
     index_tags,
     record_roles,
     run_node,
