@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -42,6 +43,7 @@ def endpoint_command(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             args.overrides = [*args.overrides, f"{key}={getattr(args, name)}"]
     loaded = load_spec(args.config, args.overrides)  # fails fast, before any import
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stdout: the URLs
     use_running_services(loaded.root, mlflow=True)
     check_servers(args, prefect=False)
     from stemma.components.platform.redaction import redact_url
