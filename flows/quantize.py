@@ -31,7 +31,7 @@ from stemma.components.platform.tracked_run import TrackedRun
 from stemma.components.quantization import heldout as parents
 from stemma.components.quantization import registering, report
 from stemma.components.quantization.measure import compare_variants, variant_runtime
-from stemma.components.quantization.results import PASSED, Comparison, VariantResult
+from stemma.components.quantization.results import Comparison, VariantResult
 from stemma.components.runtime.backends import set_threads
 from stemma.components.runtime.loading import ScoringModel, load_scoring_model
 from stemma.components.scoring.pipeline import FORWARD_BATCH_ROWS
@@ -106,26 +106,15 @@ def measure_step(
     )
 
 
-def _variant_tags(
-    context: _Context, result: VariantResult, comparison: Comparison, run_id: str
-) -> dict[str, str]:
+def _variant_tags(context: _Context, result: VariantResult) -> dict[str, str]:
+    """The variant's tags (``tags.VERSION_TAGS["variant"]``). Its numbers, reasons and the
+    commit are in this run's lineage record; the run is the version's ``run_id``."""
     model = context.model
-    prefix = registering.TAG_PREFIX
     return {
         registering.METHOD_TAG: result.method,
         registering.PARENT_VERSION_TAG: model.version,
         registering.PARENT_WEIGHTS_TAG: model.weights_sha256,
-        registering.RUNTIME_TAG: str(result.runtime),
-        prefix + "decision": PASSED,
-        prefix + "reasons": "; ".join(result.reasons),
-        prefix + "metric": comparison.metric,
-        prefix + "metric_drop": repr(result.metric_drop),
-        prefix + "speedup": repr(result.speedup),
-        prefix + "latency_ms": repr(result.latency_ms),
-        prefix + "baseline": f"fp32 {comparison.baseline_runtime} {comparison.baseline_ms!r} ms",
-        tags.RUN_ID: run_id,
         tags.DATA_MD5: context.heldout.md5,
-        **({tags.GIT_REV: context.git_rev} if context.git_rev else {}),
     }
 
 
@@ -135,7 +124,6 @@ def register_step(
     result: VariantResult,
     variant: QuantizedNetwork,
     parent_files: dict[str, Any],
-    comparison: Comparison,
     run_id: str,
     workdir: Path,
 ) -> tuple[VariantResult, str, str | None]:
@@ -177,7 +165,7 @@ def register_step(
         model_uri=info.model_uri,
         run_id=run_id,
         tags={
-            **_variant_tags(context, result, comparison, run_id),
+            **_variant_tags(context, result),
             tags.WEIGHTS_SHA256: weights_sha256,
         },
         description=f"{result.method} variant of {model.label} ({METHODS[result.method]}): "
@@ -216,7 +204,6 @@ def _register_passing(
             result,
             built[result.method],
             parent_files,
-            comparison,
             run.run_id,
             workdir / "variants" / result.method,
         )
@@ -267,6 +254,7 @@ def _record(
         comparison=comparison,
         variant_weights=weights,
         variant_graphs=graphs,
+        git_rev=context.git_rev,
     )
     run.record_lineage(record)
     registered = ",".join(f"{v.method}=v{v.version}" for v in comparison.variants if v.version)

@@ -72,19 +72,13 @@ def record_step(loaded: LoadedSpec, gathered: retraining.Gathered) -> tuple[Any,
     return retraining.record_version(loaded, gathered)
 
 
-def _train(loaded: LoadedSpec, run: TrackedRun, why: dict[str, str]) -> dict[str, Any]:
-    """The training flow on the new data version; its version carries the cause."""
+def _train(loaded: LoadedSpec, run: TrackedRun) -> dict[str, Any]:
+    """The training flow on the new data version. Its run is this run's child, so the
+    version's run (``run_id``) leads to the cause, on this run and in its record."""
     from stemma.flows.train import train_flow
 
     trained = train_flow(config=str(loaded.path), overrides=list(loaded.overrides))
-    version = str(trained["model_version"])
-    cause = {tags.RETRAIN_RUN_ID: run.run_id, **retraining.cause_tags(why)}
-    client = mlflow.MlflowClient()
-    model_name = loaded.spec.pipeline.registered_model_name
-    # The training run is the retraining run's child: only the version carries the cause.
-    for key, value in cause.items():
-        client.set_model_version_tag(model_name, version, key, value)
-    run.set_tags({tags.MODEL_VERSION: version})
+    run.set_tags({tags.MODEL_VERSION: str(trained["model_version"])})
     return trained
 
 
@@ -152,7 +146,7 @@ def _retrain(
     # The previous version, the commit, the files merged and the held-out batch are in
     # the run's lineage record.
     run.set_tags({tags.DATA_MD5: recorded.md5})
-    trained = _train(loaded, run, why)
+    trained = _train(loaded, run)
     version = str(trained["model_version"])
     shadow_result, promoted = None, None
     decided = retraining.before_shadow(

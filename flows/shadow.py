@@ -212,10 +212,8 @@ def _compare(loaded: LoadedSpec, settings: EvaluateSpec, inputs: Inputs, run: Tr
             tags.OUTPUT_SHA256: facts.served_sha256,
         }
     )
-    version = inputs.challenger.version
-    client = mlflow.MlflowClient()
-    client.set_model_version_tag(model_name, version, shadow.SHADOW_DECISION_TAG, report.decision)
-    client.set_model_version_tag(model_name, version, shadow.SHADOW_RUN_TAG, run.run_id)
+    # The challenger is found by the run's tags (model.challenger, shadow.decision); its
+    # version no longer carries the verdict.
     return pair, report, record, failed
 
 

@@ -198,7 +198,7 @@ def gate_step(
         model_uri=model_uri,
         run_id=facts.run_id,
         decision=decision,
-        tags=lineage.model_version_tags(facts),
+        tags=registry.version_tags(facts),
         description=f"Trained by Stemma pipeline '{spec.pipeline.name}' on data {facts.data_md5}.",
     )
     return version, decision
@@ -213,7 +213,7 @@ def complete_registration_step(
         client=mlflow.MlflowClient(),
         version=existing,
         task=loaded.spec.data.task,
-        tags=lineage.model_version_tags(facts),
+        tags=registry.version_tags(facts),
     )
 
 

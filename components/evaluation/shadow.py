@@ -56,7 +56,6 @@ from stemma.components.evaluation.rows import (
     CHAMPION_SCORED,
     LABEL,
 )
-from stemma.components.platform import tags
 from stemma.components.platform.decisions import Decided, build_decision_record
 from stemma.components.platform.lineage import (
     Edge,
@@ -88,9 +87,6 @@ SHADOW_SUFFIX = "-shadow"
 MAX_SEGMENT_VALUES = 20
 #: Fewest labelled rows for which a segment gets an interval of its own.
 MIN_SEGMENT_ROWS = 30
-#: Version tags recording the latest shadow decision about a challenger.
-SHADOW_DECISION_TAG = tags.SHADOW_DECISION
-SHADOW_RUN_TAG = tags.SHADOW_RUN_ID
 
 _METRIC_KEY = re.compile(r"[^A-Za-z0-9_.-]+")
 

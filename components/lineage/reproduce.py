@@ -1,10 +1,10 @@
 """Rebuilding a registered model from its lineage, and judging the rebuild.
 
 A version registered by the training flow names everything that made it: the training run
-(``stemma.run_id``), the data version (``stemma.data.md5`` of ``stemma.data.pointer``), the
-resolved spec with its seeds (the run's ``spec/resolved.yaml``), the code revision
-(``stemma.git.rev``, ``stemma.git.dirty``), and what came out (``stemma.weights.sha256``,
-the ``test/*`` metrics). This module reads those facts (:func:`plan_reproduction`),
+(its ``run_id``; ``stemma.run_id`` in older stores), the data version (``stemma.data.md5``;
+the pointer is in the run's lineage record), the resolved spec with its seeds (the run's
+``spec/resolved.yaml``), the code revision (the run's ``stemma.git.rev`` and record), and
+what came out (``stemma.weights.sha256``, the ``test/*`` metrics). This module reads those facts (:func:`plan_reproduction`),
 restores the exact data bytes through DVC (:func:`restore_data_version`), says how the code
 differs (:func:`code_revision_warnings`), and compares a retrained model with the recorded
 one tensor by tensor and metric by metric, and every file of the model folder with the

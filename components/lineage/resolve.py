@@ -112,12 +112,15 @@ def _resolve_version(name: str, version: str, index: RecordIndex) -> str:
         )
     node = model_node_id(name, version)
     tags = dict(entry.tags or {})
-    if not tags.get(tag_names.RUN_ID) and not index.runs_that_made(node):
+    # Stemma's versions name their run: older ones in a tag, newer ones by their run_id,
+    # with Stemma's weights hash beside it
+    named = tags.get(tag_names.RUN_ID) or (entry.run_id and tags.get(tag_names.WEIGHTS_SHA256))
+    if not named and not index.runs_that_made(node):
         raise LineageError(
             f"models:/{name}/{version} carries no lineage",
             [
-                f"the version has no {tag_names.RUN_ID} tag and no run recorded making it: it was "
-                "registered outside Stemma's flows",
+                f"the version has no {tag_names.WEIGHTS_SHA256} tag and no run recorded making "
+                "it: it was registered outside Stemma's flows",
                 f"its source: {entry.source}",
             ],
         )

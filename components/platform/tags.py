@@ -27,6 +27,24 @@ quantize   model.version, data.md5, quantize.registered
 promote    flow, status, lineage tags, promotion.model, .action, .from_version,
            .to_version, .outcome, .generation, .flow_run_id, .detail (not done)
 =========  ===============================================================================
+
+A model version carries at most :data:`MAX_TAGS` too, the ones :data:`VERSION_TAGS` lists
+for its kind: the integrity tags a load checks, the gate's verdict the registry text shows,
+and the links a reader needs. The rest is read from the version's run (``version.run_id``,
+an MLflow field): a trained version's run holds its data file, checks and commit in its
+lineage record and the gate's whole decision in ``gate/decision.json``; that run's parent,
+when a retraining started it, holds the cause; a variant's run (the quantize run) holds
+each method's numbers and reasons in its record.
+
+=========  ===============================================================================
+trained    data.md5, weights.sha256, model.files, runtime.backend, onnx.sha256 (ONNX
+           Runtime) or runtime.reason (eager), architecture.sha256 (custom network),
+           profile.sha256, gate.decision, gate.metric, gate.value, promotion.last (once a
+           promotion involved it), quantize.summary (once quantized)
+variant    data.md5, weights.sha256, model.files, runtime.backend, onnx.sha256 or
+           runtime.reason, architecture.sha256 (custom network), quantize.method,
+           .parent_version, .parent_weights_sha256, .status, .owner (while registering)
+=========  ===============================================================================
 """
 
 # --- Every run -----------------------------------------------------------------------
@@ -35,23 +53,23 @@ FLOW = "stemma.flow"  # run: which flow made it ("train", "score", ...)
 STATUS = "stemma.status"  # run: running / completed / failed / interrupted / killed
 ERROR = "stemma.error"  # run: headline of the error that ended it
 TASK = "stemma.task"  # logged model: the model's task (classification, regression)
-RUN_ID = "stemma.run_id"  # run: the training run a later run works on
+RUN_ID = "stemma.run_id"  # read from older stores: a version's run (now version.run_id)
 PREFECT_FLOW_RUN_ID = "stemma.prefect.flow_run_id"  # run: Prefect's id of the flow run
 CONFIG_PATH = "stemma.config.path"  # read from older stores: the spec file (now a param)
 CONFIG_SHA256 = "stemma.config.sha256"  # read from older stores: the spec's sha256
 OVERRIDES = "stemma.overrides"  # read from older stores: the overrides (now a param)
-GIT_REV = "stemma.git.rev"  # run: the code's git commit
+GIT_REV = "stemma.git.rev"  # train run: the code's git commit (older stores: versions too)
 GIT_DIRTY = "stemma.git.dirty"  # read from older stores: "true" when the tree had changes
 
 # --- Data ----------------------------------------------------------------------------
 DATA_POINTER = "stemma.data.pointer"  # run: the DVC pointer file of the training data
 DATA_PATH = "stemma.data.path"  # run: the training data file
 DATA_MD5 = "stemma.data.md5"  # run, version: md5 of the data version trained on
-DATA_FILE_MD5 = "stemma.data.file_md5"  # run: md5 of the data file itself
+DATA_FILE_MD5 = "stemma.data.file_md5"  # train run (older stores: version): the file's md5
 DATA_PREVIOUS_MD5 = "stemma.data.previous_md5"  # retrain run: the data version replaced
 DATA_GIT_REV = "stemma.data.git_rev"  # retrain run: the commit holding the new pointer
 DATA_SOURCES = "stemma.data.sources"  # retrain run: the files merged, as JSON
-CHECKS_DIGEST = "stemma.checks.digest"  # run: digest of the data checks' report
+CHECKS_DIGEST = "stemma.checks.digest"  # read from older stores: the checks' report digest
 CHECKS_SUCCESS = "stemma.checks.success"  # run: "true" when every data check passed
 INPUT_PATH = "stemma.input.path"  # run: the batch scored or monitored
 INPUT_DIGEST = "stemma.input.digest"  # run: digest of that batch
@@ -81,7 +99,10 @@ RUNTIME_BACKEND = "stemma.runtime.backend"  # logged model, version: onnxruntime
 RUNTIME_REASON = "stemma.runtime.reason"  # logged model, version: why eager was chosen
 
 # --- Gate, promotion and claims ------------------------------------------------------
-GATE_PREFIX = "stemma.gate."  # version: the gate's decision, one tag per field
+# A version carries the gate's verdict, metric and value; the whole decision is the training
+# run's gate/decision.json. Older stores hold every field as a GATE_PREFIX tag (alias,
+# minimum, maximum, margin, champion_version, champion_value, reasons, ignored_champion).
+GATE_PREFIX = "stemma.gate."  # version: the gate's decision fields (see above)
 GATE_DECISION = "stemma.gate.decision"  # version: "passed" or "failed"
 GATE_METRIC = "stemma.gate.metric"  # version: the metric the gate read
 GATE_VALUE = "stemma.gate.value"  # version: that metric's value
@@ -98,14 +119,21 @@ CLAIM_PREFIX = "stemma.claim."  # claim experiment: holder, heartbeat and action
 QUANTIZE_PREFIX = "stemma.quantize."  # variant version: method, parent, status, ...
 QUANTIZE_METHOD = "stemma.quantize.method"  # variant tag and safetensors metadata key
 QUANTIZE_REGISTERED = "stemma.quantize.registered"  # quantize run: variants registered
+QUANTIZE_PARENT_VERSION = "stemma.quantize.parent_version"  # variant: its fp32 version
+QUANTIZE_PARENT_WEIGHTS_SHA256 = "stemma.quantize.parent_weights_sha256"  # variant: parent's
+QUANTIZE_STATUS = "stemma.quantize.status"  # variant: registering, then registered
+QUANTIZE_OWNER = "stemma.quantize.owner"  # variant: host:pid registering it, until done
+QUANTIZE_SUMMARY = "stemma.quantize.summary"  # parent version: latest decision per method
+# Variants of older stores also carry quantize.runtime, .decision, .reasons, .metric,
+# .metric_drop, .speedup, .latency_ms and .baseline: now the quantize run's record.
 
 # --- Scoring, shadow and canary ------------------------------------------------------
 SCORE_KEY = "stemma.score.key"  # score run: what it scores, to find a run to resume
 SCORE_OWNER = "stemma.score.owner"  # score run: host:pid of the scoring process
 SCORE_RESUMES = "stemma.score.resumes"  # score run: times it was resumed
 SCORE_RUNNER = "stemma.score.runner"  # score run: the runner (local, dask)
-SHADOW_RUN_ID = "stemma.shadow.run_id"  # retrain run: the shadow run that judged it
-SHADOW_DECISION = "stemma.shadow.decision"  # run, version: the shadow comparison's verdict
+SHADOW_RUN_ID = "stemma.shadow.run_id"  # read from older stores: a version's shadow run
+SHADOW_DECISION = "stemma.shadow.decision"  # run (older stores: version): shadow verdict
 SHADOW_REASONS = "stemma.shadow.reasons"  # shadow run: why, joined by " | "
 SHADOW_OUTPUT_SHA256 = "stemma.shadow.output.sha256"  # shadow run: challenger output hash
 SHADOW_BATCH = "stemma.shadow.batch"  # retrain run: the holdout batch shadowed
@@ -130,10 +158,10 @@ DRIFT_KINDS = "stemma.drift.kinds"  # monitor run: the kinds of drift found
 DRIFT_SUMMARY = "stemma.drift.summary"  # monitor run: a one-line summary
 DRIFT_EVENT_ID = "stemma.drift.event_id"  # monitor run: id of the event emitted
 DRIFT_EVENT_EMITTED = "stemma.drift.event_emitted"  # monitor run: "false" if sending failed
-RETRAIN_RUN_ID = "stemma.retrain.run_id"  # train run: the retrain run that started it
+RETRAIN_RUN_ID = "stemma.retrain.run_id"  # read from older stores: a version's retraining
 RETRAIN_OUTCOME = "stemma.retrain.outcome"  # retrain run: what the retraining ended in
 TRAIN_RUN_ID = "stemma.train.run_id"  # retrain run: the training run it started
-CAUSE_PREFIX = "stemma.cause."  # retrain run: why it ran, one tag per field
+CAUSE_PREFIX = "stemma.cause."  # retrain run (older stores: version): why, one tag a field
 CAUSE_KIND = "stemma.cause.kind"  # retrain run: the kind of cause (drift, schedule, ...)
 
 # --- Lineage index -------------------------------------------------------------------
@@ -154,7 +182,7 @@ BATCH_SCORED_EVENT = "stemma.batch.scored"  # Prefect event after a batch is sco
 PARQUET_METADATA_PREFIX = "stemma."  # key prefix of Stemma's Parquet file metadata
 
 # --- The tags each run carries -------------------------------------------------------
-#: Most of Stemma's tags on one run (``mlflow.*`` not counted).
+#: Most of Stemma's tags on one run or model version (``mlflow.*`` not counted).
 MAX_TAGS = 12
 #: Every run's tags (ERROR only on failure). Index tags continue in ``<tag>.2``, ...
 COMMON_RUN_TAGS = (
@@ -201,5 +229,44 @@ RUN_TAGS: dict[str, tuple[str, ...]] = {
             "flow_run_id",
             "detail",
         )
+    ),
+}
+
+# --- The tags each model version carries ---------------------------------------------
+#: The documented tags of each kind of model version (at most MAX_TAGS on one: ONNX_SHA256
+#: and RUNTIME_REASON exclude each other). "trained": what the training flow registers,
+#: gate passed or failed, champion, challenger or retrained; "variant": a quantized variant.
+#: Versions of this version no longer carry RUN_ID, DATA_FILE_MD5, CHECKS_DIGEST, GIT_REV,
+#: the gate's fields beyond its verdict, metric and value, SHADOW_DECISION, SHADOW_RUN_ID,
+#: RETRAIN_RUN_ID, CAUSE_PREFIX fields, nor a variant's numbers: read from older stores.
+VERSION_TAGS: dict[str, tuple[str, ...]] = {
+    "trained": (
+        DATA_MD5,
+        WEIGHTS_SHA256,
+        MODEL_FILES,
+        RUNTIME_BACKEND,
+        ONNX_SHA256,
+        RUNTIME_REASON,
+        ARCHITECTURE_SHA256,
+        PROFILE_SHA256,
+        GATE_DECISION,
+        GATE_METRIC,
+        GATE_VALUE,
+        PROMOTION_LAST,
+        QUANTIZE_SUMMARY,
+    ),
+    "variant": (
+        DATA_MD5,
+        WEIGHTS_SHA256,
+        MODEL_FILES,
+        RUNTIME_BACKEND,
+        ONNX_SHA256,
+        RUNTIME_REASON,
+        ARCHITECTURE_SHA256,
+        QUANTIZE_METHOD,
+        QUANTIZE_PARENT_VERSION,
+        QUANTIZE_PARENT_WEIGHTS_SHA256,
+        QUANTIZE_STATUS,
+        QUANTIZE_OWNER,
     ),
 }

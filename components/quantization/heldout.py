@@ -103,6 +103,16 @@ def _training_data_spec(client: MlflowClient, parent: ModelVersion, label: str) 
         ) from error
 
 
+def _training_rev(client: MlflowClient, run_id: str | None) -> str | None:
+    """The commit a training run recorded (its ``stemma.git.rev`` tag), if it can be read."""
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id).data.tags.get(tag_names.GIT_REV)
+    except Exception:  # only a hint in a message: a missing run must not hide the error
+        return None
+
+
 def heldout_rows(client: MlflowClient, parent: ModelVersion, root: Path) -> HeldOut:
     """Recompute the test split ``parent`` was gated on, as its training run did.
 
@@ -123,11 +133,13 @@ def heldout_rows(client: MlflowClient, parent: ModelVersion, root: Path) -> Held
     found = parent.tags or {}
     trained_on = found.get(tag_names.DATA_MD5)
     if trained_on and trained_on != version.md5:
+        # versions of older stores name the commit; newer ones leave it to the training run
+        rev = found.get(tag_names.GIT_REV) or _training_rev(client, parent.run_id)
         raise DataError(
             f"{label} was trained on data version {trained_on}; the project's data is {version.md5}",
             [
                 "its held-out rows cannot be recomputed from other data",
-                f"check out that version (git checkout {found.get(tag_names.GIT_REV, '<rev>')} "
+                f"check out that version (git checkout {rev or '<rev>'} "
                 "-- data.dvc && dvc checkout), or quantize a model trained on the current data",
             ],
         )

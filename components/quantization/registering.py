@@ -45,22 +45,22 @@ if TYPE_CHECKING:
 
 _LOG = logging.getLogger(__name__)
 
-#: Model version tags of a variant.
+#: Model version tags of a variant (``tags.VERSION_TAGS["variant"]``); its numbers and
+#: reasons are in the quantize run's lineage record (the variant's ``run_id``).
 TAG_PREFIX = tag_names.QUANTIZE_PREFIX
 METHOD_TAG = tag_names.QUANTIZE_METHOD
-PARENT_VERSION_TAG = TAG_PREFIX + "parent_version"
-PARENT_WEIGHTS_TAG = TAG_PREFIX + "parent_weights_sha256"
-RUNTIME_TAG = TAG_PREFIX + "runtime"
+PARENT_VERSION_TAG = tag_names.QUANTIZE_PARENT_VERSION
+PARENT_WEIGHTS_TAG = tag_names.QUANTIZE_PARENT_WEIGHTS_SHA256
 #: ``registering`` from the moment the version exists until it is verified and aliased,
 #: then ``registered``. Nothing serves a version that is still ``registering``.
-STATUS_TAG = TAG_PREFIX + "status"
+STATUS_TAG = tag_names.QUANTIZE_STATUS
 STATUS_REGISTERING = "registering"
 STATUS_REGISTERED = "registered"
 #: ``host:pid`` of the process registering a version, so a later run can tell whether
 #: the process that left a ``registering`` version behind is gone.
-OWNER_TAG = TAG_PREFIX + "owner"
+OWNER_TAG = tag_names.QUANTIZE_OWNER
 #: Parent version tag: the latest quantize decision for each method, as JSON.
-SUMMARY_TAG = TAG_PREFIX + "summary"
+SUMMARY_TAG = tag_names.QUANTIZE_SUMMARY
 #: A ``registering`` version this old is abandoned whoever owns it (registration takes seconds).
 STALE_REGISTRATION_SECONDS = 600
 

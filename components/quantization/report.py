@@ -131,20 +131,23 @@ def build_quantize_record(
     comparison: Comparison,
     variant_weights: Mapping[str, str],
     variant_graphs: Mapping[str, str] | None = None,
+    git_rev: str | None = None,
 ) -> LineageRecord:
     """The lineage record of a quantize run: parent and held-out rows in, variants out.
 
     Each registered variant is linked from the run (``produced``) and from its parent
     (``quantized_to``), with the sha256 of its weights (and of its ONNX graph, in
     ``variant_graphs``, for an ONNX Runtime method); the numbers of every variant,
-    rejected ones too, are kept.
+    rejected ones too, are kept, and the commit of the code (``git_rev``) on the run node.
     """
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     parent = model_node_id(model_name, parent_version)
     pointer = heldout.pointer(root)
     data = data_node_id(pointer, heldout.md5)
     run = run_node(run_id, experiment_id, flow_run_id)
+    if git_rev:
+        run = replace(run, attributes={**run.attributes, "git_rev": git_rev})
     attributes = {"pointer": pointer, "path": heldout.file_path, "split": "test"}
     nodes = [
         Node("model_version", parent, f"sha256:{parent_weights_sha256}", {"precision": "fp32"}),

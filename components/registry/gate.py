@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
+    from stemma.components.platform.lineage import TrainingLineage
+
 CHAMPION_ALIAS = "champion"
 CHALLENGER_ALIAS = "challenger"
 #: Registered-model tag: the version Stemma last made champion (a move outside Stemma, such
@@ -40,11 +42,17 @@ CHALLENGER_ALIAS = "challenger"
 CHAMPION_TAG = tag_names.PROMOTION_CHAMPION
 #: Prefix of the version tags that record the gate's decision.
 TAG_PREFIX = tag_names.GATE_PREFIX
+#: The decision's fields a version carries as tags (what the registry text shows); the
+#: whole decision is :data:`DECISION_ARTIFACT` of the training run.
+VERSION_TAG_FIELDS = ("decision", "metric", "value")
+#: The training run's artifact holding the whole decision, logged before the version is
+#: created: a run resumed after a kill completes the version from it.
+DECISION_ARTIFACT = "gate/decision.json"
 #: How to gate past a champion that is not trusted.
 _IGNORE_HINT = "set gate.untrusted_champion: ignore to gate as if there were no champion"
 #: Decimals shown for metric values in reasons and descriptions.
 SHOWN_DECIMALS = 4
-#: Longest error text quoted in a reason (reasons also go into a version tag).
+#: Longest error text quoted in a reason (reasons also go into the version's description).
 MAX_REASON_CHARS = 300
 #: Longest account of an untrusted champion in a reason: room to name its files.
 MAX_UNTRUSTED_REASON_CHARS = 900
@@ -97,43 +105,63 @@ class GateDecision:
         return None if version is None else str(version)
 
     @classmethod
-    def from_tags(cls, tags: Mapping[str, str], task: str) -> GateDecision | None:
-        """The decision :meth:`tags` recorded on a version, or None when it holds none."""
-        field_tags = {
-            key.removeprefix(TAG_PREFIX): value
+    def from_tags(
+        cls, tags: Mapping[str, str], task: str, recorded: Mapping[str, Any] | None = None
+    ) -> GateDecision | None:
+        """The decision on a version, or None when it holds none (or not which alias it
+        earned).
+
+        Args:
+            tags: the version's tags. Versions of older Stemma versions carry every field
+                as a ``stemma.gate.*`` tag; newer ones :data:`VERSION_TAG_FIELDS`.
+            task: ``binary`` or ``regression`` (the metric's direction).
+            recorded: :meth:`record` as the training run logged it
+                (:func:`recorded_decision`); the tags win where both hold a field.
+        """
+        fields: dict[str, Any] = dict(recorded or {})
+        fields.update(
+            (key.removeprefix(TAG_PREFIX), value)
             for key, value in tags.items()
             if key.startswith(TAG_PREFIX)
-        }
-        if field_tags.get("decision") not in ("passed", "failed") or "metric" not in field_tags:
+        )
+        # a passed decision without its alias cannot say which alias it earned
+        known = fields.get("decision") == "failed" or (
+            fields.get("decision") == "passed" and "alias" in fields
+        )
+        if not known or not fields.get("metric"):
             return None
 
         def number(key: str) -> float | None:
-            return float(field_tags[key]) if key in field_tags else None
+            return None if fields.get(key) is None else float(fields[key])
 
-        metric = field_tags["metric"]
+        metric = str(fields["metric"])
         minimum, maximum = number("minimum"), number("maximum")
         higher_is_better = METRIC_DIRECTIONS.get(task, {}).get(metric, True)
-        reasons = field_tags.get("reasons", "")
+        reasons = fields.get("reasons") or ()
+        value = number("value")
+
+        def text(key: str) -> str | None:
+            return None if fields.get(key) is None else str(fields[key])
+
         return cls(
-            passed=field_tags["decision"] == "passed",
-            alias=field_tags.get("alias"),
+            passed=fields["decision"] == "passed",
+            alias=text("alias"),
             metric=metric,
-            value=float(field_tags["value"]) if "value" in field_tags else math.nan,
+            value=math.nan if value is None else value,
             threshold=minimum if higher_is_better else maximum,
-            champion_version=field_tags.get("champion_version"),
+            champion_version=text("champion_version"),
             champion_value=number("champion_value"),
             margin=number("margin") or 0.0,
-            reasons=tuple(reasons.split("; ")) if reasons else (),
+            reasons=tuple(reasons.split("; ") if isinstance(reasons, str) else reasons),
             minimum=minimum,
             maximum=maximum,
-            ignored_champion=field_tags.get("ignored_champion"),
+            ignored_champion=text("ignored_champion"),
         )
 
     def tags(self) -> dict[str, str]:
-        """The decision as ``stemma.gate.*`` model version tags (absent fields are left out)."""
+        """The verdict, metric and value as ``stemma.gate.*`` model version tags."""
         fields = self.record()
-        fields["reasons"] = "; ".join(self.reasons)
-        return {TAG_PREFIX + key: str(value) for key, value in fields.items() if value is not None}
+        return {TAG_PREFIX + key: str(fields[key]) for key in VERSION_TAG_FIELDS}
 
     def record(self) -> dict[str, Any]:
         """The decision as a lineage record's ``decision`` entry."""
@@ -514,12 +542,13 @@ def register_and_gate(
 ) -> ModelVersion:
     """Register a model version carrying the gate's decision; alias it only if it passed.
 
-    The registered model is created when missing (with ``description``). The version gets
-    the lineage ``tags``, the logged model's file manifest and hashes
-    (``model.artifact.integrity_tags``) and :meth:`GateDecision.tags` in the one request that
-    creates it, and the decision's summary as its description. ``model_uri`` is the logged
-    model (``models:/m-...``). If the champion changed since the decision was made, the
-    decision is stale and nothing is registered.
+    The registered model is created when missing (with ``description``). The whole decision
+    is logged to the training run ``run_id`` (:data:`DECISION_ARTIFACT`) first; then the
+    version gets the lineage ``tags`` (:func:`version_tags`), the logged model's file
+    manifest and hashes (``model.artifact.integrity_tags``) and :meth:`GateDecision.tags` in
+    the one request that creates it, and the decision's summary as its description.
+    ``model_uri`` is the logged model (``models:/m-...``). If the champion changed since
+    the decision was made, the decision is stale and nothing is registered.
 
     Returns:
         The new version, read back (with its aliases).
@@ -550,6 +579,7 @@ def register_and_gate(
             raise registry_error(f"cannot create registered model {model_name!r}", error) from error
 
     try:
+        client.log_dict(run_id, decision.record(), DECISION_ARTIFACT)
         recorded = integrity_tags(client, logged_model_id(model_uri))
         version = client.create_model_version(
             name=model_name,
@@ -610,9 +640,9 @@ def complete_registration(
 ) -> tuple[ModelVersion, GateDecision]:
     """Finish a version an interrupted training run registered: tags and the gate's alias.
 
-    The decision is the one recorded when the version was created (the tags are written
-    with it), so the gate is not run again against a champion that may now be this very
-    version. The alias is set only when the decision passed, is not set yet, and the
+    The decision is the one recorded when the version was created (its tags, and the
+    training run's :data:`DECISION_ARTIFACT` logged just before), so the gate is not run
+    again against a champion that may now be this very version. The alias is set only when the decision passed, is not set yet, and the
     registry still holds the champion the decision was made against.
 
     Args:
@@ -632,7 +662,7 @@ def complete_registration(
 
     name, number = version.name, str(version.version)
     existing = dict(version.tags or {})
-    decision = GateDecision.from_tags(existing, task)
+    decision = GateDecision.from_tags(existing, task, recorded_decision(client, version.run_id))
     if decision is None:
         raise RegistryError(
             f"{name} v{number} was registered by this training run but records no gate decision",
@@ -660,6 +690,32 @@ def complete_registration(
         raise registry_error(
             f"cannot complete the registration of {name} v{number}", error
         ) from error
+
+
+def version_tags(facts: TrainingLineage) -> dict[str, str]:
+    """The lineage tags of a trained version: its data version and weights hash.
+
+    Its run is the version's ``run_id``; the data file, checks and commit are in that
+    run's lineage record (``tags.VERSION_TAGS`` lists everything a version carries).
+    """
+    found = {tag_names.DATA_MD5: facts.data_md5, tag_names.WEIGHTS_SHA256: facts.weights_sha256}
+    return {key: value for key, value in found.items() if value}
+
+
+def recorded_decision(client: MlflowClient, run_id: str | None) -> dict[str, Any]:
+    """The decision a training run logged (:data:`DECISION_ARTIFACT`), or {} without one."""
+    import json
+    import tempfile
+
+    if not run_id:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="stemma-gate-") as scratch:
+        try:
+            path = client.download_artifacts(run_id, DECISION_ARTIFACT, scratch)
+            found = json.loads(Path(path).read_text(encoding="utf-8"))
+        except Exception:  # a run of an older Stemma version, or one gone from the store
+            return {}
+    return found if isinstance(found, dict) else {}
 
 
 def registered_model_facts(

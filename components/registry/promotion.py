@@ -186,7 +186,10 @@ def _check_gate(client: MlflowClient, model_name: str, version: str) -> str | No
             "only versions registered by the training flow's gate can be champion"
         )
     if decision != GATE_PASSED:
-        reasons = (found.tags or {}).get(TAG_PREFIX + "reasons", "")
+        # older stores tag the reasons; newer ones leave them to the training run
+        reasons = (found.tags or {}).get(TAG_PREFIX + "reasons") or "; ".join(
+            gate.recorded_decision(client, found.run_id).get("reasons") or []
+        )
         return f"{model_name} v{version} failed its gate ({decision}): {reasons}".rstrip(": ")
     return None
 

@@ -91,4 +91,6 @@ def test_a_kill_after_registration_gives_one_completed_version(
     run = client.get_run(killed.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["stemma.status"] == "completed"
-    assert run.data.tags["stemma.lineage.schema"]
+    assert run.data.tags["stemma.lineage.made-nodes"]
+    # the resumed run's decision is the one logged before the version was created, reasons too
+    assert summary["gate"]["alias"] == "champion" and summary["gate"]["reasons"]

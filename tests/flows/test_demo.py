@@ -36,9 +36,12 @@ def test_demo_plays_the_days_and_retrains_when_drift_appears(demo, capsys):
     mlflow.set_tracking_uri(f"sqlite:///{root}/.stemma/mlflow.db")
     client = mlflow.MlflowClient()
     version = client.get_model_version("credit", "2")
-    report = client.get_run(version.tags["stemma.cause.run_id"])
+    # its training run is the retraining's child, and the retraining run holds the cause
+    training = client.get_run(version.run_id)
+    retraining = client.get_run(training.data.tags["mlflow.parentRunId"]).data.tags
+    report = client.get_run(retraining["stemma.cause.run_id"])
     assert report.data.tags["stemma.flow"] == "monitor"
-    assert "day_06" in version.tags["stemma.cause.batch"]
+    assert "day_06" in retraining["stemma.cause.batch"]
     # The retraining recorded a new data version and committed its pointer.
     log = subprocess.run(
         ["git", "log", "--format=%s", "--", "data.dvc"], cwd=root, capture_output=True, text=True

@@ -105,10 +105,10 @@ def test_passing_variants_are_registered_with_tags_aliases_and_lineage(quantized
         assert tags[q.PARENT_VERSION_TAG] == "1"
         assert tags[q.PARENT_WEIGHTS_TAG] == parent.tags["stemma.weights.sha256"]
         assert tags[q.STATUS_TAG] == q.STATUS_REGISTERED
-        assert tags["stemma.run_id"] == summary["run_id"]
+        assert version.run_id == summary["run_id"]  # its numbers are in that run's record
         assert tags["stemma.data.md5"] == parent.tags["stemma.data.md5"]
         assert tags["stemma.weights.sha256"] != parent.tags["stemma.weights.sha256"]
-        assert tags[q.RUNTIME_TAG] == variants[method]["runtime"]
+        assert tags["stemma.runtime.backend"] == variants[method]["runtime"]
         # a variant is not a gated model: promotion refuses it
         assert "stemma.gate.decision" not in tags
         assert aliases()[q.method_alias("1", method)] == number
@@ -177,6 +177,12 @@ def test_the_run_holds_the_table_the_plot_and_the_lineage(quantized, tmp_path):
         assert (f"mlflow-run:{summary['run_id']}", variant, "produced") in edges
     rejected_or_skipped = [v for v in record["variants"] if v["status"] == "skipped"]
     assert rejected_or_skipped[0]["method"] == "float8_dynamic"
+    # what the variants' versions no longer carry: their numbers and reasons, the commit
+    bf16 = next(v for v in record["variants"] if v["method"] == "bf16")
+    assert bf16["speedup"] == pytest.approx(by_method(summary)["bf16"]["speedup"])
+    assert bf16["reasons"] and bf16["version"] == by_method(summary)["bf16"]["version"]
+    run_node = next(node for node in record["nodes"] if node["kind"] == "run")
+    assert len(run_node["attributes"]["git_rev"]) == 40
 
 
 def test_the_summary_prints_as_a_table(quantized):

@@ -108,7 +108,8 @@ def test_retrain_adds_labelled_rows_as_a_new_committed_data_version(retrain_proj
     assert run.data.tags["stemma.retrain.outcome"] == result["outcome"]
     assert run.data.tags["stemma.data.md5"] == result["data_md5"]
     version = client.get_model_version("credit", result["model_version"])
-    assert version.tags["stemma.retrain.run_id"] == result["run_id"]
+    # the version's training run is the retraining's child (below); no retrain tag on it
+    assert "stemma.retrain.run_id" not in version.tags
     record = mlflow.artifacts.load_dict(f"runs:/{result['run_id']}/{RECORD_ARTIFACT}")
     kinds = {node["kind"] for node in record["nodes"]}
     assert {"data_version", "model_version", "run"} <= kinds
@@ -150,8 +151,13 @@ def test_drift_report_is_recorded_as_the_cause(retrain_project):
     result = retrain_flow(config="configs/credit.yaml", overrides=FAST, cause=report.info.run_id)
     assert result["cause"]["kind"] == "drift_report"
     version = client.get_model_version("credit", result["model_version"])
-    assert version.tags["stemma.cause.run_id"] == report.info.run_id
-    assert version.tags["stemma.cause.batch"] == "data/credit/batches/day_02.parquet"
+    # the version leads to the cause through its training run, the retraining run's child
+    training = client.get_run(version.run_id)
+    assert training.data.tags["mlflow.parentRunId"] == result["run_id"]
+    cause = client.get_run(result["run_id"]).data.tags
+    assert cause["stemma.cause.run_id"] == report.info.run_id
+    assert cause["stemma.cause.batch"] == "data/credit/batches/day_02.parquet"
+    assert not any(key.startswith("stemma.cause.") for key in version.tags)
     record = mlflow.artifacts.load_dict(f"runs:/{result['run_id']}/{RECORD_ARTIFACT}")
     reports = [node for node in record["nodes"] if node["kind"] == "drift_report"]
     assert len(reports) == 1

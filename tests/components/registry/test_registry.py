@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -14,12 +15,14 @@ from stemma.components.model.artifact import decode_manifest
 from stemma.components.platform.tags import MODEL_FILES as MODEL_FILES_TAG
 from stemma.components.platform.tracking import configure_tracking, ensure_experiment
 from stemma.components.registry.gate import (
+    DECISION_ARTIFACT,
     GateDecision,
     champion_value_on,
     complete_registration,
     decide_gate,
     find_champion,
     find_run_version,
+    recorded_decision,
     register_and_gate,
 )
 from stemma.components.spec import FeaturesSpec, GateSpec
@@ -127,17 +130,37 @@ def test_decide_gate_on_an_untrusted_champion(policy, alias, reason):
     assert decision.decided_against == "3"  # what the registry held, trusted or not
     if policy == "ignore":
         assert decision.champion_version is None
-        assert decision.tags()["stemma.gate.ignored_champion"] == "3"
+        assert decision.record()["ignored_champion"] == "3"
 
 
-def test_a_decision_reads_back_from_its_tags():
+def old_store_tags(decision: GateDecision) -> dict[str, str]:
+    """The ``stemma.gate.*`` tags Stemma wrote on versions before the decision moved to the
+    training run's gate/decision.json: every field that was set."""
+    fields = {**decision.record(), "reasons": "; ".join(decision.reasons)}
+    return {f"stemma.gate.{key}": str(value) for key, value in fields.items() if value is not None}
+
+
+@pytest.mark.parametrize("layout", ["tags and record", "older store"])
+def test_a_decision_reads_back_from_its_tags_and_record(layout):
     for decision in (
         decide_gate(AUC_GATE, "binary", 0.92, "3", 0.915),
         decide_gate(RMSE_GATE, "regression", 2.5, None, None),
+        decide_gate(AUC_GATE, "binary", 0.7, None, None),  # failed: no alias
     ):
         task = "binary" if decision.metric == "roc_auc" else "regression"
-        assert GateDecision.from_tags(decision.tags(), task) == decision
+        if layout == "older store":
+            read = GateDecision.from_tags(old_store_tags(decision), task)
+        else:  # the record as the training run logged it, through JSON
+            recorded = json.loads(json.dumps(decision.record()))
+            read = GateDecision.from_tags(decision.tags(), task, recorded)
+        assert read == decision
     assert GateDecision.from_tags({"stemma.data.md5": "x"}, "binary") is None
+
+
+def test_a_passed_verdict_without_its_alias_is_no_decision():
+    """The version's tags alone do not say which alias a passed decision earned."""
+    decision = decide_gate(AUC_GATE, "binary", 0.92, "3", 0.915)
+    assert GateDecision.from_tags(decision.tags(), "binary") is None
 
 
 def test_decide_gate_rejects_a_metric_of_another_task():
@@ -145,21 +168,26 @@ def test_decide_gate_rejects_a_metric_of_another_task():
         decide_gate(GateSpec(metric="rmse"), "binary", 0.5, None, None)
 
 
-def test_gate_tags_record_every_number():
+def test_gate_tags_are_the_verdict_and_the_record_every_number():
     decision = decide_gate(AUC_GATE, "binary", 0.92, "3", 0.915)
 
-    tags = decision.tags()
-
-    assert tags == {
+    assert decision.tags() == {
         "stemma.gate.decision": "passed",
-        "stemma.gate.alias": "challenger",
         "stemma.gate.metric": "roc_auc",
         "stemma.gate.value": "0.92",
-        "stemma.gate.minimum": "0.8",
-        "stemma.gate.champion_version": "3",
-        "stemma.gate.champion_value": "0.915",
-        "stemma.gate.margin": "0.0",
-        "stemma.gate.reasons": "; ".join(decision.reasons),
+    }
+    assert decision.record() == {
+        "decision": "passed",
+        "alias": "challenger",
+        "metric": "roc_auc",
+        "value": 0.92,
+        "minimum": 0.8,
+        "maximum": None,
+        "champion_version": "3",
+        "champion_value": 0.915,
+        "margin": 0.0,
+        "reasons": list(decision.reasons),
+        "ignored_champion": None,
     }
     assert decision.threshold == 0.8
 
@@ -254,7 +282,9 @@ def test_failed_model_is_registered_without_an_alias(store, model_name):
 
     assert version.aliases == []
     assert version.tags["stemma.gate.decision"] == "failed"
-    assert "roc_auc 0.7000 is below minimum 0.8000" in version.tags["stemma.gate.reasons"]
+    assert "- roc_auc 0.7000 is below minimum 0.8000" in version.description
+    # the whole decision is on the training run, logged before the version was created
+    assert recorded_decision(MlflowClient(), version.run_id) == decision.record()
     assert find_champion(MlflowClient(), model_name) is None
 
 
@@ -265,7 +295,21 @@ def test_passing_model_beside_a_champion_becomes_challenger(store, model_name):
 
     assert second.aliases == ["challenger"]
     assert find_champion(MlflowClient(), model_name).version == first.version
-    assert second.tags["stemma.gate.champion_version"] == "1"
+    recorded = GateDecision.from_tags(
+        second.tags, "binary", recorded_decision(MlflowClient(), second.run_id)
+    )
+    assert (recorded.alias, recorded.champion_version) == ("challenger", "1")
+
+
+def test_promotion_refuses_a_failed_version_with_the_reasons_its_run_recorded(store, model_name):
+    from stemma.components.registry.promotion import PromotionError, promote
+
+    register(store, model_name, decide_gate(AUC_GATE, "binary", 0.90, None, None))
+    failed = register(store, model_name, decide_gate(AUC_GATE, "binary", 0.70, "1", 0.90))
+
+    with pytest.raises(PromotionError, match="its gate did not pass") as caught:
+        promote(MlflowClient(), model_name, str(failed.version), reason="try")
+    assert "roc_auc 0.7000 is below minimum 0.8000" in caught.value.render()
 
 
 def test_stale_decision_registers_nothing(store, model_name):
@@ -406,7 +450,9 @@ def test_a_tampered_champion_is_untrusted_and_named(tmp_path, model_name):
 def test_an_interrupted_registration_is_completed_not_repeated(store, model_name):
     client = MlflowClient()
     decision = decide_gate(AUC_GATE, "binary", 0.91, None, None)
-    # What a run killed between creating the version and aliasing it leaves behind.
+    # What a run killed between creating the version and aliasing it leaves behind: the
+    # decision logged to the run, the version with its tags.
+    client.log_dict(store["run_id"], decision.record(), DECISION_ARTIFACT)
     client.create_registered_model(model_name)
     client.create_model_version(
         model_name,
@@ -417,11 +463,11 @@ def test_an_interrupted_registration_is_completed_not_repeated(store, model_name
 
     found = find_run_version(client, model_name, store["run_id"])
     version, recorded = complete_registration(
-        client=client, version=found, task="binary", tags={"stemma.run_id": store["run_id"]}
+        client=client, version=found, task="binary", tags={"stemma.weights.sha256": "ab" * 32}
     )
 
     assert recorded == decision
     assert version.version == found.version and version.aliases == ["champion"]
-    assert version.tags["stemma.run_id"] == store["run_id"]
+    assert version.tags["stemma.weights.sha256"] == "ab" * 32
     assert len(client.search_model_versions(f"name = '{model_name}'")) == 1
     assert find_run_version(client, model_name, "0" * 32) is None
