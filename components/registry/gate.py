@@ -542,13 +542,12 @@ def register_and_gate(
 ) -> ModelVersion:
     """Register a model version carrying the gate's decision; alias it only if it passed.
 
-    The registered model is created when missing (with ``description``). The whole decision
-    is logged to the training run ``run_id`` (:data:`DECISION_ARTIFACT`) first; then the
-    version gets the lineage ``tags`` (:func:`version_tags`), the logged model's file
-    manifest and hashes (``model.artifact.integrity_tags``) and :meth:`GateDecision.tags` in
-    the one request that creates it, and the decision's summary as its description.
-    ``model_uri`` is the logged model (``models:/m-...``). If the champion changed since
-    the decision was made, the decision is stale and nothing is registered.
+    The registered model is created when missing (with ``description``). The decision is
+    logged to the training run ``run_id`` (:data:`DECISION_ARTIFACT`); then the version gets
+    the lineage ``tags`` (:func:`version_tags`), the logged model's manifest and hashes
+    (``model.artifact.integrity_tags``) and :meth:`GateDecision.tags` in the one request
+    that creates it, and the decision's summary as its description. ``model_uri`` is the
+    logged model (``models:/m-...``). A decision made against another champion is stale.
 
     Returns:
         The new version, read back (with its aliases).
