@@ -242,6 +242,6 @@ def test_mlflow_dying_mid_training_stops_in_bounded_time_and_the_rerun_resumes(
     (run,) = client.search_runs(
         [experiment.experiment_id], filter_string="tags.`stemma.pipeline` = 'outage'"
     )
-    history = client.get_metric_history(run.info.run_id, "train_loss")
+    history = client.get_metric_history(run.info.run_id, "train/loss")
     assert run.info.status == "FINISHED"
     assert sorted({metric.step for metric in history}) == [1, 2, 3]

@@ -102,7 +102,7 @@ def test_sigterm_mid_training_exits_143_and_the_rerun_resumes_to_identical_weigh
     (resumed,) = _runs("sigterm")
     assert resumed.info.run_id == run.info.run_id
     assert resumed.info.status == "FINISHED"
-    history = mlflow.MlflowClient().get_metric_history(resumed.info.run_id, "train_loss")
+    history = mlflow.MlflowClient().get_metric_history(resumed.info.run_id, "train/loss")
     assert sorted({metric.step for metric in history}) == [1, 2, 3]
 
     reference = train_flow(

@@ -118,7 +118,7 @@ def test_killed_run_resumes_to_identical_weights(stemma_exe, tmp_path, repo_root
     )
     assert resumed.info.run_id == interrupted.info.run_id  # the same MLflow run, resumed
     assert resumed.info.status == "FINISHED"
-    history = mlflow.MlflowClient().get_metric_history(resumed.info.run_id, "train_loss")
+    history = mlflow.MlflowClient().get_metric_history(resumed.info.run_id, "train/loss")
     assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5, 6]
     assert not list((project / ".stemma" / "checkpoints").glob("*/checkpoint.pt"))
 

@@ -47,7 +47,7 @@ def test_two_processes_train_a_model_as_good_as_one_and_rank_0_alone_logs(projec
     assert run.data.params["train.distributed.backend"] == "auto"
     assert run.data.params["resolved.device"] == "cpu"
     # Each epoch logged once (rank 0's report), one model version, registered once.
-    for metric in ("train_loss", "val_loss"):
+    for metric in ("train/loss", "val/loss"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2, 3]
     (version,) = versions_of("two-processes")
     assert version.run_id == run.info.run_id

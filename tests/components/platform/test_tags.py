@@ -41,9 +41,18 @@ def test_no_tag_literals_outside_tags_module():
 
 
 def test_each_tag_string_is_named_once():
-    values = [value for name, value in vars(tags).items() if name.isupper()]
+    values = [
+        value for name, value in vars(tags).items() if name.isupper() and isinstance(value, str)
+    ]
     assert all(value.startswith("stemma.") for value in values)
     assert len(values) == len(set(values))
+    # the documented lists of what each run and version kind carries name only those (or a
+    # field under one of the prefixes: PROMOTION_PREFIX + "action")
+    prefixes = tuple(value for name, value in vars(tags).items() if name.endswith("_PREFIX"))
+    listed = [*tags.COMMON_RUN_TAGS, *(tag for kind in tags.RUN_TAGS.values() for tag in kind)]
+    listed += [tag for kind in getattr(tags, "VERSION_TAGS", {}).values() for tag in kind]
+    unnamed = [tag for tag in listed if tag not in values and not tag.startswith(prefixes)]
+    assert not unnamed, unnamed
 
 
 def test_weights_hash_spellings():
