@@ -163,6 +163,7 @@ RETRAIN_OUTCOME = "stemma.retrain.outcome"  # retrain run: what the retraining e
 TRAIN_RUN_ID = "stemma.train.run_id"  # retrain run: the training run it started
 CAUSE_PREFIX = "stemma.cause."  # retrain run (older stores: version): why, one tag a field
 CAUSE_KIND = "stemma.cause.kind"  # retrain run: the kind of cause (drift, schedule, ...)
+CAUSE_RUN_ID = "stemma.cause.run_id"  # retrain run: the run (drift report) that caused it
 
 # --- Lineage index -------------------------------------------------------------------
 # Two tags per run (platform/lineage.py), continued in `<tag>.2`, ... for huge records.
@@ -215,7 +216,14 @@ RUN_TAGS: dict[str, tuple[str, ...]] = {
         INPUT_DIGEST,
         OUTPUT_SHA256,
     ),
-    "retrain": (CAUSE_KIND, DATA_MD5, MODEL_VERSION, RETRAIN_OUTCOME, SHADOW_DECISION),
+    "retrain": (
+        CAUSE_KIND,
+        CAUSE_RUN_ID,
+        DATA_MD5,
+        MODEL_VERSION,
+        RETRAIN_OUTCOME,
+        SHADOW_DECISION,
+    ),
     "quantize": (MODEL_VERSION, DATA_MD5, QUANTIZE_REGISTERED),
     "promote": tuple(
         PROMOTION_PREFIX + field

@@ -110,11 +110,12 @@ def cause_of(client: Any, cause: str | None) -> dict[str, str]:
 
 
 def cause_tags(why: dict[str, str]) -> dict[str, str]:
-    """The cause as ``stemma.cause.*`` tags (empty fields left out)."""
-    return {
-        tags.CAUSE_KIND: why["kind"],
-        **{f"{tags.CAUSE_PREFIX}{k}": v for k, v in why.items() if k != "kind" and v},
-    }
+    """The cause as tags to filter on: its kind and the run that caused it (when one did).
+    The batch it judged and the drifted features are in the retraining run's record."""
+    found = {tags.CAUSE_KIND: why["kind"]}
+    if why.get("run_id"):
+        found[tags.CAUSE_RUN_ID] = why["run_id"]
+    return found
 
 
 def gather(

@@ -41,7 +41,11 @@ def test_demo_plays_the_days_and_retrains_when_drift_appears(demo, capsys):
     retraining = client.get_run(training.data.tags["mlflow.parentRunId"]).data.tags
     report = client.get_run(retraining["stemma.cause.run_id"])
     assert report.data.tags["stemma.flow"] == "monitor"
-    assert "day_06" in retraining["stemma.cause.batch"]
+    record = mlflow.artifacts.load_dict(
+        f"runs:/{training.data.tags['mlflow.parentRunId']}/lineage/record.json"
+    )
+    (cause,) = [node for node in record["nodes"] if node["kind"] == "drift_report"]
+    assert "day_06" in cause["attributes"]["batch"]
     # The retraining recorded a new data version and committed its pointer.
     log = subprocess.run(
         ["git", "log", "--format=%s", "--", "data.dvc"], cwd=root, capture_output=True, text=True

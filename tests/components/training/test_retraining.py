@@ -20,12 +20,11 @@ def test_a_second_holder_of_the_pipeline_lock_is_refused(tmp_path: Path) -> None
         assert again is True
 
 
-def test_cause_tags_leave_out_empty_fields() -> None:
-    why = {"kind": "drift_report", "run_id": "abc", "batch": "", "features": "age"}
+def test_cause_tags_are_the_kind_and_the_causing_run() -> None:
+    why = {"kind": "drift_report", "run_id": "abc", "batch": "b.parquet", "features": "age"}
     assert retraining.cause_tags(why) == {
         "stemma.cause.kind": "drift_report",
         "stemma.cause.run_id": "abc",
-        "stemma.cause.features": "age",
     }
     assert retraining.cause_tags({"kind": "schedule"}) == {"stemma.cause.kind": "schedule"}
 
