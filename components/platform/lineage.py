@@ -380,21 +380,6 @@ def run_tags(lineage: TrainingLineage) -> dict[str, str]:
     return redact(tags)
 
 
-def model_version_tags(lineage: TrainingLineage) -> dict[str, str]:
-    """``stemma.*`` tags for the registered model version, mirroring the record."""
-    tags = {
-        tag_names.RUN_ID: lineage.run_id,
-        tag_names.DATA_MD5: lineage.data_md5,
-        tag_names.DATA_FILE_MD5: lineage.file_md5,
-        tag_names.CHECKS_DIGEST: lineage.validation_digest,
-    }
-    if lineage.weights_sha256:
-        tags[tag_names.WEIGHTS_SHA256] = lineage.weights_sha256
-    if lineage.git_rev:
-        tags[tag_names.GIT_REV] = lineage.git_rev
-    return tags
-
-
 def read_run_record(client: Any, run_id: str) -> LineageRecord | None:
     """The lineage record ``run_id`` logged, or None when it logged none (or it is unreadable).
 

@@ -30,7 +30,7 @@ DATA_VERSIONS = 20
 PARAMS_PER_RUN = 40
 METRICS_PER_RUN = 12
 #: Bump when the store's layout changes, so a stale cache is not reused.
-STORE_LAYOUT = 4
+STORE_LAYOUT = 5
 #: Answer-time bar per query, and repeats per measurement (the median is reported).
 BAR_S = 1.0
 REPEATS = 5
@@ -48,6 +48,7 @@ def build_store(folder: Path, artifacts: Path) -> str:
     from mlflow.entities import Metric, Param, RunTag
 
     from stemma.components.platform import lineage
+    from stemma.components.registry.gate import version_tags
 
     rng = random.Random(7)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
@@ -107,7 +108,7 @@ def build_store(folder: Path, artifacts: Path) -> str:
             MODEL,
             f"runs:/{run.info.run_id}/model",
             run_id=run.info.run_id,
-            tags=lineage.model_version_tags(facts),
+            tags=version_tags(facts),
         )
         versions.append((str(number), weights))
     client.set_registered_model_alias(MODEL, "champion", versions[-1][0])

@@ -107,9 +107,23 @@ def _train(
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         client.set_terminated(run_id)
     client.create_model_version(
-        MODEL, f"runs:/{run_id}/model", run_id=run_id, tags=lineage.model_version_tags(facts)
+        MODEL, f"runs:/{run_id}/model", run_id=run_id, tags=_older_version_tags(facts)
     )
     return run_id
+
+
+def _older_version_tags(facts: lineage.TrainingLineage) -> dict[str, str]:
+    """The tags versions carried before the tag budget (run id, data, checks, commit):
+    what resolving and walking still read in stores an older Stemma wrote."""
+    found = {
+        "stemma.run_id": facts.run_id,
+        "stemma.data.md5": facts.data_md5,
+        "stemma.data.file_md5": facts.file_md5,
+        "stemma.checks.digest": facts.validation_digest,
+        "stemma.weights.sha256": facts.weights_sha256,
+        "stemma.git.rev": facts.git_rev,
+    }
+    return {key: value for key, value in found.items() if value}
 
 
 @pytest.fixture(scope="module")
