@@ -40,8 +40,13 @@ BASELINE_COMPONENT_LINES = 24_126
 #: runs 12, the inputs a run's record names linked as MLflow run inputs 38, champion moves
 #: made outside Stemma detected 55, the champion history (registry/history.py) 107, Data
 #: Docs offline and naming their data and run 36, the lineage picture (lineage/picture.py)
-#: 143.
-COMPONENT_LINES_CEILING = 26_464
+#: 143, the lineage index in two tags (with the search of older stores' per-node tags) 115,
+#: lineage times that run forward 8, metrics in sections (platform/metric_names.py, and the
+#: flat names older runs carry) 204, the online endpoint (components/serving/ and the spec's
+#: endpoint section) 1,504, at most 12 documented tags per run and per version (the facts
+#: moved to lineage records and read back with fallbacks to older stores' tags) 345, the
+#: decision records' own module 10; less 16 lines of the old version-tag layout removed.
+COMPONENT_LINES_CEILING = 28_633
 #: Offenders printed per check.
 SHOWN = 40
 

@@ -50,7 +50,7 @@ def test_each_tag_string_is_named_once():
     # field under one of the prefixes: PROMOTION_PREFIX + "action")
     prefixes = tuple(value for name, value in vars(tags).items() if name.endswith("_PREFIX"))
     listed = [*tags.COMMON_RUN_TAGS, *(tag for kind in tags.RUN_TAGS.values() for tag in kind)]
-    listed += [tag for kind in getattr(tags, "VERSION_TAGS", {}).values() for tag in kind]
+    listed += [tag for kind in tags.VERSION_TAGS.values() for tag in kind]
     unnamed = [tag for tag in listed if tag not in values and not tag.startswith(prefixes)]
     assert not unnamed, unnamed
 
