@@ -23,6 +23,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
 from stemma.components.serving.batching import Batcher, QueueFull
@@ -138,10 +139,13 @@ def build_app(config: EndpointConfig, watch: ModelWatch, metrics: EndpointMetric
             await watch.stop()
             await batcher.stop()
 
-    app = FastAPI(
+    # /docs serves Swagger UI's files from the endpoint itself: FastAPI's default page loads
+    # them from a CDN and is blank on a machine without internet access.
+    app = FastAPIOffline(
         title="Stemma endpoint",
         description=f"Online predictions of `{watch.reference}`.",
         lifespan=lifespan,
+        redoc_url=None,
     )
     routes = Routes(config, watch, metrics, batcher)
     app.add_api_route(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import threading
 import time
@@ -431,7 +432,12 @@ def test_health_ready_metrics_and_docs(endpoint, registry):
     ok = [s for s in samples["stemma_endpoint_requests"] if s.labels.get("status") == "200"]
     assert ok and ok[0].labels["version"] == registry["versions"]["v1"]
 
-    assert endpoint.get("/docs").status_code == 200
+    docs = endpoint.get("/docs")
+    assert docs.status_code == 200
+    # the page's scripts and styles come from the endpoint, not a CDN: /docs works offline
+    assets = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+    assert assets and not [url for url in assets if "://" in url], assets
+    assert all(endpoint.get(url).status_code == 200 for url in assets)
     schema = endpoint.get("/openapi.json").json()
     body = schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"]
     row = body["schema"]["anyOf"][0]
