@@ -45,8 +45,9 @@ BASELINE_COMPONENT_LINES = 24_126
 #: flat names older runs carry) 204, the online endpoint (components/serving/ and the spec's
 #: endpoint section) 1,504, at most 12 documented tags per run and per version (the facts
 #: moved to lineage records and read back with fallbacks to older stores' tags) 345, the
-#: decision records' own module 10; less 16 lines of the old version-tag layout removed.
-COMPONENT_LINES_CEILING = 28_633
+#: decision records' own module 10, the endpoint's offline /docs 4; less 16 lines of the
+#: old version-tag layout removed.
+COMPONENT_LINES_CEILING = 28_637
 #: Offenders printed per check.
 SHOWN = 40
 
