@@ -182,6 +182,7 @@ LINEAGE_RECORD_LAYOUT = "stemma.lineage/1"  # lineage/record.json: its "schema" 
 BATCH_SCORED_EVENT = "stemma.batch.scored"  # Prefect event after a batch is scored
 PARQUET_METADATA_PREFIX = "stemma."  # key prefix of Stemma's Parquet file metadata
 
+
 # --- The tags each run carries -------------------------------------------------------
 #: Most of Stemma's tags on one run or model version (``mlflow.*`` not counted).
 MAX_TAGS = 12
@@ -194,6 +195,18 @@ COMMON_RUN_TAGS = (
     PREFECT_FLOW_RUN_ID,
     LINEAGE_MADE_NODES,
     LINEAGE_USED_NODES,
+)
+#: Fields of a promotion decision its run carries as ``PROMOTION_PREFIX + field`` tags:
+#: what a search filters on (who, when, the reason and the evidence are in its record).
+PROMOTION_RUN_FIELDS = (
+    "model",
+    "action",
+    "from_version",
+    "to_version",
+    "outcome",
+    "generation",
+    "flow_run_id",
+    "detail",
 )
 #: The documented tags of each flow's runs, besides COMMON_RUN_TAGS. Runs of this version
 #: no longer carry DATA_POINTER, DATA_PATH, CHECKS_*, CONFIG_*, OVERRIDES, GIT_DIRTY,
@@ -225,19 +238,7 @@ RUN_TAGS: dict[str, tuple[str, ...]] = {
         SHADOW_DECISION,
     ),
     "quantize": (MODEL_VERSION, DATA_MD5, QUANTIZE_REGISTERED),
-    "promote": tuple(
-        PROMOTION_PREFIX + field
-        for field in (
-            "model",
-            "action",
-            "from_version",
-            "to_version",
-            "outcome",
-            "generation",
-            "flow_run_id",
-            "detail",
-        )
-    ),
+    "promote": tuple(PROMOTION_PREFIX + field for field in PROMOTION_RUN_FIELDS),
 }
 
 # --- The tags each model version carries ---------------------------------------------

@@ -64,19 +64,10 @@ if TYPE_CHECKING:
 PREVIOUS_CHAMPION_ALIAS = "previous-champion"
 #: Version tag holding the JSON of the latest decision that involved the version.
 LAST_PROMOTION_TAG = tag_names.PROMOTION_LAST
-#: Fields of a decision its run carries as ``stemma.promotion.<field>`` tags: what a search
-#: filters on (who, when, the reason, the evidence and a take-over are in the run's lineage
-#: record; runs of older Stemma versions carry them as tags too).
-RUN_TAG_FIELDS = (
-    "model",
-    "action",
-    "from_version",
-    "to_version",
-    "outcome",
-    "generation",
-    "flow_run_id",
-    "detail",
-)
+#: Fields of a decision its run carries as ``stemma.promotion.<field>`` tags (who, when, the
+#: reason, the evidence and a take-over are in the run's lineage record; runs of older
+#: Stemma versions carry them as tags too).
+RUN_TAG_FIELDS = tag_names.PROMOTION_RUN_FIELDS
 #: The gate's verdict tag on a version and the value that allows promotion.
 GATE_DECISION_TAG = TAG_PREFIX + "decision"
 GATE_PASSED = "passed"
