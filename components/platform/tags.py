@@ -242,6 +242,16 @@ RUN_TAGS: dict[str, tuple[str, ...]] = {
 }
 
 # --- The tags each model version carries ---------------------------------------------
+#: What every version carries: its data, what a load checks, and the backend serving it.
+VERSION_IDENTITY_TAGS = (
+    DATA_MD5,
+    WEIGHTS_SHA256,
+    MODEL_FILES,
+    RUNTIME_BACKEND,
+    ONNX_SHA256,
+    RUNTIME_REASON,
+    ARCHITECTURE_SHA256,
+)
 #: The documented tags of each kind of model version (at most MAX_TAGS on one: ONNX_SHA256
 #: and RUNTIME_REASON exclude each other). "trained": what the training flow registers,
 #: gate passed or failed, champion, challenger or retrained; "variant": a quantized variant.
@@ -250,13 +260,7 @@ RUN_TAGS: dict[str, tuple[str, ...]] = {
 #: RETRAIN_RUN_ID, CAUSE_PREFIX fields, nor a variant's numbers: read from older stores.
 VERSION_TAGS: dict[str, tuple[str, ...]] = {
     "trained": (
-        DATA_MD5,
-        WEIGHTS_SHA256,
-        MODEL_FILES,
-        RUNTIME_BACKEND,
-        ONNX_SHA256,
-        RUNTIME_REASON,
-        ARCHITECTURE_SHA256,
+        *VERSION_IDENTITY_TAGS,
         PROFILE_SHA256,
         GATE_DECISION,
         GATE_METRIC,
@@ -265,13 +269,7 @@ VERSION_TAGS: dict[str, tuple[str, ...]] = {
         QUANTIZE_SUMMARY,
     ),
     "variant": (
-        DATA_MD5,
-        WEIGHTS_SHA256,
-        MODEL_FILES,
-        RUNTIME_BACKEND,
-        ONNX_SHA256,
-        RUNTIME_REASON,
-        ARCHITECTURE_SHA256,
+        *VERSION_IDENTITY_TAGS,
         QUANTIZE_METHOD,
         QUANTIZE_PARENT_VERSION,
         QUANTIZE_PARENT_WEIGHTS_SHA256,
