@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -156,3 +157,11 @@ def legacy_index_tags(record: dict, run_id: str) -> dict[str, str]:
     edges = [[e["source"], e["target"], e["relation"]] for e in record.get("edges", [])]
     tags[lineage.EDGES_TAG] = json.dumps(edges, separators=(",", ":"))
     return tags
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listened on a moment ago (tests never assume a
+    default port is free)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from mlflow import MlflowClient
 from stemma.components.platform.tags import WEIGHTS_SHA256
 from stemma.components.platform.tracking import configure_tracking, ensure_experiment
 from stemma.components.spec import load_spec
-from tests.support import isolated_mlflow, log_trained_model
+from tests.support import free_port, isolated_mlflow, log_trained_model
 
 pytestmark = pytest.mark.benchmark
 
@@ -41,12 +40,6 @@ RATES = [int(rate) for rate in os.environ.get("STEMMA_BENCH_RATES", "100,500,100
 SECONDS = float(os.environ.get("STEMMA_BENCH_SECONDS", "5"))
 #: Connections the generator may open at once; a request past them waits (and counts).
 CONNECTIONS = 512
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until_up(url: str, process: subprocess.Popen, timeout_s: float = 120) -> None:

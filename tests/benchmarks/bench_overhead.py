@@ -19,7 +19,6 @@ measured in the same run. The bar for the two flows is 3 s of overhead.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ import pytest
 
 from stemma.components.platform import metric_names
 from stemma.components.platform.services import start_services, stop_services
-from tests.support import build_project
+from tests.support import build_project, free_port
 
 #: Bars from the issue: fixed overhead of a flow command, and `stemma lineage` as a whole.
 FLOW_OVERHEAD_BAR_S = 3.0
@@ -84,12 +83,6 @@ def _latest_run_seconds(project: Path, flow: str, metric: str) -> float:
     return seconds
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _import_seconds(module: str) -> float:
     probe = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
@@ -117,7 +110,7 @@ def test_fixed_overhead_of_train_score_and_lineage(repo_root, stemma_exe, tmp_pa
 
     # The same commands while `stemma up` runs for the project: they find its servers
     # (no temporary Prefect server to start, MLflow over HTTP) with nothing exported.
-    ports = {"prefect_port": _free_port(), "mlflow_port": _free_port()}
+    ports = {"prefect_port": free_port(), "mlflow_port": free_port()}
     start_services(project, timeout_s=120, **ports)
     try:
         up_train = _timed([*train, "--set", "train.epochs=1"], project)

@@ -11,7 +11,6 @@ import contextlib
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ import mlflow
 import pytest
 
 from stemma.components.platform import outages
-from tests.support import build_project, checkpoint_epoch
+from tests.support import build_project, checkpoint_epoch, free_port
 
 #: Seconds the MLflow server gets to answer /health (`--workers 1` starts in ~12 s).
 SERVER_START_S = 90
@@ -43,18 +42,12 @@ OVERRIDES = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class MlflowServer:
     """An `mlflow server --workers 1` on 127.0.0.1 that a test can kill and start again."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.port = _free_port()
+        self.port = free_port()
         self.process: subprocess.Popen | None = None
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -173,7 +166,7 @@ def _overrides(values: list[str]) -> list[str]:
 def test_a_server_that_never_answers_gives_one_message_and_a_bounded_exit(
     stemma_exe, project, prefect_api, server, fault_ledger
 ):
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     if server == "mlflow":
         env["MLFLOW_TRACKING_URI"] = f"http://stemma:planted-secret@127.0.0.1:{port}"

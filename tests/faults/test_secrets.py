@@ -13,7 +13,6 @@ import contextlib
 import http.server
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,8 @@ from typing import ClassVar
 
 import pytest
 
+from tests.support import free_port
+
 #: Seconds the MLflow server gets to answer /health (`--workers 1` starts in ~12 s).
 SERVER_START_S = 90
 #: Seconds each command may take (a fresh Prefect home migrates in ~17 s).
@@ -33,18 +34,12 @@ COMMAND_S = 300
 TRAIN = ["train.epochs=2", "train.early_stopping=null", "train.batch_size=256"]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path) -> Iterator[tuple[int, Path]]:
     """An `mlflow server --workers 1` on 127.0.0.1 with its store in ``tmp_path/mlflow``."""
     store = tmp_path / "mlflow"
     store.mkdir()
-    port = _free_port()
+    port = free_port()
     mlflow_exe = Path(sys.executable).parent / "mlflow"
     command = [str(mlflow_exe), "server", "--workers", "1", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}"]

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -33,17 +32,11 @@ from stemma.components.platform.deployments import (
 from stemma.components.platform.services import environment_for, start_services, stop_services
 from stemma.components.platform.tracking import run_page_url
 from stemma.components.spec import load_spec
-from tests.support import build_project
+from tests.support import build_project, free_port
 
 START_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 420
 ARTIFACTS = Path(os.environ.get("STEMMA_TEST_ARTIFACTS", "test-artifacts"))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _request(method: str, url: str, body: dict | list | None = None) -> dict | list:
@@ -164,7 +157,7 @@ def stack(tmp_path_factory, repo_root, stemma_exe) -> Iterator[Stack]:
     spec = yaml.safe_load(spec_path.read_text())
     spec["retrain"] = {"schedule": "0 3 * * *", "on_drift": True, "labels": "data/credit/labels"}
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    ports = {"prefect_port": _free_port(), "mlflow_port": _free_port()}
+    ports = {"prefect_port": free_port(), "mlflow_port": free_port()}
     services = start_services(project, timeout_s=START_TIMEOUT_S, **ports)
     environment = environment_for(services)
     environment["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -601,7 +594,7 @@ def test_a_recorded_server_that_does_not_answer_is_named_and_left_out(
         record = {
             "name": "prefect",
             "pid": sleeper.pid,
-            "port": _free_port(),
+            "port": free_port(),
             "command": ["sleep", "300"],
         }
         (services / "prefect.json").write_text(json.dumps(record))

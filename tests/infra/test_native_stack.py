@@ -19,7 +19,6 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from stemma.components.platform.services import start_services, stop_services
-from tests.support import build_project, git
+from tests.support import build_project, free_port, git
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INFRA = REPO_ROOT / "infra"
@@ -80,12 +79,6 @@ class Postgres:
         ):
             cursor.execute(sql, args)
             return cursor.fetchall()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def find_postgres_bin() -> Path | None:

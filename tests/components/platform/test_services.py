@@ -25,14 +25,9 @@ from stemma.components.platform.services import (
     stop_services,
 )
 from stemma.flows.services import run_down, run_status, run_up
+from tests.support import free_port
 
 START_TIMEOUT_S = 90
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -75,7 +70,7 @@ class Running:
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     root = tmp_path_factory.mktemp("project")
-    prefect_port, mlflow_port = _free_port(), _free_port()
+    prefect_port, mlflow_port = free_port(), free_port()
     try:
         services = start_services(
             root, prefect_port=prefect_port, mlflow_port=mlflow_port, timeout_s=START_TIMEOUT_S
@@ -177,7 +172,7 @@ def test_port_in_use_is_a_clear_error(flag: str, tmp_path: Path) -> None:
         occupier.bind(("127.0.0.1", 0))
         occupier.listen()
         busy = occupier.getsockname()[1]
-        ports = {"prefect_port": _free_port(), "mlflow_port": _free_port()}
+        ports = {"prefect_port": free_port(), "mlflow_port": free_port()}
         ports["prefect_port" if flag == "--prefect-port" else "mlflow_port"] = busy
         with pytest.raises(StemmaError) as raised:
             start_services(tmp_path, **ports)
@@ -187,7 +182,7 @@ def test_port_in_use_is_a_clear_error(flag: str, tmp_path: Path) -> None:
 
 def test_another_project_cannot_take_the_running_ports(running: Running, tmp_path: Path) -> None:
     with pytest.raises(StemmaError, match=f"127.0.0.1:{running.prefect_port} is in use"):
-        start_services(tmp_path, prefect_port=running.prefect_port, mlflow_port=_free_port())
+        start_services(tmp_path, prefect_port=running.prefect_port, mlflow_port=free_port())
 
 
 @pytest.mark.parametrize(
@@ -229,7 +224,7 @@ def _processes_mentioning(port: int) -> list[int]:
 
 
 def test_start_timeout_stops_what_it_started_and_shows_the_log(tmp_path: Path) -> None:
-    prefect_port, mlflow_port = _free_port(), _free_port()
+    prefect_port, mlflow_port = free_port(), free_port()
     with pytest.raises(StemmaError) as raised:
         start_services(tmp_path, prefect_port=prefect_port, mlflow_port=mlflow_port, timeout_s=0.2)
     assert "server was not healthy after 0.2 s; its log says:" in raised.value.headline
@@ -241,8 +236,8 @@ def test_start_timeout_stops_what_it_started_and_shows_the_log(tmp_path: Path) -
 
 def test_server_that_exits_while_starting_is_reported_with_its_log(tmp_path: Path) -> None:
     # Nothing listens on this port, so Prefect cannot reach its database and exits.
-    database_url = f"postgresql://stemma:secret@127.0.0.1:{_free_port()}/prefect"
-    prefect_port, mlflow_port = _free_port(), _free_port()
+    database_url = f"postgresql://stemma:secret@127.0.0.1:{free_port()}/prefect"
+    prefect_port, mlflow_port = free_port(), free_port()
     with pytest.raises(StemmaError) as raised:
         start_services(
             tmp_path,
