@@ -1,9 +1,7 @@
 """Comparing two models on the same rows: the statistics shadow and canary evaluation share.
 
-* **Routing**: :func:`route_buckets` maps entity ids to a stable number in ``[0, 1)`` (a
-  salted 64-bit hash, the same in every process and on every machine); an entity is in the
-  challenger arm when its bucket is below the fraction (:func:`route_to_challenger`), so it
-  stays there when the fraction grows.
+* **Routing**: :func:`route_buckets` and :func:`route_to_challenger`, from
+  :mod:`.registry.routing` (the online endpoint routes with them too).
 * **Score distributions**: population stability index, Kolmogorov-Smirnov and
   Jensen-Shannon distance between two score vectors (:func:`score_distances`), and how
   often the two models take the same decision (:func:`decision_agreement`).
@@ -19,7 +17,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
@@ -33,6 +30,10 @@ from stemma.components.evaluation.statistics import (
     ks_test,
     quantile_psi,
 )
+
+# Routing lives with the registry, where the online endpoint reads it too.
+from stemma.components.registry.routing import route_buckets as route_buckets
+from stemma.components.registry.routing import route_to_challenger as route_to_challenger
 from stemma.components.spec import METRIC_DIRECTIONS
 from stemma.components.training.metrics import (
     MAX_SCATTER_POINTS,
@@ -54,73 +55,6 @@ BOOTSTRAP_BLOCK_ELEMENTS = 1 << 20
 MIN_DEFINED_RESAMPLES = 0.9
 #: Probabilities are clipped to [eps, 1 - eps] in the log loss, as scikit-learn does.
 LOG_LOSS_EPS = float(np.finfo(np.float64).eps)
-
-
-# ---------------------------------------------------------------------------------------
-# Routing
-
-
-def _salt64(salt: str) -> np.uint64:
-    digest = hashlib.blake2b(salt.encode("utf-8"), digest_size=8).digest()
-    return np.uint64(int.from_bytes(digest, "little"))
-
-
-def _splitmix64(values: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser: a bijection of 64-bit integers that mixes every bit."""
-    with np.errstate(over="ignore"):
-        z = values + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def route_buckets(ids: Sequence[Any] | np.ndarray, salt: str) -> np.ndarray:
-    """A stable number in ``[0, 1)`` for each entity id.
-
-    Integer ids are mixed with splitmix64 (vectorised); any other id is hashed as text with
-    BLAKE2b. Neither depends on the process (Python's ``hash`` does), so the same id and
-    salt give the same bucket everywhere. The integer ``7`` and the text ``"7"`` are hashed
-    differently: keep the id column's type stable.
-
-    Args:
-        ids: the entity ids.
-        salt: mixed into every hash, so that two canaries route different entities.
-
-    Returns:
-        float64 buckets, uniform on ``[0, 1)`` over distinct ids.
-    """
-    values = np.asarray(ids)
-    if values.dtype.kind in "iu":
-        hashed = _splitmix64(values.astype(np.int64).view(np.uint64) ^ _salt64(salt))
-    else:
-        prefix = salt.encode("utf-8") + b"\x00"
-        hashed = np.fromiter(
-            (
-                int.from_bytes(
-                    hashlib.blake2b(prefix + str(value).encode("utf-8"), digest_size=8).digest(),
-                    "little",
-                )
-                for value in values.ravel()
-            ),
-            dtype=np.uint64,
-            count=values.size,
-        )
-    # The top 53 bits make an exact float64 in [0, 1).
-    return (hashed >> np.uint64(11)).astype(np.float64) * (2.0**-53)
-
-
-def route_to_challenger(ids: Sequence[Any] | np.ndarray, fraction: float, salt: str) -> np.ndarray:
-    """Which entities the challenger serves at ``fraction``: bucket below the fraction.
-
-    An entity routed to the challenger at one fraction is routed to it at every larger
-    fraction with the same salt.
-
-    Raises:
-        ValueError: the fraction is outside [0, 1].
-    """
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    return route_buckets(ids, salt) < fraction
 
 
 # ---------------------------------------------------------------------------------------
