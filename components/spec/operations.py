@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator
@@ -446,6 +447,79 @@ class QuantizeSpec(Section):
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 
 
+#: Where the endpoint's log may go: a local folder, or an S3 bucket and prefix.
+S3_LOG_PATH = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
+
+
+class EndpointLogSpec(Section):
+    """The endpoint's log: scored rows, shadow scores and labels, as Parquet parts by day."""
+
+    path: str = Field(
+        default="outputs/endpoint-log",
+        min_length=1,
+        max_length=1024,
+        description=(
+            "Folder of the log, relative to the project root, or `s3://<bucket>/<prefix>` "
+            "(credentials and endpoint from the usual AWS variables, `AWS_ENDPOINT_URL` "
+            "included). It holds `predictions/`, `shadow/` and `labels/`, each a folder per "
+            "UTC day of Parquet parts; a day of `predictions/` is a batch `stemma run "
+            "monitor --input` reads."
+        ),
+    )
+    sample: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "Share of prediction requests logged, chosen by request id (a request's rows "
+            "and its shadow scores are logged together or not at all). Labels are all kept."
+        ),
+    )
+    rotate_rows: int = Field(
+        default=10_000,
+        ge=1,
+        le=10_000_000,
+        description="Rows of a part: a part is written once this many rows are buffered.",
+    )
+    rotate_s: float = Field(
+        default=60.0,
+        ge=0.05,
+        le=86_400.0,
+        description=(
+            "Seconds a row waits at most before its part is written (and at shutdown): "
+            "what a crash of the endpoint can lose."
+        ),
+    )
+    max_buffered_rows: int = Field(
+        default=100_000,
+        ge=1,
+        le=100_000_000,
+        description=(
+            "Rows held in memory per kind at most, waiting to be written; past it rows are "
+            "dropped and counted (`stemma_endpoint_log_dropped_rows_total`), so the log "
+            "never slows a request, and labels are answered 503."
+        ),
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _local_or_s3(cls, value: str) -> str:
+        if "://" in value and not re.match(S3_LOG_PATH, value):
+            raise ValueError(
+                f"{value!r} is neither a local folder nor s3://<bucket>/<prefix> "
+                "(the endpoint's log goes to a folder or to S3)"
+            )
+        return value
+
+    @field_validator("max_buffered_rows")
+    @classmethod
+    def _holds_a_part(cls, value: int, info: ValidationInfo) -> int:
+        rows = info.data.get("rotate_rows")
+        if rows is not None and value < rows:
+            raise ValueError(f"must be at least rotate_rows ({rows}), or no part would fill")
+        return value
+
+
 class EndpointSpec(Section):
     """The online endpoint (`stemma endpoint`): what it serves, where, and its limits."""
 
@@ -520,6 +594,14 @@ class EndpointSpec(Section):
             "Name of an environment variable holding a bearer token: when set, predictions "
             "and metrics need `Authorization: Bearer <token>`. The token itself never "
             "appears in a spec."
+        ),
+    )
+    log: EndpointLogSpec | None = Field(
+        default=None,
+        description=(
+            "Log every scored row (features, answer, version, latency), the shadow's "
+            "scores and the labels `POST /v1/labels` receives, as Parquet parts (none "
+            "when absent; `log: {}` takes the defaults)."
         ),
     )
 
