@@ -42,7 +42,9 @@ def endpoint_command(args: argparse.Namespace) -> int:
     for name, key in ENDPOINT_FLAGS.items():
         if getattr(args, name) is not None:
             args.overrides = [*args.overrides, f"{key}={getattr(args, name)}"]
-    loaded = load_spec(args.config, args.overrides)  # fails fast, before any import
+    # The endpoint serves from the registry and reads no data file: a replica's container
+    # holds the specs, not the data, so data paths are not checked.
+    loaded = load_spec(args.config, args.overrides, check_paths=False)  # before any import
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stdout: the URLs
     use_running_services(loaded.root, mlflow=True)
     check_servers(args, prefect=False)
