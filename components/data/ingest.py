@@ -1,20 +1,23 @@
 """New labelled production rows into the training table, as a new DVC data version.
 
 Continuous training grows the training table with production rows whose labels have
-arrived: each batch file is joined with its labels by the id column, rows already in the
-table (by id) are left out, so gathering twice adds nothing twice, and the grown table is
-written atomically and recorded with ``dvc add``: ``data.dvc`` changes, the previous
-version stays in DVC's cache and can be restored by its md5.
+arrived: each batch (a file, or a day folder of the endpoint's prediction log) is joined
+with its labels by the id column, rows already in the table (by id) are left out, so
+gathering twice adds nothing twice, and the grown table is written atomically and recorded
+with ``dvc add``: ``data.dvc`` changes, the previous version stays in DVC's cache and can
+be restored by its md5.
 """
 
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from stemma.components.data import prediction_log
 from stemma.components.data.tables import DataVersion, dir_md5, file_md5
 from stemma.components.errors import DataError
 from stemma.components.platform.files import write_file_atomically
@@ -45,7 +48,11 @@ class NewRows:
 
 
 def read_file(path: Path) -> pd.DataFrame:
-    """A Parquet or CSV file as a table; a clear error when it cannot be read."""
+    """A Parquet or CSV file, or a day folder of the prediction log, as a table; a clear
+    error when it cannot be read."""
+    if path.is_dir():
+        parts = prediction_log.day_parts(path)
+        return pd.concat([read_file(part) for part in parts], ignore_index=True)
     try:
         if _SUFFIXES.get(path.suffix) == "csv":
             return pd.read_csv(path)
@@ -55,7 +62,10 @@ def read_file(path: Path) -> pd.DataFrame:
 
 
 def read_ids(path: Path, id_column: str) -> pd.Series:
-    """Only the id column of a batch file (a cheap read to find which batches have labels)."""
+    """Only the id column of a batch (a cheap read to find which batches have labels)."""
+    if path.is_dir():
+        parts = prediction_log.day_parts(path)
+        return pd.concat([read_ids(part, id_column) for part in parts], ignore_index=True)
     try:
         if _SUFFIXES.get(path.suffix) == "csv":
             return pd.read_csv(path, usecols=[id_column])[id_column]
@@ -65,12 +75,35 @@ def read_ids(path: Path, id_column: str) -> pd.Series:
 
 
 def batch_files(path: Path) -> list[Path]:
-    """The batch files of a file or folder, in name order (days sort by name)."""
+    """The batches of a file or folder, in name order (days sort by name): the files of a
+    folder, or the day folders of the prediction log's ``predictions`` folder."""
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise DataError(f"batch folder {path} does not exist")
+    if prediction_log.is_log_folder(path):
+        return [day for day in prediction_log.day_folders(path) if prediction_log.day_parts(day)]
     return sorted(p for p in path.iterdir() if p.suffix in _SUFFIXES and p.is_file())
+
+
+def align_ids(ids: pd.Series, dtype: object, *, where: str) -> pd.Series:
+    """Ids in the training table's type: the prediction log holds ids as text, where a
+    table's ids are often whole numbers.
+
+    Raises:
+        DataError: a text id is not a whole number where the table's ids are.
+    """
+    if not pd.api.types.is_integer_dtype(dtype) or pd.api.types.is_numeric_dtype(ids.dtype):
+        return ids
+    numbers = pd.to_numeric(ids, errors="coerce")
+    wrong = ids[ids.notna() & (numbers.isna() | (numbers != numbers.round()))]
+    if not wrong.empty:
+        shown = ", ".join(str(value) for value in wrong.unique()[:5])
+        raise DataError(
+            f"{where}: {wrong.nunique()} ids are not whole numbers, as the training table's are",
+            [f"e.g. {shown}"],
+        )
+    return numbers.astype(dtype) if numbers.notna().all() else numbers
 
 
 def gather_new_rows(
@@ -80,22 +113,28 @@ def gather_new_rows(
     *,
     id_column: str,
     target: str,
+    fillable: Collection[str] = (),
 ) -> NewRows:
     """Join batches with their labels and keep the rows the table does not have.
 
     Labels are matched by id, so a label file need not mirror
-    a batch file's name; a batch row without a label is counted, not used.
+    a batch file's name; a batch row without a label is counted, not used. A day of the
+    prediction log gives one row per id, the one scored last, with its text ids read as
+    the table's ids.
 
     Args:
         table: the current training table.
-        batches: batch files (Parquet or CSV).
+        batches: batch files (Parquet or CSV), or day folders of the prediction log.
         labels: the ``id, target`` table of :func:`~stemma.components.data.labels.read_labels`.
         id_column: the entity id (``data.id``).
         target: the label column (``data.target``).
+        fillable: columns of the table a batch may lack (the prediction log holds only the
+            model's inputs and the id): they are added as missing values.
 
     Raises:
-        DataError: a batch lacks a column of the training table; a label is not one of
-            the values the table's binary target takes.
+        DataError: a batch lacks a column of the training table (or a fillable one whose
+            type cannot be missing); a label is not one of the values the table's binary
+            target takes; ids are text that are not whole numbers where the table's are.
     """
     known = set(pd.unique(table[target].dropna()))
     if known and known <= {0, 1}:
@@ -105,16 +144,13 @@ def gather_new_rows(
                 f"labels take values the training table never has: {sorted(strange)[:5]}",
                 [f"`{target}` in the training table is one of {sorted(known)}"],
             )
+    id_type = table[id_column].dtype
+    labels = labels.assign(**{id_column: align_ids(labels[id_column], id_type, where="labels")})
     in_table = set(table[id_column].tolist())
     pieces, sources = [], {}
     unlabelled = already = 0
     for path in batches:
-        batch = read_file(path)
-        missing = [c for c in table.columns if c != target and c not in batch.columns]
-        if missing:
-            raise DataError(
-                f"batch {path} lacks column(s) of the training table: {', '.join(missing)}"
-            )
+        batch = _read_batch(path, table, id_column=id_column, target=target, fillable=fillable)
         joined = batch.drop(columns=[target], errors="ignore").merge(
             labels, on=id_column, how="left"
         )
@@ -132,6 +168,42 @@ def gather_new_rows(
         pd.concat(pieces, ignore_index=True) if pieces else table.iloc[0:0].copy()
     ).reset_index(drop=True)
     return NewRows(frame=frame, sources=sources, unlabelled=unlabelled, already_in_table=already)
+
+
+def _read_batch(
+    path: Path, table: pd.DataFrame, *, id_column: str, target: str, fillable: Collection[str]
+) -> pd.DataFrame:
+    """A batch holding the training table's columns, its ids of the table's type; a log's
+    rows once per id (the latest scoring)."""
+    batch = read_file(path)
+    if prediction_log.TIME_COLUMN in batch.columns and id_column in batch.columns:
+        batch = batch.sort_values(prediction_log.TIME_COLUMN, kind="stable")
+        batch = batch.drop_duplicates(id_column, keep="last").sort_index()
+    if id_column in batch.columns:
+        ids = align_ids(batch[id_column], table[id_column].dtype, where=f"batch {path}")
+        batch = batch.assign(**{id_column: ids})
+    absent = [c for c in table.columns if c != target and c not in batch.columns]
+    missing = [c for c in absent if c not in fillable]
+    if missing:
+        raise DataError(f"batch {path} lacks column(s) of the training table: {', '.join(missing)}")
+    for column in absent:
+        if not _can_be_missing(table[column].dtype):
+            raise DataError(
+                f"batch {path} lacks the column {column} of the training table, whose "
+                f"{table[column].dtype} values cannot be missing",
+                ["log or add the column, or keep it out of the training table"],
+            )
+    filled = {
+        column: pd.Series(None, index=batch.index, dtype=table[column].dtype) for column in absent
+    }
+    return batch.assign(**filled)
+
+
+def _can_be_missing(dtype: object) -> bool:
+    """Whether a column of this type holds missing values (numpy integers and booleans do not)."""
+    if isinstance(dtype, pd.api.extensions.ExtensionDtype):
+        return True
+    return not (pd.api.types.is_integer_dtype(dtype) or pd.api.types.is_bool_dtype(dtype))
 
 
 def append_rows(table_path: Path, table: pd.DataFrame, new: pd.DataFrame) -> Path:

@@ -1,4 +1,5 @@
-"""The one reader of labels: the target by id, from a Parquet or CSV file or folder."""
+"""The one reader of labels: the target by id, from a Parquet or CSV file or folder, or the
+endpoint's logged labels (``<endpoint.log.path>/labels``, a folder per day)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from stemma.components.data import prediction_log
 from stemma.components.errors import DataError
 
 #: File types a labels folder may hold.
@@ -31,10 +33,12 @@ def read_labels(
 
     A label repeated with the same value counts once. A row whose label is empty has not
     arrived yet and is dropped (``missing="drop"``) or refused (``missing="error"``).
+    Labels the endpoint logged carry the time each arrived (``stemma_time``): an id labelled
+    twice keeps its latest label, a correction of the earlier one.
 
     Args:
         path: a Parquet or CSV file, a folder of them (top level, names not starting with
-            ``_`` or ``.``), or a list of files.
+            ``_`` or ``.``), the log's ``labels`` folder (every day), or a list of files.
         id_column: the column that identifies rows (``data.id``).
         target: the label column (``data.target``).
         task: ``binary`` also refuses labels other than 0 and 1.
@@ -56,13 +60,19 @@ def read_labels(
         )
     files = label_files(path)
     _check_columns(files, id_column, target, where=_describe(path))
-    frames = [_read(file, [id_column, target]) for file in files]
+    logged = bool(files) and all(
+        prediction_log.TIME_COLUMN in _schema(file).names for file in files
+    )
+    columns = [id_column, target, *([prediction_log.TIME_COLUMN] if logged else [])]
+    frames = [_read(file, columns) for file in files]
     labels = (
         pd.concat(frames, ignore_index=True)
         if frames
         else pd.DataFrame({id_column: [], target: []})
     )
     labels = labels[labels[id_column].notna()]
+    if logged:
+        labels = _latest(labels, id_column)
     empty = labels[target].isna()
     if empty.any():
         if missing == "error":
@@ -91,8 +101,15 @@ def read_labels(
     return labels.reset_index(drop=True)
 
 
+def _latest(labels: pd.DataFrame, id_column: str) -> pd.DataFrame:
+    """Each id's latest logged label (a stable sort keeps file order among equal times)."""
+    time = prediction_log.TIME_COLUMN
+    ordered = labels.sort_values(time, kind="stable")
+    return ordered.drop_duplicates(id_column, keep="last").sort_index().drop(columns=[time])
+
+
 def label_files(path: Path | Sequence[Path]) -> list[Path]:
-    """The files of a labels file, folder or list.
+    """The files of a labels file, folder, log ``labels`` folder, or list.
 
     Raises:
         DataError: the path does not exist.
@@ -102,6 +119,8 @@ def label_files(path: Path | Sequence[Path]) -> list[Path]:
     path = Path(path)
     if path.is_file():
         return [path]
+    if prediction_log.is_log_folder(path):
+        return prediction_log.log_parts(path)
     if not path.is_dir():
         raise DataError(
             f"no such labels file or folder: {path} does not exist",

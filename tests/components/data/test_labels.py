@@ -75,3 +75,47 @@ def test_an_unreadable_file_is_named(tmp_path):
     path.write_bytes(b"not parquet")
     with pytest.raises(DataError, match=r"broken\.parquet: not a readable labels file"):
         read_labels(path, "key", "y")
+
+
+def _logged_labels(log, day: str, ids: list[str], labels: list[int], times: list[str]):
+    """A part of the endpoint's labels folder, in the log's layout and types."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = log / "labels" / day
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = pd.Timestamp(times[0]).strftime("%Y%m%dT%H%M%S%f")
+    table = pa.table(
+        {
+            "key": pa.array(ids, pa.string()),
+            "y": pa.array(labels, pa.int64()),
+            "stemma_time": pa.array(
+                list(pd.to_datetime(times, utc=True)), pa.timestamp("us", "UTC")
+            ),
+        }
+    )
+    pq.write_table(table, folder / f"part-{stamp}-0123abcd.parquet")
+
+
+def test_labels_the_endpoint_logged_keep_each_ids_latest_label(tmp_path):
+    log = tmp_path / "log"
+    (log / "predictions").mkdir(parents=True)
+    # labels/ exists before any label comes: no label yet, not an error
+    (log / "labels").mkdir()
+    assert read_labels(log / "labels", "key", "y").empty
+    _logged_labels(log, "2025-06-01", ["1", "2"], [0, 1], ["2025-06-01 10:00", "2025-06-01 10:01"])
+    # the next day 1 is corrected; within a part, the later row wins too
+    _logged_labels(
+        log,
+        "2025-06-02",
+        ["1", "3", "3"],
+        [1, 0, 1],
+        ["2025-06-02 08:00", "2025-06-02 09:00", "2025-06-02 09:30"],
+    )
+    labels = read_labels(log / "labels", "key", "y", task="binary")
+    assert dict(zip(labels["key"], labels["y"], strict=True)) == {"1": 1, "2": 1, "3": 1}
+    assert list(labels.columns) == ["key", "y"]
+    # plain label files still refuse an id with two labels
+    plain = write(pd.DataFrame({"key": [1, 1], "y": [0, 1]}), tmp_path / "plain.parquet")
+    with pytest.raises(DataError, match="two different labels"):
+        read_labels(plain, "key", "y")
