@@ -10,6 +10,7 @@ base job template into a Job.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import inspect
 import json
@@ -32,13 +33,19 @@ INFRA = REPO_ROOT / "infra"
 COMPOSE = INFRA / "docker-compose.yml"
 PREFECT_YAML = INFRA / "prefect.yaml"
 WORKER = INFRA / "k8s" / "worker.yaml"
+ENDPOINT = INFRA / "k8s" / "endpoint.yaml"
+PROXY_CONFIG = INFRA / "endpoint" / "nginx.conf"
 JOB_TEMPLATE = INFRA / "k8s" / "gpu-job-template.json"
 DOCKERFILE = INFRA / "Dockerfile"
 DEPLOY_SCRIPT = INFRA / "deploy.sh"
 #: The Kubernetes version the manifests are checked against (strict: unknown fields fail).
 KUBERNETES_VERSION = "1.33.0"
 #: Services of the compose file that run Stemma's image.
-STEMMA_SERVICES = ("prefect-server", "mlflow", "prefect-worker", "deploy")
+STEMMA_SERVICES = ("prefect-server", "mlflow", "prefect-worker", "deploy", "endpoint")
+#: The compose services of the online endpoint: its replicas and the proxy in front.
+ENDPOINT_SERVICE, PROXY_SERVICE = "endpoint", "endpoint-proxy"
+#: Where the nginx image reads its configuration.
+NGINX_CONFIG_PATH = "/etc/nginx/nginx.conf"
 #: Environment variables that third-party images read, as their documentation names them
 #: (these images' code is not here to ask). Anything else must be read by Stemma's
 #: libraries, or by the script the service runs.
@@ -80,6 +87,40 @@ def worker_document(kind: str, name: str | None = None) -> dict:
     return document
 
 
+def endpoint_documents() -> list[dict]:
+    return [document for document in yaml.safe_load_all(ENDPOINT.read_text()) if document]
+
+
+def endpoint_document(kind: str) -> dict:
+    (document,) = [document for document in endpoint_documents() if document["kind"] == kind]
+    return document
+
+
+def endpoint_container() -> dict:
+    (container,) = endpoint_document("Deployment")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+@functools.cache
+def endpoint_settings(command: tuple[str, ...]) -> Any:
+    """The ``endpoint`` section a `stemma endpoint` command line runs with: parsed by
+    Stemma's own parser and loaded as the command loads it."""
+    from stemma.components.spec import EndpointSpec, load_spec
+    from stemma.flows.cli.endpoint import ENDPOINT_FLAGS, endpoint_command
+    from stemma.flows.cli.parser import build_parser
+
+    assert command[0] == "stemma", command
+    args = build_parser().parse_args(command[1:])
+    assert args.handler is endpoint_command, command
+    overrides = [
+        *args.overrides,
+        *(f"{key}={getattr(args, name)}" for name, key in ENDPOINT_FLAGS.items()),
+    ]
+    assert (REPO_ROOT / args.config).is_file(), args.config
+    loaded = load_spec(str(REPO_ROOT / args.config), overrides, check_paths=False)
+    return loaded.spec.endpoint or EndpointSpec()
+
+
 def job_template() -> dict:
     return json.loads(JOB_TEMPLATE.read_text())
 
@@ -114,7 +155,15 @@ def worker_container() -> dict:
 
 @pytest.mark.parametrize(
     "path",
-    [COMPOSE, PREFECT_YAML, WORKER, JOB_TEMPLATE, INFRA / "Dockerfile.dockerignore"],
+    [
+        COMPOSE,
+        PREFECT_YAML,
+        WORKER,
+        ENDPOINT,
+        JOB_TEMPLATE,
+        PROXY_CONFIG,
+        INFRA / "Dockerfile.dockerignore",
+    ],
     ids=lambda path: str(path.relative_to(INFRA)),
 )
 def test_every_file_parses(path):
@@ -159,7 +208,7 @@ def test_compose_references_resolve():
 
 @pytest.mark.parametrize(
     "document",
-    worker_documents(),
+    [*worker_documents(), *endpoint_documents()],
     ids=lambda document: f"{document['kind']}/{document['metadata']['name']}",
 )
 def test_kubernetes_manifests_match_their_schemas(document):
@@ -403,6 +452,7 @@ def stemma_images() -> dict[str, str]:
         if "stemma" in service["image"]:
             found[f"compose {name}"] = service["image"]
     found["worker.yaml"] = worker_container()["image"]
+    found["endpoint.yaml"] = endpoint_container()["image"]
     found["gpu-job-template.json"] = job_template()["variables"]["properties"]["image"]["default"]
     for deployment in deployments():
         image = deployment["work_pool"].get("job_variables", {}).get("image")
@@ -419,7 +469,7 @@ def test_image_tags_match_the_package_version():
     assert set(images.values()) == {f"stemma:{version}", f"stemma:{version}-cuda"}, images
     # The CPU image serves the stack, the CUDA one the GPU jobs.
     assert {images[f"compose {name}"] for name in STEMMA_SERVICES} == {f"stemma:{version}"}
-    assert images["worker.yaml"] == f"stemma:{version}"
+    assert images["worker.yaml"] == images["endpoint.yaml"] == f"stemma:{version}"
     built = [name for name, service in compose()["services"].items() if "build" in service]
     assert built == ["prefect-server"]
 
@@ -522,7 +572,28 @@ def known_variables() -> set[str]:
     for _, variable, *_ in BOTOCORE_DEFAUT_SESSION_VARIABLES.values():
         names |= {variable} if isinstance(variable, str) else set(variable or [])
     names |= {EnvProvider.ACCESS_KEY, EnvProvider.SECRET_KEY, EnvProvider.TOKENS[0]}
+    names |= s3_endpoint_variables()
     return names | LIBPQ_VARIABLES
+
+
+def s3_endpoint_variables() -> set[str]:
+    """The variables from which botocore (and s3fs over it) takes an S3 endpoint URL."""
+    from botocore.configprovider import ConfiguredEndpointProvider
+
+    candidates = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+    url = "http://minio.invalid:9000"
+    return {
+        name
+        for name in candidates
+        if ConfiguredEndpointProvider({}, {}, "s3", environ={name: url}).provide() == url
+    }
+
+
+def stemma_variables(command: list[str]) -> set[str]:
+    """Variables Stemma reads because the spec a `stemma endpoint` command runs names them."""
+    if command[:2] != ["stemma", "endpoint"]:
+        return set()
+    return {endpoint_settings(tuple(command)).token_env} - {None}
 
 
 def compose_environment(name: str) -> dict[str, str]:
@@ -541,6 +612,7 @@ def test_known_variables_cover_what_the_stack_relies_on():
         "MLFLOW_BACKEND_STORE_URI",
         "AWS_ACCESS_KEY_ID",
         "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT_URL_S3",
     ):
         assert name in known, name
     assert "MLFLOW_S3_ENDPOINT" not in known and "PREFECT_API_URI" not in known
@@ -548,8 +620,9 @@ def test_known_variables_cover_what_the_stack_relies_on():
 
 @pytest.mark.parametrize("service", sorted(compose()["services"]))
 def test_compose_variables_are_read_by_something(service):
-    known = known_variables() | IMAGE_VARIABLES.get(service, set())
-    script = " ".join(map(str, compose()["services"][service].get("command", [])))
+    command = compose()["services"][service].get("command", [])
+    known = known_variables() | IMAGE_VARIABLES.get(service, set()) | stemma_variables(command)
+    script = " ".join(map(str, command))
     for mount in compose()["services"][service].get("volumes", []):
         source = COMPOSE.parent / mount.split(":", 1)[0]
         if source.is_file():
@@ -563,8 +636,8 @@ def test_compose_variables_are_read_by_something(service):
 
 
 def test_kubernetes_variables_are_read_by_prefect_mlflow_or_boto():
-    known = known_variables()
-    names = [env["name"] for env in worker_container()["env"]]
+    known = known_variables() | stemma_variables(endpoint_container()["command"])
+    names = [env["name"] for env in worker_container()["env"] + endpoint_container()["env"]]
     names += list(worker_document("ConfigMap")["data"])
     assert [name for name in names if name not in known] == []
 
@@ -577,9 +650,9 @@ def test_no_secret_value_is_written_in_a_file():
         for argument in spec.get("command", []):
             # Interpolated values would land in the container's command line.
             assert not re.search(r"(?<!\$)\$\{?\w*(PASSWORD|SECRET)", str(argument)), service
-    for document in worker_documents():
+    for document in [*worker_documents(), *endpoint_documents()]:
         assert document["kind"] != "Secret", "Secrets are created by hand, never committed"
-    for env in worker_container()["env"]:
+    for env in worker_container()["env"] + endpoint_container()["env"]:
         if SECRET_NAME.search(env["name"]):
             assert "secretKeyRef" in env.get("valueFrom", {}), env["name"]
     assert not any(SECRET_NAME.search(name) for name in worker_document("ConfigMap")["data"])
