@@ -99,6 +99,8 @@ class Batcher:
         # One model call at a time: the runtime's own threads use the cores.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemma-endpoint")
         self._last_arrival: float | None = None
+        self._idle: asyncio.Event | None = None  # set while nothing is queued or running
+        self._calling = False  # a batch's model call is running
         self._gap_s = self.max_wait_s  # smoothed time between arrivals
         self._batch_s = 0.0  # smoothed duration of a model call
 
@@ -109,6 +111,8 @@ class Batcher:
     def start(self) -> None:
         """Start the batching task on the running loop."""
         self._arrived = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="stemma-batcher")
 
     async def stop(self) -> None:
@@ -164,7 +168,29 @@ class Batcher:
         self._queued_rows += rows
         self.metrics.queue_rows.set(self._queued_rows)
         self._arrived.set()
+        assert self._idle is not None
+        self._idle.clear()
         return job
+
+    async def run_when_idle(self, served: ServedModel, matrix: np.ndarray) -> np.ndarray:
+        """Run ``matrix`` through ``served``'s model once no request waits or runs.
+
+        Work that must never delay an answer (the shadow's) goes through here: it runs in
+        the same worker thread as the batches, only while the queue is empty, so a request
+        that arrives meanwhile waits at most for this one call.
+        """
+        assert self._idle is not None, "start() the batcher first"
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._idle.wait()
+            if not self._queue:
+                break
+        self._idle.clear()
+        try:
+            return await loop.run_in_executor(self._worker, served.model.runtime.run, matrix)
+        finally:
+            if not self._queue and not self._calling:
+                self._idle.set()
 
     def _expected_wait_s(self, rows: int) -> float:
         """Model calls ahead of a request of ``rows`` rows, times a call's smoothed duration."""
@@ -191,6 +217,9 @@ class Batcher:
             batch = self._take_batch(loop.time())
             if batch:
                 await self._call(loop, batch)
+            if not self._queue:
+                assert self._idle is not None
+                self._idle.set()
 
     async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait for more rows while the batch has room and more are expected in time."""
@@ -235,6 +264,7 @@ class Batcher:
         matrix = batch[0].matrix if len(batch) == 1 else np.concatenate([j.matrix for j in batch])
         runtime = batch[0].served.model.runtime
         started = time.perf_counter()
+        self._calling = True
         try:
             outputs = await loop.run_in_executor(self._worker, runtime.run, matrix)
         except Exception as error:  # a model that fails: every caller gets a 500 saying so
@@ -245,6 +275,8 @@ class Batcher:
                 if not job.future.done():
                     job.future.set_exception(failure)
             return
+        finally:
+            self._calling = False
         elapsed = time.perf_counter() - started
         self._batch_s += SMOOTHING * (elapsed - self._batch_s)
         self.metrics.inference.observe(elapsed)

@@ -77,6 +77,7 @@ class PreparedRows:
         kept: row positions of ``matrix``'s rows in the request.
         rejected: ``{row position: reason}`` of the rows the policies rejected.
         ids: the id column's value per row, or None when the request has none.
+        table: the request's columns the model reads (and the id column), as Arrow.
     """
 
     rows: int
@@ -84,6 +85,7 @@ class PreparedRows:
     kept: np.ndarray
     rejected: dict[int, str]
     ids: list[Any] | None
+    table: pa.Table
 
 
 def prepare_rows(
@@ -109,7 +111,7 @@ def prepare_rows(
             extra column under ``extra_columns: error`` or a row an ``error`` policy
             refuses (each named); 413 for more rows than ``max_rows``.
     """
-    columns, rows = _columns_of(body, max_rows)
+    columns, _rows = _columns_of(body, max_rows)
     model = served.model
     wanted = [name for name, _ in model.signature_columns]
     if id_column is not None and id_column not in wanted:
@@ -129,7 +131,23 @@ def prepare_rows(
             f"the rows do not match the signature of {model.label}",
             [*shown, f"the model takes: {signature_text(model)}"],
         )
-    table = pa.table(arrays)
+    ids = arrays[id_column].to_pylist() if id_column in arrays else None
+    return encode_rows(served, pa.table(arrays), policies=policies, ids=ids)
+
+
+def encode_rows(
+    served: ServedModel, table: pa.Table, *, policies: Mapping[str, str], ids: list[Any] | None
+) -> PreparedRows:
+    """Rows whose columns fit ``served``'s signature, encoded for it, with each row's fate.
+
+    The rows a request routes to a canary's challenger, or that a shadow scores, are
+    encoded again here by that model's own encoder (its preprocessing was fitted on its
+    own training data).
+
+    Raises:
+        RequestError: 422 when an ``error`` policy refuses a row.
+    """
+    model = served.model
     features = served.encoder.columns(table)
     try:
         reject_mask, relevant = apply_policies(
@@ -139,21 +157,27 @@ def prepare_rows(
         raise RequestError(
             422, f"rows of the request cannot be scored by {model.label}", error.details
         ) from None
-    kept = np.arange(rows)
+    kept = np.arange(table.num_rows)
     rejected: dict[int, str] = {}
     if reject_mask is not None:
         bad = np.flatnonzero(reject_mask)
         rejected = dict(zip(bad.tolist(), reasons(table, relevant, bad), strict=True))
         kept = np.flatnonzero(~reject_mask)
         features = features.take(~reject_mask)
-    ids = arrays[id_column].to_pylist() if id_column in arrays else None
     return PreparedRows(
-        rows=rows,
+        rows=table.num_rows,
         matrix=served.encoder.matrix(features, 0, features.rows),
         kept=kept,
         rejected=rejected,
         ids=ids,
+        table=table,
     )
+
+
+def fits_signature(served: ServedModel, table: pa.Table) -> bool:
+    """Whether ``table`` holds every column ``served`` takes, of types it accepts."""
+    present = {name: table.schema.field(name).type for name in table.column_names}
+    return not signature_problems(present, served.model)
 
 
 def _columns_of(body: Any, max_rows: int) -> tuple[dict[str, list[Any]], int]:
