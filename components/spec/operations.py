@@ -520,6 +520,37 @@ class EndpointLogSpec(Section):
         return value
 
 
+class EndpointShadowSpec(Section):
+    """Live shadow: a version scores a sample of the endpoint's requests without answering."""
+
+    alias: str = Field(
+        default="challenger",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description=(
+            "Alias of the version that shadows the served one; while it names no version, "
+            "or the served one, nothing is shadowed."
+        ),
+    )
+    sample: float = Field(
+        default=0.1,
+        gt=0.0,
+        le=1.0,
+        description="Share of requests the shadow also scores.",
+    )
+    max_queue_rows: int = Field(
+        default=1024,
+        ge=1,
+        le=10_000_000,
+        description=(
+            "Rows waiting for the shadow at most: shadow work runs only while no request "
+            "waits for the model, and work beyond this is dropped and counted, so that "
+            "shadowing never delays an answer."
+        ),
+    )
+
+
 class EndpointSpec(Section):
     """The online endpoint (`stemma endpoint`): what it serves, where, and its limits."""
 
@@ -594,6 +625,23 @@ class EndpointSpec(Section):
             "Name of an environment variable holding a bearer token: when set, predictions "
             "and metrics need `Authorization: Bearer <token>`. The token itself never "
             "appears in a spec."
+        ),
+    )
+    canary: bool = Field(
+        default=True,
+        description=(
+            "While `stemma run canary` runs a step, route its share of entities to the "
+            "challenger: by a stable hash of the row's `data.id` (or the request's "
+            "`X-Stemma-Entity-Id` header), the same on every replica and after restarts. "
+            "Rows without an id are served by the champion."
+        ),
+    )
+    shadow: EndpointShadowSpec | None = Field(
+        default=None,
+        description=(
+            "Score a sample of requests with another version too (the `challenger` alias "
+            "by default), after the answer is sent, when the endpoint is otherwise idle; "
+            "its scores go to the log (none when absent; `shadow: {}` takes the defaults)."
         ),
     )
     log: EndpointLogSpec | None = Field(
