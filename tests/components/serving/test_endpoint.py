@@ -237,6 +237,31 @@ def test_bad_bodies_get_a_clear_4xx_and_the_endpoint_keeps_serving(
     assert after.status_code == 200
 
 
+def test_a_50_mb_body_is_refused_without_being_read_and_the_endpoint_keeps_serving(
+    endpoint, registry
+):
+    size = 50 << 20
+    chunk = b"[" + b'{"salary": 1.0},' * 4096
+
+    def stream():  # chunked: no Content-Length announces the size
+        sent = 0
+        while sent < size:
+            yield chunk
+            sent += len(chunk)
+
+    declared = endpoint.post(
+        "/v1/predict", content=b"x" * size, headers={"Content-Type": "application/json"}
+    )
+    streamed = endpoint.post(
+        "/v1/predict", content=stream(), headers={"Content-Type": "application/json"}
+    )
+    for response in (declared, streamed):
+        assert response.status_code == 413
+        assert response.json()["error"].startswith("the body is larger than the limit")
+    after = endpoint.post("/v1/predict", json=records(registry["rows"].head(1)))
+    assert after.status_code == 200
+
+
 def test_a_token_is_required_when_the_spec_names_its_variable(registry):
     row = records(registry["rows"].head(1))
     secret = "s3cret-token"
