@@ -105,6 +105,29 @@ class EndpointMetrics:
             registry=registry,
         )
 
+        # The prediction log (endpoint.log), by kind: predictions, shadow or labels.
+        self.log_rows = Counter(
+            f"{PREFIX}_log_rows",
+            "Rows written to the log's parts, by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.log_dropped_rows = Counter(
+            f"{PREFIX}_log_dropped_rows",
+            "Rows not logged because the log's buffer was full (or the log closed), by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.log_parts = Counter(
+            f"{PREFIX}_log_parts", "Parts the log wrote, by kind.", ["kind"], registry=registry
+        )
+        self.log_failed_writes = Counter(
+            f"{PREFIX}_log_failed_writes",
+            "Parts the log failed to write (their rows wait for the next try), by kind.",
+            ["kind"],
+            registry=registry,
+        )
+
     def serving(self, model: str, version: str, alias: str) -> None:
         """Record the version now served (the previous one's series is removed)."""
         self.model.clear()
