@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -27,10 +27,23 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
 from stemma.components.serving.batching import Batcher, QueueFull
+from stemma.components.serving.labels import (
+    LABELS_DESCRIPTION,
+    LABELS_ERRORS,
+    LABELS_PATH,
+    LabelsResponse,
+    labels_log,
+    labels_refusal,
+    labels_request_schema,
+    record_labels,
+)
 from stemma.components.serving.metrics import EndpointMetrics
 from stemma.components.serving.rows import PreparedRows, RequestError, ServedModel, prepare_rows
 from stemma.components.serving.watch import ModelWatch
 from stemma.components.spec import EndpointSpec
+
+if TYPE_CHECKING:
+    from stemma.components.serving.predlog import PredictionLog
 
 #: Response headers naming what answered.
 VERSION_HEADER = "X-Stemma-Model-Version"
@@ -96,12 +109,14 @@ class EndpointConfig:
             ``score`` section).
         id_column: the spec's id column (echoed per row), or None.
         token: the bearer token required on predictions and metrics, or None.
+        log: the prediction log (``endpoint.log``), or None.
     """
 
     endpoint: EndpointSpec
     policies: Mapping[str, str]
     id_column: str | None
     token: str | None
+    log: PredictionLog | None = None
 
 
 #: The answers of ``POST /v1/predict`` besides 200, for the OpenAPI page.
@@ -131,6 +146,8 @@ def build_app(config: EndpointConfig, watch: ModelWatch, metrics: EndpointMetric
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if config.log is not None:
+            config.log.start()
         batcher.start()
         watch.start()
         try:
@@ -138,6 +155,8 @@ def build_app(config: EndpointConfig, watch: ModelWatch, metrics: EndpointMetric
         finally:
             await watch.stop()
             await batcher.stop()
+            if config.log is not None:  # after the requests in flight recorded their rows
+                await asyncio.to_thread(config.log.close)
 
     # /docs serves Swagger UI's files from the endpoint itself: FastAPI's default page loads
     # them from a CDN and is blank on a machine without internet access.
@@ -163,6 +182,24 @@ def build_app(config: EndpointConfig, watch: ModelWatch, metrics: EndpointMetric
     app.add_api_route("/health", routes.health, methods=["GET"], summary="The process answers")
     app.add_api_route("/ready", routes.ready, methods=["GET"], summary="A model is served")
     app.add_api_route("/metrics", routes.prometheus, methods=["GET"], summary="Prometheus metrics")
+    app.add_api_route(
+        LABELS_PATH,
+        routes.labels,
+        methods=["POST"],
+        response_model=LabelsResponse,
+        responses={
+            code: {"model": ErrorResponse, "description": what}
+            for code, what in LABELS_ERRORS.items()
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": labels_request_schema(config.log)}},
+            }
+        },
+        summary="Record the labels of scored rows",
+        description=LABELS_DESCRIPTION,
+    )
 
     def openapi() -> dict[str, Any]:
         # The request schema is the model's signature: rebuilt when the model changes.
@@ -256,6 +293,19 @@ class Routes:
         except RequestError as error:
             return self.refuse(error, _request_id(request), self.watch.current.model.version)
         return Response(self.metrics.exposition(), media_type=self.metrics.content_type)
+
+    async def labels(self, request: Request) -> Response:
+        """Record the body's labels in the prediction log (checked first, all or none)."""
+        request_id = _request_id(request)
+        settings = self.config.endpoint
+        try:
+            _authorize(request, self.config.token)
+            log = labels_log(self.config.log)
+            body = await _read_json(request, settings.max_body_bytes)
+            recorded = record_labels(log, body, max_rows=settings.max_rows_per_request)
+        except RequestError as error:
+            return labels_refusal(error, request_id, REQUEST_ID_HEADER)
+        return JSONResponse({"recorded": recorded}, headers={REQUEST_ID_HEADER: request_id})
 
     def refuse(
         self, error: RequestError, request_id: str, version: str, started: float | None = None

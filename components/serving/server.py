@@ -13,12 +13,14 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stemma.components.errors import SpecError, StemmaError
 from stemma.components.platform.refs import format_model_ref
 from stemma.components.serving.app import EndpointConfig, build_app
 from stemma.components.serving.metrics import EndpointMetrics
+from stemma.components.serving.predlog import PredictionLog
 from stemma.components.serving.rows import ServedModel
 from stemma.components.serving.watch import ModelWatch, registry_callables, warm
 from stemma.components.spec import EndpointSpec, Spec
@@ -41,12 +43,13 @@ class EndpointError(StemmaError):
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A built endpoint: its app, the model watch and the metrics."""
+    """A built endpoint: its app, the model watch, the metrics and the prediction log."""
 
     app: FastAPI
     watch: ModelWatch
     metrics: EndpointMetrics
     settings: EndpointSpec
+    log: PredictionLog | None = None
 
 
 def build_endpoint(
@@ -54,6 +57,7 @@ def build_endpoint(
     *,
     client: MlflowClient | None = None,
     environ: Mapping[str, str] | None = None,
+    root: Path | None = None,
 ) -> Endpoint:
     """Load the spec's model under ``endpoint.alias``, warm it, and build the app.
 
@@ -62,9 +66,13 @@ def build_endpoint(
             ``score`` section's row policies; ``data.id``).
         client: the registry's client (default: one on the configured registry).
         environ: where ``endpoint.token_env`` is read (default: ``os.environ``).
+        root: the project root, which a relative ``endpoint.log.path`` is under (default:
+            the working directory).
 
     Raises:
-        SpecError: ``endpoint.token_env`` names a variable that is unset or empty.
+        SpecError: ``endpoint.token_env`` names a variable that is unset or empty, or
+            ``endpoint.log`` cannot hold the model's rows (:class:`.predlog.PredictionLog`).
+        LogError: ``endpoint.log.path`` is a folder that cannot be made.
         RegistryError: no such model or alias, or its files are refused
             (:class:`.runtime.loading.UntrustedModelError`).
     """
@@ -87,6 +95,11 @@ def build_endpoint(
         poll_s=settings.poll_s,
         metrics=metrics,
     )
+    log = PredictionLog.from_spec(
+        spec, root or Path.cwd(), model.signature_columns, model.task, metrics=metrics
+    )
+    if log is not None:
+        log.prepare()  # an unwritable folder is an error before anything listens
     config = EndpointConfig(
         endpoint=settings,
         policies={
@@ -96,8 +109,9 @@ def build_endpoint(
         },
         id_column=spec.data.id,
         token=token,
+        log=log,
     )
-    return Endpoint(build_app(config, watch, metrics), watch, metrics, settings)
+    return Endpoint(build_app(config, watch, metrics), watch, metrics, settings, log)
 
 
 def read_token(variable: str | None, environ: Mapping[str, str]) -> str | None:
