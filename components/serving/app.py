@@ -182,24 +182,7 @@ def build_app(config: EndpointConfig, watch: ModelWatch, metrics: EndpointMetric
     app.add_api_route("/health", routes.health, methods=["GET"], summary="The process answers")
     app.add_api_route("/ready", routes.ready, methods=["GET"], summary="A model is served")
     app.add_api_route("/metrics", routes.prometheus, methods=["GET"], summary="Prometheus metrics")
-    app.add_api_route(
-        LABELS_PATH,
-        routes.labels,
-        methods=["POST"],
-        response_model=LabelsResponse,
-        responses={
-            code: {"model": ErrorResponse, "description": what}
-            for code, what in LABELS_ERRORS.items()
-        },
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": labels_request_schema(config.log)}},
-            }
-        },
-        summary="Record the labels of scored rows",
-        description=LABELS_DESCRIPTION,
-    )
+    add_labels_route(app, routes, config.log)
 
     def openapi() -> dict[str, Any]:
         # The request schema is the model's signature: rebuilt when the model changes.
@@ -214,6 +197,28 @@ def build_app(config: EndpointConfig, watch: ModelWatch, metrics: EndpointMetric
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def add_labels_route(app: FastAPI, routes: Routes, log: PredictionLog | None) -> None:
+    """``POST /v1/labels`` (:mod:`.labels`), its request schema naming the spec's columns."""
+    app.add_api_route(
+        LABELS_PATH,
+        routes.labels,
+        methods=["POST"],
+        response_model=LabelsResponse,
+        responses={
+            code: {"model": ErrorResponse, "description": what}
+            for code, what in LABELS_ERRORS.items()
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": labels_request_schema(log)}},
+            }
+        },
+        summary="Record the labels of scored rows",
+        description=LABELS_DESCRIPTION,
+    )
 
 
 class Routes:

@@ -23,6 +23,19 @@ LATENCY_BUCKETS = (
 )
 #: Prefix of every metric name.
 PREFIX = "stemma_endpoint"
+#: The prediction log's counters (endpoint.log), each by kind: predictions, shadow, labels.
+LOG_COUNTERS = (
+    ("log_rows", "Rows written to the log's parts, by kind."),
+    (
+        "log_dropped_rows",
+        "Rows not logged because the log's buffer was full (or the log closed), by kind.",
+    ),
+    ("log_parts", "Parts the log wrote, by kind."),
+    (
+        "log_failed_writes",
+        "Parts the log failed to write (their rows wait for the next try), by kind.",
+    ),
+)
 
 
 def batch_buckets(max_batch_size: int) -> tuple[float, ...]:
@@ -105,27 +118,9 @@ class EndpointMetrics:
             registry=registry,
         )
 
-        # The prediction log (endpoint.log), by kind: predictions, shadow or labels.
-        self.log_rows = Counter(
-            f"{PREFIX}_log_rows",
-            "Rows written to the log's parts, by kind.",
-            ["kind"],
-            registry=registry,
-        )
-        self.log_dropped_rows = Counter(
-            f"{PREFIX}_log_dropped_rows",
-            "Rows not logged because the log's buffer was full (or the log closed), by kind.",
-            ["kind"],
-            registry=registry,
-        )
-        self.log_parts = Counter(
-            f"{PREFIX}_log_parts", "Parts the log wrote, by kind.", ["kind"], registry=registry
-        )
-        self.log_failed_writes = Counter(
-            f"{PREFIX}_log_failed_writes",
-            "Parts the log failed to write (their rows wait for the next try), by kind.",
-            ["kind"],
-            registry=registry,
+        self.log_rows, self.log_dropped_rows, self.log_parts, self.log_failed_writes = (
+            Counter(f"{PREFIX}_{name}", text, ["kind"], registry=registry)
+            for name, text in LOG_COUNTERS
         )
 
     def serving(self, model: str, version: str, alias: str) -> None:
