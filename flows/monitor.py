@@ -1,9 +1,13 @@
 """The drift-monitoring flow: a production batch against the model's reference profile.
 
-The flow resolves the model (the champion by default) and loads the reference profile saved
-with it at training time, checks the batch's columns (and the labels', when given) before
-reading a row, streams the batch through :class:`~stemma.components.monitoring.drift.DriftMonitor`
-(scoring it with the model for prediction drift), and writes the drift report as an MLflow
+The batch is a file, a folder of files, or the online endpoint's prediction log
+(``<endpoint.log.path>/predictions``: every day, the last ``days`` complete days, or one
+day folder), whose labels may be the log's ``labels`` folder. The flow resolves the model
+(the champion by default) and loads the reference profile saved with it at training time,
+checks the batch's columns (and the labels', when given) before reading a row, streams the
+batch through :class:`~stemma.components.monitoring.drift.DriftMonitor` (scoring it with
+the model for prediction drift; a log's rows keep the score the endpoint logged when the
+monitored version scored them), and writes the drift report as an MLflow
 run of the pipeline's experiment named ``monitor <batch>``: the statistics as metrics (one
 request), a table, a plot, the report JSON, the lineage record (a ``drift_report`` node
 linked to the batch digest and the model version) and ``stemma.drift.*`` tags.
@@ -26,9 +30,10 @@ from typing import Any
 import mlflow
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
 from stemma.components.data.labels import read_labels
-from stemma.components.errors import DataError
+from stemma.components.data.prediction_log import NothingLoggedError
 from stemma.components.monitoring import drift, records, steps
 from stemma.components.monitoring import profile as reference_profile
 from stemma.components.monitoring.report import json_safe
@@ -37,7 +42,7 @@ from stemma.components.platform.redaction import redact_url
 from stemma.components.platform.refs import format_model_ref
 from stemma.components.platform.tracked_run import TrackedRun
 from stemma.components.runtime.loading import ScoringModel, load_scoring_model
-from stemma.components.scoring.inputs import check_input_schema, input_digest, input_files
+from stemma.components.scoring.inputs import check_input_schema
 from stemma.components.spec import LoadedSpec, MonitorSpec
 from stemma.flows.lineage import record_lineage
 from stemma.flows.steps import (
@@ -64,8 +69,7 @@ def _run_name() -> str:
 class Batch:
     """The batch and its labels, checked, with the model and profile they are compared with."""
 
-    path: Path
-    files: list[Path]
+    found: steps.BatchInput
     digest: str
     md5s: list[str]
     labels_path: Path | None
@@ -74,6 +78,14 @@ class Batch:
     model: ScoringModel
     profile: reference_profile.ReferenceProfile
     profile_sha256: str
+
+    @property
+    def path(self) -> Path:
+        return self.found.path
+
+    @property
+    def files(self) -> list[Path]:
+        return self.found.files
 
 
 @step(name="load model and profile")
@@ -88,12 +100,18 @@ def load_model_step(
     return model, profile, sha256
 
 
+@step(name="find batch")
+def find_batch_step(path: Path, days: int | None) -> steps.BatchInput:
+    return steps.find_batch(path, days)
+
+
 @step(name="check batch")
 def check_batch_step(
-    files: list[Path], model: ScoringModel, id_column: str | None
+    found: steps.BatchInput, model: ScoringModel, id_column: str | None
 ) -> tuple[str, list[str]]:
-    check_input_schema(files, model, id_column=id_column, extra_columns="ignore")
-    return input_digest(files)
+    # Columns the model does not take (the log's scores, times and versions) are ignored.
+    check_input_schema(found.files, model, id_column=id_column, extra_columns="ignore")
+    return found.digest()
 
 
 @step(name="read labels")
@@ -102,19 +120,34 @@ def read_labels_step(files: list[Path], loaded: LoadedSpec) -> Any:
 
 
 @step(name="compare with reference")
-def compare_step(batch: Batch, settings: MonitorSpec, loaded: LoadedSpec) -> drift.DriftReport:
+def compare_step(
+    batch: Batch, settings: MonitorSpec, loaded: LoadedSpec
+) -> tuple[drift.DriftReport, dict[str, int] | None]:
+    """The report, and for a prediction log how many scores were logged or scored again."""
     labelled = batch.labels is not None
     wants_scores = settings.prediction_drift or (labelled and settings.performance_decay)
-    return drift.monitor_batch(
+    scorer: Any = drift.make_scorer(batch.model) if wants_scores else None
+    columns = list(batch.model.feature_columns) if wants_scores else []
+    if scorer is not None and drift.LoggedScores.fits(batch.files):
+        scorer = drift.LoggedScores(scorer, batch.model.version)
+        columns += drift.LoggedScores.columns
+    report = drift.monitor_batch(
         batch.files,
         batch.profile,
         settings,
-        scorer=drift.make_scorer(batch.model) if wants_scores else None,
-        score_columns=batch.model.feature_columns if wants_scores else (),
+        scorer=scorer,
+        score_columns=columns,
         labels=batch.labels,
         id_column=loaded.spec.data.id,
         metric=settings.metric or loaded.spec.gate.metric,
     )
+    if not isinstance(scorer, drift.LoggedScores):
+        return report, None
+    get_run_logger().info(
+        "scores: %d logged by v%s, %d scored again (logged by another version)",
+        scorer.logged, batch.model.version, scorer.rescored,
+    )  # fmt: skip
+    return report, {"logged": scorer.logged, "rescored": scorer.rescored}
 
 
 @step(name="emit drift event")
@@ -131,26 +164,24 @@ def model_reference(loaded: LoadedSpec, settings: MonitorSpec, override: str | N
     return override or settings.model or format_model_ref(name, alias=DEFAULT_ALIAS)
 
 
-def _batch(loaded: LoadedSpec, settings: MonitorSpec, paths: tuple, model: str | None) -> Batch:
+def _batch(
+    loaded: LoadedSpec, settings: MonitorSpec, found: steps.BatchInput, labels_path: Path | None,
+    model: str | None,
+) -> Batch:  # fmt: skip
     """Load the model and profile, then check the batch and the labels before a row is read."""
-    batch_path, labels_path = paths
     scoring_model, profile, profile_sha256 = load_model_step(
         model_reference(loaded, settings, model), loaded
     )
-    files = input_files(batch_path)
     digest, md5s = check_batch_step(
-        files, scoring_model, loaded.spec.data.id if labels_path else None
+        found, scoring_model, loaded.spec.data.id if labels_path else None
     )
     labels = labels_digest = None
     if labels_path is not None:
-        try:
-            label_files = input_files(labels_path)
-        except DataError as error:
-            raise DataError(f"labels: {error.headline}", error.details) from None
-        labels_digest, _ = input_digest(label_files)
-        labels = read_labels_step(label_files, loaded)
+        label_files = steps.find_labels(labels_path)
+        labels_digest, _ = label_files.digest()
+        labels = read_labels_step(label_files.files, loaded)
     return Batch(
-        batch_path, files, digest, md5s, labels_path, labels_digest, labels,
+        found, digest, md5s, labels_path, labels_digest, labels,
         scoring_model, profile, profile_sha256,
     )  # fmt: skip
 
@@ -186,7 +217,7 @@ def _record(
     )
     run.log_metrics(metric_names.in_section(metric_names.DRIFT, report.metrics()))
     reference = batch.profile.source.get("data_md5", "?")[:12]
-    title = f"{steps.batch_name(str(batch.path))} vs {batch.model.label} (reference: training data {reference})"
+    title = f"{batch.found.name} vs {batch.model.label} (reference: training data {reference})"
     with tempfile.TemporaryDirectory(prefix="stemma-monitor-") as tmp:
         document = steps.write_report_files(report, Path(tmp) / "drift", title=title)
         artifacts = run.log_artifacts(Path(tmp) / "drift", "drift")
@@ -200,7 +231,7 @@ def _record(
         training_run_id=batch.model.run_id,
         batch_path=relative(batch.path, loaded.root),
         batch_digest=batch.digest,
-        batch_files={path.name: md5 for path, md5 in zip(batch.files, batch.md5s, strict=True)},
+        batch_files=dict(zip(batch.found.file_names(), batch.md5s, strict=True)),
         run_id=run.run_id,
         experiment_id=run.experiment_id,
         flow_run_id=flow_run_id(),
@@ -233,6 +264,7 @@ def monitor_flow(
     batch: str | None = None,
     labels: str | None = None,
     model: str | None = None,
+    days: int | None = None,
 ) -> dict[str, Any]:
     """Compare a production batch with the model's reference profile and report drift.
 
@@ -240,15 +272,19 @@ def monitor_flow(
         config: path of the pipeline spec (YAML).
         overrides: `section.key=value` overrides, e.g. `monitor.thresholds.psi=0.1`.
         batch: file or folder to monitor, one batch (default: `monitor.input`, else
-            `score.input`).
+            `score.input`); or the endpoint's prediction log, `<endpoint.log.path>/predictions`
+            (its day folders) or one of its day folders.
         labels: the batch's labels, joined by the id column (default: `monitor.labels`);
-            adds label drift and performance decay.
+            adds label drift and performance decay. The log's `labels` folder works.
         model: `models:/<name>@<alias>` or `models:/<name>/<version>` (default:
             `monitor.model`, else the pipeline's champion).
+        days: with the prediction log as the batch, only its last N complete days (UTC;
+            default: every day in the log).
 
     Returns:
         A summary: whether drift was detected and where, the statistics per column, the
-        report's MLflow run id and the id of the event emitted (None when none was).
+        report's MLflow run id and the id of the event emitted (None when none was). When
+        the log holds nothing in the last `days` days, a Completed state that says so.
     """
     loaded = load_spec_step(config, list(overrides or []))
     spec = loaded.spec
@@ -256,18 +292,19 @@ def monitor_flow(
     tracking_uri = tracking.configure_tracking(loaded.root)
     experiment_id = tracking.ensure_experiment(spec.pipeline.experiment_name, loaded.root)
     labels_text = labels or settings.labels
-    paths = (
-        loaded.resolve(batch or settings.input or spec.score.input),
-        loaded.resolve(labels_text) if labels_text else None,
-    )
-    checked = _batch(loaded, settings, paths, model)
-    report = compare_step(checked, settings, loaded)
+    try:
+        found = find_batch_step(loaded.resolve(batch or settings.input or spec.score.input), days)
+    except NothingLoggedError as error:
+        return _nothing_logged(error)
+    labels_path = loaded.resolve(labels_text) if labels_text else None
+    checked = _batch(loaded, settings, found, labels_path, model)
+    report, scores = compare_step(checked, settings, loaded)
     if checked.labels_path is not None and report.labelled_rows == 0:
         get_run_logger().warning(
             "no label in %s matched a row of the batch by %s", checked.labels_path, spec.data.id
         )
     event_id = str(uuid.uuid4()) if report.detected else None
-    name = f"monitor {steps.batch_name(str(checked.path))}"
+    name = f"monitor {checked.found.name}"
     extra = _run_tags(loaded, checked, report, event_id)
     with tracked(loaded, "monitor", experiment_id, record_lineage, None, extra, name=name) as run:
         facts = _record(loaded, run, checked, report, settings, event_id)
@@ -282,6 +319,8 @@ def monitor_flow(
         "model_version": checked.model.version,
         "batch": str(checked.path),
         "batch_digest": checked.digest,
+        "days": list(checked.found.days),
+        "scores": scores,
         "labels": str(checked.labels_path) if checked.labels_path else None,
         "rows": report.rows,
         "labelled_rows": report.labelled_rows,
@@ -294,3 +333,11 @@ def monitor_flow(
         "event_id": emitted,
         "summary": report.summary(),
     }
+
+
+def _nothing_logged(error: NothingLoggedError) -> Any:
+    """A run with no logged rows to monitor ends Completed, saying so where the Prefect UI
+    shows its state: a scheduled monitor of an idle endpoint is not a failure."""
+    message = f"nothing to do: {error.headline}"
+    get_run_logger().info(message)
+    return Completed(message=message, data={"outcome": "nothing_logged", "summary": message})

@@ -165,3 +165,58 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def write_log_part(
+    log: Path,
+    kind: str,
+    frame,
+    *,
+    at: str,
+    id_column: str = "application_id",
+    version: str = "1",
+    score=None,
+) -> Path:
+    """A part of the endpoint's log in its layout and types, written with pyarrow.
+
+    ``kind`` ``predictions``: ``frame`` holds the features and the id, logged with a score
+    (``score``, else 0.5), ``version`` and the log's other columns; ``labels``: the id and
+    the target. Ids are text, as the endpoint logs them; ``at`` is the UTC time of the
+    rows, which names the day folder and the part.
+    """
+    import secrets
+
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    moment = pd.Timestamp(at, tz="UTC")
+    rows = len(frame)
+    table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+    table = table.set_column(
+        table.schema.get_field_index(id_column),
+        id_column,
+        pa.array([str(value) for value in frame[id_column]], pa.string()),
+    )
+    times = pa.array([moment.to_pydatetime()] * rows, pa.timestamp("us", "UTC"))
+    if kind == "predictions":
+        scores = [0.5] * rows if score is None else list(score)
+        added = {
+            "prediction": pa.array([int(value >= 0.5) for value in scores], pa.int64()),
+            "score": pa.array(scores, pa.float64()),
+            "stemma_request_id": pa.array([f"r-{index}" for index in range(rows)], pa.string()),
+            "stemma_row": pa.array(range(rows), pa.int32()),
+            "stemma_time": times,
+            "stemma_model_version": pa.array([str(version)] * rows, pa.string()),
+            "stemma_variant": pa.array(["champion"] * rows, pa.string()),
+            "stemma_latency_ms": pa.array([1.0] * rows, pa.float64()),
+        }
+    else:
+        added = {"stemma_time": times}
+    for name, values in added.items():
+        table = table.append_column(name, values)
+    folder = log / kind / moment.strftime("%Y-%m-%d")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"part-{moment.strftime('%Y%m%dT%H%M%S%f')}-{secrets.token_hex(4)}.parquet"
+    pq.write_table(table, path)
+    return path

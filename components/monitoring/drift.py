@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from stemma.components.data import prediction_log
 from stemma.components.errors import DataError
 from stemma.components.evaluation.statistics import chi_square, jensen_shannon, psi
 from stemma.components.monitoring.accumulators import (
@@ -432,6 +433,52 @@ def make_scorer(model: ScoringModel) -> Callable[[pa.Table], np.ndarray]:
     return score
 
 
+class LoggedScores:
+    """Scores a chunk of the prediction log: the score the endpoint logged where the row's
+    model version is the monitored one, the model's score (``scorer``) elsewhere.
+
+    Rows another version scored (a canary, the champion before a swap) are scored again,
+    so every score compared comes from the monitored model.
+
+    Attributes:
+        columns: the log's columns besides the features that a chunk must hold.
+        logged: rows whose logged score was taken so far; ``rescored``: rows scored again.
+    """
+
+    columns = (prediction_log.SCORE_COLUMN, prediction_log.MODEL_VERSION_COLUMN)
+
+    def __init__(self, scorer: Callable[[pa.Table], np.ndarray], version: str) -> None:
+        self.scorer = scorer
+        self.version = str(version)
+        self.logged = 0
+        self.rescored = 0
+
+    @classmethod
+    def fits(cls, files: Sequence[Path]) -> bool:
+        """Whether every file is a prediction log part (holds a score and a model version)."""
+        for path in files:
+            if path.suffix.lower() != ".parquet":
+                return False
+            try:
+                names = set(pq.read_schema(path).names)
+            except (pa.ArrowException, OSError) as error:
+                raise DataError(f"{path}: cannot read it", [first_line(error)]) from error
+            if not set(cls.columns) <= names:
+                return False
+        return True
+
+    def __call__(self, table: pa.Table) -> np.ndarray:
+        versions = pc.cast(table.column(prediction_log.MODEL_VERSION_COLUMN), pa.string())
+        same = pc.fill_null(pc.equal(versions, self.version), False).to_numpy(zero_copy_only=False)
+        scores = _float_values(table.column(prediction_log.SCORE_COLUMN)).copy()
+        others = ~same
+        if others.any():
+            scores[others] = self.scorer(table.filter(pa.array(others)))
+        self.logged += int(same.sum())
+        self.rescored += int(others.sum())
+        return scores
+
+
 def monitor_batch(
     files: Sequence[Path],
     profile: ReferenceProfile,
@@ -472,9 +519,22 @@ def monitor_batch(
         scores = scorer(chunk) if scorer is not None else None
         monitor.add({name: chunk.column(name) for name in monitor.columns}, scores)
         if labels is not None and id_column is not None:
-            ids = chunk.column(id_column).to_numpy(zero_copy_only=False)
+            ids = _ids_like(chunk.column(id_column), labels.index)
             truth = labels.reindex(ids).to_numpy(dtype=np.float64, na_value=np.nan)
             known = np.isfinite(truth)
             if known.any():
                 monitor.add_labels(truth[known], None if scores is None else scores[known])
     return monitor.report(metric=metric, labelled=labels is not None)
+
+
+def _ids_like(ids: pa.ChunkedArray, index: pd.Index) -> np.ndarray:
+    """A chunk's ids as the labels hold them. The endpoint logs ids as text and label files
+    often hold numbers: a whole number matches its digits (7 and 7.0 match "7")."""
+    values = ids.to_numpy(zero_copy_only=False)
+    numeric_ids = pa.types.is_integer(ids.type) or pa.types.is_floating(ids.type)
+    numeric_index = pd.api.types.is_numeric_dtype(index.dtype)
+    if numeric_ids == numeric_index:
+        return values
+    if numeric_index:
+        return pd.to_numeric(pd.Series(values), errors="coerce").to_numpy()
+    return np.array([prediction_log.id_text(value) for value in values], dtype=object)

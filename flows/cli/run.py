@@ -21,7 +21,7 @@ from stemma.flows.cli.session import (
 RUNS: dict[str, tuple[Callable[[dict], str], tuple[str, ...]]] = {
     "train": (summaries.format_train_summary, ()),
     "score": (summaries.format_score_summary, ("input", "output", "model")),
-    "monitor": (summaries.format_monitor_summary, ("batch", "labels", "model")),
+    "monitor": (summaries.format_monitor_summary, ("batch", "labels", "model", "days")),
     "quantize": (summaries.format_quantize_summary, ("model",)),
     "shadow": (summaries.format_shadow_summary, ("challenger", "batch", "labels", "output")),
     "retrain": (summaries.format_retrain_summary, ("cause", "batches", "labels")),
@@ -110,12 +110,21 @@ def _add_monitor(flows: Any) -> None:
     )
     add_spec_arguments(monitor)
     monitor.add_argument(
-        "--batch", help="file or folder, one batch (default: monitor.input or score.input)"
+        "--batch",
+        help="file or folder, one batch, or the endpoint's prediction log or one of its day "
+        "folders (default: monitor.input or score.input)",
     )
     monitor.add_argument(
         "--labels", help="labels of the batch, joined by data.id (default: monitor.labels)"
     )
     monitor.add_argument("--model", help=f"{MODEL_REFERENCE} (default: monitor.model or @champion)")
+    monitor.add_argument(
+        "--days",
+        type=int,
+        metavar="N",
+        help="with the endpoint's prediction log as the batch (<endpoint.log.path>/predictions): "
+        "only its last N complete days, UTC (default: every day)",
+    )
 
 
 def _add_quantize(flows: Any) -> None:

@@ -39,6 +39,8 @@ def format_train_summary(summary: dict) -> str:
 
 def format_monitor_summary(summary: dict) -> str:
     """The summary printed at the end of `stemma run monitor`: the verdict, then the findings."""
+    if summary.get("outcome") == "nothing_logged":
+        return str(summary["summary"])
     verdict = "DRIFT" if summary["drift_detected"] else "no drift"
     lines = [
         f"{verdict}: {summary['batch']} vs {summary['model_uri']} "
@@ -47,6 +49,12 @@ def format_monitor_summary(summary: dict) -> str:
     lines += [f"  - {reason}" for reason in summary["reasons"]]
     if summary.get("labels") and not summary["labelled_rows"]:
         lines.append(f"  no label in {summary['labels']} matched a row of the batch")
+    if summary.get("scores"):
+        scores = summary["scores"]
+        lines.append(
+            f"  scores: {scores['logged']} as the endpoint logged them, "
+            f"{scores['rescored']} scored again (logged by another version)"
+        )
     if summary.get("event_id"):
         lines.append(f"  event stemma.drift.detected emitted (id {summary['event_id']})")
     lines.append(

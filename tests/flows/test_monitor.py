@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -311,6 +312,142 @@ def test_monitor_spec_problems_are_spec_errors(monitored_project, override, mess
     with pytest.raises(SpecError) as caught:
         run_monitor(monitored_project, override, batch=day(monitored_project, 1))
     assert message in caught.value.render()
+
+
+# ---------------------------------------------------------------------------------------
+# The online endpoint's prediction log as the batch
+
+
+def _utc_day(offset_days: int) -> str:
+    from datetime import UTC, datetime, timedelta
+
+    return (datetime.now(UTC) + timedelta(days=offset_days)).strftime("%Y-%m-%d")
+
+
+def _model_scores(frame: pd.DataFrame, version: str) -> list[float]:
+    """The monitored model's scores of the rows, as the endpoint logs them."""
+    import pyarrow as pa
+
+    from stemma.components.monitoring.drift import make_scorer
+    from stemma.components.runtime.loading import load_scoring_model
+
+    model = load_scoring_model(f"models:/{PIPELINE}/{version}")
+    return make_scorer(model)(pa.Table.from_pandas(frame, preserve_index=False)).tolist()
+
+
+def _log_rows(project: Path, number: int) -> pd.DataFrame:
+    """A day's batch as the endpoint logs its rows: the model's inputs and the id."""
+    return pd.read_parquet(day(project, number)).drop(columns=["applied_at"])
+
+
+@pytest.fixture
+def log_of(monitored_project, request) -> Path:
+    """A prediction log folder under the project, named after the test."""
+    return monitored_project / "logs" / re.sub(r"\W+", "-", request.node.name.removeprefix("test_"))
+
+
+def test_a_day_of_the_endpoint_log_drifts_like_its_batch_with_its_labels(monitored_project, log_of):
+    from stemma.components.data.prediction_log import day_parts, folder_digest
+    from tests.support import write_log_part
+
+    champion = mlflow.MlflowClient().get_model_version_by_alias(PIPELINE, "champion").version
+    rows = _log_rows(monitored_project, 6)
+    yesterday, today = _utc_day(-1), _utc_day(0)
+    # most rows the champion scored; a few a canary did (its scores are not the champion's)
+    served, canary = rows.iloc[:800], rows.iloc[800:]
+    write_log_part(
+        log_of, "predictions", served, at=f"{yesterday} 10:00", version=champion,
+        score=_model_scores(served, champion),
+    )  # fmt: skip
+    write_log_part(
+        log_of, "predictions", canary, at=f"{yesterday} 11:00", version="0", score=[0.0] * 200
+    )
+    write_log_part(
+        log_of,
+        "predictions",
+        _log_rows(monitored_project, 1),
+        at=f"{today} 00:10",
+        version=champion,
+    )
+    labels = pd.read_parquet(day(monitored_project, 6, "labels"))
+    write_log_part(log_of, "labels", labels, at=f"{today} 00:20")
+
+    summary = run_monitor(
+        monitored_project,
+        batch=str(log_of / "predictions"),
+        labels=str(log_of / "labels"),
+        days=1,
+    )
+    whole_day = run_monitor(monitored_project, batch=day(monitored_project, 6))
+
+    day_folder = log_of / "predictions" / yesterday
+    assert summary["batch"] == str(day_folder) and summary["days"] == [yesterday]
+    assert summary["rows"] == BATCH_ROWS  # today's rows are not in the complete day
+    assert summary["scores"] == {"logged": 800, "rescored": 200}
+    assert summary["drift_detected"] is True
+    assert {"age", "salary", "loan"} <= set(summary["drifted_features"])
+    # the log's columns are not features: the verdict is the batch file's
+    assert summary["drifted_features"] == whole_day["drifted_features"]
+    assert summary["columns"]["prediction"]["psi"] == pytest.approx(
+        whole_day["columns"]["prediction"]["psi"], rel=1e-4
+    )
+    # labels from the log's labels folder join by the id the endpoint logged as text
+    assert summary["labelled_rows"] == BATCH_ROWS
+    assert summary["performance"]["current"] > 0.5
+
+    client = mlflow.MlflowClient()
+    assert client.get_run(summary["run_id"]).info.run_name == f"monitor {yesterday}"
+    record = lineage.read_run_record(client, summary["run_id"])
+    (batch,) = [
+        node for node in record.nodes
+        if node.kind == "input" and node.attributes.get("role") == "batch"
+    ]  # fmt: skip
+    relative = f"logs/{log_of.name}/predictions/{yesterday}"
+    digest, _ = folder_digest(day_folder, day_parts(day_folder))
+    assert batch.attributes["path"] == relative and batch.digest == f"md5:{digest}"
+    assert summary["batch_digest"] == digest
+    assert len(batch.attributes["files"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("logged_by", "prediction_drift"),
+    [("champion", True), ("another version", False)],
+    ids=["reused", "rescored"],
+)
+def test_logged_scores_count_only_when_the_monitored_version_made_them(
+    monitored_project, log_of, logged_by, prediction_drift
+):
+    from tests.support import write_log_part
+
+    champion = mlflow.MlflowClient().get_model_version_by_alias(PIPELINE, "champion").version
+    version = champion if logged_by == "champion" else "0"
+    # day 1 is drawn like the training data; the logged scores are not the model's
+    write_log_part(
+        log_of, "predictions", _log_rows(monitored_project, 1), at=f"{_utc_day(0)} 09:00", version=version,
+        score=[0.999] * BATCH_ROWS,
+    )  # fmt: skip
+    summary = run_monitor(monitored_project, batch=str(log_of / "predictions"))
+    assert summary["drifted_features"] == []
+    assert summary["columns"]["prediction"]["drifted"] is prediction_drift
+    assert ("prediction" in summary["kinds"]) is prediction_drift
+    logged = BATCH_ROWS if prediction_drift else 0
+    assert summary["scores"] == {"logged": logged, "rescored": BATCH_ROWS - logged}
+
+
+def test_a_log_with_nothing_in_the_window_is_nothing_to_do(monitored_project, log_of):
+    from tests.support import write_log_part
+
+    write_log_part(
+        log_of, "predictions", _log_rows(monitored_project, 1), at=f"{_utc_day(0)} 00:05"
+    )
+    state = run_monitor(
+        monitored_project, batch=str(log_of / "predictions"), days=1, return_state=True
+    )
+    assert state.is_completed()
+    assert state.message.startswith("nothing to do: ") and "nothing was logged on" in state.message
+    assert state.result()["outcome"] == "nothing_logged"
+    with pytest.raises(DataError, match="days apply to the prediction log's folder"):
+        run_monitor(monitored_project, batch=day(monitored_project, 1), days=1)
 
 
 def test_cli_prints_the_verdict_and_exits_0_on_drift(
