@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 import pyarrow as pa
@@ -588,7 +588,7 @@ class PredictionLog:
         return pa.Table.from_arrays(columns, schema=self._features)
 
     def _labels_table(self, entry: _Entry) -> pa.Table:
-        table = entry.payload.table
+        table = cast(_Labels, entry.payload).table
         schema = self.schemas[LABELS]
         target = schema.field(self.target_column).type
         ids = _id_texts(table.column(self.id_column).to_pylist())
