@@ -2,7 +2,9 @@
 
 Each batch is routed by the stable hash bucket of its ids and scored by both arms
 (:mod:`.canary_steps`), then judged by the guards (:mod:`.canary_guards`): any breach
-rolls back, too few rows hold the step, otherwise the canary advances.
+rolls back, too few rows hold the step, otherwise the canary advances. Live, the online
+endpoint routes with the same hash and follows the state below; each day of its log is
+then a step's batch (:mod:`.live`).
 
 The state machine (:func:`plan_transition`), one transition per batch::
 
@@ -527,8 +529,8 @@ class StepLineage:
     batch_digest: str
     labels_path: str | None
     labels_digest: str | None
-    predictions_path: str
-    predictions_sha256: str
+    predictions_path: str | None  # None: the endpoint served them (a day of its log)
+    predictions_sha256: str | None
     run_id: str
     experiment_id: str
     flow_run_id: str | None
@@ -542,6 +544,29 @@ class StepLineage:
     who: str
     when: str
     action_run_id: str | None = None
+    batch_files: dict[str, str] | None = None  # a day of the log: each part's md5
+
+
+def _input_node(facts: StepLineage, node_id: str) -> Node:
+    """The batch a step judged (a day of the endpoint's log, with each part's md5)."""
+    attributes: dict[str, Any] = {"path": facts.batch_path}
+    if facts.batch_files:
+        attributes["files"] = dict(facts.batch_files)
+    return Node("input", node_id, f"md5:{facts.batch_digest}", attributes)
+
+
+def _served_nodes(facts: StepLineage) -> list[Node]:
+    """The served predictions a step wrote (none for a day of the endpoint's log)."""
+    if facts.predictions_path is None:
+        return []
+    return [
+        Node(
+            "predictions",
+            f"predictions:{facts.predictions_path}@{facts.predictions_sha256}",
+            f"sha256:{facts.predictions_sha256}",
+            {"path": facts.predictions_path, "served": True},
+        )
+    ]
 
 
 def build_step_record(facts: StepLineage) -> LineageRecord:
@@ -554,20 +579,15 @@ def build_step_record(facts: StepLineage) -> LineageRecord:
         facts.model_name, facts.challenger_version, facts.challenger_weights, "challenger"
     )
     run = run_node(facts.run_id, facts.experiment_id, facts.flow_run_id)
-    predictions = f"predictions:{facts.predictions_path}@{facts.predictions_sha256}"
     step = evaluation_node_id("canary-step", facts.run_id)
     decision = decision_node_id(facts.run_id)
+    served = _served_nodes(facts)
     nodes = [
-        Node("input", batch, f"md5:{facts.batch_digest}", {"path": facts.batch_path}),
+        _input_node(facts, batch),
         control,
         challenger,
         run,
-        Node(
-            "predictions",
-            predictions,
-            f"sha256:{facts.predictions_sha256}",
-            {"path": facts.predictions_path, "served": True},
-        ),
+        *served,
         Node(
             "canary_step",
             step,
@@ -594,7 +614,7 @@ def build_step_record(facts: StepLineage) -> LineageRecord:
         Edge(batch, run.id, "input_of"),
         Edge(control.id, run.id, "scored_with"),
         Edge(challenger.id, run.id, "scored_with"),
-        Edge(run.id, predictions, "produced"),
+        *(Edge(run.id, node.id, "produced") for node in served),
         Edge(batch, step, "evaluated_on"),
         Edge(control.id, step, "control_of"),
         Edge(challenger.id, step, "challenger_of"),

@@ -127,7 +127,7 @@ def evaluate_step(
     """Run the guards on a scored step and decide to advance, hold or roll back.
 
     Args:
-        scores: from :func:`~.canary_steps.score_step`.
+        scores: from :func:`~.canary_steps.score_step` or :func:`~.live.log_step_scores`.
         labels: from :func:`~.rows.load_labels`, or None.
         id_column: the entity id.
         task, metric: the task and ``gate.metric``.
@@ -174,7 +174,7 @@ def evaluate_step(
     distances = score_distances(reference, b[both], task=task)
     results.append(_drift_guard(distances["psi"], int(both.sum()), against, guards, metric_guard))
     results.append(metric_guard)
-    latency = measure_latency({"champion": control, "challenger": challenger}, [scores.batch])
+    latency = _step_latency(scores, control, challenger)
     results.append(_latency_guard(latency, guards.max_latency_ratio))
 
     decision, reasons = _decide(results)
@@ -191,6 +191,16 @@ def evaluate_step(
         comparison=comparison,
         latency=latency,
     )
+
+
+def _step_latency(
+    scores: StepScores, control: ScoringModel, challenger: ScoringModel
+) -> dict[str, dict[str, float]]:
+    """Request latency per model: as the endpoint served (a day of its log), else both
+    models timed on the batch."""
+    if scores.latency is not None:
+        return scores.latency
+    return measure_latency({"champion": control, "challenger": challenger}, [scores.batch])
 
 
 def _row_guards(failures: FailureCounts, arm_rows: int, guards: Any) -> list[GuardResult]:

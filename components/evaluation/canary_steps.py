@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,20 +64,28 @@ class StepScores:
         folder: the step folder.
         rows: one row per batch row: id, arm (``challenger``/``champion``), both models'
             scores (NaN where not scored) and whether each scored the row.
-        control: the control model's scoring of the whole batch.
-        challenger: the challenger's scoring of its arm (None when the arm is empty).
-        predictions: the served predictions file.
+        control: the control model's scoring of the whole batch (of the challenger's
+            arm for a day of the endpoint's log; None when there was nothing to score).
+        challenger: the challenger's scoring of its arm (None when the arm is empty, and
+            for a day of the log, where the endpoint scored it).
+        predictions: the served predictions file (None for a day of the log: the endpoint
+            served them).
         predictions_sha256: its sha256.
+        latency: per model, request latency percentiles (ms) as served (a day of the log);
+            None: the guards time both models.
+        log: for a day of the log, the rows left out and why.
     """
 
     batch: Path
     digest: str
     folder: Path
     rows: pd.DataFrame
-    control: ScoringResult
+    control: ScoringResult | None
     challenger: ScoringResult | None
-    predictions: Path
-    predictions_sha256: str
+    predictions: Path | None
+    predictions_sha256: str | None
+    latency: dict[str, dict[str, float]] | None = None
+    log: dict[str, Any] = field(default_factory=dict)
 
 
 def score_step(
@@ -142,10 +150,11 @@ def _write_arm_input(batch: Path, path: Path, id_column: str, ids: pd.Series) ->
     """The batch rows routed to the challenger, as a Parquet file (rewritten only if changed)."""
     table = pacsv.read_csv(batch) if batch.suffix.lower() == ".csv" else pq.read_table(batch)
     chosen = table.filter(pc.is_in(table.column(id_column), value_set=pa.array(ids.to_numpy())))
-    return _write_table_if_changed(path, chosen)
+    return write_table_if_changed(path, chosen)
 
 
-def _write_table_if_changed(path: Path, table: pa.Table) -> Path:
+def write_table_if_changed(path: Path, table: pa.Table) -> Path:
+    """Write ``table`` as Parquet to ``path`` atomically, unless the file holds it already."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue().to_pybytes()
@@ -190,5 +199,5 @@ def _write_predictions(
             tags.CHALLENGER_MODEL_URI: challenger.model_uri,
         }
     )
-    _write_table_if_changed(path, table)
+    write_table_if_changed(path, table)
     return hashlib.sha256(path.read_bytes()).hexdigest()

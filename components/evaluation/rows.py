@@ -190,7 +190,18 @@ def measure_latency(
         the first rows hold no complete row.
     """
     columns = sorted({column for model in models.values() for column in model.feature_columns})
-    sample = read_batch_columns(list(files)[:1], columns).head(LATENCY_BATCH_ROWS).dropna()
+    return time_models(models, read_batch_columns(list(files)[:1], columns))
+
+
+def time_models(
+    models: dict[str, ScoringModel], frame: pd.DataFrame
+) -> dict[str, dict[str, float]]:
+    """:func:`measure_latency` on the first complete rows of ``frame`` (which holds every
+    model's input columns): per model ``latency_ms_p50``/``p95``/``p99``, or empty."""
+    columns = sorted({column for model in models.values() for column in model.feature_columns})
+    if not set(columns) <= set(frame.columns):
+        return {}
+    sample = frame[columns].head(LATENCY_BATCH_ROWS).dropna()
     if sample.empty:
         return {}
     timings: dict[str, list[float]] = {name: [] for name in models}

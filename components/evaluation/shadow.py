@@ -197,6 +197,8 @@ class ShadowReport:
         segments: per segment value.
         latency: per model, ``p50``/``p95``/``p99`` chunk latency (ms) and rows per second.
         settings: the settings that decided.
+        skipped: rows left out of the comparison, by why (judging from the endpoint's log:
+            scores of another version than the challenger, say).
     """
 
     decision: str
@@ -215,6 +217,7 @@ class ShadowReport:
     segments: list[SegmentComparison] = field(default_factory=list)
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for MLflow (one ``log_batch``)."""
@@ -230,6 +233,7 @@ class ShadowReport:
         }
         for model, numbers in self.latency.items():
             values.update({f"{model}_{key}": value for key, value in numbers.items()})
+        values.update({f"skipped_{why}": count for why, count in self.skipped.items()})
         values.update(comparison_metrics(self.metric, self.comparison))
         for segment in self.segments:
             prefix = _METRIC_KEY.sub("_", f"segment.{segment.column}.{segment.value}")
@@ -499,27 +503,17 @@ class ShadowLineage:
 def build_shadow_record(facts: ShadowLineage, report: ShadowReport) -> LineageRecord:
     """The lineage record of a shadow evaluation (``lineage/record.json``)."""
     batch = input_node_id(facts.input_path, facts.input_digest)
-    champion = model_version_node(
-        facts.model_name, facts.champion_version, facts.champion_weights, "champion"
-    )
-    challenger = model_version_node(
-        facts.model_name, facts.challenger_version, facts.challenger_weights, "challenger"
-    )
-    run = run_node(facts.run_id, facts.experiment_id, facts.flow_run_id)
     served = predictions_node_id(facts.served_path, facts.served_sha256)
     shadow = predictions_node_id(facts.shadow_path, facts.shadow_sha256)
-    evaluation = evaluation_node_id("shadow-evaluation", facts.run_id)
-    decision = decision_node_id(facts.run_id)
-    nodes = [
+    inputs = [
         Node(
             "input",
             batch,
             f"md5:{facts.input_digest}",
             {"path": facts.input_path, "files": dict(facts.input_files)},
-        ),
-        champion,
-        challenger,
-        run,
+        )
+    ]
+    produced = [
         Node(
             "predictions",
             served,
@@ -532,20 +526,46 @@ def build_shadow_record(facts: ShadowLineage, report: ShadowReport) -> LineageRe
             f"sha256:{facts.shadow_sha256}",
             {"path": facts.shadow_path, "served": False},
         ),
+    ]
+    return shadow_record(facts, report, inputs=inputs, produced=produced)
+
+
+def shadow_record(
+    facts: Any, report: ShadowReport, *, inputs: Sequence[Node], produced: Sequence[Node]
+) -> LineageRecord:
+    """A shadow evaluation's record from what it read (``inputs``: batches, log days) and
+    wrote (``produced``: the scores both models wrote, compared in the evaluation).
+
+    ``facts`` is a :class:`ShadowLineage` or one with the same model, run, label and
+    decision fields (``live.LogShadowLineage``).
+    """
+    champion = model_version_node(
+        facts.model_name, facts.champion_version, facts.champion_weights, "champion"
+    )
+    challenger = model_version_node(
+        facts.model_name, facts.challenger_version, facts.challenger_weights, "challenger"
+    )
+    run = run_node(facts.run_id, facts.experiment_id, facts.flow_run_id)
+    evaluation = evaluation_node_id("shadow-evaluation", facts.run_id)
+    decision = decision_node_id(facts.run_id)
+    nodes = [
+        *inputs,
+        champion,
+        challenger,
+        run,
+        *produced,
         Node("shadow_evaluation", evaluation, None, _evaluation_attributes(report)),
         Node("decision", decision, None, _decision_attributes(facts)),
     ]
     edges = [
-        Edge(batch, run.id, "input_of"),
+        *(Edge(node.id, run.id, "input_of") for node in inputs),
         Edge(champion.id, run.id, "scored_with"),
         Edge(challenger.id, run.id, "shadowed_with"),
-        Edge(run.id, served, "produced"),
-        Edge(run.id, shadow, "produced"),
-        Edge(batch, evaluation, "evaluated_on"),
+        *(Edge(run.id, node.id, "produced") for node in produced),
+        *(Edge(node.id, evaluation, "evaluated_on") for node in inputs),
         Edge(champion.id, evaluation, "champion_of"),
         Edge(challenger.id, evaluation, "challenger_of"),
-        Edge(served, evaluation, "compared_in"),
-        Edge(shadow, evaluation, "compared_in"),
+        *(Edge(node.id, evaluation, "compared_in") for node in produced),
         Edge(run.id, evaluation, "produced"),
     ]
     decided = Decided(
@@ -578,7 +598,7 @@ def _evaluation_attributes(report: ShadowReport) -> dict[str, Any]:
     }
 
 
-def _decision_attributes(facts: ShadowLineage) -> dict[str, Any]:
+def _decision_attributes(facts: Any) -> dict[str, Any]:
     return {
         "decision": facts.decision,
         "reasons": list(facts.reasons),

@@ -8,17 +8,22 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from stemma.components.errors import RegistryError, SpecError
-from stemma.components.evaluation import canary, canary_guards, rows, shadow
+from stemma.components.data import prediction_log
+from stemma.components.data.labels import label_files
+from stemma.components.errors import DataError, RegistryError, SpecError
+from stemma.components.evaluation import canary, canary_guards, live, log_rows, rows, shadow
 from stemma.components.platform.refs import format_model_ref, parse_model_ref
 from stemma.components.runtime.loading import ScoringModel
-from stemma.components.scoring.inputs import input_digest, input_files
+from stemma.components.scoring.inputs import input_digest
 from stemma.components.spec import EvaluateSpec, LoadedSpec
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from stemma.components.evaluation.canary_steps import StepScores
+
+#: What ``--log`` without a folder stands for: the spec's ``endpoint.log.path``.
+ENDPOINT_LOG = "endpoint.log.path"
 
 
 def evaluate_settings(loaded: LoadedSpec) -> tuple[EvaluateSpec, str]:
@@ -64,7 +69,8 @@ def read_labels(
     labels = rows.load_labels(
         path, id_column=str(spec.data.id), target=spec.data.target, task=spec.data.task
     )
-    digest, _ = input_digest(input_files(path))
+    # label_files: also the days of the endpoint's logged labels (a folder per day)
+    digest, _ = input_digest(label_files(path))
     return labels, digest, f"{len(labels):,} labels from {path}"
 
 
@@ -221,6 +227,12 @@ def decide_canary_step(
         "predictions_sha256": scores.predictions_sha256,
         "decided_at": canary.utc_now(),
     }
+    if scores.log:
+        document["log"] = scores.log
+        document["metrics"].update(
+            skipped_rows=float(sum(scores.log["skipped"].values())),
+            repeated_rows=float(scores.log["repeated"]),
+        )
     canary.write_step_record(scores.folder, document)
     return document
 
@@ -230,3 +242,155 @@ def step_where(state: canary.CanaryState) -> str:
     if state.phase == canary.PHASE_CANARY:
         return f"step {state.step + 1}/{len(state.steps)} {state.fraction:.0%}"
     return f"bake {state.baked + 1}/{state.bake_batches}"
+
+
+# ---------------------------------------------------------------------------------------
+# Judging from the online endpoint's prediction log
+
+
+def open_prediction_log(loaded: LoadedSpec, log: str) -> log_rows.LogFolder:
+    """The log ``--log`` names: a folder or one day folder of it; :data:`ENDPOINT_LOG`
+    stands for the spec's ``endpoint.log.path``.
+
+    Raises:
+        SpecError: :data:`ENDPOINT_LOG` and the spec has no ``endpoint.log``.
+        DataError: as :func:`~.log_rows.open_log`.
+    """
+    if log == ENDPOINT_LOG:
+        endpoint = loaded.spec.endpoint
+        if endpoint is None or endpoint.log is None:
+            raise SpecError(
+                f"{loaded.path}: --log without a folder reads endpoint.log.path, and "
+                "endpoint.log is not set",
+                ["name the log folder: --log <folder>"],
+            )
+        log = endpoint.log.path
+    return log_rows.open_log(log if log.startswith("s3://") else loaded.resolve(log))
+
+
+def read_log_labels(
+    loaded: LoadedSpec, log: log_rows.LogFolder, labels: str | None
+) -> tuple[pd.DataFrame | None, str | None, Path | None, str]:
+    """The labels a judgement from the log joins: those named (``--labels``), else those
+    the endpoint received (``labels/``, every day); their digest, path and a note.
+
+    Raises:
+        DataError: labels named are missing or malformed; the log's are malformed.
+    """
+    if labels:
+        path = loaded.resolve(labels)
+        frame, digest, note = read_labels(loaded, path, True)
+        return log_rows.ids_as_logged(frame, str(loaded.spec.data.id)), digest, path, note
+    spec = loaded.spec
+    frame, days = log_rows.read_log_labels(
+        log, id_column=str(spec.data.id), target=spec.data.target, task=spec.data.task
+    )
+    path = log.root / prediction_log.LABELS
+    if frame is None:
+        return None, None, None, f"no label in {path} yet (the endpoint's POST /v1/labels)"
+    return frame, log_rows.days_digest(days), path, f"{len(frame):,} labels from {path}"
+
+
+def compare_log_shadow(
+    loaded: LoadedSpec,
+    settings: EvaluateSpec,
+    log: log_rows.LogFolder,
+    models: tuple[ScoringModel, ScoringModel],
+    labels: pd.DataFrame | None,
+) -> tuple[pd.DataFrame, shadow.ShadowReport, list[log_rows.LogDay]]:
+    """Pair the challenger's shadow scores with the champion's answers, and decide.
+
+    Returns:
+        The pairs (:func:`~.live.pair_shadow_rows`), the report, and the day folders read.
+
+    Raises:
+        DataError: the log holds no part, or no shadow score; a part lacks a column.
+    """
+    spec = loaded.spec
+    champion, challenger = models
+    id_column = str(spec.data.id)
+    served_days = log_rows.stream_days(log, prediction_log.PREDICTIONS)
+    shadow_days = log_rows.stream_days(log, prediction_log.SHADOW)
+    if not served_days and not shadow_days:
+        raise DataError(
+            f"{log.describe()}: the prediction log holds no finished part",
+            [f"parts are read from {log.root}/predictions/YYYY-MM-DD/part-*.parquet"],
+        )
+    if not shadow_days:
+        raise DataError(
+            f"{log.describe()}: the log holds no shadow score",
+            ["live shadow is off: set endpoint.shadow, and the challenger scores a sample"],
+        )
+    segments = [column for column in settings.shadow.segments if column != id_column]
+    inputs = sorted({*champion.feature_columns, *challenger.feature_columns})
+    served = log_rows.read_log_rows(
+        served_days,
+        [id_column, *live.SERVED_COLUMNS],
+        optional=[*segments, *inputs, prediction_log.LATENCY_COLUMN],
+    )
+    shadowed = log_rows.read_log_rows(shadow_days, live.SHADOW_COLUMNS)
+    pairs = live.pair_shadow_rows(
+        served,
+        shadowed,
+        id_column=id_column,
+        champion_version=champion.version,
+        challenger_version=challenger.version,
+        labels=labels,
+        segments=segments,
+    )
+    answered = served[
+        served[prediction_log.MODEL_VERSION_COLUMN].astype(str) == str(champion.version)
+    ]
+    latency = rows.time_models({"champion": champion, "challenger": challenger}, answered)
+    as_served = log_rows.served_latency(answered)
+    if as_served:
+        latency.setdefault("champion", {}).update(
+            {f"served_{key}": value for key, value in as_served.items()}
+        )
+    report = shadow.shadow_evaluate(
+        pairs.rows,
+        task=spec.data.task,
+        metric=spec.gate.metric,
+        settings=settings,
+        champion=champion,
+        challenger=challenger,
+        latency=latency,
+    )
+    report = live.log_shadow_report(
+        report,
+        pairs,
+        champion_version=champion.version,
+        challenger_version=challenger.version,
+    )
+    return pairs.rows, report, [*served_days, *shadow_days]
+
+
+def log_step_days(log: log_rows.LogFolder) -> list[log_rows.LogDay]:
+    """The days of the log's ``predictions/`` (or the one day named), oldest first.
+
+    Raises:
+        DataError: none holds a finished part.
+    """
+    days = log_rows.stream_days(log, prediction_log.PREDICTIONS)
+    if not days:
+        raise DataError(
+            f"{log.describe()}: the prediction log holds no finished part",
+            [f"parts are read from {log.root}/predictions/YYYY-MM-DD/part-*.parquet"],
+        )
+    return days
+
+
+def log_canary_days(
+    days: list[log_rows.LogDay], state: canary.CanaryState, columns: list[str]
+) -> tuple[list[log_rows.LogDay], list[str], list[str]]:
+    """The days a canary judges, one step each: those over (UTC) since the day it started,
+    checked to hold ``columns``; and the days before it started, and those still written.
+
+    Raises:
+        DataError: a part of a day to judge lacks one of ``columns``.
+    """
+    started = state.started[:10]
+    before = [day.day for day in days if day.day < started]
+    over, still_written = log_rows.complete_days([day for day in days if day.day >= started])
+    log_rows.check_columns(over, columns)
+    return over, before, [day.day for day in still_written]
