@@ -215,7 +215,7 @@ class PredictionLog:
             problem = path_problem(settings.path, root, spec.pipeline.allowed_roots)
             if problem:
                 raise SpecError(f"endpoint.log.path: {problem}")
-            store = FolderStore(Path(root) / settings.path)
+            store = FolderStore(root / settings.path)
         return cls(
             store,
             settings,
