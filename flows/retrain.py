@@ -7,7 +7,9 @@ old version stays restorable), then train → gate (→ quantize, when the spec 
 → shadow against the champion on the held-out batch → promote only when the shadow
 decision says so. The drift report that caused the run, if any, is recorded as its cause
 on the retraining run, the training run and the model version, so lineage shows "retrained
-because of drift report X on batch Y".
+because of drift report X on batch Y". The batches may be the online endpoint's prediction
+log (a day folder per batch, the log's labels joined by id); every batch the new rows came
+from is recorded as an input of the run, with its digest.
 
 Nothing happens twice: a second run for the same pipeline while one runs exits at once
 (a lock under ``.stemma/locks``, besides the deployment's concurrency limit), and a run
@@ -43,7 +45,14 @@ from stemma.components.training.retraining import (
     pipeline_lock,
 )
 from stemma.flows.lineage import record_lineage
-from stemma.flows.steps import config_location, config_run_name, flow_run_id, step, tracked
+from stemma.flows.steps import (
+    config_location,
+    config_run_name,
+    flow_run_id,
+    relative,
+    step,
+    tracked,
+)
 
 __all__ = [
     "ALREADY_RUNNING",
@@ -171,7 +180,10 @@ def _retrain(
             decision=outcome,
             data_git_rev=git_rev,
             sources=dict(gathered.new.sources),
-            holdout=str(holdout.relative_to(loaded.root)) if holdout else None,
+            holdout=relative(holdout, loaded.root) if holdout else None,
+            inputs={
+                relative(path, loaded.root): digest for path, digest in gathered.inputs.items()
+            },
         )
     )
     return {
@@ -179,6 +191,7 @@ def _retrain(
         "previous_data_md5": gathered.version.md5,
         "data_git_rev": git_rev,
         "new_rows": gathered.new.rows,
+        "inputs": {str(path): digest for path, digest in gathered.inputs.items()},
         "model_version": version,
         "train_run_id": trained["run_id"],
         "outcome": outcome,
@@ -204,8 +217,10 @@ def retrain_flow(
         cause: MLflow run id of the drift report that triggered the run (None: scheduled
             or by hand).
         batches: folder of production batches (default: `retrain.batches`, else
-            `score.input`).
-        labels: folder of their labels (default: `retrain.labels`).
+            `score.input`), or the endpoint's prediction log,
+            `<endpoint.log.path>/predictions` (a day folder is a batch).
+        labels: folder of their labels (default: `retrain.labels`); the log's `labels`
+            folder works (an id's latest label wins).
 
     Returns:
         The outcome (`no_new_data`, `already_running`, `gate_failed`, `promoted`,

@@ -524,12 +524,15 @@ def build_retrain_record(
     data_git_rev: str | None = None,
     sources: Mapping[str, int] | None = None,
     holdout: str | None = None,
+    inputs: Mapping[str, str] | None = None,
 ) -> LineageRecord:
     """The lineage record of a retraining run: why it ran and what it made.
 
     The new data version's node holds the commit that recorded it (``git_rev``) and the
     rows taken from each file (``sources``); the run's node names the held-out batch the
-    shadow judged (``holdout``).
+    shadow judged (``holdout``). Each batch the new rows came from (``inputs``, path to
+    content digest: a file, or a day folder of the endpoint's prediction log) is an
+    ``input`` node read by the run, the same node the drift monitor records for it.
 
     A drift report that caused the run is a ``drift_report`` node (the monitor's MLflow
     run) linked from the batch it judged, so walking upstream from the new model version
@@ -569,6 +572,11 @@ def build_retrain_record(
     ]
     if cause.get("run_id"):
         _retrain_cause(cause, run, nodes, edges)
+    for path, digest in (inputs or {}).items():
+        batch = input_node_id(path, digest)
+        if all(node.id != batch for node in nodes):  # the batch a drift report judged
+            nodes.append(Node("input", batch, f"md5:{digest}", {"path": path, "role": "batch"}))
+        edges.append(Edge(batch, run, "input_of"))
     if shadow_run_id:
         shadow = run_node_id(shadow_run_id)
         nodes.append(Node("run", shadow, None, {"flow": "shadow"}))

@@ -9,13 +9,13 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from stemma.components.data import ingest
+from stemma.components.data import ingest, prediction_log
 from stemma.components.data.labels import read_labels
 from stemma.components.data.tables import DataVersion, load_table, resolve_data_version
 from stemma.components.errors import StemmaError
@@ -41,12 +41,15 @@ class RetrainError(StemmaError):
 
 @dataclass(frozen=True)
 class Gathered:
-    """The data version now, its table, the new labelled rows, and the held-out batch."""
+    """The data version now, its table, the new labelled rows, the held-out batch, and the
+    batches the new rows came from with their digests (a file's md5, a day folder's
+    ``.dir`` digest)."""
 
     version: DataVersion
     table: pd.DataFrame
     new: ingest.NewRows
     holdout: Path | None
+    inputs: dict[Path, str] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -124,6 +127,10 @@ def gather(
     """The production rows labelled since the current data version; the newest labelled
     batch is held out, so the shadow compares the models on rows neither was trained on.
 
+    The batches are the files of a folder, or the day folders of the endpoint's prediction
+    log (``<endpoint.log.path>/predictions``, a day being one batch), and the labels may be
+    the log's ``labels`` folder (every day; an id labelled twice keeps its latest label).
+
     Raises:
         RetrainError: the spec names no ``data.id`` to join batches and labels by.
     """
@@ -135,24 +142,39 @@ def gather(
     version = resolve_data_version(loaded.root, loaded.resolve(spec.data.path))
     table = load_table(version.file_path, spec.data)
     batch_path = loaded.resolve(batches or settings.batches or spec.score.input)
+    id_column, id_type = spec.data.id, table[spec.data.id].dtype
     all_labels = read_labels(
         loaded.resolve(labels or settings.labels), spec.data.id, spec.data.target
     )
-    labelled_ids = set(all_labels[spec.data.id].tolist())
+    labelled_ids = set(ingest.align_ids(all_labels[id_column], id_type, where="labels").tolist())
     labelled = [
         path
         for path in ingest.batch_files(batch_path)
-        if ingest.read_ids(path, spec.data.id).isin(labelled_ids).any()
+        if ingest.align_ids(ingest.read_ids(path, id_column), id_type, where=str(path))
+        .isin(labelled_ids)
+        .any()
     ]
     holdout = labelled[-1] if len(labelled) > 1 else None
+    # The log holds the model's inputs and the id: the table's other columns stay empty.
+    from_log = prediction_log.is_log_folder(batch_path)
+    known = {id_column, spec.data.target, *spec.data.features.all}
     new = ingest.gather_new_rows(
         table,
         [path for path in labelled if path != holdout],
         all_labels,
-        id_column=spec.data.id,
+        id_column=id_column,
         target=spec.data.target,
+        fillable=[column for column in table.columns if column not in known] if from_log else (),
     )
-    return Gathered(version, table, new, holdout)
+    used = [path for path in labelled if path.name in new.sources]
+    return Gathered(version, table, new, holdout, {path: batch_digest(path) for path in used})
+
+
+def batch_digest(path: Path) -> str:
+    """A batch's content digest: a file's md5, or the ``.dir`` digest of a day folder's
+    parts (what the drift monitor records for the same day)."""
+    files = prediction_log.day_parts(path) if path.is_dir() else [path]
+    return prediction_log.folder_digest(path, files)[0]
 
 
 def record_version(loaded: LoadedSpec, gathered: Gathered) -> tuple[DataVersion, str | None]:

@@ -233,3 +233,64 @@ def test_retrain_command_reports_no_new_data(retrain_project, stemma_exe):
     )
     assert result.returncode == 0, result.stderr
     assert "no retraining" in result.stdout and "fewer than retrain.min_new_rows" in result.stdout
+
+
+def test_retrain_takes_the_endpoint_log_and_the_labels_it_received(retrain_project):
+    import mlflow
+
+    from stemma.components.data.prediction_log import day_parts, folder_digest
+    from stemma.components.platform.lineage import input_node_id, read_run_record, run_node_id
+    from tests.support import write_log_part
+
+    project = retrain_project
+    log = project / "logs" / "endpoint"
+    batches, labelled = project / "data/credit/batches", project / "data/credit/labels"
+    first = pd.read_parquet(batches / "day_01.parquet").drop(columns=["applied_at"])
+    second = pd.read_parquet(batches / "day_02.parquet").drop(columns=["applied_at"])
+    # day 1's applications, 50 of them scored twice; day 2's the next day
+    write_log_part(log, "predictions", first.iloc[:300], at="2025-06-01 10:00")
+    write_log_part(log, "predictions", first.iloc[250:], at="2025-06-01 12:00")
+    write_log_part(log, "predictions", second, at="2025-06-02 09:00")
+    truth = pd.concat(
+        [pd.read_parquet(labelled / "day_01.parquet"), pd.read_parquet(labelled / "day_02.parquet")]
+    )
+    wrong = truth.head(10).assign(approved=lambda frame: 1 - frame["approved"])
+    write_log_part(log, "labels", wrong, at="2025-06-02 08:00")
+    write_log_part(log, "labels", truth, at="2025-06-03 08:00")  # corrections come later
+    before_rows = len(pd.read_parquet(project / "data/credit/train.parquet"))
+
+    result = retrain_flow(
+        config="configs/credit.yaml",
+        overrides=FAST,
+        batches=str(log / "predictions"),
+        labels=str(log / "labels"),
+    )
+
+    # day 1 is ingested once per id, with its latest labels; day 2 is held out for the shadow
+    assert result["new_rows"] == 500
+    after = pd.read_parquet(project / "data/credit/train.parquet")
+    assert len(after) == before_rows + 500 and after["application_id"].is_unique
+    new = after.tail(500).merge(truth, on="application_id", suffixes=("", "_label"))
+    assert (new["approved"] == new["approved_label"]).all()
+    assert new["applied_at"].isna().all()  # the log holds the model's inputs and the id
+    assert not set(second["application_id"]) & set(after["application_id"])
+    assert result["shadow"]["decision"] in {"promote", "reject", "wait"}
+
+    # the run read the day folder: an input node with the digest the monitor records
+    day = log / "predictions" / "2025-06-01"
+    digest, _ = folder_digest(day, day_parts(day))
+    assert result["inputs"] == {str(day): digest}
+    record = read_run_record(mlflow.MlflowClient(), result["run_id"])
+    node = input_node_id("logs/endpoint/predictions/2025-06-01", digest)
+    (batch,) = [item for item in record.nodes if item.id == node]
+    assert batch.digest == f"md5:{digest}" and batch.attributes["role"] == "batch"
+    run = run_node_id(result["run_id"])
+    assert any(e.source == node and e.target == run for e in record.edges)
+    (retrain_node,) = [item for item in record.nodes if item.id == run]
+    assert retrain_node.attributes["holdout"] == "logs/endpoint/predictions/2025-06-02"
+    (version_node,) = [
+        item
+        for item in record.nodes
+        if item.kind == "data_version" and item.digest.endswith(result["data_md5"])
+    ]
+    assert version_node.attributes["sources"] == {"2025-06-01": 500}
