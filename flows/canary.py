@@ -22,7 +22,8 @@ from typing import Any
 import mlflow
 from prefect import flow, get_run_logger
 
-from stemma.components.evaluation import canary, canary_steps, comparison, rows
+from stemma.components.errors import SpecError
+from stemma.components.evaluation import canary, canary_steps, comparison, live, log_rows, rows
 from stemma.components.evaluation import steps as evaluation
 from stemma.components.platform import metric_names, tags, tracking
 from stemma.components.platform.redaction import redact_url
@@ -32,7 +33,7 @@ from stemma.components.runtime.loading import ScoringModel
 from stemma.components.scoring.inputs import input_digest, input_files
 from stemma.components.spec import EvaluateSpec, LoadedSpec
 from stemma.flows.lineage import record_lineage
-from stemma.flows.shadow import load_labels_step
+from stemma.flows.shadow import load_labels_step, log_labels_step
 from stemma.flows.steps import (
     config_run_name,
     flow_run_id,
@@ -57,6 +58,14 @@ class Canary:
     output_root: Path
     labels: tuple[Any, str | None, Path | None]  # frame, digest, path
     experiment_id: str
+    log_days: dict[Path, log_rows.LogDay] | None = None  # judged from the endpoint's log
+
+    def digest(self, batch: Path) -> str:
+        """The content digest that identifies a batch (a day of the log by its parts)."""
+        if self.log_days is not None:
+            return self.log_days[batch].digest
+        digest, _ = input_digest([batch])
+        return digest
 
 
 def batch_files(loaded: LoadedSpec, batches: list[str] | None) -> list[Path]:
@@ -87,6 +96,22 @@ def score_step(
         folder,
         fraction=state.fraction,
         salt=state.salt,
+        **scoring_options(run.loaded),
+    )
+
+
+@step(name="read step from the log")
+def log_step(
+    run: Canary, state: canary.CanaryState, day: log_rows.LogDay, folder: Path
+) -> canary_steps.StepScores:
+    control, _ = run.models
+    return live.log_step_scores(
+        control,
+        day,
+        folder,
+        challenger_version=state.challenger,
+        control_version=state.control,
+        promoted=state.phase == canary.PHASE_BAKE,
         **scoring_options(run.loaded),
     )
 
@@ -162,7 +187,7 @@ def _step_facts(
         batch_digest=digest,
         labels_path=relative(labels_path, root) if labels_digest and labels_path else None,
         labels_digest=labels_digest,
-        predictions_path=relative(scores.predictions, root),
+        predictions_path=relative(scores.predictions, root) if scores.predictions else None,
         predictions_sha256=scores.predictions_sha256,
         run_id=run.run_id,
         experiment_id=run.experiment_id,
@@ -177,6 +202,7 @@ def _step_facts(
         who=getpass.getuser(),
         when=canary.utc_now(),
         action_run_id=applied.record.record_run_id if applied.record is not None else None,
+        batch_files=scores.log.get("parts"),
     )
 
 
@@ -207,7 +233,8 @@ def _record_step(shared: Canary, run: TrackedRun, state: Any, step: tuple) -> tu
     )
     written = canary.write_state(mlflow.MlflowClient(), following)
     # The action, its outcome and the canary's status are the decision node's attributes.
-    run.set_tags({tags.OUTPUT_SHA256: scores.predictions_sha256})
+    if scores.predictions_sha256:
+        run.set_tags({tags.OUTPUT_SHA256: scores.predictions_sha256})
     return written, applied
 
 
@@ -215,9 +242,13 @@ def run_step(
     shared: Canary, state: canary.CanaryState, batch: Path, digest: str
 ) -> tuple[canary.CanaryState, dict[str, Any]]:
     """One batch through the canary: score, decide, record, move aliases, record the state."""
-    folder = canary.step_folder(shared.output_root, state, batch)
     key = canary.step_key(state, digest)
-    scores = score_step(shared, state, batch, folder)
+    if shared.log_days is not None:
+        folder = canary.step_folder(shared.output_root, state, Path(f"log-{batch.name}"))
+        scores = log_step(shared, state, shared.log_days[batch], folder)
+    else:
+        folder = canary.step_folder(shared.output_root, state, batch)
+        scores = score_step(shared, state, batch, folder)
     decided = decide_step(shared, state, scores, key)
     name = f"canary {state.model} v{state.challenger} {evaluation.step_where(state)} {batch.stem}"
     extra = {
@@ -246,8 +277,9 @@ def run_step(
         "arm_rows": int(metrics.get("arm_rows", 0)),
         "rows": int(metrics.get("rows", 0)),
         "run_id": run.run_id,
-        "predictions": str(scores.predictions),
+        "predictions": str(scores.predictions or batch),
         "status": written.status,
+        **({"log": scores.log} if scores.log else {}),
     }
     return written, summary
 
@@ -263,7 +295,7 @@ def _steps(shared: Canary, state: canary.CanaryState, files: list[Path]) -> tupl
         if state.ended:
             left.append(str(batch))
             continue
-        digest, _ = input_digest([batch])
+        digest = shared.digest(batch)
         done = state.processed(digest)
         if done is not None:
             skipped.append(f"{batch.name} (step {done.step + 1}, {done.decision})")
@@ -287,6 +319,39 @@ def _steps(shared: Canary, state: canary.CanaryState, files: list[Path]) -> tupl
     return state, steps, skipped, left
 
 
+def _batch_inputs(
+    loaded: LoadedSpec, settings: EvaluateSpec, batches: list[str] | None, labels: str | None
+) -> tuple[list[Path], tuple, str]:
+    """The batches and their labels (frame, digest, path), checked to share ids; a note."""
+    id_column = str(loaded.spec.data.id)
+    files = batch_files(loaded, batches)
+    labels_path, labels_required = evaluation.labels_location(loaded, settings, labels)
+    label_frame, labels_digest, labels_note = load_labels_step(loaded, labels_path, labels_required)
+    if labels_required and label_frame is not None:
+        ids = rows.read_batch_columns(files, [id_column])[id_column]
+        rows.require_label_overlap(ids, label_frame, id_column, str(labels_path))
+    return files, (label_frame, labels_digest, labels_path), labels_note
+
+
+def _log_inputs(loaded: LoadedSpec, log: str, labels: str | None) -> tuple:
+    """The endpoint's log, its days with a finished part, and the labels (frame, digest,
+    path) the endpoint received (or those named); a note on the labels."""
+    prediction_log = evaluation.open_prediction_log(loaded, log)
+    days = evaluation.log_step_days(prediction_log)
+    frame, labels_digest, labels_path, note = log_labels_step(loaded, prediction_log, labels)
+    return prediction_log, days, (frame, labels_digest, labels_path), note
+
+
+def _log_days(
+    log: log_rows.LogFolder, days: list, state: canary.CanaryState, id_column: str, control: Any
+) -> tuple[dict[Path, log_rows.LogDay], dict[str, Any]]:
+    """The log's days to judge, by folder, and what the summary says of the log."""
+    columns = [id_column, *live.STEP_COLUMNS, *control.feature_columns]
+    judged, before, waiting = evaluation.log_canary_days(days, state, columns)
+    notes = {"log": log.describe(), "before_start": before, "waiting": waiting}
+    return {day.path: day for day in judged}, notes
+
+
 @flow(name="canary", flow_run_name=_run_name, validate_parameters=True)
 def canary_flow(
     config: str = "configs/credit.yaml",
@@ -295,8 +360,9 @@ def canary_flow(
     batches: list[str] | None = None,
     labels: str | None = None,
     output: str | None = None,
+    log: str | None = None,
 ) -> dict[str, Any]:
-    """Run the next canary steps, one per batch not processed yet.
+    """Run the next canary steps, one per batch (or day of the endpoint's log) not processed yet.
 
     Args:
         config: path of the pipeline spec (YAML).
@@ -306,10 +372,14 @@ def canary_flow(
             running canary continues with its own challenger.
         batches: files or folders of production rows, processed in order, one step each
             (default: `score.input`); batches the canary already processed are skipped.
-        labels: labels of those rows (default: `evaluate.labels`; labels named here must
-            exist and match the batches' ids).
+        labels: labels of those rows (default: `evaluate.labels`, or with `log` the labels
+            the endpoint received; labels named here must exist).
         output: folder of the canary's scores and served predictions (default:
             `<score.output>-canary`).
+        log: judge what the online endpoint served instead: its prediction log's folder or
+            a day folder (`<log>/predictions/YYYY-MM-DD`; `endpoint.log.path`: the spec's).
+            Each UTC day since the canary started is one step once it is over, judged on
+            the rows each arm served (the endpoint routes the canary's share).
 
     Returns:
         The canary's state and what each batch did.
@@ -317,15 +387,20 @@ def canary_flow(
     loaded = load_spec_step(config, list(overrides or []))
     spec = loaded.spec
     settings, id_column = evaluation.evaluate_settings(loaded)
+    if log and batches:
+        raise SpecError(
+            "--log judges the days the endpoint served: --batches does not apply",
+            ["give either --log or --batches"],
+        )
     tracking_uri = tracking.configure_tracking(loaded.root)
     experiment_id = tracking.ensure_experiment(spec.pipeline.experiment_name, loaded.root)
-    files = batch_files(loaded, batches)
-    labels_path, labels_required = evaluation.labels_location(loaded, settings, labels)
-    label_frame, labels_digest, labels_note = load_labels_step(loaded, labels_path, labels_required)
+    files: list[Path] = []
+    prediction_log, days = None, []
+    if log:
+        prediction_log, days, label_inputs, labels_note = _log_inputs(loaded, log, labels)
+    else:
+        files, label_inputs, labels_note = _batch_inputs(loaded, settings, batches, labels)
     get_run_logger().info("%s", labels_note)
-    if labels_required and label_frame is not None:
-        ids = rows.read_batch_columns(files, [id_column])[id_column]
-        rows.require_label_overlap(ids, label_frame, id_column, str(labels_path))
     score_output = loaded.resolve(spec.score.output)
     output_root = loaded.resolve(output) if output else canary.default_output_root(score_output)
     state, started = resolve_state_step(loaded, settings, challenger)
@@ -333,9 +408,14 @@ def canary_flow(
     challenger_model = load_model_step(
         format_model_ref(state.model, version=state.challenger), loaded
     )
+    from_log: dict[str, Any] = {}
+    log_days = None
+    if prediction_log is not None:
+        log_days, from_log = _log_days(prediction_log, days, state, id_column, control)
+        files = list(log_days)
     shared = Canary(
-        loaded, settings, (control, challenger_model), output_root,
-        (label_frame, labels_digest, labels_path), experiment_id,
+        loaded, settings, (control, challenger_model), output_root, label_inputs,
+        experiment_id, log_days,
     )  # fmt: skip
     state, steps, skipped, left = _steps(shared, state, files)
     return {
@@ -350,4 +430,5 @@ def canary_flow(
         "labels": labels_note,
         "output": str(output_root),
         "history": [asdict(entry) for entry in state.history],
+        **from_log,
     }

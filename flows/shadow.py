@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from prefect import flow, get_run_logger
 
-from stemma.components.evaluation import shadow
+from stemma.components.data import prediction_log
+from stemma.components.errors import SpecError
+from stemma.components.evaluation import live, log_rows, shadow
 from stemma.components.evaluation import steps as evaluation
 from stemma.components.platform import metric_names, tags, tracking
 from stemma.components.platform.redaction import redact_url
@@ -184,12 +186,12 @@ def _facts(
     )
 
 
-def _compare(loaded: LoadedSpec, settings: EvaluateSpec, inputs: Inputs, run: TrackedRun) -> tuple:
-    """Score, compare, decide (and promote when allowed), and record it all in ``run``."""
+def _report_and_promote(
+    loaded: LoadedSpec, settings: EvaluateSpec, run: TrackedRun, joined: Any, report: Any
+) -> tuple:
+    """Log the report, its numbers and plots in ``run``; promote when the decision and
+    ``evaluate.shadow.auto_promote`` say so. Returns the promotion record and its refusal."""
     model_name = loaded.spec.pipeline.registered_model_name
-    run.log_params(_params(loaded, settings, inputs))
-    pair = score_pair_step(loaded, inputs)
-    joined, report = compare_step(loaded, settings, pair, inputs)
     run.log_metrics(metric_names.in_section(metric_names.SHADOW, report.metrics()))
     run.log_dict(report.to_dict(), "shadow/report.json")
     with tempfile.TemporaryDirectory(prefix="stemma-shadow-") as tmp:
@@ -201,6 +203,15 @@ def _compare(loaded: LoadedSpec, settings: EvaluateSpec, inputs: Inputs, run: Tr
             record = promote_step(report, model_name, run.run_id, run.experiment_id)
         except PromotionError as error:
             failed, record = error, error.record
+    return record, failed
+
+
+def _compare(loaded: LoadedSpec, settings: EvaluateSpec, inputs: Inputs, run: TrackedRun) -> tuple:
+    """Score, compare, decide (and promote when allowed), and record it all in ``run``."""
+    run.log_params(_params(loaded, settings, inputs))
+    pair = score_pair_step(loaded, inputs)
+    joined, report = compare_step(loaded, settings, pair, inputs)
+    record, failed = _report_and_promote(loaded, settings, run, joined, report)
     facts = _facts(loaded, run, inputs, pair, report, record)
     run.record_lineage(shadow.build_shadow_record(facts, report))
     run.set_tags(
@@ -217,6 +228,123 @@ def _compare(loaded: LoadedSpec, settings: EvaluateSpec, inputs: Inputs, run: Tr
     return pair, report, record, failed
 
 
+# ---------------------------------------------------------------------------------------
+# Judged from the online endpoint's prediction log
+
+
+@step(name="load log labels")
+def log_labels_step(loaded: LoadedSpec, log: log_rows.LogFolder, labels: str | None):
+    return evaluation.read_log_labels(loaded, log, labels)
+
+
+@step(name="pair the log's shadow scores and decide")
+def compare_log_step(
+    loaded: LoadedSpec, settings: EvaluateSpec, log: log_rows.LogFolder, models: tuple, labels: Any
+) -> tuple:
+    return evaluation.compare_log_shadow(loaded, settings, log, models, labels)
+
+
+def _log_facts(
+    loaded: LoadedSpec, run: TrackedRun, models: tuple, days: list, labels: tuple, report: Any
+) -> live.LogShadowLineage:
+    champion, challenger = models
+    root = loaded.root
+    _, labels_digest, labels_path = labels
+    return live.LogShadowLineage(
+        pipeline=loaded.spec.pipeline.name,
+        model_name=loaded.spec.pipeline.registered_model_name,
+        champion_version=champion.version,
+        champion_weights=champion.weights_sha256,
+        challenger_version=challenger.version,
+        challenger_weights=challenger.weights_sha256,
+        days=[(relative(day.path, root), day.digest, dict(day.files)) for day in days],
+        labels_path=relative(labels_path, root) if labels_digest and labels_path else None,
+        labels_digest=labels_digest,
+        run_id=run.run_id,
+        experiment_id=run.experiment_id,
+        flow_run_id=flow_run_id(),
+        decision=report.decision,
+        reasons=list(report.reasons),
+    )
+
+
+def _shadow_from_log(
+    loaded: LoadedSpec, settings: EvaluateSpec, parameters: tuple, experiment_id: str
+) -> dict[str, Any]:
+    """The shadow judged from the endpoint's log, recorded as one run; its summary."""
+    challenger, labels, log_argument = parameters
+    model_name = loaded.spec.pipeline.registered_model_name
+    log = evaluation.open_prediction_log(loaded, log_argument)
+    champion = load_model_step(format_model_ref(model_name, alias="champion"), loaded)
+    challenger_ref = challenger or format_model_ref(model_name, alias="challenger")
+    models = (champion, load_model_step(challenger_ref, loaded))
+    frame, labels_digest, labels_path, note = log_labels_step(loaded, log, labels)
+    get_run_logger().info("%s", note)
+    extra = {tags.MODEL_CHAMPION: champion.version, tags.MODEL_CHALLENGER: models[1].version}
+    with tracked(loaded, "shadow", experiment_id, record_lineage, None, extra) as run:
+        run.log_params(
+            {
+                **{
+                    f"evaluate.{key}": json.dumps(value)
+                    for key, value in settings.model_dump(mode="json").items()
+                },
+                "shadow.champion": champion.model_uri,
+                "shadow.challenger": models[1].model_uri,
+                "shadow.log": relative(Path(log.describe()), loaded.root),
+                "shadow.labels": relative(labels_path, loaded.root) if labels_path else "",
+                "shadow.metric": loaded.spec.gate.metric,
+            }
+        )
+        joined, report, days = compare_log_step(loaded, settings, log, models, frame)
+        record, failed = _report_and_promote(loaded, settings, run, joined, report)
+        facts = _log_facts(loaded, run, models, days, (frame, labels_digest, labels_path), report)
+        facts = replace(
+            facts,
+            promotion_run_id=record.record_run_id if record is not None else None,
+            promotion_outcome=record.outcome if record is not None else None,
+        )
+        run.record_lineage(live.build_log_shadow_record(facts, report))
+        run.set_tags(
+            {
+                tags.SHADOW_DECISION: report.decision,
+                tags.INPUT_DIGEST: log_rows.days_digest(days) or "",
+            }
+        )
+    if failed is not None:
+        raise failed
+    return _summary(run, models, report, record) | {
+        "served_output": str(log.root / prediction_log.PREDICTIONS),
+        "shadow_output": str(log.root / prediction_log.SHADOW),
+        "labels": note,
+        "log": log.describe(),
+        "skipped": dict(report.skipped),
+        "days": [f"{day.stream}/{day.day}" for day in days],
+    }
+
+
+def _summary(run: TrackedRun, models: tuple, report: Any, record: Any) -> dict[str, Any]:
+    champion, challenger = models
+    return {
+        "run_id": run.run_id,
+        "tracking_uri": redact_url(mlflow.get_tracking_uri()),
+        "model_name": champion.name,
+        "champion_version": champion.version,
+        "challenger_version": challenger.version,
+        "decision": report.decision,
+        "reasons": list(report.reasons),
+        "metric": report.metric,
+        "comparison": None if report.comparison is None else report.comparison.to_dict(),
+        "labelled_rows": report.labelled_rows,
+        "compared_rows": report.compared_rows,
+        "agreement": report.agreement,
+        "distances": dict(report.distances),
+        "challenger_error_rate": report.challenger_failures.error_rate,
+        "segments": [segment.to_dict() for segment in report.segments],
+        "promoted": record is not None and record.outcome == OUTCOME_DONE,
+        "promotion": None if record is None else json.loads(record.to_json()),
+    }
+
+
 @flow(name="shadow", flow_run_name=_run_name, validate_parameters=True)
 def shadow_flow(
     config: str = "configs/credit.yaml",
@@ -225,8 +353,10 @@ def shadow_flow(
     batch: str | None = None,
     labels: str | None = None,
     output: str | None = None,
+    log: str | None = None,
 ) -> dict[str, Any]:
-    """Shadow-evaluate a challenger against the champion on a production batch.
+    """Shadow-evaluate a challenger against the champion on a production batch, or on what
+    the online endpoint logged.
 
     Args:
         config: path of the pipeline spec (YAML).
@@ -239,6 +369,12 @@ def shadow_flow(
         output: where the champion's (served) scores go (default: `score.output` for
             `score.input`, else `<score.output>-<batch name>`); the challenger's go to
             `<output>-shadow`.
+        log: judge from the online endpoint's prediction log instead of scoring a batch:
+            its folder (every day) or one day folder (`<log>/predictions/YYYY-MM-DD`);
+            `endpoint.log.path` stands for the spec's. The challenger's live shadow scores
+            (`shadow/`) are paired with the champion's answers (`predictions/`) by request
+            and row, and the labels the endpoint received (`labels/`, unless `labels`
+            names others) join by `data.id`. Scores of other versions are not counted.
 
     Returns:
         The decision (`promote`, `reject`, `wait`), its reasons, the numbers, the MLflow
@@ -247,8 +383,15 @@ def shadow_flow(
     loaded = load_spec_step(config, list(overrides or []))
     spec = loaded.spec
     settings, _ = evaluation.evaluate_settings(loaded)
+    if log and (batch or output):
+        raise SpecError(
+            "--log judges what the endpoint served: --batch and --output do not apply",
+            ["give either --log or --batch (and --output)"],
+        )
     tracking_uri = tracking.configure_tracking(loaded.root)
     experiment_id = tracking.ensure_experiment(spec.pipeline.experiment_name, loaded.root)
+    if log:
+        return _shadow_from_log(loaded, settings, (challenger, labels, log), experiment_id)
     inputs = _inputs(loaded, settings, (challenger,), (batch, labels, output))
     extra = {
         tags.MODEL_CHAMPION: inputs.champion.version,
@@ -258,25 +401,9 @@ def shadow_flow(
         pair, report, record, promotion_error = _compare(loaded, settings, inputs, run)
     if promotion_error is not None:
         raise promotion_error
-    return {
-        "run_id": run.run_id,
+    return _summary(run, (inputs.champion, inputs.challenger), report, record) | {
         "tracking_uri": redact_url(tracking_uri),
-        "model_name": spec.pipeline.registered_model_name,
-        "champion_version": inputs.champion.version,
-        "challenger_version": inputs.challenger.version,
-        "decision": report.decision,
-        "reasons": list(report.reasons),
-        "metric": report.metric,
-        "comparison": None if report.comparison is None else report.comparison.to_dict(),
-        "labelled_rows": report.labelled_rows,
-        "compared_rows": report.compared_rows,
-        "agreement": report.agreement,
-        "distances": dict(report.distances),
-        "challenger_error_rate": report.challenger_failures.error_rate,
-        "segments": [segment.to_dict() for segment in report.segments],
         "served_output": str(pair.served.output_dir),
         "shadow_output": str(pair.shadow.output_dir),
         "labels": inputs.labels_note,
-        "promoted": record is not None and record.outcome == OUTCOME_DONE,
-        "promotion": None if record is None else json.loads(record.to_json()),
     }

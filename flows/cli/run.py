@@ -23,9 +23,15 @@ RUNS: dict[str, tuple[Callable[[dict], str], tuple[str, ...]]] = {
     "score": (summaries.format_score_summary, ("input", "output", "model")),
     "monitor": (summaries.format_monitor_summary, ("batch", "labels", "model", "days")),
     "quantize": (summaries.format_quantize_summary, ("model",)),
-    "shadow": (summaries.format_shadow_summary, ("challenger", "batch", "labels", "output")),
+    "shadow": (
+        summaries.format_shadow_summary,
+        ("challenger", "batch", "labels", "output", "log"),
+    ),
     "retrain": (summaries.format_retrain_summary, ("cause", "batches", "labels")),
-    "canary": (summaries.format_canary_summary, ("challenger", "batches", "labels", "output")),
+    "canary": (
+        summaries.format_canary_summary,
+        ("challenger", "batches", "labels", "output", "log"),
+    ),
 }
 #: `stemma run score` flags that are spec values: validated and recorded like --set.
 SCORE_FLAGS = {
@@ -34,6 +40,9 @@ SCORE_FLAGS = {
     "address": "score.dask.address",
 }
 MODEL_REFERENCE = "models:/<name>@<alias> or models:/<name>/<version>"
+#: What `--log` without a path stands for (evaluation.steps.ENDPOINT_LOG; kept here so
+#: that `stemma --help` imports no evaluation code).
+ENDPOINT_LOG = "endpoint.log.path"
 
 
 def register(commands: Any) -> Any:
@@ -169,6 +178,17 @@ def _add_shadow(flows: Any) -> None:
         "--output",
         help="the champion's served scores (default: score.output, or score.output-<batch>)",
     )
+    shadow.add_argument(
+        "--log",
+        nargs="?",
+        const=ENDPOINT_LOG,
+        metavar="PATH",
+        help="judge what the online endpoint logged instead of scoring a batch: the "
+        "challenger's live shadow scores (shadow/) paired with the champion's answers "
+        "(predictions/), the labels it received (labels/) joined by data.id; PATH is the "
+        "log folder or one day folder, <log>/predictions/YYYY-MM-DD (without PATH: "
+        "endpoint.log.path)",
+    )
 
 
 def _add_retrain(flows: Any) -> None:
@@ -215,6 +235,16 @@ def _add_canary(flows: Any) -> None:
     )
     canary.add_argument(
         "--output", help="folder of the canary's predictions (default: score.output-canary)"
+    )
+    canary.add_argument(
+        "--log",
+        nargs="?",
+        const=ENDPOINT_LOG,
+        metavar="PATH",
+        help="judge what the online endpoint served instead of batches: each UTC day of its "
+        "log since the canary started is one step once the day is over, the rows the "
+        "challenger served against those of the control; PATH is the log folder or one "
+        "day folder, <log>/predictions/YYYY-MM-DD (without PATH: endpoint.log.path)",
     )
 
 

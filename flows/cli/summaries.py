@@ -157,8 +157,19 @@ def format_canary_summary(summary: dict) -> str:
             f"{step['rows']:,} rows to the challenger) -> {step['decision']}{moved}"
         )
         lines += [f"      {reason}" for reason in step["reasons"]]
+        if left_out := step.get("log", {}).get("skipped"):
+            counts = ", ".join(f"{rows:,} of {served}" for served, rows in left_out.items())
+            lines.append(f"      rows not counted (served by another version): {counts}")
     if summary["skipped"]:
         lines.append(f"  already processed: {', '.join(summary['skipped'])}")
+    if summary.get("waiting"):
+        lines.append(
+            f"  days still being written (judged once over): {', '.join(summary['waiting'])}"
+        )
+    if summary.get("before_start"):
+        lines.append(
+            f"  {len(summary['before_start'])} day(s) of the log before the canary started"
+        )
     if summary["left"]:
         lines.append(f"  not processed (the canary has ended): {len(summary['left'])} batch(es)")
     lines.append(f"  predictions: {summary['output']}  labels: {summary['labels']}")
