@@ -14,6 +14,7 @@ import math
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -38,8 +39,10 @@ from stemma.components.serving.labels import (
     record_labels,
 )
 from stemma.components.serving.metrics import EndpointMetrics
+from stemma.components.serving.routing import ENTITY_HEADER, Answer, build_answer, route_rows
 from stemma.components.serving.rows import PreparedRows, RequestError, ServedModel, prepare_rows
-from stemma.components.serving.watch import ModelWatch
+from stemma.components.serving.shadow import ShadowWorker
+from stemma.components.serving.watch import CHAMPION, ModelWatch
 from stemma.components.spec import EndpointSpec
 
 if TYPE_CHECKING:
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
 
 #: Response headers naming what answered.
 VERSION_HEADER = "X-Stemma-Model-Version"
+VARIANT_HEADER = "X-Stemma-Variant"
 MODEL_HEADER = "X-Stemma-Model"
 REQUEST_ID_HEADER = "X-Request-Id"
 #: Request header: milliseconds within which the caller needs the answer.
@@ -77,6 +81,11 @@ class RowResult(BaseModel):
         default=None,
         description="Probability of class 1 (binary) or the predicted value (regression).",
     )
+    version: str | None = Field(default=None, description="Model version that scored the row.")
+    variant: str | None = Field(
+        default=None,
+        description="`champion`, or `canary` when a running canary's challenger scored it.",
+    )
     rejected: bool = Field(default=False, description="The row could not be scored.")
     reason: str | None = Field(default=None, description="Why it was rejected.")
 
@@ -86,8 +95,15 @@ class PredictResponse(BaseModel):
 
     request_id: str = Field(description="This request's id (X-Request-Id when given).")
     model: str = Field(description="Registered model name.")
-    version: str = Field(description="Model version that scored the rows.")
-    alias: str = Field(description="The alias the version is served under.")
+    version: str = Field(
+        description="Model version that scored the rows (both, comma-separated, when a "
+        "canary scored some of them); also the X-Stemma-Model-Version header."
+    )
+    alias: str = Field(description="The alias the champion is served under.")
+    variant: str = Field(
+        description="`champion`, `canary`, or `champion, canary` for a request split "
+        "between them; also the X-Stemma-Variant header."
+    )
     results: list[RowResult] = Field(description="One per row, in request order.")
 
 
@@ -144,16 +160,22 @@ def build_app(config: EndpointConfig, watch: ModelWatch, metrics: EndpointMetric
         metrics=metrics,
     )
 
+    shadow = shadow_worker(config, batcher, metrics)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if config.log is not None:
             config.log.start()
         batcher.start()
+        if shadow is not None:
+            shadow.start()
         watch.start()
         try:
             yield
         finally:
             await watch.stop()
+            if shadow is not None:
+                await shadow.stop()
             await batcher.stop()
             if config.log is not None:  # after the requests in flight recorded their rows
                 await asyncio.to_thread(config.log.close)
@@ -166,7 +188,7 @@ def build_app(config: EndpointConfig, watch: ModelWatch, metrics: EndpointMetric
         lifespan=lifespan,
         redoc_url=None,
     )
-    routes = Routes(config, watch, metrics, batcher)
+    routes = Routes(config, watch, metrics, batcher, shadow)
     app.add_api_route(
         PREDICT_PATH,
         routes.predict,
@@ -221,22 +243,48 @@ def add_labels_route(app: FastAPI, routes: Routes, log: PredictionLog | None) ->
     )
 
 
+def shadow_worker(
+    config: EndpointConfig, batcher: Batcher, metrics: EndpointMetrics
+) -> ShadowWorker | None:
+    """The live shadow's worker, when the spec has ``endpoint.shadow``."""
+    settings = config.endpoint
+    if settings.shadow is None:
+        return None
+    return ShadowWorker(
+        batcher=batcher,
+        sample=settings.shadow.sample,
+        max_queue_rows=settings.shadow.max_queue_rows,
+        max_batch_size=settings.max_batch_size,
+        policies=config.policies,
+        metrics=metrics,
+        log=config.log,
+    )
+
+
 class Routes:
     """The endpoint's request handlers, over its model watch, batcher and metrics."""
 
     def __init__(
-        self, config: EndpointConfig, watch: ModelWatch, metrics: EndpointMetrics, batcher: Batcher
+        self,
+        config: EndpointConfig,
+        watch: ModelWatch,
+        metrics: EndpointMetrics,
+        batcher: Batcher,
+        shadow: ShadowWorker | None = None,
     ) -> None:
         self.config = config
         self.watch = watch
         self.metrics = metrics
         self.batcher = batcher
+        self.shadow = shadow
 
     async def predict(self, request: Request) -> Response:
-        """Score the body's rows with the model served when the request arrived."""
+        """Score the body's rows with the models served when the request arrived."""
         started = time.perf_counter()
+        received = time.time()
         request_id = _request_id(request)
         served = self.watch.current
+        canary = self.watch.canary if self.config.endpoint.canary else None
         settings = self.config.endpoint
         try:
             _authorize(request, self.config.token)
@@ -248,27 +296,82 @@ class Routes:
                 policies=self.config.policies,
                 id_column=self.config.id_column,
             )
-            outputs = await _score(self.batcher, served, prepared, _deadline_s(request))
+            routed = route_rows(
+                served, canary, prepared, request.headers.get(ENTITY_HEADER), self.config.policies
+            )
+            deadline_s = _deadline_s(request)
+            outputs = await asyncio.gather(
+                *(_score(self.batcher, arm.served, arm.matrix, deadline_s) for arm in routed.arms)
+            )
         except RequestError as error:
             return self.refuse(error, request_id, served.model.version, started)
-        answer = _answer(served, prepared, outputs, request_id)
-        version = served.model.version
-        self.metrics.requests.labels(status="200", version=version).inc()
-        self.metrics.rows.labels(outcome="scored", version=version).inc(len(prepared.kept))
-        if prepared.rejected:
-            self.metrics.rows.labels(outcome="rejected", version=version).inc(
-                len(prepared.rejected)
-            )
-        self.metrics.latency.observe(time.perf_counter() - started)
+        answer = build_answer(prepared, routed, outputs, request_id=request_id, alias=served.alias)
+        latency_s = time.perf_counter() - started
+        self.count(answer, len(prepared.rejected) + len(routed.rejected))
+        self.metrics.latency.observe(latency_s)
+        self.after_answer(prepared, answer, request_id, received, latency_s)
         return Response(
-            json.dumps(answer, allow_nan=False),
+            json.dumps(answer.body, allow_nan=False),
             media_type="application/json",
             headers={
-                VERSION_HEADER: version,
+                VERSION_HEADER: answer.header("version"),
+                VARIANT_HEADER: answer.header("variant"),
                 MODEL_HEADER: served.model.name,
                 REQUEST_ID_HEADER: request_id,
             },
         )
+
+    def count(self, answer: Answer, rejected: int) -> None:
+        """Count an answered request and its rows, by version and variant."""
+        version, variant = answer.header("version"), answer.header("variant")
+        self.metrics.requests.labels(status="200", version=version, variant=variant).inc()
+        for (row_version, row_variant), rows in Counter(
+            zip(answer.versions, answer.variants, strict=True)
+        ).items():
+            self.metrics.rows.labels(
+                outcome="scored", version=row_version, variant=row_variant
+            ).inc(rows)
+        if rejected:
+            self.metrics.rows.labels(outcome="rejected", version=version, variant=variant).inc(
+                rejected
+            )
+
+    def after_answer(
+        self,
+        prepared: PreparedRows,
+        answer: Answer,
+        request_id: str,
+        received: float,
+        latency_s: float,
+    ) -> None:
+        """Hand the scored rows to the prediction log and, when sampled, to the shadow."""
+        log, shadow = self.config.log, self.watch.shadow
+        if (log is None and shadow is None) or len(answer.positions) == 0:
+            return
+        order = np.argsort(answer.positions, kind="stable")
+        positions = answer.positions[order]
+        table = prepared.table.take(positions)
+        ids = None if prepared.ids is None else [prepared.ids[p] for p in positions.tolist()]
+        if log is not None:
+            pick = order.tolist()
+            log.record(
+                table,
+                request_id=request_id,
+                received=received,
+                ids=ids,
+                versions=[answer.versions[i] for i in pick],
+                variants=[answer.variants[i] for i in pick],
+                predictions=(
+                    None if answer.predictions is None else [answer.predictions[i] for i in pick]
+                ),
+                scores=[answer.scores[i] for i in pick],
+                latency_ms=latency_s * 1000.0,
+                rows=positions.tolist(),
+            )
+        if shadow is not None and self.shadow is not None:
+            self.shadow.offer(
+                shadow, table, positions, ids, request_id=request_id, received=received
+            )
 
     async def health(self) -> dict[str, str]:
         """The process answers."""
@@ -286,9 +389,30 @@ class Routes:
             "runtime": served.model.runtime.label,
             "queued_rows": self.batcher.queued_rows,
         }
+        canary = self.watch.canary
+        if canary is not None:
+            body["canary"] = {
+                "version": canary.served.model.version,
+                "control": canary.route.control,
+                "fraction": canary.route.fraction,
+            }
+        shadow = self.watch.shadow
+        if shadow is not None and self.shadow is not None:
+            body["shadow"] = {
+                "version": shadow.model.version,
+                "alias": shadow.alias,
+                "queued_rows": self.shadow.queued_rows,
+            }
         failure = self.watch.failure
         if failure is not None:
             body["last_failed_load"] = {"version": failure.version, "reason": failure.reason}
+        others = {
+            role: {"version": failed.version, "reason": failed.reason}
+            for role, failed in self.watch.failures.items()
+            if role != CHAMPION
+        }
+        if others:
+            body["failed_loads"] = others
         return JSONResponse(body, headers={VERSION_HEADER: served.model.version})
 
     async def prometheus(self, request: Request) -> Response:
@@ -316,7 +440,7 @@ class Routes:
         self, error: RequestError, request_id: str, version: str, started: float | None = None
     ) -> Response:
         """A refused request's answer: its status, the error and its details, counted."""
-        self.metrics.requests.labels(status=str(error.status), version=version).inc()
+        self.metrics.requests.labels(status=str(error.status), version=version, variant="").inc()
         if started is not None:
             self.metrics.latency.observe(time.perf_counter() - started)
         headers = {REQUEST_ID_HEADER: request_id}
@@ -411,12 +535,12 @@ def _deadline_s(request: Request) -> float | None:
 
 
 async def _score(
-    batcher: Batcher, served: ServedModel, prepared: PreparedRows, deadline_s: float | None
+    batcher: Batcher, served: ServedModel, matrix: np.ndarray, deadline_s: float | None
 ) -> np.ndarray:
-    """The raw outputs of the request's kept rows, through the batcher."""
-    if len(prepared.matrix) == 0:
+    """The raw outputs of one arm's rows, through the batcher."""
+    if len(matrix) == 0:
         return np.empty(0, dtype=np.float32)
-    job = batcher.submit(served, prepared.matrix, deadline_s)
+    job = batcher.submit(served, matrix, deadline_s)
     if deadline_s is None:
         return await job.future
     try:
@@ -424,30 +548,3 @@ async def _score(
     except TimeoutError:
         job.future.cancel()  # the batcher skips it if it has not run yet
         raise RequestError(504, "the deadline passed before the model answered") from None
-
-
-def _answer(
-    served: ServedModel, prepared: PreparedRows, outputs: np.ndarray, request_id: str
-) -> dict[str, Any]:
-    model = served.model
-    scores = model.preprocessor.decode_output(outputs.reshape(len(prepared.kept)))
-    binary = model.task == "binary"
-    results: list[dict[str, Any]] = [{} for _ in range(prepared.rows)]
-    for position, score in zip(prepared.kept.tolist(), scores.tolist(), strict=True):
-        # A non-finite output (a diverged network) is no JSON number: null, not a crash.
-        result: dict[str, Any] = {"row": position, "score": score if math.isfinite(score) else None}
-        if binary and result["score"] is not None:
-            result["prediction"] = int(score >= model.threshold)
-        results[position] = result
-    for position, reason in prepared.rejected.items():
-        results[position] = {"row": position, "rejected": True, "reason": reason}
-    if prepared.ids is not None:
-        for position, result in enumerate(results):
-            result["id"] = prepared.ids[position]
-    return {
-        "request_id": request_id,
-        "model": model.name,
-        "version": model.version,
-        "alias": served.alias,
-        "results": results,
-    }

@@ -95,13 +95,21 @@ class EndpointMetrics:
         )
         self.requests = Counter(
             f"{PREFIX}_requests",
-            "Prediction requests answered, by HTTP status and model version.",
-            ["status", "version"],
+            "Prediction requests answered, by HTTP status, model version and variant "
+            "(champion, canary, or both for a request split between them).",
+            ["status", "version", "variant"],
             registry=registry,
         )
         self.rows = Counter(
             f"{PREFIX}_rows",
-            "Rows answered, by outcome (scored or rejected) and model version.",
+            "Rows answered, by outcome (scored or rejected), model version and variant.",
+            ["outcome", "version", "variant"],
+            registry=registry,
+        )
+        self.shadow_rows = Counter(
+            f"{PREFIX}_shadow_rows",
+            "Rows offered to the shadow, by outcome (scored; dropped: its queue was full; "
+            "unfit: it cannot take them; failed: its model call failed) and its version.",
             ["outcome", "version"],
             registry=registry,
         )

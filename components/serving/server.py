@@ -84,7 +84,7 @@ def build_endpoint(
     load, resolve = registry_callables(
         client or MlflowClient(), reference, architectures=(spec.model.architecture,)
     )
-    model = load()
+    model = load(reference)
     warm(model)
     metrics = EndpointMetrics(settings.max_batch_size)
     watch = ModelWatch(
@@ -94,6 +94,8 @@ def build_endpoint(
         resolve=resolve,
         poll_s=settings.poll_s,
         metrics=metrics,
+        follow_canary=settings.canary,
+        shadow_alias=settings.shadow.alias if settings.shadow is not None else None,
     )
     log = PredictionLog.from_spec(
         spec, root or Path.cwd(), model.signature_columns, model.task, metrics=metrics

@@ -59,7 +59,7 @@ def endpoint_command(args: argparse.Namespace) -> int:
 
     store = configure_tracking(loaded.root)
     _log_to_stderr(args.debug)
-    endpoint = build_endpoint(loaded.spec)
+    endpoint = build_endpoint(loaded.spec, root=loaded.root)
     settings = endpoint.settings
     server = EndpointServer(
         endpoint.app, settings.host, settings.port, max_connections=max_connections(settings)

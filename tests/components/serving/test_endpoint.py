@@ -88,7 +88,9 @@ def registry(template_project, tmp_path_factory) -> dict:
 def serving(registry: dict, *settings: str, environ: dict | None = None) -> Iterator[httpx.Client]:
     """The spec's endpoint on a free loopback port, with ``endpoint.*`` overrides."""
     spec = load_spec(registry["config"], [*NAMES, *settings]).spec
-    endpoint = build_endpoint(spec, client=registry["client"], environ=environ or {})
+    endpoint = build_endpoint(
+        spec, client=registry["client"], environ=environ or {}, root=registry["root"]
+    )
     server = EndpointServer(
         endpoint.app, "127.0.0.1", 0, max_connections=max_connections(endpoint.settings)
     )

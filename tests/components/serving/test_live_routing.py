@@ -16,6 +16,7 @@ from contextlib import ExitStack
 import httpx
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from stemma.components.evaluation.canary import (
@@ -189,16 +190,20 @@ def test_a_request_split_between_arms_names_both_and_an_ended_canary_stops_routi
     assert scored[("canary", registry["versions"]["v2"])] >= 1
 
 
-def test_the_shadow_scores_sampled_requests_after_answering_and_drops_under_overload(registry):
+def test_the_shadow_scores_sampled_requests_after_answering_and_drops_under_overload(
+    registry, tmp_path
+):
     client_registry = registry["client"]
     client_registry.set_registered_model_alias(MODEL, "challenger", registry["versions"]["v2"])
     row = records(registry["rows"].head(1))
+    log = registry["root"] / "outputs" / tmp_path.name
     try:
         with serving(
             registry,
             *LIMITS,
             "endpoint.shadow.sample=1.0",
             "endpoint.shadow.max_queue_rows=8",
+            f"endpoint.log.path=outputs/{tmp_path.name}",
         ) as client:
             ready = wait_for(client, "shadow")
             assert ready["shadow"]["version"] == registry["versions"]["v2"]
@@ -217,6 +222,16 @@ def test_the_shadow_scores_sampled_requests_after_answering_and_drops_under_over
     assert set(statuses) <= {200, 503} and statuses.count(200) > 0
     assert counts.get("dropped", 0) > 0, counts
     print(f"shadow rows under overload: {counts}; answers {len(statuses)}")
+    # The log pairs each shadow score with the answer of the same request and row.
+    served = pq.read_table(log / "predictions").to_pandas()
+    shadowed = pq.read_table(log / "shadow").to_pandas()
+    assert len(shadowed) >= counts["scored"]  # the queue drains until the endpoint stops
+    assert set(shadowed["stemma_variant"]) == {"shadow"}
+    assert set(shadowed["stemma_model_version"]) == {registry["versions"]["v2"]}
+    assert set(served["stemma_model_version"]) == {registry["versions"]["v1"]}
+    pairs = shadowed.merge(served, on=["stemma_request_id", "stemma_row"], suffixes=("_s", ""))
+    assert len(pairs) == len(shadowed)
+    assert (pairs["score_s"] != pairs["score"]).any()  # another model's scores
 
 
 def shadow_rows(client: httpx.Client) -> dict[str, float]:
