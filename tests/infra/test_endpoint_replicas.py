@@ -126,6 +126,8 @@ def test_endpoint_probes_and_healthchecks_are_routes_of_the_app():
     for service, listening in ((ENDPOINT_SERVICE, port), (PROXY_SERVICE, proxy_listen_port())):
         test = " ".join(compose()["services"][service]["healthcheck"]["test"])
         (url,) = re.findall(r"http://[^\s'\"]+", test)
+        # The routes answer GET only (FastAPI adds no HEAD): no `wget --spider`, no `curl -I`.
+        assert not re.search(r"--spider|(^|\s)-I\b|--head", test), service
         assert urlsplit(url).path == "/ready", service
         assert (urlsplit(url).hostname, urlsplit(url).port) == ("127.0.0.1", listening), service
 
