@@ -26,6 +26,7 @@ from mlflow import MlflowClient
 from stemma.components.errors import DataError, SpecError
 from stemma.components.evaluation import canary
 from stemma.components.evaluation.comparison import route_to_challenger
+from stemma.components.platform.tags import INPUT_DIGEST, MAX_TAGS, OUTPUT_SHA256
 from stemma.components.runtime.loading import ScoringModel, load_scoring_model
 from stemma.components.spec import EvaluateSpec, load_spec
 from tests.components.evaluation.log_parts import (
@@ -43,6 +44,7 @@ from tests.flows.test_shadow import (
     production_project,
     register_models,
 )
+from tests.flows.test_tag_budget import documented, stemma_tags
 
 pytestmark = [
     pytest.mark.usefixtures("prefect_api", "mlflow_uri"),
@@ -117,6 +119,13 @@ def run_canary(project: Path, name: str, *more: str, **parameters) -> dict:
 
 def record(run_id: str) -> dict:
     return mlflow.artifacts.load_dict(f"runs:/{run_id}/lineage/record.json")
+
+
+def assert_documented_tags(run, flow: str) -> None:
+    """A run judged from the log carries the tags its flow documents, as a batch run does."""
+    tags = stemma_tags(run.data.tags)
+    assert len(tags) <= MAX_TAGS, sorted(tags)
+    assert [key for key in tags if not documented(key, flow)] == []
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,6 +209,7 @@ def test_shadow_from_the_log_waits_for_labels_then_promotes(project, weights):
     client = MlflowClient()
     run = client.get_run(summary["run_id"])
     assert run.data.tags["stemma.shadow.decision"] == "promote"
+    assert_documented_tags(run, "shadow")
     assert run.data.metrics["shadow/skipped_other_challenger"] == 300
     assert run.data.metrics["shadow/roc_auc_difference_low"] > 0
     lineage = record(summary["run_id"])
@@ -348,6 +358,7 @@ def test_a_live_canary_advances_day_by_day_and_a_judged_day_is_not_judged_again(
 
     client = MlflowClient()
     run = client.get_run(step["run_id"])
+    assert_documented_tags(run, "canary")
     assert run.data.metrics["canary/labelled_rows"] >= 100
     assert run.data.metrics["canary/challenger_latency_ms_p50"] == 4.0
     assert run.data.metrics["canary/champion_latency_ms_p50"] == 3.0
@@ -359,7 +370,8 @@ def test_a_live_canary_advances_day_by_day_and_a_judged_day_is_not_judged_again(
     assert batch_node["digest"] == f"md5:{canary.read_state(client, name).history[0].digest}"
     assert not any(n["kind"] == "predictions" for n in lineage["nodes"])
     assert any(n["kind"] == "labels" for n in lineage["nodes"])
-    assert "tags.stemma.output.sha256" not in run.data.tags
+    assert OUTPUT_SHA256 not in run.data.tags, "the run wrote no predictions"
+    assert run.data.tags[INPUT_DIGEST] == batch_node["digest"].removeprefix("md5:")
 
     again = run_canary(project, name, log=str(log))
     assert again["steps"] == [] and again["skipped"] == [f"{first} (step 1, advance)"]
