@@ -18,6 +18,11 @@ Events that connect the flows (names and resources are part of Stemma's interfac
 
 Both carry the resource ``stemma.pipeline.<name>``, so a trigger fires only for its own
 pipeline.
+
+With ``endpoint.log`` in a project folder, a second monitoring deployment compares the
+online endpoint's prediction log with the reference on ``monitor.log_schedule``: the last
+``monitor.log_days`` complete days (UTC) of ``<endpoint.log.path>/predictions``, joined
+with the labels the endpoint received; its drift events start retraining like any other.
 """
 
 from __future__ import annotations
@@ -35,6 +40,15 @@ BATCH_SCORED_EVENT = tag_names.BATCH_SCORED_EVENT
 #: Event the drift monitor emits when drift is over the spec's thresholds.
 DRIFT_DETECTED_EVENT = tag_names.DRIFT_DETECTED
 
+
+#: When the endpoint's prediction log is monitored, and how many complete days each run
+#: reads (``monitor.log_schedule``, ``monitor.log_days``): half an hour after midnight UTC,
+#: once the day's last part is written, the day before.
+LOG_MONITOR_SCHEDULE = "30 0 * * *"
+LOG_MONITOR_DAYS = 1
+#: Where the prediction log keeps scored rows and labels (``data.prediction_log``).
+LOG_PREDICTIONS = "predictions"
+LOG_LABELS = "labels"
 
 #: A validated spec (``stemma.components.spec.LoadedSpec``). Not imported: the spec package
 #: validates model references with :mod:`.refs`, so platform importing spec would be a cycle.
@@ -130,15 +144,14 @@ def deployment_plans(
         overrides: `--set` overrides that every deployment passes on.
 
     Returns:
-        Training (by hand), nightly scoring, monitoring after each scored batch, retraining
-        (scheduled and on drift, one at a time) and, where their flows exist, quantization,
-        shadow and canary evaluation (by hand).
+        Training (by hand), nightly scoring, monitoring after each scored batch (and of the
+        endpoint's log on a schedule), retraining (scheduled and on drift, one at a time)
+        and, where their flows exist, quantization, shadow and canary evaluation (by hand).
     """
     spec = loaded.spec
     pipeline = spec.pipeline.name
     resource = pipeline_resource_id(pipeline)
     base = {"config": config, "overrides": list(overrides)}
-
     plan = partial(_plan, pipeline, base)
     plans = [
         plan("train", f"Validate the data, train, evaluate, register and gate `{pipeline}`."),
@@ -167,6 +180,7 @@ def deployment_plans(
             ),
         ),
     ]
+    plans += _log_monitor_plans(spec, plan)
     # Retraining: scheduled and on drift, one run at a time; none without `retrain`.
     retrain = spec.retrain
     if retrain is not None:
@@ -200,16 +214,50 @@ def deployment_plans(
     return [entry for entry in plans if _module_exists(entry.module)]
 
 
+def _log_monitor_plans(spec: Any, plan: Any) -> list[DeploymentPlan]:
+    """The scheduled monitor of the endpoint's prediction log, when the spec has a log in a
+    project folder (the monitor reads local files) and ``monitor.log_schedule``."""
+    endpoint = getattr(spec, "endpoint", None)
+    log = getattr(endpoint, "log", None)
+    monitor = getattr(spec, "monitor", None)
+    cron = getattr(monitor, "log_schedule", LOG_MONITOR_SCHEDULE)
+    if log is None or "://" in log.path or cron is None:
+        return []
+    folder = log.path.rstrip("/")
+    parameters: dict[str, Any] = {
+        "batch": f"{folder}/{LOG_PREDICTIONS}",
+        "days": getattr(monitor, "log_days", LOG_MONITOR_DAYS),
+    }
+    if getattr(monitor, "labels", None) is None:
+        parameters["labels"] = f"{folder}/{LOG_LABELS}"
+    days = parameters["days"]
+    window = "the day before" if days == 1 else f"the {days} days before"
+    description = (
+        f"Drift report of the online endpoint's prediction log, `{folder}/{LOG_PREDICTIONS}`: "
+        f"{window} (UTC) against the model's reference profile, with the labels received."
+    )
+    name = f"{spec.pipeline.name} · endpoint log monitoring"
+    return [plan("monitor", description, cron=cron, name=name, extra=parameters)]
+
+
 def _plan(
-    pipeline: str, base: dict[str, Any], flow_name: str, description: str, **more: Any
+    pipeline: str,
+    base: dict[str, Any],
+    flow_name: str,
+    description: str,
+    *,
+    name: str | None = None,
+    extra: dict[str, Any] | None = None,
+    **more: Any,
 ) -> DeploymentPlan:
-    """The deployment of ``stemma.flows.<flow_name>:<flow_name>_flow`` for ``pipeline``."""
+    """The deployment of ``stemma.flows.<flow_name>:<flow_name>_flow`` for ``pipeline``
+    (titled ``name``, else after what the flow does), with ``extra`` parameters."""
     plan = DeploymentPlan(
         flow_name=flow_name,
         entrypoint=f"stemma.flows.{flow_name}:{flow_name}_flow",
-        name=deployment_title(pipeline, flow_name, more.get("cron")),
+        name=name or deployment_title(pipeline, flow_name, more.get("cron")),
         description=description,
-        parameters=dict(base),
+        parameters={**base, **(extra or {})},
         tags=("stemma", f"pipeline:{pipeline}"),
         **more,
     )
@@ -226,7 +274,12 @@ def _how_it_runs(plan: DeploymentPlan) -> str:
     """When the deployment runs, on which spec, and the command that does the same."""
     limit = f"; at most {plan.concurrency_limit} run at once" if plan.concurrency_limit else ""
     overrides = "".join(f" --set {item}" for item in plan.parameters.get("overrides", []))
-    command = f"stemma run {plan.flow_name} {plan.parameters['config']}{overrides}"
+    options = "".join(
+        f" --{key} {value}"
+        for key, value in plan.parameters.items()
+        if key not in ("config", "overrides")
+    )
+    command = f"stemma run {plan.flow_name} {plan.parameters['config']}{overrides}{options}"
     return (
         f"**When:** {'; '.join(_when(plan))}{limit}  \n"
         f"**Spec:** `{plan.parameters['config']}`  \n"

@@ -507,6 +507,17 @@ def _retrain_cause(cause: dict[str, str], run: str, nodes: list[Node], edges: li
         edges.append(Edge(batch, report, "monitored_in"))
 
 
+def _retrain_inputs(
+    inputs: Mapping[str, str], run: str, nodes: list[Node], edges: list[Edge]
+) -> None:
+    """Add each batch a retraining read (path to digest) as an input of its run."""
+    for path, digest in inputs.items():
+        batch = input_node_id(path, digest)
+        if all(node.id != batch for node in nodes):  # else the batch a drift report judged
+            nodes.append(Node("input", batch, f"md5:{digest}", {"path": path, "role": "batch"}))
+        edges.append(Edge(batch, run, "input_of"))
+
+
 def build_retrain_record(
     *,
     pipeline: str,
@@ -572,11 +583,7 @@ def build_retrain_record(
     ]
     if cause.get("run_id"):
         _retrain_cause(cause, run, nodes, edges)
-    for path, digest in (inputs or {}).items():
-        batch = input_node_id(path, digest)
-        if all(node.id != batch for node in nodes):  # the batch a drift report judged
-            nodes.append(Node("input", batch, f"md5:{digest}", {"path": path, "role": "batch"}))
-        edges.append(Edge(batch, run, "input_of"))
+    _retrain_inputs(inputs or {}, run, nodes, edges)
     if shadow_run_id:
         shadow = run_node_id(shadow_run_id)
         nodes.append(Node("run", shadow, None, {"flow": "shadow"}))

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
+from stemma.components.platform.deployments import LOG_MONITOR_DAYS, LOG_MONITOR_SCHEDULE
 from stemma.components.spec.sections import CronSchedule, ModelReference, Section
 
 #: Quantization methods, in the order `stemma run quantize` reports them.
@@ -208,6 +209,26 @@ class MonitorSpec(Section):
         description=(
             "Cron schedule of the monitoring deployment (default: none; it runs after each "
             "scored batch)."
+        ),
+    )
+    log_schedule: CronSchedule | None = Field(
+        default=LOG_MONITOR_SCHEDULE,
+        description=(
+            "With `endpoint.log` (a project folder), `stemma serve` also deploys a monitor of "
+            "the endpoint's prediction log on this cron schedule (UTC): each run compares the "
+            "last `log_days` complete days with the reference, joined with the labels the "
+            "endpoint received (or `labels`). Keep it after midnight UTC by more than "
+            "`endpoint.log.rotate_s`, so the day's last part is written. Null: no such "
+            "deployment."
+        ),
+    )
+    log_days: int = Field(
+        default=LOG_MONITOR_DAYS,
+        ge=1,
+        le=366,
+        description=(
+            "Complete days (UTC) of the endpoint's prediction log each scheduled run compares "
+            "(1: the day before)."
         ),
     )
 

@@ -37,6 +37,9 @@ from tests.support import build_project, free_port
 START_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 420
 ARTIFACTS = Path(os.environ.get("STEMMA_TEST_ARTIFACTS", "test-artifacts"))
+#: The served spec's endpoint log, which `stemma serve` deploys a monitor of.
+ENDPOINT_LOG = "outputs/endpoint-log"
+LOG_MONITOR = "monitor/credit · endpoint log monitoring"
 
 
 def _request(method: str, url: str, body: dict | list | None = None) -> dict | list:
@@ -156,6 +159,7 @@ def stack(tmp_path_factory, repo_root, stemma_exe) -> Iterator[Stack]:
     spec_path = project / "configs" / "credit.yaml"
     spec = yaml.safe_load(spec_path.read_text())
     spec["retrain"] = {"schedule": "0 3 * * *", "on_drift": True, "labels": "data/credit/labels"}
+    spec["endpoint"] = {"log": {"path": ENDPOINT_LOG}}
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     ports = {"prefect_port": free_port(), "mlflow_port": free_port()}
     services = start_services(project, timeout_s=START_TIMEOUT_S, **ports)
@@ -321,6 +325,101 @@ def test_a_drift_event_starts_the_retraining_deployment_with_its_cause(stack):
     # The project's two days hold too few new labelled rows: the run says so and stops.
     assert tags["stemma.retrain.outcome"] == "no_new_data"
     assert tags["stemma.cause.kind"] == "drift_report"
+
+
+def test_serve_deploys_a_scheduled_monitor_of_the_endpoint_log(stack):
+    from datetime import UTC, datetime, timedelta
+
+    import pandas as pd
+
+    from tests.support import write_log_part
+
+    deployment = _wait_for_deployments(stack, {LOG_MONITOR})[LOG_MONITOR]
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["30 0 * * *"]
+    assert deployment["schedules"][0]["schedule"]["timezone"] == "UTC"
+    assert deployment["parameters"] == {
+        "config": "configs/credit.yaml",
+        "overrides": ["train.epochs=2"],
+        "batch": f"{ENDPOINT_LOG}/predictions",
+        "days": 1,
+        "labels": f"{ENDPOINT_LOG}/labels",
+    }
+    assert deployment["paused"] is False
+    assert (
+        f"stemma run monitor configs/credit.yaml --set train.epochs=2 --batch "
+        f"{ENDPOINT_LOG}/predictions --days 1 --labels {ENDPOINT_LOG}/labels"
+    ) in deployment["description"]
+
+    # A run as the schedule starts it reads the day before from the log the endpoint wrote.
+    assert _train_through_the_api(stack)["state"]["type"] == "COMPLETED", stack.log()
+    log = stack.project / ENDPOINT_LOG
+    yesterday = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%d")
+    batch = sorted((stack.project / "data").rglob("day_01.parquet"))[0]
+    rows = pd.read_parquet(batch).drop(columns=["applied_at"])
+    write_log_part(log, "predictions", rows, at=f"{yesterday} 12:00")
+    (log / "labels").mkdir(parents=True, exist_ok=True)  # no label received yet
+    created = _request(
+        "POST",
+        f"{stack.prefect_api}/deployments/{deployment['id']}/create_flow_run",
+        {"state": {"type": "SCHEDULED", "message": "as the schedule starts it"}},
+    )
+    run = stack.wait_for_run(created["id"])  # type: ignore[index]
+    assert run["state"]["type"] == "COMPLETED", stack.log()
+
+    experiment = stack.mlflow("GET", "experiments/get-by-name?experiment_name=credit")
+    (report,) = stack.mlflow(
+        "POST",
+        "runs/search",
+        {
+            "experiment_ids": [experiment["experiment"]["experiment_id"]],
+            "filter": f"tags.`stemma.prefect.flow_run_id` = '{run['id']}'",
+        },
+    )["runs"]
+    assert report["info"]["run_name"] == f"monitor {yesterday}"
+    (source,) = [item["dataset"]["source"] for item in report["inputs"]["dataset_inputs"]]
+    assert f"{ENDPOINT_LOG}/predictions/{yesterday}" in source
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], None),
+        (["endpoint.log.path=s3://bucket/log"], None),  # the monitor reads project folders
+        (["endpoint.log.path=logs/credit", "monitor.log_schedule=null"], None),
+        (
+            [
+                "endpoint.log.path=logs/credit/",
+                "monitor.log_days=7",
+                "monitor.log_schedule=0 6 * * 1",
+            ],
+            {"batch": "logs/credit/predictions", "days": 7, "labels": "logs/credit/labels"},
+        ),
+        (
+            ["endpoint.log.path=logs/credit", "monitor.labels=data/credit/labels"],
+            {"batch": "logs/credit/predictions", "days": 1},  # the flow takes monitor.labels
+        ),
+    ],
+    ids=["no-log", "s3-log", "no-schedule", "weekly", "spec-labels"],
+)
+def test_the_endpoint_log_monitor_is_planned_only_for_a_log_in_the_project(
+    repo_root, overrides, expected
+):
+    loaded = load_spec(str(repo_root / "configs" / "credit.yaml"), overrides, check_paths=False)
+    plans = [
+        plan
+        for plan in deployment_plans(loaded, "configs/credit.yaml")
+        if plan.name == "credit · endpoint log monitoring"
+    ]
+    if expected is None:
+        assert plans == []
+        return
+    (plan,) = plans
+    assert plan.entrypoint == "stemma.flows.monitor:monitor_flow" and not plan.triggers
+    assert plan.parameters == {"config": "configs/credit.yaml", "overrides": [], **expected}
+    assert plan.cron == loaded.spec.monitor.log_schedule
+    # the batch monitor after scoring is still there, beside it
+    names = {entry.name for entry in deployment_plans(loaded, "configs/credit.yaml")}
+    assert "credit · drift monitoring" in names
 
 
 def test_deployments_stay_unpaused_after_serve_and_the_server_restart(stack, stemma_exe):
