@@ -48,12 +48,17 @@ EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
             f"stemma run shadow {CONFIG} --batch day_07.parquet --labels labels/",
             "challenger beside champion on labelled rows; promote when it is better",
         ),
+        (
+            f"stemma run shadow {CONFIG} --log outputs/endpoint-log",
+            "the endpoint's live shadow scores against its answers, with the labels it got",
+        ),
     ),
     "run retrain": (
         (f"stemma run retrain {CONFIG}", "retrain on rows labelled since the data version"),
     ),
     "run canary": (
         (f"stemma run canary {CONFIG} --batches batches/ --labels labels/", "a canary rollout"),
+        (f"stemma run canary {CONFIG} --log", "the next steps, on the days the endpoint served"),
     ),
     "promote": (
         ("stemma promote models:/credit/7 --reason 'better on day 7'", "v7 becomes champion"),

@@ -443,6 +443,26 @@ def test_a_live_canary_holds_on_too_few_labelled_rows_and_counts_other_versions(
     assert canary.read_state(MlflowClient(), name).holds == 1
 
 
+def test_a_live_canary_starts_from_the_log_with_nothing_to_judge_yet(project, weights):
+    name, versions = register_models(
+        project, weights, {"champion": "champion", "better": "challenger"}
+    )
+    log = project / "endpoint-log"
+    versions_served = {"name": name, "shadow": versions["better"], **versions}
+    serve_with_shadow(project, log, 1, day_name(3), versions_served, "champion")
+    serve_with_shadow(project, log, 2, day_name(0), versions_served, "champion")
+    summary = run_canary(project, name, "evaluate.canary.steps=[0.25,1.0]", log=str(log))
+    assert summary["started"] and summary["steps"] == []
+    assert summary["before_start"] == [day_name(3)] and summary["waiting"] == [day_name(0)]
+    state = canary.read_state(MlflowClient(), name)
+    assert (state.challenger, state.control, state.fraction) == (
+        versions["better"],
+        versions["champion"],
+        0.25,
+    )
+    assert state.history == () and aliases(name)["champion"] == versions["champion"]
+
+
 # ---------------------------------------------------------------------------------------
 # Broken inputs
 
