@@ -474,6 +474,27 @@ def test_cli_prints_the_verdict_and_exits_0_on_drift(
     assert "event stemma.drift.detected emitted" in done.stdout
 
 
+def test_cli_monitors_the_last_complete_days_of_the_log_or_says_there_is_nothing(
+    monitored_project, log_of, stemma_exe, prefect_api, mlflow_uri
+):
+    from tests.support import write_log_part
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_uri}
+    write_log_part(
+        log_of, "predictions", _log_rows(monitored_project, 1), at=f"{_utc_day(0)} 00:05"
+    )
+    args = [*stemma_exe, "run", "monitor", "configs/credit.yaml", "--batch"]
+    args += [str(log_of / "predictions"), "--days", "2"]
+    for override in NAMES:
+        args += ["--set", override]
+    done = subprocess.run(
+        args, cwd=monitored_project, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("nothing to do: ")
+    assert f"nothing was logged on {_utc_day(-2)} to {_utc_day(-1)} (UTC)" in done.stdout
+
+
 def test_cli_refuses_thresholds_out_of_range_before_starting_anything(
     monitored_project, stemma_exe
 ):
