@@ -126,11 +126,7 @@ def compare_step(
     """The report, and for a prediction log how many scores were logged or scored again."""
     labelled = batch.labels is not None
     wants_scores = settings.prediction_drift or (labelled and settings.performance_decay)
-    scorer: Any = drift.make_scorer(batch.model) if wants_scores else None
-    columns = list(batch.model.feature_columns) if wants_scores else []
-    if scorer is not None and drift.LoggedScores.fits(batch.files):
-        scorer = drift.LoggedScores(scorer, batch.model.version)
-        columns += drift.LoggedScores.columns
+    scorer, columns = drift.scorer_for(batch.model, batch.files) if wants_scores else (None, [])
     report = drift.monitor_batch(
         batch.files,
         batch.profile,

@@ -479,6 +479,18 @@ class LoggedScores:
         return scores
 
 
+def scorer_for(
+    model: ScoringModel, files: Sequence[Path]
+) -> tuple[Callable[[pa.Table], np.ndarray], list[str]]:
+    """The scorer of a batch and the columns it reads: :func:`make_scorer`, or for parts of
+    the endpoint's prediction log :class:`LoggedScores` around it."""
+    scorer = make_scorer(model)
+    if not LoggedScores.fits(files):
+        return scorer, list(model.feature_columns)
+    logged = LoggedScores(scorer, model.version)
+    return logged, [*model.feature_columns, *LoggedScores.columns]
+
+
 def monitor_batch(
     files: Sequence[Path],
     profile: ReferenceProfile,
