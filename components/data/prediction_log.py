@@ -54,6 +54,11 @@ LOG_COLUMNS = (
     VARIANT_COLUMN,
     LATENCY_COLUMN,
 )
+#: Values of VARIANT_COLUMN: who answered a row (the champion, or a running canary's
+#: challenger), and the shadow's scores of answered rows.
+CHAMPION_VARIANT = "champion"
+CANARY_VARIANT = "canary"
+SHADOW_VARIANT = "shadow"
 #: A day folder's name (UTC).
 DAY_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 PART_SUFFIX = ".parquet"

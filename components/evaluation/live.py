@@ -30,6 +30,8 @@ import pandas as pd
 import pyarrow as pa
 
 from stemma.components.data.prediction_log import (
+    CANARY_VARIANT,
+    CHAMPION_VARIANT,
     LATENCY_COLUMN,
     MODEL_VERSION_COLUMN,
     REQUEST_ID_COLUMN,
@@ -66,9 +68,6 @@ from stemma.components.platform.lineage import LineageRecord, Node, input_node_i
 from stemma.components.runtime.loading import ScoringModel
 from stemma.components.scoring.engine import score_files
 
-#: ``stemma_variant`` of a row the champion answered, and of one the canary's challenger did.
-VARIANT_CHAMPION = "champion"
-VARIANT_CANARY = "canary"
 #: Why shadow rows are left out, as the report's ``skipped`` keys them.
 OTHER_CHALLENGER = "other_challenger"
 OTHER_CHAMPION = "other_champion"
@@ -141,7 +140,7 @@ def pair_shadow_rows(
     joined = challenger.merge(answers, on=ROW_KEY, how="left", validate="many_to_one")
     unpaired = joined[MODEL_VERSION_COLUMN].isna()
     by_champion = (joined[MODEL_VERSION_COLUMN].astype(str) == str(champion_version)) & (
-        joined[VARIANT_COLUMN] == VARIANT_CHAMPION
+        joined[VARIANT_COLUMN] == CHAMPION_VARIANT
     )
     pairs, repeated = latest_per_id(joined[~unpaired & by_champion], id_column)
     rows = pairs.rename(columns={SCORE_COLUMN: CHAMPION_SCORE})
@@ -275,8 +274,8 @@ def log_step_scores(
     frame = read_log_rows([day], [id_column, *STEP_COLUMNS], optional=control.feature_columns)
     version = frame[MODEL_VERSION_COLUMN].astype(str)
     variant = frame[VARIANT_COLUMN].astype(str)
-    arm = (version == str(challenger_version)) & ((variant == VARIANT_CANARY) | promoted)
-    control_arm = ~arm & (version == str(control_version)) & (variant == VARIANT_CHAMPION)
+    arm = (version == str(challenger_version)) & ((variant == CANARY_VARIANT) | promoted)
+    control_arm = ~arm & (version == str(control_version)) & (variant == CHAMPION_VARIANT)
     left_out = (variant + " v" + version)[~(arm | control_arm)].value_counts()
     kept, repeated = latest_per_id(frame[arm | control_arm].assign(_arm=arm), id_column)
     in_arm = kept.pop("_arm").to_numpy(dtype=bool)

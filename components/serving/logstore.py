@@ -47,8 +47,6 @@ from stemma.components.runtime.loading import first_line
 
 #: The names the log's writer reserves: no feature may take one.
 RESERVED_COLUMNS = LOG_COLUMNS
-#: The variant of the rows the challenger scored in shadow.
-SHADOW_VARIANT = "shadow"
 TIME_TYPE = pa.timestamp("us", tz="UTC")
 #: MLflow signature types as the Arrow types the log stores.
 SIGNATURE_TYPES: dict[str, pa.DataType] = {

@@ -46,6 +46,7 @@ from stemma.components.data.prediction_log import (
     ROW_COLUMN,
     SCORE_COLUMN,
     SHADOW,
+    SHADOW_VARIANT,
     TIME_COLUMN,
     VARIANT_COLUMN,
     id_text,
@@ -55,7 +56,6 @@ from stemma.components.runtime.loading import first_line
 from stemma.components.scoring.inputs import plural
 from stemma.components.serving.logstore import (
     RESERVED_COLUMNS,
-    SHADOW_VARIANT,
     TIME_TYPE,
     FolderStore,
     S3Store,

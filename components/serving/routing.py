@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from stemma.components.data.prediction_log import CANARY_VARIANT, CHAMPION_VARIANT
 from stemma.components.serving.rows import (
     PreparedRows,
     RequestError,
@@ -30,9 +31,6 @@ from stemma.components.serving.watch import CanaryArm
 
 #: Request header: the entity every row of the request belongs to, when rows carry no id.
 ENTITY_HEADER = "X-Stemma-Entity-Id"
-#: The variants (arms) that answer rows.
-CHAMPION_VARIANT = "champion"
-CANARY_VARIANT = "canary"
 
 
 @dataclass(frozen=True)

@@ -484,7 +484,7 @@ class EndpointLogSpec(Section):
             "(credentials and endpoint from the usual AWS variables, `AWS_ENDPOINT_URL` "
             "included). It holds `predictions/`, `shadow/` and `labels/`, each a folder per "
             "UTC day of Parquet parts; a day of `predictions/` is a batch `stemma run "
-            "monitor --input` reads."
+            "monitor --batch` reads."
         ),
     )
     sample: float = Field(
