@@ -350,28 +350,35 @@ class Routes:
             return
         order = np.argsort(answer.positions, kind="stable")
         positions = answer.positions[order]
-        table = prepared.table.take(positions)
-        ids = None if prepared.ids is None else [prepared.ids[p] for p in positions.tolist()]
-        if log is not None:
-            pick = order.tolist()
-            log.record(
-                table,
+        if shadow is not None and self.shadow is not None:
+            # The request's rows as they are: the shadow worker picks and encodes them
+            # only when the model is quiet.
+            self.shadow.offer(
+                shadow,
+                prepared.table,
+                positions,
+                prepared.ids,
                 request_id=request_id,
                 received=received,
-                ids=ids,
-                versions=[answer.versions[i] for i in pick],
-                variants=[answer.variants[i] for i in pick],
-                predictions=(
-                    None if answer.predictions is None else [answer.predictions[i] for i in pick]
-                ),
-                scores=[answer.scores[i] for i in pick],
-                latency_ms=latency_s * 1000.0,
-                rows=positions.tolist(),
+                busy=self.batcher.queued_rows > 0,
             )
-        if shadow is not None and self.shadow is not None:
-            self.shadow.offer(
-                shadow, table, positions, ids, request_id=request_id, received=received
-            )
+        if log is None:
+            return
+        pick = order.tolist()
+        log.record(
+            prepared.table.take(positions),
+            request_id=request_id,
+            received=received,
+            ids=None if prepared.ids is None else [prepared.ids[p] for p in positions.tolist()],
+            versions=[answer.versions[i] for i in pick],
+            variants=[answer.variants[i] for i in pick],
+            predictions=(
+                None if answer.predictions is None else [answer.predictions[i] for i in pick]
+            ),
+            scores=[answer.scores[i] for i in pick],
+            latency_ms=latency_s * 1000.0,
+            rows=positions.tolist(),
+        )
 
     async def health(self) -> dict[str, str]:
         """The process answers."""

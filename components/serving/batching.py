@@ -35,6 +35,8 @@ from stemma.components.serving.rows import RequestError, ServedModel
 
 #: Weight of the newest observation in the smoothed arrival gap and batch time.
 SMOOTHING = 0.2
+#: Seconds without a new request before work that must not delay answers may run.
+QUIET_S = 0.002
 #: Retry-After, in whole seconds, is at least this.
 MIN_RETRY_AFTER_S = 1
 
@@ -172,24 +174,39 @@ class Batcher:
         self._idle.clear()
         return job
 
-    async def run_when_idle(self, served: ServedModel, matrix: np.ndarray) -> np.ndarray:
-        """Run ``matrix`` through ``served``'s model once no request waits or runs.
+    async def wait_quiet(self) -> None:
+        """Return once no request waits or runs and none arrived for :data:`QUIET_S`.
 
-        Work that must never delay an answer (the shadow's) goes through here: it runs in
-        the same worker thread as the batches, only while the queue is empty, so a request
-        that arrives meanwhile waits at most for this one call.
+        Work that must never delay an answer (the shadow's) waits here, then runs with
+        :meth:`run_now` without awaiting anything in between. Under steady load the
+        model is never quiet that long, so such work waits (and its bounded queue sheds)
+        instead of taking the model's time from requests; a request that arrives during
+        it waits for that one call at most.
         """
         assert self._idle is not None, "start() the batcher first"
         loop = asyncio.get_running_loop()
         while True:
             await self._idle.wait()
-            if not self._queue:
-                break
+            if self._queue or self._calling:
+                self._idle.clear()
+                continue
+            quiet = loop.time() - (self._last_arrival or -math.inf)
+            if quiet >= QUIET_S:
+                return
+            await asyncio.sleep(QUIET_S - quiet)
+
+    async def run_now(self, served: ServedModel, matrix: np.ndarray) -> np.ndarray:
+        """Run ``matrix`` through ``served``'s model in the batches' worker thread."""
+        assert self._idle is not None, "start() the batcher first"
         self._idle.clear()
+        self._calling = True
         try:
-            return await loop.run_in_executor(self._worker, served.model.runtime.run, matrix)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._worker, served.model.runtime.run, matrix
+            )
         finally:
-            if not self._queue and not self._calling:
+            self._calling = False
+            if not self._queue:
                 self._idle.set()
 
     def _expected_wait_s(self, rows: int) -> float:

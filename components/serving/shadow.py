@@ -1,9 +1,9 @@
 """Live shadow: a sample of requests is scored by a second version after it is answered.
 
 A sampled request's rows are offered to :class:`ShadowWorker` once its answer is ready;
-the worker keeps them in a bounded queue and scores them with the shadow version only
-while no request waits for the model (:meth:`.batching.Batcher.run_when_idle`), coalescing
-queued requests into one call. Past ``max_queue_rows`` an offer is dropped and counted:
+the worker keeps them in a bounded queue and, only once the model has been quiet for a
+moment (:meth:`.batching.Batcher.wait_quiet`), encodes them for the shadow version and
+scores them, coalescing queued requests into calls of at most :data:`MAX_CALL_ROWS` rows. Past ``max_queue_rows`` an offer is dropped and counted:
 under load the shadow falls behind and sheds work; the callers never wait for it. The
 shadow's scores go to the prediction log beside the served ones, paired by request id
 and row.
@@ -38,14 +38,18 @@ if TYPE_CHECKING:
 
 _LOG = logging.getLogger(__name__)
 
+#: Most rows of one shadow call: a request arriving during it waits for it, so it is short.
+MAX_CALL_ROWS = 64
+
 
 @dataclass(frozen=True)
 class ShadowJob:
     """A request's scored rows, waiting for the shadow."""
 
     served: ServedModel
-    prepared: PreparedRows  # the rows, encoded for the shadow
-    positions: np.ndarray  # their positions in the request
+    table: Any  # the request's columns (Arrow), every row
+    ids: list[Any] | None  # the request's ids, every row
+    positions: np.ndarray  # the positions of the rows to shadow, in the request
     request_id: str
     received: float  # time.time() at arrival
 
@@ -57,7 +61,8 @@ class ShadowWorker:
         batcher: the endpoint's batcher, whose idle time the shadow uses.
         sample: share of requests offered.
         max_queue_rows: rows waiting at most; more are dropped and counted.
-        max_batch_size: most rows per shadow model call.
+        max_batch_size: the endpoint's most rows per model call (a shadow call holds at
+            most :data:`MAX_CALL_ROWS` of them).
         policies: the spec's row policies (a row the shadow cannot take is not scored).
         metrics: where scored, dropped and failed shadow rows are counted.
         log: where the shadow's scores go (None: counted only).
@@ -77,7 +82,7 @@ class ShadowWorker:
         self.batcher = batcher
         self.sample = sample
         self.max_queue_rows = max_queue_rows
-        self.max_batch_size = max_batch_size
+        self.max_call_rows = min(max_batch_size, MAX_CALL_ROWS)
         self.policies = dict(policies)
         self.metrics = metrics
         self.log = log
@@ -114,32 +119,30 @@ class ShadowWorker:
         *,
         request_id: str,
         received: float,
+        busy: bool = False,
     ) -> bool:
         """Queue a sampled request's scored rows for the shadow; False when not taken.
 
+        Nothing is copied or encoded here (the worker does it when the model is quiet):
+        an offer costs the request a sampling draw and an append.
+
         Args:
             served: the shadow version.
-            table: the request's columns for the rows (Arrow), in ``positions`` order.
-            positions: the rows' positions in the request.
-            ids: the rows' ids, or None.
+            table: the request's columns (Arrow).
+            positions: the positions of the rows to shadow (the scored ones), ascending.
+            ids: the request's ids, or None.
             request_id: the request's id, which pairs the shadow's scores with the answer.
             received: ``time.time()`` when the request arrived.
+            busy: requests are queued for the model: the shadow would only fall further
+                behind, so the rows are dropped (and counted) at once.
         """
         if len(positions) == 0 or self._random.random() >= self.sample:
             return False
         rows = len(positions)
-        if self._queued_rows + rows > self.max_queue_rows:
+        if busy or self._queued_rows + rows > self.max_queue_rows:
             self._count(served, "dropped", rows)
             return False
-        if not fits_signature(served, table):
-            self._count(served, "unfit", rows)
-            return False
-        try:
-            prepared = encode_rows(served, table, policies=self.policies, ids=ids)
-        except RequestError:
-            self._count(served, "unfit", rows)
-            return False
-        self._queue.append(ShadowJob(served, prepared, positions, request_id, received))
+        self._queue.append(ShadowJob(served, table, ids, positions, request_id, received))
         self._queued_rows += rows
         assert self._arrived is not None, "start() the shadow worker first"
         self._arrived.set()
@@ -151,38 +154,57 @@ class ShadowWorker:
             while not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
-            jobs = self._take()
-            await self._score(jobs)
+            await self.batcher.wait_quiet()
+            encoded = self._encode(self._take())
+            if encoded:
+                await self._score(encoded)
 
     def _take(self) -> list[ShadowJob]:
-        """The oldest jobs for one version, up to ``max_batch_size`` rows (at least one)."""
+        """The oldest jobs for one version, up to ``max_call_rows`` rows (at least one)."""
         jobs: list[ShadowJob] = []
         rows = 0
         while self._queue:
             job = self._queue[0]
-            size = len(job.prepared.matrix)
-            if jobs and (job.served is not jobs[0].served or rows + size > self.max_batch_size):
+            size = len(job.positions)
+            if jobs and (job.served is not jobs[0].served or rows + size > self.max_call_rows):
                 break
             self._queue.popleft()
-            self._queued_rows -= len(job.positions)
+            self._queued_rows -= size
             jobs.append(job)
             rows += size
         return jobs
 
-    async def _score(self, jobs: list[ShadowJob]) -> None:
-        served = jobs[0].served
-        matrix = np.concatenate([job.prepared.matrix for job in jobs])
+    def _encode(self, jobs: list[ShadowJob]) -> list[tuple[ShadowJob, PreparedRows]]:
+        """The jobs' rows encoded for the shadow; rows it cannot take are counted unfit."""
+        encoded = []
+        for job in jobs:
+            table = job.table.take(job.positions)
+            if not fits_signature(job.served, table):
+                self._count(job.served, "unfit", len(job.positions))
+                continue
+            ids = None if job.ids is None else [job.ids[p] for p in job.positions.tolist()]
+            try:
+                prepared = encode_rows(job.served, table, policies=self.policies, ids=ids)
+            except RequestError:
+                self._count(job.served, "unfit", len(job.positions))
+                continue
+            encoded.append((job, prepared))
+        return encoded
+
+    async def _score(self, encoded: list[tuple[ShadowJob, PreparedRows]]) -> None:
+        served = encoded[0][0].served
+        matrix = np.concatenate([prepared.matrix for _, prepared in encoded])
         try:
-            outputs = await self.batcher.run_when_idle(served, matrix) if len(matrix) else matrix
+            outputs = await self.batcher.run_now(served, matrix) if len(matrix) else matrix
         except Exception as error:  # a shadow that fails costs the callers nothing
-            self._count(served, "failed", sum(len(job.positions) for job in jobs))
+            self._count(served, "failed", sum(len(job.positions) for job, _ in encoded))
             _LOG.warning("shadow %s failed: %s", served.model.label, redact_url(first_line(error)))
             return
         model = served.model
         scores = model.preprocessor.decode_output(np.asarray(outputs).reshape(len(matrix)))
         start = 0
-        for job in jobs:
-            kept = job.prepared.kept
+        for job, prepared in encoded:
+            kept = prepared.kept
             own = scores[start : start + len(kept)]
             start += len(kept)
             self._count(served, "scored", len(kept))
@@ -190,7 +212,7 @@ class ShadowWorker:
                 self._count(served, "unfit", len(job.positions) - len(kept))
             if self.log is None or len(kept) == 0:
                 continue
-            ids = job.prepared.ids
+            ids = prepared.ids
             self.log.record_shadow(
                 request_id=job.request_id,
                 received=job.received,
