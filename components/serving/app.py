@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -311,7 +312,7 @@ class Routes:
         self.metrics.latency.observe(latency_s)
         self.after_answer(prepared, answer, request_id, received, latency_s)
         return Response(
-            json.dumps(answer.body, allow_nan=False),
+            orjson.dumps(answer.body),  # scores are finite or None (null) already
             media_type="application/json",
             headers={
                 VERSION_HEADER: answer.header("version"),
@@ -521,9 +522,13 @@ async def _read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise too_big
         chunks.append(chunk)
+    body = b"".join(chunks)
     try:
-        # Python's reader takes NaN and Infinity, which then meet the row policies.
-        return json.loads(b"".join(chunks))
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass  # NaN or Infinity, which Python's reader takes (the row policies then decide)
+    try:
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError) as error:
         raise RequestError(400, "the body is not valid JSON", [str(error)[:200]]) from None
 

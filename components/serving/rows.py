@@ -233,13 +233,18 @@ def _arrays(
         if name not in columns:
             continue
         values = columns[name]
-        nested = [index for index, value in enumerate(values) if isinstance(value, dict | list)]
-        if nested:
-            problems.append(f"column {name}: {_listing(nested, 'row')} hold a list or object")
-            continue
         try:
             array = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            array = None
+        # Lists and objects are looked for only when Arrow did not make a flat column of
+        # the values, so the common case costs one pass in C.
+        if array is None or pa.types.is_nested(array.type):
+            nested = [i for i, value in enumerate(values) if isinstance(value, dict | list)]
+            if nested:
+                problems.append(f"column {name}: {_listing(nested, 'row')} hold a list or object")
+                continue
+        if array is None:
             kinds = sorted({_json_kind(value) for value in values if value is not None})
             problems.append(f"column {name} mixes {' and '.join(kinds)} values")
             continue
