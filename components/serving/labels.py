@@ -20,7 +20,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from stemma.components.data.prediction_log import id_text
-from stemma.components.serving.rows import COLUMNS_KEY, MAX_PROBLEMS_SHOWN, RequestError
+from stemma.components.serving.rows import (
+    COLUMNS_KEY,
+    MAX_PROBLEMS_SHOWN,
+    RequestError,
+    check_count,
+)
 
 if TYPE_CHECKING:
     from stemma.components.serving.predlog import PredictionLog
@@ -207,7 +212,7 @@ def _label_columns(body: Any, max_rows: int) -> Mapping[str, list[Any]]:
         if len(lengths) > 1:
             sizes = ", ".join(f"{name}: {len(values)}" for name, values in columns.items())
             raise RequestError(422, "the columns have different lengths", [sizes])
-        _check_count(lengths.pop() if lengths else 0, max_rows)
+        check_count(lengths.pop() if lengths else 0, max_rows, "labels")
         return columns
     labels = [body] if isinstance(body, dict) else body
     if not isinstance(labels, list) or not all(isinstance(label, dict) for label in labels):
@@ -216,20 +221,9 @@ def _label_columns(body: Any, max_rows: int) -> Mapping[str, list[Any]]:
             "the body must be a label (an object), a list of labels, or "
             '{"columns": {name: [values]}}',
         )
-    _check_count(len(labels), max_rows)
+    check_count(len(labels), max_rows, "labels")
     names = {name for label in labels for name in label}
     return {name: [label.get(name) for label in labels] for name in names}
-
-
-def _check_count(count: int, max_rows: int) -> None:
-    if count == 0:
-        raise RequestError(422, "the request holds no labels")
-    if count > max_rows:
-        raise RequestError(
-            413,
-            f"the request holds {count} labels; the limit is {max_rows} per request",
-            ["send smaller requests, or raise endpoint.max_rows_per_request"],
-        )
 
 
 def _shown(value: Any) -> str:

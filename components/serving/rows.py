@@ -191,7 +191,7 @@ def _columns_of(body: Any, max_rows: int) -> tuple[dict[str, list[Any]], int]:
             sizes = ", ".join(f"{name}: {len(values)}" for name, values in columns.items())
             raise RequestError(422, "the columns have different lengths", [sizes])
         rows = lengths.pop() if lengths else 0
-        _check_row_count(rows, max_rows)
+        check_count(rows, max_rows)
         return columns, rows
     records = [body] if isinstance(body, dict) else body
     if not isinstance(records, list):
@@ -199,7 +199,7 @@ def _columns_of(body: Any, max_rows: int) -> tuple[dict[str, list[Any]], int]:
             422,
             'the body must be a row (an object), a list of rows, or {"columns": {name: [values]}}',
         )
-    _check_row_count(len(records), max_rows)
+    check_count(len(records), max_rows)
     not_rows = [index for index, row in enumerate(records) if not isinstance(row, dict)]
     if not_rows:
         raise RequestError(
@@ -212,13 +212,14 @@ def _columns_of(body: Any, max_rows: int) -> tuple[dict[str, list[Any]], int]:
     return {name: [row.get(name) for row in records] for name in names}, len(records)
 
 
-def _check_row_count(rows: int, max_rows: int) -> None:
-    if rows == 0:
-        raise RequestError(422, "the request holds no rows")
-    if rows > max_rows:
+def check_count(count: int, max_rows: int, noun: str = "rows") -> None:
+    """Refuse a request of no ``noun`` (422) or of more than ``max_rows`` (413)."""
+    if count == 0:
+        raise RequestError(422, f"the request holds no {noun}")
+    if count > max_rows:
         raise RequestError(
             413,
-            f"the request holds {rows} rows; the limit is {max_rows} rows per request",
+            f"the request holds {count} {noun}; the limit is {max_rows} {noun} per request",
             ["send smaller requests, or raise endpoint.max_rows_per_request"],
         )
 
