@@ -236,7 +236,8 @@ def _log_monitor_plans(spec: Any, plan: Any) -> list[DeploymentPlan]:
         f"Drift report of the online endpoint's prediction log, `{folder}/{LOG_PREDICTIONS}`: "
         f"{window} (UTC) against the model's reference profile, with the labels received."
     )
-    name = f"{spec.pipeline.name} · endpoint log monitoring"
+    # Short enough for the Prefect UI's deployment list, which cuts titles at ~25 characters.
+    name = f"{spec.pipeline.name} · endpoint drift"
     return [plan("monitor", description, cron=cron, name=name, extra=parameters)]
 
 

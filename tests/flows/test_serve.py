@@ -39,7 +39,7 @@ RUN_TIMEOUT_S = 420
 ARTIFACTS = Path(os.environ.get("STEMMA_TEST_ARTIFACTS", "test-artifacts"))
 #: The served spec's endpoint log, which `stemma serve` deploys a monitor of.
 ENDPOINT_LOG = "outputs/endpoint-log"
-LOG_MONITOR = "monitor/credit · endpoint log monitoring"
+LOG_MONITOR = "monitor/credit · endpoint drift"
 
 
 def _request(method: str, url: str, body: dict | list | None = None) -> dict | list:
@@ -408,7 +408,7 @@ def test_the_endpoint_log_monitor_is_planned_only_for_a_log_in_the_project(
     plans = [
         plan
         for plan in deployment_plans(loaded, "configs/credit.yaml")
-        if plan.name == "credit · endpoint log monitoring"
+        if plan.name == "credit · endpoint drift"
     ]
     if expected is None:
         assert plans == []

@@ -1,8 +1,8 @@
 """The online endpoint: real uvicorn on a free loopback port, a real MLflow store, a trained model.
 
-One credit model is trained once for the module (2 epochs); a second version of other
-weights is registered beside it for the alias to move to, and a third whose weights are
-then changed in the artifact store, which the endpoint must refuse.
+The project (``registry``, in conftest.py) holds one credit model trained for the session,
+a second version of other weights for the alias to move to, and a third whose weights were
+changed in the artifact store, which the endpoint must refuse.
 """
 
 from __future__ import annotations
@@ -10,78 +10,24 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from stemma.components.platform.tags import WEIGHTS_SHA256
 from stemma.components.runtime.loading import load_scoring_model
 from stemma.components.serving.server import EndpointServer, build_endpoint, max_connections
 from stemma.components.spec import load_spec
-from tests.support import log_trained_model
+from tests.components.serving.conftest import ID, MODEL, NAMES
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "mlflow_uri")
-
-MODEL = "endpoint"
-NAMES = [f"pipeline.name={MODEL}", f"pipeline.model_name={MODEL}"]
-TRAIN = ["train.epochs=2", "train.early_stopping=null", "train.batch_size=256"]
-ID = "application_id"
-
-
-@pytest.fixture(scope="module")
-def registry(template_project, tmp_path_factory) -> dict:
-    """The project, with v1 trained (@champion), v2 (other weights) and v3 (tampered)."""
-    from stemma.flows.train import train_flow
-
-    root = tmp_path_factory.mktemp("endpoint") / "project"
-    shutil.copytree(template_project, root, symlinks=True)
-    config = root / "configs" / "credit.yaml"
-    train_flow(config=str(config), overrides=[*TRAIN, *NAMES])
-    client = MlflowClient()
-    champion = client.get_model_version_by_alias(MODEL, "champion")
-    spec = load_spec(config, NAMES).spec
-    frame = pd.read_parquet(root / "data" / "credit" / "train.parquet").head(300)
-    experiment = client.get_run(champion.run_id).info.experiment_id
-    versions = {"v1": str(champion.version)}
-    for key, seed in (("v2", 11), ("v3", 12)):
-        _, _, info, sha256, run_id = log_trained_model(
-            frame,
-            spec.data.features,
-            task="binary",
-            target="approved",
-            experiment_id=experiment,
-            workdir=tmp_path_factory.mktemp(key),
-            hidden=(16,),
-            seed=seed,
-        )
-        version = client.create_model_version(
-            MODEL,
-            info.model_uri,
-            run_id=run_id,
-            model_id=info.model_id,
-            tags={WEIGHTS_SHA256: sha256},
-        )
-        versions[key] = str(version.version)
-    weights = next(
-        Path(
-            client.get_model_version_download_uri(MODEL, versions["v3"]).removeprefix("file://")
-        ).rglob("*.safetensors")
-    )
-    weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
-    batch = sorted((root / "data" / "credit" / "batches").glob("*.parquet"))[0]
-    rows = pd.read_parquet(batch).drop(columns=["applied_at"]).head(40)
-    return {"root": root, "config": config, "client": client, "versions": versions, "rows": rows}
 
 
 @contextmanager

@@ -27,7 +27,6 @@ from stemma.components.evaluation.canary import (
 )
 from stemma.components.registry.routing import route_to_challenger
 from stemma.components.spec import EvaluateSpec
-from tests.components.serving import test_endpoint as endpoint_tests
 from tests.components.serving.test_endpoint import (
     ID,
     MODEL,
@@ -36,9 +35,6 @@ from tests.components.serving.test_endpoint import (
     records,
     serving,
 )
-
-#: The endpoint tests' project: v1 trained (@champion), v2 of other weights, v3 tampered.
-registry = endpoint_tests.registry
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "mlflow_uri")
 
