@@ -51,8 +51,9 @@ BASELINE_COMPONENT_LINES = 24_126
 #: routing and live shadow (registry/routing.py, serving/routing.py, shadow.py, the watch of
 #: aliases and canary state) 887; the log as the monitor's and retraining's input and the
 #: log monitor's deployment (data/prediction_log.py and its readers) 537; shadow and canary
-#: judged from the log (evaluation/live.py, log_rows.py) 872.
-COMPONENT_LINES_CEILING = 32_178
+#: judged from the log (evaluation/live.py, log_rows.py) 872; less 5 lines of the endpoint's
+#: routing and shadow sharing one encoder check (rows.encode_for).
+COMPONENT_LINES_CEILING = 32_173
 #: Offenders printed per check.
 SHOWN = 40
 

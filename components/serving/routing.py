@@ -6,8 +6,8 @@ the function batch canary steps use) is scored by the challenger, encoded by the
 challenger's own preprocessing; every other row by the champion. The entity id is the
 row's id column (``data.id``), or the request's :data:`ENTITY_HEADER` for all its rows;
 rows without one are the champion's. A challenger that cannot take the request's columns
-leaves its rows to the champion (counted as ``canary_unfit``), so a canary never fails a
-request the champion answers.
+(or whose ``error`` policy refuses a row) leaves the rows to the champion, whose version
+and variant the answer names: a canary never fails a request the champion answers.
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ import numpy as np
 from stemma.components.data.prediction_log import CANARY_VARIANT, CHAMPION_VARIANT
 from stemma.components.serving.rows import (
     PreparedRows,
-    RequestError,
     ServedModel,
-    encode_rows,
-    fits_signature,
+    encode_for,
 )
 from stemma.components.serving.watch import CanaryArm
 
@@ -68,8 +66,9 @@ def route_rows(
     """Split ``prepared`` (encoded for the champion ``served``) between champion and canary."""
     kept = prepared.kept
     ids = _entity_ids(prepared, entity)
+    champion_only = Routed([Arm(CHAMPION_VARIANT, served, prepared.matrix, kept)], {})
     if canary is None or ids is None or len(kept) == 0:
-        return Routed([Arm(CHAMPION_VARIANT, served, prepared.matrix, kept)], {})
+        return champion_only
     kept_ids = [ids[position] for position in kept.tolist()]
     has_id = np.array([value is not None for value in kept_ids], dtype=bool)
     routed = np.zeros(len(kept), dtype=bool)
@@ -77,16 +76,13 @@ def route_rows(
         present = [value for value in kept_ids if value is not None]
         routed[has_id] = canary.route.routed(np.asarray(present))
     if not routed.any():
-        return Routed([Arm(CHAMPION_VARIANT, served, prepared.matrix, kept)], {})
+        return champion_only
     positions = kept[routed]
     subset = prepared.table.take(positions)
     challenger = canary.served
-    if not fits_signature(challenger, subset):
-        return Routed([Arm(CHAMPION_VARIANT, served, prepared.matrix, kept)], {})
-    try:
-        encoded = encode_rows(challenger, subset, policies=policies, ids=None)
-    except RequestError:  # an `error` policy of the challenger: the champion answers
-        return Routed([Arm(CHAMPION_VARIANT, served, prepared.matrix, kept)], {})
+    encoded = encode_for(challenger, subset, policies=policies, ids=None)
+    if encoded is None:  # the challenger cannot take these rows: the champion answers them
+        return champion_only
     rejected = {int(positions[index]): reason for index, reason in encoded.rejected.items()}
     arms = []
     if not routed.all():

@@ -174,10 +174,19 @@ def encode_rows(
     )
 
 
-def fits_signature(served: ServedModel, table: pa.Table) -> bool:
-    """Whether ``table`` holds every column ``served`` takes, of types it accepts."""
+def encode_for(
+    served: ServedModel, table: pa.Table, *, policies: Mapping[str, str], ids: list[Any] | None
+) -> PreparedRows | None:
+    """``table``'s rows encoded for another model than the one that checked the request (a
+    canary's challenger, a shadow), or None when that model cannot take them: a column it
+    needs is missing or of another type, or one of its ``error`` policies refuses a row."""
     present = {name: table.schema.field(name).type for name in table.column_names}
-    return not signature_problems(present, served.model)
+    if signature_problems(present, served.model):
+        return None
+    try:
+        return encode_rows(served, table, policies=policies, ids=ids)
+    except RequestError:
+        return None
 
 
 def _columns_of(body: Any, max_rows: int) -> tuple[dict[str, list[Any]], int]:

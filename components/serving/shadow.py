@@ -27,10 +27,8 @@ from stemma.components.serving.batching import Batcher
 from stemma.components.serving.metrics import EndpointMetrics
 from stemma.components.serving.rows import (
     PreparedRows,
-    RequestError,
     ServedModel,
-    encode_rows,
-    fits_signature,
+    encode_for,
 )
 
 if TYPE_CHECKING:
@@ -178,14 +176,10 @@ class ShadowWorker:
         """The jobs' rows encoded for the shadow; rows it cannot take are counted unfit."""
         encoded = []
         for job in jobs:
-            table = job.table.take(job.positions)
-            if not fits_signature(job.served, table):
-                self._count(job.served, "unfit", len(job.positions))
-                continue
             ids = None if job.ids is None else [job.ids[p] for p in job.positions.tolist()]
-            try:
-                prepared = encode_rows(job.served, table, policies=self.policies, ids=ids)
-            except RequestError:
+            table = job.table.take(job.positions)
+            prepared = encode_for(job.served, table, policies=self.policies, ids=ids)
+            if prepared is None:
                 self._count(job.served, "unfit", len(job.positions))
                 continue
             encoded.append((job, prepared))
