@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 #: This package's module -> the public names it defines, re-exported here on first use.
 _MODULES = {
-    "sections": "METRIC_DIRECTIONS BUILTIN_ARCHITECTURES Name PipelineSpec FeaturesSpec "
+    "sections": "METRIC_DIRECTIONS CLASSIFICATION_TASKS BUILTIN_ARCHITECTURES Name PipelineSpec FeaturesSpec "
     "SplitSpec DataSpec Expectation ModelSpec EarlyStoppingSpec DistributedSpec TrainSpec "
     "GateSpec DaskSpec ScoreSpec RetrainSpec",
     "operations": "QUANTIZE_METHODS QuantizeMethod NumericStatistic CategoricalStatistic "

@@ -5,6 +5,7 @@ Spec YAML is read within limits: plain YAML only, bounded size, depth and expans
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,18 @@ def _refuse_tag(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
 
 
 BoundedLoader.add_constructor(None, _refuse_tag)
+
+# Booleans as YAML 1.2 reads them: only true and false. YAML 1.1's yes, no, on and off stay
+# text, so a label map `{yes: 1, no: 0}` maps the strings its data holds; a boolean field
+# still takes them, as pydantic reads "yes" and "no" as booleans.
+_BOOL_TAG = _YAML_TAG_PREFIX + "bool"
+BoundedLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+BoundedLoader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def load_yaml(text: str) -> tuple[Any, yaml.Node | None]:

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from stemma.components.platform.refs import ModelRefError, parse_model_ref
 
@@ -25,8 +25,24 @@ METRIC_DIRECTIONS: dict[str, dict[str, bool]] = {
         "log_loss": False,
         "brier": False,
     },
+    "multiclass": {
+        "roc_auc": True,  # macro average of one-vs-rest
+        "accuracy": True,
+        "f1_macro": True,
+        "f1_weighted": True,
+        "precision_macro": True,
+        "recall_macro": True,
+        "top2_accuracy": True,
+        "log_loss": False,
+    },
     "regression": {"rmse": False, "mae": False, "r2": True},
 }
+
+#: Tasks that predict a class (their outputs are probabilities).
+CLASSIFICATION_TASKS = ("binary", "multiclass")
+
+#: A class or a raw label value as a spec holds it.
+ClassValue = Annotated[str, Field(min_length=1, max_length=256)] | int | bool
 
 #: Architectures Stemma ships, by registered name.
 BUILTIN_ARCHITECTURES = ("mlp",)
@@ -163,13 +179,63 @@ class DataSpec(Section):
     format: Literal["auto", "parquet", "csv"] = Field(
         default="auto", description="File format; `auto` picks it from the file extension."
     )
-    task: Literal["binary", "regression"] = Field(
-        default="binary", description="Prediction task: binary classification or regression."
+    task: Literal["binary", "multiclass", "regression"] = Field(
+        default="binary",
+        description=(
+            "Prediction task: `binary` (a 0/1 target, or one `labels` maps to 0/1), "
+            "`multiclass` (one of several classes; softmax and cross-entropy) or `regression`."
+        ),
     )
     target: str = Field(min_length=1, description="Label column.")
+    classes: list[ClassValue] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=1000,
+        description=(
+            "Multiclass only: the classes in output order, e.g. `[setosa, versicolor, "
+            "virginica]`. Left out, they are the training split's distinct labels, sorted, and "
+            "are recorded with the model."
+        ),
+    )
+    labels: dict[ClassValue, ClassValue] | None = Field(
+        default=None,
+        max_length=10_000,
+        description=(
+            "Maps raw values of the label column to classes, e.g. `{yes: 1, no: 0}` for a "
+            "binary target or `{Y: good, N: bad}`. Every raw value in the training data must be "
+            "mapped; an unmapped label in production data is counted and left out."
+        ),
+    )
     id: str | None = Field(default=None, description="Entity id column; never used as a feature.")
     features: FeaturesSpec = Field(description="Feature columns by kind.")
     split: SplitSpec = Field(default_factory=SplitSpec, description="Train/validation/test split.")
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, value: list[Any] | None) -> list[Any] | None:
+        if value is not None:
+            seen: set[str] = set()
+            repeated = [c for c in value if str(c) in seen or seen.add(str(c))]  # type: ignore[func-returns-value]
+            if repeated:
+                raise ValueError(f"classes must be distinct; repeated: {repeated}")
+        return value
+
+    @model_validator(mode="after")
+    def _task_fits_classes(self) -> DataSpec:
+        if self.classes is not None and self.task != "multiclass":
+            raise ValueError("`classes` is for `task: multiclass` only")
+        if self.labels is not None and self.task == "regression":
+            raise ValueError("`labels` maps classes; a regression target takes numbers as they are")
+        if self.labels is not None and self.task == "binary":
+            bad = sorted({str(v) for v in self.labels.values() if v not in (0, 1)})
+            if bad:
+                raise ValueError(f"a binary target's labels map to 0 or 1; got {', '.join(bad)}")
+        if self.labels is not None and self.classes is not None:
+            known = {str(c) for c in self.classes}
+            unknown = sorted({str(v) for v in self.labels.values()} - known)
+            if unknown:
+                raise ValueError(f"`labels` maps to {', '.join(unknown)}, not in `classes`")
+        return self
 
 
 Expectation = dict[str, dict[str, Any]]
