@@ -3,10 +3,12 @@ endpoint's logged labels (``<endpoint.log.path>/labels``, a folder per day)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -19,6 +21,18 @@ from stemma.components.errors import DataError
 LABEL_SUFFIXES = (".parquet", ".csv")
 #: Ids shown in an error message.
 MAX_IDS_SHOWN = 5
+
+
+def label_text(value: object) -> str:
+    """A label as text, the same for 1, 1.0, numpy's 1 and "1"; booleans as true/false.
+    Label maps (``data.labels``) and classes are matched on this form."""
+    if isinstance(value, bool | np.bool_):
+        return "true" if value else "false"
+    if isinstance(value, np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating) and math.isfinite(value) and value == round(value):
+        return str(int(value))
+    return str(value)
 
 
 def read_labels(

@@ -526,6 +526,9 @@ def _target_problems(frame: pd.DataFrame, data: DataSpec) -> Iterator[str]:
 
     if len(present) == 0:
         return
+    if data.task == "multiclass" or data.labels is not None:
+        yield from _class_problems(present, data)
+        return
     classes = sorted(present.unique().tolist(), key=repr)
     binary_values = types.is_bool_dtype(series.dtype) or (
         types.is_numeric_dtype(series.dtype) and set(classes) <= {0, 1}
@@ -539,6 +542,43 @@ def _target_problems(frame: pd.DataFrame, data: DataSpec) -> Iterator[str]:
             f"target {name!r} has only one class: all {len(present)} labelled rows are "
             f"{classes[0]!r}; a binary model needs both 0 and 1"
         )
+
+
+def _class_problems(present: pd.Series, data: DataSpec) -> Iterator[str]:
+    """Labels the label map or the classes do not know, and too few classes."""
+    from stemma.components.data.labels import label_text
+
+    name = data.target
+    text = present.map(label_text)
+    if data.labels is not None:
+        mapping = {label_text(raw): label_text(value) for raw, value in data.labels.items()}
+        unmapped = sorted(set(text) - set(mapping))
+        if unmapped:
+            yield (
+                f"target {name!r} holds labels data.labels does not map: "
+                f"{_named(unmapped)} (map each to a class, or drop those rows)"
+            )
+            return
+        text = text.map(mapping)
+    if data.classes is not None:
+        unknown = sorted(set(text) - {label_text(value) for value in data.classes})
+        if unknown:
+            yield f"target {name!r} holds labels not in data.classes: {_named(unknown)}"
+            return
+    distinct = sorted(set(text))
+    if len(distinct) < 2:
+        yield (
+            f"target {name!r} has only one class: all {len(present)} labelled rows are "
+            f"{distinct[0]!r}; a classifier needs at least two"
+        )
+    elif data.task == "binary" and not set(distinct) <= {"0", "1"}:
+        yield f"target {name!r}: data.labels must map every label to 0 or 1"
+
+
+def _named(values: list[str]) -> str:
+    shown = ", ".join(repr(value) for value in values[:MAX_ROWS_NAMED])
+    more = f" and {len(values) - MAX_ROWS_NAMED} more" if len(values) > MAX_ROWS_NAMED else ""
+    return shown + more
 
 
 def _bad_rows(what: str, index: pd.Index, mask: Any, kind: str) -> list[str]:

@@ -302,10 +302,8 @@ def log_pyfunc_model(
         raise DataError(f"input example lacks feature columns: {', '.join(missing)}")
     example = input_example.loc[:, features].head(INPUT_EXAMPLE_ROWS).reset_index(drop=True)
     raw = _eager_outputs(network, preprocessor.transform(example))
-    scores = np.asarray(preprocessor.decode_output(raw), dtype=np.float64).reshape(len(example))
-    outputs = pd.DataFrame({"score": scores})
-    if task == "binary":
-        outputs["prediction"] = (scores >= DEFAULT_THRESHOLD).astype(np.int64)
+    scores = np.asarray(preprocessor.decode_output(raw), dtype=np.float64)
+    outputs = preprocessor.output_frame(scores, threshold=DEFAULT_THRESHOLD)
 
     n_outputs = int(raw.shape[1]) if raw.ndim == 2 else 1
     paths, weights_sha256, report = write_model_files(

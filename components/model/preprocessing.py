@@ -23,11 +23,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stemma.components.data.labels import label_text
 from stemma.components.errors import DataError
 from stemma.components.spec import FeaturesSpec
 
 #: Tasks a preprocessor knows how to encode targets for.
-TASKS = ("binary", "regression")
+TASKS = ("binary", "multiclass", "regression")
+
+#: The predicted class (binary: 0/1 at the threshold; multiclass: the likeliest class).
+PREDICTION_COLUMN = "prediction"
+#: Binary: the probability of class 1; multiclass: the predicted class's; regression: the value.
+SCORE_COLUMN = "score"
+#: Multiclass: one column per class, ``probability_<class>``, in the classes' order.
+PROBABILITY_PREFIX = "probability_"
 
 #: A category value as stored in JSON: integer codes stay integers, everything else is text.
 Category = int | str
@@ -47,9 +55,11 @@ class Preprocessor:
         categorical: categorical feature columns, in input order.
         vocabularies: for each categorical column, its sorted training values (all ``int``
             or all ``str``).
-        task: ``binary`` or ``regression``.
+        task: ``binary``, ``multiclass`` or ``regression``.
         target_mean: training mean of the target (regression only).
         target_std: training standard deviation of the target (regression only).
+        classes: multiclass only: the classes in output order (all ``int`` or all ``str``).
+        labels: the spec's label map, raw label (as text) -> class, or None.
     """
 
     numeric: tuple[str, ...]
@@ -60,6 +70,8 @@ class Preprocessor:
     task: str
     target_mean: float | None = None
     target_std: float | None = None
+    classes: tuple[Category, ...] | None = None
+    labels: tuple[tuple[str, Category], ...] | None = None
 
     def __post_init__(self) -> None:
         _check_consistent(self)
@@ -116,33 +128,150 @@ class Preprocessor:
             offset += width
         return out
 
-    def encode_target(self, frame: pd.DataFrame, target: str) -> np.ndarray:
-        """The training target as float32: 0/1 for binary, standardised for regression.
+    @property
+    def n_outputs(self) -> int:
+        """Raw outputs the network needs: one per class for multiclass, else one."""
+        return len(self.classes) if self.classes is not None else 1
+
+    def class_codes(self, labels: pd.Series) -> np.ndarray:
+        """Each label's class as an int64 code, through the label map: 0/1 for binary, the
+        class's index for multiclass; -1 for a missing label or one the task does not know.
 
         Raises:
-            DataError: the column is missing, holds missing or non-finite values, or (binary)
-                holds values other than 0 and 1.
+            ValueError: a regression preprocessor (its labels are numbers, not classes).
+        """
+        if self.task == "regression":
+            raise ValueError("a regression target has values, not classes")
+        if self.labels is not None:
+            mapping = dict(self.labels)
+            text = labels.map(label_text, na_action="ignore")
+            labels = text.map(mapping)
+        known = self.classes if self.classes is not None else (0, 1)
+        if known and isinstance(known[0], int):
+            numbers = pd.to_numeric(labels.astype(object), errors="coerce")
+            values = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
+            whole = np.isfinite(values) & (values == np.round(values))
+            codes = np.full(len(values), -1, dtype=np.int64)
+            index = pd.Index(known, dtype=np.int64).get_indexer(values[whole].astype(np.int64))
+            codes[whole] = index
+            return codes
+        text = labels.map(label_text, na_action="ignore")
+        return np.asarray(pd.Index(known, dtype=object).get_indexer(text), dtype=np.int64)
+
+    def encode_target(self, frame: pd.DataFrame, target: str) -> np.ndarray:
+        """The training target as float32: 0/1 for binary, one-hot rows for multiclass
+        (cross-entropy reads them as class probabilities), standardised for regression.
+
+        Raises:
+            DataError: the column is missing, holds missing or non-finite values, or labels
+                that are not classes of the task (named, with the fix).
         """
         _require_columns(frame, [target], "target")
-        if self.task == "binary":
+        if self.task == "binary" and self.labels is None:
             return _binary_labels(frame[target], target).astype(np.float32)
+        if self.task != "regression":
+            codes = self.known_codes(frame[target], target)
+            if self.task == "binary":
+                return codes.astype(np.float32)
+            one_hot = np.zeros((len(codes), self.n_outputs), dtype=np.float32)
+            one_hot[np.arange(len(codes)), codes] = 1.0
+            return one_hot
         values = _finite_target(frame[target], target)
         assert self.target_mean is not None and self.target_std is not None
         return ((values - self.target_mean) / self.target_std).astype(np.float32)
+
+    def known_codes(self, labels: pd.Series, column: str) -> np.ndarray:
+        """:meth:`class_codes`, refusing missing labels and labels of no class (named)."""
+        if labels.isna().any():
+            raise DataError(
+                f"target column {column!r} has {int(labels.isna().sum())} missing values"
+            )
+        codes = self.class_codes(labels)
+        unknown = codes < 0
+        if unknown.any():
+            values = sorted({str(value) for value in labels[unknown]})
+            if self.labels is not None:
+                fix = "add them to data.labels, or drop those rows"
+            elif self.task == "binary":
+                fix = "encode the classes as 0 and 1, or map them with data.labels"
+            else:
+                fix = "add them to data.classes, or map them with data.labels"
+            raise DataError(
+                f"target column {column!r} holds {int(unknown.sum())} labels that are not "
+                f"classes of the {self.task} task: {_listing(values)}",
+                [fix],
+            )
+        return codes
+
+    def class_names(self) -> tuple[Category, ...]:
+        """The classes a classifier predicts, in output order (binary: 0 and 1)."""
+        if self.task == "regression":
+            return ()
+        return self.classes if self.classes is not None else (0, 1)
+
+    def output_columns(self) -> list[str]:
+        """The columns :meth:`output_frame` returns, in order."""
+        if self.task == "binary":
+            return [SCORE_COLUMN, PREDICTION_COLUMN]
+        if self.task == "multiclass":
+            return [
+                SCORE_COLUMN,
+                PREDICTION_COLUMN,
+                *(f"{PROBABILITY_PREFIX}{name}" for name in self.class_names()),
+            ]
+        return [SCORE_COLUMN]
+
+    def output_frame(
+        self, scores: np.ndarray, *, threshold: float = 0.5, index: pd.Index | None = None
+    ) -> pd.DataFrame:
+        """Predictions as a table: :meth:`output_columns` for decoded ``scores``.
+
+        Binary: ``score`` and ``prediction`` (1 where the probability reaches
+        ``threshold``); multiclass: ``score`` (the probability of the likeliest class),
+        ``prediction`` (that class) and one ``probability_<class>`` column per class;
+        regression: ``score``.
+        """
+        if self.task == "multiclass":
+            probabilities = np.asarray(scores, dtype=np.float64).reshape(-1, self.n_outputs)
+            best = probabilities.argmax(axis=1)
+            names = np.asarray(self.class_names(), dtype=object)
+            predicted = names[best]
+            if self.class_names() and isinstance(self.class_names()[0], int):
+                predicted = predicted.astype(np.int64)
+            columns: dict[str, Any] = {
+                SCORE_COLUMN: probabilities[np.arange(len(best)), best],
+                PREDICTION_COLUMN: predicted,
+            }
+            for position, name in enumerate(self.class_names()):
+                columns[f"{PROBABILITY_PREFIX}{name}"] = probabilities[:, position]
+            return pd.DataFrame(columns, index=index)
+        values = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if self.task == "binary":
+            return pd.DataFrame(
+                {
+                    SCORE_COLUMN: values,
+                    PREDICTION_COLUMN: (values >= threshold).astype(np.int64),
+                },
+                index=index,
+            )
+        return pd.DataFrame({SCORE_COLUMN: values}, index=index)
 
     def decode_output(self, raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Turn raw network outputs into predictions in the target's units.
 
         Args:
-            raw: network outputs, shape ``(n,)`` or ``(n, 1)``.
-            out: a contiguous float64 array of shape ``(n,)`` to write the predictions into
-                (the scoring engine fills a chunk's scores batch by batch); None allocates.
+            raw: network outputs, shape ``(n,)`` or ``(n, 1)``; ``(n, classes)`` for multiclass.
+            out: a contiguous float64 array of the result's shape to write the predictions
+                into (the scoring engine fills a chunk's scores batch by batch); None allocates.
 
         Returns:
-            A 1-D float64 array (``out`` when given): the probability of class 1 (binary) or
-            the predicted value (regression).
+            A float64 array (``out`` when given): the probability of class 1 (binary) or the
+            predicted value (regression), shape ``(n,)``; for multiclass each class's
+            probability (softmax), shape ``(n, classes)``.
         """
         values = np.asarray(raw, dtype=np.float64)
+        if self.task == "multiclass":
+            return self._softmax(values, out)
         if values.ndim == 2 and values.shape[1] == 1:
             values = values[:, 0]
         if values.ndim != 1:
@@ -166,6 +295,21 @@ class Preprocessor:
         np.add(out, self.target_mean, out=out)
         return out
 
+    def _softmax(self, values: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        from scipy.special import softmax
+
+        if values.ndim != 2 or values.shape[1] != self.n_outputs:
+            raise ValueError(
+                f"expected raw outputs of shape (n, {self.n_outputs}), got {values.shape}"
+            )
+        probabilities = softmax(values, axis=1)
+        if out is None:
+            return probabilities
+        if out.shape != values.shape or out.dtype != np.float64 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be contiguous float64 of shape {values.shape}")
+        out[...] = probabilities
+        return out
+
     # -- persistence ------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,6 +323,8 @@ class Preprocessor:
             "task": self.task,
             "target_mean": self.target_mean,
             "target_std": self.target_std,
+            "classes": None if self.classes is None else list(self.classes),
+            "labels": None if self.labels is None else dict(self.labels),
         }
 
     @classmethod
@@ -191,7 +337,8 @@ class Preprocessor:
         if not isinstance(data, Mapping):
             raise ValueError(f"a preprocessor must be a mapping, got {type(data).__name__}")
         expected = {field.name for field in fields(cls)}
-        missing = sorted(expected - set(data))
+        # Written before multiclass and label maps: neither key.
+        missing = sorted(expected - set(data) - {"classes", "labels"})
         unknown = sorted(set(data) - expected)
         if missing or unknown:
             parts = [f"missing keys {missing}"] if missing else []
@@ -211,6 +358,8 @@ class Preprocessor:
             task=data["task"],
             target_mean=data["target_mean"],
             target_std=data["target_std"],
+            classes=_json_classes(data.get("classes")),
+            labels=_json_labels(data.get("labels")),
         )
 
     def save_json(self, path: str | Path) -> Path:
@@ -246,27 +395,35 @@ def fit_preprocessor(
     *,
     task: str,
     target: str | None = None,
+    classes: Sequence[Any] | None = None,
+    labels: Mapping[Any, Any] | None = None,
 ) -> Preprocessor:
     """Fit the feature (and, for regression, target) encoding on the training split.
 
     Args:
         frame: the training rows only.
         features: which columns are numeric and which categorical.
-        task: ``binary`` or ``regression``.
-        target: the label column; required for regression (its mean and spread are fitted).
+        task: ``binary``, ``multiclass`` or ``regression``.
+        target: the label column; required for regression (its mean and spread are fitted)
+            and for multiclass without ``classes`` (its distinct labels are the classes).
+        classes: multiclass: the classes in output order (the spec's ``data.classes``).
+        labels: the spec's ``data.labels``: raw label -> class.
 
     Returns:
         The fitted, immutable preprocessor.
 
     Raises:
         DataError: the frame is empty, a column is missing, a numeric column holds
-            missing, infinite or non-numeric values, or a categorical column has no values.
+            missing, infinite or non-numeric values, or a categorical column has no values;
+            a multiclass training split with fewer than two classes.
         ValueError: an unknown task, or a regression without a target column.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if task == "regression" and target is None:
         raise ValueError("a regression preprocessor needs the target column to fit its scale")
+    if task == "multiclass" and target is None and classes is None:
+        raise ValueError("a multiclass preprocessor needs the classes or the target column")
     if len(frame) == 0:
         raise DataError("the training split has no rows to fit the preprocessing on")
     _require_columns(frame, features.all, "feature")
@@ -296,6 +453,12 @@ def fit_preprocessor(
         target_mean = float(values.mean())
         spread = float(values.std())
         target_std = spread if spread > 0 else 1.0
+    label_map = None
+    if labels is not None:
+        label_map = tuple(sorted((label_text(raw), _class_value(c)) for raw, c in labels.items()))
+    fitted_classes = None
+    if task == "multiclass":
+        fitted_classes = _fit_classes(frame, target, classes, label_map)
     return Preprocessor(
         numeric=tuple(features.numeric),
         means=means,
@@ -305,7 +468,69 @@ def fit_preprocessor(
         task=task,
         target_mean=target_mean,
         target_std=target_std,
+        classes=fitted_classes,
+        labels=label_map,
     )
+
+
+def _fit_classes(
+    frame: pd.DataFrame,
+    target: str | None,
+    classes: Sequence[Any] | None,
+    label_map: tuple[tuple[str, Category], ...] | None,
+) -> tuple[Category, ...]:
+    """The spec's classes, or the training split's distinct (mapped) labels, sorted; at
+    least two must occur in the training split."""
+    if target is not None:
+        _require_columns(frame, [target], "target")
+        present = frame[target].dropna()
+        if label_map is not None:
+            present = present.map(label_text).map(dict(label_map)).dropna()
+    if classes is not None:
+        named = tuple(_class_value(value) for value in classes)
+        if len({type(value) for value in named}) > 1:
+            named = tuple(str(value) for value in named)
+    else:
+        assert target is not None
+        named = _fit_vocabulary(present)
+    if target is not None:
+        seen = {label_text(value) for value in pd.unique(present)}
+        found = [name for name in named if label_text(name) in seen]
+        if len(found) < 2:
+            only = f"only {found[0]!r}" if found else "no labelled rows"
+            raise DataError(
+                f"target column {target!r}: a multiclass task needs at least two classes in "
+                f"the training split; it holds {only}",
+                ["add rows of other classes, or change data.split (fractions, seed)"],
+            )
+    return named
+
+
+def _class_value(value: Any) -> Category:
+    """A class as the model stores it: whole numbers as ``int``, anything else as text."""
+    if isinstance(value, bool | np.bool_):
+        return label_text(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating) and math.isfinite(value) and value == round(value):
+        return int(value)
+    return str(value)
+
+
+def _json_classes(value: Any) -> tuple[Category, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple):
+        raise ValueError("malformed preprocessor: classes must be a list")
+    return tuple(value)
+
+
+def _json_labels(value: Any) -> tuple[tuple[str, Category], ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError("malformed preprocessor: labels must be a mapping")
+    return tuple(sorted((str(raw), _class_value(c)) for raw, c in value.items()))
 
 
 # ---------------------------------------------------------------------------------------
@@ -446,6 +671,18 @@ def _check_consistent(pre: Preprocessor) -> None:
         raise ValueError(
             "malformed preprocessor: target_mean and target_std are for regression only"
         )
+    if (pre.classes is not None) != (pre.task == "multiclass"):
+        raise ValueError("malformed preprocessor: classes are required for multiclass only")
+    if pre.classes is not None:
+        kinds = {_category_kind(value) for value in pre.classes}
+        if len(pre.classes) < 2 or None in kinds or len(kinds) > 1:
+            raise ValueError(
+                "malformed preprocessor: classes must be two or more, all integers or all strings"
+            )
+        if len({label_text(value) for value in pre.classes}) != len(pre.classes):
+            raise ValueError("malformed preprocessor: classes repeat a value")
+    if pre.labels is not None and pre.task == "regression":
+        raise ValueError("malformed preprocessor: a label map is for classification only")
 
 
 def _is_finite_number(value: object) -> bool:

@@ -45,7 +45,8 @@ CHUNK_ROWS = 65_536
 
 
 class StemmaModel(PythonModel):
-    """Raw feature columns in; ``score`` (and for a binary task ``prediction``) out."""
+    """Raw feature columns in; ``score`` (and for a classifier ``prediction``, and for
+    multiclass each class's probability) out."""
 
     def load_context(self, context: Any) -> None:
         """Rebuild the preprocessor and the network from the model's artifact files."""
@@ -83,9 +84,10 @@ class StemmaModel(PythonModel):
         """Score raw rows; columns that are not features are ignored.
 
         Returns:
-            A frame on the input's index with ``score`` (the probability of class 1, or the
-            predicted value) and, for a binary task, ``prediction`` (1 when the score is at
-            least the threshold).
+            A frame on the input's index with ``score`` (the probability of class 1, of the
+            predicted class, or the predicted value), for a classifier ``prediction`` (binary:
+            1 when the score is at least the threshold; multiclass: the likeliest class) and
+            for multiclass one ``probability_<class>`` column per class.
         """
         matrix = self._preprocessor.transform(model_input)
         if self._session is not None:
@@ -100,11 +102,9 @@ class StemmaModel(PythonModel):
                 ]
                 raw = torch.cat(chunks).float().numpy()
         scores = np.asarray(self._preprocessor.decode_output(raw), dtype=np.float64)
-        scores = scores.reshape(len(model_input))
-        output = pd.DataFrame({"score": scores}, index=model_input.index)
-        if self._task == "binary":
-            output["prediction"] = (scores >= self._threshold).astype(np.int64)
-        return output
+        return self._preprocessor.output_frame(
+            scores, threshold=self._threshold, index=model_input.index
+        )
 
 
 mlflow.models.set_model(StemmaModel())

@@ -476,12 +476,14 @@ def build_reference_profile(
     if data.target in frame.columns:
         label = (
             profile_categorical(frame[data.target])
-            if data.task == "binary"
+            if data.task != "regression"
             else profile_numeric(frame[data.target], bins=bins, sample_size=sample_size)
         )
     score_profile = None
     if scores is not None:
-        score_profile = profile_numeric(scores, bins=bins, sample_size=sample_size)
+        # A multiclass model's score is its predicted class's probability.
+        flat = scores.max(axis=1) if np.ndim(scores) == 2 else scores
+        score_profile = profile_numeric(flat, bins=bins, sample_size=sample_size)
     return ReferenceProfile(
         task=data.task,
         features=features,

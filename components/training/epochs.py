@@ -109,13 +109,15 @@ def check_output_shape(network: nn.Module, x: np.ndarray, y: np.ndarray) -> None
         raise TrainingError(
             f"the network outputs shape {tuple(output.shape)} for 2 rows, but the targets have "
             f"{y.shape[1]} column(s)",
-            ["binary and regression tasks need a network with n_outputs=1"],
+            ["binary and regression tasks need n_outputs=1, multiclass one output per class"],
         )
 
 
 def loss_functions(task: str) -> tuple[nn.Module, nn.Module]:
     if task == "binary":
         return nn.BCEWithLogitsLoss(), nn.BCEWithLogitsLoss(reduction="sum")
+    if task == "multiclass":  # targets are one-hot rows: class probabilities
+        return nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="sum")
     return nn.MSELoss(), nn.MSELoss(reduction="sum")
 
 
@@ -373,8 +375,8 @@ def checked_inputs(
     Raises:
         TrainingError: an unknown task, or arrays that cannot be trained on.
     """
-    if task not in ("binary", "regression"):
-        raise TrainingError(f"task must be binary or regression, got {task!r}")
+    if task not in ("binary", "multiclass", "regression"):
+        raise TrainingError(f"task must be binary, multiclass or regression, got {task!r}")
     x_train, y_train = checked_arrays("training", x_train, y_train)
     x_val, y_val = checked_arrays("validation", x_val, y_val)
     if x_train.shape[1] != x_val.shape[1]:

@@ -37,18 +37,26 @@ def evaluate_scores(
     y_true: np.ndarray,
     scores: np.ndarray,
     threshold: float = 0.5,
+    *,
+    classes: Sequence[Any] | None = None,
 ) -> dict[str, float]:
     """Compute every metric of the task.
 
     Args:
-        task: ``binary`` or ``regression``.
-        y_true: true labels (0/1) or values.
-        scores: predicted probabilities of class 1 (binary) or predicted values.
+        task: ``binary``, ``multiclass`` or ``regression``.
+        y_true: true labels (0/1), class codes (multiclass: the index of each row's class)
+            or values.
+        scores: predicted probabilities of class 1 (binary), of each class (multiclass,
+            shape ``(n, classes)``) or predicted values.
         threshold: probability at or above which a row counts as predicted positive.
+        classes: multiclass: the class names, in the columns' order, for the per-class
+            metrics (default: the column indices).
 
     Returns:
         Binary: roc_auc, pr_auc (average precision), accuracy, f1, precision, recall,
-        log_loss, brier. Regression: rmse, mae, r2.
+        log_loss, brier. Multiclass: every metric of ``METRIC_DIRECTIONS["multiclass"]``
+        plus ``precision_<class>`` and ``recall_<class>`` per class. Regression: rmse,
+        mae, r2.
 
     Raises:
         DataError: the arrays are empty, differ in length or hold non-finite values;
@@ -59,6 +67,9 @@ def evaluate_scores(
 
     if task not in METRIC_DIRECTIONS:
         raise ValueError(f"task must be one of {sorted(METRIC_DIRECTIONS)}, got {task!r}")
+    if task == "multiclass":
+        codes, probabilities = checked_multiclass(y_true, scores)
+        return multiclass_metrics(codes, probabilities, classes)
     truth, predicted = _checked(y_true, scores)
     if task == "binary":
         _check_binary(truth, predicted)
@@ -87,6 +98,86 @@ def evaluate_scores(
     return {name: float(value) for name, value in results.items()}
 
 
+def multiclass_metrics(
+    codes: np.ndarray, probabilities: np.ndarray, classes: Sequence[Any] | None = None
+) -> dict[str, float]:
+    """The multiclass metrics of checked class codes and probabilities (see
+    :func:`evaluate_scores`). ROC AUC is the macro average of one-vs-rest over the classes
+    the labels hold (a class absent from them has no AUC)."""
+    from sklearn import metrics
+
+    n_classes = probabilities.shape[1]
+    names = list(classes) if classes is not None else list(range(n_classes))
+    everyone = list(range(n_classes))
+    predicted = probabilities.argmax(axis=1)
+    present = [k for k in everyone if (codes == k).any() and (codes != k).any()]
+    results: dict[str, float] = {
+        "roc_auc": float(
+            np.mean([metrics.roc_auc_score(codes == k, probabilities[:, k]) for k in present])
+        )
+        if present
+        else float("nan"),
+        "accuracy": metrics.accuracy_score(codes, predicted),
+        "f1_macro": metrics.f1_score(
+            codes, predicted, labels=everyone, average="macro", zero_division=0
+        ),
+        "f1_weighted": metrics.f1_score(
+            codes, predicted, labels=everyone, average="weighted", zero_division=0
+        ),
+        "precision_macro": metrics.precision_score(
+            codes, predicted, labels=everyone, average="macro", zero_division=0
+        ),
+        "recall_macro": metrics.recall_score(
+            codes, predicted, labels=everyone, average="macro", zero_division=0
+        ),
+        "top2_accuracy": metrics.top_k_accuracy_score(
+            codes, probabilities, k=min(2, n_classes), labels=everyone
+        ),
+        "log_loss": metrics.log_loss(codes, probabilities, labels=everyone),
+    }
+    precision = metrics.precision_score(
+        codes, predicted, labels=everyone, average=None, zero_division=0
+    )
+    recall = metrics.recall_score(codes, predicted, labels=everyone, average=None, zero_division=0)
+    for position, name in enumerate(names):
+        key = metric_safe(str(name))
+        results[f"precision_{key}"] = precision[position]
+        results[f"recall_{key}"] = recall[position]
+    return {name: float(value) for name, value in results.items()}
+
+
+def metric_safe(text: str) -> str:
+    """``text`` with the characters MLflow refuses in a metric name replaced by ``_``."""
+    return "".join(c if c.isalnum() or c in "_-. " else "_" for c in text)[:100]
+
+
+def checked_multiclass(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class codes as int64 and class probabilities as float64 ``(n, classes)``.
+
+    Raises:
+        DataError: empty or mismatched arrays, codes outside the classes, or scores that
+            are not probability rows.
+    """
+    probabilities = np.asarray(scores, dtype=np.float64)
+    truth = np.asarray(y_true, dtype=np.float64).reshape(-1)
+    if probabilities.ndim != 2 or probabilities.shape[1] < 2:
+        raise DataError(
+            f"multiclass scores must be a (rows, classes) matrix, got shape {probabilities.shape}"
+        )
+    if len(truth) == 0:
+        raise DataError("no rows to evaluate on")
+    if len(truth) != len(probabilities):
+        raise DataError(f"{len(truth)} labels but {len(probabilities)} predictions")
+    if not np.isfinite(probabilities).all():
+        raise DataError("some predicted probabilities are missing or infinite")
+    n_classes = probabilities.shape[1]
+    if not (np.isfinite(truth).all() and np.isin(truth, np.arange(n_classes)).all()):
+        raise DataError(f"multiclass labels must be class codes 0..{n_classes - 1}")
+    if probabilities.min() < 0.0 or not np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4):
+        raise DataError("multiclass scores must be probabilities summing to 1 per row")
+    return truth.astype(np.int64), probabilities
+
+
 def plot_evaluation(
     task: str,
     y_true: np.ndarray,
@@ -94,11 +185,13 @@ def plot_evaluation(
     out_dir: Path,
     *,
     threshold: float = 0.5,
+    classes: Sequence[Any] | None = None,
 ) -> list[Path]:
     """Draw the task's evaluation plots into ``out_dir``.
 
     Binary: ``roc.png``, ``precision_recall.png``, ``confusion_matrix.png`` (counts
-    annotated). Regression: ``residuals.png``, ``predicted_vs_actual.png``.
+    annotated). Multiclass: ``confusion_matrix.png`` (counts, classes named by
+    ``classes``). Regression: ``residuals.png``, ``predicted_vs_actual.png``.
 
     Returns:
         The written files, in that order.
@@ -106,14 +199,27 @@ def plot_evaluation(
     Raises:
         DataError: as :func:`evaluate_scores`.
     """
-    truth, predicted = _checked(y_true, scores)
     out = Path(out_dir)
+    if task == "multiclass":
+        codes, probabilities = checked_multiclass(y_true, scores)
+        names = list(classes) if classes is not None else list(range(probabilities.shape[1]))
+        figure = confusion_figure(codes, probabilities.argmax(axis=1), names, "Confusion matrix")
+        return [save_figure(figure, out / "confusion_matrix.png")]
+    truth, predicted = _checked(y_true, scores)
     if task == "binary":
         _check_binary(truth, predicted)
         figures = [
             ("roc.png", _roc_figure(truth, predicted)),
             ("precision_recall.png", _precision_recall_figure(truth, predicted)),
-            ("confusion_matrix.png", _confusion_figure(truth, predicted, threshold)),
+            (
+                "confusion_matrix.png",
+                confusion_figure(
+                    truth.astype(np.int64),
+                    (predicted >= threshold).astype(np.int64),
+                    [0, 1],
+                    f"Confusion matrix (threshold {threshold:g})",
+                ),
+            ),
         ]
     elif task == "regression":
         sample = _scatter_sample(len(truth))
@@ -294,17 +400,21 @@ def _precision_recall_figure(truth: np.ndarray, predicted: np.ndarray) -> Figure
     return figure
 
 
-def _confusion_figure(truth: np.ndarray, predicted: np.ndarray, threshold: float) -> Figure:
+def confusion_figure(
+    truth: np.ndarray, predicted: np.ndarray, names: Sequence[Any], title: str
+) -> Figure:
+    """Counts of actual (rows) against predicted (columns) class codes, annotated."""
     from sklearn.metrics import confusion_matrix
 
-    counts = confusion_matrix(
-        truth.astype(np.int64), (predicted >= threshold).astype(np.int64), labels=[0, 1]
-    )
+    size = len(names)
+    counts = confusion_matrix(truth, predicted, labels=list(range(size)))
     figure, axes = new_figure()
     image = axes.imshow(counts, cmap="Blues")
     figure.colorbar(image, ax=axes)
-    for row in range(2):
-        for column in range(2):
+    # Beyond a dozen classes the numbers would overlap; the colours still tell.
+    annotate = range(size) if size <= 12 else range(0)
+    for row in annotate:
+        for column in range(size):
             # Dark cells get light text so the count stays readable.
             dark = counts[row, column] > counts.max() / 2
             axes.text(
@@ -315,15 +425,18 @@ def _confusion_figure(truth: np.ndarray, predicted: np.ndarray, threshold: float
                 va="center",
                 color="white" if dark else "black",
             )
+    labels = [str(name)[:16] for name in names]
     axes.set(
-        xticks=[0, 1],
-        yticks=[0, 1],
-        xticklabels=["0", "1"],
-        yticklabels=["0", "1"],
+        xticks=list(range(size)),
+        yticks=list(range(size)),
+        xticklabels=labels,
+        yticklabels=labels,
         xlabel="predicted",
         ylabel="actual",
-        title=f"Confusion matrix (threshold {threshold:g})",
+        title=title,
     )
+    if size > 4:
+        axes.tick_params(axis="x", labelrotation=45)
     return figure
 
 

@@ -45,7 +45,10 @@ class PreparedData:
     x_test: np.ndarray
 
     def y_test(self, target: str) -> np.ndarray:
-        return self.test_frame[target].to_numpy(dtype=np.float64)
+        """The test split's labels: class codes (classification) or values."""
+        if self.preprocessor.task == "regression":
+            return self.test_frame[target].to_numpy(dtype=np.float64)
+        return self.preprocessor.known_codes(self.test_frame[target], target).astype(np.float64)
 
 
 def prepare_data(spec: Spec, frame: pd.DataFrame) -> PreparedData:
@@ -65,7 +68,12 @@ def prepare_data(spec: Spec, frame: pd.DataFrame) -> PreparedData:
                     ["add rows of the other class or change data.split (fractions, seed)"],
                 )
     preprocessor = features.fit_preprocessor(
-        train_frame, data.features, task=data.task, target=data.target
+        train_frame,
+        data.features,
+        task=data.task,
+        target=data.target,
+        classes=data.classes,
+        labels=data.labels,
     )
     return PreparedData(
         preprocessor=preprocessor,
@@ -88,7 +96,10 @@ def fit_network(
     """Build the spec's network and train it, in this process or with torchrun."""
     config = networks.network_config(spec.model)
     network = networks.build_network(
-        config, prepared.preprocessor.n_inputs, 1, seed=spec.train.seed
+        config,
+        prepared.preprocessor.n_inputs,
+        prepared.preprocessor.n_outputs,
+        seed=spec.train.seed,
     )
     arrays = (prepared.x_train, prepared.y_train, prepared.x_valid, prepared.y_valid)
     options: dict[str, Any] = {
@@ -123,8 +134,9 @@ def evaluate(
     """The test metrics; the evaluation plots and the training history are drawn in ``plots``."""
     y_true = prepared.y_test(spec.data.target)
     scores = scores_on_test_split(prepared, result)
-    values = metrics.evaluate_scores(spec.data.task, y_true, scores)
-    metrics.plot_evaluation(spec.data.task, y_true, scores, plots)
+    classes = prepared.preprocessor.class_names() or None
+    values = metrics.evaluate_scores(spec.data.task, y_true, scores, classes=classes)
+    metrics.plot_evaluation(spec.data.task, y_true, scores, plots, classes=classes)
     metrics.plot_history(result.history, plots / "training_history.png")
     return values
 
