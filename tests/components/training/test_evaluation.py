@@ -144,3 +144,51 @@ def test_history_plot_is_written(tmp_path: Path) -> None:
     assert path.read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(ValueError, match="empty training history"):
         plot_history([], tmp_path / "empty.png")
+
+
+# Multiclass: three classes, the third missing from the predictions' argmax once.
+CODES = np.array([0, 1, 2, 2])
+PROBABILITIES = np.array(
+    [
+        [0.7, 0.2, 0.1],  # 0: right
+        [0.1, 0.6, 0.3],  # 1: right
+        [0.2, 0.3, 0.5],  # 2: right
+        [0.1, 0.5, 0.4],  # 2: predicted 1, class 2 second
+    ]
+)
+
+
+def test_multiclass_metrics_match_hand_computed_values() -> None:
+    metrics = evaluate_scores("multiclass", CODES, PROBABILITIES, classes=["a", "b", "c"])
+
+    assert set(METRIC_DIRECTIONS["multiclass"]) <= set(metrics)
+    expected = {
+        "accuracy": 0.75,
+        "top2_accuracy": 1.0,
+        # per class (precision, recall): a (1, 1), b (1/2, 1), c (1, 1/2)
+        "precision_macro": (1 + 0.5 + 1) / 3,
+        "recall_macro": (1 + 1 + 0.5) / 3,
+        "f1_macro": (1 + 2 / 3 + 2 / 3) / 3,
+        "f1_weighted": (1 * 1 + 1 * 2 / 3 + 2 * 2 / 3) / 4,
+        "log_loss": -(math.log(0.7) + math.log(0.6) + math.log(0.5) + math.log(0.4)) / 4,
+        "precision_b": 0.5,
+        "recall_c": 0.5,
+    }
+    assert {key: metrics[key] for key in expected} == pytest.approx(expected)
+    # one-vs-rest: a and b rank perfectly; c's positives 0.5 and 0.4 against 0.1 and 0.3
+    assert metrics["roc_auc"] == pytest.approx((1.0 + 1.0 + 1.0) / 3)
+
+
+def test_multiclass_scores_must_be_probability_rows() -> None:
+    with pytest.raises(DataError, match="summing to 1"):
+        evaluate_scores("multiclass", CODES, PROBABILITIES * 2)
+    with pytest.raises(DataError, match=r"\(rows, classes\) matrix"):
+        evaluate_scores("multiclass", CODES, PROBABILITIES[:, 0])
+    with pytest.raises(DataError, match=r"class codes 0\.\.2"):
+        evaluate_scores("multiclass", np.array([0, 1, 2, 3]), PROBABILITIES)
+
+
+def test_the_multiclass_confusion_matrix_is_drawn(tmp_path: Path) -> None:
+    (path,) = plot_evaluation("multiclass", CODES, PROBABILITIES, tmp_path, classes=["a", "b", "c"])
+    assert path.name == "confusion_matrix.png"
+    assert path.read_bytes().startswith(PNG_MAGIC)
