@@ -114,7 +114,7 @@ class GateDecision:
         Args:
             tags: the version's tags. Versions of older Stemma versions carry every field
                 as a ``stemma.gate.*`` tag; newer ones :data:`VERSION_TAG_FIELDS`.
-            task: ``binary`` or ``regression`` (the metric's direction).
+            task: ``binary``, ``multiclass`` or ``regression`` (the metric's direction).
             recorded: :meth:`record` as the training run logged it
                 (:func:`recorded_decision`); the tags win where both hold a field.
         """
@@ -213,7 +213,7 @@ def decide_gate(
     ``gate.untrusted_champion`` is ``ignore``: then it gates as if there were none.
 
     Args:
-        task: ``binary`` or ``regression`` (decides the metric's direction).
+        task: ``binary``, ``multiclass`` or ``regression`` (decides the metric's direction).
         value: the candidate's metric on the test split.
         champion_value: the champion's metric on the same rows (None: not evaluated).
         champion_error: why the champion could not be evaluated (or was not trusted,
@@ -401,7 +401,7 @@ def champion_value_on(
         model_uri: the champion, e.g. ``models:/credit/3``.
         frame: the test rows with raw feature columns (not modified).
         y_true: their labels.
-        task: ``binary`` or ``regression``.
+        task: ``binary``, ``multiclass`` or ``regression``.
         metric: the gate metric.
         architectures: the architectures the caller's spec allows besides the built-ins.
         client: the MLflow client (default: one on the configured registry).
@@ -647,7 +647,7 @@ def complete_registration(
     Args:
         client: an MLflow client on the registry.
         version: from :func:`find_run_version`.
-        task: ``binary`` or ``regression``.
+        task: ``binary``, ``multiclass`` or ``regression``.
         tags: lineage tags to set where the version lacks them.
 
     Returns:
