@@ -375,6 +375,57 @@ def _data_problems(data: DataSpec, root: Path, *, check_paths: bool) -> Iterator
             )
 
 
+def data_tracking_problem(data: DataSpec, root: Path) -> str | None:
+    """Why training will refuse ``data.path`` as unversioned, or None when DVC tracks it.
+
+    Tracked means covered by an output of a ``.dvc`` file or of a ``dvc.yaml`` stage in the
+    file's folder or one above it, up to the project root. A warning rather than a problem
+    of the spec: scoring and monitoring read no training data, and the fix is one command.
+    """
+    project = root.resolve()
+    target = (project / data.path).resolve()
+    folder = target.parent
+    for current in [folder, *folder.parents]:
+        for pointer in [*sorted(current.glob("*.dvc")), current / "dvc.yaml"]:
+            if any(target.is_relative_to(out) for out in _dvc_outputs(pointer)):
+                return None
+        if current == project or not current.is_relative_to(project):
+            break
+    top = Path(data.path).parts[0] if target.is_relative_to(project) else data.path
+    return (
+        f"{data.path} is not tracked by DVC (no .dvc file covers it and no dvc.yaml stage "
+        f"writes it), so `stemma run train` will refuse it; fix: `dvc add {top}`, then "
+        "commit the .dvc file"
+    )
+
+
+def _dvc_outputs(pointer: Path) -> Iterator[Path]:
+    """The outputs a ``.dvc`` file or a ``dvc.yaml`` names, as absolute paths."""
+    try:
+        document = yaml.safe_load(pointer.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return
+    if not isinstance(document, dict):
+        return
+    if pointer.name == "dvc.yaml":
+        stages = document.get("stages")
+        outs_lists = [
+            (stage.get("outs"), pointer.parent / str(stage.get("wdir") or "."))
+            for stage in (stages.values() if isinstance(stages, dict) else [])
+            if isinstance(stage, dict)
+        ]
+    else:
+        outs_lists = [(document.get("outs"), pointer.parent)]
+    for outs, base in outs_lists:
+        for out in outs if isinstance(outs, list) else []:
+            # `- path`, `- {path: ...}` (.dvc files) or `- path: {cache: false}` (dvc.yaml)
+            path = out.get("path") if isinstance(out, dict) and "path" in out else out
+            if isinstance(path, dict) and len(path) == 1:
+                (path,) = path
+            if isinstance(path, str):
+                yield (base / path).resolve()
+
+
 def _evaluate_problems(evaluate: EvaluateSpec, data: DataSpec) -> Iterator[tuple[Loc, str]]:
     if data.id is None:
         yield (

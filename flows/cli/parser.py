@@ -21,12 +21,17 @@ CONFIG = "configs/credit.yaml"
 #: Examples at the end of each command's help, by command ("" for `stemma` itself).
 EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
     "": (
+        ("stemma init train.csv --target label", "start a project from a table"),
         (f"stemma validate {CONFIG}", "check a spec and its data's column names"),
         (f"stemma run train {CONFIG}", "train, gate and register the spec's model"),
         (f"stemma run score {CONFIG} --input batch.parquet", "score a batch with the champion"),
         ("stemma lineage models:/credit@champion", "where the champion came from"),
         ("stemma up", "MLflow and Prefect servers with their UIs on 127.0.0.1"),
         ("stemma demo", "the worked example's whole life in a fresh project"),
+    ),
+    "init": (
+        ("stemma init train.csv --target churned", "a project with a spec inferred from a table"),
+        ("stemma init", "git, DVC and the folders only; add the table later"),
     ),
     "validate": ((f"stemma validate {CONFIG} --set train.epochs=3", "check with an override"),),
     "run": ((f"stemma run train {CONFIG}", "each flow's help: stemma run FLOW --help"),),
@@ -97,7 +102,7 @@ def version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `stemma` command (each sets its ``handler``)."""
-    from stemma.flows.cli import data, endpoint, lineage, models, run, services, spec
+    from stemma.flows.cli import data, endpoint, lineage, models, project, run, services, spec
 
     parser = argparse.ArgumentParser(prog="stemma", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
@@ -120,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+    project.register(commands)
     spec.register(commands)
     flows = run.register(commands)
     models.register_promotion(commands)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any
 
@@ -33,6 +34,7 @@ def register(commands: Any) -> None:
 
 def validate_command(args: argparse.Namespace) -> int:
     from stemma.components.spec import load_spec
+    from stemma.components.spec.document import data_tracking_problem
 
     started = time.perf_counter()
     loaded = load_spec(args.config, args.overrides)
@@ -60,6 +62,9 @@ def validate_command(args: argparse.Namespace) -> int:
         + f"\n  {data_note}"
         + allowed
     )
+    untracked = data_tracking_problem(spec.data, loaded.root)
+    if untracked:
+        print(f"warning: {untracked}", file=sys.stderr)
     return 0
 
 
