@@ -1,8 +1,10 @@
 """Distribution statistics shared by drift monitoring, shadow and canary evaluation.
 
 PSI is Stemma's own (``sum((a - e) * ln(a / e))`` over shares floored at
-:data:`PSI_FLOOR`); Jensen-Shannon, chi-square and Kolmogorov-Smirnov are scipy's.
-Histogram statistics take counts on the same bins; every one is NaN when a side is empty.
+:data:`PSI_FLOOR`); Jensen-Shannon, chi-square, Kolmogorov-Smirnov and Fisher's exact test
+are scipy's. Histogram statistics take counts on the same bins; every one is NaN when a side
+is empty. :func:`pool_rare_categories` merges the categories a sample is too small to
+expect rows of, before a chi-square test or PSI.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import numpy as np
 PSI_FLOOR = 1e-4
 #: Quantile bins of the reference used by :func:`quantile_psi`.
 PSI_BINS = 10
+
+#: Cochran's rule: the chi-square approximation holds when every cell expects at least 5 rows.
+CHI2_MIN_EXPECTED = 5.0
 
 #: Counts per bin or category.
 Counts = Sequence[float] | np.ndarray
@@ -71,6 +76,72 @@ def chi_square(reference_counts: Counts, current_counts: Counts) -> tuple[float,
         return 0.0, 1.0
     result = chi2_contingency(table, correction=False)
     return float(result.statistic), float(result.pvalue)
+
+
+def pool_rare_categories(
+    reference_counts: Counts, current_counts: Counts, min_expected: float
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Merge the categories a chi-square test of the two samples cannot expect enough of.
+
+    A category's expected rows are those the test of homogeneity expects of it in the
+    smaller sample: its rows in both samples times that sample's share of all rows.
+    Categories expecting fewer than ``min_expected`` become one cell; while that cell
+    expects fewer, the next rarest category joins it. The cells depend only on the table's
+    margins, given which the test's distribution under no drift does not change, so pooling
+    keeps the test's error rate.
+
+    Returns:
+        ``(reference, current, pooled)``: the counts of the kept categories in their order,
+        then the pooled cell when there is one; ``pooled`` is how many categories it holds.
+        With an empty side the counts come back as given.
+    """
+    reference = np.asarray(reference_counts, dtype=np.float64)
+    current = np.asarray(current_counts, dtype=np.float64)
+    if reference.shape != current.shape:
+        raise ValueError(f"{reference.shape} reference categories but {current.shape} current")
+    if reference.sum() <= 0 or current.sum() <= 0:
+        return reference, current, 0
+    both = reference + current
+    smaller = min(reference.sum(), current.sum())
+    expected = smaller * both / both.sum()
+    pooled = expected < min_expected
+    if pooled.any():
+        pooled_expected = float(expected[pooled].sum())
+        for index in np.argsort(expected, kind="stable"):
+            if pooled_expected >= min_expected:
+                break
+            if not pooled[index]:
+                pooled[index] = True
+                pooled_expected += float(expected[index])
+    if not pooled.any():
+        return reference, current, 0
+    kept = ~pooled
+    return (
+        np.append(reference[kept], reference[pooled].sum()),
+        np.append(current[kept], current[pooled].sum()),
+        int(pooled.sum()),
+    )
+
+
+def missing_rise_pvalue(
+    reference_missing: int, reference_rows: int, current_missing: int, current_rows: int
+) -> float:
+    """p-value of the current sample's missing rate being higher than the reference's.
+
+    Fisher's exact test, one-sided (``scipy.stats.fisher_exact(alternative="greater")``)
+    on the two samples' missing and present counts: exact at any size, and a reference
+    with no missing value does not make one missing value in the sample significant.
+    NaN when a side has no rows.
+    """
+    from scipy.stats import fisher_exact
+
+    if reference_rows <= 0 or current_rows <= 0:
+        return math.nan
+    table = [
+        [current_missing, current_rows - current_missing],
+        [reference_missing, reference_rows - reference_missing],
+    ]
+    return float(fisher_exact(table, alternative="greater").pvalue)
 
 
 def jensen_shannon(reference_counts: Counts, current_counts: Counts) -> float:

@@ -3,17 +3,25 @@
 For each monitored column the batch is compared with the :class:`~.profile.ReferenceProfile`
 saved when the model was trained (statistics from :mod:`~.evaluation.statistics`):
 
-* numeric columns: PSI on the profile's quantile bins, and the two-sample
-  Kolmogorov-Smirnov test against the profile's sorted sample;
-* categorical columns: PSI on the category frequencies, the chi-square test of
-  homogeneity, or the Jensen-Shannon distance;
+* numeric columns: the two-sample Kolmogorov-Smirnov test against the profile's sorted
+  sample, and PSI on the profile's quantile bins;
+* categorical columns: the chi-square test of homogeneity (categories the batch cannot
+  expect 5 rows of pooled into one), PSI on the category frequencies, or the
+  Jensen-Shannon distance;
+* every feature: a rise of its missing rate over the reference's (Fisher's exact test);
 * prediction drift: the model's scores on the batch against its scores on the test split
   (as a numeric column);
 * once labels arrive (joined by the id column): label drift against the training labels,
   and performance decay, the model's metric on the batch against its test metric.
 
+Tests decide by their p-values, Bonferroni-corrected across every test the batch runs, so
+a batch drawn like the reference raises a false alarm at most at the threshold's rate
+whatever its size. PSI is computed only where each bin can expect
+``monitor.psi_min_expected`` rows, and decides only with ``monitor.thresholds.psi``: it has
+no error rate, and on small batches it is large by chance.
+
 :class:`DriftMonitor` takes the batch a chunk at a time and keeps only counts
-(:mod:`.accumulators`). A column drifts when any of its configured statistics crosses its
+(:mod:`.accumulators`). A column drifts when any of its deciding statistics crosses its
 threshold; the batch has drift when at least ``min_drifted_features`` features drift, or
 its scores or labels drift, or its performance decays (:class:`~.report.DriftReport`).
 :func:`~.records.drift_event` then describes the Prefect event that the monitoring flow
@@ -22,6 +30,7 @@ emits.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,13 +46,25 @@ import pyarrow.parquet as pq
 
 from stemma.components.data import prediction_log
 from stemma.components.errors import DataError
-from stemma.components.evaluation.statistics import chi_square, jensen_shannon, psi
+from stemma.components.evaluation.statistics import (
+    CHI2_MIN_EXPECTED,
+    chi_square,
+    jensen_shannon,
+    missing_rise_pvalue,
+    pool_rare_categories,
+    psi,
+)
 from stemma.components.monitoring.accumulators import (
     Accumulator,
     NumericAccumulator,
     accumulator_for,
 )
-from stemma.components.monitoring.profile import CATEGORICAL, NUMERIC, ReferenceProfile
+from stemma.components.monitoring.profile import (
+    CATEGORICAL,
+    NUMERIC,
+    NumericProfile,
+    ReferenceProfile,
+)
 from stemma.components.monitoring.report import (
     FEATURE,
     LABEL,
@@ -171,10 +192,14 @@ class DriftMonitor:
                 compared.append(("score", PREDICTION, self.scores))
             if labelled and self.labels is not None and self.labels.finite:
                 compared.append((self.profile.target, LABEL, self.labels))
-        thresholds = _effective_thresholds(settings, [item[2] for item in compared])
+        measured = [
+            _measure(name, role, accumulator, settings) for name, role, accumulator in compared
+        ]
+        tests = sum(_tests_run(column) for column in measured)
+        thresholds = _effective_thresholds(settings, tests)
         columns = [
-            _column_drift(name, role, accumulator, settings, thresholds)
-            for name, role, accumulator in compared
+            _judge(column, accumulator, settings, thresholds)
+            for column, (_, _, accumulator) in zip(measured, compared, strict=True)
         ]
         features = tuple(column for column in columns if column.role == FEATURE)
         prediction = next((column for column in columns if column.role == PREDICTION), None)
@@ -198,6 +223,7 @@ class DriftMonitor:
             },
             pvalue_correction=settings.pvalue_correction,
             min_rows=settings.min_rows,
+            tests=tests,
         )
 
 
@@ -209,45 +235,47 @@ def _float_values(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
-def _effective_thresholds(
-    settings: MonitorSpec, accumulators: Sequence[Accumulator]
-) -> dict[str, float]:
+#: The p-value of each test, by the breach it makes.
+PVALUES = {"ks": "ks_pvalue", "chi2": "chi2_pvalue", "missing": "missing_pvalue"}
+
+
+def _tests_run(column: ColumnDrift) -> int:
+    """The p-value tests run on a column (a test that could not run has no p-value)."""
+    return sum(
+        math.isfinite(column.statistics.get(pvalue, math.nan)) for pvalue in PVALUES.values()
+    )
+
+
+def _effective_thresholds(settings: MonitorSpec, tests: int) -> dict[str, float]:
     """The thresholds the statistics are compared with, p-value ones corrected.
 
     With ``pvalue_correction: bonferroni`` every p-value threshold is divided by the number
-    of p-value tests the batch runs (KS per numeric column, chi-square per categorical one,
-    as configured), so the chance that a batch drawn like the reference fails any of them
-    is at most the threshold.
+    of p-value tests the batch ran (KS or chi-square and the missing rate per feature, the
+    prediction's and the label's tests), so the chance that a batch drawn like the
+    reference fails any of them is at most the threshold.
     """
     thresholds = settings.thresholds.model_dump()
-    wanted = settings.statistics
-    tests = sum(
-        ("ks" in wanted.numeric)
-        if isinstance(accumulator, NumericAccumulator)
-        else ("chi2" in wanted.categorical)
-        for accumulator in accumulators
-    )
     if settings.pvalue_correction == "bonferroni" and tests > 1:
-        for key in ("ks_pvalue", "chi2_pvalue"):
-            thresholds[key] = thresholds[key] / tests
+        for pvalue in PVALUES.values():
+            thresholds[pvalue] = thresholds[pvalue] / tests
     return thresholds
 
 
-def _column_drift(
-    name: str,
-    role: str,
-    accumulator: Accumulator,
-    settings: MonitorSpec,
-    thresholds: Mapping[str, float],
-) -> ColumnDrift:
+def _measure(name: str, role: str, accumulator: Accumulator, settings: MonitorSpec) -> ColumnDrift:
+    """The column's statistics and shares, not yet judged (no breaches)."""
     statistics: dict[str, float] = {}
-    breaches: list[str] = []
-    wanted: Sequence[str]
+    not_assessed: dict[str, str] = {}
+    minimum = settings.psi_min_expected
+    reference_missing = None
     if isinstance(accumulator, NumericAccumulator):
         reference = accumulator.reference
         wanted = settings.statistics.numeric
         if "psi" in wanted:
-            statistics["psi"] = psi(reference.counts, accumulator.bins)
+            why = _psi_unassessable(reference, accumulator.finite, minimum)
+            if why:
+                not_assessed["psi"] = why
+            else:
+                statistics["psi"] = psi(reference.counts, accumulator.bins)
         if "ks" in wanted:
             statistics["ks_statistic"], statistics["ks_pvalue"] = accumulator.ks()
         bins = _bin_labels(reference.edges)
@@ -259,11 +287,17 @@ def _column_drift(
         categories, reference_counts, current_counts = accumulator.aligned()
         wanted = settings.statistics.categorical
         if "psi" in wanted:
-            statistics["psi"] = psi(reference_counts, current_counts)
+            ref, cur, _ = pool_rare_categories(reference_counts, current_counts, minimum)
+            if accumulator.finite and ref.size < 2:
+                not_assessed["psi"] = _too_few_cells(accumulator.finite, minimum)
+            else:
+                statistics["psi"] = psi(ref, cur)
         if "chi2" in wanted:
-            statistics["chi2_statistic"], statistics["chi2_pvalue"] = chi_square(
-                reference_counts, current_counts
-            )
+            ref, cur, _ = pool_rare_categories(reference_counts, current_counts, CHI2_MIN_EXPECTED)
+            if accumulator.finite and ref.size < 2:
+                not_assessed["chi2"] = _too_few_cells(accumulator.finite, CHI2_MIN_EXPECTED)
+            else:
+                statistics["chi2_statistic"], statistics["chi2_pvalue"] = chi_square(ref, cur)
         if "jensen_shannon" in wanted:
             statistics["jensen_shannon"] = jensen_shannon(reference_counts, current_counts)
         bins = tuple(str(value) for value in categories)
@@ -274,16 +308,13 @@ def _column_drift(
             reference_mean = _rate_of_one(categories, reference_counts)
             current_mean = _rate_of_one(categories, current_counts)
         kind = CATEGORICAL
-    rules = {
-        "psi": lambda: statistics["psi"] >= thresholds["psi"],
-        "ks": lambda: statistics["ks_pvalue"] < thresholds["ks_pvalue"],
-        "chi2": lambda: statistics["chi2_pvalue"] < thresholds["chi2_pvalue"],
-        "jensen_shannon": lambda: statistics["jensen_shannon"] >= thresholds["jensen_shannon"],
-    }
-    if accumulator.finite == 0 and accumulator.reference.finite > 0:
-        breaches.append("missing")
-    else:
-        breaches += [statistic for statistic in wanted if rules[statistic]()]
+    if role == FEATURE:
+        profiled = accumulator.reference
+        reference_missing = profiled.missing / profiled.rows if profiled.rows else None
+        if settings.missing_drift:
+            statistics["missing_pvalue"] = missing_rise_pvalue(
+                profiled.missing, profiled.rows, accumulator.missing, accumulator.rows
+            )
     return ColumnDrift(
         name=name,
         role=role,
@@ -291,13 +322,70 @@ def _column_drift(
         rows=accumulator.rows,
         missing=accumulator.missing,
         statistics=statistics,
-        breaches=tuple(breaches),
+        breaches=(),
         bins=bins,
         reference=reference_shares,
         current=current_shares,
         reference_mean=reference_mean,
         current_mean=None if current_mean is None or math.isnan(current_mean) else current_mean,
+        reference_missing_share=reference_missing,
+        not_assessed=not_assessed,
     )
+
+
+def _psi_unassessable(reference: NumericProfile, rows: int, minimum: int) -> str | None:
+    """Why PSI cannot be computed on a numeric column of ``rows`` values, or None."""
+    counts = np.asarray(reference.counts, dtype=np.float64)
+    if rows == 0 or counts.sum() <= 0:
+        return None  # PSI is NaN: nothing to compare
+    fewest = rows * counts[counts > 0].min() / counts.sum()
+    if fewest >= minimum:
+        return None
+    return (
+        f"{rows:,} values over {counts.size} bins: the smallest can expect {fewest:.1f} rows, "
+        f"fewer than monitor.psi_min_expected ({minimum})"
+    )
+
+
+def _too_few_cells(rows: int, minimum: float) -> str:
+    return (
+        f"{rows:,} values: fewer than two categories (rare ones pooled) can expect {minimum:g} rows"
+    )
+
+
+def _judge(
+    column: ColumnDrift,
+    accumulator: Accumulator,
+    settings: MonitorSpec,
+    thresholds: Mapping[str, float],
+) -> ColumnDrift:
+    """The column with the statistics over their thresholds as its breaches."""
+    statistics = column.statistics
+    wanted = (
+        settings.statistics.numeric
+        if isinstance(accumulator, NumericAccumulator)
+        else settings.statistics.categorical
+    )
+
+    def over(name: str, threshold: float | None, below: bool = False) -> bool:
+        value = statistics.get(name, math.nan)
+        if threshold is None or not math.isfinite(value):
+            return False
+        return value < threshold if below else value >= threshold
+
+    rules = {
+        "psi": lambda: over("psi", thresholds["psi"]),
+        "ks": lambda: over("ks_pvalue", thresholds["ks_pvalue"], below=True),
+        "chi2": lambda: over("chi2_pvalue", thresholds["chi2_pvalue"], below=True),
+        "jensen_shannon": lambda: over("jensen_shannon", thresholds["jensen_shannon"]),
+    }
+    if accumulator.finite == 0 and accumulator.reference.finite > 0:
+        breaches = ["missing"]
+    else:
+        breaches = [statistic for statistic in wanted if rules[statistic]()]
+        if over("missing_pvalue", thresholds["missing_pvalue"], below=True):
+            breaches.append("missing")
+    return dataclasses.replace(column, breaches=tuple(breaches))
 
 
 def _shares(counts: Sequence[float] | np.ndarray) -> tuple[float, ...]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,17 @@ STATISTIC_NAMES = (
     "chi2_statistic",
     "chi2_pvalue",
     "jensen_shannon",
+    "missing_pvalue",
 )
+#: Why a statistic is left out of several columns (each column's numbers are in its own
+#: ``not_assessed``).
+NOT_ASSESSED = {
+    "psi": (
+        "a bin can expect fewer than monitor.psi_min_expected of the batch's rows (the numbers "
+        "per column are in the report's table)"
+    ),
+    "chi2": "fewer than two categories (rare ones pooled) can expect 5 of the batch's rows",
+}
 #: Most categories a plot shows per column; the rest are drawn as one "other" bar.
 PLOT_MAX_CATEGORIES = 12
 #: Most drifted columns whose distributions the report's plot shows.
@@ -49,12 +59,17 @@ class ColumnDrift:
         statistics: the configured statistics (``psi``, ``ks_statistic``, ``ks_pvalue``,
             ``chi2_statistic``, ``chi2_pvalue``, ``jensen_shannon``).
         breaches: the statistics over their thresholds (``psi``, ``ks``, ``chi2``,
-            ``jensen_shannon``, or ``missing`` when the batch has no value at all).
+            ``jensen_shannon``), and ``missing`` when the missing rate rose significantly
+            or the batch has no value at all.
         bins: a label per bin or category, for tables and plots.
         reference: the reference's share per bin.
         current: the batch's share per bin.
         reference_mean: the reference's mean (numeric) or rate of 1 (binary label).
         current_mean: the batch's.
+        reference_missing_share: the reference's share of missing values (features).
+        not_assessed: why a configured statistic was not computed, by statistic (``psi``:
+            a bin cannot expect ``monitor.psi_min_expected`` rows; ``chi2``: fewer than two
+            categories can expect 5).
     """
 
     name: str
@@ -69,10 +84,16 @@ class ColumnDrift:
     current: tuple[float, ...] = ()
     reference_mean: float | None = None
     current_mean: float | None = None
+    reference_missing_share: float | None = None
+    not_assessed: dict[str, str] = field(default_factory=dict)
 
     @property
     def drifted(self) -> bool:
         return bool(self.breaches)
+
+    @property
+    def missing_share(self) -> float:
+        return self.missing / self.rows if self.rows else 0.0
 
     @property
     def severity(self) -> float:
@@ -119,9 +140,10 @@ class DriftReport:
         labelled_rows: batch rows with a label.
         min_drifted_features: drifted features that make feature drift.
         thresholds: what the statistics were compared with (p-value thresholds after the
-            correction for the number of tests).
+            correction for the number of tests; ``psi`` None when PSI does not decide).
         statistics: the configured statistics per kind of column.
         pvalue_correction: ``bonferroni`` or ``none``.
+        tests: the p-value tests the batch ran (what Bonferroni divides by).
         min_rows: batches with fewer rows are not compared (``monitor.min_rows``); their
             report holds no columns and is never drift.
     """
@@ -137,6 +159,7 @@ class DriftReport:
     statistics: dict[str, list[str]]
     pvalue_correction: str = "none"
     min_rows: int = 1
+    tests: int = 0
 
     @property
     def assessed(self) -> bool:
@@ -227,6 +250,25 @@ class DriftReport:
                     f"rows vs {check.reference:.4f} at training (drop {check.drop:.4f} >= "
                     f"{check.threshold})"
                 )
+        return lines + self.not_assessed_lines()
+
+    def not_assessed_lines(self) -> list[str]:
+        """One line per statistic left out of some columns: which, and why (the columns'
+        ``not_assessed`` hold each one's numbers)."""
+        skipped: dict[str, list[ColumnDrift]] = {}
+        for column in self.columns:
+            for statistic in column.not_assessed:
+                skipped.setdefault(statistic, []).append(column)
+        lines = []
+        for statistic, columns in skipped.items():
+            names = ", ".join(
+                column.name if column.role == FEATURE else column.role for column in columns
+            )
+            why = columns[0].not_assessed[statistic] if len(columns) == 1 else None
+            lines.append(
+                f"{statistic} not assessed for {names}: "
+                f"{why or NOT_ASSESSED.get(statistic, 'see the report')}"
+            )
         return lines
 
     def metrics(self) -> dict[str, float]:
@@ -243,7 +285,7 @@ class DriftReport:
             prefix = {FEATURE: f"feature.{_metric_name(column.name)}"}.get(column.role, column.role)
             for name, value in column.statistics.items():
                 out[f"{prefix}.{name}"] = value
-            out[f"{prefix}.missing_share"] = column.missing / column.rows if column.rows else 0.0
+            out[f"{prefix}.missing_share"] = column.missing_share
             out[f"{prefix}.drifted"] = float(column.drifted)
             if column.current_mean is not None:
                 out[f"{prefix}.mean"] = column.current_mean
@@ -266,11 +308,16 @@ class DriftReport:
                     "kind": column.kind,
                     "rows": column.rows,
                     "missing": column.missing,
+                    "missing_share": column.missing_share,
+                    "reference_missing_share": column.reference_missing_share,
                     **{name: column.statistics.get(name, math.nan) for name in STATISTIC_NAMES},
                     "reference_mean": column.reference_mean,
                     "current_mean": column.current_mean,
                     "drifted": column.drifted,
                     "breaches": ",".join(column.breaches),
+                    "not_assessed": "; ".join(
+                        f"{name}: {why}" for name, why in column.not_assessed.items()
+                    ),
                 }
                 for column in self.columns
             ]
@@ -288,6 +335,7 @@ class DriftReport:
             "min_drifted_features": self.min_drifted_features,
             "thresholds": dict(self.thresholds),
             "pvalue_correction": self.pvalue_correction,
+            "tests": self.tests,
             "statistics": {kind: list(names) for kind, names in self.statistics.items()},
             "columns": [asdict(column) for column in self.columns],
             "performance": asdict(self.performance) if self.performance else None,
@@ -325,6 +373,11 @@ def _describe(column: ColumnDrift) -> str:
         for name in STATISTIC_NAMES
         if (value := column.statistics.get(name)) is not None and not math.isnan(value)
     ]
+    if "missing" in column.breaches and column.reference_missing_share is not None:
+        shown.append(
+            f"missing {column.missing_share:.1%} vs {column.reference_missing_share:.1%} "
+            "in the reference"
+        )
     breached = ", ".join(column.breaches)
     return f"{'; '.join(shown)} (over the threshold: {breached})"
 
@@ -367,9 +420,10 @@ def plot_drift_report(report: DriftReport, out_path: Path, *, title: str) -> Pat
     """Draw the report at a glance: drift per column against the thresholds, and the
     distributions (reference vs batch) of the most drifted columns.
 
-    Top left: PSI per column with the PSI threshold; top right: the p-values of the KS or
-    chi-square tests as -log10(p) with their thresholds; below, the shares per bin or
-    category of the :data:`PLOT_TOP_COLUMNS` most drifted columns. Drifted columns are red.
+    Top left: PSI per column with the PSI threshold (when PSI decides); top right: the
+    p-values of the KS or chi-square tests as -log10(p) with their thresholds; below, the
+    shares per bin or category of the :data:`PLOT_TOP_COLUMNS` most drifted columns.
+    Drifted columns are red.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -388,8 +442,12 @@ def plot_drift_report(report: DriftReport, out_path: Path, *, title: str) -> Pat
         figure.add_subplot(grid[0, :half]),
         columns,
         lambda c: c.statistics.get("psi"),
-        report.thresholds["psi"],
-        xlabel="PSI (reference quantile bins / categories)",
+        report.thresholds.get("psi"),
+        xlabel=(
+            "PSI (reference quantile bins / categories)"
+            if report.thresholds.get("psi") is not None
+            else "PSI (reference quantile bins / categories; reported, the tests decide)"
+        ),
     )
     pvalue_thresholds = [
         report.thresholds[key]

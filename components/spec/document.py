@@ -510,6 +510,29 @@ def _monitor_problems(monitor: MonitorSpec, data: DataSpec) -> Iterator[tuple[Lo
         )
     if monitor.metric is not None and monitor.metric not in METRIC_DIRECTIONS[data.task]:
         yield ("monitor", "metric"), _unknown_metric(monitor.metric, data.task)
+    yield from _monitor_statistics_problems(monitor, data)
+
+
+def _monitor_statistics_problems(monitor: MonitorSpec, data: DataSpec) -> Iterator[tuple[Loc, str]]:
+    """A PSI threshold that nothing computes, and kinds of column that nothing decides on."""
+    statistics = monitor.statistics
+    psi_decides = monitor.thresholds.psi is not None
+    if psi_decides and "psi" not in [*statistics.numeric, *statistics.categorical]:
+        yield (
+            ("monitor", "thresholds", "psi"),
+            "PSI is not among monitor.statistics: add psi to statistics.numeric or "
+            "statistics.categorical, or leave the threshold out",
+        )
+    monitored = monitor.features or data.features.all
+    for kind, tests in (("numeric", {"ks"}), ("categorical", {"chi2", "jensen_shannon"})):
+        listed = set(getattr(statistics, kind))
+        has_columns = any(column in getattr(data.features, kind) for column in monitored)
+        if has_columns and not listed & tests and not psi_decides:
+            yield (
+                ("monitor", "statistics", kind),
+                f"{', '.join(sorted(listed))} decides nothing without monitor.thresholds.psi: "
+                f"add {' or '.join(sorted(tests))}, or set a PSI threshold",
+            )
 
 
 def _unknown_metric(metric: str, task: str) -> str:

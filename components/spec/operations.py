@@ -36,6 +36,9 @@ def _known_quantize_method(value: str) -> str:
 QuantizeMethod = Annotated[str, AfterValidator(_known_quantize_method)]
 
 
+#: Rows under which a batch is not compared (`monitor.min_rows`).
+DEFAULT_MIN_ROWS = 100
+
 NumericStatistic = Literal["psi", "ks"]
 CategoricalStatistic = Literal["psi", "chi2", "jensen_shannon"]
 
@@ -48,8 +51,10 @@ class MonitorStatisticsSpec(Section):
         min_length=1,
         max_length=2,
         description=(
-            "`psi`: population stability index on the reference's quantile bins; `ks`: "
-            "two-sample Kolmogorov-Smirnov test against the reference's stored sample."
+            "`psi`: population stability index on the reference's quantile bins (how far "
+            "the column moved; it decides only with `thresholds.psi`); `ks`: two-sample "
+            "Kolmogorov-Smirnov test against the reference's stored sample (decides at "
+            "`thresholds.ks_pvalue`)."
         ),
     )
     categorical: list[CategoricalStatistic] = Field(
@@ -57,7 +62,9 @@ class MonitorStatisticsSpec(Section):
         min_length=1,
         max_length=3,
         description=(
-            "`psi` on the category frequencies, `chi2`: chi-square test of homogeneity, "
+            "`psi` on the category frequencies (decides only with `thresholds.psi`), "
+            "`chi2`: chi-square test of homogeneity, categories the batch can expect fewer "
+            "than 5 rows of pooled into one (decides at `thresholds.chi2_pvalue`), "
             "`jensen_shannon`: Jensen-Shannon distance (base 2, 0 to 1)."
         ),
     )
@@ -66,23 +73,40 @@ class MonitorStatisticsSpec(Section):
 class MonitorThresholdsSpec(Section):
     """When a statistic counts as drift: a column drifts when any of its statistics does."""
 
-    psi: float = Field(
-        default=0.2,
+    psi: float | None = Field(
+        default=None,
         gt=0.0,
         le=10.0,
-        description="Drift when the PSI is at least this (0.1: moderate shift, 0.2: significant).",
+        description=(
+            "Drift when the PSI is at least this. Default none: PSI is reported (how far a "
+            "column moved) and the tests decide. PSI has no error rate: on a batch of n rows "
+            "drawn like the reference its spread is about (bins - 1) / n, so with 10 bins "
+            "0.2 raises false alarms on batches under a few hundred rows."
+        ),
     )
     ks_pvalue: float = Field(
         default=0.01,
         gt=0.0,
         lt=1.0,
-        description="Drift when the Kolmogorov-Smirnov p-value is below this.",
+        description=(
+            "Drift when the Kolmogorov-Smirnov p-value is below this (after the correction, "
+            "`pvalue_correction`)."
+        ),
     )
     chi2_pvalue: float = Field(
         default=0.01,
         gt=0.0,
         lt=1.0,
         description="Drift when the chi-square p-value is below this.",
+    )
+    missing_pvalue: float = Field(
+        default=0.01,
+        gt=0.0,
+        lt=1.0,
+        description=(
+            "Missing-rate drift when the p-value of the batch's missing rate being higher "
+            "than the reference's (Fisher's exact test) is below this."
+        ),
     )
     jensen_shannon: float = Field(
         default=0.1,
@@ -142,25 +166,55 @@ class MonitorSpec(Section):
         description="The batch has feature drift when at least this many features drift.",
     )
     min_rows: int = Field(
-        default=1,
+        default=DEFAULT_MIN_ROWS,
         ge=1,
         le=1_000_000_000,
         description=(
             "Batches with fewer rows are not compared: the report says drift was not "
-            "assessed and no drift event is sent. A batch with no rows is never drift."
+            "assessed and why, and no drift event is sent. A batch with no rows is never "
+            "drift. Default 100: under it the corrected tests find only gross shifts (KS "
+            "needs the distributions apart by about 0.2 at 100 rows, 0.37 at 30), PSI on 10 "
+            "bins cannot expect `psi_min_expected` rows per bin, and an event starts a "
+            "retraining."
+        ),
+    )
+    psi_min_expected: int = Field(
+        default=10,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "PSI is computed only where each bin can expect at least this many of the "
+            "batch's rows (its share of the reference times the batch's rows); categories "
+            "that cannot are pooled into one bin. Below it PSI is not assessed for the "
+            "column and the report says why. 10: an empty bin's term alone is about 0.7 (its "
+            "share is floored), and a bin expecting 5 rows is empty once in 150 batches, one "
+            "expecting 10 once in 22,000."
         ),
     )
     pvalue_correction: Literal["bonferroni", "none"] = Field(
         default="bonferroni",
         description=(
             "`bonferroni`: each test's p-value is compared with its threshold divided by the "
-            "number of tests in the batch, so a batch like the reference raises a false alarm "
-            "at most at the threshold's rate; `none`: at that rate per test."
+            "number of tests the batch runs (KS or chi-square and the missing rate per "
+            "feature, the prediction's and the label's tests), so a batch like the reference "
+            "raises a false alarm at most at the threshold's rate; `none`: at that rate per "
+            "test. Holm's method would decide the same batches (its first step is "
+            "Bonferroni's) and only name more drifted columns."
         ),
     )
     prediction_drift: bool = Field(
         default=True,
-        description="Also compare the model's scores on the batch with its reference scores.",
+        description=(
+            "Also compare the model's scores on the batch with its scores on the test split "
+            "(KS; PSI reported)."
+        ),
+    )
+    missing_drift: bool = Field(
+        default=True,
+        description=(
+            "Also test whether each feature's missing rate rose above the reference's "
+            "(Fisher's exact test, one-sided, at `thresholds.missing_pvalue`)."
+        ),
     )
     label_drift: bool = Field(
         default=True,
