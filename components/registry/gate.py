@@ -382,7 +382,7 @@ class ChampionValue(NamedTuple):
 def champion_value_on(
     model_uri: str,
     frame: pd.DataFrame,
-    y_true: np.ndarray,
+    y_true: pd.Series | np.ndarray,
     *,
     task: str,
     metric: str,
@@ -400,7 +400,8 @@ def champion_value_on(
     Args:
         model_uri: the champion, e.g. ``models:/credit/3``.
         frame: the test rows with raw feature columns (not modified).
-        y_true: their labels.
+        y_true: their labels as the data holds them (classes are mapped by the champion's
+            own preprocessor, so a champion with other class codes is judged fairly).
         task: ``binary``, ``multiclass`` or ``regression``.
         metric: the gate metric.
         architectures: the architectures the caller's spec allows besides the built-ins.
@@ -435,16 +436,39 @@ def champion_value_on(
         matrix = np.ascontiguousarray(model.preprocessor.transform(frame), dtype=np.float32)
         raw = model.runtime.run(matrix)
         scores = np.asarray(model.preprocessor.decode_output(raw), dtype=np.float64)
-        scores = scores.reshape(len(frame))
+        if scores.ndim == 2 and scores.shape[1] == 1:
+            scores = scores[:, 0]
     except Exception as error:
         return ChampionValue(None, f"{model_uri} failed to score the test rows: {_brief(error)}")
+    truth, unknown = _champion_truth(
+        model.preprocessor, pd.Series(np.asarray(y_true, dtype=object))
+    )
+    if unknown:
+        return ChampionValue(
+            None,
+            f"{model_uri} predicts {', '.join(map(str, model.preprocessor.class_names()))}; "
+            f"the test rows hold labels it does not know ({unknown})",
+        )
     try:
-        value = evaluate_scores(task, np.asarray(y_true), scores)[metric]
+        classes = model.preprocessor.class_names() or None
+        value = evaluate_scores(task, truth, scores, classes=classes)[metric]
     except Exception as error:  # e.g. a metric the evaluator does not know
         return ChampionValue(None, f"cannot compute {metric} of {model_uri}: {_brief(error)}")
     if _is_missing(value):
         return ChampionValue(None, f"{metric} of {model_uri} is {value}")
     return ChampionValue(float(value), None)
+
+
+def _champion_truth(preprocessor: Any, labels: pd.Series) -> tuple[np.ndarray, str]:
+    """The labels as the champion's class codes (or values), and the labels it does not
+    know, described ("" when none)."""
+    if preprocessor.task == "regression":
+        return labels.to_numpy(dtype=np.float64), ""
+    codes = preprocessor.class_codes(labels)
+    if (codes < 0).any():
+        counts = labels[codes < 0].astype(str).value_counts()
+        return codes, ", ".join(f"{label}: {count} rows" for label, count in counts.head(5).items())
+    return codes.astype(np.float64), ""
 
 
 def judge_candidate(
@@ -466,7 +490,7 @@ def judge_candidate(
         scored = champion_value_on(
             format_model_ref(model_name, version=champion.version),
             test_frame,
-            test_frame[spec.data.target].to_numpy(dtype=np.float64),
+            test_frame[spec.data.target],
             task=spec.data.task,
             metric=spec.gate.metric,
             architectures=list(architectures),
