@@ -1,7 +1,8 @@
 """`stemma reproduce REF`: rebuild a registered model from its lineage and compare.
 
 The version's lineage names its data version, resolved spec (with the seeds), code
-revision and training run. The data bytes are restored through DVC into a scratch
+revision and training run; a custom architecture's module, which the model carries, is
+compared file by file with the project's and copied into the rebuild. The data bytes are restored through DVC into a scratch
 project beside the resolved spec, and the training flow itself retrains there, tracked
 in an MLflow store of its own: nothing is registered in the project's store and no alias
 moves. The registered version's files are first checked against the digests recorded
@@ -58,6 +59,11 @@ class ReproductionReport:
             f"  code   git {plan.git_rev or 'unknown'}"
             + (" (trained with uncommitted changes)" if plan.git_dirty else ""),
         ]
+        if plan.code_files:
+            lines.append(
+                f"         {plan.architecture}: the model carries its module "
+                f"({', '.join(sorted(plan.code_files))}), compared with the project's"
+            )
         if self.overrides:
             lines.append(f"  changed on purpose: {' '.join('--set ' + o for o in self.overrides)}")
         if self.code_warnings:
@@ -164,7 +170,10 @@ def run_reproduce(
     """
     client = open_store(root)
     plan = reproduce.plan_reproduction(client, reference)
-    warnings = reproduce.code_revision_warnings(root, plan.git_rev, plan.git_dirty)
+    warnings = [
+        *reproduce.code_revision_warnings(root, plan.git_rev, plan.git_dirty),
+        *reproduce.network_code_warnings(root, plan),
+    ]
     with contextlib.ExitStack() as stack:
         workspace = rebuild.workspace_folder(keep) or Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="stemma-"))

@@ -143,6 +143,7 @@ def log_model_step(
         input_example=prepared.test_frame[spec.data.features.all].head(INPUT_EXAMPLE_ROWS),
         task=spec.data.task,
         workdir=workdir / "model",
+        project_root=loaded.root,
     )
 
 
@@ -300,6 +301,7 @@ def _facts(setup: Setup, run: TrackedRun, report: Any, weights: str, logged: dic
         model_name=loaded.spec.pipeline.registered_model_name,
         weights_sha256=weights,
         artifacts=logged,
+        code_sha256=artifact.code_sha256(artifact.carried_code(logged, "model/code")),
     )
 
 

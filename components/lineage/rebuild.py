@@ -4,6 +4,7 @@ files, and lay out the scratch project the training flow retrains in."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,9 @@ def recorded_model(
 def scratch_project(
     root: Path, plan: reproduce.ReproductionPlan, project: Path
 ) -> tuple[reproduce.RestoredData, Path]:
-    """The recorded data bytes (restored through DVC) and the resolved spec in ``project``;
-    what was restored, and the spec's path.
+    """The recorded data bytes (restored through DVC), the resolved spec and, for a custom
+    architecture whose module lies in the project, that module as it is here, in
+    ``project``; what was restored, and the spec's path.
 
     Raises:
         DataVersionError: the recorded data bytes cannot be restored.
@@ -82,6 +84,11 @@ def scratch_project(
     config = project / "configs" / SPEC_NAME
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(plan.spec_yaml)
+    # The scratch project's root is put on the import path when the spec loads, so the
+    # module sits where the project root had it: the rebuild imports and carries this code.
+    for relative, source in reproduce.current_project_code(root, plan.architecture).items():
+        (project / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, project / relative)
     return restored, config
 
 

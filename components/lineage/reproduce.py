@@ -6,7 +6,8 @@ the pointer is in the run's lineage record), the resolved spec with its seeds (t
 ``spec/resolved.yaml``), the code revision (the run's ``stemma.git.rev`` and record), and
 what came out (``stemma.weights.sha256``, the ``test/*`` metrics). This module reads those facts (:func:`plan_reproduction`),
 restores the exact data bytes through DVC (:func:`restore_data_version`), says how the code
-differs (:func:`code_revision_warnings`), and compares a retrained model with the recorded
+differs (:func:`code_revision_warnings`, and for a custom architecture whose module the
+model carries, :func:`network_code_warnings`), and compares a retrained model with the recorded
 one tensor by tensor and metric by metric, and every file of the model folder with the
 digests recorded at registration (:func:`recorded_file_problems`,
 :func:`compare_model_files`) (:func:`judge`). Retraining itself is the
@@ -90,6 +91,18 @@ class ReproductionPlan:
     @property
     def spec(self) -> dict[str, Any]:
         return dict(yaml.safe_load(self.spec_yaml) or {})
+
+    @property
+    def architecture(self) -> str:
+        """The spec's ``model.architecture`` (``mlp`` when it names none)."""
+        return str((self.spec.get("model") or {}).get("architecture") or "mlp")
+
+    @property
+    def code_files(self) -> dict[str, str]:
+        """The project code the model carries (``code/`` of its manifest), by path."""
+        from stemma.components.model.artifact import carried_code
+
+        return carried_code(self.model_files or {})
 
     @property
     def seeds(self) -> dict[str, Any]:
@@ -501,6 +514,53 @@ def code_revision_warnings(root: Path, git_rev: str | None, git_dirty: bool) -> 
         more = f" and {len(names) - MAX_FILES_NAMED} more" if len(names) > MAX_FILES_NAMED else ""
         warnings.append(f"files that differ: {shown}{more}")
     return warnings
+
+
+def current_project_code(root: Path, architecture: str) -> dict[str, Path]:
+    """The files of a custom architecture's module in the project here, by their path in a
+    model's ``code/`` folder; empty for a built-in or a module outside the project."""
+    from stemma.components.model.artifact import project_code
+    from stemma.components.spec import put_project_on_import_path
+
+    put_project_on_import_path(root)  # as loading the spec does, so its module is found
+    return project_code(architecture, root)
+
+
+def network_code_warnings(root: Path, plan: ReproductionPlan) -> list[str]:
+    """How the project's module of a custom architecture differs from the one the model
+    carries (empty: it does not, or the model carries no code)."""
+    from stemma.components.model.artifact import code_sha256
+    from stemma.components.runtime.loading import sha256_file
+
+    recorded = plan.code_files
+    if not recorded:
+        return []
+    found = {
+        relative: sha256_file(path)
+        for relative, path in current_project_code(root, plan.architecture).items()
+    }
+    if found == recorded:
+        return []
+    differences = []
+    for relative in sorted(recorded.keys() | found.keys()):
+        before, after = recorded.get(relative), found.get(relative)
+        if before == after:
+            continue
+        if after is None:
+            differences.append(f"{relative}: missing here")
+        elif before is None:
+            differences.append(f"{relative}: new here")
+        else:
+            differences.append(f"{relative}: changed (trained with {before}, here {after})")
+    shown = differences[:MAX_FILES_NAMED]
+    if len(differences) > MAX_FILES_NAMED:
+        shown.append(f"... and {len(differences) - MAX_FILES_NAMED} more")
+    return [
+        f"the module of model.architecture {plan.architecture} changed since training "
+        f"(code digest {code_sha256(recorded)} recorded, {code_sha256(found) or 'none'} here); "
+        "the rebuild runs the code here",
+        *(f"module file {line}" for line in shown),
+    ]
 
 
 def _git_lines(root: Path, *args: str) -> list[str]:

@@ -3,14 +3,16 @@
 A model is logged as "models from code" (:mod:`.serving` is the model file) with plain
 files and no pickle, so it loads with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``:
 ``preprocess.json``, ``network.json``, ``weights.safetensors`` and, when the network
-exports and matches eager (:func:`.onnx_graph.export_onnx`), ``network.onnx``. The sha256
-of every file is recorded as the model's manifest; a load refuses a file that differs.
+exports and matches eager (:func:`.onnx_graph.export_onnx`), ``network.onnx``; for a
+custom architecture whose module lies in the project, that module under ``code/``. The
+sha256 of every file is recorded as the model's manifest; a load refuses a file that differs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -64,6 +66,13 @@ INTEGRITY_TAGS = (
 )
 #: How many differing files a message names before it summarises.
 MAX_FILES_NAMED = 10
+#: Folder of a logged model holding the project's module of a custom architecture
+#: (MLflow's ``code_paths``, which ``mlflow.pyfunc.load_model`` puts first on the import path).
+CODE_FOLDER = "code"
+#: The most files and bytes of project code a model carries: a module or a package of
+#: sources, not a folder of data that happens to sit beside them.
+MAX_CODE_FILES = 500
+MAX_CODE_BYTES = 16 * 1024 * 1024
 #: Files left out of a model's manifest: MLflow writes ``registered_model_meta`` (the
 #: registered name and version, as YAML) into a local store's model folder whenever a
 #: version is loaded by a ``models:/<name>/...`` URI; Stemma never reads it.
@@ -244,6 +253,90 @@ def architecture_tags(network_config: Mapping[str, Any]) -> dict[str, str]:
     return {tags.ARCHITECTURE_SHA256: architecture_source_sha256(architecture)}
 
 
+def project_code(architecture: str, project_root: Path) -> dict[str, Path]:
+    """The files of a custom architecture's module that a model logged from this project
+    carries, by POSIX path relative to ``code/``; empty when it carries none.
+
+    The module is ``mymodels.py``, or the whole package folder ``mymodels/`` (caches and
+    hidden entries left out), when it lies in the project
+    (:func:`~.networks.project_code_location`); a built-in, an installed module, or one
+    outside the project, is not carried.
+
+    Raises:
+        TrainingError: the package holds more than :data:`MAX_CODE_FILES` files or
+            :data:`MAX_CODE_BYTES` bytes.
+    """
+    from stemma.components.model.networks import project_code_location
+
+    location = project_code_location(architecture, project_root)
+    if location is None:
+        return {}
+    if location.is_file():
+        return {location.name: location}
+    files = {}
+    for path in sorted(location.rglob("*")):
+        parts = path.relative_to(location).parts
+        skipped = any(part.startswith(".") or part == "__pycache__" for part in parts)
+        if path.is_file() and not skipped and path.suffix != ".pyc":
+            files[path.relative_to(location.parent).as_posix()] = path
+    size = sum(path.stat().st_size for path in files.values())
+    if len(files) > MAX_CODE_FILES or size > MAX_CODE_BYTES:
+        raise TrainingError(
+            f"model.architecture {architecture}: {location} holds {len(files)} files, "
+            f"{size:,} bytes: more than a model carries ({MAX_CODE_FILES} files, "
+            f"{MAX_CODE_BYTES:,} bytes)",
+            ["keep the network's code in a package of its own, without data files"],
+        )
+    return files
+
+
+def stage_project_code(
+    network_config: Mapping[str, Any], project_root: Path | None, workdir: Path
+) -> dict[str, str]:
+    """Copy the module a model carries (:func:`project_code`) into ``workdir/code``.
+
+    The copy is what is hashed and logged, so the digests are those of the logged files
+    even if the project changes meanwhile.
+
+    Returns:
+        ``{path relative to code/: sha256}``; empty when nothing is carried.
+    """
+    from stemma.components.model.networks import MLP_ARCHITECTURE
+
+    architecture = str(network_config.get("architecture", MLP_ARCHITECTURE))
+    sources = project_code(architecture, project_root) if project_root is not None else {}
+    target = Path(workdir) / CODE_FOLDER
+    shutil.rmtree(target, ignore_errors=True)
+    digests = {}
+    for relative, source in sources.items():
+        payload = source.read_bytes()
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_bytes(payload)
+        digests[relative] = hashlib.sha256(payload).hexdigest()
+    return digests
+
+
+def code_sha256(files: Mapping[str, str]) -> str | None:
+    """One digest of carried code: the sha256 of its ``<sha256>  <path>`` lines (the
+    format of ``sha256sum``), sorted by path; None when there is none."""
+    if not files:
+        return None
+    lines = "".join(f"{files[path]}  {path}\n" for path in sorted(files))
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+def carried_code(digests: Mapping[str, str], folder: str = CODE_FOLDER) -> dict[str, str]:
+    """The carried code among a model's file digests (its manifest, or a run's artifacts
+    with ``folder="model/code"``), by path relative to the code folder."""
+    prefix = f"{folder}/"
+    return {
+        path.removeprefix(prefix): digest
+        for path, digest in digests.items()
+        if path.startswith(prefix)
+    }
+
+
 def runtime_tags(report: ExportReport) -> dict[str, str]:
     """The backend a model will be served by, and why eager when it is, as tags."""
     if report.exported and report.sha256:
@@ -269,6 +362,7 @@ def log_pyfunc_model(
     task: str,
     workdir: Path,
     name: str = "model",
+    project_root: Path | None = None,
 ) -> tuple[ModelInfo, str]:
     """Log the preprocessor and network as a pickle-free pyfunc model of the active run.
 
@@ -276,9 +370,11 @@ def log_pyfunc_model(
     :mod:`.serving` as the model code, then records the sha256 of every file of the logged
     model (:func:`record_model_files`), the runtime backend (with the reason when the
     network is served by eager) and, for a custom architecture, the sha256 of its source
-    (on the model and the run). The signature takes the feature columns with the
-    example's types and returns ``score`` (probability or value) and, for a binary task,
-    ``prediction``.
+    (on the model and the run). A custom architecture whose module lies in the project
+    is logged with it (:func:`stage_project_code`, MLflow's ``code_paths``) and the code's
+    digest tagged on the model, so ``mlflow.pyfunc.load_model`` works from any folder. The
+    signature takes the feature columns with the example's types and returns ``score``
+    (probability or value) and, for a binary task, ``prediction``.
 
     Args:
         preprocessor: fitted on the training split.
@@ -288,6 +384,8 @@ def log_pyfunc_model(
         task: ``binary`` or ``regression``.
         workdir: an empty or scratch folder for the artifact files.
         name: the model's name within the run.
+        project_root: the spec's project root, where a custom architecture's module may
+            lie; None carries no code.
 
     Returns:
         The logged model's info and the sha256 of its weights file.
@@ -310,6 +408,7 @@ def log_pyfunc_model(
         Path(workdir), preprocessor, network, network_config, task, n_outputs
     )
     architecture = architecture_tags(network_config)
+    code_paths, code_tags = _code_to_log(network_config, project_root, Path(workdir))
     with quiet_integer_hint():
         signature = infer_signature(example, outputs)
     info = mlflow.pyfunc.log_model(
@@ -319,10 +418,12 @@ def log_pyfunc_model(
         signature=signature,
         input_example=example,
         pip_requirements=model_requirements(),
+        code_paths=code_paths,
         tags={
             tags.LOGGED_MODEL_WEIGHTS_SHA256: weights_sha256,
             tags.TASK: task,
             **architecture,
+            **code_tags,
             **runtime_tags(report),
         },
     )
@@ -330,6 +431,21 @@ def log_pyfunc_model(
         mlflow.set_tags(architecture)
     record_model_files(mlflow.MlflowClient(), info.model_id)
     return info, weights_sha256
+
+
+def _code_to_log(
+    network_config: Mapping[str, Any], project_root: Path | None, workdir: Path
+) -> tuple[list[str] | None, dict[str, str]]:
+    """The ``code_paths`` of the code a model carries (its module file or package folder,
+    staged in ``workdir``), and the tag of its digest; ``(None, {})`` when it carries none."""
+    files = stage_project_code(network_config, project_root, workdir)
+    digest = code_sha256(files)
+    if digest is None:
+        return None, {}
+    tops = sorted({relative.split("/")[0] for relative in files})
+    return [str(workdir / CODE_FOLDER / top) for top in tops], {
+        tags.ARCHITECTURE_CODE_SHA256: digest
+    }
 
 
 def write_model_files(

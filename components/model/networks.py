@@ -12,13 +12,16 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import site
+import sysconfig
 from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from stemma.components.errors import RegistryError, TrainingError
+from stemma.components.errors import RegistryError, StemmaError, TrainingError
 from stemma.components.spec import ModelSpec
 
 #: Name of the built-in architecture in specs and configs.
@@ -28,6 +31,12 @@ BUILTIN_ARCHITECTURES = frozenset({MLP_ARCHITECTURE})
 
 #: Rows of the dummy batch a custom network is tried on before training.
 _PROBE_ROWS = 2
+
+
+class NetworkImportError(StemmaError):
+    """A custom network's class cannot be imported where the network is built (training,
+    or a load of a logged model): its module is not importable here, fails to import, or
+    lacks the class. The message names the module, the class and the fix."""
 
 
 class MLP(nn.Module):
@@ -99,7 +108,8 @@ def architecture_source_sha256(import_path: str) -> str:
     imported), so a recorded hash can be checked before any of its code runs.
 
     Raises:
-        TrainingError: the path is malformed, or the module or its source file cannot be found.
+        TrainingError: the path is malformed, or the source file cannot be read.
+        NetworkImportError: the module cannot be found.
     """
     module_name, separator, class_name = import_path.partition(":")
     if not separator or not module_name or not class_name:
@@ -115,9 +125,9 @@ def architecture_source_sha256(import_path: str) -> str:
         reason = "no such module"
     origin = getattr(found, "origin", None)
     if found is None or not origin or not found.has_location:
-        raise TrainingError(
+        raise NetworkImportError(
             f"model.architecture {import_path}: cannot find the source of module {module_name!r} ({reason})",
-            ["install the package or put its folder on PYTHONPATH"],
+            [_importable_fix(module_name)],
         )
     try:
         with open(origin, "rb") as handle:
@@ -126,6 +136,51 @@ def architecture_source_sha256(import_path: str) -> str:
         raise TrainingError(
             f"model.architecture {import_path}: cannot read {origin}: {error}"
         ) from error
+
+
+def project_code_location(import_path: str, root: Path) -> Path | None:
+    """Where the top-level module of a custom architecture lives, when it is project code.
+
+    ``mymodels.nets:ResMLP`` is found as ``mymodels``: its file (``<root>/mymodels.py``) or
+    package folder (``<root>/mymodels/``), located the way ``import`` would find it (the
+    spec's root is first on the import path once the spec is loaded), without running it.
+
+    Returns:
+        The file or folder, when it lies inside ``root`` and outside every site-packages and
+        standard library folder; None for a built-in, an installed module, one found outside
+        the project, a namespace package spread over several folders, or one not found.
+    """
+    if not is_custom(import_path):
+        return None
+    top = import_path.partition(":")[0].partition(".")[0]
+    try:
+        found = importlib.util.find_spec(top)
+    except Exception:  # a name that cannot be looked up is not project code to carry
+        return None
+    if found is None:
+        return None
+    folders = list(found.submodule_search_locations or [])
+    if found.has_location and found.origin:
+        location = Path(found.origin).parent if folders else Path(found.origin)
+    elif len(folders) == 1:  # a namespace package in one folder
+        location = Path(folders[0])
+    else:
+        return None
+    location = location.resolve()
+    project = Path(root).resolve()
+    if location == project or not location.is_relative_to(project):
+        return None
+    if any(location.is_relative_to(folder) for folder in _installed_folders()):
+        return None
+    return location
+
+
+def _installed_folders() -> list[Path]:
+    """Folders of installed and standard-library code (a virtualenv may sit in the project)."""
+    names = ("stdlib", "platstdlib", "purelib", "platlib")
+    folders = [sysconfig.get_paths()[name] for name in names]
+    folders += [*site.getsitepackages(), site.getusersitepackages()]
+    return [Path(folder).resolve() for folder in folders if folder]
 
 
 def check_architecture(architecture: Any, allowed: Collection[str], label: str) -> str:
@@ -181,8 +236,10 @@ def build_network(
             (:func:`allowed_architectures`); None for a config built from the caller's own spec.
 
     Raises:
-        TrainingError: the class cannot be imported, is not an ``nn.Module``, its
-            constructor or a forward pass fails, or its output has the wrong shape.
+        NetworkImportError: the class cannot be imported here (the message names the module,
+            the class and the fix).
+        TrainingError: the class is not an ``nn.Module``, its constructor or a forward pass
+            fails, or its output has the wrong shape.
         RegistryError: the config names an architecture outside ``allowed``.
     """
     architecture = config.get("architecture", MLP_ARCHITECTURE)
@@ -234,21 +291,42 @@ def _import_class(import_path: str) -> type:
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # any import-time failure is the user's to see
-        raise TrainingError(
-            f"model.architecture {import_path}: cannot import module {module_name!r}: "
-            f"{type(error).__name__}: {error}",
-            ["install the package or put its folder on PYTHONPATH"],
+        missing = error.name if isinstance(error, ModuleNotFoundError) else None
+        if missing and not f"{module_name}.".startswith(f"{missing}."):
+            fix = f"{module_name} imports {missing!r}, which is not installed here: install it"
+        else:
+            fix = _importable_fix(module_name)
+        raise NetworkImportError(
+            f"model.architecture {import_path}: cannot import class {class_name!r} from module "
+            f"{module_name!r}: {type(error).__name__}: {error}",
+            [fix],
         ) from error
     cls = getattr(module, class_name, None)
     if cls is None:
-        raise TrainingError(
-            f"model.architecture {import_path}: module {module_name!r} has no {class_name!r}"
+        where = getattr(module, "__file__", None) or "a namespace package"
+        raise NetworkImportError(
+            f"model.architecture {import_path}: module {module_name!r} has no {class_name!r} "
+            f"(imported from {where})",
+            [
+                f"check the class name; if {where} is not your module, another module named "
+                f"{module_name!r} came first on the import path: rename yours"
+            ],
         )
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TrainingError(
             f"model.architecture {import_path}: {class_name} is not a torch.nn.Module class"
         )
     return cls
+
+
+def _importable_fix(module_name: str) -> str:
+    top = module_name.partition(".")[0]
+    return (
+        f"make {top!r} importable where the model is built: run Stemma on the spec of the "
+        f"project holding {top}.py or {top}/ (its root is put on the import path), install "
+        f"the package, or add its folder to PYTHONPATH; a model logged by Stemma carries its "
+        "project's module in code/, which mlflow.pyfunc.load_model imports"
+    )
 
 
 def _probe(network: nn.Module, architecture: str, n_inputs: int, n_outputs: int) -> None:

@@ -292,6 +292,9 @@ class TrainingLineage:
     weights_sha256: str | None = None
     #: sha256 of every other file the run logged, by artifact path.
     artifacts: dict[str, str] = field(default_factory=dict)
+    #: Digest of the project code the model carries (a custom architecture's module);
+    #: each file's sha256 is among ``artifacts`` under ``model/code/``.
+    code_sha256: str | None = None
 
 
 def build_training_record(
@@ -331,6 +334,7 @@ def build_training_record(
                 "config_sha256": lineage.config_sha256,
                 "git_rev": lineage.git_rev,
                 "git_dirty": lineage.git_dirty,
+                **_present({"code_sha256": lineage.code_sha256}),
             },
         ),
     ]

@@ -45,6 +45,9 @@ variant    data.md5, weights.sha256, model.files, runtime.backend, onnx.sha256 o
            runtime.reason, architecture.sha256 (custom network), quantize.method,
            .parent_version, .parent_weights_sha256, .status, .owner (while registering)
 =========  ===============================================================================
+
+A logged model (not counted above) carries the integrity tags its version copies, its
+task and, when it carries its project's module in ``code/``, architecture.code_sha256.
 """
 
 # --- Every run -----------------------------------------------------------------------
@@ -89,6 +92,9 @@ WEIGHTS_SHA256 = "stemma.weights.sha256"  # run, model version: sha256 of the we
 LOGGED_MODEL_WEIGHTS_SHA256 = "stemma.weights_sha256"  # logged model: the same hash
 MODEL_FILES = "stemma.model.files"  # logged model, version: {path: sha256} of its files
 ARCHITECTURE_SHA256 = "stemma.architecture.sha256"  # sha256 of a custom network's source
+# logged model: digest of the project code it carries in code/ (sha256 of its sorted
+# `<sha256>  <path>` lines; each file's sha256 is in MODEL_FILES and the run's record)
+ARCHITECTURE_CODE_SHA256 = "stemma.architecture.code_sha256"
 MODEL_URI = "stemma.model.uri"  # run: the model's MLflow URI
 MODEL_VERSION = "stemma.model.version"  # run: the registered version used or made
 MODEL_REFERENCE = "stemma.model.reference"  # run: the reference as the user wrote it

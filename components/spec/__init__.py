@@ -34,7 +34,7 @@ _MODULES = {
     "MonitorStatisticsSpec MonitorThresholdsSpec MonitorSpec ShadowSpec CanaryGuardsSpec "
     "CanarySpec EvaluateSpec QuantizeSpec EndpointSpec",
     "document": "PATH_FIELDS Spec LoadedSpec path_problem flatten json_schema Problem "
-    "import_problem",
+    "import_problem put_project_on_import_path",
     "loading": "MAX_SPEC_BYTES MAX_SPEC_DEPTH MAX_SPEC_NODES SpecLimitError load_yaml "
     "apply_overrides find_project_root load_spec",
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -310,7 +311,7 @@ def section_problems(
         problems += _train_problems(train)
     model: ModelSpec | None = sections.get("model")
     if model is not None and check_imports and IMPORT_PATH.match(model.architecture):
-        message = import_problem(model.architecture)
+        message = import_problem(model.architecture, root)
         if message:
             problems.append((("model", "architecture"), message))
     return problems
@@ -553,16 +554,53 @@ def _check_problems(
             yield ("checks", original_index, name), message
 
 
-def import_problem(import_path: str) -> str | None:
-    """Why ``module:Class`` cannot be used as a model class, or None when it can."""
+def put_project_on_import_path(root: Path) -> None:
+    """Put a project's root first on ``sys.path`` (once), as ``PYTHONPATH=<root>`` would.
+
+    Then ``model.architecture: mymodels:ResMLP`` imports the project's own ``mymodels.py``
+    (or ``mymodels/`` package) whatever folder Stemma runs from, and before an installed
+    module of that name, as MLflow's ``code_paths`` does where the logged model is loaded.
+    Only a spec whose model is an import path does this, and only for its own root.
+    """
+    # On purpose never undone: the need lasts as long as the process may build the
+    # network (training, and the scoring and evaluation that rebuild it), the user's module
+    # may import its own siblings lazily, and the worker processes multiprocessing spawns
+    # (Dask's) start from this sys.path. A block-scoped insertion would break those.
+    entry = str(Path(root).resolve())
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+
+
+def import_problem(import_path: str, root: Path | None = None) -> str | None:
+    """Why ``module:Class`` cannot be used as a model class, or None when it can.
+
+    Args:
+        import_path: ``module:Class``.
+        root: the spec's project root, put on the import path first
+            (:func:`put_project_on_import_path`).
+    """
     module_name, _, class_name = import_path.partition(":")
+    if root is not None:
+        put_project_on_import_path(root)
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # any import-time failure is the user's to see
-        return f"cannot import module {module_name!r}: {type(error).__name__}: {error}"
+        problem = f"cannot import module {module_name!r}: {type(error).__name__}: {error}"
+        missing = error.name if isinstance(error, ModuleNotFoundError) else None
+        if missing and not f"{module_name}.".startswith(f"{missing}."):
+            return f"{problem}; {module_name} imports {missing!r}, which is not installed here: install it"
+        where = f" {Path(root).resolve()}" if root is not None else ""
+        top = module_name.partition(".")[0]
+        return (
+            f"{problem}; put {top}.py (or the package folder {top}/) in the project "
+            f"root{where}, or install it"
+        )
     cls = getattr(module, class_name, None)
     if cls is None:
-        return f"module {module_name!r} has no attribute {class_name!r}"
+        return (
+            f"module {module_name!r} has no attribute {class_name!r} "
+            f"(imported from {getattr(module, '__file__', None) or 'a namespace package'})"
+        )
     if not isinstance(cls, type):
         return f"{import_path} is not a class"
     try:

@@ -17,6 +17,7 @@ from stemma.components.errors import RegistryError, TrainingError
 from stemma.components.model.artifact import weights_sha256
 from stemma.components.model.networks import (
     MLP,
+    NetworkImportError,
     allowed_architectures,
     architecture_source_sha256,
     build_network,
@@ -157,14 +158,33 @@ def test_a_user_class_is_built_with_its_params(user_module: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("target", "params", "message"),
+    ("target", "message"),
     [
         (
             "no_such_package_xyz.nets:Net",
-            {},
-            "cannot import module 'no_such_package_xyz.nets': ModuleNotFoundError",
+            "cannot import class 'Net' from module 'no_such_package_xyz.nets': ModuleNotFoundError",
         ),
-        ("{module}:Missing", {}, "module '{module}' has no 'Missing'"),
+        (
+            "{module}:Missing",
+            "module '{module}' has no 'Missing' \\(imported from .*{module}.py\\)",
+        ),
+    ],
+    ids=["no-module", "no-class"],
+)
+def test_a_user_class_that_cannot_be_imported_is_a_network_import_error(
+    user_module: str, target: str, message: str
+) -> None:
+    import_path = target.format(module=user_module)
+
+    with pytest.raises(NetworkImportError, match=message.format(module=user_module)) as caught:
+        build_network({"architecture": import_path}, 4)
+    assert caught.value.headline.startswith(f"model.architecture {import_path}: ")
+    assert caught.value.details
+
+
+@pytest.mark.parametrize(
+    ("target", "params", "message"),
+    [
         ("{module}:NotAModule", {}, "NotAModule is not a torch.nn.Module class"),
         ("{module}:factory", {}, "factory is not a torch.nn.Module class"),
         ("{module}:Exploding", {}, "the constructor failed: RuntimeError: boom in the constructor"),
@@ -177,8 +197,6 @@ def test_a_user_class_is_built_with_its_params(user_module: str) -> None:
         ("{module}:FailingForward", {}, r"forward pass on a \(2, 4\) batch failed: RuntimeError"),
     ],
     ids=[
-        "no-module",
-        "no-class",
         "not-a-module",
         "a-function",
         "constructor-raises",
@@ -232,7 +250,7 @@ def test_an_architecture_source_is_hashed_without_running_it(
 
     assert architecture_source_sha256(f"{name}:Net") == file_sha256(source)
     assert name not in sys.modules
-    with pytest.raises(TrainingError, match="cannot find the source of module"):
+    with pytest.raises(NetworkImportError, match="cannot find the source of module"):
         architecture_source_sha256("no_such_module_here:Net")
 
 
