@@ -420,8 +420,12 @@ class ScoreSpec(Section):
     """Batch scoring with a registered model (nightly by default)."""
 
     input: str = Field(
-        default="data/batches",
-        description="Parquet or CSV file, or a folder of them, relative to the project root.",
+        default="production/batches",
+        description=(
+            "Parquet or CSV file, or a folder of them, relative to the project root. Production "
+            "batches live outside the DVC-tracked training data (`data/`), so a new batch "
+            "never changes the training data's version."
+        ),
     )
     output: str = Field(
         default="outputs/scores",
@@ -498,8 +502,11 @@ class RetrainSpec(Section):
         description="Folder of scored production batches (default: the spec's `score.input`).",
     )
     labels: str = Field(
-        default="data/labels",
-        description="Folder of label files for production batches, joined to them by the id column.",
+        default="production/labels",
+        description=(
+            "Folder of label files for production batches, joined to them by the id column "
+            "(outside the DVC-tracked training data)."
+        ),
     )
     min_new_rows: int = Field(
         default=1000,
