@@ -4,7 +4,8 @@ The flow resolves the model (the champion by default), checks the input's column
 the model's signature before reading a row, streams the input through the scoring engine
 (parts written atomically, a `_SUCCESS` manifest last, resumable), and records the run in
 MLflow: the input as a dataset with its digest, the manifest and its hash, row counts,
-throughput, latency percentiles and the score distribution, which drift monitoring reuses.
+throughput, latency percentiles and the score distribution, which drift monitoring reuses
+(for a multiclass model, the predicted class's probability, and the rows per predicted class).
 """
 
 from __future__ import annotations
@@ -262,7 +263,8 @@ def run_tags(job: Scoring, key: str, resumes: int) -> dict[str, str]:
 
 
 def log_scoring(run: Any, job: Scoring, result: scoring.ScoringResult) -> None:
-    """Log the input dataset, the numbers, the manifest and the score distribution."""
+    """Log the input dataset, the numbers, the manifest and the score distribution (and,
+    for a multiclass model, the rows predicted per class)."""
     manifest = result.manifest
     git_rev, _ = tracking.git_revision(job.loaded.root)
     source, _ = _input_source(job.loaded, job.input_path, git_rev)
@@ -274,6 +276,10 @@ def log_scoring(run: Any, job: Scoring, result: scoring.ScoringResult) -> None:
         columns=dict(job.model.signature_columns),
     )
     latency = {f"chunk_latency_ms_{key}": value for key, value in result.chunk_latency_ms.items()}
+    predicted = {
+        f"rows_predicted.{evaluation.metric_safe(str(item['class']))}": item["rows"]
+        for item in result.prediction_counts
+    }
     run.log_metrics(
         metric_names.in_section(
             metric_names.SCORE,
@@ -286,18 +292,23 @@ def log_scoring(run: Any, job: Scoring, result: scoring.ScoringResult) -> None:
                 "parts_written": result.parts_written,
                 "parts_skipped": result.parts_skipped,
                 **latency,
+                **predicted,
             },
         )
     )
     histogram = result.score_histogram
     run.log_dict(manifest, "output/_SUCCESS.json")
     run.log_dict(histogram, "scores/distribution.json")
+    if result.prediction_counts:
+        run.log_dict({"predictions": result.prediction_counts}, "scores/predictions.json")
+    # A multiclass model's score is the probability of the class it predicts.
+    scores = "Predicted-class probabilities" if job.model.task == "multiclass" else "Scores"
     with tempfile.TemporaryDirectory(prefix="stemma-score-") as tmp:
         plot = evaluation.plot_score_histogram(
             histogram["edges"],
             histogram["counts"],
             Path(tmp) / "histogram.png",
-            title=f"Scores of {job.model.label} on {job.input_path.name}",
+            title=f"{scores} of {job.model.label} on {job.input_path.name}",
         )
         mlflow.log_artifact(str(plot), "scores")
 
@@ -378,6 +389,7 @@ def flow_summary(
         },
         "rows_per_second": result.rows_per_second,
         "backend": result.backend,
+        "prediction_counts": result.prediction_counts,
         "already_complete": result.already_complete,
         "resumed_parts": result.parts_skipped,
         "extra_columns": list(job.extras),

@@ -74,7 +74,7 @@ def log_trained_model(
 
     preprocessor = fit_preprocessor(frame, features, task=task, target=target)
     config = network_config(ModelSpec(hidden=list(hidden), dropout=dropout))
-    network = build_network(config, preprocessor.n_inputs, seed=seed)
+    network = build_network(config, preprocessor.n_inputs, preprocessor.n_outputs, seed=seed)
     with mlflow.start_run(experiment_id=experiment_id) as run:
         info, sha256 = log_pyfunc_model(
             preprocessor=preprocessor,
@@ -113,6 +113,67 @@ def build_project(root: Path, repo_root: Path, *, train_rows: int) -> Path:
     (root / "configs").mkdir()
     shutil.copy(repo_root / "configs" / "credit.yaml", root / "configs" / "credit.yaml")
     generate_credit_data(root / "data", train_rows=train_rows, days=2, batch_rows=500)
+    dvc_add(root)
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "project")
+    return root
+
+
+#: sklearn's wine cultivars 0, 1 and 2, named, for a multiclass project with text classes.
+WINE_CLASSES = ("barolo", "grignolino", "barbera")
+#: The multiclass project's spec (``{target}``: its label column).
+WINE_SPEC = """\
+pipeline: {{name: wine}}
+data:
+  path: data/wine/train.parquet
+  task: multiclass
+  target: cultivar
+  id: wine_id
+  features:
+    numeric: [{features}]
+  split: {{method: random, test_fraction: 0.2, seed: 7}}
+model: {{architecture: mlp, hidden: [16]}}
+train: {{epochs: 30, batch_size: 32, learning_rate: 0.01, seed: 7}}
+gate: {{metric: accuracy, minimum: 0.5}}
+score: {{input: data/wine/batches, output: outputs/wine/scores}}
+"""
+
+
+def wine_frame(*, text_classes: bool = True):
+    """sklearn's wine (178 rows, 13 numeric features) with an id ``wine_id`` and the label
+    ``cultivar``: :data:`WINE_CLASSES` when ``text_classes``, else the integers 0, 1, 2."""
+    from sklearn import datasets
+
+    frame = datasets.load_wine(as_frame=True).frame
+    frame.columns = [name.replace("/", "_") for name in frame.columns]
+    labels = frame.pop("target")
+    frame.insert(0, "wine_id", range(len(frame)))
+    frame["cultivar"] = labels.map(dict(enumerate(WINE_CLASSES))) if text_classes else labels
+    return frame
+
+
+def build_multiclass_project(root: Path, *, text_classes: bool = True) -> Path:
+    """A multiclass Stemma project: git repo, DVC repo, ``configs/wine.yaml`` (:data:`WINE_SPEC`)
+    and :func:`wine_frame` as ``data/wine/train.parquet``; ``data/wine/batches`` holds the
+    same rows without the label, shuffled into ``day_01.parquet`` and ``day_02.parquet``
+    with ids of their own (from 1,000)."""
+    from dvc.repo import Repo
+
+    frame = wine_frame(text_classes=text_classes)
+    root.mkdir(parents=True, exist_ok=True)
+    git(root, "init", "-q")
+    Repo.init(str(root))
+    (root / "configs").mkdir()
+    features = [name for name in frame.columns if name not in ("wine_id", "cultivar")]
+    spec = WINE_SPEC.format(features=", ".join(features))
+    (root / "configs" / "wine.yaml").write_text(spec, encoding="utf-8")
+    (root / "data" / "wine" / "batches").mkdir(parents=True)
+    frame.to_parquet(root / "data" / "wine" / "train.parquet", index=False)
+    batch = frame.drop(columns="cultivar").sample(frac=1.0, random_state=7)
+    batch["wine_id"] = range(1_000, 1_000 + len(batch))
+    half = len(batch) // 2
+    for day, rows in (("day_01", batch[:half]), ("day_02", batch[half:])):
+        rows.to_parquet(root / "data" / "wine" / "batches" / f"{day}.parquet", index=False)
     dvc_add(root)
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "project")

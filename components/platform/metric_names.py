@@ -14,6 +14,7 @@ test       train           every metric of the task on the test split (``roc_auc
 data       train           ``checks_evaluated``, ``checks_failed``
 gate       train           ``passed`` (1 or 0)
 score      score           rows, parts, ``seconds``, ``rows_per_second``, latencies
+                           (multiclass: ``rows_predicted.<class>``)
 drift      monitor         ``detected``, ``features_drifted``, ``feature.<column>.<stat>``,
                            ``prediction.<stat>``, ``performance.<metric>``...
 shadow     shadow          ``agreement``, ``<metric>_difference``, latencies, segments...

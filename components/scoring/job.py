@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,7 @@ from stemma.components.scoring.inputs import (
 )
 from stemma.components.scoring.output import (
     OUTPUT_FORMAT,
-    PREDICTION_COLUMN,
     REJECTS_DIR,
-    SCORE_COLUMN,
     SUCCESS_FILE,
     UNIT_EDGES,
     Identity,
@@ -45,6 +43,7 @@ from stemma.components.scoring.output import (
     identify,
     json_bytes,
     output_columns,
+    prediction_counts,
     prepare_output,
     refuse_output_around_input,
     remove_chunks,
@@ -76,7 +75,9 @@ class ScoringResult:
         rows_per_second: rows of the chunks scored by this call per second of wall time.
         chunk_latency_ms: ``p50``, ``p95`` and ``p99`` of the preprocessing plus model time
             per chunk scored by this call (empty when none was).
-        score_histogram: ``edges`` and ``counts`` of the scores (also in the manifest).
+        score_histogram: ``edges`` and ``counts`` of the scores (also in the manifest): a
+            classifier's over [0, 1] (multiclass: the predicted class's probability), a
+            regression's over the range of its values.
         output_digest: sha256 of the manifest's bytes, a digest of the whole output.
     """
 
@@ -115,6 +116,12 @@ class ScoringResult:
             f"in {self.seconds:.1f} s ({_rate(self.rows_per_second)} rows/s on {backend}) -> "
             f"{self.output_dir} ({parts}{resumed})"
         )
+
+    @property
+    def prediction_counts(self) -> list[dict[str, Any]]:
+        """Rows predicted per class, ``[{"class": ..., "rows": ...}]`` in the classes' order
+        (multiclass; empty for other tasks)."""
+        return list(self.manifest.get("prediction_counts", []))
 
     @property
     def backend(self) -> str:
@@ -173,8 +180,11 @@ def open_output(
     check_policy("unknown_categories", unknown_categories, UNKNOWN_CATEGORY_POLICIES)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
-    if id_column in (PREDICTION_COLUMN, SCORE_COLUMN):
-        raise DataError(f"the id column cannot be called {id_column!r}: the output uses that name")
+    if id_column is not None and id_column in output_columns(model, None):
+        raise DataError(
+            f"the id column cannot be called {id_column!r}: the output uses that name",
+            [f"the model's output columns are {', '.join(output_columns(model, None))}"],
+        )
     files = [Path(path) for path in files]
     if not files:
         raise DataError("nothing to score: no input files")
@@ -252,11 +262,21 @@ def _manifest(
             f"scoring lost track of rows: {rows_input} read, {rows_scored} scored, "
             f"{rows_rejected} rejected"
         )
-    if model.task == "binary":
+    if model.task in ("binary", "multiclass"):
         histogram = {"edges": UNIT_EDGES.tolist(), "counts": tally.counts.tolist()}
     else:
         histogram = value_histogram([opened.output_dir / name for name in sorted(tally.parts)])
     files = zip(opened.files, identity.md5s, tally.rows_per_file, strict=True)
+    extra: dict[str, Any] = {}
+    if model.task == "multiclass":
+        classes = len(model.preprocessor.class_names())
+        predicted = tally.predicted if tally.predicted.size else np.zeros(classes, np.int64)
+        if int(predicted.sum()) != rows_scored:  # an invariant, as the row counts above
+            raise RuntimeError(
+                f"scoring lost track of predictions: {rows_scored} rows scored, "
+                f"{int(predicted.sum())} predicted"
+            )
+        extra["prediction_counts"] = prediction_counts(model, predicted)
     return {
         "format": OUTPUT_FORMAT,
         "fingerprint": identity.fingerprint,
@@ -287,6 +307,7 @@ def _manifest(
         "rejects": [tally.rejects[name] for name in sorted(tally.rejects)],
         "rows": {"input": rows_input, "scored": rows_scored, "rejected": rows_rejected},
         "score_histogram": histogram,
+        **extra,
         "stemma_version": _stemma_version(),
     }
 
@@ -344,11 +365,13 @@ class RangeResult:
     parts: dict[str, dict[str, Any]]
     rejects: dict[str, dict[str, Any]]
     rows: int  # input rows of the range's chunks
-    counts: np.ndarray  # score histogram counts (binary)
+    counts: np.ndarray  # score histogram counts (classifiers)
     latencies: list[float]
     rows_scored_now: int  # rows of the chunks scored by this call (not resumed)
     written: int
     skipped: int
+    #: Rows predicted per class (multiclass; empty otherwise).
+    predicted: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def plan_scoring(
@@ -520,6 +543,7 @@ def score_range(
         rows_scored_now=tally.rows_this_call,
         written=tally.written,
         skipped=tally.skipped,
+        predicted=tally.predicted,
     )
 
 
@@ -557,7 +581,7 @@ def finish_scoring(
             tally.parts.update(result.parts)
             tally.rejects.update(result.rejects)
             tally.rows_per_file[result.chunk_range.file_index] += result.rows
-            tally.counts += result.counts
+            tally.add_counts(result.counts, result.predicted)
             tally.latencies.extend(result.latencies)
             tally.rows_this_call += result.rows_scored_now
             tally.written += result.written

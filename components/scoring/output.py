@@ -3,6 +3,7 @@
 The folder::
 
     part-00000-00000.parquet           chunk 0 of input file 0: id, prediction, score
+                                       (multiclass: and probability_<class> per class)
     rejects/part-00000-00000.parquet   rows of that chunk that could not be scored, and why
     _PROGRESS.json                     the fingerprint of the scoring that writes here
     _SUCCESS                           the manifest, written last
@@ -29,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stemma.components.errors import DataError
+from stemma.components.model.preprocessing import PROBABILITY_PREFIX
 from stemma.components.platform import locks, tags
 from stemma.components.platform.files import TEMP_PREFIX, temporary_writer_pid, write_atomically
 from stemma.components.runtime.loading import ScoringModel, first_line, sha256_file
@@ -52,14 +55,16 @@ SUCCESS_FILE = "_SUCCESS"
 #: 5: scores from the model's runtime, whose ONNX Runtime outputs may differ from torch's
 #: in the last bits, and the runtime's backend in the manifest and the fingerprint).
 OUTPUT_FORMAT = 5
-#: Equal-width bins of the score histogram (over [0, 1] for a binary model).
+#: Equal-width bins of the score histogram (over [0, 1] for a classifier: the probability
+#: of class 1, or of the predicted class for multiclass).
 HISTOGRAM_BINS = 20
 #: Prefix of the Parquet key-value metadata Stemma writes on every part.
 METADATA_PREFIX = tags.PARQUET_METADATA_PREFIX
 #: Rows per row group of a scored part: the writer encodes a row group as soon as its
 #: scores are done. Fixed, so that a part's bytes do not depend on timing.
 PART_ROW_GROUP_ROWS = 65_536
-#: Output columns of a scored part, besides the id column.
+#: Output columns of a scored part, besides the id column (multiclass: and one
+#: ``probability_<class>`` column per class, :data:`PROBABILITY_PREFIX`).
 PREDICTION_COLUMN = "prediction"
 SCORE_COLUMN = "score"
 
@@ -84,10 +89,12 @@ def parquet_options(schema: pa.Schema) -> dict[str, Any]:
     1M rows: 18 ms with a dictionary, 8 ms delta-encoded). Floats (scores) are
     near-unique: stored plain, uncompressed, as Snappy found nothing in them and cost 40%
     of the time to encode a part. The rejects' reasons repeat: dictionary-encoded and
-    compressed. Other columns keep pyarrow's defaults, without trying a dictionary
-    (string ids are near-unique too). Min/max statistics are kept for every column but
-    the prediction and the score, whose ranges are the same in every part (0 to 1), so
-    they could not let a reader skip one: they took 20% of the time to encode a part.
+    compressed, and so do a multiclass model's class names (a text prediction). Other
+    columns keep pyarrow's defaults, without trying a dictionary (string ids are
+    near-unique too). Min/max statistics are kept for every column but the prediction,
+    the score and the class probabilities, whose ranges are the same in every part (0
+    to 1, or the classes), so they could not let a reader skip one: they took 20% of the
+    time to encode a part.
     """
     encoding: dict[str, str] = {}
     compression: dict[str, str] = {}
@@ -98,14 +105,21 @@ def parquet_options(schema: pa.Schema) -> dict[str, Any]:
             encoding[column.name], compression[column.name] = "PLAIN", "none"
         else:
             compression[column.name] = "snappy"
+    repeated = [REASON_COLUMN]
+    if PREDICTION_COLUMN in schema.names and pa.types.is_string(
+        schema.field(PREDICTION_COLUMN).type
+    ):
+        repeated.append(PREDICTION_COLUMN)
     return {
-        "write_statistics": [
-            name for name in schema.names if name not in (PREDICTION_COLUMN, SCORE_COLUMN)
-        ],
-        "use_dictionary": [REASON_COLUMN] if REASON_COLUMN in schema.names else [],
+        "write_statistics": [name for name in schema.names if not _is_model_output(name)],
+        "use_dictionary": [name for name in repeated if name in schema.names],
         "compression": compression,
         "column_encoding": encoding or None,
     }
+
+
+def _is_model_output(name: str) -> bool:
+    return name in (PREDICTION_COLUMN, SCORE_COLUMN) or name.startswith(PROBABILITY_PREFIX)
 
 
 def parquet_bytes(table: pa.Table) -> pa.Buffer:
@@ -180,21 +194,93 @@ def stored_schema(schema: pa.Schema) -> dict[str, str]:
 
 def part_schema(model: ScoringModel, id_field: pa.Field | None) -> pa.Schema:
     """A scored part's columns (:func:`output_columns`); the scoring's metadata is added
-    to the footer once the input is hashed (:func:`_finish_chunk`). The prediction and
-    the score are never null: required columns, which spare the writer their definition
-    levels (20% of the time to encode a part)."""
-    types = {PREDICTION_COLUMN: pa.int64(), SCORE_COLUMN: pa.float64()}
+    to the footer once the input is hashed. The model's outputs are never null: required
+    columns, which spare the writer their definition levels (20% of the time to encode a
+    part). The prediction is int64 (binary, or a multiclass model's integer classes) or
+    text (its classes' names); the score and the probabilities float64."""
     names = output_columns(model, None if id_field is None else id_field.name)
     fields = [id_field] if id_field is not None else []
-    fields += [pa.field(name, types[name], nullable=False) for name in names[len(fields) :]]
+    fields += [
+        pa.field(
+            name, _prediction_type(model) if name == PREDICTION_COLUMN else pa.float64(), False
+        )
+        for name in names[len(fields) :]
+    ]
     return pa.schema(fields)
 
 
+def _prediction_type(model: ScoringModel) -> pa.DataType:
+    classes = model.preprocessor.class_names() if model.task == "multiclass" else (0, 1)
+    return pa.int64() if isinstance(classes[0], int) else pa.string()
+
+
 def output_columns(model: ScoringModel, id_column: str | None) -> list[str]:
+    """A scored part's columns: the id column, then ``prediction`` (classifiers),
+    ``score``, and for a multiclass model one ``probability_<class>`` column per class,
+    in the classes' order (the model's own output columns,
+    :meth:`~.preprocessing.Preprocessor.output_columns`)."""
     columns = [id_column] if id_column is not None else []
-    if model.task == "binary":
+    if model.task in ("binary", "multiclass"):
         columns.append(PREDICTION_COLUMN)
-    return [*columns, SCORE_COLUMN]
+    columns.append(SCORE_COLUMN)
+    if model.task == "multiclass":
+        outputs = model.preprocessor.output_columns()
+        columns += [name for name in outputs if name not in (PREDICTION_COLUMN, SCORE_COLUMN)]
+    return columns
+
+
+def score_arrays(
+    model: ScoringModel, scores: np.ndarray
+) -> tuple[list[pa.Array], np.ndarray | None, np.ndarray | None]:
+    """A row group's columns after the id (:func:`output_columns`), from its decoded scores,
+    and what the manifest counts of them.
+
+    Args:
+        model: the model that scored.
+        scores: float64, ``(rows,)``; ``(rows, classes)`` probabilities for multiclass.
+
+    Returns:
+        The columns; the histogram counts of ``score`` over [0, 1] (classifiers, else
+        None); the rows predicted per class, in the classes' order (multiclass, else None).
+    """
+    if model.task == "binary":
+        prediction = pa.array((scores >= model.threshold).astype(np.int64))
+        return [prediction, pa.array(scores)], unit_histogram(scores), None
+    if model.task != "multiclass":
+        return [pa.array(scores)], None, None
+    classes = model.preprocessor.class_names()
+    best = scores.argmax(axis=1)
+    score = np.take_along_axis(scores, best[:, np.newaxis], axis=1)[:, 0]
+    if isinstance(classes[0], int):
+        prediction = pa.array(np.asarray(classes, dtype=np.int64)[best])
+    else:
+        prediction = pa.array(classes, type=pa.string()).take(pa.array(best))
+    # One contiguous row per class: each probability column is a copy-free Arrow array.
+    by_class = np.ascontiguousarray(scores.T)
+    columns = [prediction, pa.array(score), *(pa.array(row) for row in by_class)]
+    return columns, unit_histogram(score), np.bincount(best, minlength=len(classes))
+
+
+def part_counts(model: ScoringModel, path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """What :func:`score_arrays` counted of a part already written (a resumed chunk)."""
+    if model.task not in ("binary", "multiclass"):
+        return None, None
+    histogram = unit_histogram(part_scores(path))
+    if model.task == "binary":
+        return histogram, None
+    classes = model.preprocessor.class_names()
+    predicted = pq.read_table(path, columns=[PREDICTION_COLUMN]).column(0).to_numpy()
+    index = pd.Index(classes).get_indexer(predicted)
+    return histogram, np.bincount(index[index >= 0], minlength=len(classes))
+
+
+def prediction_counts(model: ScoringModel, predicted: np.ndarray) -> list[dict[str, Any]]:
+    """The manifest's rows per predicted class: ``[{"class": ..., "rows": ...}, ...]`` in the
+    classes' order."""
+    classes = model.preprocessor.class_names()
+    return [
+        {"class": name, "rows": int(rows)} for name, rows in zip(classes, predicted, strict=True)
+    ]
 
 
 def prefixed(metadata: dict[str, str]) -> dict[str, str]:

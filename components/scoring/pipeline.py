@@ -46,11 +46,11 @@ from stemma.components.scoring.output import (
     Identity,
     existing_part,
     parquet_options,
+    part_counts,
     part_schema,
-    part_scores,
     prefixed,
+    score_arrays,
     stored_schema,
-    unit_histogram,
     with_metadata,
     write_chunk,
     write_progress,
@@ -86,10 +86,19 @@ class Tally:
     rejects: dict[str, dict[str, Any]] = field(default_factory=dict)
     rows_per_file: list[int] = field(default_factory=list)
     counts: np.ndarray = field(default_factory=lambda: np.zeros(HISTOGRAM_BINS, dtype=np.int64))
+    #: Rows predicted per class, in the classes' order (multiclass; empty otherwise).
+    predicted: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     latencies: list[float] = field(default_factory=list)
     rows_this_call: int = 0
     written: int = 0
     skipped: int = 0
+
+    def add_counts(self, counts: np.ndarray | None, predicted: np.ndarray | None) -> None:
+        """Add a chunk's (or a range's) score histogram and rows per predicted class."""
+        if counts is not None:
+            self.counts += counts
+        if predicted is not None and predicted.size:
+            self.predicted = predicted + self.predicted if self.predicted.size else predicted.copy()
 
 
 class Scores:
@@ -129,7 +138,9 @@ class ChunkScores:
     rows: int  # rows of the chunk, scored or rejected
     ids: pa.ChunkedArray | None  # the id column of every row (not the whole chunk)
     keep: np.ndarray | None  # rows scored, when some were rejected
-    scores: Scores  # float64 scores of the kept rows, row group by row group
+    # float64 scores of the kept rows, row group by row group: (rows,), or (rows, classes)
+    # class probabilities for multiclass
+    scores: Scores
     began: float  # when the chunk's checks began (time.perf_counter), for its latency
     rejects: dict[str, Any] | None  # columns of the rejects part
 
@@ -142,22 +153,25 @@ def start_forward(
     pool: ThreadPoolExecutor | None,
 ) -> Scores:
     """Start scoring a chunk's rows a row group (:data:`PART_ROW_GROUP_ROWS` rows) at a
-    time, each decoded into its place in the chunk's float64 scores.
+    time, each decoded into its place in the chunk's float64 scores: one per row, or for a
+    multiclass model one row of class probabilities per row.
 
     With a pool, its threads take row groups in turn and the caller goes on meanwhile;
     without one, they run here, before this returns. Each batch of
     :data:`FORWARD_BATCH_ROWS` rows is computed the same way whichever thread takes it,
     so the scores do not depend on the thread count.
     """
-    scores = np.empty(features.rows, dtype=np.float64)
+    width = (preprocessor.n_outputs,) if preprocessor.task == "multiclass" else ()
+    scores = np.empty((features.rows, *width), dtype=np.float64)
 
     def run(start: int) -> float:
         stop = min(start + PART_ROW_GROUP_ROWS, features.rows)
         for first in range(start, stop, FORWARD_BATCH_ROWS):
             last = min(first + FORWARD_BATCH_ROWS, stop)
             output = runtime.run(encoder.matrix(features, first, last))
-            # Decoding is elementwise: a batch decodes as it would within its chunk.
-            preprocessor.decode_output(output.reshape(last - first), out=scores[first:last])
+            # Decoding is row by row (a softmax within each row): a batch decodes as it
+            # would within its chunk.
+            preprocessor.decode_output(output.reshape(last - first, *width), out=scores[first:last])
         return time.perf_counter()
 
     starts = range(0, features.rows, PART_ROW_GROUP_ROWS)
@@ -317,8 +331,7 @@ class Pipeline:
         rejected = self.output_dir / REJECTS_DIR / name
         if rejected.is_file():
             self.tally.rejects[name] = existing_part(rejected)
-        if self.model.task == "binary":
-            self.tally.counts += unit_histogram(part_scores(path))
+        self.tally.add_counts(*part_counts(self.model, path))
         self.tally.skipped += 1
 
     def _record_progress(self) -> None:
@@ -332,12 +345,11 @@ class Pipeline:
         written = future.result()
         if written is None:  # the progress file
             return
-        part, rejected, counts, chunk = written
+        part, rejected, counts, predicted, chunk = written
         self.tally.parts[part["name"]] = part
         if rejected is not None:
             self.tally.rejects[rejected["name"]] = rejected
-        if counts is not None:
-            self.tally.counts += counts
+        self.tally.add_counts(counts, predicted)
         self.tally.latencies.append(chunk.scores.finished() - chunk.began)
         self.tally.written += 1
         self.tally.rows_this_call += chunk.rows
@@ -345,23 +357,28 @@ class Pipeline:
 
     def _write(
         self, chunk: ChunkScores
-    ) -> tuple[dict[str, Any], dict[str, Any] | None, np.ndarray | None, ChunkScores]:
+    ) -> tuple[
+        dict[str, Any], dict[str, Any] | None, np.ndarray | None, np.ndarray | None, ChunkScores
+    ]:
         """Tabulate and write a chunk (in the writer thread), a row group at a time as the
         scores holding it are done; the footer's metadata, which holds the input's digest,
         is added once the hash is known, and the progress file is written before the part.
 
         Returns:
             The scored part's manifest entry, the rejects part's (or None), the chunk's
-            score histogram counts (binary; None for regression), and the chunk.
+            score histogram counts (classifiers; None for regression), its rows per
+            predicted class (multiclass, else None), and the chunk.
         """
         sink = pa.BufferOutputStream()
-        counts, metadata = _tabulate(sink, self.model, self.id_column, chunk, self.hashing)
+        counts, predicted, metadata = _tabulate(
+            sink, self.model, self.id_column, chunk, self.hashing
+        )
         self._record_progress()
         rejects = None if chunk.rejects is None else with_metadata(chunk.rejects, metadata)
         part, rejected = write_chunk(
             self.output_dir, chunk.name, sink.getvalue(), len(chunk.scores), rejects
         )
-        return part, rejected, counts, chunk
+        return part, rejected, counts, predicted, chunk
 
 
 def _tabulate(
@@ -370,12 +387,13 @@ def _tabulate(
     id_column: str | None,
     chunk: ChunkScores,
     hashing: Future[Identity],
-) -> tuple[np.ndarray | None, dict[str, str]]:
+) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, str]]:
     """Encode a chunk's scored part into ``sink``, a row group of :data:`PART_ROW_GROUP_ROWS`
     rows as soon as its scores are done, the metadata last, once the input is hashed.
 
     Returns:
-        The score histogram counts (binary; None for regression) and the part's metadata.
+        The score histogram counts (classifiers; None for regression), the rows per
+        predicted class (multiclass; else None) and the part's metadata.
     """
     ids = None
     if id_column is not None and chunk.ids is not None:
@@ -383,7 +401,7 @@ def _tabulate(
         # One contiguous array, so the part's bytes do not depend on how reads were batched.
         ids = ids.combine_chunks()
     schema = part_schema(model, None if ids is None else pa.field(id_column, ids.type))
-    counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64) if model.task == "binary" else None
+    tally = Tally()
     rows = len(chunk.scores)
     # The schema pyarrow would store (ARROW:schema) is added with the metadata, at the end.
     with pq.ParquetWriter(sink, schema, store_schema=False, **parquet_options(schema)) as parquet:
@@ -392,14 +410,14 @@ def _tabulate(
             stop = min(start + PART_ROW_GROUP_ROWS, rows)
             scores = chunk.scores.wait(stop)[start:stop]
             columns: list[Any] = [] if ids is None else [ids.slice(start, stop - start)]
-            if counts is not None:
-                counts += unit_histogram(scores)
-                columns.append(pa.array((scores >= model.threshold).astype(np.int64)))
-            columns.append(pa.array(scores))
-            parquet.write_table(pa.Table.from_arrays(columns, schema=schema))
+            outputs, counts, predicted = score_arrays(model, scores)
+            tally.add_counts(counts, predicted)
+            parquet.write_table(pa.Table.from_arrays([*columns, *outputs], schema=schema))
         metadata = {**hashing.result().metadata, "input_file": chunk.input_file}
         parquet.add_key_value_metadata(stored_schema(schema.with_metadata(prefixed(metadata))))
-    return counts, metadata
+    classifier = model.task in ("binary", "multiclass")
+    predicted = tally.predicted if model.task == "multiclass" else None
+    return (tally.counts if classifier else None), predicted, metadata
 
 
 def in_background(function: Callable[..., Any], *args: Any) -> Future[Any]:

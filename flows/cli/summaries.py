@@ -185,6 +185,11 @@ def format_score_summary(summary: dict) -> str:
         lines.append(f"  rejected rows and their reasons: {summary['output']}/rejects/")
     if summary["extra_columns"]:
         lines.append(f"  ignored input columns: {', '.join(summary['extra_columns'])}")
+    if summary.get("prediction_counts"):
+        counts = ", ".join(
+            f"{item['class']} {item['rows']:,}" for item in summary["prediction_counts"]
+        )
+        lines.append(f"  rows per predicted class: {counts}")
     lines.append(f"  manifest: {summary['manifest']}  (MLflow run {summary['run_id']})")
     return redact_url("\n".join(lines))
 
