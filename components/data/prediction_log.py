@@ -11,9 +11,28 @@ A part appears whole (it is written under a name starting with ``.`` and renamed
 reader takes the ``.parquet`` files of a day folder whose names start with neither ``.``
 nor ``_``. A day is the UTC date of a part's first row. A row of ``predictions`` holds
 the model's input columns, the id column (as text), and the columns the endpoint adds
-(:data:`LOG_COLUMNS`, the names its writer reserves); a row of ``labels`` the id (as
-text), the target and ``stemma_time``. The monitoring and retraining flows take ``predictions`` (or
-one of its day folders) as a batch and ``labels`` as its labels.
+(:data:`LOG_COLUMNS`, the names its writer reserves, and for a multiclass model
+:func:`probability_columns`); a row of ``labels`` the id (as text), the target and
+``stemma_time``. The monitoring and retraining flows take ``predictions`` (or one of its
+day folders) as a batch and ``labels`` as its labels.
+
+The answer's columns, the same as batch scoring's and the model's own:
+
+- binary: ``prediction`` (int64, 1 where the score reaches the threshold) and ``score``
+  (float64, the probability of class 1);
+- multiclass: ``prediction`` (the likeliest class: int64 when the classes are whole
+  numbers, else string), ``score`` (float64, that class's probability) and one float64
+  ``probability_<class>`` column per class, for the classes of the model served when the
+  endpoint started (a later version's other classes are not logged; restart the endpoint
+  to log them);
+- regression: ``score`` (float64, the predicted value).
+
+A row whose model output was not finite has null in all of them. A ``shadow`` row holds
+the id, the request's columns (``stemma_*``) and the shadow version's answer columns.
+A ``labels`` row's target is int64 (binary: 0 or 1), float64 (regression), or for a
+multiclass model the label as sent, as text (``label_text``): a class, or a raw label
+``data.labels`` maps to one, matched as training matches them; a label of neither is
+logged too, and the endpoint counts it as unknown.
 """
 
 from __future__ import annotations
@@ -54,6 +73,9 @@ LOG_COLUMNS = (
     VARIANT_COLUMN,
     LATENCY_COLUMN,
 )
+#: A multiclass model's probability of each class: ``probability_<class>`` (the model's
+#: output columns, model.preprocessing's ``PROBABILITY_PREFIX``).
+PROBABILITY_PREFIX = "probability_"
 #: Values of VARIANT_COLUMN: who answered a row (the champion, or a running canary's
 #: challenger), and the shadow's scores of answered rows.
 CHAMPION_VARIANT = "champion"
@@ -81,6 +103,11 @@ def id_text(value: object) -> str | None:
         if value.is_integer():
             return str(int(value))
     return str(value)
+
+
+def probability_columns(classes: Sequence[int | str]) -> list[str]:
+    """The log's probability column of each class, in the classes' order (multiclass)."""
+    return [f"{PROBABILITY_PREFIX}{name}" for name in classes]
 
 
 def is_log_folder(path: Path) -> bool:

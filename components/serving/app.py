@@ -75,12 +75,22 @@ class RowResult(BaseModel):
 
     row: int = Field(description="Position of the row in the request, from 0.")
     id: Any = Field(default=None, description="The row's id column, when the request has it.")
-    prediction: int | None = Field(
-        default=None, description="The class at the model's threshold (binary models)."
+    prediction: int | str | None = Field(
+        default=None,
+        description="Binary models: the class at the model's threshold (0 or 1). Multiclass "
+        "models: the likeliest class (a number or text, as the classes are). Absent for "
+        "regression, and where the model's output was not a finite number.",
     )
     score: float | None = Field(
         default=None,
-        description="Probability of class 1 (binary) or the predicted value (regression).",
+        description="Probability of class 1 (binary), of the predicted class (multiclass), "
+        "or the predicted value (regression); null where the model's output was not finite.",
+    )
+    probabilities: dict[str, float] | None = Field(
+        default=None,
+        description="Multiclass models only: each class's probability (they sum to 1), by "
+        'the class as text, in the classes\' order, e.g. {"barolo": 0.91, "barbera": 0.06, '
+        '"grignolino": 0.03}.',
     )
     version: str | None = Field(default=None, description="Model version that scored the row.")
     variant: str | None = Field(
@@ -336,6 +346,8 @@ class Routes:
             self.metrics.rows.labels(outcome="rejected", version=version, variant=variant).inc(
                 rejected
             )
+        for row_version, row_variant, name, rows in answer.counts:
+            self.metrics.predictions.labels(name, row_version, row_variant).inc(rows)
 
     def after_answer(
         self,
@@ -379,6 +391,9 @@ class Routes:
             scores=[answer.scores[i] for i in pick],
             latency_ms=latency_s * 1000.0,
             rows=positions.tolist(),
+            probabilities=(
+                None if answer.probabilities is None else [answer.probabilities[i] for i in pick]
+            ),
         )
 
     async def health(self) -> dict[str, str]:
@@ -439,10 +454,17 @@ class Routes:
             _authorize(request, self.config.token)
             log = labels_log(self.config.log)
             body = await _read_json(request, settings.max_body_bytes)
-            recorded = record_labels(log, body, max_rows=settings.max_rows_per_request)
+            recorded = record_labels(
+                log,
+                body,
+                max_rows=settings.max_rows_per_request,
+                preprocessor=self.watch.current.model.preprocessor,
+            )
         except RequestError as error:
             return labels_refusal(error, request_id, REQUEST_ID_HEADER)
-        return JSONResponse({"recorded": recorded}, headers={REQUEST_ID_HEADER: request_id})
+        if recorded.unknown:
+            self.metrics.unknown_labels.inc(recorded.unknown)
+        return JSONResponse(recorded.body(), headers={REQUEST_ID_HEADER: request_id})
 
     def refuse(
         self, error: RequestError, request_id: str, version: str, started: float | None = None

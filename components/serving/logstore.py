@@ -34,6 +34,7 @@ from stemma.components.data.prediction_log import (
     SHADOW,
     TIME_COLUMN,
     VARIANT_COLUMN,
+    probability_columns,
 )
 from stemma.components.errors import SpecError, StemmaError
 from stemma.components.platform import locks
@@ -80,19 +81,29 @@ def log_schemas(
     *,
     id_column: str | None,
     target_column: str,
+    classes: Sequence[int | str] = (),
 ) -> dict[str, pa.Schema]:
     """The columns and types of each kind's parts.
+
+    Args:
+        signature_columns: the served model's signature, ``(name, MLflow type)``.
+        task: ``binary``, ``multiclass`` or ``regression``.
+        id_column: the spec's id column, or None.
+        target_column: the spec's label column.
+        classes: a multiclass model's classes, in output order: one probability column
+            each, and the prediction's type (int64 for whole numbers, else string).
 
     Raises:
         SpecError: a feature or the id column is named like a column of the log, or a
             feature's signature type has no Arrow type here.
     """
+    reserved = reserved_columns(task, classes)
     problems = [
         f"the model's feature {name!r} is named like a column the endpoint's log adds"
         for name, _ in signature_columns
-        if name in RESERVED_COLUMNS
+        if name in reserved
     ]
-    if id_column in RESERVED_COLUMNS:
+    if id_column in reserved:
         problems.append(f"data.id {id_column!r} is named like a column the endpoint's log adds")
     if any(name == id_column for name, _ in signature_columns):
         problems.append(f"data.id {id_column!r} is a feature of the model; an id never is one")
@@ -104,13 +115,12 @@ def log_schemas(
     if problems:
         raise SpecError(
             "the endpoint's log cannot hold the model's rows",
-            [*problems, f"the log's own columns: {', '.join(RESERVED_COLUMNS)}"],
+            [*problems, f"the log's own columns: {', '.join(reserved)}"],
         )
     features = [pa.field(name, SIGNATURE_TYPES[kind]) for name, kind in signature_columns]
     # Ids as text: every part then has one type whatever each caller sent (7 or "7").
     ids = [pa.field(id_column, pa.string())] if id_column else []
-    answer = [pa.field(PREDICTION_COLUMN, pa.int64())] if task == "binary" else []
-    answer.append(pa.field(SCORE_COLUMN, pa.float64()))
+    answer = answer_fields(task, classes)
     request = [
         pa.field(REQUEST_ID_COLUMN, pa.string()),
         pa.field(ROW_COLUMN, pa.int32()),
@@ -118,7 +128,9 @@ def log_schemas(
         pa.field(MODEL_VERSION_COLUMN, pa.string()),
         pa.field(VARIANT_COLUMN, pa.string()),
     ]
-    target = pa.int64() if task == "binary" else pa.float64()
+    # A multiclass label is logged as sent (text), to be matched through data.labels as
+    # training matches raw labels; one of no class is logged too (the endpoint counts it).
+    target = {"binary": pa.int64(), "multiclass": pa.string()}.get(task, pa.float64())
     return {
         PREDICTIONS: pa.schema(
             [*features, *ids, *answer, *request, pa.field(LATENCY_COLUMN, pa.float64())]
@@ -132,6 +144,27 @@ def log_schemas(
             ]
         ),
     }
+
+
+def reserved_columns(task: str, classes: Sequence[int | str] = ()) -> tuple[str, ...]:
+    """The columns the log adds to a row, which no feature may be named like."""
+    if task != "multiclass":
+        return RESERVED_COLUMNS
+    return (*RESERVED_COLUMNS, *probability_columns(classes))
+
+
+def answer_fields(task: str, classes: Sequence[int | str] = ()) -> list[pa.Field]:
+    """The answer's columns of a task (:mod:`.data.prediction_log` describes them)."""
+    if task == "binary":
+        return [pa.field(PREDICTION_COLUMN, pa.int64()), pa.field(SCORE_COLUMN, pa.float64())]
+    if task != "multiclass":
+        return [pa.field(SCORE_COLUMN, pa.float64())]
+    whole = all(isinstance(name, int) and not isinstance(name, bool) for name in classes)
+    return [
+        pa.field(PREDICTION_COLUMN, pa.int64() if whole and classes else pa.string()),
+        pa.field(SCORE_COLUMN, pa.float64()),
+        *(pa.field(name, pa.float64()) for name in probability_columns(classes)),
+    ]
 
 
 # ---------------------------------------------------------------------------------------

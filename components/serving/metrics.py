@@ -37,6 +37,22 @@ LOG_COUNTERS = (
     ),
 )
 
+#: A multiclass model's counters: its answers by predicted class, and the labels it
+#: received of no class it knows. (name, help, label names.)
+CLASS_COUNTERS = (
+    (
+        "predictions",
+        "Rows a multiclass model answered, by predicted class, model version and variant.",
+        ("class", "version", "variant"),
+    ),
+    (
+        "unknown_labels",
+        "Labels POST /v1/labels recorded that are no class of the served multiclass model, "
+        "neither directly nor through data.labels.",
+        (),
+    ),
+)
+
 
 def batch_buckets(max_batch_size: int) -> tuple[float, ...]:
     """Powers of two up to the largest batch, which is a bucket of its own."""
@@ -126,6 +142,10 @@ class EndpointMetrics:
             registry=registry,
         )
 
+        self.predictions, self.unknown_labels = (
+            Counter(f"{PREFIX}_{name}", text, labels, registry=registry)
+            for name, text, labels in CLASS_COUNTERS
+        )
         self.log_rows, self.log_dropped_rows, self.log_parts, self.log_failed_writes = (
             Counter(f"{PREFIX}_{name}", text, ["kind"], registry=registry)
             for name, text in LOG_COUNTERS

@@ -50,17 +50,18 @@ from stemma.components.data.prediction_log import (
     TIME_COLUMN,
     VARIANT_COLUMN,
     id_text,
+    probability_columns,
 )
 from stemma.components.errors import SpecError
 from stemma.components.runtime.loading import first_line
 from stemma.components.scoring.inputs import plural
 from stemma.components.serving.logstore import (
-    RESERVED_COLUMNS,
     TIME_TYPE,
     FolderStore,
     S3Store,
     log_schemas,
     part_name,
+    reserved_columns,
 )
 from stemma.components.spec.document import path_problem
 
@@ -86,10 +87,11 @@ class _Scored(NamedTuple):
     ids: Sequence[Any] | None
     versions: Sequence[str]
     variants: Sequence[str]
-    predictions: Sequence[int | None] | None
+    predictions: Sequence[int | str | None] | None
     scores: Sequence[float | None]
     rows: Sequence[int] | None
     latency_ms: float
+    probabilities: Sequence[Mapping[str, float] | None] | None
 
 
 class _Shadow(NamedTuple):
@@ -99,8 +101,9 @@ class _Shadow(NamedTuple):
     rows: Sequence[int]
     ids: Sequence[Any] | None
     version: str
-    predictions: Sequence[int | None] | None
+    predictions: Sequence[int | str | None] | None
     scores: Sequence[float | None]
+    probabilities: Sequence[Mapping[str, float] | None] | None
 
 
 class _Labels(NamedTuple):
@@ -138,7 +141,9 @@ class PredictionLog:
     Attributes:
         id_column: the spec's id column (``data.id``), or None.
         target_column: the spec's label column (``data.target``).
-        task: ``binary`` or ``regression``.
+        task: ``binary``, ``multiclass`` or ``regression``.
+        classes: a multiclass model's classes, whose probabilities the log's columns hold
+            (those of the model served at start); empty for other tasks.
         schemas: the columns of each kind's parts.
         location: where the parts go (a folder, or ``s3://bucket/prefix``).
     """
@@ -152,6 +157,7 @@ class PredictionLog:
         id_column: str | None,
         target_column: str,
         task: str,
+        classes: Sequence[int | str] = (),
         metrics: EndpointMetrics | None = None,
     ) -> None:
         self.store = store
@@ -161,13 +167,19 @@ class PredictionLog:
         self.id_column = id_column
         self.target_column = target_column
         self.task = task
+        self.classes = tuple(classes) if task == "multiclass" else ()
         self.metrics = metrics
+        reserved = reserved_columns(task, self.classes)
         self._features = pa.schema(
             [
                 column
                 for column in schemas[PREDICTIONS]
-                if column.name not in RESERVED_COLUMNS and column.name != id_column
+                if column.name not in reserved and column.name != id_column
             ]
+        )
+        # Each class's key in the answer's probabilities, and its column.
+        self._probabilities = list(
+            zip(map(str, self.classes), probability_columns(self.classes), strict=True)
         )
         self._buffers = {kind: _Buffer() for kind in KINDS}
         self._condition = threading.Condition()
@@ -184,6 +196,7 @@ class PredictionLog:
         signature_columns: Sequence[tuple[str, str]],
         task: str,
         *,
+        classes: Sequence[int | str] = (),
         metrics: EndpointMetrics | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> PredictionLog | None:
@@ -193,7 +206,8 @@ class PredictionLog:
             spec: the pipeline spec (``endpoint.log``, ``data.id``, ``data.target``).
             root: the project root, which a relative ``endpoint.log.path`` is under.
             signature_columns: the served model's signature, ``(name, MLflow type)``.
-            task: ``binary`` or ``regression``.
+            task: ``binary``, ``multiclass`` or ``regression``.
+            classes: the served model's classes, in output order (multiclass).
             metrics: the endpoint's metrics, which count rows, parts and failures.
             environ: where the S3 endpoint is read (default: ``os.environ``).
 
@@ -206,7 +220,11 @@ class PredictionLog:
             return None
         root = Path(root)
         schemas = log_schemas(
-            signature_columns, task, id_column=spec.data.id, target_column=spec.data.target
+            signature_columns,
+            task,
+            id_column=spec.data.id,
+            target_column=spec.data.target,
+            classes=classes,
         )
         store: FolderStore | S3Store
         if settings.path.startswith("s3://"):
@@ -223,6 +241,7 @@ class PredictionLog:
             id_column=spec.data.id,
             target_column=spec.data.target,
             task=task,
+            classes=classes,
             metrics=metrics,
         )
 
@@ -256,10 +275,11 @@ class PredictionLog:
         ids: Sequence[Any] | None,
         versions: Sequence[str],
         variants: Sequence[str],
-        predictions: Sequence[int | None] | None,
+        predictions: Sequence[int | str | None] | None,
         scores: Sequence[float | None],
         latency_ms: float,
         rows: Sequence[int] | None = None,
+        probabilities: Sequence[Mapping[str, float] | None] | None = None,
     ) -> None:
         """Buffer a request's scored rows (the writer thread turns them into Arrow).
 
@@ -270,15 +290,26 @@ class PredictionLog:
             ids: the id column's value per scored row, or None.
             versions: the model version that scored each row.
             variants: ``champion`` or ``canary``, per row.
-            predictions: the class per row (binary models), or None.
+            predictions: the class per row (classifiers), or None.
             scores: the score per row.
             latency_ms: the request's time to its answer, in milliseconds.
             rows: each row's position in the request (default: 0, 1, ...).
+            probabilities: per row, each class's probability by the class as text
+                (multiclass; a class the log has no column for is left out), or None.
         """
         if not len(scores) or not self.sampled(request_id):
             return
         payload = _Scored(
-            features, request_id, ids, versions, variants, predictions, scores, rows, latency_ms
+            features,
+            request_id,
+            ids,
+            versions,
+            variants,
+            predictions,
+            scores,
+            rows,
+            latency_ms,
+            probabilities,
         )
         self._add(PREDICTIONS, len(scores), received, payload)
 
@@ -290,19 +321,20 @@ class PredictionLog:
         rows: Sequence[int],
         ids: Sequence[Any] | None,
         version: str,
-        predictions: Sequence[int | None] | None,
+        predictions: Sequence[int | str | None] | None,
         scores: Sequence[float | None],
+        probabilities: Sequence[Mapping[str, float] | None] | None = None,
     ) -> None:
         """Buffer the challenger's scores of a request's rows, scored in shadow.
 
         Args:
             rows: each scored row's position in the request.
             version: the challenger's version.
-            ids, predictions, scores: per scored row, as in :meth:`record`.
+            ids, predictions, scores, probabilities: per scored row, as in :meth:`record`.
         """
         if not len(scores) or not self.sampled(request_id):
             return
-        payload = _Shadow(request_id, rows, ids, version, predictions, scores)
+        payload = _Shadow(request_id, rows, ids, version, predictions, scores, probabilities)
         self._add(SHADOW, len(scores), received, payload)
 
     def record_labels(self, table: pa.Table) -> int:
@@ -538,8 +570,13 @@ class PredictionLog:
             TIME_COLUMN: per_entry(times, pa.int64()).cast(TIME_TYPE),
             SCORE_COLUMN: per_row("scores", pa.float64()),
         }
-        if self.task == "binary":
-            columns[PREDICTION_COLUMN] = per_row("predictions", pa.int64())
+        schema = self.schemas[kind]
+        if PREDICTION_COLUMN in schema.names:
+            columns[PREDICTION_COLUMN] = per_row(
+                "predictions", schema.field(PREDICTION_COLUMN).type
+            )
+        if self._probabilities:
+            columns.update(self._probability_arrays(_per_row(entries, "probabilities")))
         if self.id_column is not None:
             columns[self.id_column] = pa.array(_id_texts(_per_row(entries, "ids")), pa.string())
         if kind == PREDICTIONS:
@@ -554,8 +591,19 @@ class PredictionLog:
                 [payload.version for payload in payloads], pa.string()
             )
             columns[VARIANT_COLUMN] = per_entry([SHADOW_VARIANT] * len(payloads), pa.string())
-        schema = self.schemas[kind]
         return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+
+    def _probability_arrays(
+        self, probabilities: list[Mapping[str, float] | None]
+    ) -> dict[str, pa.Array]:
+        """Each class's probability column from the rows' ``{class: probability}`` (a row
+        without them, or a class its model lacks, is null)."""
+        return {
+            column: pa.array(
+                [None if row is None else row.get(key) for row in probabilities], pa.float64()
+            )
+            for key, column in self._probabilities
+        }
 
     def _features_of(self, payloads: list[_Scored]) -> pa.Table:
         """The requests' feature columns in the signature's types (a request's integers

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from stemma.components.data.prediction_log import CANARY_VARIANT, CHAMPION_VARIANT
+from stemma.components.runtime.loading import ScoringModel
 from stemma.components.serving.rows import (
     PreparedRows,
     ServedModel,
@@ -100,15 +101,83 @@ def _entity_ids(prepared: PreparedRows, entity: str | None) -> Sequence[Any] | N
 
 
 @dataclass(frozen=True)
+class Decoded:
+    """One model's answer for its rows, in their order, as the answer and the log hold it.
+
+    Attributes:
+        scores: the probability of class 1 (binary), of the predicted class (multiclass),
+            or the value (regression); None where the model's output is not finite.
+        predictions: the class per row (classifiers), or None.
+        probabilities: multiclass: ``{class (as text): probability}`` per row, else None.
+        counts: multiclass: rows per predicted class (as text), for the metrics.
+    """
+
+    scores: list[float | None]
+    predictions: list[int | str | None] | None
+    probabilities: list[dict[str, float] | None] | None
+    counts: dict[str, int]
+
+
+def decode_rows(model: ScoringModel, raw: np.ndarray) -> Decoded:
+    """A model's raw outputs for ``len(raw)`` rows, decoded into its answer's values."""
+    rows = len(raw)
+    preprocessor = model.preprocessor
+    values = preprocessor.decode_output(np.asarray(raw).reshape(rows, preprocessor.n_outputs))
+    if model.task == "multiclass":
+        return _multiclass_rows(model, values)
+    finite = np.isfinite(values)
+    scores = values.tolist()
+    if not finite.all():
+        scores = [score if ok else None for score, ok in zip(scores, finite.tolist(), strict=True)]
+    if model.task != "binary":
+        return Decoded(scores, None, None, {})
+    positive = np.asarray(values >= model.threshold)
+    predictions: list[int | str | None] = [
+        None if score is None else int(one)
+        for score, one in zip(scores, positive.tolist(), strict=True)
+    ]
+    return Decoded(scores, predictions, None, {})
+
+
+def _multiclass_rows(model: ScoringModel, probabilities: np.ndarray) -> Decoded:
+    """Per row the likeliest class, its probability and every class's (one dict per row:
+    the answer's ``probabilities``)."""
+    classes = model.preprocessor.class_names()
+    keys = [str(name) for name in classes]
+    finite = np.isfinite(probabilities).all(axis=1)
+    best = probabilities.argmax(axis=1) if probabilities.size else np.empty(0, dtype=np.int64)
+    predictions: list[Any] = np.asarray(classes, dtype=object)[best].tolist()
+    scores: list[Any] = probabilities[np.arange(len(best)), best].tolist()
+    rows: list[Any] = [dict(zip(keys, row, strict=True)) for row in probabilities.tolist()]
+    if not finite.all():  # a diverged network: no class, no number
+        for index in np.flatnonzero(~finite).tolist():
+            predictions[index] = scores[index] = rows[index] = None
+    counts = np.bincount(best[finite], minlength=len(keys))
+    return Decoded(
+        scores,
+        predictions,
+        rows,
+        {key: int(count) for key, count in zip(keys, counts.tolist(), strict=True) if count},
+    )
+
+
+@dataclass(frozen=True)
 class Answer:
-    """A request's answer, and its scored rows as the log and the metrics count them."""
+    """A request's answer, and its scored rows as the log and the metrics count them.
+
+    ``predictions`` is None unless every arm's model is a classifier, ``probabilities``
+    unless one is multiclass (rows of the others then None); ``counts`` holds
+    ``(version, variant, class, rows)`` of each multiclass arm's predicted classes.
+    """
 
     body: dict[str, Any]
     versions: list[str]  # per scored row, in ``positions`` order
     variants: list[str]
     positions: np.ndarray
-    predictions: list[int | None] | None
+    predictions: list[int | str | None] | None
     scores: list[float | None]
+    probabilities: list[dict[str, float] | None] | None = None
+    counts: list[tuple[str, str, str, int]] = field(default_factory=list)
 
     def header(self, field: str) -> str:
         """The distinct values of ``version``/``variant`` across the rows, for a header."""
@@ -124,35 +193,32 @@ def build_answer(
     request_id: str,
     alias: str,
 ) -> Answer:
-    """The JSON answer per row, in request order, from each arm's raw outputs."""
+    """The JSON answer per row, in request order, from each arm's raw outputs.
+
+    A row's answer holds ``score`` and, from a binary model, ``prediction``; from a
+    multiclass model ``prediction`` (the likeliest class), ``score`` (its probability) and
+    ``probabilities`` (``{class: probability}``).
+    """
     results: list[dict[str, Any]] = [{} for _ in range(prepared.rows)]
     versions: list[str] = []
     variants: list[str] = []
     positions: list[np.ndarray] = []
-    predictions: list[int | None] = []
+    predictions: list[int | str | None] = []
     scores: list[float | None] = []
-    binary = True
-    for arm, raw in zip(routed.arms, outputs, strict=True):
+    multiclass: dict[int, Decoded] = {}  # by arm
+    classifiers = True
+    for index, (arm, raw) in enumerate(zip(routed.arms, outputs, strict=True)):
         model = arm.served.model
-        binary = binary and model.task == "binary"
-        decoded = model.preprocessor.decode_output(raw.reshape(len(arm.positions)))
-        for position, score in zip(arm.positions.tolist(), decoded.tolist(), strict=True):
-            # A non-finite output (a diverged network) is no JSON number: null, not a crash.
-            value = score if math.isfinite(score) else None
-            result: dict[str, Any] = {
-                "row": position,
-                "score": value,
-                "version": model.version,
-                "variant": arm.variant,
-            }
-            prediction = None
-            if model.task == "binary" and value is not None:
-                prediction = result["prediction"] = int(value >= model.threshold)
-            results[position] = result
-            predictions.append(prediction)
-            scores.append(value)
-        versions.extend([model.version] * len(arm.positions))
-        variants.extend([arm.variant] * len(arm.positions))
+        classifiers = classifiers and model.task in ("binary", "multiclass")
+        rows = len(arm.positions)
+        if model.task == "multiclass":
+            decoded = multiclass[index] = _multiclass_answer(arm, raw, results)
+            predictions.extend(decoded.predictions or ())
+            scores.extend(decoded.scores)
+        else:
+            _scalar_answer(arm, raw, results, predictions, scores)
+        versions.extend([model.version] * rows)
+        variants.extend([arm.variant] * rows)
         positions.append(arm.positions)
     for position, reason in {**prepared.rejected, **routed.rejected}.items():
         results[position] = {"row": position, "rejected": True, "reason": reason}
@@ -168,11 +234,79 @@ def build_answer(
         "variant": ", ".join(dict.fromkeys(variants)) or CHAMPION_VARIANT,
         "results": results,
     }
-    return Answer(
+    answer = Answer(
         body=body,
         versions=versions,
         variants=variants,
         positions=np.concatenate(positions) if positions else np.empty(0, dtype=np.int64),
-        predictions=predictions if binary else None,
+        predictions=predictions if classifiers else None,
         scores=scores,
     )
+    return _with_classes(answer, routed.arms, multiclass) if multiclass else answer
+
+
+def _with_classes(answer: Answer, arms: Sequence[Arm], multiclass: dict[int, Decoded]) -> Answer:
+    """``answer`` with the probabilities per row and the class counts of its multiclass
+    arms (the rows of other arms have no probabilities)."""
+    probabilities: list[dict[str, float] | None] = []
+    counts: list[tuple[str, str, str, int]] = []
+    for index, arm in enumerate(arms):
+        decoded = multiclass.get(index)
+        if decoded is None or decoded.probabilities is None:
+            probabilities.extend([None] * len(arm.positions))
+            continue
+        probabilities.extend(decoded.probabilities)
+        model = arm.served.model
+        counts.extend((model.version, arm.variant, name, n) for name, n in decoded.counts.items())
+    return replace(answer, probabilities=probabilities, counts=counts)
+
+
+def _scalar_answer(
+    arm: Arm,
+    raw: np.ndarray,
+    results: list[dict[str, Any]],
+    predictions: list[int | str | None],
+    scores: list[float | None],
+) -> None:
+    """A binary or regression arm's rows into ``results`` (and the log's lists): one pass
+    over the rows, the hot path of the endpoint."""
+    model = arm.served.model
+    decoded = model.preprocessor.decode_output(raw.reshape(len(arm.positions)))
+    binary = model.task == "binary"
+    for position, score in zip(arm.positions.tolist(), decoded.tolist(), strict=True):
+        # A non-finite output (a diverged network) is no JSON number: null, not a crash.
+        value = score if math.isfinite(score) else None
+        result: dict[str, Any] = {
+            "row": position,
+            "score": value,
+            "version": model.version,
+            "variant": arm.variant,
+        }
+        prediction = None
+        if binary and value is not None:
+            prediction = result["prediction"] = int(value >= model.threshold)
+        results[position] = result
+        predictions.append(prediction)
+        scores.append(value)
+
+
+def _multiclass_answer(arm: Arm, raw: np.ndarray, results: list[dict[str, Any]]) -> Decoded:
+    """A multiclass arm's rows into ``results``: the class, its probability, every class's."""
+    model = arm.served.model
+    decoded = decode_rows(model, raw)
+    assert decoded.predictions is not None and decoded.probabilities is not None
+    for position, prediction, score, row in zip(
+        arm.positions.tolist(),
+        decoded.predictions,
+        decoded.scores,
+        decoded.probabilities,
+        strict=True,
+    ):
+        result: dict[str, Any] = {"row": position}
+        if score is not None:
+            result.update(prediction=prediction, score=score, probabilities=row)
+        else:
+            result["score"] = None
+        result.update(version=model.version, variant=arm.variant)
+        results[position] = result
+    return decoded

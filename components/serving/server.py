@@ -98,7 +98,12 @@ def build_endpoint(
         shadow_alias=settings.shadow.alias if settings.shadow is not None else None,
     )
     log = PredictionLog.from_spec(
-        spec, root or Path.cwd(), model.signature_columns, model.task, metrics=metrics
+        spec,
+        root or Path.cwd(),
+        model.signature_columns,
+        model.task,
+        classes=model.preprocessor.class_names(),
+        metrics=metrics,
     )
     if log is not None:
         log.prepare()  # an unwritable folder is an error before anything listens

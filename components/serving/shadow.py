@@ -25,6 +25,7 @@ from stemma.components.platform.redaction import redact_url
 from stemma.components.runtime.loading import first_line
 from stemma.components.serving.batching import Batcher
 from stemma.components.serving.metrics import EndpointMetrics
+from stemma.components.serving.routing import decode_rows
 from stemma.components.serving.rows import (
     PreparedRows,
     ServedModel,
@@ -195,11 +196,11 @@ class ShadowWorker:
             _LOG.warning("shadow %s failed: %s", served.model.label, redact_url(first_line(error)))
             return
         model = served.model
-        scores = model.preprocessor.decode_output(np.asarray(outputs).reshape(len(matrix)))
+        decoded = decode_rows(model, np.asarray(outputs))
         start = 0
         for job, prepared in encoded:
             kept = prepared.kept
-            own = scores[start : start + len(kept)]
+            own = slice(start, start + len(kept))
             start += len(kept)
             self._count(served, "scored", len(kept))
             if len(kept) < len(job.positions):
@@ -213,12 +214,11 @@ class ShadowWorker:
                 rows=job.positions[kept].tolist(),
                 ids=None if ids is None else [ids[i] for i in kept.tolist()],
                 version=model.version,
-                predictions=(
-                    [int(score >= model.threshold) for score in own.tolist()]
-                    if model.task == "binary"
-                    else None
+                predictions=None if decoded.predictions is None else decoded.predictions[own],
+                scores=decoded.scores[own],
+                probabilities=(
+                    None if decoded.probabilities is None else decoded.probabilities[own]
                 ),
-                scores=own.tolist(),
             )
 
     def _count(self, served: ServedModel | None, outcome: str, rows: int) -> None:

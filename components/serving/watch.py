@@ -86,7 +86,7 @@ class CanaryArm:
 def warm(model: ScoringModel) -> None:
     """Run the model once on one row (all zeros), so the first request pays no set-up."""
     outputs = model.runtime.run(np.zeros((1, model.runtime.width), dtype=np.float32))
-    model.preprocessor.decode_output(outputs.reshape(1))
+    model.preprocessor.decode_output(outputs.reshape(1, model.preprocessor.n_outputs))
 
 
 class ModelWatch:

@@ -1,6 +1,7 @@
-"""The serving tests' project: one credit model trained once for the session (2 epochs),
-a second version of other weights for the alias to move to, and a third whose weights are
-then changed in the artifact store, which the endpoint must refuse."""
+"""The serving tests' projects, each trained once for the session: one credit model
+(2 epochs), a second version of other weights for the alias to move to, and a third whose
+weights are then changed in the artifact store, which the endpoint must refuse; and a
+multiclass model of sklearn's wine with text classes and a label map."""
 
 from __future__ import annotations
 
@@ -13,12 +14,26 @@ from mlflow import MlflowClient
 
 from stemma.components.platform.tags import WEIGHTS_SHA256
 from stemma.components.spec import load_spec
-from tests.support import log_trained_model
+from tests.support import WINE_CLASSES, build_multiclass_project, log_trained_model
 
 MODEL = "endpoint"
 NAMES = [f"pipeline.name={MODEL}", f"pipeline.model_name={MODEL}"]
 TRAIN = ["train.epochs=2", "train.early_stopping=null", "train.batch_size=256"]
 ID = "application_id"
+#: The multiclass model: its registered name, and the overrides of its spec.
+WINE_MODEL = "endpoint-wine"
+WINE_ID = "wine_id"
+WINE_TARGET = "cultivar"
+#: Raw labels a second system sends (codes), mapped to the classes beside the classes
+#: themselves, which the training rows hold.
+WINE_CODES = {"B1": "barolo", "G2": "grignolino", "B3": "barbera"}
+#: The label map: each class to itself (the training rows hold the classes), and the codes.
+WINE_LABELS = {**{name: name for name in WINE_CLASSES}, **WINE_CODES}
+WINE_OVERRIDES = [
+    f"pipeline.name={WINE_MODEL}",
+    f"pipeline.model_name={WINE_MODEL}",
+    "data.labels={" + ", ".join(f"{raw}: {name}" for raw, name in WINE_LABELS.items()) + "}",
+]
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +79,43 @@ def registry(template_project, tmp_path_factory, prefect_api, mlflow_uri) -> dic
     batch = sorted((root / "data" / "credit" / "batches").glob("*.parquet"))[0]
     rows = pd.read_parquet(batch).drop(columns=["applied_at"]).head(40)
     return {"root": root, "config": config, "client": client, "versions": versions, "rows": rows}
+
+
+@pytest.fixture(scope="session")
+def wine_registry(tmp_path_factory, prefect_api, mlflow_uri) -> dict:
+    """A multiclass project (sklearn's wine, text classes, ``data.labels`` mapping codes to
+    them) trained by the train flow, its model @champion (``version``), a second version of
+    other (seeded) weights and the same classes (``other``); rows of a batch to score."""
+    from stemma.flows.train import train_flow
+
+    root = build_multiclass_project(tmp_path_factory.mktemp("endpoint-wine") / "project")
+    config = root / "configs" / "wine.yaml"
+    train_flow(config=str(config), overrides=WINE_OVERRIDES)
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias(WINE_MODEL, "champion")
+    spec = load_spec(config, WINE_OVERRIDES).spec
+    frame = pd.read_parquet(root / "data" / "wine" / "train.parquet")
+    _, _, info, sha256, run_id = log_trained_model(
+        frame,
+        spec.data.features,
+        task="multiclass",
+        target=WINE_TARGET,
+        experiment_id=client.get_run(champion.run_id).info.experiment_id,
+        workdir=tmp_path_factory.mktemp("endpoint-wine-v2"),
+    )
+    other = client.create_model_version(
+        WINE_MODEL,
+        info.model_uri,
+        run_id=run_id,
+        model_id=info.model_id,
+        tags={WEIGHTS_SHA256: sha256},
+    )
+    rows = pd.read_parquet(root / "data" / "wine" / "batches" / "day_01.parquet").head(40)
+    return {
+        "root": root,
+        "config": config,
+        "client": client,
+        "version": str(champion.version),
+        "other": str(other.version),
+        "rows": rows,
+    }

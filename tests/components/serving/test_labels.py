@@ -273,6 +273,75 @@ def test_a_regression_target_must_be_a_finite_number():
     assert table.to_pylist() == [{ID: "7", "y": 2.0}, {ID: "b", "y": -0.5}]
 
 
+def test_a_multiclass_label_is_text_or_a_number_and_logged_as_text():
+    values = ["setosa", 2, 2.0, True, ["x"], {"a": 1}, math.nan, None, 10**400]
+    with pytest.raises(RequestError) as raised:
+        label_table(
+            {"columns": {ID: list(range(len(values))), "species": values}},
+            id_column=ID,
+            target_column="species",
+            task="multiclass",
+            max_rows=100,
+        )
+    assert raised.value.status == 422
+    assert raised.value.details == [
+        "label 4: species must be a class: text or a number (the model is multiclass), not ['x']",
+        "label 5: species must be a class: text or a number (the model is multiclass), "
+        "not {'a': 1}",
+        "label 6: species must be a class: text or a finite number, not nan",
+        "label 7: no species",
+    ]
+    fine = [*values[:4], values[-1]]
+    table = label_table(
+        {"columns": {ID: list(range(len(fine))), "species": fine}},
+        id_column=ID,
+        target_column="species",
+        task="multiclass",
+        max_rows=100,
+    )
+    assert table.column("species").to_pylist() == ["setosa", "2", "2", "true", str(10**400)]
+
+
+@pytest.mark.parametrize(
+    ("target", "labels", "sent", "unknown"),
+    [
+        (
+            "species",
+            None,
+            ["setosa", "virginica", "Setosa", "rose", "rose"],
+            ["Setosa", "rose", "rose"],
+        ),
+        (
+            "species",
+            {"S": "setosa", "VE": "versicolor", "VI": "virginica"},
+            ["S", "VI", "setosa", "X"],
+            ["setosa", "X"],
+        ),
+        ("code", None, ["0", "2", "2.0", "3", "two"], ["3", "two"]),
+    ],
+    ids=["classes", "label-map", "whole-number-classes"],
+)
+def test_unknown_multiclass_labels_are_those_the_model_cannot_match(target, labels, sent, unknown):
+    """Matched by the served model's preprocessing, as training matches raw labels; iris
+    with text classes, the same through a label map, and the class codes 0, 1, 2."""
+    from sklearn.datasets import load_iris
+
+    from stemma.components.model.preprocessing import fit_preprocessor
+    from stemma.components.serving.labels import unknown_labels
+    from stemma.components.spec import FeaturesSpec
+
+    iris = load_iris(as_frame=True)
+    frame = iris.frame.rename(columns={"target": "code"})
+    names = dict(enumerate(iris.target_names))
+    raw = {name: key for key, name in (labels or {}).items()}
+    frame["species"] = frame["code"].map(lambda code: raw.get(names[code], names[code]))
+    features = FeaturesSpec(numeric=list(iris.feature_names), categorical=[])
+    preprocessor = fit_preprocessor(
+        frame, features, task="multiclass", target=target, labels=labels
+    )
+    assert unknown_labels(sent, preprocessor) == unknown
+
+
 def test_many_bad_labels_are_listed_on_one_screen():
     with pytest.raises(RequestError) as raised:
         label_table(

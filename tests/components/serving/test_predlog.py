@@ -59,10 +59,10 @@ def make_spec(*, task: str = "binary", id_column: str | None = ID, **log: object
     )
 
 
-def make_log(root: Path, *, signature=SIGNATURE, task: str = "binary", **log: object):
+def make_log(root: Path, *, signature=SIGNATURE, task: str = "binary", classes=(), **log: object):
     metrics = EndpointMetrics(8)
     built = PredictionLog.from_spec(
-        make_spec(task=task, **log), root, signature, task, metrics=metrics
+        make_spec(task=task, **log), root, signature, task, classes=classes, metrics=metrics
     )
     assert built is not None
     return built, metrics
@@ -209,6 +209,83 @@ def test_a_regression_model_logs_no_prediction_column_and_float_targets(tmp_path
     assert "prediction" not in rows[0] and rows[0]["score"] == 1234.5
     assert (rows[0][ID], rows[0]["stemma_variant"]) == (None, "canary")
     assert pq.read_table(tmp_path / "logs" / LABELS).schema.field(TARGET).type == pa.float64()
+
+
+IRIS = ("setosa", "versicolor", "virginica")
+
+
+@pytest.mark.parametrize(
+    ("classes", "prediction_type"),
+    [(IRIS, pa.string()), ((3, 5, 8), pa.int64())],
+    ids=["text-classes", "whole-number-classes"],
+)
+def test_a_multiclass_log_holds_the_class_and_each_class_probability(
+    tmp_path, classes, prediction_type
+):
+    log, _ = make_log(tmp_path, task="multiclass", classes=classes)
+    first, second, third = classes
+    keys = [str(name) for name in classes]
+    given = [
+        dict(zip(keys, (0.7, 0.2, 0.1), strict=True)),
+        # A version of other classes (a later champion): the log's classes only.
+        {keys[1]: 0.4, keys[2]: 0.35, "another": 0.25},
+        None,  # the model's output was not finite
+    ]
+    log.record(
+        pa.table({"salary": [1.0, 2.0, 3.0], "age": [30, 40, 50], "car": ["a", "b", "c"]}),
+        request_id="r",
+        received=NOON,
+        ids=[1, 2, 3],
+        versions=["2"] * 3,
+        variants=["champion"] * 3,
+        predictions=[first, second, None],
+        scores=[0.7, 0.4, None],
+        latency_ms=1.0,
+        probabilities=given,
+    )
+    log.record_shadow(
+        request_id="r",
+        received=NOON,
+        rows=[0],
+        ids=[1],
+        version="3",
+        predictions=[third],
+        scores=[0.5],
+        probabilities=[dict(zip(keys, (0.1, 0.4, 0.5), strict=True))],
+    )
+    log.record_labels(pa.table({ID: ["1", "2"], TARGET: [str(first), "not a class"]}))
+    log.close()
+
+    columns = ["prediction", "score", *(f"probability_{name}" for name in classes)]
+    served = pq.read_table(tmp_path / "logs" / PREDICTIONS)
+    assert served.schema == log.schemas[PREDICTIONS]
+    assert served.schema.names[3:9] == [ID, *columns]  # after the features
+    assert served.schema.field("prediction").type == prediction_type
+    assert served.select(columns).to_pylist() == [
+        dict(zip(columns, (first, 0.7, 0.7, 0.2, 0.1), strict=True)),
+        dict(zip(columns, (second, 0.4, None, 0.4, 0.35), strict=True)),
+        dict.fromkeys(columns),
+    ]
+    shadow = pq.read_table(tmp_path / "logs" / SHADOW)
+    assert shadow.select(columns).to_pylist() == [
+        dict(zip(columns, (third, 0.5, 0.1, 0.4, 0.5), strict=True))
+    ]
+    labels = pq.read_table(tmp_path / "logs" / LABELS)
+    assert labels.schema.field(TARGET).type == pa.string()  # as sent, matched later
+    assert labels.column(TARGET).to_pylist() == [str(first), "not a class"]
+
+
+def test_a_feature_named_like_a_class_probability_stops_the_start(tmp_path):
+    signature = [*SIGNATURE, ("probability_virginica", "double")]
+    with pytest.raises(SpecError) as raised:
+        make_log(tmp_path, signature=signature, task="multiclass", classes=IRIS)
+    assert (
+        "the model's feature 'probability_virginica' is named like a column the endpoint's "
+        "log adds" in raised.value.details
+    )
+    assert "probability_setosa" in raised.value.details[-1]
+    # The same name is a plain feature of a binary model.
+    make_log(tmp_path, signature=signature)
 
 
 def test_parts_rotate_by_rows_and_close_writes_the_rest(tmp_path):
