@@ -89,8 +89,8 @@ class RowResult(BaseModel):
     probabilities: dict[str, float] | None = Field(
         default=None,
         description="Multiclass models only: each class's probability (they sum to 1), by "
-        'the class as text, in the classes\' order, e.g. {"barolo": 0.91, "barbera": 0.06, '
-        '"grignolino": 0.03}.',
+        'the class as text, in the model\'s order of classes, e.g. {"barbera": 0.06, '
+        '"barolo": 0.91, "grignolino": 0.03}.',
     )
     version: str | None = Field(default=None, description="Model version that scored the row.")
     variant: str | None = Field(
