@@ -83,7 +83,17 @@ def test_an_initialised_project_validates_and_trains_as_written(
     assert "column names match" in validate.stdout and "warning" not in validate.stderr
 
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    train = run_cli(stemma_exe, "run", "train", f"configs/{name}.yaml", cwd=root, env=env)
+    # The spec as written; fewer epochs only to keep the test short.
+    train = run_cli(
+        stemma_exe,
+        "run",
+        "train",
+        f"configs/{name}.yaml",
+        "--set",
+        "train.epochs=3",
+        cwd=root,
+        env=env,
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     assert f"{metric} on the test split" in train.stdout
     assert "gate: PASSED, alias 'champion'" in train.stdout
