@@ -274,10 +274,12 @@ def recorded_file_problems(manifest: dict[str, str] | None, folder: Path) -> lis
 
 
 def _normalized(relative: str, path: Path) -> bytes:
-    """A file's bytes with what names the run or the moment removed (MLmodel, the profile)."""
+    """A file's bytes with what names the run, the moment or the folders the code ran from
+    removed (MLmodel, the profile, the ONNX graph)."""
     import hashlib
     import json
 
+    from stemma.components.model.onnx_graph import ONNX_FILE
     from stemma.components.monitoring.profile import PROFILE_FILE
 
     name = Path(relative).name
@@ -297,15 +299,34 @@ def _normalized(relative: str, path: Path) -> bytes:
         for key in VOLATILE_PROFILE_KEYS:
             document.pop(key, None)
         return json.dumps(document, sort_keys=True).encode()
+    if name == ONNX_FILE:
+        return _onnx_without_traces(path)
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest().encode()
+
+
+def _onnx_without_traces(path: Path) -> bytes:
+    """An ONNX graph without its nodes' metadata: the exporter's stack traces name the
+    folders the network's code and torch ran from, which a rebuild elsewhere changes."""
+    import onnx
+
+    model = onnx.load_model_from_string(path.read_bytes())
+    graphs = [model.graph, *model.functions]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            del node.metadata_props[:]
+            for attribute in node.attribute:
+                graphs += [*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs]
+    return model.SerializeToString()
 
 
 def compare_model_files(recorded: Path, rebuilt: Path) -> tuple[int, list[str]]:
     """Compare every file of two model folders (the registered one and the rebuild).
 
     Files must match byte for byte, except for what names the run, the logged model or
-    the moment (:data:`VOLATILE_MLMODEL_KEYS` in ``MLmodel``, the profile's ``created``).
+    the moment (:data:`VOLATILE_MLMODEL_KEYS` in ``MLmodel``, the profile's ``created``)
+    or the folders the code ran from (the stack traces of ``network.onnx``'s nodes).
 
     Returns:
         How many files were compared, and one line per file that differs or exists on one
