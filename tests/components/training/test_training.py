@@ -20,7 +20,7 @@ from torch import nn
 
 from stemma.components.errors import TrainingError
 from stemma.components.model.artifact import load_weights, save_weights, weights_sha256
-from stemma.components.model.networks import MLP, build_network
+from stemma.components.model.networks import MLP, NetworkImportError, build_network
 from stemma.components.spec import EarlyStoppingSpec, TrainSpec
 from stemma.components.training.loop import (
     CHECKPOINT_NAME,
@@ -542,9 +542,10 @@ def test_a_custom_architecture_trains_by_import_path(custom_module: str) -> None
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
 
 
-def test_a_bad_import_path_is_a_training_error() -> None:
+def test_a_bad_import_path_is_a_network_import_error() -> None:
     with pytest.raises(
-        TrainingError, match=r"model.architecture no_such_package\.nets:Net: cannot import module"
+        NetworkImportError,
+        match=r"model.architecture no_such_package\.nets:Net: cannot import class 'Net' from module",
     ):
         build_network({"architecture": "no_such_package.nets:Net"}, INPUTS)
 
