@@ -343,6 +343,7 @@ def _summary(
         "baseline_runtime": comparison.baseline_runtime,
         "baseline_ms": comparison.baseline_ms,
         "max_metric_drop": comparison.max_metric_drop,
+        "metric_drop_limit": comparison.metric_drop_limit,
         "min_speedup": comparison.min_speedup,
         "variants": [asdict(result) for result in comparison.variants],
         "table": comparison.table(),

@@ -29,6 +29,7 @@ from stemma.components.platform.redaction import redact_url
 from stemma.components.quantization import registering as quantization
 from stemma.components.scoring import engine as scoring
 from stemma.components.scoring import fanout
+from stemma.components.scoring.output import default_output_dir, refuse_another_input
 from stemma.components.spec import LoadedSpec
 from stemma.components.training import metrics as evaluation
 from stemma.flows.lineage import record_lineage
@@ -221,6 +222,7 @@ class Scoring:
     input_path: Path
     output_path: Path
     serving: str | None
+    own_output: bool = False
 
 
 def prepare_scoring(
@@ -236,18 +238,27 @@ def prepare_scoring(
     if serving:
         logger.info(serving)
     scoring_model = load_model_step(reference, loaded)
-    files = scoring.input_files(loaded.resolve(input or spec.score.input))
+    input_path = loaded.resolve(input or spec.score.input)
+    files = scoring.input_files(input_path)
     extras = check_schema_step(files, scoring_model, loaded)
     if extras:
         logger.info("ignoring input columns the model does not use: %s", ", ".join(extras))
+    full = loaded.resolve(spec.score.output)
+    # Another input than score.input, no folder named: a folder of its own beside it.
+    derived = loaded.resolve(default_output_dir(full, loaded.resolve(spec.score.input), input_path))
+    own_output = output is None and derived != full
+    if own_output:
+        refuse_another_input(derived, files)
+        logger.info("scoring %s into a folder of its own: %s", input_path.name, derived)
     return Scoring(
         loaded=loaded,
         model=scoring_model,
         files=files,
         extras=extras,
-        input_path=loaded.resolve(input or spec.score.input),
-        output_path=loaded.resolve(output or spec.score.output),
+        input_path=input_path,
+        output_path=loaded.resolve(output) if output else derived,
         serving=serving,
+        own_output=own_output,
     )
 
 
@@ -380,6 +391,7 @@ def flow_summary(
         "model_uri": job.model.model_uri,
         "model_version": job.model.version,
         "output": str(job.output_path),
+        "own_output": job.own_output,
         "manifest": str(result.manifest_path),
         "output_digest": result.output_digest,
         "rows": {
@@ -412,7 +424,9 @@ def score_flow(
         config: path of the pipeline spec (YAML).
         overrides: `section.key=value` overrides, e.g. `score.chunk_rows=100000`.
         input: file or folder to score (default: the spec's `score.input`).
-        output: folder for the parts and manifest (default: the spec's `score.output`).
+        output: folder for the parts and manifest (default: the spec's `score.output` for
+            its `score.input`; for another input, `<score.output>-<input name>` beside it,
+            so that scoring one file never replaces the full scoring's parts).
         model: `models:/<name>@<alias>` or `models:/<name>/<version>` (default: the spec's
             `score.model`, else the pipeline's champion).
 

@@ -36,6 +36,7 @@ from stemma.components.evaluation.rows import (
 )
 from stemma.components.runtime.loading import ScoringModel
 from stemma.components.spec import EvaluateSpec
+from stemma.components.spec.limits import describe_drop
 
 #: What a step decides.
 ADVANCE = "advance"
@@ -151,8 +152,9 @@ def evaluate_step(
     both = judged & b_scored & np.isfinite(b)
     results = _row_guards(failures, int(arm.sum()), guards)
     labelled = both & rows[LABEL].notna().to_numpy()
+    needed = guards.labelled_rows_needed(int(arm.sum()))
     comparison = None
-    if labelled.sum() >= guards.min_labelled_rows:
+    if labelled.sum() >= needed:
         comparison = paired_bootstrap(
             metric,
             task,
@@ -165,7 +167,7 @@ def evaluate_step(
             resamples=settings.bootstrap_resamples,
             seed=settings.seed,
         )
-    metric_guard = _metric_guard(comparison, int(labelled.sum()), guards, promoting)
+    metric_guard = _metric_guard(comparison, (int(labelled.sum()), needed), guards, promoting)
     control_arm = ~arm & a_ok
     if control_arm.sum() >= guards.min_rows:
         reference, against = a[control_arm], "the control arm"
@@ -276,12 +278,19 @@ def _drift_guard(
 
 
 def _metric_guard(
-    comparison: MetricComparison | None, labelled: int, guards: Any, promoting: bool
+    comparison: MetricComparison | None,
+    labelled: tuple[int, int],
+    guards: Any,
+    promoting: bool,
 ) -> GuardResult:
+    """The challenger against the champion on the same labelled rows: a breach when even
+    the upper bound of the improvement is below minus the limit (of the champion's value
+    when relative). ``labelled``: the labelled rows, and how many the guard needs."""
     if comparison is None or not comparison.decidable:
+        rows, needed = labelled
         why = (
-            f"{labelled:,} labelled rows in the challenger's arm, fewer than "
-            f"guards.min_labelled_rows {guards.min_labelled_rows:,}"
+            f"{rows:,} labelled rows in the challenger's arm, fewer than "
+            f"guards.min_labelled_rows {needed:,}"
             if comparison is None
             else "the metric is undefined in too many resamples"
         )
@@ -290,15 +299,24 @@ def _metric_guard(
                 "metric", GUARD_HOLD, None, None, f"{why}; the promotion waits for labels"
             )
         return GuardResult("metric", GUARD_PENDING, None, None, why)
-    limit = -guards.max_metric_drop
-    worse = comparison.improvement_high < limit
+    drop = guards.metric_drop(comparison.metric)
+    limit = -drop.limit(comparison.champion)
+    # NaN (a relative limit of a non-finite champion value) breaches: the guard fails closed.
+    worse = not comparison.improvement_high >= limit
+    bound = describe_drop(
+        comparison.metric,
+        -comparison.improvement_high,
+        comparison.champion,
+        higher_is_better=comparison.higher_is_better,
+    )
     return GuardResult(
         "metric",
         GUARD_BREACH if worse else GUARD_OK,
         comparison.improvement_high,
         limit,
-        f"{comparison.describe()}; improvement upper bound {comparison.improvement_high:+.4f} "
-        f"{'below' if worse else 'not below'} -max_metric_drop {limit:+.4f}",
+        f"{comparison.describe()}; at best {bound} (upper bound of the improvement "
+        f"{comparison.improvement_high:+.4f}), limit {drop.describe(comparison.champion)}: "
+        f"{'beyond' if worse else 'within'} it",
     )
 
 

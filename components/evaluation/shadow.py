@@ -11,13 +11,15 @@ labels (:func:`~.rows.build_shadow_rows`); :func:`shadow_evaluate` then compares
   (not scored, NaN or infinite scores, or one constant score), or, with enough labels, the
   upper bound of its improvement over the champion is at or below the margin (at best
   equal);
-* ``wait``: fewer labelled rows than ``evaluate.shadow.min_labelled_rows``, or an interval
-  that still straddles the margin (more labelled rows will narrow it);
+* ``wait``: fewer labelled rows than ``evaluate.shadow.min_labelled_rows`` (by default
+  20% of the batch's rows, 30 to 2,000), or an interval that still straddles the margin
+  (more labelled rows will narrow it);
 * ``promote``: the lower bound of the improvement (paired bootstrap on the same labelled
   rows, :func:`~.comparison.paired_bootstrap`) is above the margin.
 
 The improvement is the metric difference in the metric's better direction (challenger
-minus champion for ROC AUC, champion minus challenger for the log loss). Segments
+minus champion for ROC AUC, champion minus challenger for the log loss); a relative margin
+(``1%``) is a share of the champion's value on the same rows. Segments
 (``evaluate.shadow.segments``) are compared too and reported, but only the overall
 comparison decides. :func:`promote_challenger` moves the aliases with
 :func:`~.promotion.promote` (compare-and-set against the champion that was shadowed).
@@ -71,7 +73,9 @@ from stemma.components.platform.lineage import (
 from stemma.components.runtime.loading import ScoringModel
 from stemma.components.scoring.engine import score_files
 from stemma.components.scoring.job import ScoringResult
+from stemma.components.scoring.output import default_output_dir
 from stemma.components.spec import METRIC_DIRECTIONS, EvaluateSpec, ShadowSpec
+from stemma.components.spec.limits import percent_of
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -102,16 +106,10 @@ def shadow_output_dir(served: Path) -> Path:
 
 
 def default_served_output(score_output: Path, score_input: Path, batch: Path) -> Path:
-    """Where the champion's scores of ``batch`` go when no output is named.
-
-    ``score.output`` itself when the batch is ``score.input`` (what ``stemma run score``
-    writes); for another batch, ``<score.output>-<batch name>`` beside it, so shadowing one
-    day never replaces the scores of the whole input.
-    """
-    if Path(batch).resolve() == Path(score_input).resolve():
-        return Path(score_output)
-    stem = Path(batch).stem if Path(batch).is_file() else Path(batch).name
-    return Path(score_output).with_name(f"{Path(score_output).name}-{stem}")
+    """Where the champion's scores of ``batch`` go when no output is named: where
+    ``stemma run score --input <batch>`` writes them (:func:`~.output.default_output_dir`),
+    so shadowing one day never replaces the scores of the whole input."""
+    return default_output_dir(score_output, score_input, batch)
 
 
 @dataclass(frozen=True)
@@ -298,8 +296,14 @@ def shadow_evaluate(
         if column in rows.columns
         for segment in _segment_comparisons(rows, column, labelled, compare)
     ]
+    needed = rule.labelled_rows_needed(len(rows))
+    margin = None if comparison is None else rule.margin.limit(comparison.champion)
     decision, reasons = _decide(
-        rule, challenger_failures, int(compared.sum()), int(labelled.sum()), comparison, metric
+        rule,
+        challenger_failures,
+        (int(compared.sum()), int(labelled.sum()), needed),
+        comparison,
+        metric,
     )
     return ShadowReport(
         decision=decision,
@@ -317,7 +321,14 @@ def shadow_evaluate(
         comparison=comparison,
         segments=segments,
         latency=dict(latency or {}),
-        settings={**rule.model_dump(mode="json"), **_evidence_settings(settings, metric)},
+        settings={
+            **rule.model_dump(mode="json"),
+            # As decided: the minimum for this batch, the margin in the metric's units.
+            "min_labelled_rows": needed,
+            "margin": margin if margin is None or np.isfinite(margin) else None,
+            "margin_spec": rule.margin.to_spec(),
+            **_evidence_settings(settings, metric),
+        },
     )
 
 
@@ -379,11 +390,13 @@ def _value_order(item: tuple[Any, int]) -> tuple[int, Any]:
 def _decide(
     rule: ShadowSpec,
     challenger_failures: FailureCounts,
-    compared_rows: int,
-    labelled_rows: int,
+    counts: tuple[int, int, int],
     comparison: MetricComparison | None,
     metric: str,
 ) -> tuple[str, list[str]]:
+    """Reject, wait or promote. ``counts``: rows both models scored, those labelled, and
+    the labelled rows the decision needs."""
+    compared_rows, labelled_rows, needed = counts
     if challenger_failures.error_rate > rule.max_error_rate:
         return REJECT, [
             f"the challenger fails on {challenger_failures.describe()}, above "
@@ -391,10 +404,11 @@ def _decide(
         ]
     if compared_rows == 0:
         return REJECT, ["no row was scored by both models"]
-    if comparison is None or labelled_rows < rule.min_labelled_rows:
+    if comparison is None or labelled_rows < needed:
         return WAIT, [
             f"{labelled_rows:,} labelled rows so far; the decision needs "
-            f"evaluate.shadow.min_labelled_rows {rule.min_labelled_rows:,}"
+            f"evaluate.shadow.min_labelled_rows {needed:,}"
+            + (" (20% of the batch, 30 to 2,000)" if rule.min_labelled_rows is None else "")
             + (f" ({comparison.describe()})" if comparison is not None else "")
         ]
     if not comparison.decidable:
@@ -403,17 +417,23 @@ def _decide(
             f"{comparison.resamples} resamples (too few rows of a class): wait for more labels"
         ]
     direction = "higher" if comparison.higher_is_better else "lower"
+    margin = rule.margin.limit(comparison.champion)
+    if not np.isfinite(margin):
+        return WAIT, [f"the margin {rule.margin} of the champion's {metric} is not defined"]
     bounds = (
-        f"improvement ({direction} is better) {comparison.improvement:+.4f}, "
+        f"improvement ({direction} is better) {comparison.improvement:+.4f} "
+        f"({percent_of(comparison.improvement, comparison.champion, signed=True)} of the "
+        "champion's), "
         f"{comparison.confidence:.0%} interval {comparison.improvement_low:+.4f} to "
-        f"{comparison.improvement_high:+.4f}, margin {rule.margin:+.4f}"
+        f"{comparison.improvement_high:+.4f}, margin {margin:+.4f}"
+        + (f" ({rule.margin})" if rule.margin.relative else "")
     )
-    if comparison.improvement_low > rule.margin:
+    if comparison.improvement_low > margin:
         return PROMOTE, [
             f"the challenger is better: {comparison.describe()}",
             f"{bounds}: the lower bound is above the margin",
         ]
-    if comparison.improvement_high <= rule.margin:
+    if comparison.improvement_high <= margin:
         return REJECT, [
             f"the challenger is not better: {comparison.describe()}",
             f"{bounds}: even the upper bound does not clear the margin",
@@ -463,7 +483,7 @@ def plot_shadow(rows: pd.DataFrame, report: ShadowReport, out_dir: Path) -> list
             plot_metric_differences(
                 lines,
                 out / "metric_difference.png",
-                margin=float(report.settings.get("margin", 0.0)),
+                margin=float(report.settings.get("margin") or 0.0),
                 title=f"{report.metric}: v{report.challenger_version} - v{report.champion_version}",
             )
         )

@@ -428,12 +428,15 @@ def _performance(
 ) -> PerformanceCheck:
     from stemma.components.training.metrics import evaluate_scores
 
-    threshold = settings.thresholds.max_metric_drop
     reference = profile.performance.get(metric)
+    # A relative limit is a share of the test-split metric, in the metric's units here.
+    limit = settings.thresholds.metric_drop(metric)
+    known = math.nan if reference is None else reference
+    threshold, shown = limit.limit(known), limit.describe(known)
 
     def unassessed(note: str) -> PerformanceCheck:
         return PerformanceCheck(
-            metric, reference, None, None, threshold, int(truth.size), False, note
+            metric, reference, None, None, threshold, int(truth.size), False, note, shown
         )
 
     if reference is None:
@@ -452,7 +455,7 @@ def _performance(
     higher_is_better = METRIC_DIRECTIONS[profile.task].get(metric, True)
     drop = reference - current if higher_is_better else current - reference
     return PerformanceCheck(
-        metric, reference, current, drop, threshold, int(truth.size), drop >= threshold
+        metric, reference, current, drop, threshold, int(truth.size), drop >= threshold, "", shown
     )
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from stemma.components.monitoring.profile import CATEGORICAL, NUMERIC
+from stemma.components.spec.limits import percent_of
 from stemma.components.training.metrics import save_figure
 
 if TYPE_CHECKING:
@@ -111,10 +112,12 @@ class PerformanceCheck:
         reference: its value on the test split when the model was trained.
         current: its value on the labelled rows of the batch (None when not assessed).
         drop: how much worse the batch is, in the metric's units (positive: worse).
-        threshold: the drop that counts as decay.
+        threshold: the drop that counts as decay, in the metric's units.
         rows: labelled rows with a score.
         decayed: whether the drop reached the threshold.
         note: why it was not assessed, when it was not.
+        limit: the threshold as the spec gave it and in the metric's units (``5% =
+            3.2550``, ``0.05 = 5.88%``).
     """
 
     metric: str
@@ -125,6 +128,7 @@ class PerformanceCheck:
     rows: int
     decayed: bool
     note: str = ""
+    limit: str = ""
 
 
 @dataclass(frozen=True)
@@ -247,8 +251,9 @@ class DriftReport:
             elif check.decayed:
                 lines.append(
                     f"performance: {check.metric} {check.current:.4f} on {check.rows} labelled "
-                    f"rows vs {check.reference:.4f} at training (drop {check.drop:.4f} >= "
-                    f"{check.threshold})"
+                    f"rows vs {check.reference:.4f} at training, worse by {check.drop:.4f} "
+                    f"({percent_of(check.drop, check.reference)}), limit "
+                    f"{check.limit or check.threshold}"
                 )
         return lines + self.not_assessed_lines()
 

@@ -317,7 +317,7 @@ def _decided(
         parent_value=reference.value,
         value=value,
         speedup=speedup,
-        max_metric_drop=settings.max_metric_drop,
+        max_metric_drop=settings.metric_drop(metric),
         min_speedup=settings.min_speedup,
     )
     agreement = None
@@ -411,10 +411,11 @@ def compare_variants(
         repeats=settings.repeats,
         warmup=settings.warmup,
         threads=timed.threads,
-        max_metric_drop=settings.max_metric_drop,
+        max_metric_drop=settings.metric_drop(metric).limit(reference.value),
         min_speedup=settings.min_speedup,
         variants=tuple(results[method] for method in settings.methods),
         notes=tuple(notes),
         clock=timed.clock,
+        metric_drop_limit=settings.metric_drop(metric).describe(reference.value),
     )
     return comparison, {m: b.variant for m, b in measured.items() if results[m].status != FAILED}

@@ -373,6 +373,7 @@ def summary_tag(comparison: Comparison, run_id: str, served: str | None) -> str:
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "metric": comparison.metric,
         "max_metric_drop": comparison.max_metric_drop,
+        "metric_drop_limit": comparison.metric_drop_limit,
         "min_speedup": comparison.min_speedup,
         "baseline": f"fp32 {comparison.baseline_runtime} {comparison.baseline_ms:.3f} ms",
         "served_version": served,

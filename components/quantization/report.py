@@ -106,7 +106,7 @@ def _draw_bounds(axes: Axes, comparison: Comparison, limit: float) -> None:
         comparison.max_metric_drop,
         color="tab:blue",
         linestyle="--",
-        label=f"max {comparison.metric} drop {comparison.max_metric_drop:g}",
+        label=f"max {comparison.metric} drop {comparison.metric_drop_limit or comparison.max_metric_drop}",
     )
     axes.axhline(
         limit,

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from stemma.components.spec.limits import MetricDrop, describe_drop
+
 #: Outcomes of a variant.
 PASSED, REJECTED, FAILED, SKIPPED = "passed", "rejected", "failed", "skipped"
 #: Decimals shown for metric values in reasons.
@@ -69,10 +71,12 @@ class Comparison:
         rows: held-out rows the metrics were computed on.
         batch_rows, repeats, warmup, threads: how latency was measured.
         clock: ``cpu`` (the process's CPU time, with one thread) or ``wall``.
-        max_metric_drop, min_speedup: the gate's bounds.
+        max_metric_drop, min_speedup: the gate's bounds (the drop in the metric's units).
         variants: one result per method the spec lists, in its order.
         notes: what the reader should know about the measurement (an fp32 backend that
             could not run).
+        metric_drop_limit: the drop's bound as the spec gave it and in the metric's units
+            (``1% = 0.6510``, ``0.005 = 0.59%``).
     """
 
     metric: str
@@ -92,6 +96,7 @@ class Comparison:
     variants: tuple[VariantResult, ...]
     notes: tuple[str, ...] = ()
     clock: str = "wall"
+    metric_drop_limit: str = ""
 
     def table(self) -> list[dict[str, Any]]:
         """The comparison as rows (fp32 backends first, then each variant), for a table."""
@@ -173,11 +178,12 @@ def decide_variant(
     parent_value: float,
     value: float,
     speedup: float,
-    max_metric_drop: float,
+    max_metric_drop: MetricDrop,
     min_speedup: float,
 ) -> tuple[bool, float, tuple[str, ...]]:
-    """Does a variant pass: metric drop at most ``max_metric_drop`` and speed-up at least
-    ``min_speedup``? Both checks are always reported; a non-finite number fails closed.
+    """Does a variant pass: metric drop at most ``max_metric_drop`` (of the parent's value
+    when relative) and speed-up at least ``min_speedup``? Both checks are always reported,
+    the drop's limit in both forms; a non-finite number fails closed.
 
     Returns:
         ``(passed, metric_drop, reasons)``; the drop is positive when the variant is worse.
@@ -189,11 +195,13 @@ def decide_variant(
         passed = False
         reasons.append(f"cannot decide: {metric} is {value} (fp32: {parent_value})")
     else:
-        ok = drop <= max_metric_drop
+        ok = drop <= max_metric_drop.limit(parent_value)
         passed &= ok
+        moved = describe_drop(metric, drop, parent_value, higher_is_better=higher_is_better)
         reasons.append(
-            f"{metric} drop {_shown(drop)} {'<=' if ok else '>'} max {_shown(max_metric_drop)} "
-            f"({metric} {_shown(value)} vs fp32 {_shown(parent_value)})"
+            f"{moved}, limit {max_metric_drop.describe(parent_value)}: "
+            f"{'within' if ok else 'over'} ({metric} {_shown(value)} vs fp32 "
+            f"{_shown(parent_value)})"
         )
     if not math.isfinite(speedup) or speedup <= 0:
         passed = False

@@ -598,6 +598,39 @@ def remove_strays(output_dir: Path, parts: Iterable[str], rejects: Iterable[str]
                 entry.unlink()
 
 
+def default_output_dir(score_output: Path, score_input: Path, batch: Path) -> Path:
+    """Where the scores of ``batch`` go when no output folder is named.
+
+    ``score.output`` itself when the batch is ``score.input`` (the full scoring); for
+    another file or folder, ``<score.output>-<its name>`` beside it (a file's name without
+    its suffix: ``outputs/scores-day_03``), so scoring one file never replaces the scores
+    of the whole input. Shadow evaluation puts the champion's scores of a batch there too.
+    """
+    if Path(batch).resolve() == Path(score_input).resolve():
+        return Path(score_output)
+    stem = Path(batch).stem if Path(batch).is_file() else Path(batch).name
+    return Path(score_output).with_name(f"{Path(score_output).name}-{stem}")
+
+
+def refuse_another_input(output_dir: Path, files: Sequence[Path]) -> None:
+    """Refuse a folder of :func:`default_output_dir` that holds the finished scores of other
+    input files (another file of the same name elsewhere): a scoring would replace them.
+
+    Raises:
+        DataError: naming the folder, the files it scored and how to choose another.
+    """
+    manifest = read_json(Path(output_dir) / SUCCESS_FILE) or {}
+    recorded = [entry.get("path") for entry in manifest.get("input", {}).get("files", [])]
+    if not recorded or None in recorded:
+        return
+    if sorted(Path(path).resolve() for path in recorded) == sorted(p.resolve() for p in files):
+        return
+    raise DataError(
+        f"{output_dir}: holds the scores of another input ({', '.join(map(str, recorded[:MAX_NAMED]))})",
+        ["name a folder of their own with --output (or score.output), or remove that one"],
+    )
+
+
 def refuse_output_around_input(files: Sequence[Path], output_dir: Path) -> None:
     target = output_dir.resolve()
     inside = [path for path in files if path.resolve().is_relative_to(target)]

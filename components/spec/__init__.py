@@ -13,9 +13,10 @@ Hostile files are refused before they cost anything (:mod:`.loading`): plain YAM
 and any path a run is given, through :meth:`LoadedSpec.resolve`) must resolve, ``..`` and
 symlinks followed, inside the project root or a folder of ``pipeline.allowed_roots``.
 
-Modules: :mod:`.sections` and :mod:`.operations` (the sections), :mod:`.document` (the
-whole spec and its problems), :mod:`.loading` and :mod:`.expectations` (the fast check
-of data checks). This package re-exports their public names lazily and
+Modules: :mod:`.sections` and :mod:`.operations` (the sections), :mod:`.limits` (metric
+limits in the metric's units or relative, ``0.005`` or ``2%``, and labelled-row minimums
+that scale with the batch), :mod:`.document` (the whole spec and its problems),
+:mod:`.loading` and :mod:`.expectations` (the fast check of data checks). This package re-exports their public names lazily and
 imports no heavy library (torch, mlflow, great_expectations, prefect), so that
 ``stemma --help`` and ``stemma validate`` stay fast.
 """
@@ -37,6 +38,8 @@ _MODULES = {
     "import_problem put_project_on_import_path",
     "loading": "MAX_SPEC_BYTES MAX_SPEC_DEPTH MAX_SPEC_NODES SpecLimitError load_yaml "
     "apply_overrides find_project_root load_spec",
+    "limits": "TARGET_UNIT_METRICS MetricDrop MetricDropLimit PositiveMetricDrop MetricMargin "
+    "parse_metric_drop default_drop scaled_minimum describe_drop percent_of",
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names.split()}
 
@@ -56,6 +59,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # the same names, for type checkers
     from stemma.components.spec.document import *  # noqa: F403
+    from stemma.components.spec.limits import *  # noqa: F403
     from stemma.components.spec.loading import *  # noqa: F403
     from stemma.components.spec.operations import *  # noqa: F403
     from stemma.components.spec.sections import *  # noqa: F403

@@ -9,7 +9,26 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from stemma.components.platform.deployments import LOG_MONITOR_DAYS, LOG_MONITOR_SCHEDULE
+from stemma.components.spec.limits import (
+    MetricDrop,
+    MetricDropLimit,
+    MetricMargin,
+    PositiveMetricDrop,
+    default_drop,
+    scaled_minimum,
+)
 from stemma.components.spec.sections import CronSchedule, ModelReference, Section
+
+#: Default limits on a metric's drop, per section: a percentage of the reference for
+#: metrics in the target's units (rmse, mae), an amount in the metric's units for the
+#: others. The relative defaults are about the absolute ones' share of a typical ROC AUC
+#: (0.005 of 0.85 is 0.6%).
+QUANTIZE_DROP = {"percent": 1.0, "absolute": 0.005}
+MONITOR_DROP = {"percent": 5.0, "absolute": 0.05}
+CANARY_DROP = {"percent": 2.0, "absolute": 0.02}
+#: The most labelled rows the default minimums ask for (the fixed minimums of old).
+SHADOW_LABELLED_CAP = 2000
+CANARY_LABELLED_CAP = 200
 
 #: Quantization methods, in the order `stemma run quantize` reports them.
 QUANTIZE_METHODS = (
@@ -114,15 +133,21 @@ class MonitorThresholdsSpec(Section):
         le=1.0,
         description="Drift when the Jensen-Shannon distance is at least this.",
     )
-    max_metric_drop: float = Field(
-        default=0.05,
-        gt=0.0,
-        le=1_000_000.0,
+    max_metric_drop: PositiveMetricDrop | None = Field(
+        default=None,
         description=(
             "Performance decay when the labelled batch's metric is worse than the reference "
-            "(test split) by at least this, in the metric's units."
+            "(test split) by at least this: a number in the metric's units (`0.05`) or a "
+            "percentage of the reference (`5%`). Default: 5% for metrics in the target's units "
+            "(rmse, mae), 0.05 for the others. A relative limit of a reference of 0 is 0."
         ),
     )
+
+    def metric_drop(self, metric: str) -> MetricDrop:
+        """``max_metric_drop``, or its default for ``metric``."""
+        if self.max_metric_drop is not None:
+            return self.max_metric_drop
+        return default_drop(metric, **MONITOR_DROP)
 
 
 class MonitorSpec(Section):
@@ -232,7 +257,12 @@ class MonitorSpec(Section):
         default=100,
         gt=0,
         le=1_000_000_000,
-        description="Fewer labelled rows than this: performance is reported as not assessed.",
+        description=(
+            "Fewer labelled rows than this: performance is reported as not assessed. Fixed, "
+            "not scaled with the batch: a decay starts a retraining, and a metric on fewer "
+            "rows varies by about the default limit from batch to batch (a ROC AUC on 100 "
+            "rows has a standard error near 0.04)."
+        ),
     )
     bins: int = Field(
         default=10,
@@ -299,19 +329,26 @@ class MonitorSpec(Section):
 class ShadowSpec(Section):
     """Shadow evaluation: the challenger scores the champion's rows; only the champion serves."""
 
-    min_labelled_rows: int = Field(
-        default=2000,
+    min_labelled_rows: int | None = Field(
+        default=None,
         ge=1,
         le=1_000_000_000,
-        description="Fewer labelled rows than this: the decision is `wait` (not enough evidence).",
+        description=(
+            "Fewer labelled rows than this: the decision is `wait` (not enough evidence). "
+            "Default: 20% of the batch's rows, at least 30 and at most 2000. 30 is about the "
+            "fewest rows a bootstrap interval can be trusted on; 20%, because labels that "
+            "cover a small share of a batch are seldom a random sample of it; 2000 is enough "
+            "for any batch. The interval itself then says whether the rows suffice."
+        ),
     )
-    margin: float = Field(
+    margin: MetricMargin = Field(
         default=0.0,
-        ge=-1.0,
-        le=1.0,
+        validate_default=True,
         description=(
             "`promote` needs the lower bound of the metric improvement (challenger over "
-            "champion, in the metric's better direction) above this."
+            "champion, in the metric's better direction) above this: a number in the "
+            "metric's units (`0.01`) or a percentage of the champion's metric (`1%`); "
+            "negative tolerates a slightly worse challenger."
         ),
     )
     max_error_rate: float = Field(
@@ -336,6 +373,12 @@ class ShadowSpec(Section):
         ),
     )
 
+    def labelled_rows_needed(self, rows: int) -> int:
+        """``min_labelled_rows``, or its default for a batch of ``rows`` rows."""
+        if self.min_labelled_rows is not None:
+            return self.min_labelled_rows
+        return scaled_minimum(rows, SHADOW_LABELLED_CAP)
+
 
 class CanaryGuardsSpec(Section):
     """What each canary step checks before the challenger gets more traffic."""
@@ -355,13 +398,14 @@ class CanaryGuardsSpec(Section):
         le=100.0,
         description="Population stability index of the challenger's scores against the control's above which the canary rolls back.",
     )
-    max_metric_drop: float = Field(
-        default=0.02,
-        ge=0.0,
-        le=1_000_000.0,
+    max_metric_drop: MetricDropLimit | None = Field(
+        default=None,
         description=(
             "Roll back when the challenger is worse than the champion on the same labelled rows "
-            "by more than this with confidence (upper bound of the improvement below -this)."
+            "by more than this with confidence (upper bound of the improvement below -this): a "
+            "number in the metric's units (`0.02`) or a percentage of the champion's metric "
+            "(`2%`). Default: 2% for metrics in the target's units (rmse, mae), 0.02 for the "
+            "others. A relative limit of a reference of 0 is 0."
         ),
     )
     max_latency_ratio: float | None = Field(
@@ -374,18 +418,41 @@ class CanaryGuardsSpec(Section):
         default=100,
         ge=1,
         le=1_000_000_000,
-        description="Fewer rows in the challenger's arm than this: hold the step (not enough evidence).",
+        description=(
+            "Fewer rows in the challenger's arm than this: hold the step (not enough "
+            "evidence). Fixed, not scaled with the batch: on fewer rows one failed row is "
+            "over the 1% error rate, and the scores' PSI is noise (a sample of 50 rows drawn "
+            "like the control's exceeds a PSI of 0.25 about 3 times in 10; of 100 rows, "
+            "less than once in 100), false rollbacks both. With small batches choose larger "
+            "steps (a 500-row batch needs a step of at least 0.2)."
+        ),
     )
-    min_labelled_rows: int = Field(
-        default=200,
+    min_labelled_rows: int | None = Field(
+        default=None,
         ge=1,
         le=1_000_000_000,
-        description="Labelled rows of the challenger's arm needed before the metric guard counts.",
+        description=(
+            "Labelled rows of the challenger's arm needed before the metric guard counts. "
+            "Default: 20% of the arm's rows, at least 30 and at most 200 (see "
+            "`evaluate.shadow.min_labelled_rows`)."
+        ),
     )
     require_labels: bool = Field(
         default=True,
         description="The step that would promote the challenger holds until its metric guard could be evaluated.",
     )
+
+    def metric_drop(self, metric: str) -> MetricDrop:
+        """``max_metric_drop``, or its default for ``metric``."""
+        if self.max_metric_drop is not None:
+            return self.max_metric_drop
+        return default_drop(metric, **CANARY_DROP)
+
+    def labelled_rows_needed(self, arm_rows: int) -> int:
+        """``min_labelled_rows``, or its default for an arm of ``arm_rows`` rows."""
+        if self.min_labelled_rows is not None:
+            return self.min_labelled_rows
+        return scaled_minimum(arm_rows, CANARY_LABELLED_CAP)
 
 
 class CanarySpec(Section):
@@ -463,11 +530,14 @@ class QuantizeSpec(Section):
             "the model's exported graph); `float8_dynamic` is GPU-only and skipped on a CPU."
         ),
     )
-    max_metric_drop: float = Field(
-        default=0.005,
-        ge=0.0,
-        le=1.0,
-        description="Largest loss of the gate metric on the held-out rows a variant may show.",
+    max_metric_drop: MetricDropLimit | None = Field(
+        default=None,
+        description=(
+            "Largest loss of the gate metric on the held-out rows a variant may show: a "
+            "number in the metric's units (`0.005`) or a percentage of the fp32 model's "
+            "metric (`1%`). Default: 1% for metrics in the target's units (rmse, mae), 0.005 "
+            "for the others. A relative limit of a reference of 0 is 0."
+        ),
     )
     min_speedup: float = Field(
         default=1.2,
@@ -516,6 +586,12 @@ class QuantizeSpec(Section):
             "one passed its gate, else the fp32 model (and says why)."
         ),
     )
+
+    def metric_drop(self, metric: str) -> MetricDrop:
+        """``max_metric_drop``, or its default for ``metric``."""
+        if self.max_metric_drop is not None:
+            return self.max_metric_drop
+        return default_drop(metric, **QUANTIZE_DROP)
 
 
 #: Environment variable names a bearer token may be read from.

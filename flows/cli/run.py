@@ -86,7 +86,10 @@ def _add_score(flows: Any) -> None:
     )
     add_spec_arguments(score)
     score.add_argument("--input", help="file or folder to score (default: score.input)")
-    score.add_argument("--output", help="output folder (default: score.output)")
+    score.add_argument(
+        "--output",
+        help="output folder (default: score.output; with --input, score.output-<input name>)",
+    )
     score.add_argument("--model", help=f"{MODEL_REFERENCE} (default: score.model or @champion)")
     score.add_argument(
         "--runner",

@@ -80,8 +80,8 @@ def format_quantize_summary(summary: dict) -> str:
         + ", ".join(f"{runtime} {ms:.3f} ms" for runtime, ms in summary["parent_ms"].items())
         + f"  (baseline: {summary['baseline_runtime']}); "
         + f"{summary.get('parent_size_bytes', 0) / 1024:.1f} KiB on disk",
-        f"  gate: {metric} drop <= {summary['max_metric_drop']:g} and speed-up >= "
-        f"{summary['min_speedup']:g}x",
+        f"  gate: {metric} drop <= {summary.get('metric_drop_limit') or summary['max_metric_drop']}"
+        f" and speed-up >= {summary['min_speedup']:g}x",
         "",
         f"  {'method':<17}{'status':<10}{metric:>9}{'drop':>9}{'agree':>8}{'|dscore|':>10}"
         f"{'runtime':>12}{'ms':>9}{'speed-up':>10}{'size':>10}  version",
@@ -181,6 +181,8 @@ def format_score_summary(summary: dict) -> str:
     lines = [summary["summary"]]
     if summary.get("serving"):
         lines.append(f"  {summary['serving']}")
+    own = " (a folder of its own for this input; score.output is untouched)"
+    lines.append(f"  output: {summary['output']}" + (own if summary.get("own_output") else ""))
     if summary["rows"]["rejected"]:
         lines.append(f"  rejected rows and their reasons: {summary['output']}/rejects/")
     if summary["extra_columns"]:

@@ -220,3 +220,42 @@ def test_a_champion_moved_outside_stemma_warns_or_refuses(scoring_project):
     finally:
         client.set_registered_model_alias("scoring", "champion", "1")
     assert "warning" not in run_status(scoring_project)
+
+
+def test_scoring_one_file_writes_beside_the_full_scoring_and_keeps_it(scoring_project):
+    from stemma.flows.cli import format_score_summary
+
+    full = run_score(scoring_project)
+    full_dir = Path(full["output"])
+    assert full_dir == scoring_project / "outputs/credit/scores" and not full["own_output"]
+    before = {path.name: path.read_bytes() for path in full_dir.iterdir() if path.is_file()}
+    assert any(name.startswith("part-") for name in before)
+
+    day = scoring_project / "data/credit/batches/day_01.parquet"
+    narrow = run_score(scoring_project, input=str(day))
+    narrow_dir = Path(narrow["output"])
+    # a folder of its own, named for the input, beside the full scoring's
+    assert narrow_dir == scoring_project / "outputs/credit/scores-day_01" and narrow["own_output"]
+    assert narrow["rows"]["input"] == len(pd.read_parquet(day))
+    assert sorted(read_output(narrow_dir)["application_id"]) == sorted(
+        pd.read_parquet(day)["application_id"]
+    )
+    # the full scoring's parts and manifest are untouched, byte for byte
+    after = {path.name: path.read_bytes() for path in full_dir.iterdir() if path.is_file()}
+    assert after == before
+    text = format_score_summary(narrow)
+    assert f"output: {narrow_dir} (a folder of its own for this input" in text
+    assert f"output: {full_dir}\n" in format_score_summary(full)
+
+    # another file of the same name would land in that folder: refused, nothing replaced
+    elsewhere = scoring_project / "incoming" / "day_01.parquet"
+    elsewhere.parent.mkdir()
+    pd.read_parquet(day).head(50).to_parquet(elsewhere, index=False)
+    manifest = (narrow_dir / "_SUCCESS").read_bytes()
+    with pytest.raises(DataError) as caught:
+        run_score(scoring_project, input=str(elsewhere))
+    assert "holds the scores of another input" in caught.value.headline
+    assert "--output" in caught.value.render()
+    assert (narrow_dir / "_SUCCESS").read_bytes() == manifest
+    # scoring the same file again finds its own folder complete
+    assert run_score(scoring_project, input=str(day))["already_complete"] is True

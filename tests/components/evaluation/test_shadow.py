@@ -98,11 +98,14 @@ def register_linear_model(
     features: FeaturesSpec = FEATURES,
     gate: str = "passed",
     alias: str | None = None,
+    task: str = "binary",
+    target: str = TARGET,
 ) -> str:
     """Log a linear model with the given weights on its first inputs; register it.
 
     ``weights`` are the weights of the first encoded inputs (numeric features first, then
-    one-hot columns); the others are 0.
+    one-hot columns); the others are 0. A regression model's output (and ``bias``) is in
+    standard deviations of the training target around its mean.
 
     Returns:
         The new version.
@@ -114,7 +117,7 @@ def register_linear_model(
     from stemma.components.model.preprocessing import fit_preprocessor
     from stemma.components.spec import ModelSpec
 
-    preprocessor = fit_preprocessor(frame, features, task="binary", target=TARGET)
+    preprocessor = fit_preprocessor(frame, features, task=task, target=target)
     config = network_config(ModelSpec(hidden=[], dropout=0.0))
     network = build_network(config, preprocessor.n_inputs, seed=0)
     with torch.no_grad():
@@ -128,7 +131,7 @@ def register_linear_model(
             network=network,
             network_config=config,
             input_example=frame[features.all].head(5),
-            task="binary",
+            task=task,
             workdir=workdir,
         )
     if not client.search_registered_models(f"name = '{name}'"):

@@ -35,7 +35,13 @@ from stemma.components.quantization import results as outcomes
 from stemma.components.quantization.registering import served_reference
 from stemma.components.runtime.backends import set_threads
 from stemma.components.runtime.loading import load_scoring_model
-from stemma.components.spec import QUANTIZE_METHODS, FeaturesSpec, ModelSpec, QuantizeSpec
+from stemma.components.spec import (
+    QUANTIZE_METHODS,
+    FeaturesSpec,
+    ModelSpec,
+    QuantizeSpec,
+    parse_metric_drop,
+)
 from stemma.components.training.loop import predict_raw
 from tests.support import isolated_mlflow, log_trained_model
 
@@ -220,20 +226,26 @@ def test_a_variant_that_cannot_be_built_is_reported_not_raised(data, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "higher,parent,value,speedup,passed,fragment",
+    "higher,parent,value,speedup,limit,passed,fragment",
     [
-        (True, 0.90, 0.899, 1.5, True, "speed-up 1.50x >= min 1.20x"),
-        (True, 0.90, 0.88, 1.5, False, "roc_auc drop 0.0200 > max 0.0050"),
-        (True, 0.90, 0.90, 1.1, False, "speed-up 1.10x < min 1.20x"),
-        (False, 0.30, 0.302, 2.0, True, "drop 0.0020 <= max"),
-        (False, 0.30, 0.31, 2.0, False, "drop 0.0100 > max"),
-        (True, 0.90, float("nan"), 2.0, False, "cannot decide"),
-        (True, 0.90, 0.90, float("inf"), False, "cannot decide: speed-up"),
+        (True, 0.90, 0.899, 1.5, "0.005", True, "speed-up 1.50x >= min 1.20x"),
+        (True, 0.90, 0.88, 1.5, "0.005", False,
+         "roc_auc fell 0.0200 (2.22%), limit 0.005 = 0.56%: over"),
+        (True, 0.90, 0.90, 1.1, "0.005", False, "speed-up 1.10x < min 1.20x"),
+        (False, 0.30, 0.302, 2.0, "0.005", True, "roc_auc rose 0.0020 (0.67%), limit 0.005"),
+        (False, 0.30, 0.31, 2.0, "0.005", False, "rose 0.0100 (3.33%), limit 0.005 = 1.67%: over"),
+        (False, 65.1, 65.1136, 2.0, "2%", True,
+         "roc_auc rose 0.0136 (0.02%), limit 2% = 1.3020: within"),
+        (False, 65.1, 65.1136, 2.0, "0.005", False, "limit 0.005 = 0.01%: over"),
+        (False, 65.1, 67.0, 2.0, "2%", False, "rose 1.9000 (2.92%), limit 2% = 1.3020: over"),
+        (True, 0.90, float("nan"), 2.0, "0.005", False, "cannot decide"),
+        (True, 0.90, 0.90, float("inf"), "0.005", False, "cannot decide: speed-up"),
     ],
-    ids=["pass", "drop", "slow", "loss-pass", "loss-drop", "nan-metric", "inf-speedup"],
-)
+    ids=["pass", "drop", "slow", "loss-pass", "loss-drop", "relative-pass", "absolute-of-65",
+         "relative-drop", "nan-metric", "inf-speedup"],
+)  # fmt: skip
 def test_decide_variant_needs_both_bars_and_fails_closed(
-    higher, parent, value, speedup, passed, fragment
+    higher, parent, value, speedup, limit, passed, fragment
 ):
     decided, drop, reasons = outcomes.decide_variant(
         metric="roc_auc",
@@ -241,7 +253,7 @@ def test_decide_variant_needs_both_bars_and_fails_closed(
         parent_value=parent,
         value=value,
         speedup=speedup,
-        max_metric_drop=0.005,
+        max_metric_drop=parse_metric_drop(limit),
         min_speedup=1.2,
     )
     assert decided is passed
