@@ -172,6 +172,7 @@ def profile_step(
         bins=settings.bins,
         sample_size=settings.sample_size,
         source={**source, "rows": prepared.rows, "scores": "test split"},
+        preprocessor=prepared.preprocessor,
     )
     return reference_profile.write_profile(built, path)
 

@@ -10,9 +10,11 @@ saved when the model was trained (statistics from :mod:`~.evaluation.statistics`
   Jensen-Shannon distance;
 * every feature: a rise of its missing rate over the reference's (Fisher's exact test);
 * prediction drift: the model's scores on the batch against its scores on the test split
-  (as a numeric column);
-* once labels arrive (joined by the id column): label drift against the training labels,
-  and performance decay, the model's metric on the batch against its test metric.
+  (as a numeric column), and a classifier's predicted classes against those it predicted
+  on the test split (as a categorical column);
+* once labels arrive (joined by the id column): label drift against the training labels
+  (as a categorical column for a classifier), and performance decay, the model's metric on
+  the batch against its test metric.
 
 Tests decide by their p-values, Bonferroni-corrected across every test the batch runs, so
 a batch drawn like the reference raises a false alarm at most at the threshold's rate
@@ -56,6 +58,7 @@ from stemma.components.evaluation.statistics import (
 )
 from stemma.components.monitoring.accumulators import (
     Accumulator,
+    CategoricalAccumulator,
     NumericAccumulator,
     accumulator_for,
 )
@@ -64,10 +67,12 @@ from stemma.components.monitoring.profile import (
     NUMERIC,
     NumericProfile,
     ReferenceProfile,
+    predicted_classes,
 )
 from stemma.components.monitoring.report import (
     FEATURE,
     LABEL,
+    PREDICTED_CLASS,
     PREDICTION,
     ColumnDrift,
     DriftReport,
@@ -96,7 +101,8 @@ class DriftMonitor:
         settings: the spec's monitor section (statistics, thresholds, the features to
             compare: ``settings.features``, else every feature of the profile).
         prediction: whether scores will be added for prediction drift (they are compared
-            only when the profile holds reference scores).
+            only when the profile holds reference scores, and a classifier's predicted
+            classes only when it holds those it predicted on the test split).
 
     Raises:
         DataError: a feature to compare is not in the profile.
@@ -127,6 +133,14 @@ class DriftMonitor:
             if prediction and settings.prediction_drift and profile.scores is not None
             else None
         )
+        predicting = prediction and settings.prediction_drift and profile.task != "regression"
+        self.predicted = (
+            CategoricalAccumulator(profile.predictions)
+            if predicting and profile.predictions is not None
+            else None
+        )
+        # A profile made before Stemma recorded predicted classes: said in the report.
+        self._no_reference_classes = predicting and profile.predictions is None
         self.labels: Accumulator | None = None
         if settings.label_drift and profile.label is not None:
             self.labels = accumulator_for(profile.label)
@@ -144,6 +158,8 @@ class DriftMonitor:
 
         Numeric columns may be numpy arrays or Arrow arrays (nulls are missing values);
         categorical ones anything :class:`~.accumulators.CategoricalAccumulator` takes.
+        Scores are one per row, or for a multiclass model one per row and class (its
+        score is then the likeliest class's probability); NaN where a row has none.
         """
         rows = None
         for name, accumulator in self.features.items():
@@ -152,23 +168,41 @@ class DriftMonitor:
                 values = _float_values(values)
             accumulator.add(values)
             rows = len(values)
-        if self.scores is not None and scores is not None:
-            self.scores.add(scores)
+        if scores is not None:
+            scores = np.asarray(scores, dtype=np.float64)
+            if self.scores is not None:
+                self.scores.add(scores.max(axis=1) if scores.ndim == 2 else scores)
+            if self.predicted is not None:
+                classes = predicted_classes(
+                    scores, classes=self.profile.classes, threshold=self.profile.threshold
+                )
+                self.predicted.add(pa.array(classes.tolist()))
             rows = len(scores) if rows is None else rows
         self.rows += rows or 0
 
     def add_labels(self, truth: np.ndarray, scores: np.ndarray | None) -> None:
-        """Count labelled rows of the batch: their labels and (when scored) their scores."""
+        """Count labelled rows of the batch: their labels and (when scored) their scores.
+
+        Args:
+            truth: the labels as numbers: a classifier's class codes (the model's
+                ``Preprocessor.class_codes``: 0/1 for binary, the index of the class for
+                multiclass), or a regression's values; missing ones are left out.
+            scores: the rows' scores (see :meth:`add`), or None.
+        """
         truth = np.asarray(truth, dtype=np.float64)
+        finite = np.isfinite(truth)
         if self.labels is not None:
             if isinstance(self.labels, NumericAccumulator):
                 self.labels.add(truth)
             else:
-                finite = truth[np.isfinite(truth)]
-                self.labels.add(pa.array(finite.astype(np.int64)))
+                codes = truth[finite].astype(np.int64)
+                classes = self.profile.classes
+                # A classifier's labels are profiled as its classes (binary: 0 and 1).
+                named = np.asarray(classes, dtype=object)[codes] if classes else codes
+                self.labels.add(pa.array(named.tolist()))
         if scores is not None:
             scores = np.asarray(scores, dtype=np.float64)
-            usable = np.isfinite(truth) & np.isfinite(scores)
+            usable = finite & np.isfinite(scores.reshape(len(truth), -1)).all(axis=1)
             self._labelled_truth.append(truth[usable])
             self._labelled_scores.append(scores[usable])
 
@@ -190,6 +224,8 @@ class DriftMonitor:
             compared += [(name, FEATURE, column) for name, column in self.features.items()]
             if self.scores is not None and self.scores.rows:
                 compared.append(("score", PREDICTION, self.scores))
+            if self.predicted is not None and self.predicted.rows:
+                compared.append(("class", PREDICTED_CLASS, self.predicted))
             if labelled and self.labels is not None and self.labels.finite:
                 compared.append((self.profile.target, LABEL, self.labels))
         measured = [
@@ -203,6 +239,14 @@ class DriftMonitor:
         ]
         features = tuple(column for column in columns if column.role == FEATURE)
         prediction = next((column for column in columns if column.role == PREDICTION), None)
+        if prediction is not None and self._no_reference_classes:
+            prediction = dataclasses.replace(
+                prediction,
+                not_assessed={**prediction.not_assessed, "predicted class": NO_REFERENCE_CLASSES},
+            )
+        predicted_class = next(
+            (column for column in columns if column.role == PREDICTED_CLASS), None
+        )
         label = next((column for column in columns if column.role == LABEL), None)
         performance = None
         if assessed and labelled and metric is not None and settings.performance_decay:
@@ -212,6 +256,7 @@ class DriftMonitor:
             rows=self.rows,
             features=features,
             prediction=prediction,
+            predicted_class=predicted_class,
             label=label,
             performance=performance,
             labelled_rows=int(truth.size) if labelled else 0,
@@ -235,6 +280,11 @@ def _float_values(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
+#: Why a classifier's predicted classes are not compared with an older profile.
+NO_REFERENCE_CLASSES = (
+    "the reference profile holds no predicted classes (the model was trained before Stemma "
+    "recorded them): train it again to compare them"
+)
 #: The p-value of each test, by the breach it makes.
 PVALUES = {"ks": "ks_pvalue", "chi2": "chi2_pvalue", "missing": "missing_pvalue"}
 
@@ -304,7 +354,7 @@ def _measure(name: str, role: str, accumulator: Accumulator, settings: MonitorSp
         reference_shares = _shares(reference_counts)
         current_shares = _shares(current_counts)
         reference_mean = current_mean = None
-        if role == LABEL:  # a binary label: the rate of 1
+        if role == LABEL and set(categories) <= {0, 1}:  # a binary label: the rate of 1
             reference_mean = _rate_of_one(categories, reference_counts)
             current_mean = _rate_of_one(categories, current_counts)
         kind = CATEGORICAL
@@ -447,7 +497,8 @@ def _performance(
             f"({settings.min_labelled_rows})"
         )
     try:
-        current = evaluate_scores(profile.task, truth, scores)[metric]
+        classes = list(profile.classes) if profile.task == "multiclass" else None
+        current = evaluate_scores(profile.task, truth, scores, classes=classes or None)[metric]
     except DataError as error:
         return unassessed(error.headline)
     if not math.isfinite(current):
@@ -496,7 +547,8 @@ def read_chunks(
 
 
 def make_scorer(model: ScoringModel) -> Callable[[pa.Table], np.ndarray]:
-    """A function giving the model's score for each row of a chunk.
+    """A function giving the model's score for each row of a chunk (a multiclass model's:
+    each class's probability, one column per class).
 
     Rows with a missing or non-finite numeric feature get NaN (left out of the prediction
     comparison); an unknown category encodes as unknown, as ``score.unknown_categories:
@@ -517,7 +569,9 @@ def make_scorer(model: ScoringModel) -> Callable[[pa.Table], np.ndarray]:
             usable &= finite
             frame[column] = np.where(finite, values, means[column])
         raw = model.runtime.run(preprocessor.transform(frame))
-        scores = np.asarray(preprocessor.decode_output(raw), dtype=np.float64).reshape(len(frame))
+        scores = np.asarray(preprocessor.decode_output(raw), dtype=np.float64)
+        if preprocessor.task != "multiclass":
+            scores = scores.reshape(len(frame))
         scores[~usable] = np.nan
         return scores
 
@@ -574,9 +628,11 @@ def scorer_for(
     model: ScoringModel, files: Sequence[Path]
 ) -> tuple[Callable[[pa.Table], np.ndarray], list[str]]:
     """The scorer of a batch and the columns it reads: :func:`make_scorer`, or for parts of
-    the endpoint's prediction log :class:`LoggedScores` around it."""
+    the endpoint's prediction log :class:`LoggedScores` around it (not for a multiclass
+    model: the log holds its likeliest class's probability only, and every class's is
+    compared)."""
     scorer = make_scorer(model)
-    if not LoggedScores.fits(files):
+    if model.preprocessor.task == "multiclass" or not LoggedScores.fits(files):
         return scorer, list(model.feature_columns)
     logged = LoggedScores(scorer, model.version)
     return logged, [*model.feature_columns, *LoggedScores.columns]
@@ -602,8 +658,8 @@ def monitor_batch(
         scorer: scores a chunk (from :func:`make_scorer`), for prediction drift and the
             performance check; None skips both.
         score_columns: the columns the scorer reads.
-        labels: the batch's labels (from :func:`~.data.labels.read_labels`, or a series
-            of labels by id), or None.
+        labels: the batch's labels as numbers (a classifier's class codes, a regression's
+            values), a table with the id column or a series by id; or None.
         id_column: the column the labels join on.
         metric: the performance metric (``roc_auc``...).
 

@@ -10,7 +10,8 @@ and stores it with the model version. Per feature it holds
 * categorical: every category and its count;
 
 plus the same for the model's scores on the held-out test split (rows the model never
-trained on, so an unshifted batch scores like them), the training labels (label rate) and
+trained on, so an unshifted batch scores like them), for a classifier the classes it
+predicted on those rows (:func:`predicted_classes`), the training labels (label rate) and
 the test metrics the performance check compares with.
 
 The profile is one JSON document (``reference_profile.json``). It is logged as an artifact
@@ -45,6 +46,7 @@ from stemma.components.platform.files import write_atomically
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+    from stemma.components.model.preprocessing import Preprocessor
     from stemma.components.spec import DataSpec
 
 #: Layout version of the profile document; readers refuse layouts they do not know.
@@ -61,6 +63,8 @@ DEFAULT_BINS = 10
 DEFAULT_SAMPLE_SIZE = 10_000
 #: Seed of the sample draw, so the same data gives the same profile.
 SAMPLE_SEED = 0
+#: A binary model's decision threshold on the probability of class 1 (the model's own).
+DEFAULT_THRESHOLD = 0.5
 
 NUMERIC = "numeric"
 CATEGORICAL = "categorical"
@@ -304,11 +308,13 @@ class ReferenceProfile:
     """What the reference rows of a model looked like.
 
     Attributes:
-        task: ``binary`` or ``regression``.
+        task: ``binary``, ``multiclass`` or ``regression``.
         features: the profile of each feature column, by name.
         feature_kinds: ``numeric`` or ``categorical`` per feature, as the spec declared.
         scores: the model's scores on the held-out test split, or None.
-        label: the target column's profile (categorical 0/1 for a binary task), or None.
+        label: the target column's profile, or None: a classifier's is categorical, its
+            labels as the model's classes (through its label map) when the profile was
+            built with the model's preprocessor.
         target: the label column's name.
         id_column: the id column's name, or None.
         performance: the model's test-split metrics (``roc_auc``...), which a labelled
@@ -317,6 +323,10 @@ class ReferenceProfile:
         sample_size: the most values kept per numeric sample.
         source: where the reference rows came from (data version, rows per part).
         created: when the profile was built (ISO 8601).
+        classes: a classifier's classes in the order of its outputs (binary: 0, 1).
+        predictions: the classes the model predicted on the test split (a classifier), or
+            None (a regression, or a profile made before Stemma recorded them).
+        threshold: the probability of class 1 from which a binary model predicts 1.
     """
 
     task: str
@@ -330,6 +340,9 @@ class ReferenceProfile:
     sample_size: int = DEFAULT_SAMPLE_SIZE
     source: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    classes: tuple[Category, ...] = ()
+    predictions: CategoricalProfile | None = None
+    threshold: float = DEFAULT_THRESHOLD
 
     @property
     def label_rate(self) -> float | None:
@@ -359,6 +372,9 @@ class ReferenceProfile:
             "features": {name: column.to_dict() for name, column in self.features.items()},
             "scores": self.scores.to_dict() if self.scores is not None else None,
             "label": self.label.to_dict() if self.label is not None else None,
+            "classes": list(self.classes),
+            "predictions": self.predictions.to_dict() if self.predictions is not None else None,
+            "threshold": self.threshold,
         }
 
     @classmethod
@@ -389,6 +405,15 @@ class ReferenceProfile:
         performance = data.get("performance") or {}
         if not isinstance(performance, Mapping):
             raise ValueError("performance must be a mapping of metric names to values")
+        predictions = data.get("predictions")
+        prediction_profile = (
+            CategoricalProfile.from_dict(predictions, "predictions")
+            if isinstance(predictions, Mapping)
+            else None
+        )
+        classes = data.get("classes") or []
+        if not isinstance(classes, list) or not all(isinstance(c, int | str) for c in classes):
+            raise ValueError("classes must be a list of integers or text")
         return cls(
             task=str(data.get("task")),
             features=features,
@@ -401,6 +426,9 @@ class ReferenceProfile:
             sample_size=int(data.get("sample_size", DEFAULT_SAMPLE_SIZE)),
             source=dict(data.get("source") or {}),
             created=str(data.get("created", "")),
+            classes=tuple(classes),
+            predictions=prediction_profile,
+            threshold=float(data.get("threshold", DEFAULT_THRESHOLD)),
         )
 
     def to_json_bytes(self) -> bytes:
@@ -436,6 +464,32 @@ def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def predicted_classes(
+    scores: np.ndarray,
+    *,
+    classes: Sequence[Category] = (),
+    threshold: float = DEFAULT_THRESHOLD,
+) -> np.ndarray:
+    """The class a classifier predicts from each row's scores; rows with a missing or
+    non-finite score are left out.
+
+    Args:
+        scores: the probability of class 1, shape ``(n,)`` (binary: class 1 from
+            ``threshold`` on, else 0), or each class's probability, shape ``(n, classes)``
+            (multiclass: the likeliest class).
+        classes: the classes in the order of the scores' columns (default: their indices).
+    """
+    values = np.asarray(scores, dtype=np.float64)
+    if values.ndim == 1:
+        finite = values[np.isfinite(values)]
+        return (finite >= threshold).astype(np.int64)
+    usable = values[np.isfinite(values).all(axis=1)]
+    best = usable.argmax(axis=1)
+    if not classes:
+        return best.astype(np.int64)
+    return np.asarray(classes, dtype=object)[best]
+
+
 def build_reference_profile(
     frame: pd.DataFrame,
     data: DataSpec,
@@ -445,6 +499,8 @@ def build_reference_profile(
     bins: int = DEFAULT_BINS,
     sample_size: int = DEFAULT_SAMPLE_SIZE,
     source: Mapping[str, Any] | None = None,
+    preprocessor: Preprocessor | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> ReferenceProfile:
     """Profile the reference rows of a model.
 
@@ -457,6 +513,11 @@ def build_reference_profile(
         bins: quantile bins per numeric column.
         sample_size: the most values kept per numeric sample.
         source: where the rows came from (recorded as given).
+        preprocessor: a classifier's fitted preprocessor: its classes (in the order of its
+            outputs) name the predicted classes, and the labels are profiled as the classes
+            its label map makes of them (as the monitor counts a batch's labels). Without
+            it: classes ``0, 1`` (binary) or ``data.classes``, labels as they are.
+        threshold: a binary model's decision threshold.
 
     Raises:
         DataError: a feature column is missing or a numeric one is not numeric.
@@ -472,18 +533,32 @@ def build_reference_profile(
             raise DataError(f"cannot profile numeric feature {column!r}: {error}") from None
     for column in data.features.categorical:
         features[column] = profile_categorical(frame[column])
+    classes: tuple[Category, ...] = ()
+    if data.task != "regression":
+        if preprocessor is not None:
+            classes = tuple(preprocessor.class_names())
+        else:
+            classes = (0, 1) if data.task == "binary" else tuple(data.classes or ())
     label: ColumnProfile | None = None
     if data.target in frame.columns:
-        label = (
-            profile_categorical(frame[data.target])
-            if data.task != "regression"
-            else profile_numeric(frame[data.target], bins=bins, sample_size=sample_size)
-        )
-    score_profile = None
+        target = frame[data.target]
+        if data.task == "regression":
+            label = profile_numeric(target, bins=bins, sample_size=sample_size)
+        elif preprocessor is not None:
+            codes = preprocessor.class_codes(target.reset_index(drop=True))
+            named = pd.Series(np.asarray(classes, dtype=object)[np.maximum(codes, 0)])
+            label = profile_categorical(named.where(codes >= 0))
+        else:
+            label = profile_categorical(target)
+    score_profile = prediction_profile = None
     if scores is not None:
         # A multiclass model's score is its predicted class's probability.
         flat = scores.max(axis=1) if np.ndim(scores) == 2 else scores
         score_profile = profile_numeric(flat, bins=bins, sample_size=sample_size)
+        if data.task != "regression":
+            prediction_profile = profile_categorical(
+                predicted_classes(scores, classes=classes, threshold=threshold)
+            )
     return ReferenceProfile(
         task=data.task,
         features=features,
@@ -500,6 +575,9 @@ def build_reference_profile(
         sample_size=sample_size,
         source=dict(source or {}),
         created=datetime.now(UTC).isoformat(),
+        classes=tuple(category_key(value) for value in classes),
+        predictions=prediction_profile,
+        threshold=threshold,
     )
 
 

@@ -90,7 +90,11 @@ def drift_event(report: DriftReport, facts: MonitorFacts) -> dict[str, Any] | No
         "statistics": drifted,
         **{
             role: json_safe({"drifted": column.drifted, **column.statistics}) if column else None
-            for role, column in (("prediction", report.prediction), ("label", report.label))
+            for role, column in (
+                ("prediction", report.prediction),
+                ("predicted_class", report.predicted_class),
+                ("label", report.label),
+            )
         },
         "performance": json_safe(asdict(report.performance)) if report.performance else None,
         "reasons": report.reasons(),

@@ -19,8 +19,9 @@ from stemma.components.training.metrics import save_figure
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-#: Roles of a compared column.
-FEATURE, PREDICTION, LABEL = "feature", "prediction", "label"
+#: Roles of a compared column: a feature, the model's scores, a classifier's predicted
+#: classes, the labels.
+FEATURE, PREDICTION, PREDICTED_CLASS, LABEL = "feature", "prediction", "predicted_class", "label"
 #: Statistics names as they appear in reports, metrics and the event payload.
 STATISTIC_NAMES = (
     "psi",
@@ -53,8 +54,9 @@ class ColumnDrift:
     """How one column of the batch compares with its reference.
 
     Attributes:
-        name: the column (``score`` for the prediction, the target for the label).
-        role: ``feature``, ``prediction`` or ``label``.
+        name: the column (``score`` for the prediction, ``class`` for the predicted
+            class, the target for the label).
+        role: ``feature``, ``prediction``, ``predicted_class`` or ``label``.
         kind: ``numeric`` or ``categorical``.
         rows: rows of the batch for this column; ``missing`` of them had no usable value.
         statistics: the configured statistics (``psi``, ``ks_statistic``, ``ks_pvalue``,
@@ -139,6 +141,7 @@ class DriftReport:
         rows: rows of the batch.
         features: one comparison per monitored feature.
         prediction: the scores' comparison, or None.
+        predicted_class: a classifier's predicted classes' comparison, or None.
         label: the labels' comparison, or None (no labels, or none matched).
         performance: the performance check, or None (no labels).
         labelled_rows: batch rows with a label.
@@ -164,6 +167,7 @@ class DriftReport:
     pvalue_correction: str = "none"
     min_rows: int = 1
     tests: int = 0
+    predicted_class: ColumnDrift | None = None
 
     @property
     def assessed(self) -> bool:
@@ -194,7 +198,11 @@ class DriftReport:
 
     @property
     def prediction_drift(self) -> bool:
-        return self.prediction is not None and self.prediction.drifted
+        """The scores or the predicted classes drifted."""
+        return any(
+            column is not None and column.drifted
+            for column in (self.prediction, self.predicted_class)
+        )
 
     @property
     def label_drift(self) -> bool:
@@ -227,8 +235,13 @@ class DriftReport:
 
     @property
     def columns(self) -> list[ColumnDrift]:
-        """Every compared column: features, then the prediction and the label."""
-        extra = [column for column in (self.prediction, self.label) if column is not None]
+        """Every compared column: features, then the prediction, the predicted class and the
+        label."""
+        extra = [
+            column
+            for column in (self.prediction, self.predicted_class, self.label)
+            if column is not None
+        ]
         return [*self.features, *extra]
 
     def reasons(self) -> list[str]:
@@ -363,8 +376,10 @@ class DriftReport:
                 f"{len(self.drifted_features)} of {len(self.features)} features "
                 f"({', '.join(self.drifted_features)})"
             )
-        if self.prediction_drift:
+        if self.prediction is not None and self.prediction.drifted:
             parts.append("the model's scores")
+        if self.predicted_class is not None and self.predicted_class.drifted:
+            parts.append("the predicted classes")
         if self.label_drift:
             parts.append("the labels")
         if self.performance_decay and self.performance is not None:

@@ -231,7 +231,8 @@ class MonitorSpec(Section):
         default=True,
         description=(
             "Also compare the model's scores on the batch with its scores on the test split "
-            "(KS; PSI reported)."
+            "(KS; PSI reported), and a classifier's predicted classes with those it predicted "
+            "there (chi-square)."
         ),
     )
     missing_drift: bool = Field(
@@ -243,7 +244,10 @@ class MonitorSpec(Section):
     )
     label_drift: bool = Field(
         default=True,
-        description="With labels: compare the label distribution with the training labels.",
+        description=(
+            "With labels: compare the label distribution with the training labels (a "
+            "classifier's as its classes, by chi-square; a regression's by KS)."
+        ),
     )
     performance_decay: bool = Field(
         default=True,

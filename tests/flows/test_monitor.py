@@ -250,6 +250,48 @@ def test_thresholds_decide_drift(monitored_project):
     assert summary["columns"]["age"]["psi"] > 0.2
 
 
+def test_a_batch_under_the_minimum_sends_no_event_and_its_report_says_why(
+    monitored_project, tmp_path
+):
+    small = monitored_project / "day_06_first_33.parquet"
+    pd.read_parquet(day(monitored_project, 6)).head(33).to_parquet(small)
+    summary = run_monitor(monitored_project, batch=str(small))
+    # shifted rows, but 33 of them: under monitor.min_rows (default 100), no verdict
+    assert summary["rows"] == 33
+    assert summary["drift_detected"] is False and summary["event_id"] is None
+    why = "the batch has 33 rows, fewer than monitor.min_rows (100): drift not assessed"
+    assert summary["summary"] == why and summary["reasons"] == [why]
+    report = json.loads((download(summary["run_id"], tmp_path) / "drift/report.json").read_text())
+    assert report["assessed"] is False and report["reasons"] == [why]
+    tags = mlflow.MlflowClient().get_run(summary["run_id"]).data.tags
+    assert tags["stemma.drift.detected"] == "false" and "stemma.drift.event_id" not in tags
+
+
+def test_an_unshifted_batch_of_33_rows_judged_anyway_is_not_drift(monitored_project):
+    small = monitored_project / "day_01_first_33.parquet"
+    pd.read_parquet(day(monitored_project, 1)).head(33).to_parquet(small)
+    summary = run_monitor(monitored_project, "monitor.min_rows=1", batch=str(small))
+    assert summary["drift_detected"] is False, summary["reasons"]
+    assert summary["event_id"] is None
+    # the tests ran, on the features and the scores; PSI was not, and the report says why
+    prediction = summary["columns"]["prediction"]
+    assert prediction["ks_pvalue"] > 0 and "psi" not in prediction
+    assert "psi" not in summary["columns"]["age"] and summary["columns"]["age"]["ks_pvalue"] > 0
+    (line,) = [line for line in summary["reasons"] if line.startswith("psi not assessed for ")]
+    assert "age" in line and "prediction" in line and "monitor.psi_min_expected" in line
+
+
+def test_a_psi_threshold_without_psi_is_a_spec_error(monitored_project):
+    with pytest.raises(SpecError) as caught:
+        run_monitor(
+            monitored_project,
+            "monitor.statistics={numeric: [ks], categorical: [chi2]}",
+            "monitor.thresholds.psi=0.2",
+            batch=day(monitored_project, 1),
+        )
+    assert "monitor.thresholds.psi: PSI is not among monitor.statistics" in caught.value.render()
+
+
 def test_a_model_registered_before_profiles_existed_is_named_clearly(monitored_project, tmp_path):
     from stemma.components.platform.tracking import configure_tracking, ensure_experiment
     from tests.support import log_trained_model
@@ -305,8 +347,22 @@ def test_labels_without_the_id_column_are_a_clear_error(monitored_project):
         ("monitor.statistics.numeric=[psi, wasserstein]", "monitor.statistics.numeric[1]"),
         ("monitor.features=[salary, income]", "'income' is not a feature of data.features"),
         ("monitor.metric=rmse", "'rmse' is not a binary metric"),
+        (
+            "monitor.statistics.numeric=[psi]",
+            "monitor.statistics.numeric: psi decides nothing without monitor.thresholds.psi",
+        ),
+        ("monitor.psi_min_expected=0", "monitor.psi_min_expected: must be greater than or equal"),
     ],
-    ids=["psi-negative", "pvalue-above-1", "one-bin", "unknown-statistic", "feature", "metric"],
+    ids=[
+        "psi-negative",
+        "pvalue-above-1",
+        "one-bin",
+        "unknown-statistic",
+        "feature",
+        "metric",
+        "nothing-decides",
+        "psi-minimum",
+    ],
 )
 def test_monitor_spec_problems_are_spec_errors(monitored_project, override, message):
     with pytest.raises(SpecError) as caught:

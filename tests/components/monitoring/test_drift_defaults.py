@@ -149,9 +149,11 @@ def test_psi_is_not_assessed_where_a_bin_cannot_expect_enough_rows(cases):
 def test_every_test_counts_in_the_bonferroni_correction(cases):
     case = cases["readings"]
     report = judge(case, readings(1_000, seed=900))
-    # KS or chi-square and the missing rate per feature, and KS of the scores
+    # KS or chi-square and the missing rate per feature, KS of the scores and chi-square of
+    # the classes they predict
     features = len(case.profile.features)
-    assert report.tests == 2 * features + 1
+    assert report.predicted_class is not None
+    assert report.tests == 2 * features + 2
     assert report.thresholds["ks_pvalue"] == pytest.approx(0.01 / report.tests)
     assert report.thresholds["missing_pvalue"] == pytest.approx(0.01 / report.tests)
     plain = judge(case, readings(1_000, seed=900), MonitorSpec(pvalue_correction="none"))
