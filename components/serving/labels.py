@@ -148,6 +148,9 @@ def record_labels(
         RequestError: 422 naming what is wrong, 413 past ``max_rows`` labels, 503 when
             the log's buffer cannot take them (:class:`LogFull`).
     """
+    unmapped: list[str] = []
+    if log.task == "binary" and preprocessor is not None and preprocessor.labels is not None:
+        body, unmapped = mapped_binary_labels(body, log.target_column, preprocessor, max_rows)
     table = label_table(
         body,
         id_column=str(log.id_column),
@@ -162,10 +165,35 @@ def record_labels(
             "the endpoint's log holds as many labels as it may; try again shortly",
             ["its writes may be failing: see the endpoint's log lines and metrics"],
         )
+    if unmapped:
+        shown = list(dict.fromkeys(unmapped))[:MAX_UNKNOWN_SHOWN]
+        return RecordedLabels(recorded, len(unmapped), shown)
     if log.task != "multiclass":
         return RecordedLabels(recorded)
     unknown = unknown_labels(table.column(log.target_column).to_pylist(), preprocessor)
     return RecordedLabels(recorded, len(unknown), list(dict.fromkeys(unknown))[:MAX_UNKNOWN_SHOWN])
+
+
+def mapped_binary_labels(
+    body: Any, target_column: str, preprocessor: Preprocessor, max_rows: int
+) -> tuple[dict[str, Any], list[str]]:
+    """A binary model's raw labels mapped to 0 and 1 by its ``data.labels``: the body's
+    columns with the mapped labels, less the rows whose label the map does not know
+    (returned as text, to be counted as unknown, as the log holds 0 and 1 only)."""
+    columns = dict(_label_columns(body, max_rows))
+    targets = columns.get(target_column)
+    if targets is None:
+        return {"columns": columns}, []
+    present = [value is not None for value in targets]
+    codes = preprocessor.class_codes(pd.Series(targets, dtype=object)).tolist()
+    keep = [not here or code >= 0 for here, code in zip(present, codes, strict=True)]
+    unknown = [label_text(value) for value, kept in zip(targets, keep, strict=True) if not kept]
+    mapped = [code if here else None for here, code in zip(present, codes, strict=True)]
+    columns = {
+        name: [value for value, kept in zip(values, keep, strict=True) if kept]
+        for name, values in {**columns, target_column: mapped}.items()
+    }
+    return {"columns": columns}, unknown
 
 
 def unknown_labels(labels: list[str], preprocessor: Preprocessor | None) -> list[str]:

@@ -353,3 +353,33 @@ def test_many_bad_labels_are_listed_on_one_screen():
         )
     assert len(raised.value.details) == 21
     assert raised.value.details[-1] == "and 30 more"
+
+
+def test_a_binary_label_map_turns_raw_labels_into_0_and_1_and_counts_the_unmapped():
+    """A binary model trained with ``data.labels: {yes: 1, no: 0}`` takes yes and no on
+    /v1/labels as training did; a label the map does not know is counted, not logged."""
+    import pandas as pd
+
+    from stemma.components.model.preprocessing import fit_preprocessor
+    from stemma.components.serving.labels import mapped_binary_labels
+    from stemma.components.spec import FeaturesSpec
+
+    frame = pd.DataFrame({"x": [0.0, 1.0, 2.0, 3.0], "answer": ["yes", "no", "yes", "no"]})
+    preprocessor = fit_preprocessor(
+        frame,
+        FeaturesSpec(numeric=["x"]),
+        task="binary",
+        target="answer",
+        labels={"yes": 1, "no": 0},
+    )
+    body = [
+        {ID: "a", "answer": "yes"},
+        {ID: "b", "answer": "maybe"},
+        {ID: "c", "answer": "no"},
+        {ID: "d", "answer": 1},
+    ]
+    mapped, unknown = mapped_binary_labels(body, "answer", preprocessor, 100)
+
+    assert unknown == ["maybe", "1"]
+    table = label_table(mapped, id_column=ID, target_column="answer", task="binary", max_rows=100)
+    assert table.to_pylist() == [{ID: "a", "answer": 1}, {ID: "c", "answer": 0}]
