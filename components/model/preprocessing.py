@@ -448,11 +448,7 @@ def fit_preprocessor(
     target_mean = target_std = None
     if task == "regression":
         assert target is not None
-        _require_columns(frame, [target], "target")
-        values = _finite_target(frame[target], target)
-        target_mean = float(values.mean())
-        spread = float(values.std())
-        target_std = spread if spread > 0 else 1.0
+        target_mean, target_std = _fit_target_scale(frame, target)
     label_map = None
     if labels is not None:
         label_map = tuple(sorted((label_text(raw), _class_value(c)) for raw, c in labels.items()))
@@ -471,6 +467,14 @@ def fit_preprocessor(
         classes=fitted_classes,
         labels=label_map,
     )
+
+
+def _fit_target_scale(frame: pd.DataFrame, target: str) -> tuple[float, float]:
+    """A regression target's training mean and spread (1.0 for a constant target)."""
+    _require_columns(frame, [target], "target")
+    values = _finite_target(frame[target], target)
+    spread = float(values.std())
+    return float(values.mean()), spread if spread > 0 else 1.0
 
 
 def _fit_classes(
