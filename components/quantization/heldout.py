@@ -170,7 +170,8 @@ def download_model_files(
     client: MlflowClient, model_name: str, version: str, destination: Path
 ) -> dict[str, Any]:
     """The registered model's files: ``preprocess``, ``network`` and ``weights`` paths,
-    its ``network`` JSON as ``document`` and its MLmodel ``signature`` mapping.
+    its ``network`` JSON as ``document``, its MLmodel ``signature`` mapping and the
+    entries of the project code it carries as ``code`` (empty for a built-in network).
 
     Raises:
         RegistryError: the artifacts cannot be downloaded or lack a file.
@@ -204,4 +205,7 @@ def download_model_files(
     files["document"] = json.loads(files["network"].read_text(encoding="utf-8"))
     mlmodel = yaml.safe_load((folder / "MLmodel").read_text(encoding="utf-8"))
     files["signature"] = (mlmodel or {}).get("signature") or {}
+    # The project module a custom network carries (MLflow's code_paths), for its variants.
+    code = folder / "code"
+    files["code"] = sorted(code.iterdir()) if code.is_dir() else []
     return files

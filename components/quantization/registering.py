@@ -205,6 +205,8 @@ def log_variant_model(
             signature=ModelSignature.from_dict(dict(parent_files["signature"])),
             input_example=input_example.head(INPUT_EXAMPLE_ROWS).reset_index(drop=True),
             pip_requirements=model_requirements(variant.method),
+            # A custom network's module travels with its variants as with the parent.
+            code_paths=[str(path) for path in parent_files.get("code", [])] or None,
             tags={
                 tag_names.LOGGED_MODEL_WEIGHTS_SHA256: weights_sha256,
                 tag_names.TASK: str(document.get("task")),

@@ -224,7 +224,27 @@ LOAD_AND_PREDICT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def fresh_process(trained, package_model, outside_model, tmp_path_factory) -> dict:
+def variant_model(trained) -> str:
+    """An int8 variant of the trained custom network, registered by the quantize flow."""
+    from stemma.flows.quantize import quantize_flow
+
+    result = quantize_flow(
+        config=str(trained["config"]),
+        overrides=[
+            "quantize.methods=[int8_dynamic]",
+            "quantize.repeats=3",
+            "quantize.min_speedup=0.01",
+            "quantize.max_metric_drop=0.5",
+        ],
+        model=f"models:/{NAME}/{trained['model_version']}",
+    )
+    (variant,) = result["variants"]
+    assert variant["version"] is not None, variant
+    return f"models:/{NAME}/{variant['version']}"
+
+
+@pytest.fixture(scope="module")
+def fresh_process(trained, package_model, outside_model, variant_model, tmp_path_factory) -> dict:
     """Each model loaded and asked to predict in one new Python process, started in an
     empty folder with no PYTHONPATH: what it predicted or the error it raised."""
     folder = tmp_path_factory.mktemp("elsewhere-cwd")
@@ -232,6 +252,7 @@ def fresh_process(trained, package_model, outside_model, tmp_path_factory) -> di
         "trained": (f"models:/{NAME}/{trained['model_version']}", MODULE, cancer_frame()),
         "package": (package_model["uri"], "netpkg", package_model["frame"]),
         "outside": (outside_model["uri"], outside_model["module"], outside_model["frame"]),
+        "variant": (variant_model, MODULE, cancer_frame()),
     }
     for key, (_, _, frame) in models.items():
         frame.head(40).to_parquet(folder / f"{key}.parquet")
@@ -258,7 +279,9 @@ def predicted_here(uri: str, frame: pd.DataFrame) -> pd.DataFrame:
     return mlflow.pyfunc.load_model(uri, suppress_warnings=True).predict(frame.head(40))
 
 
-@pytest.mark.parametrize("key", ["trained", "package"], ids=["module-file", "package"])
+@pytest.mark.parametrize(
+    "key", ["trained", "package", "variant"], ids=["module-file", "package", "int8-variant"]
+)
 def test_a_logged_model_predicts_in_a_fresh_process_started_elsewhere(fresh_process, key):
     uri, module, frame = fresh_process["models"][key]
     answer = fresh_process["answers"][key]
