@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -270,7 +270,7 @@ def _manifest(
     extra: dict[str, Any] = {}
     if model.task == "multiclass":
         classes = len(model.preprocessor.class_names())
-        predicted = tally.predicted if tally.predicted.size else np.zeros(classes, np.int64)
+        predicted = tally.predicted if tally.predicted is not None else np.zeros(classes, np.int64)
         if int(predicted.sum()) != rows_scored:  # an invariant, as the row counts above
             raise RuntimeError(
                 f"scoring lost track of predictions: {rows_scored} rows scored, "
@@ -370,8 +370,8 @@ class RangeResult:
     rows_scored_now: int  # rows of the chunks scored by this call (not resumed)
     written: int
     skipped: int
-    #: Rows predicted per class (multiclass; empty otherwise).
-    predicted: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    #: Rows predicted per class (multiclass; None otherwise).
+    predicted: np.ndarray | None = None
 
 
 def plan_scoring(

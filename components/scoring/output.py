@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stemma.components.errors import DataError
@@ -268,10 +268,18 @@ def part_counts(model: ScoringModel, path: Path) -> tuple[np.ndarray | None, np.
     histogram = unit_histogram(part_scores(path))
     if model.task == "binary":
         return histogram, None
+    found = pc.value_counts(pq.read_table(path, columns=[PREDICTION_COLUMN]).column(0))
+    values, counts = found.field("values").to_pylist(), found.field("counts").to_pylist()
+    rows = dict(zip(values, counts, strict=True))
     classes = model.preprocessor.class_names()
-    predicted = pq.read_table(path, columns=[PREDICTION_COLUMN]).column(0).to_numpy()
-    index = pd.Index(classes).get_indexer(predicted)
-    return histogram, np.bincount(index[index >= 0], minlength=len(classes))
+    return histogram, np.array([rows.get(name, 0) for name in classes], dtype=np.int64)
+
+
+def summed(total: np.ndarray | None, more: np.ndarray | None) -> np.ndarray | None:
+    """``total + more`` of two counts, None counting nothing (a task that has none)."""
+    if more is None:
+        return total
+    return more.copy() if total is None else total + more
 
 
 def prediction_counts(model: ScoringModel, predicted: np.ndarray) -> list[dict[str, Any]]:

@@ -51,6 +51,7 @@ from stemma.components.scoring.output import (
     prefixed,
     score_arrays,
     stored_schema,
+    summed,
     with_metadata,
     write_chunk,
     write_progress,
@@ -86,8 +87,8 @@ class Tally:
     rejects: dict[str, dict[str, Any]] = field(default_factory=dict)
     rows_per_file: list[int] = field(default_factory=list)
     counts: np.ndarray = field(default_factory=lambda: np.zeros(HISTOGRAM_BINS, dtype=np.int64))
-    #: Rows predicted per class, in the classes' order (multiclass; empty otherwise).
-    predicted: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    #: Rows predicted per class, in the classes' order (multiclass; None otherwise).
+    predicted: np.ndarray | None = None
     latencies: list[float] = field(default_factory=list)
     rows_this_call: int = 0
     written: int = 0
@@ -97,8 +98,7 @@ class Tally:
         """Add a chunk's (or a range's) score histogram and rows per predicted class."""
         if counts is not None:
             self.counts += counts
-        if predicted is not None and predicted.size:
-            self.predicted = predicted + self.predicted if self.predicted.size else predicted.copy()
+        self.predicted = summed(self.predicted, predicted)
 
 
 class Scores:
@@ -401,7 +401,8 @@ def _tabulate(
         # One contiguous array, so the part's bytes do not depend on how reads were batched.
         ids = ids.combine_chunks()
     schema = part_schema(model, None if ids is None else pa.field(id_column, ids.type))
-    tally = Tally()
+    counts: np.ndarray | None = None
+    predicted: np.ndarray | None = None
     rows = len(chunk.scores)
     # The schema pyarrow would store (ARROW:schema) is added with the metadata, at the end.
     with pq.ParquetWriter(sink, schema, store_schema=False, **parquet_options(schema)) as parquet:
@@ -410,14 +411,12 @@ def _tabulate(
             stop = min(start + PART_ROW_GROUP_ROWS, rows)
             scores = chunk.scores.wait(stop)[start:stop]
             columns: list[Any] = [] if ids is None else [ids.slice(start, stop - start)]
-            outputs, counts, predicted = score_arrays(model, scores)
-            tally.add_counts(counts, predicted)
+            outputs, group_counts, group_predicted = score_arrays(model, scores)
+            counts, predicted = summed(counts, group_counts), summed(predicted, group_predicted)
             parquet.write_table(pa.Table.from_arrays([*columns, *outputs], schema=schema))
         metadata = {**hashing.result().metadata, "input_file": chunk.input_file}
         parquet.add_key_value_metadata(stored_schema(schema.with_metadata(prefixed(metadata))))
-    classifier = model.task in ("binary", "multiclass")
-    predicted = tally.predicted if model.task == "multiclass" else None
-    return (tally.counts if classifier else None), predicted, metadata
+    return counts, predicted, metadata
 
 
 def in_background(function: Callable[..., Any], *args: Any) -> Future[Any]:

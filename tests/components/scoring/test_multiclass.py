@@ -195,6 +195,26 @@ def test_ranges_scored_apart_write_the_bytes_of_one_process(case, tmp_path):
     assert sum(item["rows"] for item in fanned.prediction_counts) == len(case["rows"])
 
 
+def test_rejected_rows_are_left_out_of_the_counts_even_a_whole_chunk(case, tmp_path):
+    model = case["model"]
+    column = model.preprocessor.numeric[0]
+    rows = case["rows"].astype({column: "float64"})
+    rows.loc[rows.index[:64], column] = np.nan  # every row of the first chunk
+    rows.loc[rows.index[100], column] = np.inf
+    source = write_parquet(rows, tmp_path / "input" / "rows.parquet")
+
+    result = score(case | {"files": input_files(source)}, tmp_path / "out")
+
+    assert (result.rows_scored, result.rows_rejected) == (len(rows) - 65, 65)
+    empty = pq.read_table(tmp_path / "out" / result.manifest["parts"][0]["name"])
+    assert empty.num_rows == 0 and empty.column_names == result.manifest["columns"]
+    assert sum(item["rows"] for item in result.prediction_counts) == result.rows_scored
+    assert sum(result.score_histogram["counts"]) == result.rows_scored
+    rejects = read_parts(tmp_path / "out" / "rejects")
+    assert rejects[ID].tolist() == [*range(64), 100]
+    assert rejects["reason"].str.startswith(column).all()
+
+
 def test_an_id_column_named_like_an_output_column_is_refused(case, tmp_path):
     name = f"probability_{case['model'].preprocessor.class_names()[0]}"
     with pytest.raises(DataError) as caught:
