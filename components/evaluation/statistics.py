@@ -83,12 +83,18 @@ def pool_rare_categories(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Merge the categories a chi-square test of the two samples cannot expect enough of.
 
-    A category's expected rows are those the test of homogeneity expects of it in the
-    smaller sample: its rows in both samples times that sample's share of all rows.
-    Categories expecting fewer than ``min_expected`` become one cell; while that cell
-    expects fewer, the next rarest category joins it. The cells depend only on the table's
-    margins, given which the test's distribution under no drift does not change, so pooling
-    keeps the test's error rate.
+    A category's expected rows are those the smaller sample can expect of it: that
+    sample's size times the category's share of the reference or of both samples together,
+    whichever is larger; a category the reference never saw expects as many as the current
+    sample holds. Categories expecting fewer than ``min_expected`` become one cell; while
+    that cell expects fewer, the next rarest category joins it.
+
+    When the samples are alike the shares agree with the categories' true shares, so
+    pooling keeps the test's error rate; taking the larger keeps a category one sample
+    holds many of (a class a shifted batch no longer predicts) out of the pool. A category
+    the reference never saw is kept once the sample holds ``min_expected`` rows of it:
+    by chance a batch shows that many of a category its reference's rows never showed only
+    when it is about as large as the reference.
 
     Returns:
         ``(reference, current, pooled)``: the counts of the kept categories in their order,
@@ -103,7 +109,8 @@ def pool_rare_categories(
         return reference, current, 0
     both = reference + current
     smaller = min(reference.sum(), current.sum())
-    expected = smaller * both / both.sum()
+    expected = smaller * np.maximum(reference / reference.sum(), both / both.sum())
+    expected = np.where(reference > 0, expected, np.maximum(expected, current))
     pooled = expected < min_expected
     if pooled.any():
         pooled_expected = float(expected[pooled].sum())

@@ -64,11 +64,13 @@ def day(project: Path, number: int, kind: str = "batches") -> str:
     return str(project / "production" / "credit" / kind / f"day_{number:02d}.parquet")
 
 
-def run_monitor(project: Path, *overrides: str, names=NAMES, **parameters) -> dict:
+def run_monitor(
+    project: Path, *overrides: str, names=NAMES, config_name="credit.yaml", **parameters
+) -> dict:
     from stemma.flows.monitor import monitor_flow
 
     return monitor_flow(
-        config=str(project / "configs" / "credit.yaml"),
+        config=str(project / "configs" / config_name),
         overrides=[*names, *overrides],
         **parameters,
     )
@@ -290,6 +292,49 @@ def test_a_psi_threshold_without_psi_is_a_spec_error(monitored_project):
             batch=day(monitored_project, 1),
         )
     assert "monitor.thresholds.psi: PSI is not among monitor.statistics" in caught.value.render()
+
+
+WINE = "wine-monitoring"
+
+
+@pytest.fixture(scope="module")
+def wine_project(tmp_path_factory) -> Path:
+    """A multiclass project (sklearn's wine, cultivars named) whose model `wine-monitoring`
+    has a champion."""
+    from stemma.flows.train import train_flow
+    from tests.support import build_multiclass_project
+
+    root = build_multiclass_project(tmp_path_factory.mktemp("wine") / "project")
+    train_flow(config=str(root / "configs" / "wine.yaml"), overrides=wine_names())
+    return root
+
+
+def wine_names() -> list[str]:
+    return [f"pipeline.name={WINE}", f"pipeline.model_name={WINE}", f"pipeline.experiment={WINE}"]
+
+
+@pytest.mark.parametrize("cultivar", [None, 0], ids=["every-cultivar", "one-cultivar"])
+def test_a_multiclass_models_predicted_classes_are_compared(wine_project, cultivar):
+    from tests.support import wine_frame
+
+    rows = wine_frame(text_classes=False)
+    if cultivar is not None:
+        rows = rows[rows["cultivar"] == cultivar]
+    batch = wine_project / f"batch_{cultivar}.parquet"
+    rows.drop(columns="cultivar").sample(n=400, replace=True, random_state=3).assign(
+        wine_id=range(400)
+    ).to_parquet(batch)
+    summary = run_monitor(
+        wine_project, names=wine_names(), config_name="wine.yaml", batch=str(batch)
+    )
+    predicted = summary["columns"]["predicted_class"]
+    # the likeliest class's probability by KS, the predicted classes by chi-square
+    assert summary["columns"]["prediction"]["ks_pvalue"] >= 0 and predicted["chi2_pvalue"] >= 0
+    if cultivar is None:
+        assert not predicted["drifted"] and "prediction" not in summary["kinds"]
+    else:  # one cultivar: the model predicts mostly its class
+        assert predicted["drifted"] and predicted["breaches"] == ["chi2"]
+        assert "prediction" in summary["kinds"] and summary["event_id"] is not None
 
 
 def test_a_model_registered_before_profiles_existed_is_named_clearly(monitored_project, tmp_path):

@@ -14,7 +14,14 @@ from scipy.spatial.distance import jensenshannon
 
 from stemma.components.data.labels import read_labels
 from stemma.components.errors import DataError
-from stemma.components.evaluation.statistics import PSI_FLOOR, chi_square, jensen_shannon, psi
+from stemma.components.evaluation.statistics import (
+    PSI_FLOOR,
+    chi_square,
+    jensen_shannon,
+    missing_rise_pvalue,
+    pool_rare_categories,
+    psi,
+)
 from stemma.components.monitoring.accumulators import NumericAccumulator, ks_2samp_sorted
 from stemma.components.monitoring.drift import DriftMonitor, monitor_batch
 from stemma.components.monitoring.profile import (
@@ -191,6 +198,60 @@ def test_chi_square_equals_scipy_contingency_test(reference_counts, current_coun
     statistic, pvalue = chi_square(reference_counts, current_counts)
     assert statistic == pytest.approx(expected.statistic, rel=1e-12)
     assert abs(pvalue - expected.pvalue) <= 1e-9
+
+
+def pooled_expected(reference, current):
+    """What each cell of the pooled table can expect in the smaller sample, plainly."""
+    smaller = min(sum(reference), sum(current))
+    both = [r + c for r, c in zip(reference, current, strict=True)]
+    return [
+        smaller * max(r / sum(reference), b / sum(both)) if r else max(c, smaller * b / sum(both))
+        for r, c, b in zip(reference, current, both, strict=True)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("reference_counts", "current_counts", "cells", "pooled"),
+    [
+        ([4000, 3000, 2000, 900, 60, 40], [40, 30, 20, 9, 1, 0], 4, 3),
+        ([4000, 3000, 60], [100, 80, 0], 2, 2),
+        ([5000, 0], [60, 1], 1, 2),
+        ([5000, 0], [30, 30], 2, 0),
+        ([5000, 200, 0, 0], [57, 1, 1, 1], 1, 4),
+        ([12, 14, 10], [400, 0, 0], 3, 0),
+        ([300, 500, 200], [310, 480, 210], 3, 0),
+    ],
+    ids=[
+        "long-tail",
+        "rare-pooled-with-next",
+        "one-stray",
+        "many-new",
+        "few-new",
+        "lost-classes",
+        "none",
+    ],
+)
+def test_rare_categories_are_pooled_until_each_cell_expects_enough(
+    reference_counts, current_counts, cells, pooled
+):
+    reference, current, merged = pool_rare_categories(reference_counts, current_counts, 5)
+    assert (reference.size, merged) == (cells, pooled)
+    assert reference.sum() == sum(reference_counts) and current.sum() == sum(current_counts)
+    if cells > 1:
+        assert min(pooled_expected(reference, current)) >= 5
+
+
+@pytest.mark.parametrize(
+    ("reference", "current"),
+    [((400, 20_000), (60, 1_000)), ((0, 40_000), (1, 5_000)), ((30, 300), (0, 50))],
+    ids=["rise", "one-missing-after-none", "fewer"],
+)
+def test_the_missing_rate_test_is_fishers_one_sided(reference, current):
+    (ref_missing, ref_rows), (cur_missing, cur_rows) = reference, current
+    table = [[cur_missing, cur_rows - cur_missing], [ref_missing, ref_rows - ref_missing]]
+    expected = stats.fisher_exact(table, alternative="greater").pvalue
+    assert missing_rise_pvalue(ref_missing, ref_rows, cur_missing, cur_rows) == expected
+    assert math.isnan(missing_rise_pvalue(ref_missing, ref_rows, 0, 0))
 
 
 @pytest.mark.parametrize(
