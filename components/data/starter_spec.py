@@ -202,7 +202,8 @@ def _production(inferred: InferredSpec) -> str:
 
 
 def _defaults(inferred: InferredSpec) -> str:
-    from stemma.components.spec.operations import EvaluateSpec, MonitorSpec, QuantizeSpec
+    from stemma.components.spec.monitor import MonitorSpec
+    from stemma.components.spec.operations import EvaluateSpec, QuantizeSpec
     from stemma.components.spec.sections import RetrainSpec
 
     commented: list[tuple[str, str, Any]] = [

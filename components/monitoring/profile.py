@@ -533,23 +533,13 @@ def build_reference_profile(
             raise DataError(f"cannot profile numeric feature {column!r}: {error}") from None
     for column in data.features.categorical:
         features[column] = profile_categorical(frame[column])
-    classes: tuple[Category, ...] = ()
-    if data.task != "regression":
-        if preprocessor is not None:
-            classes = tuple(preprocessor.class_names())
-        else:
-            classes = (0, 1) if data.task == "binary" else tuple(data.classes or ())
+    classes = _classes(data, preprocessor)
     label: ColumnProfile | None = None
     if data.target in frame.columns:
-        target = frame[data.target]
         if data.task == "regression":
-            label = profile_numeric(target, bins=bins, sample_size=sample_size)
-        elif preprocessor is not None:
-            codes = preprocessor.class_codes(target.reset_index(drop=True))
-            named = pd.Series(np.asarray(classes, dtype=object)[np.maximum(codes, 0)])
-            label = profile_categorical(named.where(codes >= 0))
+            label = profile_numeric(frame[data.target], bins=bins, sample_size=sample_size)
         else:
-            label = profile_categorical(target)
+            label = _profile_labels(frame[data.target], classes, preprocessor)
     score_profile = prediction_profile = None
     if scores is not None:
         # A multiclass model's score is its predicted class's probability.
@@ -579,6 +569,27 @@ def build_reference_profile(
         predictions=prediction_profile,
         threshold=threshold,
     )
+
+
+def _classes(data: DataSpec, preprocessor: Preprocessor | None) -> tuple[Category, ...]:
+    """A classifier's classes in the order of its outputs; none for a regression."""
+    if data.task == "regression":
+        return ()
+    if preprocessor is not None:
+        return tuple(preprocessor.class_names())
+    return (0, 1) if data.task == "binary" else tuple(data.classes or ())
+
+
+def _profile_labels(
+    target: pd.Series, classes: Sequence[Category], preprocessor: Preprocessor | None
+) -> CategoricalProfile:
+    """A classifier's labels, as the classes its preprocessor's label map makes of them
+    (a label of no class counts as missing), or as they are without a preprocessor."""
+    if preprocessor is None:
+        return profile_categorical(target)
+    codes = preprocessor.class_codes(target.reset_index(drop=True))
+    named = pd.Series(np.asarray(classes, dtype=object)[np.maximum(codes, 0)])
+    return profile_categorical(named.where(codes >= 0))
 
 
 def write_profile(profile: ReferenceProfile, path: Path) -> str:

@@ -13,10 +13,11 @@ Hostile files are refused before they cost anything (:mod:`.loading`): plain YAM
 and any path a run is given, through :meth:`LoadedSpec.resolve`) must resolve, ``..`` and
 symlinks followed, inside the project root or a folder of ``pipeline.allowed_roots``.
 
-Modules: :mod:`.sections` and :mod:`.operations` (the sections), :mod:`.limits` (metric
-limits in the metric's units or relative, ``0.005`` or ``2%``, and labelled-row minimums
-that scale with the batch), :mod:`.document` (the whole spec and its problems),
-:mod:`.loading` and :mod:`.expectations` (the fast check of data checks). This package re-exports their public names lazily and
+Modules: :mod:`.sections`, :mod:`.operations` and :mod:`.monitor` (the sections),
+:mod:`.limits` (metric limits in the metric's units or relative, ``0.005`` or ``2%``, and
+labelled-row minimums that scale with the batch), :mod:`.document` (the whole spec and its
+problems), :mod:`.loading` and :mod:`.expectations` (the fast check of data checks). This
+package re-exports their public names lazily and
 imports no heavy library (torch, mlflow, great_expectations, prefect), so that
 ``stemma --help`` and ``stemma validate`` stay fast.
 """
@@ -31,8 +32,9 @@ _MODULES = {
     "sections": "METRIC_DIRECTIONS CLASSIFICATION_TASKS BUILTIN_ARCHITECTURES Name PipelineSpec FeaturesSpec "
     "SplitSpec DataSpec Expectation ModelSpec EarlyStoppingSpec DistributedSpec TrainSpec "
     "GateSpec DaskSpec ScoreSpec RetrainSpec",
-    "operations": "QUANTIZE_METHODS QuantizeMethod NumericStatistic CategoricalStatistic "
-    "MonitorStatisticsSpec MonitorThresholdsSpec MonitorSpec ShadowSpec CanaryGuardsSpec "
+    "monitor": "NumericStatistic CategoricalStatistic MonitorStatisticsSpec "
+    "MonitorThresholdsSpec MonitorSpec",
+    "operations": "QUANTIZE_METHODS QuantizeMethod ShadowSpec CanaryGuardsSpec "
     "CanarySpec EvaluateSpec QuantizeSpec EndpointSpec",
     "document": "PATH_FIELDS Spec LoadedSpec path_problem flatten json_schema Problem "
     "import_problem put_project_on_import_path",
@@ -61,5 +63,6 @@ if TYPE_CHECKING:  # the same names, for type checkers
     from stemma.components.spec.document import *  # noqa: F403
     from stemma.components.spec.limits import *  # noqa: F403
     from stemma.components.spec.loading import *  # noqa: F403
+    from stemma.components.spec.monitor import *  # noqa: F403
     from stemma.components.spec.operations import *  # noqa: F403
     from stemma.components.spec.sections import *  # noqa: F403

@@ -271,7 +271,8 @@ def test_scalars_read_back_as_written(value):
 
 
 def test_commented_sections_are_yaml_that_reads_back():
-    from stemma.components.spec.operations import MonitorSpec, QuantizeSpec
+    from stemma.components.spec.monitor import MonitorSpec
+    from stemma.components.spec.operations import QuantizeSpec
     from stemma.components.spec.sections import RetrainSpec
 
     for section in (MonitorSpec(), QuantizeSpec(), RetrainSpec(labels="production/labels")):
