@@ -57,7 +57,7 @@ class ScoringModel:
         alias: the alias in the reference, or None when a version was named.
         run_id: the training run of the version.
         weights_sha256: the sha256 of the weights file that was loaded.
-        task: ``binary`` or ``regression``.
+        task: ``binary``, ``multiclass`` or ``regression``.
         threshold: decision threshold on the probability (binary).
         preprocessor: the fitted feature encoding.
         network: the network, in eval mode.
