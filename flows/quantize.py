@@ -30,7 +30,11 @@ from stemma.components.platform.redaction import redact_url
 from stemma.components.platform.tracked_run import TrackedRun
 from stemma.components.quantization import heldout as parents
 from stemma.components.quantization import registering, report
-from stemma.components.quantization.measure import compare_variants, variant_runtime
+from stemma.components.quantization.measure import (
+    compare_variants,
+    heldout_labels,
+    variant_runtime,
+)
 from stemma.components.quantization.results import Comparison, VariantResult
 from stemma.components.runtime.backends import set_threads
 from stemma.components.runtime.loading import ScoringModel, load_scoring_model
@@ -382,7 +386,8 @@ def quantize_flow(
         get_run_logger().warning(
             "removed %s v%s, left half-registered by a killed run", name, number
         )
-    y = context.heldout.frame[context.heldout.data.target].to_numpy(dtype=np.float64)
+    target = context.heldout.data.target
+    y = heldout_labels(context.model.preprocessor, context.heldout.frame[target], target)
     with (
         tracked(loaded, "quantize", experiment_id, record_lineage, None, _run_tags(context)) as run,
         tempfile.TemporaryDirectory(prefix="stemma-quantize-") as tmp,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 from torch import nn
 
 from stemma.components.errors import DataError
@@ -127,9 +128,38 @@ def time_runtimes(
 
 
 def scores(runtime: Runtime, x: np.ndarray, preprocessor: Preprocessor) -> np.ndarray:
-    """The decoded scores of the held-out rows, one per row, run through ``runtime``."""
+    """The decoded scores of the held-out rows, run through ``runtime``: one per row, or a
+    multiclass model's ``(rows, classes)`` probabilities."""
     raw = runtime.run(x)
-    return np.asarray(preprocessor.decode_output(raw), dtype=np.float64).reshape(len(x))
+    decoded = np.asarray(preprocessor.decode_output(raw), dtype=np.float64)
+    if preprocessor.task == "multiclass":
+        return decoded.reshape(len(x), preprocessor.n_outputs)
+    return decoded.reshape(len(x))
+
+
+def heldout_labels(preprocessor: Preprocessor, labels: pd.Series, column: str) -> np.ndarray:
+    """The held-out rows' labels as the metrics take them: a classifier's class codes
+    through its label map (every held-out label was a training class), a regression's
+    values.
+
+    Raises:
+        DataError: a label that is no class of the model, or is missing.
+    """
+    if preprocessor.task == "multiclass" or preprocessor.labels is not None:
+        return preprocessor.known_codes(labels, column).astype(np.float64)
+    return labels.to_numpy(dtype=np.float64)
+
+
+def decisions_agree(
+    task: str, found: np.ndarray, reference: np.ndarray, threshold: float
+) -> float | None:
+    """Share of rows on which a variant decides as its parent: the same side of the
+    threshold (binary), the same class (multiclass); None for regression."""
+    if task == "binary":
+        return float(np.mean((found >= threshold) == (reference >= threshold)))
+    if task == "multiclass":
+        return float(np.mean(found.argmax(axis=1) == reference.argmax(axis=1)))
+    return None
 
 
 def variant_runtime(variant: QuantizedNetwork, width: int) -> Runtime:
@@ -320,9 +350,7 @@ def _decided(
         max_metric_drop=settings.metric_drop(metric),
         min_speedup=settings.min_speedup,
     )
-    agreement = None
-    if task == "binary":
-        agreement = float(np.mean((found >= threshold) == (reference.scores >= threshold)))
+    agreement = decisions_agree(task, found, reference.scores, threshold)
     difference = np.abs(found - reference.scores)
     return replace(
         result,
