@@ -276,6 +276,7 @@ def run_step(
         "action_detail": applied.detail,
         "arm_rows": int(metrics.get("arm_rows", 0)),
         "rows": int(metrics.get("rows", 0)),
+        "unknown_labels": int(metrics.get("unknown_labels", 0)),
         "run_id": run.run_id,
         "predictions": str(scores.predictions or batch),
         "status": written.status,

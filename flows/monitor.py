@@ -32,8 +32,9 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
-from stemma.components.data.labels import read_labels
+from stemma.components.data.labels import labels_are_classes, read_labels
 from stemma.components.data.prediction_log import NothingLoggedError
+from stemma.components.evaluation.rows import known_labels
 from stemma.components.monitoring import drift, records, steps
 from stemma.components.monitoring import profile as reference_profile
 from stemma.components.monitoring.report import json_safe
@@ -78,6 +79,8 @@ class Batch:
     model: ScoringModel
     profile: reference_profile.ReferenceProfile
     profile_sha256: str
+    #: Labels that are no class of the model: counted (a metric), left out of the check.
+    unknown_labels: int = 0
 
     @property
     def path(self) -> Path:
@@ -115,8 +118,14 @@ def check_batch_step(
 
 
 @step(name="read labels")
-def read_labels_step(files: list[Path], loaded: LoadedSpec) -> Any:
-    return read_labels(files, loaded.spec.data.id, loaded.spec.data.target, missing="error")
+def read_labels_step(files: list[Path], loaded: LoadedSpec, model: ScoringModel) -> tuple:
+    """The labels as the model's class codes (or values), and those of no class of the
+    model: how many, and a sentence naming them."""
+    data = loaded.spec.data
+    frame = read_labels(
+        files, data.id, data.target, missing="error", classes=labels_are_classes(data)
+    )
+    return known_labels(frame, model.preprocessor, column=data.target)
 
 
 @step(name="compare with reference")
@@ -172,13 +181,16 @@ def _batch(
         found, scoring_model, loaded.spec.data.id if labels_path else None
     )
     labels = labels_digest = None
+    unknown = 0
     if labels_path is not None:
         label_files = steps.find_labels(labels_path)
         labels_digest, _ = label_files.digest()
-        labels = read_labels_step(label_files.files, loaded)
+        labels, unknown, note = read_labels_step(label_files.files, loaded, scoring_model)
+        if note:
+            get_run_logger().warning("%s", note)
     return Batch(
         found, digest, md5s, labels_path, labels_digest, labels,
-        scoring_model, profile, profile_sha256,
+        scoring_model, profile, profile_sha256, unknown,
     )  # fmt: skip
 
 
@@ -211,7 +223,10 @@ def _record(
         digest=batch.digest,
         columns=dict(batch.model.signature_columns),
     )
-    run.log_metrics(metric_names.in_section(metric_names.DRIFT, report.metrics()))
+    numbers = report.metrics()
+    if batch.labels_path is not None:
+        numbers["unknown_labels"] = float(batch.unknown_labels)
+    run.log_metrics(metric_names.in_section(metric_names.DRIFT, numbers))
     reference = batch.profile.source.get("data_md5", "?")[:12]
     title = f"{batch.found.name} vs {batch.model.label} (reference: training data {reference})"
     with tempfile.TemporaryDirectory(prefix="stemma-monitor-") as tmp:
@@ -320,6 +335,7 @@ def monitor_flow(
         "labels": str(checked.labels_path) if checked.labels_path else None,
         "rows": report.rows,
         "labelled_rows": report.labelled_rows,
+        "unknown_labels": checked.unknown_labels,
         "drift_detected": report.detected,
         "kinds": report.kinds,
         "drifted_features": report.drifted_features,

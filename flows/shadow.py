@@ -335,6 +335,7 @@ def _summary(run: TrackedRun, models: tuple, report: Any, record: Any) -> dict[s
         "metric": report.metric,
         "comparison": None if report.comparison is None else report.comparison.to_dict(),
         "labelled_rows": report.labelled_rows,
+        "unknown_labels": report.unknown_labels,
         "compared_rows": report.compared_rows,
         "agreement": report.agreement,
         "distances": dict(report.distances),

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from stemma.components.data import prediction_log
 from stemma.components.errors import DataError
+from stemma.components.spec import DataSpec
 
 #: File types a labels folder may hold.
 LABEL_SUFFIXES = (".parquet", ".csv")
@@ -35,6 +36,12 @@ def label_text(value: object) -> str:
     return str(value)
 
 
+def labels_are_classes(data: DataSpec) -> bool:
+    """Whether the spec's labels are classes that :func:`read_labels` takes as they are
+    (``classes=True``): a multiclass task, or a label map (``data.labels``)."""
+    return data.task == "multiclass" or data.labels is not None
+
+
 def read_labels(
     path: Path | Sequence[Path],
     id_column: str | None,
@@ -42,6 +49,7 @@ def read_labels(
     *,
     task: str | None = None,
     missing: Literal["drop", "error"] = "drop",
+    classes: bool = False,
 ) -> pd.DataFrame:
     """Every label of a file, a folder of files or a list of files, as one table.
 
@@ -50,13 +58,19 @@ def read_labels(
     Labels the endpoint logged carry the time each arrived (``stemma_time``): an id labelled
     twice keeps its latest label, a correction of the earlier one.
 
+    With ``classes`` (a multiclass task, or a label map: ``data.labels``) the labels are
+    classes, text or numbers, and come back as they are: the model's
+    ``Preprocessor.class_codes`` maps them, and a label that is no class of the model is
+    counted there as unknown, not refused here.
+
     Args:
         path: a Parquet or CSV file, a folder of them (top level, names not starting with
             ``_`` or ``.``), the log's ``labels`` folder (every day), or a list of files.
         id_column: the column that identifies rows (``data.id``).
         target: the label column (``data.target``).
-        task: ``binary`` also refuses labels other than 0 and 1.
+        task: ``binary`` also refuses labels other than 0 and 1 (without ``classes``).
         missing: what an empty label means.
+        classes: the labels are classes (text allowed), mapped by the model later.
 
     Returns:
         Columns ``id_column`` and ``target``, one row per id, in file order.
@@ -65,7 +79,7 @@ def read_labels(
         DataError: no id column in the spec; the path does not exist; a file is unreadable
             or lacks the id or target column (every file is checked before one is read);
             an id has two different labels; a label is not a number (or not 0/1 for a
-            binary task); an empty label with ``missing="error"``.
+            binary task), unless ``classes``; an empty label with ``missing="error"``.
     """
     if id_column is None:
         raise DataError(
@@ -95,11 +109,8 @@ def read_labels(
                 [f"{id_column} {_shown(labels.loc[empty, id_column])}"],
             )
         labels = labels[~empty]
-    if not pd.api.types.is_numeric_dtype(labels[target]) and len(labels):
-        raise DataError(
-            f"{_describe(path)}: labels in {target!r} are not numbers",
-            [f"found {_shown(labels[target])}"],
-        )
+    if not classes:
+        _check_numbers(labels[target], _describe(path), task)
     labels = labels.drop_duplicates()
     repeated = labels[id_column][labels[id_column].duplicated()]
     if not repeated.empty:
@@ -107,12 +118,24 @@ def read_labels(
             f"{_describe(path)}: {repeated.nunique()} ids have two different labels",
             [f"e.g. {id_column} {_shown(repeated)}", "keep one label per id"],
         )
-    if task == "binary" and not labels[target].isin([0, 1]).all():
-        raise DataError(
-            f"{_describe(path)}: binary labels must be 0 or 1",
-            [f"found {_shown(labels.loc[~labels[target].isin([0, 1]), target])} in {target}"],
-        )
     return labels.reset_index(drop=True)
+
+
+def _check_numbers(labels: pd.Series, where: str, task: str | None) -> None:
+    """Labels that are not classes must be numbers, and 0 or 1 for a binary task."""
+    if len(labels) and not pd.api.types.is_numeric_dtype(labels):
+        raise DataError(
+            f"{where}: labels in {labels.name!r} are not numbers",
+            [
+                f"found {_shown(labels)}",
+                "labels that name classes need data.task: multiclass or a label map (data.labels)",
+            ],
+        )
+    if task == "binary" and not labels.isin([0, 1]).all():
+        raise DataError(
+            f"{where}: binary labels must be 0 or 1",
+            [f"found {_shown(labels[~labels.isin([0, 1])])} in {labels.name}"],
+        )
 
 
 def _latest(labels: pd.DataFrame, id_column: str) -> pd.DataFrame:

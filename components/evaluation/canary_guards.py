@@ -5,6 +5,8 @@ output), the drift of its scores against the control arm (PSI; against the contr
 scores of the same rows when the control arm is too small), the metric difference against
 the champion on the same labelled rows once labels arrive (paired bootstrap), and
 optionally the time per request. Any breach rolls back; too few rows hold the step.
+A multiclass model is compared on its probability of each class; rows whose label is no
+class of the models are counted (``unknown_labels``, and a reason), not compared.
 """
 
 from __future__ import annotations
@@ -20,19 +22,18 @@ from stemma.components.evaluation.comparison import (
     FailureCounts,
     MetricComparison,
     as_dict,
+    bootstrap_settings,
     comparison_metrics,
     count_failures,
     paired_bootstrap,
     score_distances,
 )
 from stemma.components.evaluation.rows import (
-    CHALLENGER_SCORE,
     CHALLENGER_SCORED,
-    CHAMPION_SCORE,
     CHAMPION_SCORED,
-    LABEL,
     add_labels,
     measure_latency,
+    scores_of,
 )
 from stemma.components.runtime.loading import ScoringModel
 from stemma.components.spec import EvaluateSpec
@@ -77,6 +78,8 @@ class StepEvaluation:
         comparison: the metric against the champion on the same labelled rows, if any.
         latency: per model, request latency percentiles (ms), see
             :func:`~.rows.measure_latency`.
+        unknown_labels: rows of the step whose label is no class of the models: counted,
+            not compared.
     """
 
     decision: str
@@ -89,11 +92,13 @@ class StepEvaluation:
     distances: dict[str, float]
     comparison: MetricComparison | None
     latency: dict[str, dict[str, float]]
+    unknown_labels: int = 0
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for MLflow."""
         values: dict[str, float] = {
             "rows": self.rows,
+            "unknown_labels": self.unknown_labels,
             "arm_rows": self.arm_rows,
             "fallback_rows": self.fallback_rows,
             "challenger_error_rate": self.failures.error_rate,
@@ -129,7 +134,7 @@ def evaluate_step(
 
     Args:
         scores: from :func:`~.canary_steps.score_step` or :func:`~.live.log_step_scores`.
-        labels: from :func:`~.rows.load_labels`, or None.
+        labels: :func:`~.rows.load_labels` through :func:`~.rows.encode_labels`, or None.
         id_column: the entity id.
         task, metric: the task and ``gate.metric``.
         settings: ``evaluate`` (the guards, confidence, resamples, seed).
@@ -141,8 +146,8 @@ def evaluate_step(
     rows = scores.rows.copy()
     add_labels(rows, labels, id_column)
     arm = (rows[ARM_COLUMN] == ARM_CHALLENGER).to_numpy()
-    a = rows[CHAMPION_SCORE].to_numpy(dtype=np.float64)
-    b = rows[CHALLENGER_SCORE].to_numpy(dtype=np.float64)
+    scored = scores_of(rows, control, challenger)
+    a, b = scored.champion_row, scored.challenger_row
     a_ok = rows[CHAMPION_SCORED].to_numpy(dtype=bool) & np.isfinite(a)
     b_scored = rows[CHALLENGER_SCORED].to_numpy(dtype=bool)
     # The challenger answers for the rows of its arm the champion could score: a row no
@@ -151,21 +156,17 @@ def evaluate_step(
     failures = count_failures(b[judged & b_scored], rows=int(judged.sum()))
     both = judged & b_scored & np.isfinite(b)
     results = _row_guards(failures, int(arm.sum()), guards)
-    labelled = both & rows[LABEL].notna().to_numpy()
+    labelled = both & scored.known
     needed = guards.labelled_rows_needed(int(arm.sum()))
     comparison = None
     if labelled.sum() >= needed:
         comparison = paired_bootstrap(
             metric,
             task,
-            rows[LABEL].to_numpy(dtype=np.float64)[labelled],
-            a[labelled],
-            b[labelled],
+            *scored.at(labelled),
             champion_threshold=control.threshold,
             challenger_threshold=challenger.threshold,
-            confidence=settings.confidence,
-            resamples=settings.bootstrap_resamples,
-            seed=settings.seed,
+            **bootstrap_settings(settings),
         )
     metric_guard = _metric_guard(comparison, (int(labelled.sum()), needed), guards, promoting)
     control_arm = ~arm & a_ok
@@ -180,6 +181,7 @@ def evaluate_step(
     results.append(_latency_guard(latency, guards.max_latency_ratio))
 
     decision, reasons = _decide(results)
+    reasons += [f"labels: {scored.note}"] if scored.note else []
     fallback = int((arm & ~(b_scored & np.isfinite(b)) & a_ok).sum())
     return StepEvaluation(
         decision=decision,
@@ -192,6 +194,7 @@ def evaluate_step(
         distances=distances,
         comparison=comparison,
         latency=latency,
+        unknown_labels=int(scored.unknown.sum()),
     )
 
 

@@ -29,6 +29,8 @@ from stemma.components.evaluation.rows import (
     CHAMPION_SCORE,
     CHAMPION_SCORED,
     add_scores,
+    compared_classes,
+    model_scores,
     read_batch_columns,
     read_scores,
 )
@@ -122,16 +124,18 @@ def score_step(
             ["the canary routes entities by id: ids must be unique within a batch"],
         )
     routed = route_to_challenger(ids.to_numpy(), fraction, salt)
+    classes = compared_classes(control, challenger)
     control_result = score(control, [batch], folder / CONTROL_DIR)
     challenger_result = challenger_scores = None
     if routed.any():
         arm_file = _write_arm_input(batch, folder / ARM_INPUT, id_column, ids[routed])
         challenger_result = score(challenger, [arm_file], folder / CHALLENGER_DIR)
-        challenger_scores = read_scores(challenger_result, id_column)
+        challenger_scores = read_scores(challenger_result, id_column, classes)
 
     rows = pd.DataFrame({id_column: ids.to_numpy(), ARM_COLUMN: ARM_CHAMPION})
     rows.loc[routed, ARM_COLUMN] = ARM_CHALLENGER
-    add_scores(rows, id_column, read_scores(control_result, id_column), challenger_scores)
+    control_scores = read_scores(control_result, id_column, classes)
+    add_scores(rows, id_column, control_scores, challenger_scores, classes)
     predictions = folder / PREDICTIONS_FILE
     sha256 = _write_predictions(predictions, rows, id_column, control, challenger)
     return StepScores(
@@ -172,7 +176,9 @@ def _write_predictions(
     control: ScoringModel,
     challenger: ScoringModel,
 ) -> str:
-    """One served prediction per row: the challenger's on its arm unless it failed there."""
+    """One served prediction per row: the challenger's on its arm unless it failed there
+    (a multiclass prediction as batch scoring writes it: the class, its probability and
+    each class's probability)."""
     by_challenger = (
         (rows[ARM_COLUMN] == ARM_CHALLENGER)
         & rows[CHALLENGER_SCORED]
@@ -186,6 +192,16 @@ def _write_predictions(
     if control.task == "binary":
         columns[PREDICTION_COLUMN] = pa.array((score >= threshold).astype(np.int64))
     columns[SCORE_COLUMN] = pa.array(score.astype(np.float64))
+    if control.task == "multiclass":
+        width = control.preprocessor.n_outputs
+        probabilities = np.where(
+            by_challenger.to_numpy()[:, None],
+            model_scores(rows, CHALLENGER_SCORE, width),
+            model_scores(rows, CHAMPION_SCORE, width),
+        )[served.to_numpy()]
+        answers = control.preprocessor.output_frame(probabilities)
+        columns = {id_column: columns[id_column]}
+        columns.update({name: pa.array(answers[name].to_numpy()) for name in answers.columns})
     columns[ARM_COLUMN] = pa.array(rows.loc[served, ARM_COLUMN].to_numpy(), pa.string())
     columns[VERSION_COLUMN] = pa.array(
         np.where(by_challenger, challenger.version, control.version)[served], pa.string()

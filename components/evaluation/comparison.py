@@ -3,14 +3,19 @@
 * **Routing**: :func:`route_buckets` and :func:`route_to_challenger`, from
   :mod:`.registry.routing` (the online endpoint routes with them too).
 * **Score distributions**: population stability index, Kolmogorov-Smirnov and
-  Jensen-Shannon distance between two score vectors (:func:`score_distances`), and how
-  often the two models take the same decision (:func:`decision_agreement`).
+  Jensen-Shannon distance between two score vectors (:func:`score_distances`; for a
+  multiclass model, of the probability of the predicted class), and how often the two
+  models take the same decision (:func:`decision_agreement`; multiclass: the same class).
 * **Failures**: rows a model did not score, scored as NaN or infinity, or a constant score
   (:func:`count_failures`).
 * **Metric difference**: :func:`paired_bootstrap` resamples rows with replacement, the same
   resample for both models, and gives the primary metric of each and a percentile interval
   for their difference. Every metric is computed from bootstrap *weights* (how often each
-  row was drawn), a whole block of resamples at once with numpy, seeded.
+  row was drawn), a whole block of resamples at once with numpy, seeded. A multiclass
+  model's scores are its ``(rows, classes)`` probabilities and the labels class codes:
+  accuracy and the log loss are weighted means, F1, precision and recall come from
+  weighted confusion counts per class, ROC AUC is the macro mean of weighted one-vs-rest
+  AUCs.
 * **Plots**: champion-versus-challenger score scatter, and the metric difference with its
   interval overall and per segment.
 """
@@ -34,7 +39,7 @@ from stemma.components.evaluation.statistics import (
 # Routing lives with the registry, where the online endpoint reads it too.
 from stemma.components.registry.routing import route_buckets as route_buckets
 from stemma.components.registry.routing import route_to_challenger as route_to_challenger
-from stemma.components.spec import METRIC_DIRECTIONS
+from stemma.components.spec import CLASSIFICATION_TASKS, METRIC_DIRECTIONS, EvaluateSpec
 from stemma.components.training.metrics import (
     MAX_SCATTER_POINTS,
     SCATTER_SEED,
@@ -75,7 +80,7 @@ def score_distances(reference: np.ndarray, candidate: np.ndarray, *, task: str) 
         nan = float("nan")
         return {"psi": nan, "ks": nan, "ks_pvalue": nan, "js": nan}
     ks, ks_pvalue = ks_test(ref, cand)
-    if task == "binary":
+    if task in CLASSIFICATION_TASKS:
         low, high = 0.0, 1.0
     else:
         low = float(min(ref.min(), cand.min()))
@@ -101,14 +106,19 @@ def decision_agreement(
 ) -> float:
     """Share of rows on which the two models decide alike (NaN when there are none).
 
-    Binary: the same predicted class, each at its own threshold. Regression: predictions
-    within :data:`REGRESSION_AGREEMENT_TOLERANCE` standard deviations of the champion's.
-    Rows where either score is not finite never agree.
+    Binary: the same predicted class, each at its own threshold. Multiclass (scores of
+    shape ``(rows, classes)``): the same likeliest class. Regression: predictions within
+    :data:`REGRESSION_AGREEMENT_TOLERANCE` standard deviations of the champion's. Rows
+    where either score is not finite never agree.
     """
     a = np.asarray(champion_scores, dtype=np.float64)
     b = np.asarray(challenger_scores, dtype=np.float64)
     if a.size == 0:
         return float("nan")
+    if task == "multiclass":
+        finite = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
+        same = _likeliest(a) == _likeliest(b)
+        return float(np.mean(same & finite))
     finite = np.isfinite(a) & np.isfinite(b)
     if task == "binary":
         same = (a >= champion_threshold) == (b >= challenger_threshold)
@@ -190,11 +200,13 @@ def metric_values(
 
     Args:
         metric: a name of :data:`~.spec.METRIC_DIRECTIONS` for the task.
-        task: ``binary`` or ``regression``.
-        y_true: labels (0/1) or values, length ``n``.
-        scores: probabilities of class 1 or predicted values, length ``n``, finite.
+        task: ``binary``, ``multiclass`` or ``regression``.
+        y_true: labels (0/1), class codes (multiclass: each row's class's position) or
+            values, length ``n``.
+        scores: probabilities of class 1, each class's probabilities (multiclass, shape
+            ``(n, classes)``) or predicted values, length ``n``, finite.
         weights: shape ``(resamples, n)``.
-        threshold: the decision threshold for the thresholded metrics.
+        threshold: the decision threshold for the binary thresholded metrics.
 
     Returns:
         Shape ``(resamples,)``; NaN where the metric is undefined for a resample (e.g.
@@ -207,6 +219,8 @@ def metric_values(
     w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
     total = w.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
+        if task == "multiclass":
+            return _multiclass_values(metric, y.astype(np.int64), s, w, total)
         if task == "regression":
             error = s - y
             if metric == "rmse":
@@ -237,6 +251,53 @@ def metric_values(
         if metric == "recall":
             return np.where(tp + fn > 0, tp / (tp + fn), 0.0)
         return np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)  # f1
+
+
+def _likeliest(probabilities: np.ndarray) -> np.ndarray:
+    """Each row's likeliest class (the first of equal ones, as ``argmax``)."""
+    return np.asarray(probabilities).argmax(axis=1)
+
+
+def _multiclass_values(
+    metric: str, codes: np.ndarray, probabilities: np.ndarray, w: np.ndarray, total: np.ndarray
+) -> np.ndarray:
+    """:func:`metric_values` of a multiclass model, as scikit-learn computes each metric
+    (every class counted in the macro means, 0 where a ratio has no denominator)."""
+    rows, classes = probabilities.shape
+    truth = codes[:, None] == np.arange(classes)
+    if metric == "log_loss":
+        p = np.clip(probabilities[np.arange(rows), codes], LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS)
+        return w @ -np.log(p) / total
+    if metric == "top2_accuracy":
+        # scikit-learn's top_k_accuracy_score: a stable sort, ties to the later class.
+        ranked = np.argsort(probabilities, axis=1, kind="mergesort")[:, ::-1]
+        hits = (ranked[:, : min(2, classes)] == codes[:, None]).any(axis=1)
+        return w @ hits.astype(np.float64) / total
+    if metric == "roc_auc":
+        # The macro mean over the classes whose one-vs-rest AUC is defined in the resample.
+        per_class = np.stack(
+            [_weighted_roc_auc(probabilities[:, k], truth[:, k], w) for k in range(classes)]
+        )
+        defined = np.isfinite(per_class)
+        counted = defined.sum(axis=0)
+        summed = np.where(defined, per_class, 0.0).sum(axis=0)
+        return np.where(counted > 0, summed / counted, np.nan)
+    predicted = _likeliest(probabilities)[:, None] == np.arange(classes)
+    actual = w @ truth.astype(np.float64)  # (resamples, classes)
+    chosen = w @ predicted.astype(np.float64)
+    hits = w @ (truth & predicted).astype(np.float64)
+    if metric == "accuracy":
+        return hits.sum(axis=1) / total
+    precision = np.where(chosen > 0, hits / chosen, 0.0)
+    recall = np.where(actual > 0, hits / actual, 0.0)
+    if metric == "precision_macro":
+        return precision.mean(axis=1)
+    if metric == "recall_macro":
+        return recall.mean(axis=1)
+    f1 = np.where(actual + chosen > 0, 2.0 * hits / (actual + chosen), 0.0)
+    if metric == "f1_weighted":
+        return (f1 * actual).sum(axis=1) / total
+    return f1.mean(axis=1)  # f1_macro
 
 
 def _tie_groups(
@@ -409,13 +470,15 @@ def paired_bootstrap(
     draw, so the interval reflects the models' difference rather than the rows' luck. The
     same seed and rows give the same interval. When fewer than
     :data:`MIN_DEFINED_RESAMPLES` of the resamples define the metric for both models (one
-    class drawn, say), the interval is NaN: not enough evidence.
+    class drawn, say), the interval is NaN: not enough evidence. A multiclass model's
+    scores are ``(rows, classes)`` probabilities and ``y_true`` the class codes.
 
     Raises:
         ValueError: arrays of different lengths, no rows, a non-finite score or label, a
-            metric unknown for the task, or a confidence outside (0, 1).
+            multiclass label that is no class code, a metric unknown for the task, or a
+            confidence outside (0, 1).
     """
-    y, a, b = _checked_rows(y_true, champion_scores, challenger_scores, confidence, resamples)
+    y, a, b = _checked_rows(task, y_true, champion_scores, challenger_scores, confidence, resamples)
     higher_is_better = METRIC_DIRECTIONS[task][metric]
 
     def both(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -463,7 +526,18 @@ def paired_bootstrap(
     )
 
 
+def bootstrap_settings(settings: EvaluateSpec) -> dict[str, Any]:
+    """The keyword arguments of :func:`paired_bootstrap` the spec's ``evaluate`` sets: the
+    interval's confidence, the resamples and the seed."""
+    return {
+        "confidence": settings.confidence,
+        "resamples": settings.bootstrap_resamples,
+        "seed": settings.seed,
+    }
+
+
 def _checked_rows(
+    task: str,
     y_true: np.ndarray,
     champion_scores: np.ndarray,
     challenger_scores: np.ndarray,
@@ -473,12 +547,18 @@ def _checked_rows(
     y = np.asarray(y_true, dtype=np.float64)
     a = np.asarray(champion_scores, dtype=np.float64)
     b = np.asarray(challenger_scores, dtype=np.float64)
-    if not (y.shape == a.shape == b.shape) or y.ndim != 1:
+    # A multiclass model's scores are (rows, classes); every other model's one per row.
+    rows = a.shape[:1] if task == "multiclass" and a.ndim == 2 else a.shape
+    if not (y.shape == rows and a.shape == b.shape) or y.ndim != 1:
         raise ValueError(f"labels and scores differ in shape: {y.shape}, {a.shape}, {b.shape}")
+    if task == "multiclass" and a.ndim != 2:
+        raise ValueError(f"multiclass scores must be (rows, classes), got shape {a.shape}")
     if y.size == 0:
         raise ValueError("no labelled rows to compare on")
     if not (np.isfinite(y).all() and np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("labels and scores must be finite")
+    if task == "multiclass" and not np.isin(y, np.arange(a.shape[1])).all():
+        raise ValueError(f"multiclass labels must be class codes 0 to {a.shape[1] - 1}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if resamples < 1:

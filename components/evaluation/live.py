@@ -61,6 +61,9 @@ from stemma.components.evaluation.rows import (
     CHAMPION_SCORE,
     CHAMPION_SCORED,
     add_labels,
+    class_probability_columns,
+    compared_classes,
+    probability_columns,
     read_scores,
 )
 from stemma.components.evaluation.shadow import WAIT, ShadowReport, shadow_record
@@ -116,27 +119,37 @@ def pair_shadow_rows(
     challenger_version: str,
     labels: pd.DataFrame | None,
     segments: list[str],
+    classes: tuple[object, ...] | None = None,
 ) -> ShadowPairs:
     """Pair each shadow score of the challenger with the champion's answer to the same row.
 
     Args:
-        served: rows of ``predictions/`` (:data:`SERVED_COLUMNS`, the id, the segments).
-        shadowed: rows of ``shadow/`` (:data:`SHADOW_COLUMNS`).
+        served: rows of ``predictions/`` (:data:`SERVED_COLUMNS`, the id, the segments;
+            multiclass: each class's probability).
+        shadowed: rows of ``shadow/`` (:data:`SHADOW_COLUMNS`; multiclass: each class's
+            probability).
         id_column: the entity id the labels join on.
         champion_version, challenger_version: the versions whose rows count.
-        labels: from :func:`~.log_rows.read_log_labels` or :func:`~.rows.load_labels`.
+        labels: from :func:`~.log_rows.read_log_labels` or :func:`~.rows.load_labels`,
+            through :func:`~.rows.encode_labels`.
         segments: columns of ``served`` compared per value.
+        classes: multiclass: the classes compared (:func:`~.rows.compared_classes`).
     """
     shadow_version = shadowed[MODEL_VERSION_COLUMN].astype(str)
     ours = shadow_version == str(challenger_version)
     other_versions = {
         str(version): int(count) for version, count in shadow_version[~ours].value_counts().items()
     }
-    challenger = shadowed.loc[ours, [*ROW_KEY, SCORE_COLUMN]].rename(
-        columns={SCORE_COLUMN: CHALLENGER_SCORE}
+    logged = class_probability_columns(classes)
+    challenger = shadowed.loc[ours, [*ROW_KEY, SCORE_COLUMN, *logged]].rename(
+        columns=_probability_names(logged, CHALLENGER_SCORE)
     )
-    wanted = [*SERVED_COLUMNS, id_column, *[c for c in segments if c in served]]
-    answers = served[list(dict.fromkeys(wanted))].drop_duplicates(ROW_KEY, keep="last")
+    wanted = [*SERVED_COLUMNS, *logged, id_column, *[c for c in segments if c in served]]
+    answers = (
+        served[list(dict.fromkeys(wanted))]
+        .drop_duplicates(ROW_KEY, keep="last")
+        .rename(columns=_probability_names(logged, CHAMPION_SCORE, score=False))
+    )
     joined = challenger.merge(answers, on=ROW_KEY, how="left", validate="many_to_one")
     unpaired = joined[MODEL_VERSION_COLUMN].isna()
     by_champion = (joined[MODEL_VERSION_COLUMN].astype(str) == str(champion_version)) & (
@@ -144,8 +157,9 @@ def pair_shadow_rows(
     )
     pairs, repeated = latest_per_id(joined[~unpaired & by_champion], id_column)
     rows = pairs.rename(columns={SCORE_COLUMN: CHAMPION_SCORE})
-    rows[CHAMPION_SCORE] = rows[CHAMPION_SCORE].astype(np.float64)
-    rows[CHALLENGER_SCORE] = rows[CHALLENGER_SCORE].astype(np.float64)
+    for column in (CHAMPION_SCORE, CHALLENGER_SCORE):
+        for name in [column, *probability_columns(column, len(logged))]:
+            rows[name] = rows[name].astype(np.float64)
     rows[CHAMPION_SCORED] = True
     rows[CHALLENGER_SCORED] = True
     add_labels(rows, labels, id_column)
@@ -156,6 +170,15 @@ def pair_shadow_rows(
         REPEATED: repeated,
     }
     return ShadowPairs(rows, skipped, other_versions)
+
+
+def _probability_names(
+    logged: list[str], score_column: str, *, score: bool = True
+) -> dict[str, str]:
+    """Renames of the log's columns to a model's columns in the paired rows: its score
+    (unless ``score`` is False) and each class's probability."""
+    names = dict(zip(logged, probability_columns(score_column, len(logged)), strict=True))
+    return {SCORE_COLUMN: score_column, **names} if score else names
 
 
 def log_shadow_report(
@@ -271,7 +294,11 @@ def log_step_scores(
         DataError: a part lacks a column the step needs, or the control's inputs while the
             challenger has rows to compare.
     """
-    frame = read_log_rows([day], [id_column, *STEP_COLUMNS], optional=control.feature_columns)
+    classes = compared_classes(control)
+    logged_columns = class_probability_columns(classes)
+    frame = read_log_rows(
+        [day], [id_column, *STEP_COLUMNS, *logged_columns], optional=control.feature_columns
+    )
     version = frame[MODEL_VERSION_COLUMN].astype(str)
     variant = frame[VARIANT_COLUMN].astype(str)
     arm = (version == str(challenger_version)) & ((variant == CANARY_VARIANT) | promoted)
@@ -279,8 +306,11 @@ def log_step_scores(
     left_out = (variant + " v" + version)[~(arm | control_arm)].value_counts()
     kept, repeated = latest_per_id(frame[arm | control_arm].assign(_arm=arm), id_column)
     in_arm = kept.pop("_arm").to_numpy(dtype=bool)
-    rescored = np.full(len(kept), np.nan)
-    rescored[in_arm], result = _control_scores(control, kept[in_arm], day, folder, **scoring)
+    columns = [SCORE_COLUMN, *logged_columns]
+    rescored = np.full((len(kept), len(columns)), np.nan)
+    rescored[in_arm], result = _control_scores(
+        control, kept[in_arm], day, folder, columns, **scoring
+    )
     rows = pd.DataFrame(
         {
             id_column: kept[id_column].to_numpy(),
@@ -288,11 +318,7 @@ def log_step_scores(
             VERSION_COLUMN: kept[MODEL_VERSION_COLUMN].astype(str).to_numpy(),
         }
     )
-    logged = kept[SCORE_COLUMN].to_numpy(dtype=np.float64)
-    rows[CHALLENGER_SCORED] = in_arm
-    rows[CHALLENGER_SCORE] = np.where(in_arm, logged, np.nan)
-    rows[CHAMPION_SCORE] = np.where(in_arm, rescored, logged)
-    rows[CHAMPION_SCORED] = ~in_arm | ~np.isnan(rescored)
+    _add_step_scores(rows, kept[columns].to_numpy(dtype=np.float64), rescored, in_arm)
     latency = {
         name: numbers
         for name, numbers in (
@@ -320,12 +346,35 @@ def log_step_scores(
     )
 
 
+def _add_step_scores(
+    rows: pd.DataFrame, logged: np.ndarray, rescored: np.ndarray, in_arm: np.ndarray
+) -> None:
+    """Both models' scores of a day's rows: the challenger's as logged on its arm; the
+    control's as logged on its own arm and as it scored the challenger's rows again. Each
+    is ``(rows, 1 + classes)``: the score, then a multiclass model's probabilities."""
+    rows[CHALLENGER_SCORED] = in_arm
+    width = logged.shape[1] - 1
+    for side, values in (
+        (CHALLENGER_SCORE, np.where(in_arm[:, None], logged, np.nan)),
+        (CHAMPION_SCORE, np.where(in_arm[:, None], rescored, logged)),
+    ):
+        for position, name in enumerate([side, *probability_columns(side, width)]):
+            rows[name] = values[:, position]
+    rows[CHAMPION_SCORED] = ~in_arm | ~np.isnan(rescored[:, 0])
+
+
 def _control_scores(
-    control: ScoringModel, arm: pd.DataFrame, day: LogDay, folder: Path, **scoring: Any
+    control: ScoringModel,
+    arm: pd.DataFrame,
+    day: LogDay,
+    folder: Path,
+    columns: list[str],
+    **scoring: Any,
 ) -> tuple[np.ndarray, Any]:
-    """The control's score of each of the challenger's rows (NaN where it rejected one)."""
+    """The control's ``columns`` (its score, and each class's probability for a multiclass
+    model) of each of the challenger's rows (NaN where it rejected one)."""
     if arm.empty:
-        return np.full(0, np.nan), None
+        return np.full((0, len(columns)), np.nan), None
     features = list(control.feature_columns)
     missing = [column for column in features if column not in arm]
     if missing:
@@ -344,6 +393,7 @@ def _control_scores(
     path = write_table_if_changed(Path(folder) / CONTROL_INPUT, table)
     options = {**scoring, "id_column": ROW_POSITION}
     result = score_files(control, [path], Path(folder) / CONTROL_DIR, progress=False, **options)
-    scored = read_scores(result, ROW_POSITION).set_index(ROW_POSITION)[SCORE_COLUMN]
-    positions = pd.Series(np.arange(len(keyed), dtype=np.int64))
-    return positions.map(scored).to_numpy(dtype=np.float64), result
+    classes = compared_classes(control)
+    scored = read_scores(result, ROW_POSITION, classes).set_index(ROW_POSITION)[columns]
+    positions = np.arange(len(keyed), dtype=np.int64)
+    return scored.reindex(positions).to_numpy(dtype=np.float64), result

@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stemma.components.data.labels import read_labels
 from stemma.components.data.prediction_log import (
     DAY_NAME,
     KINDS,
@@ -224,37 +225,25 @@ def _read(part: Path, columns: list[str]) -> pa.Table:
 
 
 def read_log_labels(
-    log: LogFolder, *, id_column: str, target: str, task: str
+    log: LogFolder, *, id_column: str, target: str, task: str, classes: bool = False
 ) -> tuple[pd.DataFrame | None, list[LogDay]]:
     """The labels the endpoint received, every day of them: the id and ``label``, one per id.
 
     A label sent again for an id replaces the earlier one (the latest ``stemma_time``
-    counts): a correction wins. None when no label has arrived yet.
+    counts): a correction wins. None when no label has arrived yet. Read by
+    :func:`~.data.labels.read_labels`, as every label is; with ``classes`` (a multiclass
+    task, or a label map) as they arrived, for :func:`~.rows.encode_labels`.
 
     Raises:
         DataError: a part lacks the id, the target or the time; a label is not a number, or
-            not 0 or 1 for a binary task.
+            not 0 or 1 for a binary task (without ``classes``).
     """
     days = stream_days(log, LABELS, every_day=True)
     if not days:
         return None, []
-    frame = read_log_rows(days, [id_column, target, TIME_COLUMN])
-    frame = frame[frame[id_column].notna() & frame[target].notna()]
-    where = f"{log.root / LABELS}"
-    if len(frame) and not pd.api.types.is_numeric_dtype(frame[target]):
-        raise DataError(
-            f"{where}: labels in {target!r} are not numbers",
-            [f"found {', '.join(map(str, frame[target].unique()[:MAX_SHOWN]))}"],
-        )
-    if task == "binary" and not frame[target].isin([0, 1]).all():
-        wrong = frame.loc[~frame[target].isin([0, 1]), target].unique()[:MAX_SHOWN]
-        raise DataError(
-            f"{where}: binary labels must be 0 or 1",
-            [f"found {', '.join(map(str, wrong))} in {target}"],
-        )
-    latest = frame.sort_values(TIME_COLUMN, kind="stable").drop_duplicates(id_column, keep="last")
-    labels = latest[[id_column, target]].rename(columns={target: LABEL}).reset_index(drop=True)
-    return labels, days
+    parts = list(check_columns(days, [id_column, target, TIME_COLUMN]))
+    frame = read_labels(parts, id_column, target, task=task, classes=classes)
+    return frame.rename(columns={target: LABEL}).reset_index(drop=True), days
 
 
 def ids_as_logged(labels: pd.DataFrame | None, id_column: str) -> pd.DataFrame | None:

@@ -23,6 +23,11 @@ minus champion for ROC AUC, champion minus challenger for the log loss); a relat
 (``evaluate.shadow.segments``) are compared too and reported, but only the overall
 comparison decides. :func:`promote_challenger` moves the aliases with
 :func:`~.promotion.promote` (compare-and-set against the champion that was shadowed).
+
+A multiclass model is compared on its probability of each class and the labels' class
+codes (:func:`~.rows.scores_of`); two models agree on a row when they predict the same
+class. Rows whose label is no class of the models are counted (``unknown_labels``, and a
+reason), never compared.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from stemma.components.evaluation.comparison import (
     FailureCounts,
     MetricComparison,
     as_dict,
+    bootstrap_settings,
     comparison_metrics,
     count_failures,
     decision_agreement,
@@ -56,7 +62,7 @@ from stemma.components.evaluation.rows import (
     CHALLENGER_SCORED,
     CHAMPION_SCORE,
     CHAMPION_SCORED,
-    LABEL,
+    scores_of,
 )
 from stemma.components.platform.decisions import Decided, build_decision_record
 from stemma.components.platform.lineage import (
@@ -197,6 +203,8 @@ class ShadowReport:
         settings: the settings that decided.
         skipped: rows left out of the comparison, by why (judging from the endpoint's log:
             scores of another version than the challenger, say).
+        unknown_labels: rows whose label is no class of the models (a classifier's
+            production label outside its classes and label map): counted, not compared.
     """
 
     decision: str
@@ -216,6 +224,7 @@ class ShadowReport:
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    unknown_labels: int = 0
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for MLflow (one ``log_batch``)."""
@@ -223,6 +232,7 @@ class ShadowReport:
             "rows": self.rows,
             "compared_rows": self.compared_rows,
             "labelled_rows": self.labelled_rows,
+            "unknown_labels": self.unknown_labels,
             "agreement": self.agreement,
             "champion_error_rate": self.champion_failures.error_rate,
             "challenger_error_rate": self.challenger_failures.error_rate,
@@ -258,7 +268,7 @@ def shadow_evaluate(
 
     Args:
         rows: from :func:`~.rows.build_shadow_rows`.
-        task, metric: ``binary`` or ``regression``, and the primary metric (``gate.metric``).
+        task, metric: the task and the primary metric (``gate.metric``).
         settings: ``evaluate`` (confidence, resamples, seed, the ``shadow`` rule).
         champion, challenger: the models, for their versions and thresholds.
         latency: per model, request latency percentiles (:func:`~.rows.measure_latency`).
@@ -269,25 +279,16 @@ def shadow_evaluate(
     if metric not in METRIC_DIRECTIONS.get(task, {}):
         raise ValueError(f"{metric!r} is not a {task} metric")
     rule = settings.shadow
-    a = rows[CHAMPION_SCORE].to_numpy(dtype=np.float64)
-    b = rows[CHALLENGER_SCORE].to_numpy(dtype=np.float64)
+    scored = scores_of(rows, champion, challenger)
+    a, b = scored.champion_row, scored.challenger_row
     champion_failures, challenger_failures, compared = _failures(rows, a, b)
-    labelled = compared & rows[LABEL].notna().to_numpy()
-    y = rows[LABEL].to_numpy(dtype=np.float64)
+    labelled = compared & scored.known
 
-    thresholds = {
-        "champion_threshold": float(champion.threshold),
-        "challenger_threshold": float(challenger.threshold),
-    }
-    options: dict[str, Any] = {
-        **thresholds,
-        "confidence": settings.confidence,
-        "resamples": settings.bootstrap_resamples,
-        "seed": settings.seed,
-    }
+    thresholds = _thresholds(champion, challenger)
+    options = {**thresholds, **bootstrap_settings(settings)}
 
     def compare(mask: np.ndarray) -> MetricComparison:
-        return paired_bootstrap(metric, task, y[mask], a[mask], b[mask], **options)
+        return paired_bootstrap(metric, task, *scored.at(mask), **options)
 
     comparison = compare(labelled) if labelled.any() else None
     segments = [
@@ -307,7 +308,7 @@ def shadow_evaluate(
     )
     return ShadowReport(
         decision=decision,
-        reasons=reasons + _segment_notes(segments),
+        reasons=reasons + _segment_notes(segments) + ([scored.note] if scored.note else []),
         metric=metric,
         champion_version=str(champion.version),
         challenger_version=str(challenger.version),
@@ -316,7 +317,9 @@ def shadow_evaluate(
         labelled_rows=int(labelled.sum()),
         champion_failures=champion_failures,
         challenger_failures=challenger_failures,
-        agreement=decision_agreement(a[compared], b[compared], task=task, **thresholds),
+        agreement=decision_agreement(
+            scored.champion[compared], scored.challenger[compared], task=task, **thresholds
+        ),
         distances=score_distances(a[compared], b[compared], task=task),
         comparison=comparison,
         segments=segments,
@@ -329,7 +332,15 @@ def shadow_evaluate(
             "margin_spec": rule.margin.to_spec(),
             **_evidence_settings(settings, metric),
         },
+        unknown_labels=int(scored.unknown.sum()),
     )
+
+
+def _thresholds(champion: ScoringModel, challenger: ScoringModel) -> dict[str, float]:
+    return {
+        "champion_threshold": float(champion.threshold),
+        "challenger_threshold": float(challenger.threshold),
+    }
 
 
 def _failures(

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from stemma.components.data import prediction_log
-from stemma.components.data.labels import label_files
+from stemma.components.data.labels import label_files, labels_are_classes
 from stemma.components.errors import DataError, RegistryError, SpecError
 from stemma.components.evaluation import canary, canary_guards, live, log_rows, rows, shadow
 from stemma.components.platform.refs import format_model_ref, parse_model_ref
@@ -67,7 +67,11 @@ def read_labels(
     if not path.exists() and not required:
         return None, None, f"no labels at {path} yet"
     labels = rows.load_labels(
-        path, id_column=str(spec.data.id), target=spec.data.target, task=spec.data.task
+        path,
+        id_column=str(spec.data.id),
+        target=spec.data.target,
+        task=spec.data.task,
+        classes=labels_are_classes(spec.data),
     )
     # label_files: also the days of the endpoint's logged labels (a folder per day)
     digest, _ = input_digest(label_files(path))
@@ -88,14 +92,16 @@ def compare_shadow(
     champion, challenger = models
     id_column = str(spec.data.id)
     segments = [column for column in settings.shadow.segments if column != id_column]
+    classes = rows.compared_classes(champion, challenger)
     joined = rows.build_shadow_rows(
         rows.read_batch_columns(pair.files, [id_column, *segments]),
-        rows.read_scores(pair.served, id_column),
-        rows.read_scores(pair.shadow, id_column),
+        rows.read_scores(pair.served, id_column, classes),
+        rows.read_scores(pair.shadow, id_column, classes),
         id_column=id_column,
-        labels=labels,
+        labels=rows.encode_labels(labels, champion.preprocessor),
         labels_required=labels_required,
         labels_source=labels_source,
+        classes=classes,
     )
     # Per-request latency of each model, and the batch scoring's own throughput when this
     # run scored (a folder already complete was not timed).
@@ -201,7 +207,7 @@ def decide_canary_step(
     control, challenger = models
     evaluation = canary_guards.evaluate_step(
         scores,
-        labels=labels,
+        labels=rows.encode_labels(labels, control.preprocessor),
         id_column=str(spec.data.id),
         task=spec.data.task,
         metric=spec.gate.metric,
@@ -283,7 +289,11 @@ def read_log_labels(
         return log_rows.ids_as_logged(frame, str(loaded.spec.data.id)), digest, path, note
     spec = loaded.spec
     frame, days = log_rows.read_log_labels(
-        log, id_column=str(spec.data.id), target=spec.data.target, task=spec.data.task
+        log,
+        id_column=str(spec.data.id),
+        target=spec.data.target,
+        task=spec.data.task,
+        classes=labels_are_classes(spec.data),
     )
     path = log.root / prediction_log.LABELS
     if frame is None:
@@ -323,20 +333,23 @@ def compare_log_shadow(
         )
     segments = [column for column in settings.shadow.segments if column != id_column]
     inputs = sorted({*champion.feature_columns, *challenger.feature_columns})
+    classes = rows.compared_classes(champion, challenger)
+    probabilities = rows.class_probability_columns(classes)
     served = log_rows.read_log_rows(
         served_days,
-        [id_column, *live.SERVED_COLUMNS],
+        [id_column, *live.SERVED_COLUMNS, *probabilities],
         optional=[*segments, *inputs, prediction_log.LATENCY_COLUMN],
     )
-    shadowed = log_rows.read_log_rows(shadow_days, live.SHADOW_COLUMNS)
+    shadowed = log_rows.read_log_rows(shadow_days, [*live.SHADOW_COLUMNS, *probabilities])
     pairs = live.pair_shadow_rows(
         served,
         shadowed,
         id_column=id_column,
         champion_version=champion.version,
         challenger_version=challenger.version,
-        labels=labels,
+        labels=rows.encode_labels(labels, champion.preprocessor),
         segments=segments,
+        classes=classes,
     )
     answered = served[
         served[prediction_log.MODEL_VERSION_COLUMN].astype(str) == str(champion.version)

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from stemma.components.data import ingest, prediction_log
-from stemma.components.data.labels import read_labels
+from stemma.components.data.labels import labels_are_classes, read_labels
 from stemma.components.data.tables import DataVersion, load_table, resolve_data_version
 from stemma.components.errors import StemmaError
 from stemma.components.platform import tags
@@ -144,7 +144,10 @@ def gather(
     batch_path = loaded.resolve(batches or settings.batches or spec.score.input)
     id_column, id_type = spec.data.id, table[spec.data.id].dtype
     all_labels = read_labels(
-        loaded.resolve(labels or settings.labels), spec.data.id, spec.data.target
+        loaded.resolve(labels or settings.labels),
+        spec.data.id,
+        spec.data.target,
+        classes=labels_are_classes(spec.data),
     )
     labelled_ids = set(ingest.align_ids(all_labels[id_column], id_type, where="labels").tolist())
     labelled = [
