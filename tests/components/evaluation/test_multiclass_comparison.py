@@ -10,6 +10,7 @@ import pytest
 
 from stemma.components.data.labels import read_labels
 from stemma.components.errors import DataError
+from stemma.components.evaluation import live
 from stemma.components.evaluation.comparison import (
     decision_agreement,
     metric_values,
@@ -17,12 +18,15 @@ from stemma.components.evaluation.comparison import (
 )
 from stemma.components.evaluation.log_rows import open_log, read_log_labels
 from stemma.components.evaluation.rows import (
+    CHALLENGER_SCORE,
+    CHAMPION_SCORE,
     LABEL,
     UNKNOWN_LABEL,
     add_labels,
     encode_labels,
     known_labels,
     load_labels,
+    probability_columns,
     unknown_labels,
 )
 from stemma.components.model.preprocessing import fit_preprocessor
@@ -223,3 +227,50 @@ def test_text_labels_the_endpoint_logged_are_read_as_classes(tmp_path):
     by_id = dict(zip(labels["key"], labels[LABEL], strict=True))
     assert by_id == {"1": "pear", "2": "apple", "3": "cherry"}  # the later label wins
     assert encode_labels(labels, fruit_preprocessor())[LABEL].tolist() == [2.0, 0.0, 1.0]
+
+
+def test_live_shadow_pairs_each_class_probability_with_the_champions_answer():
+    """Judged from the endpoint's log, both models' probabilities of each class pair up by
+    request and row, in the champion's class order, and the labels join by id."""
+    rng = np.random.default_rng(7)
+    champion, challenger = rng.dirichlet(np.ones(3), 6), rng.dirichlet(np.ones(3), 6)
+    logged = [f"probability_{fruit}" for fruit in FRUITS]
+    keys = {"stemma_request_id": ["r-1"] * 6, "stemma_row": range(6)}
+    served = pd.DataFrame(
+        {
+            **keys,
+            "key": [str(k) for k in range(6)],
+            "stemma_time": pd.Timestamp("2026-03-01", tz="UTC"),
+            "stemma_model_version": "3",
+            "stemma_variant": "champion",
+            "score": champion.max(axis=1),
+            **dict(zip(logged, champion.T, strict=True)),
+        }
+    )
+    shadowed = pd.DataFrame(
+        {
+            **keys,
+            "stemma_model_version": "5",
+            "score": challenger.max(axis=1),
+            # the shadow's part may order its columns otherwise: they pair by name
+            **dict(zip(logged[::-1], challenger.T[::-1], strict=True)),
+        }
+    )
+    labels = pd.DataFrame({"key": ["0", "1", "2"], LABEL: ["pear", "apple", "kiwi"]})
+    pairs = live.pair_shadow_rows(
+        served,
+        shadowed,
+        id_column="key",
+        champion_version="3",
+        challenger_version="5",
+        labels=encode_labels(labels, fruit_preprocessor()),
+        segments=[],
+        classes=FRUITS,
+    )
+    rows = pairs.rows.sort_values("key")
+    assert np.allclose(rows[probability_columns(CHAMPION_SCORE, 3)].to_numpy(), champion)
+    assert np.allclose(rows[probability_columns(CHALLENGER_SCORE, 3)].to_numpy(), challenger)
+    assert rows[LABEL].tolist()[:3] == [2.0, 0.0, UNKNOWN_LABEL]
+    assert rows[LABEL].isna().sum() == 3
+    unknown, note = unknown_labels(rows, "multiclass")
+    assert unknown.sum() == 1 and "('kiwi')" in note
