@@ -191,6 +191,7 @@ def _retrain(
         "previous_data_md5": gathered.version.md5,
         "data_git_rev": git_rev,
         "new_rows": gathered.new.rows,
+        "unknown_labels": gathered.unknown_labels,
         "inputs": {str(path): digest for path, digest in gathered.inputs.items()},
         "model_version": version,
         "train_run_id": trained["run_id"],

@@ -130,9 +130,10 @@ def multiclass_metrics(
         "recall_macro": metrics.recall_score(
             codes, predicted, labels=everyone, average="macro", zero_division=0
         ),
-        "top2_accuracy": metrics.top_k_accuracy_score(
-            codes, probabilities, k=min(2, n_classes), labels=everyone
-        ),
+        # With two classes every label is among the top two.
+        "top2_accuracy": metrics.top_k_accuracy_score(codes, probabilities, k=2, labels=everyone)
+        if n_classes > 2
+        else 1.0,
         "log_loss": metrics.log_loss(codes, probabilities, labels=everyone),
     }
     precision = metrics.precision_score(

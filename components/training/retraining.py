@@ -16,13 +16,13 @@ from typing import Any
 import pandas as pd
 
 from stemma.components.data import ingest, prediction_log
-from stemma.components.data.labels import labels_are_classes, read_labels
+from stemma.components.data.labels import label_text, labels_are_classes, read_labels
 from stemma.components.data.tables import DataVersion, load_table, resolve_data_version
 from stemma.components.errors import StemmaError
 from stemma.components.platform import tags
 from stemma.components.platform.lineage import read_run_record, record_node
 from stemma.components.platform.tracking import STATE_DIR
-from stemma.components.spec import LoadedSpec, RetrainSpec
+from stemma.components.spec import DataSpec, LoadedSpec, RetrainSpec
 
 #: Outcomes of a retraining run (the `stemma.retrain.outcome` tag).
 NO_NEW_DATA = "no_new_data"
@@ -50,6 +50,8 @@ class Gathered:
     new: ingest.NewRows
     holdout: Path | None
     inputs: dict[Path, str] = field(default_factory=dict)
+    #: Labels left out because the spec's classes or label map do not know them.
+    unknown_labels: int = 0
 
 
 @contextlib.contextmanager
@@ -149,6 +151,7 @@ def gather(
         spec.data.target,
         classes=labels_are_classes(spec.data),
     )
+    all_labels, unknown = known_class_labels(all_labels, spec.data)
     labelled_ids = set(ingest.align_ids(all_labels[id_column], id_type, where="labels").tolist())
     labelled = [
         path
@@ -170,7 +173,25 @@ def gather(
         fillable=[column for column in table.columns if column not in known] if from_log else (),
     )
     used = [path for path in labelled if path.name in new.sources]
-    return Gathered(version, table, new, holdout, {path: batch_digest(path) for path in used})
+    digests = {path: batch_digest(path) for path in used}
+    return Gathered(version, table, new, holdout, digests, unknown_labels=unknown)
+
+
+def known_class_labels(labels: pd.DataFrame, data: DataSpec) -> tuple[pd.DataFrame, int]:
+    """The labels the spec's label map and classes know, and how many others were left out
+    (a class only production shows would stop the next training; with neither set, any
+    label is a class the training split may learn)."""
+    if data.labels is None and data.classes is None:
+        return labels, 0
+    text = labels[data.target].map(label_text)
+    known = pd.Series(True, index=labels.index)
+    if data.labels is not None:
+        mapping = {label_text(raw): label_text(value) for raw, value in data.labels.items()}
+        known &= text.isin(list(mapping))
+        text = text.map(mapping)
+    if data.classes is not None:
+        known &= text.isin([label_text(value) for value in data.classes])
+    return labels[known], int((~known).sum())
 
 
 def batch_digest(path: Path) -> str:
@@ -214,6 +235,7 @@ def gathered_metrics(gathered: Gathered) -> dict[str, float]:
         "unlabelled_rows": new.unlabelled,
         "rows_already_in_table": new.already_in_table,
         "table_rows_before": len(gathered.table),
+        "unknown_labels": gathered.unknown_labels,
     }
 
 

@@ -192,3 +192,11 @@ def test_the_multiclass_confusion_matrix_is_drawn(tmp_path: Path) -> None:
     (path,) = plot_evaluation("multiclass", CODES, PROBABILITIES, tmp_path, classes=["a", "b", "c"])
     assert path.name == "confusion_matrix.png"
     assert path.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_two_class_multiclass_model_has_every_metric() -> None:
+    codes = np.array([0, 1, 1, 0])
+    probabilities = np.array([[0.7, 0.3], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]])
+    metrics = evaluate_scores("multiclass", codes, probabilities)
+    assert set(METRIC_DIRECTIONS["multiclass"]) <= set(metrics)
+    assert metrics["top2_accuracy"] == 1.0 and metrics["accuracy"] == 0.75

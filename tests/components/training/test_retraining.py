@@ -68,3 +68,29 @@ def test_after_shadow_names_the_decision_and_its_first_reasons() -> None:
     assert outcome == retraining.NOT_PROMOTED and summary.endswith("shadow decided wait: a; b")
     outcome, summary = retraining.after_shadow(True, shadow, "3", "m2")
     assert outcome == retraining.PROMOTED and "v3 is the champion" in summary
+
+
+def test_production_labels_the_spec_does_not_know_are_left_out_and_counted():
+    """A class only production shows would stop the next training: with classes or a label
+    map in the spec, such labels are counted and left out; without, any label may be a
+    class the training split learns."""
+    import pandas as pd
+
+    from stemma.components.spec import DataSpec
+    from stemma.components.training.retraining import known_class_labels
+
+    labels = pd.DataFrame({"id": [1, 2, 3, 4], "y": ["Y", "N", "maybe", "Y"]})
+    features = {"numeric": ["x"]}
+    mapped = DataSpec(
+        path="d.csv", target="y", features=features, task="binary", labels={"Y": 1, "N": 0}
+    )
+    kept, unknown = known_class_labels(labels, mapped)
+    assert kept["id"].tolist() == [1, 2, 4] and unknown == 1
+
+    listed = DataSpec(
+        path="d.csv", target="y", features=features, task="multiclass", classes=["Y", "N"]
+    )
+    assert known_class_labels(labels, listed)[1] == 1
+    open_classes = DataSpec(path="d.csv", target="y", features=features, task="multiclass")
+    kept, unknown = known_class_labels(labels, open_classes)
+    assert len(kept) == 4 and unknown == 0
