@@ -57,7 +57,7 @@ def test_unshifted_batches_of_30_to_5000_rows_raise_drift_in_at_most_1_percent(c
                 small += 1
                 small_alarms += judge(case, batch, every_size).detected
     assert judged == 2 * NULL_BATCHES and small > 0.2 * judged
-    # Bonferroni bounds the rate by 1%; it measures about 0.5% (bench_drift_false_alarms)
+    # Bonferroni bounds the rate by 1%; it measures 0.1 to 0.2% (bench_drift_false_alarms)
     assert alarms <= MOST_FALSE_ALARMS * judged, f"{alarms} false alarms in {judged} batches"
     # a count this high has a chance under 0.1% at a rate of 1% (the old PSI rule: over 30%)
     assert small_alarms <= stats.binom.ppf(0.999, small, MOST_FALSE_ALARMS), (small_alarms, small)
