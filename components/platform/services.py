@@ -51,6 +51,11 @@ LOG_TAIL_LINES = 10
 POLL_INTERVAL_S = 0.5
 #: Time limit of one health request.
 HEALTH_REQUEST_TIMEOUT_S = 2.0
+#: MLflow's server runs its jobs (GenAI scorers, evaluations and prompt optimization;
+#: nothing Stemma uses) in a job runner and several huey consumers, each a Python process
+#: that imports mlflow, which slows every start on a small machine. Off unless the user
+#: sets the variable.
+JOB_EXECUTION_VARIABLE = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
 
 # Kept equal to tracking.STATE_DIR / LOCAL_DB_NAME / LOCAL_ARTIFACTS_DIR (a test checks it):
 # importing tracking would import mlflow and cost ~1.5 s on every `stemma status`.
@@ -297,6 +302,8 @@ def _mlflow_launch(
     )
     # The store URI goes through the environment so a password never shows in `ps`.
     extra = {"MLFLOW_BACKEND_STORE_URI": store}
+    if JOB_EXECUTION_VARIABLE not in os.environ:
+        extra[JOB_EXECUTION_VARIABLE] = "false"
     # One worker: ~12 s to start instead of ~22 s with the default four (STACK.md).
     command = (
         _executable(MLFLOW),

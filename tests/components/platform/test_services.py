@@ -109,6 +109,18 @@ def test_servers_listen_on_loopback_only(running: Running) -> None:
         assert command[command.index("--host") + 1] == "127.0.0.1"
 
 
+def test_mlflow_server_starts_none_of_mlflows_job_processes(running: Running) -> None:
+    """Job execution is off unless the user sets MLFLOW_SERVER_ENABLE_JOB_EXECUTION: no job
+    runner, no huey consumers, only the server's uvicorn."""
+    import psutil
+
+    assert services_module.JOB_EXECUTION_VARIABLE not in os.environ  # the default is tested
+    server = psutil.Process(running.by_name("mlflow").pid)
+    commands = [" ".join(child.cmdline()) for child in server.children(recursive=True)]
+    assert any("uvicorn" in command for command in commands), commands
+    assert not [c for c in commands if "mlflow.server.jobs" in c or "huey" in c], commands
+
+
 def test_status_lists_both_with_urls(running: Running) -> None:
     statuses = service_status(running.root)
     assert [(s.name, s.pid, s.healthy) for s in statuses] == [
