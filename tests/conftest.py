@@ -13,11 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from tests.support import SMALL_TRAIN_ROWS, build_project, dvc_add
+from tests.support import SMALL_TRAIN_ROWS, build_project, rewrite_training_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,9 +86,6 @@ def rewrite_data(project) -> Callable[[Callable[[pd.DataFrame], pd.DataFrame]], 
     """Change the training table and record the change with DVC, as a user would."""
 
     def rewrite(change: Callable[[pd.DataFrame], pd.DataFrame]) -> None:
-        path = project / "data" / "credit" / "train.parquet"
-        frame = change(pd.read_parquet(path))
-        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
-        dvc_add(project)
+        rewrite_training_table(project, change)
 
     return rewrite

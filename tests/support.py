@@ -101,6 +101,19 @@ def dvc_add(root: Path) -> None:
         repo.add(str(root / "data"))
 
 
+def rewrite_training_table(project: Path, change) -> None:
+    """Change the worked example's training table with ``change`` (a DataFrame in, a
+    DataFrame out) and record the change with DVC, as a user would."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = project / "data" / "credit" / "train.parquet"
+    frame = change(pd.read_parquet(path))
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
+    dvc_add(project)
+
+
 def build_project(root: Path, repo_root: Path, *, train_rows: int) -> Path:
     """A Stemma project: git repo, DVC repo, the worked example's spec and generated data."""
     from dvc.repo import Repo
@@ -218,6 +231,53 @@ def legacy_index_tags(record: dict, run_id: str) -> dict[str, str]:
     edges = [[e["source"], e["target"], e["relation"]] for e in record.get("edges", [])]
     tags[lineage.EDGES_TAG] = json.dumps(edges, separators=(",", ":"))
     return tags
+
+
+def run_side_by_side(
+    commands: list[list[str]],
+    *,
+    cwd: Path | list[Path],
+    env: dict[str, str],
+    timeout_s: float,
+    text: bool = False,
+) -> list[subprocess.CompletedProcess]:
+    """Start independent commands at once and wait for them all: on a 2-core runner two
+    `stemma` processes import their libraries side by side. ``cwd``: the folder of every
+    command, or one folder per command.
+
+    Returns:
+        One ``CompletedProcess`` per command, in order, as ``subprocess.run(...,
+        capture_output=True, text=text)`` gives it. A command still running after
+        ``timeout_s`` is killed and raises ``subprocess.TimeoutExpired``.
+    """
+    import tempfile
+    from contextlib import ExitStack
+
+    def end(process: subprocess.Popen) -> None:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    with ExitStack() as stack:
+        started = []
+        folders = cwd if isinstance(cwd, list) else [cwd] * len(commands)
+        for command, folder in zip(commands, folders, strict=True):
+            out, err = (stack.enter_context(tempfile.TemporaryFile()) for _ in range(2))
+            process = subprocess.Popen(command, cwd=folder, env=env, stdout=out, stderr=err)
+            stack.callback(end, process)
+            started.append((process, out, err))
+        done = []
+        for process, out, err in started:
+            process.wait(timeout=timeout_s)
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
+            if text:
+                stdout, stderr = stdout.decode(), stderr.decode()
+            done.append(
+                subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+            )
+    return done
 
 
 def free_port() -> int:
