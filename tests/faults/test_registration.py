@@ -9,6 +9,7 @@ resumes the same MLflow run, finds the version it registered and completes it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
+
+from tests.support import run_side_by_side
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "mlflow_uri")
 
@@ -52,27 +55,48 @@ train_flow(config=sys.argv[1], overrides=sys.argv[2:])
 """
 
 
+def _overrides(point: str) -> list[str]:
+    name = f"killed-{point}"
+    return [*FAST, f"pipeline.name={name}", f"pipeline.model_name={name}"]
+
+
+@pytest.fixture(scope="module")
+def killed_children(
+    template_project, tmp_path_factory, prefect_api, mlflow_uri
+) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Each kill point's child, in a copy of the project of its own, all started at once:
+    the project and the finished child by kill point."""
+    # MLflow creates its tables on a store's first use, which two processes must not do at once.
+    mlflow.MlflowClient(mlflow_uri).search_experiments(max_results=1)
+    projects, commands = [], []
+    for point, patch in KILL_POINTS.items():
+        project = tmp_path_factory.mktemp("killed") / "project"
+        shutil.copytree(template_project, project, symlinks=True)
+        script = CHILD.format(patch=textwrap.dedent(patch))
+        config = str(project / "configs" / "credit.yaml")
+        commands.append([sys.executable, "-c", script, config, *_overrides(point)])
+        projects.append(project)
+    children = run_side_by_side(
+        commands,
+        cwd=projects,
+        env={**os.environ, "PREFECT_API_URL": prefect_api},
+        timeout_s=300,
+        text=True,
+    )
+    return dict(zip(KILL_POINTS, zip(projects, children, strict=True), strict=True))
+
+
 @pytest.mark.slow
 @pytest.mark.fault_case("fault")
 @pytest.mark.parametrize("point", list(KILL_POINTS), ids=list(KILL_POINTS))
-def test_a_kill_after_registration_gives_one_completed_version(
-    project: Path, point: str, prefect_api
-):
+def test_a_kill_after_registration_gives_one_completed_version(killed_children, point: str):
     from stemma.components.monitoring.profile import PROFILE_SHA256_TAG
     from stemma.flows.train import train_flow
 
+    project, child = killed_children[point]
     name = f"killed-{point}"
     config = str(project / "configs" / "credit.yaml")
-    overrides = [*FAST, f"pipeline.name={name}", f"pipeline.model_name={name}"]
-    script = CHILD.format(patch=textwrap.dedent(KILL_POINTS[point]))
-    child = subprocess.run(
-        [sys.executable, "-c", script, config, *overrides],
-        cwd=project,
-        env={**os.environ, "PREFECT_API_URL": prefect_api},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    overrides = _overrides(point)
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
     client = mlflow.MlflowClient()
     (killed,) = client.search_model_versions(f"name = '{name}'")

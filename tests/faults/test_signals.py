@@ -8,21 +8,24 @@ project); the signals are real signals sent to the CLI process.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import psutil
 import pytest
 
-from tests.support import build_project, checkpoint_epoch
+from tests.support import checkpoint_epoch
 
-#: Rows and batch size that make an epoch last long enough to signal the run mid-training.
-TRAIN_ROWS = 8_000
-OVERRIDES = ["train.epochs=3", "train.early_stopping=null", "train.batch_size=16"]
+#: Epochs and batch size that keep the template project's training running long enough to
+#: signal it mid-training (175 steps an epoch on its 2,800 training rows).
+EPOCHS = 6
+OVERRIDES = [f"train.epochs={EPOCHS}", "train.early_stopping=null", "train.batch_size=16"]
 #: How long to wait for the first epoch's checkpoint.
 CHECKPOINT_WAIT_S = 240
 #: How long a signalled command may take to stop.
@@ -68,11 +71,10 @@ def _flow_run_state(flow_run_id: str) -> tuple[str, str]:
 @pytest.mark.fault_case("fault")
 @pytest.mark.usefixtures("mlflow_uri")
 def test_sigterm_mid_training_exits_143_and_the_rerun_resumes_to_identical_weights(
-    stemma_exe, tmp_path, repo_root, prefect_api, fault_ledger
+    stemma_exe, project, prefect_api, fault_ledger
 ):
     from stemma.flows.train import train_flow
 
-    project = build_project(tmp_path / "project", repo_root, train_rows=TRAIN_ROWS)
     overrides = [*OVERRIDES, "pipeline.name=sigterm", "pipeline.model_name=sigterm"]
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
 
@@ -86,7 +88,7 @@ def test_sigterm_mid_training_exits_143_and_the_rerun_resumes_to_identical_weigh
     assert "terminated: training resumes from its last checkpoint when run again" in err
     assert "Traceback" not in err
     stopped_at = checkpoint_epoch(project)
-    assert 1 <= stopped_at < 3
+    assert 1 <= stopped_at < EPOCHS
     (run,) = _runs("sigterm")
     assert run.info.status == "KILLED"
     assert run.data.tags["stemma.status"] == "interrupted"
@@ -96,19 +98,25 @@ def test_sigterm_mid_training_exits_143_and_the_rerun_resumes_to_identical_weigh
     assert state == "CRASHED" and "termination signal" in message
 
     process = _train(stemma_exe, project, *overrides, env=env)
-    out, err = process.communicate(timeout=600)
+    try:
+        # An uninterrupted run of the same spec and data, in this process while the
+        # command resumes.
+        reference = train_flow(
+            config=str(project / "configs" / "credit.yaml"),
+            overrides=[*OVERRIDES, "pipeline.name=sigterm-ref", "pipeline.model_name=sigterm-ref"],
+        )
+        out, err = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
     assert process.returncode == 0, err[-3000:]
     assert "resumed an interrupted run from its last checkpoint" in out
     (resumed,) = _runs("sigterm")
     assert resumed.info.run_id == run.info.run_id
     assert resumed.info.status == "FINISHED"
     history = mlflow.MlflowClient().get_metric_history(resumed.info.run_id, "train/loss")
-    assert sorted({metric.step for metric in history}) == [1, 2, 3]
-
-    reference = train_flow(
-        config=str(project / "configs" / "credit.yaml"),
-        overrides=[*OVERRIDES, "pipeline.name=sigterm-ref", "pipeline.model_name=sigterm-ref"],
-    )
+    assert sorted({metric.step for metric in history}) == list(range(1, EPOCHS + 1))
     assert resumed.data.tags["stemma.weights.sha256"] == reference["weights_sha256"]
 
 
@@ -135,29 +143,50 @@ def _temporary_server(cli: psutil.Process, deadline: float) -> psutil.Process:
     raise AssertionError("the command started no temporary Prefect server that answered")
 
 
-@pytest.mark.slow
-@pytest.mark.fault_case("fault")
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_a_stopped_command_leaves_no_temporary_prefect_server(
-    stemma_exe, project, sig, fault_ledger
-):
+#: The signals a command is stopped by, and the exit each gives.
+STOPS = {signal.SIGKILL: -signal.SIGKILL, signal.SIGTERM: 143}
+#: A training that outlasts any test: its command is stopped long before it ends.
+LONG_TRAINING = ["train.epochs=1000", "train.early_stopping=null"]
+
+
+@pytest.fixture(scope="module")
+def commands_to_stop(
+    stemma_exe, template_project, tmp_path_factory
+) -> Iterator[dict[int, tuple[Path, subprocess.Popen]]]:
+    """One `stemma run train` per signal with no Prefect server configured, each in a copy
+    of the project of its own, all started at once: each starts a temporary Prefect server
+    on a fresh Prefect home, whose migrations they wait for side by side."""
     env = {
         key: value
         for key, value in os.environ.items()
         if key not in {"PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI"}
     }
-    process = _train(stemma_exe, project, "train.epochs=1", env=env)
+    started: dict[int, tuple[Path, subprocess.Popen]] = {}
     try:
-        server = _temporary_server(psutil.Process(process.pid), time.monotonic() + 120)
-        home = Path(server.environ()["PREFECT_HOME"])
-        assert home == project / ".stemma" / "prefect"
-        process.send_signal(sig)
-        process.communicate(timeout=STOP_WAIT_S)
-        fault_ledger.lost_rows(0)
-        _gone, alive = psutil.wait_procs([server], timeout=ORPHAN_WAIT_S)
-        assert not alive, f"temporary Prefect server {server.pid} outlived its command"
-        assert process.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 143)
+        for sig in STOPS:
+            project = tmp_path_factory.mktemp("stopped") / "project"
+            shutil.copytree(template_project, project, symlinks=True)
+            process = _train(stemma_exe, project, *LONG_TRAINING, env=env)
+            started[sig] = (project, process)
+        yield started
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        for _project, process in started.values():
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+
+
+@pytest.mark.slow
+@pytest.mark.fault_case("fault")
+@pytest.mark.parametrize("sig", list(STOPS), ids=["sigkill", "sigterm"])
+def test_a_stopped_command_leaves_no_temporary_prefect_server(commands_to_stop, sig, fault_ledger):
+    project, process = commands_to_stop[sig]
+    server = _temporary_server(psutil.Process(process.pid), time.monotonic() + 120)
+    home = Path(server.environ()["PREFECT_HOME"])
+    assert home == project / ".stemma" / "prefect"
+    process.send_signal(sig)
+    process.communicate(timeout=STOP_WAIT_S)
+    fault_ledger.lost_rows(0)
+    _gone, alive = psutil.wait_procs([server], timeout=ORPHAN_WAIT_S)
+    assert not alive, f"temporary Prefect server {server.pid} outlived its command"
+    assert process.returncode == STOPS[sig]
