@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -11,13 +12,22 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.support import build_project, checkpoint_epoch
+from tests.support import (
+    checkpoint_epoch,
+    rewrite_training_table,
+    run_side_by_side,
+)
 
 pytestmark = pytest.mark.usefixtures("mlflow_uri")
 
-#: Rows and batch size that make one epoch last long enough to kill the run mid-training.
-INTERRUPT_TRAIN_ROWS = 20_000
-INTERRUPT_OVERRIDES = ["train.epochs=6", "train.early_stopping=null", "train.batch_size=16"]
+#: Epochs and batch size that keep the template project's training running long enough to
+#: kill it mid-training (175 steps an epoch on its 2,800 training rows).
+INTERRUPT_EPOCHS = 20
+INTERRUPT_OVERRIDES = [
+    f"train.epochs={INTERRUPT_EPOCHS}",
+    "train.early_stopping=null",
+    "train.batch_size=16",
+]
 #: How long to wait for the checkpoint of epoch 2 before giving up.
 CHECKPOINT_WAIT_S = 240
 
@@ -26,9 +36,8 @@ def cli_env(prefect_api: str) -> dict[str, str]:
     return {**os.environ, "PREFECT_API_URL": prefect_api}
 
 
-def stemma_train(stemma_exe, project: Path, *overrides: str, env, debug=False, verbose=False):
-    flags = [*(["--debug"] if debug else []), *(["-v"] if verbose else [])]
-    args = [*stemma_exe, *flags, "run", "train", "configs/credit.yaml"]
+def stemma_train(stemma_exe, project: Path, *overrides: str, env):
+    args = [*stemma_exe, "run", "train", "configs/credit.yaml"]
     for override in overrides:
         args += ["--set", override]
     return subprocess.Popen(
@@ -49,25 +58,40 @@ def _as_from_a_shell() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
-def test_failed_check_exits_3_with_one_screen_and_no_traceback(
-    stemma_exe, project, rewrite_data, prefect_api, verbose
-):
-    def old_applicants(frame):
-        frame = frame.copy()
-        frame.loc[frame.index[:7], "age"] = 140
-        return frame
+def old_applicants(frame):
+    frame = frame.copy()
+    frame.loc[frame.index[:7], "age"] = 140
+    return frame
 
-    rewrite_data(old_applicants)
-    process = stemma_train(
-        stemma_exe,
-        project,
-        "pipeline.name=cli-fail",
-        "pipeline.model_name=cli-fail",
-        env=cli_env(prefect_api),
-        verbose=verbose,
+
+@pytest.fixture(scope="module")
+def failed_checks(
+    template_project, tmp_path_factory, stemma_exe, prefect_api, mlflow_uri
+) -> dict[bool, subprocess.CompletedProcess]:
+    """`stemma run train` on a table with 7 applicants aged 140, quiet and with -v, side by
+    side, each in its own copy of the project; the finished commands by ``verbose``."""
+    projects, commands = [], []
+    for verbose in (False, True):
+        project = tmp_path_factory.mktemp("cli-fail") / "project"
+        shutil.copytree(template_project, project, symlinks=True)
+        rewrite_training_table(project, old_applicants)
+        command = [*stemma_exe, *(["-v"] if verbose else []), "run", "train", "configs/credit.yaml"]
+        for override in ("pipeline.name=cli-fail", "pipeline.model_name=cli-fail"):
+            command += ["--set", override]
+        projects.append(project)
+        commands.append(command)
+    # MLflow creates its tables on a store's first use, which two processes must not do at once.
+    mlflow.MlflowClient(mlflow_uri).search_experiments(max_results=1)
+    done = run_side_by_side(
+        commands, cwd=projects, env=cli_env(prefect_api), timeout_s=300, text=True
     )
-    _, err = process.communicate(timeout=300)
+    return dict(zip((False, True), done, strict=True))
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_failed_check_exits_3_with_one_screen_and_no_traceback(failed_checks, verbose):
+    process = failed_checks[verbose]
+    err = process.stderr
     assert process.returncode == 3, err[-3000:]
     assert "Traceback" not in err
     # printed once, by the CLI: Prefect's copies of the error and of the failed states stay
@@ -81,10 +105,9 @@ def test_failed_check_exits_3_with_one_screen_and_no_traceback(
     assert mlflow.MlflowClient().search_model_versions("name='cli-fail'") == []
 
 
-def test_killed_run_resumes_to_identical_weights(stemma_exe, tmp_path, repo_root, prefect_api):
+def test_killed_run_resumes_to_identical_weights(stemma_exe, project, prefect_api):
     from stemma.flows.train import train_flow
 
-    project = build_project(tmp_path / "project", repo_root, train_rows=INTERRUPT_TRAIN_ROWS)
     overrides = [*INTERRUPT_OVERRIDES, "pipeline.name=resume", "pipeline.model_name=resume"]
     env = cli_env(prefect_api)
 
@@ -97,7 +120,7 @@ def test_killed_run_resumes_to_identical_weights(stemma_exe, tmp_path, repo_root
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     killed_at = checkpoint_epoch(project)
-    assert 2 <= killed_at < 6
+    assert 2 <= killed_at < INTERRUPT_EPOCHS
 
     (interrupted,) = mlflow.search_runs(
         experiment_names=["credit"],
@@ -119,7 +142,7 @@ def test_killed_run_resumes_to_identical_weights(stemma_exe, tmp_path, repo_root
     assert resumed.info.run_id == interrupted.info.run_id  # the same MLflow run, resumed
     assert resumed.info.status == "FINISHED"
     history = mlflow.MlflowClient().get_metric_history(resumed.info.run_id, "train/loss")
-    assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5, 6]
+    assert sorted({m.step for m in history}) == list(range(1, INTERRUPT_EPOCHS + 1))
     assert not list((project / ".stemma" / "checkpoints").glob("*/checkpoint.pt"))
 
     reference = train_flow(
@@ -133,13 +156,12 @@ def test_killed_run_resumes_to_identical_weights(stemma_exe, tmp_path, repo_root
     assert resumed.data.tags["stemma.weights.sha256"] == reference["weights_sha256"]
 
 
-def test_ctrl_c_exits_130_and_keeps_the_checkpoint(stemma_exe, tmp_path, repo_root, prefect_api):
-    project = build_project(tmp_path / "project", repo_root, train_rows=INTERRUPT_TRAIN_ROWS)
+def test_ctrl_c_exits_130_and_keeps_the_checkpoint(stemma_exe, project, prefect_api):
     # Many epochs: on a busy machine the test may see the first checkpoint late, and the
     # signal must still find the training running (it stops at once when it does).
     overrides = [
         *INTERRUPT_OVERRIDES,
-        "train.epochs=60",
+        "train.epochs=300",
         "pipeline.name=ctrl-c",
         "pipeline.model_name=ctrl-c",
     ]
