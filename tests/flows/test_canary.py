@@ -254,20 +254,10 @@ def test_a_killed_canary_resumes_to_the_same_decisions_and_moves(
         *GUARDS,
     ]
     batches = [day(project, n) for n in (1, 2, 3)]
-
-    # an uninterrupted canary of the same models, for reference
+    # the same models twice: one canary is killed and resumed, the other runs uninterrupted
     reference, _ = register_models(
         project, weights, {"champion": "champion", "better": "challenger"}
     )
-    run_canary(
-        project,
-        reference,
-        *overrides[:2],
-        batches=batches,
-        labels=labels_folder(project),
-        output=str(project / "reference-canary"),
-    )
-
     name, versions = register_models(
         project, weights, {"champion": "champion", "better": "challenger"}
     )
@@ -291,11 +281,26 @@ def test_a_killed_canary_resumes_to_the_same_decisions_and_moves(
     state = canary.read_state(MlflowClient(), name)
     assert state is not None and len(state.history) < 3, "the run finished before its kill"
 
-    resumed = subprocess.run(
-        command, cwd=project, env=env, capture_output=True, text=True, timeout=600
+    resumed = subprocess.Popen(
+        command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "canary:" in resumed.stdout
+    try:
+        # the uninterrupted canary, in this process while the command resumes
+        run_canary(
+            project,
+            reference,
+            *overrides[:2],
+            batches=batches,
+            labels=labels_folder(project),
+            output=str(project / "reference-canary"),
+        )
+        stdout, stderr = resumed.communicate(timeout=600)
+    finally:
+        if resumed.poll() is None:
+            resumed.kill()
+            resumed.communicate()
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert "canary:" in stdout
 
     assert _history(name) == _history(reference)
     state = canary.read_state(MlflowClient(), name)
