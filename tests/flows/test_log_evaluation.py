@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,6 +44,7 @@ from tests.flows.test_shadow import (
     register_models,
 )
 from tests.flows.test_tag_budget import documented, stemma_tags
+from tests.support import run_side_by_side
 
 pytestmark = [
     pytest.mark.usefixtures("prefect_api", "mlflow_uri"),
@@ -549,16 +549,13 @@ def test_cli_judges_from_the_log_and_exits_3_on_a_broken_one(
     base = [*stemma_exe, "run", "shadow", "configs/credit.yaml"]
     for override in overrides(name, "evaluate.shadow.min_labelled_rows=500"):
         base += ["--set", override]
-    done = subprocess.run(
-        [*base, "--log", "endpoint-log"], cwd=project, env=env, capture_output=True, text=True,
-        timeout=300,
+    # The broken log is refused before anything moves: both commands run side by side.
+    done, broken = run_side_by_side(
+        [[*base, "--log", "endpoint-log"], [*base, "--log", "configs"]],
+        cwd=project, env=env, timeout_s=300, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"v{versions['better']} vs champion v{versions['champion']}: PROMOTE" in done.stdout
-    broken = subprocess.run(
-        [*base, "--log", "configs"], cwd=project, env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
     assert broken.returncode == 3, broken.stderr[-3000:]
     assert "not a prediction log" in broken.stderr and "Traceback" not in broken.stderr
 
