@@ -36,6 +36,11 @@ from tests.support import build_project, free_port
 
 START_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 420
+#: How often the tests look at a flow run they wait for.
+RUN_POLL_S = 0.5
+#: How often `stemma serve`'s runner asks for runs to start (Prefect's default is 10 s): a
+#: run created through the API starts within a second, as the tests wait for it.
+RUNNER_POLL_S = 1
 ARTIFACTS = Path(os.environ.get("STEMMA_TEST_ARTIFACTS", "test-artifacts"))
 #: The served spec's endpoint log, which `stemma serve` deploys a monitor of.
 ENDPOINT_LOG = "outputs/endpoint-log"
@@ -88,7 +93,7 @@ class Stack:
             state = run["state"]["type"]  # type: ignore[index]
             if state in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
                 return run  # type: ignore[return-value]
-            time.sleep(2)
+            time.sleep(RUN_POLL_S)
         raise AssertionError(
             f"flow run {flow_run_id} did not finish in {timeout_s} s:\n{self.log()}"
         )
@@ -121,7 +126,7 @@ def _start_serve(
     return subprocess.Popen(
         [*stemma_exe, "serve", "configs/credit.yaml", "--set", "train.epochs=2"],
         cwd=project,
-        env={**os.environ, **environment},
+        env={**os.environ, **environment, "PREFECT_RUNNER_POLL_FREQUENCY": str(RUNNER_POLL_S)},
         stdout=handle,
         stderr=subprocess.STDOUT,
         start_new_session=True,
