@@ -326,8 +326,31 @@ def api(url: str, body: dict | None = None) -> dict | list:
 
 
 @pytest.fixture(scope="module")
-def trained(stack, stemma_exe) -> dict:
-    """`stemma run train` against the stack, as a user runs it."""
+def deploying(stack) -> Iterator[subprocess.Popen]:
+    """infra/deploy.sh started against the stack's Prefect server (pools, then prefect.yaml).
+
+    It only talks to the Prefect server, as the training does: the two run side by side.
+    """
+    environment = client_environment(stack)
+    environment["PREFECT"] = str(VENV_BIN / "prefect")
+    process = subprocess.Popen(
+        ["bash", str(INFRA / "deploy.sh")],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+@pytest.fixture(scope="module")
+def trained(stack, deploying, stemma_exe) -> dict:
+    """`stemma run train` against the stack, as a user runs it (while deploy.sh runs)."""
     done = subprocess.run(
         [*stemma_exe, "run", "train", "configs/credit.yaml", "--set", "train.epochs=2"],
         cwd=stack.project,
@@ -407,19 +430,10 @@ def test_flow_run_is_recorded_by_the_prefect_server_on_postgresql(stack, trained
 
 
 @pytest.fixture(scope="module")
-def deployed(stack) -> dict[str, dict]:
-    """infra/deploy.sh against the stack's Prefect server: pools, then prefect.yaml."""
-    environment = client_environment(stack)
-    environment["PREFECT"] = str(VENV_BIN / "prefect")
-    done = subprocess.run(
-        ["bash", str(INFRA / "deploy.sh")],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, f"deploy.sh failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+def deployed(stack, deploying) -> dict[str, dict]:
+    """What infra/deploy.sh made on the stack's Prefect server, once it finished."""
+    stdout, stderr = deploying.communicate(timeout=300)
+    assert deploying.returncode == 0, f"deploy.sh failed:\n{stdout[-4000:]}\n{stderr[-4000:]}"
     deployments = api(f"{stack.prefect_api}/deployments/filter", {"limit": 100})
     flows = {flow["id"]: flow["name"] for flow in api(f"{stack.prefect_api}/flows/filter", {})}
     return {f"{flows[item['flow_id']]}/{item['name']}": item for item in deployments}
