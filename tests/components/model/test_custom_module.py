@@ -226,8 +226,14 @@ LOAD_AND_PREDICT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def variant_model(trained) -> str:
     """An int8 variant of the trained custom network, registered by the quantize flow."""
+    import torch
+
     from stemma.flows.quantize import quantize_flow
 
+    # The flow sets the process's thread count for its timings, as `stemma run quantize`
+    # sets its own process's; the reproduce test below retrains in this process and must
+    # run with the count `trained` was trained with.
+    threads = torch.get_num_threads()
     result = quantize_flow(
         config=str(trained["config"]),
         overrides=[
@@ -238,6 +244,7 @@ def variant_model(trained) -> str:
         ],
         model=f"models:/{NAME}/{trained['model_version']}",
     )
+    torch.set_num_threads(threads)
     (variant,) = result["variants"]
     assert variant["version"] is not None, variant
     return f"models:/{NAME}/{variant['version']}"
