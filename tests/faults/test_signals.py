@@ -20,12 +20,11 @@ import mlflow
 import psutil
 import pytest
 
-from tests.support import checkpoint_epoch
+from tests.support import build_project, checkpoint_epoch
 
-#: Epochs and batch size that keep the template project's training running long enough to
-#: signal it mid-training (175 steps an epoch on its 2,800 training rows).
-EPOCHS = 6
-OVERRIDES = [f"train.epochs={EPOCHS}", "train.early_stopping=null", "train.batch_size=16"]
+#: Rows and batch size that make an epoch last long enough to signal the run mid-training.
+TRAIN_ROWS = 8_000
+OVERRIDES = ["train.epochs=3", "train.early_stopping=null", "train.batch_size=16"]
 #: How long to wait for the first epoch's checkpoint.
 CHECKPOINT_WAIT_S = 240
 #: How long a signalled command may take to stop.
@@ -71,10 +70,11 @@ def _flow_run_state(flow_run_id: str) -> tuple[str, str]:
 @pytest.mark.fault_case("fault")
 @pytest.mark.usefixtures("mlflow_uri")
 def test_sigterm_mid_training_exits_143_and_the_rerun_resumes_to_identical_weights(
-    stemma_exe, project, prefect_api, fault_ledger
+    stemma_exe, tmp_path, repo_root, prefect_api, fault_ledger
 ):
     from stemma.flows.train import train_flow
 
+    project = build_project(tmp_path / "project", repo_root, train_rows=TRAIN_ROWS)
     overrides = [*OVERRIDES, "pipeline.name=sigterm", "pipeline.model_name=sigterm"]
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
 
@@ -88,7 +88,7 @@ def test_sigterm_mid_training_exits_143_and_the_rerun_resumes_to_identical_weigh
     assert "terminated: training resumes from its last checkpoint when run again" in err
     assert "Traceback" not in err
     stopped_at = checkpoint_epoch(project)
-    assert 1 <= stopped_at < EPOCHS
+    assert 1 <= stopped_at < 3
     (run,) = _runs("sigterm")
     assert run.info.status == "KILLED"
     assert run.data.tags["stemma.status"] == "interrupted"
@@ -116,7 +116,7 @@ def test_sigterm_mid_training_exits_143_and_the_rerun_resumes_to_identical_weigh
     assert resumed.info.run_id == run.info.run_id
     assert resumed.info.status == "FINISHED"
     history = mlflow.MlflowClient().get_metric_history(resumed.info.run_id, "train/loss")
-    assert sorted({metric.step for metric in history}) == list(range(1, EPOCHS + 1))
+    assert sorted({metric.step for metric in history}) == [1, 2, 3]
     assert resumed.data.tags["stemma.weights.sha256"] == reference["weights_sha256"]
 
 

@@ -38,9 +38,6 @@ START_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 420
 #: How often the tests look at a flow run they wait for.
 RUN_POLL_S = 0.5
-#: How often `stemma serve`'s runner asks for runs to start (Prefect's default is 10 s): a
-#: run created through the API starts within a second, as the tests wait for it.
-RUNNER_POLL_S = 1
 ARTIFACTS = Path(os.environ.get("STEMMA_TEST_ARTIFACTS", "test-artifacts"))
 #: The served spec's endpoint log, which `stemma serve` deploys a monitor of.
 ENDPOINT_LOG = "outputs/endpoint-log"
@@ -77,14 +74,14 @@ class Stack:
 
     def deployments(self) -> dict[str, dict]:
         """Deployments by `<flow>/<name>`."""
+        # Deployments first: a flow exists before its deployment, so every deployment read
+        # finds its flow even while `stemma serve` is still creating them.
+        found = _request("POST", f"{self.prefect_api}/deployments/filter", {})
         flows = {
             flow["id"]: flow["name"]
             for flow in _request("POST", f"{self.prefect_api}/flows/filter", {})  # type: ignore[union-attr]
         }
-        return {
-            f"{flows[item['flow_id']]}/{item['name']}": item
-            for item in _request("POST", f"{self.prefect_api}/deployments/filter", {})  # type: ignore[union-attr]
-        }
+        return {f"{flows[item['flow_id']]}/{item['name']}": item for item in found}  # type: ignore[union-attr]
 
     def wait_for_run(self, flow_run_id: str, timeout_s: float = RUN_TIMEOUT_S) -> dict:
         deadline = time.monotonic() + timeout_s
@@ -126,7 +123,7 @@ def _start_serve(
     return subprocess.Popen(
         [*stemma_exe, "serve", "configs/credit.yaml", "--set", "train.epochs=2"],
         cwd=project,
-        env={**os.environ, **environment, "PREFECT_RUNNER_POLL_FREQUENCY": str(RUNNER_POLL_S)},
+        env={**os.environ, **environment},
         stdout=handle,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -13,6 +13,7 @@ import mlflow
 import pytest
 
 from tests.support import (
+    build_project,
     checkpoint_epoch,
     rewrite_training_table,
     run_side_by_side,
@@ -20,14 +21,9 @@ from tests.support import (
 
 pytestmark = pytest.mark.usefixtures("mlflow_uri")
 
-#: Epochs and batch size that keep the template project's training running long enough to
-#: kill it mid-training (175 steps an epoch on its 2,800 training rows).
-INTERRUPT_EPOCHS = 20
-INTERRUPT_OVERRIDES = [
-    f"train.epochs={INTERRUPT_EPOCHS}",
-    "train.early_stopping=null",
-    "train.batch_size=16",
-]
+#: Rows and batch size that make one epoch last long enough to kill the run mid-training.
+INTERRUPT_TRAIN_ROWS = 20_000
+INTERRUPT_OVERRIDES = ["train.epochs=6", "train.early_stopping=null", "train.batch_size=16"]
 #: How long to wait for the checkpoint of epoch 2 before giving up.
 CHECKPOINT_WAIT_S = 240
 
@@ -105,9 +101,10 @@ def test_failed_check_exits_3_with_one_screen_and_no_traceback(failed_checks, ve
     assert mlflow.MlflowClient().search_model_versions("name='cli-fail'") == []
 
 
-def test_killed_run_resumes_to_identical_weights(stemma_exe, project, prefect_api):
+def test_killed_run_resumes_to_identical_weights(stemma_exe, tmp_path, repo_root, prefect_api):
     from stemma.flows.train import train_flow
 
+    project = build_project(tmp_path / "project", repo_root, train_rows=INTERRUPT_TRAIN_ROWS)
     overrides = [*INTERRUPT_OVERRIDES, "pipeline.name=resume", "pipeline.model_name=resume"]
     env = cli_env(prefect_api)
 
@@ -120,7 +117,7 @@ def test_killed_run_resumes_to_identical_weights(stemma_exe, project, prefect_ap
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     killed_at = checkpoint_epoch(project)
-    assert 2 <= killed_at < INTERRUPT_EPOCHS
+    assert 2 <= killed_at < 6
 
     (interrupted,) = mlflow.search_runs(
         experiment_names=["credit"],
@@ -142,7 +139,7 @@ def test_killed_run_resumes_to_identical_weights(stemma_exe, project, prefect_ap
     assert resumed.info.run_id == interrupted.info.run_id  # the same MLflow run, resumed
     assert resumed.info.status == "FINISHED"
     history = mlflow.MlflowClient().get_metric_history(resumed.info.run_id, "train/loss")
-    assert sorted({m.step for m in history}) == list(range(1, INTERRUPT_EPOCHS + 1))
+    assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5, 6]
     assert not list((project / ".stemma" / "checkpoints").glob("*/checkpoint.pt"))
 
     reference = train_flow(
@@ -156,12 +153,13 @@ def test_killed_run_resumes_to_identical_weights(stemma_exe, project, prefect_ap
     assert resumed.data.tags["stemma.weights.sha256"] == reference["weights_sha256"]
 
 
-def test_ctrl_c_exits_130_and_keeps_the_checkpoint(stemma_exe, project, prefect_api):
+def test_ctrl_c_exits_130_and_keeps_the_checkpoint(stemma_exe, tmp_path, repo_root, prefect_api):
+    project = build_project(tmp_path / "project", repo_root, train_rows=INTERRUPT_TRAIN_ROWS)
     # Many epochs: on a busy machine the test may see the first checkpoint late, and the
     # signal must still find the training running (it stops at once when it does).
     overrides = [
         *INTERRUPT_OVERRIDES,
-        "train.epochs=300",
+        "train.epochs=60",
         "pipeline.name=ctrl-c",
         "pipeline.model_name=ctrl-c",
     ]
