@@ -71,3 +71,9 @@ class LineageError(StemmaError):
     """A lineage reference cannot be resolved, or its records cannot be read or exported."""
 
     exit_code = 6
+
+
+class CompressionError(TrainingError):
+    """A compressed variant cannot be built: a pruning that would empty a layer, a network
+    with nothing to prune, a student that cannot be built, or a parent that may not be
+    compressed. Nothing is registered."""

@@ -40,6 +40,8 @@ _MODULES = {
     "import_problem put_project_on_import_path",
     "loading": "MAX_SPEC_BYTES MAX_SPEC_DEPTH MAX_SPEC_NODES SpecLimitError load_yaml "
     "apply_overrides find_project_root load_spec",
+    "compress": "PRUNE_CRITERIA SERVE_CHOICES PROBE_BATCH_SIZES ILLUSTRATIVE_MACHINES PruneSpec "
+    "StudentSpec DistillSpec CompressSpec MachineSpec CostSpec cost_per_million",
     "limits": "TARGET_UNIT_METRICS MetricDrop MetricDropLimit PositiveMetricDrop MetricMargin "
     "parse_metric_drop default_drop scaled_minimum describe_drop percent_of",
 }
@@ -60,6 +62,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # the same names, for type checkers
+    from stemma.components.spec.compress import *  # noqa: F403
     from stemma.components.spec.document import *  # noqa: F403
     from stemma.components.spec.limits import *  # noqa: F403
     from stemma.components.spec.loading import *  # noqa: F403

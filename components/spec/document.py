@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from stemma.components.errors import SpecError
 from stemma.components.spec.expectations import expectation_problems
+from stemma.components.spec.compress import CompressSpec, CostSpec
 from stemma.components.spec.monitor import MonitorSpec
 from stemma.components.spec.operations import EndpointSpec, EvaluateSpec, QuantizeSpec
 from stemma.components.spec.sections import (
@@ -86,6 +87,14 @@ class Spec(Section):
     endpoint: EndpointSpec | None = Field(
         default=None,
         description="The online endpoint, `stemma endpoint` (defaults apply when absent).",
+    )
+    compress: CompressSpec | None = Field(
+        default=None,
+        description="Pruning and distillation of registered models (defaults apply when absent).",
+    )
+    cost: CostSpec = Field(
+        default_factory=CostSpec,
+        description="Machine kinds and prices that costs per million predictions are figured on.",
     )
 
 
@@ -315,6 +324,12 @@ def section_problems(
         message = import_problem(model.architecture, root)
         if message:
             problems.append((("model", "architecture"), message))
+    compress: CompressSpec | None = sections.get("compress")
+    student = compress.distill.student.architecture if compress is not None else "mlp"
+    if check_imports and "distill" in (compress.methods if compress else ()) and IMPORT_PATH.match(student):
+        message = import_problem(student, root)
+        if message:
+            problems.append((("compress", "distill", "student", "architecture"), message))
     return problems
 
 
