@@ -8,6 +8,7 @@ Put your own in the spec's ``cost.machines``.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -20,6 +21,10 @@ from stemma.components.spec.sections import (
     Section,
     check_model_reference,
 )
+
+#: Compression methods; their variants are dense fp32 networks, so they can be quantized in
+#: turn (a quantized variant cannot).
+COMPRESS_METHODS = ("prune", "distill")
 
 #: How :class:`PruneSpec` ranks hidden units: the L1 or L2 norm of each unit's incoming
 #: weights (and bias), scaled by the norm of its outgoing weights.
@@ -278,14 +283,28 @@ class CostSpec(Section):
     @property
     def illustrative(self) -> bool:
         """Whether the prices are the illustrative defaults, not the user's own."""
-        defaults = {
-            name: MachineSpec(**values) for name, values in ILLUSTRATIVE_MACHINES.items()
-        }
+        defaults = {name: MachineSpec(**values) for name, values in ILLUSTRATIVE_MACHINES.items()}
         return self.machines == defaults
 
     def machine(self, role: Literal["scoring", "serving"]) -> MachineSpec:
         """The machine that does ``role``."""
         return self.machines[getattr(self, role)]
+
+    def describe(self, role: Literal["scoring", "serving"], amount: float) -> str:
+        """``0.0021 USD per million predictions on cpu-small (illustrative prices)``."""
+        shown = " (illustrative prices)" if self.illustrative else ""
+        return (
+            f"{format_amount(amount)} {self.currency} per million predictions on "
+            f"{getattr(self, role)}{shown}"
+        )
+
+
+def format_amount(amount: float) -> str:
+    """An amount with two significant digits, without an exponent (``0.000053``, ``1.20``)."""
+    if not math.isfinite(amount) or amount == 0:
+        return f"{amount:g}"
+    decimals = max(2, 1 - math.floor(math.log10(abs(amount))))
+    return f"{amount:.{decimals}f}"
 
 
 def cost_per_million(
