@@ -225,6 +225,9 @@ def build_network(
     ``mlp`` builds :class:`MLP` from ``hidden`` and ``dropout``; ``package.module:Class``
     imports the class and calls ``Class(n_inputs=..., n_outputs=..., **params)``, then
     checks on a dummy batch that it maps ``(batch, n_inputs)`` to ``(batch, n_outputs)``.
+    A custom network's config may carry ``"pruned": {"<Linear name>": [out, in], ...}``
+    (structured pruning narrowed those Linears): each is then replaced by a fresh
+    ``nn.Linear`` of that shape, ready for the pruned weights.
 
     Args:
         config: output of :func:`network_config`.
@@ -239,7 +242,7 @@ def build_network(
         NetworkImportError: the class cannot be imported here (the message names the module,
             the class and the fix).
         TrainingError: the class is not an ``nn.Module``, its constructor or a forward pass
-            fails, or its output has the wrong shape.
+            fails, its output has the wrong shape, or a ``pruned`` entry names no Linear.
         RegistryError: the config names an architecture outside ``allowed``.
     """
     architecture = config.get("architecture", MLP_ARCHITECTURE)
@@ -262,6 +265,54 @@ def _build(
             hidden=tuple(config.get("hidden", (64, 32))),
             dropout=float(config.get("dropout", 0.1)),
         )
+    network = _build_custom(config, architecture, n_inputs, n_outputs)
+    if "pruned" in config:
+        _resize_linears(network, config["pruned"], architecture)
+        _probe(network, architecture, n_inputs, n_outputs)
+    return network
+
+
+def _resize_linears(network: nn.Module, pruned: Any, architecture: str) -> None:
+    """Replace each Linear that structured pruning narrowed with a fresh one of its stored
+    ``[out_features, in_features]`` (same bias setting); the weights are loaded afterwards."""
+    if not isinstance(pruned, Mapping):
+        raise TrainingError(
+            f"model.architecture {architecture}: network config's pruned must map Linear "
+            f"module names to [out_features, in_features], got {type(pruned).__name__}"
+        )
+    linears = {name: module for name, module in network.named_modules() if name}
+    for name, shape in pruned.items():
+        module = linears.get(name)
+        if not isinstance(module, nn.Linear):
+            found = "no such submodule" if module is None else f"a {type(module).__name__}"
+            raise TrainingError(
+                f"model.architecture {architecture}: network config's pruned names {name!r}, "
+                f"which is {found}, not a torch.nn.Linear of the network",
+                ["a pruned entry must name a Linear submodule the class builds"],
+            )
+        if not (
+            isinstance(shape, Sequence)
+            and len(shape) == 2
+            and all(type(width) is int and width > 0 for width in shape)
+        ):
+            raise TrainingError(
+                f"model.architecture {architecture}: network config's pruned shape of "
+                f"{name!r} must be [out_features, in_features] of positive integers, got {shape!r}"
+            )
+        parent_name, _, child = name.rpartition(".")
+        replacement = nn.Linear(
+            shape[1],
+            shape[0],
+            bias=module.bias is not None,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
+        setattr(network.get_submodule(parent_name), child, replacement)
+
+
+def _build_custom(
+    config: Mapping[str, Any], architecture: str, n_inputs: int, n_outputs: int
+) -> nn.Module:
     cls = _import_class(architecture)
     params = dict(config.get("params") or {})
     try:
