@@ -299,7 +299,8 @@ def pruned_network_config(
         shape = (module.out_features, module.in_features) if isinstance(module, nn.Linear) else None
         if shape is not None and shape != before.get(name):
             shapes[name] = list(shape)
-    result["pruned"] = shapes
+    if shapes:
+        result["pruned"] = shapes
     return result
 
 

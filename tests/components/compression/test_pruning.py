@@ -273,6 +273,14 @@ def test_a_user_module_with_functional_activations_is_pruned_and_rebuilt(
     assert type(again).__name__ == "GeluNet"
     np.testing.assert_array_equal(outputs(again, data[2]), outputs(result.network, data[2]))
     assert network.encode.out_features == 32  # the network given is untouched
+    twice = prune(result.network, result.config, data, task, amount=0.5, finetune_epochs=0)
+    assert twice.config["pruned"] == {
+        "encode": [8, width],
+        "hidden": [4, 8],
+        "head": [n_outputs, 4],
+    }
+    again = rebuilt(twice, width, n_outputs, tmp_path)
+    np.testing.assert_array_equal(outputs(again, data[2]), outputs(twice.network, data[2]))
 
 
 def test_a_pruned_user_module_loads_through_the_runtime_and_in_a_fresh_process(
@@ -433,11 +441,24 @@ def test_multiclass_and_regression_networks_prune_and_fine_tune(name: str, tmp_p
     np.testing.assert_array_equal(outputs(again, data[2]), predicted)
 
 
-def test_a_pruned_entry_that_names_no_linear_is_refused(user_networks: str) -> None:
-    config = {"architecture": f"{user_networks}:GeluNet", "pruned": {"encoder": [4, 5]}}
+@pytest.mark.parametrize(
+    ("pruned", "message"),
+    [
+        ({"encoder": [4, 5]}, "pruned names 'encoder', which is no such submodule"),
+        ({"encode": [0, 5]}, "pruned shape of 'encode' must be [out_features, in_features]"),
+        ({"encode": [4, 5]}, "forward pass on a (2, 5) batch failed"),
+    ],
+    ids=["no-such-linear", "bad-shape", "shapes-that-do-not-chain"],
+)
+def test_a_bad_pruned_entry_is_refused_with_its_name(
+    user_networks: str, pruned: dict, message: str
+) -> None:
+    config = {"architecture": f"{user_networks}:GeluNet", "pruned": pruned}
 
-    with pytest.raises(TrainingError, match="pruned names 'encoder', which is no such submodule"):
+    with pytest.raises(TrainingError) as raised:
         build_network(config, 5, 1)
+
+    assert message in str(raised.value)
 
 
 def test_a_config_without_pruned_builds_as_before(user_networks: str) -> None:
