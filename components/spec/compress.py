@@ -41,7 +41,7 @@ ServeChoice = Literal["parent", "quantized", "cheapest"]
 PROBE_BATCH_SIZES = (1, 64, 4096)
 
 #: Default metric-drop limit of a compressed variant, by the metric's units.
-COMPRESS_DROP = {"absolute": 0.01, "relative": 0.02}
+COMPRESS_DROP = {"absolute": 0.01, "percent": 2.0}
 
 #: Machine kinds a spec without ``cost.machines`` is priced on. Illustrative only: of the
 #: order of an on-demand cloud VM, not anyone's quoted price.
