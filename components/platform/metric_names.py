@@ -13,13 +13,16 @@ val        train           ``loss`` per epoch
 test       train           every metric of the task on the test split (``roc_auc``...)
 data       train           ``checks_evaluated``, ``checks_failed``
 gate       train           ``passed`` (1 or 0)
-score      score           rows, parts, ``seconds``, ``rows_per_second``, latencies
+score      score           rows, parts, ``seconds``, ``rows_per_second``, latencies,
+                           ``cpu_seconds``, ``cpu_s_per_million``, ``cost_per_million``
                            (multiclass: ``rows_predicted.<class>``)
 drift      monitor         ``detected``, ``features_drifted``, ``feature.<column>.<stat>``,
                            ``prediction.<stat>``, ``performance.<metric>``...
 shadow     shadow          ``agreement``, ``<metric>_difference``, latencies, segments...
 canary     canary step     ``fraction``, ``metric_difference``, error rate, latencies...
 quantize   quantize        ``fp32.<measure>``, ``<method>.passed``, ``<method>.speedup``...
+latency    train           the registered version's probe: ``p50_ms_b1``...``p99_ms_b4096``,
+                           ``rows_per_s``, ``cpu_s_per_million``, ``cost_per_million``
 retrain    retrain         ``new_rows``, ``unlabelled_rows``...
 =========  ==============  =========================================================
 
@@ -47,6 +50,7 @@ DRIFT = "drift"  # monitor run: the drift report
 SHADOW = "shadow"  # shadow run
 CANARY = "canary"  # canary step run
 QUANTIZE = "quantize"  # quantize run
+LATENCY = "latency"  # train run: the registered version's latency probe
 RETRAIN = "retrain"  # retrain run
 
 
@@ -72,6 +76,9 @@ DATA_CHECKS_EVALUATED = metric_name(DATA, "checks_evaluated")
 DATA_CHECKS_FAILED = metric_name(DATA, "checks_failed")
 GATE_PASSED = metric_name(GATE, "passed")
 SCORE_SECONDS = metric_name(SCORE, "seconds")  # the scoring's wall time
+SCORE_CPU_SECONDS = metric_name(SCORE, "cpu_seconds")  # the scoring's CPU time
+SCORE_COST_PER_MILLION = metric_name(SCORE, "cost_per_million")  # on cost.scoring
+LATENCY_COST_PER_MILLION = metric_name(LATENCY, "cost_per_million")  # on cost.serving
 DRIFT_DETECTED = metric_name(DRIFT, "detected")
 DRIFT_ASSESSED = metric_name(DRIFT, "assessed")
 DRIFT_FEATURES_DRIFTED = metric_name(DRIFT, "features_drifted")

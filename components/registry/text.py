@@ -5,6 +5,10 @@ After every alias move Stemma makes (registration behind the gate, promotion, ro
 with one line (its aliases, the gate's verdict and number, the data it was trained on)
 followed by its history, one dated line per move; the registered model's description
 names the current champion, its data and when and why it became champion.
+
+A version's measured latency and cost (see :mod:`.latency`) are a block of its description
+(:func:`state_figures`), kept through every rewrite like the gate's account; the model's
+description quotes the champion's cost per million predictions from it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ HISTORY_HEADING = "History:"
 _SPLIT = f"\n\n{HISTORY_HEADING}\n"
 #: History lines kept per version (the oldest first go).
 MAX_HISTORY = 20
+#: Opens the block of a version's description that states its latency and cost.
+FIGURES_HEADING = "Latency and cost"
+#: Starts the line of that block stating the cost; the model's description quotes it.
+COST_LINE = "- Cost: "
 
 
 def stamp(when: datetime | None = None) -> str:
@@ -69,6 +77,39 @@ def parse(description: str) -> tuple[list[str], str]:
     return [line for line in history.splitlines() if line.strip()], body.strip()
 
 
+def with_figures(body: str, figures: str) -> str:
+    """``body`` (the part of a description after the history) with its figures block
+    replaced by ``figures``, which opens with :data:`FIGURES_HEADING` and holds no blank line."""
+    blocks = [block for block in body.split("\n\n") if block.strip()]
+    kept = [block for block in blocks if not block.startswith(FIGURES_HEADING)]
+    return "\n\n".join([*kept, figures.strip()])
+
+
+def state_figures(client: MlflowClient, name: str, number: str, figures: str) -> None:
+    """Put a version's latency and cost block in its description (replacing an older one),
+    then rewrite the model's description, which quotes the champion's cost."""
+    description = client.get_model_version(name, number).description or ""
+    history, body = parse(description)
+    if _SPLIT in description:
+        opening = description.split(_SPLIT, 1)[0]
+        text = compose(opening, history, with_figures(body, figures))
+    else:  # registered outside Stemma's text: the figures go after what it says
+        text = with_figures(body, figures)
+    client.update_model_version(name, number, description=text)
+    client.update_registered_model(
+        name, description=model_description(client, name, _roles(client, name))
+    )
+
+
+def stated_cost(description: str) -> str | None:
+    """The cost a version's description states (``0.0021 USD per million predictions on
+    cpu-small``), or None."""
+    for line in description.splitlines():
+        if line.startswith(COST_LINE):
+            return line.removeprefix(COST_LINE).strip()
+    return None
+
+
 def record_moves(
     client: MlflowClient, name: str, events: Mapping[str, str], *, when: datetime | None = None
 ) -> None:
@@ -108,10 +149,12 @@ def model_description(client: MlflowClient, name: str, roles: dict[str, list[str
         became = next((line for line in reversed(history) if "champion" in line), None)
         tags = version.tags or {}
         data = tags.get(tag_names.DATA_MD5)
+        cost = stated_cost(version.description or "")
         lines = [
             f"**Champion: v{champion}**"
             + (f", trained on data version `{data[:8]}`" if data else ""),
             became.removeprefix("- ") if became else "",
+            f"Champion's cost: {cost}" if cost else "",
         ]
     if others:
         lines.append("Other aliases: " + "; ".join(others))
