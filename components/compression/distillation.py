@@ -29,6 +29,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -275,79 +276,56 @@ def distill_network(
 ) -> DistillResult:
     """Train a student on the teacher's soft targets and return it.
 
-    The student is built from ``config`` with ``train.seed``, and trained by the training
-    loop for ``settings.epochs`` (default ``train.epochs``) epochs with the rest of
-    ``train`` (optimizer, batch size, early stopping, device). Its validation targets are
-    the same blend on the validation split, so early stopping follows the distillation
-    loss. The same inputs give the same weights. A classifier trains through
-    :class:`TemperedStudent`; the inner student is returned.
+    The student is built from ``config`` with ``train.seed`` and trained by the training
+    loop for ``settings.epochs`` (default ``train.epochs``); validation targets are the same
+    blend, so early stopping follows the distillation loss. Classifiers train through
+    :class:`TemperedStudent`.
 
     Args:
-        teacher: the teacher's :class:`~stemma.components.runtime.backends.Runtime` (its
-            ``run`` gives the raw outputs) or the teacher network itself.
+        teacher: the teacher's :class:`~stemma.components.runtime.backends.Runtime`, or
+            the teacher network (run eagerly where its parameters are).
         config: the student's network config, from :func:`student_config`.
-        n_inputs: the width of the preprocessed inputs, which teacher and student share.
-        n_outputs: raw outputs per row: 1 (binary, regression) or one per class.
-        settings: the spec's ``compress.distill``.
-        train: the spec's ``train`` section.
-        task: ``binary``, ``multiclass`` or ``regression``.
-        x_train: training inputs, ``(n, n_inputs)``.
-        y_train: their true targets, as :meth:`Preprocessor.encode_target` gives them.
-        x_val: validation inputs.
-        y_val: their true targets.
-        x_production: unlabelled production inputs (from :func:`read_production_rows`),
-            learnt from with the teacher's soft targets alone; None for none.
-        checkpoint_dir: resume from and write the loop's checkpoint there.
-        progress: show the loop's progress bar; None shows it when stderr is a terminal.
-        parameters_teacher: the teacher's parameter count, needed only when ``teacher``
-            is a runtime that does not hold a torch module (ONNX Runtime).
+        n_inputs, n_outputs: the preprocessed input width, which teacher and student
+            share, and the raw outputs per row (one per class for multiclass, else one).
+        settings, train, task: the spec's ``compress.distill``, ``train`` and task.
+        x_train, y_train, x_val, y_val: the splits' inputs and true targets (as
+            :meth:`Preprocessor.encode_target` gives them).
+        x_production: unlabelled inputs (:func:`read_production_rows`): soft targets only.
+        checkpoint_dir, progress: the training loop's checkpoint folder and progress bar.
+        parameters_teacher: the teacher's parameter count, needed only for a runtime
+            that holds no torch module (ONNX Runtime).
 
     Raises:
-        CompressionError: the teacher does not take ``n_inputs`` columns or does not give
-            ``n_outputs`` outputs, an input matrix has another width, or the teacher's
-            outputs are not finite.
-        NetworkImportError: a custom student class cannot be imported (from
-            ``build_network``, with its message).
-        TrainingError: the student cannot be built (a constructor that fails, a wrong
-            output width) or trained (from ``build_network`` and the training loop).
+        CompressionError: the teacher does not take ``n_inputs`` columns or give
+            ``n_outputs`` outputs, an input has another width, or the teacher's outputs
+            are not finite.
+        NetworkImportError: a custom student cannot be imported (from ``build_network``).
+        TrainingError: the student cannot be built or trained (a wrong output width).
     """
-    _check_task(task)
-    _check_widths(n_inputs, x_train=x_train, x_val=x_val, x_production=x_production)
+    _check_inputs(task, n_inputs, x_train=x_train, x_val=x_val, x_production=x_production)
     runtime = _teacher_runtime(teacher, n_inputs)
     teacher_parameters = _teacher_parameters(teacher, runtime, parameters_teacher)
     student = networks.build_network(config, n_inputs, n_outputs, seed=train.seed)
     classifier = task in CLASSIFICATION_TASKS
     temperature = settings.temperature if classifier else 1.0
-
-    def soft(matrix: np.ndarray) -> np.ndarray:
-        raw = _teacher_outputs(runtime, matrix, n_outputs)
-        return soft_targets(raw, task, temperature)
-
+    soft = partial(_soft_targets_of, runtime, task, temperature, n_outputs)
     production = x_production if x_production is not None and len(x_production) else None
-    targets = training_targets(
-        soft(x_train),
-        y_train,
-        task,
-        settings.alpha,
-        None if production is None else soft(production),
-    )
+    production_soft = None if production is None else soft(production)
+    targets = training_targets(soft(x_train), y_train, task, settings.alpha, production_soft)
     inputs = x_train if production is None else np.concatenate([x_train, production])
     val_targets = blended_targets(soft(x_val), y_val, task, settings.alpha)
-    trainee = TemperedStudent(student, temperature) if classifier else student
-    epochs = settings.epochs or train.epochs
     result = loop.train_network(
-        trainee,
+        TemperedStudent(student, temperature) if classifier else student,
         inputs,
         targets,
         x_val,
         val_targets,
-        train=train.model_copy(update={"epochs": epochs}),
+        train=train.model_copy(update={"epochs": settings.epochs or train.epochs}),
         task=task,
         checkpoint_dir=checkpoint_dir,
         progress=progress,
     )
-    trained = result.network.student if classifier else result.network
-    trained.eval()
+    trained = (result.network.student if classifier else result.network).eval()
     student_parameters = count_parameters(trained)
     return DistillResult(
         network=trained,
@@ -355,9 +333,16 @@ def distill_network(
         history=result.history,
         parameters_teacher=teacher_parameters,
         parameters_student=student_parameters,
-        rows={"train": len(x_train), "production": 0 if production is None else len(production)},
+        rows={"train": len(x_train), "production": len(inputs) - len(x_train)},
         notes=_notes(settings, train, task, teacher_parameters, student_parameters),
     )
+
+
+def _soft_targets_of(
+    runtime: Runtime, task: str, temperature: float, n_outputs: int, matrix: np.ndarray
+) -> np.ndarray:
+    """The teacher's soft targets for the rows of ``matrix``."""
+    return soft_targets(_teacher_outputs(runtime, matrix, n_outputs), task, temperature)
 
 
 def _notes(
@@ -393,8 +378,9 @@ def _single_column(values: np.ndarray, task: str) -> np.ndarray:
     return values
 
 
-def _check_widths(n_inputs: int, **matrices: np.ndarray | None) -> None:
-    """Every input matrix must be two-dimensional with ``n_inputs`` columns."""
+def _check_inputs(task: str, n_inputs: int, **matrices: np.ndarray | None) -> None:
+    """A known task, and every input matrix two-dimensional with ``n_inputs`` columns."""
+    _check_task(task)
     problems = [
         f"{name}: shape {np.shape(matrix)}"
         for name, matrix in matrices.items()
