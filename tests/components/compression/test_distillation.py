@@ -414,6 +414,21 @@ def test_two_runs_give_identical_students(wine: Table) -> None:
     assert [row["val_loss"] for row in first.history] == [row["val_loss"] for row in second.history]
 
 
+def test_a_distillation_resumed_from_its_checkpoint_ends_with_the_same_student(
+    cancer: Table, tmp_path: Path
+) -> None:
+    train = cancer.train.model_copy(update={"early_stopping": None})
+    first = cancer.distil(settings=DistillSpec(epochs=3), train=train, checkpoint_dir=tmp_path)
+    resumed = cancer.distil(settings=DistillSpec(epochs=6), train=train, checkpoint_dir=tmp_path)
+    straight = cancer.distil(settings=DistillSpec(epochs=6), train=train)
+
+    assert (tmp_path / "checkpoint.pt").exists()
+    for name, tensor in straight.network.state_dict().items():
+        assert torch.equal(tensor, resumed.network.state_dict()[name]), name
+    assert len(resumed.history) == 6
+    assert resumed.history[:3] == first.history  # read back, timings included: not retrained
+
+
 def test_a_runtime_teacher_gives_the_student_a_module_teacher_gives(cancer: Table) -> None:
     runtime = build_runtime(cancer.teacher, width=cancer.n_inputs, backend="eager")
 
