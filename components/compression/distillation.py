@@ -396,8 +396,9 @@ def _check_inputs(task: str, n_inputs: int, **matrices: np.ndarray | None) -> No
 def _teacher_runtime(teacher: Runtime | nn.Module, n_inputs: int) -> Runtime:
     """The teacher as a runtime that takes ``n_inputs`` columns.
 
-    A module is run eagerly where its parameters are (a private copy in eval mode, so the
-    caller's module is left as it was), after a probe batch that catches a width mismatch.
+    A module is run eagerly where its parameters are, in eval mode (on a private copy when
+    the caller's is training, so theirs is never changed), after a probe batch that catches
+    a width mismatch.
     """
     if isinstance(teacher, Runtime):
         if teacher.width != n_inputs:
