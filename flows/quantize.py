@@ -39,7 +39,7 @@ from stemma.components.quantization.results import Comparison, VariantResult
 from stemma.components.runtime.backends import set_threads
 from stemma.components.runtime.loading import ScoringModel, load_scoring_model
 from stemma.components.scoring.pipeline import FORWARD_BATCH_ROWS
-from stemma.components.spec import METRIC_DIRECTIONS, LoadedSpec, QuantizeSpec
+from stemma.components.spec import COMPRESS_METHODS, METRIC_DIRECTIONS, LoadedSpec, QuantizeSpec
 from stemma.flows.lineage import record_lineage
 from stemma.flows.steps import (
     config_run_name,
@@ -75,8 +75,12 @@ def load_parent_step(reference: str, loaded: LoadedSpec) -> tuple[ScoringModel, 
     client = mlflow.MlflowClient()
     model = load_scoring_model(reference, client=client, architectures=spec_architectures(loaded))
     version = client.get_model_version(model.name, model.version)
-    if registering.is_variant(version):
-        found = version.tags or {}
+    found = version.tags or {}
+    # A pruned or distilled variant is a dense fp32 network: it may be quantized in turn.
+    if (
+        registering.is_variant(version)
+        and found.get(registering.METHOD_TAG) not in COMPRESS_METHODS
+    ):
         parent = found.get(registering.PARENT_VERSION_TAG, "?")
         raise RegistryError(
             f"{model.label} is itself a quantized variant "

@@ -174,8 +174,13 @@ def check_champion(reference: str, loaded: LoadedSpec) -> None:
 
 
 def spec_architectures(loaded: LoadedSpec) -> list[str]:
-    """The architectures a model loaded for this spec may name, besides the built-ins."""
-    return [loaded.spec.model.architecture]
+    """The architectures a model loaded for this spec may name, besides the built-ins: its
+    network's, and its distillation student's (a distilled variant is built from it)."""
+    found = [loaded.spec.model.architecture]
+    compress = loaded.spec.compress
+    if compress is not None and compress.distill.student.architecture not in found:
+        found.append(compress.distill.student.architecture)
+    return found
 
 
 def scoring_options(loaded: LoadedSpec) -> dict[str, Any]:

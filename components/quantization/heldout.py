@@ -113,8 +113,25 @@ def _training_rev(client: MlflowClient, run_id: str | None) -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class TrainingSplits:
+    """The three splits a model was trained, validated and gated on, recomputed."""
+
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    heldout: HeldOut
+
+
 def heldout_rows(client: MlflowClient, parent: ModelVersion, root: Path) -> HeldOut:
     """Recompute the test split ``parent`` was gated on, as its training run did.
+
+    See :func:`training_splits`, whose ``heldout`` this is.
+    """
+    return training_splits(client, parent, root).heldout
+
+
+def training_splits(client: MlflowClient, parent: ModelVersion, root: Path) -> TrainingSplits:
+    """Recompute the splits ``parent`` was trained on, as its training run did.
 
     The training run's resolved spec gives the data file, columns and split; the data on
     disk must be the version the run trained on (the DVC md5 on the version's
@@ -140,12 +157,12 @@ def heldout_rows(client: MlflowClient, parent: ModelVersion, root: Path) -> Held
             [
                 "its held-out rows cannot be recomputed from other data",
                 f"check out that version (git checkout {rev or '<rev>'} "
-                "-- data.dvc && dvc checkout), or quantize a model trained on the current data",
+                "-- data.dvc && dvc checkout), or use a model trained on the current data",
             ],
         )
     frame = load_table(version.file_path, data)
-    _, _, test = split_table(frame, data.split)
-    return HeldOut(frame=test, data=data, version=version)
+    train, validation, test = split_table(frame, data.split)
+    return TrainingSplits(train, validation, HeldOut(frame=test, data=data, version=version))
 
 
 def check_parent_value(parent: ModelVersion, metric: str, value: float) -> None:

@@ -13,7 +13,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,9 @@ class ScoringModel:
             ``network.onnx`` when it has one, else eager, with the reason).
         architectures: the architectures it was allowed to name besides the built-ins
             (the caller's spec), so that another process loads it under the same terms.
+        network_config: the network's config from ``network.json`` (what
+            ``networks.build_network`` rebuilt it from); a quantized variant's is its
+            parent's.
     """
 
     reference: str
@@ -82,6 +85,7 @@ class ScoringModel:
     signature_columns: list[tuple[str, str]]
     runtime: Runtime
     architectures: tuple[str, ...] = ()
+    network_config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def feature_columns(self) -> list[str]:
@@ -174,6 +178,7 @@ def load_scoring_model(
         signature_columns=signature,
         runtime=runtime,
         architectures=tuple(sorted(architectures)),
+        network_config=dict(document.get("config") or {}),
     )
 
 

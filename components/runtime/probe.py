@@ -176,9 +176,7 @@ def probe_runtimes(
     Raises:
         ValueError: ``x`` has no rows.
     """
-    samples: dict[str, dict[int, tuple[list[float], list[float]]]] = {
-        key: {} for key in runtimes
-    }
+    samples: dict[str, dict[int, tuple[list[float], list[float]]]] = {key: {} for key in runtimes}
     for rows in batch_sizes:
         batch = probe_batch(x, rows)
         for runtime in runtimes.values():
@@ -202,9 +200,7 @@ def probe_runtimes(
             device=runtime.device,
             threads=threads,
             machine=machine,
-            batches=tuple(
-                _batch_figures(rows, *samples[key][rows]) for rows in batch_sizes
-            ),
+            batches=tuple(_batch_figures(rows, *samples[key][rows]) for rows in batch_sizes),
         )
         for key, runtime in runtimes.items()
     }

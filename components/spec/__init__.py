@@ -40,7 +40,7 @@ _MODULES = {
     "import_problem put_project_on_import_path",
     "loading": "MAX_SPEC_BYTES MAX_SPEC_DEPTH MAX_SPEC_NODES SpecLimitError load_yaml "
     "apply_overrides find_project_root load_spec",
-    "compress": "PRUNE_CRITERIA SERVE_CHOICES PROBE_BATCH_SIZES ILLUSTRATIVE_MACHINES PruneSpec "
+    "compress": "COMPRESS_METHODS PRUNE_CRITERIA SERVE_CHOICES PROBE_BATCH_SIZES ILLUSTRATIVE_MACHINES PruneSpec "
     "StudentSpec DistillSpec CompressSpec MachineSpec CostSpec cost_per_million",
     "limits": "TARGET_UNIT_METRICS MetricDrop MetricDropLimit PositiveMetricDrop MetricMargin "
     "parse_metric_drop default_drop scaled_minimum describe_drop percent_of",

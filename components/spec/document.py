@@ -326,7 +326,11 @@ def section_problems(
             problems.append((("model", "architecture"), message))
     compress: CompressSpec | None = sections.get("compress")
     student = compress.distill.student.architecture if compress is not None else "mlp"
-    if check_imports and "distill" in (compress.methods if compress else ()) and IMPORT_PATH.match(student):
+    if (
+        check_imports
+        and "distill" in (compress.methods if compress else ())
+        and IMPORT_PATH.match(student)
+    ):
         message = import_problem(student, root)
         if message:
             problems.append((("compress", "distill", "student", "architecture"), message))

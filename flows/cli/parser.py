@@ -48,6 +48,7 @@ EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "run monitor": ((f"stemma run monitor {CONFIG} --batch day_07.parquet", "drift of a batch"),),
     "run quantize": ((f"stemma run quantize {CONFIG}", "variants of the champion"),),
+    "run compress": ((f"stemma run compress {CONFIG}", "pruned and distilled variants"),),
     "run shadow": (
         (
             f"stemma run shadow {CONFIG} --batch day_07.parquet --labels labels/",

@@ -7,7 +7,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from stemma.flows.cli import summaries
+from stemma.flows.cli import compression, summaries
 from stemma.flows.cli.parser import add_spec_arguments
 from stemma.flows.cli.session import (
     check_servers,
@@ -23,6 +23,7 @@ RUNS: dict[str, tuple[Callable[[dict], str], tuple[str, ...]]] = {
     "score": (summaries.format_score_summary, ("input", "output", "model")),
     "monitor": (summaries.format_monitor_summary, ("batch", "labels", "model", "days")),
     "quantize": (summaries.format_quantize_summary, ("model",)),
+    "compress": (compression.format_compress_summary, ("model",)),
     "shadow": (
         summaries.format_shadow_summary,
         ("challenger", "batch", "labels", "output", "log"),
@@ -55,6 +56,7 @@ def register(commands: Any) -> Any:
     _add_score(flows)
     _add_monitor(flows)
     _add_quantize(flows)
+    compression.add_compress(flows)
     _add_shadow(flows)
     _add_retrain(flows)
     _add_canary(flows)
