@@ -233,7 +233,10 @@ def prepare_scoring(
     logger = get_run_logger()
     spec = loaded.spec
     reference, serving = quantization.served_reference(
-        spec.quantize, model_reference(loaded, model), explicit=model is not None
+        spec.quantize,
+        model_reference(loaded, model),
+        explicit=model is not None,
+        compress=spec.compress,
     )
     if serving:
         logger.info(serving)

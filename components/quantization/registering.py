@@ -7,7 +7,9 @@ an ONNX Runtime method, its own ``network.onnx``, every file in the hashed manif
 ``stemma.quantize.*`` tags and the alias ``v<parent>-<method>`` (``v7-int8-dynamic``), all
 or nothing; the fastest passing variant of a parent also gets ``v<parent>-quantized``
 (:func:`update_served_alias`), which batch scoring serves when the spec's
-``quantize.serve`` is on (:func:`served_reference` says which model it loads).
+``quantize.serve`` is on (:func:`served_reference` says which model it loads, and honours
+the spec's ``compress.serve``: ``cheapest`` serves the ``v<parent>-cheapest`` alias a
+comparison of every variant sets).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +37,7 @@ from stemma.components.platform.refs import (
     parse_model_ref,
 )
 from stemma.components.quantization.results import FAILED, REJECTED, Comparison
-from stemma.components.spec import QuantizeSpec
+from stemma.components.spec import CompressSpec, QuantizeSpec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -67,6 +70,10 @@ STALE_REGISTRATION_SECONDS = 600
 #: Alias of a passing variant, and of the one batch scoring serves for a parent version.
 METHOD_ALIAS = "v{version}-{method}"
 SERVED_ALIAS = "v{version}-quantized"
+#: Alias of the cheapest passing variant of a parent, set by a comparison of its variants.
+CHEAPEST_ALIAS = "v{version}-cheapest"
+#: What a version is served as (``compress.serve``), and the alias each choice follows.
+SERVE_PARENT, SERVE_QUANTIZED, SERVE_CHEAPEST = "parent", "quantized", "cheapest"
 #: Rows of the test split logged with a variant as its input example.
 INPUT_EXAMPLE_ROWS = 5
 
@@ -79,6 +86,44 @@ def method_alias(parent_version: str, method: str) -> str:
 def served_alias(parent_version: str) -> str:
     """The alias of the variant batch scoring serves for a parent: ``v7-quantized``."""
     return SERVED_ALIAS.format(version=parent_version)
+
+
+def cheapest_alias(parent_version: str) -> str:
+    """The alias of a parent's cheapest passing variant: ``v7-cheapest``."""
+    return CHEAPEST_ALIAS.format(version=parent_version)
+
+
+def serve_choice(quantize: QuantizeSpec | None, compress: CompressSpec | None) -> str:
+    """What a version is served as: ``compress.serve`` when the spec sets it, else
+    ``quantized`` when ``quantize.serve`` is on (as before ``compress`` existed), else
+    ``parent``."""
+    if compress is not None and "serve" in compress.model_fields_set:
+        return compress.serve
+    if quantize is not None and quantize.serve:
+        return SERVE_QUANTIZED
+    return SERVE_PARENT
+
+
+def serving_alias(choice: str, version: str) -> str | None:
+    """The alias that serves in place of fp32 ``version`` under ``choice``, or None (the
+    version itself)."""
+    if choice == SERVE_CHEAPEST:
+        return cheapest_alias(version)
+    if choice == SERVE_QUANTIZED:
+        return served_alias(version)
+    return None
+
+
+def alias_serving(
+    quantize: QuantizeSpec | None, compress: CompressSpec | None
+) -> Callable[[str], str | None] | None:
+    """For the online endpoint: the alias that serves in place of an fp32 version under the
+    spec's choice (:func:`serve_choice`), so that it serves what batch scoring serves;
+    None when the spec serves versions themselves."""
+    choice = serve_choice(quantize, compress)
+    if choice == SERVE_PARENT:
+        return None
+    return partial(serving_alias, choice)
 
 
 def is_variant(version: ModelVersion) -> bool:
@@ -403,14 +448,18 @@ def served_reference(
     *,
     explicit: bool = False,
     client: MlflowClient | None = None,
+    compress: CompressSpec | None = None,
 ) -> tuple[str, str | None]:
     """The model batch scoring should load, and a line saying which and why.
 
-    With ``quantize.serve`` on, a reference to an fp32 version (the champion, or the
-    spec's ``score.model``) becomes the alias of its served variant
-    (:func:`.registering.served_alias`) when one passed its gate; otherwise the fp32
-    model is scored and the line says why (its variants were rejected, or it was never
-    quantized). A reference given on the command line (``explicit``) is scored as it is.
+    What is served follows :func:`serve_choice`: with ``quantized`` (``quantize.serve``
+    on), a reference to an fp32 version (the champion, or the spec's ``score.model``)
+    becomes the alias of its served variant (:func:`served_alias`) when one passed its
+    gate; with ``cheapest`` (``compress.serve``), the alias of its cheapest passing
+    variant (:func:`cheapest_alias`) when a comparison set one. Otherwise the fp32 model is
+    scored and the line says why (its variants were rejected, it was never quantized or
+    compared, or it is its own cheapest). A reference given on the command line
+    (``explicit``) is scored as it is.
 
     Returns:
         ``(reference, note)``; the note is None when serving variants is off.
@@ -418,7 +467,8 @@ def served_reference(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    if quantize is None or not quantize.serve or explicit:
+    choice = serve_choice(quantize, compress)
+    if choice == SERVE_PARENT or explicit:
         return reference, None
     try:
         parsed = parse_model_ref(reference)
@@ -437,19 +487,56 @@ def served_reference(
     if is_variant(version):
         return reference, f"serving {name} v{version.version}, a variant named directly"
     number = str(version.version)
-    alias = served_alias(number)
+    alias = serving_alias(choice, number) or served_alias(number)
     if alias not in aliases:
-        return reference, f"serving fp32 {name} v{number}: {_why_no_variant(version)}"
+        why = (
+            _why_not_compared(client, version)
+            if choice == SERVE_CHEAPEST
+            else _why_no_variant(version)
+        )
+        return reference, f"serving fp32 {name} v{number}: {why}"
     try:
         variant = client.get_model_version(name, str(aliases[alias]))
         method = (variant.tags or {}).get(METHOD_TAG, "quantized")
     except MlflowException:
         method = "quantized"
+    passed = (
+        "the cheapest variant that passed its gate, by its last comparison"
+        if choice == SERVE_CHEAPEST
+        else "which passed its quantization gate"
+    )
     return (
         format_model_ref(name, alias=alias),
         f"serving the {method} variant {name} v{aliases[alias]} of {name} v{number} "
-        f"({reference}), which passed its quantization gate",
+        f"({reference}), {passed}",
     )
+
+
+#: Flows whose runs compare a version's variants and set its cheapest alias.
+COMPARING_FLOWS = ("compare", "compress")
+
+
+def _why_not_compared(client: MlflowClient, version: ModelVersion) -> str:
+    """Why an fp32 version has no cheapest alias: never compared, or it is its own cheapest."""
+    never = "never compared (run `stemma run compare`)"
+    try:
+        experiment = client.get_run(str(version.run_id)).info.experiment_id
+        runs = client.search_runs(
+            [experiment],
+            filter_string=f"tags.`{tag_names.MODEL_VERSION}` = '{version.version}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=50,
+        )
+    except Exception:  # only the reason of a note: the version is served either way
+        return never
+    for run in runs:
+        found = run.data.tags
+        if found.get(tag_names.FLOW) in COMPARING_FLOWS and run.info.status == "FINISHED":
+            return (
+                f"its last comparison (run {run.info.run_id}) found no passing variant "
+                "cheaper than it"
+            )
+    return never
 
 
 def _why_no_variant(version: ModelVersion) -> str:

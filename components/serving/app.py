@@ -397,8 +397,10 @@ class Routes:
         )
 
     async def health(self) -> dict[str, str]:
-        """The process answers."""
-        return {"status": "ok"}
+        """The process answers (and, when the spec serves a variant in the champion's
+        place, which model serves)."""
+        note = self.watch.serving_note
+        return {"status": "ok"} if note is None else {"status": "ok", "serving": note}
 
     async def ready(self) -> Response:
         """What is served (a model is loaded before the endpoint listens), and the last
@@ -412,6 +414,9 @@ class Routes:
             "runtime": served.model.runtime.label,
             "queued_rows": self.batcher.queued_rows,
         }
+        if self.watch.serves_for is not None:
+            version, alias = self.watch.serves_for
+            body["serves_for"] = {"version": version, "alias": alias}
         canary = self.watch.canary
         if canary is not None:
             body["canary"] = {

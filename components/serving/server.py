@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +22,12 @@ from stemma.components.serving.app import EndpointConfig, build_app
 from stemma.components.serving.metrics import EndpointMetrics
 from stemma.components.serving.predlog import PredictionLog
 from stemma.components.serving.rows import ServedModel
-from stemma.components.serving.watch import ModelWatch, registry_callables, warm
+from stemma.components.serving.watch import (
+    ModelWatch,
+    registry_callables,
+    served_version,
+    warm,
+)
 from stemma.components.spec import EndpointSpec, Spec
 
 if TYPE_CHECKING:
@@ -58,8 +63,14 @@ def build_endpoint(
     client: MlflowClient | None = None,
     environ: Mapping[str, str] | None = None,
     root: Path | None = None,
+    served_alias: Callable[[str], str | None] | None = None,
 ) -> Endpoint:
     """Load the spec's model under ``endpoint.alias``, warm it, and build the app.
+
+    With ``served_alias`` (``quantization.registering.alias_serving`` of the spec), the
+    endpoint serves what batch scoring serves: the variant whose alias stands in for the
+    champion's version (``v7-cheapest``) when the registry has it, following both as they
+    move; ``/ready`` and ``/health`` say which.
 
     Args:
         spec: the pipeline spec (its ``endpoint`` section, defaults when absent; the
@@ -68,6 +79,8 @@ def build_endpoint(
         environ: where ``endpoint.token_env`` is read (default: ``os.environ``).
         root: the project root, which a relative ``endpoint.log.path`` is under (default:
             the working directory).
+        served_alias: the alias of a version's served variant, or None to serve the
+            champion itself.
 
     Raises:
         SpecError: ``endpoint.token_env`` names a variable that is unset or empty, or
@@ -84,7 +97,15 @@ def build_endpoint(
     load, resolve = registry_callables(
         client or MlflowClient(), reference, architectures=(spec.model.architecture,)
     )
-    model = load(reference)
+    champion, target = None, reference
+    if served_alias is not None:  # a variant may serve in the champion's place
+        aliases = resolve().aliases
+        if settings.alias in aliases:
+            version, via = served_version(aliases[settings.alias], aliases, served_alias)
+            if via is not None:
+                champion = aliases[settings.alias]
+                target = format_model_ref(spec.pipeline.registered_model_name, version=version)
+    model = load(target)
     warm(model)
     metrics = EndpointMetrics(settings.max_batch_size)
     watch = ModelWatch(
@@ -96,6 +117,8 @@ def build_endpoint(
         metrics=metrics,
         follow_canary=settings.canary,
         shadow_alias=settings.shadow.alias if settings.shadow is not None else None,
+        served_alias=served_alias,
+        serves_for=champion,
     )
     log = PredictionLog.from_spec(
         spec,

@@ -83,6 +83,20 @@ class CanaryArm:
     served: ServedModel
 
 
+def served_version(
+    version: str, aliases: Mapping[str, str], served_alias: Callable[[str], str | None] | None
+) -> tuple[str, str | None]:
+    """The version that serves for ``version`` (the champion's), and the alias it came by.
+
+    With ``served_alias`` (the spec's ``compress.serve``/``quantize.serve``: the alias of a
+    version's served variant, ``v7-cheapest``), that alias's version when the registered
+    model has it; otherwise ``version`` itself and None.
+    """
+    alias = served_alias(version) if served_alias is not None else None
+    target = aliases.get(alias) if alias is not None else None
+    return (str(target), alias) if target is not None else (version, None)
+
+
 def warm(model: ScoringModel) -> None:
     """Run the model once on one row (all zeros), so the first request pays no set-up."""
     outputs = model.runtime.run(np.zeros((1, model.runtime.width), dtype=np.float32))
@@ -102,6 +116,10 @@ class ModelWatch:
         metrics: where swaps and failed loads are counted.
         follow_canary: route a running canary's share to its challenger.
         shadow_alias: the alias whose version shadows the champion, or None for no shadow.
+        served_alias: the alias of the variant that serves in place of a champion version
+            (:func:`served_version`), or None to serve the champion itself.
+        serves_for: the champion version the served model stands in for, when it is a
+            variant.
     """
 
     def __init__(
@@ -115,6 +133,8 @@ class ModelWatch:
         metrics: EndpointMetrics,
         follow_canary: bool = True,
         shadow_alias: str | None = None,
+        served_alias: Callable[[str], str | None] | None = None,
+        serves_for: str | None = None,
     ) -> None:
         self.current = served
         self.canary: CanaryArm | None = None
@@ -125,10 +145,34 @@ class ModelWatch:
         self.follow_canary = follow_canary
         self.shadow_alias = shadow_alias
         self.failures: dict[str, LoadFailure] = {}
+        self.served_alias = served_alias
+        #: The champion version and the alias of its variant being served, or None.
+        self.serves_for: tuple[str, str] | None = None
+        if serves_for is not None and served_alias is not None:
+            self.serves_for = (serves_for, str(served_alias(serves_for)))
         self._load = load
         self._resolve = resolve
         self._task: asyncio.Task[None] | None = None
         metrics.serving(served.model.name, served.model.version, served.alias)
+
+    @property
+    def serving_note(self) -> str | None:
+        """Which model serves and why, when the spec serves a variant in the champion's
+        place; None when it serves the champion itself."""
+        if self.served_alias is None:
+            return None
+        model = self.current.model
+        if self.serves_for is not None:
+            version, alias = self.serves_for
+            return (
+                f"serving {model.label} ({alias}) in place of {model.name} v{version} "
+                f"({self.reference})"
+            )
+        alias = self.served_alias(model.version)
+        return (
+            f"serving {model.label} ({self.reference}) itself: the model has no alias {alias} "
+            "(set by stemma run compare or stemma run quantize)"
+        )
 
     @property
     def failure(self) -> LoadFailure | None:
@@ -168,20 +212,24 @@ class ModelWatch:
         return swapped
 
     async def _follow_champion(self, view: RegistryView) -> bool:
-        version = view.aliases.get(self.current.alias)
-        if version is None:
+        champion = view.aliases.get(self.current.alias)
+        if champion is None:
             _LOG.warning(
                 "%s names no version any more; still serving %s",
                 self.reference,
                 self.current.model.label,
             )
             return False
+        version, via = served_version(champion, view.aliases, self.served_alias)
+        serves_for = (champion, via) if via is not None else None
         if version == self.current.model.version:
+            self.serves_for = serves_for
             self.failures.pop(CHAMPION, None)
             return False
         served = await self._served(CHAMPION, version, self.current.alias)
         if served is None or served.model.version == self.current.model.version:
             return False
+        self.serves_for = serves_for
         previous = self.current.model.label
         if served.model.signature_columns != self.current.model.signature_columns:
             _LOG.warning(

@@ -50,6 +50,7 @@ def endpoint_command(args: argparse.Namespace) -> int:
     check_servers(args, prefect=False)
     from stemma.components.platform.redaction import redact_url
     from stemma.components.platform.tracking import configure_tracking
+    from stemma.components.quantization.registering import alias_serving
     from stemma.components.serving.server import (
         LOOPBACK,
         EndpointServer,
@@ -59,7 +60,10 @@ def endpoint_command(args: argparse.Namespace) -> int:
 
     store = configure_tracking(loaded.root)
     _log_to_stderr(args.debug)
-    endpoint = build_endpoint(loaded.spec, root=loaded.root)
+    spec = loaded.spec
+    endpoint = build_endpoint(
+        spec, root=loaded.root, served_alias=alias_serving(spec.quantize, spec.compress)
+    )
     settings = endpoint.settings
     server = EndpointServer(
         endpoint.app, settings.host, settings.port, max_connections=max_connections(settings)
@@ -71,7 +75,8 @@ def endpoint_command(args: argparse.Namespace) -> int:
         f"  {server.url}/v1/predict · docs {server.url}/docs · metrics {server.url}/metrics\n"
         f"  batches up to {settings.max_batch_size} rows, waits up to {settings.max_wait_ms} "
         f"ms, queue {settings.max_queue_rows} rows; alias checked every {settings.poll_s} s"
-        + ("; bearer token required" if settings.token_env else ""),
+        + ("; bearer token required" if settings.token_env else "")
+        + (f"\n  {endpoint.watch.serving_note}" if endpoint.watch.serving_note else ""),
         flush=True,
     )
     if settings.host not in LOOPBACK and not settings.token_env:
