@@ -48,6 +48,10 @@ EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "run monitor": ((f"stemma run monitor {CONFIG} --batch day_07.parquet", "drift of a batch"),),
     "run quantize": ((f"stemma run quantize {CONFIG}", "variants of the champion"),),
+    "run compare": (
+        (f"stemma run compare {CONFIG}", "the champion's family: metric, latency and cost"),
+        (f"stemma run compare {CONFIG} --model models:/credit/3", "version 3 and its variants"),
+    ),
     "run compress": ((f"stemma run compress {CONFIG}", "pruned and distilled variants"),),
     "run shadow": (
         (

@@ -23,6 +23,7 @@ RUNS: dict[str, tuple[Callable[[dict], str], tuple[str, ...]]] = {
     "score": (summaries.format_score_summary, ("input", "output", "model")),
     "monitor": (summaries.format_monitor_summary, ("batch", "labels", "model", "days")),
     "quantize": (summaries.format_quantize_summary, ("model",)),
+    "compare": (summaries.format_compare_summary, ("model",)),
     "compress": (compression.format_compress_summary, ("model",)),
     "shadow": (
         summaries.format_shadow_summary,
@@ -56,6 +57,7 @@ def register(commands: Any) -> Any:
     _add_score(flows)
     _add_monitor(flows)
     _add_quantize(flows)
+    _add_compare(flows)
     compression.add_compress(flows)
     _add_shadow(flows)
     _add_retrain(flows)
@@ -157,6 +159,28 @@ def _add_quantize(flows: Any) -> None:
     quantize.add_argument(
         "--model",
         help=f"{MODEL_REFERENCE} (default: quantize.model, "
+        "else the newest version that passed its gate)",
+    )
+
+
+def _add_compare(flows: Any) -> None:
+    compare = flows.add_parser(
+        "compare",
+        help="compare a version with every variant of it: metric, latency, size and cost",
+        description=(
+            "Measure a registered fp32 version and every registered variant of it "
+            "(quantized, pruned, distilled, and variants of those) on the held-out rows it "
+            "was gated on: the gate metric and its drop, p50/p95/p99 latency at batches of "
+            "1, 64 and 4,096 rows, rows/s, size, CPU-seconds and cost per million "
+            "predictions on cost.scoring's machine. Logs the table and a trade-off plot, and "
+            "sets the alias v<parent>-cheapest on the cheapest passing variant, which "
+            "compress.serve: cheapest serves."
+        ),
+    )
+    add_spec_arguments(compare)
+    compare.add_argument(
+        "--model",
+        help=f"{MODEL_REFERENCE} of the fp32 parent (default: compress.model, "
         "else the newest version that passed its gate)",
     )
 

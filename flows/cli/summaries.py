@@ -215,3 +215,76 @@ def format_retrain_summary(summary: dict) -> str:
     if summary.get("run_id"):
         lines.append(f"  MLflow run {summary['run_id']}")
     return redact_url("\n".join(lines))
+
+
+def format_compare_summary(summary: dict) -> str:
+    """The table printed at the end of `stemma run compare`: every model of the version."""
+
+    def number(value: float | None, spec: str) -> str:
+        return "-" if value is None else f"{value:{spec}}"
+
+    def size(value: float | None) -> str:
+        if value is None:
+            return "-"
+        for unit in ("B", "KB", "MB", "GB"):
+            if value < 1024 or unit == "GB":
+                return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+            value /= 1024
+        return "-"
+
+    metric = summary["metric"]
+    prices = " (illustrative prices)" if summary.get("illustrative_prices") else ""
+    header = (
+        "model",
+        "method",
+        metric,
+        "drop",
+        "p50 b1 ms",
+        "p50 b64 ms",
+        "p50 b4096 ms",
+        "rows/s",
+        "size",
+        "CPU-s/M",
+        f"cost/M {summary['currency']}",
+    )
+    rows = [header]
+    for row in summary["table"]:
+        mark = " *" if row.get("cheapest") else ""
+        rows.append(
+            (
+                f"v{row['version']}{mark}",
+                row["chain"],
+                number(row[metric], ".4f"),
+                number(row["metric_drop"], "+.4f"),
+                number(row.get("p50_ms_b1"), ".3f"),
+                number(row.get("p50_ms_b64"), ".3f"),
+                number(row.get("p50_ms_b4096"), ".2f"),
+                number(row["rows_per_s"], ",.0f"),
+                size(row["size_bytes"]),
+                number(row["cpu_s_per_million"], ".3g"),
+                number(row["cost_per_million"], ".3g"),
+            )
+        )
+    widths = [max(len(str(line[i])) for line in rows) for i in range(len(header))]
+    lines = [
+        f"compared {summary['model_name']} v{summary['parent_version']} with "
+        f"{len(summary['table']) - 1} variant(s): {metric} on {summary['rows']} held-out rows "
+        f"(drop limit {summary['metric_drop_limit']}); cost on {summary['machine']}{prices}"
+    ]
+    lines += [
+        "  " + "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True))
+        for line in rows
+    ]
+    if summary.get("cheapest_alias"):
+        lines.append(
+            f"  * cheapest passing: {summary['cheapest']} -> alias {summary['alias_name']} "
+            "(served with compress.serve: cheapest)"
+        )
+    else:
+        lines.append(
+            f"  * cheapest: the parent itself; no variant undercuts it "
+            f"({summary['alias_name']} removed or never set)"
+        )
+    lines += [f"  {note}" for note in summary.get("notes", [])]
+    lines.append(f"  MLflow run {summary['run_id']} (compare/variants.csv, compare/tradeoff.png)")
+    return redact_url("\n".join(lines))
