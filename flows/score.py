@@ -25,10 +25,12 @@ from stemma.components.data.tables import dataset_source, resolve_data_version
 from stemma.components.errors import DataVersionError
 from stemma.components.platform import lineage, locks, metric_names, tags, tracking
 from stemma.components.platform.deployments import BATCH_SCORED_EVENT, pipeline_resource_id
+from stemma.components.platform.describe import NOTE_TAG
 from stemma.components.platform.redaction import redact_url
 from stemma.components.quantization import registering as quantization
 from stemma.components.scoring import engine as scoring
 from stemma.components.scoring import fanout
+from stemma.components.scoring.cost import ScoringCost, scoring_cost
 from stemma.components.scoring.output import default_output_dir, refuse_another_input
 from stemma.components.spec import LoadedSpec
 from stemma.components.training import metrics as evaluation
@@ -276,9 +278,9 @@ def run_tags(job: Scoring, key: str, resumes: int) -> dict[str, str]:
     }
 
 
-def log_scoring(run: Any, job: Scoring, result: scoring.ScoringResult) -> None:
-    """Log the input dataset, the numbers, the manifest and the score distribution (and,
-    for a multiclass model, the rows predicted per class)."""
+def log_scoring(run: Any, job: Scoring, result: scoring.ScoringResult, cost: ScoringCost) -> None:
+    """Log the input dataset, the numbers (its CPU time and cost among them), the manifest
+    and the score distribution (and, for a multiclass model, the rows predicted per class)."""
     manifest = result.manifest
     git_rev, _ = tracking.git_revision(job.loaded.root)
     source, _ = _input_source(job.loaded, job.input_path, git_rev)
@@ -307,9 +309,13 @@ def log_scoring(run: Any, job: Scoring, result: scoring.ScoringResult) -> None:
                 "parts_skipped": result.parts_skipped,
                 **latency,
                 **predicted,
+                **cost.metrics(),
             },
         )
     )
+    recorded = run.client.get_run(run.run_id).data.params
+    # a resumed run keeps the params it has: MLflow refuses to change one
+    run.log_params({k: v for k, v in cost.params().items() if k not in recorded})
     histogram = result.score_histogram
     run.log_dict(manifest, "output/_SUCCESS.json")
     run.log_dict(histogram, "scores/distribution.json")
@@ -384,10 +390,21 @@ def emit_scored(job: Scoring, facts: lineage.ScoringLineage, run_id: str) -> Non
     )
 
 
+def describe_cost(run: Any, cost: ScoringCost) -> None:
+    """Add the cost line to the run's description (rendered from its lineage record)."""
+    if run.document is not None:
+        run.set_tags({NOTE_TAG: run.description(run.document) + f"\n{cost.line}\n"})
+
+
 def flow_summary(
-    job: Scoring, result: scoring.ScoringResult, run_id: str, tracking_uri: str
+    job: Scoring,
+    result: scoring.ScoringResult,
+    run_id: str,
+    tracking_uri: str,
+    cost: ScoringCost,
 ) -> dict[str, Any]:
-    """What the flow returns: run id, model version, row counts, throughput, the digest."""
+    """What the flow returns: run id, model version, row counts, throughput, the digest,
+    and the CPU time and cost."""
     return {
         "run_id": run_id,
         "tracking_uri": redact_url(tracking_uri),
@@ -410,6 +427,7 @@ def flow_summary(
         "extra_columns": list(job.extras),
         "serving": job.serving,
         "summary": result.summary(),
+        "cost": asdict(cost),
     }
 
 
@@ -448,7 +466,9 @@ def score_flow(
             result = score_on_dask(job.model, job.files, job.output_path, loaded)
         else:
             result = score_step(job.model, job.files, job.output_path, loaded)
-        log_scoring(run, job, result)
+        cost = scoring_cost(result, loaded.spec.cost)
+        log_scoring(run, job, result, cost)
         facts = record_scoring(run, job, result)
+        describe_cost(run, cost)
     emit_scored(job, facts, run.run_id)
-    return flow_summary(job, result, run.run_id, tracking_uri)
+    return flow_summary(job, result, run.run_id, tracking_uri, cost)

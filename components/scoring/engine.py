@@ -122,7 +122,7 @@ def score_files(
         FolderBusyError: another live process is writing into the folder (it is named).
         ValueError: an unknown policy, or a chunk size or thread count below 1.
     """
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     opened = open_output(
@@ -139,7 +139,7 @@ def score_files(
         return _score_opened(
             model,
             opened,
-            started,
+            (started, cpu_started),
             id_column=id_column,
             chunk_rows=chunk_rows,
             threads=threads,
@@ -152,16 +152,18 @@ def score_files(
 def _score_opened(
     model: ScoringModel,
     opened: Opened,
-    started: float,
+    clocks: tuple[float, float],
     *,
     id_column: str | None,
     chunk_rows: int,
     threads: int | None,
     progress: bool | None,
 ) -> ScoringResult:
-    """The part of :func:`score_files` done under the folder's lock."""
+    """The part of :func:`score_files` done under the folder's lock; ``clocks`` are the
+    wall and CPU clocks when it began."""
+    started, cpu_started = clocks
     if opened.manifest is not None:
-        return result_of(opened, opened.manifest, Tally(), started)
+        return result_of(opened, opened.manifest, Tally(), started, cpu_started)
     tally = Tally(rows_per_file=[0] * len(opened.files))
     Pipeline(
         model,
@@ -177,5 +179,11 @@ def _score_opened(
         tail_workers=threads or os.cpu_count() or 1,
     ).run(show=sys.stderr.isatty() if progress is None else progress)
     return publish(
-        model, opened, tally, id_column=id_column, chunk_rows=chunk_rows, started=started
+        model,
+        opened,
+        tally,
+        id_column=id_column,
+        chunk_rows=chunk_rows,
+        started=started,
+        cpu_started=cpu_started,
     )

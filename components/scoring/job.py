@@ -4,6 +4,8 @@ the range API (plan, score ranges anywhere, finish) that fans one scoring out ov
 from __future__ import annotations
 
 import functools
+import os
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -79,6 +81,11 @@ class ScoringResult:
             classifier's over [0, 1] (multiclass: the predicted class's probability), a
             regression's over the range of its values.
         output_digest: sha256 of the manifest's bytes, a digest of the whole output.
+        rows_scored_now: rows of the chunks scored by this call (resumed parts excluded).
+        cpu_seconds: CPU time the call spent, every thread of the process counted (so
+            the few other threads of the process, a flow's own among them, too); for a
+            fanned-out scoring, the planning process's plus each worker process's while it
+            scored a range (see :func:`worker_cpu_seconds`).
     """
 
     output_dir: Path
@@ -97,6 +104,8 @@ class ScoringResult:
     chunk_latency_ms: dict[str, float]
     score_histogram: dict[str, list[Any]]
     output_digest: str
+    rows_scored_now: int = 0
+    cpu_seconds: float = 0.0
 
     def summary(self) -> str:
         """One line for the end of a run."""
@@ -224,8 +233,12 @@ def publish(
     id_column: str | None,
     chunk_rows: int,
     started: float,
+    cpu_started: float | None = None,
 ) -> ScoringResult:
-    """Check the tally, then write the manifest that lists every part: the output is done."""
+    """Check the tally, then write the manifest that lists every part: the output is done.
+
+    ``started`` and ``cpu_started`` are ``time.perf_counter()`` and ``time.process_time()``
+    when the scoring began in this process."""
     output_dir = opened.output_dir
     remove_strays(output_dir, tally.parts, tally.rejects)
     manifest = _manifest(model, opened, tally, id_column=id_column, chunk_rows=chunk_rows)
@@ -246,7 +259,7 @@ def publish(
             ],
         )
     output.write_atomically(output_dir / SUCCESS_FILE, json_bytes(manifest))
-    return result_of(opened, manifest, tally, started)
+    return result_of(opened, manifest, tally, started, cpu_started)
 
 
 def _manifest(
@@ -334,6 +347,7 @@ class ScoringPlan:
         done: parts an interrupted run of this scoring finished (they are not rescored).
         manifest: the manifest, when the folder already holds this scoring whole.
         started: ``time.perf_counter()`` when planning began (in the planning process).
+        cpu_started: ``time.process_time()`` then.
         lock_token: names the folder's lock the planning process holds for the whole
             job (None when complete); ranges refuse to write unless it still holds.
     """
@@ -350,6 +364,7 @@ class ScoringPlan:
     manifest: dict[str, Any] | None
     started: float
     lock_token: str | None = None
+    cpu_started: float | None = None
 
     @property
     def complete(self) -> bool:
@@ -372,6 +387,9 @@ class RangeResult:
     skipped: int
     #: Rows predicted per class (multiclass; None otherwise).
     predicted: np.ndarray | None = None
+    #: ``(process, CPU clock at start, at end)`` of the process that scored the range
+    #: (:func:`process_key`, ``time.process_time()``), for :func:`worker_cpu_seconds`.
+    cpu_clock: tuple[str, float, float] | None = None
 
 
 def plan_scoring(
@@ -402,7 +420,7 @@ def plan_scoring(
         FolderBusyError: another live process is writing into the folder.
         ValueError: an unknown policy, or a chunk size below 1.
     """
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     opened = open_output(
         model,
         files,
@@ -440,6 +458,7 @@ def plan_scoring(
         manifest=opened.manifest,
         started=started,
         lock_token=lock_token,
+        cpu_started=cpu_started,
     )
 
 
@@ -518,6 +537,7 @@ def score_range(
         raise ValueError(f"threads must be at least 1, got {threads}")
     if plan.lock_token is not None:
         locks.check_holder(plan.output_dir, plan.lock_token)
+    cpu_started = time.process_time()
     hashing: Future[Identity] = Future()
     hashing.set_result(plan.identity)
     tally = Tally(rows_per_file=[0] * len(plan.files))
@@ -544,7 +564,35 @@ def score_range(
         written=tally.written,
         skipped=tally.skipped,
         predicted=tally.predicted,
+        cpu_clock=(process_key(), cpu_started, time.process_time()),
     )
+
+
+def process_key() -> str:
+    """``host:pid`` of this process: whose CPU clock a range's readings are."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_cpu_seconds(results: Sequence[RangeResult], here: str) -> float:
+    """CPU-seconds the processes other than ``here`` spent scoring ``results``' ranges.
+
+    A worker may score several ranges at once (``threads_per_worker`` above 1), and its
+    process clock counts all of them in each range's reading: the readings of one process
+    are merged as intervals of its clock, so no CPU-second is counted twice. Ranges scored
+    in ``here`` itself are left out (the caller's own clock counts them).
+    """
+    clocks: dict[str, list[tuple[float, float]]] = {}
+    for result in results:
+        if result.cpu_clock is not None and result.cpu_clock[0] != here:
+            process, start, stop = result.cpu_clock
+            clocks.setdefault(process, []).append((start, stop))
+    total = 0.0
+    for intervals in clocks.values():
+        reach = float("-inf")
+        for start, stop in sorted(intervals):
+            total += max(0.0, stop - max(start, reach))
+            reach = max(reach, stop)
+    return total
 
 
 def finish_scoring(
@@ -574,7 +622,7 @@ def finish_scoring(
             lock=None,  # the job's, held by the planning process
         )
         if plan.manifest is not None:
-            return result_of(opened, plan.manifest, Tally(), plan.started)
+            return result_of(opened, plan.manifest, Tally(), plan.started, plan.cpu_started)
         _check_coverage(plan, [result.chunk_range for result in results])
         tally = Tally(rows_per_file=[0] * len(plan.files))
         for result in results:
@@ -586,6 +634,7 @@ def finish_scoring(
             tally.rows_this_call += result.rows_scored_now
             tally.written += result.written
             tally.skipped += result.skipped
+        tally.cpu_elsewhere = worker_cpu_seconds(results, process_key())
         return publish(
             model,
             opened,
@@ -593,6 +642,7 @@ def finish_scoring(
             id_column=plan.id_column,
             chunk_rows=plan.chunk_rows,
             started=plan.started,
+            cpu_started=plan.cpu_started,
         )
     finally:
         abandon_scoring(plan)
@@ -625,14 +675,20 @@ def _stemma_version() -> str:
 
 
 def result_of(
-    opened: Opened, manifest: dict[str, Any], tally: Tally, started: float
+    opened: Opened,
+    manifest: dict[str, Any],
+    tally: Tally,
+    started: float,
+    cpu_started: float | None = None,
 ) -> ScoringResult:
     """What a scoring did: ``manifest`` is the one written, or the one the folder already
-    held whole (``opened.manifest``: nothing was scored)."""
+    held whole (``opened.manifest``: nothing was scored). ``cpu_started`` is this process's
+    ``time.process_time()`` when the scoring began (None: its CPU time is not counted)."""
     already_complete = opened.manifest is not None
     output_dir = opened.output_dir
     manifest_path = output_dir / SUCCESS_FILE
     seconds = time.perf_counter() - started
+    cpu_here = time.process_time() - cpu_started if cpu_started is not None else 0.0
     latency: dict[str, float] = {}
     if tally.latencies:
         values = np.asarray(tally.latencies) * 1000.0
@@ -655,4 +711,6 @@ def result_of(
         chunk_latency_ms=latency,
         score_histogram=manifest["score_histogram"],
         output_digest=sha256_file(manifest_path),
+        rows_scored_now=tally.rows_this_call,
+        cpu_seconds=cpu_here + tally.cpu_elsewhere,
     )

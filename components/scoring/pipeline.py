@@ -91,6 +91,8 @@ class Tally:
     predicted: np.ndarray | None = None
     latencies: list[float] = field(default_factory=list)
     rows_this_call: int = 0
+    #: CPU-seconds other processes spent on this scoring (the ranges of a fan-out).
+    cpu_elsewhere: float = 0.0
     written: int = 0
     skipped: int = 0
 

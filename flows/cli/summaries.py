@@ -192,6 +192,8 @@ def format_score_summary(summary: dict) -> str:
             f"{item['class']} {item['rows']:,}" for item in summary["prediction_counts"]
         )
         lines.append(f"  rows per predicted class: {counts}")
+    if summary.get("cost"):
+        lines.append(f"  {summary['cost']['line']}")
     lines.append(f"  manifest: {summary['manifest']}  (MLflow run {summary['run_id']})")
     return redact_url("\n".join(lines))
 
