@@ -28,7 +28,7 @@ from stemma.components.quantization import registering
 from stemma.components.quantization.measure import heldout_labels, scores
 from stemma.components.runtime.probe import DEFAULT_REPEATS, LatencyProfile, probe_runtimes
 from stemma.components.spec import METRIC_DIRECTIONS, CompressSpec, CostSpec
-from stemma.components.spec.compress import PROBE_BATCH_SIZES
+from stemma.components.spec.compress import PROBE_BATCH_SIZES, MachineSpec
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -281,97 +281,51 @@ def compare_versions(
     warmup: int = 3,
     repeats: int = DEFAULT_REPEATS,
 ) -> VersionComparison:
-    """Measure an fp32 version and every variant of it alike, on its held-out rows.
-
-    Args:
-        model_name: the registered model.
-        parent_version: the fp32 version whose family is compared.
-        root: the project root (the held-out rows are recomputed from its data).
-        metric: the gate metric.
-        compress: the spec's ``compress`` section (its metric-drop limit; default: its
-            defaults).
-        cost: the spec's ``cost`` section (the scoring machine; default: its defaults).
-        client: the registry's client (default: one on the configured registry).
-        architectures: the architectures the spec allows besides the built-ins.
-        device: where the models run (``cpu`` or ``cuda``).
-        batch_sizes, warmup, repeats: how the latency probe runs.
+    """Measure fp32 ``parent_version`` and every variant of it alike, on its held-out rows
+    (recomputed under ``root``), with the spec's ``compress`` drop limit and ``cost``
+    scoring machine; ``architectures``: those the spec allows besides the built-ins;
+    ``device``, ``batch_sizes``, ``warmup``, ``repeats``: how the models run and are probed.
 
     Raises:
         RegistryError: no such version, or a model's files are refused.
-        CompressionError: the version is itself a variant, or a variant reads other inputs
-            than its parent.
+        CompressionError: the version is a variant, or a variant reads other inputs.
         SpecError: ``metric`` is not a metric of the model's task.
         DataError: the held-out rows cannot be recomputed, or are not those it was gated on.
     """
     from mlflow import MlflowClient
-
-    from stemma.components.runtime.loading import load_scoring_model
 
     client = client or MlflowClient()
     compress = compress or CompressSpec()
     cost = cost or CostSpec()
     versions = registering.model_versions(client, model_name)
     parent = _parent(versions, model_name, parent_version)
-    aliases = _aliases(client, model_name)
-    family = variant_family(versions, parent_version, aliases)
+    family = variant_family(versions, parent_version, _aliases(client, model_name))
     heldout = heldout_rows_of.heldout_rows(client, parent, root)
-    models = {
-        member.version: load_scoring_model(
-            f"models:/{model_name}/{member.version}",
-            client=client,
-            architectures=architectures,
-            device=device,
-        )
-        for member in family
-    }
-    reference = models[parent_version]
-    _check_metric(reference, metric)
-    target = heldout.data.target
-    y = heldout_labels(reference.preprocessor, heldout.frame[target], target)
-    x = reference.preprocessor.transform(heldout.frame)
-    values = {
-        number: _metric_value(model, heldout.frame, x, y, metric)
-        for number, model in models.items()
-    }
+    models = _load_family(client, model_name, family, architectures, device)
+    _check_metric(reference := models[parent_version], metric)
+    values, profiles = _measure(models, heldout, metric, batch_sizes, warmup, repeats)
     heldout_rows_of.check_parent_value(parent, metric, values[parent_version])
-    profiles = probe_runtimes(
-        {number: model.runtime for number, model in models.items()},
-        x,
-        batch_sizes=batch_sizes,
-        warmup=warmup,
-        repeats=repeats,
-    )
     higher_is_better = METRIC_DIRECTIONS[reference.task][metric]
     drop_limit = compress.metric_drop(metric)
     machine = cost.machine("scoring")
-    parent_cost = profiles[parent_version].cost_per_million(machine)
     notes = [] if len(family) > 1 else [f"{model_name} v{parent_version} has no registered variant"]
-    figures = []
+    shared = {
+        "parent_value": values[parent_version],
+        "parent_cost": profiles[parent_version].cost_per_million(machine),
+        "higher_is_better": higher_is_better,
+        "drop_limit": drop_limit.limit(values[parent_version]),
+        "machine": machine,
+    }
     with tempfile.TemporaryDirectory(prefix="stemma-compare-") as scratch:
-        for member in family:
-            value = values[member.version]
-            drop = _drop(values[parent_version], value, higher_is_better)
-            price = profiles[member.version].cost_per_million(machine)
-            size, weights = _model_size(client, model_name, member.version, Path(scratch))
-            figures.append(
-                VariantFigures(
-                    version=member.version,
-                    chain=member.chain,
-                    aliases=member.aliases,
-                    status=PASSED if member.chain else PARENT,
-                    backend=models[member.version].runtime.backend,
-                    value=value,
-                    metric_drop=drop,
-                    within_drop_limit=drop <= drop_limit.limit(values[parent_version]),
-                    profile=profiles[member.version],
-                    size_bytes=size,
-                    weights_bytes=weights,
-                    parameters=_parameters(models[member.version]),
-                    cost_per_million=price,
-                    cost_ratio=price / parent_cost if parent_cost > 0 else math.inf,
-                    weights_sha256=models[member.version].weights_sha256,
-                )
-            )
+        sizes = {
+            m.version: _model_size(client, model_name, m.version, Path(scratch)) for m in family
+        }
+    figures = [
+        _figures(
+            m, models[m.version], profiles[m.version], values[m.version], sizes[m.version], **shared
+        )
+        for m in family
+    ]
     return VersionComparison(
         model_name=model_name,
         parent_version=parent_version,
@@ -391,6 +345,90 @@ def compare_versions(
         measured_on=profiles[parent_version].machine,
         variants=tuple(figures),
         notes=tuple(notes),
+    )
+
+
+def _load_family(
+    client: MlflowClient,
+    model_name: str,
+    family: list[FamilyMember],
+    architectures: Collection[str],
+    device: str,
+) -> dict[str, ScoringModel]:
+    """Every model of the family, its files verified, by version (the parent first)."""
+    from stemma.components.runtime.loading import load_scoring_model
+
+    return {
+        member.version: load_scoring_model(
+            f"models:/{model_name}/{member.version}",
+            client=client,
+            architectures=architectures,
+            device=device,
+        )
+        for member in family
+    }
+
+
+def _measure(
+    models: Mapping[str, ScoringModel],
+    heldout: Any,
+    metric: str,
+    batch_sizes: Sequence[int],
+    warmup: int,
+    repeats: int,
+) -> tuple[dict[str, float], dict[str, LatencyProfile]]:
+    """Every model's metric on the held-out rows and its probe, all probed interleaved on
+    the first model's (the parent's) encoding of the rows."""
+    reference = next(iter(models.values()))
+    target = heldout.data.target
+    y = heldout_labels(reference.preprocessor, heldout.frame[target], target)
+    x = reference.preprocessor.transform(heldout.frame)
+    values = {
+        number: _metric_value(model, heldout.frame, x, y, metric)
+        for number, model in models.items()
+    }
+    profiles = probe_runtimes(
+        {number: model.runtime for number, model in models.items()},
+        x,
+        batch_sizes=batch_sizes,
+        warmup=warmup,
+        repeats=repeats,
+    )
+    return values, profiles
+
+
+def _figures(
+    member: FamilyMember,
+    model: ScoringModel,
+    profile: LatencyProfile,
+    value: float,
+    size: tuple[int, int],
+    *,
+    parent_value: float,
+    parent_cost: float,
+    higher_is_better: bool,
+    drop_limit: float,
+    machine: MachineSpec,
+) -> VariantFigures:
+    """One model's row of the comparison from its measurements."""
+    drop = _drop(parent_value, value, higher_is_better)
+    price = profile.cost_per_million(machine)
+    return VariantFigures(
+        version=member.version,
+        chain=member.chain,
+        aliases=member.aliases,
+        status=PASSED if member.chain else PARENT,
+        backend=model.runtime.backend,
+        value=value,
+        metric_drop=drop,
+        within_drop_limit=drop <= drop_limit,
+        profile=profile,
+        size_bytes=size[0],
+        weights_bytes=size[1],
+        parameters=_parameters(model),
+        cost_per_million=price,
+        cost_ratio=price / parent_cost if parent_cost > 0 else math.inf,
+        weights_sha256=model.weights_sha256,
     )
 
 

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stemma.components.errors import SpecError, StemmaError
-from stemma.components.platform.refs import format_model_ref
+from stemma.components.platform.refs import format_model_ref, parse_model_ref
 from stemma.components.serving.app import EndpointConfig, build_app
 from stemma.components.serving.metrics import EndpointMetrics
 from stemma.components.serving.predlog import PredictionLog
 from stemma.components.serving.rows import ServedModel
 from stemma.components.serving.watch import (
     ModelWatch,
+    RegistryView,
     registry_callables,
     served_version,
     warm,
@@ -97,14 +98,7 @@ def build_endpoint(
     load, resolve = registry_callables(
         client or MlflowClient(), reference, architectures=(spec.model.architecture,)
     )
-    champion, target = None, reference
-    if served_alias is not None:  # a variant may serve in the champion's place
-        aliases = resolve().aliases
-        if settings.alias in aliases:
-            version, via = served_version(aliases[settings.alias], aliases, served_alias)
-            if via is not None:
-                champion = aliases[settings.alias]
-                target = format_model_ref(spec.pipeline.registered_model_name, version=version)
+    target, champion = first_served(reference, settings.alias, resolve, served_alias)
     model = load(target)
     warm(model)
     metrics = EndpointMetrics(settings.max_batch_size)
@@ -142,6 +136,26 @@ def build_endpoint(
         log=log,
     )
     return Endpoint(build_app(config, watch, metrics), watch, metrics, settings, log)
+
+
+def first_served(
+    reference: str,
+    alias: str,
+    resolve: Callable[[], RegistryView],
+    served_alias: Callable[[str], str | None] | None,
+) -> tuple[str, str | None]:
+    """What the endpoint loads at start: ``reference`` (the champion's alias), or the
+    variant serving in its place (:func:`.watch.served_version`) with the champion's
+    version, else None."""
+    if served_alias is None:
+        return reference, None
+    aliases = resolve().aliases
+    if alias not in aliases:
+        return reference, None  # the load reports the missing alias
+    version, via = served_version(aliases[alias], aliases, served_alias)
+    if via is None:
+        return reference, None
+    return format_model_ref(parse_model_ref(reference).name, version=version), aliases[alias]
 
 
 def read_token(variable: str | None, environ: Mapping[str, str]) -> str | None:
