@@ -483,6 +483,20 @@ def _quantize_variants(
     return done
 
 
+def _compare_family(
+    config: str, overrides: list[str], context: _Context, comparison: CompressComparison
+) -> dict[str, Any] | None:
+    """When a variant was registered: one comparison of the parent with every variant of
+    it (earlier ones and quantized students too), which aliases the cheapest."""
+    from stemma.flows.compare import compare_flow
+
+    if not any(result.version for result in comparison.candidates):
+        return None
+    reference = f"models:/{context.model.name}/{context.model.version}"
+    summary = compare_flow(config=config, overrides=overrides, model=reference)
+    return {key: summary[key] for key in ("run_id", "cheapest", "cheapest_alias", "table")}
+
+
 @flow(name="compress", flow_run_name=_run_name, validate_parameters=True)
 def compress_flow(
     config: str = "configs/credit.yaml",
@@ -538,11 +552,13 @@ def compress_flow(
         )
         _record(context, run, comparison, candidates, weights)
     quantized = _quantize_variants(config, overrides, context, comparison)
+    compared = _compare_family(config, overrides, context, comparison)
     return _summary(
         context,
         comparison,
         run,
         quantized=quantized,
+        compared=compared,
         illustrative_prices=loaded.spec.cost.illustrative,
         tracking_uri=redact_url(tracking_uri),
     )

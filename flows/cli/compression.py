@@ -79,5 +79,17 @@ def format_compress_summary(summary: dict[str, Any]) -> str:
             f"  quantized {done['method']} v{done['version']}: "
             + (", ".join(passed) if passed else "no variant passed")
         )
+    compared = summary.get("compared")
+    if compared:
+        rows = {row["model"]: row for row in compared["table"]}
+        cheapest = rows.get(compared["cheapest"].split()[0], {})
+        ratio = cheapest.get("cost_ratio")
+        lines.append(
+            f"  every variant of v{summary['parent_version']} compared: cheapest passing is "
+            f"{compared['cheapest']}"
+            + (f" at {ratio:.2f}x the parent's cost" if ratio is not None else "")
+            + (f" (alias {compared['cheapest_alias']})" if compared.get("cheapest_alias") else "")
+            + f"; MLflow run {compared['run_id']}"
+        )
     lines.append(f"  MLflow run {summary['run_id']} (compress/comparison.csv)")
     return redact_url("\n".join(lines))

@@ -249,3 +249,24 @@ def test_the_printed_summary_is_a_table_of_every_variant(compressed):
     assert all(row[1] == "PASSED" for row in rows)
     assert "quantized distill" in text
     assert np.all([row[-1].startswith("v") for row in rows])
+
+
+def test_every_variant_is_compared_and_the_cheapest_aliased(compressed):
+    summary = compressed["summary"]
+    compared = summary["compared"]
+    models = {row["chain"]: row for row in compared["table"]}
+    # the parent, its pruned and distilled variants, and the student's int8 variant
+    assert set(models) == {
+        "fp32 (parent)",
+        "prune",
+        "distill",
+        "distill → int8_weight_only",
+    }
+    cheapest = min(
+        (row for row in compared["table"] if row["status"] in ("parent", "passed")),
+        key=lambda row: row["cost_per_million"],
+    )
+    assert compared["cheapest"].startswith(cheapest["model"])
+    aliases = mlflow.MlflowClient().get_registered_model(NAME).aliases
+    if cheapest["chain"] != "fp32 (parent)":
+        assert str(aliases["v1-cheapest"]) == cheapest["version"]
