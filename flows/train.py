@@ -33,6 +33,7 @@ from stemma.components.platform.refs import format_model_ref
 from stemma.components.platform.tracked_run import TrackedRun
 from stemma.components.registry import gate as judging
 from stemma.components.registry import gate as registry
+from stemma.components.registry import latency
 from stemma.components.spec import LoadedSpec, MonitorSpec, flatten, load_spec
 from stemma.components.training import steps as training
 from stemma.components.training.loop import TrainResult
@@ -219,6 +220,26 @@ def complete_registration_step(
     )
 
 
+@step(name="time version")
+def latency_step(
+    loaded: LoadedSpec, prepared: training.PreparedData, version: Any, run_id: str
+) -> latency.VersionLatency:
+    """Time the registered version as scoring runs it, and state its latency and cost; a
+    failed probe is recorded and logged, never raised."""
+    timed = latency.record_version_latency(
+        mlflow.MlflowClient(),
+        version.name,
+        str(version.version),
+        run_id=run_id,
+        x=prepared.x_test,
+        cost=loaded.spec.cost,
+        architectures=networks.allowed_architectures(loaded.spec.model),
+    )
+    if timed.error:
+        get_run_logger().warning("no latency figures for this version: %s", timed.error)
+    return timed
+
+
 def _setup(loaded: LoadedSpec) -> Setup:
     """The data version, and the interrupted run (and its version) this run resumes."""
     logger = get_run_logger()
@@ -366,6 +387,7 @@ def _tracked_training(setup: Setup, run: TrackedRun, workdir: Path) -> dict[str,
         version, decision = gate_step(setup.loaded, prepared, metrics, model_info.model_uri, facts)
     else:
         version, decision = complete_registration_step(setup.loaded, setup.registered, facts)
+    timed = latency_step(setup.loaded, trained[0], version, run.run_id)
     # the run keeps the verdict to filter on; the fields and reasons are in its record
     run.set_tags({tags.GATE_DECISION: decision.tags()[tags.GATE_DECISION]})
     run.log_metrics({metric_names.GATE_PASSED: 1.0 if decision.passed else 0.0})
@@ -374,7 +396,13 @@ def _tracked_training(setup: Setup, run: TrackedRun, workdir: Path) -> dict[str,
     facts = replace(facts, model_version=str(version.version))
     run.set_tags({**lineage.run_tags(facts), tags.WEIGHTS_SHA256: weights})
     run.record_lineage(replace(lineage.build_training_record(facts), decision=decision.record()))
-    return {"version": version, "decision": decision, "metrics": trained[2], "weights": weights}
+    return {
+        "version": version,
+        "decision": decision,
+        "metrics": trained[2],
+        "weights": weights,
+        "latency": {"figures": timed.figures, "error": timed.error},
+    }
 
 
 def _quantize(config: str, overrides: list[str], model_uri: str) -> dict[str, Any]:
@@ -443,5 +471,6 @@ def train_flow(
         "metrics": done["metrics"],
         "resumed": setup.resumed_run is not None,
         "gate": {**asdict(decision), "reasons": list(decision.reasons)},
+        "latency": done["latency"],
         "ui_hint": redact_url(where),
     }

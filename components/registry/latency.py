@@ -302,7 +302,8 @@ def plot_versions(client: MlflowClient, model_name: str, out_path: Path) -> Path
         cost_axes.set_ylabel(f"{currency} per million predictions")
         illustrative = any(document["cost"]["illustrative"] for document in documents)
         cost_axes.set_title(
-            f"cost on {machine}" + (" (illustrative prices)" if illustrative else "")
+            f"cost on {machine}" + (" (illustrative prices)" if illustrative else ""),
+            pad=14,  # room for the axis's scale (1e-6) above it
         )
     else:
         latency_axes.text(0.5, 0.5, "no version measured yet", ha="center", va="center")

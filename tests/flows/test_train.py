@@ -83,6 +83,11 @@ def test_train_tracks_registers_and_links_everything(project, tmp_path):
         "data/checks_evaluated",
         "data/checks_failed",
         "gate/passed",
+        # the registered version's latency probe (registry/latency.py)
+        *(f"latency/{p}_ms_b{rows}" for p in ("p50", "p95", "p99") for rows in (1, 64, 4096)),
+        "latency/rows_per_s",
+        "latency/cpu_s_per_million",
+        "latency/cost_per_million",
     }
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1, 2, 3]
     assert run.data.metrics["gate/passed"] == 1.0
