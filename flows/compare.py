@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger
 
 from stemma.components.compression import comparison as compare
 from stemma.components.compression import comparison_report as report
+from stemma.components.compression.gpu import GpuFigures, gpu_comparison
 from stemma.components.compression.plots import plot_comparison
 from stemma.components.platform import tags, tracking
 from stemma.components.platform.describe import NOTE_TAG
@@ -28,7 +29,9 @@ from stemma.components.platform.metric_names import in_section
 from stemma.components.platform.redaction import redact_url
 from stemma.components.platform.tracked_run import TrackedRun
 from stemma.components.quantization import heldout
+from stemma.components.quantization.measure import heldout_labels
 from stemma.components.runtime.backends import set_threads
+from stemma.components.runtime.loading import load_scoring_model
 from stemma.components.spec import LoadedSpec, QuantizeSpec
 from stemma.flows.lineage import record_lineage
 from stemma.flows.steps import (
@@ -68,6 +71,53 @@ def measure_step(
         cost=spec.cost,
         architectures=spec_architectures(loaded),
     )
+
+
+@step(name="measure on the GPU")
+def gpu_step(
+    loaded: LoadedSpec, model_name: str, parent_version: str
+) -> tuple[list[GpuFigures], list[str]]:
+    """With a CUDA GPU: the parent as fp32 (eager and ONNX Runtime's CUDA provider), fp16
+    and bf16 on it, on its held-out rows (see ``compression.gpu``); else nothing, and why."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return [], ["no GPU here: the comparison has CPU rows only"]
+    client, spec = mlflow.MlflowClient(), loaded.spec
+    reference = f"models:/{model_name}/{parent_version}"
+    model = load_scoring_model(reference, client=client, architectures=spec_architectures(loaded))
+    held = heldout.heldout_rows(
+        client, client.get_model_version(model_name, parent_version), loaded.root
+    )
+    target = held.data.target
+    with tempfile.TemporaryDirectory(prefix="stemma-compare-gpu-") as folder:
+        return gpu_comparison(
+            model.network,
+            model.preprocessor,
+            x=model.preprocessor.transform(held.frame),
+            y=heldout_labels(model.preprocessor, held.frame[target], target),
+            metric=spec.gate.metric,
+            threshold=model.threshold,
+            cost=spec.cost,
+            folder=Path(folder),
+        )
+
+
+def record_gpu(run: TrackedRun, figures: list[GpuFigures], metric: str) -> list[dict[str, Any]]:
+    """The GPU rows as ``compare/gpu.csv`` and metrics ``compare/gpu.<label>.<measure>``."""
+    rows = [figure.row(metric) for figure in figures]
+    if not rows:
+        return rows
+    run.log_text(pd.DataFrame(rows).to_csv(index=False), f"{report.COMPARE_SECTION}/gpu.csv")
+    values: dict[str, float] = {}
+    for figure in figures:
+        key = "gpu." + figure.label.replace(" (cuda)", "").replace(" ", "_")
+        values.update(figure.profile.metrics(f"{key}."))
+        values[f"{key}.{metric}"] = figure.value
+        if figure.cost_per_million is not None:
+            values[f"{key}.cost_per_million"] = figure.cost_per_million
+    run.log_metrics(in_section(report.COMPARE_SECTION, values))
+    return rows
 
 
 def compare_and_record(
@@ -138,6 +188,9 @@ def compare_flow(
     with tracked(loaded, "compare", experiment_id, record_lineage, None, run_tags) as run:
         comparison = measure_step(loaded, model_name, parent_version)
         summary = record_comparison(run, comparison)
+        gpu, gpu_notes = gpu_step(loaded, model_name, parent_version)
+        summary["gpu"] = record_gpu(run, gpu, comparison.metric)
+        summary["notes"] = [*summary["notes"], *gpu_notes]
         run.set_tags({tags.DATA_MD5: comparison.data_md5})
         record = report.comparison_record(
             comparison,

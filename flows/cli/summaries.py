@@ -277,6 +277,18 @@ def format_compare_summary(summary: dict) -> str:
         "  " + "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True))
         for line in rows
     ]
+    for row in summary.get("gpu") or ():
+        cost = row.get("cost_per_million")
+        lines.append(
+            f"  GPU {row['model']}: {metric} {row[metric]:.4f} (drop {row['metric_drop']:+.4f}), "
+            f"p50 {row['p50_ms_b1']:.3f} / {row['p50_ms_b64']:.3f} / {row['p50_ms_b4096']:.2f} ms "
+            f"at 1 / 64 / 4096 rows, {row['rows_per_s']:,.0f} rows/s"
+            + (
+                f", {cost:.3g} {summary['currency']}/M on {row['machine']}"
+                if cost is not None
+                else ""
+            )
+        )
     if summary.get("cheapest_alias"):
         lines.append(
             f"  * cheapest passing: {summary['cheapest']} -> alias {summary['alias_name']} "
