@@ -57,8 +57,8 @@ from stemma.flows.steps import (
 )
 
 _run_name = config_run_name("compress")
-#: The section the compress run's metrics are logged under.
-SECTION = "compress"
+#: The section the compress run's metrics and tables are logged under.
+SECTION = metric_names.COMPRESS
 
 
 @dataclass

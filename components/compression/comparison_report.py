@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from stemma.components.compression.comparison import VersionComparison
+from stemma.components.platform import metric_names
 from stemma.components.platform.lineage import (
     Edge,
     LineageRecord,
@@ -19,7 +20,7 @@ from stemma.components.quantization import registering
 from stemma.components.spec.compress import format_amount
 
 #: The section of a run's metrics a comparison logs (``compare/v3.cost_per_million``).
-COMPARE_SECTION = "compare"
+COMPARE_SECTION = metric_names.COMPARE
 #: Artifacts of a comparison, under the run's artifacts.
 TABLE_CSV = "compare/variants.csv"
 TABLE_JSON = "compare/variants.json"

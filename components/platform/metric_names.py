@@ -51,6 +51,8 @@ SHADOW = "shadow"  # shadow run
 CANARY = "canary"  # canary step run
 QUANTIZE = "quantize"  # quantize run
 LATENCY = "latency"  # train run: the registered version's latency probe
+COMPRESS = "compress"  # compress run: each candidate against its parent
+COMPARE = "compare"  # compare run: a version and every variant of it
 RETRAIN = "retrain"  # retrain run
 
 

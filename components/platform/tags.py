@@ -24,6 +24,8 @@ canary     canary.step_key, canary.control, canary.challenger, canary.decision,
            input.digest, output.sha256
 retrain    cause.kind, data.md5, model.version, retrain.outcome, shadow.decision
 quantize   model.version, data.md5, quantize.registered
+compress   model.version, data.md5
+compare    model.version, data.md5
 promote    flow, status, lineage tags, promotion.model, .action, .from_version,
            .to_version, .outcome, .generation, .flow_run_id, .detail (not done)
 =========  ===============================================================================
@@ -244,6 +246,8 @@ RUN_TAGS: dict[str, tuple[str, ...]] = {
         SHADOW_DECISION,
     ),
     "quantize": (MODEL_VERSION, DATA_MD5, QUANTIZE_REGISTERED),
+    "compress": (MODEL_VERSION, DATA_MD5),
+    "compare": (MODEL_VERSION, DATA_MD5),
     "promote": tuple(PROMOTION_PREFIX + field for field in PROMOTION_RUN_FIELDS),
 }
 

@@ -270,3 +270,21 @@ def test_every_variant_is_compared_and_the_cheapest_aliased(compressed):
     aliases = mlflow.MlflowClient().get_registered_model(NAME).aliases
     if cheapest["chain"] != "fp32 (parent)":
         assert str(aliases["v1-cheapest"]) == cheapest["version"]
+
+
+def test_the_compress_run_carries_only_its_documented_tags(compressed):
+    from stemma.components.platform import tags as tag_names
+
+    run = mlflow.MlflowClient().get_run(compressed["summary"]["run_id"])
+    allowed = {*tag_names.COMMON_RUN_TAGS, *tag_names.RUN_TAGS["compress"]}
+    own = {
+        key
+        for key in run.data.tags
+        if key.startswith("stemma.")
+        and not key.startswith(tag_names.LINEAGE_MADE_NODES)
+        and not key.startswith(tag_names.LINEAGE_USED_NODES)
+    }
+    assert own <= allowed, sorted(own - allowed)
+    assert run.data.tags[tag_names.MODEL_VERSION] == "1"
+    assert "mlflow.note.content" in run.data.tags  # the description says what was decided
+    assert "registered prune" in run.data.tags["mlflow.note.content"]
