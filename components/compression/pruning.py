@@ -411,6 +411,7 @@ def _replace_linear(
     network: nn.Module, name: str, rows: torch.Tensor | None, columns: torch.Tensor | None
 ) -> None:
     old = network.get_submodule(name)
+    assert isinstance(old, nn.Linear)  # prunable_layers offers only Linear layers
     weight, bias = old.weight.detach(), None if old.bias is None else old.bias.detach()
     if rows is not None:
         weight = weight[rows]

@@ -233,27 +233,20 @@ def measure_candidates(
         The comparison, and each measured candidate by method (for registration).
 
     Raises:
-        DataError: the parent's metric on the held-out rows is not finite, or the parent
-            cannot run.
+        DataError: the parent's metric on the held-out rows is not finite.
     """
     from stemma.components.training.metrics import evaluate_scores
 
     width = x.shape[1]
     (workdir / FP32).mkdir(parents=True, exist_ok=True)
     fp32, _, no_graph = parent_runtimes(parent, width, workdir / FP32)
-    notes = [f"fp32 has no ONNX graph, probed eager only: {no_graph}"] if no_graph else []
     parent_scores = scores(fp32["eager"], x, preprocessor)
     parent_value = float(evaluate_scores(task, y, parent_scores, threshold)[metric])
     if not math.isfinite(parent_value):
         raise DataError(f"the parent's {metric} on the held-out rows is {parent_value}")
     results, measured = _run_candidates(candidates, x, workdir)
-    probed = probe_runtimes(
-        {
-            **{f"{FP32}/{backend}": runtime for backend, runtime in fp32.items()},
-            **{method: item.runtime for method, item in measured.items()},
-        },
-        x,
-    )
+    runtimes = {f"{FP32}/{backend}": runtime for backend, runtime in fp32.items()}
+    probed = probe_runtimes({**runtimes, **{m: item.runtime for m, item in measured.items()}}, x)
     parent_profiles = {k.partition("/")[2]: p for k, p in probed.items() if k.startswith(FP32)}
     baseline = min(parent_profiles, key=lambda b: parent_profiles[b].cpu_seconds_per_million)
     reference = _Reference(
@@ -292,7 +285,7 @@ def measure_candidates(
         min_speedup=settings.min_speedup,
         min_cost_reduction=settings.min_cost_reduction,
         candidates=tuple(results[c.method] for c in candidates),
-        notes=tuple(notes),
+        notes=(f"fp32 has no ONNX graph, probed eager only: {no_graph}",) if no_graph else (),
     )
     return comparison, measured
 

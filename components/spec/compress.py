@@ -65,6 +65,13 @@ ILLUSTRATIVE_MACHINES: dict[str, dict[str, Any]] = {
 }
 
 
+CompressMethod = Literal["prune", "distill"]
+
+
+def _every_method() -> list[CompressMethod]:
+    return ["prune", "distill"]
+
+
 class PruneSpec(Section):
     """Structured pruning: whole hidden units removed, leaving a smaller dense network."""
 
@@ -159,15 +166,15 @@ class DistillSpec(Section):
 class CompressSpec(Section):
     """Compression beyond quantization: pruning, distillation, and which variant serves."""
 
-    methods: list[Literal["prune", "distill"]] = Field(
-        default_factory=lambda: ["prune", "distill"],
+    methods: list[CompressMethod] = Field(
+        default_factory=_every_method,
         min_length=1,
         max_length=2,
         description="Variants to build: `prune`, `distill`, or both.",
     )
     prune: PruneSpec = Field(default_factory=PruneSpec, description="Structured pruning.")
     distill: DistillSpec = Field(default_factory=DistillSpec, description="Distillation.")
-    then_quantize: list[Literal["prune", "distill"]] = Field(
+    then_quantize: list[CompressMethod] = Field(
         default_factory=list,
         max_length=2,
         description=(
@@ -275,8 +282,9 @@ class CostSpec(Section):
             name = getattr(self, role)
             if name not in self.machines:
                 raise ValueError(
-                    f"{role} names machine {name!r}; cost.machines has "
-                    f"{', '.join(sorted(self.machines))}"
+                    f"cost.{role} names machine {name!r}, which cost.machines does not define "
+                    f"(it has {', '.join(sorted(self.machines))}): add it to cost.machines with "
+                    "its price_per_hour and cpus, or name one of those"
                 )
         return self
 

@@ -219,6 +219,20 @@ def format_retrain_summary(summary: dict) -> str:
     return redact_url("\n".join(lines))
 
 
+def _gpu_lines(summary: dict) -> list[str]:
+    """The comparison's GPU rows (fp32, fp16, bf16, ONNX Runtime's CUDA provider), if any."""
+    metric, lines = summary["metric"], []
+    for row in summary.get("gpu") or ():
+        cost = row.get("cost_per_million")
+        priced = f", {cost:.3g} {summary['currency']}/M on {row['machine']}" if cost else ""
+        lines.append(
+            f"  GPU {row['model']}: {metric} {row[metric]:.4f} (drop {row['metric_drop']:+.4f}), "
+            f"p50 {row['p50_ms_b1']:.3f} / {row['p50_ms_b64']:.3f} / {row['p50_ms_b4096']:.2f} ms "
+            f"at 1 / 64 / 4096 rows, {row['rows_per_s']:,.0f} rows/s{priced}"
+        )
+    return lines
+
+
 def format_compare_summary(summary: dict) -> str:
     """The table printed at the end of `stemma run compare`: every model of the version."""
 
@@ -277,18 +291,7 @@ def format_compare_summary(summary: dict) -> str:
         "  " + "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True))
         for line in rows
     ]
-    for row in summary.get("gpu") or ():
-        cost = row.get("cost_per_million")
-        lines.append(
-            f"  GPU {row['model']}: {metric} {row[metric]:.4f} (drop {row['metric_drop']:+.4f}), "
-            f"p50 {row['p50_ms_b1']:.3f} / {row['p50_ms_b64']:.3f} / {row['p50_ms_b4096']:.2f} ms "
-            f"at 1 / 64 / 4096 rows, {row['rows_per_s']:,.0f} rows/s"
-            + (
-                f", {cost:.3g} {summary['currency']}/M on {row['machine']}"
-                if cost is not None
-                else ""
-            )
-        )
+    lines += _gpu_lines(summary)
     if summary.get("cheapest_alias"):
         lines.append(
             f"  * cheapest passing: {summary['cheapest']} -> alias {summary['alias_name']} "

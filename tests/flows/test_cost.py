@@ -158,4 +158,4 @@ def test_validate_refuses_a_scoring_machine_the_spec_does_not_price(trained, tmp
     assert "Traceback" not in err
     assert "1 problem" in err
     assert "unpriced.yaml" in err and "cost" in err
-    assert "scoring names machine 'gpu-big'" in err and "cost.machines has box" in err
+    assert "cost.scoring names machine 'gpu-big'" in err and "(it has box)" in err
