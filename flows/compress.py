@@ -45,6 +45,7 @@ from stemma.components.quantization import registering
 from stemma.components.quantization.measure import heldout_labels
 from stemma.components.runtime.backends import set_threads
 from stemma.components.runtime.loading import ScoringModel, load_scoring_model
+from stemma.components.runtime.probe import LatencyProfile
 from stemma.components.spec import METRIC_DIRECTIONS, CompressSpec, LoadedSpec
 from stemma.flows.lineage import record_lineage
 from stemma.flows.steps import (
@@ -265,7 +266,23 @@ def register_step(
         description=f"{result.method} variant of {model.label}: " + "; ".join(result.reasons),
         verify=verify,
     )
-    return replace(result, version=str(registered.version)), weights_sha256
+    number = str(registered.version)
+    _state_figures(context, result, number)
+    return replace(result, version=number), weights_sha256
+
+
+def _state_figures(context: _Context, result: CandidateResult, number: str) -> None:
+    """The variant's description states its latency and cost as the probe of this run
+    measured them, as every version's description does."""
+    from stemma.components.registry.latency import figures_text, probe_document
+    from stemma.components.registry.text import state_figures
+
+    if result.profile is None:
+        return
+    cost = context.loaded.spec.cost
+    profile = LatencyProfile.from_dict(result.profile)
+    document = probe_document(profile, cost, model_name=context.model.name, version=number)
+    state_figures(mlflow.MlflowClient(), context.model.name, number, figures_text(document, cost))
 
 
 def _register_passing(
@@ -494,7 +511,8 @@ def _compare_family(
         return None
     reference = f"models:/{context.model.name}/{context.model.version}"
     summary = compare_flow(config=config, overrides=overrides, model=reference)
-    return {key: summary[key] for key in ("run_id", "cheapest", "cheapest_alias", "table")}
+    keys = ("run_id", "cheapest", "cheapest_alias", "alias_name", "table")
+    return {key: summary[key] for key in keys}
 
 
 @flow(name="compress", flow_run_name=_run_name, validate_parameters=True)

@@ -143,7 +143,11 @@ def _draw_latency(axes: Axes, comparison: VersionComparison, rows: int) -> None:
     axes.set_xticks(range(count))
     axes.set_xticklabels([str(i) for i in range(1, count + 1)])
     axes.set_yscale("log")
-    axes.set(title=f"batch of {rows} rows", xlabel="model (number in the key)", ylabel="ms")
+    axes.set(
+        title=f"batch of {rows:,} row" + ("s" if rows != 1 else ""),
+        xlabel="model (number in the key)",
+        ylabel="ms",
+    )
     axes.grid(axis="y", alpha=0.3)
     if rows == comparison.parent.profile.batches[0].rows:
         axes.legend(fontsize="small", loc="upper left")

@@ -88,7 +88,7 @@ def format_compress_summary(summary: dict[str, Any]) -> str:
             f"  every variant of v{summary['parent_version']} compared: cheapest passing is "
             f"{compared['cheapest']}"
             + (f" at {ratio:.2f}x the parent's cost" if ratio is not None else "")
-            + (f" (alias {compared['cheapest_alias']})" if compared.get("cheapest_alias") else "")
+            + (f" (alias {compared['alias_name']})" if compared.get("cheapest_alias") else "")
             + f"; MLflow run {compared['run_id']}"
         )
     lines.append(f"  MLflow run {summary['run_id']} (compress/comparison.csv)")

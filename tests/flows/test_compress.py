@@ -89,6 +89,9 @@ def test_pruned_and_distilled_variants_are_registered_linked_and_load_back(compr
         assert version.tags[q.STATUS_TAG] == q.STATUS_REGISTERED
         assert version.tags["stemma.data.md5"] == parent.tags["stemma.data.md5"]
         assert version.run_id == summary["run_id"]
+        # its description states its latency and cost, as every version's does
+        assert "4,096 rows a call: p50" in version.description
+        assert "per million predictions on cpu-small (illustrative prices)" in version.description
         # a smaller dense network, loaded through the runtime like any version
         loaded = load_scoring_model(f"models:/{NAME}/{number}", client=client)
         assert variants[method]["parameters"] < summary["parent_parameters"]
@@ -248,6 +251,9 @@ def test_the_printed_summary_is_a_table_of_every_variant(compressed):
     assert [row[0] for row in rows] == ["prune", "distill"]
     assert all(row[1] == "PASSED" for row in rows)
     assert "quantized distill" in text
+    compared = compressed["summary"]["compared"]
+    if compared["cheapest_alias"]:
+        assert f"(alias v1-cheapest); MLflow run {compared['run_id']}" in text
     assert np.all([row[-1].startswith("v") for row in rows])
 
 
