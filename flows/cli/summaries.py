@@ -259,7 +259,7 @@ def format_compare_summary(summary: dict) -> str:
         "p50 b64 ms",
         "p50 b4096 ms",
         "rows/s",
-        "size",
+        "weights",
         "CPU-s/M",
         f"cost/M {summary['currency']}",
     )
@@ -276,7 +276,7 @@ def format_compare_summary(summary: dict) -> str:
                 number(row.get("p50_ms_b64"), ".3f"),
                 number(row.get("p50_ms_b4096"), ".2f"),
                 number(row["rows_per_s"], ",.0f"),
-                size(row["size_bytes"]),
+                size(row["weights_bytes"]),
                 number(row["cpu_s_per_million"], ".3g"),
                 number(row["cost_per_million"], ".3g"),
             )
