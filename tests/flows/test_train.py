@@ -266,6 +266,10 @@ def _as_an_older_stemma_logged_it(tracking_uri: str, run_id: str) -> None:
         for table in ("metrics", "latest_metrics"):
             where = "WHERE run_uuid = ? AND key = ?"
             store.execute(f"DELETE FROM {table} {where}", (run_id, "train/seconds"))
+            # an older Stemma did not time the version it registered
+            store.execute(
+                f"DELETE FROM {table} WHERE run_uuid = ? AND key LIKE 'latency/%'", (run_id,)
+            )
             for name, flat in FLAT_TRAINING_NAMES.items():
                 store.execute(f"UPDATE {table} SET key = ? {where}", (flat, run_id, name))
             store.execute(
