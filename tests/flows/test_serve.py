@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -130,14 +131,23 @@ def _start_serve(
     )
 
 
-def _wait_for_deployments(stack: Stack, expected: set[str]) -> dict[str, dict]:
+def _wait_for_deployments(
+    stack: Stack, expected: set[str], updated_since: datetime | None = None
+) -> dict[str, dict]:
+    """The deployments once every expected one exists (and, with ``updated_since``, was
+    written by `stemma serve` since then)."""
     deadline = time.monotonic() + START_TIMEOUT_S
     found: dict[str, dict] = {}
     while time.monotonic() < deadline:
         if stack.serve.poll() is not None:
             raise AssertionError(f"`stemma serve` exited {stack.serve.returncode}:\n{stack.log()}")
         found = stack.deployments()
-        if expected <= set(found):
+        if expected <= set(found) and (
+            updated_since is None
+            or all(
+                datetime.fromisoformat(found[name]["updated"]) >= updated_since for name in expected
+            )
+        ):
             return found
         time.sleep(1)
     raise AssertionError(f"deployments {expected - set(found)} never appeared:\n{stack.log()}")
@@ -438,8 +448,9 @@ def test_deployments_stay_unpaused_after_serve_and_the_server_restart(stack, ste
     assert all(after_restart[name]["paused"] is False for name in expected)
     assert all(s["active"] for s in after_restart["score/credit · nightly scoring"]["schedules"])
     # Serve again, as a restarted `stemma serve` would: the deployments are taken back.
+    restarted = datetime.now(UTC)
     stack.serve = _start_serve(stack.project, stack.environment, stack.serve_log, stemma_exe)
-    _wait_for_deployments(stack, expected)
+    _wait_for_deployments(stack, expected, updated_since=restarted)
 
 
 @pytest.mark.skipif(
