@@ -43,6 +43,7 @@ from stemma.components.platform.tracked_run import TrackedRun
 from stemma.components.quantization import heldout as parents
 from stemma.components.quantization import registering
 from stemma.components.quantization.measure import heldout_labels
+from stemma.components.registry.latency import state_variant_figures
 from stemma.components.runtime.backends import set_threads
 from stemma.components.runtime.loading import ScoringModel, load_scoring_model
 from stemma.components.runtime.probe import LatencyProfile
@@ -267,22 +268,11 @@ def register_step(
         verify=verify,
     )
     number = str(registered.version)
-    _state_figures(context, result, number)
+    profile = LatencyProfile.from_dict(result.profile) if result.profile else None
+    state_variant_figures(
+        client, model.name, number, cost=context.loaded.spec.cost, profile=profile
+    )
     return replace(result, version=number), weights_sha256
-
-
-def _state_figures(context: _Context, result: CandidateResult, number: str) -> None:
-    """The variant's description states its latency and cost as the probe of this run
-    measured them, as every version's description does."""
-    from stemma.components.registry.latency import figures_text, probe_document
-    from stemma.components.registry.text import state_figures
-
-    if result.profile is None:
-        return
-    cost = context.loaded.spec.cost
-    profile = LatencyProfile.from_dict(result.profile)
-    document = probe_document(profile, cost, model_name=context.model.name, version=number)
-    state_figures(mlflow.MlflowClient(), context.model.name, number, figures_text(document, cost))
 
 
 def _register_passing(

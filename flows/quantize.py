@@ -36,6 +36,7 @@ from stemma.components.quantization.measure import (
     variant_runtime,
 )
 from stemma.components.quantization.results import Comparison, VariantResult
+from stemma.components.registry.latency import state_variant_figures
 from stemma.components.runtime.backends import set_threads
 from stemma.components.runtime.loading import ScoringModel, load_scoring_model
 from stemma.components.scoring.pipeline import FORWARD_BATCH_ROWS
@@ -181,6 +182,14 @@ def register_step(
         verify=verify,
     )
     graph = (registered.tags or {}).get(ONNX_SHA256_TAG)
+    state_variant_figures(
+        client,
+        model.name,
+        str(registered.version),
+        cost=context.loaded.spec.cost,
+        runtime=measured,
+        x=context.x,
+    )
     return replace(result, version=str(registered.version)), weights_sha256, graph
 
 

@@ -231,6 +231,37 @@ def record_version_latency(
     return outcome
 
 
+def state_variant_figures(
+    client: MlflowClient,
+    model_name: str,
+    version: str,
+    *,
+    cost: CostSpec,
+    profile: LatencyProfile | None = None,
+    runtime: Runtime | None = None,
+    x: np.ndarray | None = None,
+) -> str | None:
+    """State a registered variant's latency and cost in its description: from ``profile``
+    when the run measured one, else from a probe of ``runtime`` on ``x``. A variant shares
+    its run with its siblings, so no ``latency/probe.json`` is logged. Never raises.
+
+    Returns:
+        The block stated, or None when there was nothing to state or it failed.
+    """
+    try:
+        if profile is None:
+            if runtime is None or x is None:
+                return None
+            profile = probe_version(runtime, x)
+        document = probe_document(profile, cost, model_name=model_name, version=str(version))
+        figures = figures_text(document, cost)
+        text.state_figures(client, model_name, str(version), figures)
+        return figures
+    except Exception as error:  # the variant is registered either way
+        _LOG.warning("%s v%s: its latency figures were not stated: %s", model_name, version, error)
+        return None
+
+
 def _quietly(action: Any, *args: Any) -> None:
     """Do one of the recording steps; a store that refuses it costs only that record."""
     try:

@@ -108,6 +108,8 @@ def test_passing_variants_are_registered_with_tags_aliases_and_lineage(quantized
         assert version.run_id == summary["run_id"]  # its numbers are in that run's record
         assert tags["stemma.data.md5"] == parent.tags["stemma.data.md5"]
         assert tags["stemma.weights.sha256"] != parent.tags["stemma.weights.sha256"]
+        # like every version, it states its latency and cost, probed at registration
+        assert "4,096 rows a call: p50" in version.description
         assert tags["stemma.runtime.backend"] == variants[method]["runtime"]
         # a variant is not a gated model: promotion refuses it
         assert "stemma.gate.decision" not in tags
