@@ -36,7 +36,7 @@ from stemma.components.compression.variants import (
     parameter_count,
 )
 from stemma.components.data.tables import dataset_source
-from stemma.components.errors import CompressionError, RegistryError
+from stemma.components.errors import CompressionError
 from stemma.components.platform import lineage, metric_names, tags, tracking
 from stemma.components.platform.redaction import redact_url
 from stemma.components.platform.tracked_run import TrackedRun
@@ -53,6 +53,7 @@ from stemma.flows.steps import (
     config_run_name,
     flow_run_id,
     load_spec_step,
+    loaded_back_check,
     spec_architectures,
     step,
     tracked,
@@ -242,20 +243,9 @@ def register_step(
         name=result.method,
         project_root=context.loaded.root,
     )
-    x = context.arrays["x_test"]
-
-    def verify(number: str) -> None:
-        loaded = load_scoring_model(
-            f"models:/{model.name}/{number}", client=client, architectures=model.architectures
-        )
-        same_backend = loaded.runtime.backend == measured.runtime.backend
-        if not same_backend or not np.array_equal(loaded.runtime.run(x), measured.outputs):
-            raise RegistryError(
-                f"{model.name} v{number}: the registered {result.method} variant, loaded back, "
-                "does not give the outputs that were measured",
-                [f"it runs on {loaded.runtime.label}; nothing was registered"],
-            )
-
+    verify = loaded_back_check(
+        model, result.method, measured.runtime, context.arrays["x_test"], measured.outputs
+    )
     registered = registering.register_variant(
         client=client,
         model_name=model.name,

@@ -46,6 +46,7 @@ from stemma.flows.steps import (
     config_run_name,
     flow_run_id,
     load_spec_step,
+    loaded_back_check,
     spec_architectures,
     step,
     tracked,
@@ -153,19 +154,7 @@ def register_step(
     measured = variant_runtime(variant, context.x.shape[1])
     expected = measured.run(context.x)
 
-    def verify(number: str) -> None:
-        loaded = load_scoring_model(
-            f"models:/{model.name}/{number}", client=client, architectures=model.architectures
-        )
-        if loaded.runtime.backend != measured.backend or not np.array_equal(
-            loaded.runtime.run(context.x), expected
-        ):
-            raise RegistryError(
-                f"{model.name} v{number}: the registered {result.method} variant, loaded back, "
-                "does not give the outputs that were measured",
-                [f"it runs on {loaded.runtime.label}; nothing was registered"],
-            )
-
+    verify = loaded_back_check(model, result.method, measured, context.x, expected)
     registered = registering.register_variant(
         client=client,
         model_name=model.name,

@@ -194,3 +194,35 @@ def scoring_options(loaded: LoadedSpec) -> dict[str, Any]:
         "unknown_categories": score.unknown_categories,
         "threads": score.threads,
     }
+
+
+def loaded_back_check(
+    model: ScoringModel, method: str, runtime: Any, x: Any, expected: Any
+) -> Callable[[str], None]:
+    """``verify`` for ``registering.register_variant``: the version, loaded back as scoring
+    loads it, runs on ``runtime``'s backend and gives exactly ``expected`` on ``x``.
+
+    Raises (from the returned check):
+        RegistryError: it runs elsewhere or gives other outputs; nothing is registered.
+    """
+    import mlflow
+    import numpy as np
+
+    from stemma.components.errors import RegistryError
+
+    def verify(number: str) -> None:
+        loaded = load_scoring_model(
+            f"models:/{model.name}/{number}",
+            client=mlflow.MlflowClient(),
+            architectures=model.architectures,
+        )
+        if loaded.runtime.backend != runtime.backend or not np.array_equal(
+            loaded.runtime.run(x), expected
+        ):
+            raise RegistryError(
+                f"{model.name} v{number}: the registered {method} variant, loaded back, "
+                "does not give the outputs that were measured",
+                [f"it runs on {loaded.runtime.label}; nothing was registered"],
+            )
+
+    return verify

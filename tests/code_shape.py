@@ -61,15 +61,15 @@ BASELINE_COMPONENT_LINES = 24_126
 #: (spec/limits.py) and narrow scoring in its own folder 367; `stemma up` without MLflow's
 #: job processes 7. Then compression and cost: the spec's compress and cost sections
 #: (spec/compress.py) 349; the standard latency probe (runtime/probe.py) 230; latency and
-#: cost per model version (registry/latency.py, its block in registry/text.py) 367; every
-#: scoring run's CPU time and cost (scoring/cost.py, workers' clocks in job.py) 166;
+#: cost per model version, variants too (registry/latency.py, its block in registry/text.py)
+#: 401; every scoring run's CPU time and cost (scoring/cost.py, workers' clocks in job.py) 166;
 #: structured pruning (compression/pruning.py, narrowed Linears in model/networks.py) 530;
 #: distillation (compression/distillation.py) 565; the compress gate (compression/
 #: variants.py, the recomputed training splits) 437; one comparison of every variant, its
 #: plot and its GPU rows (compression/comparison.py, comparison_report.py, plots.py, gpu.py)
 #: 1,012; serving the cheapest variant in batch and online (quantization/registering.py,
 #: serving/) 177; the tags, metric sections and network config they use 18.
-COMPONENT_LINES_CEILING = 39_974
+COMPONENT_LINES_CEILING = 40_008
 #: Offenders printed per check.
 SHOWN = 40
 

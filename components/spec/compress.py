@@ -15,10 +15,9 @@ from pydantic import Field, field_validator, model_validator
 
 from stemma.components.spec.limits import MetricDrop, MetricDropLimit, default_drop
 from stemma.components.spec.sections import (
-    BUILTIN_ARCHITECTURES,
-    IMPORT_PATH,
     Name,
     Section,
+    check_architecture_name,
     check_model_reference,
 )
 
@@ -123,12 +122,7 @@ class StudentSpec(Section):
     @field_validator("architecture")
     @classmethod
     def _known_architecture(cls, value: str) -> str:
-        if value not in BUILTIN_ARCHITECTURES and not IMPORT_PATH.match(value):
-            raise ValueError(
-                f"must be one of {', '.join(BUILTIN_ARCHITECTURES)} or an import path "
-                f"`package.module:Class`, got {value!r}"
-            )
-        return value
+        return check_architecture_name(value)
 
 
 class DistillSpec(Section):

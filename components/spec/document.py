@@ -19,8 +19,8 @@ import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from stemma.components.errors import SpecError
-from stemma.components.spec.expectations import expectation_problems
 from stemma.components.spec.compress import CompressSpec, CostSpec
+from stemma.components.spec.expectations import expectation_problems
 from stemma.components.spec.monitor import MonitorSpec
 from stemma.components.spec.operations import EndpointSpec, EvaluateSpec, QuantizeSpec
 from stemma.components.spec.sections import (

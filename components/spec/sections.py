@@ -72,6 +72,16 @@ def check_cron(value: str | None) -> str | None:
     return value
 
 
+def check_architecture_name(value: str) -> str:
+    """``value`` when it names a built-in architecture or an import path ``module:Class``."""
+    if value not in BUILTIN_ARCHITECTURES and not IMPORT_PATH.match(value):
+        raise ValueError(
+            f"must be one of {', '.join(BUILTIN_ARCHITECTURES)} or an import path "
+            f"`package.module:Class`, got {value!r}"
+        )
+    return value
+
+
 def check_model_reference(value: str | None) -> str | None:
     """``value`` when it is a ``models:/`` reference MLflow can resolve (or None)."""
     if value is None:
@@ -267,12 +277,7 @@ class ModelSpec(Section):
     @field_validator("architecture")
     @classmethod
     def _known_architecture(cls, value: str) -> str:
-        if value not in BUILTIN_ARCHITECTURES and not IMPORT_PATH.match(value):
-            raise ValueError(
-                f"must be one of {', '.join(BUILTIN_ARCHITECTURES)} or an import path "
-                f"`package.module:Class`, got {value!r}"
-            )
-        return value
+        return check_architecture_name(value)
 
 
 class EarlyStoppingSpec(Section):
