@@ -272,15 +272,56 @@ def _register_passing(
     run: TrackedRun,
     workdir: Path,
 ) -> tuple[CompressComparison, dict[str, str]]:
+    from stemma.components.model.artifact import weights_sha256
+
     weights: dict[str, str] = {}
+    twins = _registered_variants(context)
     for result in comparison.candidates:
         if not result.passed:
+            continue
+        digest = weights_sha256(measured[result.method].candidate.network)
+        twin = twins.get((result.method, digest))
+        if twin is not None:  # a rerun of the same spec on the same data: the same weights
+            comparison = comparison.with_result(_reuse(context, result, twin))
+            weights[result.method] = digest
             continue
         registered, weights[result.method] = register_step(
             context, result, measured[result.method], run.run_id, workdir / result.method
         )
         comparison = comparison.with_result(registered)
     return comparison, weights
+
+
+def _registered_variants(context: _Context) -> dict[tuple[str, str], str]:
+    """The parent's registered variants by (method, weights sha256): their version."""
+    found: dict[tuple[str, str], str] = {}
+    client, model = mlflow.MlflowClient(), context.model
+    for version in registering.model_versions(client, model.name):
+        values = version.tags or {}
+        if (
+            values.get(registering.PARENT_VERSION_TAG) == model.version
+            and values.get(registering.STATUS_TAG) == registering.STATUS_REGISTERED
+            and values.get(tags.WEIGHTS_SHA256)
+        ):
+            key = (values.get(registering.METHOD_TAG, ""), values[tags.WEIGHTS_SHA256])
+            found.setdefault(key, str(version.version))
+    return found
+
+
+def _reuse(context: _Context, result: CandidateResult, number: str) -> CandidateResult:
+    """A passing candidate whose weights an earlier run registered: that version keeps its
+    place (and gets the method's alias back); nothing new is registered."""
+    model = context.model
+    alias = registering.method_alias(model.version, result.method)
+    mlflow.MlflowClient().set_registered_model_alias(model.name, alias, number)
+    get_run_logger().info(
+        "%s v%s already holds these %s weights: nothing new registered",
+        model.name,
+        number,
+        result.method,
+    )
+    note = f"v{number} already holds these weights (registered by an earlier run): reused"
+    return replace(result, version=number, existing=True, notes=(*result.notes, note))
 
 
 def _record(
@@ -335,15 +376,20 @@ def _lineage_record(
         nodes.append(
             lineage.Node("model_version", variant, f"sha256:{weights[result.method]}", attributes)
         )
+        made = [] if result.existing else [lineage.Edge(node.id, variant, "produced")]
         edges += [
-            lineage.Edge(node.id, variant, "produced"),
+            *made,
             lineage.Edge(
                 parent, variant, f"{'pruned' if result.method == 'prune' else 'distilled'}_to"
             ),
         ]
     registered = [r for r in comparison.candidates if r.version]
     decision = {
-        "decision": "registered " + ", ".join(f"{r.method} v{r.version}" for r in registered)
+        "decision": "registered "
+        + ", ".join(
+            f"{r.method} v{r.version}" + (" (already, same weights)" if r.existing else "")
+            for r in registered
+        )
         if registered
         else "nothing registered",
         "metric": comparison.metric,
@@ -472,7 +518,13 @@ def _quantize_variants(
     from stemma.flows.quantize import quantize_flow
 
     done = []
+    quantized = {
+        (version.tags or {}).get(registering.PARENT_VERSION_TAG)
+        for version in registering.model_versions(mlflow.MlflowClient(), context.model.name)
+    }
     for result in comparison.candidates:
+        if result.existing and result.version in quantized:
+            continue  # a reused variant whose quantized variants an earlier run made
         if result.version and result.method in context.settings.then_quantize:
             reference = f"models:/{context.model.name}/{result.version}"
             summary = quantize_flow(config=config, overrides=overrides, model=reference)

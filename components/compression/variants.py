@@ -82,6 +82,8 @@ class CandidateResult:
     profile: dict[str, Any] | None = None
     version: str | None = None
     notes: tuple[str, ...] = ()
+    #: The version was registered by an earlier run with these very weights.
+    existing: bool = False
 
     @property
     def passed(self) -> bool:

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stemma.components.quantization import registering as q
 from stemma.components.runtime.loading import load_scoring_model
 from tests.support import build_multiclass_project, git
 
@@ -104,9 +103,14 @@ def test_compressing_again_reproduces_the_variants_weight_for_weight(wine):
     first = {v["method"]: v for v in wine["summary"]["variants"]}
     again = compress_flow(config=wine["config"], overrides=OVERRIDES)
     second = {v["method"]: v for v in again["variants"]}
+    versions = {v.version for v in client.search_model_versions("name = 'wine'")}
     for method in ("prune", "distill"):
-        before = client.get_model_version("wine", first[method]["version"]).tags
-        after = client.get_model_version("wine", second[method]["version"]).tags
-        assert after[q.PARENT_VERSION_TAG] == before[q.PARENT_VERSION_TAG]
-        assert after["stemma.weights.sha256"] == before["stemma.weights.sha256"]
+        # the same weights again: the version the first run registered is reused, not copied
+        assert second[method]["existing"] is True
+        assert second[method]["version"] == first[method]["version"]
+        assert any("already holds these weights" in note for note in second[method]["notes"])
         assert second[method]["value"] == first[method]["value"]
+        aliases = client.get_registered_model("wine").aliases
+        assert str(aliases[f"v1-{method}"]) == first[method]["version"]
+    assert not [v for v in versions if int(v) > int(second["distill"]["version"])]
+    assert again["compared"] is not None
