@@ -65,11 +65,11 @@ BASELINE_COMPONENT_LINES = 24_126
 #: 401; every scoring run's CPU time and cost (scoring/cost.py, workers' clocks in job.py) 166;
 #: structured pruning (compression/pruning.py, narrowed Linears in model/networks.py) 530;
 #: distillation (compression/distillation.py) 565; the compress gate (compression/
-#: variants.py, the recomputed training splits) 437; one comparison of every variant, its
+#: variants.py, the recomputed training splits) 439; one comparison of every variant, its
 #: plot and its GPU rows (compression/comparison.py, comparison_report.py, plots.py, gpu.py)
 #: 1,012; serving the cheapest variant in batch and online (quantization/registering.py,
 #: serving/) 177; the tags, metric sections and network config they use 18.
-COMPONENT_LINES_CEILING = 40_008
+COMPONENT_LINES_CEILING = 40_010
 #: Offenders printed per check.
 SHOWN = 40
 
