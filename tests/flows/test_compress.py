@@ -33,6 +33,7 @@ ALL_PASS = [
     "compress.prune.finetune_epochs=1",
     "compress.distill.epochs=2",
     "compress.then_quantize=[distill]",
+    "compress.distill.production_batches=[data/credit/batches]",
     "quantize.methods=[int8_weight_only]",
     "quantize.min_speedup=0.01",
     "quantize.max_metric_drop=1.0",
@@ -143,6 +144,18 @@ def test_lineage_links_the_parent_to_each_variant(compressed, tmp_path):
         "distilled_to",
     ) in edges
     assert record["decision"]["decision"].startswith("registered")
+    # the unlabelled production batches the student also learnt from are inputs of the run
+    batches = [n for n in record["nodes"] if n["kind"] == "input"]
+    assert {Path(n["attributes"]["path"]).name for n in batches} == {
+        "day_01.parquet",
+        "day_02.parquet",
+    }
+    assert all(
+        (n["id"], f"mlflow-run:{summary['run_id']}", "distilled_on") in edges for n in batches
+    )
+    student = client.download_artifacts(summary["run_id"], "compress/distill.json", str(tmp_path))
+    rows = json.loads(Path(student).read_text())["rows"]
+    assert rows["production"] == 1000 and rows["train"] > 0
     details = client.download_artifacts(summary["run_id"], "compress/prune.json", str(tmp_path))
     pruned = json.loads(Path(details).read_text())
     assert [layer["after"] for layer in pruned["layers"]] == [32, 16]
