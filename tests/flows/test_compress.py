@@ -54,7 +54,8 @@ def run_compress(project: Path, *overrides: str, model: str | None = None) -> di
 
 def versions(name: str = NAME) -> list[str]:
     client = mlflow.MlflowClient()
-    return sorted(v.version for v in client.search_model_versions(f"name='{name}'"))
+    found = client.search_model_versions(f"name='{name}'")
+    return sorted((str(v.version) for v in found), key=int)
 
 
 @pytest.fixture(scope="module")
@@ -307,3 +308,43 @@ def test_the_compress_run_carries_only_its_documented_tags(compressed):
     assert run.data.tags[tag_names.MODEL_VERSION] == "1"
     assert "mlflow.note.content" in run.data.tags  # the description says what was decided
     assert "registered prune" in run.data.tags["mlflow.note.content"]
+
+
+HALF_REGISTER = """
+import sys
+import mlflow
+from stemma.components.quantization import registering as q
+
+name, source = sys.argv[1], sys.argv[2]
+made = mlflow.MlflowClient().create_model_version(name, source, tags={
+    q.METHOD_TAG: "prune", q.PARENT_VERSION_TAG: "1",
+    q.STATUS_TAG: q.STATUS_REGISTERING, q.OWNER_TAG: q.owner_id(),
+})
+print(made.version)
+"""
+
+
+def test_a_version_a_killed_run_left_half_registered_is_removed_by_the_next(compressed):
+    import subprocess
+    import sys
+
+    client = mlflow.MlflowClient()
+    source = client.get_model_version(NAME, "1").source
+    # a process that ends between creating the version and finishing it, as a kill leaves it
+    done = subprocess.run(
+        [sys.executable, "-c", HALF_REGISTER, NAME, source],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    half = done.stdout.strip().splitlines()[-1]
+    assert half in versions()
+    assert half not in {str(v) for v in client.get_registered_model(NAME).aliases.values()}
+    again = run_compress(compressed["root"], *ALL_PASS)
+    assert half not in versions()  # never aliased, so never served, and now gone
+    # the rerun made the same weights: the variants the first run registered stand
+    first = by_method(compressed["summary"])
+    assert {m: v["version"] for m, v in by_method(again).items()} == {
+        m: v["version"] for m, v in first.items()
+    }
