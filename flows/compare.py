@@ -38,6 +38,7 @@ from stemma.flows.steps import (
     config_run_name,
     flow_run_id,
     load_spec_step,
+    parent_reference,
     spec_architectures,
     step,
     tracked,
@@ -48,13 +49,9 @@ _run_name = config_run_name("compare")
 
 @step(name="resolve the parent version")
 def resolve_parent_step(loaded: LoadedSpec, model: str | None) -> tuple[str, str]:
-    spec, client = loaded.spec, mlflow.MlflowClient()
-    reference = (
-        model
-        or (spec.compress.model if spec.compress is not None else None)
-        or heldout.default_parent_reference(client, spec.pipeline.registered_model_name)
-    )
-    return compare.resolve_parent(client, reference)
+    compress = loaded.spec.compress
+    reference = parent_reference(loaded, model, compress.model if compress else None)
+    return compare.resolve_parent(mlflow.MlflowClient(), reference)
 
 
 @step(name="measure every variant")

@@ -47,13 +47,15 @@ from stemma.components.registry.latency import state_variant_figures
 from stemma.components.runtime.backends import set_threads
 from stemma.components.runtime.loading import ScoringModel, load_scoring_model
 from stemma.components.runtime.probe import LatencyProfile
-from stemma.components.spec import METRIC_DIRECTIONS, CompressSpec, LoadedSpec
+from stemma.components.spec import CompressSpec, LoadedSpec
 from stemma.flows.lineage import record_lineage
 from stemma.flows.steps import (
+    check_gate_metric,
     config_run_name,
     flow_run_id,
     load_spec_step,
     loaded_back_check,
+    parent_reference,
     spec_architectures,
     step,
     tracked,
@@ -420,19 +422,9 @@ def _prepare(loaded: LoadedSpec, model: str | None) -> _Context:
     settings = spec.compress or CompressSpec()
     if spec.compress is None:
         get_run_logger().info("the spec has no compress section: using its defaults")
-    client = mlflow.MlflowClient()
-    reference = (
-        model
-        or settings.model
-        or parents.default_parent_reference(client, spec.pipeline.registered_model_name)
-    )
+    reference = parent_reference(loaded, model, settings.model)
     parent_model, parent = load_parent_step(reference, loaded)
-    metrics = METRIC_DIRECTIONS.get(parent_model.task, {})
-    if spec.gate.metric not in metrics:
-        raise CompressionError(
-            f"gate.metric {spec.gate.metric!r} is not a metric of {parent_model.label}, a "
-            f"{parent_model.task} model; choose one of {', '.join(metrics)}"
-        )
+    metric = check_gate_metric(loaded, parent_model)
     if "prune" in settings.methods:
         pruning.check_amount(parent_model.network, settings.prune.amount)
     splits = splits_step(parent, loaded)
@@ -442,7 +434,7 @@ def _prepare(loaded: LoadedSpec, model: str | None) -> _Context:
         model=parent_model,
         parent=parent,
         splits=splits,
-        metric=spec.gate.metric,
+        metric=metric,
         arrays=_arrays(parent_model, splits),
         git_rev=tracking.git_revision(loaded.root)[0],
         reference=reference,

@@ -22,7 +22,7 @@ import pandas as pd
 from prefect import flow, get_run_logger
 
 from stemma.components.data.tables import dataset_source
-from stemma.components.errors import RegistryError, SpecError
+from stemma.components.errors import RegistryError
 from stemma.components.model.artifact import ONNX_SHA256_TAG
 from stemma.components.model.quantized import METHODS, QuantizedNetwork
 from stemma.components.platform import metric_names, tags, tracking
@@ -40,13 +40,15 @@ from stemma.components.registry.latency import state_variant_figures
 from stemma.components.runtime.backends import set_threads
 from stemma.components.runtime.loading import ScoringModel, load_scoring_model
 from stemma.components.scoring.pipeline import FORWARD_BATCH_ROWS
-from stemma.components.spec import COMPRESS_METHODS, METRIC_DIRECTIONS, LoadedSpec, QuantizeSpec
+from stemma.components.spec import COMPRESS_METHODS, LoadedSpec, QuantizeSpec
 from stemma.flows.lineage import record_lineage
 from stemma.flows.steps import (
+    check_gate_metric,
     config_run_name,
     flow_run_id,
     load_spec_step,
     loaded_back_check,
+    parent_reference,
     spec_architectures,
     step,
     tracked,
@@ -275,19 +277,9 @@ def _prepare(loaded: LoadedSpec, model: str | None) -> _Context:
     if spec.quantize is None:
         get_run_logger().info("the spec has no quantize section: using its defaults")
     set_threads(settings.threads)  # the threads every run is timed with, set once
-    client = mlflow.MlflowClient()
-    reference = (
-        model
-        or settings.model
-        or parents.default_parent_reference(client, spec.pipeline.registered_model_name)
-    )
+    reference = parent_reference(loaded, model, settings.model)
     parent_model, parent = load_parent_step(reference, loaded)
-    metrics = METRIC_DIRECTIONS.get(parent_model.task, {})
-    if spec.gate.metric not in metrics:
-        raise SpecError(
-            f"gate.metric {spec.gate.metric!r} is not a metric of {parent_model.label}, a "
-            f"{parent_model.task} model; choose one of {', '.join(metrics)}"
-        )
+    metric = check_gate_metric(loaded, parent_model)
     heldout = heldout_step(parent, loaded)
     return _Context(
         loaded=loaded,
@@ -295,7 +287,7 @@ def _prepare(loaded: LoadedSpec, model: str | None) -> _Context:
         model=parent_model,
         parent=parent,
         heldout=heldout,
-        metric=spec.gate.metric,
+        metric=metric,
         x=parent_model.preprocessor.transform(heldout.frame),
         batch_rows=settings.batch_rows or min(spec.score.chunk_rows, FORWARD_BATCH_ROWS),
         git_rev=tracking.git_revision(loaded.root)[0],

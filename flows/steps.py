@@ -226,3 +226,36 @@ def loaded_back_check(
             )
 
     return verify
+
+
+def parent_reference(loaded: LoadedSpec, model: str | None, configured: str | None) -> str:
+    """The model a quantize, compress or compare run takes: the one named on the command
+    line, else the spec's section's ``model``, else the newest version that passed its gate.
+
+    Raises:
+        RegistryError: no such registered model, or none of its fp32 versions passed.
+    """
+    import mlflow
+
+    from stemma.components.quantization.heldout import default_parent_reference
+
+    name = loaded.spec.pipeline.registered_model_name
+    return model or configured or default_parent_reference(mlflow.MlflowClient(), name)
+
+
+def check_gate_metric(loaded: LoadedSpec, model: ScoringModel) -> str:
+    """The spec's gate metric, when it is a metric of ``model``'s task.
+
+    Raises:
+        SpecError: it is not (a regression metric for a classifier, say).
+    """
+    from stemma.components.errors import SpecError
+    from stemma.components.spec import METRIC_DIRECTIONS
+
+    metric, metrics = loaded.spec.gate.metric, METRIC_DIRECTIONS.get(model.task, {})
+    if metric not in metrics:
+        raise SpecError(
+            f"gate.metric {metric!r} is not a metric of {model.label}, a {model.task} model; "
+            f"choose one of {', '.join(metrics)}"
+        )
+    return metric

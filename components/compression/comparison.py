@@ -234,9 +234,7 @@ class VersionComparison:
                 "within_drop_limit": variant.within_drop_limit,
                 "backend": variant.backend,
             }
-            for batch in variant.profile.batches:
-                for name in ("p50_ms", "p95_ms", "p99_ms"):
-                    row[f"{name}_b{batch.rows}"] = getattr(batch, name)
+            row.update(variant.profile.percentiles())
             row.update(
                 rows_per_s=variant.profile.rows_per_s,
                 size_bytes=variant.size_bytes,

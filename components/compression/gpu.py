@@ -60,9 +60,7 @@ class GpuFigures:
             metric: self.value,
             "metric_drop": self.metric_drop,
         }
-        for batch in self.profile.batches:
-            for name in ("p50_ms", "p95_ms", "p99_ms"):
-                row[f"{name}_b{batch.rows}"] = getattr(batch, name)
+        row.update(self.profile.percentiles())
         row.update(
             rows_per_s=self.profile.rows_per_s,
             machine=self.machine,

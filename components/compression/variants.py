@@ -23,11 +23,15 @@ from stemma.components.errors import DataError
 from stemma.components.model.onnx_graph import ONNX_FILE
 from stemma.components.model.preprocessing import Preprocessor
 from stemma.components.model.quantized import brief
-from stemma.components.quantization.measure import decisions_agree, parent_runtimes, scores
+from stemma.components.quantization.measure import (
+    ParentReference,
+    decisions_agree,
+    parent_runtimes,
+    scores,
+)
 from stemma.components.quantization.results import FAILED, PASSED, REJECTED, decide_variant
 from stemma.components.runtime.backends import Runtime
 from stemma.components.runtime.probe import LatencyProfile, probe_runtimes
-from stemma.components.spec import METRIC_DIRECTIONS
 from stemma.components.spec.compress import CompressSpec, MachineSpec
 
 #: Key of the parent's runtimes among the probed ones: ``fp32/eager``, ``fp32/onnxruntime``.
@@ -159,9 +163,7 @@ class CompressComparison:
     ) -> dict[str, Any]:
         latency: dict[str, Any] = {}
         if profile is not None:
-            for batch in profile.batches:
-                for name in ("p50_ms", "p95_ms", "p99_ms"):
-                    latency[f"{name}_b{batch.rows}"] = getattr(batch, name)
+            latency.update(profile.percentiles())
             latency["rows_per_s"] = profile.rows_per_s
             latency["cpu_s_per_million"] = profile.cpu_seconds_per_million
         return {
@@ -293,20 +295,11 @@ def measure_candidates(
 
 
 @dataclass(frozen=True)
-class _Reference:
-    """The parent's side of every decision: its metric, scores, probe and cost."""
+class _Reference(ParentReference):
+    """The parent's side of every decision, with its probe and its cost."""
 
-    task: str
-    metric: str
-    threshold: float
-    value: float
-    scores: np.ndarray
     profile: LatencyProfile
     cost: float
-
-    @property
-    def higher_is_better(self) -> bool:
-        return METRIC_DIRECTIONS[self.task][self.metric]
 
 
 def _run_candidates(

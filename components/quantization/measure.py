@@ -241,8 +241,8 @@ def _build_all(
 
 
 @dataclass(frozen=True)
-class _Reference:
-    """The fp32 side of every decision."""
+class ParentReference:
+    """The fp32 side of every decision: the parent's metric and scores on the rows."""
 
     task: str
     metric: str
@@ -263,7 +263,7 @@ def _parent_reference(
     task: str,
     metric: str,
     threshold: float,
-) -> _Reference:
+) -> ParentReference:
     """The fp32 model's metric and scores on the held-out rows (eager, as its gate ran)."""
     from stemma.components.training.metrics import evaluate_scores
 
@@ -273,7 +273,7 @@ def _parent_reference(
         raise DataError(
             f"the fp32 model's {metric} on the held-out rows is {value}: nothing to compare with"
         )
-    return _Reference(task, metric, threshold, value, parent_scores)
+    return ParentReference(task, metric, threshold, value, parent_scores)
 
 
 @dataclass(frozen=True)
@@ -326,7 +326,7 @@ def _decided(
     timed: _Timed,
     *,
     y: np.ndarray,
-    reference: _Reference,
+    reference: ParentReference,
     baseline_ms: float,
     batch_rows: int,
     settings: QuantizeSpec,

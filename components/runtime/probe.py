@@ -89,12 +89,17 @@ class LatencyProfile:
             self.cpu_seconds_per_million, self.wall_seconds_per_million, machine
         )
 
+    def percentiles(self, prefix: str = "") -> dict[str, float]:
+        """``<prefix>p50_ms_b64``, ``<prefix>p95_ms_b64``, ... for every batch size timed."""
+        return {
+            f"{prefix}{name}_b{batch.rows}": float(getattr(batch, name))
+            for batch in self.batches
+            for name in ("p50_ms", "p95_ms", "p99_ms")
+        }
+
     def metrics(self, prefix: str = "") -> dict[str, float]:
-        """Flat numbers for MLflow: ``<prefix>p50_ms_b64``, ``<prefix>rows_per_s``, ..."""
-        values: dict[str, float] = {}
-        for batch in self.batches:
-            for name in ("p50_ms", "p95_ms", "p99_ms"):
-                values[f"{prefix}{name}_b{batch.rows}"] = float(getattr(batch, name))
+        """Flat numbers for MLflow: the percentiles, ``<prefix>rows_per_s``, CPU time."""
+        values = self.percentiles(prefix)
         values[f"{prefix}rows_per_s"] = float(self.rows_per_s)
         values[f"{prefix}cpu_s_per_million"] = float(self.cpu_seconds_per_million)
         return values
