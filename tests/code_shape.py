@@ -68,8 +68,9 @@ BASELINE_COMPONENT_LINES = 24_126
 #: variants.py, the recomputed training splits) 439; one comparison of every variant, its
 #: plot and its GPU rows (compression/comparison.py, comparison_report.py, plots.py, gpu.py)
 #: 1,012; serving the cheapest variant in batch and online (quantization/registering.py,
-#: serving/) 177; the tags, metric sections and network config they use 18.
-COMPONENT_LINES_CEILING = 40_010
+#: serving/) 177; the tags, metric sections and network config they use 18; less 6 lines
+#: of latency columns built three times (LatencyProfile.percentiles) and a copied reference.
+COMPONENT_LINES_CEILING = 40_004
 #: Offenders printed per check.
 SHOWN = 40
 
