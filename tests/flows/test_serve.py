@@ -703,6 +703,13 @@ def test_a_recorded_server_that_does_not_answer_is_named_and_left_out(
     # a live process under the recorded command, on a port nothing listens on
     sleeper = subprocess.Popen(["sleep", "300"])
     try:
+        # Popen returns once the child's exec began; its arguments show in /proc a moment
+        # later, and until then the record would look stale and be removed
+        cmdline = Path(f"/proc/{sleeper.pid}/cmdline")
+        deadline = time.monotonic() + 10
+        while cmdline.exists() and b"sleep" not in cmdline.read_bytes():
+            assert time.monotonic() < deadline, "the sleeper never showed its command"
+            time.sleep(0.01)
         record = {
             "name": "prefect",
             "pid": sleeper.pid,
