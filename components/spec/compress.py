@@ -227,9 +227,7 @@ class CompressSpec(Section):
 
     def metric_drop(self, metric: str) -> MetricDrop:
         """``max_metric_drop``, or its default for ``metric``."""
-        if self.max_metric_drop is not None:
-            return self.max_metric_drop
-        return default_drop(metric, **COMPRESS_DROP)
+        return self.max_metric_drop or default_drop(metric, **COMPRESS_DROP)
 
 
 class MachineSpec(Section):

@@ -102,9 +102,7 @@ class MonitorThresholdsSpec(Section):
 
     def metric_drop(self, metric: str) -> MetricDrop:
         """``max_metric_drop``, or its default for ``metric``."""
-        if self.max_metric_drop is not None:
-            return self.max_metric_drop
-        return default_drop(metric, **MONITOR_DROP)
+        return self.max_metric_drop or default_drop(metric, **MONITOR_DROP)
 
 
 class MonitorSpec(Section):

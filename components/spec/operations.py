@@ -103,9 +103,7 @@ class ShadowSpec(Section):
 
     def labelled_rows_needed(self, rows: int) -> int:
         """``min_labelled_rows``, or its default for a batch of ``rows`` rows."""
-        if self.min_labelled_rows is not None:
-            return self.min_labelled_rows
-        return scaled_minimum(rows, SHADOW_LABELLED_CAP)
+        return self.min_labelled_rows or scaled_minimum(rows, SHADOW_LABELLED_CAP)
 
 
 class CanaryGuardsSpec(Section):
@@ -172,15 +170,11 @@ class CanaryGuardsSpec(Section):
 
     def metric_drop(self, metric: str) -> MetricDrop:
         """``max_metric_drop``, or its default for ``metric``."""
-        if self.max_metric_drop is not None:
-            return self.max_metric_drop
-        return default_drop(metric, **CANARY_DROP)
+        return self.max_metric_drop or default_drop(metric, **CANARY_DROP)
 
     def labelled_rows_needed(self, arm_rows: int) -> int:
         """``min_labelled_rows``, or its default for an arm of ``arm_rows`` rows."""
-        if self.min_labelled_rows is not None:
-            return self.min_labelled_rows
-        return scaled_minimum(arm_rows, CANARY_LABELLED_CAP)
+        return self.min_labelled_rows or scaled_minimum(arm_rows, CANARY_LABELLED_CAP)
 
 
 class CanarySpec(Section):
@@ -317,9 +311,7 @@ class QuantizeSpec(Section):
 
     def metric_drop(self, metric: str) -> MetricDrop:
         """``max_metric_drop``, or its default for ``metric``."""
-        if self.max_metric_drop is not None:
-            return self.max_metric_drop
-        return default_drop(metric, **QUANTIZE_DROP)
+        return self.max_metric_drop or default_drop(metric, **QUANTIZE_DROP)
 
 
 #: Environment variable names a bearer token may be read from.
