@@ -28,6 +28,7 @@ from stemma.components.platform import tags as tag_names
 from stemma.components.platform.refs import format_model_ref, logged_model_id
 from stemma.components.registry.text import record_moves
 from stemma.components.spec import METRIC_DIRECTIONS, GateSpec, Spec
+from stemma.components.spec.limits import shown
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -50,16 +51,10 @@ VERSION_TAG_FIELDS = ("decision", "metric", "value")
 DECISION_ARTIFACT = "gate/decision.json"
 #: How to gate past a champion that is not trusted.
 _IGNORE_HINT = "set gate.untrusted_champion: ignore to gate as if there were no champion"
-#: Decimals shown for metric values in reasons and descriptions.
-SHOWN_DECIMALS = 4
 #: Longest error text quoted in a reason (reasons also go into the version's description).
 MAX_REASON_CHARS = 300
 #: Longest account of an untrusted champion in a reason: room to name its files.
 MAX_UNTRUSTED_REASON_CHARS = 900
-
-
-def _shown(value: float) -> str:
-    return f"{value:.{SHOWN_DECIMALS}f}"
 
 
 @dataclass(frozen=True)
@@ -182,9 +177,9 @@ class GateDecision:
     def summary(self) -> str:
         """A readable account of the decision, for the model version's description."""
         if self.passed:
-            headline = f"Gate passed on {self.metric} = {_shown(self.value)}: alias `{self.alias}`."
+            headline = f"Gate passed on {self.metric} = {shown(self.value)}: alias `{self.alias}`."
         else:
-            headline = f"Gate failed on {self.metric} = {_shown(self.value)}: no alias."
+            headline = f"Gate failed on {self.metric} = {shown(self.value)}: no alias."
         return "\n".join([headline, "", *(f"- {reason}" for reason in self.reasons)])
 
 
@@ -292,12 +287,12 @@ def _bound_checks(gate: GateSpec, value: float) -> tuple[bool, list[str]]:
         ok = value >= gate.minimum
         passed &= ok
         relation = ">=" if ok else "is below"
-        reasons.append(f"{metric} {_shown(value)} {relation} minimum {_shown(gate.minimum)}")
+        reasons.append(f"{metric} {shown(value)} {relation} minimum {shown(gate.minimum)}")
     if gate.maximum is not None:
         ok = value <= gate.maximum
         passed &= ok
         relation = "<=" if ok else "is above"
-        reasons.append(f"{metric} {_shown(value)} {relation} maximum {_shown(gate.maximum)}")
+        reasons.append(f"{metric} {shown(value)} {relation} maximum {shown(gate.maximum)}")
     return passed, reasons
 
 
@@ -330,8 +325,8 @@ def _champion_check(
         ok = value <= champion_value - margin
         word, sign = "at most", "-"
     return ok, (
-        f"{metric} {_shown(value)} is {'' if ok else 'not '}{word} champion "
-        f"v{champion_version}'s {_shown(champion_value)} {sign} margin {_shown(margin)}"
+        f"{metric} {shown(value)} is {'' if ok else 'not '}{word} champion "
+        f"v{champion_version}'s {shown(champion_value)} {sign} margin {shown(margin)}"
     )
 
 
