@@ -7,6 +7,7 @@ from typing import Any
 
 from stemma.components.monitoring.report import DriftReport, json_safe
 from stemma.components.platform import tags
+from stemma.components.platform.deployments import pipeline_resource_id
 from stemma.components.platform.lineage import (
     Edge,
     LineageRecord,
@@ -20,20 +21,9 @@ from stemma.components.platform.lineage import (
 
 #: Name of the Prefect event emitted when a batch drifts over the thresholds.
 DRIFT_EVENT = tags.DRIFT_DETECTED
-#: Longest list of drifted features kept in a tag value.
-MAX_TAG_CHARS = 4000
 #: Where the report's files go among the run's artifacts.
 REPORT_ARTIFACT = "drift/report.json"
 TABLE_ARTIFACT = "drift/statistics.json"
-
-
-def pipeline_resource_id(pipeline: str) -> str:
-    """The Prefect resource of a pipeline, which drift events are about."""
-    return f"stemma.pipeline.{pipeline}"
-
-
-def model_version_resource_id(model_name: str, version: str) -> str:
-    return f"stemma.model-version.{model_name}.{version}"
 
 
 @dataclass(frozen=True)
@@ -108,8 +98,8 @@ def drift_event(report: DriftReport, facts: MonitorFacts) -> dict[str, Any] | No
         },
         "related": [
             {
-                "prefect.resource.id": model_version_resource_id(
-                    facts.model_name, facts.model_version
+                "prefect.resource.id": (
+                    f"stemma.model-version.{facts.model_name}.{facts.model_version}"
                 ),
                 "prefect.resource.role": "model-version",
                 "prefect.resource.name": f"{facts.model_name} v{facts.model_version}",
@@ -125,14 +115,6 @@ def drift_event(report: DriftReport, facts: MonitorFacts) -> dict[str, Any] | No
     }
 
 
-def report_node_id(run_id: str) -> str:
-    return f"drift-report:{run_id}"
-
-
-def profile_node_id(sha256: str) -> str:
-    return f"reference-profile:{sha256}"
-
-
 def build_monitor_record(report: DriftReport, facts: MonitorFacts) -> LineageRecord:
     """The lineage record of a monitoring run (``lineage/record.json``).
 
@@ -144,9 +126,9 @@ def build_monitor_record(report: DriftReport, facts: MonitorFacts) -> LineageRec
     """
     batch = input_node_id(facts.batch_path, facts.batch_digest)
     model = model_node_id(facts.model_name, facts.model_version)
-    reference = profile_node_id(facts.profile_sha256)
+    reference = f"reference-profile:{facts.profile_sha256}"
     run = run_node(facts.run_id, facts.experiment_id, facts.flow_run_id)
-    drift_report = report_node_id(facts.run_id)
+    drift_report = f"drift-report:{facts.run_id}"
     batch_attributes = {"path": facts.batch_path, "files": dict(facts.batch_files), "role": "batch"}
     nodes = [
         Node("input", batch, f"md5:{facts.batch_digest}", batch_attributes),
