@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from stemma.components.spec.limits import MetricDrop, MetricDropLimit, default_drop
 from stemma.components.spec.sections import (
+    ArchitectureName,
     Name,
     Section,
-    check_architecture_name,
     check_model_reference,
 )
 
@@ -65,6 +65,8 @@ ILLUSTRATIVE_MACHINES: dict[str, dict[str, Any]] = {
 
 
 CompressMethod = Literal["prune", "distill"]
+#: A ``models:/`` reference, its length checked first.
+BoundedModelReference = Annotated[str, Field(max_length=512), AfterValidator(check_model_reference)]
 
 
 def _every_method() -> list[CompressMethod]:
@@ -105,7 +107,7 @@ class PruneSpec(Section):
 class StudentSpec(Section):
     """The student network of distillation."""
 
-    architecture: str = Field(
+    architecture: ArchitectureName = Field(
         default="mlp",
         description="`mlp`, or `package.module:Class` built as `Class(n_inputs=..., n_outputs=..., **params)`.",
     )
@@ -118,11 +120,6 @@ class StudentSpec(Section):
     params: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments of a custom student's constructor."
     )
-
-    @field_validator("architecture")
-    @classmethod
-    def _known_architecture(cls, value: str) -> str:
-        return check_architecture_name(value)
 
 
 class DistillSpec(Section):
@@ -198,7 +195,7 @@ class CompressSpec(Section):
             "its parent's (`0.3`: at most 0.7x)."
         ),
     )
-    model: Annotated[str, Field(max_length=512)] | None = Field(
+    model: BoundedModelReference | None = Field(
         default=None,
         description="Version to compress (default: the newest version that passed its gate).",
     )
@@ -210,11 +207,6 @@ class CompressSpec(Section):
             "cheapest passing variant of any kind, by cost per million predictions)."
         ),
     )
-
-    @field_validator("model")
-    @classmethod
-    def _reference(cls, value: str | None) -> str | None:
-        return check_model_reference(value)
 
     @model_validator(mode="after")
     def _quantized_ones_are_built(self) -> CompressSpec:

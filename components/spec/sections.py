@@ -98,6 +98,7 @@ def check_model_reference(value: str | None) -> str | None:
 
 CronSchedule = Annotated[str, AfterValidator(check_cron)]
 ModelReference = Annotated[str, AfterValidator(check_model_reference)]
+ArchitectureName = Annotated[str, AfterValidator(check_architecture_name)]
 
 
 class PipelineSpec(Section):
@@ -254,7 +255,7 @@ Expectation = dict[str, dict[str, Any]]
 class ModelSpec(Section):
     """The network: a built-in architecture or any `nn.Module` by import path."""
 
-    architecture: str = Field(
+    architecture: ArchitectureName = Field(
         default="mlp",
         description=(
             "`mlp`, or `package.module:Class` for your own `torch.nn.Module`; it is built as "
@@ -273,11 +274,6 @@ class ModelSpec(Section):
         default_factory=dict,
         description="Keyword arguments for a custom architecture's constructor.",
     )
-
-    @field_validator("architecture")
-    @classmethod
-    def _known_architecture(cls, value: str) -> str:
-        return check_architecture_name(value)
 
 
 class EarlyStoppingSpec(Section):
