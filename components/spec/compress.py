@@ -69,10 +69,6 @@ CompressMethod = Literal["prune", "distill"]
 BoundedModelReference = Annotated[str, Field(max_length=512), AfterValidator(check_model_reference)]
 
 
-def _every_method() -> list[CompressMethod]:
-    return ["prune", "distill"]
-
-
 class PruneSpec(Section):
     """Structured pruning: whole hidden units removed, leaving a smaller dense network."""
 
@@ -158,7 +154,7 @@ class CompressSpec(Section):
     """Compression beyond quantization: pruning, distillation, and which variant serves."""
 
     methods: list[CompressMethod] = Field(
-        default_factory=_every_method,
+        default_factory=lambda: list[CompressMethod](["prune", "distill"]),
         min_length=1,
         max_length=2,
         description="Variants to build: `prune`, `distill`, or both.",
