@@ -19,9 +19,7 @@ the log rather than a batch both models score here:
 
 from __future__ import annotations
 
-import getpass
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +64,7 @@ from stemma.components.evaluation.rows import (
     probability_columns,
     read_scores,
 )
-from stemma.components.evaluation.shadow import WAIT, ShadowReport, shadow_record
+from stemma.components.evaluation.shadow import WAIT, ShadowFacts, ShadowReport, shadow_record
 from stemma.components.platform.lineage import LineageRecord, Node, input_node_id
 from stemma.components.runtime.loading import ScoringModel
 from stemma.components.scoring.engine import score_files
@@ -225,32 +223,15 @@ def skipped_notes(pairs: ShadowPairs, champion_version: str, challenger_version:
     ]
 
 
-@dataclass(frozen=True)
-class LogShadowLineage:
+@dataclass(frozen=True, kw_only=True)
+class LogShadowLineage(ShadowFacts):
     """What a shadow evaluation judged from the endpoint's log read and decided.
 
     ``days``: each day folder read (``predictions/`` and ``shadow/``) as its path under
     the project, digest and the md5 of each part.
     """
 
-    pipeline: str
-    model_name: str
-    champion_version: str
-    champion_weights: str
-    challenger_version: str
-    challenger_weights: str
     days: list[tuple[str, str, dict[str, str]]]
-    labels_path: str | None
-    labels_digest: str | None
-    run_id: str
-    experiment_id: str
-    flow_run_id: str | None
-    decision: str
-    reasons: list[str]
-    who: str = field(default_factory=getpass.getuser)
-    when: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
-    promotion_run_id: str | None = None
-    promotion_outcome: str | None = None
 
 
 def build_log_shadow_record(facts: LogShadowLineage, report: ShadowReport) -> LineageRecord:

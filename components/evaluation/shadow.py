@@ -501,9 +501,10 @@ def plot_shadow(rows: pd.DataFrame, report: ShadowReport, out_dir: Path) -> list
     return written
 
 
-@dataclass(frozen=True)
-class ShadowLineage:
-    """What one shadow evaluation read and wrote."""
+@dataclass(frozen=True, kw_only=True)
+class ShadowFacts:
+    """What a shadow evaluation compared and decided, whatever it read: the models, the
+    labels, the run and the decision (:class:`ShadowLineage`, ``live.LogShadowLineage``)."""
 
     pipeline: str
     model_name: str
@@ -511,13 +512,6 @@ class ShadowLineage:
     champion_weights: str
     challenger_version: str
     challenger_weights: str
-    input_path: str
-    input_digest: str
-    input_files: dict[str, str]
-    served_path: str
-    served_sha256: str
-    shadow_path: str
-    shadow_sha256: str
     labels_path: str | None
     labels_digest: str | None
     run_id: str
@@ -529,6 +523,19 @@ class ShadowLineage:
     when: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     promotion_run_id: str | None = None
     promotion_outcome: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShadowLineage(ShadowFacts):
+    """What one shadow evaluation read and wrote."""
+
+    input_path: str
+    input_digest: str
+    input_files: dict[str, str]
+    served_path: str
+    served_sha256: str
+    shadow_path: str
+    shadow_sha256: str
 
 
 def build_shadow_record(facts: ShadowLineage, report: ShadowReport) -> LineageRecord:
@@ -562,14 +569,10 @@ def build_shadow_record(facts: ShadowLineage, report: ShadowReport) -> LineageRe
 
 
 def shadow_record(
-    facts: Any, report: ShadowReport, *, inputs: Sequence[Node], produced: Sequence[Node]
+    facts: ShadowFacts, report: ShadowReport, *, inputs: Sequence[Node], produced: Sequence[Node]
 ) -> LineageRecord:
     """A shadow evaluation's record from what it read (``inputs``: batches, log days) and
-    wrote (``produced``: the scores both models wrote, compared in the evaluation).
-
-    ``facts`` is a :class:`ShadowLineage` or one with the same model, run, label and
-    decision fields (``live.LogShadowLineage``).
-    """
+    wrote (``produced``: the scores both models wrote, compared in the evaluation)."""
     champion = model_version_node(
         facts.model_name, facts.champion_version, facts.champion_weights, "champion"
     )
@@ -629,7 +632,7 @@ def _evaluation_attributes(report: ShadowReport) -> dict[str, Any]:
     }
 
 
-def _decision_attributes(facts: Any) -> dict[str, Any]:
+def _decision_attributes(facts: ShadowFacts) -> dict[str, Any]:
     return {
         "decision": facts.decision,
         "reasons": list(facts.reasons),
