@@ -319,21 +319,18 @@ def section_problems(
     train: TrainSpec | None = sections.get("train")
     if train is not None:
         problems += _train_problems(train)
+    # The model, and the student when distillation builds one, as `module:Class`.
     model: ModelSpec | None = sections.get("model")
-    if model is not None and check_imports and IMPORT_PATH.match(model.architecture):
-        message = import_problem(model.architecture, root)
-        if message:
-            problems.append((("model", "architecture"), message))
     compress: CompressSpec | None = sections.get("compress")
-    student = compress.distill.student.architecture if compress is not None else "mlp"
-    if (
-        check_imports
-        and "distill" in (compress.methods if compress else ())
-        and IMPORT_PATH.match(student)
-    ):
-        message = import_problem(student, root)
-        if message:
-            problems.append((("compress", "distill", "student", "architecture"), message))
+    classes: dict[Loc, str] = {("model", "architecture"): model.architecture if model else "mlp"}
+    if compress is not None and "distill" in compress.methods:
+        student = compress.distill.student.architecture
+        classes["compress", "distill", "student", "architecture"] = student
+    for loc, architecture in classes.items():
+        if check_imports and IMPORT_PATH.match(architecture):
+            message = import_problem(architecture, root)
+            if message:
+                problems.append((loc, message))
     return problems
 
 
