@@ -471,15 +471,8 @@ def suggest_checks(
             checks.append({"expect_column_values_to_not_be_null": {"column": column}})
         if column in numeric or (column == target and task == "regression"):
             low, high = padded_range(series)
-            checks.append(
-                {
-                    "expect_column_values_to_be_between": {
-                        "column": column,
-                        "min_value": low,
-                        "max_value": high,
-                    }
-                }
-            )
+            between = {"column": column, "min_value": low, "max_value": high}
+            checks.append({"expect_column_values_to_be_between": between})
         elif column in categorical or column == target:
             values = sorted({plain(value) for value in series.dropna().unique()}, key=_order)
             checks.append(

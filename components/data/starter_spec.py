@@ -290,11 +290,7 @@ def _pieces(value: Any) -> list[str]:
 
 def flow(value: Any) -> str:
     """``value`` as one line of flow-style YAML."""
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{scalar(k)}: {flow(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(flow(item) for item in value) + "]"
-    return scalar(value)
+    return "".join(_pieces(value))
 
 
 def scalar(value: Any) -> str:
