@@ -10,7 +10,6 @@ be restored by its md5.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from stemma.components.data import prediction_log
+from stemma.components.data.project import git
 from stemma.components.data.tables import DataVersion, dir_md5, file_md5
 from stemma.components.errors import DataError
 from stemma.components.platform.files import write_file_atomically
@@ -47,31 +47,24 @@ class NewRows:
         return len(self.frame)
 
 
-def read_file(path: Path) -> pd.DataFrame:
-    """A Parquet or CSV file, or a day folder of the prediction log, as a table; a clear
-    error when it cannot be read."""
+def read_file(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """A Parquet or CSV file, or a day folder of the prediction log, as a table (only
+    ``columns``, when given); a clear error when it cannot be read."""
     if path.is_dir():
         parts = prediction_log.day_parts(path)
-        return pd.concat([read_file(part) for part in parts], ignore_index=True)
+        return pd.concat([read_file(part, columns) for part in parts], ignore_index=True)
     try:
         if _SUFFIXES.get(path.suffix) == "csv":
-            return pd.read_csv(path)
-        return pd.read_parquet(path)
-    except Exception as error:  # a truncated or foreign file
-        raise DataError(f"cannot read {path}: {error}") from error
+            return pd.read_csv(path, usecols=columns)
+        return pd.read_parquet(path, columns=columns)
+    except Exception as error:  # a truncated or foreign file, or no such column
+        what = f"the id column `{columns[0]}` of " if columns else ""
+        raise DataError(f"cannot read {what}{path}: {error}") from error
 
 
 def read_ids(path: Path, id_column: str) -> pd.Series:
     """Only the id column of a batch (a cheap read to find which batches have labels)."""
-    if path.is_dir():
-        parts = prediction_log.day_parts(path)
-        return pd.concat([read_ids(part, id_column) for part in parts], ignore_index=True)
-    try:
-        if _SUFFIXES.get(path.suffix) == "csv":
-            return pd.read_csv(path, usecols=[id_column])[id_column]
-        return pd.read_parquet(path, columns=[id_column])[id_column]
-    except Exception as error:  # a truncated file, or no such column
-        raise DataError(f"cannot read the id column `{id_column}` of {path}: {error}") from error
+    return read_file(path, [id_column])[id_column]
 
 
 def batch_files(path: Path) -> list[Path]:
@@ -235,29 +228,20 @@ def commit_pointer(root: Path, pointer: Path, message: str) -> str | None:
     Nothing happens outside a git work tree. Other changes in the work tree are left
     alone: only the pointer is committed.
     """
-
-    def git(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-
-    if git("rev-parse", "--is-inside-work-tree").returncode != 0:
+    if git(root, "rev-parse", "--is-inside-work-tree").returncode != 0:
         return None
     paths = [str(pointer.relative_to(root))]
     ignore = pointer.parent / ".gitignore"
     if ignore.exists():
         paths.append(str(ignore.relative_to(root)))
-    git("add", "--", *paths)
+    git(root, "add", "--", *paths)
     identity = []
-    if not git("config", "user.email").stdout.strip():  # a fresh machine: no git identity
+    if not git(root, "config", "user.email").stdout.strip():  # a fresh machine: no git identity
         identity = ["-c", "user.name=Stemma", "-c", "user.email=stemma@localhost"]
-    result = subprocess.run(
-        ["git", *identity, "commit", "-q", "-m", message, "--", *paths],
-        cwd=root,
-        capture_output=True,
-        text=True,
-    )
+    result = git(root, *identity, "commit", "-q", "-m", message, "--", *paths)
     if result.returncode != 0 and "nothing to commit" not in result.stdout + result.stderr:
         raise DataError(
             f"recorded the new data version but could not commit {paths[0]} in git",
             [line for line in (result.stderr or result.stdout).splitlines()[:5]],
         )
-    return git("rev-parse", "HEAD").stdout.strip() or None
+    return git(root, "rev-parse", "HEAD").stdout.strip() or None

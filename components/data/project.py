@@ -226,16 +226,17 @@ def _make_folder(folder: Path, created: list[Path]) -> None:
         folder.mkdir(parents=True)
 
 
-def _git(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def git(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``git args`` run in ``root``, its output captured as text."""
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
 
 
 def _init_git(root: Path, created: list[Path]) -> bool:
     """``git init`` unless ``root`` is inside a work tree already; True when it ran."""
-    if _git(root, "rev-parse", "--is-inside-work-tree").returncode == 0:
+    if git(root, "rev-parse", "--is-inside-work-tree").returncode == 0:
         return False
     created.append(root / ".git")
-    result = _git(root, "init", "-q")
+    result = git(root, "init", "-q")
     if result.returncode != 0:
         raise DataError(f"{root}: git init failed", result.stderr.strip().splitlines()[:5])
     return True
@@ -248,7 +249,7 @@ def _init_dvc(root: Path, created: list[Path]) -> bool:
         return False
     from dvc.repo import Repo
 
-    top = _git(root, "rev-parse", "--show-toplevel").stdout.strip()
+    top = git(root, "rev-parse", "--show-toplevel").stdout.strip()
     created += [path for path in (root / ".dvc", root / ".dvcignore") if not path.exists()]
     Repo.init(str(root), subdir=bool(top) and Path(top).resolve() != root)
     return True
