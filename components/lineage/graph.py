@@ -34,10 +34,11 @@ from stemma.components.lineage.index import (
     RunRecord,
     iso_time,
 )
-from stemma.components.lineage.resolve import model_reference, resolve_reference, run_git
+from stemma.components.lineage.resolve import model_reference, resolve_reference
 from stemma.components.platform import tags as tag_names
 from stemma.components.platform.describe import short
 from stemma.components.platform.lineage import Edge, asset_key
+from stemma.components.platform.tracking import run_git
 
 UPSTREAM = "upstream"
 DOWNSTREAM = "downstream"

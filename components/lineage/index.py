@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stemma.components.platform import tags as tag_names
@@ -27,7 +25,6 @@ from stemma.components.platform.lineage import (
     EDGES_TAG,
     INDEX_SCHEMA_TAG,
     MADE_NODES_TAG,
-    RECORD_ARTIFACT,
     USED_NODES_TAG,
     Edge,
     LineageRecord,
@@ -37,6 +34,7 @@ from stemma.components.platform.lineage import (
     made_tag,
     node_filter,
     reach,
+    read_run_record,
     record_roles,
     run_node_id,
     used_tag,
@@ -351,9 +349,4 @@ class RecordIndex:
 
     def _download_record(self, run_id: str) -> LineageRecord | None:
         self.calls += 1
-        with tempfile.TemporaryDirectory(prefix="stemma-lineage-") as scratch:
-            try:
-                path = self.client.download_artifacts(run_id, RECORD_ARTIFACT, scratch)
-                return LineageRecord.from_json(Path(path).read_text(encoding="utf-8"))
-            except Exception:  # no record, or an unreadable one: the run has no lineage
-                return None
+        return read_run_record(self.client, run_id)

@@ -29,7 +29,6 @@ through the client's HTTP transport (to ``/api/v1/lineage`` when the URL has no 
 from __future__ import annotations
 
 import json
-import tempfile
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -53,6 +52,7 @@ from stemma.components.lineage.index import RUN_PREFIX
 from stemma.components.platform.files import write_file_atomically
 from stemma.components.platform.lineage import reach
 from stemma.components.platform.redaction import redact, redact_url
+from stemma.components.platform.tracking import read_run_artifact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -172,12 +172,10 @@ def fetch_assertions(client: MlflowClient, graph: LineageGraph) -> dict[str, lis
 
 
 def _download_results(client: MlflowClient, run_id: str, artifact: str) -> list[dict] | None:
-    with tempfile.TemporaryDirectory(prefix="stemma-openlineage-") as scratch:
-        try:
-            path = client.download_artifacts(run_id, artifact, scratch)
-            document = json.loads(Path(path).read_text(encoding="utf-8"))
-        except Exception:  # no such artifact: fall back to the record's verdict
-            return None
+    try:
+        document = json.loads(read_run_artifact(client, run_id, artifact) or "")
+    except ValueError:  # no such artifact: fall back to the record's verdict
+        return None
     results = []
     for item in document.get("results", []) if isinstance(document, dict) else []:
         config = item.get("expectation_config") or {}

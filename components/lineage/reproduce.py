@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,9 +27,10 @@ import yaml
 from stemma.components.data.tables import dir_md5, file_md5
 from stemma.components.errors import DataVersionError, LineageError
 from stemma.components.lineage.index import RecordIndex
-from stemma.components.lineage.resolve import pointer_out, resolve_reference, run_git
+from stemma.components.lineage.resolve import pointer_out, read_pointer_at, resolve_reference
 from stemma.components.platform import metric_names
 from stemma.components.platform import tags as tag_names
+from stemma.components.platform.tracking import git_revision, read_run_artifact, run_git
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -169,15 +169,12 @@ def plan_reproduction(client: MlflowClient, reference: str) -> ReproductionPlan:
             f"{model_uri} cannot be reproduced: its training run {run_id} is gone from the store"
         ) from None
     run_tags = run.data.tags
-    with tempfile.TemporaryDirectory(prefix="stemma-reproduce-") as scratch:
-        try:
-            spec_path = Path(client.download_artifacts(run_id, SPEC_ARTIFACT, scratch))
-            spec_yaml = spec_path.read_text(encoding="utf-8")
-        except Exception:  # an older run, or a store whose artifacts are gone
-            raise LineageError(
-                f"{model_uri} cannot be reproduced: run {run_id} has no {SPEC_ARTIFACT}",
-                ["the resolved spec is what fixes the seeds and settings of the rebuild"],
-            ) from None
+    spec_yaml = read_run_artifact(client, run_id, SPEC_ARTIFACT)
+    if spec_yaml is None:  # an older run, or a store whose artifacts are gone
+        raise LineageError(
+            f"{model_uri} cannot be reproduced: run {run_id} has no {SPEC_ARTIFACT}",
+            ["the resolved spec is what fixes the seeds and settings of the rebuild"],
+        )
     facts = training_facts(client, run_id, run_tags)
     pointer = facts["pointer"] or "data.dvc"
     data_file = facts["data_file"] or ""
@@ -393,14 +390,6 @@ def _cache_path(root: Path, md5: str) -> Path | None:
         return default if default.exists() else None
 
 
-def read_pointer_at(root: Path, pointer: str, rev: str | None) -> str | None:
-    """The DVC file's text at a git revision (the working tree's when ``rev`` is None)."""
-    if rev:
-        return run_git(root, "show", f"{rev}:{pointer}")
-    path = root / pointer
-    return path.read_text(encoding="utf-8") if path.is_file() else None
-
-
 def restore_data_version(
     root: Path, *, pointer: str, md5: str, out: str, git_rev: str | None, destination: Path
 ) -> RestoredData:
@@ -507,8 +496,6 @@ def _copy_from_cache(root: Path, md5: str, target: Path) -> list[str]:
 
 def code_revision_warnings(root: Path, git_rev: str | None, git_dirty: bool) -> list[str]:
     """How the code here differs from the code that trained the model (empty: it does not)."""
-    from stemma.components.platform.tracking import git_revision
-
     warnings = []
     if git_dirty:
         warnings.append(

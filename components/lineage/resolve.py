@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import yaml
@@ -15,6 +14,7 @@ from stemma.components.lineage.index import RUN_PREFIX, RecordIndex
 from stemma.components.platform import tags as tag_names
 from stemma.components.platform.lineage import ASSET_KEY_PREFIX, data_node_id, model_node_id
 from stemma.components.platform.refs import ModelRef, ModelRefError, parse_model_ref
+from stemma.components.platform.tracking import run_git
 
 #: The scoring engine's manifest, written last into a prediction folder.
 MANIFEST_NAME = "_SUCCESS"
@@ -187,19 +187,15 @@ def _find_data_version(md5: str, index: RecordIndex) -> str | None:
     return None
 
 
-def run_git(root: Path, *args: str) -> str | None:
-    """The output of ``git -C root args``, or None when git fails or is missing."""
+def read_pointer_at(root: Path, pointer: str, rev: str | None) -> str | None:
+    """The DVC file's text at a git revision (the working tree's when ``rev`` is None), or
+    None when it cannot be read there."""
+    if rev:
+        return run_git(root, "show", f"{rev}:{pointer}")
     try:
-        done = subprocess.run(
-            ["git", "-C", str(root), *args],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=30,
-        )
-    except (OSError, subprocess.TimeoutExpired):
+        return (root / pointer).read_text(encoding="utf-8")
+    except OSError:
         return None
-    return done.stdout if done.returncode == 0 else None
 
 
 def read_pointer(root: Path, pointer: str, rev: str | None) -> tuple[str, str]:
@@ -208,23 +204,18 @@ def read_pointer(root: Path, pointer: str, rev: str | None) -> tuple[str, str]:
     Raises:
         LineageError: the file does not exist there or records no md5.
     """
-    if rev:
-        text = run_git(root, "show", f"{rev}:{pointer}")
-        where = f"{pointer} at git revision {rev}"
-        if text is None:
-            raise LineageError(
-                f"{where}: cannot read it",
-                [
-                    f"`git show {rev}:{pointer}` failed in {root}: check the revision and that "
-                    "the project is a git repository",
-                ],
-            )
-    else:
-        where = pointer
-        try:
-            text = (root / pointer).read_text(encoding="utf-8")
-        except OSError:
-            raise LineageError(f"{root / pointer}: no such DVC file") from None
+    text = read_pointer_at(root, pointer, rev)
+    where = f"{pointer} at git revision {rev}" if rev else pointer
+    if text is None and rev:
+        raise LineageError(
+            f"{where}: cannot read it",
+            [
+                f"`git show {rev}:{pointer}` failed in {root}: check the revision and that "
+                "the project is a git repository",
+            ],
+        )
+    if text is None:
+        raise LineageError(f"{root / pointer}: no such DVC file")
     out = pointer_out(text)
     if out is None:
         raise LineageError(f"{where}: records no data version (no outs[0].md5)")

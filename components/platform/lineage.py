@@ -390,14 +390,12 @@ def read_run_record(client: Any, run_id: str) -> LineageRecord | None:
     What a run's tags no longer carry (data pointer and path, checks, spec, drift details)
     is read from here; callers fall back to the tags runs of older Stemma versions hold.
     """
-    import tempfile
+    from stemma.components.platform.tracking import read_run_artifact
 
-    with tempfile.TemporaryDirectory(prefix="stemma-record-") as scratch:
-        try:
-            path = client.download_artifacts(run_id, RECORD_ARTIFACT, scratch)
-            return LineageRecord.from_json(Path(path).read_text(encoding="utf-8"))
-        except Exception:  # no record, or an unreadable one
-            return None
+    try:
+        return LineageRecord.from_json(read_run_artifact(client, run_id, RECORD_ARTIFACT) or "")
+    except Exception:  # no record, or an unreadable one
+        return None
 
 
 def record_node(record: LineageRecord | None, kind: str) -> dict[str, Any] | None:

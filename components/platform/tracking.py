@@ -228,6 +228,21 @@ def experiment_tags(name: str) -> dict[str, str]:
     }
 
 
+def run_git(root: Path, *args: str) -> str | None:
+    """The output of ``git -C root args``, or None when git fails or is missing."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(root), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
 def git_revision(root: Path) -> tuple[str | None, bool]:
     """The git commit checked out at ``root`` and whether tracked files differ from it.
 
@@ -238,25 +253,24 @@ def git_revision(root: Path) -> tuple[str | None, bool]:
         ``(sha, dirty)``; ``(None, False)`` outside a git repository, in one without
         commits, or when git is not installed.
     """
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(
-                ["git", "-C", str(root), *args],
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=30,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    sha = git("rev-parse", "--verify", "--quiet", "HEAD")
+    sha = (run_git(root, "rev-parse", "--verify", "--quiet", "HEAD") or "").strip()
     if not sha:
         return None, False
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return sha, bool(status)
+    status = run_git(root, "status", "--porcelain", "--untracked-files=no") or ""
+    return sha, bool(status.strip())
+
+
+def read_run_artifact(client: Any, run_id: str, artifact: str) -> str | None:
+    """The text of run ``run_id``'s artifact ``artifact``, or None when the run has none (an
+    older run, or a store whose artifacts are gone)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="stemma-artifact-") as scratch:
+        try:
+            path = client.download_artifacts(run_id, artifact, scratch)
+            return Path(path).read_text(encoding="utf-8")
+        except Exception:  # no such artifact, or one that cannot be read
+            return None
 
 
 # ---------------------------------------------------------------------------------------
