@@ -163,13 +163,7 @@ def label_files(path: Path | Sequence[Path]) -> list[Path]:
             f"no such labels file or folder: {path} does not exist",
             ["pass the labels with --labels, or set evaluate.labels"],
         )
-    return sorted(
-        item
-        for item in path.iterdir()
-        if item.is_file()
-        and item.suffix.lower() in LABEL_SUFFIXES
-        and not item.name.startswith(("_", "."))
-    )
+    return prediction_log.data_files(path, LABEL_SUFFIXES)
 
 
 def _check_columns(files: Sequence[Path], id_column: str, target: str, *, where: str) -> None:

@@ -134,11 +134,17 @@ def day_folders(path: Path) -> list[Path]:
 
 def day_parts(day: Path) -> list[Path]:
     """The finished parts of one day folder, in name (time) order."""
+    return data_files(day, (PART_SUFFIX,))
+
+
+def data_files(folder: Path, suffixes: Sequence[str] = DATA_SUFFIXES) -> list[Path]:
+    """The files of a folder with one of ``suffixes`` (in any case) whose names start with
+    neither ``.`` nor ``_`` (files being written, markers), in name order."""
     return sorted(
         entry
-        for entry in Path(day).iterdir()
+        for entry in Path(folder).iterdir()
         if entry.is_file()
-        and entry.suffix.lower() == PART_SUFFIX
+        and entry.suffix.lower() in suffixes
         and not entry.name.startswith((".", "_"))
     )
 
@@ -146,11 +152,6 @@ def day_parts(day: Path) -> list[Path]:
 def log_parts(path: Path) -> list[Path]:
     """Every finished part of a log folder (all its days), oldest day first."""
     return [part for day in day_folders(path) for part in day_parts(day)]
-
-
-def day_of(folder: Path) -> date:
-    """The UTC date a day folder holds."""
-    return date.fromisoformat(Path(folder).name)
 
 
 def select_days(path: Path, days: int | None, *, today: date | None = None) -> list[Path]:
@@ -173,7 +174,7 @@ def select_days(path: Path, days: int | None, *, today: date | None = None) -> l
         return folders
     today = today or datetime.now(UTC).date()
     first = today - timedelta(days=days)
-    chosen = [folder for folder in folders if first <= day_of(folder) < today]
+    chosen = [folder for folder in folders if first <= date.fromisoformat(folder.name) < today]
     if not chosen:
         window = first.isoformat() if days == 1 else f"{first} to {today - timedelta(days=1)}"
         raise NothingLoggedError(
