@@ -37,7 +37,7 @@ from stemma.components.lineage.index import (
 from stemma.components.lineage.resolve import model_reference, resolve_reference
 from stemma.components.platform import tags as tag_names
 from stemma.components.platform.describe import short
-from stemma.components.platform.lineage import Edge, asset_key
+from stemma.components.platform.lineage import Edge, asset_key, reach
 from stemma.components.platform.tracking import run_git
 
 UPSTREAM = "upstream"
@@ -108,15 +108,6 @@ class LineageGraph:
     maker_rank: dict[str, tuple[bool, str]] = field(default_factory=dict, repr=False)
     searches: int = 0
     seconds: float = 0.0
-
-    def next_edges(self, node_id: str) -> list[GraphEdge]:
-        """Edges into ``node_id`` (upstream) or out of it (downstream), sorted by relation
-        then the node at their other end."""
-        upstream = self.direction == UPSTREAM
-        return sorted(
-            (edge for edge in self.edges if (edge.target if upstream else edge.source) == node_id),
-            key=lambda edge: (edge.relation, edge.source if upstream else edge.target),
-        )
 
     def to_dict(self) -> dict[str, Any]:
         """The graph as a JSON-able document (what ``--json`` prints)."""
@@ -405,13 +396,16 @@ def _details(node: GraphNode) -> str:
     return " · ".join(parts)
 
 
+def _heading(graph: LineageGraph) -> list[str]:
+    """The opening lines of a rendering: the direction, the reference and its node."""
+    resolved = f" ({graph.root})" if graph.root != graph.reference else ""
+    return [f"{graph.direction} of {graph.reference}{resolved}", ""]
+
+
 def render_tree(graph: LineageGraph) -> str:
     """The graph as an indented tree from its root; a node met again says ``(see above)``."""
-    lines = [
-        f"{graph.direction} of {graph.reference}"
-        + (f" ({graph.root})" if graph.root != graph.reference else ""),
-        "",
-    ]
+    lines = _heading(graph)
+    following = _following(graph)
     shown: set[str] = set()
 
     def visit(node_id: str, relation: str | None, prefix: str, last: bool) -> None:
@@ -423,7 +417,7 @@ def render_tree(graph: LineageGraph) -> str:
             f"{prefix}{branch}{label}{node.id}  [{node.kind}]" + ("  (see above)" if repeat else "")
         )
         inner = prefix + ("" if relation is None else ("    " if last else "│   "))
-        edges = graph.next_edges(node_id)
+        edges = following.get(node_id, [])
         if not repeat:
             lines.append(f"{inner}{'│   ' if edges else '    '}{_details(node)}")
         shown.add(node_id)
@@ -431,14 +425,12 @@ def render_tree(graph: LineageGraph) -> str:
             return
         if graph.truncated.get(node_id):
             lines.append(f"{inner}│   (more runs than shown here: --all follows every one)")
-        for position, edge in enumerate(edges):
-            other = edge.source if graph.direction == UPSTREAM else edge.target
-            visit(other, edge.relation, inner, position == len(edges) - 1)
+        for position, (edge_relation, other) in enumerate(edges):
+            visit(other, edge_relation, inner, position == len(edges) - 1)
 
     visit(graph.root, None, "", True)
     if len(graph.nodes) == 1:
-        lines.append("")
-        lines.append(f"(no recorded {graph.direction} lineage)")
+        lines += ["", f"(no recorded {graph.direction} lineage)"]
     return "\n".join(lines)
 
 
@@ -517,11 +509,10 @@ def node_facts(node: GraphNode) -> list[str]:
     return facts
 
 
-def _plan_summary(
-    graph: LineageGraph, following: dict[str, list[tuple[str, str]]]
-) -> tuple[_Entry, int]:
+def _plan_summary(graph: LineageGraph) -> tuple[_Entry, int]:
     """The summary's entries from the root, each node once and deep paths folded, and the
     count of links to nodes shown elsewhere (left out)."""
+    following = _following(graph)
     shown: set[str] = set()
     links = 0
 
@@ -541,12 +532,13 @@ def _plan_summary(
         return entry
 
     root = visit(graph.root, None, {})
-    return root, links + _count_folds(root, shown, following)
+    return root, links + _count_folds(graph, root, shown)
 
 
-def _count_folds(root: _Entry, shown: set[str], following: dict[str, list[tuple[str, str]]]) -> int:
+def _count_folds(graph: LineageGraph, root: _Entry, shown: set[str]) -> int:
     """Give each fold the count of the nodes beyond it shown nowhere else (each node counted
     by the first fold that reaches it); drop folds with none. Returns the links dropped."""
+    upstream = graph.direction == UPSTREAM
     claimed: set[str] = set()
     dropped = 0
 
@@ -555,7 +547,8 @@ def _count_folds(root: _Entry, shown: set[str], following: dict[str, list[tuple[
         kept = []
         for child in entry.children:
             if child.folded:
-                beyond = _reach(child.node_id, following) - shown - claimed
+                reached = {child.node_id} | reach(graph.edges, child.node_id, upstream=upstream)
+                beyond = reached - shown - claimed
                 claimed.update(beyond)
                 child.beyond = len(beyond)
                 if not beyond:
@@ -567,17 +560,6 @@ def _count_folds(root: _Entry, shown: set[str], following: dict[str, list[tuple[
 
     resolve(root)
     return dropped
-
-
-def _reach(start: str, following: dict[str, list[tuple[str, str]]]) -> set[str]:
-    reached = {start}
-    queue = [start]
-    while queue:
-        for _, other in following.get(queue.pop(), []):
-            if other not in reached:
-                reached.add(other)
-                queue.append(other)
-    return reached
 
 
 def _following(graph: LineageGraph) -> dict[str, list[tuple[str, str]]]:
@@ -593,7 +575,7 @@ def _following(graph: LineageGraph) -> dict[str, list[tuple[str, str]]]:
 def summary_tree(graph: LineageGraph) -> list[tuple[int, str, str | None, int | None]]:
     """The lines of :func:`render_summary` as ``(depth, node id, relation to its parent,
     nodes beyond a fold or None)``, in the order printed (for a picture of the same tree)."""
-    root, _ = _plan_summary(graph, _following(graph))
+    root, _ = _plan_summary(graph)
     lines: list[tuple[int, str, str | None, int | None]] = []
 
     def visit(entry: _Entry, depth: int) -> None:
@@ -612,12 +594,8 @@ def render_summary(graph: LineageGraph) -> str:
     already met :data:`FOLD_AFTER` times folds into one line saying how many nodes lie
     beyond it (a chain of retrainings). :func:`render_tree` shows everything.
     """
-    root, links = _plan_summary(graph, _following(graph))
-    lines = [
-        f"{graph.direction} of {graph.reference}"
-        + (f" ({graph.root})" if graph.root != graph.reference else ""),
-        "",
-    ]
+    root, links = _plan_summary(graph)
+    lines = _heading(graph)
 
     def draw(entry: _Entry, prefix: str, last: bool) -> None:
         branch = "" if entry.relation is None else ("└── " if last else "├── ")
