@@ -37,8 +37,6 @@ logged too, and the endpoint counts it as unknown.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import re
@@ -47,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
-from stemma.components.data.tables import file_md5
+from stemma.components.data.tables import file_md5, listing_md5
 from stemma.components.errors import DataError
 
 #: The log's folders: scored rows, the shadow model's scores of them, and labels.
@@ -204,6 +202,4 @@ def folder_digest(folder: Path, files: Sequence[Path]) -> tuple[str, list[str]]:
         {"md5": md5, "relpath": Path(path).relative_to(folder).as_posix()}
         for path, md5 in zip(files, md5s, strict=True)
     ]
-    entries.sort(key=lambda entry: entry["relpath"])
-    listing = json.dumps(entries, sort_keys=True).encode("utf-8")
-    return hashlib.md5(listing, usedforsecurity=False).hexdigest() + ".dir", md5s
+    return listing_md5(entries), md5s

@@ -112,9 +112,13 @@ def dir_md5(path: Path, *, dos2unix: bool = False) -> tuple[str, list[dict[str, 
             file = Path(folder, name)
             relpath = file.relative_to(root).as_posix()
             entries.append({"md5": file_md5(file, dos2unix=dos2unix), "relpath": relpath})
-    entries.sort(key=lambda entry: entry["relpath"])
-    listing = json.dumps(entries, sort_keys=True).encode("utf-8")
-    return hashlib.md5(listing, usedforsecurity=False).hexdigest() + ".dir", entries
+    return listing_md5(entries), sorted(entries, key=lambda entry: entry["relpath"])
+
+
+def listing_md5(entries: list[dict[str, str]]) -> str:
+    """The ``<md5>.dir`` digest of a folder's listing, ``[{"md5", "relpath"}]`` in any order."""
+    listing = json.dumps(sorted(entries, key=lambda entry: entry["relpath"]), sort_keys=True)
+    return hashlib.md5(listing.encode("utf-8"), usedforsecurity=False).hexdigest() + ".dir"
 
 
 # ---------------------------------------------------------------------------------------
@@ -346,9 +350,7 @@ def load_table(path: Path, data: DataSpec) -> pd.DataFrame:
     import pandas as pd
 
     path = Path(path)
-    file_format = data.format if data.format != "auto" else _suffix_format(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    file_format = _table_format(path, data)
     try:
         frame = pd.read_parquet(path) if file_format == "parquet" else pd.read_csv(path)
     except Exception as error:  # pyarrow and the CSV parser raise many kinds; all mean "unreadable"
@@ -397,9 +399,7 @@ def header_columns(path: Path, data: DataSpec) -> list[str]:
 
     import pyarrow.parquet as pq
 
-    file_format = data.format if data.format != "auto" else _suffix_format(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    file_format = _table_format(path, data)
     try:
         if file_format == "parquet":
             return list(pq.read_schema(path).names)
@@ -425,13 +425,18 @@ def column_name_problems(
     return problems
 
 
-def _suffix_format(path: Path) -> str:
+def _table_format(path: Path, data: DataSpec) -> str:
+    """``data.format``, or the one the extension names; DataError when there is no such file."""
     found = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}.get(path.suffix.lower())
-    if found is None:
+    if data.format != "auto":
+        found = data.format
+    elif found is None:
         raise DataError(
             f"{path}: cannot tell the file format from the extension {path.suffix!r}",
             ["fix: set data.format to parquet or csv"],
         )
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
     return found
 
 
@@ -534,9 +539,8 @@ def _target_problems(frame: pd.DataFrame, data: DataSpec) -> Iterator[str]:
         types.is_numeric_dtype(series.dtype) and set(classes) <= {0, 1}
     )
     if not binary_values:
-        shown = ", ".join(repr(value) for value in classes[:MAX_ROWS_NAMED])
-        more = f" and {len(classes) - MAX_ROWS_NAMED} more" if len(classes) > MAX_ROWS_NAMED else ""
-        yield f"target {name!r} must hold 0/1 (or booleans) for a binary task; found {shown}{more}"
+        found = _named(classes)
+        yield f"target {name!r} must hold 0/1 (or booleans) for a binary task; found {found}"
     elif len(classes) == 1:
         yield (
             f"target {name!r} has only one class: all {len(present)} labelled rows are "
@@ -575,7 +579,7 @@ def _class_problems(present: pd.Series, data: DataSpec) -> Iterator[str]:
         yield f"target {name!r}: data.labels must map every label to 0 or 1"
 
 
-def _named(values: list[str]) -> str:
+def _named(values: list[Any]) -> str:
     shown = ", ".join(repr(value) for value in values[:MAX_ROWS_NAMED])
     more = f" and {len(values) - MAX_ROWS_NAMED} more" if len(values) > MAX_ROWS_NAMED else ""
     return shown + more
