@@ -319,18 +319,14 @@ def compare_log_shadow(
     spec = loaded.spec
     champion, challenger = models
     id_column = str(spec.data.id)
-    served_days = log_rows.stream_days(log, prediction_log.PREDICTIONS)
     shadow_days = log_rows.stream_days(log, prediction_log.SHADOW)
-    if not served_days and not shadow_days:
-        raise DataError(
-            f"{log.describe()}: the prediction log holds no finished part",
-            [f"parts are read from {log.root}/predictions/YYYY-MM-DD/part-*.parquet"],
-        )
     if not shadow_days:
+        log_step_days(log)  # a log with no part at all says so first
         raise DataError(
             f"{log.describe()}: the log holds no shadow score",
             ["live shadow is off: set endpoint.shadow, and the challenger scores a sample"],
         )
+    served_days = log_rows.stream_days(log, prediction_log.PREDICTIONS)
     segments = [column for column in settings.shadow.segments if column != id_column]
     inputs = sorted({*champion.feature_columns, *challenger.feature_columns})
     classes = rows.compared_classes(champion, challenger)
