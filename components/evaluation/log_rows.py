@@ -11,10 +11,11 @@ name it and a canary recognises a day it has judged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -175,7 +176,7 @@ def read_log_rows(
         if column not in columns and all(column in schema.names for schema in schemas.values())
     ]
     wanted = list(dict.fromkeys([*columns, *extra]))
-    tables = [_read(part, wanted) for part in schemas]
+    tables = [_read_part(pq.read_table, part, columns=wanted) for part in schemas]
     if not tables:
         return pd.DataFrame({column: [] for column in wanted})
     return pa.concat_tables(tables, promote_options="permissive").to_pandas()
@@ -187,7 +188,7 @@ def check_columns(days: Sequence[LogDay], columns: Sequence[str]) -> dict[Path, 
     Raises:
         DataError: a part is unreadable or lacks one of ``columns``, naming the parts.
     """
-    schemas = {part: _schema(part) for day in days for part in day.parts}
+    schemas = {part: _read_part(pq.read_schema, part) for day in days for part in day.parts}
     problems = [
         f"{part.parent.parent.name}/{part.parent.name}/{part.name}: no {', '.join(missing)}"
         for part, schema in schemas.items()
@@ -210,16 +211,10 @@ def check_columns(days: Sequence[LogDay], columns: Sequence[str]) -> dict[Path, 
     return schemas
 
 
-def _schema(part: Path) -> pa.Schema:
+def _read_part(read: Callable[..., Any], part: Path, **options: Any) -> Any:
+    """``read`` (``pq.read_schema``, ``pq.read_table``) of a part; DataError if unreadable."""
     try:
-        return pq.read_schema(part)
-    except (pa.ArrowException, OSError) as error:
-        raise DataError(f"{part}: not a readable Parquet part", [first_line(error)]) from error
-
-
-def _read(part: Path, columns: list[str]) -> pa.Table:
-    try:
-        return pq.read_table(part, columns=columns)
+        return read(part, **options)
     except (pa.ArrowException, OSError) as error:
         raise DataError(f"{part}: not a readable Parquet part", [first_line(error)]) from error
 
