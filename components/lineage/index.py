@@ -50,7 +50,7 @@ RUN_PREFIX = "mlflow-run:"
 MODEL_PREFIX = "models:/"
 #: Experiments whose names start so hold promotion claims, never runs.
 CLAIM_EXPERIMENT_PREFIX = tag_names.CLAIMS_EXPERIMENT_PREFIX + "/"
-#: Runs fetched per search page (MLflow's maximum for search_runs).
+#: Runs (and experiments) fetched per search page (MLflow's maximum for search_runs).
 SEARCH_PAGE_SIZE = 1000
 #: Key metrics a run node carries (ranked by :func:`.metric_names.metric_rank`).
 KEY_METRICS = 3
@@ -162,21 +162,18 @@ class RecordIndex:
         """Every active experiment that may hold runs (promotion claim experiments left out)."""
         if self._experiments is None:
             from mlflow.entities import ViewType
+            from mlflow.utils import get_results_from_paginated_fn
 
             self.calls += 1
-            found = []
-            token = None
-            while True:
-                page = self.client.search_experiments(
-                    view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
-                )
-                found += [
-                    e.experiment_id for e in page if not e.name.startswith(CLAIM_EXPERIMENT_PREFIX)
-                ]
-                token = page.token
-                if not token:
-                    break
-            self._experiments = found
+            found = get_results_from_paginated_fn(
+                lambda max_results, token: self.client.search_experiments(
+                    view_type=ViewType.ACTIVE_ONLY, max_results=max_results, page_token=token
+                ),
+                SEARCH_PAGE_SIZE,
+            )
+            self._experiments = [
+                e.experiment_id for e in found if not e.name.startswith(CLAIM_EXPERIMENT_PREFIX)
+            ]
         return self._experiments
 
     @property
@@ -225,26 +222,23 @@ class RecordIndex:
     ) -> list[Run]:
         """The active runs matching ``filter_string``, as MLflow returns them."""
         from mlflow.entities import ViewType
+        from mlflow.utils import get_results_from_paginated_fn
 
         if not self.experiment_ids:
             return []
-        runs: list[Run] = []
-        token = None
-        while True:
+
+        def page(max_results: int, token: str | None) -> Any:
             self.calls += 1
-            page = self.client.search_runs(
+            return self.client.search_runs(
                 self.experiment_ids,
                 filter_string=filter_string,
                 run_view_type=ViewType.ACTIVE_ONLY,
-                max_results=min(limit or SEARCH_PAGE_SIZE, SEARCH_PAGE_SIZE),
+                max_results=max_results,
                 order_by=[f"attributes.start_time {'DESC' if newest_first else 'ASC'}"],
                 page_token=token,
             )
-            runs += list(page)
-            token = page.token
-            if not token or (limit is not None and len(runs) >= limit):
-                break
-        return runs[:limit] if limit is not None else runs
+
+        return get_results_from_paginated_fn(page, SEARCH_PAGE_SIZE, limit)
 
     def _node_filters(self, node_id: str, *, made: bool) -> list[str]:
         tag = MADE_NODES_TAG if made else USED_NODES_TAG
