@@ -68,6 +68,7 @@ from stemma.components.monitoring.profile import (
     NumericProfile,
     ReferenceProfile,
     predicted_classes,
+    rate_of_one,
 )
 from stemma.components.monitoring.report import (
     FEATURE,
@@ -238,16 +239,13 @@ class DriftMonitor:
             for column, (_, _, accumulator) in zip(measured, compared, strict=True)
         ]
         features = tuple(column for column in columns if column.role == FEATURE)
-        prediction = next((column for column in columns if column.role == PREDICTION), None)
+        by_role = {column.role: column for column in columns if column.role != FEATURE}
+        prediction = by_role.get(PREDICTION)
         if prediction is not None and self._no_reference_classes:
             prediction = dataclasses.replace(
                 prediction,
                 not_assessed={**prediction.not_assessed, "predicted class": NO_REFERENCE_CLASSES},
             )
-        predicted_class = next(
-            (column for column in columns if column.role == PREDICTED_CLASS), None
-        )
-        label = next((column for column in columns if column.role == LABEL), None)
         performance = None
         if assessed and labelled and metric is not None and settings.performance_decay:
             scores = np.concatenate(self._labelled_scores) if self._labelled_scores else np.empty(0)
@@ -256,8 +254,8 @@ class DriftMonitor:
             rows=self.rows,
             features=features,
             prediction=prediction,
-            predicted_class=predicted_class,
-            label=label,
+            predicted_class=by_role.get(PREDICTED_CLASS),
+            label=by_role.get(LABEL),
             performance=performance,
             labelled_rows=int(truth.size) if labelled else 0,
             min_drifted_features=settings.min_drifted_features,
@@ -336,16 +334,15 @@ def _measure(name: str, role: str, accumulator: Accumulator, settings: MonitorSp
     else:
         categories, reference_counts, current_counts = accumulator.aligned()
         wanted = settings.statistics.categorical
-        if "psi" in wanted:
-            ref, cur, _ = pool_rare_categories(reference_counts, current_counts, minimum)
+        # Both on the categories each can expect enough rows of (rare ones pooled).
+        for statistic, fewest in (("psi", minimum), ("chi2", CHI2_MIN_EXPECTED)):
+            if statistic not in wanted:
+                continue
+            ref, cur, _ = pool_rare_categories(reference_counts, current_counts, fewest)
             if accumulator.finite and ref.size < 2:
-                not_assessed["psi"] = _too_few_cells(accumulator.finite, minimum)
-            else:
+                not_assessed[statistic] = _too_few_cells(accumulator.finite, fewest)
+            elif statistic == "psi":
                 statistics["psi"] = psi(ref, cur)
-        if "chi2" in wanted:
-            ref, cur, _ = pool_rare_categories(reference_counts, current_counts, CHI2_MIN_EXPECTED)
-            if accumulator.finite and ref.size < 2:
-                not_assessed["chi2"] = _too_few_cells(accumulator.finite, CHI2_MIN_EXPECTED)
             else:
                 statistics["chi2_statistic"], statistics["chi2_pvalue"] = chi_square(ref, cur)
         if "jensen_shannon" in wanted:
@@ -355,8 +352,8 @@ def _measure(name: str, role: str, accumulator: Accumulator, settings: MonitorSp
         current_shares = _shares(current_counts)
         reference_mean = current_mean = None
         if role == LABEL and set(categories) <= {0, 1}:  # a binary label: the rate of 1
-            reference_mean = _rate_of_one(categories, reference_counts)
-            current_mean = _rate_of_one(categories, current_counts)
+            reference_mean = rate_of_one(categories, reference_counts)
+            current_mean = rate_of_one(categories, current_counts)
         kind = CATEGORICAL
     if role == FEATURE:
         profiled = accumulator.reference
@@ -442,13 +439,6 @@ def _shares(counts: Sequence[float] | np.ndarray) -> tuple[float, ...]:
     values = np.asarray(counts, dtype=np.float64)
     total = values.sum()
     return tuple(float(v) for v in (values / total if total > 0 else values))
-
-
-def _rate_of_one(categories: Sequence[Any], counts: np.ndarray) -> float | None:
-    total = float(np.sum(counts))
-    if total <= 0:
-        return None
-    return float(sum(c for v, c in zip(categories, counts, strict=True) if v == 1)) / total
 
 
 def _bin_labels(edges: Sequence[float]) -> tuple[str, ...]:

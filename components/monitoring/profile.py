@@ -347,14 +347,9 @@ class ReferenceProfile:
     @property
     def label_rate(self) -> float | None:
         """Share of positive labels in the reference rows (binary), else None."""
-        if not isinstance(self.label, CategoricalProfile) or not self.label.finite:
+        if not isinstance(self.label, CategoricalProfile):
             return None
-        positives = sum(
-            count
-            for value, count in zip(self.label.categories, self.label.counts, strict=True)
-            if value == 1
-        )
-        return positives / self.label.finite
+        return rate_of_one(self.label.categories, self.label.counts)
 
     def to_dict(self) -> dict[str, Any]:
         """The profile as a JSON-safe document."""
@@ -434,6 +429,15 @@ class ReferenceProfile:
     def to_json_bytes(self) -> bytes:
         """The document's bytes as written: compact, keys in a fixed order."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def rate_of_one(categories: Sequence[Any], counts: Sequence[int] | np.ndarray) -> float | None:
+    """The share of the category 1 among the counted rows (a binary label's rate); None
+    without rows."""
+    total = float(np.sum(counts))
+    if total <= 0:
+        return None
+    return float(sum(c for v, c in zip(categories, counts, strict=True) if v == 1)) / total
 
 
 def _column_from_dict(data: Any, where: str) -> ColumnProfile:
