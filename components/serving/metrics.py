@@ -21,6 +21,17 @@ LATENCY_BUCKETS = (
     0.5,
     1.0,
 )
+#: The latency histograms, each over :data:`LATENCY_BUCKETS`. (name, help.)
+LATENCY_HISTOGRAMS = (
+    ("request_seconds", "Time from a prediction request's arrival to its response."),
+    ("queue_wait_seconds", "Time a request's rows waited for the model."),
+    ("inference_seconds", "Time of one model call (a batch of coalesced requests)."),
+)
+#: The histograms of a model call's size, over :func:`batch_buckets`. (name, help.)
+BATCH_HISTOGRAMS = (
+    ("batch_rows", "Rows per model call."),
+    ("batch_requests", "Requests coalesced per model call."),
+)
 #: Prefix of every metric name.
 PREFIX = "stemma_endpoint"
 #: The prediction log's counters (endpoint.log), each by kind: predictions, shadow, labels.
@@ -76,35 +87,15 @@ class EndpointMetrics:
     def __init__(self, max_batch_size: int) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
-        self.latency = Histogram(
-            f"{PREFIX}_request_seconds",
-            "Time from a prediction request's arrival to its response.",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+        self.latency, self.queue_wait, self.inference = (
+            Histogram(f"{PREFIX}_{name}", text, buckets=LATENCY_BUCKETS, registry=registry)
+            for name, text in LATENCY_HISTOGRAMS
         )
-        self.queue_wait = Histogram(
-            f"{PREFIX}_queue_wait_seconds",
-            "Time a request's rows waited for the model.",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.inference = Histogram(
-            f"{PREFIX}_inference_seconds",
-            "Time of one model call (a batch of coalesced requests).",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.batch_rows = Histogram(
-            f"{PREFIX}_batch_rows",
-            "Rows per model call.",
-            buckets=batch_buckets(max_batch_size),
-            registry=registry,
-        )
-        self.batch_requests = Histogram(
-            f"{PREFIX}_batch_requests",
-            "Requests coalesced per model call.",
-            buckets=batch_buckets(max_batch_size),
-            registry=registry,
+        self.batch_rows, self.batch_requests = (
+            Histogram(
+                f"{PREFIX}_{name}", text, buckets=batch_buckets(max_batch_size), registry=registry
+            )
+            for name, text in BATCH_HISTOGRAMS
         )
         self.queue_rows = Gauge(
             f"{PREFIX}_queue_rows", "Rows waiting for the model.", registry=registry
