@@ -34,14 +34,20 @@ from stemma.components.serving.labels import (
     LABELS_ERRORS,
     LABELS_PATH,
     LabelsResponse,
+    LogFull,
     labels_log,
-    labels_refusal,
     labels_request_schema,
     record_labels,
 )
 from stemma.components.serving.metrics import EndpointMetrics
 from stemma.components.serving.routing import ENTITY_HEADER, Answer, build_answer, route_rows
-from stemma.components.serving.rows import PreparedRows, RequestError, ServedModel, prepare_rows
+from stemma.components.serving.rows import (
+    PreparedRows,
+    RequestError,
+    ServedModel,
+    body_schema,
+    prepare_rows,
+)
 from stemma.components.serving.shadow import ShadowWorker
 from stemma.components.serving.watch import CHAMPION, ModelWatch
 from stemma.components.spec import EndpointSpec
@@ -466,7 +472,7 @@ class Routes:
                 preprocessor=self.watch.current.model.preprocessor,
             )
         except RequestError as error:
-            return labels_refusal(error, request_id, REQUEST_ID_HEADER)
+            return refusal(error, request_id)
         if recorded.unknown:
             self.metrics.unknown_labels.inc(recorded.unknown)
         return JSONResponse(recorded.body(), headers={REQUEST_ID_HEADER: request_id})
@@ -478,11 +484,17 @@ class Routes:
         self.metrics.requests.labels(status=str(error.status), version=version, variant="").inc()
         if started is not None:
             self.metrics.latency.observe(time.perf_counter() - started)
-        headers = {REQUEST_ID_HEADER: request_id}
-        if isinstance(error, QueueFull):
-            headers["Retry-After"] = str(error.retry_after_s)
-        body = {"error": error.headline, "details": error.details, "request_id": request_id}
-        return JSONResponse(body, status_code=error.status, headers=headers)
+        return refusal(error, request_id)
+
+
+def refusal(error: RequestError, request_id: str) -> JSONResponse:
+    """A refused request's answer: its status, the error and its details (and Retry-After
+    when the queue or the log's buffer is full)."""
+    headers = {REQUEST_ID_HEADER: request_id}
+    if isinstance(error, QueueFull | LogFull):
+        headers["Retry-After"] = str(error.retry_after_s)
+    body = {"error": error.headline, "details": error.details, "request_id": request_id}
+    return JSONResponse(body, status_code=error.status, headers=headers)
 
 
 def request_schema(served: ServedModel, id_column: str | None) -> dict[str, Any]:
@@ -496,26 +508,8 @@ def request_schema(served: ServedModel, id_column: str | None) -> dict[str, Any]
     }
     if id_column is not None and id_column not in properties:
         properties[id_column] = {"description": "Row id, echoed in the answer."}
-    row = {
-        "type": "object",
-        "title": f"A row for {served.model.label}",
-        "properties": properties,
-        "required": [name for name, _ in served.model.signature_columns],
-    }
-    columns = {
-        "type": "object",
-        "title": "Rows by column",
-        "properties": {
-            "columns": {
-                "type": "object",
-                "properties": {
-                    name: {"type": "array", "items": schema} for name, schema in properties.items()
-                },
-            }
-        },
-        "required": ["columns"],
-    }
-    return {"anyOf": [row, {"type": "array", "items": row, "title": "Rows"}, columns]}
+    required = [name for name, _ in served.model.signature_columns]
+    return body_schema(properties, required, one=f"A row for {served.model.label}", many="Rows")
 
 
 def _request_id(request: Request) -> str:

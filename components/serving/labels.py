@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from stemma.components.data.labels import label_text
@@ -35,6 +34,8 @@ from stemma.components.serving.rows import (
     COLUMNS_KEY,
     MAX_PROBLEMS_SHOWN,
     RequestError,
+    body_schema,
+    by_columns,
     check_count,
 )
 
@@ -256,15 +257,6 @@ def label_table(
     return pa.table({id_column: pa.array(ids, pa.string()), target_column: target})
 
 
-def labels_refusal(error: RequestError, request_id: str, request_id_header: str) -> JSONResponse:
-    """A refused labels request's answer: its status, the error and its details."""
-    headers = {request_id_header: request_id}
-    if isinstance(error, LogFull):
-        headers["Retry-After"] = str(error.retry_after_s)
-    body = {"error": error.headline, "details": error.details, "request_id": request_id}
-    return JSONResponse(body, status_code=error.status, headers=headers)
-
-
 def labels_request_schema(log: PredictionLog | None) -> dict[str, Any]:
     """The JSON Schema of a labels body (for the OpenAPI page)."""
     if log is None or log.id_column is None:
@@ -285,40 +277,13 @@ def labels_request_schema(log: PredictionLog | None) -> dict[str, Any]:
         log.id_column: {"type": ["string", "integer"], "description": "The row's id."},
         log.target_column: target,
     }
-    label = {
-        "type": "object",
-        "title": "A label",
-        "properties": properties,
-        "required": list(properties),
-    }
-    columns = {
-        "type": "object",
-        "title": "Labels by column",
-        "properties": {
-            COLUMNS_KEY: {
-                "type": "object",
-                "properties": {
-                    name: {"type": "array", "items": schema} for name, schema in properties.items()
-                },
-            }
-        },
-        "required": [COLUMNS_KEY],
-    }
-    return {"anyOf": [label, {"type": "array", "items": label, "title": "Labels"}, columns]}
+    return body_schema(properties, list(properties), one="A label", many="Labels")
 
 
 def _label_columns(body: Any, max_rows: int) -> Mapping[str, list[Any]]:
     """The body's values by column (a label, a list of labels, or columns)."""
     if isinstance(body, dict) and COLUMNS_KEY in body:
-        columns = body[COLUMNS_KEY]
-        if not isinstance(columns, dict) or not all(isinstance(v, list) for v in columns.values()):
-            raise RequestError(422, '"columns" must map each column name to a list of values')
-        lengths = {len(values) for values in columns.values()}
-        if len(lengths) > 1:
-            sizes = ", ".join(f"{name}: {len(values)}" for name, values in columns.items())
-            raise RequestError(422, "the columns have different lengths", [sizes])
-        check_count(lengths.pop() if lengths else 0, max_rows, "labels")
-        return columns
+        return by_columns(body, max_rows, "labels")[0]
     labels = [body] if isinstance(body, dict) else body
     if not isinstance(labels, list) or not all(isinstance(label, dict) for label in labels):
         raise RequestError(

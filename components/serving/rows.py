@@ -192,16 +192,7 @@ def encode_for(
 def _columns_of(body: Any, max_rows: int) -> tuple[dict[str, list[Any]], int]:
     """The body's values by column, and its row count."""
     if isinstance(body, dict) and COLUMNS_KEY in body:
-        columns = body[COLUMNS_KEY]
-        if not isinstance(columns, dict) or not all(isinstance(v, list) for v in columns.values()):
-            raise RequestError(422, '"columns" must map each column name to a list of values', [])
-        lengths = {len(values) for values in columns.values()}
-        if len(lengths) > 1:
-            sizes = ", ".join(f"{name}: {len(values)}" for name, values in columns.items())
-            raise RequestError(422, "the columns have different lengths", [sizes])
-        rows = lengths.pop() if lengths else 0
-        check_count(rows, max_rows)
-        return columns, rows
+        return by_columns(body, max_rows)
     records = [body] if isinstance(body, dict) else body
     if not isinstance(records, list):
         raise RequestError(
@@ -219,6 +210,46 @@ def _columns_of(body: Any, max_rows: int) -> tuple[dict[str, list[Any]], int]:
         names.update(dict.fromkeys(row))
     # A key missing from some rows is a missing value in those rows (the policies decide).
     return {name: [row.get(name) for row in records] for name in names}, len(records)
+
+
+def by_columns(
+    body: dict[str, Any], max_rows: int, noun: str = "rows"
+) -> tuple[dict[str, list[Any]], int]:
+    """The values of a body given by columns (``{"columns": {name: [values]}}``), checked,
+    and its count of ``noun``."""
+    columns = body[COLUMNS_KEY]
+    if not isinstance(columns, dict) or not all(isinstance(v, list) for v in columns.values()):
+        raise RequestError(422, '"columns" must map each column name to a list of values')
+    lengths = {len(values) for values in columns.values()}
+    if len(lengths) > 1:
+        sizes = ", ".join(f"{name}: {len(values)}" for name, values in columns.items())
+        raise RequestError(422, "the columns have different lengths", [sizes])
+    count = lengths.pop() if lengths else 0
+    check_count(count, max_rows, noun)
+    return columns, count
+
+
+def body_schema(
+    properties: dict[str, Any], required: list[str], *, one: str, many: str
+) -> dict[str, Any]:
+    """The JSON Schema of a body that is one item (an object of ``properties``), a list of
+    them, or their values by column, for the OpenAPI page; ``one`` and ``many`` title
+    them."""
+    item = {"type": "object", "title": one, "properties": properties, "required": required}
+    columns = {
+        "type": "object",
+        "title": f"{many} by column",
+        "properties": {
+            COLUMNS_KEY: {
+                "type": "object",
+                "properties": {
+                    name: {"type": "array", "items": schema} for name, schema in properties.items()
+                },
+            }
+        },
+        "required": [COLUMNS_KEY],
+    }
+    return {"anyOf": [item, {"type": "array", "items": item, "title": many}, columns]}
 
 
 def check_count(count: int, max_rows: int, noun: str = "rows") -> None:
