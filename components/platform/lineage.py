@@ -242,13 +242,13 @@ def model_version_node(model_name: str, version: str, weights_sha256: str, role:
     )
 
 
-def run_node(run_id: str, experiment_id: str, flow_run_id: str | None) -> Node:
-    """The MLflow run of a flow, with its experiment and Prefect flow run."""
+def run_node(run_id: str, experiment_id: str, flow_run_id: str | None, **attributes: Any) -> Node:
+    """The MLflow run of a flow, with its experiment and Prefect flow run (then ``attributes``)."""
     return Node(
         "run",
         run_node_id(run_id),
         None,
-        {"experiment_id": experiment_id, "flow_run_id": flow_run_id},
+        {"experiment_id": experiment_id, "flow_run_id": flow_run_id, **attributes},
     )
 
 
@@ -323,19 +323,15 @@ def build_training_record(
             f"sha256:{lineage.validation_digest}",
             {"success": lineage.validation_success, "artifact": "checks/validation_result.json"},
         ),
-        Node(
-            "run",
-            run,
-            None,
-            {
-                "experiment_id": lineage.experiment_id,
-                "flow_run_id": lineage.flow_run_id,
-                "config": lineage.config_path,
-                "config_sha256": lineage.config_sha256,
-                "git_rev": lineage.git_rev,
-                "git_dirty": lineage.git_dirty,
-                **_present({"code_sha256": lineage.code_sha256}),
-            },
+        run_node(
+            lineage.run_id,
+            lineage.experiment_id,
+            lineage.flow_run_id,
+            config=lineage.config_path,
+            config_sha256=lineage.config_sha256,
+            git_rev=lineage.git_rev,
+            git_dirty=lineage.git_dirty,
+            **_present({"code_sha256": lineage.code_sha256}),
         ),
     ]
     edges = [
@@ -400,13 +396,8 @@ def read_run_record(client: Any, run_id: str) -> LineageRecord | None:
 
 def record_node(record: LineageRecord | None, kind: str) -> dict[str, Any] | None:
     """The first node of ``kind`` in ``record`` (as a mapping), or None."""
-    if record is None:
-        return None
-    for node in record.nodes:
-        body = node if isinstance(node, dict) else asdict(node)
-        if body.get("kind") == kind:
-            return body
-    return None
+    nodes = record.nodes if record is not None else []
+    return next((asdict(node) for node in nodes if node.kind == kind), None)
 
 
 def _present(attributes: Mapping[str, Any]) -> dict[str, Any]:
@@ -675,12 +666,8 @@ def kind_filter(tag: str, kind: str) -> str:
 
 def index_entries(value: str) -> list[tuple[str, str]]:
     """The ``(kind, key)`` entries of one index tag value."""
-    entries = []
-    for entry in value.split(ENTRY_SEPARATOR):
-        kind, separator, key = entry.rpartition(KIND_SEPARATOR)
-        if separator and key:
-            entries.append((kind, key))
-    return entries
+    parts = (entry.rpartition(KIND_SEPARATOR) for entry in value.split(ENTRY_SEPARATOR))
+    return [(kind, key) for kind, separator, key in parts if separator and key]
 
 
 def made_tag(node_id: str) -> str:
