@@ -58,6 +58,9 @@ PARTIAL_UNEXPECTED_COUNT = 20
 #: Shares of unexpected rows below this percentage are shown as "<0.01%".
 SMALLEST_PERCENT = 0.01
 
+#: JSON types of the values other than strings a JSON schema's ``enum`` holds.
+_ENUM_TYPES = {type(None): "null", bool: "boolean", int: "integer", float: "number"}
+
 #: Names inside the throw-away GX contexts; each call gets a fresh context, so they never clash.
 _DATASOURCE_NAME = "stemma"
 _ASSET_NAME = "table"
@@ -147,7 +150,7 @@ def _alternatives(
         values = schema.get("enum", [schema.get("const")])
         strings = tuple(v for v in values if isinstance(v, str))
         alternatives: list[tuple[str, tuple[str, ...] | None]] = [
-            (_json_type_of(v), None) for v in values if not isinstance(v, str)
+            (_ENUM_TYPES.get(type(v), "any"), None) for v in values if not isinstance(v, str)
         ]
         if strings:
             alternatives.append(("string", strings))
@@ -162,18 +165,6 @@ def _alternatives(
         (date_format if t == "string" and date_format in ("date", "date-time") else t, None)
         for t in json_types
     ]
-
-
-def _json_type_of(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    return "any"
 
 
 # --------------------------------------------------------------------------- deep check
@@ -566,12 +557,8 @@ def build_data_docs(
     result = ExpectationSuiteValidationResultSchema().load(document)
     suite_name = result.suite_name
     configurations = [
-        {
-            "type": item["expectation_config"]["type"],
-            "kwargs": item["expectation_config"]["kwargs"],
-            "meta": item["expectation_config"].get("meta") or {},
-        }
-        for item in report.result_json.get("results", [])
+        {"type": config["type"], "kwargs": config["kwargs"], "meta": config.get("meta") or {}}
+        for config in (item["expectation_config"] for item in report.result_json.get("results", []))
     ]
     batch_id = next(
         (c["kwargs"].get("batch_id") for c in configurations if c["kwargs"].get("batch_id")),

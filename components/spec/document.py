@@ -563,12 +563,9 @@ def _check_problems(
     for index, check in enumerate(checks):
         if len(check) != 1:
             yield ("checks", index), "each check is a one-key mapping `expect_...: {kwargs}`"
-    if check_expectations and checks:
-        wellformed = [(i, c) for i, c in enumerate(checks) if len(c) == 1]
-        for index, message in expectation_problems([c for _, c in wellformed]):
-            original_index, check = wellformed[index]
-            (name,) = check
-            yield ("checks", original_index, name), message
+        elif check_expectations:
+            for _, message in expectation_problems([check]):
+                yield ("checks", index, *check), message
 
 
 def put_project_on_import_path(root: Path) -> None:

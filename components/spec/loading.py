@@ -321,10 +321,6 @@ def read_spec_file(config_path: Path) -> tuple[dict[str, Any], yaml.Node | None]
         raise SpecError(
             f"{config_path}: refused: not UTF-8 text (byte {error.start} cannot be decoded)"
         ) from None
-    return _parse_spec_text(text, config_path)
-
-
-def _parse_spec_text(text: str, config_path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
     file_name = config_path.name
     try:
         raw, root_node = load_yaml(text)
