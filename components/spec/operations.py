@@ -314,6 +314,9 @@ class QuantizeSpec(Section):
         return self.max_metric_drop or default_drop(metric, **QUANTIZE_DROP)
 
 
+#: An alias of the pipeline's registered model, as the endpoint names one.
+Alias = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
+
 #: Environment variable names a bearer token may be read from.
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 
@@ -394,11 +397,8 @@ class EndpointLogSpec(Section):
 class EndpointShadowSpec(Section):
     """Live shadow: a version scores a sample of the endpoint's requests without answering."""
 
-    alias: str = Field(
+    alias: Alias = Field(
         default="challenger",
-        min_length=1,
-        max_length=128,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
         description=(
             "Alias of the version that shadows the served one; while it names no version, "
             "or the served one, nothing is shadowed."
@@ -425,11 +425,8 @@ class EndpointShadowSpec(Section):
 class EndpointSpec(Section):
     """The online endpoint (`stemma endpoint`): what it serves, where, and its limits."""
 
-    alias: str = Field(
+    alias: Alias = Field(
         default="champion",
-        min_length=1,
-        max_length=128,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
         description=(
             "Alias of the pipeline's registered model to serve; when it moves, the endpoint "
             "loads the new version and swaps to it."
