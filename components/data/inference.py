@@ -197,11 +197,6 @@ def guess_id(frame: pd.DataFrame) -> str | None:
     return None
 
 
-def guess_target(columns: Sequence[str]) -> str | None:
-    """The first of ``columns`` named like a label (``target``, ``label``, ``y``, ...)."""
-    return next((c for c in columns if c.lower() in TARGET_NAMES), None)
-
-
 def choose_columns(
     frame: pd.DataFrame,
     *,
@@ -247,7 +242,7 @@ def choose_columns(
             notes.append(f"id: {guess} (named like an id, unique values; --id to choose another)")
     if target is None:
         candidates = [column for column in columns if column != id_column]
-        guess = guess_target(candidates)
+        guess = next((c for c in candidates if c.lower() in TARGET_NAMES), None)
         if ask is None:
             raise SpecError(
                 f"{source}: which column is the target? Name it with --target",

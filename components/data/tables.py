@@ -472,9 +472,7 @@ def table_problems(frame: pd.DataFrame, data: DataSpec) -> Iterator[str]:
         )
         yield f"the table's columns are: {shown}"
 
-    for column in data.features.numeric:
-        if column not in frame.columns:
-            continue
+    for column in (column for column in data.features.numeric if column in frame.columns):
         series = frame[column]
         if not types.is_numeric_dtype(series.dtype):
             yield (
@@ -487,9 +485,7 @@ def table_problems(frame: pd.DataFrame, data: DataSpec) -> Iterator[str]:
             f"feature {column!r}", frame.index, ~np.isfinite(values), "missing or infinite"
         )
 
-    for column in data.features.categorical:
-        if column not in frame.columns:
-            continue
+    for column in (column for column in data.features.categorical if column in frame.columns):
         series = frame[column]
         dtype = series.dtype
         categorical_ok = (
