@@ -182,22 +182,15 @@ class TemporaryPrefectServer:
         """
         if self._ready:
             return
-        import urllib.error
-        import urllib.request
+        from stemma.components.platform.outages import check_health
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self._fail(f"exited with code {self.process.returncode} while starting")
-            try:
-                with urllib.request.urlopen(
-                    f"{self.api_url}/health", timeout=SERVER_HEALTH_TIMEOUT_S
-                ) as response:
-                    if response.status == 200:
-                        self._ready = True
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+            if check_health(f"{self.api_url}/health", timeout_s=SERVER_HEALTH_TIMEOUT_S) is None:
+                self._ready = True
+                return
             time.sleep(SERVER_POLL_S)
         self.stop()
         self._fail(

@@ -113,18 +113,23 @@ def servers_in_use(environ: Mapping[str, str] | None = None) -> list[Server]:
     return servers
 
 
-def check_health(server: Server) -> str | None:
-    """None when ``server`` answers its health check, else why not (one line)."""
+def check_health(
+    url: str, *, timeout_s: float = HEALTH_TIMEOUT_S, expected: str | None = None
+) -> str | None:
+    """None when the health endpoint ``url`` answers (with the body ``expected``, when
+    given), else why not (one line)."""
     try:
-        with urllib.request.urlopen(server.health_url, timeout=HEALTH_TIMEOUT_S) as response:
-            if 200 <= response.status < 300:
-                return None
-            return f"HTTP {response.status}"
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            if not 200 <= response.status < 300:
+                return f"HTTP {response.status}"
+            if expected is not None and response.read().decode().strip() != expected:
+                return f"not the expected answer {expected!r}"
+            return None
     except urllib.error.HTTPError as error:
         return f"HTTP {error.code}"
     except urllib.error.URLError as error:
         return redact_url(str(error.reason))
-    except OSError as error:  # timeouts, resets
+    except (OSError, ValueError) as error:  # timeouts, resets, an undecodable answer
         return redact_url(str(error) or type(error).__name__)
 
 
@@ -185,7 +190,7 @@ def wait_for_servers(
     report = report or _print_to_stderr
     deadline = time.monotonic() + wait_s
     for server in servers:
-        reason = check_health(server)
+        reason = check_health(server.health_url)
         if reason is None:
             continue
         report(not_answering_message(server, wait_s))
@@ -193,7 +198,7 @@ def wait_for_servers(
             if time.monotonic() >= deadline:
                 raise outage_error(server, wait_s, reason, started=False)
             time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
-            reason = check_health(server)
+            reason = check_health(server.health_url)
         report(f"{server.name} at {server.url} answers again")
 
 
@@ -286,7 +291,7 @@ class ServerWatch:
         since: dict[Server, float] = {}
         while not self._stop.wait(self.poll_s):
             for server in self.servers:
-                reason = check_health(server)
+                reason = check_health(server.health_url)
                 if self._stop.is_set():
                     return
                 if reason is None:

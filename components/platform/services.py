@@ -26,8 +26,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +33,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from stemma.components.errors import StemmaError
+from stemma.components.platform.outages import check_health
 from stemma.components.platform.redaction import redact_url
 
 #: Every server binds to loopback only: these are a developer's local servers.
@@ -521,11 +520,7 @@ def _is_healthy(name: str, port: int) -> bool:
         url, expected = f"http://{HOST}:{port}/api/health", "true"
     else:
         url, expected = f"http://{HOST}:{port}/health", "OK"
-    try:
-        with urllib.request.urlopen(url, timeout=HEALTH_REQUEST_TIMEOUT_S) as response:
-            return response.status == 200 and response.read().decode().strip() == expected
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+    return check_health(url, timeout_s=HEALTH_REQUEST_TIMEOUT_S, expected=expected) is None
 
 
 def _wait_until_healthy(root: Path, records: Mapping[str, dict], timeout_s: float) -> None:
