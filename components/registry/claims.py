@@ -242,7 +242,6 @@ class Claim:
         self._tags = tags
         self._limit = limit
         self._last_beat = time.monotonic()  # creating the claim counts as a beat
-        self._stop = threading.Event()
         self._beats = self._start_beats()
 
     def _start_beats(self) -> threading.Thread:
@@ -285,14 +284,13 @@ class Claim:
         from mlflow.exceptions import MlflowException
 
         silent_for = time.monotonic() - self._last_beat
-        next_name = claim_name(self.model_name, self.generation, self.holder.position + 1)
+        position = self.holder.position + 1
+        next_name = claim_name(self.model_name, self.generation, position)
         if self._lease_left() > 0:
             taker = self.client.get_experiment_by_name(next_name)
             if taker is None:
                 return
-            raise ClaimLost(
-                self.generation, Holder.from_experiment(taker, self.holder.position + 1), silent_for
-            )
+            raise ClaimLost(self.generation, Holder.from_experiment(taker, position), silent_for)
         # The lease ran out (a pause, an unanswering store): take the claim over from
         # ourselves through the same compare-and-set that any other promoter would use.
         self._stop.set()
@@ -305,12 +303,9 @@ class Claim:
             taker = self.client.get_experiment_by_name(next_name)
             if taker is None:  # the name is taken, so the experiment exists; defensive only
                 raise
-            raise ClaimLost(
-                self.generation, Holder.from_experiment(taker, self.holder.position + 1), silent_for
-            ) from None
-        self.holder = Holder.from_tags(
-            next_name, self.holder.position + 1, experiment_id, tags, time.time()
-        )
+            taken = Holder.from_experiment(taker, position)
+            raise ClaimLost(self.generation, taken, silent_for) from None
+        self.holder = Holder.from_tags(next_name, position, experiment_id, tags, time.time())
         self._last_beat = time.monotonic()
         self._beats = self._start_beats()
 
