@@ -284,7 +284,10 @@ def shadow_evaluate(
     champion_failures, challenger_failures, compared = _failures(rows, a, b)
     labelled = compared & scored.known
 
-    thresholds = _thresholds(champion, challenger)
+    thresholds = {
+        "champion_threshold": float(champion.threshold),
+        "challenger_threshold": float(challenger.threshold),
+    }
     options = {**thresholds, **bootstrap_settings(settings)}
 
     def compare(mask: np.ndarray) -> MetricComparison:
@@ -330,17 +333,11 @@ def shadow_evaluate(
             "min_labelled_rows": needed,
             "margin": margin if margin is None or np.isfinite(margin) else None,
             "margin_spec": rule.margin.to_spec(),
-            **_evidence_settings(settings, metric),
+            **settings.model_dump(include={"confidence", "bootstrap_resamples", "seed"}),
+            "metric": metric,
         },
         unknown_labels=int(scored.unknown.sum()),
     )
-
-
-def _thresholds(champion: ScoringModel, challenger: ScoringModel) -> dict[str, float]:
-    return {
-        "champion_threshold": float(champion.threshold),
-        "challenger_threshold": float(challenger.threshold),
-    }
 
 
 def _failures(
@@ -355,15 +352,6 @@ def _failures(
     # score (a missing feature, say) are the input's fault, not the challenger's.
     challenger = count_failures(b[served & b_scored], rows=int(served.sum()))
     return champion, challenger, served & b_scored & np.isfinite(b)
-
-
-def _evidence_settings(settings: EvaluateSpec, metric: str) -> dict[str, Any]:
-    return {
-        "confidence": settings.confidence,
-        "bootstrap_resamples": settings.bootstrap_resamples,
-        "seed": settings.seed,
-        "metric": metric,
-    }
 
 
 def _segment_comparisons(
