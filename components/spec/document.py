@@ -231,21 +231,19 @@ def dotted(loc: Iterable[str | int]) -> str:
 
 def keys_at(loc: Sequence[str | int]) -> list[str]:
     """The keys the spec allows in the section at ``loc`` (empty when it is not a section)."""
+
+    def is_model(value: Any) -> bool:
+        return isinstance(value, type) and issubclass(value, BaseModel)
+
     model: Any = Spec
     for part in loc:
-        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return []
-        field = model.model_fields.get(part)
+        field = model.model_fields.get(part) if isinstance(part, str) and is_model(model) else None
         if field is None:
             return []
         # Optional sections (`X | None`) are models too: take the model out of the union.
         candidates = [field.annotation, *getattr(field.annotation, "__args__", ())]
-        model = next(
-            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
-        )
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return list(model.model_fields)
-    return []
+        model = next((c for c in candidates if is_model(c)), None)
+    return list(model.model_fields) if is_model(model) else []
 
 
 def pydantic_message(error: Mapping[str, Any]) -> str:
