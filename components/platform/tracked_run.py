@@ -34,8 +34,6 @@ from stemma.components.platform.refs import logged_model_id
 LineageWriter = Callable[[dict[str, Any]], None]
 #: MLflow's tag naming the run a nested run belongs to.
 PARENT_RUN_TAG = "mlflow.parentRunId"
-#: MLflow accepts at most this many tags in one request.
-TAGS_PER_REQUEST = 100
 #: The detached run whose block is running: runs started inside it are its children.
 _DETACHED_PARENT: ContextVar[str | None] = ContextVar("stemma_detached_parent", default=None)
 
@@ -71,11 +69,7 @@ class TrackedRun:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set tags (values as strings), in as few requests as MLflow allows."""
-        from mlflow.entities import RunTag
-
-        entries = [RunTag(key, str(value)) for key, value in tags.items()]
-        for start in range(0, len(entries), TAGS_PER_REQUEST):
-            self.client.log_batch(self.run_id, tags=entries[start : start + TAGS_PER_REQUEST])
+        tracking.log_batches(self.client, self.run_id, tags=tags)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params; long values are cut and credentials in URLs masked (as

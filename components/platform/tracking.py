@@ -552,13 +552,18 @@ def log_batches(
     params: Mapping[str, Any] | None = None,
     metrics: Mapping[str, float] | None = None,
     step: int = 0,
+    tags: Mapping[str, Any] | None = None,
 ) -> None:
-    """Log params (as :func:`log_params_flat` does) and metrics (with one timestamp, at
-    ``step``) on run ``run_id``, in as few requests as MLflow allows."""
-    from mlflow.entities import Metric, Param
+    """Log params (as :func:`log_params_flat` does), metrics (with one timestamp, at
+    ``step``) and tags (values as strings) on run ``run_id``, in as few requests as MLflow
+    allows."""
+    from mlflow.entities import Metric, Param, RunTag
 
     from stemma.components.platform.redaction import redact_url
 
+    labels = [RunTag(key, str(value)) for key, value in (tags or {}).items()]
+    for batch in _chunks(labels, MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, tags=list(batch))
     entries = [
         Param(redact_url(key), truncate_param(redact_url(str(value))))
         for key, value in (params or {}).items()
