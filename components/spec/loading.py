@@ -161,31 +161,11 @@ def apply_overrides(
     problems: list[Problem] = []
     origins: dict[tuple[str, ...], str] = {}
     for item in overrides:
-        key, sep, value_text = item.partition("=")
-        path = tuple(part for part in key.strip().split(".") if part)
-        if not sep or not path:
-            problems.append(
-                Problem((), f"override {_shorten(item)!r} must look like `section.key=value`")
-            )
+        parsed = _parse_override(item)
+        if isinstance(parsed, Problem):
+            problems.append(parsed)
             continue
-        if len(path) > MAX_SPEC_DEPTH:
-            problems.append(
-                Problem(
-                    (),
-                    f"override key {_shorten(key)!r}: nesting deeper than {MAX_SPEC_DEPTH} levels",
-                )
-            )
-            continue
-        try:
-            value = load_yaml(value_text)[0] if value_text.strip() else None
-        except SpecLimitError as error:
-            problems.append(Problem(path, f"override value refused: {error.problem}"))
-            continue
-        except yaml.YAMLError as error:
-            problems.append(
-                Problem(path, f"override value {value_text!r} is not valid YAML: {error}")
-            )
-            continue
+        path, value = parsed
         node = result
         for part in path[:-1]:
             if not isinstance(node.get(part), dict):
@@ -194,6 +174,23 @@ def apply_overrides(
         node[path[-1]] = value
         origins[path] = f"--set {item}"
     return result, problems, origins
+
+
+def _parse_override(item: str) -> tuple[tuple[str, ...], Any] | Problem:
+    """The path and the value of a ``key.path=value`` override, or why it is refused."""
+    key, sep, value_text = item.partition("=")
+    path = tuple(part for part in key.strip().split(".") if part)
+    if not sep or not path:
+        return Problem((), f"override {_shorten(item)!r} must look like `section.key=value`")
+    if len(path) > MAX_SPEC_DEPTH:
+        depth = f"nesting deeper than {MAX_SPEC_DEPTH} levels"
+        return Problem((), f"override key {_shorten(key)!r}: {depth}")
+    try:
+        return path, load_yaml(value_text)[0] if value_text.strip() else None
+    except SpecLimitError as error:
+        return Problem(path, f"override value refused: {error.problem}")
+    except yaml.YAMLError as error:
+        return Problem(path, f"override value {value_text!r} is not valid YAML: {error}")
 
 
 def _shorten(text: str, limit: int = 80) -> str:
