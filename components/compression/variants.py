@@ -25,11 +25,10 @@ from stemma.components.model.preprocessing import Preprocessor
 from stemma.components.model.quantized import brief
 from stemma.components.quantization.measure import (
     ParentReference,
-    decisions_agree,
     parent_runtimes,
     scores,
 )
-from stemma.components.quantization.results import FAILED, PASSED, REJECTED, decide_variant
+from stemma.components.quantization.results import FAILED, PASSED, REJECTED
 from stemma.components.runtime.backends import Runtime
 from stemma.components.runtime.probe import LatencyProfile, probe_runtimes
 from stemma.components.spec.compress import CompressSpec, MachineSpec
@@ -350,24 +349,12 @@ def _decided(
     """A measured candidate's numbers and the gate's decision on them: metric drop,
     speed-up over the parent's fastest backend (CPU time per row at the largest batch),
     and cost reduction."""
-    from stemma.components.training.metrics import evaluate_scores
-
-    task, metric, threshold = reference.task, reference.metric, reference.threshold
     found = np.asarray(preprocessor.decode_output(item.outputs), dtype=np.float64)
-    found = found.reshape(len(found), -1) if task == "multiclass" else found.reshape(-1)
-    value = float(evaluate_scores(task, y, found, threshold)[metric])
+    found = found.reshape(len(found), -1) if reference.task == "multiclass" else found.reshape(-1)
     speedup = reference.profile.cpu_seconds_per_million / max(
         profile.cpu_seconds_per_million, 1e-12
     )
-    passed, drop, reasons = decide_variant(
-        metric=metric,
-        higher_is_better=reference.higher_is_better,
-        parent_value=reference.value,
-        value=value,
-        speedup=speedup,
-        max_metric_drop=settings.metric_drop(metric),
-        min_speedup=settings.min_speedup,
-    )
+    passed, reasons, numbers = reference.decide(found, y, speedup, settings)
     cost = profile.cost_per_million(machine)
     ratio = cost / reference.cost if reference.cost > 0 else math.inf
     cost_ok = math.isfinite(ratio) and (1.0 - ratio) >= settings.min_cost_reduction
@@ -376,16 +363,11 @@ def _decided(
         f"{reference.cost:.4g} ({'>=' if cost_ok else '<'} min reduction "
         f"{settings.min_cost_reduction:.0%})",
     )
-    difference = np.abs(found - reference.scores)
     return replace(
         result,
         status=PASSED if passed and cost_ok else REJECTED,
         reasons=reasons,
-        value=value,
-        metric_drop=drop,
-        agreement=decisions_agree(task, found, reference.scores, threshold),
-        mean_abs_diff=float(difference.mean()),
-        speedup=speedup,
+        **numbers,
         cost_per_million=cost,
         cost_ratio=ratio,
         profile=profile.to_dict(),

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -53,7 +53,8 @@ from stemma.components.quantization.results import (
     decide_variant,
 )
 from stemma.components.runtime.backends import Runtime, build_runtime, session_threads
-from stemma.components.spec import METRIC_DIRECTIONS, QuantizeSpec
+from stemma.components.runtime.probe import probe_batch
+from stemma.components.spec import METRIC_DIRECTIONS, CompressSpec, QuantizeSpec
 
 if TYPE_CHECKING:
     from stemma.components.model.preprocessing import Preprocessor
@@ -82,12 +83,6 @@ def latency_clock(threads: int) -> tuple[str, Callable[[], float]]:
     time, since CPU time then adds the threads up.
     """
     return ("cpu", time.process_time) if threads == 1 else ("wall", time.perf_counter)
-
-
-def timing_batch(x: np.ndarray, rows: int) -> np.ndarray:
-    """``rows`` rows of real inputs: the held-out matrix, repeated as often as needed."""
-    index = np.arange(rows) % len(x)
-    return np.ascontiguousarray(x[index], dtype=np.float32)
 
 
 def time_runtimes(
@@ -254,6 +249,38 @@ class ParentReference:
     def higher_is_better(self) -> bool:
         return METRIC_DIRECTIONS[self.task][self.metric]
 
+    def decide(
+        self,
+        found: np.ndarray,
+        y: np.ndarray,
+        speedup: float,
+        settings: QuantizeSpec | CompressSpec,
+    ) -> tuple[bool, tuple[str, ...], dict[str, Any]]:
+        """The gate on a variant whose scores on the held-out rows (labels ``y``) are
+        ``found``, at ``speedup`` over the parent: whether it passes, the reasons, and the
+        numbers its result records (``value``, ``metric_drop``, ``agreement``,
+        ``mean_abs_diff``, ``speedup``)."""
+        from stemma.components.training.metrics import evaluate_scores
+
+        value = float(evaluate_scores(self.task, y, found, self.threshold)[self.metric])
+        passed, drop, reasons = decide_variant(
+            metric=self.metric,
+            higher_is_better=self.higher_is_better,
+            parent_value=self.value,
+            value=value,
+            speedup=speedup,
+            max_metric_drop=settings.metric_drop(self.metric),
+            min_speedup=settings.min_speedup,
+        )
+        numbers = {
+            "value": value,
+            "metric_drop": drop,
+            "agreement": decisions_agree(self.task, found, self.scores, self.threshold),
+            "mean_abs_diff": float(np.abs(found - self.scores).mean()),
+            "speedup": speedup,
+        }
+        return passed, reasons, numbers
+
 
 def _parent_reference(
     runtime: Runtime,
@@ -332,37 +359,19 @@ def _decided(
     settings: QuantizeSpec,
 ) -> VariantResult:
     """A measured variant's numbers and the gate's decision on them."""
-    from stemma.components.training.metrics import evaluate_scores
-
     if result.method in timed.errors:
         reason = f"failed on a batch of {batch_rows} rows: {timed.errors[result.method]}"
         return replace(result, status=FAILED, reasons=(reason,))
     latency = timed.medians[result.method]
-    task, metric, threshold = reference.task, reference.metric, reference.threshold
-    value = float(evaluate_scores(task, y, found, threshold)[metric])
     speedup = baseline_ms / max(latency, MIN_LATENCY_MS)
-    passed, drop, reasons = decide_variant(
-        metric=metric,
-        higher_is_better=reference.higher_is_better,
-        parent_value=reference.value,
-        value=value,
-        speedup=speedup,
-        max_metric_drop=settings.metric_drop(metric),
-        min_speedup=settings.min_speedup,
-    )
-    agreement = decisions_agree(task, found, reference.scores, threshold)
-    difference = np.abs(found - reference.scores)
+    passed, reasons, numbers = reference.decide(found, y, speedup, settings)
     return replace(
         result,
         status=PASSED if passed else REJECTED,
         reasons=reasons,
-        value=value,
-        metric_drop=drop,
-        agreement=agreement,
-        mean_abs_diff=float(difference.mean()),
-        max_abs_diff=float(difference.max()),
+        **numbers,
+        max_abs_diff=float(np.abs(found - reference.scores).max()),
         latency_ms=latency,
-        speedup=speedup,
         rows_per_second=batch_rows / latency * 1000.0,
     )
 
@@ -411,7 +420,7 @@ def compare_variants(
         x=x_heldout,
         preprocessor=preprocessor,
     )
-    timed = _time_all(fp32, measured, timing_batch(x_heldout, batch_rows), settings)
+    timed = _time_all(fp32, measured, probe_batch(x_heldout, batch_rows), settings)
     parent_ms, notes = timed.fp32(list(fp32), batch_rows, no_graph)
     baseline = min(parent_ms, key=lambda backend: parent_ms[backend])
     baseline_ms = max(parent_ms[baseline], MIN_LATENCY_MS)
