@@ -94,22 +94,19 @@ class LineageRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a JSON-able document, in the layout's key order."""
-        document: dict[str, Any] = {
+        document = {
             "schema": self.schema,
             "pipeline": self.pipeline,
             "flow": self.flow,
             "created": self.created,
+            "decision": self.decision,
+            "nodes": [asdict(node) for node in self.nodes],
+            "edges": [asdict(edge) for edge in self.edges],
+            "artifacts": None if self.artifacts is None else dict(sorted(self.artifacts.items())),
+            "variants": self.variants,
         }
-        if self.decision is not None:
-            document["decision"] = self.decision
-        document["nodes"] = [asdict(node) for node in self.nodes]
-        document["edges"] = [asdict(edge) for edge in self.edges]
-        if self.artifacts is not None:
-            document["artifacts"] = dict(sorted(self.artifacts.items()))
-        if self.variants is not None:
-            document["variants"] = self.variants
-        document.update(self.extra)
-        return document
+        kept = {k: v for k, v in document.items() if k not in _OPTIONAL or v is not None}
+        return kept | self.extra
 
     def to_json(self) -> str:
         """The record as JSON text, as MLflow's ``log_dict`` writes ``lineage/record.json``."""
