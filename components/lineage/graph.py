@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -237,11 +238,7 @@ def _kinds_nobody_links(
 
     One search per such kind saves one search per node when the answer is "none".
     """
-    counts: dict[str, int] = {}
-    for node_id in level:
-        if node_id != start and not node_id.startswith(RUN_PREFIX):
-            kind = _kind_of(node_id)
-            counts[kind] = counts.get(kind, 0) + 1
+    counts = Counter(_kind_of(n) for n in level if n != start and not n.startswith(RUN_PREFIX))
     made = direction == UPSTREAM
     return {
         kind
