@@ -163,7 +163,7 @@ def resolve_data_version(root: Path, data_path: Path) -> DataVersion:
             recorded listing).
     """
     root = Path(root).resolve()
-    target = (data_path if Path(data_path).is_absolute() else root / data_path).resolve()
+    target = (root / data_path).resolve()
     relpath = _relative(target, root)
     if not target.exists():
         raise DataError(

@@ -118,8 +118,7 @@ class LoadedSpec:
         problem = path_problem(relative, self.root, self.spec.pipeline.allowed_roots)
         if problem:
             raise SpecError(f"{self.path.name}: {problem}")
-        path = Path(relative)
-        return path if path.is_absolute() else self.root / path
+        return self.root / relative  # an absolute path stays as it is
 
 
 def path_problem(
@@ -373,7 +372,7 @@ def _data_problems(data: DataSpec, root: Path, *, check_paths: bool) -> Iterator
         yield ("data", "split"), "test and validation fractions leave almost nothing to train on"
 
     if check_paths:
-        data_path = Path(data.path) if Path(data.path).is_absolute() else root / data.path
+        data_path = root / data.path
         if not data_path.exists():
             yield (
                 ("data", "path"),

@@ -126,10 +126,8 @@ class PipelineSpec(Section):
     @classmethod
     def _not_the_filesystem_root(cls, value: list[str]) -> list[str]:
         for folder in value:
-            if (
-                Path(folder).is_absolute()
-                and Path(folder).resolve() == Path(folder).resolve().parent
-            ):
+            path = Path(folder)
+            if path.is_absolute() and path.resolve() == path.resolve().parent:
                 raise ValueError(f"{folder!r} is the filesystem root; name the folder to allow")
         return value
 
