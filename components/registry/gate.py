@@ -721,18 +721,18 @@ def version_tags(facts: TrainingLineage) -> dict[str, str]:
 
 
 def recorded_decision(client: MlflowClient, run_id: str | None) -> dict[str, Any]:
-    """The decision a training run logged (:data:`DECISION_ARTIFACT`), or {} without one."""
+    """The decision a training run logged (:data:`DECISION_ARTIFACT`), or {} without one
+    (a run of an older Stemma version, or one gone from the store)."""
     import json
-    import tempfile
+
+    from stemma.components.platform.tracking import read_run_artifact
 
     if not run_id:
         return {}
-    with tempfile.TemporaryDirectory(prefix="stemma-gate-") as scratch:
-        try:
-            path = client.download_artifacts(run_id, DECISION_ARTIFACT, scratch)
-            found = json.loads(Path(path).read_text(encoding="utf-8"))
-        except Exception:  # a run of an older Stemma version, or one gone from the store
-            return {}
+    try:
+        found = json.loads(read_run_artifact(client, run_id, DECISION_ARTIFACT) or "{}")
+    except ValueError:
+        return {}
     return found if isinstance(found, dict) else {}
 
 

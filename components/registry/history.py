@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stemma.components.platform import tags as tag_names
+from stemma.components.training.metrics import save_figure
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -91,8 +92,7 @@ def history_plot(model: str, moves: list[dict[str, str]], path: Path) -> Path:
     axes.set_ylabel("champion version")
     axes.set_title(f"{model}: champion over time ({len(moves)} moves)")
     figure.autofmt_xdate()
-    figure.savefig(path)
-    return path
+    return save_figure(figure, path)
 
 
 def log_history(run: Any, client: MlflowClient, experiment_id: str, model: str) -> None:

@@ -44,6 +44,7 @@ from stemma.components.spec.compress import (
     MachineSpec,
     format_amount,
 )
+from stemma.components.training.metrics import save_figure
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -283,21 +284,19 @@ def version_latencies(
     oldest version first (the newest ``limit`` versions are read)."""
     versions = client.search_model_versions(f"name = '{model_name}'")
     newest = sorted(versions, key=lambda found: int(found.version))[-limit:]
+    from stemma.components.platform.tracking import read_run_artifact
+
     found: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="stemma-latency-") as scratch:
-        for version in newest:
-            if not version.run_id:
-                continue
-            try:
-                path = client.download_artifacts(
-                    version.run_id, PROBE_ARTIFACT, str(Path(scratch) / str(version.version))
-                )
-                document = json.loads(Path(path).read_text(encoding="utf-8"))
-            except Exception:  # no probe in that run (older, failed, or another kind of run)
-                continue
-            # Several versions may share a run (quantized variants): each keeps its own.
-            if str((document.get("model") or {}).get("version")) == str(version.version):
-                found.append(document)
+    for version in newest:
+        # None: no probe in that run (older, failed, or another kind of run)
+        text = read_run_artifact(client, version.run_id, PROBE_ARTIFACT) if version.run_id else None
+        try:
+            document = json.loads(text or "{}")
+        except ValueError:
+            continue
+        # Several versions may share a run (quantized variants): each keeps its own.
+        if str((document.get("model") or {}).get("version")) == str(version.version):
+            found.append(document)
     return found
 
 
@@ -342,10 +341,7 @@ def plot_versions(client: MlflowClient, model_name: str, out_path: Path) -> Path
         axes.set_xticks(positions, labels)
         axes.set_xlabel("version")
     figure.suptitle(f"{model_name}: latency and cost by version")
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_path)
-    return out_path
+    return save_figure(figure, Path(out_path))
 
 
 def _p50(document: dict[str, Any], rows: int) -> float:
