@@ -152,11 +152,9 @@ def plan_reproduction(client: MlflowClient, reference: str) -> ReproductionPlan:
     tags = dict(entry.tags or {})
     # Versions of older Stemma versions name their run in a tag; newer ones by run_id only.
     run_id = tags.get(tag_names.RUN_ID) or entry.run_id
-    needed = (tag_names.DATA_MD5, tag_names.WEIGHTS_SHA256)
-    missing = [tag for tag in needed if not tags.get(tag)]
-    if not run_id:
-        missing.insert(0, tag_names.RUN_ID)
-    if missing or not run_id:
+    missing = [] if run_id else [tag_names.RUN_ID]
+    missing += [tag for tag in (tag_names.DATA_MD5, tag_names.WEIGHTS_SHA256) if not tags.get(tag)]
+    if missing:
         raise LineageError(
             f"{model_uri} cannot be reproduced: its lineage is incomplete",
             [f"missing version tag: {tag}" for tag in missing]
