@@ -578,11 +578,10 @@ def _service_from_record(
 
 
 def _stopped_service(root: Path, name: str) -> Service:
-    port = DEFAULT_PREFECT_PORT if name == PREFECT else DEFAULT_MLFLOW_PORT
     if name == PREFECT:
-        data = str(root / STATE_DIR / PREFECT_HOME_DIR)
+        port, data = DEFAULT_PREFECT_PORT, str(root / STATE_DIR / PREFECT_HOME_DIR)
     else:
-        data = f"sqlite:///{root / STATE_DIR / MLFLOW_DB_NAME}"
+        port, data = DEFAULT_MLFLOW_PORT, f"sqlite:///{root / STATE_DIR / MLFLOW_DB_NAME}"
     return _service_from_record(
         root, name, {"port": port, "pid": None, "data": data}, healthy=False
     )
