@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 from stemma.components.lineage.index import (
     MODEL_PREFIX,
@@ -75,15 +75,6 @@ class GraphNode:
     made_by: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def asset_key(self) -> str:
-        """The Prefect asset key the flows materialize for this node."""
-        return asset_key(self.id)
-
-
-#: The graph's edges are the records' edges.
-GraphEdge: TypeAlias = Edge
-
 
 @dataclass
 class LineageGraph:
@@ -104,20 +95,21 @@ class LineageGraph:
     root: str
     direction: str
     nodes: dict[str, GraphNode] = field(default_factory=dict)
-    edges: list[GraphEdge] = field(default_factory=list)
+    edges: list[Edge] = field(default_factory=list)
     truncated: dict[str, bool] = field(default_factory=dict)
     maker_rank: dict[str, tuple[bool, str]] = field(default_factory=dict, repr=False)
     searches: int = 0
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """The graph as a JSON-able document (what ``--json`` prints)."""
+        """The graph as a JSON-able document (what ``--json`` prints), each node with the
+        Prefect asset key the flows materialize for it."""
         return {
             "reference": self.reference,
             "root": self.root,
             "direction": self.direction,
             "nodes": [
-                {**asdict(node), "asset_key": node.asset_key} for node in self.nodes.values()
+                {**asdict(node), "asset_key": asset_key(node.id)} for node in self.nodes.values()
             ],
             "edges": [asdict(edge) for edge in self.edges],
             "truncated": sorted(self.truncated),
@@ -158,7 +150,7 @@ def walk(
     start = resolve_reference(reference, index, root)
     graph = LineageGraph(reference=reference, root=start, direction=direction)
     graph.nodes[start] = GraphNode(id=start, kind=_kind_of(start))
-    seen_edges: set[GraphEdge] = set()
+    seen_edges: set[Edge] = set()
     expanded: set[str] = set()
     first_seen: dict[str, dict[str, Any]] = {}
     level = [start]
