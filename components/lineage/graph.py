@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from stemma.components.lineage.index import (
     MODEL_PREFIX,
@@ -74,6 +74,10 @@ class GraphNode:
     flow_run_id: str | None = None
     made_by: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
+
+
+#: The graph's edges are the records' edges.
+GraphEdge: TypeAlias = Edge
 
 
 @dataclass
