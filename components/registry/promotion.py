@@ -503,13 +503,7 @@ def retire_challenger(
         generation=_generation_or_raise(client, model_name),
     )
     if busy is not None:
-        raise _fail(
-            client,
-            replace(record, outcome=OUTCOME_BLOCKED),
-            experiment_id,
-            _busy_headline(model_name, (record.generation or 0) + 1, busy),
-            _busy_details(busy),
-        )
+        raise _blocked(client, record, experiment_id, (record.generation or 0) + 1, busy)
     try:
         # The registry cannot delete conditionally: a challenger registered between the
         # read above and this delete would lose its alias. The window is one request wide.
@@ -710,20 +704,27 @@ def _champion_now(client: MlflowClient, model_name: str) -> str:
     return f"v{champion}" if champion else "(none)"
 
 
-def _busy_headline(model_name: str, generation: int, holder: claims.Holder) -> str:
-    """``a promotion of credit is in progress: claim on generation 7 held by ...``."""
-    return (
-        f"a promotion of {model_name} is in progress: claim on generation {generation} "
-        f"held by {holder.describe(time.time())}"
+def _blocked(
+    client: MlflowClient,
+    record: PromotionRecord,
+    experiment_id: str | None,
+    generation: int,
+    holder: claims.Holder,
+) -> PromotionError:
+    """The error for a move blocked by another promoter's live claim on ``generation``:
+    ``a promotion of credit is in progress: claim on generation 7 held by ...``."""
+    return _fail(
+        client,
+        replace(record, outcome=OUTCOME_BLOCKED),
+        experiment_id,
+        f"a promotion of {record.model} is in progress: claim on generation {generation} "
+        f"held by {holder.describe(time.time())}",
+        [
+            "nothing was moved",
+            f"the claim is taken over once {holder.who} no longer runs or its heartbeat is "
+            f"older than {claims.heartbeat_limit():g} s; decide again then",
+        ],
     )
-
-
-def _busy_details(holder: claims.Holder) -> list[str]:
-    return [
-        "nothing was moved",
-        f"the claim is taken over once {holder.who} no longer runs or its heartbeat is "
-        f"older than {claims.heartbeat_limit():g} s; decide again then",
-    ]
 
 
 def _refused_by_claim(
@@ -735,13 +736,7 @@ def _refused_by_claim(
     """The error for a claim that was not granted: lost to a finished move, or blocked."""
     holder, name = refusal.holder, record.model
     if not refusal.spent:
-        return _fail(
-            client,
-            replace(record, outcome=OUTCOME_BLOCKED),
-            experiment_id,
-            _busy_headline(name, refusal.generation, holder),
-            _busy_details(holder),
-        )
+        return _blocked(client, record, experiment_id, refusal.generation, holder)
     champion = _champion_now(client, name)
     if champion == f"v{holder.to_version}":
         headline = (
