@@ -43,6 +43,7 @@ from stemma.components.evaluation.canary_steps import (
     ARM_CHALLENGER,
     ARM_CHAMPION,
     ARM_COLUMN,
+    CONTROL_DIR,
     VERSION_COLUMN,
     StepScores,
     write_table_if_changed,
@@ -83,9 +84,8 @@ SERVED_COLUMNS = [*ROW_KEY, TIME_COLUMN, MODEL_VERSION_COLUMN, VARIANT_COLUMN, S
 STEP_COLUMNS = [*SERVED_COLUMNS, LATENCY_COLUMN]
 #: Column keying the rows the control re-scores (ids may repeat or be missing).
 ROW_POSITION = "stemma_log_row"
-#: Files of a canary step folder judged from the log.
+#: The control's input in a canary step folder judged from the log.
 CONTROL_INPUT = "arm/control-input.parquet"
-CONTROL_DIR = "control"
 
 
 # ---------------------------------------------------------------------------------------
