@@ -186,8 +186,7 @@ def deep_expectation_problems(checks: Sequence[Mapping[str, Any]]) -> list[tuple
 
 def _build_expectation(check: Any, meta: Mapping[str, Any] | None = None) -> tuple[Any, list[str]]:
     """``(GX expectation, [])`` for a well-formed check, else ``(None, [messages])``."""
-    malformed = shape_problem(check)
-    if malformed:
+    if malformed := shape_problem(check):
         return None, [malformed]
     _import_gx()
     from great_expectations.compatibility.pydantic import ValidationError

@@ -142,8 +142,7 @@ def read_table(path: Path) -> pd.DataFrame:
             f"{path}: cannot read the file as {'CSV' if suffix == '.csv' else 'Parquet'}",
             [f"{type(error).__name__}: {first}"],
         ) from None
-    problem = header_problem([str(column) for column in frame.columns])
-    if problem:
+    if problem := header_problem([str(column) for column in frame.columns]):
         raise DataError(
             f"{path}: {problem}", ["fix: add a first line that names the columns, e.g. a,b,c"]
         )

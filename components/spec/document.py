@@ -115,8 +115,7 @@ class LoadedSpec:
             SpecError: the path resolves outside the project root and outside every
                 folder of ``pipeline.allowed_roots``.
         """
-        problem = path_problem(relative, self.root, self.spec.pipeline.allowed_roots)
-        if problem:
+        if problem := path_problem(relative, self.root, self.spec.pipeline.allowed_roots):
             raise SpecError(f"{self.path.name}: {problem}")
         return self.root / relative  # an absolute path stays as it is
 
@@ -337,10 +336,8 @@ def _path_problems(sections: Mapping[str, Any], root: Path) -> Iterator[tuple[Lo
     allowed = pipeline.allowed_roots if pipeline is not None else []
     for section_name, field_name in PATH_FIELDS:
         value = getattr(sections.get(section_name), field_name, None)
-        if isinstance(value, str):
-            message = path_problem(value, root, allowed)
-            if message:
-                yield (section_name, field_name), message
+        if isinstance(value, str) and (message := path_problem(value, root, allowed)):
+            yield (section_name, field_name), message
 
 
 def _data_problems(data: DataSpec, root: Path, *, check_paths: bool) -> Iterator[tuple[Loc, str]]:

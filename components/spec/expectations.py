@@ -70,8 +70,7 @@ def expectation_problems(checks: Sequence[Mapping[str, Any]]) -> list[tuple[int,
     known = load_catalog()["expectations"]
     problems: list[tuple[int, str]] = []
     for index, check in enumerate(checks):
-        malformed = shape_problem(check)
-        if malformed:
+        if malformed := shape_problem(check):
             problems.append((index, malformed))
             continue
         ((name, kwargs),) = check.items()
@@ -110,10 +109,8 @@ def _kwargs_problems(name: str, kwargs: Mapping[str, Any], entry: Mapping[str, A
         rule = spec_kwargs.get(key)
         if rule is None:
             messages.append(unknown_kwarg_message(name, str(key), spec_kwargs))
-        else:
-            type_problem = _type_problem(key, value, rule)
-            if type_problem:
-                messages.append(type_problem)
+        elif type_problem := _type_problem(key, value, rule):
+            messages.append(type_problem)
     messages.extend(
         f"missing required argument `{key}`"
         for key, rule in spec_kwargs.items()
