@@ -148,12 +148,8 @@ def flatten(spec: Spec) -> dict[str, str]:
             for key, item in value.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), item)
         else:
-            out[prefix] = (
-                yaml.safe_dump(value, default_flow_style=True, width=10_000)
-                .strip()
-                .removesuffix("...")
-                .strip()
-            )
+            dumped = yaml.safe_dump(value, default_flow_style=True, width=10_000)
+            out[prefix] = dumped.strip().removesuffix("...").strip()
 
     walk("", spec.model_dump(mode="json"))
     return out
