@@ -406,32 +406,21 @@ def _judge(
     settings: MonitorSpec,
     thresholds: Mapping[str, float],
 ) -> ColumnDrift:
-    """The column with the statistics over their thresholds as its breaches."""
-    statistics = column.statistics
-    wanted = (
-        settings.statistics.numeric
-        if isinstance(accumulator, NumericAccumulator)
-        else settings.statistics.categorical
-    )
+    """The column with the statistics over their thresholds as its breaches: a test's
+    p-value below its threshold, any other statistic at or above its own."""
+    wanted = getattr(settings.statistics, column.kind)  # numeric or categorical
 
-    def over(name: str, threshold: float | None, below: bool = False) -> bool:
-        value = statistics.get(name, math.nan)
+    def over(statistic: str) -> bool:
+        name = PVALUES.get(statistic, statistic)
+        value, threshold = column.statistics.get(name, math.nan), thresholds[name]
         if threshold is None or not math.isfinite(value):
             return False
-        return value < threshold if below else value >= threshold
+        return value < threshold if statistic in PVALUES else value >= threshold
 
-    rules = {
-        "psi": lambda: over("psi", thresholds["psi"]),
-        "ks": lambda: over("ks_pvalue", thresholds["ks_pvalue"], below=True),
-        "chi2": lambda: over("chi2_pvalue", thresholds["chi2_pvalue"], below=True),
-        "jensen_shannon": lambda: over("jensen_shannon", thresholds["jensen_shannon"]),
-    }
     if accumulator.finite == 0 and accumulator.reference.finite > 0:
         breaches = ["missing"]
     else:
-        breaches = [statistic for statistic in wanted if rules[statistic]()]
-        if over("missing_pvalue", thresholds["missing_pvalue"], below=True):
-            breaches.append("missing")
+        breaches = [statistic for statistic in (*wanted, "missing") if over(statistic)]
     return dataclasses.replace(column, breaches=tuple(breaches))
 
 
