@@ -42,27 +42,6 @@ PROBE_BATCH_SIZES = (1, 64, 4096)
 #: Default metric-drop limit of a compressed variant, by the metric's units.
 COMPRESS_DROP = {"absolute": 0.01, "percent": 2.0}
 
-#: Machine kinds a spec without ``cost.machines`` is priced on. Illustrative only: of the
-#: order of an on-demand cloud VM, not anyone's quoted price.
-ILLUSTRATIVE_MACHINES: dict[str, dict[str, Any]] = {
-    "cpu-small": {
-        "price_per_hour": 0.10,
-        "cpus": 2,
-        "description": "2 vCPUs (illustrative price)",
-    },
-    "cpu-large": {
-        "price_per_hour": 0.80,
-        "cpus": 16,
-        "description": "16 vCPUs (illustrative price)",
-    },
-    "gpu": {
-        "price_per_hour": 2.50,
-        "cpus": 16,
-        "gpu": True,
-        "description": "one datacenter GPU, 16 vCPUs (illustrative price)",
-    },
-}
-
 
 CompressMethod = Literal["prune", "distill"]
 #: A ``models:/`` reference, its length checked first.
@@ -231,6 +210,24 @@ class MachineSpec(Section):
     )
 
 
+#: Machine kinds a spec without ``cost.machines`` is priced on. Illustrative only: of the
+#: order of an on-demand cloud VM, not anyone's quoted price.
+ILLUSTRATIVE_MACHINES: dict[str, MachineSpec] = {
+    "cpu-small": MachineSpec(
+        price_per_hour=0.10, cpus=2, description="2 vCPUs (illustrative price)"
+    ),
+    "cpu-large": MachineSpec(
+        price_per_hour=0.80, cpus=16, description="16 vCPUs (illustrative price)"
+    ),
+    "gpu": MachineSpec(
+        price_per_hour=2.50,
+        cpus=16,
+        gpu=True,
+        description="one datacenter GPU, 16 vCPUs (illustrative price)",
+    ),
+}
+
+
 class CostSpec(Section):
     """What predictions cost: machine kinds with a price, and which one scores and serves.
 
@@ -243,9 +240,7 @@ class CostSpec(Section):
         default="USD", description="Unit of every price and cost."
     )
     machines: dict[Name, MachineSpec] = Field(
-        default_factory=lambda: {
-            name: MachineSpec(**values) for name, values in ILLUSTRATIVE_MACHINES.items()
-        },
+        default_factory=lambda: dict(ILLUSTRATIVE_MACHINES),
         min_length=1,
         max_length=64,
         description=(
@@ -271,8 +266,7 @@ class CostSpec(Section):
     @property
     def illustrative(self) -> bool:
         """Whether the prices are the illustrative defaults, not the user's own."""
-        defaults = {name: MachineSpec(**values) for name, values in ILLUSTRATIVE_MACHINES.items()}
-        return self.machines == defaults
+        return self.machines == ILLUSTRATIVE_MACHINES
 
     def machine(self, role: Literal["scoring", "serving"]) -> MachineSpec:
         """The machine that does ``role``."""
