@@ -260,10 +260,6 @@ def pydantic_message(error: Mapping[str, Any]) -> str:
     return message
 
 
-def sections_of(spec: Spec) -> dict[str, Any]:
-    return {name: getattr(spec, name) for name in Spec.model_fields}
-
-
 def valid_sections(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Each top-level section that validates on its own (defaults for absent ones)."""
     sections: dict[str, Any] = {}

@@ -22,7 +22,6 @@ from stemma.components.spec.document import (
     dotted,
     pydantic_message,
     section_problems,
-    sections_of,
     valid_sections,
 )
 
@@ -270,7 +269,7 @@ def load_spec(
     root = find_project_root(config_path)
     # Cross-section checks run on every section that is valid on its own, so a typo in
     # `train` does not hide a missing data file: every problem is reported at once.
-    sections = sections_of(spec) if spec is not None else valid_sections(merged)
+    sections = dict(spec) if spec is not None else valid_sections(merged)
     for loc, message in section_problems(
         sections,
         root,
