@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -228,10 +228,8 @@ def _pydantic_messages(error: Any, name: str) -> list[str]:
     """One line per field from a pydantic v1 ValidationError (unions give one error a branch)."""
     by_field: dict[str, list[str]] = {}
     for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"])
-        by_field.setdefault(field, [])
-        if item["msg"] not in by_field[field]:
-            by_field[field].append(item["msg"])
+        by_field.setdefault(".".join(str(part) for part in item["loc"]), []).append(item["msg"])
+    by_field = {field: _distinct(messages) for field, messages in by_field.items()}
     if len(by_field) > 1:
         # Root validators run without the fields that failed, so their complaints
         # ("min_value and max_value cannot both be None") would only repeat those errors.
@@ -434,12 +432,7 @@ def _outcome(
     else:
         exception = _exception_message(item.get("exception_info") or {})
     result = item.get("result") or {}
-    examples: list[Any] = []
-    for value in result.get("partial_unexpected_list") or []:
-        if value not in examples:
-            examples.append(value)
-        if len(examples) == MAX_EXAMPLES:
-            break
+    examples = _distinct(result.get("partial_unexpected_list") or [])[:MAX_EXAMPLES]
     return ExpectationOutcome(
         index=index,
         type=name,
@@ -457,13 +450,21 @@ def _outcome(
 def _exception_message(info: Mapping[str, Any]) -> str | None:
     """GX's exception text: ``exception_info`` is flat, or keyed by metric when a metric failed."""
     entries = [info] if "raised_exception" in info else list(info.values())
-    messages: list[str] = []
-    for entry in entries:
-        if isinstance(entry, Mapping) and entry.get("raised_exception"):
-            message = str(entry.get("exception_message") or "unknown error")
-            if message not in messages:
-                messages.append(message)
+    messages = _distinct(
+        str(entry.get("exception_message") or "unknown error")
+        for entry in entries
+        if isinstance(entry, Mapping) and entry.get("raised_exception")
+    )
     return "; ".join(messages) or None
+
+
+def _distinct(values: Iterable[Any]) -> list[Any]:
+    """``values`` without repeats, in order (GX's values may be lists, which do not hash)."""
+    kept: list[Any] = []
+    for value in values:
+        if value not in kept:
+            kept.append(value)
+    return kept
 
 
 def result_digest(result_json: Mapping[str, Any]) -> str:
