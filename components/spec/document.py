@@ -172,32 +172,28 @@ Loc = tuple[str | int, ...]
 Found = list[tuple[Loc, str]]
 
 
-class Locator:
-    """Maps a YAML path (``("train", "epochs")``) to its line in the file."""
-
-    def __init__(self, root: yaml.Node | None) -> None:
-        self._root = root
-
-    def line(self, loc: Sequence[str | int]) -> int | None:
-        node = self._root
-        best: int | None = node.start_mark.line + 1 if node is not None else None
-        for key in loc:
-            if isinstance(node, yaml.MappingNode):
-                for key_node, value_node in node.value:
-                    if key_node.value == str(key):
-                        best = key_node.start_mark.line + 1
-                        node = value_node
-                        break
-                else:
-                    return best
-            elif isinstance(node, yaml.SequenceNode) and isinstance(key, int):
-                if key >= len(node.value):
-                    return best
-                node = node.value[key]
-                best = node.start_mark.line + 1
+def line_of(root: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
+    """The line of a YAML path (``("train", "epochs")``) in the file whose node is ``root``:
+    of the deepest part of it the file holds."""
+    node = root
+    best: int | None = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == str(key):
+                    best = key_node.start_mark.line + 1
+                    node = value_node
+                    break
             else:
                 return best
-        return best
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int):
+            if key >= len(node.value):
+                return best
+            node = node.value[key]
+            best = node.start_mark.line + 1
+        else:
+            return best
+    return best
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from pydantic import ValidationError
 from stemma.components.errors import SpecError
 from stemma.components.spec.document import (
     LoadedSpec,
-    Locator,
     Problem,
     Spec,
     dotted,
+    line_of,
     pydantic_message,
     section_problems,
     valid_sections,
@@ -245,7 +245,6 @@ def load_spec(
     raw, root_node = read_spec_file(config_path)
 
     merged, problems, origins = apply_overrides(raw, overrides)
-    locator = Locator(root_node)
 
     def located(loc: tuple[str | int, ...], message: str) -> Problem:
         # An override explains a problem at its own path, below it (a bad value inside
@@ -258,7 +257,7 @@ def load_spec(
             ),
             None,
         )
-        return Problem(loc, message, None if origin else locator.line(loc), origin)
+        return Problem(loc, message, None if origin else line_of(root_node, loc), origin)
 
     spec: Spec | None = None
     try:
