@@ -99,8 +99,7 @@ def _data(inferred: InferredSpec) -> str:
         lines.append(
             "  # id: <column>   # an entity id: shadow, canary and retraining join labels by it"
         )
-    lines.append("  features:")
-    lines.append("    # numbers (floats, integers with many values): standardised")
+    lines += ["  features:", "    # numbers (floats, integers with many values): standardised"]
     lines += wrapped("    numeric: ", inferred.numeric)
     lines.append(
         f"    # text, booleans and integers with at most {MAX_INTEGER_CATEGORIES} values: one-hot "
@@ -112,8 +111,7 @@ def _data(inferred: InferredSpec) -> str:
             f"    # read as codes: {shown(codes, limit=8)}; move a count or a rating to numeric"
         )
     lines += wrapped("    categorical: ", inferred.categorical)
-    for column, reason in inferred.left_out:
-        lines.append(f"    # left out: {column}: {reason}")
+    lines += [f"    # left out: {column}: {reason}" for column, reason in inferred.left_out]
     lines += [
         "  split:",
         "    method: random   # or `time`, with time_column: the latest rows are the test set",
