@@ -82,10 +82,8 @@ def check_architecture_name(value: str) -> str:
     return value
 
 
-def check_model_reference(value: str | None) -> str | None:
-    """``value`` when it is a ``models:/`` reference MLflow can resolve (or None)."""
-    if value is None:
-        return value
+def check_model_reference(value: str) -> str:
+    """``value`` when it is a ``models:/`` reference MLflow can resolve."""
     try:
         parse_model_ref(value)
     except ModelRefError as error:
