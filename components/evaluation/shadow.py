@@ -327,17 +327,24 @@ def shadow_evaluate(
         comparison=comparison,
         segments=segments,
         latency=dict(latency or {}),
-        settings={
-            **rule.model_dump(mode="json"),
-            # As decided: the minimum for this batch, the margin in the metric's units.
-            "min_labelled_rows": needed,
-            "margin": margin if margin is None or np.isfinite(margin) else None,
-            "margin_spec": rule.margin.to_spec(),
-            **settings.model_dump(include={"confidence", "bootstrap_resamples", "seed"}),
-            "metric": metric,
-        },
+        settings=_decided_settings(settings, needed, margin, metric),
         unknown_labels=int(scored.unknown.sum()),
     )
+
+
+def _decided_settings(
+    settings: EvaluateSpec, needed: int, margin: float | None, metric: str
+) -> dict[str, Any]:
+    """The shadow rule as decided: the minimum for this batch, the margin in the metric's
+    units, and the bootstrap's settings."""
+    return {
+        **settings.shadow.model_dump(mode="json"),
+        "min_labelled_rows": needed,
+        "margin": margin if margin is None or np.isfinite(margin) else None,
+        "margin_spec": settings.shadow.margin.to_spec(),
+        **settings.model_dump(include={"confidence", "bootstrap_resamples", "seed"}),
+        "metric": metric,
+    }
 
 
 def _failures(
