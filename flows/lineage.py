@@ -22,8 +22,6 @@ from stemma.components.errors import LineageError
 from stemma.components.platform import lineage
 from stemma.components.platform.redaction import redact, redact_url
 
-#: MLflow accepts at most this many tags in one request.
-TAGS_PER_REQUEST = 100
 #: Key of the asset the materializing task is declared with; replaced on every call.
 PLACEHOLDER_ASSET = "stemma://lineage"
 #: Set to `false` to record lineage without Prefect assets (a reproduction trains into a
@@ -49,7 +47,8 @@ def record_lineage(record: lineage.LineageRecord | dict[str, Any]) -> None:
     """
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.entities import RunTag
+
+    from stemma.components.platform.tracking import log_batches
 
     run = mlflow.active_run()
     if run is None:
@@ -57,10 +56,7 @@ def record_lineage(record: lineage.LineageRecord | dict[str, Any]) -> None:
     run_id = run.info.run_id
     record = redact(lineage.as_document(record))
     mlflow.log_dict(record, lineage.RECORD_ARTIFACT)
-    tags = [RunTag(key, value) for key, value in lineage.index_tags(record, run_id).items()]
-    client = MlflowClient()
-    for start in range(0, len(tags), TAGS_PER_REQUEST):
-        client.log_batch(run_id, tags=tags[start : start + TAGS_PER_REQUEST])
+    log_batches(MlflowClient(), run_id, tags=lineage.index_tags(record, run_id))
     try:
         materialize_assets(record, run_id)
     except Exception as error:  # the record and its index are logged: keep the run
