@@ -38,8 +38,12 @@ native-deps:
 	bash infra/native/install.sh
 	bash infra/native/install-browser.sh
 
+# Test files run in parallel worker processes (pytest-xdist), one file per worker at a time
+# so that a module's fixtures start once; most tests wait on subprocesses and servers, so two
+# workers on two cores take about half the time. PYTEST_WORKERS=0 runs them in this process.
+PYTEST_WORKERS ?= auto
 test: dev native-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile
 
 bench: dev
 	$(BIN)/python -m pytest tests/benchmarks -m benchmark -s

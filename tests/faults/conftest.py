@@ -34,27 +34,30 @@ class Ledger:
 
 
 _LEDGER = Ledger()
+#: Names of what a case's report carries (its user_properties) for the summary.
+FAULT_CASE, ROWS_LOST, CODE_EXECUTED = "fault_case", "fault_rows_lost", "fault_code_executed"
 
 
 class CaseLedger:
-    """The handle a case reports through."""
+    """The handle a case reports through: what it saw goes with the case's report, so the
+    summary adds it up also when cases run in several worker processes (pytest-xdist)."""
 
-    def __init__(self, nodeid: str) -> None:
-        self._nodeid = nodeid
+    def __init__(self, item: pytest.Item) -> None:
+        self._item = item
 
     def lost_rows(self, count: int) -> None:
         """Rows that went missing or were duplicated in an output (0 when all is well)."""
-        _LEDGER.rows_lost += max(0, int(count))
+        self._item.user_properties.append((ROWS_LOST, max(0, int(count))))
 
     def executed(self, happened: bool) -> None:
         """Whether code from an untrusted input ran (a marker file appeared, say)."""
         if happened:
-            _LEDGER.code_executed.append(self._nodeid)
+            self._item.user_properties.append((CODE_EXECUTED, self._item.nodeid))
 
 
 @pytest.fixture
 def fault_ledger(request: pytest.FixtureRequest) -> CaseLedger:
-    return CaseLedger(request.node.nodeid)
+    return CaseLedger(request.node)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -67,7 +70,6 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
     outcome = yield
-    report = outcome.get_result()
     marker = item.get_closest_marker("fault_case")
     if marker is None:
         return
@@ -76,13 +78,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> objec
         raise pytest.UsageError(
             f"{item.nodeid}: fault_case kind {kind!r} is not one of {list(KINDS)}"
         )
-    # Count each case once: at its call, or at a setup that failed or skipped.
+    outcome.get_result().user_properties.append((FAULT_CASE, kind))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count each case once: at its call, or at a setup that failed or skipped (in the
+    process that prints the summary, whichever process ran the case)."""
+    properties = [(name, value) for name, value in report.user_properties]
+    kinds = [value for name, value in properties if name == FAULT_CASE]
+    if not kinds or report.skipped:
+        return
     if report.when == "call" or (report.when == "setup" and not report.passed):
-        if report.skipped:
-            return
-        _LEDGER.tried[kind] += 1
+        _LEDGER.tried[kinds[0]] += 1
         if report.passed:
-            _LEDGER.held[kind] += 1
+            _LEDGER.held[kinds[0]] += 1
+    if report.when == "call":
+        _LEDGER.rows_lost += sum(value for name, value in properties if name == ROWS_LOST)
+        _LEDGER.code_executed += [value for name, value in properties if name == CODE_EXECUTED]
 
 
 def pytest_terminal_summary(terminalreporter: object) -> None:
