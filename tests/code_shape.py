@@ -70,7 +70,10 @@ BASELINE_COMPONENT_LINES = 24_126
 #: 1,012; serving the cheapest variant in batch and online (quantization/registering.py,
 #: serving/) 177; the tags, metric sections and network config they use 18; less 6 lines
 #: of latency columns built three times (LatencyProfile.percentiles) and a copied reference.
-COMPONENT_LINES_CEILING = 40_004
+#: Then 325 lines less from code written twice made one (one git runner, one run-artifact
+#: reader, one health check, one gate for quantized and compressed variants, one shadow
+#: fact set, one body schema for the endpoint's routes, ...) and dead branches removed.
+COMPONENT_LINES_CEILING = 39_679
 #: Offenders printed per check.
 SHOWN = 40
 
