@@ -39,8 +39,9 @@ native-deps:
 	bash infra/native/install-browser.sh
 
 # Test files run in parallel worker processes (pytest-xdist), one file per worker at a time
-# so that a module's fixtures start once; most tests wait on subprocesses and servers, so two
-# workers on two cores take about half the time. PYTEST_WORKERS=0 runs them in this process.
+# so that a module's fixtures start once. Most tests wait on subprocesses and servers: on two
+# cores, two workers took ~1,070 s where one process took ~1,700 s. PYTEST_WORKERS=0 runs
+# them in this process.
 PYTEST_WORKERS ?= auto
 test: dev native-deps
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile

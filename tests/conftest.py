@@ -30,6 +30,23 @@ os.environ["STEMMA_CACHE_DIR"] = _DIGEST_CACHE
 atexit.register(shutil.rmtree, _DIGEST_CACHE, ignore_errors=True)
 
 
+#: The variables that point Stemma at servers: a test that sets one (directly, or through
+#: code that exports it, such as `use_running_services`) must not hand it to the next test,
+#: whose server may be gone by then.
+SERVER_VARIABLES = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def _server_variables_restored() -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in SERVER_VARIABLES}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
