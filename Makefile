@@ -42,7 +42,7 @@ native-deps:
 # so that a module's fixtures start once. Most tests wait on subprocesses and servers: on two
 # cores, two workers took ~1,070 s where one process took ~1,700 s. PYTEST_WORKERS=0 runs
 # them in this process.
-PYTEST_WORKERS ?= auto
+PYTEST_WORKERS ?= logical
 test: dev native-deps
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile
 
