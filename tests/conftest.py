@@ -19,6 +19,9 @@ from tests.support import SMALL_TRAIN_ROWS, build_project, rewrite_training_tabl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+#: The fault plan's marker, ledger and summary line (tests/faults/plan.py).
+pytest_plugins = ("tests.faults.plan",)
+
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -1,6 +1,10 @@
 """The fault plan as a suite: every case says what kind of probe it is, and the run ends
 with one line that counts what held.
 
+A plugin of the root conftest (``pytest_plugins``), not a conftest of this folder: with
+workers (pytest-xdist) the controller that prints the summary loads only the root conftest
+and its plugins.
+
 Mark each case with ``@pytest.mark.fault_case("fault")`` (a kill, a race, an outage),
 ``"bad_input"`` (a hostile or broken config, batch or file) or ``"untrusted"`` (a model
 version crafted to run code). A case passes only when the outcome is right, so the counts
