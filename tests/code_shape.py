@@ -72,8 +72,9 @@ BASELINE_COMPONENT_LINES = 24_126
 #: of latency columns built three times (LatencyProfile.percentiles) and a copied reference.
 #: Then 325 lines less from code written twice made one (one git runner, one run-artifact
 #: reader, one health check, one gate for quantized and compressed variants, one shadow
-#: fact set, one body schema for the endpoint's routes, ...) and dead branches removed.
-COMPONENT_LINES_CEILING = 39_679
+#: fact set, one body schema for the endpoint's routes, ...) and dead branches removed;
+#: then 5 lines for the shadow's row scores built from named parts (mypy passes again).
+COMPONENT_LINES_CEILING = 39_684
 #: Offenders printed per check.
 SHOWN = 40
 

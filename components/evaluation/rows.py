@@ -178,7 +178,12 @@ def scores_of(rows: pd.DataFrame, champion: ScoringModel, challenger: ScoringMod
         for scores, column in zip(full, (CHAMPION_SCORE, CHALLENGER_SCORE), strict=True)
     ]
     unknown, note = unknown_labels(rows, champion.task)
-    return RowScores(*full, *single, rows[LABEL].to_numpy(np.float64), unknown, note)
+    champion_scores, challenger_scores = full
+    champion_row, challenger_row = single
+    labels = rows[LABEL].to_numpy(np.float64)
+    return RowScores(
+        champion_scores, challenger_scores, champion_row, challenger_row, labels, unknown, note
+    )
 
 
 def read_batch_columns(files: Sequence[Path], columns: Sequence[str]) -> pd.DataFrame:

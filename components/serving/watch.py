@@ -168,9 +168,9 @@ class ModelWatch:
                 f"serving {model.label} ({alias}) in place of {model.name} v{version} "
                 f"({self.reference})"
             )
-        alias = self.served_alias(model.version)
+        wanted = self.served_alias(model.version)
         return (
-            f"serving {model.label} ({self.reference}) itself: the model has no alias {alias} "
+            f"serving {model.label} ({self.reference}) itself: the model has no alias {wanted} "
             "(set by stemma run compare or stemma run quantize)"
         )
 
