@@ -73,8 +73,9 @@ BASELINE_COMPONENT_LINES = 24_126
 #: Then 325 lines less from code written twice made one (one git runner, one run-artifact
 #: reader, one health check, one gate for quantized and compressed variants, one shadow
 #: fact set, one body schema for the endpoint's routes, ...) and dead branches removed;
-#: then 5 lines for the shadow's row scores built from named parts (mypy passes again).
-COMPONENT_LINES_CEILING = 39_684
+#: then 5 lines for the shadow's row scores built from named parts (mypy passes again), and
+#: 4 for a missing run artifact told apart from an unreadable one by a check, not a parse.
+COMPONENT_LINES_CEILING = 39_688
 #: Offenders printed per check.
 SHOWN = 40
 

@@ -172,9 +172,12 @@ def fetch_assertions(client: MlflowClient, graph: LineageGraph) -> dict[str, lis
 
 
 def _download_results(client: MlflowClient, run_id: str, artifact: str) -> list[dict] | None:
+    text = read_run_artifact(client, run_id, artifact)  # None: no such artifact
     try:
-        document = json.loads(read_run_artifact(client, run_id, artifact) or "")
-    except ValueError:  # no such artifact: fall back to the record's verdict
+        document = None if text is None else json.loads(text)
+    except ValueError:  # an unreadable one
+        document = None
+    if document is None:  # fall back to the record's verdict
         return None
     results = []
     for item in document.get("results", []) if isinstance(document, dict) else []:

@@ -385,9 +385,10 @@ def read_run_record(client: Any, run_id: str) -> LineageRecord | None:
     """
     from stemma.components.platform.tracking import read_run_artifact
 
+    text = read_run_artifact(client, run_id, RECORD_ARTIFACT)  # None: the run logged none
     try:
-        return LineageRecord.from_json(read_run_artifact(client, run_id, RECORD_ARTIFACT) or "")
-    except Exception:  # no record, or an unreadable one
+        return None if text is None else LineageRecord.from_json(text)
+    except Exception:  # an unreadable record
         return None
 
 
